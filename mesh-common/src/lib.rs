@@ -1,0 +1,190 @@
+//! The kernel/user ABI of the mesh.
+//!
+//! Everything the eBPF programs (`mesh-ebpf`) and the node agent (`mesh-agent`)
+//! exchange through BPF maps is declared here and nowhere else: map and
+//! program names, capacities, and the `#[repr(C)]` keys and values.
+//!
+//! Rules for the types below:
+//! - fixed-width integers and arrays of them only, explicit padding, no
+//!   `bool`/`Option`/enums (use `u32` plus named consts);
+//! - byte order is in the field name (`_be` = network order);
+//! - every IP address is stored as 16 bytes: IPv4 as an IPv4-mapped IPv6
+//!   address (`::ffff:a.b.c.d`), so one key type serves both families.
+#![no_std]
+#![deny(unsafe_code)]
+
+pub mod names;
+pub mod counters;
+
+/// Address family values used in [`OrigDst::family`] (Linux `AF_*`).
+pub const AF_INET: u16 = 2;
+/// IPv6 address family.
+pub const AF_INET6: u16 = 10;
+
+/// Capacities of the maps (`max_entries`).
+pub mod capacity {
+    /// Enrolled workload cgroups on one node.
+    pub const WORKLOADS: u32 = 16_384;
+    /// Mesh destination addresses (pod IPs of the whole mesh).
+    pub const DESTINATIONS: u32 = 65_536;
+    /// In-flight redirected connects, keyed by socket cookie (LRU).
+    pub const COOKIE_ORIG_DST: u32 = 65_536;
+    /// Established redirected connections, keyed by 4-tuple (LRU).
+    pub const CONN_ORIG_DST: u32 = 65_536;
+    /// Slots of the config array.
+    pub const CONFIG: u32 = 1;
+}
+
+/// Deepest absolute cgroup level (root = 0) whose ancestors the kernel checks
+/// for an enrolled workload. Kubernetes pod containers sit at level 4 or 5
+/// (`kubepods.slice/…/pod.slice/container.scope`).
+pub const MAX_CGROUP_LEVEL: u32 = 16;
+
+/// Key of `mesh_workloads`: a cgroup v2 id (the inode number of the cgroup
+/// directory), as returned by `bpf_get_current_cgroup_id`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CgroupKey {
+    pub cgroup_id: u64,
+}
+const _: () = assert!(core::mem::size_of::<CgroupKey>() == 8);
+
+/// Value of `mesh_workloads`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadValue {
+    /// Interned workload id (index into the agent's registry, never 0).
+    pub workload_id: u32,
+    /// `WORKLOAD_F_*` bits.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<WorkloadValue>() == 8);
+
+/// The workload's outbound connections are captured by the mesh.
+pub const WORKLOAD_F_CAPTURE: u32 = 1 << 0;
+
+/// An IP address in network byte order, IPv4 mapped into IPv6.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct IpKey {
+    pub addr_be: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<IpKey>() == 16);
+
+/// Value of `mesh_dests`: what the mesh knows about a destination address.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct DestValue {
+    /// Interned id of the workload owning the address (never 0).
+    pub workload_id: u32,
+    /// `DEST_F_*` bits.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<DestValue>() == 8);
+
+/// The destination lives on the same node as the agent reading the map.
+pub const DEST_F_LOCAL: u32 = 1 << 0;
+
+/// Slot 0 of `mesh_config`: where captured connections are sent.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// The agent's outbound listener, IPv4, network order.
+    pub redirect_ip4_be: u32,
+    /// The agent's outbound listener port, network order in the low 16 bits
+    /// (the layout of `bpf_sock_addr.user_port`).
+    pub redirect_port_be: u32,
+    /// The agent's outbound listener, IPv6, network order.
+    pub redirect_ip6_be: [u32; 4],
+    /// `CONFIG_F_*` bits. 0 means "agent not ready": nothing is captured.
+    pub flags: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<AgentConfig>() == 32);
+
+/// The config slot is filled in; capture is active.
+pub const CONFIG_F_READY: u32 = 1 << 0;
+/// `redirect_ip6_be` is valid; IPv6 connects are captured.
+pub const CONFIG_F_IPV6: u32 = 1 << 1;
+
+/// The original destination of a captured connection.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Original destination address (IPv4 mapped), network order.
+    pub addr_be: [u32; 4],
+    /// Original destination port, network order.
+    pub port_be: u16,
+    /// `AF_INET` or `AF_INET6`: the family the application used.
+    pub family: u16,
+    /// Workload id of the connecting socket's workload.
+    pub src_workload_id: u32,
+    /// Workload id of the destination address.
+    pub dst_workload_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<OrigDst>() == 28);
+
+/// Key of `mesh_conn_dst`: a captured connection as the client sees it
+/// (client address and port, agent listener address and port).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    /// Client (pod) address, network order, IPv4 mapped.
+    pub src_addr_be: [u32; 4],
+    /// Agent listener address, network order, IPv4 mapped.
+    pub dst_addr_be: [u32; 4],
+    /// Client port, host order.
+    pub src_port: u32,
+    /// Agent listener port, host order.
+    pub dst_port: u32,
+}
+const _: () = assert!(core::mem::size_of::<ConnKey>() == 40);
+
+/// `::ffff:a.b.c.d` in network order, from an IPv4 address in network order.
+#[inline(always)]
+pub const fn mapped_v4(ip4_be: u32) -> [u32; 4] {
+    // Word 2 is 0x0000ffff in network order.
+    [0, 0, u32::from_be(0x0000_ffff), ip4_be]
+}
+
+/// Whether an address (network order) is IPv4 mapped.
+#[inline(always)]
+pub const fn is_mapped_v4(addr_be: &[u32; 4]) -> bool {
+    addr_be[0] == 0 && addr_be[1] == 0 && addr_be[2] == u32::from_be(0x0000_ffff)
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY (all impls): repr(C), integers and integer arrays only, sizes
+    // asserted above so there is no implicit padding.
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for CgroupKey {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for WorkloadValue {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for IpKey {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for DestValue {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for AgentConfig {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for OrigDst {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for ConnKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapped_v4_roundtrip() {
+        let ip = u32::from_ne_bytes([10, 1, 2, 3]);
+        let m = mapped_v4(ip);
+        assert!(is_mapped_v4(&m));
+        let bytes: [u8; 4] = m[2].to_ne_bytes();
+        assert_eq!(bytes, [0, 0, 0xff, 0xff]);
+        assert!(!is_mapped_v4(&[0, 0, 0, 1]));
+    }
+}

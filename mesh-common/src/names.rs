@@ -1,0 +1,50 @@
+//! Program, map and pin names (each at most 15 bytes, `BPF_OBJ_NAME_LEN` - 1).
+
+/// `cgroup/connect4`: captures IPv4 connects of enrolled workloads.
+pub const PROG_CONNECT4: &str = "mesh_connect4";
+/// `cgroup/connect6`: captures IPv6 connects of enrolled workloads.
+pub const PROG_CONNECT6: &str = "mesh_connect6";
+/// `sockops`: moves cookie-keyed original destinations to 4-tuple keys.
+pub const PROG_SOCKOPS: &str = "mesh_sockops";
+
+/// Enrolled workload cgroups (`CgroupKey` → `WorkloadValue`).
+pub const MAP_WORKLOADS: &str = "mesh_workloads";
+/// Mesh destination addresses (`IpKey` → `DestValue`).
+pub const MAP_DESTS: &str = "mesh_dests";
+/// Agent listener configuration (`u32` slot → `AgentConfig`).
+pub const MAP_CONFIG: &str = "mesh_config";
+/// Original destination per socket cookie (`u64` → `OrigDst`), LRU.
+pub const MAP_COOKIE_DST: &str = "mesh_cookie_dst";
+/// Original destination per connection (`ConnKey` → `OrigDst`), LRU.
+pub const MAP_CONN_DST: &str = "mesh_conn_dst";
+/// Per-CPU counters (`u32` index from [`crate::counters`] → `u64`).
+pub const MAP_COUNTERS: &str = "mesh_counters";
+
+/// Every map the agent pins, in load order.
+pub const ALL_MAPS: [&str; 6] = [
+    MAP_WORKLOADS,
+    MAP_DESTS,
+    MAP_CONFIG,
+    MAP_COOKIE_DST,
+    MAP_CONN_DST,
+    MAP_COUNTERS,
+];
+
+/// Every program the agent attaches.
+pub const ALL_PROGS: [&str; 3] = [PROG_CONNECT4, PROG_CONNECT6, PROG_SOCKOPS];
+
+/// Default bpffs directory for pins.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/mesh";
+
+const _: () = {
+    let mut i = 0;
+    while i < ALL_MAPS.len() {
+        assert!(ALL_MAPS[i].len() <= 15);
+        i += 1;
+    }
+    let mut j = 0;
+    while j < ALL_PROGS.len() {
+        assert!(ALL_PROGS[j].len() <= 15);
+        j += 1;
+    }
+};

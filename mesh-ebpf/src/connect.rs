@@ -1,0 +1,195 @@
+//! `cgroup/connect4` and `cgroup/connect6`: capture connects of enrolled
+//! workloads to mesh destinations.
+//!
+//! A connect is captured when (1) it is TCP, (2) the calling task's cgroup or
+//! one of its ancestors is in `mesh_workloads`, and (3) the destination
+//! address is in `mesh_dests`. The original destination is saved under the
+//! socket cookie and the destination rewritten to the agent's outbound
+//! listener. Everything else passes untouched.
+
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+
+use aya_ebpf::{
+    helpers::generated::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
+    },
+    programs::SockAddrContext,
+};
+use mesh_common::{
+    counters as ctr, is_mapped_v4, mapped_v4, AgentConfig, CgroupKey, IpKey, OrigDst,
+    WorkloadValue, AF_INET, AF_INET6, CONFIG_F_IPV6, CONFIG_F_READY, MAX_CGROUP_LEVEL,
+};
+
+use crate::maps::{count, CONFIG, COOKIE_DST, DESTS, WORKLOADS};
+
+/// Let the connect proceed (with or without a rewritten destination).
+pub const VERDICT_ALLOW: i32 = 1;
+/// Refuse the connect: the caller sees EPERM.
+pub const VERDICT_REJECT: i32 = 0;
+/// Errors only arise once a connect is known to need capture (enrolled
+/// workload, mesh destination): refusing it keeps the traffic off the wire
+/// instead of letting it bypass the mesh.
+pub const VERDICT_ON_ERROR: i32 = VERDICT_REJECT;
+
+const SOCK_STREAM: u32 = 1;
+
+/// Why a captured connect could not be recorded.
+pub enum CaptureError {
+    /// The agent has not published its listener (or not for this family).
+    NotReady,
+    /// The cookie map refused the entry.
+    MapFull,
+}
+
+/// The enrolled workload of the calling task: its own cgroup first, then the
+/// ancestors from the deepest up.
+#[inline(always)]
+fn enrolled_workload() -> Option<WorkloadValue> {
+    // SAFETY: helper with no arguments, valid in cgroup_sock_addr programs.
+    let own = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: read-only lookup; the value is copied out at once.
+    if let Some(w) = unsafe { WORKLOADS.get(CgroupKey { cgroup_id: own }) } {
+        return Some(*w);
+    }
+    let mut found = None;
+    let mut level: i32 = 1;
+    while level <= MAX_CGROUP_LEVEL as i32 {
+        // SAFETY: helper valid in cgroup_sock_addr programs; returns 0 past
+        // the task's own level.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 || id == own {
+            break;
+        }
+        // SAFETY: as above.
+        if let Some(w) = unsafe { WORKLOADS.get(CgroupKey { cgroup_id: id }) } {
+            found = Some(*w);
+        }
+        level += 1;
+    }
+    found
+}
+
+#[inline(always)]
+fn config() -> Option<AgentConfig> {
+    match CONFIG.get(0) {
+        Some(c) if c.flags & CONFIG_F_READY != 0 => Some(*c),
+        _ => None,
+    }
+}
+
+/// Common part of both hooks once the destination is known: decide and
+/// record. Returns the redirect target (address, port) or `None` to pass.
+#[inline(always)]
+fn capture(
+    ctx: &SockAddrContext,
+    sock_type: u32,
+    dst: [u32; 4],
+    port_be: u16,
+    family: u16,
+) -> Result<Option<AgentConfig>, CaptureError> {
+    if sock_type != SOCK_STREAM {
+        count(ctr::CONNECT_PASSED_OTHER);
+        return Ok(None);
+    }
+    let Some(workload) = enrolled_workload() else {
+        count(ctr::CONNECT_PASSED_NOT_ENROLLED);
+        return Ok(None);
+    };
+    // SAFETY: read-only lookup, value copied out.
+    let Some(dest) = (unsafe { DESTS.get(IpKey { addr_be: dst }) }).copied() else {
+        count(ctr::CONNECT_PASSED_NOT_MESH);
+        return Ok(None);
+    };
+    let cfg = config().ok_or(CaptureError::NotReady)?;
+    let orig = OrigDst {
+        addr_be: dst,
+        port_be,
+        family,
+        src_workload_id: workload.workload_id,
+        dst_workload_id: dest.workload_id,
+    };
+    // SAFETY: the context pointer is the program's own bpf_sock_addr.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    COOKIE_DST
+        .insert(cookie, orig, 0)
+        .map_err(|_| CaptureError::MapFull)?;
+    Ok(Some(cfg))
+}
+
+pub fn try_connect4(ctx: &SockAddrContext) -> Result<i32, CaptureError> {
+    let sa = ctx.sock_addr;
+    // SAFETY: 4-byte reads of context fields the verifier allows for connect4.
+    let (ip4, port, sock_type) = unsafe {
+        (
+            read_volatile(addr_of!((*sa).user_ip4)),
+            read_volatile(addr_of!((*sa).user_port)),
+            read_volatile(addr_of!((*sa).type_)),
+        )
+    };
+    let port_be = port as u16;
+    match capture(ctx, sock_type, mapped_v4(ip4), port_be, AF_INET) {
+        Ok(None) => Ok(VERDICT_ALLOW),
+        Ok(Some(cfg)) => {
+            if ip4 == cfg.redirect_ip4_be && port == cfg.redirect_port_be {
+                return Ok(VERDICT_ALLOW);
+            }
+            // SAFETY: 4-byte writes of context fields connect4 may rewrite.
+            unsafe {
+                write_volatile(addr_of_mut!((*sa).user_ip4), cfg.redirect_ip4_be);
+                write_volatile(addr_of_mut!((*sa).user_port), cfg.redirect_port_be);
+            }
+            count(ctr::CONNECT_REDIRECTED);
+            Ok(VERDICT_ALLOW)
+        }
+        Err(e) => {
+            count(ctr::CONNECT_ERRORS);
+            Err(e)
+        }
+    }
+}
+
+pub fn try_connect6(ctx: &SockAddrContext) -> Result<i32, CaptureError> {
+    let sa = ctx.sock_addr;
+    // SAFETY: 4-byte reads of context fields the verifier allows for connect6.
+    let (ip6, port, sock_type) = unsafe {
+        (
+            [
+                read_volatile(addr_of!((*sa).user_ip6[0])),
+                read_volatile(addr_of!((*sa).user_ip6[1])),
+                read_volatile(addr_of!((*sa).user_ip6[2])),
+                read_volatile(addr_of!((*sa).user_ip6[3])),
+            ],
+            read_volatile(addr_of!((*sa).user_port)),
+            read_volatile(addr_of!((*sa).type_)),
+        )
+    };
+    let mapped = is_mapped_v4(&ip6);
+    let family = if mapped { AF_INET } else { AF_INET6 };
+    match capture(ctx, sock_type, ip6, port as u16, family) {
+        Ok(None) => Ok(VERDICT_ALLOW),
+        Ok(Some(cfg)) => {
+            let target = if mapped {
+                mapped_v4(cfg.redirect_ip4_be)
+            } else if cfg.flags & CONFIG_F_IPV6 != 0 {
+                cfg.redirect_ip6_be
+            } else {
+                count(ctr::CONNECT_ERRORS);
+                return Err(CaptureError::NotReady);
+            };
+            // SAFETY: 4-byte writes of context fields connect6 may rewrite.
+            unsafe {
+                write_volatile(addr_of_mut!((*sa).user_ip6[0]), target[0]);
+                write_volatile(addr_of_mut!((*sa).user_ip6[1]), target[1]);
+                write_volatile(addr_of_mut!((*sa).user_ip6[2]), target[2]);
+                write_volatile(addr_of_mut!((*sa).user_ip6[3]), target[3]);
+                write_volatile(addr_of_mut!((*sa).user_port), cfg.redirect_port_be);
+            }
+            count(ctr::CONNECT_REDIRECTED);
+            Ok(VERDICT_ALLOW)
+        }
+        Err(e) => {
+            count(ctr::CONNECT_ERRORS);
+            Err(e)
+        }
+    }
+}

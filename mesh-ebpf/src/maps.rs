@@ -1,0 +1,48 @@
+//! Every map of the mesh, as BTF maps so `bpftool map dump` prints field names.
+//! Names and capacities come from `mesh_common`; the agent pins them.
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use mesh_common::{
+    capacity as cap, counters, AgentConfig, CgroupKey, ConnKey, DestValue, IpKey, OrigDst,
+    WorkloadValue,
+};
+
+/// Enrolled workload cgroups.
+#[btf_map(name = "mesh_workloads")]
+pub static WORKLOADS: HashMap<CgroupKey, WorkloadValue, { cap::WORKLOADS as usize }> =
+    HashMap::new();
+
+/// Mesh destination addresses.
+#[btf_map(name = "mesh_dests")]
+pub static DESTS: HashMap<IpKey, DestValue, { cap::DESTINATIONS as usize }> = HashMap::new();
+
+/// Agent listener configuration, slot 0.
+#[btf_map(name = "mesh_config")]
+pub static CONFIG: Array<AgentConfig, { cap::CONFIG as usize }> = Array::new();
+
+/// Original destination per socket cookie, from connect() until established.
+#[btf_map(name = "mesh_cookie_dst")]
+pub static COOKIE_DST: LruHashMap<u64, OrigDst, { cap::COOKIE_ORIG_DST as usize }> =
+    LruHashMap::new();
+
+/// Original destination per established connection, read (and deleted) by the agent.
+#[btf_map(name = "mesh_conn_dst")]
+pub static CONN_DST: LruHashMap<ConnKey, OrigDst, { cap::CONN_ORIG_DST as usize }> =
+    LruHashMap::new();
+
+/// Per-CPU event counters, indexed by `mesh_common::counters`.
+#[btf_map(name = "mesh_counters")]
+pub static COUNTERS: PerCpuArray<u64, { counters::COUNT as usize }> = PerCpuArray::new();
+
+/// Adds one to a counter. Per-CPU slot: no atomics needed.
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot of a live map; programs do not migrate CPUs
+        // while running, so nothing else writes this slot concurrently.
+        unsafe { *slot += 1 };
+    }
+}
