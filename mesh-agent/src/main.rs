@@ -1,1 +1,102 @@
-fn main() {}
+//! `mesh-agent`: the node daemon and the operator CLI.
+#![deny(unsafe_code)]
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use mesh_agent::app::{self, AgentOptions};
+
+/// Sidecarless service mesh: node agent and operator CLI.
+#[derive(Parser, Debug)]
+#[command(name = "mesh-agent", version, about)]
+struct Cli {
+    /// Log format on stdout.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "MESH_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, fields flattened (for log pipelines and tests).
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the node agent: attach the kernel programs and proxy captured traffic.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// This node's name (matches `node:` in the registry).
+    #[arg(long, env = "MESH_NODE")]
+    node: String,
+    /// Workload registry (YAML).
+    #[arg(long, env = "MESH_REGISTRY")]
+    registry: PathBuf,
+    /// The node's pod cgroup parent, relative to the cgroup2 mount (found in
+    /// /proc/self/mountinfo). The programs attach here.
+    #[arg(long, env = "MESH_POD_CGROUP")]
+    pod_cgroup: PathBuf,
+    /// Outbound listener, IPv4 `ip:port`; the IP must be reachable from pods.
+    #[arg(long, env = "MESH_OUTBOUND")]
+    outbound: SocketAddr,
+    /// IPv6 outbound listener `[ip]:port` (same port). Without it, IPv6
+    /// connects of enrolled workloads to mesh destinations are refused.
+    #[arg(long, env = "MESH_OUTBOUND6")]
+    outbound6: Option<SocketAddr>,
+    /// bpffs directory where the maps are pinned.
+    #[arg(long, env = "MESH_PIN_DIR", default_value = mesh_common::names::DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Seconds in-flight connections may drain on SIGTERM.
+    #[arg(long, default_value_t = 5)]
+    drain_timeout_secs: u64,
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::{fmt, EnvFilter};
+    let filter = EnvFilter::try_from_env("MESH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match cli.command {
+        Command::Run(args) => {
+            let opts = AgentOptions {
+                node: args.node,
+                registry: args.registry,
+                pod_cgroup: args.pod_cgroup,
+                outbound: args.outbound,
+                outbound6: args.outbound6,
+                pin_dir: args.pin_dir,
+                drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+            };
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: starting the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match rt.block_on(app::run(opts)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "agent failed");
+                    eprintln!("error: {e}");
+                    ExitCode::from(if e.is_config() { 2 } else { 1 })
+                }
+            }
+        }
+    }
+}

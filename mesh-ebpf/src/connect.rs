@@ -51,7 +51,12 @@ fn enrolled_workload() -> Option<WorkloadValue> {
     if let Some(w) = unsafe { WORKLOADS.get(CgroupKey { cgroup_id: own }) } {
         return Some(*w);
     }
-    let mut found = None;
+    // Plain integers, not an Option: the verifier refuses spilling the
+    // uninitialised payload of a `None`.
+    let mut found = WorkloadValue {
+        workload_id: 0,
+        flags: 0,
+    };
     let mut level: i32 = 1;
     while level <= MAX_CGROUP_LEVEL as i32 {
         // SAFETY: helper valid in cgroup_sock_addr programs; returns 0 past
@@ -62,11 +67,15 @@ fn enrolled_workload() -> Option<WorkloadValue> {
         }
         // SAFETY: as above.
         if let Some(w) = unsafe { WORKLOADS.get(CgroupKey { cgroup_id: id }) } {
-            found = Some(*w);
+            found = *w;
         }
         level += 1;
     }
-    found
+    if found.workload_id == 0 {
+        None
+    } else {
+        Some(found)
+    }
 }
 
 #[inline(always)]

@@ -2,6 +2,8 @@
 //! move its original destination from the cookie key to the 4-tuple key the
 //! agent can compute from its accepted socket.
 
+use core::ptr::{addr_of, read_volatile};
+
 use aya_ebpf::{
     bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, helpers::generated::bpf_get_socket_cookie,
     programs::SockOpsContext,
@@ -28,10 +30,28 @@ pub fn try_sockops(ctx: &SockOpsContext) -> Result<u32, i64> {
     let Some(orig) = (unsafe { COOKIE_DST.get(cookie) }).copied() else {
         return Ok(SOCKOPS_OK);
     };
+    let ops = ctx.ops;
     let (src, dst) = if ctx.family() == AF_INET {
         (mapped_v4(ctx.local_ip4()), mapped_v4(ctx.remote_ip4()))
     } else {
-        (ctx.local_ip6(), ctx.remote_ip6())
+        // SAFETY: 4-byte reads at constant offsets of the program's own
+        // context (the verifier refuses reads through a moved ctx pointer).
+        unsafe {
+            (
+                [
+                    read_volatile(addr_of!((*ops).local_ip6[0])),
+                    read_volatile(addr_of!((*ops).local_ip6[1])),
+                    read_volatile(addr_of!((*ops).local_ip6[2])),
+                    read_volatile(addr_of!((*ops).local_ip6[3])),
+                ],
+                [
+                    read_volatile(addr_of!((*ops).remote_ip6[0])),
+                    read_volatile(addr_of!((*ops).remote_ip6[1])),
+                    read_volatile(addr_of!((*ops).remote_ip6[2])),
+                    read_volatile(addr_of!((*ops).remote_ip6[3])),
+                ],
+            )
+        }
     };
     let key = ConnKey {
         src_addr_be: src,
