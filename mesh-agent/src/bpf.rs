@@ -154,6 +154,12 @@ fn ensure_bpffs(dir: &Path) -> Result<(), BpfError> {
     Ok(())
 }
 
+/// Attach mode for our cgroup programs. aya attaches through `BPF_LINK_CREATE`, and a cgroup
+/// `bpf_link` always coexists with other programs on the cgroup (the kernel attaches links as
+/// `BPF_F_ALLOW_MULTI`); the link path rejects any flag, so `AllowMultiple` (flag
+/// `BPF_F_ALLOW_MULTI`) fails there with EINVAL on current kernels. `Single` passes no flag.
+const CGROUP_ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+
 /// The loaded and attached kernel side, with typed handles on the maps.
 pub struct Dataplane {
     ebpf: Option<Ebpf>,
@@ -200,7 +206,7 @@ impl Dataplane {
                 prog,
                 source: Box::new(e),
             })?;
-            p.attach(&cgroup, CgroupAttachMode::AllowMultiple)
+            p.attach(&cgroup, CGROUP_ATTACH_MODE)
                 .map_err(|e| BpfError::Attach {
                     prog,
                     cgroup: pod_cgroup.to_owned(),
@@ -222,7 +228,7 @@ impl Dataplane {
                 prog,
                 source: Box::new(e),
             })?;
-            p.attach(&cgroup, CgroupAttachMode::AllowMultiple)
+            p.attach(&cgroup, CGROUP_ATTACH_MODE)
                 .map_err(|e| BpfError::Attach {
                     prog,
                     cgroup: pod_cgroup.to_owned(),

@@ -92,11 +92,27 @@ fn main() -> ExitCode {
             match rt.block_on(app::run(opts)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!(error = %e, "agent failed");
-                    eprintln!("error: {e}");
+                    let chain = error_chain(&e);
+                    tracing::error!(error = %chain, "agent failed");
+                    eprintln!("error: {chain}");
                     ExitCode::from(if e.is_config() { 2 } else { 1 })
                 }
             }
         }
     }
+}
+
+/// An error and its sources, `outer: inner: innermost` (kernel errnos live at the bottom).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = s.source();
+    }
+    out
 }

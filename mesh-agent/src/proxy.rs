@@ -1,6 +1,7 @@
 //! The agent's proxies. [`outbound`] accepts the connections the kernel
 //! captured from local pods and carries them to their original destination.
 
+pub mod hbone;
 pub mod outbound;
 
 use std::net::{IpAddr, SocketAddr};

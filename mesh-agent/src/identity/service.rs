@@ -1,0 +1,1079 @@
+//! The authority's network service and the node agent's client for it.
+//!
+//! Transport: TLS 1.3 only (rustls, ring), ALPN `mesh-authority/1`. The authority presents
+//! `spiffe://<td>/authority` (a certificate it issues itself, kept in memory and renewed at
+//! half-life or when the active root changes); the client must present a node certificate
+//! (`spiffe://<td>/node/<node>`) that chains to the trust bundle and is not revoked.
+//!
+//! Protocol: newline-delimited JSON, one request line → one response line, in order.
+//!
+//! ```text
+//! {"op":"sign","identity":"spiffe://td/ns/default/sa/a","csr_pem":"-----BEGIN ...","lifetime_secs":3600}
+//!     → {"ok":true,"cert_chain_pem":"-----BEGIN CERTIFICATE-----..."}   (leaf, then issuing)
+//! {"op":"bundle"}       → {"ok":true,"bundle_pem":"-----BEGIN CERTIFICATE-----..."}
+//! {"op":"revocations"}  → {"ok":true,"revoked":["4f3a…", …]}            (hex serials)
+//! anything refused      → {"ok":false,"error":"…"}
+//! ```
+//!
+//! `lifetime_secs` is optional (default 24 h, at least 60 s, at most 30 days). A node may only
+//! obtain certificates for identities of workloads the registry places on it
+//! ([`authorize_request`]); refusals are logged with the node and identity. Bounds: a request
+//! line may be at most [`ServeConfig::max_line`] bytes (an oversize line is answered with an
+//! error and the connection closed), a connection serves at most
+//! [`ServeConfig::max_requests`] requests (then it is closed: the client reconnects), a
+//! connection idle for [`ServeConfig::idle_timeout`] is closed, and at most
+//! [`ServeConfig::max_connections`] are served at once. Malformed input is answered with an
+//! error, never a panic.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use rcgen::{CertificateParams, DistinguishedName, SanType};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::ServerName;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio::time::timeout;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tracing::{debug, info, warn};
+
+use super::authority::{authorize_request, new_key, Authority, RootId, DEFAULT_WORKLOAD_LIFETIME};
+use super::cert::{certified_key, certs_from_pem, CertInfo, Serial, WorkloadCert};
+use super::spiffe::{NodeId, PeerId, SpiffeId};
+use super::verify::{
+    peer_id, tls13_client, tls13_server, SpiffeClientVerifier, SpiffeServerVerifier, TrustStore,
+};
+use super::IdentityError;
+
+/// ALPN protocol of the authority service.
+pub const ALPN_AUTHORITY: &[u8] = b"mesh-authority/1";
+/// The registry lookup shared by the service's connections: identity → nodes hosting it.
+type RegistryLookup = Arc<dyn Fn(&SpiffeId) -> Vec<String> + Send + Sync>;
+
+/// Longest response line the client accepts (bundles with several roots fit easily).
+const MAX_RESPONSE_LINE: usize = 1024 * 1024;
+
+/// Limits of the authority service. `Default` gives the documented values.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// Longest request line in bytes, newline excluded. Default 64 KiB.
+    pub max_line: usize,
+    /// Requests served on one connection before it is closed. Default 1000.
+    pub max_requests: usize,
+    /// Time allowed for the TLS handshake. Default 10 s.
+    pub handshake_timeout: Duration,
+    /// A connection with no complete request for this long is closed. Default 60 s.
+    pub idle_timeout: Duration,
+    /// Connections served at once; more are closed on accept. Default 256.
+    pub max_connections: usize,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            max_line: 64 * 1024,
+            max_requests: 1000,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 256,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+enum Request {
+    Sign {
+        identity: String,
+        csr_pem: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lifetime_secs: Option<u64>,
+    },
+    // Struct variants (not unit variants) so that unknown fields are refused here too.
+    Bundle {},
+    Revocations {},
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Response {
+    ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cert_chain_pem: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    bundle_pem: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    revoked: Option<Vec<Serial>>,
+}
+
+impl Response {
+    fn error(message: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            error: Some(message.into()),
+            ..Self::default()
+        }
+    }
+
+    fn to_line(&self) -> Vec<u8> {
+        let mut line = serde_json::to_vec(self).unwrap_or_else(|_| {
+            br#"{"ok":false,"error":"internal error: unserialisable response"}"#.to_vec()
+        });
+        line.push(b'\n');
+        line
+    }
+}
+
+/// Serves the authority on `listener` with the default limits until `shutdown` completes.
+/// `registry_lookup` returns the nodes hosting a workload with a given identity.
+pub async fn serve<F>(
+    listener: TcpListener,
+    authority: Arc<Authority>,
+    registry_lookup: F,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), IdentityError>
+where
+    F: Fn(&SpiffeId) -> Vec<String> + Send + Sync + 'static,
+{
+    serve_with(
+        listener,
+        authority,
+        registry_lookup,
+        ServeConfig::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// [`serve`] with explicit limits. On shutdown, stops accepting and drops open connections.
+pub async fn serve_with<F>(
+    listener: TcpListener,
+    authority: Arc<Authority>,
+    registry_lookup: F,
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), IdentityError>
+where
+    F: Fn(&SpiffeId) -> Vec<String> + Send + Sync + 'static,
+{
+    let resolver = Arc::new(AuthorityCertResolver::new(authority.clone())?);
+    let tls = tls13_server(
+        SpiffeClientVerifier::nodes(authority.trust_store()),
+        resolver,
+        &[ALPN_AUTHORITY],
+    )?;
+    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let lookup: RegistryLookup = Arc::new(registry_lookup);
+    let config = Arc::new(config);
+    let slots = Arc::new(Semaphore::new(config.max_connections));
+    let mut tasks = JoinSet::new();
+    let local = listener.local_addr().ok();
+    info!(addr = ?local, trust_domain = %authority.trust_domain(), "authority service listening");
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => {
+                let (tcp, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // E.g. out of file descriptors: back off instead of spinning.
+                        warn!(error = %e, "authority accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    warn!(peer = %peer, limit = config.max_connections, "authority connection refused: too many connections");
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                let authority = authority.clone();
+                let lookup = lookup.clone();
+                let config = config.clone();
+                tasks.spawn(async move {
+                    serve_connection(tcp, peer, acceptor, authority, lookup, config).await;
+                    drop(slot);
+                });
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    tasks.shutdown().await;
+    info!(addr = ?local, "authority service stopped");
+    Ok(())
+}
+
+async fn serve_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    authority: Arc<Authority>,
+    lookup: RegistryLookup,
+    config: Arc<ServeConfig>,
+) {
+    let tls = match timeout(config.handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            warn!(peer = %peer, error = %e, "authority TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            warn!(peer = %peer, "authority TLS handshake timed out");
+            return;
+        }
+    };
+    // The verifier admits node identities only; this is a second look, not the check.
+    let node = match peer_id(tls.get_ref().1) {
+        Some(PeerId::Node(node)) => node,
+        other => {
+            warn!(peer = %peer, identity = ?other, "authority client is not a node");
+            return;
+        }
+    };
+    debug!(peer = %peer, node = %node, "node connected to the authority");
+    let mut stream = BufReader::new(tls);
+    let mut line = Vec::with_capacity(4096);
+    for _ in 0..config.max_requests {
+        line.clear();
+        let read = timeout(
+            config.idle_timeout,
+            read_line_bounded(&mut stream, &mut line, config.max_line),
+        )
+        .await;
+        let response = match read {
+            Err(_) => {
+                debug!(node = %node, "authority connection idle, closing");
+                return;
+            }
+            Ok(Err(e)) => {
+                debug!(node = %node, error = %e, "authority connection read failed");
+                return;
+            }
+            Ok(Ok(LineRead::Eof)) => return,
+            Ok(Ok(LineRead::TooLong)) => {
+                warn!(node = %node, limit = config.max_line, "authority request line too long, closing");
+                let r = Response::error(format!(
+                    "request line longer than {} bytes",
+                    config.max_line
+                ));
+                let _ = timeout(config.idle_timeout, write_line(&mut stream, &r.to_line())).await;
+                let _ = stream.get_mut().shutdown().await;
+                return;
+            }
+            Ok(Ok(LineRead::Line)) => handle_request(&line, &node, &authority, &*lookup),
+        };
+        // A client that stops reading does not hold the connection forever.
+        match timeout(
+            config.idle_timeout,
+            write_line(&mut stream, &response.to_line()),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                debug!(node = %node, error = %e, "authority connection write failed");
+                return;
+            }
+            Err(_) => {
+                debug!(node = %node, "authority client not reading, closing");
+                return;
+            }
+        }
+    }
+    debug!(node = %node, limit = config.max_requests, "request limit reached, closing");
+    let _ = stream.get_mut().shutdown().await;
+}
+
+fn handle_request(
+    line: &[u8],
+    node: &NodeId,
+    authority: &Authority,
+    lookup: &(dyn Fn(&SpiffeId) -> Vec<String> + Send + Sync),
+) -> Response {
+    let request: Request = match serde_json::from_slice(line) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(node = %node, error = %e, "malformed authority request");
+            return Response::error(format!("malformed request: {e}"));
+        }
+    };
+    match request {
+        Request::Bundle {} => Response {
+            ok: true,
+            bundle_pem: Some(authority.bundle_pem()),
+            ..Response::default()
+        },
+        Request::Revocations {} => Response {
+            ok: true,
+            revoked: Some(authority.revocations()),
+            ..Response::default()
+        },
+        Request::Sign {
+            identity,
+            csr_pem,
+            lifetime_secs,
+        } => {
+            let id = match SpiffeId::parse(&identity) {
+                Ok(id) => id,
+                Err(e) => {
+                    warn!(node = %node, error = %e, "certificate request for an invalid identity");
+                    return Response::error(e.to_string());
+                }
+            };
+            if let Err(e) = authorize_request(node.node(), &id, |id| lookup(id)) {
+                warn!(node = %node, identity = %id, error = %e, "certificate request refused");
+                // The details (where the workload runs) stay in the log.
+                return Response::error(format!(
+                    "not authorized: node {} hosts no workload with identity {id}",
+                    node.node()
+                ));
+            }
+            let lifetime = lifetime_secs
+                .map(Duration::from_secs)
+                .unwrap_or(DEFAULT_WORKLOAD_LIFETIME);
+            match authority.sign_workload_csr(&csr_pem, &id, lifetime) {
+                Ok(chain) => {
+                    info!(node = %node, identity = %id, "certificate request granted");
+                    Response {
+                        ok: true,
+                        cert_chain_pem: Some(chain),
+                        ..Response::default()
+                    }
+                }
+                Err(e) => {
+                    warn!(node = %node, identity = %id, error = %e, "certificate request failed");
+                    Response::error(e.to_string())
+                }
+            }
+        }
+    }
+}
+
+enum LineRead {
+    Line,
+    Eof,
+    TooLong,
+}
+
+/// Reads one line of at most `max` bytes (newline and a preceding CR excluded) into `buf`.
+/// Never buffers more than `max + 1` bytes of an oversize line. A final line without a newline
+/// counts as a line.
+async fn read_line_bounded<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<LineRead> {
+    let n = (&mut *r)
+        .take(max as u64 + 1)
+        .read_until(b'\n', buf)
+        .await?;
+    if n == 0 {
+        return Ok(LineRead::Eof);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+        if buf.last() == Some(&b'\r') {
+            buf.pop();
+        }
+        return Ok(LineRead::Line);
+    }
+    if buf.len() > max {
+        return Ok(LineRead::TooLong);
+    }
+    Ok(LineRead::Line)
+}
+
+async fn write_line<S>(stream: &mut BufReader<S>, line: &[u8]) -> std::io::Result<()>
+where
+    S: tokio::io::AsyncRead + AsyncWriteExt + Unpin,
+{
+    let w = stream.get_mut();
+    w.write_all(line).await?;
+    w.flush().await
+}
+
+/// Presents the authority's own certificate; re-issues it at half-life or when the active
+/// root has changed (so that it chains to the root that survives a rotation).
+struct AuthorityCertResolver {
+    authority: Arc<Authority>,
+    current: Mutex<ServerCert>,
+}
+
+struct ServerCert {
+    key: Arc<CertifiedKey>,
+    rotate_at: SystemTime,
+    root: RootId,
+}
+
+impl std::fmt::Debug for AuthorityCertResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthorityCertResolver")
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuthorityCertResolver {
+    fn new(authority: Arc<Authority>) -> Result<Self, IdentityError> {
+        let current = Self::issue(&authority)?;
+        Ok(Self {
+            authority,
+            current: Mutex::new(current),
+        })
+    }
+
+    fn issue(authority: &Authority) -> Result<ServerCert, IdentityError> {
+        let root = authority.active_root();
+        let (key, rotate_at) = authority.issue_server_cert()?;
+        Ok(ServerCert {
+            key,
+            rotate_at,
+            root,
+        })
+    }
+}
+
+impl ResolvesServerCert for AuthorityCertResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if SystemTime::now() >= current.rotate_at || current.root != self.authority.active_root() {
+            match Self::issue(&self.authority) {
+                Ok(next) => *current = next,
+                Err(e) => {
+                    warn!(error = %e, "could not renew the authority's certificate, keeping the current one")
+                }
+            }
+        }
+        Some(current.key.clone())
+    }
+}
+
+/// A node agent's connection to the authority. Requests are sequential (`&mut self`); a
+/// connection closed by the authority (request limit, restart) is re-opened once per request.
+pub struct AuthorityClient {
+    addr: String,
+    node: NodeId,
+    connector: TlsConnector,
+    trust: Arc<TrustStore>,
+    timeout: Duration,
+    conn: Option<BufReader<tokio_rustls::client::TlsStream<TcpStream>>>,
+}
+
+impl std::fmt::Debug for AuthorityClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthorityClient")
+            .field("addr", &self.addr)
+            .field("node", &self.node.to_string())
+            .field("connected", &self.conn.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuthorityClient {
+    /// Default time allowed for connecting plus one request/response.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// Connects to the authority at `addr` (`host:port`) as the node whose certificate chain
+    /// and key are given, trusting the roots in `bundle_pem`.
+    pub async fn connect(
+        addr: &str,
+        node_cert_chain_pem: &str,
+        node_key_pem: &str,
+        bundle_pem: &str,
+    ) -> Result<Self, IdentityError> {
+        let chain = certs_from_pem(node_cert_chain_pem, "node certificate")?;
+        let node = match CertInfo::parse(&chain[0])?.peer_id()? {
+            PeerId::Node(node) => node,
+            other => {
+                return Err(IdentityError::WrongPeerKind {
+                    expected: "node",
+                    got: other.to_string(),
+                })
+            }
+        };
+        let trust = TrustStore::from_bundle_pem(node.trust_domain().clone(), bundle_pem)?;
+        Self::connect_with_trust(addr, node_cert_chain_pem, node_key_pem, trust).await
+    }
+
+    /// Like [`AuthorityClient::connect`], sharing a trust store with the rest of the agent (so
+    /// that a bundle fetched here and installed with [`TrustStore::set_bundle_pem`] is used
+    /// for the authority too).
+    pub async fn connect_with_trust(
+        addr: &str,
+        node_cert_chain_pem: &str,
+        node_key_pem: &str,
+        trust: Arc<TrustStore>,
+    ) -> Result<Self, IdentityError> {
+        let mut client = Self::new(addr, node_cert_chain_pem, node_key_pem, trust)?;
+        let conn = timeout(client.timeout, client.open()).await.map_err(|_| {
+            IdentityError::Timeout {
+                op: "connecting to the authority",
+                after: client.timeout,
+            }
+        })??;
+        client.conn = Some(conn);
+        Ok(client)
+    }
+
+    /// A client that connects on its first request (no I/O here): an agent can start while
+    /// the authority is unreachable and keep retrying.
+    pub fn new(
+        addr: &str,
+        node_cert_chain_pem: &str,
+        node_key_pem: &str,
+        trust: Arc<TrustStore>,
+    ) -> Result<Self, IdentityError> {
+        let chain = certs_from_pem(node_cert_chain_pem, "node certificate")?;
+        let node = match CertInfo::parse(&chain[0])?.peer_id()? {
+            PeerId::Node(node) => node,
+            other => {
+                return Err(IdentityError::WrongPeerKind {
+                    expected: "node",
+                    got: other.to_string(),
+                })
+            }
+        };
+        if node.trust_domain() != trust.trust_domain() {
+            return Err(IdentityError::ForeignTrustDomain {
+                identity: node.to_string(),
+                expected: trust.trust_domain().clone(),
+            });
+        }
+        let ck = certified_key(chain, node_key_pem)?;
+        let verifier =
+            SpiffeServerVerifier::for_peer(trust.clone(), PeerId::authority(trust.trust_domain()));
+        let config = tls13_client(verifier, ck, &[ALPN_AUTHORITY])?;
+        Ok(Self {
+            addr: addr.to_owned(),
+            node,
+            connector: TlsConnector::from(Arc::new(config)),
+            trust,
+            timeout: Self::DEFAULT_TIMEOUT,
+            conn: None,
+        })
+    }
+
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    pub fn node(&self) -> &NodeId {
+        &self.node
+    }
+
+    /// The trust store this client verifies the authority with.
+    pub fn trust_store(&self) -> Arc<TrustStore> {
+        self.trust.clone()
+    }
+
+    /// Obtains a certificate for `identity`: a P-256 key pair is generated here and only a CSR
+    /// is sent. The returned certificate is checked: it is for `identity`, carries our key and
+    /// verifies against our trust bundle.
+    pub async fn sign(
+        &mut self,
+        identity: &SpiffeId,
+        lifetime: Duration,
+    ) -> Result<WorkloadCert, IdentityError> {
+        let key = new_key()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(identity.to_string().try_into().map_err(
+            |source| IdentityError::Rcgen {
+                context: "encoding the URI SAN",
+                source,
+            },
+        )?)];
+        let csr_pem = params
+            .serialize_request(&key)
+            .and_then(|csr| csr.pem())
+            .map_err(|source| IdentityError::Rcgen {
+                context: "creating a CSR",
+                source,
+            })?;
+        let response = self
+            .request(&Request::Sign {
+                identity: identity.to_string(),
+                csr_pem,
+                lifetime_secs: Some(lifetime.as_secs()),
+            })
+            .await?;
+        let chain = response
+            .cert_chain_pem
+            .ok_or_else(|| IdentityError::Protocol {
+                detail: "sign response without cert_chain_pem".into(),
+            })?;
+        let cert = WorkloadCert::from_pem(&chain, &key.serialize_pem())?;
+        if cert.identity() != identity {
+            return Err(IdentityError::WrongPeer {
+                expected: identity.to_string(),
+                got: cert.identity().to_string(),
+            });
+        }
+        self.trust.verify_workload_cert(&cert)?;
+        Ok(cert)
+    }
+
+    /// The authority's current trust bundle (PEM). Install it with
+    /// [`TrustStore::set_bundle_pem`].
+    pub async fn bundle(&mut self) -> Result<String, IdentityError> {
+        let response = self.request(&Request::Bundle {}).await?;
+        let pem = response.bundle_pem.ok_or_else(|| IdentityError::Protocol {
+            detail: "bundle response without bundle_pem".into(),
+        })?;
+        certs_from_pem(&pem, "trust bundle")?;
+        Ok(pem)
+    }
+
+    /// The authority's revoked serials. Install them with [`TrustStore::set_revoked`].
+    pub async fn revocations(&mut self) -> Result<Vec<Serial>, IdentityError> {
+        let response = self.request(&Request::Revocations {}).await?;
+        response.revoked.ok_or_else(|| IdentityError::Protocol {
+            detail: "revocations response without revoked".into(),
+        })
+    }
+
+    async fn open(
+        &self,
+    ) -> Result<BufReader<tokio_rustls::client::TlsStream<TcpStream>>, IdentityError> {
+        let tcp =
+            TcpStream::connect(&self.addr)
+                .await
+                .map_err(|source| IdentityError::Connect {
+                    addr: self.addr.clone(),
+                    source,
+                })?;
+        let _ = tcp.set_nodelay(true);
+        let name =
+            ServerName::try_from("authority.mesh.internal").expect("a constant valid DNS name");
+        let tls =
+            self.connector
+                .connect(name, tcp)
+                .await
+                .map_err(|source| IdentityError::Connect {
+                    addr: self.addr.clone(),
+                    source,
+                })?;
+        Ok(BufReader::new(tls))
+    }
+
+    async fn request(&mut self, request: &Request) -> Result<Response, IdentityError> {
+        let mut line = serde_json::to_vec(request).map_err(|e| IdentityError::Protocol {
+            detail: format!("encoding the request: {e}"),
+        })?;
+        line.push(b'\n');
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let after = self.timeout;
+            let result =
+                timeout(after, self.exchange(&line))
+                    .await
+                    .unwrap_or(Err(IdentityError::Timeout {
+                        op: "authority request",
+                        after,
+                    }));
+            match result {
+                Ok(response) if response.ok => return Ok(response),
+                Ok(response) => {
+                    return Err(IdentityError::Refused {
+                        message: response.error.unwrap_or_default(),
+                    })
+                }
+                Err(e) => {
+                    self.conn = None;
+                    // A connection the authority closed (limit, restart): one fresh try.
+                    if attempt == 1 && matches!(e, IdentityError::Transport { .. }) {
+                        debug!(error = %e, "authority connection lost, reconnecting");
+                        continue;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    async fn exchange(&mut self, line: &[u8]) -> Result<Response, IdentityError> {
+        if self.conn.is_none() {
+            self.conn = Some(self.open().await?);
+        }
+        let conn = self.conn.as_mut().expect("connection opened above");
+        let transport = |source| IdentityError::Transport { source };
+        write_line(conn, line).await.map_err(transport)?;
+        let mut buf = Vec::with_capacity(4096);
+        match read_line_bounded(conn, &mut buf, MAX_RESPONSE_LINE)
+            .await
+            .map_err(transport)?
+        {
+            LineRead::Line => {}
+            LineRead::Eof => {
+                return Err(IdentityError::Transport {
+                    source: std::io::ErrorKind::UnexpectedEof.into(),
+                })
+            }
+            LineRead::TooLong => {
+                return Err(IdentityError::Protocol {
+                    detail: format!("response line longer than {MAX_RESPONSE_LINE} bytes"),
+                })
+            }
+        }
+        serde_json::from_slice(&buf).map_err(|e| IdentityError::Protocol {
+            detail: format!("malformed response: {e}"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::authority::tests::{td, wid, TempDir};
+    use crate::identity::authority::NodeCredentials;
+    use tokio::sync::oneshot;
+    use tokio::task::JoinHandle;
+
+    struct Running {
+        _dir: TempDir,
+        ca: Arc<Authority>,
+        addr: String,
+        n1: NodeCredentials,
+        n2: NodeCredentials,
+        stop: Option<oneshot::Sender<()>>,
+        task: Option<JoinHandle<Result<(), IdentityError>>>,
+    }
+
+    impl Running {
+        async fn stop(mut self) {
+            let _ = self.stop.take().unwrap().send(());
+            let r = timeout(Duration::from_secs(10), self.task.take().unwrap())
+                .await
+                .expect("serve did not stop")
+                .unwrap();
+            r.unwrap();
+        }
+    }
+
+    /// Registry: sa-a on n1, sa-b on n2.
+    fn registry(id: &SpiffeId) -> Vec<String> {
+        match id.service_account() {
+            "sa-a" => vec!["n1".into()],
+            "sa-b" => vec!["n2".into()],
+            _ => vec![],
+        }
+    }
+
+    async fn start(tag: &str, config: ServeConfig) -> Running {
+        let dir = TempDir::new(tag);
+        let ca = Arc::new(Authority::init(&dir.0, td()).unwrap());
+        let n1 = ca.node_credentials("n1").unwrap();
+        let n2 = ca.node_credentials("n2").unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve_with(listener, ca.clone(), registry, config, async {
+            let _ = rx.await;
+        }));
+        Running {
+            _dir: dir,
+            ca,
+            addr,
+            n1,
+            n2,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    async fn client(r: &Running, creds: &NodeCredentials) -> AuthorityClient {
+        AuthorityClient::connect(&r.addr, &creds.chain_pem, &creds.key_pem, &creds.bundle_pem)
+            .await
+            .unwrap()
+    }
+
+    /// A raw TLS connection as node `creds`, for hand-written request lines.
+    async fn raw(
+        r: &Running,
+        creds: &NodeCredentials,
+    ) -> BufReader<tokio_rustls::client::TlsStream<TcpStream>> {
+        let c = client(r, creds).await;
+        c.conn.unwrap()
+    }
+
+    async fn send_raw(
+        conn: &mut BufReader<tokio_rustls::client::TlsStream<TcpStream>>,
+        line: &[u8],
+    ) -> Option<serde_json::Value> {
+        write_line(conn, line).await.ok()?;
+        let mut buf = Vec::new();
+        match timeout(
+            Duration::from_secs(10),
+            read_line_bounded(conn, &mut buf, MAX_RESPONSE_LINE),
+        )
+        .await
+        .expect("no answer")
+        {
+            Ok(LineRead::Line) => Some(serde_json::from_slice(&buf).unwrap()),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn sign_bundle_and_revocations_over_loopback() {
+        let r = start("svc", ServeConfig::default()).await;
+        let mut c1 = client(&r, &r.n1).await;
+        assert_eq!(c1.node().node(), "n1");
+
+        let cert = c1
+            .sign(&wid("default", "sa-a"), Duration::from_secs(600))
+            .await
+            .unwrap();
+        assert_eq!(cert.identity(), &wid("default", "sa-a"));
+        let life = cert.remaining();
+        assert!(
+            life > Duration::from_secs(590) && life <= Duration::from_secs(600),
+            "{life:?}"
+        );
+        // The key stayed here: the certificate carries the key we hold.
+        assert!(cert.certified_key().keys_match().is_ok());
+
+        // Default lifetime when none is asked for: 24 h (through a raw request).
+        let mut conn = raw(&r, &r.n1).await;
+        let key = new_key().unwrap();
+        let csr = CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let req = serde_json::json!({"op":"sign","identity":"spiffe://cluster.local/ns/default/sa/sa-a","csr_pem":csr});
+        let v = send_raw(&mut conn, format!("{req}\n").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(v["ok"], true, "{v}");
+        let chain = v["cert_chain_pem"].as_str().unwrap();
+        let wc = WorkloadCert::from_pem(chain, &key.serialize_pem()).unwrap();
+        let life = wc.remaining();
+        assert!(
+            life > Duration::from_secs(24 * 3600 - 60) && life <= Duration::from_secs(24 * 3600)
+        );
+
+        // Node n1 may not obtain sa-b (it lives on n2), nor an unknown identity.
+        let err = c1
+            .sign(&wid("default", "sa-b"), Duration::from_secs(600))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, IdentityError::Refused { message } if message.contains("not authorized")),
+            "{err}"
+        );
+        assert!(c1
+            .sign(&wid("default", "nobody"), Duration::from_secs(600))
+            .await
+            .is_err());
+        // n2 may.
+        let mut c2 = client(&r, &r.n2).await;
+        c2.sign(&wid("default", "sa-b"), Duration::from_secs(600))
+            .await
+            .unwrap();
+        // Lifetime bounds are enforced by the authority.
+        let err = c1
+            .sign(&wid("default", "sa-a"), Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, IdentityError::Refused { .. }), "{err}");
+
+        assert_eq!(c1.bundle().await.unwrap(), r.ca.bundle_pem());
+        assert!(c1.revocations().await.unwrap().is_empty());
+        r.ca.revoke(cert.serial().clone()).unwrap();
+        assert_eq!(c1.revocations().await.unwrap(), vec![cert.serial().clone()]);
+        c1.trust_store()
+            .set_revoked(c1.revocations().await.unwrap());
+        assert!(c1.trust_store().is_revoked(cert.serial()));
+
+        // A revoked node certificate can no longer connect.
+        let n1_serial = CertInfo::parse(&certs_from_pem(&r.n1.chain_pem, "t").unwrap()[0])
+            .unwrap()
+            .serial;
+        r.ca.revoke(n1_serial).unwrap();
+        let mut again =
+            AuthorityClient::connect(&r.addr, &r.n1.chain_pem, &r.n1.key_pem, &r.n1.bundle_pem)
+                .await;
+        // TLS 1.3: the client may finish its handshake before the server's refusal arrives.
+        if let Ok(c) = again.as_mut() {
+            assert!(c.bundle().await.is_err());
+        }
+        r.stop().await;
+    }
+
+    #[tokio::test]
+    async fn malformed_and_oversize_lines_are_answered_not_fatal() {
+        let r = start("svc-bad", ServeConfig::default()).await;
+        let mut conn = raw(&r, &r.n1).await;
+        for bad in [
+            &b"not json"[..],
+            b"{}",
+            b"{\"op\":\"launch\"}",
+            b"{\"op\":\"sign\"}",
+            b"{\"op\":\"sign\",\"identity\":\"spiffe://cluster.local/ns/default/sa/sa-a\",\"csr_pem\":\"junk\"}",
+            b"{\"op\":\"sign\",\"identity\":\"http://x\",\"csr_pem\":\"junk\"}",
+            b"{\"op\":\"bundle\",\"extra\":1}",
+            b"\xff\xfe\x00",
+            b"",
+            b"[1,2,3]",
+            b"{\"op\":\"sign\",\"identity\":\"spiffe://cluster.local/ns/default/sa/sa-a\",\"csr_pem\":\"x\",\"lifetime_secs\":-1}",
+        ] {
+            let v = send_raw(&mut conn, &[bad, b"\n"].concat()).await.unwrap();
+            assert_eq!(v["ok"], false, "{:?} → {v}", String::from_utf8_lossy(bad));
+            assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()));
+        }
+        // The connection still works.
+        let v = send_raw(&mut conn, b"{\"op\":\"bundle\"}\n").await.unwrap();
+        assert_eq!(v["ok"], true);
+        assert_eq!(v["bundle_pem"].as_str().unwrap(), r.ca.bundle_pem());
+
+        // An oversize line: answered with an error, then the connection is closed.
+        let mut huge = vec![b'a'; 70 * 1024];
+        huge.push(b'\n');
+        let v = send_raw(&mut conn, &huge).await.unwrap();
+        assert_eq!(v["ok"], false);
+        assert!(v["error"].as_str().unwrap().contains("longer than 65536"));
+        assert!(send_raw(&mut conn, b"{\"op\":\"bundle\"}\n")
+            .await
+            .is_none());
+
+        // The service keeps serving others.
+        let mut c = client(&r, &r.n2).await;
+        c.bundle().await.unwrap();
+        r.stop().await;
+    }
+
+    #[tokio::test]
+    async fn request_count_per_connection_is_bounded() {
+        let config = ServeConfig {
+            max_requests: 3,
+            ..ServeConfig::default()
+        };
+        let r = start("svc-limit", config).await;
+        let mut conn = raw(&r, &r.n1).await;
+        for _ in 0..3 {
+            assert!(send_raw(&mut conn, b"{\"op\":\"revocations\"}\n")
+                .await
+                .is_some());
+        }
+        assert!(send_raw(&mut conn, b"{\"op\":\"revocations\"}\n")
+            .await
+            .is_none());
+        // A lazy client connects on its first request.
+        let trust = TrustStore::from_bundle_pem(td(), &r.n2.bundle_pem).unwrap();
+        let mut lazy =
+            AuthorityClient::new(&r.addr, &r.n2.chain_pem, &r.n2.key_pem, trust).unwrap();
+        assert_eq!(lazy.bundle().await.unwrap(), r.ca.bundle_pem());
+        // The client reconnects by itself when the authority closes the connection.
+        let mut c = client(&r, &r.n1).await;
+        for _ in 0..7 {
+            c.revocations().await.unwrap();
+        }
+        r.stop().await;
+    }
+
+    #[tokio::test]
+    async fn service_survives_root_rotation() {
+        let r = start("svc-rot", ServeConfig::default()).await;
+        let old = r.ca.active_root();
+        let new = r.ca.add_root().unwrap();
+        // Nodes install the two-root bundle, then issuance switches to the new root.
+        let mut c = client(&r, &r.n1).await;
+        let bundle = c.bundle().await.unwrap();
+        c.trust_store().set_bundle_pem(&bundle).unwrap();
+        r.ca.activate_root(&new).unwrap();
+        // The node (old-root certificate) still connects; the authority now presents a
+        // certificate under the new root, which the node accepts.
+        let mut c = AuthorityClient::connect(&r.addr, &r.n1.chain_pem, &r.n1.key_pem, &bundle)
+            .await
+            .unwrap();
+        let wc = c
+            .sign(&wid("default", "sa-a"), Duration::from_secs(600))
+            .await
+            .unwrap();
+        let issuing = certs_from_pem(wc.chain_pem(), "t").unwrap()[1].clone();
+        assert_eq!(
+            CertInfo::parse(&issuing).unwrap().uri_sans,
+            vec![td().uri()]
+        );
+        // Re-issue the node certificate, retire the old root: the new credentials work, the
+        // old node certificate no longer does.
+        let fresh = r.ca.node_credentials("n1").unwrap();
+        r.ca.retire_root(&old).unwrap();
+        let fresh = NodeCredentials {
+            bundle_pem: r.ca.bundle_pem(),
+            ..fresh
+        };
+        let mut c = client(&r, &fresh).await;
+        c.sign(&wid("default", "sa-a"), Duration::from_secs(600))
+            .await
+            .unwrap();
+        let stale =
+            AuthorityClient::connect(&r.addr, &r.n1.chain_pem, &r.n1.key_pem, &bundle).await;
+        if let Ok(mut s) = stale {
+            assert!(s.bundle().await.is_err());
+        }
+        r.stop().await;
+    }
+
+    #[tokio::test]
+    async fn only_node_identities_may_connect() {
+        let r = start("svc-who", ServeConfig::default()).await;
+        // A workload certificate, valid in the mesh, is not a node identity.
+        let wc =
+            r.ca.issue_workload_cert(&wid("default", "sa-a"), Duration::from_secs(600))
+                .unwrap();
+        assert!(AuthorityClient::connect(
+            &r.addr,
+            wc.chain_pem(),
+            wc.key_pem(),
+            &r.ca.bundle_pem()
+        )
+        .await
+        .is_err());
+        let ck = wc.certified_key();
+        let trust = r.ca.trust_store();
+        let verifier = SpiffeServerVerifier::for_peer(trust.clone(), PeerId::authority(&td()));
+        let cfg = tls13_client(verifier, ck, &[ALPN_AUTHORITY]).unwrap();
+        let tcp = TcpStream::connect(&r.addr).await.unwrap();
+        let name = ServerName::try_from("authority.mesh.internal").unwrap();
+        let outcome = async {
+            let tls = TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await?;
+            let mut conn = BufReader::new(tls);
+            write_line(&mut conn, b"{\"op\":\"bundle\"}\n").await?;
+            let mut buf = Vec::new();
+            match read_line_bounded(&mut conn, &mut buf, 1 << 20).await? {
+                LineRead::Line => Ok(buf),
+                _ => Err(std::io::Error::other("closed")),
+            }
+        };
+        assert!(timeout(Duration::from_secs(10), outcome)
+            .await
+            .unwrap()
+            .is_err());
+
+        // A node of another authority (other roots) is refused too.
+        let other_dir = TempDir::new("svc-who-other");
+        let other = Authority::init(&other_dir.0, td()).unwrap();
+        let stranger = other.node_credentials("n1").unwrap();
+        let attempt = AuthorityClient::connect(
+            &r.addr,
+            &stranger.chain_pem,
+            &stranger.key_pem,
+            &r.ca.bundle_pem(),
+        )
+        .await;
+        if let Ok(mut c) = attempt {
+            assert!(c.bundle().await.is_err());
+        }
+        r.stop().await;
+    }
+}

@@ -1,0 +1,14 @@
+//! The mesh node agent.
+//!
+//! One agent runs per node. It loads and attaches the kernel programs
+//! ([`bpf`]), fills the shared maps from the workload [`registry`], and
+//! proxies the connections the kernel captures ([`proxy`]). [`app`] wires it
+//! together and owns shutdown.
+#![deny(unsafe_code)]
+
+pub mod app;
+pub mod bpf;
+pub mod cgroup;
+pub mod identity;
+pub mod proxy;
+pub mod registry;

@@ -1,0 +1,320 @@
+//! HBONE: TCP tunnelled in HTTP/2 `CONNECT` streams (Istio's wire format),
+//! carried over mutual TLS between node agents on port 15008.
+//!
+//! This module is transport-agnostic (any `AsyncRead + AsyncWrite`): TLS is
+//! layered below it by the callers, so the framing is tested on its own.
+
+use std::{future::poll_fn, io, net::SocketAddr};
+
+use bytes::{Bytes, BytesMut};
+use h2::{client::SendRequest, server::SendResponse, RecvStream, SendStream};
+use http::{Method, Request, Response, StatusCode};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// The HBONE port on every node agent.
+pub const HBONE_PORT: u16 = 15008;
+/// Largest header block accepted; larger ones are refused by h2 itself.
+pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+/// Concurrent tunnels per HBONE connection (the pool's stream limit).
+pub const MAX_CONCURRENT_STREAMS: u32 = 100;
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+const CONN_WINDOW: u32 = 16 * 1024 * 1024;
+const MAX_FRAME: u32 = 256 * 1024;
+/// Read size of the byte stream side of a tunnel.
+const COPY_BUF: usize = 64 * 1024;
+
+/// Errors of the HBONE layer.
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("http/2: {0}")]
+    H2(#[from] h2::Error),
+    #[error("building request: {0}")]
+    Http(#[from] http::Error),
+    #[error("peer answered CONNECT with status {0}")]
+    Status(StatusCode),
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    #[error("tunnel closed by peer")]
+    Closed,
+}
+
+/// Client-side h2 settings for HBONE connections.
+pub fn client_builder() -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .enable_push(false);
+    b
+}
+
+/// Server-side h2 settings for HBONE connections.
+pub fn server_builder() -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_concurrent_reset_streams(64)
+        .max_pending_accept_reset_streams(64);
+    b
+}
+
+/// One tunnel: both halves of an h2 stream.
+pub struct Tunnel {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+}
+
+/// Opens a tunnel to `authority` (the original destination `ip:port`) on an
+/// established HBONE connection; waits for the peer's `200`.
+pub async fn open(
+    sender: &SendRequest<Bytes>,
+    authority: SocketAddr,
+) -> Result<Tunnel, HboneError> {
+    let mut sender = sender.clone().ready().await?;
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(authority.to_string())
+        .body(())?;
+    let (response, send) = sender.send_request(req, false)?;
+    let response = response.await?;
+    if response.status() != StatusCode::OK {
+        return Err(HboneError::Status(response.status()));
+    }
+    Ok(Tunnel {
+        send,
+        recv: response.into_body(),
+    })
+}
+
+/// What a server-side CONNECT asked for, once checked for form.
+pub struct ConnectRequest {
+    /// The original destination from `:authority`.
+    pub authority: SocketAddr,
+    pub recv: RecvStream,
+    pub respond: SendResponse<Bytes>,
+}
+
+/// Why a request is not a well-formed HBONE CONNECT.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BadRequest {
+    #[error("method {0} is not CONNECT")]
+    Method(String),
+    #[error("authority {0:?} is not ip:port")]
+    Authority(String),
+}
+
+/// Checks a request's form. On error the caller answers with
+/// [`reject`] and the status from [`BadRequest::status`].
+pub fn parse_connect(
+    req: Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+) -> Result<ConnectRequest, (BadRequest, SendResponse<Bytes>)> {
+    if req.method() != Method::CONNECT {
+        return Err((BadRequest::Method(req.method().to_string()), respond));
+    }
+    let auth = req.uri().authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
+    let authority = match auth.parse::<SocketAddr>() {
+        Ok(a) if a.port() != 0 => a,
+        _ => return Err((BadRequest::Authority(auth), respond)),
+    };
+    Ok(ConnectRequest {
+        authority,
+        recv: req.into_body(),
+        respond,
+    })
+}
+
+impl BadRequest {
+    /// The HTTP status a malformed request is answered with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Authority(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// Answers a CONNECT with an error status and ends the stream.
+pub fn reject(mut respond: SendResponse<Bytes>, status: StatusCode) {
+    if let Ok(resp) = Response::builder().status(status).body(()) {
+        let _ = respond.send_response(resp, true);
+    }
+}
+
+/// Accepts a CONNECT: answers `200` and returns the tunnel.
+pub fn accept(req: ConnectRequest) -> Result<Tunnel, HboneError> {
+    let ConnectRequest {
+        recv, mut respond, ..
+    } = req;
+    let resp = Response::builder().status(StatusCode::OK).body(())?;
+    let send = respond.send_response(resp, false)?;
+    Ok(Tunnel { send, recv })
+}
+
+/// Byte counts of a finished pump, and how it ended.
+#[derive(Debug, Default)]
+pub struct PumpResult {
+    /// Bytes read from the stream and sent into the tunnel.
+    pub to_tunnel: u64,
+    /// Bytes received from the tunnel and written to the stream.
+    pub from_tunnel: u64,
+    /// The first error, if the pump did not end by both sides closing.
+    pub error: Option<HboneError>,
+}
+
+/// Copies between a byte stream and a tunnel until both directions have
+/// ended. Half-close is carried both ways: EOF on the stream ends the h2
+/// stream (END_STREAM); END_STREAM from the peer shuts down the stream's
+/// write side. Back-pressure: data is only read from the stream once the
+/// peer's flow-control window has room, and tunnel data is only
+/// acknowledged (window released) once written.
+pub async fn pump<S>(stream: S, tunnel: Tunnel) -> PumpResult
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let Tunnel { mut send, mut recv } = tunnel;
+    let mut up_n = 0u64;
+    let mut down_n = 0u64;
+    let up = async {
+        let mut buf = BytesMut::with_capacity(COPY_BUF);
+        loop {
+            buf.reserve(COPY_BUF);
+            let n = rd.read_buf(&mut buf).await?;
+            if n == 0 {
+                send.send_data(Bytes::new(), true)?;
+                return Ok::<(), HboneError>(());
+            }
+            let mut chunk = buf.split().freeze();
+            while !chunk.is_empty() {
+                send.reserve_capacity(chunk.len());
+                let cap = match poll_fn(|cx| send.poll_capacity(cx)).await {
+                    Some(Ok(c)) => c,
+                    Some(Err(e)) => return Err(e.into()),
+                    None => return Err(HboneError::Closed),
+                };
+                if cap == 0 {
+                    continue;
+                }
+                let part = chunk.split_to(cap.min(chunk.len()));
+                send.send_data(part, false)?;
+            }
+            up_n += n as u64;
+        }
+    };
+    let down = async {
+        while let Some(data) = recv.data().await {
+            let data = data?;
+            let n = data.len();
+            wr.write_all(&data).await?;
+            let _ = recv.flow_control().release_capacity(n);
+            down_n += n as u64;
+        }
+        wr.shutdown().await?;
+        Ok::<(), HboneError>(())
+    };
+    let result = tokio::try_join!(up, down);
+    PumpResult {
+        to_tunnel: up_n,
+        from_tunnel: down_n,
+        error: result.err(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::duplex;
+
+    /// Client and server h2 over an in-memory pipe; the server echoes each
+    /// tunnel's bytes back prefixed with the authority it was asked for.
+    async fn hbone_pair() -> SendRequest<Bytes> {
+        let (c, s) = duplex(1 << 20);
+        tokio::spawn(async move {
+            let mut conn = server_builder().handshake::<_, Bytes>(s).await.unwrap();
+            while let Some(Ok((req, respond))) = conn.accept().await {
+                tokio::spawn(async move {
+                    let req = match parse_connect(req, respond) {
+                        Ok(r) => r,
+                        Err((bad, respond)) => return reject(respond, bad.status()),
+                    };
+                    let who = format!("{}|", req.authority);
+                    let tunnel = accept(req).unwrap();
+                    let (a, mut b) = duplex(1 << 16);
+                    tokio::spawn(async move {
+                        b.write_all(who.as_bytes()).await.unwrap();
+                        let mut got = Vec::new();
+                        let mut rd_buf = [0u8; 4096];
+                        loop {
+                            let n = b.read(&mut rd_buf).await.unwrap();
+                            if n == 0 {
+                                break;
+                            }
+                            got.extend_from_slice(&rd_buf[..n]);
+                        }
+                        b.write_all(&got).await.unwrap();
+                        b.shutdown().await.unwrap();
+                    });
+                    pump(a, tunnel).await;
+                });
+            }
+        });
+        let (send, conn) = client_builder().handshake(c).await.unwrap();
+        tokio::spawn(conn);
+        send
+    }
+
+    #[tokio::test]
+    async fn tunnel_carries_bytes_and_half_close() {
+        let send = hbone_pair().await;
+        let tunnel = open(&send, "10.2.0.2:8080".parse().unwrap()).await.unwrap();
+        let (mut app, proxy_side) = duplex(1 << 16);
+        let pumping = tokio::spawn(async move { pump(proxy_side, tunnel).await });
+        let payload = vec![7u8; 300_000];
+        app.write_all(&payload).await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        app.read_to_end(&mut back).await.unwrap();
+        let prefix = b"10.2.0.2:8080|";
+        assert_eq!(&back[..prefix.len()], prefix);
+        assert_eq!(&back[prefix.len()..], &payload[..]);
+        let r = pumping.await.unwrap();
+        assert!(r.error.is_none(), "{:?}", r.error);
+        assert_eq!(r.to_tunnel, payload.len() as u64);
+        assert_eq!(r.from_tunnel, (payload.len() + prefix.len()) as u64);
+    }
+
+    #[tokio::test]
+    async fn many_tunnels_share_one_connection_without_crosstalk() {
+        let send = hbone_pair().await;
+        let mut tasks = Vec::new();
+        for i in 0..50u16 {
+            let send = send.clone();
+            tasks.push(tokio::spawn(async move {
+                let dst: SocketAddr = format!("10.2.0.{}:{}", i % 5 + 2, 8000 + i).parse().unwrap();
+                let tunnel = open(&send, dst).await.unwrap();
+                let (mut app, proxy_side) = duplex(1 << 16);
+                tokio::spawn(async move { pump(proxy_side, tunnel).await });
+                let msg = format!("hello {i}");
+                app.write_all(msg.as_bytes()).await.unwrap();
+                app.shutdown().await.unwrap();
+                let mut back = String::new();
+                app.read_to_string(&mut back).await.unwrap();
+                assert_eq!(back, format!("{dst}|{msg}"));
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
+
+    #[test]
+    fn malformed_requests_are_classified() {
+        assert_eq!(BadRequest::Method("GET".into()).status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(BadRequest::Authority("x".into()).status(), StatusCode::BAD_REQUEST);
+    }
+}

@@ -1,0 +1,1185 @@
+//! The workload registry: every workload of the mesh, on every node (format
+//! in docs/CONTRACTS.md, "Workload registry").
+//!
+//! The file is parsed and validated as a whole: any problem refuses the whole
+//! registry, and every refusal names `file:line: problem` so an operator can
+//! go straight to it. The IPs of all workloads are mesh destinations; only the
+//! workloads on the local node have their cgroups resolved (and enrolled).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs, io,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+use serde_saphyr::{MessageFormatter, Spanned, UserMessageFormatter};
+use tracing::debug;
+
+use crate::cgroup::{self, CgroupError};
+
+/// Parser budget: generous enough for tens of thousands of workloads, still a
+/// bound on what a hostile file can make the agent allocate.
+const MAX_YAML_NODES: usize = 4_000_000;
+/// Parser budget: events (scalars, collection starts and ends).
+const MAX_YAML_EVENTS: usize = 16_000_000;
+
+/// The longest DNS-1123 label.
+const MAX_LABEL_LEN: usize = 63;
+/// The longest DNS-1123 subdomain (node names).
+const MAX_SUBDOMAIN_LEN: usize = 253;
+
+/// All workloads of the mesh, in file order.
+#[derive(Clone, Debug)]
+pub struct Registry {
+    /// The workloads in file order; `workloads[i].id == i + 1`. Read-only once
+    /// loaded: [`Registry::by_ip`] uses an index built by the loader.
+    pub workloads: Vec<Workload>,
+    /// IP → position in `workloads`.
+    ip_index: HashMap<IpAddr, usize>,
+}
+
+/// One workload (a pod) of the mesh.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    /// 1-based position in the file (never 0): the id the kernel maps carry.
+    pub id: u32,
+    /// The workload's name (a DNS-1123 label).
+    pub name: String,
+    /// Its namespace (a DNS-1123 label).
+    pub namespace: String,
+    /// Its service account (a DNS-1123 label): with the namespace, its identity.
+    pub service_account: String,
+    /// The node it runs on.
+    pub node: String,
+    /// Its addresses (at least one; unique across the registry).
+    pub ips: Vec<IpAddr>,
+    /// Its cgroup as written, relative to the cgroup2 mount (a leading `/`
+    /// also means relative to the mount). Required for local workloads.
+    pub cgroup: Option<PathBuf>,
+    /// The cgroup v2 id of `cgroup`, resolved only for workloads on the local node.
+    pub cgroup_id: Option<u64>,
+    /// Free-form labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Workload {
+    /// `namespace/name`, the name flow records and errors use.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The workload's SPIFFE ID: `spiffe://<trust_domain>/ns/<namespace>/sa/<service account>`.
+    pub fn spiffe_id(&self, trust_domain: &str) -> String {
+        format!(
+            "spiffe://{trust_domain}/ns/{}/sa/{}",
+            self.namespace, self.service_account
+        )
+    }
+}
+
+/// Why a registry was refused. Displays as `<file>:<line>: <problem>` (the
+/// line 1-based), except when the file cannot be read at all.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The file could not be read.
+    #[error("{}: reading the workload registry: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// Not valid YAML, or not the registry's shape: an unknown field, a
+    /// duplicate key, a value of the wrong type.
+    #[error("{}:{line}: {message} (column {column})", path.display())]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    /// Well-formed, but inconsistent or incomplete.
+    #[error("{}:{line}: {problem}", path.display())]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        /// Boxed to keep the `Result`s of the loader small.
+        #[source]
+        problem: Box<Problem>,
+    },
+}
+
+impl RegistryError {
+    /// The registry file the error is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::Io { path, .. } | Self::Syntax { path, .. } | Self::Invalid { path, .. } => path,
+        }
+    }
+
+    /// The 1-based line the error names, if it names one.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            Self::Io { .. } => None,
+            Self::Syntax { line, .. } | Self::Invalid { line, .. } => Some(*line),
+        }
+    }
+
+    /// What is wrong, for a well-formed but invalid registry.
+    pub fn problem(&self) -> Option<&Problem> {
+        match self {
+            Self::Invalid { problem, .. } => Some(problem),
+            Self::Io { .. } | Self::Syntax { .. } => None,
+        }
+    }
+}
+
+/// What is wrong with a well-formed registry. Workloads are named
+/// `namespace/name`, or `#<position>` while their name is not yet known valid.
+#[derive(Debug, thiserror::Error)]
+pub enum Problem {
+    /// A required field is absent or null.
+    #[error("workload {workload}: missing required field `{field}`")]
+    MissingField {
+        workload: String,
+        field: &'static str,
+    },
+    /// `name`, `namespace` or `serviceAccount` is not a DNS-1123 label.
+    #[error(
+        "workload {workload}: {field} {value:?} is not a DNS-1123 label (1-63 lowercase \
+         letters, digits or '-', starting and ending with a letter or digit)"
+    )]
+    InvalidName {
+        workload: String,
+        field: &'static str,
+        value: String,
+    },
+    /// `node` is not a DNS-1123 subdomain.
+    #[error(
+        "workload {workload}: node {value:?} is not a valid node name (a DNS-1123 subdomain: \
+         lowercase letters, digits, '-' and '.', at most 253)"
+    )]
+    InvalidNode { workload: String, value: String },
+    /// An entry of `ips` is not an IP address.
+    #[error("workload {workload}: {value:?} is not an IP address")]
+    InvalidIp { workload: String, value: String },
+    /// An entry of `ips` is an address no workload can have.
+    #[error("workload {workload}: {ip} cannot be a workload address ({reason})")]
+    UnusableIp {
+        workload: String,
+        ip: IpAddr,
+        reason: &'static str,
+    },
+    /// `ips` is empty.
+    #[error("workload {workload} has no IPs (`ips` needs at least one)")]
+    NoIps { workload: String },
+    /// An IP is listed twice (by two workloads, or twice by one).
+    #[error(
+        "IP {ip} of workload {second} is already used by workload {first} (line {first_line})"
+    )]
+    DuplicateIp {
+        ip: IpAddr,
+        first: String,
+        first_line: usize,
+        second: String,
+    },
+    /// The same `namespace/name` is listed twice.
+    #[error("workload {workload} is listed twice (first on line {first_line})")]
+    DuplicateWorkload { workload: String, first_line: usize },
+    /// A workload of the local node has no `cgroup` to enrol.
+    #[error("workload {workload} runs on this node ({node}) but has no `cgroup` field")]
+    MissingCgroup { workload: String, node: String },
+    /// The `cgroup` is unusable: it escapes the cgroup2 mount, or (for a
+    /// local workload) it does not exist or is not a directory.
+    #[error("workload {workload}: cgroup {}: {source}", cgroup.display())]
+    Cgroup {
+        workload: String,
+        cgroup: PathBuf,
+        #[source]
+        source: CgroupError,
+    },
+    /// Two local workloads resolve to the same cgroup.
+    #[error(
+        "workload {second}: cgroup {} is already the cgroup of workload {first} (line {first_line})",
+        cgroup.display()
+    )]
+    DuplicateCgroup {
+        cgroup: PathBuf,
+        first: String,
+        first_line: usize,
+        second: String,
+    },
+    /// More workloads than ids.
+    #[error("too many workloads (at most {max})")]
+    TooMany { max: u32 },
+}
+
+/// The file as written: every value spanned so errors can name its line.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    workloads: Vec<Spanned<RawWorkload>>,
+}
+
+/// One workload as written. Required fields are `Option`s so that a missing
+/// one is reported with the workload's line rather than the end of its map.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawWorkload {
+    name: Option<Spanned<String>>,
+    namespace: Option<Spanned<String>>,
+    service_account: Option<Spanned<String>>,
+    node: Option<Spanned<String>>,
+    ips: Option<Spanned<Vec<Spanned<String>>>>,
+    cgroup: Option<Spanned<String>>,
+    labels: Option<BTreeMap<String, String>>,
+}
+
+impl Registry {
+    /// Reads, parses and validates the registry at `path`. The cgroups of
+    /// the workloads on `local_node` are resolved under the cgroup2 mount
+    /// `cgroup_root`.
+    pub fn load(path: &Path, local_node: &str, cgroup_root: &Path) -> Result<Self, RegistryError> {
+        let text = fs::read_to_string(path).map_err(|source| RegistryError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path, local_node, cgroup_root)
+    }
+
+    /// Parses and validates registry `text`; `path` only names the file in
+    /// errors. See [`Registry::load`].
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        local_node: &str,
+        cgroup_root: &Path,
+    ) -> Result<Self, RegistryError> {
+        let options = serde_saphyr::options! {
+            budget: serde_saphyr::budget! {
+                max_nodes: MAX_YAML_NODES,
+                max_events: MAX_YAML_EVENTS,
+            },
+        };
+        let raw: RawRegistry = serde_saphyr::from_str_with_options(text, options)
+            .map_err(|e| syntax_error(path, &e))?;
+        Validator {
+            path,
+            local_node,
+            cgroup_root,
+            ip_lines: HashMap::new(),
+            key_lines: HashMap::new(),
+            cgroup_lines: HashMap::new(),
+            workloads: Vec::with_capacity(raw.workloads.len()),
+        }
+        .run(raw)
+    }
+
+    /// The workloads on `node`.
+    pub fn local<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
+        self.workloads.iter().filter(move |w| w.node == node)
+    }
+
+    /// The workload with id `id` (its 1-based position in the file).
+    pub fn by_id(&self, id: u32) -> Option<&Workload> {
+        let index = usize::try_from(id).ok()?.checked_sub(1)?;
+        self.workloads
+            .get(index)
+            .filter(|w| w.id == id)
+            .or_else(|| self.workloads.iter().find(|w| w.id == id))
+    }
+
+    /// The workload that has address `ip` (IPv4-mapped IPv6 addresses are
+    /// looked up as IPv4).
+    pub fn by_ip(&self, ip: IpAddr) -> Option<&Workload> {
+        let ip = ip.to_canonical();
+        self.ip_index
+            .get(&ip)
+            .and_then(|&i| self.workloads.get(i))
+            .filter(|w| w.ips.contains(&ip))
+    }
+}
+
+/// A serde-saphyr error as [`RegistryError::Syntax`].
+fn syntax_error(path: &Path, e: &serde_saphyr::Error) -> RegistryError {
+    let (line, column) = e
+        .location()
+        .map(|l| (to_line(l.line()), to_line(l.column())))
+        .unwrap_or((0, 0));
+    let message = UserMessageFormatter.format_message(e.without_snippet());
+    // The text may quote the input: keep control characters out of logs.
+    let message = if message.chars().any(char::is_control) {
+        message.escape_debug().to_string()
+    } else {
+        message.into_owned()
+    };
+    RegistryError::Syntax {
+        path: path.to_owned(),
+        // Errors without a location are about the document as a whole.
+        line: line.max(1),
+        column: column.max(1),
+        message,
+    }
+}
+
+/// A parser line or column as `usize` (0 when unknown).
+fn to_line(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// The line of a spanned value, or `fallback` if the parser did not record one.
+fn line_of<T>(v: &Spanned<T>, fallback: usize) -> usize {
+    match to_line(v.referenced.line()) {
+        0 => fallback,
+        l => l,
+    }
+}
+
+/// Validation state: what has been seen so far, and where.
+struct Validator<'a> {
+    path: &'a Path,
+    local_node: &'a str,
+    cgroup_root: &'a Path,
+    /// IP → (workload key, line of the IP).
+    ip_lines: HashMap<IpAddr, (String, usize)>,
+    /// `namespace/name` → line of the workload.
+    key_lines: HashMap<String, usize>,
+    /// Resolved cgroup id → (workload key, line of its `cgroup`).
+    cgroup_lines: HashMap<u64, (String, usize)>,
+    workloads: Vec<Workload>,
+}
+
+impl Validator<'_> {
+    fn run(mut self, raw: RawRegistry) -> Result<Registry, RegistryError> {
+        for entry in raw.workloads {
+            let line = line_of(&entry, 1);
+            let workload = self.workload(entry.value, line)?;
+            self.workloads.push(workload);
+        }
+        let ip_index = self
+            .workloads
+            .iter()
+            .enumerate()
+            .flat_map(|(i, w)| w.ips.iter().map(move |ip| (*ip, i)))
+            .collect();
+        debug!(
+            registry = %self.path.display(),
+            workloads = self.workloads.len(),
+            "workload registry validated"
+        );
+        Ok(Registry {
+            workloads: self.workloads,
+            ip_index,
+        })
+    }
+
+    fn invalid(&self, line: usize, problem: Problem) -> RegistryError {
+        RegistryError::Invalid {
+            path: self.path.to_owned(),
+            line,
+            problem: Box::new(problem),
+        }
+    }
+
+    /// Validates one workload that starts on `line`.
+    fn workload(&mut self, raw: RawWorkload, line: usize) -> Result<Workload, RegistryError> {
+        let position = self.workloads.len() + 1;
+        let id = u32::try_from(position)
+            .map_err(|_| self.invalid(line, Problem::TooMany { max: u32::MAX }))?;
+        let provisional = format!("#{position}");
+
+        let required = |field: &'static str, v: Option<Spanned<String>>| {
+            v.ok_or_else(|| {
+                self.invalid(
+                    line,
+                    Problem::MissingField {
+                        workload: provisional.clone(),
+                        field,
+                    },
+                )
+            })
+        };
+        let name = required("name", raw.name)?;
+        let namespace = required("namespace", raw.namespace)?;
+        let service_account = required("serviceAccount", raw.service_account)?;
+        let node = required("node", raw.node)?;
+        let ips = raw.ips.ok_or_else(|| {
+            self.invalid(
+                line,
+                Problem::MissingField {
+                    workload: provisional.clone(),
+                    field: "ips",
+                },
+            )
+        })?;
+
+        for (field, v) in [("namespace", &namespace), ("name", &name)] {
+            if !is_dns_label(&v.value) {
+                return Err(self.invalid(
+                    line_of(v, line),
+                    Problem::InvalidName {
+                        workload: provisional,
+                        field,
+                        value: v.value.clone(),
+                    },
+                ));
+            }
+        }
+        let key = format!("{}/{}", namespace.value, name.value);
+        if let Some(&first_line) = self.key_lines.get(&key) {
+            return Err(self.invalid(
+                line,
+                Problem::DuplicateWorkload {
+                    workload: key,
+                    first_line,
+                },
+            ));
+        }
+        self.key_lines.insert(key.clone(), line);
+        if !is_dns_label(&service_account.value) {
+            return Err(self.invalid(
+                line_of(&service_account, line),
+                Problem::InvalidName {
+                    workload: key,
+                    field: "serviceAccount",
+                    value: service_account.value,
+                },
+            ));
+        }
+        if !is_dns_subdomain(&node.value) {
+            return Err(self.invalid(
+                line_of(&node, line),
+                Problem::InvalidNode {
+                    workload: key,
+                    value: node.value,
+                },
+            ));
+        }
+
+        let ips_line = line_of(&ips, line);
+        let ips = self.ips(&key, ips.value, ips_line)?;
+
+        let is_local = node.value == self.local_node;
+        let (cgroup, cgroup_id) = match raw.cgroup {
+            None if is_local => {
+                return Err(self.invalid(
+                    line,
+                    Problem::MissingCgroup {
+                        workload: key,
+                        node: node.value,
+                    },
+                ));
+            }
+            None => (None, None),
+            Some(cg) => {
+                let cg_line = line_of(&cg, line);
+                let rel = PathBuf::from(cg.value);
+                let id = self.cgroup(&key, &rel, cg_line, is_local)?;
+                (Some(rel), id)
+            }
+        };
+
+        Ok(Workload {
+            id,
+            name: name.value,
+            namespace: namespace.value,
+            service_account: service_account.value,
+            node: node.value,
+            ips,
+            cgroup,
+            cgroup_id,
+            labels: raw.labels.unwrap_or_default(),
+        })
+    }
+
+    /// Parses and checks the IPs of workload `key`; `ips_line` is the line of
+    /// the list itself.
+    fn ips(
+        &mut self,
+        key: &str,
+        raw: Vec<Spanned<String>>,
+        ips_line: usize,
+    ) -> Result<Vec<IpAddr>, RegistryError> {
+        if raw.is_empty() {
+            return Err(self.invalid(
+                ips_line,
+                Problem::NoIps {
+                    workload: key.to_owned(),
+                },
+            ));
+        }
+        let mut ips = Vec::with_capacity(raw.len());
+        for v in raw {
+            let line = line_of(&v, ips_line);
+            let ip: IpAddr = v.value.trim().parse().map_err(|_| {
+                self.invalid(
+                    line,
+                    Problem::InvalidIp {
+                        workload: key.to_owned(),
+                        value: v.value.clone(),
+                    },
+                )
+            })?;
+            if let Some(reason) = unusable(ip) {
+                return Err(self.invalid(
+                    line,
+                    Problem::UnusableIp {
+                        workload: key.to_owned(),
+                        ip,
+                        reason,
+                    },
+                ));
+            }
+            if let Some((first, first_line)) = self.ip_lines.get(&ip) {
+                return Err(self.invalid(
+                    line,
+                    Problem::DuplicateIp {
+                        ip,
+                        first: first.clone(),
+                        first_line: *first_line,
+                        second: key.to_owned(),
+                    },
+                ));
+            }
+            self.ip_lines.insert(ip, (key.to_owned(), line));
+            ips.push(ip);
+        }
+        Ok(ips)
+    }
+
+    /// Checks the cgroup `rel` of workload `key` (on `line`); for a local
+    /// workload resolves it and returns its cgroup id.
+    fn cgroup(
+        &mut self,
+        key: &str,
+        rel: &Path,
+        line: usize,
+        is_local: bool,
+    ) -> Result<Option<u64>, RegistryError> {
+        let cgroup_problem = |source: CgroupError| Problem::Cgroup {
+            workload: key.to_owned(),
+            cgroup: rel.to_owned(),
+            source,
+        };
+        // Lexically for every workload, so every node refuses the same file.
+        cgroup::normalize(self.cgroup_root, rel)
+            .map_err(|e| self.invalid(line, cgroup_problem(e)))?;
+        if !is_local {
+            return Ok(None);
+        }
+        let dir = cgroup::resolve(self.cgroup_root, rel)
+            .map_err(|e| self.invalid(line, cgroup_problem(e)))?;
+        let id = cgroup::cgroup_id(&dir).map_err(|e| self.invalid(line, cgroup_problem(e)))?;
+        if let Some((first, first_line)) = self.cgroup_lines.get(&id) {
+            return Err(self.invalid(
+                line,
+                Problem::DuplicateCgroup {
+                    cgroup: rel.to_owned(),
+                    first: first.clone(),
+                    first_line: *first_line,
+                    second: key.to_owned(),
+                },
+            ));
+        }
+        self.cgroup_lines.insert(id, (key.to_owned(), line));
+        debug!(workload = key, cgroup = %dir.display(), cgroup_id = id, "resolved workload cgroup");
+        Ok(Some(id))
+    }
+}
+
+/// Why `ip` cannot be a workload's address, if it cannot.
+fn unusable(ip: IpAddr) -> Option<&'static str> {
+    if ip.is_unspecified() {
+        return Some("unspecified address");
+    }
+    if ip.is_loopback() {
+        return Some("loopback address");
+    }
+    if ip.is_multicast() {
+        return Some("multicast address");
+    }
+    match ip {
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("broadcast address"),
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => {
+            Some("IPv4-mapped IPv6 address; write it as IPv4")
+        }
+        _ => None,
+    }
+}
+
+/// A DNS-1123 label: 1-63 of `[a-z0-9-]`, starting and ending alphanumeric.
+fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= MAX_LABEL_LEN
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.first().is_some_and(u8::is_ascii_alphanumeric)
+        && b.last().is_some_and(u8::is_ascii_alphanumeric)
+}
+
+/// A DNS-1123 subdomain: dot-separated labels, at most 253 characters.
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_SUBDOMAIN_LEN && s.split('.').all(is_dns_label)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+    use crate::cgroup::tests::TempDir;
+
+    const FILE: &str = "/etc/mesh/registry.yaml";
+
+    /// A cgroup root with the cgroups of a1 and a2 (node n1).
+    fn root() -> TempDir {
+        let root = TempDir::new("registry");
+        root.mkdir("mesh/n1/pods/a1");
+        root.mkdir("mesh/n1/pods/a2");
+        root
+    }
+
+    fn parse(text: &str, root: &TempDir) -> Result<Registry, RegistryError> {
+        Registry::parse(text, Path::new(FILE), "n1", &root.0)
+    }
+
+    /// Parses `text`, expects an `Invalid` error on `line`, returns its problem.
+    fn invalid(text: &str, root: &TempDir, line: usize) -> Problem {
+        match parse(text, root) {
+            Err(RegistryError::Invalid {
+                path,
+                line: l,
+                problem,
+            }) => {
+                assert_eq!(path, Path::new(FILE));
+                assert_eq!(l, line, "wrong line for: {problem}");
+                *problem
+            }
+            other => panic!("expected an Invalid error on line {line}, got {other:?}"),
+        }
+    }
+
+    /// Parses `text`, expects a `Syntax` error on `line`, returns its message.
+    fn syntax(text: &str, root: &TempDir, line: usize) -> String {
+        match parse(text, root) {
+            Err(e @ RegistryError::Syntax { .. }) => {
+                assert_eq!(e.line(), Some(line), "wrong line: {e}");
+                assert!(
+                    e.to_string().starts_with(&format!("{FILE}:{line}: ")),
+                    "{e}"
+                );
+                e.to_string()
+            }
+            other => panic!("expected a Syntax error on line {line}, got {other:?}"),
+        }
+    }
+
+    const VALID: &str = r#"# the test mesh
+workloads:
+  - name: a1
+    namespace: default
+    serviceAccount: sa-a
+    node: n1
+    ips: ["10.1.0.2", "fd00:1::2"]
+    cgroup: mesh/n1/pods/a1
+    labels: {app: a, version: 1}
+  - name: a2
+    namespace: default
+    serviceAccount: sa-a
+    node: n1
+    ips:
+      - 10.1.0.3
+    cgroup: /mesh/n1/pods/a2
+  - name: b1
+    namespace: other
+    serviceAccount: sa-b
+    node: n2
+    ips: ["10.2.0.2"]
+    cgroup: mesh/n2/pods/b1
+  - name: c1
+    namespace: other
+    serviceAccount: sa-c
+    node: node-3.example
+    ips: ["10.3.0.2"]
+"#;
+
+    #[test]
+    fn valid_registry() {
+        let root = root();
+        let r = parse(VALID, &root).unwrap();
+        assert_eq!(r.workloads.len(), 4);
+
+        let a1 = &r.workloads[0];
+        assert_eq!(a1.id, 1);
+        assert_eq!(a1.key(), "default/a1");
+        assert_eq!(a1.service_account, "sa-a");
+        assert_eq!(
+            a1.spiffe_id("mesh.local"),
+            "spiffe://mesh.local/ns/default/sa/sa-a"
+        );
+        assert_eq!(
+            a1.ips,
+            vec![
+                "10.1.0.2".parse::<IpAddr>().unwrap(),
+                "fd00:1::2".parse().unwrap()
+            ]
+        );
+        assert_eq!(a1.cgroup.as_deref(), Some(Path::new("mesh/n1/pods/a1")));
+        let ino = fs::metadata(root.0.join("mesh/n1/pods/a1")).unwrap().ino();
+        assert_eq!(a1.cgroup_id, Some(ino));
+        assert_eq!(
+            a1.labels,
+            BTreeMap::from([("app".into(), "a".into()), ("version".into(), "1".into())])
+        );
+
+        let a2 = &r.workloads[1];
+        assert_eq!(a2.id, 2);
+        assert_eq!(a2.cgroup.as_deref(), Some(Path::new("/mesh/n1/pods/a2")));
+        let ino = fs::metadata(root.0.join("mesh/n1/pods/a2")).unwrap().ino();
+        assert_eq!(a2.cgroup_id, Some(ino));
+        assert!(a2.labels.is_empty());
+
+        // Other nodes' cgroups are neither required nor resolved.
+        let b1 = &r.workloads[2];
+        assert_eq!((b1.id, b1.node.as_str()), (3, "n2"));
+        assert_eq!(b1.cgroup.as_deref(), Some(Path::new("mesh/n2/pods/b1")));
+        assert_eq!(b1.cgroup_id, None);
+        let c1 = &r.workloads[3];
+        assert_eq!((c1.id, c1.cgroup.as_ref(), c1.cgroup_id), (4, None, None));
+
+        let local: Vec<u32> = r.local("n1").map(|w| w.id).collect();
+        assert_eq!(local, vec![1, 2]);
+        assert_eq!(r.local("n2").count(), 1);
+        assert_eq!(r.local("nowhere").count(), 0);
+
+        assert_eq!(r.by_id(3).map(Workload::key).as_deref(), Some("other/b1"));
+        assert!(r.by_id(0).is_none());
+        assert!(r.by_id(5).is_none());
+
+        let key = |ip: &str| r.by_ip(ip.parse().unwrap()).map(Workload::key);
+        assert_eq!(key("10.1.0.3").as_deref(), Some("default/a2"));
+        assert_eq!(key("fd00:1::2").as_deref(), Some("default/a1"));
+        assert_eq!(key("::ffff:10.2.0.2").as_deref(), Some("other/b1"));
+        assert_eq!(key("10.9.9.9"), None);
+    }
+
+    #[test]
+    fn cgroup_as_absolute_path_inside_the_mount() {
+        let root = root();
+        let abs = root.0.join("mesh/n1/pods/a1");
+        let text = format!(
+            "workloads:\n  - name: a1\n    namespace: default\n    serviceAccount: sa\n    \
+             node: n1\n    ips: [\"10.1.0.2\"]\n    cgroup: {}\n",
+            abs.display()
+        );
+        let r = parse(&text, &root).unwrap();
+        assert_eq!(
+            r.workloads[0].cgroup_id,
+            Some(fs::metadata(&abs).unwrap().ino())
+        );
+    }
+
+    #[test]
+    fn empty_registry_is_valid() {
+        let root = root();
+        assert!(parse("workloads: []\n", &root)
+            .unwrap()
+            .workloads
+            .is_empty());
+    }
+
+    #[test]
+    fn load_reads_the_file_and_names_it() {
+        let root = root();
+        let file = root.0.join("registry.yaml");
+        fs::write(&file, VALID).unwrap();
+        let r = Registry::load(&file, "n1", &root.0).unwrap();
+        assert_eq!(r.workloads.len(), 4);
+
+        fs::write(&file, "workloads:\n  - name: a1\n    colour: blue\n").unwrap();
+        let e = Registry::load(&file, "n1", &root.0).unwrap_err();
+        assert_eq!(e.path(), file);
+        assert!(
+            e.to_string()
+                .starts_with(&format!("{}:3: ", file.display())),
+            "{e}"
+        );
+
+        let absent = root.0.join("absent.yaml");
+        let e = Registry::load(&absent, "n1", &root.0).unwrap_err();
+        assert!(matches!(&e, RegistryError::Io { path, .. } if *path == absent));
+        assert_eq!(e.line(), None);
+        assert!(
+            e.to_string()
+                .starts_with(&format!("{}: ", absent.display())),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn yaml_syntax_errors() {
+        let root = root();
+        syntax(
+            "workloads:\n  - name: a1\n    ips: [\"10.1.0.2\"\n",
+            &root,
+            3,
+        );
+        syntax("workloads:\n  - name: a1\n    namespace: a: b\n", &root, 3);
+        syntax("workloads:\n  - name: a1\n    name: a2\n", &root, 3);
+        syntax("workloads:\n  - name: a1\n    labels: {a: [1]}\n", &root, 3);
+        syntax("workloads:\n  - name: a1\n    ips: 10.1.0.2\n", &root, 3);
+        syntax("", &root, 1);
+        // The second document starts on line 3.
+        syntax("workloads: []\n---\nworkloads: []\n", &root, 3);
+    }
+
+    #[test]
+    fn unknown_fields() {
+        let root = root();
+        let text = "workloads:\n  - name: a1\n    namespace: default\n    colour: blue\n";
+        let msg = syntax(text, &root, 4);
+        assert!(msg.contains("unknown field `colour`"), "{msg}");
+        let msg = syntax("# c\nworkload: []\n", &root, 2);
+        assert!(msg.contains("unknown field `workload`"), "{msg}");
+        // Field names are camelCase: the snake_case spelling is unknown.
+        let msg = syntax("workloads:\n  - service_account: sa\n", &root, 2);
+        assert!(msg.contains("service_account"), "{msg}");
+    }
+
+    /// The valid a1 entry (lines 2-7) with `field` replaced by `replacement`
+    /// (dropped if empty), after a `workloads:` line.
+    fn a1_with(field: &str, replacement: &str) -> String {
+        let mut text = String::from("workloads:\n");
+        for line in [
+            "  - name: a1",
+            "    namespace: default",
+            "    serviceAccount: sa-a",
+            "    node: n1",
+            "    ips: [\"10.1.0.2\"]",
+            "    cgroup: mesh/n1/pods/a1",
+        ] {
+            let key = line
+                .trim_start_matches([' ', '-'])
+                .split(':')
+                .next()
+                .unwrap_or("");
+            let l = if key == field { replacement } else { line };
+            if !l.is_empty() {
+                text.push_str(l);
+                text.push('\n');
+            }
+        }
+        text
+    }
+
+    #[test]
+    fn missing_required_fields() {
+        let root = root();
+        // A valid first workload, then the defective one from line 7.
+        let first =
+            "workloads:\n  - name: a0\n    namespace: default\n    serviceAccount: sa\n    \
+                     node: n2\n    ips: [\"10.0.0.9\"]\n";
+        for field in ["namespace", "serviceAccount", "node", "ips"] {
+            let second = a1_with(field, "").replace("workloads:\n", "");
+            let text = format!("{first}{second}");
+            match invalid(&text, &root, 7) {
+                Problem::MissingField { workload, field: f } => {
+                    assert_eq!((workload.as_str(), f), ("#2", field));
+                }
+                p => panic!("{field}: {p}"),
+            }
+        }
+        // Without `name` the entry starts on the `namespace` line.
+        let text =
+            a1_with("name", "  - namespace: default").replace("    namespace: default\n", "");
+        assert!(matches!(
+            invalid(&text, &root, 2),
+            Problem::MissingField { field: "name", .. }
+        ));
+        // Null counts as missing.
+        let text = a1_with("node", "    node:");
+        assert!(matches!(
+            invalid(&text, &root, 2),
+            Problem::MissingField { field: "node", .. }
+        ));
+    }
+
+    #[test]
+    fn invalid_names() {
+        let root = root();
+        let cases: &[(&str, &str, usize, &str)] = &[
+            ("name", "  - name: A1", 2, "name"),
+            ("name", "  - name: \"\"", 2, "name"),
+            ("name", "  - name: a1-", 2, "name"),
+            ("namespace", "    namespace: -default", 3, "namespace"),
+            ("namespace", "    namespace: my_ns", 3, "namespace"),
+            (
+                "serviceAccount",
+                "    serviceAccount: sa.a",
+                4,
+                "serviceAccount",
+            ),
+            (
+                "serviceAccount",
+                "    serviceAccount: \"sa a\"",
+                4,
+                "serviceAccount",
+            ),
+        ];
+        for &(field, line_text, line, want) in cases {
+            let text = a1_with(field, line_text);
+            match invalid(&text, &root, line) {
+                Problem::InvalidName { field, .. } => assert_eq!(field, want, "{line_text}"),
+                p => panic!("{line_text}: {p}"),
+            }
+        }
+        let long = format!("  - name: {}", "a".repeat(64));
+        assert!(matches!(
+            invalid(&a1_with("name", &long), &root, 2),
+            Problem::InvalidName { field: "name", .. }
+        ));
+        let ok = format!("  - name: {}", "a".repeat(63));
+        assert!(parse(&a1_with("name", &ok), &root).is_ok());
+
+        let text = a1_with("node", "    node: N1");
+        assert!(matches!(
+            invalid(&text, &root, 5),
+            Problem::InvalidNode { .. }
+        ));
+    }
+
+    #[test]
+    fn invalid_ips() {
+        let root = root();
+        let text = a1_with("ips", "    ips:\n      - 10.1.0.2\n      - 10.1.0.300");
+        match invalid(&text, &root, 8) {
+            Problem::InvalidIp { workload, value } => {
+                assert_eq!(
+                    (workload.as_str(), value.as_str()),
+                    ("default/a1", "10.1.0.300")
+                );
+            }
+            p => panic!("{p}"),
+        }
+        for bad in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "::1",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::ffff:10.1.0.2",
+        ] {
+            let text = a1_with("ips", &format!("    ips: [\"{bad}\"]"));
+            assert!(
+                matches!(invalid(&text, &root, 6), Problem::UnusableIp { .. }),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn workload_without_ips() {
+        let root = root();
+        let text = a1_with("ips", "    ips: []");
+        match invalid(&text, &root, 6) {
+            Problem::NoIps { workload } => assert_eq!(workload, "default/a1"),
+            p => panic!("{p}"),
+        }
+    }
+
+    #[test]
+    fn duplicate_ip_names_both_workloads_and_the_second_line() {
+        let root = root();
+        let text = VALID.replace("ips: [\"10.2.0.2\"]", "ips: [\"10.2.0.2\", \"fd00:1::2\"]");
+        let e = parse(&text, &root).unwrap_err();
+        assert_eq!(e.line(), Some(21));
+        match e.problem() {
+            Some(Problem::DuplicateIp {
+                ip,
+                first,
+                first_line,
+                second,
+            }) => {
+                assert_eq!(*ip, "fd00:1::2".parse::<IpAddr>().unwrap());
+                assert_eq!((first.as_str(), *first_line), ("default/a1", 7));
+                assert_eq!(second, "other/b1");
+            }
+            _ => panic!("{e}"),
+        }
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{FILE}:21: IP fd00:1::2 of workload other/b1 is already used by workload \
+                 default/a1 (line 7)"
+            )
+        );
+
+        // Twice in the same workload.
+        let text = a1_with("ips", "    ips:\n      - 10.1.0.2\n      - 10.1.0.2");
+        assert!(matches!(
+            invalid(&text, &root, 8),
+            Problem::DuplicateIp { .. }
+        ));
+    }
+
+    #[test]
+    fn duplicate_workload() {
+        let root = root();
+        let text = VALID.replace("  - name: a2\n", "  - name: a1\n");
+        match invalid(&text, &root, 10) {
+            Problem::DuplicateWorkload {
+                workload,
+                first_line,
+            } => assert_eq!((workload.as_str(), first_line), ("default/a1", 3)),
+            p => panic!("{p}"),
+        }
+        // The same name in another namespace is a different workload.
+        let text = VALID.replace("  - name: b1\n", "  - name: a1\n");
+        assert!(parse(&text, &root).is_ok());
+    }
+
+    #[test]
+    fn local_workload_without_cgroup() {
+        let root = root();
+        let text = VALID.replace("    cgroup: /mesh/n1/pods/a2\n", "");
+        match invalid(&text, &root, 10) {
+            Problem::MissingCgroup { workload, node } => {
+                assert_eq!((workload.as_str(), node.as_str()), ("default/a2", "n1"));
+            }
+            p => panic!("{p}"),
+        }
+        // The same registry is fine on n2, where a2 is remote.
+        let r = Registry::parse(&text, Path::new(FILE), "n2", &root.0);
+        assert!(r.is_err(), "b1's cgroup does not exist under this root");
+        root.mkdir("mesh/n2/pods/b1");
+        let r = Registry::parse(&text, Path::new(FILE), "n2", &root.0).unwrap();
+        assert_eq!(r.local("n2").filter_map(|w| w.cgroup_id).count(), 1);
+    }
+
+    #[test]
+    fn local_cgroup_that_does_not_exist() {
+        let root = root();
+        let text = VALID.replace(
+            "cgroup: /mesh/n1/pods/a2",
+            "cgroup: mesh/n1/pods/a2-does-not-exist",
+        );
+        let e = parse(&text, &root).unwrap_err();
+        assert_eq!(e.line(), Some(16));
+        assert!(matches!(
+            e.problem(),
+            Some(Problem::Cgroup {
+                source: CgroupError::NotFound { .. },
+                ..
+            })
+        ));
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with(&format!("{FILE}:16: workload default/a2: cgroup ")),
+            "{msg}"
+        );
+        assert!(msg.contains("a2-does-not-exist"), "{msg}");
+
+        // A file is not a cgroup.
+        fs::write(root.0.join("mesh/n1/pods/file"), b"").unwrap();
+        let text = VALID.replace("cgroup: /mesh/n1/pods/a2", "cgroup: mesh/n1/pods/file");
+        let e = parse(&text, &root).unwrap_err();
+        assert_eq!(e.line(), Some(16));
+        assert!(e.to_string().contains("not a directory"), "{e}");
+    }
+
+    #[test]
+    fn cgroup_escaping_the_root() {
+        let root = root();
+        for cg in ["../../etc", "/../etc", "mesh/../../etc", "/"] {
+            let text = VALID.replace("cgroup: /mesh/n1/pods/a2", &format!("cgroup: {cg}"));
+            assert!(
+                matches!(
+                    invalid(&text, &root, 16),
+                    Problem::Cgroup {
+                        source: CgroupError::Escapes { .. } | CgroupError::RootCgroup { .. },
+                        ..
+                    }
+                ),
+                "{cg}"
+            );
+        }
+        // Refused for a remote workload too, so every node refuses the file.
+        let text = VALID.replace("cgroup: mesh/n2/pods/b1", "cgroup: mesh/../../b1");
+        assert!(matches!(
+            invalid(&text, &root, 22),
+            Problem::Cgroup {
+                source: CgroupError::Escapes { .. },
+                ..
+            }
+        ));
+        // A symbolic link out of the root.
+        let outside = TempDir::new("registry-outside");
+        std::os::unix::fs::symlink(&outside.0, root.0.join("mesh/n1/pods/link")).unwrap();
+        let text = VALID.replace("cgroup: /mesh/n1/pods/a2", "cgroup: mesh/n1/pods/link");
+        assert!(matches!(
+            invalid(&text, &root, 16),
+            Problem::Cgroup {
+                source: CgroupError::Escapes { .. },
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn two_local_workloads_in_one_cgroup() {
+        let root = root();
+        let text = VALID.replace("cgroup: /mesh/n1/pods/a2", "cgroup: mesh/./n1/pods/a1");
+        match invalid(&text, &root, 16) {
+            Problem::DuplicateCgroup {
+                first,
+                first_line,
+                second,
+                ..
+            } => assert_eq!(
+                (first.as_str(), first_line, second.as_str()),
+                ("default/a1", 8, "default/a2")
+            ),
+            p => panic!("{p}"),
+        }
+    }
+
+    #[test]
+    fn display_is_file_line_problem() {
+        let root = root();
+        let text = a1_with("ips", "    ips: []");
+        let e = parse(&text, &root).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("{FILE}:6: workload default/a1 has no IPs (`ips` needs at least one)")
+        );
+        let e = parse("workloads:\n  - name: a1\n    colour: blue\n", &root).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with(&format!("{FILE}:3: unknown field `colour`")),
+            "{msg}"
+        );
+        assert!(msg.ends_with("(column 5)"), "{msg}");
+        let e = parse(&a1_with("cgroup", ""), &root).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{FILE}:2: workload default/a1 runs on this node (n1) but has no `cgroup` field"
+            )
+        );
+    }
+
+    #[test]
+    fn names_are_dns_labels() {
+        for ok in ["a", "a1", "sa-a", "0", "a-b-c", &"x".repeat(63)] {
+            assert!(is_dns_label(ok), "{ok}");
+        }
+        for bad in ["", "A", "a_b", "-a", "a-", "a.b", "é", &"x".repeat(64)] {
+            assert!(!is_dns_label(bad), "{bad}");
+        }
+        assert!(is_dns_subdomain("node-1.example.com"));
+        assert!(!is_dns_subdomain("node..x"));
+        assert!(!is_dns_subdomain(".x"));
+    }
+}

@@ -1,0 +1,255 @@
+//! `mesh-testpod`: the process the harness runs inside pods.
+//!
+//! - `serve --listen ADDR:PORT [--listen …] --name POD`: for every accepted
+//!   connection, writes `"<name> <local_addr>\n"`, then echoes what it reads
+//!   until EOF and closes. Logs `{"event":"listening",…}` once per bound
+//!   listener and `{"event":"accepted","local":…,"peer":…}` per connection.
+//! - `client --connect ADDR:PORT --send TEXT [--count N] [--concurrency C]`:
+//!   connects, reads the hello line, sends TEXT, half-closes, reads the echo
+//!   to EOF; prints one JSON line per connection
+//!   (`{"connect","local","hello","echo_ok","error"}`); exits 1 on any error.
+//!   The first connection of every worker is held open until all workers
+//!   have theirs, so `C` connections really are open at the same time.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    process::ExitCode,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Barrier,
+    },
+    time::Duration,
+};
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mesh-testpod",
+    about = "Test server and client run inside mesh-tests pods"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Greet, then echo, every connection.
+    Serve {
+        /// Address to listen on (repeatable).
+        #[arg(long, required = true)]
+        listen: Vec<SocketAddr>,
+        /// Name announced in the hello line.
+        #[arg(long)]
+        name: String,
+    },
+    /// Connect, check the echo, report as JSON lines.
+    Client {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        send: String,
+        /// Connections in total.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// Connections at a time.
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        /// Connect and per-read/write timeout.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Cmd::Serve { listen, name } => serve(&listen, &name),
+        Cmd::Client {
+            connect,
+            send,
+            count,
+            concurrency,
+            timeout_ms,
+        } => client(
+            connect,
+            &send,
+            count,
+            concurrency.max(1),
+            Duration::from_millis(timeout_ms),
+        ),
+    }
+}
+
+/// One JSON line to stdout, whole (stdout is a file; lines must not interleave).
+fn emit(v: &serde_json::Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{v}");
+    let _ = out.flush();
+}
+
+fn serve(listen: &[SocketAddr], name: &str) -> ExitCode {
+    let mut threads = Vec::new();
+    for addr in listen {
+        let listener = match TcpListener::bind(addr) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("mesh-testpod: bind {addr}: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        emit(&json!({"event": "listening", "local": addr.to_string()}));
+        let name = name.to_owned();
+        threads.push(std::thread::spawn(move || accept_loop(&listener, &name)));
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    ExitCode::from(1)
+}
+
+fn accept_loop(listener: &TcpListener, name: &str) {
+    loop {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                let name = name.to_owned();
+                std::thread::spawn(move || {
+                    if let Err(e) = handle(stream, peer, &name) {
+                        eprintln!("mesh-testpod: connection from {peer}: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                eprintln!("mesh-testpod: accept: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+fn handle(mut stream: TcpStream, peer: SocketAddr, name: &str) -> std::io::Result<()> {
+    let local = stream.local_addr()?;
+    emit(&json!({"event": "accepted", "local": local.to_string(), "peer": peer.to_string()}));
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+    stream.write_all(format!("{name} {local}\n").as_bytes())?;
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        stream.write_all(&buf[..n])?;
+    }
+    stream.shutdown(Shutdown::Write)
+}
+
+struct Conn {
+    local: Option<SocketAddr>,
+    hello: Option<String>,
+    echo_ok: bool,
+}
+
+fn client(
+    connect: SocketAddr,
+    send: &str,
+    count: usize,
+    concurrency: usize,
+    timeout: Duration,
+) -> ExitCode {
+    let workers = concurrency.min(count).max(1);
+    let next = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicBool::new(false));
+    let barrier = Arc::new(Barrier::new(workers));
+    let mut threads = Vec::new();
+    for _ in 0..workers {
+        let (next, failed, barrier) = (next.clone(), failed.clone(), barrier.clone());
+        let send = send.to_owned();
+        threads.push(std::thread::spawn(move || {
+            let mut first = true;
+            while next.fetch_add(1, Ordering::Relaxed) < count {
+                let mut conn = Conn { local: None, hello: None, echo_ok: false };
+                let sync = if first { Some(&*barrier) } else { None };
+                first = false;
+                let res = one(connect, &send, timeout, &mut conn, sync);
+                if res.is_err() || !conn.echo_ok {
+                    failed.store(true, Ordering::Relaxed);
+                }
+                emit(&json!({
+                    "connect": connect.to_string(),
+                    "local": conn.local.map(|a| a.to_string()),
+                    "hello": conn.hello,
+                    "echo_ok": conn.echo_ok,
+                    "error": res.err().or(if conn.echo_ok { None } else { Some("echo mismatch".to_owned()) }),
+                }));
+            }
+            if first {
+                // Never got a connection (count < workers cannot happen, but
+                // the barrier must not wait for us forever).
+                barrier.wait();
+            }
+        }));
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    if failed.load(Ordering::Relaxed) {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// One connection. If `sync` is given, every path passes it exactly once
+/// (after the hello, or on error) so that no worker waits forever.
+fn one(
+    connect: SocketAddr,
+    send: &str,
+    timeout: Duration,
+    conn: &mut Conn,
+    sync: Option<&Barrier>,
+) -> Result<(), String> {
+    let mut sync = sync;
+    let mut pass = || {
+        if let Some(b) = sync.take() {
+            b.wait();
+        }
+    };
+    let res = (|| {
+        let stream =
+            TcpStream::connect_timeout(&connect, timeout).map_err(|e| format!("connect: {e}"))?;
+        conn.local = stream.local_addr().ok();
+        stream
+            .set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        stream
+            .set_write_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+        let mut hello = String::new();
+        reader
+            .read_line(&mut hello)
+            .map_err(|e| format!("reading hello: {e}"))?;
+        if !hello.ends_with('\n') {
+            return Err(format!("no hello line (got {hello:?})"));
+        }
+        conn.hello = Some(hello.trim_end().to_owned());
+        Ok((stream, reader))
+    })();
+    pass();
+    let (mut stream, mut reader) = res?;
+    stream
+        .write_all(send.as_bytes())
+        .map_err(|e| format!("sending: {e}"))?;
+    stream
+        .shutdown(Shutdown::Write)
+        .map_err(|e| format!("half-close: {e}"))?;
+    let mut echo = Vec::new();
+    reader
+        .read_to_end(&mut echo)
+        .map_err(|e| format!("reading echo: {e}"))?;
+    conn.echo_ok = echo == send.as_bytes();
+    Ok(())
+}

@@ -1,0 +1,773 @@
+//! The mini-cluster: nodes (network namespaces joined by a bridge) and pods
+//! (network namespaces with a veth to their node, and their own cgroup under
+//! the node's pod-cgroup parent).
+//!
+//! Addressing, for node index `i` (0-based; the node is named `n{i+1}`):
+//! - node fabric: `10.0.0.{i+1}/24` and `fd00::{i+1}/64` on `eth0`, a port of
+//!   bridge `br0` in the cluster's own bridge namespace;
+//! - its pods `k = 2, 3, …`: `10.{i+1}.0.{k}/32` and `fd00:{i+1}::{k}/128` on
+//!   the pod's `eth0`, default routes via `10.{i+1}.0.1` and `fe80::1`, which
+//!   sit on the node end `v<pod>` of every pod veth (`/32` and `/128` routes
+//!   per pod on the node; forwarding on);
+//! - node routes `10.{j+1}.0.0/24 via 10.0.0.{j+1}` and
+//!   `fd00:{j+1}::/64 via fd00::{j+1}` to every other node `j`.
+//!
+//! cgroups: `<cgroup2>/mesh-<id>/<node>/pods/<pod>`; the node's pod-cgroup
+//! parent (where its agent attaches) is `<cgroup2>/mesh-<id>/<node>/pods`.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use crate::{
+    agent::{Agent, AgentSpec},
+    cgroup::Cgroup,
+    netns::{Netns, Veth},
+    process::{self, Output, Proc, Target},
+    registry::{self, RenderedRegistry, WorkloadEntry},
+    sys,
+    testpod::{self, ClientProc, ClientRequest, ClientRun, Server},
+    tmp::TempDir,
+};
+
+/// The port every agent's outbound listener uses.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// The namespace of every pod in the registry.
+pub const POD_NAMESPACE: &str = "default";
+
+/// Shared by every place of a cluster: where logs go, which testpod to run.
+#[derive(Debug)]
+struct Ctx {
+    tmp: PathBuf,
+    testpod: PathBuf,
+    seq: AtomicUsize,
+}
+
+impl Ctx {
+    /// A fresh, ordered log file stem in the cluster's temp dir.
+    fn log_base(&self, label: &str) -> PathBuf {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let clean: String = label
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.tmp.join(format!("{n:04}-{clean}"))
+    }
+}
+
+/// Somewhere processes run: a node's network namespace (outside the pod
+/// cgroups) or a pod's network namespace and cgroup.
+#[derive(Clone, Debug)]
+pub struct Place {
+    name: String,
+    target: Target,
+    ip4: Ipv4Addr,
+    ip6: Ipv6Addr,
+    ctx: Arc<Ctx>,
+}
+
+impl Place {
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// Spawns `cmd` here; stdout/stderr go to files in the cluster's temp dir.
+    #[track_caller]
+    pub fn spawn(&self, cmd: Command, label: &str) -> Proc {
+        let label = format!("{}-{label}", self.name);
+        process::spawn(cmd, &self.target, &label, &self.ctx.log_base(&label))
+    }
+
+    /// Runs `cmd` here to completion (killed, and a panic, after `timeout`).
+    #[track_caller]
+    pub fn run(&self, cmd: Command, label: &str, timeout: Duration) -> Output {
+        self.spawn(cmd, label).wait_output(timeout)
+    }
+
+    /// Starts `mesh-testpod serve` on this place's IPv4 and IPv6 addresses,
+    /// on each of `ports`, and waits until every listener is bound. Every
+    /// connection is greeted with `"<name> <local_addr>\n"` and then echoed.
+    #[track_caller]
+    pub fn serve(&self, ports: &[u16]) -> Server {
+        assert!(!ports.is_empty(), "serve needs at least one port");
+        let mut listens = Vec::new();
+        for &p in ports {
+            listens.push(SocketAddr::new(IpAddr::V4(self.ip4), p));
+            listens.push(SocketAddr::new(IpAddr::V6(self.ip6), p));
+        }
+        self.serve_on(&listens)
+    }
+
+    /// Like [`Place::serve`] but on explicit addresses.
+    #[track_caller]
+    pub fn serve_on(&self, listens: &[SocketAddr]) -> Server {
+        let mut cmd = Command::new(&self.ctx.testpod);
+        cmd.arg("serve").arg("--name").arg(&self.name);
+        for l in listens {
+            cmd.arg("--listen").arg(l.to_string());
+        }
+        let proc = self.spawn(cmd, "serve");
+        let mut server = Server {
+            proc,
+            listens: listens.to_vec(),
+        };
+        let want = listens.len();
+        let ok = crate::poll::eventually(crate::poll::DEFAULT_TIMEOUT, || {
+            if !server.proc.is_running() {
+                return Some(false);
+            }
+            (server.events("listening").len() >= want).then_some(true)
+        });
+        if ok != Some(true) {
+            panic!(
+                "server {} did not bind {listens:?} (exited or timed out)\nstdout:\n{}\nstderr:\n{}",
+                self.name,
+                server.proc.stdout(),
+                server.proc.stderr()
+            );
+        }
+        server
+    }
+
+    /// Starts a `mesh-testpod client` here without waiting for it.
+    #[track_caller]
+    pub fn spawn_client(&self, req: &ClientRequest) -> ClientProc {
+        let mut cmd = Command::new(&self.ctx.testpod);
+        cmd.args(req.args());
+        let label = format!("{}-client", self.name);
+        let proc = self.spawn(cmd, &format!("client-{}", req.connect));
+        ClientProc {
+            proc,
+            label,
+            request: req.clone(),
+        }
+    }
+
+    /// Runs a `mesh-testpod client` here to completion.
+    #[track_caller]
+    pub fn client(&self, req: &ClientRequest) -> ClientRun {
+        self.spawn_client(req).wait()
+    }
+}
+
+/// What nodes and pods have in common: a [`Place`] with addresses.
+pub trait Host {
+    fn place(&self) -> &Place;
+
+    fn ip4(&self) -> Ipv4Addr {
+        self.place().ip4
+    }
+    fn ip6(&self) -> Ipv6Addr {
+        self.place().ip6
+    }
+    fn addr4(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.ip4()), port)
+    }
+    fn addr6(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V6(self.ip6()), port)
+    }
+    #[track_caller]
+    fn spawn(&self, cmd: Command, label: &str) -> Proc {
+        self.place().spawn(cmd, label)
+    }
+    #[track_caller]
+    fn run(&self, cmd: Command, label: &str, timeout: Duration) -> Output {
+        self.place().run(cmd, label, timeout)
+    }
+    #[track_caller]
+    fn serve(&self, ports: &[u16]) -> Server {
+        self.place().serve(ports)
+    }
+    #[track_caller]
+    fn spawn_client(&self, req: &ClientRequest) -> ClientProc {
+        self.place().spawn_client(req)
+    }
+    #[track_caller]
+    fn client(&self, req: &ClientRequest) -> ClientRun {
+        self.place().client(req)
+    }
+}
+
+/// A node: a network namespace on the fabric, a pod-cgroup parent, and
+/// (when started) an agent. Processes spawned on the node stay outside the
+/// pod cgroups (that is where the agent and "not enrolled" clients run).
+#[derive(Debug)]
+pub struct Node {
+    index: usize,
+    name: String,
+    place: Place,
+    pin_dir: PathBuf,
+    // Teardown order is field order.
+    _fabric: Veth,
+    netns: Netns,
+    pods_cgroup: Cgroup,
+    _node_cgroup: Cgroup,
+}
+
+impl Node {
+    pub fn index(&self) -> usize {
+        self.index
+    }
+    /// `n{index+1}`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn netns(&self) -> &Netns {
+        &self.netns
+    }
+    /// The pod-cgroup parent, absolute.
+    pub fn pod_cgroup(&self) -> &Path {
+        self.pods_cgroup.path()
+    }
+    /// The pod-cgroup parent relative to the cgroup2 mount (`--pod-cgroup`).
+    pub fn pod_cgroup_rel(&self) -> PathBuf {
+        self.pods_cgroup.relative()
+    }
+    /// The pod-cgroup parent's cgroup id.
+    pub fn pod_cgroup_id(&self) -> u64 {
+        self.pods_cgroup.id()
+    }
+    /// This node's agent pin directory, `/sys/fs/bpf/mesh-<id>-<node>`.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+    pub fn outbound(&self) -> SocketAddr {
+        self.addr4(OUTBOUND_PORT)
+    }
+    pub fn outbound6(&self) -> SocketAddr {
+        self.addr6(OUTBOUND_PORT)
+    }
+    /// Programs attached directly to the pod-cgroup parent (`bpftool cgroup show`).
+    pub fn attached_progs(&self) -> Vec<crate::bpftool::CgroupProg> {
+        crate::bpftool::cgroup_progs(self.pod_cgroup())
+    }
+    /// BPF links attached to the pod-cgroup parent (`bpftool link show`).
+    pub fn attached_links(&self) -> Vec<serde_json::Value> {
+        crate::bpftool::cgroup_links(self.pod_cgroup_id())
+    }
+}
+
+impl Host for Node {
+    fn place(&self) -> &Place {
+        &self.place
+    }
+}
+
+/// A pod: its own network namespace (veth to its node) and cgroup.
+#[derive(Debug)]
+pub struct Pod {
+    name: String,
+    node: usize,
+    node_name: String,
+    registered: bool,
+    service_account: String,
+    place: Place,
+    // Teardown order is field order.
+    _veth: Veth,
+    netns: Netns,
+    cgroup: Cgroup,
+}
+
+impl Pod {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// `default/<name>`: how the agent names the workload.
+    pub fn workload(&self) -> String {
+        format!("{POD_NAMESPACE}/{}", self.name)
+    }
+    pub fn node_index(&self) -> usize {
+        self.node
+    }
+    pub fn node_name(&self) -> &str {
+        &self.node_name
+    }
+    /// Whether the pod is listed in the registry.
+    pub fn registered(&self) -> bool {
+        self.registered
+    }
+    pub fn netns(&self) -> &Netns {
+        &self.netns
+    }
+    /// The pod's cgroup, absolute.
+    pub fn cgroup(&self) -> &Path {
+        self.cgroup.path()
+    }
+    pub fn cgroup_rel(&self) -> PathBuf {
+        self.cgroup.relative()
+    }
+    /// The registry entry of this pod (whether or not it is registered).
+    pub fn registry_entry(&self) -> WorkloadEntry {
+        WorkloadEntry {
+            name: self.name.clone(),
+            namespace: POD_NAMESPACE.into(),
+            service_account: self.service_account.clone(),
+            node: self.node_name.clone(),
+            ips: vec![IpAddr::V4(self.ip4()), IpAddr::V6(self.ip6())],
+            cgroup: Some(self.cgroup_rel().to_string_lossy().into_owned()),
+            labels: vec![("app".into(), self.name.clone())],
+            extra_lines: Vec::new(),
+        }
+    }
+}
+
+impl Host for Pod {
+    fn place(&self) -> &Place {
+        &self.place
+    }
+}
+
+#[derive(Clone, Debug)]
+struct PodSpec {
+    node: usize,
+    name: String,
+    registered: bool,
+}
+
+/// Builds a [`Cluster`]. Pods are named by the caller, or `a1, a2, …` on the
+/// first node, `b1, …` on the second with [`ClusterBuilder::pods_per_node`].
+#[derive(Clone, Debug, Default)]
+pub struct ClusterBuilder {
+    nodes: usize,
+    pods_per_node: usize,
+    pods: Vec<PodSpec>,
+    testpod: Option<PathBuf>,
+}
+
+impl ClusterBuilder {
+    pub fn nodes(mut self, n: usize) -> Self {
+        self.nodes = n;
+        self
+    }
+
+    pub fn pods_per_node(mut self, n: usize) -> Self {
+        self.pods_per_node = n;
+        self
+    }
+
+    /// A pod on node `node` (0-based), listed in the registry.
+    pub fn add_pod(mut self, node: usize, name: &str) -> Self {
+        self.pods.push(PodSpec {
+            node,
+            name: name.into(),
+            registered: true,
+        });
+        self
+    }
+
+    /// A pod on node `node` that is *not* in the registry: its cgroup is
+    /// under the node's pod-cgroup parent (the programs see its sockets) but
+    /// it is not enrolled, and its IPs are not mesh destinations.
+    pub fn add_unregistered_pod(mut self, node: usize, name: &str) -> Self {
+        self.pods.push(PodSpec {
+            node,
+            name: name.into(),
+            registered: false,
+        });
+        self
+    }
+
+    /// The `mesh-testpod` binary (default: [`testpod::testpod_bin`]).
+    pub fn testpod_bin(mut self, path: impl Into<PathBuf>) -> Self {
+        self.testpod = Some(path.into());
+        self
+    }
+
+    /// Creates everything; on a panic half-way, what exists is torn down.
+    #[track_caller]
+    pub fn build(self) -> Cluster {
+        sys::require_privileges();
+        assert!(
+            (1..=9).contains(&self.nodes),
+            "1 to 9 nodes, not {}",
+            self.nodes
+        );
+        let mut specs = Vec::new();
+        for node in 0..self.nodes {
+            for k in 1..=self.pods_per_node {
+                let letter = (b'a' + node as u8) as char;
+                specs.push(PodSpec {
+                    node,
+                    name: format!("{letter}{k}"),
+                    registered: true,
+                });
+            }
+        }
+        specs.extend(self.pods.iter().cloned());
+        for (i, s) in specs.iter().enumerate() {
+            assert!(
+                s.node < self.nodes,
+                "pod {} on node {} of {}",
+                s.name,
+                s.node,
+                self.nodes
+            );
+            assert!(
+                !s.name.is_empty()
+                    && s.name.len() <= 14
+                    && s.name
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    && !s.name.starts_with('-'),
+                "pod name {:?}: a DNS label of at most 14 characters",
+                s.name
+            );
+            assert!(
+                !specs[..i].iter().any(|o| o.name == s.name),
+                "pod name {} used twice",
+                s.name
+            );
+        }
+        let testpod = self.testpod.clone().unwrap_or_else(testpod::testpod_bin);
+        assert!(
+            testpod.is_file(),
+            "mesh-testpod binary {} does not exist",
+            testpod.display()
+        );
+
+        let id = sys::unique_id();
+        let tmp = TempDir::create(&format!("mesh-{id}"));
+        let ctx = Arc::new(Ctx {
+            tmp: tmp.path().to_owned(),
+            testpod,
+            seq: AtomicUsize::new(0),
+        });
+        let cgroup2 = sys::cgroup2_mount();
+        let bpffs = sys::bpffs_mount();
+        let mut cluster = Cluster {
+            id: id.clone(),
+            bpffs,
+            ctx: ctx.clone(),
+            pods: Vec::new(),
+            nodes: Vec::new(),
+            bridge: None,
+            root_cgroup: None,
+            tmp,
+        };
+        cluster.root_cgroup = Some(Cgroup::create(&cgroup2.join(format!("mesh-{id}"))));
+
+        let bridge = Netns::create(&format!("{id}-br"));
+        bridge.ip(&[
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "forward_delay",
+            "0",
+            "mcast_snooping",
+            "0",
+        ]);
+        bridge.ip(&["link", "set", "br0", "up"]);
+        cluster.bridge = Some(bridge);
+
+        for i in 0..self.nodes {
+            let node = cluster.make_node(i);
+            cluster.nodes.push(node);
+        }
+        for i in 0..self.nodes {
+            for j in 0..self.nodes {
+                if i != j {
+                    let ns = &cluster.nodes[i].netns;
+                    ns.ip(&[
+                        "route",
+                        "add",
+                        &format!("10.{}.0.0/24", j + 1),
+                        "via",
+                        &format!("10.0.0.{}", j + 1),
+                    ]);
+                    ns.ip(&[
+                        "-6",
+                        "route",
+                        "add",
+                        &format!("fd00:{}::/64", j + 1),
+                        "via",
+                        &format!("fd00::{}", j + 1),
+                    ]);
+                }
+            }
+        }
+        let mut next_k = vec![2u8; self.nodes];
+        for s in specs {
+            let k = next_k[s.node];
+            assert!(k < 255, "too many pods on node {}", s.node);
+            next_k[s.node] += 1;
+            let pod = cluster.make_pod(&s, k);
+            cluster.pods.push(pod);
+        }
+        cluster
+    }
+}
+
+/// A running mini-cluster; everything is torn down on drop. Agents are
+/// separate guards ([`Cluster::start_agent`]) so a scenario can kill and
+/// restart them; declare them after the cluster so they drop first.
+#[derive(Debug)]
+pub struct Cluster {
+    id: String,
+    bpffs: PathBuf,
+    ctx: Arc<Ctx>,
+    // Teardown order is field order: pods, nodes, bridge, cgroup root, temp dir.
+    pods: Vec<Pod>,
+    nodes: Vec<Node>,
+    bridge: Option<Netns>,
+    root_cgroup: Option<Cgroup>,
+    tmp: TempDir,
+}
+
+impl Cluster {
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder::default()
+    }
+
+    /// The unique prefix of everything this cluster created.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn tmp_dir(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    #[track_caller]
+    pub fn node(&self, index: usize) -> &Node {
+        self.nodes
+            .get(index)
+            .unwrap_or_else(|| panic!("no node {index}"))
+    }
+
+    pub fn pods(&self) -> &[Pod] {
+        &self.pods
+    }
+
+    #[track_caller]
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// The pods of node `index`.
+    pub fn pods_of(&self, index: usize) -> impl Iterator<Item = &Pod> {
+        self.pods.iter().filter(move |p| p.node == index)
+    }
+
+    /// Registry entries of every registered pod, all nodes.
+    pub fn registry_entries(&self) -> Vec<WorkloadEntry> {
+        self.pods
+            .iter()
+            .filter(|p| p.registered)
+            .map(Pod::registry_entry)
+            .collect()
+    }
+
+    /// Writes `entries` as a registry file `file_name` in the temp dir.
+    #[track_caller]
+    pub fn write_registry_file(
+        &self,
+        file_name: &str,
+        entries: &[WorkloadEntry],
+    ) -> (PathBuf, RenderedRegistry) {
+        let rendered = registry::render(entries);
+        let path = self.tmp.path().join(file_name);
+        std::fs::write(&path, &rendered.text)
+            .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        (path, rendered)
+    }
+
+    /// Writes the cluster's registry (every registered pod) to
+    /// `<tmp>/registry.yaml` and returns its path.
+    #[track_caller]
+    pub fn write_registry(&self) -> PathBuf {
+        self.write_registry_file("registry.yaml", &self.registry_entries())
+            .0
+    }
+
+    /// How node `index`'s agent is started (registry: `<tmp>/registry.yaml`,
+    /// written now); adjust it before [`Agent::start`].
+    #[track_caller]
+    pub fn agent_spec(&self, index: usize) -> AgentSpec {
+        let node = self.node(index);
+        AgentSpec {
+            node: node.name.clone(),
+            netns: node.netns.path(),
+            registry: self.write_registry(),
+            pod_cgroup: node.pod_cgroup_rel(),
+            pod_cgroup_abs: node.pod_cgroup().to_owned(),
+            outbound: node.outbound(),
+            outbound6: Some(node.outbound6()),
+            pin_dir: node.pin_dir.clone(),
+            log_dir: self.tmp.path().to_owned(),
+            extra_args: Vec::new(),
+        }
+    }
+
+    /// Starts node `index`'s agent and waits until it is ready.
+    #[track_caller]
+    pub fn start_agent(&self, index: usize) -> Agent {
+        Agent::start(self.agent_spec(index))
+    }
+
+    /// Starts one agent per node, in node order.
+    #[track_caller]
+    pub fn start_agents(&self) -> Vec<Agent> {
+        (0..self.nodes.len()).map(|i| self.start_agent(i)).collect()
+    }
+
+    #[track_caller]
+    fn make_node(&self, i: usize) -> Node {
+        let name = format!("n{}", i + 1);
+        let ip4 = Ipv4Addr::new(10, 0, 0, i as u8 + 1);
+        let ip6 = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, i as u16 + 1);
+        let root = self.root_cgroup.as_ref().expect("root cgroup exists");
+        let node_cgroup = Cgroup::create(&root.path().join(&name));
+        let pods_cgroup = Cgroup::create(&node_cgroup.path().join("pods"));
+        let netns = Netns::create(&format!("{}-{name}", self.id));
+        netns.sysctl(
+            &[
+                "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+            ],
+            self.tmp.path(),
+        );
+        let bridge = self.bridge.as_ref().expect("bridge exists");
+        let port = format!("p{name}");
+        let fabric = Veth::create(bridge, &port, &netns, "eth0");
+        bridge.ip(&["link", "set", &port, "master", "br0"]);
+        netns.ip(&["addr", "add", &format!("{ip4}/24"), "dev", "eth0"]);
+        netns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        let place = Place {
+            name: name.clone(),
+            target: Target {
+                netns: Some(netns.path()),
+                cgroup: None,
+            },
+            ip4,
+            ip6,
+            ctx: self.ctx.clone(),
+        };
+        Node {
+            index: i,
+            pin_dir: self.bpffs.join(format!("mesh-{}-{name}", self.id)),
+            name,
+            place,
+            _fabric: fabric,
+            netns,
+            pods_cgroup,
+            _node_cgroup: node_cgroup,
+        }
+    }
+
+    #[track_caller]
+    fn make_pod(&self, spec: &PodSpec, k: u8) -> Pod {
+        let node = &self.nodes[spec.node];
+        let n = spec.node as u8 + 1;
+        let ip4 = Ipv4Addr::new(10, n, 0, k);
+        let ip6 = Ipv6Addr::new(0xfd00, u16::from(n), 0, 0, 0, 0, 0, u16::from(k));
+        let gw4 = Ipv4Addr::new(10, n, 0, 1);
+        let cgroup = Cgroup::create(&node.pods_cgroup.path().join(&spec.name));
+        let netns = Netns::create(&format!("{}-{}", self.id, spec.name));
+        let host_if = format!("v{}", spec.name);
+        let veth = Veth::create(&node.netns, &host_if, &netns, "eth0");
+        // Node side: the gateway addresses, and a host route to the pod.
+        let nn = &node.netns;
+        nn.ip(&["addr", "add", &format!("{gw4}/32"), "dev", &host_if]);
+        nn.ip(&["-6", "addr", "add", "fe80::1/64", "dev", &host_if, "nodad"]);
+        nn.ip(&["route", "add", &format!("{ip4}/32"), "dev", &host_if]);
+        nn.ip(&["-6", "route", "add", &format!("{ip6}/128"), "dev", &host_if]);
+        // Pod side.
+        netns.ip(&["addr", "add", &format!("{ip4}/32"), "dev", "eth0"]);
+        netns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip6}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        netns.ip(&[
+            "route",
+            "add",
+            &gw4.to_string(),
+            "dev",
+            "eth0",
+            "scope",
+            "link",
+        ]);
+        netns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &gw4.to_string(),
+            "dev",
+            "eth0",
+        ]);
+        netns.ip(&[
+            "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+        ]);
+        let place = Place {
+            name: spec.name.clone(),
+            target: Target {
+                netns: Some(netns.path()),
+                cgroup: Some(cgroup.path().to_owned()),
+            },
+            ip4,
+            ip6,
+            ctx: self.ctx.clone(),
+        };
+        Pod {
+            name: spec.name.clone(),
+            node: spec.node,
+            node_name: node.name.clone(),
+            registered: spec.registered,
+            service_account: format!("sa-{}", spec.name),
+            place,
+            _veth: veth,
+            netns,
+            cgroup,
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Agents are guards of their own and normally gone by now; pins an
+        // agent killed with SIGKILL left behind are removed here.
+        for node in &self.nodes {
+            crate::agent::remove_pin_dir(&node.pin_dir);
+        }
+        // The fields then drop in order: pods, nodes, bridge, cgroups, temp dir.
+    }
+}

@@ -1,0 +1,111 @@
+//! Writing the agent's workload registry (YAML, docs/CONTRACTS.md).
+
+use std::{fmt::Write as _, net::IpAddr, ops::RangeInclusive};
+
+/// One workload of the registry. `extra_lines` are appended verbatim (already
+/// indented by the renderer) so scenarios can inject malformed content.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadEntry {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub node: String,
+    pub ips: Vec<IpAddr>,
+    /// Relative to the cgroup2 mount; `None` leaves the field out.
+    pub cgroup: Option<String>,
+    pub labels: Vec<(String, String)>,
+    pub extra_lines: Vec<String>,
+}
+
+impl WorkloadEntry {
+    /// `namespace/name`, as the agent names workloads in its flow records.
+    pub fn workload_id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A rendered registry and, for each entry, the 1-based lines it occupies
+/// (so a scenario can check that an error names the right line).
+#[derive(Clone, Debug)]
+pub struct RenderedRegistry {
+    pub text: String,
+    pub entry_lines: Vec<RangeInclusive<usize>>,
+}
+
+/// Renders `entries` in the registry format:
+///
+/// ```yaml
+/// workloads:
+///   - name: a1
+///     namespace: default
+///     serviceAccount: sa-a1
+///     node: n1
+///     ips: ["10.1.0.2", "fd00:1::2"]
+///     cgroup: mesh-mt1x0/n1/pods/a1
+///     labels: {app: a1}
+/// ```
+pub fn render(entries: &[WorkloadEntry]) -> RenderedRegistry {
+    let mut text = String::from("# written by mesh-tests\nworkloads:\n");
+    let mut line = 3; // the next line to be written
+    let mut entry_lines = Vec::with_capacity(entries.len());
+    for e in entries {
+        let first = line;
+        let mut push = |s: String| {
+            text.push_str(&s);
+            text.push('\n');
+            line += 1;
+        };
+        push(format!("  - name: {}", e.name));
+        push(format!("    namespace: {}", e.namespace));
+        push(format!("    serviceAccount: {}", e.service_account));
+        push(format!("    node: {}", e.node));
+        let ips: Vec<String> = e.ips.iter().map(|ip| format!("\"{ip}\"")).collect();
+        push(format!("    ips: [{}]", ips.join(", ")));
+        if let Some(cg) = &e.cgroup {
+            push(format!("    cgroup: {cg}"));
+        }
+        if !e.labels.is_empty() {
+            let mut l = String::from("    labels: {");
+            for (i, (k, v)) in e.labels.iter().enumerate() {
+                let _ = write!(l, "{}{k}: {v}", if i > 0 { ", " } else { "" });
+            }
+            l.push('}');
+            push(l);
+        }
+        for extra in &e.extra_lines {
+            push(format!("    {extra}"));
+        }
+        entry_lines.push(first..=line - 1);
+    }
+    RenderedRegistry { text, entry_lines }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_with_line_ranges() {
+        let e = WorkloadEntry {
+            name: "a1".into(),
+            namespace: "default".into(),
+            service_account: "sa-a1".into(),
+            node: "n1".into(),
+            ips: vec!["10.1.0.2".parse().unwrap(), "fd00:1::2".parse().unwrap()],
+            cgroup: Some("mesh-x/n1/pods/a1".into()),
+            labels: vec![("app".into(), "a1".into())],
+            extra_lines: vec![],
+        };
+        let mut e2 = e.clone();
+        e2.name = "a2".into();
+        e2.cgroup = None;
+        e2.extra_lines = vec!["colour: blue".into()];
+        let r = render(&[e, e2]);
+        let lines: Vec<&str> = r.text.lines().collect();
+        assert_eq!(r.entry_lines, vec![3..=9, 10..=16]);
+        assert_eq!(lines[2], "  - name: a1");
+        assert_eq!(lines[6], "    ips: [\"10.1.0.2\", \"fd00:1::2\"]");
+        assert_eq!(lines[9], "  - name: a2");
+        assert_eq!(lines[15], "    colour: blue");
+    }
+}

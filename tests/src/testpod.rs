@@ -1,0 +1,267 @@
+//! Driving `mesh-testpod` (src/bin/mesh-testpod.rs) from the harness: servers
+//! that say who they are, clients that report what answered.
+
+use std::{net::SocketAddr, time::Duration};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::process::{Output, Proc};
+
+/// Finds the `mesh-testpod` binary: `$MESH_TESTPOD_BIN`, else next to the
+/// running executable or one directory up (`target/debug/deps/…` for tests).
+/// Integration tests pass `env!("CARGO_BIN_EXE_mesh-testpod")` instead.
+pub fn testpod_bin() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("MESH_TESTPOD_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
+    let mut dir = exe.parent().map(std::path::Path::to_path_buf);
+    for _ in 0..2 {
+        let Some(d) = dir else { break };
+        let candidate = d.join("mesh-testpod");
+        if candidate.is_file() {
+            return candidate;
+        }
+        dir = d.parent().map(std::path::Path::to_path_buf);
+    }
+    panic!(
+        "mesh-testpod not found next to {} (build it with `cargo build -p mesh-tests --bins` or set MESH_TESTPOD_BIN)",
+        exe.display()
+    )
+}
+
+/// What a client process should do: `count` connections to `connect`, at
+/// most `concurrency` at a time, each sending `send` and expecting it back.
+#[derive(Clone, Debug)]
+pub struct ClientRequest {
+    pub connect: SocketAddr,
+    pub send: String,
+    pub count: usize,
+    pub concurrency: usize,
+    /// Per-connection I/O timeout inside the client.
+    pub io_timeout: Duration,
+}
+
+impl ClientRequest {
+    pub fn new(connect: SocketAddr) -> Self {
+        ClientRequest {
+            connect,
+            send: "ping through the mesh".into(),
+            count: 1,
+            concurrency: 1,
+            io_timeout: Duration::from_secs(5),
+        }
+    }
+
+    pub fn send(mut self, text: &str) -> Self {
+        self.send = text.into();
+        self
+    }
+
+    pub fn count(mut self, n: usize) -> Self {
+        self.count = n;
+        self
+    }
+
+    pub fn concurrency(mut self, c: usize) -> Self {
+        self.concurrency = c;
+        self
+    }
+
+    pub(crate) fn args(&self) -> Vec<String> {
+        vec![
+            "client".into(),
+            "--connect".into(),
+            self.connect.to_string(),
+            "--send".into(),
+            self.send.clone(),
+            "--count".into(),
+            self.count.to_string(),
+            "--concurrency".into(),
+            self.concurrency.to_string(),
+            "--timeout-ms".into(),
+            self.io_timeout.as_millis().to_string(),
+        ]
+    }
+
+    /// How long the whole client process may take.
+    pub(crate) fn deadline(&self) -> Duration {
+        let rounds = self.count.div_ceil(self.concurrency.max(1)) as u32;
+        self.io_timeout * 3 * rounds.max(1) + Duration::from_secs(5)
+    }
+}
+
+/// One connection's outcome, as the client prints it (one JSON line each).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct ClientResult {
+    /// The address the client connected to (the original destination).
+    pub connect: String,
+    /// The client socket's local address (matches a flow record's `src_addr`).
+    #[serde(default)]
+    pub local: Option<String>,
+    /// The server's first line: `<name> <local_addr>`.
+    pub hello: Option<String>,
+    pub echo_ok: bool,
+    pub error: Option<String>,
+}
+
+impl ClientResult {
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local.as_deref()?.parse().ok()
+    }
+
+    pub fn connect_addr(&self) -> Option<SocketAddr> {
+        self.connect.parse().ok()
+    }
+
+    /// The name in the hello line.
+    pub fn hello_name(&self) -> Option<&str> {
+        self.hello.as_deref()?.split_once(' ').map(|(n, _)| n)
+    }
+
+    /// The server-side local address in the hello line: where the connection
+    /// really arrived.
+    pub fn hello_addr(&self) -> Option<SocketAddr> {
+        self.hello.as_deref()?.split_once(' ')?.1.parse().ok()
+    }
+}
+
+/// A finished client process.
+#[derive(Clone, Debug)]
+pub struct ClientRun {
+    pub label: String,
+    pub request: ClientRequest,
+    pub output: Output,
+    pub results: Vec<ClientResult>,
+}
+
+impl ClientRun {
+    pub(crate) fn from_output(label: String, request: ClientRequest, output: Output) -> Self {
+        let results = output
+            .stdout
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| {
+                    panic!(
+                        "{label}: unparsable client line ({e}): {l}\nstderr: {}",
+                        output.stderr
+                    )
+                })
+            })
+            .collect();
+        ClientRun {
+            label,
+            request,
+            output,
+            results,
+        }
+    }
+
+    pub fn success(&self) -> bool {
+        self.output.status.success()
+            && self.results.len() == self.request.count
+            && self.results.iter().all(|r| r.echo_ok && r.error.is_none())
+    }
+
+    /// Panics (with everything the client printed) unless every connection
+    /// succeeded and echoed; returns the results.
+    #[track_caller]
+    pub fn expect_ok(&self) -> &[ClientResult] {
+        if !self.success() {
+            panic!(
+                "{} → {}: client failed ({}), {} of {} results\nstdout:\n{}\nstderr:\n{}",
+                self.label,
+                self.request.connect,
+                self.output.status,
+                self.results.len(),
+                self.request.count,
+                self.output.stdout,
+                self.output.stderr
+            );
+        }
+        &self.results
+    }
+
+    /// The only result of a one-connection run, which must have succeeded.
+    #[track_caller]
+    pub fn single(&self) -> &ClientResult {
+        let r = self.expect_ok();
+        assert_eq!(r.len(), 1, "{}: expected one connection", self.label);
+        &r[0]
+    }
+}
+
+/// A client process still running.
+#[derive(Debug)]
+pub struct ClientProc {
+    pub(crate) proc: Proc,
+    pub(crate) label: String,
+    pub(crate) request: ClientRequest,
+}
+
+impl ClientProc {
+    /// Waits (bounded by the request's own deadline) for the client to finish.
+    #[track_caller]
+    pub fn wait(self) -> ClientRun {
+        let deadline = self.request.deadline();
+        let output = self.proc.wait_output(deadline);
+        ClientRun::from_output(self.label, self.request, output)
+    }
+}
+
+/// A connection a server accepted: its local address and the peer it saw.
+/// A connection the mesh did not redirect has the client's own address as peer.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct Accepted {
+    pub local: String,
+    pub peer: String,
+}
+
+impl Accepted {
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer.parse().ok()
+    }
+}
+
+/// A running `mesh-testpod serve`; stopped on drop.
+#[derive(Debug)]
+pub struct Server {
+    pub(crate) proc: Proc,
+    pub(crate) listens: Vec<SocketAddr>,
+}
+
+impl Server {
+    pub fn listens(&self) -> &[SocketAddr] {
+        &self.listens
+    }
+
+    pub fn proc(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> Vec<Accepted> {
+        self.events("accepted")
+            .into_iter()
+            .filter_map(|v| serde_json::from_value(v).ok())
+            .collect()
+    }
+
+    /// The connection accepted from the client address `client`, if any.
+    pub fn accepted_from(&self, client: SocketAddr) -> Option<Accepted> {
+        self.accepted()
+            .into_iter()
+            .find(|a| a.peer_addr() == Some(client))
+    }
+
+    pub(crate) fn events(&self, kind: &str) -> Vec<Value> {
+        self.proc
+            .stdout_lines()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v.get("event").and_then(Value::as_str) == Some(kind))
+            .collect()
+    }
+}

@@ -1,0 +1,129 @@
+//! Privileged integration scenarios: each builds its own mini-cluster
+//! (network namespaces, veths, cgroups) and runs real agents on the real
+//! kernel. Run as root: `cargo xtask test`, or
+//! `cargo build -p mesh-agent && cargo test -p mesh-tests -- --test-threads=2`.
+
+mod scenarios;
+
+use std::net::SocketAddr;
+
+use mesh_tests::{Agent, ClientResult, Cluster, ClusterBuilder, FlowRecord, Pod, Server};
+
+/// A cluster builder that runs this build's `mesh-testpod` in pods.
+pub fn cluster() -> ClusterBuilder {
+    Cluster::builder().testpod_bin(env!("CARGO_BIN_EXE_mesh-testpod"))
+}
+
+/// The hello line the server in pod `dst` sends for a connection that
+/// arrived at `addr`: the proof that the original destination was reached.
+pub fn hello_of(dst: &Pod, addr: SocketAddr) -> String {
+    format!("{} {addr}", dst.name())
+}
+
+/// Asserts that `result` (one connection of a client in pod `src`, which sent
+/// `sent`) reached pod `dst` at the address it connected to, and that the
+/// source node's `agent` carried it: its flow record names the source
+/// workload, the original destination, the destination workload and the
+/// bytes each way. Returns the record.
+#[track_caller]
+pub fn assert_via_agent(
+    agent: &Agent,
+    src: &Pod,
+    dst: &Pod,
+    result: &ClientResult,
+    sent: &str,
+) -> FlowRecord {
+    let target: SocketAddr = result
+        .connect_addr()
+        .expect("client reports where it connected");
+    let hello = hello_of(dst, target);
+    assert_eq!(
+        result.hello.as_deref(),
+        Some(hello.as_str()),
+        "original destination not reached: {result:?}"
+    );
+    assert!(result.echo_ok, "{result:?}");
+    let local = result
+        .local_addr()
+        .expect("client reports its local address");
+    let flow = agent.wait_flow_from(local);
+    assert_eq!(
+        flow.src_workload.as_deref(),
+        Some(src.workload().as_str()),
+        "source workload: {:?}",
+        flow.raw
+    );
+    assert_eq!(
+        flow.orig_dst(),
+        Some(target),
+        "original destination: {:?}",
+        flow.raw
+    );
+    assert_eq!(
+        flow.dst_workload.as_deref(),
+        Some(dst.workload().as_str()),
+        "destination workload: {:?}",
+        flow.raw
+    );
+    assert_eq!(
+        flow.outcome.as_deref(),
+        Some("ok"),
+        "outcome: {:?}",
+        flow.raw
+    );
+    assert_eq!(
+        flow.bytes_sent,
+        Some(sent.len() as u64),
+        "bytes client→destination: {:?}",
+        flow.raw
+    );
+    let received = hello.len() + 1 + sent.len();
+    assert_eq!(
+        flow.bytes_received,
+        Some(received as u64),
+        "bytes destination→client: {:?}",
+        flow.raw
+    );
+    flow
+}
+
+/// Asserts that `result` reached the server named `dst_name` directly: the
+/// hello names it and the address connected to, and the server saw the
+/// client's own address as peer (no agent in between).
+#[track_caller]
+pub fn assert_direct(server: &Server, dst_name: &str, result: &ClientResult) {
+    let target = result
+        .connect_addr()
+        .expect("client reports where it connected");
+    assert_eq!(
+        result.hello.as_deref(),
+        Some(format!("{dst_name} {target}").as_str()),
+        "{result:?}"
+    );
+    assert!(result.echo_ok, "{result:?}");
+    let local = result
+        .local_addr()
+        .expect("client reports its local address");
+    assert!(
+        server.accepted_from(local).is_some(),
+        "server {dst_name} did not see the client's own address {local} as peer (redirected?): accepted {:?}",
+        server.accepted()
+    );
+}
+
+/// Asserts that no agent logged a flow from `result`'s client socket.
+#[track_caller]
+pub fn assert_no_flow(agents: &[Agent], result: &ClientResult) {
+    let local = result
+        .local_addr()
+        .expect("client reports its local address");
+    for a in agents {
+        if let Some(f) = a.flow_from(local) {
+            panic!(
+                "agent {} carried a connection it should not have: {:?}",
+                a.spec().node,
+                f.raw
+            );
+        }
+    }
+}
