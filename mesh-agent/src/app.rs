@@ -1,10 +1,11 @@
-//! Wiring and lifecycle of the node agent: validate everything first, then
-//! bind, attach, fill the maps, serve; on SIGTERM/SIGINT drain, detach and
-//! unpin. A failure before "ready" undoes whatever was already done, so the
-//! agent never runs half-configured.
+//! Wiring and lifecycle of the node agent: validate everything first, then bind, obtain the
+//! workloads' certificates, attach, fill the maps, serve; on SIGTERM/SIGINT drain, detach and
+//! unpin. A failure before "ready" undoes whatever was already done, so the agent never runs
+//! half-configured, and nothing is captured before it can be carried over mTLS.
 
 use std::{
-    net::SocketAddr,
+    collections::{BTreeSet, HashMap},
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::Arc,
     time::Duration,
@@ -20,9 +21,17 @@ use tracing::info;
 use crate::{
     bpf::{BpfError, Dataplane},
     cgroup::{self, CgroupError},
+    identity::{
+        manager::{IdentityManager, ManagerConfig},
+        IdentityError, NodeCredentials, SpiffeId, TrustStore,
+    },
+    metrics::{self, Metrics, ScrapeHook},
     proxy::{
+        hbone::HBONE_PORT,
+        inbound::{Inbound, InboundConfig},
         ip_words,
-        outbound::{Outbound, OutboundConfig},
+        outbound::{MeshView, Outbound, OutboundConfig},
+        Identities, SourceAddrs,
     },
     registry::{Registry, RegistryError},
 };
@@ -44,6 +53,16 @@ pub struct AgentOptions {
     pub pin_dir: PathBuf,
     /// Grace period for in-flight connections on shutdown.
     pub drain_timeout: Duration,
+    /// Node credentials (`node.pem`, `node.key.pem`, `bundle.pem`).
+    pub identity_dir: PathBuf,
+    /// The authority's service address.
+    pub authority: SocketAddr,
+    /// Inbound HBONE listener; default `<outbound ip>:15008`.
+    pub hbone: Option<SocketAddr>,
+    /// Admin listener (`/metrics`, `/healthz`).
+    pub admin: SocketAddr,
+    /// Requested workload certificate lifetime.
+    pub cert_lifetime: Duration,
 }
 
 /// Why the agent could not start or stopped with an error.
@@ -67,6 +86,24 @@ pub enum AppError {
     },
     #[error("installing signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error("node credentials in {dir}: {source}")]
+    Credentials {
+        dir: PathBuf,
+        #[source]
+        source: IdentityError,
+    },
+    #[error("node credentials in {dir} are for node {found:?}, not --node {node:?}")]
+    CredentialsNode {
+        dir: PathBuf,
+        found: String,
+        node: String,
+    },
+    #[error("node {node:?} is not in the registry's nodes")]
+    UnknownNode { node: String },
+    #[error("--cert-lifetime-secs {secs}: must be at least 60")]
+    CertLifetime { secs: u64 },
+    #[error("obtaining workload certificates: {0}")]
+    Identity(#[source] IdentityError),
 }
 
 impl AppError {
@@ -74,7 +111,14 @@ impl AppError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            Self::Registry(_) | Self::Cgroup(_) | Self::OutboundV4 { .. } | Self::OutboundV6 { .. }
+            Self::Registry(_)
+                | Self::Cgroup(_)
+                | Self::OutboundV4 { .. }
+                | Self::OutboundV6 { .. }
+                | Self::Credentials { .. }
+                | Self::CredentialsNode { .. }
+                | Self::UnknownNode { .. }
+                | Self::CertLifetime { .. }
         )
     }
 }
@@ -93,19 +137,62 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
         Some(addr) => return Err(AppError::OutboundV6 { addr }),
     };
 
+    if opts.cert_lifetime < Duration::from_secs(60) {
+        return Err(AppError::CertLifetime {
+            secs: opts.cert_lifetime.as_secs(),
+        });
+    }
+
     // 1. Validate every input before touching the kernel.
     let cgroup_root = cgroup::cgroup2_mount()?;
     let pod_cgroup = cgroup::resolve(&cgroup_root, &opts.pod_cgroup)?;
     let registry = Arc::new(Registry::load(&opts.registry, &opts.node, &cgroup_root)?);
+    if registry.node(&opts.node).is_none() {
+        return Err(AppError::UnknownNode {
+            node: opts.node.clone(),
+        });
+    }
+    let creds = NodeCredentials::load(&opts.identity_dir).map_err(|source| {
+        AppError::Credentials {
+            dir: opts.identity_dir.clone(),
+            source,
+        }
+    })?;
+    if creds.node.node() != opts.node {
+        return Err(AppError::CredentialsNode {
+            dir: opts.identity_dir.clone(),
+            found: creds.node.node().to_owned(),
+            node: opts.node.clone(),
+        });
+    }
+    let trust_domain = creds.node.trust_domain().clone();
+    let local_ids: BTreeSet<SpiffeId> = registry
+        .local(&opts.node)
+        .filter_map(|w| SpiffeId::new(trust_domain.clone(), &w.namespace, &w.service_account).ok())
+        .collect();
+    let peers = hbone_peers(&registry);
+    let hbone_addr = opts
+        .hbone
+        .unwrap_or_else(|| SocketAddr::new(IpAddr::V4(*outbound4.ip()), HBONE_PORT));
+    let source = SourceAddrs {
+        v4: Some(IpAddr::V4(*outbound4.ip())),
+        v6: outbound6.map(|a| IpAddr::V6(*a.ip())),
+    };
     info!(
         node = %opts.node,
         registry = %opts.registry.display(),
         workloads = registry.workloads.len(),
         local = registry.local(&opts.node).count(),
+        identities = local_ids.len(),
+        trust_domain = %trust_domain,
         pod_cgroup = %pod_cgroup.display(),
         pin_dir = %opts.pin_dir.display(),
         outbound = %outbound4,
         outbound6 = ?outbound6,
+        hbone = %hbone_addr,
+        admin = %opts.admin,
+        authority = %opts.authority,
+        cert_lifetime_secs = opts.cert_lifetime.as_secs(),
         "configuration"
     );
     let mut signals = Signals::new()?;
@@ -115,41 +202,152 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
     if let Some(a) = outbound6 {
         listeners.push(bind(SocketAddr::V6(a))?);
     }
+    let hbone_listener = bind(hbone_addr)?;
+    let admin_listener = bind(opts.admin)?;
 
-    // 3. Attach and fill the maps; undo on any failure.
+    // 3. Certificates for every local workload before anything is captured.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let manager = IdentityManager::start(
+        ManagerConfig {
+            authority: opts.authority,
+            creds,
+            workloads: local_ids.into_iter().collect(),
+            lifetime: opts.cert_lifetime,
+            refresh: Duration::from_secs(1),
+            startup_timeout: Duration::from_secs(30),
+        },
+        stop_rx.clone(),
+    )
+    .await
+    .map_err(AppError::Identity)?;
+    let identities: Arc<dyn Identities> = Arc::new(ManagerIdentities(Arc::clone(&manager)));
+    let metrics = Arc::new(Metrics::new());
+
+    // 4. Attach and fill the maps; undo on any failure.
     let dataplane = Arc::new(Dataplane::load(&opts.pin_dir, &pod_cgroup)?);
     if let Err(e) = program_maps(&dataplane, &registry, &opts.node, outbound4, outbound6) {
         shutdown_dataplane(dataplane);
         return Err(e.into());
     }
+    metrics.add_hook(Arc::new(ScrapeSources {
+        manager: Arc::clone(&manager),
+        dataplane: Arc::clone(&dataplane),
+    }));
     info!(
         node = %opts.node,
         outbound = %outbound4,
         outbound6 = ?outbound6,
+        hbone = %hbone_addr,
+        admin = %opts.admin,
         pin_dir = %opts.pin_dir.display(),
         "agent ready"
     );
 
-    // 4. Serve until told to stop.
-    let (stop_tx, stop_rx) = watch::channel(false);
+    // 5. Serve until told to stop.
     let outbound = Outbound::new(
         listeners,
         Arc::clone(&dataplane),
         Arc::clone(&registry),
+        Arc::clone(&identities),
+        MeshView {
+            node: opts.node.clone(),
+            peers,
+            trust_domain: trust_domain.clone(),
+            source,
+        },
+        Arc::clone(&metrics),
         OutboundConfig {
             drain_timeout: opts.drain_timeout,
             ..OutboundConfig::default()
         },
     );
-    let serving = tokio::spawn(outbound.run(stop_rx));
+    let inbound = Inbound::new(
+        hbone_listener,
+        opts.node.clone(),
+        Arc::clone(&registry),
+        identities,
+        &trust_domain,
+        source,
+        Arc::clone(&metrics),
+        InboundConfig {
+            drain_timeout: opts.drain_timeout,
+            ..InboundConfig::default()
+        },
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(outbound.run(stop_rx.clone()));
+    tasks.spawn(inbound.run(stop_rx.clone()));
+    tasks.spawn(metrics::serve_admin(admin_listener, Arc::clone(&metrics), stop_rx.clone()));
     let signal = signals.recv().await;
     info!(signal, "shutting down");
     let _ = stop_tx.send(true);
-    let _ = serving.await;
+    while tasks.join_next().await.is_some() {}
+    // The scrape hook holds the dataplane: release it so the pins can go.
+    drop(metrics);
+    drop(manager);
     let counters = dataplane.counters();
     info!(?counters, "kernel counters at exit");
     shutdown_dataplane(dataplane);
     Ok(())
+}
+
+/// Every node's HBONE address, `address:15008`, by node name.
+fn hbone_peers(registry: &Registry) -> HashMap<String, SocketAddr> {
+    registry
+        .workloads
+        .iter()
+        .filter_map(|w| {
+            let n = registry.node(&w.node)?;
+            Some((w.node.clone(), SocketAddr::new(n.address, HBONE_PORT)))
+        })
+        .collect()
+}
+
+/// The identity manager as the proxies see it.
+struct ManagerIdentities(Arc<IdentityManager>);
+
+impl Identities for ManagerIdentities {
+    fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        self.0.server_config()
+    }
+
+    fn client_config(
+        &self,
+        src: &SpiffeId,
+        dst: &SpiffeId,
+    ) -> Result<Arc<rustls::ClientConfig>, IdentityError> {
+        self.0.client_config(src, dst)
+    }
+
+    fn trust(&self) -> Arc<TrustStore> {
+        self.0.trust()
+    }
+
+    fn revocations(&self) -> watch::Receiver<u64> {
+        self.0.revocation_generation()
+    }
+}
+
+/// Values read at scrape time: certificate lifetimes and rotations, kernel counters.
+struct ScrapeSources {
+    manager: Arc<IdentityManager>,
+    dataplane: Arc<Dataplane>,
+}
+
+impl ScrapeHook for ScrapeSources {
+    fn refresh(&self, metrics: &Metrics) {
+        for (id, remaining) in self.manager.expiries() {
+            metrics.set_cert_expiry(&id.to_string(), remaining);
+        }
+        let (ok, error) = self.manager.rotations();
+        metrics.set_cert_rotations(ok, error);
+        for (name, value) in mesh_common::counters::NAMES
+            .iter()
+            .zip(self.dataplane.counters())
+        {
+            metrics.set_kernel_counter(name, value);
+        }
+    }
 }
 
 fn shutdown_dataplane(dataplane: Arc<Dataplane>) {

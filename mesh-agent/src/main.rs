@@ -56,6 +56,23 @@ struct RunArgs {
     /// Seconds in-flight connections may drain on SIGTERM.
     #[arg(long, default_value_t = 5)]
     drain_timeout_secs: u64,
+    /// Directory with this node's credentials: node.pem, node.key.pem, bundle.pem
+    /// (written by `mesh-agent authority join`).
+    #[arg(long, env = "MESH_IDENTITY_DIR")]
+    identity_dir: PathBuf,
+    /// The authority's service address `ip:port`.
+    #[arg(long, env = "MESH_AUTHORITY")]
+    authority: SocketAddr,
+    /// Inbound HBONE listener `ip:port` [default: <outbound ip>:15008].
+    #[arg(long, env = "MESH_HBONE")]
+    hbone: Option<SocketAddr>,
+    /// Admin listener: Prometheus `/metrics` and `/healthz`.
+    #[arg(long, env = "MESH_ADMIN", default_value = "127.0.0.1:15020")]
+    admin: SocketAddr,
+    /// Requested lifetime of workload certificates, in seconds (at least 60); they are
+    /// rotated at half-life.
+    #[arg(long, env = "MESH_CERT_LIFETIME_SECS", default_value_t = 86_400)]
+    cert_lifetime_secs: u64,
 }
 
 fn init_tracing(format: LogFormat) {
@@ -81,6 +98,11 @@ fn main() -> ExitCode {
                 outbound6: args.outbound6,
                 pin_dir: args.pin_dir,
                 drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+                identity_dir: args.identity_dir,
+                authority: args.authority,
+                hbone: args.hbone,
+                admin: args.admin,
+                cert_lifetime: Duration::from_secs(args.cert_lifetime_secs),
             };
             let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(rt) => rt,

@@ -1,12 +1,106 @@
-//! The agent's proxies. [`outbound`] accepts the connections the kernel
-//! captured from local pods and carries them to their original destination.
+//! The agent's proxies, shaped like ztunnel's:
+//! - [`outbound`] accepts the connections the kernel captured from local pods and carries
+//!   them to their original destination: over an HBONE tunnel (mTLS, HTTP/2 CONNECT) to the
+//!   destination node's agent, or straight to the pod when it is on this node;
+//! - [`inbound`] terminates HBONE from other agents, verifies the peer workload's identity
+//!   and carries each tunnel to the local pod;
+//! - [`pool`] keeps outbound HBONE connections per (source identity, destination identity,
+//!   destination node);
+//! - [`hbone`] is the wire format (transport-agnostic framing).
 
 pub mod hbone;
+pub mod inbound;
 pub mod outbound;
+pub mod pool;
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use mesh_common::{is_mapped_v4, mapped_v4, ConnKey, OrigDst, AF_INET};
+use rustls::{ClientConfig, ServerConfig};
+use tokio::{net::TcpStream, sync::watch, time::timeout};
+
+use crate::identity::{IdentityError, SpiffeId, TrustStore};
+
+/// What the proxies need from the identity layer (the agent's identity manager implements
+/// it; tests can use a fixed set of certificates).
+pub trait Identities: Send + Sync + 'static {
+    /// Inbound HBONE: TLS 1.3, ALPN h2, this node's workload certificates chosen by SNI,
+    /// client certificates required and verified.
+    fn server_config(&self) -> Arc<ServerConfig>;
+    /// Outbound HBONE: presents `src`'s current certificate and accepts only `dst`.
+    fn client_config(&self, src: &SpiffeId, dst: &SpiffeId)
+        -> Result<Arc<ClientConfig>, IdentityError>;
+    /// The trust bundle and revocation list in force.
+    fn trust(&self) -> Arc<TrustStore>;
+    /// Bumped whenever the revocation list changes: live connections are re-checked.
+    fn revocations(&self) -> watch::Receiver<u64>;
+}
+
+/// Where the agent's own upstream sockets come from: the node addresses that the kernel's
+/// STRICT check admits as "from the mesh".
+#[derive(Clone, Copy, Debug)]
+pub struct SourceAddrs {
+    pub v4: Option<IpAddr>,
+    pub v6: Option<IpAddr>,
+}
+
+impl SourceAddrs {
+    fn for_dst(&self, dst: &SocketAddr) -> Option<IpAddr> {
+        match dst {
+            SocketAddr::V4(_) => self.v4,
+            SocketAddr::V6(a) if a.ip().to_ipv4_mapped().is_some() => self.v4,
+            SocketAddr::V6(_) => self.v6,
+        }
+    }
+}
+
+/// Why an upstream connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect to {dst} timed out after {after:?}")]
+    Timeout { dst: SocketAddr, after: Duration },
+    #[error("connect to {dst}: {source}")]
+    Io {
+        dst: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Connects to `dst` from the node's mesh source address (when one is configured for the
+/// family), with a timeout and `TCP_NODELAY`.
+pub async fn connect_from(
+    src: &SourceAddrs,
+    dst: SocketAddr,
+    limit: Duration,
+) -> Result<TcpStream, ConnectError> {
+    let dst = match dst {
+        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), a.port()),
+            None => dst,
+        },
+        v4 => v4,
+    };
+    let io = |source| ConnectError::Io { dst, source };
+    let sock = match dst {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .map_err(io)?;
+    if let Some(ip) = src.for_dst(&dst) {
+        sock.bind(SocketAddr::new(ip, 0)).map_err(io)?;
+    }
+    let stream = timeout(limit, sock.connect(dst))
+        .await
+        .map_err(|_| ConnectError::Timeout { dst, after: limit })?
+        .map_err(io)?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
 
 /// An IP address as 4 network-order words, IPv4 mapped into IPv6.
 pub fn ip_words(ip: IpAddr) -> [u32; 4] {

@@ -56,6 +56,14 @@ pub struct AgentSpec {
     pub pin_dir: PathBuf,
     /// Where stdout/stderr files go.
     pub log_dir: PathBuf,
+    /// `--identity-dir`: the node's credentials (`authority join`).
+    pub identity_dir: PathBuf,
+    /// `--authority`.
+    pub authority: SocketAddr,
+    /// `--admin` (metrics).
+    pub admin: SocketAddr,
+    /// `--cert-lifetime-secs` (the agent's default when `None`).
+    pub cert_lifetime_secs: Option<u64>,
     pub extra_args: Vec<String>,
 }
 
@@ -73,6 +81,15 @@ impl AgentSpec {
             .arg(self.outbound.to_string());
         if let Some(o6) = self.outbound6 {
             cmd.arg("--outbound6").arg(o6.to_string());
+        }
+        cmd.arg("--identity-dir")
+            .arg(&self.identity_dir)
+            .arg("--authority")
+            .arg(self.authority.to_string())
+            .arg("--admin")
+            .arg(self.admin.to_string());
+        if let Some(secs) = self.cert_lifetime_secs {
+            cmd.arg("--cert-lifetime-secs").arg(secs.to_string());
         }
         cmd.arg("--pin-dir")
             .arg(&self.pin_dir)

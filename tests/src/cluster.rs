@@ -28,6 +28,7 @@ use std::{
 
 use crate::{
     agent::{Agent, AgentSpec},
+    authority::Authority,
     cgroup::Cgroup,
     netns::{Netns, Veth},
     process::{self, Output, Proc, Target},
@@ -36,6 +37,11 @@ use crate::{
     testpod::{self, ClientProc, ClientRequest, ClientRun, Server},
     tmp::TempDir,
 };
+
+/// The port of every agent's admin endpoint (`/metrics`), on the node IP.
+pub const ADMIN_PORT: u16 = 15020;
+/// The port every agent's inbound HBONE listener uses.
+pub const HBONE_PORT: u16 = 15008;
 
 /// The port every agent's outbound listener uses.
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -250,6 +256,46 @@ impl Node {
     pub fn outbound6(&self) -> SocketAddr {
         self.addr6(OUTBOUND_PORT)
     }
+    /// `GET <path>` on this node's `port` (from inside the node's namespace): the body.
+    #[track_caller]
+    pub fn http_get(&self, port: u16, path: &str) -> String {
+        let addr = self.addr4(port);
+        let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+        let response = crate::netns::in_netns(&self.netns.path(), move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+            s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+            s.write_all(request.as_bytes()).expect("write request");
+            let mut out = String::new();
+            s.read_to_string(&mut out).expect("read response");
+            out
+        });
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        assert!(head.starts_with("HTTP/1.1 200"), "GET {path} on {addr}: {head}");
+        body.to_owned()
+    }
+
+    /// This node's agent's Prometheus metrics: `name{labels}` → value.
+    #[track_caller]
+    pub fn metrics(&self) -> std::collections::BTreeMap<String, f64> {
+        self.http_get(ADMIN_PORT, "/metrics")
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_owned(), v.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// One metric of this node's agent (`0` if absent), e.g.
+    /// `mesh_tls_handshakes_total{side="server",result="ok"}`.
+    #[track_caller]
+    pub fn metric(&self, key: &str) -> f64 {
+        self.metrics().get(key).copied().unwrap_or(0.0)
+    }
+
     /// Programs attached directly to the pod-cgroup parent (`bpftool cgroup show`).
     pub fn attached_progs(&self) -> Vec<crate::bpftool::CgroupProg> {
         crate::bpftool::cgroup_progs(self.pod_cgroup())
@@ -448,6 +494,7 @@ impl ClusterBuilder {
         let cgroup2 = sys::cgroup2_mount();
         let bpffs = sys::bpffs_mount();
         let mut cluster = Cluster {
+            authority: None,
             id: id.clone(),
             bpffs,
             ctx: ctx.clone(),
@@ -508,6 +555,11 @@ impl ClusterBuilder {
             let pod = cluster.make_pod(&s, k);
             cluster.pods.push(pod);
         }
+        let registry = cluster.write_registry();
+        let bridge = cluster.bridge.as_ref().expect("bridge exists");
+        let mut authority = Authority::create(&id, bridge, cluster.tmp.path(), &registry);
+        authority.start();
+        cluster.authority = Some(std::sync::Mutex::new(authority));
         cluster
     }
 }
@@ -517,6 +569,8 @@ impl ClusterBuilder {
 /// restart them; declare them after the cluster so they drop first.
 #[derive(Debug)]
 pub struct Cluster {
+    /// Stopped first: the authority serves every agent.
+    authority: Option<std::sync::Mutex<Authority>>,
     id: String,
     bpffs: PathBuf,
     ctx: Arc<Ctx>,
@@ -601,12 +655,35 @@ impl Cluster {
             .0
     }
 
+    /// The bridge namespace (every frame between nodes crosses it).
+    pub fn bridge_netns(&self) -> PathBuf {
+        self.bridge.as_ref().expect("bridge exists").path()
+    }
+
+    /// The cluster's authority (CA): stop, start, revoke, read its log.
+    pub fn authority(&self) -> std::sync::MutexGuard<'_, Authority> {
+        self.authority
+            .as_ref()
+            .expect("the authority is created with the cluster")
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     /// How node `index`'s agent is started (registry: `<tmp>/registry.yaml`,
-    /// written now); adjust it before [`Agent::start`].
+    /// written now; node credentials from `authority join`); adjust it before
+    /// [`Agent::start`].
     #[track_caller]
     pub fn agent_spec(&self, index: usize) -> AgentSpec {
         let node = self.node(index);
+        let (identity_dir, authority) = {
+            let a = self.authority();
+            (a.join(&node.name), a.addr())
+        };
         AgentSpec {
+            identity_dir,
+            authority,
+            admin: node.addr4(ADMIN_PORT),
+            cert_lifetime_secs: None,
             node: node.name.clone(),
             netns: node.netns.path(),
             registry: self.write_registry(),

@@ -21,7 +21,9 @@
 //! benchmark binaries; nothing in it is test-only.
 
 pub mod agent;
+pub mod authority;
 pub mod bpftool;
+pub mod capture;
 pub mod cgroup;
 pub mod cluster;
 pub mod netns;
@@ -32,6 +34,7 @@ pub mod sys;
 pub mod testpod;
 pub mod tmp;
 
+pub use authority::Authority;
 pub use agent::{agent_bin, Agent, AgentExit, AgentSpec, FlowRecord};
 pub use cgroup::Cgroup;
 pub use cluster::{Cluster, ClusterBuilder, Host, Node, Place, Pod};

@@ -147,3 +147,25 @@ impl Drop for Veth {
         }
     }
 }
+
+/// Runs `f` on a new thread that has joined the network namespace at `ns`
+/// (`setns` moves only the calling thread), and returns its result. Used to
+/// reach listeners inside a namespace (an agent's admin port) from the test
+/// process without moving the test process itself.
+#[track_caller]
+pub fn in_netns<T: Send + 'static>(ns: &std::path::Path, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let file = std::fs::File::open(ns)
+        .unwrap_or_else(|e| panic!("opening network namespace {}: {e}", ns.display()));
+    let handle = std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on a valid, open namespace fd; it affects only this thread,
+        // which exits when `f` returns.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    });
+    match handle.join() {
+        Ok(v) => v,
+        Err(p) => std::panic::resume_unwind(p),
+    }
+}

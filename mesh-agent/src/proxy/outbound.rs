@@ -1,7 +1,15 @@
-//! Outbound: connections captured by `cgroup/connect4|6` arrive here. For
-//! each one the agent finds the original destination and the source workload
-//! in `mesh_conn_dst` (written by sock_ops), connects to the destination and
-//! copies bytes both ways with half-close preserved.
+//! Outbound: connections captured by `cgroup/connect4|6` arrive here. For each one the agent
+//! finds the original destination and the source workload in `mesh_conn_dst` (written by
+//! sock_ops), then carries it:
+//! - to a workload on another node: over an HBONE tunnel to that node's agent, presenting the
+//!   *source workload's* certificate and accepting only the *destination workload's*
+//!   ([`Pool`]); no byte leaves the node in plaintext;
+//! - to a workload on this node: straight to the pod, from the node's mesh source address
+//!   (the identity of both ends is known from the kernel: the source cgroup and the
+//!   destination's registry entry).
+//!
+//! Bytes are copied both ways with back-pressure and half-close preserved. A connection whose
+//! source has no certificate, or whose destination node is unknown, is refused (fail closed).
 
 use std::{
     net::SocketAddr,
@@ -12,6 +20,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::collections::HashMap;
+
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
@@ -21,8 +31,17 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use super::{conn_key, orig_dst_addr};
-use crate::{bpf::Dataplane, registry::Registry};
+use super::{
+    conn_key, connect_from, hbone, orig_dst_addr,
+    pool::{Pool, PoolError},
+    ConnectError, Identities, SourceAddrs,
+};
+use crate::{
+    bpf::Dataplane,
+    identity::{IdentityError, SpiffeId, TrustDomain},
+    metrics::{Direction, Metrics},
+    registry::Registry,
+};
 
 /// Size of each direction's copy buffer.
 const COPY_BUF: usize = 64 * 1024;
@@ -30,10 +49,12 @@ const COPY_BUF: usize = 64 * 1024;
 /// Tunables of the outbound proxy.
 #[derive(Clone, Debug)]
 pub struct OutboundConfig {
-    /// How long to wait for the destination to accept.
+    /// How long to wait for a local destination to accept.
     pub connect_timeout: Duration,
     /// How long in-flight connections may drain on shutdown.
     pub drain_timeout: Duration,
+    /// How often idle and revoked pooled HBONE connections are swept.
+    pub sweep_interval: Duration,
 }
 
 impl Default for OutboundConfig {
@@ -41,8 +62,21 @@ impl Default for OutboundConfig {
         Self {
             connect_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
+            sweep_interval: Duration::from_secs(10),
         }
     }
+}
+
+/// What the outbound proxy knows of the mesh beyond the registry.
+pub struct MeshView {
+    /// This node's name.
+    pub node: String,
+    /// Every node's HBONE address (`address:15008`), by node name.
+    pub peers: HashMap<String, SocketAddr>,
+    /// The trust domain of every workload identity.
+    pub trust_domain: TrustDomain,
+    /// The agent's own upstream source addresses.
+    pub source: SourceAddrs,
 }
 
 /// The outbound proxy: its listeners and what it needs per connection.
@@ -54,8 +88,30 @@ pub struct Outbound {
 struct Ctx {
     dataplane: Arc<Dataplane>,
     registry: Arc<Registry>,
+    /// Workload identities, indexed by workload id − 1.
+    identities_by_id: Vec<Option<SpiffeId>>,
+    identities: Arc<dyn Identities>,
+    view: MeshView,
+    pool: Pool,
+    metrics: Arc<Metrics>,
     cfg: OutboundConfig,
     next_id: AtomicU64,
+}
+
+/// How a connection was carried.
+#[derive(Clone, Copy, Debug)]
+enum Transport {
+    Hbone,
+    Local,
+}
+
+impl Transport {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Hbone => "hbone",
+            Self::Local => "local",
+        }
+    }
 }
 
 /// Why a captured connection was not carried through.
@@ -65,14 +121,22 @@ enum FlowError {
     NoOrigDst,
     #[error("original destination is the agent itself")]
     Loop,
-    #[error("connect to {dst} timed out")]
-    ConnectTimeout { dst: SocketAddr },
-    #[error("connect to {dst}: {source}")]
-    Connect {
-        dst: SocketAddr,
+    #[error("unknown workload #{id}")]
+    UnknownWorkload { id: u32 },
+    #[error("no HBONE address for node {node}")]
+    UnknownNode { node: String },
+    #[error("no certificate for {src}: {source}")]
+    NoCertificate {
+        src: SpiffeId,
         #[source]
-        source: std::io::Error,
+        source: IdentityError,
     },
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Tunnel(#[from] PoolError),
+    #[error("tunnel: {0}")]
+    Pump(#[source] hbone::HboneError),
 }
 
 impl Outbound {
@@ -82,13 +146,29 @@ impl Outbound {
         listeners: Vec<TcpListener>,
         dataplane: Arc<Dataplane>,
         registry: Arc<Registry>,
+        identities: Arc<dyn Identities>,
+        view: MeshView,
+        metrics: Arc<Metrics>,
         cfg: OutboundConfig,
     ) -> Self {
+        let identities_by_id = registry
+            .workloads
+            .iter()
+            .map(|w| {
+                SpiffeId::new(view.trust_domain.clone(), &w.namespace, &w.service_account).ok()
+            })
+            .collect();
+        let pool = Pool::new(Default::default(), view.source, Arc::clone(&metrics));
         Self {
             listeners,
             ctx: Arc::new(Ctx {
                 dataplane,
                 registry,
+                identities_by_id,
+                identities,
+                view,
+                pool,
+                metrics,
                 cfg,
                 next_id: AtomicU64::new(1),
             }),
@@ -122,9 +202,19 @@ impl Outbound {
         drop(conn_tx);
 
         let mut flows = JoinSet::new();
+        let mut revocations = self.ctx.identities.revocations();
+        let mut sweep = tokio::time::interval(self.ctx.cfg.sweep_interval);
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
+                changed = revocations.changed() => {
+                    if changed.is_ok() {
+                        self.ctx.pool.sweep(&self.ctx.identities.trust());
+                    }
+                }
+                _ = sweep.tick() => {
+                    self.ctx.pool.sweep(&self.ctx.identities.trust());
+                }
                 next = conn_rx.recv() => match next {
                     Some((stream, peer)) => {
                         let ctx = Arc::clone(&self.ctx);
@@ -148,6 +238,7 @@ impl Outbound {
             warn!(aborted = flows.len(), "drain timeout: closing remaining connections");
             flows.abort_all();
         }
+        self.ctx.pool.close_all();
     }
 }
 
@@ -172,54 +263,67 @@ impl Ctx {
             return;
         };
         let dst = orig_dst_addr(&orig);
+        let _active = self.metrics.active(Direction::Outbound);
         let src_workload = self.workload_name(orig.src_workload_id);
         let dst_workload = self.workload_name(orig.dst_workload_id);
-        let result = self.carry(&mut client, dst, local).await;
+        let src_identity = self.identity_name(orig.src_workload_id);
+        let dst_identity = self.identity_name(orig.dst_workload_id);
+        let (transport, result) = self.carry(&mut client, &orig, dst, local).await;
         let duration_ms = started.elapsed().as_millis() as u64;
-        match result {
-            Ok((sent, received)) => info!(
-                conn_id,
-                src_workload = %src_workload,
-                src_addr = %peer,
-                orig_dst = %dst,
-                dst_workload = %dst_workload,
-                bytes_sent = sent,
-                bytes_received = received,
-                duration_ms,
-                outcome = "ok",
-                "flow"
-            ),
-            Err(e) => info!(
-                conn_id,
-                src_workload = %src_workload,
-                src_addr = %peer,
-                orig_dst = %dst,
-                dst_workload = %dst_workload,
-                bytes_sent = 0u64,
-                bytes_received = 0u64,
-                duration_ms,
-                outcome = %e,
-                "flow"
-            ),
-        }
+        let (sent, received, outcome) = match result {
+            Ok((sent, received)) => (sent, received, "ok".to_owned()),
+            Err(e) => (0, 0, e.to_string()),
+        };
+        info!(
+            conn_id,
+            src_workload = %src_workload,
+            src_identity = %src_identity,
+            src_addr = %peer,
+            orig_dst = %dst,
+            dst_workload = %dst_workload,
+            dst_identity = %dst_identity,
+            transport = transport.as_str(),
+            bytes_sent = sent,
+            bytes_received = received,
+            duration_ms,
+            outcome,
+            "flow"
+        );
     }
 
+    /// Carries one connection; the transport chosen and the byte counts
+    /// (client→destination, destination→client).
     async fn carry(
         &self,
         client: &mut TcpStream,
+        orig: &mesh_common::OrigDst,
         dst: SocketAddr,
         local: SocketAddr,
-    ) -> Result<(u64, u64), FlowError> {
+    ) -> (Transport, Result<(u64, u64), FlowError>) {
         if canonical(dst) == local {
-            return Err(FlowError::Loop);
+            return (Transport::Local, Err(FlowError::Loop));
         }
-        let mut upstream = match timeout(self.cfg.connect_timeout, TcpStream::connect(dst)).await {
-            Err(_) => return Err(FlowError::ConnectTimeout { dst }),
-            Ok(Err(source)) => return Err(FlowError::Connect { dst, source }),
-            Ok(Ok(s)) => s,
+        let Some(dst_w) = self.registry.by_id(orig.dst_workload_id) else {
+            return (
+                Transport::Local,
+                Err(FlowError::UnknownWorkload {
+                    id: orig.dst_workload_id,
+                }),
+            );
         };
         let _ = client.set_nodelay(true);
-        let _ = upstream.set_nodelay(true);
+        if dst_w.node == self.view.node {
+            return (Transport::Local, self.carry_local(client, dst).await);
+        }
+        (Transport::Hbone, self.carry_hbone(client, orig, &dst_w.node, dst).await)
+    }
+
+    async fn carry_local(
+        &self,
+        client: &mut TcpStream,
+        dst: SocketAddr,
+    ) -> Result<(u64, u64), FlowError> {
+        let mut upstream = connect_from(&self.view.source, dst, self.cfg.connect_timeout).await?;
         match tokio::io::copy_bidirectional_with_sizes(client, &mut upstream, COPY_BUF, COPY_BUF)
             .await
         {
@@ -231,6 +335,55 @@ impl Ctx {
                 Ok((0, 0))
             }
         }
+    }
+
+    async fn carry_hbone(
+        &self,
+        client: &mut TcpStream,
+        orig: &mesh_common::OrigDst,
+        dst_node: &str,
+        dst: SocketAddr,
+    ) -> Result<(u64, u64), FlowError> {
+        let src_id = self.identity(orig.src_workload_id)?;
+        let dst_id = self.identity(orig.dst_workload_id)?;
+        let peer = *self
+            .view
+            .peers
+            .get(dst_node)
+            .ok_or_else(|| FlowError::UnknownNode {
+                node: dst_node.to_owned(),
+            })?;
+        let config = self
+            .identities
+            .client_config(src_id, dst_id)
+            .map_err(|source| FlowError::NoCertificate {
+                src: src_id.clone(),
+                source,
+            })?;
+        let (tunnel, _slot) = self
+            .pool
+            .tunnel(src_id, dst_id, peer, config, canonical(dst))
+            .await?;
+        let result = hbone::pump(client, tunnel).await;
+        match result.error {
+            None => Ok((result.to_tunnel, result.from_tunnel)),
+            Some(e) => Err(FlowError::Pump(e)),
+        }
+    }
+
+    fn identity(&self, id: u32) -> Result<&SpiffeId, FlowError> {
+        usize::try_from(id)
+            .ok()
+            .and_then(|i| i.checked_sub(1))
+            .and_then(|i| self.identities_by_id.get(i))
+            .and_then(Option::as_ref)
+            .ok_or(FlowError::UnknownWorkload { id })
+    }
+
+    fn identity_name(&self, id: u32) -> String {
+        self.identity(id)
+            .map(ToString::to_string)
+            .unwrap_or_else(|_| format!("unknown#{id}"))
     }
 
     fn workload_name(&self, id: u32) -> String {

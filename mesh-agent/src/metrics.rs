@@ -1,0 +1,411 @@
+//! Telemetry: the agent's Prometheus metrics and the admin endpoint that serves them.
+//!
+//! Metrics are plain atomics updated on the data path (no allocation per event: label sets
+//! are small enums); values that are read rather than counted (certificate expiry, kernel
+//! counters) are refreshed from their owners at scrape time through [`ScrapeHook`].
+//!
+//! The admin endpoint speaks just enough HTTP/1.1 for a scraper and a probe: `GET /metrics`
+//! (OpenMetrics text), `GET /healthz` (`ok`). Requests are bounded in size and time; anything
+//! else is answered `404`/`400` and the connection closed.
+
+use std::{fmt::Write as _, net::SocketAddr, sync::Arc, time::Duration};
+
+use prometheus_client::{
+    encoding::{text::encode, EncodeLabelSet, EncodeLabelValue},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::{watch, Semaphore},
+    time::timeout,
+};
+use tracing::{debug, warn};
+
+/// Which end of a TLS or HBONE exchange the agent was.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Side {
+    /// The outbound agent, dialling a peer.
+    Client,
+    /// The inbound agent, accepting.
+    Server,
+}
+
+/// How something ended.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Outcome {
+    Ok,
+    Error,
+}
+
+/// What the kernel did with a plaintext connection to an enrolled workload.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum PlaintextVerdict {
+    Refused,
+    Permissive,
+}
+
+/// Direction of a proxied connection.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SideOutcome {
+    side: Side,
+    result: Outcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: Outcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabel {
+    verdict: PlaintextVerdict,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: Direction,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IdentityLabel {
+    identity: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CounterLabel {
+    counter: &'static str,
+}
+
+/// Refreshes scrape-time values (certificate expiries, rotations, kernel counters).
+pub trait ScrapeHook: Send + Sync {
+    fn refresh(&self, metrics: &Metrics);
+}
+
+/// Every metric the agent exports. Cheap to share (`Arc<Metrics>`).
+pub struct Metrics {
+    registry: Registry,
+    tls_handshakes: Family<SideOutcome, Counter>,
+    hbone_streams: Family<SideOutcome, Counter>,
+    cert_expiry: Family<IdentityLabel, Gauge>,
+    cert_rotations: Family<ResultLabel, Counter>,
+    plaintext: Family<VerdictLabel, Counter>,
+    active: Family<DirectionLabel, Gauge>,
+    kernel: Family<CounterLabel, Counter>,
+    /// Last totals seen for counters whose owners keep totals (advanced by the delta).
+    seen: std::sync::Mutex<std::collections::HashMap<&'static str, u64>>,
+    hooks: std::sync::RwLock<Vec<Arc<dyn ScrapeHook>>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("mesh");
+        let tls_handshakes = Family::<SideOutcome, Counter>::default();
+        registry.register(
+            "tls_handshakes",
+            "mTLS handshakes on the HBONE port, by side and result",
+            tls_handshakes.clone(),
+        );
+        let hbone_streams = Family::<SideOutcome, Counter>::default();
+        registry.register(
+            "hbone_streams",
+            "HBONE CONNECT streams, by side and result",
+            hbone_streams.clone(),
+        );
+        let cert_expiry = Family::<IdentityLabel, Gauge>::default();
+        registry.register(
+            "cert_expiry_seconds",
+            "Seconds until the workload certificate of each local identity expires",
+            cert_expiry.clone(),
+        );
+        let cert_rotations = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "cert_rotations",
+            "Workload certificate issuances and rotations, by result",
+            cert_rotations.clone(),
+        );
+        let plaintext = Family::<VerdictLabel, Counter>::default();
+        registry.register(
+            "plaintext_connections",
+            "Plaintext connection attempts to enrolled workloads that did not come through \
+             the mesh: refused (STRICT) or accepted and flagged (PERMISSIVE)",
+            plaintext.clone(),
+        );
+        let active = Family::<DirectionLabel, Gauge>::default();
+        registry.register(
+            "connections_active",
+            "Proxied connections in flight, by direction",
+            active.clone(),
+        );
+        let kernel = Family::<CounterLabel, Counter>::default();
+        registry.register(
+            "kernel",
+            "The kernel programs' counters (map mesh_counters, summed over CPUs)",
+            kernel.clone(),
+        );
+        Self {
+            registry,
+            tls_handshakes,
+            hbone_streams,
+            cert_expiry,
+            cert_rotations,
+            plaintext,
+            active,
+            kernel,
+            seen: std::sync::Mutex::new(std::collections::HashMap::new()),
+            hooks: std::sync::RwLock::new(Vec::new()),
+        }
+    }
+
+    pub fn add_hook(&self, hook: Arc<dyn ScrapeHook>) {
+        self.hooks.write().unwrap_or_else(|p| p.into_inner()).push(hook);
+    }
+
+    pub fn tls_handshake(&self, side: Side, result: Outcome) {
+        self.tls_handshakes
+            .get_or_create(&SideOutcome { side, result })
+            .inc();
+    }
+
+    pub fn hbone_stream(&self, side: Side, result: Outcome) {
+        self.hbone_streams
+            .get_or_create(&SideOutcome { side, result })
+            .inc();
+    }
+
+    pub fn plaintext(&self, verdict: PlaintextVerdict) {
+        self.plaintext.get_or_create(&VerdictLabel { verdict }).inc();
+    }
+
+    /// Counts a connection in flight until the guard is dropped.
+    pub fn active(&self, direction: Direction) -> ActiveGuard {
+        let gauge = self
+            .active
+            .get_or_create(&DirectionLabel { direction })
+            .clone();
+        gauge.inc();
+        ActiveGuard(gauge)
+    }
+
+    pub fn set_cert_expiry(&self, identity: &str, remaining: Duration) {
+        self.cert_expiry
+            .get_or_create(&IdentityLabel {
+                identity: identity.to_owned(),
+            })
+            .set(i64::try_from(remaining.as_secs()).unwrap_or(i64::MAX));
+    }
+
+    /// Brings the rotation counters up to the identity manager's totals.
+    pub fn set_cert_rotations(&self, ok: u64, error: u64) {
+        for (result, key, total) in [(Outcome::Ok, "rot_ok", ok), (Outcome::Error, "rot_err", error)] {
+            let delta = self.advance(key, total);
+            self.cert_rotations.get_or_create(&ResultLabel { result }).inc_by(delta);
+        }
+    }
+
+    /// Brings a kernel counter up to its current total (read from the per-CPU map).
+    pub fn set_kernel_counter(&self, counter: &'static str, total: u64) {
+        let delta = self.advance(counter, total);
+        self.kernel.get_or_create(&CounterLabel { counter }).inc_by(delta);
+    }
+
+    /// How far `total` is past the last total seen under `key` (0 if it went backwards,
+    /// e.g. a map recreated by a restarted agent: counters never decrease).
+    fn advance(&self, key: &'static str, total: u64) -> u64 {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let last = seen.entry(key).or_insert(0);
+        let delta = total.saturating_sub(*last);
+        *last = (*last).max(total);
+        delta
+    }
+
+    /// The OpenMetrics text of every metric, scrape hooks run first.
+    pub fn render(&self) -> String {
+        let hooks = self.hooks.read().unwrap_or_else(|p| p.into_inner()).clone();
+        for hook in hooks {
+            hook.refresh(self);
+        }
+        let mut out = String::with_capacity(4096);
+        if let Err(e) = encode(&mut out, &self.registry) {
+            // Only a fmt::Write failure, which String does not have.
+            let _ = write!(out, "# encoding failed: {e}\n# EOF\n");
+        }
+        out
+    }
+}
+
+/// Decrements a `connections_active` gauge on drop.
+#[derive(Debug)]
+pub struct ActiveGuard(Gauge);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Largest admin request head accepted.
+const MAX_REQUEST: usize = 8 * 1024;
+/// Admin connections served at once.
+const MAX_ADMIN_CONNS: usize = 64;
+const ADMIN_IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves `/metrics` and `/healthz` on `listener` until `stop` turns true.
+pub async fn serve_admin(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNS));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+                        debug!(%peer, "admin: too many connections");
+                        continue;
+                    };
+                    let metrics = Arc::clone(&metrics);
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        if let Err(e) = timeout(ADMIN_IO_TIMEOUT, admin_conn(stream, &metrics)).await {
+                            debug!(%peer, error = %e, "admin request timed out");
+                        }
+                    });
+                }
+                Err(e) => {
+                    warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn admin_conn(mut stream: TcpStream, metrics: &Metrics) {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        if buf.len() > MAX_REQUEST {
+            let _ = respond(&mut stream, "400 Bad Request", "text/plain", "request too large\n").await;
+            return;
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]);
+    let mut parts = head.lines().next().unwrap_or("").split(' ');
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let _ = match (method, path) {
+        ("GET", "/metrics") => {
+            respond(
+                &mut stream,
+                "200 OK",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                &metrics.render(),
+            )
+            .await
+        }
+        ("GET", "/healthz") => respond(&mut stream, "200 OK", "text/plain", "ok\n").await,
+        ("GET", _) => respond(&mut stream, "404 Not Found", "text/plain", "not found\n").await,
+        _ => respond(&mut stream, "400 Bad Request", "text/plain", "bad request\n").await,
+    };
+}
+
+async fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    content_type: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// Binds the admin listener (before anything is attached, like the proxies).
+pub async fn bind_admin(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_the_documented_names() {
+        let m = Metrics::new();
+        m.tls_handshake(Side::Server, Outcome::Ok);
+        m.tls_handshake(Side::Client, Outcome::Error);
+        m.plaintext(PlaintextVerdict::Refused);
+        m.set_cert_expiry("spiffe://td/ns/default/sa/a", Duration::from_secs(3600));
+        m.set_cert_rotations(2, 1);
+        m.hbone_stream(Side::Server, Outcome::Ok);
+        let _g = m.active(Direction::Inbound);
+        let text = m.render();
+        for needle in [
+            r#"mesh_tls_handshakes_total{side="server",result="ok"} 1"#,
+            r#"mesh_tls_handshakes_total{side="client",result="error"} 1"#,
+            r#"mesh_plaintext_connections_total{verdict="refused"} 1"#,
+            r#"mesh_cert_expiry_seconds{identity="spiffe://td/ns/default/sa/a"} 3600"#,
+            r#"mesh_cert_rotations_total{result="ok"} 2"#,
+            r#"mesh_hbone_streams_total{side="server",result="ok"} 1"#,
+            r#"mesh_connections_active{direction="inbound"} 1"#,
+        ] {
+            assert!(text.contains(needle), "missing {needle} in:\n{text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn admin_serves_metrics_and_refuses_junk() {
+        let listener = bind_admin("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        metrics.plaintext(PlaintextVerdict::Permissive);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let server = tokio::spawn(serve_admin(listener, Arc::clone(&metrics), stop_rx));
+        let get = |req: &'static [u8]| async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(req).await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        let ok = get(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        assert!(ok.contains(r#"mesh_plaintext_connections_total{verdict="permissive"} 1"#));
+        assert!(get(b"GET /nope HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 404"));
+        assert!(get(b"\x16\x03\x01garbage\r\n\r\n").await.starts_with("HTTP/1.1 400"));
+        let _ = stop_tx.send(true);
+        server.await.unwrap();
+    }
+}

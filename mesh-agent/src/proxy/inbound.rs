@@ -1,0 +1,378 @@
+//! Inbound: HBONE from other node agents. Each connection is TLS 1.3 with a verified client
+//! workload certificate (the identity layer's server config); the server certificate is the
+//! destination workload's, chosen by SNI. Each HTTP/2 `CONNECT` stream is checked — its
+//! `:authority` must be an address of the local workload whose certificate was presented —
+//! and carried to that pod from the node's mesh source address.
+//!
+//! Every refusal (handshake, preface, frame, request) is logged as `hbone rejected` with the
+//! peer and a reason, and costs nothing beyond its own connection: handshakes and connections
+//! are bounded, every phase has a timeout. When the revocation list changes, connections
+//! whose client certificate is now revoked are closed with all their tunnels.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use h2::{server::SendResponse, RecvStream};
+use http::{Request, StatusCode};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{watch, Semaphore},
+    task::JoinSet,
+    time::timeout,
+};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use super::{
+    connect_from,
+    hbone::{self, BadRequest},
+    Identities, SourceAddrs,
+};
+use crate::{
+    identity::{
+        server_name_for,
+        verify::{peer_identity, peer_serial},
+        SpiffeId,
+    },
+    metrics::{Direction, Metrics, Outcome, Side},
+    registry::Registry,
+};
+
+/// Inbound tunables.
+#[derive(Clone, Debug)]
+pub struct InboundConfig {
+    /// TLS handshake and HTTP/2 preface/settings exchange, each.
+    pub handshake_timeout: Duration,
+    /// Connecting to the local pod.
+    pub connect_timeout: Duration,
+    /// HBONE connections served at once (handshaking or established).
+    pub max_connections: usize,
+    /// How long in-flight tunnels may drain on shutdown.
+    pub drain_timeout: Duration,
+}
+
+impl Default for InboundConfig {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            max_connections: 8192,
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The inbound proxy.
+pub struct Inbound {
+    listener: TcpListener,
+    ctx: Arc<Ctx>,
+}
+
+struct Ctx {
+    node: String,
+    registry: Arc<Registry>,
+    identities: Arc<dyn Identities>,
+    /// SNI → (workload id, identity) for this node's workloads.
+    served: HashMap<String, (u32, SpiffeId)>,
+    source: SourceAddrs,
+    metrics: Arc<Metrics>,
+    cfg: InboundConfig,
+    next_id: AtomicU64,
+}
+
+/// Why a stream was refused (the reason logged and the status answered).
+#[derive(Debug, thiserror::Error)]
+enum StreamRefusal {
+    #[error(transparent)]
+    Malformed(#[from] BadRequest),
+    #[error("{dst} is not a workload on this node")]
+    NotLocal { dst: SocketAddr },
+    #[error("{dst} belongs to {workload}, not to {served} whose certificate was presented")]
+    WrongWorkload {
+        dst: SocketAddr,
+        workload: String,
+        served: SpiffeId,
+    },
+}
+
+impl StreamRefusal {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::Malformed(b) => b.status(),
+            Self::NotLocal { .. } => StatusCode::BAD_REQUEST,
+            Self::WrongWorkload { .. } => StatusCode::FORBIDDEN,
+        }
+    }
+}
+
+impl Inbound {
+    /// `listener` is already bound (before anything is attached).
+    pub fn new(
+        listener: TcpListener,
+        node: String,
+        registry: Arc<Registry>,
+        identities: Arc<dyn Identities>,
+        trust_domain: &crate::identity::TrustDomain,
+        source: SourceAddrs,
+        metrics: Arc<Metrics>,
+        cfg: InboundConfig,
+    ) -> Self {
+        let served = registry
+            .local(&node)
+            .filter_map(|w| {
+                let id = SpiffeId::new(trust_domain.clone(), &w.namespace, &w.service_account)
+                    .ok()?;
+                let sni = server_name_for(&id).to_str().into_owned();
+                Some((sni, (w.id, id)))
+            })
+            .collect();
+        Self {
+            listener,
+            ctx: Arc::new(Ctx {
+                node,
+                registry,
+                identities,
+                served,
+                source,
+                metrics,
+                cfg,
+                next_id: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// Serves until `shutdown` turns true, then lets tunnels drain for `drain_timeout`.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let slots = Arc::new(Semaphore::new(self.ctx.cfg.max_connections));
+        let mut conns = JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+                            warn!(%peer, reason = "connection limit reached", "hbone rejected");
+                            continue;
+                        };
+                        let ctx = Arc::clone(&self.ctx);
+                        let stop = shutdown.clone();
+                        conns.spawn(async move {
+                            let _permit = permit;
+                            ctx.connection(stream, peer, stop).await;
+                        });
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "hbone accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+        let drained = timeout(self.ctx.cfg.drain_timeout, async {
+            while conns.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!(aborted = conns.len(), "drain timeout: closing remaining hbone connections");
+            conns.abort_all();
+        }
+    }
+}
+
+impl Ctx {
+    async fn connection(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let _ = tcp.set_nodelay(true);
+        let acceptor = TlsAcceptor::from(self.identities.server_config());
+        let tls = match timeout(self.cfg.handshake_timeout, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                self.metrics.tls_handshake(Side::Server, Outcome::Error);
+                warn!(%peer, reason = %format!("TLS handshake: {e}"), "hbone rejected");
+                return;
+            }
+            Err(_) => {
+                self.metrics.tls_handshake(Side::Server, Outcome::Error);
+                warn!(%peer, reason = "TLS handshake timed out", "hbone rejected");
+                return;
+            }
+        };
+        self.metrics.tls_handshake(Side::Server, Outcome::Ok);
+        let (peer_id, serial, served) = {
+            let conn = tls.get_ref().1;
+            let served = conn
+                .server_name()
+                .and_then(|sni| self.served.get(sni))
+                .cloned();
+            (peer_identity(conn), peer_serial(conn), served)
+        };
+        // The verifier admits only workload identities with a serial, and the resolver only
+        // our workloads' names; anything else here is a bug, refused all the same.
+        let (Some(peer_id), Some(serial), Some(served)) = (peer_id, serial, served) else {
+            warn!(%peer, reason = "no verified workload identity or served workload", "hbone rejected");
+            return;
+        };
+        let mut h2 = match timeout(
+            self.cfg.handshake_timeout,
+            hbone::server_builder().handshake::<_, Bytes>(tls),
+        )
+        .await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                warn!(%peer, peer_identity = %peer_id, reason = %format!("HTTP/2 preface: {e}"), "hbone rejected");
+                return;
+            }
+            Err(_) => {
+                warn!(%peer, peer_identity = %peer_id, reason = "HTTP/2 preface timed out", "hbone rejected");
+                return;
+            }
+        };
+        debug!(%peer, peer_identity = %peer_id, served = %served.1, "hbone connection accepted");
+        let peer_id = Arc::new(peer_id);
+        let mut revocations = self.identities.revocations();
+        let mut streams = JoinSet::new();
+        loop {
+            tokio::select! {
+                next = h2.accept() => match next {
+                    Some(Ok((req, respond))) => {
+                        let ctx = Arc::clone(&self);
+                        let peer_id = Arc::clone(&peer_id);
+                        let served = served.clone();
+                        streams.spawn(async move {
+                            ctx.stream(req, respond, peer, &peer_id, &served).await;
+                        });
+                    }
+                    Some(Err(e)) => {
+                        if !(e.is_io() || e.is_go_away()) || e.is_reset() {
+                            warn!(%peer, peer_identity = %peer_id, reason = %format!("HTTP/2: {e}"), "hbone rejected");
+                        }
+                        break;
+                    }
+                    None => break,
+                },
+                changed = revocations.changed() => {
+                    if changed.is_err() {
+                        continue;
+                    }
+                    if self.identities.trust().is_revoked(&serial) {
+                        warn!(%peer, peer_identity = %peer_id, serial = %serial,
+                              tunnels = streams.len(), "connection closed: peer certificate revoked");
+                        streams.abort_all();
+                        return;
+                    }
+                }
+                _ = stop.changed() => {
+                    h2.graceful_shutdown();
+                }
+                Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            }
+        }
+        // The connection is done accepting; tunnels already open run to their end.
+        while streams.join_next().await.is_some() {}
+    }
+
+    async fn stream(
+        &self,
+        req: Request<RecvStream>,
+        respond: SendResponse<Bytes>,
+        peer: SocketAddr,
+        peer_id: &SpiffeId,
+        served: &(u32, SpiffeId),
+    ) {
+        let conn_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let connect = match hbone::parse_connect(req, respond) {
+            Ok(c) => c,
+            Err((bad, respond)) => {
+                return self.refuse(respond, peer, peer_id, conn_id, StreamRefusal::Malformed(bad))
+            }
+        };
+        let dst = connect.authority;
+        let workload = match self.registry.by_ip(dst.ip()) {
+            Some(w) if w.node == self.node => w,
+            _ => {
+                return self.refuse(
+                    connect.respond,
+                    peer,
+                    peer_id,
+                    conn_id,
+                    StreamRefusal::NotLocal { dst },
+                )
+            }
+        };
+        if workload.id != served.0 {
+            let refusal = StreamRefusal::WrongWorkload {
+                dst,
+                workload: workload.key(),
+                served: served.1.clone(),
+            };
+            return self.refuse(connect.respond, peer, peer_id, conn_id, refusal);
+        }
+        let dst_workload = workload.key();
+        let _active = self.metrics.active(Direction::Inbound);
+        let upstream = match connect_from(&self.source, dst, self.cfg.connect_timeout).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.metrics.hbone_stream(Side::Server, Outcome::Error);
+                hbone::reject(connect.respond, StatusCode::SERVICE_UNAVAILABLE);
+                info!(conn_id, peer_identity = %peer_id, src_addr = %peer, dst = %dst, dst_workload,
+                      bytes_in = 0u64, bytes_out = 0u64, duration_ms = started.elapsed().as_millis() as u64,
+                      outcome = %e, "inbound");
+                return;
+            }
+        };
+        let tunnel = match hbone::accept(connect) {
+            Ok(t) => t,
+            Err(e) => {
+                self.metrics.hbone_stream(Side::Server, Outcome::Error);
+                debug!(conn_id, error = %e, "answering CONNECT failed");
+                return;
+            }
+        };
+        self.metrics.hbone_stream(Side::Server, Outcome::Ok);
+        let result = hbone::pump(upstream, tunnel).await;
+        let outcome = match &result.error {
+            None => "ok".to_owned(),
+            Some(e) => e.to_string(),
+        };
+        info!(
+            conn_id,
+            peer_identity = %peer_id,
+            src_addr = %peer,
+            dst = %dst,
+            dst_workload,
+            bytes_in = result.from_tunnel,
+            bytes_out = result.to_tunnel,
+            duration_ms = started.elapsed().as_millis() as u64,
+            outcome,
+            "inbound"
+        );
+    }
+
+    fn refuse(
+        &self,
+        respond: SendResponse<Bytes>,
+        peer: SocketAddr,
+        peer_id: &SpiffeId,
+        conn_id: u64,
+        why: StreamRefusal,
+    ) {
+        self.metrics.hbone_stream(Side::Server, Outcome::Error);
+        warn!(conn_id, %peer, peer_identity = %peer_id, reason = %why, "hbone rejected");
+        hbone::reject(respond, why.status());
+    }
+}
