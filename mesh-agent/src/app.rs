@@ -11,14 +11,14 @@ use std::{
 };
 
 use mesh_common::{
-    AgentConfig, CgroupKey, DestValue, IpKey, WorkloadValue, CONFIG_F_IPV6, CONFIG_F_READY,
-    DEST_F_LOCAL, WORKLOAD_F_CAPTURE,
+    AgentConfig, CgroupKey, DestValue, IpKey, PeerValue, WorkloadValue, CONFIG_F_IPV6,
+    CONFIG_F_READY, DEST_F_LOCAL, PEER_F_LOCAL, WORKLOAD_F_CAPTURE, WORKLOAD_F_PERMISSIVE,
 };
 use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
 use tracing::info;
 
 use crate::{
-    bpf::{BpfError, Dataplane},
+    bpf::{events::spawn_event_log, BpfError, Dataplane},
     cgroup::{self, CgroupError},
     proxy::{
         ip_words,
@@ -118,10 +118,15 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
 
     // 3. Attach and fill the maps; undo on any failure.
     let dataplane = Arc::new(Dataplane::load(&opts.pin_dir, &pod_cgroup)?);
-    if let Err(e) = program_maps(&dataplane, &registry, &opts.node, outbound4, outbound6) {
-        shutdown_dataplane(dataplane);
-        return Err(e.into());
-    }
+    let events = program_maps(&dataplane, &registry, &opts.node, outbound4, outbound6)
+        .and_then(|()| dataplane.take_event_reader());
+    let events = match events {
+        Ok(reader) => reader,
+        Err(e) => {
+            shutdown_dataplane(dataplane);
+            return Err(e.into());
+        }
+    };
     info!(
         node = %opts.node,
         outbound = %outbound4,
@@ -132,6 +137,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
 
     // 4. Serve until told to stop.
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Kernel events (plaintext refused / flagged); metrics hook in `on_event`.
+    let event_log = spawn_event_log(events, Arc::clone(&registry), |_| {}, stop_rx.clone());
     let outbound = Outbound::new(
         listeners,
         Arc::clone(&dataplane),
@@ -146,7 +153,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
     info!(signal, "shutting down");
     let _ = stop_tx.send(true);
     let _ = serving.await;
-    let counters = dataplane.counters();
+    let _ = event_log.await;
+    let counters = dataplane.named_counters();
     info!(?counters, "kernel counters at exit");
     shutdown_dataplane(dataplane);
     Ok(())
@@ -193,6 +201,21 @@ fn program_maps(
     }
     dp.set_config(cfg)?;
 
+    // Sources the inbound STRICT check admits besides the local listener:
+    // every node agent's address. Agents still carry traffic between nodes
+    // in plaintext from their --outbound address; once that goes over HBONE
+    // (the inbound agent connects locally), only the local node is needed.
+    let peers: Vec<(IpKey, PeerValue)> = registry
+        .nodes
+        .iter()
+        .flat_map(|n| {
+            let flags = if n.name == node { PEER_F_LOCAL } else { 0 };
+            n.addresses()
+                .map(move |ip| (IpKey { addr_be: ip_words(ip) }, PeerValue { flags }))
+        })
+        .collect();
+    dp.sync_peers(&peers)?;
+
     let dests: Vec<(IpKey, DestValue)> = registry
         .workloads
         .iter()
@@ -214,13 +237,22 @@ fn program_maps(
             w.cgroup_id.map(|id| {
                 (
                     CgroupKey { cgroup_id: id },
-                    WorkloadValue { workload_id: w.id, flags: WORKLOAD_F_CAPTURE },
+                    WorkloadValue {
+                        workload_id: w.id,
+                        flags: WORKLOAD_F_CAPTURE
+                            | if w.permissive { WORKLOAD_F_PERMISSIVE } else { 0 },
+                    },
                 )
             })
         })
         .collect();
     dp.sync_workloads(&workloads)?;
-    info!(destinations = dests.len(), enrolled = workloads.len(), "maps programmed");
+    info!(
+        destinations = dests.len(),
+        enrolled = workloads.len(),
+        peers = peers.len(),
+        "maps programmed"
+    );
     Ok(())
 }
 

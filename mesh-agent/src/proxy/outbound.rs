@@ -2,9 +2,13 @@
 //! each one the agent finds the original destination and the source workload
 //! in `mesh_conn_dst` (written by sock_ops), connects to the destination and
 //! copies bytes both ways with half-close preserved.
+//!
+//! Upstream connections are bound to the outbound listener's address of the
+//! destination's family (`--outbound` / `--outbound6`): that is the source the
+//! kernel's inbound STRICT check (`mesh_ingress`) admits as the mesh.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -14,7 +18,7 @@ use std::{
 
 use tokio::{
     io::AsyncWriteExt,
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
     sync::watch,
     task::JoinSet,
     time::timeout,
@@ -56,6 +60,9 @@ struct Ctx {
     registry: Arc<Registry>,
     cfg: OutboundConfig,
     next_id: AtomicU64,
+    /// Source addresses of upstream connections, per family: the listeners'.
+    source4: Option<IpAddr>,
+    source6: Option<IpAddr>,
 }
 
 /// Why a captured connection was not carried through.
@@ -67,6 +74,12 @@ enum FlowError {
     Loop,
     #[error("connect to {dst} timed out")]
     ConnectTimeout { dst: SocketAddr },
+    #[error("binding the upstream source {src}: {source}")]
+    Bind {
+        src: IpAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("connect to {dst}: {source}")]
     Connect {
         dst: SocketAddr,
@@ -84,6 +97,14 @@ impl Outbound {
         registry: Arc<Registry>,
         cfg: OutboundConfig,
     ) -> Self {
+        let ips: Vec<IpAddr> = listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .map(|a| canonical(a).ip())
+            .filter(|ip| !ip.is_unspecified())
+            .collect();
+        let source4 = ips.iter().copied().find(IpAddr::is_ipv4);
+        let source6 = ips.iter().copied().find(IpAddr::is_ipv6);
         Self {
             listeners,
             ctx: Arc::new(Ctx {
@@ -91,6 +112,8 @@ impl Outbound {
                 registry,
                 cfg,
                 next_id: AtomicU64::new(1),
+                source4,
+                source6,
             }),
         }
     }
@@ -213,9 +236,9 @@ impl Ctx {
         if canonical(dst) == local {
             return Err(FlowError::Loop);
         }
-        let mut upstream = match timeout(self.cfg.connect_timeout, TcpStream::connect(dst)).await {
+        let mut upstream = match timeout(self.cfg.connect_timeout, self.connect(dst)).await {
             Err(_) => return Err(FlowError::ConnectTimeout { dst }),
-            Ok(Err(source)) => return Err(FlowError::Connect { dst, source }),
+            Ok(Err(e)) => return Err(e),
             Ok(Ok(s)) => s,
         };
         let _ = client.set_nodelay(true);
@@ -231,6 +254,26 @@ impl Ctx {
                 Ok((0, 0))
             }
         }
+    }
+
+    /// Connects to `dst` from the listener address of its family (unbound
+    /// if there is none, e.g. IPv6 without `--outbound6`).
+    async fn connect(&self, dst: SocketAddr) -> Result<TcpStream, FlowError> {
+        let dst = canonical(dst);
+        let (socket, src) = match dst {
+            SocketAddr::V4(_) => (TcpSocket::new_v4(), self.source4),
+            SocketAddr::V6(_) => (TcpSocket::new_v6(), self.source6),
+        };
+        let socket = socket.map_err(|source| FlowError::Connect { dst, source })?;
+        if let Some(src) = src {
+            socket
+                .bind(SocketAddr::new(src, 0))
+                .map_err(|source| FlowError::Bind { src, source })?;
+        }
+        socket
+            .connect(dst)
+            .await
+            .map_err(|source| FlowError::Connect { dst, source })
     }
 
     fn workload_name(&self, id: u32) -> String {
