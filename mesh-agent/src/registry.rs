@@ -857,8 +857,30 @@ mod tests {
         root
     }
 
-    fn parse(text: &str, root: &TempDir) -> Result<Registry, RegistryError> {
+    /// The nodes of the test mesh (n1, n2, node-3.example).
+    const NODES: &str = "nodes:
+  - name: n1
+    address: 10.0.0.1
+    address6: fd00::1
+  - name: n2
+    address: 10.0.0.2
+  - name: node-3.example
+    address: fd00::3
+";
+
+    /// Parses `text` as is.
+    fn parse_raw(text: &str, root: &TempDir) -> Result<Registry, RegistryError> {
         Registry::parse(text, Path::new(FILE), "n1", &root.0)
+    }
+
+    /// Parses `text`, with [`NODES`] appended if it has no `nodes:` of its
+    /// own (after the workloads: their line numbers stay put).
+    fn parse(text: &str, root: &TempDir) -> Result<Registry, RegistryError> {
+        if text.starts_with("nodes:") || text.contains("\nnodes:") {
+            parse_raw(text, root)
+        } else {
+            parse_raw(&format!("{text}{NODES}"), root)
+        }
     }
 
     /// Parses `text`, expects an `Invalid` error on `line`, returns its problem.
@@ -879,7 +901,7 @@ mod tests {
 
     /// Parses `text`, expects a `Syntax` error on `line`, returns its message.
     fn syntax(text: &str, root: &TempDir, line: usize) -> String {
-        match parse(text, root) {
+        match parse_raw(text, root) {
             Err(e @ RegistryError::Syntax { .. }) => {
                 assert_eq!(e.line(), Some(line), "wrong line: {e}");
                 assert!(
@@ -919,6 +941,15 @@ workloads:
     serviceAccount: sa-c
     node: node-3.example
     ips: ["10.3.0.2"]
+    peerAuthentication: PERMISSIVE
+nodes:
+  - name: n1
+    address: 10.0.0.1
+    address6: fd00::1
+  - name: n2
+    address: 10.0.0.2
+  - name: node-3.example
+    address: fd00::3
 "#;
 
     #[test]
@@ -979,6 +1010,157 @@ workloads:
         assert_eq!(key("fd00:1::2").as_deref(), Some("default/a1"));
         assert_eq!(key("::ffff:10.2.0.2").as_deref(), Some("other/b1"));
         assert_eq!(key("10.9.9.9"), None);
+
+        // peerAuthentication: STRICT unless PERMISSIVE.
+        let permissive: Vec<bool> = r.workloads.iter().map(|w| w.permissive).collect();
+        assert_eq!(permissive, [false, false, false, true]);
+
+        let n1 = r.node("n1").unwrap();
+        assert_eq!(n1.address, "10.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(n1.address6, Some("fd00::1".parse().unwrap()));
+        assert_eq!(n1.addresses().count(), 2);
+        let n3 = r.node("node-3.example").unwrap();
+        assert_eq!(
+            (n3.address, n3.address6),
+            ("fd00::3".parse().unwrap(), None)
+        );
+        assert!(r.node("n4").is_none());
+        assert_eq!(r.nodes.len(), 3);
+    }
+
+    #[test]
+    fn peer_authentication_values() {
+        let root = root();
+        let with = |v: &str| format!("{}    peerAuthentication: {v}\n", a1_with("", ""));
+        assert!(!parse(&with("STRICT"), &root).unwrap().workloads[0].permissive);
+        assert!(parse(&with("PERMISSIVE"), &root).unwrap().workloads[0].permissive);
+        for bad in ["strict", "permissive", "DISABLE", "\"\""] {
+            match invalid(&with(bad), &root, 8) {
+                Problem::InvalidPeerAuthentication { workload, .. } => {
+                    assert_eq!(workload, "default/a1", "{bad}");
+                }
+                p => panic!("{bad}: {p}"),
+            }
+        }
+        let e = parse(&with("MUTUAL"), &root).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("{FILE}:8: workload default/a1: peerAuthentication \"MUTUAL\" is not STRICT or PERMISSIVE")
+        );
+    }
+
+    #[test]
+    fn workload_on_an_unlisted_node() {
+        let root = root();
+        let text = a1_with("node", "    node: n9");
+        match invalid(&text, &root, 2) {
+            Problem::UnknownNode { workload, node } => {
+                assert_eq!((workload.as_str(), node.as_str()), ("default/a1", "n9"));
+            }
+            p => panic!("{p}"),
+        }
+        // Without any `nodes:`, the first workload names the problem.
+        let text = format!("{}nodes: []\n", a1_with("", ""));
+        assert!(matches!(
+            invalid(&text, &root, 2),
+            Problem::UnknownNode { .. }
+        ));
+        let e = parse(&a1_with("", ""), &root);
+        assert!(e.is_ok());
+        let e = parse_raw(&a1_with("", ""), &root).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("{FILE}:2: workload default/a1: node n1 is not listed in `nodes:`")
+        );
+    }
+
+    /// `workloads: []` and then `nodes` as given (node entries from line 3).
+    fn nodes_only(nodes: &str) -> String {
+        format!("workloads: []\nnodes:\n{nodes}")
+    }
+
+    #[test]
+    fn node_entry_errors() {
+        let root = root();
+        // Missing fields.
+        match invalid(&nodes_only("  - name: n1\n"), &root, 3) {
+            Problem::NodeMissingField { node, field } => {
+                assert_eq!((node.as_str(), field), ("#1", "address"));
+            }
+            p => panic!("{p}"),
+        }
+        assert!(matches!(
+            invalid(&nodes_only("  - address: 10.0.0.1\n"), &root, 3),
+            Problem::NodeMissingField { field: "name", .. }
+        ));
+        // Invalid name.
+        assert!(matches!(
+            invalid(&nodes_only("  - name: N1\n    address: 10.0.0.1\n"), &root, 3),
+            Problem::InvalidNodeName { .. }
+        ));
+        // Addresses: not an IP, address6 not IPv6, unusable.
+        for (entry, line, field) in [
+            ("  - name: n1\n    address: 10.0.0.300\n", 4, "address"),
+            ("  - name: n1\n    address: 10.0.0.1\n    address6: 10.0.0.2\n", 5, "address6"),
+        ] {
+            match invalid(&nodes_only(entry), &root, line) {
+                Problem::InvalidNodeAddress { node, field: f, .. } => {
+                    assert_eq!((node.as_str(), f), ("n1", field));
+                }
+                p => panic!("{entry}: {p}"),
+            }
+        }
+        for bad in ["127.0.0.1", "0.0.0.0", "::ffff:10.0.0.1", "ff02::1"] {
+            let entry = format!("  - name: n1\n    address: \"{bad}\"\n");
+            assert!(
+                matches!(
+                    invalid(&nodes_only(&entry), &root, 4),
+                    Problem::UnusableNodeAddress { .. }
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn duplicate_nodes_and_node_addresses() {
+        let root = root();
+        let text = nodes_only(
+            "  - name: n1\n    address: 10.0.0.1\n  - name: n1\n    address: 10.0.0.2\n",
+        );
+        match invalid(&text, &root, 5) {
+            Problem::DuplicateNode { node, first_line } => {
+                assert_eq!((node.as_str(), first_line), ("n1", 3));
+            }
+            p => panic!("{p}"),
+        }
+        let text = nodes_only(
+            "  - name: n1\n    address: 10.0.0.1\n    address6: fd00::1\n  \
+             - name: n2\n    address: fd00::1\n",
+        );
+        let e = parse(&text, &root).unwrap_err();
+        assert_eq!(e.line(), Some(7));
+        assert_eq!(
+            e.to_string(),
+            format!("{FILE}:7: address fd00::1 of node n2 is already used by node n1 (line 5)")
+        );
+        // The same address twice in one node.
+        let text = nodes_only("  - name: n1\n    address: fd00::1\n    address6: fd00::1\n");
+        assert!(matches!(
+            invalid(&text, &root, 5),
+            Problem::DuplicateNodeAddress { .. }
+        ));
+    }
+
+    #[test]
+    fn node_unknown_fields() {
+        let root = root();
+        let msg = syntax(
+            &nodes_only("  - name: n1\n    address: 10.0.0.1\n    port: 15008\n"),
+            &root,
+            5,
+        );
+        assert!(msg.contains("unknown field `port`"), "{msg}");
     }
 
     #[test]
