@@ -12,14 +12,14 @@ use std::{
 };
 
 use mesh_common::{
-    AgentConfig, CgroupKey, DestValue, IpKey, WorkloadValue, CONFIG_F_IPV6, CONFIG_F_READY,
-    DEST_F_LOCAL, WORKLOAD_F_CAPTURE,
+    AgentConfig, CgroupKey, DestValue, IpKey, PeerValue, WorkloadValue, CONFIG_F_IPV6,
+    CONFIG_F_READY, DEST_F_LOCAL, PEER_F_LOCAL, WORKLOAD_F_CAPTURE, WORKLOAD_F_PERMISSIVE,
 };
 use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
 use tracing::info;
 
 use crate::{
-    bpf::{BpfError, Dataplane},
+    bpf::{events::spawn_event_log, BpfError, Dataplane},
     cgroup::{self, CgroupError},
     identity::{
         manager::{IdentityManager, ManagerConfig},
@@ -225,10 +225,15 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
 
     // 4. Attach and fill the maps; undo on any failure.
     let dataplane = Arc::new(Dataplane::load(&opts.pin_dir, &pod_cgroup)?);
-    if let Err(e) = program_maps(&dataplane, &registry, &opts.node, outbound4, outbound6) {
-        shutdown_dataplane(dataplane);
-        return Err(e.into());
-    }
+    let events = program_maps(&dataplane, &registry, &opts.node, outbound4, outbound6)
+        .and_then(|()| dataplane.take_event_reader());
+    let events = match events {
+        Ok(reader) => reader,
+        Err(e) => {
+            shutdown_dataplane(dataplane);
+            return Err(e.into());
+        }
+    };
     metrics.add_hook(Arc::new(ScrapeSources {
         manager: Arc::clone(&manager),
         dataplane: Arc::clone(&dataplane),
@@ -244,6 +249,22 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
     );
 
     // 5. Serve until told to stop.
+    // Kernel events: plaintext connections refused (STRICT) or flagged (PERMISSIVE).
+    let event_metrics = Arc::clone(&metrics);
+    let event_log = spawn_event_log(
+        events,
+        Arc::clone(&registry),
+        move |event| match event.kind {
+            mesh_common::EVENT_PLAINTEXT_REFUSED => {
+                event_metrics.plaintext(metrics::PlaintextVerdict::Refused)
+            }
+            mesh_common::EVENT_PLAINTEXT_PERMISSIVE => {
+                event_metrics.plaintext(metrics::PlaintextVerdict::Permissive)
+            }
+            _ => {}
+        },
+        stop_rx.clone(),
+    );
     let outbound = Outbound::new(
         listeners,
         Arc::clone(&dataplane),
@@ -282,10 +303,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
     info!(signal, "shutting down");
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
+    let _ = event_log.await;
     // The scrape hook holds the dataplane: release it so the pins can go.
     drop(metrics);
     drop(manager);
-    let counters = dataplane.counters();
+    let counters = dataplane.named_counters();
     info!(?counters, "kernel counters at exit");
     shutdown_dataplane(dataplane);
     Ok(())
@@ -391,6 +413,21 @@ fn program_maps(
     }
     dp.set_config(cfg)?;
 
+    // Sources the inbound STRICT check admits besides loopback: this node's own agent
+    // addresses only. Traffic from other nodes arrives over HBONE and reaches the pod from
+    // this agent, so no other node's address is ever trusted for plaintext.
+    let peers: Vec<(IpKey, PeerValue)> = registry
+        .nodes
+        .iter()
+        .filter(|n| n.name == node)
+        .flat_map(|n| {
+            let flags = PEER_F_LOCAL;
+            n.addresses()
+                .map(move |ip| (IpKey { addr_be: ip_words(ip) }, PeerValue { flags }))
+        })
+        .collect();
+    dp.sync_peers(&peers)?;
+
     let dests: Vec<(IpKey, DestValue)> = registry
         .workloads
         .iter()
@@ -412,13 +449,22 @@ fn program_maps(
             w.cgroup_id.map(|id| {
                 (
                     CgroupKey { cgroup_id: id },
-                    WorkloadValue { workload_id: w.id, flags: WORKLOAD_F_CAPTURE },
+                    WorkloadValue {
+                        workload_id: w.id,
+                        flags: WORKLOAD_F_CAPTURE
+                            | if w.permissive { WORKLOAD_F_PERMISSIVE } else { 0 },
+                    },
                 )
             })
         })
         .collect();
     dp.sync_workloads(&workloads)?;
-    info!(destinations = dests.len(), enrolled = workloads.len(), "maps programmed");
+    info!(
+        destinations = dests.len(),
+        enrolled = workloads.len(),
+        peers = peers.len(),
+        "maps programmed"
+    );
     Ok(())
 }
 

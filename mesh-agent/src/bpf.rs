@@ -7,6 +7,10 @@
 //! `bpf_link`s owned by the agent process, so the kernel detaches them when
 //! the process dies and a restart never stacks a second copy. A clean
 //! shutdown detaches and removes the pin directory.
+//!
+//! [`events`] reads the kernel's `mesh_events` ring buffer.
+
+pub mod events;
 
 use std::{
     collections::HashSet,
@@ -17,14 +21,18 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
+    maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, RingBuf},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SockOps,
+    },
     Ebpf, EbpfError, EbpfLoader,
 };
 use mesh_common::{
     capacity, counters, names, AgentConfig, CgroupKey, ConnKey, DestValue, IpKey, OrigDst,
-    WorkloadValue,
+    PeerValue, WorkloadValue,
 };
+
+use self::events::EventReader;
 use tracing::{debug, info, warn};
 
 /// The kernel object built by `mesh-agent/build.rs` from `mesh-ebpf`.
@@ -66,6 +74,14 @@ pub enum BpfError {
         #[source]
         source: io::Error,
     },
+    #[error("event reader on {map}: {source}")]
+    Events {
+        map: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the {map} reader was already taken")]
+    EventsTaken { map: &'static str },
     #[error("map {map}: {source}")]
     Map {
         map: &'static str,
@@ -104,6 +120,13 @@ fn expected_layout(name: &str) -> Option<(u32, u32, u32)> {
             capacity::CONN_ORIG_DST,
         ),
         names::MAP_COUNTERS => (4, 8, counters::COUNT),
+        // Ring buffers have no key or value; max_entries is the byte size.
+        names::MAP_EVENTS => (0, 0, capacity::EVENTS_BYTES),
+        names::MAP_PEERS => (
+            s(size_of::<IpKey>()),
+            s(size_of::<PeerValue>()),
+            capacity::PEERS,
+        ),
         _ => return None,
     })
 }
@@ -168,7 +191,10 @@ pub struct Dataplane {
     dests: Mutex<HashMap<MapData, IpKey, DestValue>>,
     config: Mutex<Array<MapData, AgentConfig>>,
     conns: Mutex<HashMap<MapData, ConnKey, OrigDst>>,
+    peers: Mutex<HashMap<MapData, IpKey, PeerValue>>,
     counters: PerCpuArray<MapData, u64>,
+    /// Taken once by [`Dataplane::take_event_reader`].
+    events: Mutex<Option<RingBuf<MapData>>>,
 }
 
 impl Dataplane {
@@ -236,6 +262,28 @@ impl Dataplane {
                 })?;
             info!(prog, cgroup = %pod_cgroup.display(), "attached");
         }
+        {
+            let prog = names::PROG_INGRESS;
+            let p: &mut CgroupSkb = ebpf
+                .program_mut(prog)
+                .ok_or(BpfError::MissingProgram { prog })?
+                .try_into()
+                .map_err(|e| BpfError::Program {
+                    prog,
+                    source: Box::new(e),
+                })?;
+            p.load().map_err(|e| BpfError::Program {
+                prog,
+                source: Box::new(e),
+            })?;
+            p.attach(&cgroup, CgroupSkbAttachType::Ingress, CGROUP_ATTACH_MODE)
+                .map_err(|e| BpfError::Attach {
+                    prog,
+                    cgroup: pod_cgroup.to_owned(),
+                    source: Box::new(e),
+                })?;
+            info!(prog, cgroup = %pod_cgroup.display(), "attached");
+        }
 
         let mut take = |map: &'static str| {
             ebpf.take_map(map)
@@ -251,6 +299,10 @@ impl Dataplane {
             HashMap::try_from(take(names::MAP_CONN_DST)?).map_err(map_err(names::MAP_CONN_DST))?;
         let counters = PerCpuArray::try_from(take(names::MAP_COUNTERS)?)
             .map_err(map_err(names::MAP_COUNTERS))?;
+        let peers =
+            HashMap::try_from(take(names::MAP_PEERS)?).map_err(map_err(names::MAP_PEERS))?;
+        let events =
+            RingBuf::try_from(take(names::MAP_EVENTS)?).map_err(map_err(names::MAP_EVENTS))?;
 
         Ok(Self {
             ebpf: Some(ebpf),
@@ -259,7 +311,9 @@ impl Dataplane {
             dests: Mutex::new(dests),
             config: Mutex::new(config),
             conns: Mutex::new(conns),
+            peers: Mutex::new(peers),
             counters,
+            events: Mutex::new(Some(events)),
         })
     }
 
@@ -282,6 +336,23 @@ impl Dataplane {
         sync_hash(&mut lock(&self.dests), want, names::MAP_DESTS)
     }
 
+    /// Makes `mesh_peers` (mesh agent addresses the inbound STRICT check
+    /// admits) equal to `want`.
+    pub fn sync_peers(&self, want: &[(IpKey, PeerValue)]) -> Result<(), BpfError> {
+        sync_hash(&mut lock(&self.peers), want, names::MAP_PEERS)
+    }
+
+    /// The reader of the kernel's `mesh_events` ring buffer. There is one:
+    /// the second call fails. Needs a tokio runtime (the ring buffer's fd is
+    /// registered with it).
+    pub fn take_event_reader(&self) -> Result<EventReader, BpfError> {
+        let map = names::MAP_EVENTS;
+        let ring = lock(&self.events)
+            .take()
+            .ok_or(BpfError::EventsTaken { map })?;
+        EventReader::new(ring).map_err(|source| BpfError::Events { map, source })
+    }
+
     /// Takes the original destination recorded for a captured connection
     /// (the entry is removed: each connection is looked up once).
     pub fn take_orig_dst(&self, key: &ConnKey) -> Option<OrigDst> {
@@ -302,6 +373,11 @@ impl Dataplane {
             }
         }
         out
+    }
+
+    /// The kernel counters with their names, in index order.
+    pub fn named_counters(&self) -> Vec<(&'static str, u64)> {
+        counters::NAMES.iter().copied().zip(self.counters()).collect()
     }
 
     /// The pin directory.

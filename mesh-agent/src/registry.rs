@@ -30,14 +30,34 @@ const MAX_LABEL_LEN: usize = 63;
 /// The longest DNS-1123 subdomain (node names).
 const MAX_SUBDOMAIN_LEN: usize = 253;
 
-/// All workloads of the mesh, in file order.
+/// All workloads and nodes of the mesh, in file order.
 #[derive(Clone, Debug)]
 pub struct Registry {
+    /// The nodes in file order (names and addresses unique).
+    pub nodes: Vec<NodeEntry>,
     /// The workloads in file order; `workloads[i].id == i + 1`. Read-only once
     /// loaded: [`Registry::by_ip`] uses an index built by the loader.
     pub workloads: Vec<Workload>,
     /// IP → position in `workloads`.
     ip_index: HashMap<IpAddr, usize>,
+}
+
+/// One node of the mesh: where its agent is reached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeEntry {
+    /// The node's name (a DNS-1123 subdomain), as workloads' `node:` name it.
+    pub name: String,
+    /// The node agent's address (IPv4 or IPv6): HBONE peers dial it.
+    pub address: IpAddr,
+    /// The node agent's IPv6 address, if it has one besides `address`.
+    pub address6: Option<IpAddr>,
+}
+
+impl NodeEntry {
+    /// `address` and `address6`, whichever are set.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        std::iter::once(self.address).chain(self.address6)
+    }
 }
 
 /// One workload (a pod) of the mesh.
@@ -62,6 +82,9 @@ pub struct Workload {
     pub cgroup_id: Option<u64>,
     /// Free-form labels.
     pub labels: BTreeMap<String, String>,
+    /// `peerAuthentication: PERMISSIVE`: inbound plaintext from outside the
+    /// mesh is allowed (and flagged). `false` (the default, `STRICT`): refused.
+    pub permissive: bool,
 }
 
 impl Workload {
@@ -210,6 +233,49 @@ pub enum Problem {
         first_line: usize,
         second: String,
     },
+    /// `peerAuthentication` is neither `STRICT` nor `PERMISSIVE`.
+    #[error(
+        "workload {workload}: peerAuthentication {value:?} is not STRICT or PERMISSIVE"
+    )]
+    InvalidPeerAuthentication { workload: String, value: String },
+    /// A workload runs on a node that `nodes:` does not list.
+    #[error("workload {workload}: node {node} is not listed in `nodes:`")]
+    UnknownNode { workload: String, node: String },
+    /// A required field of a `nodes:` entry is absent or null.
+    #[error("node {node}: missing required field `{field}`")]
+    NodeMissingField { node: String, field: &'static str },
+    /// A `nodes:` entry's name is not a DNS-1123 subdomain.
+    #[error(
+        "node {value:?} is not a valid node name (a DNS-1123 subdomain: lowercase letters, \
+         digits, '-' and '.', at most 253)"
+    )]
+    InvalidNodeName { value: String },
+    /// A node address is not an IP address, or not the right family.
+    #[error("node {node}: {field} {value:?} is not {expected}")]
+    InvalidNodeAddress {
+        node: String,
+        field: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    /// A node address no agent can have.
+    #[error("node {node}: {ip} cannot be a node address ({reason})")]
+    UnusableNodeAddress {
+        node: String,
+        ip: IpAddr,
+        reason: &'static str,
+    },
+    /// The same node name is listed twice.
+    #[error("node {node} is listed twice (first on line {first_line})")]
+    DuplicateNode { node: String, first_line: usize },
+    /// Two nodes (or one node twice) have the same address.
+    #[error("address {ip} of node {second} is already used by node {first} (line {first_line})")]
+    DuplicateNodeAddress {
+        ip: IpAddr,
+        first: String,
+        first_line: usize,
+        second: String,
+    },
     /// More workloads than ids.
     #[error("too many workloads (at most {max})")]
     TooMany { max: u32 },
@@ -219,7 +285,18 @@ pub enum Problem {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRegistry {
+    /// Required when any workload is listed: every workload's node must be here.
+    nodes: Option<Vec<Spanned<RawNode>>>,
     workloads: Vec<Spanned<RawWorkload>>,
+}
+
+/// One node as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    name: Option<Spanned<String>>,
+    address: Option<Spanned<String>>,
+    address6: Option<Spanned<String>>,
 }
 
 /// One workload as written. Required fields are `Option`s so that a missing
@@ -234,6 +311,8 @@ struct RawWorkload {
     ips: Option<Spanned<Vec<Spanned<String>>>>,
     cgroup: Option<Spanned<String>>,
     labels: Option<BTreeMap<String, String>>,
+    /// `STRICT` (default) or `PERMISSIVE`.
+    peer_authentication: Option<Spanned<String>>,
 }
 
 impl Registry {
@@ -271,9 +350,17 @@ impl Registry {
             ip_lines: HashMap::new(),
             key_lines: HashMap::new(),
             cgroup_lines: HashMap::new(),
+            node_lines: HashMap::new(),
+            node_addr_lines: HashMap::new(),
+            nodes: Vec::new(),
             workloads: Vec::with_capacity(raw.workloads.len()),
         }
         .run(raw)
+    }
+
+    /// The node named `name`.
+    pub fn node(&self, name: &str) -> Option<&NodeEntry> {
+        self.nodes.iter().find(|n| n.name == name)
     }
 
     /// The workloads on `node`.
@@ -347,11 +434,21 @@ struct Validator<'a> {
     key_lines: HashMap<String, usize>,
     /// Resolved cgroup id → (workload key, line of its `cgroup`).
     cgroup_lines: HashMap<u64, (String, usize)>,
+    /// Node name → line of its entry.
+    node_lines: HashMap<String, usize>,
+    /// Node address → (node name, line of the address).
+    node_addr_lines: HashMap<IpAddr, (String, usize)>,
+    nodes: Vec<NodeEntry>,
     workloads: Vec<Workload>,
 }
 
 impl Validator<'_> {
     fn run(mut self, raw: RawRegistry) -> Result<Registry, RegistryError> {
+        for entry in raw.nodes.unwrap_or_default() {
+            let line = line_of(&entry, 1);
+            let node = self.node(entry.value, line)?;
+            self.nodes.push(node);
+        }
         for entry in raw.workloads {
             let line = line_of(&entry, 1);
             let workload = self.workload(entry.value, line)?;
@@ -366,9 +463,11 @@ impl Validator<'_> {
         debug!(
             registry = %self.path.display(),
             workloads = self.workloads.len(),
+            nodes = self.nodes.len(),
             "workload registry validated"
         );
         Ok(Registry {
+            nodes: self.nodes,
             workloads: self.workloads,
             ip_index,
         })
@@ -380,6 +479,97 @@ impl Validator<'_> {
             line,
             problem: Box::new(problem),
         }
+    }
+
+    /// Validates one `nodes:` entry that starts on `line`.
+    fn node(&mut self, raw: RawNode, line: usize) -> Result<NodeEntry, RegistryError> {
+        let provisional = format!("#{}", self.nodes.len() + 1);
+        let missing = |field: &'static str| {
+            self.invalid(
+                line,
+                Problem::NodeMissingField {
+                    node: provisional.clone(),
+                    field,
+                },
+            )
+        };
+        let name = raw.name.ok_or_else(|| missing("name"))?;
+        let address = raw.address.ok_or_else(|| missing("address"))?;
+        if !is_dns_subdomain(&name.value) {
+            return Err(self.invalid(
+                line_of(&name, line),
+                Problem::InvalidNodeName { value: name.value },
+            ));
+        }
+        let node = name.value;
+        if let Some(&first_line) = self.node_lines.get(&node) {
+            return Err(self.invalid(line, Problem::DuplicateNode { node, first_line }));
+        }
+        self.node_lines.insert(node.clone(), line);
+        let addr = self.node_address(&node, "address", &address, line, false)?;
+        let addr6 = match &raw.address6 {
+            Some(a6) => Some(self.node_address(&node, "address6", a6, line, true)?),
+            None => None,
+        };
+        Ok(NodeEntry {
+            name: node,
+            address: addr,
+            address6: addr6,
+        })
+    }
+
+    /// Parses and checks one address of node `node` (unique across nodes).
+    fn node_address(
+        &mut self,
+        node: &str,
+        field: &'static str,
+        raw: &Spanned<String>,
+        line: usize,
+        v6_only: bool,
+    ) -> Result<IpAddr, RegistryError> {
+        let line = line_of(raw, line);
+        let expected = if v6_only {
+            "an IPv6 address"
+        } else {
+            "an IP address"
+        };
+        let ip = match raw.value.trim().parse::<IpAddr>() {
+            Ok(ip) if !v6_only || ip.is_ipv6() => ip,
+            _ => {
+                return Err(self.invalid(
+                    line,
+                    Problem::InvalidNodeAddress {
+                        node: node.to_owned(),
+                        field,
+                        value: raw.value.clone(),
+                        expected,
+                    },
+                ))
+            }
+        };
+        if let Some(reason) = unusable(ip) {
+            return Err(self.invalid(
+                line,
+                Problem::UnusableNodeAddress {
+                    node: node.to_owned(),
+                    ip,
+                    reason,
+                },
+            ));
+        }
+        if let Some((first, first_line)) = self.node_addr_lines.get(&ip) {
+            return Err(self.invalid(
+                line,
+                Problem::DuplicateNodeAddress {
+                    ip,
+                    first: first.clone(),
+                    first_line: *first_line,
+                    second: node.to_owned(),
+                },
+            ));
+        }
+        self.node_addr_lines.insert(ip, (node.to_owned(), line));
+        Ok(ip)
     }
 
     /// Validates one workload that starts on `line`.
@@ -456,6 +646,31 @@ impl Validator<'_> {
                 },
             ));
         }
+        if !self.node_lines.contains_key(&node.value) {
+            return Err(self.invalid(
+                line,
+                Problem::UnknownNode {
+                    workload: key,
+                    node: node.value,
+                },
+            ));
+        }
+        let permissive = match raw.peer_authentication {
+            None => false,
+            Some(pa) => match pa.value.as_str() {
+                "STRICT" => false,
+                "PERMISSIVE" => true,
+                _ => {
+                    return Err(self.invalid(
+                        line_of(&pa, line),
+                        Problem::InvalidPeerAuthentication {
+                            workload: key,
+                            value: pa.value,
+                        },
+                    ))
+                }
+            },
+        };
 
         let ips_line = line_of(&ips, line);
         let ips = self.ips(&key, ips.value, ips_line)?;
@@ -490,6 +705,7 @@ impl Validator<'_> {
             cgroup,
             cgroup_id,
             labels: raw.labels.unwrap_or_default(),
+            permissive,
         })
     }
 
@@ -641,8 +857,30 @@ mod tests {
         root
     }
 
-    fn parse(text: &str, root: &TempDir) -> Result<Registry, RegistryError> {
+    /// The nodes of the test mesh (n1, n2, node-3.example).
+    const NODES: &str = "nodes:
+  - name: n1
+    address: 10.0.0.1
+    address6: fd00::1
+  - name: n2
+    address: 10.0.0.2
+  - name: node-3.example
+    address: fd00::3
+";
+
+    /// Parses `text` as is.
+    fn parse_raw(text: &str, root: &TempDir) -> Result<Registry, RegistryError> {
         Registry::parse(text, Path::new(FILE), "n1", &root.0)
+    }
+
+    /// Parses `text`, with [`NODES`] appended if it has no `nodes:` of its
+    /// own (after the workloads: their line numbers stay put).
+    fn parse(text: &str, root: &TempDir) -> Result<Registry, RegistryError> {
+        if text.starts_with("nodes:") || text.contains("\nnodes:") {
+            parse_raw(text, root)
+        } else {
+            parse_raw(&format!("{text}{NODES}"), root)
+        }
     }
 
     /// Parses `text`, expects an `Invalid` error on `line`, returns its problem.
@@ -663,7 +901,7 @@ mod tests {
 
     /// Parses `text`, expects a `Syntax` error on `line`, returns its message.
     fn syntax(text: &str, root: &TempDir, line: usize) -> String {
-        match parse(text, root) {
+        match parse_raw(text, root) {
             Err(e @ RegistryError::Syntax { .. }) => {
                 assert_eq!(e.line(), Some(line), "wrong line: {e}");
                 assert!(
@@ -703,6 +941,15 @@ workloads:
     serviceAccount: sa-c
     node: node-3.example
     ips: ["10.3.0.2"]
+    peerAuthentication: PERMISSIVE
+nodes:
+  - name: n1
+    address: 10.0.0.1
+    address6: fd00::1
+  - name: n2
+    address: 10.0.0.2
+  - name: node-3.example
+    address: fd00::3
 "#;
 
     #[test]
@@ -763,6 +1010,157 @@ workloads:
         assert_eq!(key("fd00:1::2").as_deref(), Some("default/a1"));
         assert_eq!(key("::ffff:10.2.0.2").as_deref(), Some("other/b1"));
         assert_eq!(key("10.9.9.9"), None);
+
+        // peerAuthentication: STRICT unless PERMISSIVE.
+        let permissive: Vec<bool> = r.workloads.iter().map(|w| w.permissive).collect();
+        assert_eq!(permissive, [false, false, false, true]);
+
+        let n1 = r.node("n1").unwrap();
+        assert_eq!(n1.address, "10.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(n1.address6, Some("fd00::1".parse().unwrap()));
+        assert_eq!(n1.addresses().count(), 2);
+        let n3 = r.node("node-3.example").unwrap();
+        assert_eq!(
+            (n3.address, n3.address6),
+            ("fd00::3".parse().unwrap(), None)
+        );
+        assert!(r.node("n4").is_none());
+        assert_eq!(r.nodes.len(), 3);
+    }
+
+    #[test]
+    fn peer_authentication_values() {
+        let root = root();
+        let with = |v: &str| format!("{}    peerAuthentication: {v}\n", a1_with("", ""));
+        assert!(!parse(&with("STRICT"), &root).unwrap().workloads[0].permissive);
+        assert!(parse(&with("PERMISSIVE"), &root).unwrap().workloads[0].permissive);
+        for bad in ["strict", "permissive", "DISABLE", "\"\""] {
+            match invalid(&with(bad), &root, 8) {
+                Problem::InvalidPeerAuthentication { workload, .. } => {
+                    assert_eq!(workload, "default/a1", "{bad}");
+                }
+                p => panic!("{bad}: {p}"),
+            }
+        }
+        let e = parse(&with("MUTUAL"), &root).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("{FILE}:8: workload default/a1: peerAuthentication \"MUTUAL\" is not STRICT or PERMISSIVE")
+        );
+    }
+
+    #[test]
+    fn workload_on_an_unlisted_node() {
+        let root = root();
+        let text = a1_with("node", "    node: n9");
+        match invalid(&text, &root, 2) {
+            Problem::UnknownNode { workload, node } => {
+                assert_eq!((workload.as_str(), node.as_str()), ("default/a1", "n9"));
+            }
+            p => panic!("{p}"),
+        }
+        // Without any `nodes:`, the first workload names the problem.
+        let text = format!("{}nodes: []\n", a1_with("", ""));
+        assert!(matches!(
+            invalid(&text, &root, 2),
+            Problem::UnknownNode { .. }
+        ));
+        let e = parse(&a1_with("", ""), &root);
+        assert!(e.is_ok());
+        let e = parse_raw(&a1_with("", ""), &root).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("{FILE}:2: workload default/a1: node n1 is not listed in `nodes:`")
+        );
+    }
+
+    /// `workloads: []` and then `nodes` as given (node entries from line 3).
+    fn nodes_only(nodes: &str) -> String {
+        format!("workloads: []\nnodes:\n{nodes}")
+    }
+
+    #[test]
+    fn node_entry_errors() {
+        let root = root();
+        // Missing fields.
+        match invalid(&nodes_only("  - name: n1\n"), &root, 3) {
+            Problem::NodeMissingField { node, field } => {
+                assert_eq!((node.as_str(), field), ("#1", "address"));
+            }
+            p => panic!("{p}"),
+        }
+        assert!(matches!(
+            invalid(&nodes_only("  - address: 10.0.0.1\n"), &root, 3),
+            Problem::NodeMissingField { field: "name", .. }
+        ));
+        // Invalid name.
+        assert!(matches!(
+            invalid(&nodes_only("  - name: N1\n    address: 10.0.0.1\n"), &root, 3),
+            Problem::InvalidNodeName { .. }
+        ));
+        // Addresses: not an IP, address6 not IPv6, unusable.
+        for (entry, line, field) in [
+            ("  - name: n1\n    address: 10.0.0.300\n", 4, "address"),
+            ("  - name: n1\n    address: 10.0.0.1\n    address6: 10.0.0.2\n", 5, "address6"),
+        ] {
+            match invalid(&nodes_only(entry), &root, line) {
+                Problem::InvalidNodeAddress { node, field: f, .. } => {
+                    assert_eq!((node.as_str(), f), ("n1", field));
+                }
+                p => panic!("{entry}: {p}"),
+            }
+        }
+        for bad in ["127.0.0.1", "0.0.0.0", "::ffff:10.0.0.1", "ff02::1"] {
+            let entry = format!("  - name: n1\n    address: \"{bad}\"\n");
+            assert!(
+                matches!(
+                    invalid(&nodes_only(&entry), &root, 4),
+                    Problem::UnusableNodeAddress { .. }
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn duplicate_nodes_and_node_addresses() {
+        let root = root();
+        let text = nodes_only(
+            "  - name: n1\n    address: 10.0.0.1\n  - name: n1\n    address: 10.0.0.2\n",
+        );
+        match invalid(&text, &root, 5) {
+            Problem::DuplicateNode { node, first_line } => {
+                assert_eq!((node.as_str(), first_line), ("n1", 3));
+            }
+            p => panic!("{p}"),
+        }
+        let text = nodes_only(
+            "  - name: n1\n    address: 10.0.0.1\n    address6: fd00::1\n  \
+             - name: n2\n    address: fd00::1\n",
+        );
+        let e = parse(&text, &root).unwrap_err();
+        assert_eq!(e.line(), Some(7));
+        assert_eq!(
+            e.to_string(),
+            format!("{FILE}:7: address fd00::1 of node n2 is already used by node n1 (line 5)")
+        );
+        // The same address twice in one node.
+        let text = nodes_only("  - name: n1\n    address: fd00::1\n    address6: fd00::1\n");
+        assert!(matches!(
+            invalid(&text, &root, 5),
+            Problem::DuplicateNodeAddress { .. }
+        ));
+    }
+
+    #[test]
+    fn node_unknown_fields() {
+        let root = root();
+        let msg = syntax(
+            &nodes_only("  - name: n1\n    address: 10.0.0.1\n    port: 15008\n"),
+            &root,
+            5,
+        );
+        assert!(msg.contains("unknown field `port`"), "{msg}");
     }
 
     #[test]

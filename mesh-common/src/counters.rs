@@ -15,8 +15,20 @@ pub const SOCKOPS_TRACKED: u32 = 5;
 /// sock_ops failures (map update failed): the agent will not find the original destination.
 pub const SOCKOPS_ERRORS: u32 = 6;
 
+/// Inbound SYN to an enrolled workload from the mesh (the agent's address,
+/// a mesh agent's address, or loopback): passed.
+pub const INGRESS_MESH: u32 = 7;
+/// Inbound plaintext SYN to a STRICT workload from outside the mesh: dropped.
+pub const INGRESS_PLAINTEXT_REFUSED: u32 = 8;
+/// Inbound plaintext SYN to a PERMISSIVE workload from outside the mesh: passed, flagged.
+pub const INGRESS_PLAINTEXT_PERMISSIVE: u32 = 9;
+/// Inbound packets the ingress program could not parse: passed (fail open).
+pub const INGRESS_ERRORS: u32 = 10;
+/// Events lost because the `mesh_events` ring buffer was full.
+pub const EVENTS_DROPPED: u32 = 11;
+
 /// Number of counter slots.
-pub const COUNT: u32 = 7;
+pub const COUNT: u32 = 12;
 
 /// Human names, indexed by counter index (for metrics and the CLI).
 pub const NAMES: [&str; COUNT as usize] = [
@@ -27,4 +39,9 @@ pub const NAMES: [&str; COUNT as usize] = [
     "connect_errors",
     "sockops_tracked",
     "sockops_errors",
+    "ingress_mesh",
+    "ingress_plaintext_refused",
+    "ingress_plaintext_permissive",
+    "ingress_errors",
+    "events_dropped",
 ];

@@ -33,6 +33,12 @@ pub mod capacity {
     pub const CONN_ORIG_DST: u32 = 65_536;
     /// Slots of the config array.
     pub const CONFIG: u32 = 1;
+    /// Bytes of the `mesh_events` ring buffer (a power of two, page multiple):
+    /// 4096 events of 64 bytes (plus 8-byte record headers) before the
+    /// kernel drops (and counts) new ones.
+    pub const EVENTS_BYTES: u32 = 256 * 1024;
+    /// Mesh agent addresses (IPv4 and IPv6 of every node).
+    pub const PEERS: u32 = 4_096;
 }
 
 /// Deepest absolute cgroup level (root = 0) whose ancestors the kernel checks
@@ -62,6 +68,9 @@ const _: () = assert!(core::mem::size_of::<WorkloadValue>() == 8);
 
 /// The workload's outbound connections are captured by the mesh.
 pub const WORKLOAD_F_CAPTURE: u32 = 1 << 0;
+/// PERMISSIVE peer authentication: inbound plaintext from outside the mesh is
+/// allowed and flagged. Without it the workload is STRICT: refused.
+pub const WORKLOAD_F_PERMISSIVE: u32 = 1 << 1;
 
 /// An IP address in network byte order, IPv4 mapped into IPv6.
 #[repr(C)]
@@ -102,6 +111,18 @@ pub struct AgentConfig {
 }
 const _: () = assert!(core::mem::size_of::<AgentConfig>() == 32);
 
+/// Value of `mesh_peers`: an address of a mesh agent.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct PeerValue {
+    /// `PEER_F_*` bits.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<PeerValue>() == 4);
+
+/// The address is the local agent's own.
+pub const PEER_F_LOCAL: u32 = 1 << 0;
+
 /// The config slot is filled in; capture is active.
 pub const CONFIG_F_READY: u32 = 1 << 0;
 /// `redirect_ip6_be` is valid; IPv6 connects are captured.
@@ -140,6 +161,37 @@ pub struct ConnKey {
 }
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 40);
 
+/// A record of the `mesh_events` ring buffer (kernel → agent).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// `EVENT_*`.
+    pub kind: u32,
+    /// Workload id of the enrolled destination workload (never 0).
+    pub workload_id: u32,
+    /// Source address of the packet, network order, IPv4 mapped.
+    pub src_addr_be: [u32; 4],
+    /// Destination address of the packet, network order, IPv4 mapped.
+    pub dst_addr_be: [u32; 4],
+    /// Source port, network order.
+    pub src_port_be: u16,
+    /// Destination port, network order.
+    pub dst_port_be: u16,
+    /// `AF_INET` or `AF_INET6`: the IP version of the packet.
+    pub family: u32,
+    /// Zero; room for later event kinds (e.g. the policy that denied).
+    pub _reserved: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<Event>() == 64);
+
+/// A plaintext connection attempt to a STRICT workload from outside the mesh
+/// was refused (its SYN dropped).
+pub const EVENT_PLAINTEXT_REFUSED: u32 = 1;
+/// A plaintext connection from outside the mesh reached a PERMISSIVE workload.
+pub const EVENT_PLAINTEXT_PERMISSIVE: u32 = 2;
+/// Reserved: a connection denied by L4 policy.
+pub const EVENT_L4_DENIED: u32 = 3;
+
 /// `::ffff:a.b.c.d` in network order, from an IPv4 address in network order.
 #[inline(always)]
 pub const fn mapped_v4(ip4_be: u32) -> [u32; 4] {
@@ -172,6 +224,10 @@ mod pod {
     unsafe impl aya::Pod for OrigDst {}
     #[allow(unsafe_code)]
     unsafe impl aya::Pod for ConnKey {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for PeerValue {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for Event {}
 }
 
 #[cfg(test)]

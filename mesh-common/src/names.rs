@@ -6,6 +6,9 @@ pub const PROG_CONNECT4: &str = "mesh_connect4";
 pub const PROG_CONNECT6: &str = "mesh_connect6";
 /// `sockops`: moves cookie-keyed original destinations to 4-tuple keys.
 pub const PROG_SOCKOPS: &str = "mesh_sockops";
+/// `cgroup_skb/ingress`: refuses (STRICT) or flags (PERMISSIVE) plaintext
+/// connection attempts to enrolled workloads that do not come from the mesh.
+pub const PROG_INGRESS: &str = "mesh_ingress";
 
 /// Enrolled workload cgroups (`CgroupKey` → `WorkloadValue`).
 pub const MAP_WORKLOADS: &str = "mesh_workloads";
@@ -19,19 +22,26 @@ pub const MAP_COOKIE_DST: &str = "mesh_cookie_dst";
 pub const MAP_CONN_DST: &str = "mesh_conn_dst";
 /// Per-CPU counters (`u32` index from [`crate::counters`] → `u64`).
 pub const MAP_COUNTERS: &str = "mesh_counters";
+/// Kernel → agent events (`Event` records), a ring buffer.
+pub const MAP_EVENTS: &str = "mesh_events";
+/// Addresses of mesh agents (`IpKey` → `PeerValue`): sources the inbound
+/// STRICT check admits besides the local agent's own listener address.
+pub const MAP_PEERS: &str = "mesh_peers";
 
 /// Every map the agent pins, in load order.
-pub const ALL_MAPS: [&str; 6] = [
+pub const ALL_MAPS: [&str; 8] = [
     MAP_WORKLOADS,
     MAP_DESTS,
     MAP_CONFIG,
     MAP_COOKIE_DST,
     MAP_CONN_DST,
     MAP_COUNTERS,
+    MAP_EVENTS,
+    MAP_PEERS,
 ];
 
 /// Every program the agent attaches.
-pub const ALL_PROGS: [&str; 3] = [PROG_CONNECT4, PROG_CONNECT6, PROG_SOCKOPS];
+pub const ALL_PROGS: [&str; 4] = [PROG_CONNECT4, PROG_CONNECT6, PROG_SOCKOPS, PROG_INGRESS];
 
 /// Default bpffs directory for pins.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/mesh";

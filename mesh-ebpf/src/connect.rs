@@ -16,11 +16,14 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use mesh_common::{
-    counters as ctr, is_mapped_v4, mapped_v4, AgentConfig, CgroupKey, IpKey, OrigDst,
-    WorkloadValue, AF_INET, AF_INET6, CONFIG_F_IPV6, CONFIG_F_READY, MAX_CGROUP_LEVEL,
+    counters as ctr, is_mapped_v4, mapped_v4, AgentConfig, IpKey, OrigDst, WorkloadValue,
+    AF_INET, AF_INET6, CONFIG_F_IPV6, CONFIG_F_READY,
 };
 
-use crate::maps::{count, CONFIG, COOKIE_DST, DESTS, WORKLOADS};
+use crate::{
+    maps::{count, CONFIG, COOKIE_DST, DESTS},
+    workload,
+};
 
 /// Let the connect proceed (with or without a rewritten destination).
 pub const VERDICT_ALLOW: i32 = 1;
@@ -41,45 +44,21 @@ pub enum CaptureError {
     MapFull,
 }
 
-/// The enrolled workload of the calling task: its own cgroup first, then the
-/// ancestors from the deepest up.
+/// The enrolled workload of the calling task (its cgroup or an ancestor).
 #[inline(always)]
 fn enrolled_workload() -> Option<WorkloadValue> {
     // SAFETY: helper with no arguments, valid in cgroup_sock_addr programs.
     let own = unsafe { bpf_get_current_cgroup_id() };
-    // SAFETY: read-only lookup; the value is copied out at once.
-    if let Some(w) = unsafe { WORKLOADS.get(CgroupKey { cgroup_id: own }) } {
-        return Some(*w);
-    }
-    // Plain integers, not an Option: the verifier refuses spilling the
-    // uninitialised payload of a `None`.
-    let mut found = WorkloadValue {
-        workload_id: 0,
-        flags: 0,
-    };
-    let mut level: i32 = 1;
-    while level <= MAX_CGROUP_LEVEL as i32 {
+    workload::enrolled(own, |level| {
         // SAFETY: helper valid in cgroup_sock_addr programs; returns 0 past
         // the task's own level.
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
-        if id == 0 || id == own {
-            break;
-        }
-        // SAFETY: as above.
-        if let Some(w) = unsafe { WORKLOADS.get(CgroupKey { cgroup_id: id }) } {
-            found = *w;
-        }
-        level += 1;
-    }
-    if found.workload_id == 0 {
-        None
-    } else {
-        Some(found)
-    }
+        unsafe { bpf_get_current_ancestor_cgroup_id(level) }
+    })
 }
 
+/// The agent's published configuration, if it is ready.
 #[inline(always)]
-fn config() -> Option<AgentConfig> {
+pub fn config() -> Option<AgentConfig> {
     match CONFIG.get(0) {
         Some(c) if c.flags & CONFIG_F_READY != 0 => Some(*c),
         _ => None,

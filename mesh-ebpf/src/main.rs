@@ -1,25 +1,30 @@
 //! Kernel programs of the mesh.
 //!
 //! Thin entry points only: the maps are in [`maps`], the logic per hook in
-//! [`connect`] and [`sockops`].
+//! [`connect`], [`sockops`] and [`ingress`]; [`workload`] finds the enrolled
+//! workload of a cgroup for all of them.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
 mod connect;
 #[cfg(target_arch = "bpf")]
+mod ingress;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod sockops;
+#[cfg(target_arch = "bpf")]
+mod workload;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
-        macros::{cgroup_sock_addr, sock_ops},
-        programs::{SockAddrContext, SockOpsContext},
+        macros::{cgroup_skb, cgroup_sock_addr, sock_ops},
+        programs::{SkBuffContext, SockAddrContext, SockOpsContext},
     };
 
-    use crate::{connect, sockops};
+    use crate::{connect, ingress, sockops};
 
     /// `cgroup/connect4`. Fails closed for an enrolled workload connecting to
     /// a mesh destination (the connect gets EPERM rather than bypassing the
@@ -48,6 +53,20 @@ mod programs {
         match sockops::try_sockops(&ctx) {
             Ok(v) => v,
             Err(_) => sockops::VERDICT_ON_ERROR,
+        }
+    }
+
+    /// `cgroup_skb/ingress`. Drops plaintext SYNs from outside the mesh to
+    /// STRICT workloads. Fails open: a packet it cannot parse is not a
+    /// recognisable connection attempt; it passes and is counted.
+    #[cgroup_skb(ingress)]
+    pub fn mesh_ingress(ctx: SkBuffContext) -> i32 {
+        match ingress::try_ingress(&ctx) {
+            Ok(verdict) => verdict,
+            Err(_) => {
+                crate::maps::count(mesh_common::counters::INGRESS_ERRORS);
+                ingress::VERDICT_ON_ERROR
+            }
         }
     }
 }

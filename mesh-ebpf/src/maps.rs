@@ -2,12 +2,12 @@
 //! Names and capacities come from `mesh_common`; the agent pins them.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use mesh_common::{
-    capacity as cap, counters, AgentConfig, CgroupKey, ConnKey, DestValue, IpKey, OrigDst,
-    WorkloadValue,
+    capacity as cap, counters, AgentConfig, CgroupKey, ConnKey, DestValue, Event, IpKey, OrigDst,
+    PeerValue, WorkloadValue,
 };
 
 /// Enrolled workload cgroups.
@@ -36,6 +36,22 @@ pub static CONN_DST: LruHashMap<ConnKey, OrigDst, { cap::CONN_ORIG_DST as usize 
 /// Per-CPU event counters, indexed by `mesh_common::counters`.
 #[btf_map(name = "mesh_counters")]
 pub static COUNTERS: PerCpuArray<u64, { counters::COUNT as usize }> = PerCpuArray::new();
+
+/// Kernel → agent events (`mesh_common::Event`).
+#[btf_map(name = "mesh_events")]
+pub static EVENTS: RingBuf<Event, { cap::EVENTS_BYTES as usize }> = RingBuf::new();
+
+/// Addresses of mesh agents: sources the inbound STRICT check admits.
+#[btf_map(name = "mesh_peers")]
+pub static PEERS: HashMap<IpKey, PeerValue, { cap::PEERS as usize }> = HashMap::new();
+
+/// Sends an event to the agent; a full ring buffer is counted, not retried.
+#[inline(always)]
+pub fn emit(event: &Event) {
+    if EVENTS.output(event, 0).is_err() {
+        count(counters::EVENTS_DROPPED);
+    }
+}
 
 /// Adds one to a counter. Per-CPU slot: no atomics needed.
 #[inline(always)]

@@ -86,3 +86,36 @@ pub fn map_show_pinned(pin: &Path) -> Value {
     let p = pin.to_str().expect("pin path is UTF-8");
     json(&["map", "show", "pinned", p])
 }
+
+/// The per-CPU counters map pinned at `pin` (`mesh_counters`), summed over
+/// CPUs, indexed as `mesh_common::counters`.
+#[track_caller]
+pub fn counters(pin: &Path) -> Vec<u64> {
+    let p = pin.to_str().expect("pin path is UTF-8");
+    let dump = json(&["map", "dump", "pinned", p]);
+    let Value::Array(entries) = &dump else {
+        panic!("bpftool map dump pinned {p}: expected an array, got {dump}");
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        // With BTF, the typed view is under "formatted".
+        let entry = entry.get("formatted").unwrap_or(entry);
+        let key = entry
+            .get("key")
+            .and_then(Value::as_u64)
+            .unwrap_or_else(|| panic!("bpftool map dump pinned {p}: no numeric key in {entry}"));
+        let total: u64 = entry
+            .get("values")
+            .and_then(Value::as_array)
+            .unwrap_or_else(|| panic!("bpftool map dump pinned {p}: no per-CPU values in {entry}"))
+            .iter()
+            .filter_map(|v| v.get("value").and_then(Value::as_u64))
+            .sum();
+        let key = key as usize;
+        if out.len() <= key {
+            out.resize(key + 1, 0);
+        }
+        out[key] = total;
+    }
+    out
+}

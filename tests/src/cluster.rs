@@ -32,7 +32,7 @@ use crate::{
     cgroup::Cgroup,
     netns::{Netns, Veth},
     process::{self, Output, Proc, Target},
-    registry::{self, RenderedRegistry, WorkloadEntry},
+    registry::{self, NodeEntry, RenderedRegistry, WorkloadEntry},
     sys,
     testpod::{self, ClientProc, ClientRequest, ClientRun, Server},
     tmp::TempDir,
@@ -319,6 +319,7 @@ pub struct Pod {
     node: usize,
     node_name: String,
     registered: bool,
+    permissive: bool,
     service_account: String,
     place: Place,
     // Teardown order is field order.
@@ -340,6 +341,10 @@ impl Pod {
     }
     pub fn node_name(&self) -> &str {
         &self.node_name
+    }
+    /// Whether the pod is `peerAuthentication: PERMISSIVE` in the registry.
+    pub fn permissive(&self) -> bool {
+        self.permissive
     }
     /// Whether the pod is listed in the registry.
     pub fn registered(&self) -> bool {
@@ -365,6 +370,7 @@ impl Pod {
             ips: vec![IpAddr::V4(self.ip4()), IpAddr::V6(self.ip6())],
             cgroup: Some(self.cgroup_rel().to_string_lossy().into_owned()),
             labels: vec![("app".into(), self.name.clone())],
+            peer_authentication: self.permissive.then(|| "PERMISSIVE".into()),
             extra_lines: Vec::new(),
         }
     }
@@ -381,6 +387,7 @@ struct PodSpec {
     node: usize,
     name: String,
     registered: bool,
+    permissive: bool,
 }
 
 /// Builds a [`Cluster`]. Pods are named by the caller, or `a1, a2, …` on the
@@ -390,6 +397,8 @@ pub struct ClusterBuilder {
     nodes: usize,
     pods_per_node: usize,
     pods: Vec<PodSpec>,
+    /// Pods registered with `peerAuthentication: PERMISSIVE`.
+    permissive: Vec<String>,
     testpod: Option<PathBuf>,
 }
 
@@ -404,12 +413,20 @@ impl ClusterBuilder {
         self
     }
 
+    /// Registers pod `name` (added by any means) with `peerAuthentication:
+    /// PERMISSIVE`; every other pod is STRICT (the default).
+    pub fn permissive(mut self, name: &str) -> Self {
+        self.permissive.push(name.into());
+        self
+    }
+
     /// A pod on node `node` (0-based), listed in the registry.
     pub fn add_pod(mut self, node: usize, name: &str) -> Self {
         self.pods.push(PodSpec {
             node,
             name: name.into(),
             registered: true,
+            permissive: false,
         });
         self
     }
@@ -422,6 +439,7 @@ impl ClusterBuilder {
             node,
             name: name.into(),
             registered: false,
+            permissive: false,
         });
         self
     }
@@ -449,10 +467,18 @@ impl ClusterBuilder {
                     node,
                     name: format!("{letter}{k}"),
                     registered: true,
+                    permissive: false,
                 });
             }
         }
         specs.extend(self.pods.iter().cloned());
+        for name in &self.permissive {
+            let spec = specs
+                .iter_mut()
+                .find(|s| &s.name == name)
+                .unwrap_or_else(|| panic!("permissive({name}): no such pod"));
+            spec.permissive = true;
+        }
         for (i, s) in specs.iter().enumerate() {
             assert!(
                 s.node < self.nodes,
@@ -633,14 +659,27 @@ impl Cluster {
             .collect()
     }
 
-    /// Writes `entries` as a registry file `file_name` in the temp dir.
+    /// The registry's `nodes:`: node `i` is `n{i+1}` at `10.0.0.{i+1}` and
+    /// `fd00::{i+1}` (its agent's outbound addresses).
+    pub fn registry_nodes(&self) -> Vec<NodeEntry> {
+        self.nodes
+            .iter()
+            .map(|n| NodeEntry {
+                name: n.name.clone(),
+                address: IpAddr::V4(n.ip4()),
+                address6: Some(IpAddr::V6(n.ip6())),
+            })
+            .collect()
+    }
+
+    /// Writes `entries` (and [`Cluster::registry_nodes`]) as a registry file `file_name` in the temp dir.
     #[track_caller]
     pub fn write_registry_file(
         &self,
         file_name: &str,
         entries: &[WorkloadEntry],
     ) -> (PathBuf, RenderedRegistry) {
-        let rendered = registry::render(entries);
+        let rendered = registry::render(&self.registry_nodes(), entries);
         let path = self.tmp.path().join(file_name);
         std::fs::write(&path, &rendered.text)
             .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
@@ -829,6 +868,7 @@ impl Cluster {
             node: spec.node,
             node_name: node.name.clone(),
             registered: spec.registered,
+            permissive: spec.permissive,
             service_account: format!("sa-{}", spec.name),
             place,
             _veth: veth,

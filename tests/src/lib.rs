@@ -41,7 +41,7 @@ pub use cluster::{Cluster, ClusterBuilder, Host, Node, Place, Pod};
 pub use netns::{Netns, Veth};
 pub use poll::{eventually, wait_for, DEFAULT_TIMEOUT, POLL_INTERVAL};
 pub use process::{Output, Proc};
-pub use registry::{RenderedRegistry, WorkloadEntry};
+pub use registry::{NodeEntry, RenderedRegistry, WorkloadEntry};
 pub use sys::{bpffs_mount, cgroup2_mount, require_privileges, unique_id};
 pub use testpod::{Accepted, ClientProc, ClientRequest, ClientResult, ClientRun, Server};
 pub use tmp::TempDir;

@@ -14,7 +14,18 @@ pub struct WorkloadEntry {
     /// Relative to the cgroup2 mount; `None` leaves the field out.
     pub cgroup: Option<String>,
     pub labels: Vec<(String, String)>,
+    /// `peerAuthentication:` as written (`STRICT`, `PERMISSIVE`, or anything
+    /// to test refusals); `None` leaves the field out (STRICT).
+    pub peer_authentication: Option<String>,
     pub extra_lines: Vec<String>,
+}
+
+/// One entry of the registry's `nodes:` list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeEntry {
+    pub name: String,
+    pub address: IpAddr,
+    pub address6: Option<IpAddr>,
 }
 
 impl WorkloadEntry {
@@ -32,7 +43,8 @@ pub struct RenderedRegistry {
     pub entry_lines: Vec<RangeInclusive<usize>>,
 }
 
-/// Renders `entries` in the registry format:
+/// Renders `entries` and `nodes` in the registry format (workloads first,
+/// so the workloads' line numbers do not depend on the nodes):
 ///
 /// ```yaml
 /// workloads:
@@ -43,8 +55,13 @@ pub struct RenderedRegistry {
 ///     ips: ["10.1.0.2", "fd00:1::2"]
 ///     cgroup: mesh-mt1x0/n1/pods/a1
 ///     labels: {app: a1}
+///     peerAuthentication: PERMISSIVE
+/// nodes:
+///   - name: n1
+///     address: 10.0.0.1
+///     address6: fd00::1
 /// ```
-pub fn render(entries: &[WorkloadEntry]) -> RenderedRegistry {
+pub fn render(nodes: &[NodeEntry], entries: &[WorkloadEntry]) -> RenderedRegistry {
     let mut text = String::from("# written by mesh-tests\nworkloads:\n");
     let mut line = 3; // the next line to be written
     let mut entry_lines = Vec::with_capacity(entries.len());
@@ -72,10 +89,21 @@ pub fn render(entries: &[WorkloadEntry]) -> RenderedRegistry {
             l.push('}');
             push(l);
         }
+        if let Some(pa) = &e.peer_authentication {
+            push(format!("    peerAuthentication: {pa}"));
+        }
         for extra in &e.extra_lines {
             push(format!("    {extra}"));
         }
         entry_lines.push(first..=line - 1);
+    }
+    text.push_str("nodes:\n");
+    for n in nodes {
+        let _ = writeln!(text, "  - name: {}", n.name);
+        let _ = writeln!(text, "    address: \"{}\"", n.address);
+        if let Some(a6) = n.address6 {
+            let _ = writeln!(text, "    address6: \"{a6}\"");
+        }
     }
     RenderedRegistry { text, entry_lines }
 }
@@ -94,18 +122,30 @@ mod tests {
             ips: vec!["10.1.0.2".parse().unwrap(), "fd00:1::2".parse().unwrap()],
             cgroup: Some("mesh-x/n1/pods/a1".into()),
             labels: vec![("app".into(), "a1".into())],
+            peer_authentication: None,
             extra_lines: vec![],
         };
         let mut e2 = e.clone();
         e2.name = "a2".into();
         e2.cgroup = None;
         e2.extra_lines = vec!["colour: blue".into()];
-        let r = render(&[e, e2]);
+        e2.peer_authentication = Some("PERMISSIVE".into());
+        let nodes = [NodeEntry {
+            name: "n1".into(),
+            address: "10.0.0.1".parse().unwrap(),
+            address6: Some("fd00::1".parse().unwrap()),
+        }];
+        let r = render(&nodes, &[e, e2]);
         let lines: Vec<&str> = r.text.lines().collect();
-        assert_eq!(r.entry_lines, vec![3..=9, 10..=16]);
+        assert_eq!(r.entry_lines, vec![3..=9, 10..=17]);
         assert_eq!(lines[2], "  - name: a1");
         assert_eq!(lines[6], "    ips: [\"10.1.0.2\", \"fd00:1::2\"]");
         assert_eq!(lines[9], "  - name: a2");
-        assert_eq!(lines[15], "    colour: blue");
+        assert_eq!(lines[15], "    peerAuthentication: PERMISSIVE");
+        assert_eq!(lines[16], "    colour: blue");
+        assert_eq!(
+            &lines[17..],
+            ["nodes:", "  - name: n1", "    address: \"10.0.0.1\"", "    address6: \"fd00::1\""]
+        );
     }
 }

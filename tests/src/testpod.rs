@@ -59,6 +59,13 @@ impl ClientRequest {
         self
     }
 
+    /// The client's connect and per-read/write timeout (short for
+    /// connections that are expected to fail).
+    pub fn io_timeout(mut self, t: Duration) -> Self {
+        self.io_timeout = t;
+        self
+    }
+
     pub fn count(mut self, n: usize) -> Self {
         self.count = n;
         self

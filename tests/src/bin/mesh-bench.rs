@@ -256,6 +256,9 @@ fn orchestrate(args: &Args) -> ExitCode {
         .add_unregistered_pod(0, "direct")
         .add_pod(1, "server")
         .add_pod(1, "peer")
+        // The direct baseline is plaintext from outside the mesh: a STRICT
+        // server would refuse it in the kernel.
+        .permissive("server")
         .build();
     let agents = cluster.start_agents();
     let server = cluster.pod("server");

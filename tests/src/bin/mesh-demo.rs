@@ -156,6 +156,12 @@ fn run(args: &Args) -> bool {
             agent.pin_dir().display()
         );
     }
+    println!(
+        "  authority (CA) at {}, trust domain {}; workload certificates per node:",
+        cluster.authority().addr(),
+        mesh_tests::authority::TRUST_DOMAIN
+    );
+    print_certificates(&cluster);
     let _servers: Vec<Server> = cluster.pods().iter().map(|p| p.serve(&[PORT])).collect();
     println!("  every pod serves on port {PORT} (greets with its name, then echoes)");
     print_kernel_state(&cluster);
@@ -194,6 +200,9 @@ fn run(args: &Args) -> bool {
         "\n== stopping after {round} rounds: {good} connections carried as expected, {bad} not"
     );
     print_flow_tables(&cluster, &agents);
+    print_inbound_tables(&agents);
+    println!("\n-- workload certificates now");
+    print_certificates(&cluster);
     for line in &counters {
         println!("{line}");
     }
@@ -403,8 +412,16 @@ fn describe(
     let ok = answered == dst.name() && flow.is_some();
     let via = match &flow {
         Some(f) => format!(
-            "via agent {} (conn {}, {} B sent, {} B received, {})",
+            "via agent {} {} (conn {}, {} B sent, {} B received, {})",
             node.name(),
+            match f.raw["transport"].as_str() {
+                Some("hbone") => format!(
+                    "over HBONE mTLS as {}",
+                    f.raw["src_identity"].as_str().unwrap_or("?")
+                ),
+                Some(t) => format!("({t})"),
+                None => String::new(),
+            },
             f.conn_id.map_or("?".into(), |c| c.to_string()),
             f.bytes_sent.unwrap_or(0),
             f.bytes_received.unwrap_or(0),
@@ -413,6 +430,53 @@ fn describe(
         None => format!("NOT seen by agent {}", node.name()),
     };
     (ok, format!("{head}  answered by {answered}, {via}"))
+}
+
+/// Each node's workload certificates and their remaining lifetime (from its metrics).
+fn print_certificates(cluster: &Cluster) {
+    for node in cluster.nodes() {
+        for (key, secs) in node.metrics() {
+            if let Some(id) = key
+                .strip_prefix("mesh_cert_expiry_seconds{identity=\"")
+                .and_then(|r| r.strip_suffix("\"}"))
+            {
+                println!("    {}: {id}, expires in {:.1} h", node.name(), secs / 3600.0);
+            }
+        }
+    }
+}
+
+/// The inbound side of HBONE: what each destination agent verified.
+fn print_inbound_tables(agents: &[Agent]) {
+    for agent in agents {
+        let records: Vec<_> = agent
+            .log_lines()
+            .into_iter()
+            .filter(|l| l["message"] == "inbound")
+            .collect();
+        let shown = &records[records.len().saturating_sub(TABLE_ROWS)..];
+        println!(
+            "\n-- agent {}: {} inbound HBONE tunnels, client identity verified by mTLS (last {} shown)",
+            agent.spec().node,
+            records.len(),
+            shown.len()
+        );
+        println!(
+            "  {:<44} {:<24} {:<12} {:>6} {:>6}  outcome",
+            "verified peer identity", "destination", "workload", "in", "out"
+        );
+        for r in shown {
+            println!(
+                "  {:<44} {:<24} {:<12} {:>6} {:>6}  {}",
+                r["peer_identity"].as_str().unwrap_or("-"),
+                r["dst"].as_str().unwrap_or("-"),
+                r["dst_workload"].as_str().unwrap_or("-"),
+                r["bytes_in"].as_u64().unwrap_or(0),
+                r["bytes_out"].as_u64().unwrap_or(0),
+                r["outcome"].as_str().unwrap_or("-"),
+            );
+        }
+    }
 }
 
 fn print_flow_tables(cluster: &Cluster, agents: &[Agent]) {
@@ -426,17 +490,18 @@ fn print_flow_tables(cluster: &Cluster, agents: &[Agent]) {
             shown.len()
         );
         println!(
-            "  {:>6}  {:<12} {:<24} {:<24} {:<12} {:>7} {:>7} {:>5}  outcome",
-            "conn", "source", "source addr", "original dst", "dest", "sent", "recv", "ms"
+            "  {:>6}  {:<12} {:<24} {:<24} {:<12} {:<6} {:>7} {:>7} {:>5}  outcome",
+            "conn", "source", "source addr", "original dst", "dest", "via", "sent", "recv", "ms"
         );
         for f in shown {
             println!(
-                "  {:>6}  {:<12} {:<24} {:<24} {:<12} {:>7} {:>7} {:>5}  {}",
+                "  {:>6}  {:<12} {:<24} {:<24} {:<12} {:<6} {:>7} {:>7} {:>5}  {}",
                 f.conn_id.map_or("-".into(), |c| c.to_string()),
                 f.src_workload.as_deref().unwrap_or("-"),
                 f.src_addr.as_deref().unwrap_or("-"),
                 f.orig_dst.as_deref().unwrap_or("-"),
                 f.dst_workload.as_deref().unwrap_or("-"),
+                f.raw["transport"].as_str().unwrap_or("-"),
                 f.bytes_sent.map_or("-".into(), |b| b.to_string()),
                 f.bytes_received.map_or("-".into(), |b| b.to_string()),
                 f.duration_ms.map_or("-".into(), |b| b.to_string()),

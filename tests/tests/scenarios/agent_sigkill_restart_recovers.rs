@@ -98,6 +98,7 @@ fn check_attached_once(node: &mesh_tests::Node) -> BTreeSet<u32> {
         [
             "cgroup_inet4_connect",
             "cgroup_inet6_connect",
+            "cgroup_inet_ingress",
             "cgroup_sock_ops"
         ],
         "attached: {progs:?}"
@@ -110,7 +111,7 @@ fn check_attached_once(node: &mesh_tests::Node) -> BTreeSet<u32> {
     let ids: BTreeSet<u32> = progs.iter().map(|p| p.id).collect();
     let links = node.attached_links();
     assert!(
-        links.len() <= 3,
+        links.len() <= names::ALL_PROGS.len(),
         "more links than programs on the pod cgroup: {links:?}"
     );
     for l in &links {

@@ -2,8 +2,9 @@
 //! attached: the agent exits with status 2, its stderr names the file, the
 //! line of the offending workload and the problem, nothing is attached to the
 //! pod-cgroup parent and no pin directory is left. Cases: an unknown field, a
-//! duplicate IP, a local workload without `cgroup:`, and one whose cgroup
-//! does not exist. The same cluster with a valid registry starts (control).
+//! duplicate IP, a local workload without `cgroup:`, one whose cgroup does
+//! not exist, a `peerAuthentication` that is neither STRICT nor PERMISSIVE,
+//! and a workload on a node that `nodes:` does not list. The same cluster with a valid registry starts (control).
 
 use std::{ops::RangeInclusive, path::Path, time::Duration};
 
@@ -49,6 +50,18 @@ const CASES: &[Case] = &[
         culprits: &[1],
         problem: &["cgroup", "does-not-exist"],
     },
+    Case {
+        name: "bad-peer-authentication",
+        mutate: |e| e[1].peer_authentication = Some("LENIENT".into()),
+        culprits: &[1],
+        problem: &["peerAuthentication", "LENIENT"],
+    },
+    Case {
+        name: "unlisted-node",
+        mutate: |e| e[2].node = "n9".into(),
+        culprits: &[2],
+        problem: &["n9", "nodes"],
+    },
 ];
 
 #[test]
@@ -65,7 +78,10 @@ fn malformed_registry_refused() {
     // Control: the valid registry is accepted.
     {
         let mut agent = cluster.start_agent(0);
-        assert_eq!(node.attached_progs().len(), 3);
+        assert_eq!(
+            node.attached_progs().len(),
+            mesh_common::names::ALL_PROGS.len()
+        );
         assert_eq!(agent.stop().code(), Some(0));
     }
 

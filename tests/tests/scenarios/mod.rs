@@ -9,5 +9,6 @@ mod harness_cluster_routes_and_tears_down;
 mod ipv6_pod_to_pod_redirected;
 mod malformed_registry_refused;
 mod non_mesh_destination_not_redirected;
+mod plaintext_strict_refused_permissive_flagged;
 mod same_node_pod_to_pod_goes_through_agent;
 mod unenrolled_process_not_redirected;

@@ -3,7 +3,9 @@
 //! under the node's pod-cgroup parent but not in the registry both reach the
 //! destination pod directly (the server sees their own address), and the
 //! agent logs no flow for them; an enrolled pod's connection to the same
-//! destination, made afterwards, is carried by the agent.
+//! destination, made afterwards, is carried by the agent. The destination is
+//! PERMISSIVE: a STRICT one would refuse the plaintext (see
+//! `plaintext_strict_refused_permissive_flagged`).
 
 use mesh_tests::{require_privileges, ClientRequest, Host};
 
@@ -17,6 +19,7 @@ fn unenrolled_process_not_redirected() {
         .add_pod(0, "a1")
         .add_unregistered_pod(0, "x1")
         .add_pod(1, "b1")
+        .permissive("b1")
         .build();
     let agents = cluster.start_agents();
     let (a1, x1, b1) = (cluster.pod("a1"), cluster.pod("x1"), cluster.pod("b1"));

@@ -1,0 +1,252 @@
+//! Kernel → agent events: the `mesh_events` ring buffer, read without
+//! blocking the runtime, and the task that logs them.
+//!
+//! The ring buffer's fd is registered with tokio ([`AsyncFd`]); the kernel
+//! wakes it when a record is committed while the reader has caught up, so
+//! the reader drains everything before it waits again.
+
+use std::{
+    io,
+    net::SocketAddr,
+    sync::Arc,
+};
+
+use aya::maps::{MapData, RingBuf};
+use mesh_common::{Event, EVENT_L4_DENIED, EVENT_PLAINTEXT_PERMISSIVE, EVENT_PLAINTEXT_REFUSED};
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    sync::watch,
+    task::JoinHandle,
+};
+use tracing::{debug, error, warn};
+
+use crate::{proxy::ip_from_words, registry::Registry};
+
+/// What an [`Event`]'s `kind` says, for the agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// `EVENT_PLAINTEXT_REFUSED`: a STRICT workload's SYN from outside the mesh was dropped.
+    PlaintextRefused,
+    /// `EVENT_PLAINTEXT_PERMISSIVE`: plaintext from outside the mesh reached a PERMISSIVE workload.
+    PlaintextPermissive,
+    /// `EVENT_L4_DENIED`: reserved for L4 policy.
+    L4Denied,
+}
+
+/// An event kind this build does not know.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown event kind {0}")]
+pub struct UnknownKind(pub u32);
+
+impl TryFrom<u32> for EventKind {
+    type Error = UnknownKind;
+
+    fn try_from(kind: u32) -> Result<Self, UnknownKind> {
+        match kind {
+            EVENT_PLAINTEXT_REFUSED => Ok(Self::PlaintextRefused),
+            EVENT_PLAINTEXT_PERMISSIVE => Ok(Self::PlaintextPermissive),
+            EVENT_L4_DENIED => Ok(Self::L4Denied),
+            other => Err(UnknownKind(other)),
+        }
+    }
+}
+
+/// The packet's source as a socket address (IPv4-mapped comes back as IPv4).
+pub fn event_src(e: &Event) -> SocketAddr {
+    SocketAddr::new(ip_from_words(e.src_addr_be), u16::from_be(e.src_port_be))
+}
+
+/// The packet's destination as a socket address.
+pub fn event_dst(e: &Event) -> SocketAddr {
+    SocketAddr::new(ip_from_words(e.dst_addr_be), u16::from_be(e.dst_port_be))
+}
+
+/// Decodes one ring buffer record (the kernel's native-endian `Event`
+/// layout); `None` if it is too short.
+pub fn decode(b: &[u8]) -> Option<Event> {
+    if b.len() < size_of::<Event>() {
+        return None;
+    }
+    let u32_at = |o: usize| u32::from_ne_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+    let u16_at = |o: usize| u16::from_ne_bytes([b[o], b[o + 1]]);
+    let words = |o: usize| [u32_at(o), u32_at(o + 4), u32_at(o + 8), u32_at(o + 12)];
+    Some(Event {
+        kind: u32_at(0),
+        workload_id: u32_at(4),
+        src_addr_be: words(8),
+        dst_addr_be: words(24),
+        src_port_be: u16_at(40),
+        dst_port_be: u16_at(42),
+        family: u32_at(44),
+        _reserved: words(48),
+    })
+}
+
+/// The reader of `mesh_events`.
+pub struct EventReader {
+    ring: AsyncFd<RingBuf<MapData>>,
+    /// Records too short to be an [`Event`] (a kernel/agent mismatch).
+    malformed: u64,
+}
+
+impl EventReader {
+    /// Registers the ring buffer with the current tokio runtime.
+    pub fn new(ring: RingBuf<MapData>) -> io::Result<Self> {
+        // SAFETY: the RingBuf owns its MapData, which owns the map's fd
+        // (an OwnedFd): it stays open and is never replaced while the
+        // AsyncFd (which owns the RingBuf) lives, and `as_raw_fd` always
+        // returns that fd.
+        #[allow(unsafe_code)]
+        let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }?;
+        Ok(Self {
+            ring,
+            malformed: 0,
+        })
+    }
+
+    /// The next event, if one is waiting.
+    pub fn try_next(&mut self) -> Option<Event> {
+        loop {
+            let item = self.ring.get_mut().next()?;
+            match decode(&item) {
+                Some(e) => return Some(e),
+                None => {
+                    self.malformed += 1;
+                    debug!(len = item.len(), malformed = self.malformed, "short event record skipped");
+                }
+            }
+        }
+    }
+
+    /// The next event; waits (without blocking the runtime) until there is one.
+    pub async fn next(&mut self) -> io::Result<Event> {
+        loop {
+            if let Some(e) = self.try_next() {
+                return Ok(e);
+            }
+            // Readiness is cleared *before* the buffer is checked again, so a
+            // record committed after the check wakes the next wait.
+            let mut guard = self.ring.readable_mut().await?;
+            guard.clear_ready();
+        }
+    }
+}
+
+/// Logs every event until `stop` turns true, and hands each to `on_event`
+/// (the app counts metrics there): `plaintext refused` (STRICT) and
+/// `plaintext inside a secure zone` (PERMISSIVE), with `src`, `dst` and
+/// `dst_workload` (`namespace/name` from the registry).
+pub fn spawn_event_log(
+    mut reader: EventReader,
+    registry: Arc<Registry>,
+    on_event: impl Fn(&Event) + Send + 'static,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let event = tokio::select! {
+                changed = stop.changed() => {
+                    if changed.is_err() || *stop.borrow() {
+                        break;
+                    }
+                    continue;
+                }
+                next = reader.next() => match next {
+                    Ok(e) => e,
+                    Err(e) => {
+                        error!(error = %e, "reading kernel events failed; event log stopped");
+                        break;
+                    }
+                },
+            };
+            log_event(&event, &registry);
+            on_event(&event);
+        }
+        // Whatever is already in the buffer at shutdown is still logged.
+        while let Some(event) = reader.try_next() {
+            log_event(&event, &registry);
+            on_event(&event);
+        }
+    })
+}
+
+fn log_event(event: &Event, registry: &Registry) {
+    let src = event_src(event);
+    let dst = event_dst(event);
+    let dst_workload = registry
+        .by_id(event.workload_id)
+        .map(|w| w.key())
+        .unwrap_or_else(|| format!("unknown#{}", event.workload_id));
+    match EventKind::try_from(event.kind) {
+        Ok(EventKind::PlaintextRefused) => {
+            warn!(src = %src, dst = %dst, dst_workload = %dst_workload, "plaintext refused");
+        }
+        Ok(EventKind::PlaintextPermissive) => warn!(
+            src = %src,
+            dst = %dst,
+            dst_workload = %dst_workload,
+            "plaintext inside a secure zone"
+        ),
+        Ok(EventKind::L4Denied) => {
+            warn!(src = %src, dst = %dst, dst_workload = %dst_workload, "l4 denied");
+        }
+        Err(e) => debug!(kind = e.0, "unknown kernel event skipped"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mesh_common::AF_INET;
+
+    use super::*;
+    use crate::proxy::ip_words;
+
+    fn encode(e: &Event) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend(e.kind.to_ne_bytes());
+        b.extend(e.workload_id.to_ne_bytes());
+        for w in e.src_addr_be.iter().chain(&e.dst_addr_be) {
+            b.extend(w.to_ne_bytes());
+        }
+        b.extend(e.src_port_be.to_ne_bytes());
+        b.extend(e.dst_port_be.to_ne_bytes());
+        b.extend(e.family.to_ne_bytes());
+        for w in e._reserved {
+            b.extend(w.to_ne_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn decode_matches_the_kernel_layout() {
+        let e = Event {
+            kind: EVENT_PLAINTEXT_REFUSED,
+            workload_id: 7,
+            src_addr_be: ip_words("10.1.0.1".parse().unwrap()),
+            dst_addr_be: ip_words("10.1.0.2".parse().unwrap()),
+            src_port_be: 40000u16.to_be(),
+            dst_port_be: 8080u16.to_be(),
+            family: u32::from(AF_INET),
+            _reserved: [0; 4],
+        };
+        let b = encode(&e);
+        assert_eq!(b.len(), size_of::<Event>());
+        let d = decode(&b).unwrap();
+        assert_eq!(d, e);
+        assert_eq!(event_src(&d), "10.1.0.1:40000".parse().unwrap());
+        assert_eq!(event_dst(&d), "10.1.0.2:8080".parse().unwrap());
+        assert!(decode(&b[..63]).is_none());
+        // Ring buffer records are padded to 8 bytes: longer is fine.
+        let mut longer = b.clone();
+        longer.extend([0; 8]);
+        assert_eq!(decode(&longer), Some(e));
+    }
+
+    #[test]
+    fn kinds() {
+        assert_eq!(EventKind::try_from(1).unwrap(), EventKind::PlaintextRefused);
+        assert_eq!(EventKind::try_from(2).unwrap(), EventKind::PlaintextPermissive);
+        assert_eq!(EventKind::try_from(3).unwrap(), EventKind::L4Denied);
+        assert!(EventKind::try_from(0).is_err());
+    }
+}

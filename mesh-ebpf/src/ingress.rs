@@ -1,0 +1,220 @@
+//! `cgroup_skb/ingress`: inbound protection of enrolled workloads.
+//!
+//! Runs for every packet delivered to a socket created in the pod cgroup
+//! tree; in `cgroup_skb` programs the packet data starts at the network
+//! header. Only a TCP SYN without ACK (a connection attempt) is judged;
+//! everything else passes. A SYN to a socket whose cgroup (or an ancestor)
+//! is an enrolled workload passes when it comes from the mesh: the local
+//! agent's listener address, the address of a mesh agent (`mesh_peers`) or
+//! loopback. Otherwise it is plaintext from outside the mesh: dropped for a
+//! STRICT workload (the client sees its SYN go unanswered), passed and
+//! flagged for a PERMISSIVE one. Both are counted and emitted as events.
+
+use aya_ebpf::{
+    helpers::generated::{bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
+    programs::SkBuffContext,
+};
+use mesh_common::{
+    counters as ctr, mapped_v4, AgentConfig, Event, IpKey, AF_INET, AF_INET6, CONFIG_F_IPV6,
+    EVENT_PLAINTEXT_PERMISSIVE, EVENT_PLAINTEXT_REFUSED, WORKLOAD_F_PERMISSIVE,
+};
+
+use crate::{
+    connect,
+    maps::{count, emit, PEERS},
+    workload,
+};
+
+/// Deliver the packet.
+pub const VERDICT_PASS: i32 = 1;
+/// Drop the packet.
+pub const VERDICT_DROP: i32 = 0;
+/// Fails open: errors are packets this program cannot parse (truncated
+/// headers, too many IPv6 extension headers). They are not recognisable
+/// connection attempts, and dropping them would break traffic the kernel's
+/// own TCP stack still validates; they are counted (`ingress_errors`).
+pub const VERDICT_ON_ERROR: i32 = VERDICT_PASS;
+
+const IPPROTO_TCP: u8 = 6;
+const IPV6_HOPOPTS: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AH: u8 = 51;
+const IPV6_DSTOPTS: u8 = 60;
+/// IPv6 extension headers walked before giving up (counted as an error).
+const MAX_IPV6_EXT_HEADERS: u32 = 6;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+
+/// The packet could not be parsed.
+pub struct ParseError;
+
+impl From<i64> for ParseError {
+    fn from(_: i64) -> Self {
+        ParseError
+    }
+}
+
+/// What the program needs of a TCP SYN.
+struct Syn {
+    src: [u32; 4],
+    dst: [u32; 4],
+    src_port_be: u16,
+    dst_port_be: u16,
+    family: u16,
+}
+
+pub fn try_ingress(ctx: &SkBuffContext) -> Result<i32, ParseError> {
+    let version = ctx.load::<u8>(0)? >> 4;
+    let syn = match version {
+        4 => parse_v4(ctx)?,
+        6 => parse_v6(ctx)?,
+        _ => return Err(ParseError),
+    };
+    let Some(syn) = syn else {
+        return Ok(VERDICT_PASS);
+    };
+    // Agent not up: nothing is enforced (capture is off as well).
+    let Some(cfg) = connect::config() else {
+        return Ok(VERDICT_PASS);
+    };
+    let skb = ctx.skb.skb;
+    // SAFETY: the program's own __sk_buff; valid in cgroup_skb programs
+    // (0 when the packet has no full socket: then nothing is enrolled).
+    let own = unsafe { bpf_skb_cgroup_id(skb) };
+    let Some(w) = workload::enrolled(own, |level| {
+        // SAFETY: as above; returns 0 past the socket cgroup's own level.
+        unsafe { bpf_skb_ancestor_cgroup_id(skb, level) }
+    }) else {
+        return Ok(VERDICT_PASS);
+    };
+    if from_mesh(&cfg, &syn) {
+        count(ctr::INGRESS_MESH);
+        return Ok(VERDICT_PASS);
+    }
+    let permissive = w.flags & WORKLOAD_F_PERMISSIVE != 0;
+    let event = Event {
+        kind: if permissive {
+            EVENT_PLAINTEXT_PERMISSIVE
+        } else {
+            EVENT_PLAINTEXT_REFUSED
+        },
+        workload_id: w.workload_id,
+        src_addr_be: syn.src,
+        dst_addr_be: syn.dst,
+        src_port_be: syn.src_port_be,
+        dst_port_be: syn.dst_port_be,
+        family: u32::from(syn.family),
+        _reserved: [0; 4],
+    };
+    emit(&event);
+    if permissive {
+        count(ctr::INGRESS_PLAINTEXT_PERMISSIVE);
+        Ok(VERDICT_PASS)
+    } else {
+        count(ctr::INGRESS_PLAINTEXT_REFUSED);
+        Ok(VERDICT_DROP)
+    }
+}
+
+/// Whether the SYN comes from the mesh: the local agent, a mesh agent, or
+/// loopback (a pod talking to itself).
+#[inline(always)]
+fn from_mesh(cfg: &AgentConfig, syn: &Syn) -> bool {
+    let src = syn.src;
+    if src == mapped_v4(cfg.redirect_ip4_be) {
+        return true;
+    }
+    if cfg.flags & CONFIG_F_IPV6 != 0 && src == cfg.redirect_ip6_be {
+        return true;
+    }
+    // 127.0.0.0/8 (mapped) and ::1.
+    let loop4 = src[0] == 0
+        && src[1] == 0
+        && src[2] == u32::from_be(0x0000_ffff)
+        && u32::from_be(src[3]) >> 24 == 127;
+    let loop6 = src[0] == 0 && src[1] == 0 && src[2] == 0 && src[3] == u32::from_be(1);
+    if loop4 || loop6 {
+        return true;
+    }
+    // SAFETY: read-only lookup; only presence is used.
+    unsafe { PEERS.get(IpKey { addr_be: src }) }.is_some()
+}
+
+/// An IPv4 packet: `Some` if it is a TCP SYN without ACK.
+#[inline(always)]
+fn parse_v4(ctx: &SkBuffContext) -> Result<Option<Syn>, ParseError> {
+    let ihl = usize::from(ctx.load::<u8>(0)? & 0x0f) * 4;
+    if ihl < 20 {
+        return Err(ParseError);
+    }
+    if ctx.load::<u8>(9)? != IPPROTO_TCP {
+        return Ok(None);
+    }
+    // Loaded as bytes: the words hold network order, as the maps do.
+    let src = ctx.load::<u32>(12)?;
+    let dst = ctx.load::<u32>(16)?;
+    tcp_syn(ctx, ihl, mapped_v4(src), mapped_v4(dst), AF_INET)
+}
+
+/// An IPv6 packet: `Some` if it is a TCP SYN without ACK (after at most
+/// [`MAX_IPV6_EXT_HEADERS`] extension headers).
+#[inline(always)]
+fn parse_v6(ctx: &SkBuffContext) -> Result<Option<Syn>, ParseError> {
+    let mut next = ctx.load::<u8>(6)?;
+    let src = ctx.load::<[u32; 4]>(8)?;
+    let dst = ctx.load::<[u32; 4]>(24)?;
+    let mut off: usize = 40;
+    let mut i = 0;
+    while i < MAX_IPV6_EXT_HEADERS {
+        match next {
+            IPPROTO_TCP => return tcp_syn(ctx, off, src, dst, AF_INET6),
+            IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
+                let len = usize::from(ctx.load::<u8>(off + 1)?);
+                next = ctx.load::<u8>(off)?;
+                off += (len + 1) * 8;
+            }
+            IPV6_FRAGMENT => {
+                next = ctx.load::<u8>(off)?;
+                off += 8;
+            }
+            IPV6_AH => {
+                let len = usize::from(ctx.load::<u8>(off + 1)?);
+                next = ctx.load::<u8>(off)?;
+                off += (len + 2) * 4;
+            }
+            // Another transport (UDP, ICMPv6, …): not a TCP connection attempt.
+            _ => return Ok(None),
+        }
+        i += 1;
+    }
+    if next == IPPROTO_TCP {
+        return tcp_syn(ctx, off, src, dst, AF_INET6);
+    }
+    Err(ParseError)
+}
+
+/// The TCP header at `off`: `Some` if SYN is set and ACK is not.
+#[inline(always)]
+fn tcp_syn(
+    ctx: &SkBuffContext,
+    off: usize,
+    src: [u32; 4],
+    dst: [u32; 4],
+    family: u16,
+) -> Result<Option<Syn>, ParseError> {
+    let flags = ctx.load::<u8>(off + 13)?;
+    if flags & TCP_FLAG_SYN == 0 || flags & TCP_FLAG_ACK != 0 {
+        return Ok(None);
+    }
+    // Loaded as bytes: network order.
+    let src_port_be = ctx.load::<u16>(off)?;
+    let dst_port_be = ctx.load::<u16>(off + 2)?;
+    Ok(Some(Syn {
+        src,
+        dst,
+        src_port_be,
+        dst_port_be,
+        family,
+    }))
+}
