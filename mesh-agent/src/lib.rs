@@ -10,5 +10,6 @@ pub mod app;
 pub mod bpf;
 pub mod cgroup;
 pub mod identity;
+pub mod operator;
 pub mod proxy;
 pub mod registry;
