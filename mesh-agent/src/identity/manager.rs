@@ -40,7 +40,7 @@ use super::authority::{
 use super::cache::CertCache;
 use super::cert::{Serial, WorkloadCert};
 use super::service::AuthorityClient;
-use super::spiffe::{NodeId, SpiffeId};
+use super::spiffe::{NodeId, SpiffeId, TrustDomain};
 use super::verify::{self, SniCertResolver, TrustStore};
 use super::IdentityError;
 
@@ -240,6 +240,8 @@ impl IdentityManager {
         let started = Instant::now();
         let deadline = started + cfg.startup_timeout;
         let mut backoff = BACKOFF_MIN;
+        // The last real failure: a round cut short by the deadline does not hide it.
+        let mut last_err: Option<IdentityError> = None;
         loop {
             let round = async {
                 manager.refresh_logged().await;
@@ -251,20 +253,17 @@ impl IdentityManager {
                 }
                 last
             };
-            let last = match tokio::time::timeout_at(deadline, round).await {
+            match tokio::time::timeout_at(deadline, round).await {
                 Ok(None) if manager.missing().is_empty() => break,
-                Ok(last) => last,
-                Err(_) => Some(IdentityError::Timeout {
-                    op: "obtaining the initial workload certificates",
-                    after: cfg.startup_timeout,
-                }),
-            };
+                Ok(Some(e)) => last_err = Some(e),
+                Ok(None) | Err(_) => {}
+            }
             let now = Instant::now();
             if now >= deadline {
                 return Err(IdentityError::Startup {
                     pending: manager.missing().iter().map(ToString::to_string).collect(),
                     after: cfg.startup_timeout,
-                    last: Box::new(last.unwrap_or(IdentityError::Timeout {
+                    last: Box::new(last_err.unwrap_or(IdentityError::Timeout {
                         op: "obtaining the initial workload certificates",
                         after: cfg.startup_timeout,
                     })),
@@ -582,4 +581,442 @@ async fn background(weak: Weak<IdentityManager>, refresh: Duration, mut stop: wa
         manager.rotate_due().await;
     }
     debug!("identity manager stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::authority::tests::{td, wid, TempDir};
+    use crate::identity::service::{serve_with, ServeConfig};
+    use crate::identity::spiffe::PeerId;
+    use crate::identity::verify::{peer_identity, peer_serial, server_name_for};
+    use crate::identity::Authority;
+    use std::io::Write as _;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::oneshot;
+    use tokio::task::JoinHandle;
+    use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+    /// Registry: sa-a and sa-c on n1, sa-b on n2.
+    fn registry(id: &SpiffeId) -> Vec<String> {
+        match id.service_account() {
+            "sa-a" | "sa-c" => vec!["n1".into()],
+            "sa-b" => vec!["n2".into()],
+            _ => vec![],
+        }
+    }
+
+    struct Ca {
+        dir: TempDir,
+        ca: Arc<Authority>,
+        addr: SocketAddr,
+        running: Option<(oneshot::Sender<()>, JoinHandle<Result<(), IdentityError>>)>,
+    }
+
+    impl Ca {
+        async fn new(tag: &str) -> Self {
+            let dir = TempDir::new(tag);
+            let ca = Arc::new(Authority::init(&dir.0, td()).unwrap());
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let mut me = Self {
+                dir,
+                ca,
+                addr,
+                running: None,
+            };
+            me.serve(listener);
+            me
+        }
+
+        fn serve(&mut self, listener: TcpListener) {
+            let (tx, rx) = oneshot::channel::<()>();
+            let task = tokio::spawn(serve_with(
+                listener,
+                self.ca.clone(),
+                registry,
+                ServeConfig::default(),
+                async {
+                    let _ = rx.await;
+                },
+            ));
+            self.running = Some((tx, task));
+        }
+
+        async fn stop(&mut self) {
+            let (tx, task) = self.running.take().unwrap();
+            let _ = tx.send(());
+            task.await.unwrap().unwrap();
+        }
+
+        /// Restarts on the same address, from the directory (as a restarted process would).
+        async fn restart(&mut self) {
+            self.ca = Arc::new(Authority::load(&self.dir.0).unwrap());
+            let listener = TcpListener::bind(self.addr).await.unwrap();
+            self.serve(listener);
+        }
+
+        fn config(&self, node: &str, sas: &[&str]) -> ManagerConfig {
+            let mut cfg = ManagerConfig::new(
+                self.addr,
+                self.ca.node_credentials(node).unwrap(),
+                sas.iter().map(|sa| wid("default", sa)).collect(),
+            );
+            cfg.lifetime = Duration::from_secs(600);
+            cfg.refresh = Duration::from_millis(100);
+            cfg.startup_timeout = Duration::from_secs(5);
+            cfg
+        }
+    }
+
+    /// Waits (bounded) until `cond` holds.
+    async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    type Side = Result<(Option<SpiffeId>, Option<Serial>), String>;
+
+    /// A real TLS handshake over TCP on 127.0.0.1, then one byte each way. Returns what each
+    /// side saw of its peer.
+    async fn handshake(
+        server: Arc<ServerConfig>,
+        client: Arc<ClientConfig>,
+        dst: &SpiffeId,
+    ) -> (Side, Side) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server_side = async move {
+            let (tcp, _) = listener.accept().await.map_err(|e| e.to_string())?;
+            let mut tls = TlsAcceptor::from(server)
+                .accept(tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            let seen = (peer_identity(tls.get_ref().1), peer_serial(tls.get_ref().1));
+            let mut b = [0u8; 1];
+            tls.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+            tls.write_all(&b).await.map_err(|e| e.to_string())?;
+            tls.flush().await.map_err(|e| e.to_string())?;
+            Ok(seen)
+        };
+        let name = server_name_for(dst);
+        let client_side = async move {
+            let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+            let mut tls = TlsConnector::from(client)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            let conn = tls.get_ref().1;
+            assert_eq!(conn.alpn_protocol(), Some(&b"h2"[..]));
+            assert_eq!(
+                conn.protocol_version(),
+                Some(rustls::ProtocolVersion::TLSv1_3)
+            );
+            let seen = (peer_identity(conn), peer_serial(conn));
+            tls.write_all(b"x").await.map_err(|e| e.to_string())?;
+            tls.flush().await.map_err(|e| e.to_string())?;
+            let mut b = [0u8; 1];
+            tls.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+            Ok(seen)
+        };
+        tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(server_side, client_side)
+        })
+        .await
+        .expect("handshake timed out")
+    }
+
+    fn stop_channel() -> (watch::Sender<bool>, watch::Receiver<bool>) {
+        watch::channel(false)
+    }
+
+    #[tokio::test]
+    async fn obtains_certificates_and_serves_mtls_between_its_workloads() {
+        let ca = Ca::new("mgr-ok").await;
+        let (_stop, rx) = stop_channel();
+        let m = IdentityManager::start(ca.config("n1", &["sa-a", "sa-c"]), rx)
+            .await
+            .unwrap();
+        let (a, c) = (wid("default", "sa-a"), wid("default", "sa-c"));
+        let cert_a = m.certificate(&a).unwrap();
+        assert_eq!(cert_a.identity(), &a);
+        assert!(m.certificate(&wid("default", "sa-b")).is_none());
+        let exp = m.expiries();
+        assert_eq!(exp.len(), 2);
+        assert!(exp
+            .iter()
+            .all(|(_, left)| *left > Duration::from_secs(590) && *left <= Duration::from_secs(600)));
+        assert_eq!(m.rotations(), (2, 0));
+
+        // a → c: both sides see the other's verified identity and current serial.
+        let cfg = m.client_config(&a, &c).unwrap();
+        assert!(Arc::ptr_eq(&cfg, &m.client_config(&a, &c).unwrap()), "cached");
+        let (s, cl) = handshake(m.server_config(), cfg, &c).await;
+        assert_eq!(s.unwrap(), (Some(a.clone()), Some(cert_a.serial().clone())));
+        let cert_c = m.certificate(&c).unwrap();
+        assert_eq!(cl.unwrap(), (Some(c.clone()), Some(cert_c.serial().clone())));
+
+        // Wrong destination: the server presents sa-c, the client wants sa-a.
+        let wrong = m.client_config(&c, &a).unwrap();
+        let listener_name_c = &c;
+        let (_, cl) = handshake(m.server_config(), wrong, listener_name_c).await;
+        let e = cl.unwrap_err();
+        assert!(e.contains("is not the expected"), "{e}");
+        // No certificate for a source this node does not host.
+        assert!(matches!(
+            m.client_config(&wid("default", "sa-b"), &c),
+            Err(IdentityError::NoCertificate { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn handshakes_fail_for_foreign_expired_and_revoked_peers() {
+        let ca = Ca::new("mgr-refuse").await;
+        let (_stop, rx) = stop_channel();
+        let m = IdentityManager::start(ca.config("n1", &["sa-a", "sa-c"]), rx)
+            .await
+            .unwrap();
+        let c = wid("default", "sa-c");
+        let as_client = |cert: &WorkloadCert| {
+            verify::client_config(m.trust(), cert, &c).unwrap()
+        };
+
+        // Another trust domain (its own authority).
+        let other_dir = TempDir::new("mgr-refuse-other");
+        let other_td = TrustDomain::new("other.domain").unwrap();
+        let other = Authority::init(&other_dir.0, other_td.clone()).unwrap();
+        let foreign = other
+            .issue_workload_cert(
+                &SpiffeId::new(other_td, "default", "sa-a").unwrap(),
+                Duration::from_secs(600),
+            )
+            .unwrap();
+        let (s, _) = handshake(m.server_config(), as_client(&foreign), &c).await;
+        assert!(s.is_err(), "foreign trust domain accepted");
+
+        // Expired (issued by the right authority).
+        let now = SystemTime::now();
+        let (chain, key) = ca
+            .ca
+            .issue_with_validity(
+                &PeerId::Workload(wid("default", "sa-a")),
+                now - Duration::from_secs(7200),
+                now - Duration::from_secs(3600),
+            )
+            .unwrap();
+        let expired = WorkloadCert::from_pem(&chain, &key).unwrap();
+        let (s, _) = handshake(m.server_config(), as_client(&expired), &c).await;
+        assert!(s.unwrap_err().to_lowercase().contains("expired"));
+
+        // Revoked: valid until the authority revokes it; the manager fetches the list, the
+        // generation moves, and the next handshake is refused.
+        let victim = ca
+            .ca
+            .issue_workload_cert(&wid("default", "sa-a"), Duration::from_secs(600))
+            .unwrap();
+        let (s, _) = handshake(m.server_config(), as_client(&victim), &c).await;
+        assert!(s.is_ok());
+        let mut generation = m.revocation_generation();
+        let before = *generation.borrow_and_update();
+        ca.ca.revoke(victim.serial().clone()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), generation.changed())
+            .await
+            .expect("generation not bumped")
+            .unwrap();
+        assert!(*generation.borrow() > before);
+        assert!(m.trust().is_revoked(victim.serial()));
+        let (s, _) = handshake(m.server_config(), as_client(&victim), &c).await;
+        assert!(s.unwrap_err().to_lowercase().contains("revoked"));
+
+        // A revoked certificate of the node's own is replaced promptly.
+        let mine = m.certificate(&c).unwrap();
+        ca.ca.revoke(mine.serial().clone()).unwrap();
+        eventually("own revoked certificate replaced", || {
+            m.certificate(&c).unwrap().serial() != mine.serial()
+        })
+        .await;
+    }
+
+    /// Collects log output (current-thread runtime: the authority runs on this thread).
+    #[derive(Clone, Default)]
+    struct Logs(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Logs {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_workload_of_another_node_is_refused_and_the_refusal_logged() {
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let ca = Ca::new("mgr-other-node").await;
+        let (_stop, rx) = stop_channel();
+        let mut cfg = ca.config("n1", &["sa-a", "sa-b"]);
+        cfg.startup_timeout = Duration::from_secs(1);
+        let err = IdentityManager::start(cfg, rx).await.unwrap_err();
+        match &err {
+            IdentityError::Startup { pending, last, .. } => {
+                assert_eq!(pending, &["spiffe://cluster.local/ns/default/sa/sa-b"]);
+                assert!(last.to_string().contains("not authorized"), "{last}");
+            }
+            other => panic!("{other}"),
+        }
+        let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        let refusal = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["message"] == "certificate request refused")
+            .expect("refusal logged");
+        assert_eq!(refusal["identity"], "spiffe://cluster.local/ns/default/sa/sa-b");
+        assert!(refusal["node"].as_str().unwrap().ends_with("/node/n1"));
+        // The agent's own log line for what it did obtain.
+        assert!(text.lines().any(|l| l.contains("\"workload certificate issued\"")
+            && l.contains("\"rotation\":\"initial\"")
+            && l.contains("sa-a")));
+        let _ = std::io::stderr().flush();
+    }
+
+    #[tokio::test]
+    async fn rotation_replaces_certificates_and_client_configs() {
+        let ca = Ca::new("mgr-rotate").await;
+        let (_stop, rx) = stop_channel();
+        let m = IdentityManager::start(ca.config("n1", &["sa-a", "sa-c"]), rx)
+            .await
+            .unwrap();
+        let (a, c) = (wid("default", "sa-a"), wid("default", "sa-c"));
+        let old = m.certificate(&a).unwrap();
+        let old_cfg = m.client_config(&a, &c).unwrap();
+        m.rotate_now().await.unwrap();
+        let new = m.certificate(&a).unwrap();
+        assert_ne!(old.serial(), new.serial());
+        assert_eq!(m.rotations(), (4, 0));
+        let new_cfg = m.client_config(&a, &c).unwrap();
+        assert!(!Arc::ptr_eq(&old_cfg, &new_cfg), "rebuilt after rotation");
+        let (s, _) = handshake(m.server_config(), new_cfg, &c).await;
+        assert_eq!(s.unwrap().1, Some(new.serial().clone()), "new cert presented");
+        // The superseded certificate stays valid until it expires (connections under it live on).
+        let (s, _) = handshake(m.server_config(), old_cfg, &c).await;
+        assert_eq!(s.unwrap().1, Some(old.serial().clone()));
+
+        // Root rotation: add (agents trust both), activate (agents re-issue promptly), retire.
+        let old_root = ca.ca.active_root();
+        let new_root = ca.ca.add_root().unwrap();
+        eventually("two roots trusted", || m.trust().roots().len() == 2).await;
+        let before = m.certificate(&c).unwrap();
+        ca.ca.activate_root(&new_root).unwrap();
+        eventually("re-issued under the new root", || {
+            m.workloads
+                .iter()
+                .all(|id| m.lock().roots.get(id) == Some(&new_root))
+        })
+        .await;
+        let after = m.certificate(&c).unwrap();
+        assert_ne!(before.serial(), after.serial());
+        // Traffic keeps flowing at every step.
+        let cfg = m.client_config(&a, &c).unwrap();
+        let (s, cl) = handshake(m.server_config(), cfg, &c).await;
+        assert!(s.is_ok() && cl.is_ok(), "{s:?} {cl:?}");
+        // The node certificate is re-issued before the old root goes (see the README).
+        let fresh = ca.ca.node_credentials("n1").unwrap();
+        *m.client.lock().await = AuthorityClient::new(
+            &ca.addr.to_string(),
+            &fresh.chain_pem,
+            &fresh.key_pem,
+            m.trust(),
+        )
+        .unwrap();
+        ca.ca.retire_root(&old_root).unwrap();
+        eventually("old root dropped", || m.trust().roots().len() == 1).await;
+        let cfg = m.client_config(&a, &c).unwrap();
+        let (s, cl) = handshake(m.server_config(), cfg, &c).await;
+        assert!(s.is_ok() && cl.is_ok(), "{s:?} {cl:?}");
+        assert_eq!(m.rotations().1, 0);
+    }
+
+    #[tokio::test]
+    async fn keeps_serving_while_the_authority_is_away_and_recovers() {
+        let mut ca = Ca::new("mgr-away").await;
+        let (_stop, rx) = stop_channel();
+        let m = IdentityManager::start(ca.config("n1", &["sa-a", "sa-c"]), rx)
+            .await
+            .unwrap();
+        let (a, c) = (wid("default", "sa-a"), wid("default", "sa-c"));
+        let held = m.certificate(&a).unwrap();
+        ca.stop().await;
+
+        assert!(m.rotate_now().await.is_err());
+        // The background task also fails (forced rotation), counted, with backoff.
+        m.lock().forced.insert(a.clone());
+        eventually("errors counted", || m.rotations().1 >= 2).await;
+        assert_eq!(m.certificate(&a).unwrap().serial(), held.serial());
+        let cfg = m.client_config(&a, &c).unwrap();
+        let (s, cl) = handshake(m.server_config(), cfg, &c).await;
+        assert!(s.is_ok() && cl.is_ok(), "still serving: {s:?} {cl:?}");
+
+        ca.restart().await;
+        // The pending forced rotation goes through once it is back.
+        eventually("rotation after recovery", || {
+            m.certificate(&a).unwrap().serial() != held.serial()
+        })
+        .await;
+        let victim = ca
+            .ca
+            .issue_workload_cert(&wid("default", "sa-b"), Duration::from_secs(600))
+            .unwrap();
+        ca.ca.revoke(victim.serial().clone()).unwrap();
+        eventually("revocations followed again", || {
+            m.trust().is_revoked(victim.serial())
+        })
+        .await;
+        m.rotate_now().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn bad_configurations_are_refused() {
+        let ca = Ca::new("mgr-bad").await;
+        let (_stop, rx) = stop_channel();
+        let mut cfg = ca.config("n1", &["sa-a"]);
+        cfg.lifetime = Duration::from_secs(59);
+        assert!(matches!(
+            IdentityManager::start(cfg, rx.clone()).await,
+            Err(IdentityError::LifetimeTooShort { .. })
+        ));
+        let mut cfg = ca.config("n1", &["sa-a"]);
+        cfg.workloads
+            .push(SpiffeId::parse("spiffe://other.domain/ns/default/sa/sa-a").unwrap());
+        assert!(matches!(
+            IdentityManager::start(cfg, rx.clone()).await,
+            Err(IdentityError::ForeignTrustDomain { .. })
+        ));
+        let mut cfg = ca.config("n1", &["sa-a"]);
+        cfg.refresh = Duration::from_millis(1);
+        assert!(IdentityManager::start(cfg, rx).await.is_err());
+        // Stopped while the authority is unreachable.
+        let (tx, rx) = stop_channel();
+        let mut cfg = ca.config("n1", &["sa-a"]);
+        cfg.authority = "127.0.0.1:1".parse().unwrap();
+        let start = tokio::spawn(IdentityManager::start(cfg, rx));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tx.send(true).unwrap();
+        assert!(matches!(
+            start.await.unwrap(),
+            Err(IdentityError::Stopped)
+        ));
+    }
 }
