@@ -40,7 +40,7 @@ use super::authority::{
 use super::cache::CertCache;
 use super::cert::{Serial, WorkloadCert};
 use super::service::AuthorityClient;
-use super::spiffe::{NodeId, SpiffeId, TrustDomain};
+use super::spiffe::{NodeId, SpiffeId};
 use super::verify::{self, SniCertResolver, TrustStore};
 use super::IdentityError;
 
@@ -588,7 +588,7 @@ mod tests {
     use super::*;
     use crate::identity::authority::tests::{td, wid, TempDir};
     use crate::identity::service::{serve_with, ServeConfig};
-    use crate::identity::spiffe::PeerId;
+    use crate::identity::spiffe::{PeerId, TrustDomain};
     use crate::identity::verify::{peer_identity, peer_serial, server_name_for};
     use crate::identity::Authority;
     use std::io::Write as _;
