@@ -11,6 +11,8 @@
 //!   an SNI certificate resolver and the `ServerConfig`/`ClientConfig` builders for the data path.
 //! - [`cert`]: [`WorkloadCert`] and certificate serials.
 //! - [`cache`]: the agent's certificate cache and its rotate-at-half-life rule.
+//! - [`manager`]: the agent's [`IdentityManager`]: obtains, rotates and serves the node's
+//!   workload certificates and follows the authority's bundle and revocation list.
 //!
 //! All TLS is 1.3 only, with rustls' ring provider. No crypto or ASN.1 is written here: rcgen
 //! builds and signs certificates, rustls/webpki verify chains, x509-parser reads fields.
@@ -24,12 +26,15 @@ use rustls::crypto::CryptoProvider;
 pub mod authority;
 pub mod cache;
 pub mod cert;
+pub mod manager;
 pub mod service;
 pub mod spiffe;
 pub mod verify;
 
 pub use authority::{authorize_request, Authority, NodeCredentials, RootId, RootInfo};
+pub use authority::ReloadOutcome;
 pub use cache::CertCache;
+pub use manager::{IdentityManager, ManagerConfig};
 pub use cert::{Serial, WorkloadCert};
 pub use service::{serve, serve_with, AuthorityClient, ServeConfig};
 pub use spiffe::{NodeId, PeerId, SpiffeId, SpiffeIdError, TrustDomain};
@@ -137,4 +142,21 @@ pub enum IdentityError {
     Protocol { detail: String },
     #[error("the authority refused: {message}")]
     Refused { message: String },
+    #[error("no certificate for {identity} on this node")]
+    NoCertificate { identity: SpiffeId },
+    #[error("no certificate for {pending:?} after {after:?}; last error: {last}")]
+    Startup {
+        pending: Vec<String>,
+        after: Duration,
+        #[source]
+        last: Box<IdentityError>,
+    },
+    #[error("stopped before the workload certificates were obtained")]
+    Stopped,
+    #[error("{what} must be {bound}, got {got:?}")]
+    BadConfig {
+        what: &'static str,
+        bound: &'static str,
+        got: Duration,
+    },
 }

@@ -11,5 +11,6 @@ pub mod bpf;
 pub mod cgroup;
 pub mod identity;
 pub mod metrics;
+pub mod operator;
 pub mod proxy;
 pub mod registry;

@@ -29,6 +29,8 @@ enum LogFormat {
 enum Command {
     /// Run the node agent: attach the kernel programs and proxy captured traffic.
     Run(RunArgs),
+    /// Create, run and manage the mesh authority (CA).
+    Authority(mesh_agent::operator::authority::AuthorityArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -89,6 +91,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     match cli.command {
+        Command::Authority(args) => mesh_agent::operator::authority::main(args),
         Command::Run(args) => {
             let opts = AgentOptions {
                 node: args.node,

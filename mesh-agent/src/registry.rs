@@ -335,6 +335,33 @@ impl Registry {
         local_node: &str,
         cgroup_root: &Path,
     ) -> Result<Self, RegistryError> {
+        Self::parse_for(text, path, Some(local_node), cgroup_root)
+    }
+
+    /// Reads, parses and validates the registry at `path` as seen from no node in particular
+    /// (the authority's view): every check of [`Registry::load`] except those that need the
+    /// local cgroup tree, so no cgroup is resolved and no `cgroup_id` is set.
+    pub fn load_all(path: &Path) -> Result<Self, RegistryError> {
+        let text = fs::read_to_string(path).map_err(|source| RegistryError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse_all(&text, path)
+    }
+
+    /// [`Registry::load_all`] on registry `text`; `path` only names the file in errors.
+    pub fn parse_all(text: &str, path: &Path) -> Result<Self, RegistryError> {
+        // Cgroup paths are still checked lexically (relative to the mount, never escaping it);
+        // `/` stands in for the mount since nothing is resolved.
+        Self::parse_for(text, path, None, Path::new("/"))
+    }
+
+    fn parse_for(
+        text: &str,
+        path: &Path,
+        local_node: Option<&str>,
+        cgroup_root: &Path,
+    ) -> Result<Self, RegistryError> {
         let options = serde_saphyr::options! {
             budget: serde_saphyr::budget! {
                 max_nodes: MAX_YAML_NODES,
@@ -426,7 +453,8 @@ fn line_of<T>(v: &Spanned<T>, fallback: usize) -> usize {
 /// Validation state: what has been seen so far, and where.
 struct Validator<'a> {
     path: &'a Path,
-    local_node: &'a str,
+    /// `None`: the authority's view, no workload is local.
+    local_node: Option<&'a str>,
     cgroup_root: &'a Path,
     /// IP → (workload key, line of the IP).
     ip_lines: HashMap<IpAddr, (String, usize)>,
@@ -675,7 +703,7 @@ impl Validator<'_> {
         let ips_line = line_of(&ips, line);
         let ips = self.ips(&key, ips.value, ips_line)?;
 
-        let is_local = node.value == self.local_node;
+        let is_local = self.local_node == Some(node.value.as_str());
         let (cgroup, cgroup_id) = match raw.cgroup {
             None if is_local => {
                 return Err(self.invalid(
@@ -836,7 +864,7 @@ fn is_dns_label(s: &str) -> bool {
 }
 
 /// A DNS-1123 subdomain: dot-separated labels, at most 253 characters.
-fn is_dns_subdomain(s: &str) -> bool {
+pub(crate) fn is_dns_subdomain(s: &str) -> bool {
     !s.is_empty() && s.len() <= MAX_SUBDOMAIN_LEN && s.split('.').all(is_dns_label)
 }
 
@@ -1161,6 +1189,22 @@ nodes:
             5,
         );
         assert!(msg.contains("unknown field `port`"), "{msg}");
+    }
+
+    #[test]
+    fn load_all_resolves_no_cgroup_but_checks_everything_else() {
+        // No cgroup tree at all: the authority's view needs none.
+        let r = Registry::parse_all(VALID, Path::new("reg.yaml")).unwrap();
+        assert_eq!(r.workloads.len(), 4);
+        assert!(r.workloads.iter().all(|w| w.cgroup_id.is_none()));
+        assert_eq!(r.local("n1").count(), 2);
+        let escaping = VALID.replace("cgroup: mesh/n2/pods/b1", "cgroup: mesh/../../b1");
+        let e = Registry::parse_all(&escaping, Path::new("reg.yaml")).unwrap_err();
+        assert_eq!(e.line(), Some(22), "{e}");
+        let dup = VALID.replace("10.3.0.2", "10.2.0.2");
+        assert!(Registry::parse_all(&dup, Path::new("reg.yaml")).is_err());
+        let missing = Registry::load_all(Path::new("/nonexistent/reg.yaml")).unwrap_err();
+        assert!(matches!(missing, RegistryError::Io { .. }));
     }
 
     #[test]

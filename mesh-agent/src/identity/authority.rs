@@ -124,6 +124,15 @@ impl From<RootId> for String {
     }
 }
 
+/// What [`Authority::reload`] changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReloadOutcome {
+    /// The bundle or the active root changed.
+    pub roots_changed: bool,
+    /// The revocation list changed.
+    pub revocations_changed: bool,
+}
+
 /// One root of the bundle, as [`Authority::roots`] reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RootInfo {
@@ -246,18 +255,7 @@ impl Authority {
     /// that each root matches its id and each key its certificate.
     pub fn load(dir: impl AsRef<Path>) -> Result<Self, IdentityError> {
         let dir = dir.as_ref().to_path_buf();
-        let state_path = dir.join(STATE_FILE);
-        let text = read_string(&state_path)?;
-        let file: StateFile = serde_json::from_str(&text).map_err(|e| IdentityError::BadState {
-            path: state_path.clone(),
-            detail: e.to_string(),
-        })?;
-        if !file.roots.contains(&file.active_root) {
-            return Err(IdentityError::BadState {
-                path: state_path,
-                detail: format!("active root {} is not among the roots", file.active_root),
-            });
-        }
+        let file = read_state_file(&dir)?;
         let roots = file
             .roots
             .iter()
@@ -272,6 +270,70 @@ impl Authority {
         info!(dir = %dir.display(), trust_domain = %file.trust_domain, roots = state.roots.len(),
               revoked = state.revoked.len(), "authority loaded");
         Self::from_state(dir, file.trust_domain, state)
+    }
+
+    /// Whether `dir` holds an authority (its state file exists).
+    pub fn exists(dir: impl AsRef<Path>) -> bool {
+        dir.as_ref().join(STATE_FILE).is_file()
+    }
+
+    /// Re-reads the state file, the roots it names and the revocation list, written by another
+    /// process (`mesh-agent authority revoke|roots`), and applies what changed. All or nothing:
+    /// if anything on disk is invalid the error is returned and the in-memory state (and the
+    /// trust store) is left exactly as it was. The trust domain cannot change.
+    pub fn reload(&self) -> Result<ReloadOutcome, IdentityError> {
+        let file = read_state_file(&self.dir)?;
+        if file.trust_domain != self.trust_domain {
+            return Err(IdentityError::BadState {
+                path: self.dir.join(STATE_FILE),
+                detail: format!(
+                    "trust domain changed from {} to {}",
+                    self.trust_domain, file.trust_domain
+                ),
+            });
+        }
+        let revoked = read_revoked(&self.dir)?;
+        let (roots_same, revoked_same) = {
+            let state = self.read();
+            let ids: Vec<&RootId> = state.roots.iter().map(|r| &r.id).collect();
+            let wanted: Vec<&RootId> = file.roots.iter().collect();
+            (
+                ids == wanted && state.active == file.active_root,
+                state.revoked == revoked,
+            )
+        };
+        let mut outcome = ReloadOutcome::default();
+        if roots_same && revoked_same {
+            return Ok(outcome);
+        }
+        let roots = if roots_same {
+            None
+        } else {
+            Some(
+                file.roots
+                    .iter()
+                    .map(|id| load_ca_pair(&self.dir, id))
+                    .collect::<Result<Vec<_>, _>>()?,
+            )
+        };
+        let mut state = self.write();
+        if let Some(roots) = roots {
+            // The trust store is replaced first: it is the only step that can still fail.
+            self.trust
+                .set_roots(roots.iter().map(|r| r.root_der.clone()).collect())?;
+            state.roots = roots;
+            state.active = file.active_root;
+            outcome.roots_changed = true;
+        }
+        if !revoked_same {
+            self.trust.set_revoked(revoked.iter().cloned());
+            state.revoked = revoked;
+            outcome.revocations_changed = true;
+        }
+        info!(roots = state.roots.len(), active_root = %state.active, revoked = state.revoked.len(),
+              roots_changed = outcome.roots_changed, revocations_changed = outcome.revocations_changed,
+              "authority state reloaded");
+        Ok(outcome)
     }
 
     fn from_state(
@@ -429,6 +491,17 @@ impl Authority {
         requested: &SpiffeId,
         lifetime: Duration,
     ) -> Result<String, IdentityError> {
+        self.sign_workload_csr_rooted(csr_pem, requested, lifetime)
+            .map(|(chain, _)| chain)
+    }
+
+    /// [`Authority::sign_workload_csr`], also naming the root the certificate chains to.
+    pub fn sign_workload_csr_rooted(
+        &self,
+        csr_pem: &str,
+        requested: &SpiffeId,
+        lifetime: Duration,
+    ) -> Result<(String, RootId), IdentityError> {
         if requested.trust_domain() != &self.trust_domain {
             return Err(IdentityError::ForeignTrustDomain {
                 identity: requested.to_string(),
@@ -438,16 +511,16 @@ impl Authority {
         check_lifetime(lifetime)?;
         let public_key = parse_csr(csr_pem)?;
         let now = now_secs();
-        let (chain, serial, not_after) = self.sign_leaf(
+        let (chain, serial, not_after, root) = self.sign_leaf(
             &public_key,
             &PeerId::Workload(requested.clone()),
             now - CLOCK_SKEW_BACKDATE,
             now + lifetime,
         )?;
-        info!(identity = %requested, serial = %serial,
-              expires_in_s = not_after.duration_since(now).unwrap_or_default().as_secs(),
-              "workload certificate issued");
-        Ok(chain)
+        info!(identity = %requested, serial = %serial, root = %root,
+              expires_in_secs = not_after.duration_since(now).unwrap_or_default().as_secs(),
+              "workload certificate signed");
+        Ok((chain, root))
     }
 
     /// A workload certificate whose key is generated here, in the authority's process. For
@@ -476,7 +549,7 @@ impl Authority {
         let id = NodeId::new(self.trust_domain.clone(), node)?;
         let key = new_key()?;
         let now = now_secs();
-        let (chain, serial, _) = self.sign_leaf(
+        let (chain, serial, _, _) = self.sign_leaf(
             &key,
             &PeerId::Node(id.clone()),
             now - CLOCK_SKEW_BACKDATE,
@@ -504,7 +577,7 @@ impl Authority {
     ) -> Result<(Arc<CertifiedKey>, SystemTime), IdentityError> {
         let key = new_key()?;
         let now = now_secs();
-        let (chain, _, not_after) = self.sign_leaf(
+        let (chain, _, not_after, _) = self.sign_leaf(
             &key,
             &PeerId::authority(&self.trust_domain),
             now - CLOCK_SKEW_BACKDATE,
@@ -527,19 +600,20 @@ impl Authority {
         not_after: SystemTime,
     ) -> Result<(String, String), IdentityError> {
         let key = new_key()?;
-        let (chain, _, _) = self.sign_leaf(&key, id, not_before, not_after)?;
+        let (chain, _, _, _) = self.sign_leaf(&key, id, not_before, not_after)?;
         Ok((chain, key.serialize_pem()))
     }
 
     /// Signs a leaf for `id` under the active issuing certificate. `not_after` is capped at the
-    /// issuing certificate's own expiry. Returns chain PEM, serial and the effective not_after.
+    /// issuing certificate's own expiry. Returns chain PEM, serial, the effective not_after and
+    /// the root.
     fn sign_leaf(
         &self,
         public_key: &impl PublicKeyData,
         id: &PeerId,
         not_before: SystemTime,
         not_after: SystemTime,
-    ) -> Result<(String, Serial, SystemTime), IdentityError> {
+    ) -> Result<(String, Serial, SystemTime, RootId), IdentityError> {
         let state = self.read();
         let ca = state.active();
         let not_after = not_after.min(ca.issuing_not_after);
@@ -573,7 +647,7 @@ impl Authority {
         let mut chain = String::new();
         push_pem(&mut chain, &cert.pem());
         push_pem(&mut chain, &ca.issuing_pem);
-        Ok((chain, serial, not_after))
+        Ok((chain, serial, not_after, ca.id.clone()))
     }
 
     fn read(&self) -> RwLockReadGuard<'_, State> {
@@ -839,6 +913,30 @@ fn load_ca_pair(dir: &Path, id: &RootId) -> Result<CaPair, IdentityError> {
         issuing_not_after: issuing_info.not_after,
         issuer,
     })
+}
+
+/// Reads and checks `authority.json` in `dir`.
+fn read_state_file(dir: &Path) -> Result<StateFile, IdentityError> {
+    let state_path = dir.join(STATE_FILE);
+    let text = read_string(&state_path)?;
+    let file: StateFile = serde_json::from_str(&text).map_err(|e| IdentityError::BadState {
+        path: state_path.clone(),
+        detail: e.to_string(),
+    })?;
+    if !file.roots.contains(&file.active_root) {
+        return Err(IdentityError::BadState {
+            path: state_path,
+            detail: format!("active root {} is not among the roots", file.active_root),
+        });
+    }
+    let unique: BTreeSet<&RootId> = file.roots.iter().collect();
+    if unique.len() != file.roots.len() {
+        return Err(IdentityError::BadState {
+            path: state_path,
+            detail: "a root is listed twice".into(),
+        });
+    }
+    Ok(file)
 }
 
 fn write_state(dir: &Path, td: &TrustDomain, state: &State) -> Result<(), IdentityError> {
@@ -1179,6 +1277,65 @@ pub(crate) mod tests {
         assert_eq!(back.bundle_pem, a.bundle_pem());
         assert!(!format!("{back:?}").contains("PRIVATE"));
         assert!(a.issue_node_cert("bad/name").is_err());
+    }
+
+    #[test]
+    fn reload_follows_another_process_and_never_half_applies() {
+        let dir = TempDir::new("reload");
+        let serving = Authority::init(&dir.0, td()).unwrap();
+        let trust = serving.trust_store();
+        assert_eq!(serving.reload().unwrap(), ReloadOutcome::default());
+        // "Another process": a second instance on the same directory.
+        let cli = Authority::load(&dir.0).unwrap();
+        let cert = cli
+            .issue_workload_cert(&wid("default", "sa-a"), DEFAULT_WORKLOAD_LIFETIME)
+            .unwrap();
+        cli.revoke(cert.serial().clone()).unwrap();
+        let out = serving.reload().unwrap();
+        assert!(out.revocations_changed && !out.roots_changed);
+        assert!(serving.is_revoked(cert.serial()) && trust.is_revoked(cert.serial()));
+
+        let old = cli.active_root();
+        let new = cli.add_root().unwrap();
+        cli.activate_root(&new).unwrap();
+        let out = serving.reload().unwrap();
+        assert!(out.roots_changed && !out.revocations_changed);
+        assert_eq!(serving.active_root(), new);
+        assert_eq!(trust.roots().len(), 2);
+        assert_eq!(serving.bundle_pem(), cli.bundle_pem());
+
+        // Bad files: refused, nothing applied.
+        let revoked_path = dir.0.join(REVOKED_FILE);
+        let good_revoked = fs::read_to_string(&revoked_path).unwrap();
+        fs::write(&revoked_path, "zz-not-hex\n").unwrap();
+        assert!(matches!(
+            serving.reload(),
+            Err(IdentityError::BadState { .. })
+        ));
+        assert!(serving.is_revoked(cert.serial()));
+        fs::write(&revoked_path, good_revoked).unwrap();
+        cli.retire_root(&old).unwrap();
+        let state_path = dir.0.join(STATE_FILE);
+        let good_state = fs::read_to_string(&state_path).unwrap();
+        fs::write(&state_path, "{").unwrap();
+        assert!(serving.reload().is_err());
+        let missing_root = good_state.replace(new.as_str(), "0123456789abcdef");
+        fs::write(&state_path, missing_root).unwrap();
+        assert!(serving.reload().is_err());
+        assert_eq!(serving.roots().len(), 2, "nothing half-applied");
+        assert_eq!(trust.roots().len(), 2);
+        fs::write(&state_path, &good_state).unwrap();
+        assert!(serving.reload().unwrap().roots_changed);
+        assert_eq!(serving.roots().len(), 1);
+        assert_eq!(trust.roots().len(), 1);
+        // The trust domain cannot change under a running authority.
+        fs::write(
+            &state_path,
+            good_state.replace("cluster.local", "other.domain"),
+        )
+        .unwrap();
+        assert!(serving.reload().is_err());
+        assert_eq!(serving.trust_domain(), &td());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The agent's workload certificate cache and its rotation rule.
 //!
-//! A certificate is due for rotation from half-way through its validity period
-//! ([`WorkloadCert::rotation_due_at`]) and stays usable until it expires, so an authority that is
+//! A certificate is due for rotation from half-way through its usable lifetime
+//! ([`WorkloadCert::rotation_due_at`], counted from when it was received, not from its
+//! back-dated `notBefore`) and stays usable until it expires, so an authority that is
 //! briefly unreachable costs nothing: the agent keeps serving with the current certificate and
 //! retries. Every method that depends on time takes `now` (the injected clock), so the rules are
 //! pure and tested without waiting.
@@ -66,7 +67,7 @@ impl CertCache {
     pub fn needs_rotation(&self, id: &SpiffeId, now: SystemTime) -> bool {
         match self.certs.get(id) {
             None => true,
-            Some(c) => rotation_due(c.not_before(), c.not_after(), now),
+            Some(c) => now >= c.rotation_due_at() || c.not_after() <= c.not_before(),
         }
     }
 
@@ -136,6 +137,22 @@ mod tests {
         assert!(rotation_due(t0, t1, t1 + H));
         // A degenerate certificate is always due.
         assert!(rotation_due(t1, t0, t0));
+    }
+
+    #[test]
+    fn short_lived_back_dated_certificates_are_not_due_on_arrival() {
+        let dir = TempDir::new("cache-short");
+        let ca = Authority::init(&dir.0, td()).unwrap();
+        // 60 s asked, notBefore back-dated by 5 minutes: due after ~30 s, not at once.
+        let c = ca
+            .issue_workload_cert(&wid("default", "sa-a"), Duration::from_secs(60))
+            .unwrap();
+        let now = SystemTime::now();
+        let mut cache = CertCache::new();
+        cache.insert(c.clone());
+        assert!(!cache.needs_rotation(c.identity(), now));
+        assert!(!cache.needs_rotation(c.identity(), now + Duration::from_secs(25)));
+        assert!(cache.needs_rotation(c.identity(), now + Duration::from_secs(31)));
     }
 
     #[test]

@@ -215,6 +215,8 @@ pub struct WorkloadCert {
     serial: Serial,
     not_before: SystemTime,
     not_after: SystemTime,
+    /// When this process built it (≈ when it was issued).
+    received: SystemTime,
     certified: Arc<CertifiedKey>,
 }
 
@@ -245,6 +247,7 @@ impl WorkloadCert {
             serial: info.serial,
             not_before: info.not_before,
             not_after: info.not_after,
+            received: SystemTime::now(),
             certified,
         })
     }
@@ -288,13 +291,15 @@ impl WorkloadCert {
         now >= self.not_after
     }
 
-    /// Half-way through the validity period: when a replacement should be requested.
+    /// Half-way through the usable lifetime: when a replacement should be requested.
+    ///
+    /// The lifetime counts from when the certificate was received, or from `notBefore` if
+    /// that is later: the authority back-dates `notBefore` by a few minutes for clock skew,
+    /// and counting from it would make short-lived certificates due as soon as they arrive.
     pub fn rotation_due_at(&self) -> SystemTime {
-        let total = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or(Duration::ZERO);
-        self.not_before + total / 2
+        let start = self.not_before.max(self.received);
+        let total = self.not_after.duration_since(start).unwrap_or(Duration::ZERO);
+        start + total / 2
     }
 
     /// The chain and key in rustls form (parsed once, when the certificate was built).

@@ -9,13 +9,16 @@
 //!
 //! ```text
 //! {"op":"sign","identity":"spiffe://td/ns/default/sa/a","csr_pem":"-----BEGIN ...","lifetime_secs":3600}
-//!     → {"ok":true,"cert_chain_pem":"-----BEGIN CERTIFICATE-----..."}   (leaf, then issuing)
-//! {"op":"bundle"}       → {"ok":true,"bundle_pem":"-----BEGIN CERTIFICATE-----..."}
+//!     → {"ok":true,"cert_chain_pem":"-----BEGIN CERTIFICATE-----...","root":"<root-id>"}
+//!                                                         (leaf, then issuing; the root it chains to)
+//! {"op":"bundle"}       → {"ok":true,"bundle_pem":"-----BEGIN CERTIFICATE-----...","active_root":"<root-id>"}
 //! {"op":"revocations"}  → {"ok":true,"revoked":["4f3a…", …]}            (hex serials)
 //! anything refused      → {"ok":false,"error":"…"}
 //! ```
 //!
-//! `lifetime_secs` is optional (default 24 h, at least 60 s, at most 30 days). A node may only
+//! `lifetime_secs` is optional (default 24 h, at least 60 s); a longer request than the
+//! service's [`ServeConfig::max_lifetime`] is shortened to it. `root` and `active_root` let an
+//! agent notice that issuance moved to another root and re-issue its certificates promptly. A node may only
 //! obtain certificates for identities of workloads the registry places on it
 //! ([`authorize_request`]); refusals are logged with the node and identity. Bounds: a request
 //! line may be at most [`ServeConfig::max_line`] bytes (an oversize line is answered with an
@@ -43,7 +46,10 @@ use tokio::time::timeout;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{debug, info, warn};
 
-use super::authority::{authorize_request, new_key, Authority, RootId, DEFAULT_WORKLOAD_LIFETIME};
+use super::authority::{
+    authorize_request, new_key, Authority, RootId, DEFAULT_WORKLOAD_LIFETIME,
+    MAX_WORKLOAD_LIFETIME,
+};
 use super::cert::{certified_key, certs_from_pem, CertInfo, Serial, WorkloadCert};
 use super::spiffe::{NodeId, PeerId, SpiffeId};
 use super::verify::{
@@ -72,6 +78,9 @@ pub struct ServeConfig {
     pub idle_timeout: Duration,
     /// Connections served at once; more are closed on accept. Default 256.
     pub max_connections: usize,
+    /// Longest workload certificate lifetime handed out; longer requests are shortened to it.
+    /// Default (and upper bound) 30 days.
+    pub max_lifetime: Duration,
 }
 
 impl Default for ServeConfig {
@@ -82,6 +91,7 @@ impl Default for ServeConfig {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_connections: 256,
+            max_lifetime: MAX_WORKLOAD_LIFETIME,
         }
     }
 }
@@ -111,6 +121,12 @@ struct Response {
     bundle_pem: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     revoked: Option<Vec<Serial>>,
+    /// With `cert_chain_pem`: the root the certificate chains to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    root: Option<RootId>,
+    /// With `bundle_pem`: the root new certificates are issued under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    active_root: Option<RootId>,
 }
 
 impl Response {
@@ -268,7 +284,9 @@ async fn serve_connection(
                 let _ = stream.get_mut().shutdown().await;
                 return;
             }
-            Ok(Ok(LineRead::Line)) => handle_request(&line, &node, &authority, &*lookup),
+            Ok(Ok(LineRead::Line)) => {
+                handle_request(&line, &node, &authority, &*lookup, config.max_lifetime)
+            }
         };
         // A client that stops reading does not hold the connection forever.
         match timeout(
@@ -297,6 +315,7 @@ fn handle_request(
     node: &NodeId,
     authority: &Authority,
     lookup: &(dyn Fn(&SpiffeId) -> Vec<String> + Send + Sync),
+    max_lifetime: Duration,
 ) -> Response {
     let request: Request = match serde_json::from_slice(line) {
         Ok(r) => r,
@@ -309,6 +328,7 @@ fn handle_request(
         Request::Bundle {} => Response {
             ok: true,
             bundle_pem: Some(authority.bundle_pem()),
+            active_root: Some(authority.active_root()),
             ..Response::default()
         },
         Request::Revocations {} => Response {
@@ -338,13 +358,15 @@ fn handle_request(
             }
             let lifetime = lifetime_secs
                 .map(Duration::from_secs)
-                .unwrap_or(DEFAULT_WORKLOAD_LIFETIME);
-            match authority.sign_workload_csr(&csr_pem, &id, lifetime) {
-                Ok(chain) => {
-                    info!(node = %node, identity = %id, "certificate request granted");
+                .unwrap_or(DEFAULT_WORKLOAD_LIFETIME)
+                .min(max_lifetime);
+            match authority.sign_workload_csr_rooted(&csr_pem, &id, lifetime) {
+                Ok((chain, root)) => {
+                    info!(node = %node, identity = %id, lifetime_secs = lifetime.as_secs(), "certificate request granted");
                     Response {
                         ok: true,
                         cert_chain_pem: Some(chain),
+                        root: Some(root),
                         ..Response::default()
                     }
                 }
@@ -581,6 +603,18 @@ impl AuthorityClient {
         identity: &SpiffeId,
         lifetime: Duration,
     ) -> Result<WorkloadCert, IdentityError> {
+        self.sign_rooted(identity, lifetime)
+            .await
+            .map(|(cert, _)| cert)
+    }
+
+    /// [`AuthorityClient::sign`], also returning the root the certificate chains to, if the
+    /// authority names it.
+    pub async fn sign_rooted(
+        &mut self,
+        identity: &SpiffeId,
+        lifetime: Duration,
+    ) -> Result<(WorkloadCert, Option<RootId>), IdentityError> {
         let key = new_key()?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
@@ -617,18 +651,24 @@ impl AuthorityClient {
             });
         }
         self.trust.verify_workload_cert(&cert)?;
-        Ok(cert)
+        Ok((cert, response.root))
     }
 
     /// The authority's current trust bundle (PEM). Install it with
     /// [`TrustStore::set_bundle_pem`].
     pub async fn bundle(&mut self) -> Result<String, IdentityError> {
+        self.bundle_rooted().await.map(|(pem, _)| pem)
+    }
+
+    /// [`AuthorityClient::bundle`] and the root new certificates are issued under, if the
+    /// authority names it.
+    pub async fn bundle_rooted(&mut self) -> Result<(String, Option<RootId>), IdentityError> {
         let response = self.request(&Request::Bundle {}).await?;
         let pem = response.bundle_pem.ok_or_else(|| IdentityError::Protocol {
             detail: "bundle response without bundle_pem".into(),
         })?;
         certs_from_pem(&pem, "trust bundle")?;
-        Ok(pem)
+        Ok((pem, response.active_root))
     }
 
     /// The authority's revoked serials. Install them with [`TrustStore::set_revoked`].

@@ -1,0 +1,595 @@
+//! `mesh-agent authority …`: create, run and manage the mesh authority (CA).
+//!
+//! Exit codes: 0 success (for `serve`: stopped by SIGTERM/SIGINT), 2 bad input or
+//! configuration (the message names the problem; nothing was changed), 1 runtime failure.
+//!
+//! `serve` re-reads the authority directory and the registry every
+//! [`RELOAD_INTERVAL`]: changes made by `revoke` and `roots` (other processes) are applied
+//! within a second; an invalid file is logged and the state in memory kept.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info, warn};
+
+use super::{error_chain, print, with_stderr_logs, OutputFormat};
+use crate::identity::authority::{MAX_WORKLOAD_LIFETIME, MIN_WORKLOAD_LIFETIME};
+use crate::identity::{
+    serve_with, Authority, IdentityError, RootId, Serial, ServeConfig, SpiffeId, SpiffeIdError,
+    TrustDomain,
+};
+use crate::registry::{Registry, RegistryError};
+
+/// How often `serve` looks for changes to the authority directory and the registry.
+pub const RELOAD_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Create, run and manage the mesh authority (the CA that signs workload certificates).
+#[derive(Args, Debug)]
+pub struct AuthorityArgs {
+    #[command(subcommand)]
+    pub command: AuthorityCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuthorityCommand {
+    /// Create a new authority in --dir: a root and an issuing key pair. Refuses to overwrite.
+    Init(InitArgs),
+    /// Issue a node's credentials (node.pem, node.key.pem, bundle.pem) into --out.
+    Join(JoinArgs),
+    /// Serve certificate signing over mTLS to the node agents.
+    Serve(ServeArgs),
+    /// Revoke a certificate by serial (a running `serve` picks it up within a second).
+    Revoke(RevokeArgs),
+    /// List and rotate the roots of the trust bundle.
+    Roots(RootsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// The authority directory (created, mode 0700, if missing).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// The trust domain, e.g. `cluster.local`: IDs are `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`.
+    #[arg(long)]
+    pub trust_domain: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+#[derive(Args, Debug)]
+pub struct JoinArgs {
+    /// The authority directory.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// The node's name (as in the registry's `node:` fields).
+    #[arg(long)]
+    pub node: String,
+    /// Where to write the node's credentials (created, mode 0700, if missing; existing
+    /// credentials are replaced, e.g. to re-issue them under a new root).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// The authority directory.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Address to serve on, `ip:port`.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// The workload registry: a node may obtain certificates only for the identities of the
+    /// workloads it places on that node. Re-read when it changes.
+    #[arg(long)]
+    pub registry: PathBuf,
+    /// Longest workload certificate lifetime handed out (longer requests are shortened);
+    /// 60 to 2592000 (30 days), the default.
+    #[arg(long)]
+    pub max_lifetime_secs: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+pub struct RevokeArgs {
+    /// The authority directory.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// The certificate's serial number, hex (colons allowed, as openssl prints it).
+    #[arg(long)]
+    pub serial: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+#[derive(Args, Debug)]
+pub struct RootsArgs {
+    /// The authority directory.
+    #[arg(long, global = true)]
+    pub dir: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, global = true, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+    #[command(subcommand)]
+    pub action: RootsAction,
+}
+
+/// Root rotation: `add` a new root (nodes start trusting it), `activate` it (new certificates
+/// are issued under it; agents re-issue theirs promptly), re-`join` the nodes, then `retire`
+/// the old root.
+#[derive(Subcommand, Debug)]
+pub enum RootsAction {
+    /// List the roots of the bundle.
+    List,
+    /// Add a new root to the bundle (issuance stays on the active root).
+    Add,
+    /// Issue new certificates under root ID from now on.
+    Activate {
+        /// The root's id (16 hex digits, from `roots list`).
+        id: String,
+    },
+    /// Remove root ID from the bundle and delete its keys (not the active root).
+    Retire {
+        /// The root's id (16 hex digits, from `roots list`).
+        id: String,
+    },
+}
+
+/// Why an authority command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    #[error("--dir is required")]
+    MissingDir,
+    #[error("--node {input:?}: not a node name (a DNS-1123 subdomain: lower-case letters, digits, '-' and '.')")]
+    BadNodeName { input: String },
+    #[error("--dir {}: no authority there (create one with `mesh-agent authority init`)", dir.display())]
+    NotInitialised { dir: PathBuf },
+    #[error("--trust-domain {input:?}: {source}")]
+    BadTrustDomain {
+        input: String,
+        #[source]
+        source: SpiffeIdError,
+    },
+    #[error("--serial {input:?}: not a certificate serial (hex digits, optionally separated by ':')")]
+    BadSerial { input: String },
+    #[error("root id {input:?}: not a root id (16 lower-case hex digits, see `roots list`)")]
+    BadRootId { input: String },
+    #[error("--max-lifetime-secs {got}: must be between {min} and {max}")]
+    BadMaxLifetime { got: u64, min: u64, max: u64 },
+    #[error("{action}: {source}")]
+    Authority {
+        action: &'static str,
+        #[source]
+        source: IdentityError,
+    },
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("--listen {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("installing signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+    #[error("starting the runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("writing the output: {0}")]
+    Output(#[source] std::io::Error),
+}
+
+impl OperatorError {
+    /// Bad input or configuration (exit code 2) versus runtime failures (1).
+    pub fn is_config(&self) -> bool {
+        match self {
+            Self::MissingDir
+            | Self::BadNodeName { .. }
+            | Self::NotInitialised { .. }
+            | Self::BadTrustDomain { .. }
+            | Self::BadSerial { .. }
+            | Self::BadRootId { .. }
+            | Self::BadMaxLifetime { .. }
+            | Self::Registry(_) => true,
+            Self::Authority { source, .. } => matches!(
+                source,
+                IdentityError::AlreadyInitialised { .. }
+                    | IdentityError::BadState { .. }
+                    | IdentityError::UnknownRoot { .. }
+                    | IdentityError::RetireActiveRoot { .. }
+                    | IdentityError::SpiffeId(_)
+                    | IdentityError::InvalidSerial { .. }
+                    | IdentityError::Pem { .. }
+                    | IdentityError::InvalidCertificate { .. }
+                    | IdentityError::Io { op: "reading", .. }
+            ),
+            Self::Bind { .. } | Self::Signals(_) | Self::Runtime(_) | Self::Output(_) => false,
+        }
+    }
+}
+
+fn authority_err(action: &'static str) -> impl FnOnce(IdentityError) -> OperatorError {
+    move |source| OperatorError::Authority { action, source }
+}
+
+/// Runs an `authority` command and maps the outcome to the process exit code.
+pub fn main(args: AuthorityArgs) -> ExitCode {
+    let result = match args.command {
+        AuthorityCommand::Serve(a) => run_serve(a),
+        other => with_stderr_logs(|| run_once(other)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let chain = error_chain(&e);
+            eprintln!("error: {chain}");
+            ExitCode::from(if e.is_config() { 2 } else { 1 })
+        }
+    }
+}
+
+fn run_once(command: AuthorityCommand) -> Result<(), OperatorError> {
+    match command {
+        AuthorityCommand::Init(a) => init(a),
+        AuthorityCommand::Join(a) => join(a),
+        AuthorityCommand::Revoke(a) => revoke(a),
+        AuthorityCommand::Roots(a) => roots(a),
+        AuthorityCommand::Serve(a) => run_serve(a),
+    }
+}
+
+/// Loads the authority in `dir`, telling an uninitialised directory apart from a broken one.
+fn load(dir: &Path) -> Result<Authority, OperatorError> {
+    if !Authority::exists(dir) {
+        return Err(OperatorError::NotInitialised {
+            dir: dir.to_path_buf(),
+        });
+    }
+    Authority::load(dir).map_err(authority_err("loading the authority"))
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+}
+
+#[derive(Serialize)]
+struct InitOutput<'a> {
+    dir: &'a Path,
+    trust_domain: String,
+    root: String,
+}
+
+fn init(a: InitArgs) -> Result<(), OperatorError> {
+    let td = TrustDomain::new(a.trust_domain.clone()).map_err(|source| {
+        OperatorError::BadTrustDomain {
+            input: a.trust_domain.clone(),
+            source,
+        }
+    })?;
+    let authority = Authority::init(&a.dir, td).map_err(authority_err("creating the authority"))?;
+    let out = InitOutput {
+        dir: &a.dir,
+        trust_domain: authority.trust_domain().to_string(),
+        root: authority.active_root().to_string(),
+    };
+    let text = format!(
+        "authority for trust domain {} created in {} (root {})",
+        out.trust_domain,
+        a.dir.display(),
+        out.root
+    );
+    print(a.output, &out, &text).map_err(OperatorError::Output)
+}
+
+#[derive(Serialize)]
+struct JoinOutput<'a> {
+    node: String,
+    out: &'a Path,
+    files: [&'static str; 3],
+}
+
+fn join(a: JoinArgs) -> Result<(), OperatorError> {
+    if !crate::registry::is_dns_subdomain(&a.node) {
+        return Err(OperatorError::BadNodeName {
+            input: a.node.chars().take(260).collect(),
+        });
+    }
+    let authority = load(&a.dir)?;
+    let creds = authority
+        .node_credentials(&a.node)
+        .map_err(authority_err("issuing the node certificate"))?;
+    creds
+        .write_to(&a.out)
+        .map_err(authority_err("writing the node credentials"))?;
+    let out = JoinOutput {
+        node: creds.node.to_string(),
+        out: &a.out,
+        files: [
+            crate::identity::NodeCredentials::CERT_FILE,
+            crate::identity::NodeCredentials::KEY_FILE,
+            crate::identity::NodeCredentials::BUNDLE_FILE,
+        ],
+    };
+    let text = format!(
+        "credentials of {} written to {} ({})",
+        out.node,
+        a.out.display(),
+        out.files.join(", ")
+    );
+    print(a.output, &out, &text).map_err(OperatorError::Output)
+}
+
+#[derive(Serialize)]
+struct RevokeOutput {
+    serial: String,
+    /// False if it was already revoked.
+    newly_revoked: bool,
+}
+
+fn revoke(a: RevokeArgs) -> Result<(), OperatorError> {
+    let serial: Serial = a.serial.parse().map_err(|_| OperatorError::BadSerial {
+        input: a.serial.chars().take(80).collect(),
+    })?;
+    let authority = load(&a.dir)?;
+    let newly_revoked = authority
+        .revoke(serial.clone())
+        .map_err(authority_err("revoking"))?;
+    let out = RevokeOutput {
+        serial: serial.to_string(),
+        newly_revoked,
+    };
+    let text = if newly_revoked {
+        format!("certificate {serial} revoked")
+    } else {
+        format!("certificate {serial} was already revoked")
+    };
+    print(a.output, &out, &text).map_err(OperatorError::Output)
+}
+
+#[derive(Serialize)]
+struct RootOutput {
+    id: String,
+    active: bool,
+    not_after_unix: u64,
+}
+
+#[derive(Serialize)]
+struct RootChange {
+    action: &'static str,
+    root: String,
+    roots: Vec<RootOutput>,
+}
+
+fn roots(a: RootsArgs) -> Result<(), OperatorError> {
+    let Some(dir) = a.dir else {
+        return Err(OperatorError::MissingDir);
+    };
+    let parse_id = |id: &str| {
+        id.parse::<RootId>().map_err(|_| OperatorError::BadRootId {
+            input: id.chars().take(80).collect(),
+        })
+    };
+    // Validate the input before touching anything.
+    let target = match &a.action {
+        RootsAction::Activate { id } | RootsAction::Retire { id } => Some(parse_id(id)?),
+        RootsAction::List | RootsAction::Add => None,
+    };
+    let authority = load(&dir)?;
+    let (action, root) = match (a.action, target) {
+        (RootsAction::List, _) => ("list", None),
+        (RootsAction::Add, _) => (
+            "add",
+            Some(authority.add_root().map_err(authority_err("adding a root"))?),
+        ),
+        (RootsAction::Activate { .. }, Some(id)) => {
+            authority
+                .activate_root(&id)
+                .map_err(authority_err("activating the root"))?;
+            ("activate", Some(id))
+        }
+        (RootsAction::Retire { .. }, Some(id)) => {
+            authority
+                .retire_root(&id)
+                .map_err(authority_err("retiring the root"))?;
+            ("retire", Some(id))
+        }
+        (RootsAction::Activate { .. } | RootsAction::Retire { .. }, None) => {
+            unreachable!("parsed above")
+        }
+    };
+    let roots: Vec<RootOutput> = authority
+        .roots()
+        .into_iter()
+        .map(|r| RootOutput {
+            id: r.id.to_string(),
+            active: r.active,
+            not_after_unix: unix_secs(r.not_after),
+        })
+        .collect();
+    let mut text = String::new();
+    if let Some(root) = &root {
+        text.push_str(&format!("{action}: root {root}\n"));
+    }
+    text.push_str("ROOT              ACTIVE  NOT_AFTER_UNIX\n");
+    for r in &roots {
+        text.push_str(&format!(
+            "{:<16}  {:<6}  {}\n",
+            r.id,
+            if r.active { "yes" } else { "no" },
+            r.not_after_unix
+        ));
+    }
+    match root {
+        None => print(a.output, &roots, &text),
+        Some(root) => print(
+            a.output,
+            &RootChange {
+                action,
+                root: root.to_string(),
+                roots,
+            },
+            &text,
+        ),
+    }
+    .map_err(OperatorError::Output)
+}
+
+/// Identity → nodes hosting a workload with it, from the registry.
+type HostIndex = HashMap<(String, String), Vec<String>>;
+
+fn host_index(registry: &Registry) -> HostIndex {
+    let mut index: HostIndex = HashMap::new();
+    for w in &registry.workloads {
+        let nodes = index
+            .entry((w.namespace.clone(), w.service_account.clone()))
+            .or_default();
+        if !nodes.contains(&w.node) {
+            nodes.push(w.node.clone());
+        }
+    }
+    index
+}
+
+fn run_serve(a: ServeArgs) -> Result<(), OperatorError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(OperatorError::Runtime)?;
+    rt.block_on(serve(a))
+}
+
+/// `authority serve`: validate everything, bind, log `authority ready`, serve until
+/// SIGTERM/SIGINT.
+pub async fn serve(a: ServeArgs) -> Result<(), OperatorError> {
+    let max = MAX_WORKLOAD_LIFETIME.as_secs();
+    let min = MIN_WORKLOAD_LIFETIME.as_secs();
+    let max_lifetime = match a.max_lifetime_secs {
+        None => MAX_WORKLOAD_LIFETIME,
+        Some(got) if (min..=max).contains(&got) => Duration::from_secs(got),
+        Some(got) => return Err(OperatorError::BadMaxLifetime { got, min, max }),
+    };
+    let authority = Arc::new(load(&a.dir)?);
+    let registry = Registry::load_all(&a.registry)?;
+    let workloads = registry.workloads.len();
+    let index = Arc::new(RwLock::new(Arc::new(host_index(&registry))));
+    let listener = TcpListener::bind(a.listen)
+        .await
+        .map_err(|source| OperatorError::Bind {
+            addr: a.listen,
+            source,
+        })?;
+    let listen = listener.local_addr().unwrap_or(a.listen);
+    let mut term = signal(SignalKind::terminate()).map_err(OperatorError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(OperatorError::Signals)?;
+
+    let watcher = tokio::spawn(watch_files(
+        authority.clone(),
+        a.registry.clone(),
+        index.clone(),
+    ));
+    let lookup = {
+        let index = index.clone();
+        move |id: &SpiffeId| -> Vec<String> {
+            let current = index.read().unwrap_or_else(|p| p.into_inner()).clone();
+            current
+                .get(&(id.namespace().to_owned(), id.service_account().to_owned()))
+                .cloned()
+                .unwrap_or_default()
+        }
+    };
+    let config = ServeConfig {
+        max_lifetime,
+        ..ServeConfig::default()
+    };
+    info!(listen = %listen, trust_domain = %authority.trust_domain(),
+          registry = %a.registry.display(), workloads, max_lifetime_secs = max_lifetime.as_secs(),
+          dir = %a.dir.display(), "authority ready");
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => info!(signal = "SIGTERM", "authority stopping"),
+            _ = int.recv() => info!(signal = "SIGINT", "authority stopping"),
+        }
+    };
+    let result = serve_with(listener, authority, lookup, config, shutdown).await;
+    watcher.abort();
+    result.map_err(|e| {
+        error!(error = %e, "authority failed");
+        authority_err("serving")(e)
+    })
+}
+
+/// Identifies a version of a file without reading it.
+fn stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+/// Applies changes to the authority directory and the registry, all or nothing per file.
+async fn watch_files(
+    authority: Arc<Authority>,
+    registry_path: PathBuf,
+    index: Arc<RwLock<Arc<HostIndex>>>,
+) {
+    let mut tick = tokio::time::interval(RELOAD_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut registry_stamp = stamp(&registry_path);
+    let mut authority_error: Option<String> = None;
+    let mut registry_error: Option<String> = None;
+    loop {
+        tick.tick().await;
+        let a = authority.clone();
+        // File reads and key parsing: off the async workers.
+        let reloaded = tokio::task::spawn_blocking(move || a.reload()).await;
+        match reloaded {
+            Ok(Ok(_)) => {
+                if authority_error.take().is_some() {
+                    info!(dir = %authority.dir().display(), "authority state valid again");
+                }
+            }
+            Ok(Err(e)) => {
+                let text = e.to_string();
+                if authority_error.as_deref() != Some(&text) {
+                    warn!(dir = %authority.dir().display(), error = %text,
+                          "authority state on disk is invalid, keeping the current state");
+                    authority_error = Some(text);
+                }
+            }
+            Err(e) => warn!(error = %e, "authority reload task failed"),
+        }
+
+        let now = stamp(&registry_path);
+        if now == registry_stamp {
+            continue;
+        }
+        registry_stamp = now;
+        let path = registry_path.clone();
+        match tokio::task::spawn_blocking(move || Registry::load_all(&path)).await {
+            Ok(Ok(registry)) => {
+                let next = Arc::new(host_index(&registry));
+                *index.write().unwrap_or_else(|p| p.into_inner()) = next;
+                registry_error = None;
+                info!(registry = %registry_path.display(), workloads = registry.workloads.len(),
+                      "registry reloaded");
+            }
+            Ok(Err(e)) => {
+                let text = e.to_string();
+                if registry_error.as_deref() != Some(&text) {
+                    warn!(error = %text, "registry refused, keeping the previous one");
+                    registry_error = Some(text);
+                }
+            }
+            Err(e) => warn!(error = %e, "registry reload task failed"),
+        }
+    }
+}

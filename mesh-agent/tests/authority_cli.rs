@@ -1,0 +1,171 @@
+//! `mesh-agent authority …` as an operator runs it: the real binary, unprivileged, 127.0.0.1.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mesh_agent::identity::{AuthorityClient, NodeCredentials, Serial};
+
+const BIN: &str = env!("CARGO_BIN_EXE_mesh-agent");
+
+struct TempDir(PathBuf);
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("mesh-cli-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap()
+}
+
+const REGISTRY: &str = "workloads:
+  - name: a1
+    namespace: default
+    serviceAccount: sa-a
+    node: n1
+    ips: [\"10.1.0.2\"]
+";
+
+#[test]
+fn init_join_serve_revoke_roots() {
+    let t = TempDir::new("all");
+    let ca = t.0.join("ca");
+    let n1 = t.0.join("n1");
+    let reg = t.0.join("registry.yaml");
+    std::fs::write(&reg, REGISTRY).unwrap();
+
+    // Bad input: exit 2, a message naming the problem, nothing created.
+    let (code, _, err) = run(&["authority", "init", "--dir", s(&ca), "--trust-domain", "Bad/TD"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--trust-domain"), "{err}");
+    assert!(!ca.exists());
+    let (code, _, err) = run(&["authority", "join", "--dir", s(&ca), "--node", "n1", "--out", s(&n1)]);
+    assert_eq!(code, 2);
+    assert!(err.contains("no authority there"), "{err}");
+
+    let (code, out, err) = run(&[
+        "authority", "init", "--dir", s(&ca), "--trust-domain", "cluster.local", "--output", "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json(&out)["trust_domain"], "cluster.local");
+    let (code, _, _) = run(&["authority", "init", "--dir", s(&ca), "--trust-domain", "cluster.local"]);
+    assert_eq!(code, 2, "refuses to overwrite");
+    let (code, _, err) = run(&["authority", "join", "--dir", s(&ca), "--node", "N_1", "--out", s(&n1)]);
+    assert_eq!(code, 2, "{err}");
+    assert!(!n1.exists());
+    let (code, _, err) = run(&["authority", "join", "--dir", s(&ca), "--node", "n1", "--out", s(&n1)]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run(&["authority", "revoke", "--dir", s(&ca), "--serial", "xyz"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--serial"), "{err}");
+    let (code, _, _) = run(&["authority", "roots", "--dir", s(&ca), "retire", "nothex"]);
+    assert_eq!(code, 2);
+    let missing = t.0.join("missing.yaml");
+    let (code, _, err) = run(&[
+        "authority", "serve", "--dir", s(&ca), "--listen", "127.0.0.1:0", "--registry", s(&missing),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("missing.yaml"), "{err}");
+
+    // Serve; wait for the readiness line.
+    let mut child = Command::new(BIN)
+        .args([
+            "--log-format", "json", "authority", "serve", "--dir", s(&ca), "--listen",
+            "127.0.0.1:0", "--registry", s(&reg),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    let ready = loop {
+        let v = rx.recv_timeout(Duration::from_secs(10)).expect("no readiness line");
+        if v["message"] == "authority ready" {
+            break v;
+        }
+    };
+    assert_eq!(ready["trust_domain"], "cluster.local");
+    let addr = ready["listen"].as_str().unwrap().to_owned();
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let creds = NodeCredentials::load(&n1).unwrap();
+    let mut client = rt
+        .block_on(AuthorityClient::connect(&addr, &creds.chain_pem, &creds.key_pem, &creds.bundle_pem))
+        .unwrap();
+    let id = "spiffe://cluster.local/ns/default/sa/sa-a".parse().unwrap();
+    let cert = rt.block_on(client.sign(&id, Duration::from_secs(120))).unwrap();
+
+    // Revocation by another process is picked up within about a second.
+    let serial = cert.serial().to_string();
+    let (code, out, _) = run(&["authority", "revoke", "--dir", s(&ca), "--serial", &serial, "--output", "json"]);
+    assert_eq!(code, 0);
+    assert_eq!(json(&out)["newly_revoked"], true);
+    let t0 = Instant::now();
+    loop {
+        let revoked: Vec<Serial> = rt.block_on(client.revocations()).unwrap();
+        if revoked.contains(cert.serial()) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(3), "revocation not picked up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Roots: add, list as JSON, served by the running service.
+    let (code, out, _) = run(&["authority", "roots", "--dir", s(&ca), "add", "--output", "json"]);
+    assert_eq!(code, 0);
+    let new_root = json(&out)["root"].as_str().unwrap().to_owned();
+    let (code, out, _) = run(&["authority", "roots", "list", "--dir", s(&ca), "--output", "json"]);
+    assert_eq!(code, 0);
+    assert_eq!(json(&out).as_array().unwrap().len(), 2);
+    let t0 = Instant::now();
+    while rt.block_on(client.bundle()).unwrap().matches("BEGIN CERTIFICATE").count() != 2 {
+        assert!(t0.elapsed() < Duration::from_secs(3), "new root not served");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, _, _) = run(&["authority", "roots", "--dir", s(&ca), "activate", &new_root]);
+    assert_eq!(code, 0);
+
+    // A broken file is logged and ignored; the service keeps its state.
+    std::fs::write(ca.join("revoked.txt"), "not a serial\n").unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(rt.block_on(client.revocations()).unwrap().contains(cert.serial()));
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
