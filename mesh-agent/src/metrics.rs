@@ -11,7 +11,7 @@
 use std::{fmt::Write as _, net::SocketAddr, sync::Arc, time::Duration};
 
 use prometheus_client::{
-    encoding::{text::encode, EncodeLabelSet, EncodeLabelValue},
+    encoding::{text::encode, EncodeLabelSet},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
@@ -24,7 +24,7 @@ use tokio::{
 use tracing::{debug, warn};
 
 /// Which end of a TLS or HBONE exchange the agent was.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Side {
     /// The outbound agent, dialling a peer.
     Client,
@@ -33,45 +33,72 @@ pub enum Side {
 }
 
 /// How something ended.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Outcome {
     Ok,
     Error,
 }
 
 /// What the kernel did with a plaintext connection to an enrolled workload.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum PlaintextVerdict {
     Refused,
     Permissive,
 }
 
 /// Direction of a proxied connection.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Direction {
     Outbound,
     Inbound,
 }
 
+/// Label values are the Prometheus-conventional lower-case names.
+macro_rules! label_names {
+    ($($ty:ident { $($variant:ident => $name:literal),+ $(,)? })+) => {$(
+        impl $ty {
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $name),+ }
+            }
+        }
+    )+};
+}
+
+label_names! {
+    Side { Client => "client", Server => "server" }
+    Outcome { Ok => "ok", Error => "error" }
+    PlaintextVerdict { Refused => "refused", Permissive => "permissive" }
+    Direction { Outbound => "outbound", Inbound => "inbound" }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SideOutcome {
-    side: Side,
-    result: Outcome,
+    side: &'static str,
+    result: &'static str,
+}
+
+impl SideOutcome {
+    fn new(side: Side, result: Outcome) -> Self {
+        Self {
+            side: side.as_str(),
+            result: result.as_str(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
-    result: Outcome,
+    result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VerdictLabel {
-    verdict: PlaintextVerdict,
+    verdict: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabel {
-    direction: Direction,
+    direction: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -182,25 +209,31 @@ impl Metrics {
 
     pub fn tls_handshake(&self, side: Side, result: Outcome) {
         self.tls_handshakes
-            .get_or_create(&SideOutcome { side, result })
+            .get_or_create(&SideOutcome::new(side, result))
             .inc();
     }
 
     pub fn hbone_stream(&self, side: Side, result: Outcome) {
         self.hbone_streams
-            .get_or_create(&SideOutcome { side, result })
+            .get_or_create(&SideOutcome::new(side, result))
             .inc();
     }
 
     pub fn plaintext(&self, verdict: PlaintextVerdict) {
-        self.plaintext.get_or_create(&VerdictLabel { verdict }).inc();
+        self.plaintext
+            .get_or_create(&VerdictLabel {
+                verdict: verdict.as_str(),
+            })
+            .inc();
     }
 
     /// Counts a connection in flight until the guard is dropped.
     pub fn active(&self, direction: Direction) -> ActiveGuard {
         let gauge = self
             .active
-            .get_or_create(&DirectionLabel { direction })
+            .get_or_create(&DirectionLabel {
+                direction: direction.as_str(),
+            })
             .clone();
         gauge.inc();
         ActiveGuard(gauge)
@@ -218,7 +251,11 @@ impl Metrics {
     pub fn set_cert_rotations(&self, ok: u64, error: u64) {
         for (result, key, total) in [(Outcome::Ok, "rot_ok", ok), (Outcome::Error, "rot_err", error)] {
             let delta = self.advance(key, total);
-            self.cert_rotations.get_or_create(&ResultLabel { result }).inc_by(delta);
+            self.cert_rotations
+                .get_or_create(&ResultLabel {
+                    result: result.as_str(),
+                })
+                .inc_by(delta);
         }
     }
 
