@@ -3,7 +3,12 @@
 //! unpin. A failure before "ready" undoes whatever was already done, so the
 //! agent never runs half-configured.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use mesh_common::{
     AgentConfig, CgroupKey, DestValue, IpKey, WorkloadValue, CONFIG_F_IPV6, CONFIG_F_READY,
@@ -162,10 +167,8 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
     .map_err(|source| AppError::Bind { addr, source })?;
     sock.set_reuseaddr(true)
         .map_err(|source| AppError::Bind { addr, source })?;
-    sock.bind(addr)
-        .map_err(|source| AppError::Bind { addr, source })?;
-    sock.listen(4096)
-        .map_err(|source| AppError::Bind { addr, source })
+    sock.bind(addr).map_err(|source| AppError::Bind { addr, source })?;
+    sock.listen(4096).map_err(|source| AppError::Bind { addr, source })
 }
 
 /// Publishes the listener, then every destination, then enrols the local
@@ -197,13 +200,8 @@ fn program_maps(
             let flags = if w.node == node { DEST_F_LOCAL } else { 0 };
             w.ips.iter().map(move |ip| {
                 (
-                    IpKey {
-                        addr_be: ip_words(*ip),
-                    },
-                    DestValue {
-                        workload_id: w.id,
-                        flags,
-                    },
+                    IpKey { addr_be: ip_words(*ip) },
+                    DestValue { workload_id: w.id, flags },
                 )
             })
         })
@@ -216,20 +214,13 @@ fn program_maps(
             w.cgroup_id.map(|id| {
                 (
                     CgroupKey { cgroup_id: id },
-                    WorkloadValue {
-                        workload_id: w.id,
-                        flags: WORKLOAD_F_CAPTURE,
-                    },
+                    WorkloadValue { workload_id: w.id, flags: WORKLOAD_F_CAPTURE },
                 )
             })
         })
         .collect();
     dp.sync_workloads(&workloads)?;
-    info!(
-        destinations = dests.len(),
-        enrolled = workloads.len(),
-        "maps programmed"
-    );
+    info!(destinations = dests.len(), enrolled = workloads.len(), "maps programmed");
     Ok(())
 }
 
@@ -244,8 +235,7 @@ impl Signals {
     fn new() -> Result<Self, AppError> {
         let term =
             tokio::signal::unix::signal(SignalKind::terminate()).map_err(AppError::Signals)?;
-        let int =
-            tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
+        let int = tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
         Ok(Self { term, int })
     }
 

@@ -10,7 +10,8 @@
 
 use std::{
     collections::HashSet,
-    fs, io,
+    fs,
+    io,
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -236,7 +237,10 @@ impl Dataplane {
             info!(prog, cgroup = %pod_cgroup.display(), "attached");
         }
 
-        let mut take = |map: &'static str| ebpf.take_map(map).ok_or(BpfError::MissingMap { map });
+        let mut take = |map: &'static str| {
+            ebpf.take_map(map)
+                .ok_or(BpfError::MissingMap { map })
+        };
         let workloads = HashMap::try_from(take(names::MAP_WORKLOADS)?)
             .map_err(map_err(names::MAP_WORKLOADS))?;
         let dests =
@@ -343,11 +347,7 @@ where
         map.insert(k, v, 0).map_err(map_err(name))?;
     }
     let keep: HashSet<K> = want.iter().map(|(k, _)| *k).collect();
-    let stale: Vec<K> = map
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|k| !keep.contains(k))
-        .collect();
+    let stale: Vec<K> = map.keys().filter_map(Result::ok).filter(|k| !keep.contains(k)).collect();
     for k in stale {
         map.remove(&k).map_err(map_err(name))?;
     }

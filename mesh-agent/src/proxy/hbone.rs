@@ -116,11 +116,7 @@ pub fn parse_connect(
     if req.method() != Method::CONNECT {
         return Err((BadRequest::Method(req.method().to_string()), respond));
     }
-    let auth = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .unwrap_or_default();
+    let auth = req.uri().authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
     let authority = match auth.parse::<SocketAddr>() {
         Ok(a) if a.port() != 0 => a,
         _ => return Err((BadRequest::Authority(auth), respond)),
@@ -299,9 +295,7 @@ mod tests {
         for i in 0..50u16 {
             let send = send.clone();
             tasks.push(tokio::spawn(async move {
-                let dst: SocketAddr = format!("10.2.0.{}:{}", i % 5 + 2, 8000 + i)
-                    .parse()
-                    .unwrap();
+                let dst: SocketAddr = format!("10.2.0.{}:{}", i % 5 + 2, 8000 + i).parse().unwrap();
                 let tunnel = open(&send, dst).await.unwrap();
                 let (mut app, proxy_side) = duplex(1 << 16);
                 tokio::spawn(async move { pump(proxy_side, tunnel).await });
@@ -320,13 +314,7 @@ mod tests {
 
     #[test]
     fn malformed_requests_are_classified() {
-        assert_eq!(
-            BadRequest::Method("GET".into()).status(),
-            StatusCode::METHOD_NOT_ALLOWED
-        );
-        assert_eq!(
-            BadRequest::Authority("x".into()).status(),
-            StatusCode::BAD_REQUEST
-        );
+        assert_eq!(BadRequest::Method("GET".into()).status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(BadRequest::Authority("x".into()).status(), StatusCode::BAD_REQUEST);
     }
 }

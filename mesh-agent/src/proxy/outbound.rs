@@ -138,21 +138,14 @@ impl Outbound {
         accepts.abort_all();
         let active = flows.len();
         if active > 0 {
-            info!(
-                active,
-                drain_ms = self.ctx.cfg.drain_timeout.as_millis() as u64,
-                "draining"
-            );
+            info!(active, drain_ms = self.ctx.cfg.drain_timeout.as_millis() as u64, "draining");
         }
         let drained = timeout(self.ctx.cfg.drain_timeout, async {
             while flows.join_next().await.is_some() {}
         })
         .await;
         if drained.is_err() {
-            warn!(
-                aborted = flows.len(),
-                "drain timeout: closing remaining connections"
-            );
+            warn!(aborted = flows.len(), "drain timeout: closing remaining connections");
             flows.abort_all();
         }
     }
