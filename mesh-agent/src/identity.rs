@@ -31,11 +31,11 @@ pub mod service;
 pub mod spiffe;
 pub mod verify;
 
-pub use authority::{authorize_request, Authority, NodeCredentials, RootId, RootInfo};
 pub use authority::ReloadOutcome;
+pub use authority::{authorize_request, Authority, NodeCredentials, RootId, RootInfo};
 pub use cache::CertCache;
-pub use manager::{IdentityManager, ManagerConfig};
 pub use cert::{Serial, WorkloadCert};
+pub use manager::{IdentityManager, ManagerConfig};
 pub use service::{serve, serve_with, AuthorityClient, ServeConfig};
 pub use spiffe::{NodeId, PeerId, SpiffeId, SpiffeIdError, TrustDomain};
 pub use verify::{

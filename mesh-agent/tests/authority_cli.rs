@@ -47,6 +47,9 @@ const REGISTRY: &str = "workloads:
     serviceAccount: sa-a
     node: n1
     ips: [\"10.1.0.2\"]
+nodes:
+  - name: n1
+    address: 10.0.0.1
 ";
 
 #[test]
@@ -58,25 +61,73 @@ fn init_join_serve_revoke_roots() {
     std::fs::write(&reg, REGISTRY).unwrap();
 
     // Bad input: exit 2, a message naming the problem, nothing created.
-    let (code, _, err) = run(&["authority", "init", "--dir", s(&ca), "--trust-domain", "Bad/TD"]);
+    let (code, _, err) = run(&[
+        "authority",
+        "init",
+        "--dir",
+        s(&ca),
+        "--trust-domain",
+        "Bad/TD",
+    ]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--trust-domain"), "{err}");
     assert!(!ca.exists());
-    let (code, _, err) = run(&["authority", "join", "--dir", s(&ca), "--node", "n1", "--out", s(&n1)]);
+    let (code, _, err) = run(&[
+        "authority",
+        "join",
+        "--dir",
+        s(&ca),
+        "--node",
+        "n1",
+        "--out",
+        s(&n1),
+    ]);
     assert_eq!(code, 2);
     assert!(err.contains("no authority there"), "{err}");
 
     let (code, out, err) = run(&[
-        "authority", "init", "--dir", s(&ca), "--trust-domain", "cluster.local", "--output", "json",
+        "authority",
+        "init",
+        "--dir",
+        s(&ca),
+        "--trust-domain",
+        "cluster.local",
+        "--output",
+        "json",
     ]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(json(&out)["trust_domain"], "cluster.local");
-    let (code, _, _) = run(&["authority", "init", "--dir", s(&ca), "--trust-domain", "cluster.local"]);
+    let (code, _, _) = run(&[
+        "authority",
+        "init",
+        "--dir",
+        s(&ca),
+        "--trust-domain",
+        "cluster.local",
+    ]);
     assert_eq!(code, 2, "refuses to overwrite");
-    let (code, _, err) = run(&["authority", "join", "--dir", s(&ca), "--node", "N_1", "--out", s(&n1)]);
+    let (code, _, err) = run(&[
+        "authority",
+        "join",
+        "--dir",
+        s(&ca),
+        "--node",
+        "N_1",
+        "--out",
+        s(&n1),
+    ]);
     assert_eq!(code, 2, "{err}");
     assert!(!n1.exists());
-    let (code, _, err) = run(&["authority", "join", "--dir", s(&ca), "--node", "n1", "--out", s(&n1)]);
+    let (code, _, err) = run(&[
+        "authority",
+        "join",
+        "--dir",
+        s(&ca),
+        "--node",
+        "n1",
+        "--out",
+        s(&n1),
+    ]);
     assert_eq!(code, 0, "{err}");
     let (code, _, err) = run(&["authority", "revoke", "--dir", s(&ca), "--serial", "xyz"]);
     assert_eq!(code, 2);
@@ -85,7 +136,14 @@ fn init_join_serve_revoke_roots() {
     assert_eq!(code, 2);
     let missing = t.0.join("missing.yaml");
     let (code, _, err) = run(&[
-        "authority", "serve", "--dir", s(&ca), "--listen", "127.0.0.1:0", "--registry", s(&missing),
+        "authority",
+        "serve",
+        "--dir",
+        s(&ca),
+        "--listen",
+        "127.0.0.1:0",
+        "--registry",
+        s(&missing),
     ]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("missing.yaml"), "{err}");
@@ -93,8 +151,16 @@ fn init_join_serve_revoke_roots() {
     // Serve; wait for the readiness line.
     let mut child = Command::new(BIN)
         .args([
-            "--log-format", "json", "authority", "serve", "--dir", s(&ca), "--listen",
-            "127.0.0.1:0", "--registry", s(&reg),
+            "--log-format",
+            "json",
+            "authority",
+            "serve",
+            "--dir",
+            s(&ca),
+            "--listen",
+            "127.0.0.1:0",
+            "--registry",
+            s(&reg),
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -110,7 +176,9 @@ fn init_join_serve_revoke_roots() {
         }
     });
     let ready = loop {
-        let v = rx.recv_timeout(Duration::from_secs(10)).expect("no readiness line");
+        let v = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("no readiness line");
         if v["message"] == "authority ready" {
             break v;
         }
@@ -118,17 +186,36 @@ fn init_join_serve_revoke_roots() {
     assert_eq!(ready["trust_domain"], "cluster.local");
     let addr = ready["listen"].as_str().unwrap().to_owned();
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let creds = NodeCredentials::load(&n1).unwrap();
     let mut client = rt
-        .block_on(AuthorityClient::connect(&addr, &creds.chain_pem, &creds.key_pem, &creds.bundle_pem))
+        .block_on(AuthorityClient::connect(
+            &addr,
+            &creds.chain_pem,
+            &creds.key_pem,
+            &creds.bundle_pem,
+        ))
         .unwrap();
     let id = "spiffe://cluster.local/ns/default/sa/sa-a".parse().unwrap();
-    let cert = rt.block_on(client.sign(&id, Duration::from_secs(120))).unwrap();
+    let cert = rt
+        .block_on(client.sign(&id, Duration::from_secs(120)))
+        .unwrap();
 
     // Revocation by another process is picked up within about a second.
     let serial = cert.serial().to_string();
-    let (code, out, _) = run(&["authority", "revoke", "--dir", s(&ca), "--serial", &serial, "--output", "json"]);
+    let (code, out, _) = run(&[
+        "authority",
+        "revoke",
+        "--dir",
+        s(&ca),
+        "--serial",
+        &serial,
+        "--output",
+        "json",
+    ]);
     assert_eq!(code, 0);
     assert_eq!(json(&out)["newly_revoked"], true);
     let t0 = Instant::now();
@@ -137,19 +224,44 @@ fn init_join_serve_revoke_roots() {
         if revoked.contains(cert.serial()) {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(3), "revocation not picked up");
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "revocation not picked up"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 
     // Roots: add, list as JSON, served by the running service.
-    let (code, out, _) = run(&["authority", "roots", "--dir", s(&ca), "add", "--output", "json"]);
+    let (code, out, _) = run(&[
+        "authority",
+        "roots",
+        "--dir",
+        s(&ca),
+        "add",
+        "--output",
+        "json",
+    ]);
     assert_eq!(code, 0);
     let new_root = json(&out)["root"].as_str().unwrap().to_owned();
-    let (code, out, _) = run(&["authority", "roots", "list", "--dir", s(&ca), "--output", "json"]);
+    let (code, out, _) = run(&[
+        "authority",
+        "roots",
+        "list",
+        "--dir",
+        s(&ca),
+        "--output",
+        "json",
+    ]);
     assert_eq!(code, 0);
     assert_eq!(json(&out).as_array().unwrap().len(), 2);
     let t0 = Instant::now();
-    while rt.block_on(client.bundle()).unwrap().matches("BEGIN CERTIFICATE").count() != 2 {
+    while rt
+        .block_on(client.bundle())
+        .unwrap()
+        .matches("BEGIN CERTIFICATE")
+        .count()
+        != 2
+    {
         assert!(t0.elapsed() < Duration::from_secs(3), "new root not served");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -159,7 +271,10 @@ fn init_join_serve_revoke_roots() {
     // A broken file is logged and ignored; the service keeps its state.
     std::fs::write(ca.join("revoked.txt"), "not a serial\n").unwrap();
     std::thread::sleep(Duration::from_millis(600));
-    assert!(rt.block_on(client.revocations()).unwrap().contains(cert.serial()));
+    assert!(rt
+        .block_on(client.revocations())
+        .unwrap()
+        .contains(cert.serial()));
 
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),

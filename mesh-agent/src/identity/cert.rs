@@ -298,7 +298,10 @@ impl WorkloadCert {
     /// and counting from it would make short-lived certificates due as soon as they arrive.
     pub fn rotation_due_at(&self) -> SystemTime {
         let start = self.not_before.max(self.received);
-        let total = self.not_after.duration_since(start).unwrap_or(Duration::ZERO);
+        let total = self
+            .not_after
+            .duration_since(start)
+            .unwrap_or(Duration::ZERO);
         start + total / 2
     }
 

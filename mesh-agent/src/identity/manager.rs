@@ -311,13 +311,14 @@ impl IdentityManager {
     ) -> Result<Arc<ClientConfig>, IdentityError> {
         let (cert, bundle_gen) = {
             let state = self.lock();
-            let cert = state
-                .certs
-                .get(src)
-                .cloned()
-                .ok_or_else(|| IdentityError::NoCertificate {
-                    identity: src.clone(),
-                })?;
+            let cert =
+                state
+                    .certs
+                    .get(src)
+                    .cloned()
+                    .ok_or_else(|| IdentityError::NoCertificate {
+                        identity: src.clone(),
+                    })?;
             (cert, state.bundle_gen)
         };
         let key = (src.clone(), dst.clone());
@@ -407,7 +408,12 @@ impl IdentityManager {
     /// Requests a certificate for `id` and installs it; on failure counts, logs and schedules
     /// the retry.
     async fn issue(&self, id: &SpiffeId, kind: Issue) -> Result<(), IdentityError> {
-        let result = self.client.lock().await.sign_rooted(id, self.lifetime).await;
+        let result = self
+            .client
+            .lock()
+            .await
+            .sign_rooted(id, self.lifetime)
+            .await;
         match result {
             Ok((cert, root)) => {
                 let replaced = {
@@ -440,7 +446,9 @@ impl IdentityManager {
                         Some((_, d)) => (*d * 2).min(BACKOFF_MAX),
                         None => BACKOFF_MIN,
                     };
-                    state.retry.insert(id.clone(), (Instant::now() + delay, delay));
+                    state
+                        .retry
+                        .insert(id.clone(), (Instant::now() + delay, delay));
                     delay
                 };
                 let remaining = self.lock().certs.get(id).map(|c| c.remaining().as_secs());
@@ -504,7 +512,10 @@ impl IdentityManager {
                     .map(|(id, _)| id.clone())
                     .collect();
                 if !ours.is_empty() {
-                    warn!(certificates = ours.len(), "a certificate of this node was revoked, re-issuing");
+                    warn!(
+                        certificates = ours.len(),
+                        "a certificate of this node was revoked, re-issuing"
+                    );
                 }
                 state.forced.extend(ours);
                 info!(revoked = revoked.len(), "revocation list updated");
@@ -545,9 +556,7 @@ impl IdentityManager {
             let now = Instant::now();
             self.workloads
                 .iter()
-                .filter(|id| {
-                    state.forced.contains(*id) || state.certs.needs_rotation(id, now_wall)
-                })
+                .filter(|id| state.forced.contains(*id) || state.certs.needs_rotation(id, now_wall))
                 .filter(|id| state.retry.get(*id).is_none_or(|(at, _)| *at <= now))
                 .map(|id| {
                     let kind = if state.certs.get(id).is_some() {
@@ -566,7 +575,11 @@ impl IdentityManager {
 }
 
 /// The background task: every `refresh`, follow the authority and rotate what is due.
-async fn background(weak: Weak<IdentityManager>, refresh: Duration, mut stop: watch::Receiver<bool>) {
+async fn background(
+    weak: Weak<IdentityManager>,
+    refresh: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(refresh);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -607,11 +620,13 @@ mod tests {
         }
     }
 
+    type Serving = (oneshot::Sender<()>, JoinHandle<Result<(), IdentityError>>);
+
     struct Ca {
         dir: TempDir,
         ca: Arc<Authority>,
         addr: SocketAddr,
-        running: Option<(oneshot::Sender<()>, JoinHandle<Result<(), IdentityError>>)>,
+        running: Option<Serving>,
     }
 
     impl Ca {
@@ -747,18 +762,26 @@ mod tests {
         assert!(m.certificate(&wid("default", "sa-b")).is_none());
         let exp = m.expiries();
         assert_eq!(exp.len(), 2);
-        assert!(exp
-            .iter()
-            .all(|(_, left)| *left > Duration::from_secs(590) && *left <= Duration::from_secs(600)));
+        assert!(
+            exp.iter()
+                .all(|(_, left)| *left > Duration::from_secs(590)
+                    && *left <= Duration::from_secs(600))
+        );
         assert_eq!(m.rotations(), (2, 0));
 
         // a → c: both sides see the other's verified identity and current serial.
         let cfg = m.client_config(&a, &c).unwrap();
-        assert!(Arc::ptr_eq(&cfg, &m.client_config(&a, &c).unwrap()), "cached");
+        assert!(
+            Arc::ptr_eq(&cfg, &m.client_config(&a, &c).unwrap()),
+            "cached"
+        );
         let (s, cl) = handshake(m.server_config(), cfg, &c).await;
         assert_eq!(s.unwrap(), (Some(a.clone()), Some(cert_a.serial().clone())));
         let cert_c = m.certificate(&c).unwrap();
-        assert_eq!(cl.unwrap(), (Some(c.clone()), Some(cert_c.serial().clone())));
+        assert_eq!(
+            cl.unwrap(),
+            (Some(c.clone()), Some(cert_c.serial().clone()))
+        );
 
         // Wrong destination: the server presents sa-c, the client wants sa-a.
         let wrong = m.client_config(&c, &a).unwrap();
@@ -781,9 +804,7 @@ mod tests {
             .await
             .unwrap();
         let c = wid("default", "sa-c");
-        let as_client = |cert: &WorkloadCert| {
-            verify::client_config(m.trust(), cert, &c).unwrap()
-        };
+        let as_client = |cert: &WorkloadCert| verify::client_config(m.trust(), cert, &c).unwrap();
 
         // Another trust domain (its own authority).
         let other_dir = TempDir::new("mgr-refuse-other");
@@ -883,12 +904,17 @@ mod tests {
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .find(|v| v["message"] == "certificate request refused")
             .expect("refusal logged");
-        assert_eq!(refusal["identity"], "spiffe://cluster.local/ns/default/sa/sa-b");
+        assert_eq!(
+            refusal["identity"],
+            "spiffe://cluster.local/ns/default/sa/sa-b"
+        );
         assert!(refusal["node"].as_str().unwrap().ends_with("/node/n1"));
         // The agent's own log line for what it did obtain.
-        assert!(text.lines().any(|l| l.contains("\"workload certificate issued\"")
-            && l.contains("\"rotation\":\"initial\"")
-            && l.contains("sa-a")));
+        assert!(text
+            .lines()
+            .any(|l| l.contains("\"workload certificate issued\"")
+                && l.contains("\"rotation\":\"initial\"")
+                && l.contains("sa-a")));
         let _ = std::io::stderr().flush();
     }
 
@@ -909,7 +935,11 @@ mod tests {
         let new_cfg = m.client_config(&a, &c).unwrap();
         assert!(!Arc::ptr_eq(&old_cfg, &new_cfg), "rebuilt after rotation");
         let (s, _) = handshake(m.server_config(), new_cfg, &c).await;
-        assert_eq!(s.unwrap().1, Some(new.serial().clone()), "new cert presented");
+        assert_eq!(
+            s.unwrap().1,
+            Some(new.serial().clone()),
+            "new cert presented"
+        );
         // The superseded certificate stays valid until it expires (connections under it live on).
         let (s, _) = handshake(m.server_config(), old_cfg, &c).await;
         assert_eq!(s.unwrap().1, Some(old.serial().clone()));
@@ -1014,9 +1044,6 @@ mod tests {
         let start = tokio::spawn(IdentityManager::start(cfg, rx));
         tokio::time::sleep(Duration::from_millis(300)).await;
         tx.send(true).unwrap();
-        assert!(matches!(
-            start.await.unwrap(),
-            Err(IdentityError::Stopped)
-        ));
+        assert!(matches!(start.await.unwrap(), Err(IdentityError::Stopped)));
     }
 }

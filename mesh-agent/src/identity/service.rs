@@ -47,8 +47,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{debug, info, warn};
 
 use super::authority::{
-    authorize_request, new_key, Authority, RootId, DEFAULT_WORKLOAD_LIFETIME,
-    MAX_WORKLOAD_LIFETIME,
+    authorize_request, new_key, Authority, RootId, DEFAULT_WORKLOAD_LIFETIME, MAX_WORKLOAD_LIFETIME,
 };
 use super::cert::{certified_key, certs_from_pem, CertInfo, Serial, WorkloadCert};
 use super::spiffe::{NodeId, PeerId, SpiffeId};

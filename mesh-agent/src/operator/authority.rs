@@ -161,7 +161,9 @@ pub enum OperatorError {
         #[source]
         source: SpiffeIdError,
     },
-    #[error("--serial {input:?}: not a certificate serial (hex digits, optionally separated by ':')")]
+    #[error(
+        "--serial {input:?}: not a certificate serial (hex digits, optionally separated by ':')"
+    )]
     BadSerial { input: String },
     #[error("root id {input:?}: not a root id (16 lower-case hex digits, see `roots list`)")]
     BadRootId { input: String },
@@ -170,8 +172,9 @@ pub enum OperatorError {
     #[error("{action}: {source}")]
     Authority {
         action: &'static str,
+        /// Boxed to keep the `Result`s small.
         #[source]
-        source: IdentityError,
+        source: Box<IdentityError>,
     },
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -202,7 +205,7 @@ impl OperatorError {
             | Self::BadMaxLifetime { .. }
             | Self::Registry(_) => true,
             Self::Authority { source, .. } => matches!(
-                source,
+                **source,
                 IdentityError::AlreadyInitialised { .. }
                     | IdentityError::BadState { .. }
                     | IdentityError::UnknownRoot { .. }
@@ -219,7 +222,10 @@ impl OperatorError {
 }
 
 fn authority_err(action: &'static str) -> impl FnOnce(IdentityError) -> OperatorError {
-    move |source| OperatorError::Authority { action, source }
+    move |source| OperatorError::Authority {
+        action,
+        source: Box::new(source),
+    }
 }
 
 /// Runs an `authority` command and maps the outcome to the process exit code.
@@ -389,7 +395,11 @@ fn roots(a: RootsArgs) -> Result<(), OperatorError> {
         (RootsAction::List, _) => ("list", None),
         (RootsAction::Add, _) => (
             "add",
-            Some(authority.add_root().map_err(authority_err("adding a root"))?),
+            Some(
+                authority
+                    .add_root()
+                    .map_err(authority_err("adding a root"))?,
+            ),
         ),
         (RootsAction::Activate { .. }, Some(id)) => {
             authority
