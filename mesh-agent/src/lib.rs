@@ -12,5 +12,6 @@ pub mod cgroup;
 pub mod identity;
 pub mod metrics;
 pub mod operator;
+pub mod policy;
 pub mod proxy;
 pub mod registry;
