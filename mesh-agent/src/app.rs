@@ -249,6 +249,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
     );
 
     // 5. Serve until told to stop.
+    // Destination policy snapshots for the proxies (no policy loaded: allow).
+    let (_policy_tx, policies) = crate::proxy::authz::allow_all();
     // Kernel events: plaintext connections refused (STRICT) or flagged (PERMISSIVE).
     let event_metrics = Arc::clone(&metrics);
     let event_log = spawn_event_log(
@@ -277,6 +279,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
             source,
         },
         Arc::clone(&metrics),
+        policies.clone(),
         OutboundConfig {
             drain_timeout: opts.drain_timeout,
             ..OutboundConfig::default()
@@ -290,6 +293,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
         &trust_domain,
         source,
         Arc::clone(&metrics),
+        policies.clone(),
         InboundConfig {
             drain_timeout: opts.drain_timeout,
             ..InboundConfig::default()

@@ -8,6 +8,7 @@
 //!   destination node);
 //! - [`hbone`] is the wire format (transport-agnostic framing).
 
+pub mod authz;
 pub mod hbone;
 pub mod inbound;
 pub mod outbound;
@@ -55,6 +56,42 @@ impl SourceAddrs {
             SocketAddr::V6(a) if a.ip().to_ipv4_mapped().is_some() => self.v4,
             SocketAddr::V6(_) => self.v6,
         }
+    }
+}
+
+/// Whether `port` is one of the workload's declared HTTP ports (L7 policy applies there).
+pub fn is_http_port(_workload: &crate::registry::Workload, _port: u16) -> bool {
+    false
+}
+
+/// How an L7-supervised connection went.
+#[derive(Debug, Default)]
+pub struct L7Outcome {
+    pub requests: u64,
+    pub denied: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub outcome: String,
+}
+
+/// Serves `client` request by request, authorizing each against the current policy, and
+/// forwards allowed requests to `info.dst` (connected lazily, from the node's mesh address).
+pub(crate) async fn l7_serve<S>(
+    _client: S,
+    _source: &SourceAddrs,
+    _connect_timeout: Duration,
+    _policies: &authz::Policies,
+    _info: &authz::ConnInfo,
+    _conn_id: u64,
+    _side: &'static str,
+) -> L7Outcome
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
+    // Fail closed until request-level enforcement is wired.
+    L7Outcome {
+        outcome: "request-level enforcement unavailable".into(),
+        ..L7Outcome::default()
     }
 }
 

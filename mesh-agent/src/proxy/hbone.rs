@@ -68,17 +68,27 @@ pub struct Tunnel {
     pub recv: RecvStream,
 }
 
+/// The header carrying the original client's address (RFC 7239 `Forwarded: for="ip:port"`).
+/// The receiving agent trusts it only as far as the mTLS identity allows: the address must be
+/// one of a workload that has the verified identity.
+pub const FORWARDED: &str = "forwarded";
+
 /// Opens a tunnel to `authority` (the original destination `ip:port`) on an
-/// established HBONE connection; waits for the peer's `200`.
+/// established HBONE connection, naming the original client `source`; waits for the peer's
+/// `200`.
 pub async fn open(
     sender: &SendRequest<Bytes>,
     authority: SocketAddr,
+    source: Option<SocketAddr>,
 ) -> Result<Tunnel, HboneError> {
     let mut sender = sender.clone().ready().await?;
-    let req = Request::builder()
+    let mut req = Request::builder()
         .method(Method::CONNECT)
-        .uri(authority.to_string())
-        .body(())?;
+        .uri(authority.to_string());
+    if let Some(src) = source {
+        req = req.header(FORWARDED, format!("for=\"{src}\""));
+    }
+    let req = req.body(())?;
     let (response, send) = sender.send_request(req, false)?;
     let response = response.await?;
     if response.status() != StatusCode::OK {
@@ -94,6 +104,8 @@ pub async fn open(
 pub struct ConnectRequest {
     /// The original destination from `:authority`.
     pub authority: SocketAddr,
+    /// The original client, from `Forwarded: for=…` (unverified: see [`FORWARDED`]).
+    pub forwarded_for: Option<SocketAddr>,
     pub recv: RecvStream,
     pub respond: SendResponse<Bytes>,
 }
@@ -121,10 +133,29 @@ pub fn parse_connect(
         Ok(a) if a.port() != 0 => a,
         _ => return Err((BadRequest::Authority(auth), respond)),
     };
+    let forwarded_for = req
+        .headers()
+        .get(FORWARDED)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_forwarded_for);
     Ok(ConnectRequest {
         authority,
+        forwarded_for,
         recv: req.into_body(),
         respond,
+    })
+}
+
+/// `for="ip:port"` (or `for=ip:port`, or `for="[v6]:port"`) from a `Forwarded` value; the
+/// first element only. Anything else is ignored (treated as absent).
+fn parse_forwarded_for(value: &str) -> Option<SocketAddr> {
+    let first = value.split(',').next()?;
+    first.split(';').find_map(|pair| {
+        let (k, v) = pair.trim().split_once('=')?;
+        if !k.trim().eq_ignore_ascii_case("for") {
+            return None;
+        }
+        v.trim().trim_matches('"').parse().ok()
     })
 }
 
@@ -153,6 +184,108 @@ pub fn accept(req: ConnectRequest) -> Result<Tunnel, HboneError> {
     let resp = Response::builder().status(StatusCode::OK).body(())?;
     let send = respond.send_response(resp, false)?;
     Ok(Tunnel { send, recv })
+}
+
+/// A tunnel as a byte stream (`AsyncRead + AsyncWrite`), for code that works on streams (the
+/// L7 proxy). Reads release flow-control capacity as the data is consumed; writes wait for
+/// capacity (back-pressure); shutdown sends END_STREAM (half-close).
+pub struct TunnelStream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    pending: Bytes,
+    eof: bool,
+}
+
+impl TunnelStream {
+    pub fn new(tunnel: Tunnel) -> Self {
+        Self {
+            send: tunnel.send,
+            recv: tunnel.recv,
+            pending: Bytes::new(),
+            eof: false,
+        }
+    }
+}
+
+fn h2_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        e.into_io().unwrap_or_else(|| io::Error::other("http/2 i/o"))
+    } else {
+        io::Error::other(e)
+    }
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        use std::task::Poll;
+        loop {
+            if !self.pending.is_empty() {
+                let n = self.pending.len().min(buf.remaining());
+                let chunk = self.pending.split_to(n);
+                buf.put_slice(&chunk);
+                let _ = self.recv.flow_control().release_capacity(n);
+                return Poll::Ready(Ok(()));
+            }
+            if self.eof {
+                return Poll::Ready(Ok(()));
+            }
+            match self.recv.poll_data(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => self.eof = true,
+                Poll::Ready(Some(Ok(data))) => self.pending = data,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(h2_io(e))),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        use std::task::Poll;
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        self.send.reserve_capacity(buf.len());
+        match self.send.poll_capacity(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Err(h2_io(e))),
+            Poll::Ready(Some(Ok(0))) => {
+                // Capacity released and re-requested: wait for the next window update.
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Poll::Ready(Some(Ok(n))) => {
+                let n = n.min(buf.len());
+                match self.send.send_data(Bytes::copy_from_slice(&buf[..n]), false) {
+                    Ok(()) => Poll::Ready(Ok(n)),
+                    Err(e) => Poll::Ready(Err(h2_io(e))),
+                }
+            }
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(self.send.send_data(Bytes::new(), true).map_err(h2_io))
+    }
 }
 
 /// Byte counts of a finished pump, and how it ended.
@@ -271,7 +404,7 @@ mod tests {
     #[tokio::test]
     async fn tunnel_carries_bytes_and_half_close() {
         let send = hbone_pair().await;
-        let tunnel = open(&send, "10.2.0.2:8080".parse().unwrap()).await.unwrap();
+        let tunnel = open(&send, "10.2.0.2:8080".parse().unwrap(), None).await.unwrap();
         let (mut app, proxy_side) = duplex(1 << 16);
         let pumping = tokio::spawn(async move { pump(proxy_side, tunnel).await });
         let payload = vec![7u8; 300_000];
@@ -296,7 +429,7 @@ mod tests {
             let send = send.clone();
             tasks.push(tokio::spawn(async move {
                 let dst: SocketAddr = format!("10.2.0.{}:{}", i % 5 + 2, 8000 + i).parse().unwrap();
-                let tunnel = open(&send, dst).await.unwrap();
+                let tunnel = open(&send, dst, Some("10.1.0.9:4000".parse().unwrap())).await.unwrap();
                 let (mut app, proxy_side) = duplex(1 << 16);
                 tokio::spawn(async move { pump(proxy_side, tunnel).await });
                 let msg = format!("hello {i}");
@@ -310,6 +443,29 @@ mod tests {
         for t in tasks {
             t.await.unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn tunnel_stream_is_a_byte_stream_with_half_close() {
+        let send = hbone_pair().await;
+        let tunnel = open(&send, "10.2.0.4:80".parse().unwrap(), None).await.unwrap();
+        let mut stream = TunnelStream::new(tunnel);
+        let payload = vec![3u8; 200_000];
+        stream.write_all(&payload).await.unwrap();
+        stream.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        stream.read_to_end(&mut back).await.unwrap();
+        let prefix = b"10.2.0.4:80|";
+        assert_eq!(&back[..prefix.len()], prefix);
+        assert_eq!(&back[prefix.len()..], &payload[..]);
+    }
+
+    #[test]
+    fn forwarded_for_is_parsed_strictly() {
+        assert_eq!(parse_forwarded_for("for=\"10.1.0.2:4000\""), "10.1.0.2:4000".parse().ok());
+        assert_eq!(parse_forwarded_for("For=\"[fd00:1::2]:80\";proto=http"), "[fd00:1::2]:80".parse().ok());
+        assert_eq!(parse_forwarded_for("for=unknown"), None);
+        assert_eq!(parse_forwarded_for("by=1.2.3.4:5"), None);
     }
 
     #[test]

@@ -32,6 +32,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::{
+    authz::{self, ConnInfo, ConnVerdict, Policies, Supervised},
     connect_from,
     hbone::{self, BadRequest},
     Identities, SourceAddrs,
@@ -84,6 +85,7 @@ struct Ctx {
     served: HashMap<String, (u32, SpiffeId)>,
     source: SourceAddrs,
     metrics: Arc<Metrics>,
+    policies: Policies,
     cfg: InboundConfig,
     next_id: AtomicU64,
 }
@@ -101,6 +103,8 @@ enum StreamRefusal {
         workload: String,
         served: SpiffeId,
     },
+    #[error("denied by policy {}", policy.as_deref().unwrap_or("(no ALLOW policy matched)"))]
+    Policy { policy: Option<String> },
 }
 
 impl StreamRefusal {
@@ -108,7 +112,7 @@ impl StreamRefusal {
         match self {
             Self::Malformed(b) => b.status(),
             Self::NotLocal { .. } => StatusCode::BAD_REQUEST,
-            Self::WrongWorkload { .. } => StatusCode::FORBIDDEN,
+            Self::WrongWorkload { .. } | Self::Policy { .. } => StatusCode::FORBIDDEN,
         }
     }
 }
@@ -123,6 +127,7 @@ impl Inbound {
         trust_domain: &crate::identity::TrustDomain,
         source: SourceAddrs,
         metrics: Arc<Metrics>,
+        policies: Policies,
         cfg: InboundConfig,
     ) -> Self {
         let served = registry
@@ -143,6 +148,7 @@ impl Inbound {
                 served,
                 source,
                 metrics,
+                policies,
                 cfg,
                 next_id: AtomicU64::new(1),
             }),
@@ -323,6 +329,41 @@ impl Ctx {
             return self.refuse(connect.respond, peer, peer_id, conn_id, refusal);
         }
         let dst_workload = workload.key();
+        let (src_workload, src_addr) = self.verified_source(connect.forwarded_for, peer_id);
+        let info = ConnInfo {
+            src_workload,
+            src_identity: peer_id.clone(),
+            src_addr,
+            dst,
+            dst_workload: workload.id,
+            dst_name: dst_workload.clone(),
+            http: super::is_http_port(workload, dst.port()),
+        };
+        match authz::decide(&self.policies, &info, "inbound") {
+            ConnVerdict::Allow => {}
+            ConnVerdict::PerRequest if info.http => {
+                return self.serve_l7(connect, info, conn_id, started).await;
+            }
+            ConnVerdict::Deny { policy } => {
+                return self.refuse(
+                    connect.respond,
+                    peer,
+                    peer_id,
+                    conn_id,
+                    StreamRefusal::Policy { policy },
+                );
+            }
+            ConnVerdict::PerRequest => {
+                // Request-level rules on a port that is not HTTP: nothing can satisfy them.
+                return self.refuse(
+                    connect.respond,
+                    peer,
+                    peer_id,
+                    conn_id,
+                    StreamRefusal::Policy { policy: None },
+                );
+            }
+        }
         let _active = self.metrics.active(Direction::Inbound);
         let upstream = match connect_from(&self.source, dst, self.cfg.connect_timeout).await {
             Ok(s) => s,
@@ -344,10 +385,25 @@ impl Ctx {
             }
         };
         self.metrics.hbone_stream(Side::Server, Outcome::Ok);
-        let result = hbone::pump(upstream, tunnel).await;
-        let outcome = match &result.error {
-            None => "ok".to_owned(),
-            Some(e) => e.to_string(),
+        let (result, outcome) = match authz::supervise(
+            self.policies.clone(),
+            &info,
+            conn_id,
+            hbone::pump(upstream, tunnel),
+        )
+        .await
+        {
+            Supervised::Done(r) => {
+                let outcome = match &r.error {
+                    None => "ok".to_owned(),
+                    Some(e) => e.to_string(),
+                };
+                (r, outcome)
+            }
+            Supervised::Revoked { .. } => (
+                hbone::PumpResult::default(),
+                "closed: no longer allowed by policy".to_owned(),
+            ),
         };
         info!(
             conn_id,
@@ -359,6 +415,79 @@ impl Ctx {
             bytes_out = result.to_tunnel,
             duration_ms = started.elapsed().as_millis() as u64,
             outcome,
+            "inbound"
+        );
+    }
+
+    /// The source workload and address a `Forwarded` claim names, if the address belongs to a
+    /// workload that has the peer's verified identity; otherwise nothing (the claim is
+    /// ignored and logged: the peer can only speak for its own identity).
+    fn verified_source(
+        &self,
+        claim: Option<SocketAddr>,
+        peer_id: &SpiffeId,
+    ) -> (Option<u32>, Option<SocketAddr>) {
+        let Some(addr) = claim else {
+            return (None, None);
+        };
+        match self.registry.by_ip(addr.ip()) {
+            Some(w)
+                if w.namespace == peer_id.namespace()
+                    && w.service_account == peer_id.service_account() =>
+            {
+                (Some(w.id), Some(addr))
+            }
+            other => {
+                warn!(claimed = %addr, peer_identity = %peer_id,
+                      owner = other.map(|w| w.key()).unwrap_or_else(|| "none".into()),
+                      "forwarded source not owned by the peer identity: ignored");
+                (None, None)
+            }
+        }
+    }
+
+    /// A tunnel whose requests are authorized one by one (HTTP port, request-level policy).
+    async fn serve_l7(
+        &self,
+        connect: hbone::ConnectRequest,
+        info: ConnInfo,
+        conn_id: u64,
+        started: Instant,
+    ) {
+        let _active = self.metrics.active(Direction::Inbound);
+        let tunnel = match hbone::accept(connect) {
+            Ok(t) => t,
+            Err(e) => {
+                self.metrics.hbone_stream(Side::Server, Outcome::Error);
+                debug!(conn_id, error = %e, "answering CONNECT failed");
+                return;
+            }
+        };
+        self.metrics.hbone_stream(Side::Server, Outcome::Ok);
+        let stream = hbone::TunnelStream::new(tunnel);
+        let outcome = super::l7_serve(
+            stream,
+            &self.source,
+            self.cfg.connect_timeout,
+            &self.policies,
+            &info,
+            conn_id,
+            "inbound",
+        )
+        .await;
+        info!(
+            conn_id,
+            peer_identity = %info.src_identity,
+            src_addr = ?info.src_addr,
+            dst = %info.dst,
+            dst_workload = %info.dst_name,
+            l7 = true,
+            requests = outcome.requests,
+            denied = outcome.denied,
+            bytes_in = outcome.bytes_in,
+            bytes_out = outcome.bytes_out,
+            duration_ms = started.elapsed().as_millis() as u64,
+            outcome = %outcome.outcome,
             "inbound"
         );
     }

@@ -32,6 +32,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use super::{
+    authz::{self, ConnInfo, ConnVerdict, Policies, Supervised},
     conn_key, connect_from, hbone, orig_dst_addr,
     pool::{Pool, PoolError},
     ConnectError, Identities, SourceAddrs,
@@ -94,6 +95,8 @@ struct Ctx {
     view: MeshView,
     pool: Pool,
     metrics: Arc<Metrics>,
+    /// Destination policy, enforced here for same-node connections (no inbound hop).
+    policies: Policies,
     cfg: OutboundConfig,
     next_id: AtomicU64,
 }
@@ -137,6 +140,12 @@ enum FlowError {
     Tunnel(#[from] PoolError),
     #[error("tunnel: {0}")]
     Pump(#[source] hbone::HboneError),
+    #[error("denied by policy {}", policy.as_deref().unwrap_or("(no ALLOW policy matched)"))]
+    Denied { policy: Option<String> },
+    #[error("closed: no longer allowed by policy")]
+    Revoked,
+    #[error("{0}")]
+    L7(String),
 }
 
 impl Outbound {
@@ -149,6 +158,7 @@ impl Outbound {
         identities: Arc<dyn Identities>,
         view: MeshView,
         metrics: Arc<Metrics>,
+        policies: Policies,
         cfg: OutboundConfig,
     ) -> Self {
         let identities_by_id = registry
@@ -169,6 +179,7 @@ impl Outbound {
                 view,
                 pool,
                 metrics,
+                policies,
                 cfg,
                 next_id: AtomicU64::new(1),
             }),
@@ -313,27 +324,66 @@ impl Ctx {
         };
         let _ = client.set_nodelay(true);
         if dst_w.node == self.view.node {
-            return (Transport::Local, self.carry_local(client, dst).await);
+            return (Transport::Local, self.carry_local(client, orig, dst_w, dst).await);
         }
         (Transport::Hbone, self.carry_hbone(client, orig, &dst_w.node, dst).await)
     }
 
+    /// A same-node connection: this agent is also the destination side, so it enforces the
+    /// destination's policy (L4 with the kernel-attested source, L7 on HTTP ports) before the
+    /// bytes reach the pod.
     async fn carry_local(
         &self,
         client: &mut TcpStream,
+        orig: &mesh_common::OrigDst,
+        dst_w: &crate::registry::Workload,
         dst: SocketAddr,
     ) -> Result<(u64, u64), FlowError> {
+        let src_identity = self.identity(orig.src_workload_id)?.clone();
+        let src_addr = client.peer_addr().ok().map(canonical);
+        let info = ConnInfo {
+            src_workload: Some(orig.src_workload_id),
+            src_identity,
+            src_addr,
+            dst: canonical(dst),
+            dst_workload: dst_w.id,
+            dst_name: dst_w.key(),
+            http: super::is_http_port(dst_w, dst.port()),
+        };
+        match authz::decide(&self.policies, &info, "local") {
+            ConnVerdict::Allow => {}
+            ConnVerdict::PerRequest if info.http => {
+                let out = super::l7_serve(
+                    client,
+                    &self.view.source,
+                    self.cfg.connect_timeout,
+                    &self.policies,
+                    &info,
+                    0,
+                    "local",
+                )
+                .await;
+                return if out.outcome == "ok" {
+                    Ok((out.bytes_in, out.bytes_out))
+                } else {
+                    Err(FlowError::L7(out.outcome))
+                };
+            }
+            ConnVerdict::PerRequest => return Err(FlowError::Denied { policy: None }),
+            ConnVerdict::Deny { policy } => return Err(FlowError::Denied { policy }),
+        }
         let mut upstream = connect_from(&self.view.source, dst, self.cfg.connect_timeout).await?;
-        match tokio::io::copy_bidirectional_with_sizes(client, &mut upstream, COPY_BUF, COPY_BUF)
-            .await
-        {
-            Ok(counts) => Ok(counts),
-            Err(e) => {
+        let copy =
+            tokio::io::copy_bidirectional_with_sizes(client, &mut upstream, COPY_BUF, COPY_BUF);
+        match authz::supervise(self.policies.clone(), &info, 0, copy).await {
+            Supervised::Done(Ok(counts)) => Ok(counts),
+            Supervised::Done(Err(e)) => {
                 // A reset mid-stream is an ordinary end for a TCP flow; the
                 // byte counts are lost with the error, so report zero.
                 debug!(error = %e, "copy ended with error");
                 Ok((0, 0))
             }
+            Supervised::Revoked { .. } => Err(FlowError::Revoked),
         }
     }
 
@@ -362,7 +412,14 @@ impl Ctx {
             })?;
         let (tunnel, _slot) = self
             .pool
-            .tunnel(src_id, dst_id, peer, config, canonical(dst))
+            .tunnel(
+                src_id,
+                dst_id,
+                peer,
+                config,
+                canonical(dst),
+                client.peer_addr().ok().map(canonical),
+            )
             .await?;
         let result = hbone::pump(client, tunnel).await;
         match result.error {

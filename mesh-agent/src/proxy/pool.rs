@@ -150,7 +150,8 @@ impl Pool {
     }
 
     /// Opens a tunnel to `authority` (the original destination) at the agent `peer`, as
-    /// `src`, accepting only a server that is `dst`.
+    /// `src`, accepting only a server that is `dst`; `source` is the original client address
+    /// (sent as `Forwarded`).
     pub async fn tunnel(
         &self,
         src: &SpiffeId,
@@ -158,6 +159,7 @@ impl Pool {
         peer: SocketAddr,
         config: Arc<ClientConfig>,
         authority: SocketAddr,
+        source: Option<SocketAddr>,
     ) -> Result<(Tunnel, StreamSlot), PoolError> {
         let key = Key {
             src: src.clone(),
@@ -191,7 +193,7 @@ impl Pool {
         let slot = StreamSlot { conn };
         let opened = timeout(
             self.cfg.stream_timeout,
-            hbone::open(&slot.conn.sender, authority),
+            hbone::open(&slot.conn.sender, authority, source),
         )
         .await;
         match opened {
