@@ -218,8 +218,49 @@ struct Bench<'a> {
     exe: PathBuf,
     cluster: &'a Cluster,
     agent_n1: &'a Agent,
+    /// Both nodes' agents: through the mesh, both do work (HBONE client and server).
+    agents: &'a [Agent],
     server: &'a Pod,
     durations: Durations,
+    cost: std::cell::RefCell<Cost>,
+}
+
+/// Agent CPU time spent on mesh runs, and what it carried.
+#[derive(Default, Debug)]
+struct Cost {
+    throughput_cpu_secs: f64,
+    throughput_gb: f64,
+    cps_cpu_secs: f64,
+    cps_connections: f64,
+}
+
+/// User + system CPU seconds a process has used (`/proc/<pid>/stat`).
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks / hz
+}
+
+/// Peak resident set size in MiB (`VmHWM`).
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
 }
 
 /// One measurement's result.
@@ -272,8 +313,10 @@ fn orchestrate(args: &Args) -> ExitCode {
         exe,
         cluster: &cluster,
         agent_n1: &agents[0],
+        agents: &agents,
         server,
         durations,
+        cost: std::cell::RefCell::new(Cost::default()),
     };
 
     let mut runs: Vec<Run> = Vec::new();
@@ -342,6 +385,24 @@ fn orchestrate(args: &Args) -> ExitCode {
 
     let summary = summarize(&runs);
     print_table(&summary, args, &bench.durations);
+    let cost = bench.cost.borrow();
+    let per_gb = cost.throughput_cpu_secs / cost.throughput_gb.max(f64::MIN_POSITIVE);
+    let per_kconn = cost.cps_cpu_secs / (cost.cps_connections / 1000.0).max(f64::MIN_POSITIVE);
+    let rss: Vec<f64> = agents.iter().filter_map(Agent::pid).map(peak_rss_mib).collect();
+    println!("agent cost through the mesh (both agents, summed over all mesh runs):");
+    println!(
+        "  CPU seconds per GB carried        {per_gb:>8.2}   ({:.1} s for {:.1} GB)",
+        cost.throughput_cpu_secs, cost.throughput_gb
+    );
+    println!(
+        "  CPU seconds per 1000 connections  {per_kconn:>8.3}   ({:.1} s for {:.0} connections)",
+        cost.cps_cpu_secs, cost.cps_connections
+    );
+    println!(
+        "  peak RSS (MiB)                    {}",
+        rss.iter().map(|r| format!("{r:.1}")).collect::<Vec<_>>().join(" / ")
+    );
+    println!();
     for w in &warnings {
         println!("warning: {w}");
     }
@@ -349,7 +410,7 @@ fn orchestrate(args: &Args) -> ExitCode {
         println!("PROBLEM: {p}");
     }
     let doc = json!({
-        "benchmark": "pod-to-pod across nodes, direct vs through the mesh (mesh-agent plaintext proxy)",
+        "benchmark": "pod-to-pod across nodes, direct vs through the mesh (HBONE: HTTP/2 CONNECT over mTLS 1.3 between the node agents)",
         "settings": {
             "repetitions": args.reps,
             "quick": args.quick,
@@ -368,6 +429,15 @@ fn orchestrate(args: &Args) -> ExitCode {
             "server": pod_json(server),
         },
         "summary": summary,
+        "cost": {
+            "agent_cpu_secs_per_gb": finite(per_gb),
+            "agent_cpu_secs_per_1000_connections": finite(per_kconn),
+            "throughput_cpu_secs": finite(cost.throughput_cpu_secs),
+            "throughput_gb": finite(cost.throughput_gb),
+            "cps_cpu_secs": finite(cost.cps_cpu_secs),
+            "cps_connections": finite(cost.cps_connections),
+            "agent_peak_rss_mib": rss.iter().map(|r| finite(*r)).collect::<Vec<_>>(),
+        },
         "runs": runs.iter().map(|r| json!({
             "rep": r.rep,
             "config": r.config.name(),
@@ -478,6 +548,8 @@ impl Bench<'_> {
     fn measure(&self, rep: u32, config: Config, test: Test) -> Run {
         let pod = self.client_pod(config);
         let before = self.agent_n1.flows().len();
+        let cpu = || -> f64 { self.agents.iter().filter_map(Agent::pid).map(cpu_secs).sum() };
+        let cpu_before = cpu();
         let (values, detail, expect_flows) = match test {
             Test::Throughput => self.throughput(pod),
             Test::Rr => self.rr(pod),
@@ -497,6 +569,23 @@ impl Bench<'_> {
                 self.agent_n1.flows().len() - before
             }
         };
+        if config == Config::Mesh {
+            let spent = cpu() - cpu_before;
+            let mut cost = self.cost.borrow_mut();
+            match test {
+                Test::Throughput => {
+                    cost.throughput_cpu_secs += spent;
+                    cost.throughput_gb += values.get("throughput_gbit_s").copied().unwrap_or(0.0)
+                        * self.durations.throughput as f64
+                        / 8.0;
+                }
+                Test::Cps1 | Test::Cps8 => {
+                    cost.cps_cpu_secs += spent;
+                    cost.cps_connections += values.values().copied().sum::<f64>() * self.durations.cps;
+                }
+                Test::Rr => {}
+            }
+        }
         Run {
             rep,
             config,
