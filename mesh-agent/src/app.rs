@@ -30,8 +30,8 @@ use crate::{
         hbone::HBONE_PORT,
         inbound::{Inbound, InboundConfig},
         ip_words,
-        outbound::{MeshView, Outbound, OutboundConfig},
-        Identities, SourceAddrs,
+        outbound::{Outbound, OutboundConfig},
+        Identities, ProxyDeps, SourceAddrs,
     },
     registry::{Registry, RegistryError},
 };
@@ -90,7 +90,7 @@ pub enum AppError {
     Credentials {
         dir: PathBuf,
         #[source]
-        source: IdentityError,
+        source: Box<IdentityError>,
     },
     #[error("node credentials in {dir} are for node {found:?}, not --node {node:?}")]
     CredentialsNode {
@@ -103,7 +103,7 @@ pub enum AppError {
     #[error("--cert-lifetime-secs {secs}: must be at least 60")]
     CertLifetime { secs: u64 },
     #[error("obtaining workload certificates: {0}")]
-    Identity(#[source] IdentityError),
+    Identity(#[source] Box<IdentityError>),
 }
 
 impl AppError {
@@ -155,7 +155,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
     let creds = NodeCredentials::load(&opts.identity_dir).map_err(|source| {
         AppError::Credentials {
             dir: opts.identity_dir.clone(),
-            source,
+            source: Box::new(source),
         }
     })?;
     if creds.node.node() != opts.node {
@@ -219,7 +219,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
         stop_rx.clone(),
     )
     .await
-    .map_err(AppError::Identity)?;
+    .map_err(|e| AppError::Identity(Box::new(e)))?;
     let identities: Arc<dyn Identities> = Arc::new(ManagerIdentities(Arc::clone(&manager)));
     let metrics = Arc::new(Metrics::new());
 
@@ -267,19 +267,20 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
         },
         stop_rx.clone(),
     );
+    let deps = ProxyDeps {
+        node: opts.node.clone(),
+        registry: Arc::clone(&registry),
+        identities,
+        trust_domain: trust_domain.clone(),
+        metrics: Arc::clone(&metrics),
+        policies: policies.clone(),
+        source,
+    };
     let outbound = Outbound::new(
         listeners,
         Arc::clone(&dataplane),
-        Arc::clone(&registry),
-        Arc::clone(&identities),
-        MeshView {
-            node: opts.node.clone(),
-            peers,
-            trust_domain: trust_domain.clone(),
-            source,
-        },
-        Arc::clone(&metrics),
-        policies.clone(),
+        deps.clone(),
+        peers,
         OutboundConfig {
             drain_timeout: opts.drain_timeout,
             ..OutboundConfig::default()
@@ -287,13 +288,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
     );
     let inbound = Inbound::new(
         hbone_listener,
-        opts.node.clone(),
-        Arc::clone(&registry),
-        identities,
-        &trust_domain,
-        source,
-        Arc::clone(&metrics),
-        policies.clone(),
+        deps,
         InboundConfig {
             drain_timeout: opts.drain_timeout,
             ..InboundConfig::default()

@@ -41,6 +41,20 @@ pub trait Identities: Send + Sync + 'static {
     fn revocations(&self) -> watch::Receiver<u64>;
 }
 
+/// What both proxies share: the registry, identities, destination policy, telemetry and the
+/// node's mesh source addresses.
+#[derive(Clone)]
+pub struct ProxyDeps {
+    /// This node's name.
+    pub node: String,
+    pub registry: Arc<crate::registry::Registry>,
+    pub identities: Arc<dyn Identities>,
+    pub trust_domain: crate::identity::TrustDomain,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub policies: authz::Policies,
+    pub source: SourceAddrs,
+}
+
 /// Where the agent's own upstream sockets come from: the node addresses that the kernel's
 /// STRICT check admits as "from the mesh".
 #[derive(Clone, Copy, Debug)]

@@ -35,7 +35,7 @@ use super::{
     authz::{self, ConnInfo, ConnVerdict, Policies, Supervised},
     connect_from,
     hbone::{self, BadRequest},
-    Identities, SourceAddrs,
+    Identities, ProxyDeps, SourceAddrs,
 };
 use crate::{
     identity::{
@@ -119,17 +119,16 @@ impl StreamRefusal {
 
 impl Inbound {
     /// `listener` is already bound (before anything is attached).
-    pub fn new(
-        listener: TcpListener,
-        node: String,
-        registry: Arc<Registry>,
-        identities: Arc<dyn Identities>,
-        trust_domain: &crate::identity::TrustDomain,
-        source: SourceAddrs,
-        metrics: Arc<Metrics>,
-        policies: Policies,
-        cfg: InboundConfig,
-    ) -> Self {
+    pub fn new(listener: TcpListener, deps: ProxyDeps, cfg: InboundConfig) -> Self {
+        let ProxyDeps {
+            node,
+            registry,
+            identities,
+            trust_domain,
+            metrics,
+            policies,
+            source,
+        } = deps;
         let served = registry
             .local(&node)
             .filter_map(|w| {

@@ -35,11 +35,11 @@ use super::{
     authz::{self, ConnInfo, ConnVerdict, Policies, Supervised},
     conn_key, connect_from, hbone, orig_dst_addr,
     pool::{Pool, PoolError},
-    ConnectError, Identities, SourceAddrs,
+    ConnectError, Identities, ProxyDeps, SourceAddrs,
 };
 use crate::{
     bpf::Dataplane,
-    identity::{IdentityError, SpiffeId, TrustDomain},
+    identity::{IdentityError, SpiffeId},
     metrics::{Direction, Metrics},
     registry::Registry,
 };
@@ -69,15 +69,12 @@ impl Default for OutboundConfig {
 }
 
 /// What the outbound proxy knows of the mesh beyond the registry.
-pub struct MeshView {
-    /// This node's name.
-    pub node: String,
+struct MeshView {
+    node: String,
     /// Every node's HBONE address (`address:15008`), by node name.
-    pub peers: HashMap<String, SocketAddr>,
-    /// The trust domain of every workload identity.
-    pub trust_domain: TrustDomain,
+    peers: HashMap<String, SocketAddr>,
     /// The agent's own upstream source addresses.
-    pub source: SourceAddrs,
+    source: SourceAddrs,
 }
 
 /// The outbound proxy: its listeners and what it needs per connection.
@@ -132,7 +129,7 @@ enum FlowError {
     NoCertificate {
         src: SpiffeId,
         #[source]
-        source: IdentityError,
+        source: Box<IdentityError>,
     },
     #[error(transparent)]
     Connect(#[from] ConnectError),
@@ -151,23 +148,33 @@ enum FlowError {
 impl Outbound {
     /// Wraps already-bound listeners (bound before the kernel side is
     /// attached, so a port conflict leaves nothing attached).
+    /// `peers`: every node's HBONE address (`address:15008`), by node name.
     pub fn new(
         listeners: Vec<TcpListener>,
         dataplane: Arc<Dataplane>,
-        registry: Arc<Registry>,
-        identities: Arc<dyn Identities>,
-        view: MeshView,
-        metrics: Arc<Metrics>,
-        policies: Policies,
+        deps: ProxyDeps,
+        peers: HashMap<String, SocketAddr>,
         cfg: OutboundConfig,
     ) -> Self {
+        let ProxyDeps {
+            node,
+            registry,
+            identities,
+            trust_domain,
+            metrics,
+            policies,
+            source,
+        } = deps;
         let identities_by_id = registry
             .workloads
             .iter()
-            .map(|w| {
-                SpiffeId::new(view.trust_domain.clone(), &w.namespace, &w.service_account).ok()
-            })
+            .map(|w| SpiffeId::new(trust_domain.clone(), &w.namespace, &w.service_account).ok())
             .collect();
+        let view = MeshView {
+            node,
+            peers,
+            source,
+        };
         let pool = Pool::new(Default::default(), view.source, Arc::clone(&metrics));
         Self {
             listeners,
@@ -408,7 +415,7 @@ impl Ctx {
             .client_config(src_id, dst_id)
             .map_err(|source| FlowError::NoCertificate {
                 src: src_id.clone(),
-                source,
+                source: Box::new(source),
             })?;
         let (tunnel, _slot) = self
             .pool
