@@ -30,6 +30,7 @@ pub mod netns;
 pub mod poll;
 pub mod process;
 pub mod registry;
+pub mod stop;
 pub mod sys;
 pub mod testpod;
 pub mod tmp;

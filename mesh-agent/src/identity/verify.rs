@@ -350,12 +350,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &provider().signature_verification_algorithms,
-        )
+        handshake_signature(message, cert, dss, false)
     }
 
     fn verify_tls13_signature(
@@ -364,18 +359,11 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &provider().signature_verification_algorithms,
-        )
+        handshake_signature(message, cert, dss, true)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        provider()
-            .signature_verification_algorithms
-            .supported_schemes()
+        signature_schemes()
     }
 }
 
@@ -425,12 +413,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &provider().signature_verification_algorithms,
-        )
+        handshake_signature(message, cert, dss, false)
     }
 
     fn verify_tls13_signature(
@@ -439,19 +422,34 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &provider().signature_verification_algorithms,
-        )
+        handshake_signature(message, cert, dss, true)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        provider()
-            .signature_verification_algorithms
-            .supported_schemes()
+        signature_schemes()
     }
+}
+
+/// The handshake signature check both verifiers delegate to (ring's algorithms). Only TLS 1.3
+/// is ever negotiated; the 1.2 path exists because the traits require it.
+fn handshake_signature(
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+    tls13: bool,
+) -> Result<HandshakeSignatureValid, rustls::Error> {
+    let algorithms = &provider().signature_verification_algorithms;
+    if tls13 {
+        verify_tls13_signature(message, cert, dss, algorithms)
+    } else {
+        verify_tls12_signature(message, cert, dss, algorithms)
+    }
+}
+
+fn signature_schemes() -> Vec<SignatureScheme> {
+    provider()
+        .signature_verification_algorithms
+        .supported_schemes()
 }
 
 /// The verified identity of the peer of an established connection (any mesh kind).

@@ -112,7 +112,7 @@ pub fn decide(policies: &Policies, c: &ConnInfo, side: &'static str) -> ConnVerd
             layer = "l4",
             side,
             src_identity = %c.src_identity,
-            src_addr = ?c.src_addr,
+            src_addr = c.src_addr.map(tracing::field::display),
             dst = %c.dst,
             dst_workload = %c.dst_name,
             port = c.dst.port(),

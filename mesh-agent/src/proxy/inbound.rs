@@ -338,30 +338,18 @@ impl Ctx {
             dst_name: dst_workload.clone(),
             http: super::is_http_port(workload, dst.port()),
         };
-        match authz::decide(&self.policies, &info, "inbound") {
-            ConnVerdict::Allow => {}
+        let policy = match authz::decide(&self.policies, &info, "inbound") {
+            ConnVerdict::Allow => None,
             ConnVerdict::PerRequest if info.http => {
-                return self.serve_l7(connect, info, conn_id, started).await;
+                return self.serve_l7(connect, info, peer, conn_id, started).await;
             }
-            ConnVerdict::Deny { policy } => {
-                return self.refuse(
-                    connect.respond,
-                    peer,
-                    peer_id,
-                    conn_id,
-                    StreamRefusal::Policy { policy },
-                );
-            }
-            ConnVerdict::PerRequest => {
-                // Request-level rules on a port that is not HTTP: nothing can satisfy them.
-                return self.refuse(
-                    connect.respond,
-                    peer,
-                    peer_id,
-                    conn_id,
-                    StreamRefusal::Policy { policy: None },
-                );
-            }
+            ConnVerdict::Deny { policy } => Some(policy),
+            // Request-level rules on a port that is not HTTP: nothing can satisfy them.
+            ConnVerdict::PerRequest => Some(None),
+        };
+        if let Some(policy) = policy {
+            let why = StreamRefusal::Policy { policy };
+            return self.refuse(connect.respond, peer, peer_id, conn_id, why);
         }
         let _active = self.metrics.active(Direction::Inbound);
         let upstream = match connect_from(&self.source, dst, self.cfg.connect_timeout).await {
@@ -369,10 +357,8 @@ impl Ctx {
             Err(e) => {
                 self.metrics.hbone_stream(Side::Server, Outcome::Error);
                 hbone::reject(connect.respond, StatusCode::SERVICE_UNAVAILABLE);
-                info!(conn_id, peer_identity = %peer_id, src_addr = %peer, dst = %dst, dst_workload,
-                      bytes_in = 0u64, bytes_out = 0u64, duration_ms = started.elapsed().as_millis() as u64,
-                      outcome = %e, "inbound");
-                return;
+                let record = Record::ended(e.to_string());
+                return log_inbound(&info, peer, conn_id, started, &record);
             }
         };
         let tunnel = match hbone::accept(connect) {
@@ -404,18 +390,12 @@ impl Ctx {
                 "closed: no longer allowed by policy".to_owned(),
             ),
         };
-        info!(
-            conn_id,
-            peer_identity = %peer_id,
-            src_addr = %peer,
-            dst = %dst,
-            dst_workload,
-            bytes_in = result.from_tunnel,
-            bytes_out = result.to_tunnel,
-            duration_ms = started.elapsed().as_millis() as u64,
-            outcome,
-            "inbound"
-        );
+        let record = Record {
+            bytes_in: result.from_tunnel,
+            bytes_out: result.to_tunnel,
+            ..Record::ended(outcome)
+        };
+        log_inbound(&info, peer, conn_id, started, &record);
     }
 
     /// The source workload and address a `Forwarded` claim names, if the address belongs to a
@@ -450,6 +430,7 @@ impl Ctx {
         &self,
         connect: hbone::ConnectRequest,
         info: ConnInfo,
+        peer: SocketAddr,
         conn_id: u64,
         started: Instant,
     ) {
@@ -474,21 +455,14 @@ impl Ctx {
             "inbound",
         )
         .await;
-        info!(
-            conn_id,
-            peer_identity = %info.src_identity,
-            src_addr = ?info.src_addr,
-            dst = %info.dst,
-            dst_workload = %info.dst_name,
-            l7 = true,
-            requests = outcome.requests,
-            denied = outcome.denied,
-            bytes_in = outcome.bytes_in,
-            bytes_out = outcome.bytes_out,
-            duration_ms = started.elapsed().as_millis() as u64,
-            outcome = %outcome.outcome,
-            "inbound"
-        );
+        let record = Record {
+            requests: Some(outcome.requests),
+            denied: Some(outcome.denied),
+            bytes_in: outcome.bytes_in,
+            bytes_out: outcome.bytes_out,
+            outcome: outcome.outcome,
+        };
+        log_inbound(&info, peer, conn_id, started, &record);
     }
 
     fn refuse(
@@ -503,4 +477,45 @@ impl Ctx {
         warn!(conn_id, %peer, peer_identity = %peer_id, reason = %why, "hbone rejected");
         hbone::reject(respond, why.status());
     }
+}
+
+/// How a tunnel went, for its `inbound` record.
+struct Record {
+    /// HTTP requests seen and denied (tunnels under request-level policy only).
+    requests: Option<u64>,
+    denied: Option<u64>,
+    bytes_in: u64,
+    bytes_out: u64,
+    outcome: String,
+}
+
+impl Record {
+    fn ended(outcome: String) -> Self {
+        Self {
+            requests: None,
+            denied: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            outcome,
+        }
+    }
+}
+
+/// One `inbound` record per tunnel: who (verified), from where, to what, how it went.
+fn log_inbound(info: &ConnInfo, peer: SocketAddr, conn_id: u64, started: Instant, r: &Record) {
+    info!(
+        conn_id,
+        peer_identity = %info.src_identity,
+        src_addr = %peer,
+        orig_src = info.src_addr.map(tracing::field::display),
+        dst = %info.dst,
+        dst_workload = %info.dst_name,
+        requests = r.requests,
+        denied = r.denied,
+        bytes_in = r.bytes_in,
+        bytes_out = r.bytes_out,
+        duration_ms = started.elapsed().as_millis() as u64,
+        outcome = %r.outcome,
+        "inbound"
+    );
 }

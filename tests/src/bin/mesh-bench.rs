@@ -29,7 +29,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Command, ExitCode},
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
         Arc, Barrier, Mutex,
     },
     time::{Duration, Instant},
@@ -120,27 +120,7 @@ fn main() -> ExitCode {
 // ---------------------------------------------------------------------------
 // Orchestration (the test process; never joins a pod itself)
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_sig: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
-fn install_signal_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic (async-signal-safe).
-        unsafe {
-            libc::signal(
-                sig,
-                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
-            )
-        };
-    }
-}
-
-fn stopping() -> bool {
-    STOP.load(Ordering::SeqCst)
-}
+use mesh_tests::stop::{install_signal_handlers, stopping};
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Config {

@@ -12,7 +12,6 @@
 use std::{
     net::SocketAddr,
     process::{Command, ExitCode},
-    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -42,27 +41,7 @@ const FLOW_WAIT: Duration = Duration::from_secs(2);
 /// Flow records shown per agent in a table (the most recent ones).
 const TABLE_ROWS: usize = 16;
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_sig: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
-fn install_signal_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic (async-signal-safe).
-        unsafe {
-            libc::signal(
-                sig,
-                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
-            )
-        };
-    }
-}
-
-fn stopping() -> bool {
-    STOP.load(Ordering::SeqCst)
-}
+use mesh_tests::stop::{install_signal_handlers, stopping};
 
 /// Sleeps until `deadline` unless a stop is requested first.
 fn sleep_until(deadline: Instant) {
