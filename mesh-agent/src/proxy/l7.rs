@@ -62,7 +62,9 @@ pub struct RequestView<'a> {
 pub enum Verdict {
     Allow,
     /// `policy` is the deciding policy's `ns/name`, when there is one (for the caller's logs).
-    Deny { policy: Option<String> },
+    Deny {
+        policy: Option<String>,
+    },
 }
 
 /// Decides requests. Called once per request, at request-head time, before anything of the
@@ -263,9 +265,7 @@ where
         };
         stats.protocol = protocol;
         match protocol {
-            Protocol::Http1 => {
-                http1::serve(io, buf, connect_upstream, authz, limits, stats).await
-            }
+            Protocol::Http1 => http1::serve(io, buf, connect_upstream, authz, limits, stats).await,
             Protocol::H2c => {
                 io.prefix = buf.freeze();
                 h2c::serve(io, connect_upstream, authz, limits, stats).await

@@ -18,7 +18,9 @@ use tokio::{
     time::timeout,
 };
 
-use super::{Authorize, ClientIo, L7Error, L7Limits, L7Stats, RequestView, Side, Verdict, DENY_BODY};
+use super::{
+    Authorize, ClientIo, L7Error, L7Limits, L7Stats, RequestView, Side, Verdict, DENY_BODY,
+};
 
 const STREAM_WINDOW: u32 = 256 * 1024;
 const CONN_WINDOW: u32 = 1024 * 1024;
@@ -52,7 +54,8 @@ enum Upstream<U> {
     Idle,
     Up {
         send: SendRequest<Bytes>,
-        conn: h2::client::Connection<U, Bytes>,
+        /// Boxed: large, and there is one per connection at most.
+        conn: Box<h2::client::Connection<U, Bytes>>,
     },
     /// Connecting failed or the connection ended: allowed streams are answered `502`.
     Gone,
@@ -116,7 +119,10 @@ where
                     }
                     if matches!(upstream, Upstream::Idle) {
                         upstream = match open_upstream(connect.take(), limits).await {
-                            Ok((send, conn)) => Upstream::Up { send, conn },
+                            Ok((send, conn)) => Upstream::Up {
+                                send,
+                                conn: Box::new(conn),
+                            },
                             Err(e) => {
                                 failure.get_or_insert(e);
                                 Upstream::Gone
@@ -167,7 +173,7 @@ where
     U: AsyncRead + AsyncWrite + Unpin,
 {
     match upstream {
-        Upstream::Up { conn, .. } => poll_fn(|cx| Pin::new(&mut *conn).poll(cx)).await,
+        Upstream::Up { conn, .. } => poll_fn(|cx| Pin::new(&mut **conn).poll(cx)).await,
         _ => std::future::pending().await,
     }
 }
@@ -186,7 +192,9 @@ where
             side: Side::Upstream,
         });
     };
-    let io = connect().await.map_err(|source| L7Error::Connect { source })?;
+    let io = connect()
+        .await
+        .map_err(|source| L7Error::Connect { source })?;
     timeout(limits.header_timeout, client_builder(limits).handshake(io))
         .await
         .map_err(|_| L7Error::Connect {
@@ -208,11 +216,11 @@ fn decide(req: &Request<RecvStream>, authz: &dyn Authorize) -> Decision {
     if req.method() == Method::CONNECT {
         return Decision::Refuse;
     }
-    let host = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()));
+    let host = req.uri().authority().map(|a| a.as_str()).or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+    });
     let view = RequestView {
         method: req.method().as_str(),
         path: req.uri().path_and_query().map_or("/", |p| p.as_str()),
@@ -339,6 +347,8 @@ async fn pipe(recv: &mut RecvStream, send: &mut SendStream<Bytes>) -> Result<(),
     }
     match recv.trailers().await.map_err(PipeError::Recv)? {
         Some(trailers) => send.send_trailers(trailers).map_err(|_| PipeError::Send),
-        None => send.send_data(Bytes::new(), true).map_err(|_| PipeError::Send),
+        None => send
+            .send_data(Bytes::new(), true)
+            .map_err(|_| PipeError::Send),
     }
 }

@@ -62,7 +62,9 @@ struct ReqHead {
 
 /// What ended a response.
 enum RespEnd {
-    Done { close: bool },
+    Done {
+        close: bool,
+    },
     /// `101` to an upgrade request: raw bytes from now on.
     Switched,
 }
@@ -174,8 +176,16 @@ where
         let mut responded = false;
         let end = {
             let body = async {
-                let r = copy_body(&mut crd, &mut rbuf, uwr, req.body, limits, Side::Client, u64::MAX)
-                    .await;
+                let r = copy_body(
+                    &mut crd,
+                    &mut rbuf,
+                    uwr,
+                    req.body,
+                    limits,
+                    Side::Client,
+                    u64::MAX,
+                )
+                .await;
                 if r.is_ok() {
                     uwr.flush().await.map_err(|source| L7Error::Io {
                         side: Side::Upstream,
@@ -184,7 +194,15 @@ where
                 }
                 r
             };
-            let resp = forward_response(urd, &mut ubuf, &mut cwr, &req, limits, &mut head, &mut responded);
+            let resp = forward_response(
+                urd,
+                &mut ubuf,
+                &mut cwr,
+                &req,
+                limits,
+                &mut head,
+                &mut responded,
+            );
             tokio::pin!(body, resp);
             let mut body_done = req.body == Body::Empty;
             loop {
@@ -197,7 +215,15 @@ where
         let (end, body_done) = match end {
             Ok(e) => e,
             Err(e) => {
-                if !responded && !matches!(e, L7Error::Io { side: Side::Client, .. }) {
+                if !responded
+                    && !matches!(
+                        e,
+                        L7Error::Io {
+                            side: Side::Client,
+                            ..
+                        }
+                    )
+                {
                     let _ = cwr.write_all(BAD_GATEWAY).await;
                 }
                 let _ = cwr.shutdown().await;
@@ -238,18 +264,25 @@ async fn read_request<R: AsyncRead + Unpin>(
                 .into());
             }
         }
-        let room = limits.max_head_bytes.saturating_sub(buf.len()).clamp(1, READ_CHUNK);
+        let room = limits
+            .max_head_bytes
+            .saturating_sub(buf.len())
+            .clamp(1, READ_CHUNK);
         buf.reserve(room);
         let mut limited = (&mut *buf).limit(room);
         let read = rd.read_buf(&mut limited);
         let n = match deadline {
-            Some(d) => timeout_at(d, read).await.map_err(|_| L7Error::HeaderTimeout {
-                after: limits.header_timeout,
-            })?,
-            None => timeout(limits.idle_timeout, read).await.map_err(|_| L7Error::IdleTimeout {
-                side: Side::Client,
-                after: limits.idle_timeout,
-            })?,
+            Some(d) => timeout_at(d, read)
+                .await
+                .map_err(|_| L7Error::HeaderTimeout {
+                    after: limits.header_timeout,
+                })?,
+            None => timeout(limits.idle_timeout, read)
+                .await
+                .map_err(|_| L7Error::IdleTimeout {
+                    side: Side::Client,
+                    after: limits.idle_timeout,
+                })?,
         }
         .map_err(|source| L7Error::Io {
             side: Side::Client,
@@ -493,7 +526,10 @@ where
                     });
                 }
             }
-            let room = limits.max_head_bytes.saturating_sub(buf.len()).clamp(1, READ_CHUNK);
+            let room = limits
+                .max_head_bytes
+                .saturating_sub(buf.len())
+                .clamp(1, READ_CHUNK);
             if read_more(rd, buf, room, limits, Side::Upstream).await? == 0 {
                 return Err(L7Error::UnexpectedEof {
                     side: Side::Upstream,
@@ -656,13 +692,16 @@ async fn read_more<R: AsyncRead + Unpin>(
     side: Side,
 ) -> Result<usize, L7Error> {
     buf.reserve(room);
-    timeout(limits.idle_timeout, rd.read_buf(&mut (&mut *buf).limit(room)))
-        .await
-        .map_err(|_| L7Error::IdleTimeout {
-            side,
-            after: limits.idle_timeout,
-        })?
-        .map_err(|source| L7Error::Io { side, source })
+    timeout(
+        limits.idle_timeout,
+        rd.read_buf(&mut (&mut *buf).limit(room)),
+    )
+    .await
+    .map_err(|_| L7Error::IdleTimeout {
+        side,
+        after: limits.idle_timeout,
+    })?
+    .map_err(|source| L7Error::Io { side, source })
 }
 
 /// After an upstream `101`: raw bytes both ways until both sides have closed.
@@ -683,10 +722,12 @@ where
     let up = async {
         write_to(uwr, rbuf, Side::Upstream).await?;
         rbuf.clear();
-        tokio::io::copy(crd, uwr).await.map_err(|source| L7Error::Io {
-            side: Side::Client,
-            source,
-        })?;
+        tokio::io::copy(crd, uwr)
+            .await
+            .map_err(|source| L7Error::Io {
+                side: Side::Client,
+                source,
+            })?;
         uwr.shutdown().await.map_err(|source| L7Error::Io {
             side: Side::Upstream,
             source,
@@ -695,10 +736,12 @@ where
     let down = async {
         write_to(cwr, ubuf, Side::Client).await?;
         ubuf.clear();
-        tokio::io::copy(urd, cwr).await.map_err(|source| L7Error::Io {
-            side: Side::Upstream,
-            source,
-        })?;
+        tokio::io::copy(urd, cwr)
+            .await
+            .map_err(|source| L7Error::Io {
+                side: Side::Upstream,
+                source,
+            })?;
         cwr.shutdown().await.map_err(|source| L7Error::Io {
             side: Side::Client,
             source,
@@ -753,14 +796,21 @@ async fn shutdown<W: AsyncWrite + Unpin>(wr: &mut W) -> Result<(), L7Error> {
 }
 
 fn trimmed(v: &[u8]) -> &[u8] {
-    let start = v.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(v.len());
-    let end = v.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |i| i + 1);
+    let start = v
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(v.len());
+    let end = v
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |i| i + 1);
     &v[start..end]
 }
 
 /// Whether a comma-separated header value holds `token` (case-insensitive).
 fn has_token(v: &[u8], token: &[u8]) -> bool {
-    v.split(|&b| b == b',').any(|t| trimmed(t).eq_ignore_ascii_case(token))
+    v.split(|&b| b == b',')
+        .any(|t| trimmed(t).eq_ignore_ascii_case(token))
 }
 
 fn last_token_is(v: &[u8], token: &[u8]) -> bool {
@@ -786,8 +836,21 @@ mod tests {
     fn content_length_is_strict() {
         assert_eq!(parse_length(b"42"), Some(42));
         assert_eq!(parse_length(b" 7 "), Some(7));
-        for bad in [&b""[..], b"-1", b"+1", b"1,1", b"0x10", b"1 2", b"9999999999999999999"] {
-            assert_eq!(parse_length(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        for bad in [
+            &b""[..],
+            b"-1",
+            b"+1",
+            b"1,1",
+            b"0x10",
+            b"1 2",
+            b"9999999999999999999",
+        ] {
+            assert_eq!(
+                parse_length(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
@@ -825,7 +888,9 @@ mod tests {
 
     #[test]
     fn framing_and_connection_flags() {
-        let r = parse(b"POST /x HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n").unwrap().unwrap();
+        let r = parse(b"POST /x HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert_eq!(r.body, Body::Chunked);
         let r = parse(b"GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
         assert!(r.close);

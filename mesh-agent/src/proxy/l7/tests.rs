@@ -91,8 +91,13 @@ async fn h1_upstream() -> SocketAddr {
                              3\r\nabc\r\n{:x}\r\n{text}\r\n0\r\nx-trailer: 1\r\n\r\n",
                             text.len()
                         ),
-                        (_, "/close") => format!("HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n{text}"),
-                        _ => format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{text}", text.len()),
+                        (_, "/close") => {
+                            format!("HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n{text}")
+                        }
+                        _ => format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{text}",
+                            text.len()
+                        ),
                     };
                     s.write_all(out.as_bytes()).await.unwrap();
                     if req.start == "/close" {
@@ -156,7 +161,12 @@ async fn read_message(
         if let Some((n, m, p, h)) = parsed {
             let h = h
                 .iter()
-                .map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).into_owned()))
+                .map(|h| {
+                    (
+                        h.name.to_owned(),
+                        String::from_utf8_lossy(h.value).into_owned(),
+                    )
+                })
                 .collect::<Vec<_>>();
             break (n, m, p, h);
         }
@@ -199,7 +209,9 @@ async fn read_message(
                 // Trailers until the empty line.
                 loop {
                     let mut hs = [httparse::EMPTY_HEADER; 8];
-                    if let Ok(httparse::Status::Complete((n, _))) = httparse::parse_headers(buf, &mut hs) {
+                    if let Ok(httparse::Status::Complete((n, _))) =
+                        httparse::parse_headers(buf, &mut hs)
+                    {
                         buf.drain(..n);
                         return Some(msg);
                     }
@@ -228,7 +240,10 @@ async fn read_message(
 }
 
 async fn response(s: &mut TcpStream, buf: &mut Vec<u8>) -> Message {
-    timeout(T, read_message(s, buf, false, false)).await.unwrap().expect("a response")
+    timeout(T, read_message(s, buf, false, false))
+        .await
+        .unwrap()
+        .expect("a response")
 }
 
 fn assert_denied(m: &Message) {
@@ -258,7 +273,10 @@ async fn l7_http1_allowed_request_is_forwarded() {
     assert_eq!(r.method, "200");
     assert_eq!(r.body, b"path=/api?x=1 body=hello");
     let stats = finish(p, c).await;
-    assert_eq!((stats.requests, stats.denied, stats.protocol), (1, 0, Protocol::Http1));
+    assert_eq!(
+        (stats.requests, stats.denied, stats.protocol),
+        (1, 0, Protocol::Http1)
+    );
     assert!(stats.bytes_in > 60 && stats.bytes_out > 40, "{stats:?}");
 }
 
@@ -273,7 +291,9 @@ async fn l7_http1_denied_gets_403_and_next_request_works() {
         .await
         .unwrap();
     assert_denied(&response(&mut c, &mut buf).await);
-    c.write_all(b"GET /ok HTTP/1.1\r\nhost: svc\r\n\r\n").await.unwrap();
+    c.write_all(b"GET /ok HTTP/1.1\r\nhost: svc\r\n\r\n")
+        .await
+        .unwrap();
     let r = response(&mut c, &mut buf).await;
     assert_eq!(r.body, b"path=/ok body=");
     let stats = finish(p, c).await;
@@ -316,7 +336,9 @@ async fn l7_http1_chunked_request_and_response() {
     assert_eq!(r.header("transfer-encoding"), Some("chunked"));
     assert_eq!(r.body, b"abcpath=/chunked body=wikipedia");
     // Still usable after the trailers.
-    c.write_all(b"GET /next HTTP/1.1\r\nhost: s\r\n\r\n").await.unwrap();
+    c.write_all(b"GET /next HTTP/1.1\r\nhost: s\r\n\r\n")
+        .await
+        .unwrap();
     assert_eq!(response(&mut c, &mut buf).await.body, b"path=/next body=");
     finish(p, c).await;
 }
@@ -327,7 +349,9 @@ async fn l7_http1_close_delimited_response() {
     let p = proxy(Arc::default(), up).await;
     let mut c = TcpStream::connect(p.addr).await.unwrap();
     let mut buf = Vec::new();
-    c.write_all(b"GET /close HTTP/1.1\r\nhost: s\r\n\r\n").await.unwrap();
+    c.write_all(b"GET /close HTTP/1.1\r\nhost: s\r\n\r\n")
+        .await
+        .unwrap();
     // Read to EOF: the proxy closes after a close-delimited body.
     let r = response(&mut c, &mut buf).await;
     assert_eq!(r.body, b"path=/close body=");
@@ -344,8 +368,14 @@ async fn l7_http1_head_response_has_no_body() {
     c.write_all(b"HEAD /h HTTP/1.1\r\nhost: s\r\n\r\nGET /g HTTP/1.1\r\nhost: s\r\n\r\n")
         .await
         .unwrap();
-    let r = timeout(T, read_message(&mut c, &mut buf, false, true)).await.unwrap().unwrap();
-    assert_eq!((r.method.as_str(), r.header("content-length")), ("200", Some("5")));
+    let r = timeout(T, read_message(&mut c, &mut buf, false, true))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (r.method.as_str(), r.header("content-length")),
+        ("200", Some("5"))
+    );
     // The next response starts right after the HEAD response's head.
     assert_eq!(response(&mut c, &mut buf).await.body, b"path=/g body=");
     finish(p, c).await;
@@ -364,7 +394,11 @@ async fn l7_http1_length_with_transfer_encoding_is_400() {
     .unwrap();
     let mut out = Vec::new();
     timeout(T, c.read_to_end(&mut out)).await.unwrap().unwrap();
-    assert!(out.starts_with(b"HTTP/1.1 400 "), "{}", String::from_utf8_lossy(&out));
+    assert!(
+        out.starts_with(b"HTTP/1.1 400 "),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
     let err = timeout(T, p.done).await.unwrap().unwrap().unwrap_err();
     assert!(matches!(err, L7Error::BadRequest { .. }), "{err}");
     assert_eq!(p.connects.load(Ordering::SeqCst), 0);
@@ -373,8 +407,15 @@ async fn l7_http1_length_with_transfer_encoding_is_400() {
 #[tokio::test]
 async fn l7_not_http_is_refused_without_contacting_upstream() {
     let up = h1_upstream().await;
-    let tls_hello: &[u8] = &[0x16, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1, 0x03, 0x03];
-    for first in [tls_hello, b"SSH-2.0-OpenSSH_9.6\r\n", b"GET / FTP/1.0\r\n\r\n", b"\x00\x01garbage"] {
+    let tls_hello: &[u8] = &[
+        0x16, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1, 0x03, 0x03,
+    ];
+    for first in [
+        tls_hello,
+        b"SSH-2.0-OpenSSH_9.6\r\n",
+        b"GET / FTP/1.0\r\n\r\n",
+        b"\x00\x01garbage",
+    ] {
         let policy = Arc::new(Policy::default());
         let p = proxy(Arc::clone(&policy), up).await;
         let mut c = TcpStream::connect(p.addr).await.unwrap();
@@ -396,7 +437,9 @@ async fn l7_all_denied_connection_never_reaches_upstream() {
     let mut c = TcpStream::connect(p.addr).await.unwrap();
     let mut buf = Vec::new();
     for _ in 0..3 {
-        c.write_all(b"GET /deny/x HTTP/1.1\r\nhost: s\r\n\r\n").await.unwrap();
+        c.write_all(b"GET /deny/x HTTP/1.1\r\nhost: s\r\n\r\n")
+            .await
+            .unwrap();
         assert_denied(&response(&mut c, &mut buf).await);
     }
     let connects = Arc::clone(&p.connects);
@@ -412,13 +455,19 @@ async fn l7_decision_change_applies_to_next_request() {
     let p = proxy(Arc::clone(&policy), up).await;
     let mut c = TcpStream::connect(p.addr).await.unwrap();
     let mut buf = Vec::new();
-    c.write_all(b"GET /x HTTP/1.1\r\nhost: s\r\n\r\n").await.unwrap();
+    c.write_all(b"GET /x HTTP/1.1\r\nhost: s\r\n\r\n")
+        .await
+        .unwrap();
     assert_eq!(response(&mut c, &mut buf).await.method, "200");
     policy.flip.store(true, Ordering::SeqCst);
-    c.write_all(b"GET /x HTTP/1.1\r\nhost: s\r\n\r\n").await.unwrap();
+    c.write_all(b"GET /x HTTP/1.1\r\nhost: s\r\n\r\n")
+        .await
+        .unwrap();
     assert_denied(&response(&mut c, &mut buf).await);
     policy.flip.store(false, Ordering::SeqCst);
-    c.write_all(b"GET /x HTTP/1.1\r\nhost: s\r\n\r\n").await.unwrap();
+    c.write_all(b"GET /x HTTP/1.1\r\nhost: s\r\n\r\n")
+        .await
+        .unwrap();
     assert_eq!(response(&mut c, &mut buf).await.method, "200");
     let stats = finish(p, c).await;
     assert_eq!((stats.requests, stats.denied), (3, 1));
@@ -439,7 +488,9 @@ async fn l7_http1_expect_continue_is_relayed() {
         let have = buf.len();
         body[..have].copy_from_slice(&buf);
         s.read_exact(&mut body[have..]).await.unwrap();
-        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n").await.unwrap();
+        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n")
+            .await
+            .unwrap();
         s.write_all(&body).await.unwrap();
     });
     let p = proxy(Arc::default(), up).await;
@@ -500,15 +551,25 @@ async fn h2_call(
     send: &h2::client::SendRequest<Bytes>,
     path: &str,
     body: Bytes,
-) -> (StatusCode, http::HeaderMap, Vec<u8>, Option<http::HeaderMap>) {
+) -> (
+    StatusCode,
+    http::HeaderMap,
+    Vec<u8>,
+    Option<http::HeaderMap>,
+) {
     let mut send = send.clone().ready().await.unwrap();
-    let req = Request::post(format!("http://svc.local{path}")).body(()).unwrap();
+    let req = Request::post(format!("http://svc.local{path}"))
+        .body(())
+        .unwrap();
     let (resp, mut stream) = send.send_request(req, false).unwrap();
     let upload = async move {
         let mut body = body;
         while !body.is_empty() {
             stream.reserve_capacity(body.len());
-            let cap = std::future::poll_fn(|cx| stream.poll_capacity(cx)).await.unwrap().unwrap();
+            let cap = std::future::poll_fn(|cx| stream.poll_capacity(cx))
+                .await
+                .unwrap()
+                .unwrap();
             let part = body.split_to(cap.min(body.len()));
             stream.send_data(part, false).unwrap();
         }
@@ -551,7 +612,10 @@ async fn l7_h2c_concurrent_streams_one_denied() {
     assert_eq!(allowed.3.unwrap().get("x-done").unwrap(), "1");
     drop(send);
     let stats = timeout(T, p.done).await.unwrap().unwrap().unwrap();
-    assert_eq!((stats.requests, stats.denied, stats.protocol), (2, 1, Protocol::H2c));
+    assert_eq!(
+        (stats.requests, stats.denied, stats.protocol),
+        (2, 1, Protocol::H2c)
+    );
     assert_eq!(p.connects.load(Ordering::SeqCst), 1);
 }
 
@@ -582,7 +646,11 @@ async fn l7_h2c_decision_change_and_all_denied() {
     let send = h2_client(p.addr).await;
     let (status, ..) = h2_call(&send, "/x", Bytes::new()).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    assert_eq!(p.connects.load(Ordering::SeqCst), 0, "denied streams never connect");
+    assert_eq!(
+        p.connects.load(Ordering::SeqCst),
+        0,
+        "denied streams never connect"
+    );
     policy.flip.store(false, Ordering::SeqCst);
     let (status, ..) = h2_call(&send, "/x", Bytes::new()).await;
     assert_eq!(status, StatusCode::OK);
