@@ -69,18 +69,20 @@ enum RespEnd {
     Switched,
 }
 
-/// Where a request failed before forwarding; carries the answer to send.
+/// Where a request failed before forwarding, and the answer to send (none when the client
+/// is gone or was idle).
 struct Refusal {
-    answer: &'static [u8],
+    answer: Option<&'static [u8]>,
     error: L7Error,
 }
 
 impl From<L7Error> for Refusal {
     fn from(error: L7Error) -> Self {
         let answer = match error {
-            L7Error::HeadTooLarge { .. } | L7Error::TooManyHeaders { .. } => TOO_LARGE,
-            L7Error::HeaderTimeout { .. } => TIMEOUT,
-            _ => BAD_REQUEST,
+            L7Error::HeadTooLarge { .. } | L7Error::TooManyHeaders { .. } => Some(TOO_LARGE),
+            L7Error::HeaderTimeout { .. } => Some(TIMEOUT),
+            L7Error::BadRequest { .. } => Some(BAD_REQUEST),
+            _ => None,
         };
         Self { answer, error }
     }
@@ -111,8 +113,13 @@ where
         let req = match read_request(&mut crd, &mut rbuf, authz, limits, &mut head).await {
             Ok(Some(req)) => req,
             Ok(None) => return shutdown(&mut cwr).await,
+            // A keep-alive connection that stays idle between requests just ends.
+            Err(Refusal {
+                error: L7Error::IdleTimeout { .. },
+                ..
+            }) if rbuf.is_empty() => return shutdown(&mut cwr).await,
             Err(Refusal { answer, error }) => {
-                if !matches!(error, L7Error::HeaderTimeout { .. }) || !rbuf.is_empty() {
+                if let Some(answer) = answer {
                     let _ = cwr.write_all(answer).await;
                 }
                 let _ = cwr.shutdown().await;

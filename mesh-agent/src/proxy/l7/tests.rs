@@ -50,6 +50,10 @@ struct Proxy {
 
 /// Serves one client connection with `authz`, the upstream at `upstream`.
 async fn proxy(authz: Arc<Policy>, upstream: SocketAddr) -> Proxy {
+    proxy_with(authz, upstream, L7Limits::default()).await
+}
+
+async fn proxy_with(authz: Arc<Policy>, upstream: SocketAddr, limits: L7Limits) -> Proxy {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let connects = Arc::new(AtomicUsize::new(0));
@@ -60,7 +64,7 @@ async fn proxy(authz: Arc<Policy>, upstream: SocketAddr) -> Proxy {
             counted.fetch_add(1, Ordering::SeqCst);
             TcpStream::connect(upstream)
         };
-        serve(client, connect, &*authz, &L7Limits::default()).await
+        serve(client, connect, &*authz, &limits).await
     });
     Proxy {
         addr,
@@ -504,6 +508,112 @@ async fn l7_http1_expect_continue_is_relayed() {
     let r = response(&mut c, &mut buf).await;
     assert_eq!((r.method.as_str(), r.body.as_slice()), ("200", &b"abc"[..]));
     finish(p, c).await;
+}
+
+#[tokio::test]
+async fn l7_http1_upgrade_switches_to_raw_bytes() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = Vec::new();
+        let req = read_message(&mut s, &mut buf, true, true).await.unwrap();
+        assert_eq!(req.header("upgrade"), Some("echo"));
+        s.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let (mut r, mut w) = s.split();
+        tokio::io::copy(&mut r, &mut w).await.unwrap();
+    });
+    let p = proxy(Arc::default(), up).await;
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    let mut buf = Vec::new();
+    c.write_all(b"GET /ws HTTP/1.1\r\nhost: s\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let r = timeout(T, read_message(&mut c, &mut buf, false, true))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.method, "101");
+    // Not HTTP any more: raw bytes both ways.
+    c.write_all(b"\x00raw ping").await.unwrap();
+    let mut back = [0u8; 9];
+    timeout(T, c.read_exact(&mut back)).await.unwrap().unwrap();
+    assert_eq!(&back, b"\x00raw ping");
+    c.shutdown().await.unwrap();
+    let stats = timeout(T, p.done).await.unwrap().unwrap().unwrap();
+    assert_eq!(stats.requests, 1);
+}
+
+#[tokio::test]
+async fn l7_http1_idle_keepalive_closes_quietly() {
+    let up = h1_upstream().await;
+    let limits = L7Limits {
+        idle_timeout: Duration::from_millis(200),
+        ..L7Limits::default()
+    };
+    let p = proxy_with(Arc::default(), up, limits).await;
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    let mut buf = Vec::new();
+    c.write_all(b"GET /a HTTP/1.1\r\nhost: s\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(response(&mut c, &mut buf).await.method, "200");
+    let mut rest = Vec::new();
+    timeout(T, c.read_to_end(&mut rest)).await.unwrap().unwrap();
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    let stats = timeout(T, p.done).await.unwrap().unwrap().unwrap();
+    assert_eq!(stats.requests, 1);
+}
+
+#[tokio::test]
+async fn l7_http1_upstream_unreachable_is_502() {
+    // A port with nothing listening.
+    let gone = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let p = proxy(Arc::default(), gone).await;
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nhost: s\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    timeout(T, c.read_to_end(&mut out)).await.unwrap().unwrap();
+    assert!(out.starts_with(b"HTTP/1.1 502 "));
+    let err = timeout(T, p.done).await.unwrap().unwrap().unwrap_err();
+    assert!(matches!(err, L7Error::Connect { .. }), "{err}");
+}
+
+#[test]
+fn classify_first_bytes() {
+    assert_eq!(classify(b"").unwrap(), None);
+    assert_eq!(classify(b"PRI * HTTP/2.0\r\n").unwrap(), None);
+    assert_eq!(classify(H2_PREFACE).unwrap(), Some(Protocol::H2c));
+    assert_eq!(classify(b"GET /x HT").unwrap(), None);
+    assert_eq!(
+        classify(b"GET /x HTTP/1.1\r\n").unwrap(),
+        Some(Protocol::Http1)
+    );
+    assert_eq!(
+        classify(b"DELETE /x HTTP/1.0\r\nhost").unwrap(),
+        Some(Protocol::Http1)
+    );
+    for bad in [
+        &b"\x16\x03\x01"[..],
+        b"GET /x HTTP/2.0\r\n",
+        b"hello world\r\n",
+        b"\x00",
+    ] {
+        assert!(
+            matches!(classify(bad), Err(L7Error::NotHttp { .. })),
+            "{bad:?}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------- h2c
