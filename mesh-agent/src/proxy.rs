@@ -6,11 +6,13 @@
 //!   and carries each tunnel to the local pod;
 //! - [`pool`] keeps outbound HBONE connections per (source identity, destination identity,
 //!   destination node);
-//! - [`hbone`] is the wire format (transport-agnostic framing).
+//! - [`hbone`] is the wire format (transport-agnostic framing);
+//! - [`l7`] enforces authorization per HTTP request on ports declared HTTP.
 
 pub mod authz;
 pub mod hbone;
 pub mod inbound;
+pub mod l7;
 pub mod outbound;
 pub mod pool;
 
