@@ -90,24 +90,55 @@ pub struct L7Outcome {
     pub outcome: String,
 }
 
-/// Serves `client` request by request, authorizing each against the current policy, and
-/// forwards allowed requests to `info.dst` (connected lazily, from the node's mesh address).
+/// Serves `client` request by request, authorizing each against the policy snapshot current
+/// at that request (a policy change applies to the next request), and forwards allowed
+/// requests to `info.dst` (connected lazily, from the node's mesh address). The connection as
+/// a whole stays under [`authz::supervise`]: a snapshot that denies it closes it.
 pub(crate) async fn l7_serve<S>(
-    _client: S,
-    _source: &SourceAddrs,
-    _connect_timeout: Duration,
-    _policies: &authz::Policies,
-    _info: &authz::ConnInfo,
-    _conn_id: u64,
-    _side: &'static str,
+    client: S,
+    source: &SourceAddrs,
+    connect_timeout: Duration,
+    policies: &authz::Policies,
+    info: &authz::ConnInfo,
+    conn_id: u64,
+    side: &'static str,
 ) -> L7Outcome
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
 {
-    // Fail closed until request-level enforcement is wired.
+    let decide = |req: &l7::RequestView<'_>| {
+        // Policy paths match the path without query string or fragment.
+        let path = req.path.split(['?', '#']).next().unwrap_or("");
+        let attrs = authz::RequestAttrs {
+            method: req.method,
+            path,
+            host: req.host,
+        };
+        match authz::decide_request(policies, info, &attrs, side) {
+            authz::RequestVerdict::Allow => l7::Verdict::Allow,
+            authz::RequestVerdict::Deny { policy } => l7::Verdict::Deny { policy },
+        }
+    };
+    let (source, dst) = (*source, info.dst);
+    let connect = move || async move {
+        connect_from(&source, dst, connect_timeout)
+            .await
+            .map_err(std::io::Error::other)
+    };
+    let limits = l7::L7Limits::default();
+    let mut stats = l7::L7Stats::default();
+    let work = l7::serve_with_stats(client, connect, &decide, &limits, &mut stats);
+    let outcome = match authz::supervise(policies.clone(), info, conn_id, work).await {
+        authz::Supervised::Done(Ok(())) => "ok".to_owned(),
+        authz::Supervised::Done(Err(e)) => e.to_string(),
+        authz::Supervised::Revoked { .. } => "closed: no longer allowed by policy".to_owned(),
+    };
     L7Outcome {
-        outcome: "request-level enforcement unavailable".into(),
-        ..L7Outcome::default()
+        requests: stats.requests,
+        denied: stats.denied,
+        bytes_in: stats.bytes_in,
+        bytes_out: stats.bytes_out,
+        outcome,
     }
 }
 
