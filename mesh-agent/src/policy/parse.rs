@@ -1251,3 +1251,894 @@ fn line_of<T>(v: &Spanned<T>, fallback: usize) -> usize {
         l => l,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::cgroup::tests::TempDir;
+
+    const FILE: &str = "/etc/mesh/policies/p.yaml";
+
+    fn parse(text: &str) -> Result<PolicyBundle, PolicyError> {
+        parse_str(text, Path::new(FILE))
+    }
+
+    /// An AuthorizationPolicy `ns/p`; `spec` (indented by the caller) starts on line 7.
+    fn authz(spec: &str) -> String {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  \
+             name: p\n  namespace: ns\nspec:\n{spec}"
+        )
+    }
+
+    /// A PeerAuthentication `ns/pa`; `spec` starts on line 7.
+    fn peer_authn(spec: &str) -> String {
+        authz(spec)
+            .replace("AuthorizationPolicy", "PeerAuthentication")
+            .replace("name: p\n", "name: pa\n")
+    }
+
+    /// Parses `text`, expects a refusal on `line` whose message names `policy` and `field`.
+    fn refused(text: &str, line: usize, policy: Option<&str>, field: &str) -> PolicyError {
+        let e = parse(text).expect_err(text);
+        let msg = e.to_string();
+        assert_eq!(e.line(), Some(line), "{msg}");
+        assert!(msg.starts_with(&format!("{FILE}:{line}: ")), "{msg}");
+        assert_eq!(e.policy(), policy, "{msg}");
+        if let Some(p) = policy {
+            assert!(msg.contains(&format!("policy {p}: ")), "{msg}");
+        }
+        assert_eq!(e.field(), Some(field), "{msg}");
+        assert!(msg.contains(&format!("{field}: ")), "{msg}");
+        e
+    }
+
+    /// A rule with one `from` source whose body is `source`, from line 7.
+    fn with_source(source: &str) -> String {
+        authz(&format!(
+            "  rules:\n  - from:\n    - source:\n        {source}\n"
+        ))
+    }
+
+    /// A rule with one `to` operation whose body is `operation`, from line 7.
+    fn with_operation(operation: &str) -> String {
+        authz(&format!(
+            "  rules:\n  - to:\n    - operation:\n        {operation}\n"
+        ))
+    }
+
+    const SRC: &str = "spec.rules[0].from[0].source";
+    const OP: &str = "spec.rules[0].to[0].operation";
+
+    const REALISTIC: &str = r#"# Policies of the shop namespace.
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: allow-frontend
+  namespace: shop
+  uid: 8d1f6a0e-0000-4000-8000-000000000001
+  resourceVersion: "1234"
+  creationTimestamp: "2024-01-01T00:00:00Z"
+  labels:
+    team: payments
+  annotations:
+    kubectl.kubernetes.io/last-applied-configuration: "{}"
+spec:
+  selector:
+    matchLabels:
+      app: cart
+      version: 1
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/shop/sa/frontend", "cluster.local/ns/shop/sa/admin-*"]
+        notNamespaces: [kube-system]
+    - source:
+        ipBlocks: ["10.8.0.0/16", "fd00:8::1"]
+        notIpBlocks: [10.8.1.0/24]
+    to:
+    - operation:
+        ports: ["8080", 9090]
+        methods: ["GET", "HEAD"]
+        paths: ["/api/*", "*/health", "/"]
+        notPaths: ["/api/admin*"]
+        hosts: ["Cart.Shop.svc.cluster.local", "*"]
+  - {}
+---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-legacy
+  namespace: shop
+  annotations:
+    istio.io/dry-run: "true"
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        namespaces: ["legacy"]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-nothing, namespace: shop}
+spec: {}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: audit-all, namespace: istio-system}
+spec:
+  action: AUDIT
+  rules: []
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: default
+  namespace: istio-system
+spec:
+  mtls:
+    mode: STRICT
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: cart-permissive, namespace: shop}
+spec:
+  selector: {matchLabels: {app: cart}}
+  mtls: {mode: PERMISSIVE}
+---
+"#;
+
+    #[test]
+    fn realistic_multi_document_file() {
+        let b = parse(REALISTIC).unwrap();
+        assert_eq!(b.authz.len(), 4);
+        assert_eq!(b.peer_authn.len(), 2);
+        let p = &b.authz[0];
+        assert_eq!(p.key(), "shop/allow-frontend");
+        assert_eq!(p.origin.line, 3);
+        assert_eq!(p.origin.file, Path::new(FILE));
+        assert_eq!(p.action, Action::Allow);
+        assert!(!p.dry_run);
+        let sel = p.selector.as_ref().unwrap();
+        assert_eq!(sel.get("app").map(String::as_str), Some("cart"));
+        assert_eq!(sel.get("version").map(String::as_str), Some("1"));
+        let rules = p.rules.as_ref().unwrap();
+        assert_eq!(rules.len(), 2);
+        assert_eq!(rules[1], Rule::default());
+        let r = &rules[0];
+        assert_eq!(r.from.len(), 2);
+        assert_eq!(
+            r.from[0].principals,
+            vec![
+                StringMatch::Exact("cluster.local/ns/shop/sa/frontend".into()),
+                StringMatch::Prefix("cluster.local/ns/shop/sa/admin-".into()),
+            ]
+        );
+        assert_eq!(
+            r.from[0].not_namespaces,
+            vec![StringMatch::Exact("kube-system".into())]
+        );
+        assert_eq!(
+            r.from[1].ip_blocks,
+            vec![
+                parse_cidr("10.8.0.0/16").unwrap(),
+                parse_cidr("fd00:8::1/128").unwrap()
+            ]
+        );
+        assert_eq!(
+            r.from[1].not_ip_blocks,
+            vec![parse_cidr("10.8.1.0/24").unwrap()]
+        );
+        let op = &r.to[0];
+        assert_eq!(op.ports, vec![8080, 9090]);
+        assert_eq!(op.methods.len(), 2);
+        assert_eq!(
+            op.paths,
+            vec![
+                StringMatch::Prefix("/api/".into()),
+                StringMatch::Suffix("/health".into()),
+                StringMatch::Exact("/".into()),
+            ]
+        );
+        assert_eq!(op.not_paths, vec![StringMatch::Prefix("/api/admin".into())]);
+        // Hosts are stored lowercase.
+        assert_eq!(
+            op.hosts,
+            vec![
+                StringMatch::Exact("cart.shop.svc.cluster.local".into()),
+                StringMatch::Presence
+            ]
+        );
+
+        let d = &b.authz[1];
+        assert_eq!(
+            (d.key().as_str(), d.action, d.dry_run),
+            ("shop/deny-legacy", Action::Deny, true)
+        );
+        assert_eq!(d.origin.line, 38);
+        let n = &b.authz[2];
+        assert_eq!(
+            (n.action, &n.rules, &n.selector),
+            (Action::Allow, &None, &None)
+        );
+        let a = &b.authz[3];
+        assert_eq!((a.action, &a.rules), (Action::Audit, &Some(vec![])));
+
+        assert_eq!(
+            b.peer_authn[0].key_for_test(),
+            ("istio-system", "default", MtlsMode::Strict)
+        );
+        assert_eq!(b.peer_authn[0].selector, None);
+        assert_eq!(b.peer_authn[1].mode, MtlsMode::Permissive);
+        assert!(b.peer_authn[1].selector.is_some());
+    }
+
+    impl PeerAuthentication {
+        fn key_for_test(&self) -> (&str, &str, MtlsMode) {
+            (&self.namespace, &self.name, self.mode)
+        }
+    }
+
+    #[test]
+    fn empty_inputs_are_empty_bundles() {
+        for text in ["", "---\n", "# nothing\n", "---\n---\n"] {
+            assert_eq!(parse(text).unwrap(), PolicyBundle::default(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn rules_forms() {
+        let absent = parse(&authz("  action: DENY\n")).unwrap();
+        assert_eq!(absent.authz[0].rules, None);
+        let empty = parse(&authz("  rules: []\n")).unwrap();
+        assert_eq!(empty.authz[0].rules, Some(vec![]));
+        let any = parse(&authz("  rules: [{}]\n")).unwrap();
+        assert_eq!(any.authz[0].rules, Some(vec![Rule::default()]));
+        let empty_lists = parse(&authz("  rules: [{from: [], to: []}]\n")).unwrap();
+        assert_eq!(empty_lists.authz[0].rules, Some(vec![Rule::default()]));
+        let no_spec = parse(&authz("").replace("spec:\n", "")).unwrap();
+        assert_eq!(no_spec.authz[0].rules, None);
+        assert_eq!(no_spec.authz[0].action, Action::Allow);
+        // An empty selector selects everything: stored as none.
+        let sel = parse(&authz("  selector: {matchLabels: {}}\n")).unwrap();
+        assert_eq!(sel.authz[0].selector, None);
+    }
+
+    #[test]
+    fn ports_as_strings_and_integers() {
+        let b = parse(&with_operation(
+            "ports: [\"1\", 65535, \"08080\"]\n        notPorts: [22]",
+        ))
+        .unwrap();
+        let op = &b.authz[0].rules.as_ref().unwrap()[0].to[0];
+        assert_eq!(op.ports, vec![1, 65535, 8080]);
+        assert_eq!(op.not_ports, vec![22]);
+    }
+
+    #[test]
+    fn bad_ports() {
+        for bad in [
+            "\"0\"",
+            "0",
+            "\"65536\"",
+            "70000",
+            "-1",
+            "\"80-90\"",
+            "\"\"",
+            "\"http\"",
+            "\" 80\"",
+            "8.5",
+            "true",
+        ] {
+            for field in ["ports", "notPorts"] {
+                let text = with_operation(&format!("{field}: [{bad}]"));
+                let e = parse(&text).expect_err(&text);
+                let msg = e.to_string();
+                assert!(msg.starts_with(&format!("{FILE}:10: ")), "{bad}: {msg}");
+                assert_eq!(e.policy(), Some("ns/p"), "{msg}");
+                let want = format!("{OP}.{field}");
+                assert!(
+                    e.field().is_some_and(|f| f.starts_with(&want)),
+                    "{bad}: {msg}"
+                );
+            }
+        }
+        let e = refused(
+            &with_operation("ports: [\"99999\"]"),
+            10,
+            Some("ns/p"),
+            &format!("{OP}.ports[0]"),
+        );
+        assert!(matches!(e.problem(), Some(Problem::InvalidPort { value }) if value == "99999"));
+    }
+
+    #[test]
+    fn bad_cidrs() {
+        for bad in [
+            "10.0.0.0/33",
+            "10.0.0/8",
+            "10.0.0.0/",
+            "10.0.0.0/a",
+            "10.0.0.0/+8",
+            "fd00::/129",
+            "::ffff:10.0.0.0/104",
+            " 10.0.0.1",
+            "10.0.0.0/8/8",
+            "*",
+            "",
+        ] {
+            for field in ["ipBlocks", "notIpBlocks"] {
+                let text = with_source(&format!("{field}: [\"10.1.0.0/16\", \"{bad}\"]"));
+                let e = refused(&text, 10, Some("ns/p"), &format!("{SRC}.{field}[1]"));
+                assert!(
+                    matches!(e.problem(), Some(Problem::InvalidCidr { .. })),
+                    "{bad}: {e}"
+                );
+            }
+        }
+        assert_eq!(parse_cidr("0.0.0.0/0").unwrap().prefix, 0);
+        assert_eq!(parse_cidr("::/0").unwrap().prefix, 0);
+        assert_eq!(parse_cidr("10.0.0.1").unwrap().prefix, 32);
+    }
+
+    #[test]
+    fn bad_patterns_in_every_string_field() {
+        let fields: [(&str, fn(&str) -> String, &str); 12] = [
+            ("principals", with_source, SRC),
+            ("notPrincipals", with_source, SRC),
+            ("namespaces", with_source, SRC),
+            ("notNamespaces", with_source, SRC),
+            ("methods", with_operation, OP),
+            ("notMethods", with_operation, OP),
+            ("paths", with_operation, OP),
+            ("notPaths", with_operation, OP),
+            ("hosts", with_operation, OP),
+            ("notHosts", with_operation, OP),
+            // Multi-line lists name the entry's own line.
+            (
+                "principals",
+                |s| {
+                    with_source(
+                        &s.replace(": [\"ok\", ", ":\n        - ok\n        - ")
+                            .replace("]", ""),
+                    )
+                },
+                SRC,
+            ),
+            (
+                "paths",
+                |s| {
+                    with_operation(
+                        &s.replace(": [\"ok\", ", ":\n        - ok\n        - ")
+                            .replace("]", ""),
+                    )
+                },
+                OP,
+            ),
+        ];
+        for (i, (field, build, prefix)) in fields.into_iter().enumerate() {
+            let line = if i >= 10 { 12 } else { 10 };
+            let text = build(&format!("{field}: [\"ok\", \"\"]"));
+            let e = refused(&text, line, Some("ns/p"), &format!("{prefix}.{field}[1]"));
+            assert!(matches!(e.problem(), Some(Problem::EmptyPattern)), "{e}");
+            for bad in ["a*b", "*a*", "**", "a**"] {
+                let text = build(&format!("{field}: [\"ok\", \"{bad}\"]"));
+                let e = refused(&text, line, Some("ns/p"), &format!("{prefix}.{field}[1]"));
+                assert!(
+                    matches!(e.problem(), Some(Problem::WildcardInMiddle { .. })),
+                    "{bad}: {e}"
+                );
+            }
+        }
+        let e = refused(
+            &with_source("principals: [\"spiffe://cluster.local/ns/a/sa/b\"]"),
+            10,
+            Some("ns/p"),
+            &format!("{SRC}.principals[0]"),
+        );
+        assert!(
+            matches!(e.problem(), Some(Problem::SpiffePrincipal { .. })),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unsupported_fields() {
+        let cases: &[(&str, usize, &str)] = &[
+            (
+                "  rules:\n  - when:\n    - key: request.headers[x]\n      values: [\"a\"]\n",
+                9,
+                "spec.rules[0].when",
+            ),
+            (
+                "  rules:\n  - {}\n  - when: [{key: a, values: [b]}]\n",
+                9,
+                "spec.rules[1].when",
+            ),
+            (
+                "  action: CUSTOM\n  provider: {name: ext}\n",
+                8,
+                "spec.provider",
+            ),
+            (
+                "  targetRef: {kind: Gateway, name: gw}\n",
+                7,
+                "spec.targetRef",
+            ),
+            (
+                "  targetRefs: [{kind: Gateway, name: gw}]\n",
+                7,
+                "spec.targetRefs",
+            ),
+            ("  action: CUSTOM\n", 7, "spec.action"),
+            ("  mtls: {mode: STRICT}\n", 7, "spec.mtls"),
+        ];
+        for &(spec, line, field) in cases {
+            refused(&authz(spec), line, Some("ns/p"), field);
+        }
+        for field in [
+            "requestPrincipals",
+            "notRequestPrincipals",
+            "remoteIpBlocks",
+            "notRemoteIpBlocks",
+        ] {
+            let e = refused(
+                &with_source(&format!("{field}: [\"*\"]")),
+                10,
+                Some("ns/p"),
+                &format!("{SRC}.{field}"),
+            );
+            assert!(
+                matches!(e.problem(), Some(Problem::Unsupported { .. })),
+                "{e}"
+            );
+        }
+        // Never dropped: even alongside supported fields.
+        refused(
+            &with_source("principals: [\"a\"]\n        requestPrincipals: [\"*\"]"),
+            11,
+            Some("ns/p"),
+            &format!("{SRC}.requestPrincipals"),
+        );
+    }
+
+    #[test]
+    fn bad_actions_and_modes() {
+        let e = refused(&authz("  action: allow\n"), 7, Some("ns/p"), "spec.action");
+        assert!(matches!(e.problem(), Some(Problem::InvalidValue { .. })));
+        for mode in ["UNSET", "DISABLE"] {
+            let e = refused(
+                &peer_authn(&format!("  mtls:\n    mode: {mode}\n")),
+                8,
+                Some("ns/pa"),
+                "spec.mtls.mode",
+            );
+            assert!(
+                matches!(e.problem(), Some(Problem::UnsupportedValue { .. })),
+                "{e}"
+            );
+        }
+        refused(
+            &peer_authn("  mtls: {mode: strict}\n"),
+            7,
+            Some("ns/pa"),
+            "spec.mtls.mode",
+        );
+        refused(
+            &peer_authn("  selector: {matchLabels: {app: a}}\n"),
+            7,
+            Some("ns/pa"),
+            "spec.mtls.mode",
+        );
+        refused(
+            &peer_authn("  mtls: {}\n"),
+            7,
+            Some("ns/pa"),
+            "spec.mtls.mode",
+        );
+        refused(
+            &peer_authn("").replace("spec:\n", ""),
+            1,
+            Some("ns/pa"),
+            "spec.mtls.mode",
+        );
+        refused(
+            &peer_authn("  mtls: {mode: STRICT}\n  portLevelMtls:\n    8080: {mode: DISABLE}\n"),
+            9,
+            Some("ns/pa"),
+            "spec.portLevelMtls",
+        );
+        refused(
+            &peer_authn("  mtls: {mode: STRICT}\n  action: DENY\n"),
+            8,
+            Some("ns/pa"),
+            "spec.action",
+        );
+        refused(
+            &peer_authn("  mtls: {mode: STRICT}\n  rules: [{}]\n"),
+            8,
+            Some("ns/pa"),
+            "spec.rules",
+        );
+        refused(
+            &peer_authn("  mtls: {mode: STRICT}\n  targetRef: {name: x}\n"),
+            8,
+            Some("ns/pa"),
+            "spec.targetRef",
+        );
+        let text = peer_authn("  mtls: {mode: STRICT}\n").replace(
+            "metadata:\n",
+            "metadata:\n  annotations: {istio.io/dry-run: \"true\"}\n",
+        );
+        refused(
+            &text,
+            4,
+            Some("ns/pa"),
+            "metadata.annotations[istio.io/dry-run]",
+        );
+    }
+
+    #[test]
+    fn unknown_fields_name_policy_and_path() {
+        let e = refused(&authz("  colour: blue\n"), 7, Some("ns/p"), "spec.colour");
+        assert!(e.to_string().contains("unknown field `colour`"), "{e}");
+        assert!(matches!(e, PolicyError::Syntax { column: 3, .. }), "{e:?}");
+        refused(
+            &with_source("principal: [\"a\"]"),
+            10,
+            Some("ns/p"),
+            &format!("{SRC}.principal"),
+        );
+        refused(
+            &with_operation("port: [\"80\"]"),
+            10,
+            Some("ns/p"),
+            &format!("{OP}.port"),
+        );
+        refused(
+            &authz("  rules:\n  - fromm: []\n"),
+            8,
+            Some("ns/p"),
+            "spec.rules[0].fromm",
+        );
+        refused(
+            &authz("  selector: {labels: {a: b}}\n"),
+            7,
+            Some("ns/p"),
+            "spec.selector.labels",
+        );
+        refused(
+            &authz("  rules: [{}]\nstatus: {}\n"),
+            8,
+            Some("ns/p"),
+            "status",
+        );
+        // A value of the wrong type.
+        refused(
+            &with_source("principals: \"a\""),
+            10,
+            Some("ns/p"),
+            &format!("{SRC}.principals"),
+        );
+        // A duplicate key.
+        let e = parse(&authz("  action: DENY\n  action: ALLOW\n")).unwrap_err();
+        assert_eq!(e.line(), Some(8), "{e}");
+        // In the second document: named by that document.
+        let text = format!(
+            "{}---\n{}",
+            authz("  rules: [{}]\n"),
+            authz("  actoin: DENY\n").replace("name: p\n", "name: q\n")
+        );
+        refused(&text, 15, Some("ns/q"), "spec.actoin");
+    }
+
+    #[test]
+    fn kinds_and_versions() {
+        for (api, kind) in [
+            ("security.istio.io/v2", "AuthorizationPolicy"),
+            ("networking.istio.io/v1", "AuthorizationPolicy"),
+            ("security.istio.io/v1", "RequestAuthentication"),
+            ("v1", "ConfigMap"),
+        ] {
+            let text = authz("  rules: [{}]\n")
+                .replace("security.istio.io/v1", api)
+                .replace("AuthorizationPolicy", kind);
+            let e = refused(&text, 2, None, "kind");
+            assert!(
+                matches!(e.problem(), Some(Problem::UnknownKind { .. })),
+                "{e}"
+            );
+        }
+        let b = parse(&authz("  rules: [{}]\n").replace("/v1\n", "/v1beta1\n")).unwrap();
+        assert_eq!(b.authz.len(), 1);
+        refused(
+            &authz("").replacen("apiVersion: security.istio.io/v1\n", "", 1),
+            1,
+            None,
+            "apiVersion",
+        );
+        refused(
+            &authz("").replacen("kind: AuthorizationPolicy\n", "", 1),
+            1,
+            None,
+            "kind",
+        );
+        let e = parse("- a\n- b\n").unwrap_err();
+        assert!(matches!(e, PolicyError::Syntax { line: 1, .. }), "{e}");
+        let e = parse("just a string\n").unwrap_err();
+        assert!(matches!(e, PolicyError::Syntax { line: 1, .. }), "{e}");
+    }
+
+    #[test]
+    fn metadata() {
+        refused(
+            &authz("").replace("  name: p\n", ""),
+            4,
+            None,
+            "metadata.name",
+        );
+        refused(
+            &authz("").replace("  namespace: ns\n", ""),
+            4,
+            None,
+            "metadata.namespace",
+        );
+        refused(
+            &authz("").replace("metadata:\n  name: p\n  namespace: ns\n", ""),
+            1,
+            None,
+            "metadata",
+        );
+        for bad in ["My_Policy", "p.q", "-p", "\"\""] {
+            let e = refused(
+                &authz("").replace("name: p\n", &format!("name: {bad}\n")),
+                4,
+                None,
+                "metadata.name",
+            );
+            assert!(
+                matches!(e.problem(), Some(Problem::InvalidName { .. })),
+                "{e}"
+            );
+        }
+        refused(
+            &authz("").replace("namespace: ns\n", "namespace: Shop\n"),
+            5,
+            None,
+            "metadata.namespace",
+        );
+        // Other metadata is ignored, including other annotations.
+        let text = authz("  rules: [{}]\n").replace(
+            "metadata:\n",
+            "metadata:\n  labels: {a: b}\n  uid: x\n  generation: 3\n  annotations:\n    a.b/c: d\n    istio.io/dry-run: \"false\"\n  finalizers: [x]\n",
+        );
+        assert!(!parse(&text).unwrap().authz[0].dry_run);
+        let text = authz("").replace(
+            "metadata:\n",
+            "metadata:\n  annotations: {istio.io/dry-run: \"true\"}\n",
+        );
+        assert!(parse(&text).unwrap().authz[0].dry_run);
+        let text = authz("").replace(
+            "metadata:\n",
+            "metadata:\n  annotations:\n    istio.io/dry-run: \"yes\"\n",
+        );
+        refused(
+            &text,
+            5,
+            Some("ns/p"),
+            "metadata.annotations[istio.io/dry-run]",
+        );
+    }
+
+    #[test]
+    fn empty_sources_and_operations() {
+        let e = refused(
+            &authz("  rules:\n  - from:\n    - {}\n"),
+            9,
+            Some("ns/p"),
+            "spec.rules[0].from[0].source",
+        );
+        assert!(matches!(e.problem(), Some(Problem::EmptySource)));
+        refused(
+            &authz("  rules:\n  - from:\n    - source: {}\n"),
+            9,
+            Some("ns/p"),
+            "spec.rules[0].from[0].source",
+        );
+        refused(
+            &authz("  rules:\n  - from:\n    - source: {principals: []}\n"),
+            9,
+            Some("ns/p"),
+            "spec.rules[0].from[0].source",
+        );
+        let e = refused(
+            &authz("  rules:\n  - to:\n    - {}\n"),
+            9,
+            Some("ns/p"),
+            "spec.rules[0].to[0].operation",
+        );
+        assert!(matches!(e.problem(), Some(Problem::EmptyOperation)));
+        refused(
+            &authz("  rules:\n  - to:\n    - operation: {}\n"),
+            9,
+            Some("ns/p"),
+            "spec.rules[0].to[0].operation",
+        );
+    }
+
+    #[test]
+    fn duplicates() {
+        let one = authz("  rules: [{}]\n");
+        let text = format!("{one}---\n{one}");
+        let e = refused(&text, 9, Some("ns/p"), "metadata.name");
+        assert_eq!(
+            e.to_string(),
+            format!("{FILE}:9: policy ns/p: metadata.name: AuthorizationPolicy ns/p is defined twice (first at {FILE}:1)")
+        );
+        // Another kind, namespace or name is another object.
+        let pa = peer_authn("  mtls: {mode: STRICT}\n").replace("name: pa\n", "name: p\n");
+        let other_ns = one.replace("namespace: ns", "namespace: ns2");
+        assert!(parse(&format!("{one}---\n{pa}---\n{other_ns}")).is_ok());
+    }
+
+    #[test]
+    fn directories() {
+        let dir = TempDir::new("policy-dir");
+        let a = authz("  rules: [{}]\n").replace("name: p\n", "name: a\n");
+        let b = authz("  rules: [{}]\n").replace("name: p\n", "name: b\n");
+        fs::write(dir.0.join("20-b.yml"), &b).unwrap();
+        fs::write(dir.0.join("10-a.yaml"), &a).unwrap();
+        fs::write(dir.0.join("30-c.txt"), "not yaml: [").unwrap();
+        fs::write(dir.0.join("README"), "ignored").unwrap();
+        fs::create_dir(dir.0.join("sub.yaml")).unwrap();
+        fs::write(dir.0.join("sub.yaml/x.yaml"), "broken: [").unwrap();
+        let bundle = load_dir(&dir.0).unwrap();
+        let names: Vec<_> = bundle
+            .authz
+            .iter()
+            .map(|p| (p.name.as_str(), p.origin.file.clone()))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                ("a", dir.0.join("10-a.yaml")),
+                ("b", dir.0.join("20-b.yml"))
+            ]
+        );
+        assert_eq!(load_file(&dir.0.join("10-a.yaml")).unwrap().authz.len(), 1);
+
+        // Names are unique across files; the error names both.
+        fs::write(dir.0.join("40-dup.yaml"), format!("# again\n{a}")).unwrap();
+        let e = load_dir(&dir.0).unwrap_err();
+        let dup = dir.0.join("40-dup.yaml");
+        assert_eq!(e.path(), dup);
+        assert_eq!(e.line(), Some(2));
+        assert!(
+            e.to_string()
+                .contains(&format!("first at {}:1", dir.0.join("10-a.yaml").display())),
+            "{e}"
+        );
+
+        fs::write(&dup, "kind: [").unwrap();
+        let e = load_dir(&dir.0).unwrap_err();
+        assert!(
+            e.to_string().starts_with(&format!("{}:1: ", dup.display())),
+            "{e}"
+        );
+
+        let e = load_dir(&dir.0.join("absent")).unwrap_err();
+        assert!(matches!(e, PolicyError::Io { .. }), "{e}");
+        assert_eq!(e.line(), None);
+        let e = load_file(&dir.0.join("absent.yaml")).unwrap_err();
+        assert!(matches!(e, PolicyError::Io { .. }), "{e}");
+        fs::write(&dup, [0xff, 0xfe, b'a']).unwrap();
+        assert!(matches!(
+            load_file(&dup).unwrap_err(),
+            PolicyError::Io { .. }
+        ));
+    }
+
+    #[test]
+    fn bounded_input() {
+        let big = format!(
+            "# {}\n",
+            "x".repeat(usize::try_from(MAX_FILE_BYTES).unwrap())
+        );
+        let e = parse(&big).unwrap_err();
+        assert!(matches!(e, PolicyError::TooLarge { .. }), "{e}");
+        let dir = TempDir::new("policy-big");
+        let file = dir.0.join("big.yaml");
+        fs::write(&file, &big).unwrap();
+        let e = load_file(&file).unwrap_err();
+        assert!(
+            matches!(e, PolicyError::TooLarge { size, .. } if size > MAX_FILE_BYTES),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("more than a policy file may have"),
+            "{e}"
+        );
+
+        // Too many documents in one file: refused by the parser's budget.
+        let storm = "---\n{}\n".repeat(MAX_OBJECTS + 1);
+        let e = parse(&storm).unwrap_err();
+        assert!(matches!(e, PolicyError::TooManyObjects { .. }), "{e}");
+        assert!(
+            e.to_string().contains("more than 100000 policy objects"),
+            "{e}"
+        );
+
+        // Too many across the files of a directory.
+        let mut loader = Loader {
+            objects: MAX_OBJECTS,
+            ..Loader::default()
+        };
+        let e = loader
+            .text(&authz("  rules: [{}]\n"), Path::new(FILE))
+            .unwrap_err();
+        assert!(
+            matches!(e, PolicyError::TooManyObjects { line: 1, .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn truncated_input_never_panics() {
+        for end in 0..=REALISTIC.len() {
+            if let Some(prefix) = REALISTIC.get(..end) {
+                let _ = parse(prefix);
+            }
+        }
+        for garbage in [
+            "\0",
+            "{",
+            "[[[[",
+            "&a [*a, *a]",
+            "? : :",
+            "!!binary x",
+            "--- !!map\n",
+            "%YAML 1.2\n",
+            "a: &x [*x]",
+            "\u{feff}kind: x",
+            "'",
+            "key: \"\\u0000\"",
+            "- - - - -",
+        ] {
+            let _ = parse(garbage);
+        }
+        let deep = "[".repeat(10_000);
+        assert!(parse(&deep).is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn arbitrary_text_never_panics(text in any::<String>()) {
+            let _ = parse(&text);
+        }
+
+        #[test]
+        fn mutated_policies_never_panic(
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<char>()), 1..8)
+        ) {
+            let mut chars: Vec<char> = REALISTIC.chars().collect();
+            for (at, c) in edits {
+                let i = at.index(chars.len());
+                chars[i] = c;
+            }
+            let text: String = chars.into_iter().collect();
+            if let Err(e) = parse(&text) {
+                // Every refusal names the file and a line.
+                let prefix = format!("{FILE}:");
+                prop_assert!(e.to_string().starts_with(&prefix), "{}", e);
+                prop_assert!(e.line().is_some());
+            }
+        }
+    }
+}
