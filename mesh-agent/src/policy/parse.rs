@@ -1309,6 +1309,9 @@ mod tests {
         ))
     }
 
+    /// Builds a policy around a source or operation body.
+    type Builder = fn(&str) -> String;
+
     const SRC: &str = "spec.rules[0].from[0].source";
     const OP: &str = "spec.rules[0].to[0].operation";
 
@@ -1588,7 +1591,7 @@ spec:
 
     #[test]
     fn bad_patterns_in_every_string_field() {
-        let fields: [(&str, fn(&str) -> String, &str); 12] = [
+        let fields: [(&str, Builder, &str); 12] = [
             ("principals", with_source, SRC),
             ("notPrincipals", with_source, SRC),
             ("namespaces", with_source, SRC),
