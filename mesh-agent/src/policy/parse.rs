@@ -1701,6 +1701,14 @@ spec:
                 "{e}"
             );
         }
+        let e = parse(&authz("  rules:\n  - when: [{key: a, values: [b]}]\n")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{FILE}:8: policy ns/p: spec.rules[0].when: not supported: conditions (`when`); \
+                 express them with `from` and `to`"
+            )
+        );
         // Never dropped: even alongside supported fields.
         refused(
             &with_source("principals: [\"a\"]\n        requestPrincipals: [\"*\"]"),
