@@ -853,7 +853,7 @@ fn unusable(ip: IpAddr) -> Option<&'static str> {
 }
 
 /// A DNS-1123 label: 1-63 of `[a-z0-9-]`, starting and ending alphanumeric.
-fn is_dns_label(s: &str) -> bool {
+pub(crate) fn is_dns_label(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= MAX_LABEL_LEN

@@ -1,0 +1,1185 @@
+//! The reference evaluator: Istio's authorization semantics, straight from the model
+//! (docs/CONTRACTS.md, issue 4). Unit and property tests pin the semantics down here; the
+//! compiler's map contents are cross-checked against it. Not a hot path.
+//!
+//! Semantics:
+//! - Scope: a policy in namespace N applies to the workloads of N, a policy in the root
+//!   namespace to every workload; with `selector.matchLabels`, only to workloads whose labels
+//!   contain all of them ([`selects`]).
+//! - A policy matches when one of its rules does; no `rules` or `rules: []` matches nothing,
+//!   `rules: [{}]` everything. A rule matches when some `from` matches (or `from` is empty) and
+//!   some `to` matches (or `to` is empty). In a source or an operation every non-empty field
+//!   must match (one of its patterns does) and no `not*` pattern may match.
+//! - Values: principals against `<td>/ns/<ns>/sa/<sa>` (no `spiffe://`), namespaces against the
+//!   peer's namespace (both empty for a peer without mTLS identity: positive patterns, even
+//!   `*`, do not match it, `not*` ones exclude nothing); `ipBlocks` against the peer's address;
+//!   ports against the destination port; methods exactly (case-sensitive); paths against the
+//!   request path without its query string; hosts case-insensitively against Host/`:authority`,
+//!   as sent and with a `:port` suffix stripped.
+//! - HTTP-only fields (methods, paths, hosts and their `not*`) on a request that is not HTTP:
+//!   an ALLOW or AUDIT rule that has any never matches; a DENY rule matches ignoring them
+//!   (Istio's fail-safe: a DENY is never narrowed into allowing).
+//! - Decision: a matching enforced DENY denies; else, if an enforced ALLOW policy selects the
+//!   workload, the request is allowed iff one of them matches; else it is allowed. AUDIT and
+//!   dry-run policies never change the decision, they are only reported.
+//! - The result is independent of the order of policies: ties are broken by `namespace/name`.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use super::model::{
+    Action, AuthorizationPolicy, MtlsMode, Operation, PolicyBundle, Rule, Source, StringMatch,
+};
+
+/// Istio's default root namespace (policies there apply mesh-wide).
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+
+/// The workload a request is for.
+#[derive(Clone, Copy, Debug)]
+pub struct Target<'a> {
+    pub namespace: &'a str,
+    pub labels: &'a BTreeMap<String, String>,
+}
+
+/// Who the request comes from.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer<'a> {
+    /// The peer's authenticated identity, `<td>/ns/<ns>/sa/<sa>`; `None` without mTLS.
+    pub principal: Option<&'a str>,
+    /// The peer's namespace (from its identity); `None` without mTLS.
+    pub namespace: Option<&'a str>,
+    /// The connection's source address.
+    pub ip: IpAddr,
+}
+
+/// The HTTP part of a request.
+#[derive(Clone, Copy, Debug)]
+pub struct HttpRequest<'a> {
+    pub method: &'a str,
+    /// The request target; a query string (`?…`) is ignored.
+    pub path: &'a str,
+    /// `Host` / `:authority`, if sent.
+    pub host: Option<&'a str>,
+}
+
+/// One request (or connection) to the target.
+#[derive(Clone, Copy, Debug)]
+pub struct Request<'a> {
+    /// The destination port.
+    pub port: u16,
+    /// `None`: a TCP connection, or a port that does not speak HTTP.
+    pub http: Option<HttpRequest<'a>>,
+}
+
+/// The outcome of [`evaluate`]. Policies are named `namespace/name`; lists are sorted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// The policy that decided: the DENY that denied or the ALLOW that allowed (the first by
+    /// name when several did). `None` when no policy matched: allowed because no ALLOW policy
+    /// selects the workload, or denied because none of those that do matched.
+    pub policy: Option<String>,
+    /// Dry-run policies that would have denied: matching dry-run DENYs, and the dry-run ALLOWs
+    /// selecting the workload when neither they nor an enforced ALLOW matched.
+    pub dry_run_denies: Vec<String>,
+    /// AUDIT policies (dry-run or not) that select the workload and match.
+    pub audits: Vec<String>,
+}
+
+/// Decides `req` from `peer` to `target` under `bundle`, `root_ns` being the root namespace.
+pub fn evaluate(
+    bundle: &PolicyBundle,
+    root_ns: &str,
+    target: Target<'_>,
+    peer: Peer<'_>,
+    req: Request<'_>,
+) -> Decision {
+    let mut deny: Option<String> = None;
+    let mut allow: Option<String> = None;
+    let mut allow_selects = false;
+    let mut dry_allows = Vec::new();
+    let mut dry_allow_matched = false;
+    let mut decision = Decision::default();
+    for p in bundle.authz.iter().filter(|p| selects(p, root_ns, target)) {
+        let matched = policy_matches(p, peer, req);
+        match (p.action, p.dry_run) {
+            (Action::Deny, false) if matched => keep_first(&mut deny, p.key()),
+            (Action::Deny, true) if matched => decision.dry_run_denies.push(p.key()),
+            (Action::Deny, _) => {}
+            (Action::Allow, false) => {
+                allow_selects = true;
+                if matched {
+                    keep_first(&mut allow, p.key());
+                }
+            }
+            (Action::Allow, true) => {
+                dry_allows.push(p.key());
+                dry_allow_matched |= matched;
+            }
+            (Action::Audit, _) if matched => decision.audits.push(p.key()),
+            (Action::Audit, _) => {}
+        }
+    }
+    (decision.allowed, decision.policy) = match (deny, allow_selects) {
+        (Some(d), _) => (false, Some(d)),
+        (None, true) => (allow.is_some(), allow.clone()),
+        (None, false) => (true, None),
+    };
+    if !dry_allow_matched && allow.is_none() {
+        decision.dry_run_denies.append(&mut dry_allows);
+    }
+    for list in [&mut decision.dry_run_denies, &mut decision.audits] {
+        list.sort();
+        list.dedup();
+    }
+    decision
+}
+
+/// Keeps the smallest key, so the result does not depend on policy order.
+fn keep_first(slot: &mut Option<String>, key: String) {
+    if slot.as_ref().is_none_or(|k| key < *k) {
+        *slot = Some(key);
+    }
+}
+
+/// Whether `p` applies to `target`: same namespace (or `p` in the root namespace `root_ns`),
+/// and the target's labels contain the selector's (no selector: every workload in scope).
+pub fn selects(p: &AuthorizationPolicy, root_ns: &str, target: Target<'_>) -> bool {
+    (p.namespace == target.namespace || p.namespace == root_ns)
+        && labels_match(p.selector.as_ref(), target.labels)
+}
+
+fn labels_match(
+    selector: Option<&BTreeMap<String, String>>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    selector.is_none_or(|s| s.iter().all(|(k, v)| labels.get(k) == Some(v)))
+}
+
+/// Whether one of `p`'s rules matches (whatever `p`'s scope and dry-run flag).
+pub fn policy_matches(p: &AuthorizationPolicy, peer: Peer<'_>, req: Request<'_>) -> bool {
+    let deny = p.action == Action::Deny;
+    p.rules
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .any(|r| rule_matches(r, deny, peer, req))
+}
+
+/// `deny`: the rule is a DENY rule (HTTP-only fields are ignored on non-HTTP requests rather
+/// than making the rule unmatchable).
+fn rule_matches(rule: &Rule, deny: bool, peer: Peer<'_>, req: Request<'_>) -> bool {
+    if req.http.is_none() && !deny && rule.to.iter().any(Operation::has_http_fields) {
+        return false;
+    }
+    (rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, peer)))
+        && (rule.to.is_empty() || rule.to.iter().any(|o| operation_matches(o, req)))
+}
+
+fn source_matches(s: &Source, peer: Peer<'_>) -> bool {
+    let principal = peer.principal.unwrap_or("");
+    let namespace = peer.namespace.unwrap_or("");
+    strings(&s.principals, &s.not_principals, |m| m.matches(principal))
+        && strings(&s.namespaces, &s.not_namespaces, |m| m.matches(namespace))
+        && (s.ip_blocks.is_empty() || s.ip_blocks.iter().any(|n| n.contains(peer.ip)))
+        && !s.not_ip_blocks.iter().any(|n| n.contains(peer.ip))
+}
+
+/// On a non-HTTP request the HTTP fields are not looked at (see [`rule_matches`]).
+fn operation_matches(o: &Operation, req: Request<'_>) -> bool {
+    if !(o.ports.is_empty() || o.ports.contains(&req.port)) || o.not_ports.contains(&req.port) {
+        return false;
+    }
+    let Some(http) = req.http else {
+        return true;
+    };
+    let path = http.path.split_once('?').map_or(http.path, |(p, _)| p);
+    let host = http.host.unwrap_or("");
+    let bare_host = strip_port(host);
+    strings(&o.methods, &o.not_methods, |m| m.matches(http.method))
+        && strings(&o.paths, &o.not_paths, |m| m.matches(path))
+        && strings(&o.hosts, &o.not_hosts, |m| {
+            host_matches(m, host) || bare_host.is_some_and(|h| host_matches(m, h))
+        })
+}
+
+/// A field with its `not*` counterpart: some pattern matches (or none given), no `not*` does.
+fn strings(
+    pos: &[StringMatch],
+    neg: &[StringMatch],
+    matches: impl Fn(&StringMatch) -> bool,
+) -> bool {
+    (pos.is_empty() || pos.iter().any(&matches)) && !neg.iter().any(matches)
+}
+
+/// `host` without a trailing `:port`, if it has one (`[::1]:80` → `[::1]`).
+fn strip_port(host: &str) -> Option<&str> {
+    let (h, port) = host.rsplit_once(':')?;
+    let numeric = !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
+    (numeric && !h.is_empty() && (!h.contains(':') || h.ends_with(']'))).then_some(h)
+}
+
+/// [`StringMatch::matches`], ASCII case-insensitively.
+fn host_matches(m: &StringMatch, value: &str) -> bool {
+    let v = value.as_bytes();
+    match m {
+        StringMatch::Exact(s) => v.eq_ignore_ascii_case(s.as_bytes()),
+        StringMatch::Prefix(p) => v
+            .get(..p.len())
+            .is_some_and(|h| h.eq_ignore_ascii_case(p.as_bytes())),
+        StringMatch::Suffix(s) => v
+            .len()
+            .checked_sub(s.len())
+            .and_then(|start| v.get(start..))
+            .is_some_and(|t| t.eq_ignore_ascii_case(s.as_bytes())),
+        StringMatch::Presence => !v.is_empty(),
+    }
+}
+
+/// The mTLS mode for inbound traffic to `target`: the PeerAuthentication with a selector
+/// matching it in its namespace, else the one without selector in its namespace, else the one
+/// without selector in the root namespace `root_ns`, else `registry_default`, else STRICT.
+/// (Selector policies in the root namespace apply to the root namespace's workloads only, as
+/// in Istio.) Several at the same level: the first by `(namespace, name)` — Istio takes the
+/// oldest, and this model has no creation time.
+pub fn effective_mtls(
+    bundle: &PolicyBundle,
+    root_ns: &str,
+    target: Target<'_>,
+    registry_default: Option<MtlsMode>,
+) -> MtlsMode {
+    let level = |ns: &str, with_selector: bool| {
+        bundle
+            .peer_authn
+            .iter()
+            .filter(|p| p.namespace == ns)
+            .filter(|p| match &p.selector {
+                Some(s) if !s.is_empty() => with_selector && labels_match(Some(s), target.labels),
+                _ => !with_selector,
+            })
+            .min_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)))
+            .map(|p| p.mode)
+    };
+    level(target.namespace, true)
+        .or_else(|| level(target.namespace, false))
+        .or_else(|| level(root_ns, false))
+        .or(registry_default)
+        .unwrap_or(MtlsMode::Strict)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::policy::{
+        model::{IpNet, Origin, PeerAuthentication},
+        parse::parse_str,
+    };
+
+    const ROOT: &str = DEFAULT_ROOT_NAMESPACE;
+    const SLEEP: &str = "cluster.local/ns/client/sa/sleep";
+    const ADMIN: &str = "cluster.local/ns/ops/sa/admin";
+
+    /// Policies from YAML documents (each a `(namespace, name, spec)`), via the parser.
+    fn bundle(policies: &[(&str, &str, &str)]) -> PolicyBundle {
+        let text: String = policies
+            .iter()
+            .map(|(ns, name, spec)| {
+                format!(
+                    "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+                     metadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}\n"
+                )
+            })
+            .collect();
+        parse_str(&text, Path::new("test.yaml")).unwrap()
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn peer(principal: Option<&'static str>) -> Peer<'static> {
+        Peer {
+            principal,
+            namespace: principal.and_then(|p| p.split('/').nth(2)),
+            ip: "10.0.0.5".parse().unwrap(),
+        }
+    }
+
+    fn tcp(port: u16) -> Request<'static> {
+        Request { port, http: None }
+    }
+
+    fn http(
+        method: &'static str,
+        path: &'static str,
+        host: Option<&'static str>,
+    ) -> Request<'static> {
+        Request {
+            port: 8080,
+            http: Some(HttpRequest { method, path, host }),
+        }
+    }
+
+    /// Evaluates for workload `app=web` in `default`.
+    fn eval(b: &PolicyBundle, peer: Peer<'_>, req: Request<'_>) -> Decision {
+        let l = labels(&[("app", "web"), ("version", "v1")]);
+        evaluate(
+            b,
+            ROOT,
+            Target {
+                namespace: "default",
+                labels: &l,
+            },
+            peer,
+            req,
+        )
+    }
+
+    fn allowed(b: &PolicyBundle, peer: Peer<'_>, req: Request<'_>) -> bool {
+        eval(b, peer, req).allowed
+    }
+
+    /// One ALLOW policy in `default` with one rule `rule` (YAML flow mapping).
+    fn allow_rule(rule: &str) -> PolicyBundle {
+        bundle(&[("default", "a", &format!("  rules: [{rule}]"))])
+    }
+
+    #[test]
+    fn no_policy_allows() {
+        let d = eval(&PolicyBundle::default(), peer(None), tcp(80));
+        assert_eq!(
+            d,
+            Decision {
+                allowed: true,
+                ..Decision::default()
+            }
+        );
+    }
+
+    #[test]
+    fn rules_absent_empty_and_any() {
+        // No rules / empty rules: an ALLOW matches nothing, so it denies what it selects.
+        for spec in ["  action: ALLOW", "  rules: []"] {
+            let b = bundle(&[("default", "a", spec)]);
+            let d = eval(&b, peer(Some(SLEEP)), tcp(80));
+            assert_eq!((d.allowed, d.policy), (false, None), "{spec}");
+            // ... and a DENY without rules denies nothing.
+            let b = bundle(&[(
+                "default",
+                "d",
+                &format!("{spec}\n  action: DENY").replace("  action: ALLOW\n", ""),
+            )]);
+            assert!(allowed(&b, peer(Some(SLEEP)), tcp(80)), "{spec}");
+        }
+        // `rules: [{}]` matches everything.
+        let b = allow_rule("{}");
+        let d = eval(&b, peer(None), tcp(1));
+        assert_eq!((d.allowed, d.policy.as_deref()), (true, Some("default/a")));
+        let b = bundle(&[("default", "d", "  action: DENY\n  rules: [{}]")]);
+        let d = eval(&b, peer(Some(SLEEP)), http("GET", "/", None));
+        assert_eq!((d.allowed, d.policy.as_deref()), (false, Some("default/d")));
+        // Empty from / to lists match anything.
+        assert!(allowed(
+            &allow_rule("{from: [], to: []}"),
+            peer(None),
+            tcp(9)
+        ));
+    }
+
+    #[test]
+    fn principals_all_match_forms() {
+        let cases: &[(&str, Option<&'static str>, bool)] = &[
+            (SLEEP, Some(SLEEP), true),
+            (SLEEP, Some(ADMIN), false),
+            ("cluster.local/ns/client/*", Some(SLEEP), true),
+            ("cluster.local/ns/client/*", Some(ADMIN), false),
+            ("*/sa/sleep", Some(SLEEP), true),
+            ("*/sa/sleep", Some(ADMIN), false),
+            ("*", Some(SLEEP), true),
+            // Without mTLS there is no principal: even presence does not match.
+            ("*", None, false),
+            (SLEEP, None, false),
+        ];
+        for &(pattern, who, want) in cases {
+            let b = allow_rule(&format!(
+                "{{from: [{{source: {{principals: [\"{pattern}\"]}}}}]}}"
+            ));
+            assert_eq!(
+                allowed(&b, peer(who), tcp(80)),
+                want,
+                "principals {pattern} {who:?}"
+            );
+            let b = allow_rule(&format!(
+                "{{from: [{{source: {{notPrincipals: [\"{pattern}\"]}}}}]}}"
+            ));
+            assert_eq!(
+                allowed(&b, peer(who), tcp(80)),
+                !want,
+                "notPrincipals {pattern} {who:?}"
+            );
+        }
+        // Several values: any one.
+        let b = allow_rule(&format!(
+            "{{from: [{{source: {{principals: [\"{ADMIN}\", \"{SLEEP}\"]}}}}]}}"
+        ));
+        assert!(allowed(&b, peer(Some(SLEEP)), tcp(80)));
+        // X together with notX: in X and not in notX.
+        let b = allow_rule(
+            "{from: [{source: {principals: [\"cluster.local/*\"], notPrincipals: [\"*/sa/admin\"]}}]}",
+        );
+        assert!(allowed(&b, peer(Some(SLEEP)), tcp(80)));
+        assert!(!allowed(&b, peer(Some(ADMIN)), tcp(80)));
+        assert!(!allowed(&b, peer(None), tcp(80)));
+    }
+
+    #[test]
+    fn namespaces_and_ip_blocks() {
+        let b = allow_rule("{from: [{source: {namespaces: [client, \"o*\"]}}]}");
+        assert!(allowed(&b, peer(Some(SLEEP)), tcp(80)));
+        assert!(allowed(&b, peer(Some(ADMIN)), tcp(80)));
+        assert!(!allowed(&b, peer(None), tcp(80)));
+        let b = allow_rule("{from: [{source: {notNamespaces: [\"*ps\"]}}]}");
+        assert!(allowed(&b, peer(Some(SLEEP)), tcp(80)));
+        assert!(!allowed(&b, peer(Some(ADMIN)), tcp(80)));
+        assert!(allowed(&b, peer(None), tcp(80)));
+        let b = allow_rule("{from: [{source: {namespaces: [\"*\"], notNamespaces: [ops]}}]}");
+        assert!(allowed(&b, peer(Some(SLEEP)), tcp(80)));
+        assert!(!allowed(&b, peer(Some(ADMIN)), tcp(80)));
+
+        let b = allow_rule(
+            "{from: [{source: {ipBlocks: [10.0.0.0/24, \"fd00::/8\"], notIpBlocks: [10.0.0.5]}}]}",
+        );
+        let at = |ip: &str| Peer {
+            ip: ip.parse().unwrap(),
+            ..peer(None)
+        };
+        assert!(allowed(&b, at("10.0.0.6"), tcp(80)));
+        assert!(!allowed(&b, at("10.0.0.5"), tcp(80)));
+        assert!(!allowed(&b, at("10.0.1.6"), tcp(80)));
+        assert!(allowed(&b, at("fd00::1"), tcp(80)));
+        assert!(allowed(&b, at("::ffff:10.0.0.7"), tcp(80)));
+        let b = allow_rule("{from: [{source: {notIpBlocks: [0.0.0.0/0]}}]}");
+        assert!(!allowed(&b, at("1.2.3.4"), tcp(80)));
+        assert!(allowed(&b, at("fd00::1"), tcp(80)));
+    }
+
+    #[test]
+    fn sources_and_fields_combine() {
+        // Within a source: all fields; across sources: any.
+        let b = allow_rule(&format!(
+            "{{from: [{{source: {{principals: [\"{SLEEP}\"], ipBlocks: [192.168.0.0/16]}}}}, \
+             {{source: {{namespaces: [ops]}}}}]}}"
+        ));
+        assert!(!allowed(&b, peer(Some(SLEEP)), tcp(80)));
+        assert!(allowed(
+            &b,
+            Peer {
+                ip: "192.168.1.1".parse().unwrap(),
+                ..peer(Some(SLEEP))
+            },
+            tcp(80)
+        ));
+        assert!(allowed(&b, peer(Some(ADMIN)), tcp(80)));
+        // from AND to.
+        let b = allow_rule(
+            "{from: [{source: {namespaces: [ops]}}], to: [{operation: {ports: [\"80\"]}}]}",
+        );
+        assert!(allowed(&b, peer(Some(ADMIN)), tcp(80)));
+        assert!(!allowed(&b, peer(Some(ADMIN)), tcp(81)));
+        assert!(!allowed(&b, peer(Some(SLEEP)), tcp(80)));
+        // Rules: any.
+        let b = bundle(&[("default", "a", "  rules:\n  - to: [{operation: {ports: [\"1\"]}}]\n  - to: [{operation: {ports: [\"2\"]}}]")]);
+        assert!(allowed(&b, peer(None), tcp(2)));
+        assert!(!allowed(&b, peer(None), tcp(3)));
+    }
+
+    #[test]
+    fn ports() {
+        let b = allow_rule("{to: [{operation: {ports: [\"80\", 8080]}}]}");
+        assert!(allowed(&b, peer(None), tcp(80)));
+        assert!(allowed(&b, peer(None), tcp(8080)));
+        assert!(!allowed(&b, peer(None), tcp(81)));
+        let b = allow_rule("{to: [{operation: {notPorts: [\"22\"]}}]}");
+        assert!(allowed(&b, peer(None), tcp(80)));
+        assert!(!allowed(&b, peer(None), tcp(22)));
+        let b = allow_rule("{to: [{operation: {ports: [\"22\"], notPorts: [\"22\"]}}]}");
+        assert!(!allowed(&b, peer(None), tcp(22)));
+    }
+
+    #[test]
+    fn methods_paths_hosts() {
+        let op = |o: &str| allow_rule(&format!("{{to: [{{operation: {{{o}}}}}]}}"));
+        let get = http("GET", "/api/v1/items?x=1", Some("Web.Default.svc:8080"));
+
+        let cases: &[(&str, bool)] = &[
+            ("methods: [GET]", true),
+            ("methods: [get]", false),
+            ("methods: [\"G*\"]", true),
+            ("methods: [\"*T\"]", true),
+            ("methods: [\"*\"]", true),
+            ("notMethods: [GET]", false),
+            ("notMethods: [POST]", true),
+            ("methods: [\"*\"], notMethods: [GET]", false),
+            ("paths: [/api/v1/items]", true),
+            ("paths: [\"/api/*\"]", true),
+            ("paths: [\"*/items\"]", true),
+            ("paths: [\"*\"]", true),
+            ("paths: [/api]", false),
+            ("notPaths: [\"/api/*\"]", false),
+            ("notPaths: [/admin]", true),
+            ("paths: [\"/api/*\"], notPaths: [\"*/items\"]", false),
+            // Hosts: case-insensitive, with and without the port.
+            ("hosts: [web.default.svc]", true),
+            ("hosts: [\"web.default.svc:8080\"]", true),
+            ("hosts: [WEB.DEFAULT.SVC]", true),
+            ("hosts: [\"web.*\"]", true),
+            ("hosts: [\"*.svc\"]", true),
+            ("hosts: [\"*.svc:8080\"]", true),
+            ("hosts: [\"*\"]", true),
+            ("hosts: [other.svc]", false),
+            ("notHosts: [\"*.SVC\"]", false),
+            ("notHosts: [other]", true),
+            ("hosts: [\"*\"], notHosts: [\"web.*\"]", false),
+        ];
+        for &(o, want) in cases {
+            assert_eq!(allowed(&op(o), peer(None), get), want, "{o}");
+        }
+        // No Host header: presence does not match, notHosts excludes nothing.
+        let no_host = http("GET", "/", None);
+        assert!(!allowed(&op("hosts: [\"*\"]"), peer(None), no_host));
+        assert!(allowed(&op("notHosts: [\"*\"]"), peer(None), no_host));
+        // IPv6 literal authority.
+        let v6 = http("GET", "/", Some("[fd00::1]:8080"));
+        assert!(allowed(&op("hosts: [\"[fd00::1]\"]"), peer(None), v6));
+        // Combined: every field.
+        let b = op("methods: [GET], paths: [\"/api/*\"], hosts: [\"web.*\"], ports: [\"8080\"]");
+        assert!(allowed(&b, peer(None), get));
+        assert!(!allowed(
+            &b,
+            peer(None),
+            http("POST", "/api/v1/items", Some("web"))
+        ));
+    }
+
+    #[test]
+    fn strip_port_forms() {
+        assert_eq!(strip_port("a:80"), Some("a"));
+        assert_eq!(strip_port("a"), None);
+        assert_eq!(strip_port("a:"), None);
+        assert_eq!(strip_port("a:x"), None);
+        assert_eq!(strip_port("[::1]:80"), Some("[::1]"));
+        assert_eq!(strip_port("::1"), None);
+        assert_eq!(strip_port(":80"), None);
+    }
+
+    #[test]
+    fn http_fields_on_tcp() {
+        // ALLOW: a rule with HTTP fields never matches a non-HTTP request...
+        let b = allow_rule("{to: [{operation: {ports: [\"80\"], methods: [GET]}}]}");
+        assert!(!allowed(&b, peer(None), tcp(80)));
+        // ... even if another of its operations has none.
+        let b = allow_rule("{to: [{operation: {paths: [/x]}}, {operation: {ports: [\"80\"]}}]}");
+        assert!(!allowed(&b, peer(None), tcp(80)));
+        assert!(allowed(
+            &b,
+            peer(None),
+            Request {
+                port: 80,
+                ..http("GET", "/y", None)
+            }
+        ));
+        // ... but other rules of the policy still do.
+        let b = bundle(&[("default", "a", "  rules:\n  - to: [{operation: {notMethods: [GET]}}]\n  - to: [{operation: {ports: [\"80\"]}}]")]);
+        assert!(allowed(&b, peer(None), tcp(80)));
+        // DENY: the HTTP fields are ignored, the rest still applies.
+        let b = bundle(&[(
+            "default",
+            "d",
+            "  action: DENY\n  rules: [{to: [{operation: {ports: [\"80\"], methods: [GET]}}]}]",
+        )]);
+        let d = eval(&b, peer(None), tcp(80));
+        assert_eq!((d.allowed, d.policy.as_deref()), (false, Some("default/d")));
+        assert!(allowed(&b, peer(None), tcp(81)));
+        let b = bundle(&[(
+            "default",
+            "d",
+            "  action: DENY\n  rules: [{to: [{operation: {notPaths: [/public]}}]}]",
+        )]);
+        assert!(!allowed(&b, peer(None), tcp(80)));
+        assert!(allowed(&b, peer(None), http("GET", "/public", None)));
+        // AUDIT is not enforced but follows ALLOW's rule.
+        let b = bundle(&[(
+            "default",
+            "au",
+            "  action: AUDIT\n  rules: [{to: [{operation: {methods: [GET]}}]}]",
+        )]);
+        assert!(eval(&b, peer(None), tcp(80)).audits.is_empty());
+        assert_eq!(
+            eval(&b, peer(None), http("GET", "/", None)).audits,
+            vec!["default/au"]
+        );
+    }
+
+    #[test]
+    fn deny_beats_allow_and_allow_needs_a_match() {
+        let b = bundle(&[
+            (
+                "default",
+                "allow-sleep",
+                &format!("  rules: [{{from: [{{source: {{principals: [\"{SLEEP}\"]}}}}]}}]"),
+            ),
+            (
+                "default",
+                "deny-8443",
+                "  action: DENY\n  rules: [{to: [{operation: {ports: [\"8443\"]}}]}]",
+            ),
+        ]);
+        let d = eval(&b, peer(Some(SLEEP)), tcp(80));
+        assert_eq!(
+            (d.allowed, d.policy.as_deref()),
+            (true, Some("default/allow-sleep"))
+        );
+        let d = eval(&b, peer(Some(SLEEP)), tcp(8443));
+        assert_eq!(
+            (d.allowed, d.policy.as_deref()),
+            (false, Some("default/deny-8443"))
+        );
+        // An ALLOW selects the workload and does not match: denied, no policy to name.
+        let d = eval(&b, peer(Some(ADMIN)), tcp(80));
+        assert_eq!((d.allowed, d.policy), (false, None));
+        // Only a DENY: everything else is allowed.
+        let deny_only = bundle(&[(
+            "default",
+            "deny-8443",
+            "  action: DENY\n  rules: [{to: [{operation: {ports: [\"8443\"]}}]}]",
+        )]);
+        assert!(allowed(&deny_only, peer(Some(ADMIN)), tcp(80)));
+    }
+
+    #[test]
+    fn audit_never_decides() {
+        let b = bundle(&[
+            ("default", "audit", "  action: AUDIT\n  rules: [{}]"),
+            (
+                "istio-system",
+                "audit-mesh",
+                "  action: AUDIT\n  rules: [{to: [{operation: {ports: [\"80\"]}}]}]",
+            ),
+        ]);
+        let d = eval(&b, peer(None), tcp(80));
+        assert_eq!(
+            d,
+            Decision {
+                allowed: true,
+                policy: None,
+                dry_run_denies: vec![],
+                audits: vec!["default/audit".into(), "istio-system/audit-mesh".into()],
+            }
+        );
+        let mut with_deny = b.clone();
+        with_deny
+            .authz
+            .extend(bundle(&[("default", "d", "  action: DENY\n  rules: [{}]")]).authz);
+        let d = eval(&with_deny, peer(None), tcp(81));
+        assert_eq!(
+            (d.allowed, d.audits),
+            (false, vec!["default/audit".to_owned()])
+        );
+    }
+
+    #[test]
+    fn dry_run_never_enforces() {
+        let dry = |spec: &str, name: &str| {
+            let mut b = bundle(&[("default", name, spec)]);
+            b.authz[0].dry_run = true;
+            b
+        };
+        let d = eval(
+            &dry("  action: DENY\n  rules: [{}]", "d"),
+            peer(None),
+            tcp(80),
+        );
+        assert_eq!(
+            d,
+            Decision {
+                allowed: true,
+                policy: None,
+                dry_run_denies: vec!["default/d".into()],
+                audits: vec![]
+            }
+        );
+        // A dry-run ALLOW that would not allow.
+        let b = dry("  rules: [{to: [{operation: {ports: [\"1\"]}}]}]", "a");
+        let d = eval(&b, peer(None), tcp(80));
+        assert_eq!(
+            (d.allowed, d.dry_run_denies),
+            (true, vec!["default/a".to_owned()])
+        );
+        let d = eval(&b, peer(None), tcp(1));
+        assert_eq!((d.allowed, d.dry_run_denies), (true, vec![]));
+        // Alongside an enforced ALLOW that matches: it would not deny either.
+        let mut both = b.clone();
+        both.authz.extend(allow_rule("{}").authz);
+        let d = eval(&both, peer(None), tcp(80));
+        assert_eq!(
+            (d.allowed, d.policy.as_deref(), d.dry_run_denies),
+            (true, Some("default/a"), vec![])
+        );
+        // The annotation sets it from YAML too.
+        let text = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: d\n  \
+                    namespace: default\n  annotations: {istio.io/dry-run: \"true\"}\nspec:\n  action: DENY\n  rules: [{}]\n";
+        let b = parse_str(text, Path::new("x.yaml")).unwrap();
+        assert!(allowed(&b, peer(None), tcp(80)));
+    }
+
+    #[test]
+    fn scope_root_namespace_and_selectors() {
+        let deny_all = "  action: DENY\n  rules: [{}]";
+        // Another namespace: not in scope.
+        let b = bundle(&[("other", "d", deny_all)]);
+        assert!(allowed(&b, peer(None), tcp(80)));
+        // The root namespace: mesh-wide.
+        let b = bundle(&[("istio-system", "d", deny_all)]);
+        assert!(!allowed(&b, peer(None), tcp(80)));
+        let l = labels(&[]);
+        let t = Target {
+            namespace: "default",
+            labels: &l,
+        };
+        assert!(
+            evaluate(&b, "mesh-root", t, peer(None), tcp(80)).allowed,
+            "root is a parameter"
+        );
+        let b = bundle(&[("mesh-root", "d", deny_all)]);
+        assert!(!evaluate(&b, "mesh-root", t, peer(None), tcp(80)).allowed);
+        // Selectors: all labels must be present with equal values.
+        for (sel, want_selected) in [
+            ("{app: web}", true),
+            ("{app: web, version: v1}", true),
+            ("{app: web, version: v2}", false),
+            ("{app: db}", false),
+            ("{tier: x}", false),
+        ] {
+            let spec = format!("  selector: {{matchLabels: {sel}}}\n{deny_all}");
+            for ns in ["default", "istio-system"] {
+                let b = bundle(&[(ns, "d", &spec)]);
+                assert_eq!(
+                    !allowed(&b, peer(None), tcp(80)),
+                    want_selected,
+                    "{ns} {sel}"
+                );
+                assert_eq!(
+                    selects(
+                        &b.authz[0],
+                        ROOT,
+                        Target {
+                            namespace: "default",
+                            labels: &labels(&[("app", "web"), ("version", "v1")])
+                        }
+                    ),
+                    want_selected
+                );
+            }
+        }
+        // An ALLOW that does not select the workload does not make it default-deny.
+        let b = bundle(&[(
+            "default",
+            "a",
+            "  selector: {matchLabels: {app: db}}\n  rules: [{}]",
+        )]);
+        let no_rules = bundle(&[("default", "a", "  selector: {matchLabels: {app: db}}")]);
+        assert!(allowed(&b, peer(None), tcp(80)));
+        assert!(allowed(&no_rules, peer(None), tcp(80)));
+    }
+
+    fn pa(
+        ns: &str,
+        name: &str,
+        selector: Option<&[(&str, &str)]>,
+        mode: MtlsMode,
+    ) -> PeerAuthentication {
+        PeerAuthentication {
+            namespace: ns.into(),
+            name: name.into(),
+            origin: Origin {
+                file: "x.yaml".into(),
+                line: 1,
+            },
+            selector: selector.map(labels),
+            mode,
+        }
+    }
+
+    #[test]
+    fn mtls_levels() {
+        use MtlsMode::{Permissive as P, Strict as S};
+        let l = labels(&[("app", "web")]);
+        let t = Target {
+            namespace: "default",
+            labels: &l,
+        };
+        let mode = |pas: Vec<PeerAuthentication>, reg| {
+            effective_mtls(
+                &PolicyBundle {
+                    authz: vec![],
+                    peer_authn: pas,
+                },
+                ROOT,
+                t,
+                reg,
+            )
+        };
+        assert_eq!(mode(vec![], None), S);
+        assert_eq!(mode(vec![], Some(P)), P);
+        assert_eq!(mode(vec![pa(ROOT, "m", None, P)], Some(S)), P);
+        assert_eq!(
+            mode(
+                vec![pa(ROOT, "m", None, P), pa("default", "n", None, S)],
+                None
+            ),
+            S
+        );
+        assert_eq!(
+            mode(
+                vec![
+                    pa("default", "n", None, S),
+                    pa("default", "w", Some(&[("app", "web")]), P)
+                ],
+                None
+            ),
+            P
+        );
+        // A selector that does not match, or another namespace: not considered.
+        assert_eq!(
+            mode(vec![pa("default", "w", Some(&[("app", "db")]), P)], None),
+            S
+        );
+        assert_eq!(mode(vec![pa("other", "n", None, P)], None), S);
+        // A selector policy in the root namespace applies to the root namespace only.
+        assert_eq!(
+            mode(vec![pa(ROOT, "w", Some(&[("app", "web")]), P)], None),
+            S
+        );
+        // An empty selector is namespace-wide.
+        assert_eq!(mode(vec![pa("default", "e", Some(&[]), P)], None), P);
+        // Same level: the first by name, whatever the order.
+        assert_eq!(
+            mode(
+                vec![pa("default", "b", None, S), pa("default", "a", None, P)],
+                None
+            ),
+            P
+        );
+        assert_eq!(
+            mode(
+                vec![pa("default", "a", None, P), pa("default", "b", None, S)],
+                None
+            ),
+            P
+        );
+    }
+
+    #[test]
+    fn hand_built_models_never_panic() {
+        // The evaluator takes any model, not only parsed ones.
+        let mut b = allow_rule("{}");
+        let rule = &mut b.authz[0].rules.as_mut().unwrap()[0];
+        rule.from.push(Source {
+            ip_blocks: vec![
+                IpNet {
+                    addr: "10.0.0.0".parse().unwrap(),
+                    prefix: 200,
+                },
+                IpNet {
+                    addr: "::ffff:10.0.0.0".parse().unwrap(),
+                    prefix: 104,
+                },
+            ],
+            principals: vec![
+                StringMatch::Prefix(String::new()),
+                StringMatch::Suffix(String::new()),
+            ],
+            ..Source::default()
+        });
+        rule.to.push(Operation {
+            hosts: vec![
+                StringMatch::Suffix("ÉÉÉ".into()),
+                StringMatch::Prefix("é".into()),
+            ],
+            ..Operation::default()
+        });
+        let _ = eval(&b, peer(None), http("GET", "é", Some("xé")));
+        let _ = eval(&b, peer(Some("")), http("", "", Some("")));
+    }
+
+    // Property tests over a small universe, so that random policies often match.
+
+    fn pick(values: &'static [&'static str]) -> impl Strategy<Value = Vec<StringMatch>> {
+        prop::collection::vec(
+            prop::sample::select(values).prop_map(StringMatch::from_pattern),
+            0..3,
+        )
+    }
+
+    fn arb_source() -> impl Strategy<Value = Source> {
+        let principals: &'static [&'static str] =
+            &[SLEEP, ADMIN, "cluster.local/ns/client/*", "*/sa/admin", "*"];
+        let namespaces: &'static [&'static str] = &["client", "ops", "o*", "*"];
+        let nets = prop::collection::vec(
+            prop::sample::select(vec!["10.0.0.0/24", "10.0.0.5", "0.0.0.0/0", "fd00::/8"])
+                .prop_map(|s| crate::policy::parse::parse_cidr(s).unwrap()),
+            0..2,
+        );
+        (
+            pick(principals),
+            pick(principals),
+            pick(namespaces),
+            pick(namespaces),
+            nets.clone(),
+            nets,
+        )
+            .prop_map(
+                |(
+                    principals,
+                    not_principals,
+                    namespaces,
+                    not_namespaces,
+                    ip_blocks,
+                    not_ip_blocks,
+                )| Source {
+                    principals,
+                    not_principals,
+                    namespaces,
+                    not_namespaces,
+                    ip_blocks,
+                    not_ip_blocks,
+                },
+            )
+    }
+
+    fn arb_operation() -> impl Strategy<Value = Operation> {
+        let ports = prop::collection::vec(prop::sample::select(vec![80u16, 8080, 9000]), 0..2);
+        let methods: &'static [&'static str] = &["GET", "POST", "*"];
+        let paths: &'static [&'static str] = &["/api/*", "/health", "*"];
+        let hosts: &'static [&'static str] = &["web", "*.svc", "*"];
+        let http = (
+            pick(methods),
+            pick(methods),
+            pick(paths),
+            pick(paths),
+            pick(hosts),
+            pick(hosts),
+        );
+        // Most operations without HTTP fields, so TCP requests match too.
+        let http = prop_oneof![3 => Just(Default::default()), 1 => http];
+        (ports.clone(), ports, http).prop_map(
+            |(ports, not_ports, (methods, not_methods, paths, not_paths, hosts, not_hosts))| {
+                Operation {
+                    ports,
+                    not_ports,
+                    methods,
+                    not_methods,
+                    paths,
+                    not_paths,
+                    hosts,
+                    not_hosts,
+                }
+            },
+        )
+    }
+
+    fn arb_rule() -> impl Strategy<Value = Rule> {
+        (
+            prop::collection::vec(arb_source(), 0..2),
+            prop::collection::vec(arb_operation(), 0..2),
+        )
+            .prop_map(|(from, to)| Rule { from, to })
+    }
+
+    fn arb_policy() -> impl Strategy<Value = AuthorizationPolicy> {
+        let selector = prop::option::of(
+            prop::sample::select(vec!["web", "db"]).prop_map(|app| labels(&[("app", app)])),
+        );
+        (
+            prop::sample::select(vec!["default", "other", ROOT]),
+            selector,
+            prop::sample::select(vec![Action::Allow, Action::Deny, Action::Audit]),
+            prop::option::of(prop::collection::vec(arb_rule(), 0..3)),
+            prop::bool::weighted(0.2),
+        )
+            .prop_map(
+                |(ns, selector, action, rules, dry_run)| AuthorizationPolicy {
+                    namespace: ns.into(),
+                    name: String::new(),
+                    origin: Origin {
+                        file: "prop.yaml".into(),
+                        line: 1,
+                    },
+                    selector,
+                    action,
+                    rules,
+                    dry_run,
+                },
+            )
+    }
+
+    /// Policies with unique names `p0`, `p1`, … (prefix `prefix`).
+    fn arb_policies(
+        prefix: &'static str,
+        n: std::ops::Range<usize>,
+    ) -> impl Strategy<Value = Vec<AuthorizationPolicy>> {
+        prop::collection::vec(arb_policy(), n).prop_map(move |mut ps| {
+            for (i, p) in ps.iter_mut().enumerate() {
+                p.name = format!("{prefix}{i}");
+            }
+            ps
+        })
+    }
+
+    #[derive(Clone, Debug)]
+    struct Case {
+        principal: Option<&'static str>,
+        ip: IpAddr,
+        port: u16,
+        http: Option<(&'static str, &'static str, Option<&'static str>)>,
+    }
+
+    fn arb_case() -> impl Strategy<Value = Case> {
+        (
+            prop::option::of(prop::sample::select(vec![SLEEP, ADMIN])),
+            prop::sample::select(vec!["10.0.0.5", "10.0.0.9", "192.168.0.1", "fd00::5"])
+                .prop_map(|s| s.parse().unwrap()),
+            prop::sample::select(vec![80u16, 8080, 9000, 22]),
+            prop::option::of((
+                prop::sample::select(vec!["GET", "POST", "DELETE"]),
+                prop::sample::select(vec!["/api/x", "/health", "/"]),
+                prop::option::of(prop::sample::select(vec!["web", "web.svc:8080", "other"])),
+            )),
+        )
+            .prop_map(|(principal, ip, port, http)| Case {
+                principal,
+                ip,
+                port,
+                http,
+            })
+    }
+
+    fn run(b: &PolicyBundle, c: &Case) -> Decision {
+        let p = Peer {
+            ip: c.ip,
+            ..peer(c.principal)
+        };
+        let req = Request {
+            port: c.port,
+            http: c
+                .http
+                .map(|(method, path, host)| HttpRequest { method, path, host }),
+        };
+        eval(b, p, req)
+    }
+
+    fn with(mut b: PolicyBundle, p: AuthorizationPolicy) -> PolicyBundle {
+        b.authz.push(p);
+        b
+    }
+
+    fn match_all(ns: &str, name: &str, action: Action) -> AuthorizationPolicy {
+        AuthorizationPolicy {
+            namespace: ns.into(),
+            name: name.into(),
+            origin: Origin {
+                file: "prop.yaml".into(),
+                line: 1,
+            },
+            selector: None,
+            action,
+            rules: Some(vec![Rule::default()]),
+            dry_run: false,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn non_matching_deny_changes_nothing(ps in arb_policies("p", 0..6), extra in arb_policy(), c in arb_case()) {
+            let b = PolicyBundle { authz: ps, peer_authn: vec![] };
+            let deny = AuthorizationPolicy { action: Action::Deny, name: "zz-extra".into(), ..extra };
+            let p = Peer { ip: c.ip, ..peer(c.principal) };
+            let req = Request { port: c.port, http: c.http.map(|(method, path, host)| HttpRequest { method, path, host }) };
+            let l = labels(&[("app", "web"), ("version", "v1")]);
+            let t = Target { namespace: "default", labels: &l };
+            prop_assume!(!(selects(&deny, ROOT, t) && policy_matches(&deny, p, req)));
+            prop_assert_eq!(run(&with(b.clone(), deny), &c), run(&b, &c));
+        }
+
+        #[test]
+        fn match_all_allow_without_deny_allows(ps in arb_policies("p", 0..6), c in arb_case()) {
+            let ps = ps.into_iter().filter(|p| p.action != Action::Deny || p.dry_run).collect();
+            let b = PolicyBundle { authz: ps, peer_authn: vec![] };
+            let d = run(&with(b, match_all("default", "allow-all", Action::Allow)), &c);
+            prop_assert!(d.allowed);
+            prop_assert!(d.policy.is_some());
+        }
+
+        #[test]
+        fn match_all_deny_denies(ps in arb_policies("p", 0..6), c in arb_case(), root in any::<bool>()) {
+            let ns = if root { ROOT } else { "default" };
+            let b = PolicyBundle { authz: ps, peer_authn: vec![] };
+            let d = run(&with(b, match_all(ns, "deny-all", Action::Deny)), &c);
+            prop_assert!(!d.allowed);
+            prop_assert!(d.policy.is_some());
+        }
+
+        #[test]
+        fn dry_run_and_audit_never_change_allowed(ps in arb_policies("p", 0..6), extra in arb_policies("x", 1..4), c in arb_case()) {
+            let b = PolicyBundle { authz: ps, peer_authn: vec![] };
+            let before = run(&b, &c);
+            let mut added = b.clone();
+            for (i, p) in extra.into_iter().enumerate() {
+                let p = if i % 2 == 0 {
+                    AuthorizationPolicy { dry_run: true, ..p }
+                } else {
+                    AuthorizationPolicy { action: Action::Audit, ..p }
+                };
+                added.authz.push(p);
+            }
+            let after = run(&added, &c);
+            prop_assert_eq!(after.allowed, before.allowed);
+            prop_assert_eq!(after.policy, before.policy);
+        }
+
+        #[test]
+        fn order_does_not_matter(ps in arb_policies("p", 0..8).prop_shuffle(), c in arb_case()) {
+            let b = PolicyBundle { authz: ps, peer_authn: vec![] };
+            let mut sorted = b.clone();
+            sorted.authz.sort_by(|a, b| a.name.cmp(&b.name));
+            let mut reversed = sorted.clone();
+            reversed.authz.reverse();
+            let d = run(&b, &c);
+            prop_assert_eq!(&d, &run(&sorted, &c));
+            prop_assert_eq!(&d, &run(&reversed, &c));
+        }
+
+        #[test]
+        fn decision_is_explained(ps in arb_policies("p", 0..8), c in arb_case()) {
+            // Denied iff a selecting enforced DENY matches, or selecting enforced ALLOWs exist
+            // and none matches; the named policy is of the deciding action.
+            let b = PolicyBundle { authz: ps, peer_authn: vec![] };
+            let d = run(&b, &c);
+            if let Some(name) = &d.policy {
+                let p = b.authz.iter().find(|p| &p.key() == name).unwrap();
+                prop_assert!(!p.dry_run);
+                prop_assert_eq!(p.action, if d.allowed { Action::Allow } else { Action::Deny });
+            } else if !d.allowed {
+                prop_assert!(b.authz.iter().any(|p| p.action == Action::Allow && !p.dry_run));
+            }
+        }
+    }
+}

@@ -1,0 +1,2155 @@
+//! Istio YAML → [`PolicyBundle`] (docs/CONTRACTS.md, issue 4).
+//!
+//! Strict by design: a policy this project cannot enforce exactly is refused, never dropped
+//! or widened. Every refusal is a [`PolicyError`] that names `file:line`, the policy
+//! (`namespace/name`) when it is known, and the field path (`spec.rules[0].when`).
+//!
+//! Accepted objects: `security.istio.io/v1` (or `v1beta1`) `AuthorizationPolicy` and
+//! `PeerAuthentication`, one per YAML document (`---` separates them). `metadata` needs
+//! `name` and `namespace` (DNS-1123 labels); of its other fields only the annotation
+//! `istio.io/dry-run` means anything, the rest (labels, other annotations, uid, …) is ignored.
+//! Normalisations, none of which changes what a policy matches: an empty
+//! `selector.matchLabels` is stored as `None` (both select every workload in scope), and
+//! `hosts`/`notHosts` patterns are stored lowercase (hosts compare case-insensitively).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt, fs, io,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::{de::IgnoredAny, Deserialize};
+use serde_saphyr::{budget::BudgetBreach, MessageFormatter, Spanned, UserMessageFormatter};
+
+use super::model::{
+    Action, AuthorizationPolicy, IpNet, MtlsMode, Operation, Origin, PeerAuthentication,
+    PolicyBundle, Rule, Source, StringMatch,
+};
+use crate::registry::is_dns_label;
+
+/// The largest policy file read (bytes).
+pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
+/// The most objects (YAML documents) in one file or one directory.
+pub const MAX_OBJECTS: usize = 100_000;
+/// Parser budget: nodes (scalars, sequences, mappings) per file; far more than 16 MiB of
+/// policies can hold, still a bound on what a hostile file can make the agent allocate.
+const MAX_YAML_NODES: usize = 4_000_000;
+/// Parser budget: events per file.
+const MAX_YAML_EVENTS: usize = 16_000_000;
+
+/// The API groups/versions accepted.
+const API_VERSIONS: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
+/// The annotation that makes a policy dry-run.
+const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
+
+/// Why policies were refused. Displays as `<file>:<line>: [policy <ns/name>: ][<field>: ]<problem>`
+/// (the line 1-based), except when the file cannot be read at all.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// A file or directory could not be read.
+    #[error("{}: reading policies: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A file is larger than [`MAX_FILE_BYTES`].
+    #[error("{}: {size} bytes is more than a policy file may have ({max})", path.display())]
+    TooLarge { path: PathBuf, size: u64, max: u64 },
+    /// More than [`MAX_OBJECTS`] objects in a file or in a directory.
+    #[error("{}:{line}: more than {max} policy objects", path.display())]
+    TooManyObjects {
+        path: PathBuf,
+        line: usize,
+        max: usize,
+    },
+    /// Not valid YAML, or not the shape of a supported object: an unknown field, a duplicate
+    /// key, a value of the wrong type.
+    #[error("{}:{line}: {}{message} (column {column})", path.display(), Context(policy, field))]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        /// `namespace/name` of the object, when it could be read.
+        policy: Option<String>,
+        /// The field path, when it could be told.
+        field: Option<String>,
+        message: String,
+    },
+    /// Well-formed, but not a policy this project accepts.
+    #[error("{}:{line}: {}{problem}", path.display(), Context(policy, &Some(field.clone())))]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        /// `namespace/name` of the object, when known.
+        policy: Option<String>,
+        /// The field path (`spec.rules[0].from[0].source.ipBlocks[1]`).
+        field: String,
+        /// Boxed to keep the parser's `Result`s small.
+        #[source]
+        problem: Box<Problem>,
+    },
+}
+
+impl PolicyError {
+    /// The file the error is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::Io { path, .. }
+            | Self::TooLarge { path, .. }
+            | Self::TooManyObjects { path, .. }
+            | Self::Syntax { path, .. }
+            | Self::Invalid { path, .. } => path,
+        }
+    }
+
+    /// The 1-based line the error names, if it names one.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            Self::Io { .. } | Self::TooLarge { .. } => None,
+            Self::TooManyObjects { line, .. }
+            | Self::Syntax { line, .. }
+            | Self::Invalid { line, .. } => Some(*line),
+        }
+    }
+
+    /// The policy (`namespace/name`) the error is about, when known.
+    pub fn policy(&self) -> Option<&str> {
+        match self {
+            Self::Syntax { policy, .. } | Self::Invalid { policy, .. } => policy.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// The field path the error is about, when known.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            Self::Syntax { field, .. } => field.as_deref(),
+            Self::Invalid { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+
+    /// What is wrong, for a well-formed but refused object.
+    pub fn problem(&self) -> Option<&Problem> {
+        match self {
+            Self::Invalid { problem, .. } => Some(problem),
+            _ => None,
+        }
+    }
+}
+
+/// `policy ns/name: field: ` (each part only when known).
+struct Context<'a>(&'a Option<String>, &'a Option<String>);
+
+impl fmt::Display for Context<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(policy) = self.0 {
+            write!(f, "policy {policy}: ")?;
+        }
+        if let Some(field) = self.1 {
+            write!(f, "{field}: ")?;
+        }
+        Ok(())
+    }
+}
+
+/// What is wrong with a well-formed object (the field is named by [`PolicyError::Invalid`]).
+#[derive(Debug, thiserror::Error)]
+pub enum Problem {
+    /// `apiVersion`/`kind` is not one this project reads.
+    #[error(
+        "unsupported object {api_version}/{kind} (expected security.istio.io/v1 or v1beta1 \
+         AuthorizationPolicy or PeerAuthentication)"
+    )]
+    UnknownKind { api_version: String, kind: String },
+    /// A required field is absent or null.
+    #[error("missing required field")]
+    MissingField,
+    /// A field of the Istio API that this project does not enforce.
+    #[error("not supported: {reason}")]
+    Unsupported { reason: &'static str },
+    /// A field that the object's kind does not have.
+    #[error("unknown field for {kind}")]
+    NotForKind { kind: &'static str },
+    /// A value of the Istio API that this project does not enforce.
+    #[error("{value:?} is not supported: {reason}")]
+    UnsupportedValue { value: String, reason: &'static str },
+    /// A value outside the field's set.
+    #[error("{value:?} is not one of {expected}")]
+    InvalidValue {
+        value: String,
+        expected: &'static str,
+    },
+    /// `metadata.name` or `metadata.namespace` is not a DNS-1123 label.
+    #[error(
+        "{value:?} is not a DNS-1123 label (1-63 lowercase letters, digits or '-', starting and \
+         ending with a letter or digit)"
+    )]
+    InvalidName { value: String },
+    /// An empty string where a pattern is expected.
+    #[error("empty pattern (use \"*\" to require presence)")]
+    EmptyPattern,
+    /// A `*` other than one leading or one trailing.
+    #[error("pattern {value:?} has a '*' that is neither its first nor its last character")]
+    WildcardInMiddle { value: String },
+    /// A principal written as a SPIFFE URI.
+    #[error("principal {value:?} starts with spiffe:// (write <trust-domain>/ns/<ns>/sa/<sa>)")]
+    SpiffePrincipal { value: String },
+    /// An `ipBlocks` entry that is not an address or a CIDR block.
+    #[error("{value:?} is not an IP address or CIDR block ({reason})")]
+    InvalidCidr { value: String, reason: &'static str },
+    /// A `ports` entry that is not a port number.
+    #[error("{value:?} is not a port number (1-65535)")]
+    InvalidPort { value: String },
+    /// A `from` entry without a source, or with an empty one.
+    #[error("a `from` entry needs a non-empty `source`")]
+    EmptySource,
+    /// A `to` entry without an operation, or with an empty one.
+    #[error("a `to` entry needs a non-empty `operation`")]
+    EmptyOperation,
+    /// The same kind, namespace and name twice.
+    #[error("{kind} {policy} is defined twice (first at {}:{first_line})", first_file.display())]
+    Duplicate {
+        kind: &'static str,
+        policy: String,
+        first_file: PathBuf,
+        first_line: usize,
+    },
+}
+
+/// The two kinds read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Kind {
+    AuthorizationPolicy,
+    PeerAuthentication,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Self::AuthorizationPolicy => "AuthorizationPolicy",
+            Self::PeerAuthentication => "PeerAuthentication",
+        }
+    }
+}
+
+/// A spanned optional value, the raw shape of almost every field.
+type Field<T> = Option<Spanned<T>>;
+/// A list of spanned strings.
+type Strings = Field<Vec<Spanned<String>>>;
+
+/// One document as written. Required fields are `Option`s so that a missing one is reported
+/// with a path and a line rather than a serde message.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawObject {
+    api_version: Field<String>,
+    kind: Field<String>,
+    metadata: Field<RawMetadata>,
+    spec: Field<RawSpec>,
+}
+
+/// `metadata`: unknown fields are accepted and ignored (they cannot widen a policy).
+#[derive(Deserialize)]
+struct RawMetadata {
+    name: Field<String>,
+    namespace: Field<String>,
+    annotations: Option<BTreeMap<String, Spanned<String>>>,
+}
+
+/// The `spec` of either kind; fields that are not the object's kind's are refused.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSpec {
+    selector: Field<RawSelector>,
+    // AuthorizationPolicy
+    action: Field<String>,
+    rules: Field<Vec<Spanned<RawRule>>>,
+    provider: Field<IgnoredAny>,
+    // Both (recent Istio): workload selection by Gateway API reference.
+    target_ref: Field<IgnoredAny>,
+    target_refs: Field<IgnoredAny>,
+    // PeerAuthentication
+    mtls: Field<RawMtls>,
+    port_level_mtls: Field<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSelector {
+    match_labels: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMtls {
+    mode: Field<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    from: Field<Vec<Spanned<RawFrom>>>,
+    to: Field<Vec<Spanned<RawTo>>>,
+    when: Field<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFrom {
+    source: Field<RawSource>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTo {
+    operation: Field<RawOperation>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSource {
+    principals: Strings,
+    not_principals: Strings,
+    request_principals: Field<IgnoredAny>,
+    not_request_principals: Field<IgnoredAny>,
+    namespaces: Strings,
+    not_namespaces: Strings,
+    ip_blocks: Strings,
+    not_ip_blocks: Strings,
+    remote_ip_blocks: Field<IgnoredAny>,
+    not_remote_ip_blocks: Field<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawOperation {
+    hosts: Strings,
+    not_hosts: Strings,
+    ports: Field<Vec<Spanned<RawPort>>>,
+    not_ports: Field<Vec<Spanned<RawPort>>>,
+    methods: Strings,
+    not_methods: Strings,
+    paths: Strings,
+    not_paths: Strings,
+}
+
+/// A port as written: Istio's are strings (`"8080"`), integers are accepted too.
+struct RawPort(String);
+
+impl<'de> Deserialize<'de> for RawPort {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = RawPort;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a port number (1-65535), as a string or an integer")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RawPort, E> {
+                Ok(RawPort(v.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<RawPort, E> {
+                Ok(RawPort(v.to_string()))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawPort, E> {
+                Ok(RawPort(v.to_owned()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Reads the policies of one file (any number of `---`-separated documents).
+pub fn load_file(path: &Path) -> Result<PolicyBundle, PolicyError> {
+    let mut loader = Loader::default();
+    loader.file(path)?;
+    Ok(loader.bundle)
+}
+
+/// Reads the policies of every `*.yaml` and `*.yml` file directly in `dir`, in file name
+/// order (sub-directories are not read). Names are unique across the whole directory.
+pub fn load_dir(dir: &Path) -> Result<PolicyBundle, PolicyError> {
+    let io_err = |source| PolicyError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err)? {
+        let path = entry.map_err(io_err)?.path();
+        let yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
+        // `fs::metadata` follows symbolic links (ConfigMap mounts are links).
+        if yaml && fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+            files.push(path);
+        }
+    }
+    files.sort();
+    let mut loader = Loader::default();
+    for path in &files {
+        loader.file(path)?;
+    }
+    Ok(loader.bundle)
+}
+
+/// Parses policy `text`; `path` only names the file in errors and origins.
+pub fn parse_str(text: &str, path: &Path) -> Result<PolicyBundle, PolicyError> {
+    let mut loader = Loader::default();
+    loader.text(text, path)?;
+    Ok(loader.bundle)
+}
+
+/// Loading state across the files of a directory.
+#[derive(Default)]
+struct Loader {
+    bundle: PolicyBundle,
+    /// (kind, namespace, name) → where it was first defined.
+    seen: HashMap<(Kind, String, String), Origin>,
+    objects: usize,
+}
+
+impl Loader {
+    fn file(&mut self, path: &Path) -> Result<(), PolicyError> {
+        let io_err = |source| PolicyError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let file = fs::File::open(path).map_err(io_err)?;
+        let size = file.metadata().map_err(io_err)?.len();
+        if size > MAX_FILE_BYTES {
+            return Err(too_large(path, size));
+        }
+        // The size may change between the check and the read: read at most one byte more.
+        let mut bytes = Vec::new();
+        io::Read::read_to_end(&mut io::Read::take(file, MAX_FILE_BYTES + 1), &mut bytes)
+            .map_err(io_err)?;
+        let text = String::from_utf8(bytes)
+            .map_err(|e| io_err(io::Error::new(io::ErrorKind::InvalidData, e.utf8_error())))?;
+        self.text(&text, path)
+    }
+
+    fn text(&mut self, text: &str, path: &Path) -> Result<(), PolicyError> {
+        let size = u64::try_from(text.len()).unwrap_or(u64::MAX);
+        if size > MAX_FILE_BYTES {
+            return Err(too_large(path, size));
+        }
+        let docs: Vec<Spanned<RawObject>> =
+            serde_saphyr::from_multiple_with_options(text, options())
+                .map_err(|e| syntax_error(text, path, &e))?;
+        for doc in docs {
+            let origin = Origin {
+                file: path.to_owned(),
+                line: line_of(&doc, 1),
+            };
+            self.objects += 1;
+            if self.objects > MAX_OBJECTS {
+                return Err(PolicyError::TooManyObjects {
+                    path: path.to_owned(),
+                    line: origin.line,
+                    max: MAX_OBJECTS,
+                });
+            }
+            self.object(doc.value, origin)?;
+        }
+        Ok(())
+    }
+
+    /// Validates one object that starts at `origin`.
+    fn object(&mut self, raw: RawObject, origin: Origin) -> Result<(), PolicyError> {
+        let mut at = At {
+            origin: &origin,
+            policy: None,
+        };
+        let line = origin.line;
+        let api_version = raw
+            .api_version
+            .ok_or_else(|| at.err(line, "apiVersion", Problem::MissingField))?;
+        let kind_raw = raw
+            .kind
+            .ok_or_else(|| at.err(line, "kind", Problem::MissingField))?;
+        let kind = match kind_raw.value.as_str() {
+            _ if !API_VERSIONS.contains(&api_version.value.as_str()) => None,
+            "AuthorizationPolicy" => Some(Kind::AuthorizationPolicy),
+            "PeerAuthentication" => Some(Kind::PeerAuthentication),
+            _ => None,
+        };
+        let Some(kind) = kind else {
+            return Err(at.err(
+                line_of(&kind_raw, line),
+                "kind",
+                Problem::UnknownKind {
+                    api_version: api_version.value,
+                    kind: kind_raw.value,
+                },
+            ));
+        };
+
+        let metadata = raw
+            .metadata
+            .ok_or_else(|| at.err(line, "metadata", Problem::MissingField))?;
+        let meta_line = line_of(&metadata, line);
+        let metadata = metadata.value;
+        let label = |field: &'static str, v: Field<String>| {
+            let v = v.ok_or_else(|| at.err(meta_line, field, Problem::MissingField))?;
+            if !is_dns_label(&v.value) {
+                return Err(at.err(
+                    line_of(&v, meta_line),
+                    field,
+                    Problem::InvalidName { value: v.value },
+                ));
+            }
+            Ok(v.value)
+        };
+        let namespace = label("metadata.namespace", metadata.namespace)?;
+        let name = label("metadata.name", metadata.name)?;
+        let key = format!("{namespace}/{name}");
+        at.policy = Some(key.clone());
+
+        let mut dry_run = false;
+        if let Some(v) = metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(DRY_RUN_ANNOTATION))
+        {
+            dry_run = match v.value.as_str() {
+                "true" => true,
+                "false" => false,
+                _ => {
+                    return Err(at.err(
+                        line_of(v, meta_line),
+                        "metadata.annotations[istio.io/dry-run]",
+                        Problem::InvalidValue {
+                            value: v.value.clone(),
+                            expected: "\"true\" or \"false\"",
+                        },
+                    ))
+                }
+            };
+        }
+
+        let seen_key = (kind, namespace.clone(), name.clone());
+        if let Some(first) = self.seen.get(&seen_key) {
+            return Err(at.err(
+                line,
+                "metadata.name",
+                Problem::Duplicate {
+                    kind: kind.name(),
+                    policy: key,
+                    first_file: first.file.clone(),
+                    first_line: first.line,
+                },
+            ));
+        }
+
+        let spec_line = raw.spec.as_ref().map_or(line, |s| line_of(s, line));
+        let spec = raw.spec.map(|s| s.value);
+        match kind {
+            Kind::AuthorizationPolicy => {
+                let p = authorization_policy(&at, spec, spec_line, namespace, name, dry_run)?;
+                self.bundle.authz.push(p);
+            }
+            Kind::PeerAuthentication => {
+                if dry_run {
+                    return Err(at.err(
+                        meta_line,
+                        "metadata.annotations[istio.io/dry-run]",
+                        Problem::Unsupported {
+                            reason: "dry-run applies to AuthorizationPolicy only",
+                        },
+                    ));
+                }
+                let p = peer_authentication(&at, spec, spec_line, namespace, name)?;
+                self.bundle.peer_authn.push(p);
+            }
+        }
+        self.seen.insert(seen_key, origin.clone());
+        Ok(())
+    }
+}
+
+/// The context of errors inside one object.
+struct At<'a> {
+    origin: &'a Origin,
+    policy: Option<String>,
+}
+
+impl At<'_> {
+    fn err(&self, line: usize, field: impl Into<String>, problem: Problem) -> PolicyError {
+        PolicyError::Invalid {
+            path: self.origin.file.clone(),
+            line,
+            policy: self.policy.clone(),
+            field: field.into(),
+            problem: Box::new(problem),
+        }
+    }
+}
+
+fn authorization_policy(
+    at: &At<'_>,
+    spec: Option<RawSpec>,
+    spec_line: usize,
+    namespace: String,
+    name: String,
+    dry_run: bool,
+) -> Result<AuthorizationPolicy, PolicyError> {
+    let mut policy = AuthorizationPolicy {
+        namespace,
+        name,
+        origin: at.origin.clone(),
+        selector: None,
+        action: Action::Allow,
+        rules: None,
+        dry_run,
+    };
+    // `spec` absent or empty: an ALLOW policy without rules (allows nothing).
+    let Some(spec) = spec else {
+        return Ok(policy);
+    };
+    let kind = Kind::AuthorizationPolicy.name();
+    let not_for_kind = |line: Option<usize>, field: &str| {
+        line.map_or(Ok(()), |l| {
+            Err(at.err(l, format!("spec.{field}"), Problem::NotForKind { kind }))
+        })
+    };
+    not_for_kind(spec.mtls.as_ref().map(|v| line_of(v, spec_line)), "mtls")?;
+    not_for_kind(
+        spec.port_level_mtls.as_ref().map(|v| line_of(v, spec_line)),
+        "portLevelMtls",
+    )?;
+    unsupported(
+        at,
+        &spec.provider,
+        spec_line,
+        "spec.provider",
+        "CUSTOM authorization providers",
+    )?;
+    unsupported(
+        at,
+        &spec.target_ref,
+        spec_line,
+        "spec.targetRef",
+        "select workloads with `selector`",
+    )?;
+    unsupported(
+        at,
+        &spec.target_refs,
+        spec_line,
+        "spec.targetRefs",
+        "select workloads with `selector`",
+    )?;
+    policy.selector = selector(spec.selector);
+    if let Some(action) = spec.action {
+        policy.action = match action.value.as_str() {
+            "ALLOW" => Action::Allow,
+            "DENY" => Action::Deny,
+            "AUDIT" => Action::Audit,
+            "CUSTOM" => {
+                return Err(at.err(
+                    line_of(&action, spec_line),
+                    "spec.action",
+                    Problem::UnsupportedValue {
+                        value: action.value,
+                        reason: "external authorization (CUSTOM) is not enforced by this mesh",
+                    },
+                ))
+            }
+            _ => {
+                return Err(at.err(
+                    line_of(&action, spec_line),
+                    "spec.action",
+                    Problem::InvalidValue {
+                        value: action.value,
+                        expected: "ALLOW, DENY, AUDIT",
+                    },
+                ))
+            }
+        };
+    }
+    if let Some(rules) = spec.rules {
+        let rules_line = line_of(&rules, spec_line);
+        let mut out = Vec::with_capacity(rules.value.len());
+        for (i, r) in rules.value.into_iter().enumerate() {
+            let path = format!("spec.rules[{i}]");
+            let line = line_of(&r, rules_line);
+            out.push(rule(at, r.value, line, &path)?);
+        }
+        policy.rules = Some(out);
+    }
+    Ok(policy)
+}
+
+fn peer_authentication(
+    at: &At<'_>,
+    spec: Option<RawSpec>,
+    spec_line: usize,
+    namespace: String,
+    name: String,
+) -> Result<PeerAuthentication, PolicyError> {
+    let Some(spec) = spec else {
+        return Err(at.err(spec_line, "spec.mtls.mode", Problem::MissingField));
+    };
+    let kind = Kind::PeerAuthentication.name();
+    let not_for_kind = |line: Option<usize>, field: &str| {
+        line.map_or(Ok(()), |l| {
+            Err(at.err(l, format!("spec.{field}"), Problem::NotForKind { kind }))
+        })
+    };
+    not_for_kind(
+        spec.action.as_ref().map(|v| line_of(v, spec_line)),
+        "action",
+    )?;
+    not_for_kind(spec.rules.as_ref().map(|v| line_of(v, spec_line)), "rules")?;
+    not_for_kind(
+        spec.provider.as_ref().map(|v| line_of(v, spec_line)),
+        "provider",
+    )?;
+    unsupported(
+        at,
+        &spec.target_ref,
+        spec_line,
+        "spec.targetRef",
+        "select workloads with `selector`",
+    )?;
+    unsupported(
+        at,
+        &spec.target_refs,
+        spec_line,
+        "spec.targetRefs",
+        "select workloads with `selector`",
+    )?;
+    unsupported(
+        at,
+        &spec.port_level_mtls,
+        spec_line,
+        "spec.portLevelMtls",
+        "per-port mTLS modes",
+    )?;
+    let mtls = spec
+        .mtls
+        .ok_or_else(|| at.err(spec_line, "spec.mtls.mode", Problem::MissingField))?;
+    let mtls_line = line_of(&mtls, spec_line);
+    let mode = mtls
+        .value
+        .mode
+        .ok_or_else(|| at.err(mtls_line, "spec.mtls.mode", Problem::MissingField))?;
+    let mode_line = line_of(&mode, mtls_line);
+    let mode = match mode.value.as_str() {
+        "STRICT" => MtlsMode::Strict,
+        "PERMISSIVE" => MtlsMode::Permissive,
+        "UNSET" | "DISABLE" => {
+            return Err(at.err(
+                mode_line,
+                "spec.mtls.mode",
+                Problem::UnsupportedValue {
+                    value: mode.value,
+                    reason: "only STRICT and PERMISSIVE are supported",
+                },
+            ))
+        }
+        _ => {
+            return Err(at.err(
+                mode_line,
+                "spec.mtls.mode",
+                Problem::InvalidValue {
+                    value: mode.value,
+                    expected: "STRICT, PERMISSIVE",
+                },
+            ))
+        }
+    };
+    Ok(PeerAuthentication {
+        namespace,
+        name,
+        origin: at.origin.clone(),
+        selector: selector(spec.selector),
+        mode,
+    })
+}
+
+/// `Err(Unsupported)` if the field is present.
+fn unsupported(
+    at: &At<'_>,
+    f: &Field<IgnoredAny>,
+    fallback: usize,
+    field: &str,
+    reason: &'static str,
+) -> Result<(), PolicyError> {
+    match f {
+        None => Ok(()),
+        Some(v) => Err(at.err(line_of(v, fallback), field, Problem::Unsupported { reason })),
+    }
+}
+
+/// `matchLabels`; an empty one is `None` (both select every workload in scope).
+fn selector(raw: Field<RawSelector>) -> Option<BTreeMap<String, String>> {
+    raw.and_then(|s| s.value.match_labels)
+        .filter(|labels| !labels.is_empty())
+}
+
+fn rule(at: &At<'_>, raw: RawRule, line: usize, path: &str) -> Result<Rule, PolicyError> {
+    unsupported(
+        at,
+        &raw.when,
+        line,
+        &format!("{path}.when"),
+        "conditions (`when`); express them with `from` and `to`",
+    )?;
+    let mut rule = Rule::default();
+    if let Some(from) = raw.from {
+        let from_line = line_of(&from, line);
+        for (i, f) in from.value.into_iter().enumerate() {
+            let path = format!("{path}.from[{i}]");
+            let f_line = line_of(&f, from_line);
+            let src = f
+                .value
+                .source
+                .ok_or_else(|| at.err(f_line, format!("{path}.source"), Problem::EmptySource))?;
+            let src_line = line_of(&src, f_line);
+            rule.from
+                .push(source(at, src.value, src_line, &format!("{path}.source"))?);
+        }
+    }
+    if let Some(to) = raw.to {
+        let to_line = line_of(&to, line);
+        for (i, t) in to.value.into_iter().enumerate() {
+            let path = format!("{path}.to[{i}]");
+            let t_line = line_of(&t, to_line);
+            let op = t.value.operation.ok_or_else(|| {
+                at.err(t_line, format!("{path}.operation"), Problem::EmptyOperation)
+            })?;
+            let op_line = line_of(&op, t_line);
+            rule.to.push(operation(
+                at,
+                op.value,
+                op_line,
+                &format!("{path}.operation"),
+            )?);
+        }
+    }
+    Ok(rule)
+}
+
+fn source(at: &At<'_>, raw: RawSource, line: usize, path: &str) -> Result<Source, PolicyError> {
+    let request = "request principals (JWT); this mesh authenticates peers by mTLS only";
+    let remote = "remote IP blocks (X-Forwarded-For); use ipBlocks";
+    unsupported(
+        at,
+        &raw.request_principals,
+        line,
+        &format!("{path}.requestPrincipals"),
+        request,
+    )?;
+    unsupported(
+        at,
+        &raw.not_request_principals,
+        line,
+        &format!("{path}.notRequestPrincipals"),
+        request,
+    )?;
+    unsupported(
+        at,
+        &raw.remote_ip_blocks,
+        line,
+        &format!("{path}.remoteIpBlocks"),
+        remote,
+    )?;
+    unsupported(
+        at,
+        &raw.not_remote_ip_blocks,
+        line,
+        &format!("{path}.notRemoteIpBlocks"),
+        remote,
+    )?;
+    let pats = |raw: Strings, field: &str, check: PatternKind| {
+        patterns(at, raw, line, &format!("{path}.{field}"), check)
+    };
+    let src = Source {
+        principals: pats(raw.principals, "principals", PatternKind::Principal)?,
+        not_principals: pats(raw.not_principals, "notPrincipals", PatternKind::Principal)?,
+        namespaces: pats(raw.namespaces, "namespaces", PatternKind::Plain)?,
+        not_namespaces: pats(raw.not_namespaces, "notNamespaces", PatternKind::Plain)?,
+        ip_blocks: cidrs(at, raw.ip_blocks, line, &format!("{path}.ipBlocks"))?,
+        not_ip_blocks: cidrs(at, raw.not_ip_blocks, line, &format!("{path}.notIpBlocks"))?,
+    };
+    if src == Source::default() {
+        return Err(at.err(line, path, Problem::EmptySource));
+    }
+    Ok(src)
+}
+
+fn operation(
+    at: &At<'_>,
+    raw: RawOperation,
+    line: usize,
+    path: &str,
+) -> Result<Operation, PolicyError> {
+    let pats = |raw: Strings, field: &str, check: PatternKind| {
+        patterns(at, raw, line, &format!("{path}.{field}"), check)
+    };
+    let op = Operation {
+        hosts: pats(raw.hosts, "hosts", PatternKind::Host)?,
+        not_hosts: pats(raw.not_hosts, "notHosts", PatternKind::Host)?,
+        methods: pats(raw.methods, "methods", PatternKind::Plain)?,
+        not_methods: pats(raw.not_methods, "notMethods", PatternKind::Plain)?,
+        paths: pats(raw.paths, "paths", PatternKind::Plain)?,
+        not_paths: pats(raw.not_paths, "notPaths", PatternKind::Plain)?,
+        ports: ports(at, raw.ports, line, &format!("{path}.ports"))?,
+        not_ports: ports(at, raw.not_ports, line, &format!("{path}.notPorts"))?,
+    };
+    if op == Operation::default() {
+        return Err(at.err(line, path, Problem::EmptyOperation));
+    }
+    Ok(op)
+}
+
+/// Extra checks per pattern field.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PatternKind {
+    Plain,
+    /// No `spiffe://` prefix.
+    Principal,
+    /// Stored lowercase.
+    Host,
+}
+
+fn patterns(
+    at: &At<'_>,
+    raw: Strings,
+    fallback: usize,
+    path: &str,
+    kind: PatternKind,
+) -> Result<Vec<StringMatch>, PolicyError> {
+    let Some(list) = raw else {
+        return Ok(Vec::new());
+    };
+    let list_line = line_of(&list, fallback);
+    let mut out = Vec::with_capacity(list.value.len());
+    for (i, v) in list.value.into_iter().enumerate() {
+        let line = line_of(&v, list_line);
+        let err = |problem| at.err(line, format!("{path}[{i}]"), problem);
+        let value = v.value;
+        if value.is_empty() {
+            return Err(err(Problem::EmptyPattern));
+        }
+        if kind == PatternKind::Principal && value.starts_with("spiffe://") {
+            return Err(err(Problem::SpiffePrincipal { value }));
+        }
+        let value = if kind == PatternKind::Host {
+            value.to_ascii_lowercase()
+        } else {
+            value
+        };
+        let m = StringMatch::from_pattern(&value);
+        if let StringMatch::Exact(s) | StringMatch::Prefix(s) | StringMatch::Suffix(s) = &m {
+            if s.contains('*') {
+                return Err(err(Problem::WildcardInMiddle { value }));
+            }
+        }
+        out.push(m);
+    }
+    Ok(out)
+}
+
+fn cidrs(
+    at: &At<'_>,
+    raw: Strings,
+    fallback: usize,
+    path: &str,
+) -> Result<Vec<IpNet>, PolicyError> {
+    let Some(list) = raw else {
+        return Ok(Vec::new());
+    };
+    let list_line = line_of(&list, fallback);
+    let mut out = Vec::with_capacity(list.value.len());
+    for (i, v) in list.value.into_iter().enumerate() {
+        let line = line_of(&v, list_line);
+        let net = parse_cidr(&v.value).map_err(|reason| {
+            at.err(
+                line,
+                format!("{path}[{i}]"),
+                Problem::InvalidCidr {
+                    value: v.value.clone(),
+                    reason,
+                },
+            )
+        })?;
+        out.push(net);
+    }
+    Ok(out)
+}
+
+/// `addr` or `addr/prefix`, IPv4 or IPv6 (not IPv4-mapped IPv6).
+pub fn parse_cidr(s: &str) -> Result<IpNet, &'static str> {
+    let (addr, prefix) = match s.split_once('/') {
+        Some((a, p)) => (a, Some(p)),
+        None => (s, None),
+    };
+    let addr: IpAddr = addr.parse().map_err(|_| "not an IP address")?;
+    if let IpAddr::V6(v6) = addr {
+        if v6.to_ipv4_mapped().is_some() {
+            return Err("IPv4-mapped IPv6; write it as IPv4");
+        }
+    }
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix {
+        None => max,
+        Some(p) if !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()) => {
+            p.parse::<u8>().map_err(|_| "prefix length out of range")?
+        }
+        Some(_) => return Err("prefix length is not a number"),
+    };
+    if prefix > max {
+        return Err("prefix length out of range");
+    }
+    Ok(IpNet { addr, prefix })
+}
+
+fn ports(
+    at: &At<'_>,
+    raw: Field<Vec<Spanned<RawPort>>>,
+    fallback: usize,
+    path: &str,
+) -> Result<Vec<u16>, PolicyError> {
+    let Some(list) = raw else {
+        return Ok(Vec::new());
+    };
+    let list_line = line_of(&list, fallback);
+    let mut out = Vec::with_capacity(list.value.len());
+    for (i, v) in list.value.into_iter().enumerate() {
+        let line = line_of(&v, list_line);
+        let text = v.value.0;
+        let port =
+            (!text.is_empty() && text.len() <= 5 && text.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| text.parse::<u16>().ok())
+                .flatten()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| {
+                    at.err(
+                        line,
+                        format!("{path}[{i}]"),
+                        Problem::InvalidPort {
+                            value: text.clone(),
+                        },
+                    )
+                })?;
+        out.push(port);
+    }
+    Ok(out)
+}
+
+fn too_large(path: &Path, size: u64) -> PolicyError {
+    PolicyError::TooLarge {
+        path: path.to_owned(),
+        size,
+        max: MAX_FILE_BYTES,
+    }
+}
+
+fn options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_nodes: MAX_YAML_NODES,
+            max_events: MAX_YAML_EVENTS,
+            max_documents: MAX_OBJECTS,
+        },
+    }
+}
+
+/// A serde-saphyr error as [`PolicyError::Syntax`] (or [`PolicyError::TooManyObjects`]),
+/// with the policy and field path looked up in a lenient re-parse of `text`.
+fn syntax_error(text: &str, path: &Path, e: &serde_saphyr::Error) -> PolicyError {
+    let inner = e.without_snippet();
+    let (line, column) = inner
+        .location()
+        .map(|l| (to_line(l.line()), to_line(l.column())))
+        .unwrap_or((0, 0));
+    // Errors without a location are about the document as a whole.
+    let (line, column) = (line.max(1), column.max(1));
+    if let serde_saphyr::Error::Budget {
+        breach: BudgetBreach::Documents { .. },
+        ..
+    } = inner
+    {
+        return PolicyError::TooManyObjects {
+            path: path.to_owned(),
+            line,
+            max: MAX_OBJECTS,
+        };
+    }
+    let message = UserMessageFormatter.format_message(inner);
+    // The text may quote the input: keep control characters out of logs.
+    let message = if message.chars().any(char::is_control) {
+        message.escape_debug().to_string()
+    } else {
+        message.into_owned()
+    };
+    let (policy, field) = locate(text, line, column);
+    PolicyError::Syntax {
+        path: path.to_owned(),
+        line,
+        column,
+        policy,
+        field,
+        message,
+    }
+}
+
+/// Any YAML node, for locating errors only (scalars keep no value but strings').
+enum Node {
+    Scalar(Option<String>),
+    Seq(Vec<Spanned<Node>>),
+    Map(Vec<(Spanned<Node>, Spanned<Node>)>),
+}
+
+impl<'de> Deserialize<'de> for Node {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Node;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any YAML node")
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Node, E> {
+                Ok(Node::Scalar(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Node, E> {
+                Ok(Node::Scalar(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Node, E> {
+                Ok(Node::Scalar(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Node, E> {
+                Ok(Node::Scalar(None))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Node, E> {
+                Ok(Node::Scalar(Some(v.to_owned())))
+            }
+            fn visit_unit<E>(self) -> Result<Node, E> {
+                Ok(Node::Scalar(None))
+            }
+            fn visit_none<E>(self) -> Result<Node, E> {
+                Ok(Node::Scalar(None))
+            }
+            fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Node, D::Error> {
+                Node::deserialize(d)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Node, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = a.next_element::<Spanned<Node>>()? {
+                    items.push(item);
+                }
+                Ok(Node::Seq(items))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Node, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = a.next_entry::<Spanned<Node>, Spanned<Node>>()? {
+                    entries.push(entry);
+                }
+                Ok(Node::Map(entries))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl Node {
+    fn get(&self, key: &str) -> Option<&Spanned<Node>> {
+        match self {
+            Self::Map(entries) => entries
+                .iter()
+                .find(|(k, _)| matches!(&k.value, Self::Scalar(Some(s)) if s == key))
+                .map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    fn str(&self) -> Option<&str> {
+        match self {
+            Self::Scalar(Some(s)) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// The policy (`namespace/name`) and the field path at `line`:`column` of `text`, as far as a
+/// lenient parse can tell.
+fn locate(text: &str, line: usize, column: usize) -> (Option<String>, Option<String>) {
+    let lenient = serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_nodes: MAX_YAML_NODES,
+            max_events: MAX_YAML_EVENTS,
+            max_documents: MAX_OBJECTS,
+        },
+    };
+    let Ok(docs) = serde_saphyr::from_multiple_with_options::<Spanned<Node>>(text, lenient) else {
+        return (None, None);
+    };
+    let at = (line, column);
+    let Some(doc) = docs.iter().rev().find(|d| pos(d) <= at) else {
+        return (None, None);
+    };
+    let policy = doc.value.get("metadata").and_then(|m| {
+        let ns = m.value.get("namespace")?.value.str()?;
+        let name = m.value.get("name")?.value.str()?;
+        Some(format!("{ns}/{name}"))
+    });
+    let mut best = None;
+    deepest(&doc.value, String::new(), at, &mut best);
+    (policy, best.filter(|p: &String| !p.is_empty()))
+}
+
+/// The position of a spanned node.
+fn pos<T>(n: &Spanned<T>) -> (usize, usize) {
+    (to_line(n.referenced.line()), to_line(n.referenced.column()))
+}
+
+/// Walks `node` (at `path`) in document order, keeping in `best` the path of the last node
+/// that starts at or before `at`.
+fn deepest(node: &Node, path: String, at: (usize, usize), best: &mut Option<String>) {
+    match node {
+        Node::Scalar(_) => {}
+        Node::Seq(items) => {
+            for (i, item) in items.iter().enumerate() {
+                if pos(item) > at {
+                    break;
+                }
+                let p = format!("{path}[{i}]");
+                *best = Some(p.clone());
+                deepest(&item.value, p, at, best);
+            }
+        }
+        Node::Map(entries) => {
+            for (k, v) in entries {
+                if pos(k) > at {
+                    break;
+                }
+                let key = k.value.str().unwrap_or("?");
+                let p = if path.is_empty() {
+                    key.to_owned()
+                } else {
+                    format!("{path}.{key}")
+                };
+                *best = Some(p.clone());
+                if pos(v) <= at {
+                    deepest(&v.value, p, at, best);
+                }
+            }
+        }
+    }
+}
+
+/// A parser line or column as `usize` (0 when unknown).
+fn to_line(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// The line of a spanned value, or `fallback` if the parser did not record one.
+fn line_of<T>(v: &Spanned<T>, fallback: usize) -> usize {
+    match to_line(v.referenced.line()) {
+        0 => fallback,
+        l => l,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::cgroup::tests::TempDir;
+
+    const FILE: &str = "/etc/mesh/policies/p.yaml";
+
+    fn parse(text: &str) -> Result<PolicyBundle, PolicyError> {
+        parse_str(text, Path::new(FILE))
+    }
+
+    /// An AuthorizationPolicy `ns/p`; `spec` (indented by the caller) starts on line 7.
+    fn authz(spec: &str) -> String {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  \
+             name: p\n  namespace: ns\nspec:\n{spec}"
+        )
+    }
+
+    /// A PeerAuthentication `ns/pa`; `spec` starts on line 7.
+    fn peer_authn(spec: &str) -> String {
+        authz(spec)
+            .replace("AuthorizationPolicy", "PeerAuthentication")
+            .replace("name: p\n", "name: pa\n")
+    }
+
+    /// Parses `text`, expects a refusal on `line` whose message names `policy` and `field`.
+    fn refused(text: &str, line: usize, policy: Option<&str>, field: &str) -> PolicyError {
+        let e = parse(text).expect_err(text);
+        let msg = e.to_string();
+        assert_eq!(e.line(), Some(line), "{msg}");
+        assert!(msg.starts_with(&format!("{FILE}:{line}: ")), "{msg}");
+        assert_eq!(e.policy(), policy, "{msg}");
+        if let Some(p) = policy {
+            assert!(msg.contains(&format!("policy {p}: ")), "{msg}");
+        }
+        assert_eq!(e.field(), Some(field), "{msg}");
+        assert!(msg.contains(&format!("{field}: ")), "{msg}");
+        e
+    }
+
+    /// A rule with one `from` source whose body is `source`, from line 7.
+    fn with_source(source: &str) -> String {
+        authz(&format!(
+            "  rules:\n  - from:\n    - source:\n        {source}\n"
+        ))
+    }
+
+    /// A rule with one `to` operation whose body is `operation`, from line 7.
+    fn with_operation(operation: &str) -> String {
+        authz(&format!(
+            "  rules:\n  - to:\n    - operation:\n        {operation}\n"
+        ))
+    }
+
+    /// Builds a policy around a source or operation body.
+    type Builder = fn(&str) -> String;
+
+    const SRC: &str = "spec.rules[0].from[0].source";
+    const OP: &str = "spec.rules[0].to[0].operation";
+
+    const REALISTIC: &str = r#"# Policies of the shop namespace.
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: allow-frontend
+  namespace: shop
+  uid: 8d1f6a0e-0000-4000-8000-000000000001
+  resourceVersion: "1234"
+  creationTimestamp: "2024-01-01T00:00:00Z"
+  labels:
+    team: payments
+  annotations:
+    kubectl.kubernetes.io/last-applied-configuration: "{}"
+spec:
+  selector:
+    matchLabels:
+      app: cart
+      version: 1
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/shop/sa/frontend", "cluster.local/ns/shop/sa/admin-*"]
+        notNamespaces: [kube-system]
+    - source:
+        ipBlocks: ["10.8.0.0/16", "fd00:8::1"]
+        notIpBlocks: [10.8.1.0/24]
+    to:
+    - operation:
+        ports: ["8080", 9090]
+        methods: ["GET", "HEAD"]
+        paths: ["/api/*", "*/health", "/"]
+        notPaths: ["/api/admin*"]
+        hosts: ["Cart.Shop.svc.cluster.local", "*"]
+  - {}
+---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-legacy
+  namespace: shop
+  annotations:
+    istio.io/dry-run: "true"
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        namespaces: ["legacy"]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-nothing, namespace: shop}
+spec: {}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: audit-all, namespace: istio-system}
+spec:
+  action: AUDIT
+  rules: []
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: default
+  namespace: istio-system
+spec:
+  mtls:
+    mode: STRICT
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: cart-permissive, namespace: shop}
+spec:
+  selector: {matchLabels: {app: cart}}
+  mtls: {mode: PERMISSIVE}
+---
+"#;
+
+    #[test]
+    fn realistic_multi_document_file() {
+        let b = parse(REALISTIC).unwrap();
+        assert_eq!(b.authz.len(), 4);
+        assert_eq!(b.peer_authn.len(), 2);
+        let p = &b.authz[0];
+        assert_eq!(p.key(), "shop/allow-frontend");
+        assert_eq!(p.origin.line, 3);
+        assert_eq!(p.origin.file, Path::new(FILE));
+        assert_eq!(p.action, Action::Allow);
+        assert!(!p.dry_run);
+        let sel = p.selector.as_ref().unwrap();
+        assert_eq!(sel.get("app").map(String::as_str), Some("cart"));
+        assert_eq!(sel.get("version").map(String::as_str), Some("1"));
+        let rules = p.rules.as_ref().unwrap();
+        assert_eq!(rules.len(), 2);
+        assert_eq!(rules[1], Rule::default());
+        let r = &rules[0];
+        assert_eq!(r.from.len(), 2);
+        assert_eq!(
+            r.from[0].principals,
+            vec![
+                StringMatch::Exact("cluster.local/ns/shop/sa/frontend".into()),
+                StringMatch::Prefix("cluster.local/ns/shop/sa/admin-".into()),
+            ]
+        );
+        assert_eq!(
+            r.from[0].not_namespaces,
+            vec![StringMatch::Exact("kube-system".into())]
+        );
+        assert_eq!(
+            r.from[1].ip_blocks,
+            vec![
+                parse_cidr("10.8.0.0/16").unwrap(),
+                parse_cidr("fd00:8::1/128").unwrap()
+            ]
+        );
+        assert_eq!(
+            r.from[1].not_ip_blocks,
+            vec![parse_cidr("10.8.1.0/24").unwrap()]
+        );
+        let op = &r.to[0];
+        assert_eq!(op.ports, vec![8080, 9090]);
+        assert_eq!(op.methods.len(), 2);
+        assert_eq!(
+            op.paths,
+            vec![
+                StringMatch::Prefix("/api/".into()),
+                StringMatch::Suffix("/health".into()),
+                StringMatch::Exact("/".into()),
+            ]
+        );
+        assert_eq!(op.not_paths, vec![StringMatch::Prefix("/api/admin".into())]);
+        // Hosts are stored lowercase.
+        assert_eq!(
+            op.hosts,
+            vec![
+                StringMatch::Exact("cart.shop.svc.cluster.local".into()),
+                StringMatch::Presence
+            ]
+        );
+
+        let d = &b.authz[1];
+        assert_eq!(
+            (d.key().as_str(), d.action, d.dry_run),
+            ("shop/deny-legacy", Action::Deny, true)
+        );
+        assert_eq!(d.origin.line, 38);
+        let n = &b.authz[2];
+        assert_eq!(
+            (n.action, &n.rules, &n.selector),
+            (Action::Allow, &None, &None)
+        );
+        let a = &b.authz[3];
+        assert_eq!((a.action, &a.rules), (Action::Audit, &Some(vec![])));
+
+        assert_eq!(
+            b.peer_authn[0].key_for_test(),
+            ("istio-system", "default", MtlsMode::Strict)
+        );
+        assert_eq!(b.peer_authn[0].selector, None);
+        assert_eq!(b.peer_authn[1].mode, MtlsMode::Permissive);
+        assert!(b.peer_authn[1].selector.is_some());
+    }
+
+    impl PeerAuthentication {
+        fn key_for_test(&self) -> (&str, &str, MtlsMode) {
+            (&self.namespace, &self.name, self.mode)
+        }
+    }
+
+    #[test]
+    fn empty_inputs_are_empty_bundles() {
+        for text in ["", "---\n", "# nothing\n", "---\n---\n"] {
+            assert_eq!(parse(text).unwrap(), PolicyBundle::default(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn rules_forms() {
+        let absent = parse(&authz("  action: DENY\n")).unwrap();
+        assert_eq!(absent.authz[0].rules, None);
+        let empty = parse(&authz("  rules: []\n")).unwrap();
+        assert_eq!(empty.authz[0].rules, Some(vec![]));
+        let any = parse(&authz("  rules: [{}]\n")).unwrap();
+        assert_eq!(any.authz[0].rules, Some(vec![Rule::default()]));
+        let empty_lists = parse(&authz("  rules: [{from: [], to: []}]\n")).unwrap();
+        assert_eq!(empty_lists.authz[0].rules, Some(vec![Rule::default()]));
+        let no_spec = parse(&authz("").replace("spec:\n", "")).unwrap();
+        assert_eq!(no_spec.authz[0].rules, None);
+        assert_eq!(no_spec.authz[0].action, Action::Allow);
+        // An empty selector selects everything: stored as none.
+        let sel = parse(&authz("  selector: {matchLabels: {}}\n")).unwrap();
+        assert_eq!(sel.authz[0].selector, None);
+    }
+
+    #[test]
+    fn ports_as_strings_and_integers() {
+        let b = parse(&with_operation(
+            "ports: [\"1\", 65535, \"08080\"]\n        notPorts: [22]",
+        ))
+        .unwrap();
+        let op = &b.authz[0].rules.as_ref().unwrap()[0].to[0];
+        assert_eq!(op.ports, vec![1, 65535, 8080]);
+        assert_eq!(op.not_ports, vec![22]);
+    }
+
+    #[test]
+    fn bad_ports() {
+        for bad in [
+            "\"0\"",
+            "0",
+            "\"65536\"",
+            "70000",
+            "-1",
+            "\"80-90\"",
+            "\"\"",
+            "\"http\"",
+            "\" 80\"",
+            "8.5",
+            "true",
+        ] {
+            for field in ["ports", "notPorts"] {
+                let text = with_operation(&format!("{field}: [{bad}]"));
+                let e = parse(&text).expect_err(&text);
+                let msg = e.to_string();
+                assert!(msg.starts_with(&format!("{FILE}:10: ")), "{bad}: {msg}");
+                assert_eq!(e.policy(), Some("ns/p"), "{msg}");
+                let want = format!("{OP}.{field}");
+                assert!(
+                    e.field().is_some_and(|f| f.starts_with(&want)),
+                    "{bad}: {msg}"
+                );
+            }
+        }
+        let e = refused(
+            &with_operation("ports: [\"99999\"]"),
+            10,
+            Some("ns/p"),
+            &format!("{OP}.ports[0]"),
+        );
+        assert!(matches!(e.problem(), Some(Problem::InvalidPort { value }) if value == "99999"));
+    }
+
+    #[test]
+    fn bad_cidrs() {
+        for bad in [
+            "10.0.0.0/33",
+            "10.0.0/8",
+            "10.0.0.0/",
+            "10.0.0.0/a",
+            "10.0.0.0/+8",
+            "fd00::/129",
+            "::ffff:10.0.0.0/104",
+            " 10.0.0.1",
+            "10.0.0.0/8/8",
+            "*",
+            "",
+        ] {
+            for field in ["ipBlocks", "notIpBlocks"] {
+                let text = with_source(&format!("{field}: [\"10.1.0.0/16\", \"{bad}\"]"));
+                let e = refused(&text, 10, Some("ns/p"), &format!("{SRC}.{field}[1]"));
+                assert!(
+                    matches!(e.problem(), Some(Problem::InvalidCidr { .. })),
+                    "{bad}: {e}"
+                );
+            }
+        }
+        assert_eq!(parse_cidr("0.0.0.0/0").unwrap().prefix, 0);
+        assert_eq!(parse_cidr("::/0").unwrap().prefix, 0);
+        assert_eq!(parse_cidr("10.0.0.1").unwrap().prefix, 32);
+    }
+
+    #[test]
+    fn bad_patterns_in_every_string_field() {
+        let fields: [(&str, Builder, &str); 12] = [
+            ("principals", with_source, SRC),
+            ("notPrincipals", with_source, SRC),
+            ("namespaces", with_source, SRC),
+            ("notNamespaces", with_source, SRC),
+            ("methods", with_operation, OP),
+            ("notMethods", with_operation, OP),
+            ("paths", with_operation, OP),
+            ("notPaths", with_operation, OP),
+            ("hosts", with_operation, OP),
+            ("notHosts", with_operation, OP),
+            // Multi-line lists name the entry's own line.
+            (
+                "principals",
+                |s| {
+                    with_source(
+                        &s.replace(": [\"ok\", ", ":\n        - ok\n        - ")
+                            .replace("]", ""),
+                    )
+                },
+                SRC,
+            ),
+            (
+                "paths",
+                |s| {
+                    with_operation(
+                        &s.replace(": [\"ok\", ", ":\n        - ok\n        - ")
+                            .replace("]", ""),
+                    )
+                },
+                OP,
+            ),
+        ];
+        for (i, (field, build, prefix)) in fields.into_iter().enumerate() {
+            let line = if i >= 10 { 12 } else { 10 };
+            let text = build(&format!("{field}: [\"ok\", \"\"]"));
+            let e = refused(&text, line, Some("ns/p"), &format!("{prefix}.{field}[1]"));
+            assert!(matches!(e.problem(), Some(Problem::EmptyPattern)), "{e}");
+            for bad in ["a*b", "*a*", "**", "a**"] {
+                let text = build(&format!("{field}: [\"ok\", \"{bad}\"]"));
+                let e = refused(&text, line, Some("ns/p"), &format!("{prefix}.{field}[1]"));
+                assert!(
+                    matches!(e.problem(), Some(Problem::WildcardInMiddle { .. })),
+                    "{bad}: {e}"
+                );
+            }
+        }
+        let e = refused(
+            &with_source("principals: [\"spiffe://cluster.local/ns/a/sa/b\"]"),
+            10,
+            Some("ns/p"),
+            &format!("{SRC}.principals[0]"),
+        );
+        assert!(
+            matches!(e.problem(), Some(Problem::SpiffePrincipal { .. })),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unsupported_fields() {
+        let cases: &[(&str, usize, &str)] = &[
+            (
+                "  rules:\n  - when:\n    - key: request.headers[x]\n      values: [\"a\"]\n",
+                9,
+                "spec.rules[0].when",
+            ),
+            (
+                "  rules:\n  - {}\n  - when: [{key: a, values: [b]}]\n",
+                9,
+                "spec.rules[1].when",
+            ),
+            (
+                "  action: CUSTOM\n  provider: {name: ext}\n",
+                8,
+                "spec.provider",
+            ),
+            (
+                "  targetRef: {kind: Gateway, name: gw}\n",
+                7,
+                "spec.targetRef",
+            ),
+            (
+                "  targetRefs: [{kind: Gateway, name: gw}]\n",
+                7,
+                "spec.targetRefs",
+            ),
+            ("  action: CUSTOM\n", 7, "spec.action"),
+            ("  mtls: {mode: STRICT}\n", 7, "spec.mtls"),
+        ];
+        for &(spec, line, field) in cases {
+            refused(&authz(spec), line, Some("ns/p"), field);
+        }
+        for field in [
+            "requestPrincipals",
+            "notRequestPrincipals",
+            "remoteIpBlocks",
+            "notRemoteIpBlocks",
+        ] {
+            let e = refused(
+                &with_source(&format!("{field}: [\"*\"]")),
+                10,
+                Some("ns/p"),
+                &format!("{SRC}.{field}"),
+            );
+            assert!(
+                matches!(e.problem(), Some(Problem::Unsupported { .. })),
+                "{e}"
+            );
+        }
+        let e = parse(&authz("  rules:\n  - when: [{key: a, values: [b]}]\n")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{FILE}:8: policy ns/p: spec.rules[0].when: not supported: conditions (`when`); \
+                 express them with `from` and `to`"
+            )
+        );
+        // Never dropped: even alongside supported fields.
+        refused(
+            &with_source("principals: [\"a\"]\n        requestPrincipals: [\"*\"]"),
+            11,
+            Some("ns/p"),
+            &format!("{SRC}.requestPrincipals"),
+        );
+    }
+
+    #[test]
+    fn bad_actions_and_modes() {
+        let e = refused(&authz("  action: allow\n"), 7, Some("ns/p"), "spec.action");
+        assert!(matches!(e.problem(), Some(Problem::InvalidValue { .. })));
+        for mode in ["UNSET", "DISABLE"] {
+            let e = refused(
+                &peer_authn(&format!("  mtls:\n    mode: {mode}\n")),
+                8,
+                Some("ns/pa"),
+                "spec.mtls.mode",
+            );
+            assert!(
+                matches!(e.problem(), Some(Problem::UnsupportedValue { .. })),
+                "{e}"
+            );
+        }
+        refused(
+            &peer_authn("  mtls: {mode: strict}\n"),
+            7,
+            Some("ns/pa"),
+            "spec.mtls.mode",
+        );
+        refused(
+            &peer_authn("  selector: {matchLabels: {app: a}}\n"),
+            7,
+            Some("ns/pa"),
+            "spec.mtls.mode",
+        );
+        refused(
+            &peer_authn("  mtls: {}\n"),
+            7,
+            Some("ns/pa"),
+            "spec.mtls.mode",
+        );
+        refused(
+            &peer_authn("").replace("spec:\n", ""),
+            1,
+            Some("ns/pa"),
+            "spec.mtls.mode",
+        );
+        refused(
+            &peer_authn("  mtls: {mode: STRICT}\n  portLevelMtls:\n    8080: {mode: DISABLE}\n"),
+            9,
+            Some("ns/pa"),
+            "spec.portLevelMtls",
+        );
+        refused(
+            &peer_authn("  mtls: {mode: STRICT}\n  action: DENY\n"),
+            8,
+            Some("ns/pa"),
+            "spec.action",
+        );
+        refused(
+            &peer_authn("  mtls: {mode: STRICT}\n  rules: [{}]\n"),
+            8,
+            Some("ns/pa"),
+            "spec.rules",
+        );
+        refused(
+            &peer_authn("  mtls: {mode: STRICT}\n  targetRef: {name: x}\n"),
+            8,
+            Some("ns/pa"),
+            "spec.targetRef",
+        );
+        let text = peer_authn("  mtls: {mode: STRICT}\n").replace(
+            "metadata:\n",
+            "metadata:\n  annotations: {istio.io/dry-run: \"true\"}\n",
+        );
+        refused(
+            &text,
+            4,
+            Some("ns/pa"),
+            "metadata.annotations[istio.io/dry-run]",
+        );
+    }
+
+    #[test]
+    fn unknown_fields_name_policy_and_path() {
+        let e = refused(&authz("  colour: blue\n"), 7, Some("ns/p"), "spec.colour");
+        assert!(e.to_string().contains("unknown field `colour`"), "{e}");
+        assert!(matches!(e, PolicyError::Syntax { column: 3, .. }), "{e:?}");
+        refused(
+            &with_source("principal: [\"a\"]"),
+            10,
+            Some("ns/p"),
+            &format!("{SRC}.principal"),
+        );
+        refused(
+            &with_operation("port: [\"80\"]"),
+            10,
+            Some("ns/p"),
+            &format!("{OP}.port"),
+        );
+        refused(
+            &authz("  rules:\n  - fromm: []\n"),
+            8,
+            Some("ns/p"),
+            "spec.rules[0].fromm",
+        );
+        refused(
+            &authz("  selector: {labels: {a: b}}\n"),
+            7,
+            Some("ns/p"),
+            "spec.selector.labels",
+        );
+        refused(
+            &authz("  rules: [{}]\nstatus: {}\n"),
+            8,
+            Some("ns/p"),
+            "status",
+        );
+        // A value of the wrong type.
+        refused(
+            &with_source("principals: \"a\""),
+            10,
+            Some("ns/p"),
+            &format!("{SRC}.principals"),
+        );
+        // A duplicate key.
+        let e = parse(&authz("  action: DENY\n  action: ALLOW\n")).unwrap_err();
+        assert_eq!(e.line(), Some(8), "{e}");
+        // In the second document: named by that document.
+        let text = format!(
+            "{}---\n{}",
+            authz("  rules: [{}]\n"),
+            authz("  actoin: DENY\n").replace("name: p\n", "name: q\n")
+        );
+        refused(&text, 15, Some("ns/q"), "spec.actoin");
+    }
+
+    #[test]
+    fn kinds_and_versions() {
+        for (api, kind) in [
+            ("security.istio.io/v2", "AuthorizationPolicy"),
+            ("networking.istio.io/v1", "AuthorizationPolicy"),
+            ("security.istio.io/v1", "RequestAuthentication"),
+            ("v1", "ConfigMap"),
+        ] {
+            let text = authz("  rules: [{}]\n")
+                .replace("security.istio.io/v1", api)
+                .replace("AuthorizationPolicy", kind);
+            let e = refused(&text, 2, None, "kind");
+            assert!(
+                matches!(e.problem(), Some(Problem::UnknownKind { .. })),
+                "{e}"
+            );
+        }
+        let b = parse(&authz("  rules: [{}]\n").replace("/v1\n", "/v1beta1\n")).unwrap();
+        assert_eq!(b.authz.len(), 1);
+        refused(
+            &authz("").replacen("apiVersion: security.istio.io/v1\n", "", 1),
+            1,
+            None,
+            "apiVersion",
+        );
+        refused(
+            &authz("").replacen("kind: AuthorizationPolicy\n", "", 1),
+            1,
+            None,
+            "kind",
+        );
+        let e = parse("- a\n- b\n").unwrap_err();
+        assert!(matches!(e, PolicyError::Syntax { line: 1, .. }), "{e}");
+        let e = parse("just a string\n").unwrap_err();
+        assert!(matches!(e, PolicyError::Syntax { line: 1, .. }), "{e}");
+    }
+
+    #[test]
+    fn metadata() {
+        refused(
+            &authz("").replace("  name: p\n", ""),
+            4,
+            None,
+            "metadata.name",
+        );
+        refused(
+            &authz("").replace("  namespace: ns\n", ""),
+            4,
+            None,
+            "metadata.namespace",
+        );
+        refused(
+            &authz("").replace("metadata:\n  name: p\n  namespace: ns\n", ""),
+            1,
+            None,
+            "metadata",
+        );
+        for bad in ["My_Policy", "p.q", "-p", "\"\""] {
+            let e = refused(
+                &authz("").replace("name: p\n", &format!("name: {bad}\n")),
+                4,
+                None,
+                "metadata.name",
+            );
+            assert!(
+                matches!(e.problem(), Some(Problem::InvalidName { .. })),
+                "{e}"
+            );
+        }
+        refused(
+            &authz("").replace("namespace: ns\n", "namespace: Shop\n"),
+            5,
+            None,
+            "metadata.namespace",
+        );
+        // Other metadata is ignored, including other annotations.
+        let text = authz("  rules: [{}]\n").replace(
+            "metadata:\n",
+            "metadata:\n  labels: {a: b}\n  uid: x\n  generation: 3\n  annotations:\n    a.b/c: d\n    istio.io/dry-run: \"false\"\n  finalizers: [x]\n",
+        );
+        assert!(!parse(&text).unwrap().authz[0].dry_run);
+        let text = authz("").replace(
+            "metadata:\n",
+            "metadata:\n  annotations: {istio.io/dry-run: \"true\"}\n",
+        );
+        assert!(parse(&text).unwrap().authz[0].dry_run);
+        let text = authz("").replace(
+            "metadata:\n",
+            "metadata:\n  annotations:\n    istio.io/dry-run: \"yes\"\n",
+        );
+        refused(
+            &text,
+            5,
+            Some("ns/p"),
+            "metadata.annotations[istio.io/dry-run]",
+        );
+    }
+
+    #[test]
+    fn empty_sources_and_operations() {
+        let e = refused(
+            &authz("  rules:\n  - from:\n    - {}\n"),
+            9,
+            Some("ns/p"),
+            "spec.rules[0].from[0].source",
+        );
+        assert!(matches!(e.problem(), Some(Problem::EmptySource)));
+        refused(
+            &authz("  rules:\n  - from:\n    - source: {}\n"),
+            9,
+            Some("ns/p"),
+            "spec.rules[0].from[0].source",
+        );
+        refused(
+            &authz("  rules:\n  - from:\n    - source: {principals: []}\n"),
+            9,
+            Some("ns/p"),
+            "spec.rules[0].from[0].source",
+        );
+        let e = refused(
+            &authz("  rules:\n  - to:\n    - {}\n"),
+            9,
+            Some("ns/p"),
+            "spec.rules[0].to[0].operation",
+        );
+        assert!(matches!(e.problem(), Some(Problem::EmptyOperation)));
+        refused(
+            &authz("  rules:\n  - to:\n    - operation: {}\n"),
+            9,
+            Some("ns/p"),
+            "spec.rules[0].to[0].operation",
+        );
+    }
+
+    #[test]
+    fn duplicates() {
+        let one = authz("  rules: [{}]\n");
+        let text = format!("{one}---\n{one}");
+        let e = refused(&text, 9, Some("ns/p"), "metadata.name");
+        assert_eq!(
+            e.to_string(),
+            format!("{FILE}:9: policy ns/p: metadata.name: AuthorizationPolicy ns/p is defined twice (first at {FILE}:1)")
+        );
+        // Another kind, namespace or name is another object.
+        let pa = peer_authn("  mtls: {mode: STRICT}\n").replace("name: pa\n", "name: p\n");
+        let other_ns = one.replace("namespace: ns", "namespace: ns2");
+        assert!(parse(&format!("{one}---\n{pa}---\n{other_ns}")).is_ok());
+    }
+
+    #[test]
+    fn directories() {
+        let dir = TempDir::new("policy-dir");
+        let a = authz("  rules: [{}]\n").replace("name: p\n", "name: a\n");
+        let b = authz("  rules: [{}]\n").replace("name: p\n", "name: b\n");
+        fs::write(dir.0.join("20-b.yml"), &b).unwrap();
+        fs::write(dir.0.join("10-a.yaml"), &a).unwrap();
+        fs::write(dir.0.join("30-c.txt"), "not yaml: [").unwrap();
+        fs::write(dir.0.join("README"), "ignored").unwrap();
+        fs::create_dir(dir.0.join("sub.yaml")).unwrap();
+        fs::write(dir.0.join("sub.yaml/x.yaml"), "broken: [").unwrap();
+        let bundle = load_dir(&dir.0).unwrap();
+        let names: Vec<_> = bundle
+            .authz
+            .iter()
+            .map(|p| (p.name.as_str(), p.origin.file.clone()))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                ("a", dir.0.join("10-a.yaml")),
+                ("b", dir.0.join("20-b.yml"))
+            ]
+        );
+        assert_eq!(load_file(&dir.0.join("10-a.yaml")).unwrap().authz.len(), 1);
+
+        // Names are unique across files; the error names both.
+        fs::write(dir.0.join("40-dup.yaml"), format!("# again\n{a}")).unwrap();
+        let e = load_dir(&dir.0).unwrap_err();
+        let dup = dir.0.join("40-dup.yaml");
+        assert_eq!(e.path(), dup);
+        assert_eq!(e.line(), Some(2));
+        assert!(
+            e.to_string()
+                .contains(&format!("first at {}:1", dir.0.join("10-a.yaml").display())),
+            "{e}"
+        );
+
+        fs::write(&dup, "kind: [").unwrap();
+        let e = load_dir(&dir.0).unwrap_err();
+        assert!(
+            e.to_string().starts_with(&format!("{}:1: ", dup.display())),
+            "{e}"
+        );
+
+        let e = load_dir(&dir.0.join("absent")).unwrap_err();
+        assert!(matches!(e, PolicyError::Io { .. }), "{e}");
+        assert_eq!(e.line(), None);
+        let e = load_file(&dir.0.join("absent.yaml")).unwrap_err();
+        assert!(matches!(e, PolicyError::Io { .. }), "{e}");
+        fs::write(&dup, [0xff, 0xfe, b'a']).unwrap();
+        assert!(matches!(
+            load_file(&dup).unwrap_err(),
+            PolicyError::Io { .. }
+        ));
+    }
+
+    #[test]
+    fn bounded_input() {
+        let big = format!(
+            "# {}\n",
+            "x".repeat(usize::try_from(MAX_FILE_BYTES).unwrap())
+        );
+        let e = parse(&big).unwrap_err();
+        assert!(matches!(e, PolicyError::TooLarge { .. }), "{e}");
+        let dir = TempDir::new("policy-big");
+        let file = dir.0.join("big.yaml");
+        fs::write(&file, &big).unwrap();
+        let e = load_file(&file).unwrap_err();
+        assert!(
+            matches!(e, PolicyError::TooLarge { size, .. } if size > MAX_FILE_BYTES),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("more than a policy file may have"),
+            "{e}"
+        );
+
+        // Too many documents in one file: refused by the parser's budget.
+        let storm = "---\n{}\n".repeat(MAX_OBJECTS + 1);
+        let e = parse(&storm).unwrap_err();
+        assert!(matches!(e, PolicyError::TooManyObjects { .. }), "{e}");
+        assert!(
+            e.to_string().contains("more than 100000 policy objects"),
+            "{e}"
+        );
+
+        // Too many across the files of a directory.
+        let mut loader = Loader {
+            objects: MAX_OBJECTS,
+            ..Loader::default()
+        };
+        let e = loader
+            .text(&authz("  rules: [{}]\n"), Path::new(FILE))
+            .unwrap_err();
+        assert!(
+            matches!(e, PolicyError::TooManyObjects { line: 1, .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn truncated_input_never_panics() {
+        for end in 0..=REALISTIC.len() {
+            if let Some(prefix) = REALISTIC.get(..end) {
+                let _ = parse(prefix);
+            }
+        }
+        for garbage in [
+            "\0",
+            "{",
+            "[[[[",
+            "&a [*a, *a]",
+            "? : :",
+            "!!binary x",
+            "--- !!map\n",
+            "%YAML 1.2\n",
+            "a: &x [*x]",
+            "\u{feff}kind: x",
+            "'",
+            "key: \"\\u0000\"",
+            "- - - - -",
+        ] {
+            let _ = parse(garbage);
+        }
+        let deep = "[".repeat(10_000);
+        assert!(parse(&deep).is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn arbitrary_text_never_panics(text in any::<String>()) {
+            let _ = parse(&text);
+        }
+
+        #[test]
+        fn mutated_policies_never_panic(
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<char>()), 1..8)
+        ) {
+            let mut chars: Vec<char> = REALISTIC.chars().collect();
+            for (at, c) in edits {
+                let i = at.index(chars.len());
+                chars[i] = c;
+            }
+            let text: String = chars.into_iter().collect();
+            if let Err(e) = parse(&text) {
+                // Every refusal names the file and a line.
+                let prefix = format!("{FILE}:");
+                prop_assert!(e.to_string().starts_with(&prefix), "{}", e);
+                prop_assert!(e.line().is_some());
+            }
+        }
+    }
+}
