@@ -249,6 +249,11 @@ struct RawObject {
     kind: Field<String>,
     metadata: Field<RawMetadata>,
     spec: Field<RawSpec>,
+    /// Written by a control plane (`kubectl get -o yaml` exports it): not policy, ignored,
+    /// so exported objects load as they are.
+    #[serde(default)]
+    #[allow(dead_code)]
+    status: Option<serde::de::IgnoredAny>,
 }
 
 /// `metadata`: unknown fields are accepted and ignored (they cannot widen a policy).
@@ -1823,11 +1828,13 @@ spec:
             Some("ns/p"),
             "spec.selector.labels",
         );
-        refused(
-            &authz("  rules: [{}]\nstatus: {}\n"),
-            8,
-            Some("ns/p"),
-            "status",
+        // `status` (control-plane output) is accepted and ignored.
+        assert_eq!(
+            parse(&authz("  rules: [{}]\nstatus: {validationMessages: []}\n"))
+                .unwrap()
+                .authz
+                .len(),
+            1
         );
         // A value of the wrong type.
         refused(
