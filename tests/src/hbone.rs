@@ -61,7 +61,10 @@ pub fn client_config(
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
         .collect::<Result<_, _>>()
         .unwrap_or_else(|e| panic!("client certificate chain PEM: {e}"));
-    assert!(!chain.is_empty(), "client certificate chain PEM holds no certificate");
+    assert!(
+        !chain.is_empty(),
+        "client certificate chain PEM holds no certificate"
+    );
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
         .unwrap_or_else(|e| panic!("client key PEM: {e}"));
     let mut cfg = ClientConfig::builder_with_provider(provider())
@@ -144,7 +147,10 @@ pub async fn h2_request(
     limit: Duration,
 ) -> Result<StatusCode, String> {
     let fut = async move {
-        let mut send = send.ready().await.map_err(|e| format!("h2 not ready: {e}"))?;
+        let mut send = send
+            .ready()
+            .await
+            .map_err(|e| format!("h2 not ready: {e}"))?;
         let (response, _body) = send
             .send_request(req, false)
             .map_err(|e| format!("h2 send: {e}"))?;

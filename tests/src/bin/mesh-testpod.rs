@@ -283,9 +283,12 @@ fn hold(connect: SocketAddr, max_hold: Duration) -> ExitCode {
     const LINE: &[u8] = b"hold this line\n";
     let io = Duration::from_secs(5);
     let setup = (|| {
-        let stream = TcpStream::connect_timeout(&connect, io).map_err(|e| format!("connect: {e}"))?;
+        let stream =
+            TcpStream::connect_timeout(&connect, io).map_err(|e| format!("connect: {e}"))?;
         let local = stream.local_addr().map_err(|e| e.to_string())?;
-        stream.set_read_timeout(Some(io)).map_err(|e| e.to_string())?;
+        stream
+            .set_read_timeout(Some(io))
+            .map_err(|e| e.to_string())?;
         let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
         let mut hello = String::new();
         reader
@@ -299,7 +302,10 @@ fn hold(connect: SocketAddr, max_hold: Duration) -> ExitCode {
             .read_exact(&mut echo)
             .map_err(|e| format!("reading echo: {e}"))?;
         if echo != LINE {
-            return Err(format!("echo mismatch: {:?}", String::from_utf8_lossy(&echo)));
+            return Err(format!(
+                "echo mismatch: {:?}",
+                String::from_utf8_lossy(&echo)
+            ));
         }
         Ok((stream, reader, local, hello.trim_end().to_owned()))
     })();

@@ -6,6 +6,7 @@ mod concurrent_200_connections_no_crosstalk;
 mod cross_node_mtls_roundtrip;
 mod cross_node_pod_to_pod_goes_through_agent;
 mod harness_cluster_routes_and_tears_down;
+mod hbone_refuses_untrusted_peers;
 mod ipv6_pod_to_pod_redirected;
 mod malformed_registry_refused;
 mod non_mesh_destination_not_redirected;
