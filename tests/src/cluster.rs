@@ -283,18 +283,14 @@ impl Node {
             use std::io::{Read, Write};
             let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
                 .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-            s.set_read_timeout(Some(Duration::from_secs(5)))
-                .expect("timeout");
+            s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
             s.write_all(request.as_bytes()).expect("write request");
             let mut out = String::new();
             s.read_to_string(&mut out).expect("read response");
             out
         });
         let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-        assert!(
-            head.starts_with("HTTP/1.1 200"),
-            "GET {path} on {addr}: {head}"
-        );
+        assert!(head.starts_with("HTTP/1.1 200"), "GET {path} on {addr}: {head}");
         body.to_owned()
     }
 

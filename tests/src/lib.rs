@@ -35,8 +35,8 @@ pub mod sys;
 pub mod testpod;
 pub mod tmp;
 
-pub use agent::{agent_bin, Agent, AgentExit, AgentSpec, FlowRecord};
 pub use authority::Authority;
+pub use agent::{agent_bin, Agent, AgentExit, AgentSpec, FlowRecord};
 pub use cgroup::Cgroup;
 pub use cluster::{Cluster, ClusterBuilder, Host, Node, Place, Pod};
 pub use netns::{Netns, Veth};

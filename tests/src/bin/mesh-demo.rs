@@ -440,11 +440,7 @@ fn print_certificates(cluster: &Cluster) {
                 .strip_prefix("mesh_cert_expiry_seconds{identity=\"")
                 .and_then(|r| r.strip_suffix("\"}"))
             {
-                println!(
-                    "    {}: {id}, expires in {:.1} h",
-                    node.name(),
-                    secs / 3600.0
-                );
+                println!("    {}: {id}, expires in {:.1} h", node.name(), secs / 3600.0);
             }
         }
     }

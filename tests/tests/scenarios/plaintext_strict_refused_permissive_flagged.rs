@@ -15,9 +15,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use mesh_common::{counters as ctr, names};
-use mesh_tests::{
-    bpftool, require_privileges, wait_for, Agent, ClientRequest, Host, DEFAULT_TIMEOUT,
-};
+use mesh_tests::{bpftool, require_privileges, wait_for, Agent, ClientRequest, Host, DEFAULT_TIMEOUT};
 use serde_json::Value;
 
 use crate::{assert_direct, assert_via_agent, cluster};
