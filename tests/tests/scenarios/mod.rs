@@ -11,5 +11,6 @@ mod ipv6_pod_to_pod_redirected;
 mod malformed_registry_refused;
 mod non_mesh_destination_not_redirected;
 mod plaintext_strict_refused_permissive_flagged;
+mod revoked_certificate_closes_live_connection;
 mod same_node_pod_to_pod_goes_through_agent;
 mod unenrolled_process_not_redirected;
