@@ -3,6 +3,7 @@
 mod agent_sigkill_restart_recovers;
 mod agent_sigterm_leaves_nothing;
 mod concurrent_200_connections_no_crosstalk;
+mod certificates_rotate_during_live_traffic;
 mod cross_node_mtls_roundtrip;
 mod cross_node_pod_to_pod_goes_through_agent;
 mod harness_cluster_routes_and_tears_down;
