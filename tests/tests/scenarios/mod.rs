@@ -10,6 +10,7 @@ mod harness_cluster_routes_and_tears_down;
 mod hbone_refuses_untrusted_peers;
 mod ipv6_pod_to_pod_redirected;
 mod malformed_registry_refused;
+mod node_cannot_obtain_certificate_for_other_nodes_workload;
 mod non_mesh_destination_not_redirected;
 mod plaintext_strict_refused_permissive_flagged;
 mod revoked_certificate_closes_live_connection;
