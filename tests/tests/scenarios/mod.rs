@@ -1,6 +1,7 @@
 //! One module per scenario, named after what it proves.
 
 mod agent_sigkill_restart_recovers;
+mod authority_restart_does_not_interrupt_traffic;
 mod agent_sigterm_leaves_nothing;
 mod concurrent_200_connections_no_crosstalk;
 mod certificates_rotate_during_live_traffic;
