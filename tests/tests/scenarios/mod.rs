@@ -8,6 +8,7 @@ mod certificates_rotate_during_live_traffic;
 mod cross_node_mtls_roundtrip;
 mod cross_node_pod_to_pod_goes_through_agent;
 mod harness_cluster_routes_and_tears_down;
+mod hbone_bad_input_rejected_without_leaks;
 mod hbone_refuses_untrusted_peers;
 mod ipv6_pod_to_pod_redirected;
 mod malformed_registry_refused;
