@@ -40,8 +40,7 @@ impl Capture {
         let flag = Arc::clone(&stop);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
-            let frames = crate::netns::in_netns(&netns, move || capture_loop(&flag, &ready_tx));
-            frames
+            crate::netns::in_netns(&netns, move || capture_loop(&flag, &ready_tx))
         });
         ready_rx
             .recv_timeout(Duration::from_secs(5))
