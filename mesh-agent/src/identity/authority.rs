@@ -1108,6 +1108,30 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn explicit_validity_gives_expired_certificates_that_do_not_verify() {
+        let dir = TempDir::new("validity");
+        let a = Authority::init(&dir.0, td()).unwrap();
+        let now = SystemTime::now();
+        let id = wid("default", "sa-a");
+        let expired = a
+            .issue_workload_cert_with_validity(
+                &id,
+                now - Duration::from_secs(7200),
+                now - Duration::from_secs(3600),
+            )
+            .unwrap();
+        assert_eq!(expired.identity(), &id);
+        assert!(expired.is_expired_at(now));
+        assert!(a.trust_store().verify_workload_cert(&expired).is_err());
+        let foreign = SpiffeId::new(TrustDomain::new("other.example").unwrap(), "default", "sa-a")
+            .unwrap();
+        assert!(matches!(
+            a.issue_workload_cert_with_validity(&foreign, now, now + Duration::from_secs(60)),
+            Err(IdentityError::ForeignTrustDomain { .. })
+        ));
+    }
+
+    #[test]
     fn init_then_load_roundtrip() {
         let dir = TempDir::new("init");
         let a = Authority::init(&dir.0, td()).unwrap();
