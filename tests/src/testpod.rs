@@ -225,6 +225,15 @@ impl ClientProc {
         self.proc.is_running()
     }
 
+    /// The connections reported so far (one JSON line each, as they finish).
+    pub fn results_so_far(&self) -> Vec<ClientResult> {
+        self.proc
+            .stdout_lines()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
     /// Waits (bounded by the request's own deadline) for the client to finish.
     #[track_caller]
     pub fn wait(self) -> ClientRun {

@@ -14,8 +14,8 @@ use serde_json::Value;
 use crate::cluster;
 
 const LIFETIME_SECS: u64 = 60;
-/// Connections per direction, one every `INTERVAL`: 80 × 0.5 s ≈ 40 s of traffic.
-const COUNT: usize = 80;
+/// Connections per direction, one every `INTERVAL`: 90 × 0.5 s ≈ 45 s of traffic.
+const COUNT: usize = 90;
 const INTERVAL: Duration = Duration::from_millis(500);
 
 /// The first `workload certificate issued` line of `agent` with `rotation: "rotation"`.
