@@ -16,5 +16,6 @@ mod node_cannot_obtain_certificate_for_other_nodes_workload;
 mod non_mesh_destination_not_redirected;
 mod plaintext_strict_refused_permissive_flagged;
 mod revoked_certificate_closes_live_connection;
+mod revoked_server_certificate_closes_pooled_connection;
 mod same_node_pod_to_pod_goes_through_agent;
 mod unenrolled_process_not_redirected;

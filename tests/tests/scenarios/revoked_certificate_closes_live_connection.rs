@@ -7,23 +7,13 @@
 
 use std::time::{Duration, Instant};
 
-use mesh_tests::{require_privileges, wait_for, Agent, ClientRequest, Host, DEFAULT_TIMEOUT};
+use mesh_tests::{require_privileges, wait_for, ClientRequest, Host, DEFAULT_TIMEOUT};
 use serde_json::Value;
 
-use crate::{assert_via_agent, cluster};
+use crate::{assert_via_agent, cluster, issued_serials};
 
 /// How long after the revocation the live connection must be closed.
 const CLOSE_WITHIN: Duration = Duration::from_secs(8);
-
-/// Serials of every `workload certificate issued` line of `agent` for `identity`, in order.
-fn issued_serials(agent: &Agent, identity: &str) -> Vec<String> {
-    agent
-        .log_lines()
-        .into_iter()
-        .filter(|l| l["message"] == "workload certificate issued" && l["identity"] == identity)
-        .filter_map(|l| l["serial"].as_str().map(str::to_owned))
-        .collect()
-}
 
 #[test]
 fn revoked_certificate_closes_live_connection() {
