@@ -162,6 +162,20 @@ impl Place {
         }
     }
 
+    /// Starts `mesh-testpod hold` here: one connection to `connect` that exchanges a line and
+    /// is then held open (at most `max_hold`) until the peer closes it.
+    #[track_caller]
+    pub fn hold(&self, connect: SocketAddr, max_hold: Duration) -> testpod::HeldConnection {
+        let mut cmd = Command::new(&self.ctx.testpod);
+        cmd.arg("hold")
+            .arg("--connect")
+            .arg(connect.to_string())
+            .arg("--hold-ms")
+            .arg(max_hold.as_millis().to_string());
+        let proc = self.spawn(cmd, &format!("hold-{connect}"));
+        testpod::HeldConnection { proc, connect }
+    }
+
     /// Runs a `mesh-testpod client` here to completion.
     #[track_caller]
     pub fn client(&self, req: &ClientRequest) -> ClientRun {
@@ -204,6 +218,10 @@ pub trait Host {
     #[track_caller]
     fn client(&self, req: &ClientRequest) -> ClientRun {
         self.place().client(req)
+    }
+    #[track_caller]
+    fn hold(&self, connect: SocketAddr, max_hold: Duration) -> testpod::HeldConnection {
+        self.place().hold(connect, max_hold)
     }
 }
 
@@ -345,6 +363,18 @@ impl Pod {
     /// Whether the pod is `peerAuthentication: PERMISSIVE` in the registry.
     pub fn permissive(&self) -> bool {
         self.permissive
+    }
+    /// The pod's service account (`sa-<name>`), the last part of its SPIFFE ID.
+    pub fn service_account(&self) -> &str {
+        &self.service_account
+    }
+    /// The pod's workload identity, `spiffe://cluster.local/ns/default/sa/sa-<name>`.
+    pub fn spiffe_id(&self) -> String {
+        format!(
+            "spiffe://{}/ns/{POD_NAMESPACE}/sa/{}",
+            crate::authority::TRUST_DOMAIN,
+            self.service_account
+        )
     }
     /// Whether the pod is listed in the registry.
     pub fn registered(&self) -> bool {

@@ -26,6 +26,7 @@ pub mod bpftool;
 pub mod capture;
 pub mod cgroup;
 pub mod cluster;
+pub mod hbone;
 pub mod netns;
 pub mod poll;
 pub mod process;
@@ -44,5 +45,7 @@ pub use poll::{eventually, wait_for, DEFAULT_TIMEOUT, POLL_INTERVAL};
 pub use process::{Output, Proc};
 pub use registry::{NodeEntry, RenderedRegistry, WorkloadEntry};
 pub use sys::{bpffs_mount, cgroup2_mount, require_privileges, unique_id};
-pub use testpod::{Accepted, ClientProc, ClientRequest, ClientResult, ClientRun, Server};
+pub use testpod::{
+    Accepted, ClientProc, ClientRequest, ClientResult, ClientRun, HeldConnection, Server,
+};
 pub use tmp::TempDir;

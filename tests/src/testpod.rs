@@ -41,6 +41,8 @@ pub struct ClientRequest {
     pub concurrency: usize,
     /// Per-connection I/O timeout inside the client.
     pub io_timeout: Duration,
+    /// Pause of each worker between two of its connections (traffic spread over time).
+    pub interval: Duration,
 }
 
 impl ClientRequest {
@@ -51,7 +53,14 @@ impl ClientRequest {
             count: 1,
             concurrency: 1,
             io_timeout: Duration::from_secs(5),
+            interval: Duration::ZERO,
         }
+    }
+
+    /// Each worker pauses this long between two of its connections.
+    pub fn interval(mut self, pause: Duration) -> Self {
+        self.interval = pause;
+        self
     }
 
     pub fn send(mut self, text: &str) -> Self {
@@ -89,13 +98,15 @@ impl ClientRequest {
             self.concurrency.to_string(),
             "--timeout-ms".into(),
             self.io_timeout.as_millis().to_string(),
+            "--interval-ms".into(),
+            self.interval.as_millis().to_string(),
         ]
     }
 
     /// How long the whole client process may take.
     pub(crate) fn deadline(&self) -> Duration {
         let rounds = self.count.div_ceil(self.concurrency.max(1)) as u32;
-        self.io_timeout * 3 * rounds.max(1) + Duration::from_secs(5)
+        (self.io_timeout * 3 + self.interval) * rounds.max(1) + Duration::from_secs(5)
     }
 }
 
@@ -209,12 +220,67 @@ pub struct ClientProc {
 }
 
 impl ClientProc {
+    /// Whether the client is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.proc.is_running()
+    }
+
+    /// The connections reported so far (one JSON line each, as they finish).
+    pub fn results_so_far(&self) -> Vec<ClientResult> {
+        self.proc
+            .stdout_lines()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
     /// Waits (bounded by the request's own deadline) for the client to finish.
     #[track_caller]
     pub fn wait(self) -> ClientRun {
         let deadline = self.request.deadline();
         let output = self.proc.wait_output(deadline);
         ClientRun::from_output(self.label, self.request, output)
+    }
+}
+
+/// A `mesh-testpod hold` process: one connection that exchanged a line and is held open until
+/// the peer closes it (or the hold limit passes). Killed on drop.
+#[derive(Debug)]
+pub struct HeldConnection {
+    pub(crate) proc: Proc,
+    pub(crate) connect: SocketAddr,
+}
+
+impl HeldConnection {
+    pub fn connect_addr(&self) -> SocketAddr {
+        self.connect
+    }
+
+    pub fn proc(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+
+    /// The `established` event (`local`, `hello`), once the line was exchanged.
+    pub fn established(&self) -> Option<Value> {
+        self.event("established")
+    }
+
+    /// The `closed` event (`how`: `eof` or `error: …`, `held_ms`), once the peer closed.
+    pub fn closed(&self) -> Option<Value> {
+        self.event("closed")
+    }
+
+    /// The `failed` event, if the connection could not be made or the line not exchanged.
+    pub fn failed(&self) -> Option<Value> {
+        self.event("failed")
+    }
+
+    fn event(&self, kind: &str) -> Option<Value> {
+        self.proc
+            .stdout_lines()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v.get("event").and_then(Value::as_str) == Some(kind))
     }
 }
 

@@ -127,3 +127,13 @@ pub fn assert_no_flow(agents: &[Agent], result: &ClientResult) {
         }
     }
 }
+
+/// Serials of every `workload certificate issued` line of `agent` for `identity`, in order.
+pub fn issued_serials(agent: &Agent, identity: &str) -> Vec<String> {
+    agent
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["message"] == "workload certificate issued" && l["identity"] == identity)
+        .filter_map(|l| l["serial"].as_str().map(str::to_owned))
+        .collect()
+}

@@ -543,6 +543,33 @@ impl Authority {
         WorkloadCert::from_pem(&chain, &key.serialize_pem())
     }
 
+    /// A workload certificate with an explicit validity period (`not_after` may lie in the
+    /// past: an expired certificate), its key generated here. For tests and tools that need
+    /// odd certificates (expired, not yet valid); nothing in the agent or the authority service
+    /// calls it, and lifetimes are not bounded here.
+    pub fn issue_workload_cert_with_validity(
+        &self,
+        identity: &SpiffeId,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<WorkloadCert, IdentityError> {
+        if identity.trust_domain() != &self.trust_domain {
+            return Err(IdentityError::ForeignTrustDomain {
+                identity: identity.to_string(),
+                expected: self.trust_domain.clone(),
+            });
+        }
+        let key = new_key()?;
+        let (chain, serial, _, _) = self.sign_leaf(
+            &key,
+            &PeerId::Workload(identity.clone()),
+            not_before,
+            not_after,
+        )?;
+        info!(identity = %identity, serial = %serial, "workload certificate issued with explicit validity");
+        WorkloadCert::from_pem(&chain, &key.serialize_pem())
+    }
+
     /// A node certificate (`spiffe://<td>/node/<node>`, one year) and its freshly generated
     /// key, both PEM: the operator writes them into the node's directory once.
     pub fn issue_node_cert(&self, node: &str) -> Result<(String, String), IdentityError> {
@@ -1078,6 +1105,30 @@ pub(crate) mod tests {
 
     fn mode(p: &Path) -> u32 {
         fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn explicit_validity_gives_expired_certificates_that_do_not_verify() {
+        let dir = TempDir::new("validity");
+        let a = Authority::init(&dir.0, td()).unwrap();
+        let now = SystemTime::now();
+        let id = wid("default", "sa-a");
+        let expired = a
+            .issue_workload_cert_with_validity(
+                &id,
+                now - Duration::from_secs(7200),
+                now - Duration::from_secs(3600),
+            )
+            .unwrap();
+        assert_eq!(expired.identity(), &id);
+        assert!(expired.is_expired_at(now));
+        assert!(a.trust_store().verify_workload_cert(&expired).is_err());
+        let foreign = SpiffeId::new(TrustDomain::new("other.example").unwrap(), "default", "sa-a")
+            .unwrap();
+        assert!(matches!(
+            a.issue_workload_cert_with_validity(&foreign, now, now + Duration::from_secs(60)),
+            Err(IdentityError::ForeignTrustDomain { .. })
+        ));
     }
 
     #[test]

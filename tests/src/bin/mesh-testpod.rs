@@ -10,6 +10,12 @@
 //!   (`{"connect","local","hello","echo_ok","error"}`); exits 1 on any error.
 //!   The first connection of every worker is held open until all workers
 //!   have theirs, so `C` connections really are open at the same time.
+//!   `--interval-ms MS`: each worker pauses between two of its connections.
+//! - `hold --connect ADDR:PORT [--hold-ms MS]`: one connection; reads the hello, sends a line
+//!   and reads its echo, logs `{"event":"established","local","hello"}`, then holds the
+//!   connection open reading until the peer closes it: `{"event":"closed","how":"eof"|"error: …",
+//!   "held_ms"}` (exit 0). `{"event":"failed","error"}` (exit 1) if the exchange fails, and
+//!   `{"event":"held","held_ms"}` (exit 1) if nothing closed it within `--hold-ms`.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -61,6 +67,17 @@ enum Cmd {
         /// Connect and per-read/write timeout.
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
+        /// Pause of each worker between two of its connections.
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
+    },
+    /// One connection, one line exchanged, then held open until the peer closes it.
+    Hold {
+        #[arg(long)]
+        connect: SocketAddr,
+        /// How long to hold the connection at most.
+        #[arg(long, default_value_t = 60_000)]
+        hold_ms: u64,
     },
 }
 
@@ -73,13 +90,16 @@ fn main() -> ExitCode {
             count,
             concurrency,
             timeout_ms,
+            interval_ms,
         } => client(
             connect,
             &send,
             count,
             concurrency.max(1),
             Duration::from_millis(timeout_ms),
+            Duration::from_millis(interval_ms),
         ),
+        Cmd::Hold { connect, hold_ms } => hold(connect, Duration::from_millis(hold_ms)),
     }
 }
 
@@ -158,6 +178,7 @@ fn client(
     count: usize,
     concurrency: usize,
     timeout: Duration,
+    interval: Duration,
 ) -> ExitCode {
     let workers = concurrency.min(count).max(1);
     let next = Arc::new(AtomicUsize::new(0));
@@ -170,6 +191,9 @@ fn client(
         threads.push(std::thread::spawn(move || {
             let mut first = true;
             while next.fetch_add(1, Ordering::Relaxed) < count {
+                if !first && !interval.is_zero() {
+                    std::thread::sleep(interval);
+                }
                 let mut conn = Conn { local: None, hello: None, echo_ok: false };
                 let sync = if first { Some(&*barrier) } else { None };
                 first = false;
@@ -252,4 +276,66 @@ fn one(
         .map_err(|e| format!("reading echo: {e}"))?;
     conn.echo_ok = echo == send.as_bytes();
     Ok(())
+}
+
+/// The `hold` command (see the module documentation).
+fn hold(connect: SocketAddr, max_hold: Duration) -> ExitCode {
+    const LINE: &[u8] = b"hold this line\n";
+    let io = Duration::from_secs(5);
+    let setup = (|| {
+        let stream =
+            TcpStream::connect_timeout(&connect, io).map_err(|e| format!("connect: {e}"))?;
+        let local = stream.local_addr().map_err(|e| e.to_string())?;
+        stream
+            .set_read_timeout(Some(io))
+            .map_err(|e| e.to_string())?;
+        let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+        let mut hello = String::new();
+        reader
+            .read_line(&mut hello)
+            .map_err(|e| format!("reading hello: {e}"))?;
+        (&stream)
+            .write_all(LINE)
+            .map_err(|e| format!("sending: {e}"))?;
+        let mut echo = vec![0u8; LINE.len()];
+        reader
+            .read_exact(&mut echo)
+            .map_err(|e| format!("reading echo: {e}"))?;
+        if echo != LINE {
+            return Err(format!(
+                "echo mismatch: {:?}",
+                String::from_utf8_lossy(&echo)
+            ));
+        }
+        Ok((stream, reader, local, hello.trim_end().to_owned()))
+    })();
+    let (stream, mut reader, local, hello) = match setup {
+        Ok(v) => v,
+        Err(e) => {
+            emit(&json!({"event": "failed", "error": e}));
+            return ExitCode::from(1);
+        }
+    };
+    emit(&json!({"event": "established", "local": local.to_string(), "hello": hello}));
+    let started = std::time::Instant::now();
+    let _ = stream.set_read_timeout(Some(max_hold));
+    let mut buf = [0u8; 1024];
+    let how = loop {
+        match reader.read(&mut buf) {
+            Ok(0) => break "eof".to_owned(),
+            Ok(_) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                emit(&json!({"event": "held", "held_ms": started.elapsed().as_millis() as u64}));
+                return ExitCode::from(1);
+            }
+            Err(e) => break format!("error: {e}"),
+        }
+    };
+    emit(&json!({"event": "closed", "how": how, "held_ms": started.elapsed().as_millis() as u64}));
+    ExitCode::SUCCESS
 }

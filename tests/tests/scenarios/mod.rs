@@ -1,14 +1,21 @@
 //! One module per scenario, named after what it proves.
 
 mod agent_sigkill_restart_recovers;
+mod authority_restart_does_not_interrupt_traffic;
 mod agent_sigterm_leaves_nothing;
 mod concurrent_200_connections_no_crosstalk;
+mod certificates_rotate_during_live_traffic;
 mod cross_node_mtls_roundtrip;
 mod cross_node_pod_to_pod_goes_through_agent;
 mod harness_cluster_routes_and_tears_down;
+mod hbone_bad_input_rejected_without_leaks;
+mod hbone_refuses_untrusted_peers;
 mod ipv6_pod_to_pod_redirected;
 mod malformed_registry_refused;
+mod node_cannot_obtain_certificate_for_other_nodes_workload;
 mod non_mesh_destination_not_redirected;
 mod plaintext_strict_refused_permissive_flagged;
+mod revoked_certificate_closes_live_connection;
+mod revoked_server_certificate_closes_pooled_connection;
 mod same_node_pod_to_pod_goes_through_agent;
 mod unenrolled_process_not_redirected;

@@ -129,6 +129,20 @@ fn plaintext_strict_refused_permissive_flagged() {
     assert!(moved(ctr::INGRESS_MESH) >= 3, "{report}");
     assert_eq!(moved(ctr::INGRESS_ERRORS), 0, "{report}");
     assert_eq!(moved(ctr::EVENTS_DROPPED), 0, "{report}");
+    // The agent's metrics count the same verdicts (one per kernel event; each refused
+    // connect is at least one).
+    let refused = r#"mesh_plaintext_connections_total{verdict="refused"}"#;
+    let permissive = r#"mesh_plaintext_connections_total{verdict="permissive"}"#;
+    let n2 = cluster.node(1);
+    wait_for(DEFAULT_TIMEOUT, "n2's plaintext metrics", || {
+        (n2.metric(refused) >= 2.0 && n2.metric(permissive) >= 1.0).then_some(())
+    });
+    assert!(
+        n2.metric(refused) <= moved(ctr::INGRESS_PLAINTEXT_REFUSED) as f64,
+        "more refusals counted than the kernel dropped SYNs: {report}"
+    );
+    assert_eq!(cluster.node(0).metric(refused), 0.0, "n1 refused plaintext");
+    assert_eq!(cluster.node(0).metric(permissive), 0.0, "n1 flagged plaintext");
     // Nothing of it on n1, where no enrolled workload was a destination.
     let n1 = bpftool::counters(&cluster.node(0).pin_dir().join(names::MAP_COUNTERS));
     assert_eq!(n1[ctr::INGRESS_PLAINTEXT_REFUSED as usize], 0, "n1: {n1:?}");
