@@ -87,7 +87,10 @@ struct Ctx {
     metrics: Arc<Metrics>,
     policies: Policies,
     cfg: InboundConfig,
+    /// Tunnel (stream) ids.
     next_id: AtomicU64,
+    /// HBONE connection ids.
+    next_conn: AtomicU64,
 }
 
 /// Why a stream was refused (the reason logged and the status answered).
@@ -150,6 +153,7 @@ impl Inbound {
                 policies,
                 cfg,
                 next_id: AtomicU64::new(1),
+                next_conn: AtomicU64::new(1),
             }),
         }
     }
@@ -246,10 +250,19 @@ impl Ctx {
                 return;
             }
         };
-        debug!(%peer, peer_identity = %peer_id, served = %served.1, "hbone connection accepted");
+        let hbone_conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        debug!(hbone_conn, %peer, peer_identity = %peer_id, served = %served.1, "hbone connection accepted");
         let peer_id = Arc::new(peer_id);
         let mut revocations = self.identities.revocations();
+        // A revocation that landed between the handshake and the subscription counts too.
+        let mut watching_revocations = true;
+        let mut watching_stop = true;
         let mut streams = JoinSet::new();
+        if self.identities.trust().is_revoked(&serial) {
+            warn!(hbone_conn, %peer, peer_identity = %peer_id, serial = %serial, tunnels = 0usize,
+                  "connection closed: peer certificate revoked");
+            return;
+        }
         loop {
             tokio::select! {
                 next = h2.accept() => match next {
@@ -269,18 +282,21 @@ impl Ctx {
                     }
                     None => break,
                 },
-                changed = revocations.changed() => {
+                changed = revocations.changed(), if watching_revocations => {
                     if changed.is_err() {
+                        // The identity layer is gone (shutdown): nothing more to watch.
+                        watching_revocations = false;
                         continue;
                     }
                     if self.identities.trust().is_revoked(&serial) {
-                        warn!(%peer, peer_identity = %peer_id, serial = %serial,
+                        warn!(hbone_conn, %peer, peer_identity = %peer_id, serial = %serial,
                               tunnels = streams.len(), "connection closed: peer certificate revoked");
                         streams.abort_all();
                         return;
                     }
                 }
-                _ = stop.changed() => {
+                _ = stop.changed(), if watching_stop => {
+                    watching_stop = false;
                     h2.graceful_shutdown();
                 }
                 Some(_) = streams.join_next(), if !streams.is_empty() => {}

@@ -221,13 +221,18 @@ impl Outbound {
 
         let mut flows = JoinSet::new();
         let mut revocations = self.ctx.identities.revocations();
+        let mut watching_revocations = true;
         let mut sweep = tokio::time::interval(self.ctx.cfg.sweep_interval);
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
-                changed = revocations.changed() => {
-                    if changed.is_ok() {
-                        self.ctx.pool.sweep(&self.ctx.identities.trust());
+                changed = revocations.changed(), if watching_revocations => {
+                    match changed {
+                        Ok(()) => {
+                            self.ctx.pool.sweep(&self.ctx.identities.trust());
+                        }
+                        // The identity layer is gone (shutdown): nothing more to watch.
+                        Err(_) => watching_revocations = false,
                     }
                 }
                 _ = sweep.tick() => {
