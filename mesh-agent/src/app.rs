@@ -405,7 +405,7 @@ fn program_maps(
         redirect_port_be: u32::from(outbound4.port().to_be()),
         redirect_ip6_be: [0; 4],
         flags: CONFIG_F_READY,
-        _pad: 0,
+        policy_gen: 0,
     };
     if let Some(a6) = outbound6 {
         cfg.redirect_ip6_be = ip_words((*a6.ip()).into());

@@ -78,7 +78,10 @@ pub fn decode(b: &[u8]) -> Option<Event> {
         src_port_be: u16_at(40),
         dst_port_be: u16_at(42),
         family: u32_at(44),
-        _reserved: words(48),
+        peer_workload_id: u32_at(48),
+        policy_str: u32_at(52),
+        policy_gen: u32_at(56),
+        _reserved: u32_at(60),
     })
 }
 
@@ -211,7 +214,7 @@ mod tests {
         b.extend(e.src_port_be.to_ne_bytes());
         b.extend(e.dst_port_be.to_ne_bytes());
         b.extend(e.family.to_ne_bytes());
-        for w in e._reserved {
+        for w in [e.peer_workload_id, e.policy_str, e.policy_gen, e._reserved] {
             b.extend(w.to_ne_bytes());
         }
         b
@@ -227,7 +230,10 @@ mod tests {
             src_port_be: 40000u16.to_be(),
             dst_port_be: 8080u16.to_be(),
             family: u32::from(AF_INET),
-            _reserved: [0; 4],
+            peer_workload_id: 3,
+            policy_str: 4,
+            policy_gen: 5,
+            _reserved: 0,
         };
         let b = encode(&e);
         assert_eq!(b.len(), size_of::<Event>());
