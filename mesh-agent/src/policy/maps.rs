@@ -531,6 +531,13 @@ impl PolicyView {
         self.strings.get(&id).cloned()
     }
 
+    /// Every (destination workload, set) pair, by workload id.
+    pub fn destinations(&self) -> Vec<(u32, u32)> {
+        let mut out: Vec<(u32, u32)> = self.dst.iter().map(|(w, s)| (*w, *s)).collect();
+        out.sort_unstable();
+        out
+    }
+
     /// The policy set of destination workload `workload_id` (`None`: no policy selects it).
     pub fn dst_set(&self, workload_id: u32) -> Option<u32> {
         self.dst.get(&workload_id).copied()
