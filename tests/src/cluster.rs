@@ -390,6 +390,23 @@ struct PodSpec {
     permissive: bool,
 }
 
+/// What `mesh-agent policy apply` did.
+#[derive(Clone, Debug)]
+pub struct PolicyApply {
+    /// Exit code (`None`: killed).
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl PolicyApply {
+    /// The applied generation (`--output json`), if it succeeded.
+    pub fn generation(&self) -> Option<u64> {
+        let v: serde_json::Value = serde_json::from_str(&self.stdout).ok()?;
+        v.get("generation")?.as_u64()
+    }
+}
+
 /// Builds a [`Cluster`]. Pods are named by the caller, or `a1, a2, …` on the
 /// first node, `b1, …` on the second with [`ClusterBuilder::pods_per_node`].
 #[derive(Clone, Debug, Default)]
@@ -732,7 +749,66 @@ impl Cluster {
             outbound6: Some(node.outbound6()),
             pin_dir: node.pin_dir.clone(),
             log_dir: self.tmp.path().to_owned(),
+            policy_dir: None,
             extra_args: Vec::new(),
+        }
+    }
+
+    /// Writes a policy directory `<tmp>/<name>/` holding `files` (`(file name, YAML)`),
+    /// replacing whatever it held, and returns its path.
+    #[track_caller]
+    pub fn write_policy_dir(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
+        let dir = self.tmp.path().join(name);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .unwrap_or_else(|e| panic!("clearing {}: {e}", dir.display()));
+        }
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        for (file, text) in files {
+            let path = dir.join(file);
+            std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        }
+        dir
+    }
+
+    /// Starts node `index`'s agent with `--policy-dir dir` and waits until it is ready.
+    #[track_caller]
+    pub fn start_agent_with_policy(&self, index: usize, dir: &Path) -> Agent {
+        let mut spec = self.agent_spec(index);
+        spec.policy_dir = Some(dir.to_owned());
+        Agent::start(spec)
+    }
+
+    /// Runs `mesh-agent policy apply DIR --registry <tmp>/registry.yaml --pin-dir <node's>
+    /// --trust-domain <the cluster's> --output json` and returns its output (exit status,
+    /// stdout, stderr); bounded by [`crate::DEFAULT_TIMEOUT`].
+    #[track_caller]
+    pub fn policy_apply(&self, index: usize, dir: &Path) -> PolicyApply {
+        let registry = self.write_registry();
+        let mut cmd = Command::new(crate::agent::agent_bin());
+        cmd.arg("policy")
+            .arg("apply")
+            .arg(dir)
+            .arg("--registry")
+            .arg(&registry)
+            .arg("--pin-dir")
+            .arg(self.node(index).pin_dir())
+            .arg("--trust-domain")
+            .arg(crate::authority::TRUST_DOMAIN)
+            .arg("--output")
+            .arg("json");
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("MESH_") {
+                cmd.env_remove(k);
+            }
+        }
+        let out = self
+            .node(index)
+            .run(cmd, "policy-apply", crate::DEFAULT_TIMEOUT);
+        PolicyApply {
+            code: out.status.code(),
+            stdout: out.stdout,
+            stderr: out.stderr,
         }
     }
 
