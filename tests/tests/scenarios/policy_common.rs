@@ -27,8 +27,9 @@ pub fn principal(name: &str) -> String {
 #[track_caller]
 pub fn expect_denied(src: &Pod, dst: SocketAddr) -> ClientResult {
     let run = src.client(&ClientRequest::new(dst).send("denied?").io_timeout(DENIED_TIMEOUT));
-    assert!(!run.success(), "{src:?} → {dst} should be denied: {:?}", run.results);
-    let r = run.single().clone();
+    assert!(!run.success(), "{} → {dst} should be denied: {:?}", src.name(), run.results);
+    assert_eq!(run.results.len(), 1, "{:?}", run.results);
+    let r = run.results[0].clone();
     let err = r.error.clone().unwrap_or_default();
     assert!(
         err.contains("Operation not permitted"),
