@@ -320,6 +320,8 @@ pub struct Pod {
     node_name: String,
     registered: bool,
     permissive: bool,
+    /// `httpPorts` in the registry (left out when empty).
+    http_ports: Vec<u16>,
     service_account: String,
     place: Place,
     // Teardown order is field order.
@@ -371,7 +373,12 @@ impl Pod {
             cgroup: Some(self.cgroup_rel().to_string_lossy().into_owned()),
             labels: vec![("app".into(), self.name.clone())],
             peer_authentication: self.permissive.then(|| "PERMISSIVE".into()),
-            extra_lines: Vec::new(),
+            extra_lines: if self.http_ports.is_empty() {
+                Vec::new()
+            } else {
+                let ports: Vec<String> = self.http_ports.iter().map(u16::to_string).collect();
+                vec![format!("httpPorts: [{}]", ports.join(", "))]
+            },
         }
     }
 }
@@ -388,6 +395,7 @@ struct PodSpec {
     name: String,
     registered: bool,
     permissive: bool,
+    http_ports: Vec<u16>,
 }
 
 /// What `mesh-agent policy apply` did.
@@ -416,6 +424,8 @@ pub struct ClusterBuilder {
     pods: Vec<PodSpec>,
     /// Pods registered with `peerAuthentication: PERMISSIVE`.
     permissive: Vec<String>,
+    /// Pods registered with `httpPorts`.
+    http_ports: Vec<(String, Vec<u16>)>,
     testpod: Option<PathBuf>,
 }
 
@@ -437,6 +447,12 @@ impl ClusterBuilder {
         self
     }
 
+    /// Registers pod `name` (added by any means) with `httpPorts: ports`.
+    pub fn http_ports(mut self, name: &str, ports: &[u16]) -> Self {
+        self.http_ports.push((name.into(), ports.to_vec()));
+        self
+    }
+
     /// A pod on node `node` (0-based), listed in the registry.
     pub fn add_pod(mut self, node: usize, name: &str) -> Self {
         self.pods.push(PodSpec {
@@ -444,6 +460,7 @@ impl ClusterBuilder {
             name: name.into(),
             registered: true,
             permissive: false,
+            http_ports: Vec::new(),
         });
         self
     }
@@ -457,6 +474,7 @@ impl ClusterBuilder {
             name: name.into(),
             registered: false,
             permissive: false,
+            http_ports: Vec::new(),
         });
         self
     }
@@ -485,6 +503,7 @@ impl ClusterBuilder {
                     name: format!("{letter}{k}"),
                     registered: true,
                     permissive: false,
+                    http_ports: Vec::new(),
                 });
             }
         }
@@ -495,6 +514,13 @@ impl ClusterBuilder {
                 .find(|s| &s.name == name)
                 .unwrap_or_else(|| panic!("permissive({name}): no such pod"));
             spec.permissive = true;
+        }
+        for (name, ports) in &self.http_ports {
+            let spec = specs
+                .iter_mut()
+                .find(|s| &s.name == name)
+                .unwrap_or_else(|| panic!("http_ports({name}): no such pod"));
+            spec.http_ports = ports.clone();
         }
         for (i, s) in specs.iter().enumerate() {
             assert!(
@@ -945,6 +971,7 @@ impl Cluster {
             node_name: node.name.clone(),
             registered: spec.registered,
             permissive: spec.permissive,
+            http_ports: spec.http_ports.clone(),
             service_account: format!("sa-{}", spec.name),
             place,
             _veth: veth,

@@ -13,6 +13,7 @@ mod malformed_registry_refused;
 mod non_mesh_destination_not_redirected;
 mod plaintext_strict_refused_permissive_flagged;
 mod policy_common;
+mod policy_maps_roundtrip_via_bpftool;
 mod policy_update_is_atomic_and_bad_update_keeps_old;
 mod same_node_pod_to_pod_goes_through_agent;
 mod unenrolled_process_not_redirected;
