@@ -260,17 +260,20 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
         root_ns: opts.root_namespace.clone(),
         trust_domain: trust_domain.to_string(),
     };
-    let started = start_policy(&opts, &policy_ctx).and_then(|(maps, bundle, view)| {
-        program_maps(
+    let started = match start_policy(&opts, &policy_ctx) {
+        Ok((maps, bundle, view)) => program_maps(
             &dataplane,
             &registry,
             &opts.node,
             outbound4,
             outbound6,
             &enrolled(&registry, &opts.node, bundle.as_ref(), &opts.root_namespace),
-        )?;
-        Ok((dataplane.take_event_reader()?, maps, view))
-    });
+        )
+        .and_then(|()| dataplane.take_event_reader())
+        .map(|events| (events, maps, view))
+        .map_err(AppError::from),
+        Err(e) => Err(AppError::from(e)),
+    };
     let (events, policy_maps, initial_view) = match started {
         Ok(v) => v,
         Err(e) => {
@@ -574,7 +577,7 @@ struct StartedPolicy {
 fn start_policy(
     opts: &AgentOptions,
     ctx: &CompileContext,
-) -> Result<(StartedPolicy, Option<PolicyBundle>, Arc<PolicyView>), AppError> {
+) -> Result<(StartedPolicy, Option<PolicyBundle>, Arc<PolicyView>), MapsError> {
     let watcher = PolicyMaps::open(&opts.pin_dir)?;
     let mut bundle = None;
     let writer = match &opts.policy_dir {
@@ -595,7 +598,7 @@ fn start_policy(
             warn!(error = %e, "active policy generation unreadable; denying until replaced");
             PolicyView::deny_all(gen)
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(e),
     };
     Ok((StartedPolicy { watcher, writer }, bundle, Arc::new(view)))
 }

@@ -28,7 +28,7 @@ enum LogFormat {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the node agent: attach the kernel programs and proxy captured traffic.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Create, run and manage the mesh authority (CA).
     Authority(mesh_agent::operator::authority::AuthorityArgs),
     /// Check, apply and show authorization policy.

@@ -260,7 +260,9 @@ pub fn compile(
     c.out.sets = sets.len();
 
     // Ports per set; the L4 entry count is known before anything is evaluated.
-    let mut plan: Vec<(u32, &[usize], &[u16], BTreeSet<u16>)> = Vec::with_capacity(sets.len());
+    /// (set id, member policies, HTTP ports, ports with an entry).
+    type SetPlan<'s> = (u32, &'s [usize], &'s [u16], BTreeSet<u16>);
+    let mut plan: Vec<SetPlan<'_>> = Vec::with_capacity(sets.len());
     for ((members, http_ports), set_id) in &sets {
         let mut ports: BTreeSet<u16> = http_ports.iter().copied().collect();
         for &i in members {
