@@ -16,7 +16,7 @@ use mesh_common::{
     CONFIG_F_READY, DEST_F_LOCAL, PEER_F_LOCAL, WORKLOAD_F_CAPTURE, WORKLOAD_F_PERMISSIVE,
 };
 use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     bpf::{events::spawn_event_log, BpfError, Dataplane},
@@ -32,6 +32,12 @@ use crate::{
         ip_words,
         outbound::{Outbound, OutboundConfig},
         Identities, ProxyDeps, SourceAddrs,
+    },
+    policy::{
+        compile::permissive,
+        maps::{MapsError, PolicyMaps, PolicyView},
+        model::PolicyBundle,
+        source::{apply_dir, spawn_dir_watcher, spawn_generation_watcher, CompileContext},
     },
     registry::{Registry, RegistryError},
 };
@@ -63,6 +69,25 @@ pub struct AgentOptions {
     pub admin: SocketAddr,
     /// Requested workload certificate lifetime.
     pub cert_lifetime: Duration,
+    /// Policy directory (Istio YAML), watched and applied on change; `None`: policy comes
+    /// only from `mesh-agent policy apply` (or none).
+    pub policy_dir: Option<PathBuf>,
+    /// The mesh-wide policy namespace (`istio-system`).
+    pub root_namespace: String,
+}
+
+/// What the proxies need of policy: the active generation's view, replaced on every swap
+/// (from this agent's policy directory or `mesh-agent policy apply`).
+#[derive(Clone)]
+pub struct PolicyHandle {
+    pub views: watch::Receiver<Arc<PolicyView>>,
+}
+
+impl PolicyHandle {
+    /// The view of the active generation now.
+    pub fn current(&self) -> Arc<PolicyView> {
+        Arc::clone(&self.views.borrow())
+    }
 }
 
 /// Why the agent could not start or stopped with an error.
@@ -104,6 +129,8 @@ pub enum AppError {
     CertLifetime { secs: u64 },
     #[error("obtaining workload certificates: {0}")]
     Identity(#[source] Box<IdentityError>),
+    #[error("policy maps: {0}")]
+    PolicyMaps(#[from] MapsError),
 }
 
 impl AppError {
@@ -193,6 +220,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
         admin = %opts.admin,
         authority = %opts.authority,
         cert_lifetime_secs = opts.cert_lifetime.as_secs(),
+        policy_dir = ?opts.policy_dir,
+        root_namespace = %opts.root_namespace,
         "configuration"
     );
     let mut signals = Signals::new()?;
@@ -224,14 +253,32 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
     let metrics = Arc::new(Metrics::new());
 
     // 4. Attach and fill the maps; undo on any failure.
+    // Policy is applied before any workload is enrolled: nothing is captured unchecked.
     let dataplane = Arc::new(Dataplane::load(&opts.pin_dir, &pod_cgroup)?);
-    let events = program_maps(&dataplane, &registry, &opts.node, outbound4, outbound6)
-        .and_then(|()| dataplane.take_event_reader());
-    let events = match events {
-        Ok(reader) => reader,
+    let policy_ctx = CompileContext {
+        registry: Arc::clone(&registry),
+        root_ns: opts.root_namespace.clone(),
+        trust_domain: trust_domain.to_string(),
+    };
+    let started = match start_policy(&opts, &policy_ctx) {
+        Ok((maps, bundle, view)) => program_maps(
+            &dataplane,
+            &registry,
+            &opts.node,
+            outbound4,
+            outbound6,
+            &enrolled(&registry, &opts.node, bundle.as_ref(), &opts.root_namespace),
+        )
+        .and_then(|()| dataplane.take_event_reader())
+        .map(|events| (events, maps, view))
+        .map_err(AppError::from),
+        Err(e) => Err(AppError::from(e)),
+    };
+    let (events, policy_maps, initial_view) = match started {
+        Ok(v) => v,
         Err(e) => {
             shutdown_dataplane(dataplane);
-            return Err(e.into());
+            return Err(e);
         }
     };
     metrics.add_hook(Arc::new(ScrapeSources {
@@ -249,13 +296,44 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
     );
 
     // 5. Serve until told to stop.
-    // Destination policy snapshots for the proxies (no policy loaded: allow).
-    let (_policy_tx, policies) = crate::proxy::authz::allow_all();
-    // Kernel events: plaintext connections refused (STRICT) or flagged (PERMISSIVE).
+    // Policy: the active generation for the proxies; the directory, if any, watched.
+    let (policy_views, generation_watcher) =
+        spawn_generation_watcher(policy_maps.watcher, initial_view, stop_rx.clone());
+    // The proxies see each generation as an `Authorizer` snapshot.
+    let policies = crate::policy::authorize::bridge(policy_views.clone(), stop_rx.clone());
+    let policy = PolicyHandle {
+        views: policy_views,
+    };
+    let dir_watcher = match (&opts.policy_dir, policy_maps.writer) {
+        (Some(dir), Some(writer)) => {
+            let (dp, reg, node, root) = (
+                Arc::clone(&dataplane),
+                Arc::clone(&registry),
+                opts.node.clone(),
+                opts.root_namespace.clone(),
+            );
+            Some(spawn_dir_watcher(
+                dir.clone(),
+                policy_ctx,
+                writer,
+                move |bundle| {
+                    if let Err(e) = dp.sync_workloads(&enrolled(&reg, &node, Some(bundle), &root)) {
+                        warn!(error = %e, "re-programming peer authentication");
+                    }
+                },
+                stop_rx.clone(),
+            ))
+        }
+        _ => None,
+    };
+    // Kernel events: plaintext connections refused (STRICT) or flagged (PERMISSIVE), L4
+    // policy denials.
     let event_metrics = Arc::clone(&metrics);
     let event_log = spawn_event_log(
         events,
         Arc::clone(&registry),
+        policy.views.clone(),
+        trust_domain.to_string(),
         move |event| match event.kind {
             mesh_common::EVENT_PLAINTEXT_REFUSED => {
                 event_metrics.plaintext(metrics::PlaintextVerdict::Refused)
@@ -303,6 +381,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
     let _ = event_log.await;
+    let _ = generation_watcher.await;
+    if let Some(w) = dir_watcher {
+        let _ = w.await;
+    }
+    drop(policy);
     // The scrape hook holds the dataplane: release it so the pins can go.
     drop(metrics);
     drop(manager);
@@ -398,13 +481,14 @@ fn program_maps(
     node: &str,
     outbound4: std::net::SocketAddrV4,
     outbound6: Option<std::net::SocketAddrV6>,
+    workloads: &[(CgroupKey, WorkloadValue)],
 ) -> Result<(), BpfError> {
     let mut cfg = AgentConfig {
         redirect_ip4_be: u32::from_ne_bytes(outbound4.ip().octets()),
         redirect_port_be: u32::from(outbound4.port().to_be()),
         redirect_ip6_be: [0; 4],
         flags: CONFIG_F_READY,
-        _pad: 0,
+        policy_gen: 0,
     };
     if let Some(a6) = outbound6 {
         cfg.redirect_ip6_be = ip_words((*a6.ip()).into());
@@ -442,22 +526,7 @@ fn program_maps(
         .collect();
     dp.sync_dests(&dests)?;
 
-    let workloads: Vec<(CgroupKey, WorkloadValue)> = registry
-        .local(node)
-        .filter_map(|w| {
-            w.cgroup_id.map(|id| {
-                (
-                    CgroupKey { cgroup_id: id },
-                    WorkloadValue {
-                        workload_id: w.id,
-                        flags: WORKLOAD_F_CAPTURE
-                            | if w.permissive { WORKLOAD_F_PERMISSIVE } else { 0 },
-                    },
-                )
-            })
-        })
-        .collect();
-    dp.sync_workloads(&workloads)?;
+    dp.sync_workloads(workloads)?;
     info!(
         destinations = dests.len(),
         enrolled = workloads.len(),
@@ -465,6 +534,72 @@ fn program_maps(
         "maps programmed"
     );
     Ok(())
+}
+
+/// The enrolled workloads of `node` with their flags: PERMISSIVE from the bundle's
+/// PeerAuthentication if one applies, else from the registry.
+fn enrolled(
+    registry: &Registry,
+    node: &str,
+    bundle: Option<&PolicyBundle>,
+    root_ns: &str,
+) -> Vec<(CgroupKey, WorkloadValue)> {
+    let empty = PolicyBundle::default();
+    let bundle = bundle.unwrap_or(&empty);
+    registry
+        .local(node)
+        .filter_map(|w| {
+            w.cgroup_id.map(|id| {
+                let permissive = permissive(bundle, w, root_ns);
+                (
+                    CgroupKey { cgroup_id: id },
+                    WorkloadValue {
+                        workload_id: w.id,
+                        flags: WORKLOAD_F_CAPTURE
+                            | if permissive { WORKLOAD_F_PERMISSIVE } else { 0 },
+                    },
+                )
+            })
+        })
+        .collect()
+}
+
+/// Handles on the pinned policy maps: one for the generation watcher, one (with a policy
+/// directory) for the directory watcher.
+struct StartedPolicy {
+    watcher: PolicyMaps,
+    writer: Option<PolicyMaps>,
+}
+
+/// Opens the policy maps, applies `--policy-dir` once (a refusal is logged and the pinned
+/// generation, if any, stays), and reads the active generation back.
+fn start_policy(
+    opts: &AgentOptions,
+    ctx: &CompileContext,
+) -> Result<(StartedPolicy, Option<PolicyBundle>, Arc<PolicyView>), MapsError> {
+    let watcher = PolicyMaps::open(&opts.pin_dir)?;
+    let mut bundle = None;
+    let writer = match &opts.policy_dir {
+        None => None,
+        Some(dir) => {
+            let mut writer = PolicyMaps::open(&opts.pin_dir)?;
+            match apply_dir(ctx, &mut writer, dir) {
+                Ok((b, _)) => bundle = Some(b),
+                Err(e) => warn!(error = %e, dir = %dir.display(), "policy refused"),
+            }
+            Some(writer)
+        }
+    };
+    let gen = watcher.active_generation()?;
+    let view = match watcher.read_view(gen) {
+        Ok(v) => v,
+        Err(e @ MapsError::Inconsistent { .. }) => {
+            warn!(error = %e, "active policy generation unreadable; denying until replaced");
+            PolicyView::deny_all(gen)
+        }
+        Err(e) => return Err(e),
+    };
+    Ok((StartedPolicy { watcher, writer }, bundle, Arc::new(view)))
 }
 
 /// SIGTERM and SIGINT, installed before anything is attached so a signal

@@ -28,7 +28,7 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use mesh_common::{
-    capacity, counters, names, AgentConfig, CgroupKey, ConnKey, DestValue, IpKey, OrigDst,
+    capacity, counters, names, policy as pol, AgentConfig, CgroupKey, ConnKey, DestValue, IpKey, OrigDst,
     PeerValue, WorkloadValue,
 };
 
@@ -126,6 +126,36 @@ fn expected_layout(name: &str) -> Option<(u32, u32, u32)> {
             s(size_of::<IpKey>()),
             s(size_of::<PeerValue>()),
             capacity::PEERS,
+        ),
+        names::MAP_POL_SRC => (
+            s(size_of::<pol::PolSrcKey>()),
+            s(size_of::<pol::PolSrcValue>()),
+            pol::capacity::POL_SRC,
+        ),
+        names::MAP_POL_DST => (
+            s(size_of::<pol::PolDstKey>()),
+            s(size_of::<pol::PolDstValue>()),
+            pol::capacity::POL_DST,
+        ),
+        names::MAP_POL_L4 => (
+            s(size_of::<pol::PolL4Key>()),
+            s(size_of::<pol::PolL4Value>()),
+            pol::capacity::POL_L4,
+        ),
+        names::MAP_POL_L7 => (
+            s(size_of::<pol::PolL7Key>()),
+            s(size_of::<pol::PolL7Value>()),
+            pol::capacity::POL_L7,
+        ),
+        names::MAP_POL_OPS => (
+            s(size_of::<pol::PolOpKey>()),
+            s(size_of::<pol::PolOpValue>()),
+            pol::capacity::POL_OPS,
+        ),
+        names::MAP_POL_STRS => (
+            s(size_of::<pol::PolStrKey>()),
+            s(size_of::<pol::PolStrValue>()),
+            pol::capacity::POL_STRS,
         ),
         _ => return None,
     })
@@ -319,10 +349,12 @@ impl Dataplane {
 
     /// Publishes where captured connections go. Written before any workload
     /// is enrolled so the kernel never captures towards an unset listener.
-    pub fn set_config(&self, cfg: AgentConfig) -> Result<(), BpfError> {
-        lock(&self.config)
-            .set(0, cfg, 0)
-            .map_err(map_err(names::MAP_CONFIG))
+    /// `cfg.policy_gen` is ignored: the generation already published (by an agent before a
+    /// restart, or by `mesh-agent policy apply`) is kept, since its maps are still pinned.
+    pub fn set_config(&self, mut cfg: AgentConfig) -> Result<(), BpfError> {
+        let mut config = lock(&self.config);
+        cfg.policy_gen = config.get(&0, 0).map(|c| c.policy_gen).unwrap_or(0);
+        config.set(0, cfg, 0).map_err(map_err(names::MAP_CONFIG))
     }
 
     /// Makes `mesh_workloads` equal to `want`: inserts and updates first, then

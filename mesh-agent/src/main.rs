@@ -28,9 +28,11 @@ enum LogFormat {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the node agent: attach the kernel programs and proxy captured traffic.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Create, run and manage the mesh authority (CA).
     Authority(mesh_agent::operator::authority::AuthorityArgs),
+    /// Check, apply and show authorization policy.
+    Policy(mesh_agent::operator::policy::PolicyArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -75,6 +77,13 @@ struct RunArgs {
     /// rotated at half-life.
     #[arg(long, env = "MESH_CERT_LIFETIME_SECS", default_value_t = 86_400)]
     cert_lifetime_secs: u64,
+    /// Policy directory (Istio AuthorizationPolicy/PeerAuthentication YAML): applied at start
+    /// and on every change (polled every 500 ms); a bad change is refused and logged.
+    #[arg(long, env = "MESH_POLICY_DIR")]
+    policy_dir: Option<PathBuf>,
+    /// The mesh-wide policy namespace: its policies apply to every workload.
+    #[arg(long, env = "MESH_ROOT_NAMESPACE", default_value = mesh_agent::operator::policy::DEFAULT_ROOT_NAMESPACE)]
+    root_namespace: String,
 }
 
 fn init_tracing(format: LogFormat) {
@@ -92,6 +101,7 @@ fn main() -> ExitCode {
     init_tracing(cli.log_format);
     match cli.command {
         Command::Authority(args) => mesh_agent::operator::authority::main(args),
+        Command::Policy(args) => mesh_agent::operator::policy::main(args),
         Command::Run(args) => {
             let opts = AgentOptions {
                 node: args.node,
@@ -106,6 +116,8 @@ fn main() -> ExitCode {
                 hbone: args.hbone,
                 admin: args.admin,
                 cert_lifetime: Duration::from_secs(args.cert_lifetime_secs),
+                policy_dir: args.policy_dir,
+                root_namespace: args.root_namespace,
             };
             let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(rt) => rt,

@@ -1,12 +1,14 @@
 //! The operator CLI: commands that manage the mesh rather than run the data path.
 //!
-//! - [`authority`]: `mesh-agent authority init|join|serve|revoke|roots` (the CA).
+//! - [`authority`]: `mesh-agent authority init|join|serve|revoke|roots` (the CA);
+//! - [`policy`]: `mesh-agent policy lint|apply|show`.
 //!
 //! Commands that print data take `--output text|json`; their logs go to stderr (level from
 //! `MESH_LOG`, default `warn`) so that stdout carries only the data. Long-running commands
 //! (`authority serve`) log to stdout like the agent.
 
 pub mod authority;
+pub mod policy;
 
 use std::io::Write;
 

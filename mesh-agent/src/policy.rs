@@ -4,9 +4,19 @@
 //! - [`model`]: the typed objects;
 //! - [`parse`]: Istio YAML (a file, or a directory of them) → [`model::PolicyBundle`], strict;
 //! - [`eval`]: the reference evaluator (Istio semantics), used by tests and to cross-check;
+//! - [`compile`]: bundle + registry → the contents of one generation of the policy maps;
+//! - [`maps`]: the pinned policy maps: write a generation and swap, read one back as a
+//!   [`maps::PolicyView`] (the agent's per-request decisions come from the same maps the
+//!   kernel reads);
+//! - [`source`]: where bundles come from (a policy directory), and the agent's policy task;
+//! - [`authorize`]: a generation as the proxies' `Authorizer` snapshot.
 
+pub mod authorize;
+pub mod compile;
 pub mod eval;
+pub mod maps;
 pub mod model;
 pub mod parse;
+pub mod source;
 
 pub use parse::PolicyError;

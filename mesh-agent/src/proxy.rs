@@ -76,8 +76,8 @@ impl SourceAddrs {
 }
 
 /// Whether `port` is one of the workload's declared HTTP ports (L7 policy applies there).
-pub fn is_http_port(_workload: &crate::registry::Workload, _port: u16) -> bool {
-    false
+pub fn is_http_port(workload: &crate::registry::Workload, port: u16) -> bool {
+    workload.http_ports().contains(&port)
 }
 
 /// How an L7-supervised connection went.

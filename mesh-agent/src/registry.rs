@@ -85,9 +85,22 @@ pub struct Workload {
     /// `peerAuthentication: PERMISSIVE`: inbound plaintext from outside the
     /// mesh is allowed (and flagged). `false` (the default, `STRICT`): refused.
     pub permissive: bool,
+    /// `httpPorts`: ports on which the workload speaks HTTP/1.1 or h2c (L7 policy applies
+    /// there), sorted, unique, each in 1..=65535. Empty by default.
+    pub http_ports: Vec<u16>,
 }
 
 impl Workload {
+    /// The ports on which the workload speaks HTTP (sorted, unique).
+    pub fn http_ports(&self) -> &[u16] {
+        &self.http_ports
+    }
+
+    /// Whether `port` is one of the workload's HTTP ports.
+    pub fn is_http_port(&self, port: u16) -> bool {
+        self.http_ports.binary_search(&port).is_ok()
+    }
+
     /// `namespace/name`, the name flow records and errors use.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
@@ -238,6 +251,12 @@ pub enum Problem {
         "workload {workload}: peerAuthentication {value:?} is not STRICT or PERMISSIVE"
     )]
     InvalidPeerAuthentication { workload: String, value: String },
+    /// An `httpPorts` entry outside 1..=65535.
+    #[error("workload {workload}: httpPorts entry {value} is not a port (1..=65535)")]
+    InvalidHttpPort { workload: String, value: u64 },
+    /// An `httpPorts` entry listed twice.
+    #[error("workload {workload}: httpPorts lists port {port} twice")]
+    DuplicateHttpPort { workload: String, port: u16 },
     /// A workload runs on a node that `nodes:` does not list.
     #[error("workload {workload}: node {node} is not listed in `nodes:`")]
     UnknownNode { workload: String, node: String },
@@ -313,6 +332,8 @@ struct RawWorkload {
     labels: Option<BTreeMap<String, String>>,
     /// `STRICT` (default) or `PERMISSIVE`.
     peer_authentication: Option<Spanned<String>>,
+    /// Ports that speak HTTP (L7 policy applies there).
+    http_ports: Option<Vec<Spanned<u64>>>,
 }
 
 impl Registry {
@@ -700,6 +721,34 @@ impl Validator<'_> {
             },
         };
 
+        let mut http_ports: Vec<u16> = Vec::new();
+        for p in raw.http_ports.unwrap_or_default() {
+            let p_line = line_of(&p, line);
+            let port = match u16::try_from(p.value) {
+                Ok(port) if port != 0 => port,
+                _ => {
+                    return Err(self.invalid(
+                        p_line,
+                        Problem::InvalidHttpPort {
+                            workload: key,
+                            value: p.value,
+                        },
+                    ))
+                }
+            };
+            if http_ports.contains(&port) {
+                return Err(self.invalid(
+                    p_line,
+                    Problem::DuplicateHttpPort {
+                        workload: key,
+                        port,
+                    },
+                ));
+            }
+            http_ports.push(port);
+        }
+        http_ports.sort_unstable();
+
         let ips_line = line_of(&ips, line);
         let ips = self.ips(&key, ips.value, ips_line)?;
 
@@ -734,6 +783,7 @@ impl Validator<'_> {
             cgroup_id,
             labels: raw.labels.unwrap_or_default(),
             permissive,
+            http_ports,
         })
     }
 
@@ -1610,6 +1660,31 @@ nodes:
                 "{FILE}:2: workload default/a1 runs on this node (n1) but has no `cgroup` field"
             )
         );
+    }
+
+    #[test]
+    fn http_ports() {
+        let root = root();
+        let with = |v: &str| format!("{}    httpPorts: {v}\n", a1_with("", ""));
+        let r = parse(&with("[9090, 8080]"), &root).unwrap();
+        assert_eq!(r.workloads[0].http_ports(), &[8080, 9090]);
+        assert!(r.workloads[0].is_http_port(8080));
+        assert!(!r.workloads[0].is_http_port(80));
+        assert!(parse(&a1_with("", ""), &root).unwrap().workloads[0]
+            .http_ports()
+            .is_empty());
+        for bad in ["[0]", "[65536]"] {
+            assert!(
+                matches!(invalid(&with(bad), &root, 8), Problem::InvalidHttpPort { .. }),
+                "{bad}"
+            );
+        }
+        match invalid(&with("[80, 80]"), &root, 8) {
+            Problem::DuplicateHttpPort { workload, port } => {
+                assert_eq!((workload.as_str(), port), ("default/a1", 80));
+            }
+            p => panic!("{p}"),
+        }
     }
 
     #[test]

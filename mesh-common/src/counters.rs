@@ -27,8 +27,16 @@ pub const INGRESS_ERRORS: u32 = 10;
 /// Events lost because the `mesh_events` ring buffer was full.
 pub const EVENTS_DROPPED: u32 = 11;
 
+/// connect() denied by L4 policy (failed with EPERM).
+pub const CONNECT_DENIED_POLICY: u32 = 12;
+/// connect() a dry-run policy would have denied (allowed).
+pub const CONNECT_WOULD_DENY: u32 = 13;
+/// connect() denied because the policy maps were inconsistent (a destination with a policy
+/// set but no source class, or no L4 entry for the pair, or an unknown verdict): fail closed.
+pub const POLICY_LOOKUP_ERRORS: u32 = 14;
+
 /// Number of counter slots.
-pub const COUNT: u32 = 12;
+pub const COUNT: u32 = 15;
 
 /// Human names, indexed by counter index (for metrics and the CLI).
 pub const NAMES: [&str; COUNT as usize] = [
@@ -44,4 +52,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "ingress_plaintext_permissive",
     "ingress_errors",
     "events_dropped",
+    "connect_denied_policy",
+    "connect_would_deny",
+    "policy_lookup_errors",
 ];

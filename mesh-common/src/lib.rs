@@ -15,6 +15,7 @@
 
 pub mod names;
 pub mod counters;
+pub mod policy;
 
 /// Address family values used in [`OrigDst::family`] (Linux `AF_*`).
 pub const AF_INET: u16 = 2;
@@ -107,7 +108,9 @@ pub struct AgentConfig {
     pub redirect_ip6_be: [u32; 4],
     /// `CONFIG_F_*` bits. 0 means "agent not ready": nothing is captured.
     pub flags: u32,
-    pub _pad: u32,
+    /// The active policy generation (`mesh_pol_*` keys); 0: no policy loaded, all allowed.
+    /// Written on its own (one 32-byte update of the slot) when a generation is swapped in.
+    pub policy_gen: u32,
 }
 const _: () = assert!(core::mem::size_of::<AgentConfig>() == 32);
 
@@ -167,7 +170,8 @@ const _: () = assert!(core::mem::size_of::<ConnKey>() == 40);
 pub struct Event {
     /// `EVENT_*`.
     pub kind: u32,
-    /// Workload id of the enrolled destination workload (never 0).
+    /// Workload id of the enrolled workload the event is about (never 0): the destination
+    /// for `EVENT_PLAINTEXT_*`, the source (connecting) workload for `EVENT_L4_*`.
     pub workload_id: u32,
     /// Source address of the packet, network order, IPv4 mapped.
     pub src_addr_be: [u32; 4],
@@ -179,8 +183,15 @@ pub struct Event {
     pub dst_port_be: u16,
     /// `AF_INET` or `AF_INET6`: the IP version of the packet.
     pub family: u32,
-    /// Zero; room for later event kinds (e.g. the policy that denied).
-    pub _reserved: [u32; 4],
+    /// `EVENT_L4_*`: the destination workload id; 0 otherwise.
+    pub peer_workload_id: u32,
+    /// `EVENT_L4_*`: the deciding policy, a `str_id` of `mesh_pol_strs` in generation
+    /// `policy_gen` (0: none, the default deny); 0 otherwise.
+    pub policy_str: u32,
+    /// `EVENT_L4_*`: the policy generation the kernel decided with; 0 otherwise.
+    pub policy_gen: u32,
+    /// Zero.
+    pub _reserved: u32,
 }
 const _: () = assert!(core::mem::size_of::<Event>() == 64);
 
@@ -189,8 +200,11 @@ const _: () = assert!(core::mem::size_of::<Event>() == 64);
 pub const EVENT_PLAINTEXT_REFUSED: u32 = 1;
 /// A plaintext connection from outside the mesh reached a PERMISSIVE workload.
 pub const EVENT_PLAINTEXT_PERMISSIVE: u32 = 2;
-/// Reserved: a connection denied by L4 policy.
+/// A connect was denied by L4 policy (it failed with EPERM). `src_addr_be`/`src_port_be` are
+/// zero (the socket is not bound yet); `dst_*` are the original destination.
 pub const EVENT_L4_DENIED: u32 = 3;
+/// A connect would have been denied by a dry-run policy; it was allowed.
+pub const EVENT_L4_WOULD_DENY: u32 = 4;
 
 /// `::ffff:a.b.c.d` in network order, from an IPv4 address in network order.
 #[inline(always)]
@@ -228,6 +242,30 @@ mod pod {
     unsafe impl aya::Pod for PeerValue {}
     #[allow(unsafe_code)]
     unsafe impl aya::Pod for Event {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for policy::PolSrcKey {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for policy::PolSrcValue {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for policy::PolDstKey {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for policy::PolDstValue {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for policy::PolL4Key {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for policy::PolL4Value {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for policy::PolL7Key {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for policy::PolL7Value {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for policy::PolOpKey {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for policy::PolOpValue {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for policy::PolStrKey {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for policy::PolStrValue {}
 }
 
 #[cfg(test)]

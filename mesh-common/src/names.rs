@@ -28,8 +28,31 @@ pub const MAP_EVENTS: &str = "mesh_events";
 /// STRICT check admits besides the local agent's own listener address.
 pub const MAP_PEERS: &str = "mesh_peers";
 
+/// Policy: source class per workload (`PolSrcKey` → `PolSrcValue`).
+pub const MAP_POL_SRC: &str = "mesh_pol_src";
+/// Policy: policy set per destination workload (`PolDstKey` → `PolDstValue`).
+pub const MAP_POL_DST: &str = "mesh_pol_dst";
+/// Policy: L4 decision per (set, class, port) (`PolL4Key` → `PolL4Value`).
+pub const MAP_POL_L4: &str = "mesh_pol_l4";
+/// Policy: request-level clauses (`PolL7Key` → `PolL7Value`).
+pub const MAP_POL_L7: &str = "mesh_pol_l7";
+/// Policy: operation terms of the clauses (`PolOpKey` → `PolOpValue`).
+pub const MAP_POL_OPS: &str = "mesh_pol_ops";
+/// Policy: interned strings (`PolStrKey` → `PolStrValue`).
+pub const MAP_POL_STRS: &str = "mesh_pol_strs";
+
+/// The policy maps.
+pub const POLICY_MAPS: [&str; 6] = [
+    MAP_POL_SRC,
+    MAP_POL_DST,
+    MAP_POL_L4,
+    MAP_POL_L7,
+    MAP_POL_OPS,
+    MAP_POL_STRS,
+];
+
 /// Every map the agent pins, in load order.
-pub const ALL_MAPS: [&str; 8] = [
+pub const ALL_MAPS: [&str; 14] = [
     MAP_WORKLOADS,
     MAP_DESTS,
     MAP_CONFIG,
@@ -38,6 +61,12 @@ pub const ALL_MAPS: [&str; 8] = [
     MAP_COUNTERS,
     MAP_EVENTS,
     MAP_PEERS,
+    MAP_POL_SRC,
+    MAP_POL_DST,
+    MAP_POL_L4,
+    MAP_POL_L7,
+    MAP_POL_OPS,
+    MAP_POL_STRS,
 ];
 
 /// Every program the agent attaches.

@@ -6,6 +6,15 @@
 //! address is in `mesh_dests`. The original destination is saved under the
 //! socket cookie and the destination rewritten to the agent's outbound
 //! listener. Everything else passes untouched.
+//!
+//! Before the rewrite, L4 policy (`mesh_pol_*`, generation `AgentConfig::policy_gen`) is
+//! checked when a generation is active: the destination's policy set (absent: no policy
+//! selects it, allowed), the source workload's class for the connect's address family, then
+//! the entry for (set, class, port) or else (set, class, 0). `POL_DENY` fails the connect
+//! with EPERM at once (counted, `EVENT_L4_DENIED`); a dry-run deny is counted and reported
+//! (`EVENT_L4_WOULD_DENY`) and the connect proceeds. A missing class or entry, or an unknown
+//! verdict, is an inconsistency of the maps: denied (fail closed), counted as
+//! `policy_lookup_errors`.
 
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
@@ -16,12 +25,17 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use mesh_common::{
-    counters as ctr, is_mapped_v4, mapped_v4, AgentConfig, IpKey, OrigDst, WorkloadValue,
-    AF_INET, AF_INET6, CONFIG_F_IPV6, CONFIG_F_READY,
+    counters as ctr, is_mapped_v4, mapped_v4,
+    policy::{
+        PolDstKey, PolL4Key, PolL4Value, PolSrcKey, POL_ALLOW, POL_DENY, POL_F_DRY_RUN_DENY,
+        POL_L7,
+    },
+    AgentConfig, Event, IpKey, OrigDst, WorkloadValue, AF_INET, AF_INET6, CONFIG_F_IPV6,
+    CONFIG_F_READY, EVENT_L4_DENIED, EVENT_L4_WOULD_DENY,
 };
 
 use crate::{
-    maps::{count, CONFIG, COOKIE_DST, DESTS},
+    maps::{count, emit, CONFIG, COOKIE_DST, DESTS, POL_DST, POL_L4, POL_SRC},
     workload,
 };
 
@@ -42,6 +56,106 @@ pub enum CaptureError {
     NotReady,
     /// The cookie map refused the entry.
     MapFull,
+    /// L4 policy denies the connect (counted and reported already).
+    PolicyDenied,
+}
+
+/// Sends an `EVENT_L4_*` record: the connecting workload, the destination workload and
+/// address, the deciding policy string of generation `gen`.
+#[inline(always)]
+fn emit_policy_event(kind: u32, gen: u32, orig: &OrigDst, policy_str: u32) {
+    let event = Event {
+        kind,
+        workload_id: orig.src_workload_id,
+        src_addr_be: [0; 4],
+        dst_addr_be: orig.addr_be,
+        src_port_be: 0,
+        dst_port_be: orig.port_be,
+        family: u32::from(orig.family),
+        peer_workload_id: orig.dst_workload_id,
+        policy_str,
+        policy_gen: gen,
+        _reserved: 0,
+    };
+    emit(&event);
+}
+
+/// The L4 entry for (set, class, port), else (set, class, 0).
+#[inline(always)]
+fn l4_entry(gen: u32, set_id: u32, class_id: u32, port: u32) -> Option<PolL4Value> {
+    let key = PolL4Key {
+        gen,
+        set_id,
+        class_id,
+        port,
+    };
+    // SAFETY: read-only lookup, value copied out.
+    if let Some(v) = unsafe { POL_L4.get(key) } {
+        return Some(*v);
+    }
+    let other = PolL4Key {
+        gen,
+        set_id,
+        class_id,
+        port: 0,
+    };
+    // SAFETY: as above.
+    unsafe { POL_L4.get(other) }.copied()
+}
+
+/// Checks L4 policy for a captured connect (generation `gen`, never 0). `Ok` when allowed;
+/// every deny is counted and reported here.
+#[inline(always)]
+fn check_policy(gen: u32, orig: &OrigDst) -> Result<(), CaptureError> {
+    let dst_key = PolDstKey {
+        gen,
+        workload_id: orig.dst_workload_id,
+    };
+    // SAFETY: read-only lookup, value copied out.
+    let Some(dst) = (unsafe { POL_DST.get(dst_key) }).copied() else {
+        // No policy selects the destination.
+        return Ok(());
+    };
+    let src_key = PolSrcKey {
+        gen,
+        workload_id: orig.src_workload_id,
+    };
+    // SAFETY: read-only lookup, value copied out.
+    let Some(src) = (unsafe { POL_SRC.get(src_key) }).copied() else {
+        count(ctr::POLICY_LOOKUP_ERRORS);
+        emit_policy_event(EVENT_L4_DENIED, gen, orig, 0);
+        return Err(CaptureError::PolicyDenied);
+    };
+    let class_id = if orig.family == AF_INET {
+        src.class4
+    } else {
+        src.class6
+    };
+    let port = u32::from(u16::from_be(orig.port_be));
+    let Some(entry) = l4_entry(gen, dst.set_id, class_id, port) else {
+        count(ctr::POLICY_LOOKUP_ERRORS);
+        emit_policy_event(EVENT_L4_DENIED, gen, orig, 0);
+        return Err(CaptureError::PolicyDenied);
+    };
+    match entry.verdict {
+        POL_DENY => {
+            count(ctr::CONNECT_DENIED_POLICY);
+            emit_policy_event(EVENT_L4_DENIED, gen, orig, entry.policy_str);
+            Err(CaptureError::PolicyDenied)
+        }
+        POL_ALLOW | POL_L7 => {
+            if entry.flags & POL_F_DRY_RUN_DENY != 0 {
+                count(ctr::CONNECT_WOULD_DENY);
+                emit_policy_event(EVENT_L4_WOULD_DENY, gen, orig, entry.dry_run_str);
+            }
+            Ok(())
+        }
+        _ => {
+            count(ctr::POLICY_LOOKUP_ERRORS);
+            emit_policy_event(EVENT_L4_DENIED, gen, orig, 0);
+            Err(CaptureError::PolicyDenied)
+        }
+    }
 }
 
 /// The enrolled workload of the calling task (its cgroup or an ancestor).
@@ -96,6 +210,9 @@ fn capture(
         src_workload_id: workload.workload_id,
         dst_workload_id: dest.workload_id,
     };
+    if cfg.policy_gen != 0 {
+        check_policy(cfg.policy_gen, &orig)?;
+    }
     // SAFETY: the context pointer is the program's own bpf_sock_addr.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     COOKIE_DST
@@ -129,6 +246,7 @@ pub fn try_connect4(ctx: &SockAddrContext) -> Result<i32, CaptureError> {
             count(ctr::CONNECT_REDIRECTED);
             Ok(VERDICT_ALLOW)
         }
+        Err(CaptureError::PolicyDenied) => Ok(VERDICT_REJECT),
         Err(e) => {
             count(ctr::CONNECT_ERRORS);
             Err(e)
@@ -175,6 +293,7 @@ pub fn try_connect6(ctx: &SockAddrContext) -> Result<i32, CaptureError> {
             count(ctr::CONNECT_REDIRECTED);
             Ok(VERDICT_ALLOW)
         }
+        Err(CaptureError::PolicyDenied) => Ok(VERDICT_REJECT),
         Err(e) => {
             count(ctr::CONNECT_ERRORS);
             Err(e)

@@ -105,7 +105,10 @@ pub fn try_ingress(ctx: &SkBuffContext) -> Result<i32, ParseError> {
         src_port_be: syn.src_port_be,
         dst_port_be: syn.dst_port_be,
         family: u32::from(syn.family),
-        _reserved: [0; 4],
+        peer_workload_id: 0,
+        policy_str: 0,
+        policy_gen: 0,
+        _reserved: 0,
     };
     emit(&event);
     if permissive {

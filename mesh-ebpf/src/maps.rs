@@ -6,8 +6,12 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use mesh_common::{
-    capacity as cap, counters, AgentConfig, CgroupKey, ConnKey, DestValue, Event, IpKey, OrigDst,
-    PeerValue, WorkloadValue,
+    capacity as cap, counters,
+    policy::{
+        capacity as pcap, PolDstKey, PolDstValue, PolL4Key, PolL4Value, PolL7Key, PolL7Value,
+        PolOpKey, PolOpValue, PolSrcKey, PolSrcValue, PolStrKey, PolStrValue,
+    },
+    AgentConfig, CgroupKey, ConnKey, DestValue, Event, IpKey, OrigDst, PeerValue, WorkloadValue,
 };
 
 /// Enrolled workload cgroups.
@@ -44,6 +48,32 @@ pub static EVENTS: RingBuf<Event, { cap::EVENTS_BYTES as usize }> = RingBuf::new
 /// Addresses of mesh agents: sources the inbound STRICT check admits.
 #[btf_map(name = "mesh_peers")]
 pub static PEERS: HashMap<IpKey, PeerValue, { cap::PEERS as usize }> = HashMap::new();
+
+/// Policy: source class of every workload, per generation.
+#[btf_map(name = "mesh_pol_src")]
+pub static POL_SRC: HashMap<PolSrcKey, PolSrcValue, { pcap::POL_SRC as usize }> = HashMap::new();
+
+/// Policy: the policy set of every destination a policy selects, per generation.
+#[btf_map(name = "mesh_pol_dst")]
+pub static POL_DST: HashMap<PolDstKey, PolDstValue, { pcap::POL_DST as usize }> = HashMap::new();
+
+/// Policy: L4 decision per (generation, set, class, port).
+#[btf_map(name = "mesh_pol_l4")]
+pub static POL_L4: HashMap<PolL4Key, PolL4Value, { pcap::POL_L4 as usize }> = HashMap::new();
+
+/// Policy: request-level clauses. Read by the agent only; declared here so that the one
+/// object defines (and the agent pins) every policy map with its BTF.
+#[btf_map(name = "mesh_pol_l7")]
+pub static POL_L7: HashMap<PolL7Key, PolL7Value, { pcap::POL_L7 as usize }> = HashMap::new();
+
+/// Policy: operation terms of the clauses (agent only, as `mesh_pol_l7`).
+#[btf_map(name = "mesh_pol_ops")]
+pub static POL_OPS: HashMap<PolOpKey, PolOpValue, { pcap::POL_OPS as usize }> = HashMap::new();
+
+/// Policy: interned strings (agent only, as `mesh_pol_l7`).
+#[btf_map(name = "mesh_pol_strs")]
+pub static POL_STRS: HashMap<PolStrKey, PolStrValue, { pcap::POL_STRS as usize }> =
+    HashMap::new();
 
 /// Sends an event to the agent; a full ring buffer is counted, not retried.
 #[inline(always)]

@@ -64,6 +64,8 @@ pub struct AgentSpec {
     pub admin: SocketAddr,
     /// `--cert-lifetime-secs` (the agent's default when `None`).
     pub cert_lifetime_secs: Option<u64>,
+    /// `--policy-dir` (none when `None`).
+    pub policy_dir: Option<PathBuf>,
     pub extra_args: Vec<String>,
 }
 
@@ -90,6 +92,9 @@ impl AgentSpec {
             .arg(self.admin.to_string());
         if let Some(secs) = self.cert_lifetime_secs {
             cmd.arg("--cert-lifetime-secs").arg(secs.to_string());
+        }
+        if let Some(dir) = &self.policy_dir {
+            cmd.arg("--policy-dir").arg(dir);
         }
         cmd.arg("--pin-dir")
             .arg(&self.pin_dir)

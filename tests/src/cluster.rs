@@ -338,6 +338,8 @@ pub struct Pod {
     node_name: String,
     registered: bool,
     permissive: bool,
+    /// `httpPorts` in the registry (left out when empty).
+    http_ports: Vec<u16>,
     service_account: String,
     place: Place,
     // Teardown order is field order.
@@ -401,7 +403,12 @@ impl Pod {
             cgroup: Some(self.cgroup_rel().to_string_lossy().into_owned()),
             labels: vec![("app".into(), self.name.clone())],
             peer_authentication: self.permissive.then(|| "PERMISSIVE".into()),
-            extra_lines: Vec::new(),
+            extra_lines: if self.http_ports.is_empty() {
+                Vec::new()
+            } else {
+                let ports: Vec<String> = self.http_ports.iter().map(u16::to_string).collect();
+                vec![format!("httpPorts: [{}]", ports.join(", "))]
+            },
         }
     }
 }
@@ -418,6 +425,24 @@ struct PodSpec {
     name: String,
     registered: bool,
     permissive: bool,
+    http_ports: Vec<u16>,
+}
+
+/// What `mesh-agent policy apply` did.
+#[derive(Clone, Debug)]
+pub struct PolicyApply {
+    /// Exit code (`None`: killed).
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl PolicyApply {
+    /// The applied generation (`--output json`), if it succeeded.
+    pub fn generation(&self) -> Option<u64> {
+        let v: serde_json::Value = serde_json::from_str(&self.stdout).ok()?;
+        v.get("generation")?.as_u64()
+    }
 }
 
 /// Builds a [`Cluster`]. Pods are named by the caller, or `a1, a2, …` on the
@@ -429,6 +454,8 @@ pub struct ClusterBuilder {
     pods: Vec<PodSpec>,
     /// Pods registered with `peerAuthentication: PERMISSIVE`.
     permissive: Vec<String>,
+    /// Pods registered with `httpPorts`.
+    http_ports: Vec<(String, Vec<u16>)>,
     testpod: Option<PathBuf>,
 }
 
@@ -450,6 +477,12 @@ impl ClusterBuilder {
         self
     }
 
+    /// Registers pod `name` (added by any means) with `httpPorts: ports`.
+    pub fn http_ports(mut self, name: &str, ports: &[u16]) -> Self {
+        self.http_ports.push((name.into(), ports.to_vec()));
+        self
+    }
+
     /// A pod on node `node` (0-based), listed in the registry.
     pub fn add_pod(mut self, node: usize, name: &str) -> Self {
         self.pods.push(PodSpec {
@@ -457,6 +490,7 @@ impl ClusterBuilder {
             name: name.into(),
             registered: true,
             permissive: false,
+            http_ports: Vec::new(),
         });
         self
     }
@@ -470,6 +504,7 @@ impl ClusterBuilder {
             name: name.into(),
             registered: false,
             permissive: false,
+            http_ports: Vec::new(),
         });
         self
     }
@@ -498,6 +533,7 @@ impl ClusterBuilder {
                     name: format!("{letter}{k}"),
                     registered: true,
                     permissive: false,
+                    http_ports: Vec::new(),
                 });
             }
         }
@@ -508,6 +544,13 @@ impl ClusterBuilder {
                 .find(|s| &s.name == name)
                 .unwrap_or_else(|| panic!("permissive({name}): no such pod"));
             spec.permissive = true;
+        }
+        for (name, ports) in &self.http_ports {
+            let spec = specs
+                .iter_mut()
+                .find(|s| &s.name == name)
+                .unwrap_or_else(|| panic!("http_ports({name}): no such pod"));
+            spec.http_ports = ports.clone();
         }
         for (i, s) in specs.iter().enumerate() {
             assert!(
@@ -762,7 +805,66 @@ impl Cluster {
             outbound6: Some(node.outbound6()),
             pin_dir: node.pin_dir.clone(),
             log_dir: self.tmp.path().to_owned(),
+            policy_dir: None,
             extra_args: Vec::new(),
+        }
+    }
+
+    /// Writes a policy directory `<tmp>/<name>/` holding `files` (`(file name, YAML)`),
+    /// replacing whatever it held, and returns its path.
+    #[track_caller]
+    pub fn write_policy_dir(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
+        let dir = self.tmp.path().join(name);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .unwrap_or_else(|e| panic!("clearing {}: {e}", dir.display()));
+        }
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        for (file, text) in files {
+            let path = dir.join(file);
+            std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        }
+        dir
+    }
+
+    /// Starts node `index`'s agent with `--policy-dir dir` and waits until it is ready.
+    #[track_caller]
+    pub fn start_agent_with_policy(&self, index: usize, dir: &Path) -> Agent {
+        let mut spec = self.agent_spec(index);
+        spec.policy_dir = Some(dir.to_owned());
+        Agent::start(spec)
+    }
+
+    /// Runs `mesh-agent policy apply DIR --registry <tmp>/registry.yaml --pin-dir <node's>
+    /// --trust-domain <the cluster's> --output json` and returns its output (exit status,
+    /// stdout, stderr); bounded by [`crate::DEFAULT_TIMEOUT`].
+    #[track_caller]
+    pub fn policy_apply(&self, index: usize, dir: &Path) -> PolicyApply {
+        let registry = self.write_registry();
+        let mut cmd = Command::new(crate::agent::agent_bin());
+        cmd.arg("policy")
+            .arg("apply")
+            .arg(dir)
+            .arg("--registry")
+            .arg(&registry)
+            .arg("--pin-dir")
+            .arg(self.node(index).pin_dir())
+            .arg("--trust-domain")
+            .arg(crate::authority::TRUST_DOMAIN)
+            .arg("--output")
+            .arg("json");
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("MESH_") {
+                cmd.env_remove(k);
+            }
+        }
+        let out = self
+            .node(index)
+            .run(cmd, "policy-apply", crate::DEFAULT_TIMEOUT);
+        PolicyApply {
+            code: out.status.code(),
+            stdout: out.stdout,
+            stderr: out.stderr,
         }
     }
 
@@ -899,6 +1001,7 @@ impl Cluster {
             node_name: node.name.clone(),
             registered: spec.registered,
             permissive: spec.permissive,
+            http_ports: spec.http_ports.clone(),
             service_account: format!("sa-{}", spec.name),
             place,
             _veth: veth,

@@ -39,7 +39,7 @@ pub mod tmp;
 pub use authority::Authority;
 pub use agent::{agent_bin, Agent, AgentExit, AgentSpec, FlowRecord};
 pub use cgroup::Cgroup;
-pub use cluster::{Cluster, ClusterBuilder, Host, Node, Place, Pod};
+pub use cluster::{Cluster, ClusterBuilder, Host, Node, Place, Pod, PolicyApply};
 pub use netns::{Netns, Veth};
 pub use poll::{eventually, wait_for, DEFAULT_TIMEOUT, POLL_INTERVAL};
 pub use process::{Output, Proc};

@@ -122,6 +122,9 @@ pub struct ClientResult {
     pub hello: Option<String>,
     pub echo_ok: bool,
     pub error: Option<String>,
+    /// How long `connect()` took (success or failure), in microseconds.
+    #[serde(default)]
+    pub connect_us: Option<u64>,
 }
 
 impl ClientResult {

@@ -12,15 +12,18 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use mesh_common::{Event, EVENT_L4_DENIED, EVENT_PLAINTEXT_PERMISSIVE, EVENT_PLAINTEXT_REFUSED};
+use mesh_common::{
+    Event, EVENT_L4_DENIED, EVENT_L4_WOULD_DENY, EVENT_PLAINTEXT_PERMISSIVE,
+    EVENT_PLAINTEXT_REFUSED,
+};
 use tokio::{
     io::{unix::AsyncFd, Interest},
     sync::watch,
     task::JoinHandle,
 };
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
-use crate::{proxy::ip_from_words, registry::Registry};
+use crate::{policy::maps::PolicyView, proxy::ip_from_words, registry::Registry};
 
 /// What an [`Event`]'s `kind` says, for the agent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,8 +32,10 @@ pub enum EventKind {
     PlaintextRefused,
     /// `EVENT_PLAINTEXT_PERMISSIVE`: plaintext from outside the mesh reached a PERMISSIVE workload.
     PlaintextPermissive,
-    /// `EVENT_L4_DENIED`: reserved for L4 policy.
+    /// `EVENT_L4_DENIED`: a connect denied by L4 policy in the kernel.
     L4Denied,
+    /// `EVENT_L4_WOULD_DENY`: a connect a dry-run policy would have denied.
+    L4WouldDeny,
 }
 
 /// An event kind this build does not know.
@@ -46,6 +51,7 @@ impl TryFrom<u32> for EventKind {
             EVENT_PLAINTEXT_REFUSED => Ok(Self::PlaintextRefused),
             EVENT_PLAINTEXT_PERMISSIVE => Ok(Self::PlaintextPermissive),
             EVENT_L4_DENIED => Ok(Self::L4Denied),
+            EVENT_L4_WOULD_DENY => Ok(Self::L4WouldDeny),
             other => Err(UnknownKind(other)),
         }
     }
@@ -78,7 +84,10 @@ pub fn decode(b: &[u8]) -> Option<Event> {
         src_port_be: u16_at(40),
         dst_port_be: u16_at(42),
         family: u32_at(44),
-        _reserved: words(48),
+        peer_workload_id: u32_at(48),
+        policy_str: u32_at(52),
+        policy_gen: u32_at(56),
+        _reserved: u32_at(60),
     })
 }
 
@@ -135,10 +144,15 @@ impl EventReader {
 /// Logs every event until `stop` turns true, and hands each to `on_event`
 /// (the app counts metrics there): `plaintext refused` (STRICT) and
 /// `plaintext inside a secure zone` (PERMISSIVE), with `src`, `dst` and
-/// `dst_workload` (`namespace/name` from the registry).
+/// `dst_workload` (`namespace/name` from the registry); `connection denied` (layer `l4`,
+/// side `kernel`) and `dry-run deny` for L4 policy, with `src_workload`, `src_identity`,
+/// `dst_workload`, `dst`, `port`, `policy` (`ns/name` from the policy view of the event's
+/// generation, `-` for a default deny) and `generation`.
 pub fn spawn_event_log(
     mut reader: EventReader,
     registry: Arc<Registry>,
+    views: watch::Receiver<Arc<PolicyView>>,
+    trust_domain: String,
     on_event: impl Fn(&Event) + Send + 'static,
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
@@ -159,18 +173,31 @@ pub fn spawn_event_log(
                     }
                 },
             };
-            log_event(&event, &registry);
+            log_event(&event, &registry, &views.borrow(), &trust_domain);
             on_event(&event);
         }
         // Whatever is already in the buffer at shutdown is still logged.
         while let Some(event) = reader.try_next() {
-            log_event(&event, &registry);
+            log_event(&event, &registry, &views.borrow(), &trust_domain);
             on_event(&event);
         }
     })
 }
 
-fn log_event(event: &Event, registry: &Registry) {
+/// The policy name of an `EVENT_L4_*`: from the view when it is of the event's generation.
+fn policy_name(event: &Event, view: &PolicyView) -> String {
+    if event.policy_str == 0 {
+        return "-".to_owned();
+    }
+    if view.generation() == event.policy_gen {
+        if let Some(s) = view.string(event.policy_str) {
+            return s.to_string();
+        }
+    }
+    format!("gen{}#{}", event.policy_gen, event.policy_str)
+}
+
+fn log_event(event: &Event, registry: &Registry, view: &PolicyView, trust_domain: &str) {
     let src = event_src(event);
     let dst = event_dst(event);
     let dst_workload = registry
@@ -187,8 +214,47 @@ fn log_event(event: &Event, registry: &Registry) {
             dst_workload = %dst_workload,
             "plaintext inside a secure zone"
         ),
-        Ok(EventKind::L4Denied) => {
-            warn!(src = %src, dst = %dst, dst_workload = %dst_workload, "l4 denied");
+        Ok(kind @ (EventKind::L4Denied | EventKind::L4WouldDeny)) => {
+            let src = registry.by_id(event.workload_id);
+            let src_workload = src
+                .map(|w| w.key())
+                .unwrap_or_else(|| format!("unknown#{}", event.workload_id));
+            let src_identity = src
+                .map(|w| w.spiffe_id(trust_domain))
+                .unwrap_or_default();
+            let dst_workload = registry
+                .by_id(event.peer_workload_id)
+                .map(|w| w.key())
+                .unwrap_or_else(|| format!("unknown#{}", event.peer_workload_id));
+            let policy = policy_name(event, view);
+            let port = dst.port();
+            if kind == EventKind::L4Denied {
+                warn!(
+                    layer = "l4",
+                    side = "kernel",
+                    src_workload = %src_workload,
+                    src_identity = %src_identity,
+                    dst_workload = %dst_workload,
+                    dst = %dst,
+                    port,
+                    policy = %policy,
+                    generation = event.policy_gen,
+                    "connection denied"
+                );
+            } else {
+                info!(
+                    layer = "l4",
+                    side = "kernel",
+                    src_workload = %src_workload,
+                    src_identity = %src_identity,
+                    dst_workload = %dst_workload,
+                    dst = %dst,
+                    port,
+                    policy = %policy,
+                    generation = event.policy_gen,
+                    "dry-run deny"
+                );
+            }
         }
         Err(e) => debug!(kind = e.0, "unknown kernel event skipped"),
     }
@@ -211,7 +277,7 @@ mod tests {
         b.extend(e.src_port_be.to_ne_bytes());
         b.extend(e.dst_port_be.to_ne_bytes());
         b.extend(e.family.to_ne_bytes());
-        for w in e._reserved {
+        for w in [e.peer_workload_id, e.policy_str, e.policy_gen, e._reserved] {
             b.extend(w.to_ne_bytes());
         }
         b
@@ -227,7 +293,10 @@ mod tests {
             src_port_be: 40000u16.to_be(),
             dst_port_be: 8080u16.to_be(),
             family: u32::from(AF_INET),
-            _reserved: [0; 4],
+            peer_workload_id: 3,
+            policy_str: 4,
+            policy_gen: 5,
+            _reserved: 0,
         };
         let b = encode(&e);
         assert_eq!(b.len(), size_of::<Event>());
@@ -247,6 +316,7 @@ mod tests {
         assert_eq!(EventKind::try_from(1).unwrap(), EventKind::PlaintextRefused);
         assert_eq!(EventKind::try_from(2).unwrap(), EventKind::PlaintextPermissive);
         assert_eq!(EventKind::try_from(3).unwrap(), EventKind::L4Denied);
+        assert_eq!(EventKind::try_from(4).unwrap(), EventKind::L4WouldDeny);
         assert!(EventKind::try_from(0).is_err());
     }
 }

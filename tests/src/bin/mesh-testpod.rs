@@ -170,6 +170,8 @@ struct Conn {
     local: Option<SocketAddr>,
     hello: Option<String>,
     echo_ok: bool,
+    /// How long `connect()` took (success or failure), in microseconds.
+    connect_us: Option<u64>,
 }
 
 fn client(
@@ -194,7 +196,7 @@ fn client(
                 if !first && !interval.is_zero() {
                     std::thread::sleep(interval);
                 }
-                let mut conn = Conn { local: None, hello: None, echo_ok: false };
+                let mut conn = Conn { local: None, hello: None, echo_ok: false, connect_us: None };
                 let sync = if first { Some(&*barrier) } else { None };
                 first = false;
                 let res = one(connect, &send, timeout, &mut conn, sync);
@@ -206,6 +208,7 @@ fn client(
                     "local": conn.local.map(|a| a.to_string()),
                     "hello": conn.hello,
                     "echo_ok": conn.echo_ok,
+                    "connect_us": conn.connect_us,
                     "error": res.err().or(if conn.echo_ok { None } else { Some("echo mismatch".to_owned()) }),
                 }));
             }
@@ -242,8 +245,10 @@ fn one(
         }
     };
     let res = (|| {
-        let stream =
-            TcpStream::connect_timeout(&connect, timeout).map_err(|e| format!("connect: {e}"))?;
+        let started = std::time::Instant::now();
+        let stream = TcpStream::connect_timeout(&connect, timeout);
+        conn.connect_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+        let stream = stream.map_err(|e| format!("connect: {e}"))?;
         conn.local = stream.local_addr().ok();
         stream
             .set_read_timeout(Some(timeout))

@@ -1,0 +1,291 @@
+//! `mesh-agent policy lint|apply|show`: check a policy directory, write it to a node's pinned
+//! maps (the running agent picks the new generation up within a second), show the active
+//! generation.
+//!
+//! Exit codes: 0 success, 2 bad input (the policy, the registry, a capacity refusal: nothing
+//! was changed), 1 runtime failure (the pinned maps could not be opened or written; the
+//! active generation stays).
+
+use std::{path::PathBuf, process::ExitCode, sync::Arc};
+
+use clap::{Args, Subcommand};
+use mesh_common::policy::{POL_ALLOW, POL_DENY, POL_L7};
+use serde::Serialize;
+use tracing::info;
+
+use super::{error_chain, print, with_stderr_logs, OutputFormat};
+use crate::{
+    policy::{
+        compile::{compile, CompileError},
+        maps::{MapsError, PolicyMaps},
+        source::{load_dir, ApplyError, CompileContext, LoadError},
+    },
+    registry::{Registry, RegistryError},
+};
+
+/// Default mesh-wide policy namespace.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+/// Default trust domain of principals.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+/// Check, apply and show authorization policy.
+#[derive(Args, Debug)]
+pub struct PolicyArgs {
+    #[command(subcommand)]
+    pub command: PolicyCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Parse a policy directory (and, with --registry, compile it against the registry).
+    Lint(LintArgs),
+    /// Compile a policy directory and write it to the pinned maps of this node as a new
+    /// generation (atomic swap).
+    Apply(ApplyArgs),
+    /// Show the active generation of the pinned maps.
+    Show(ShowArgs),
+}
+
+/// What compiling needs besides the directory.
+#[derive(Args, Debug)]
+pub struct CompileArgs {
+    /// The mesh-wide policy namespace.
+    #[arg(long, default_value = DEFAULT_ROOT_NAMESPACE)]
+    pub root_namespace: String,
+    /// The trust domain principals are in (the node certificates').
+    #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+}
+
+#[derive(Args, Debug)]
+pub struct LintArgs {
+    /// The policy directory (`*.yaml`, `*.yml`).
+    pub dir: PathBuf,
+    /// The workload registry: also compile, and check the capacities.
+    #[arg(long)]
+    pub registry: Option<PathBuf>,
+    #[command(flatten)]
+    pub compile: CompileArgs,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+#[derive(Args, Debug)]
+pub struct ApplyArgs {
+    /// The policy directory.
+    pub dir: PathBuf,
+    /// The workload registry.
+    #[arg(long)]
+    pub registry: PathBuf,
+    /// The node agent's pin directory.
+    #[arg(long, default_value = mesh_common::names::DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    #[command(flatten)]
+    pub compile: CompileArgs,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+#[derive(Args, Debug)]
+pub struct ShowArgs {
+    /// The node agent's pin directory.
+    #[arg(long, default_value = mesh_common::names::DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// The workload registry, to name workloads.
+    #[arg(long)]
+    pub registry: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+/// Why a policy command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("loading {}: {source}", dir.display())]
+    Load {
+        dir: PathBuf,
+        #[source]
+        source: LoadError,
+    },
+    #[error("compiling: {0}")]
+    Compile(#[from] CompileError),
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    #[error("writing the output: {0}")]
+    Output(#[source] std::io::Error),
+}
+
+impl OperatorError {
+    fn is_config(&self) -> bool {
+        matches!(
+            self,
+            Self::Registry(_) | Self::Load { .. } | Self::Compile(_)
+        )
+    }
+}
+
+impl From<ApplyError> for OperatorError {
+    fn from(e: ApplyError) -> Self {
+        match e {
+            ApplyError::Load { dir, source } => Self::Load { dir, source },
+            ApplyError::Compile(e) => Self::Compile(e),
+            ApplyError::Maps(e) => Self::Maps(e),
+        }
+    }
+}
+
+/// Runs a `policy` command; logs go to stderr.
+pub fn main(args: PolicyArgs) -> ExitCode {
+    match with_stderr_logs(|| run(args.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            ExitCode::from(if e.is_config() { 2 } else { 1 })
+        }
+    }
+}
+
+fn run(command: PolicyCommand) -> Result<(), OperatorError> {
+    match command {
+        PolicyCommand::Lint(a) => lint(a),
+        PolicyCommand::Apply(a) => apply(a),
+        PolicyCommand::Show(a) => show(a),
+    }
+}
+
+#[derive(Serialize)]
+struct LintOutput {
+    ok: bool,
+    policies: usize,
+    peer_authentications: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    l4_entries: Option<usize>,
+}
+
+fn lint(a: LintArgs) -> Result<(), OperatorError> {
+    let bundle = load_dir(&a.dir).map_err(|source| OperatorError::Load {
+        dir: a.dir.clone(),
+        source,
+    })?;
+    let mut out = LintOutput {
+        ok: true,
+        policies: bundle.authz.len(),
+        peer_authentications: bundle.peer_authn.len(),
+        l4_entries: None,
+    };
+    if let Some(path) = &a.registry {
+        let registry = Registry::load_all(path)?;
+        let c = compile(
+            &bundle,
+            &registry,
+            &a.compile.root_namespace,
+            &a.compile.trust_domain,
+        )?;
+        out.l4_entries = Some(c.l4.len());
+    }
+    let text = format!(
+        "ok: {} authorization policies, {} peer authentications{}",
+        out.policies,
+        out.peer_authentications,
+        out.l4_entries
+            .map(|n| format!(", {n} L4 entries"))
+            .unwrap_or_default()
+    );
+    print(a.output, &out, &text).map_err(OperatorError::Output)
+}
+
+#[derive(Serialize)]
+struct ApplyOutput {
+    generation: u32,
+    policies: usize,
+    l4_entries: usize,
+}
+
+fn apply(a: ApplyArgs) -> Result<(), OperatorError> {
+    let registry = Arc::new(Registry::load_all(&a.registry)?);
+    let ctx = CompileContext {
+        registry,
+        root_ns: a.compile.root_namespace.clone(),
+        trust_domain: a.compile.trust_domain.clone(),
+    };
+    // Compiled before the maps are touched: a bad directory changes nothing.
+    let (bundle, compiled) = ctx.load_and_compile(&a.dir)?;
+    let mut maps = PolicyMaps::open(&a.pin_dir)?;
+    let generation = maps.apply(&compiled)?;
+    let l4_entries = compiled.l4.len();
+    info!(
+        generation,
+        policies = compiled.policies,
+        l4_entries,
+        "policy applied"
+    );
+    let out = ApplyOutput {
+        generation,
+        policies: bundle.authz.len(),
+        l4_entries,
+    };
+    let text = format!(
+        "applied generation {generation}: {} policies, {l4_entries} L4 entries",
+        out.policies
+    );
+    print(a.output, &out, &text).map_err(OperatorError::Output)
+}
+
+#[derive(Serialize)]
+struct ShowOutput {
+    generation: u32,
+    destinations: Vec<ShowDestination>,
+    l4_entries: usize,
+}
+
+#[derive(Serialize)]
+struct ShowDestination {
+    workload_id: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    workload: Option<String>,
+    set_id: u32,
+}
+
+fn show(a: ShowArgs) -> Result<(), OperatorError> {
+    let registry = a.registry.as_deref().map(Registry::load_all).transpose()?;
+    let maps = PolicyMaps::open(&a.pin_dir)?;
+    let generation = maps.active_generation()?;
+    let view = maps.read_view(generation)?;
+    let destinations: Vec<ShowDestination> = view
+        .destinations()
+        .into_iter()
+        .map(|(id, set_id)| ShowDestination {
+            workload_id: id,
+            workload: registry
+                .as_ref()
+                .and_then(|r| r.by_id(id))
+                .map(|w| w.key()),
+            set_id,
+        })
+        .collect();
+    let out = ShowOutput {
+        generation,
+        l4_entries: view.l4_entries(),
+        destinations,
+    };
+    let mut text = format!(
+        "generation {generation}{}: {} L4 entries\n",
+        if generation == 0 { " (no policy)" } else { "" },
+        out.l4_entries
+    );
+    for d in &out.destinations {
+        text.push_str(&format!(
+            "  destination {} → set {}\n",
+            d.workload.clone().unwrap_or_else(|| format!("#{}", d.workload_id)),
+            d.set_id
+        ));
+    }
+    text.push_str(&format!(
+        "verdicts: {POL_ALLOW} allow, {POL_DENY} deny, {POL_L7} per request \
+         (bpftool map dump pinned {}/mesh_pol_l4)",
+        a.pin_dir.display()
+    ));
+    print(a.output, &out, &text).map_err(OperatorError::Output)
+}

@@ -1,0 +1,146 @@
+//! The proxies' view of a policy generation: each [`PolicyView`] read back from the pinned
+//! maps becomes an [`Authorizer`] snapshot. Connection decisions are the kernel's L4 decision
+//! re-made with the verified source; request decisions finish what the kernel cannot decide.
+//! Dry-run denials and AUDIT matches are logged here (`dry-run deny`, `audit`); enforced
+//! denials are logged by the proxies (`connection denied`).
+
+use std::{net::IpAddr, sync::Arc};
+
+use tokio::sync::watch;
+use tracing::info;
+
+use super::maps::{Family, L4Verdict, PolicyView};
+use crate::proxy::authz::{
+    Authorizer, ConnInfo, ConnVerdict, Policies, RequestAttrs, RequestVerdict,
+};
+
+/// One generation, as the proxies ask it.
+pub struct Snapshot {
+    view: Arc<PolicyView>,
+}
+
+impl Snapshot {
+    pub fn new(view: Arc<PolicyView>) -> Self {
+        Self { view }
+    }
+
+    fn family(c: &ConnInfo) -> Family {
+        match c.src_ip().unwrap_or(c.dst.ip().to_canonical()) {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    /// `(set, class)` for a connection with a known source, `None` without any policy.
+    fn key(&self, c: &ConnInfo) -> Option<(u32, u32)> {
+        let src = c.src_workload?;
+        self.view
+            .decide_l4(src, c.dst_workload, Self::family(c), c.dst.port())
+            .key
+    }
+}
+
+fn name(p: &Option<Arc<str>>) -> &str {
+    p.as_deref().unwrap_or("-")
+}
+
+impl Authorizer for Snapshot {
+    fn connection(&self, c: &ConnInfo) -> ConnVerdict {
+        let Some(src) = c.src_workload else {
+            // The source is not a known workload of the verified identity (no or a foreign
+            // `Forwarded` claim): only a destination without policy accepts it.
+            return match self.view.dst_set(c.dst_workload) {
+                None => ConnVerdict::Allow,
+                Some(_) => ConnVerdict::Deny { policy: None },
+            };
+        };
+        let d = self
+            .view
+            .decide_l4(src, c.dst_workload, Self::family(c), c.dst.port());
+        let per_request = d.needs_request && c.http;
+        if !per_request {
+            if let Some(would) = &d.dry_run_deny {
+                info!(layer = "l4", src_identity = %c.src_identity, dst = %c.dst,
+                      dst_workload = %c.dst_name, policy = name(would),
+                      generation = self.view.generation(), "dry-run deny");
+            }
+            if let Some(audit) = &d.audit {
+                info!(layer = "l4", src_identity = %c.src_identity, dst = %c.dst,
+                      dst_workload = %c.dst_name, policy = &**audit,
+                      generation = self.view.generation(), "audit");
+            }
+        }
+        match d.verdict {
+            L4Verdict::Deny => ConnVerdict::Deny {
+                policy: d.policy.map(|p| p.to_string()),
+            },
+            L4Verdict::PerRequest => ConnVerdict::PerRequest,
+            L4Verdict::Allow if per_request => ConnVerdict::PerRequest,
+            L4Verdict::Allow => ConnVerdict::Allow,
+        }
+    }
+
+    fn request(&self, c: &ConnInfo, req: &RequestAttrs<'_>) -> RequestVerdict {
+        let Some((set, class)) = self.key(c) else {
+            return match self.view.dst_set(c.dst_workload) {
+                None => RequestVerdict::Allow,
+                Some(_) => RequestVerdict::Deny { policy: None },
+            };
+        };
+        let r = self.view.decide_request(
+            set,
+            class,
+            c.dst.port(),
+            req.method,
+            req.path,
+            req.host.unwrap_or(""),
+        );
+        if let Some(would) = &r.dry_run_deny {
+            info!(layer = "l7", src_identity = %c.src_identity, dst = %c.dst,
+                  dst_workload = %c.dst_name, method = req.method, path = req.path,
+                  policy = name(would), generation = self.view.generation(), "dry-run deny");
+        }
+        for audit in &r.audit {
+            info!(layer = "l7", src_identity = %c.src_identity, dst = %c.dst,
+                  dst_workload = %c.dst_name, method = req.method, path = req.path,
+                  allowed = r.allowed, policy = &**audit, generation = self.view.generation(),
+                  "audit");
+        }
+        if r.allowed {
+            RequestVerdict::Allow
+        } else {
+            RequestVerdict::Deny {
+                policy: r.policy.map(|p| p.to_string()),
+            }
+        }
+    }
+
+    fn generation(&self) -> u32 {
+        self.view.generation()
+    }
+}
+
+/// Republishes every policy generation the watcher reads as an [`Authorizer`] snapshot, until
+/// `stop`.
+pub fn bridge(
+    mut views: watch::Receiver<Arc<PolicyView>>,
+    mut stop: watch::Receiver<bool>,
+) -> Policies {
+    let first = Arc::clone(&views.borrow_and_update());
+    let (tx, rx) = watch::channel(Arc::new(Snapshot::new(first)) as Arc<dyn Authorizer>);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                changed = views.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let view = Arc::clone(&views.borrow_and_update());
+                    let _ = tx.send(Arc::new(Snapshot::new(view)) as Arc<dyn Authorizer>);
+                }
+                _ = stop.changed() => return,
+            }
+        }
+    });
+    rx
+}

@@ -1,0 +1,1025 @@
+//! `PolicyBundle` + `Registry` → the contents of one generation of the policy maps
+//! (docs/CONTRACTS.md, issue 4), by partial evaluation.
+//!
+//! - The **policy set** of a destination workload is the sorted list of the AuthorizationPolicies
+//!   that select it (its namespace's, with a matching selector or none, and the root
+//!   namespace's, mesh-wide) together with its `httpPorts`; equal sets are interned
+//!   (`set_id`). A workload no policy selects has no `mesh_pol_dst` entry.
+//! - The **source class** of a workload, per address family, is its principal
+//!   (`<td>/ns/<ns>/sa/<sa>`), its namespace and whether its address of that family lies in
+//!   each distinct ipBlock of the bundle; equal classes are interned (`class_id`). A workload
+//!   without an address of a family gets the class with no address: it lies in no block (so
+//!   `ipBlocks` never match and `notIpBlocks` always do).
+//! - **Ports**: every port an operation of the set's policies names (`ports`, `notPorts`) and
+//!   every HTTP port of the set gets its own entry; port 0 stands for all others (neither
+//!   named nor HTTP).
+//!
+//! For every (set, class, port) each rule is decided as far as L4 allows: `from` is decided by
+//! the class, `ports`/`notPorts` by the port. HTTP-only fields (methods, paths, hosts): on a
+//! non-HTTP port an ALLOW operation using them never matches and a DENY (or AUDIT) one
+//! matches ignoring them (Istio's fail-safe); on an HTTP port they are left to the request
+//! (a *residual* operation, written as a clause of `mesh_pol_l7`).
+//!
+//! Verdict (enforced = not dry-run): a DENY matching at L4 → `POL_DENY`; else a DENY that may
+//! match per request → `POL_L7`; else no ALLOW policy → `POL_ALLOW`; else an ALLOW matching at
+//! L4 → `POL_ALLOW`; else an ALLOW that may match per request → `POL_L7`; else `POL_DENY`.
+//! The same evaluation with dry-run policies enforced gives the dry-run flags.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use mesh_common::{
+    names,
+    policy::{
+        budget, capacity, PolDstKey, PolDstValue, PolL4Key, PolL4Value, PolL7Key, PolL7Value,
+        PolOpKey, PolOpValue, PolSrcKey, PolSrcValue, PolStrKey, PolStrValue, POL_ACTION_ALLOW,
+        POL_ACTION_AUDIT, POL_ACTION_DENY, POL_ALLOW, POL_DENY, POL_FIELD_HOST, POL_FIELD_METHOD,
+        POL_FIELD_NOT_HOST, POL_FIELD_NOT_METHOD, POL_FIELD_NOT_PATH, POL_FIELD_PATH,
+        POL_F_AUDIT, POL_F_AUDIT_L7, POL_F_DRY_RUN_DENY, POL_F_DRY_RUN_L4_ALLOWED,
+        POL_F_DRY_RUN_L7, POL_F_HAS_ALLOW, POL_F_L4_ALLOWED, POL_L7, POL_L7_F_DRY_RUN,
+        POL_MATCH_EXACT, POL_MATCH_PREFIX, POL_MATCH_PRESENCE, POL_MATCH_SUFFIX, POL_STR_MAX,
+    },
+};
+
+use super::model::{
+    Action, AuthorizationPolicy, IpNet, MtlsMode, Operation, PolicyBundle, Source, StringMatch,
+};
+use crate::registry::{Registry, Workload};
+
+/// Why a bundle could not be compiled. Nothing is written when compiling fails.
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    /// One generation would not fit in a map (at most half of it: two generations coexist
+    /// during a swap).
+    #[error("policy map {map} would need {needed} entries; one generation may use {capacity}")]
+    Capacity {
+        map: &'static str,
+        needed: usize,
+        capacity: u32,
+    },
+    /// A policy name or pattern longer than `mesh_pol_strs` holds.
+    #[error("policy {policy}: value {value:?} is longer than {max} bytes")]
+    StringTooLong {
+        policy: String,
+        value: String,
+        max: usize,
+    },
+}
+
+/// The contents of one generation of the policy maps. Keys carry `gen == 0`: the writer
+/// ([`super::maps::PolicyMaps::apply`]) sets the generation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CompiledPolicy {
+    pub src: Vec<(PolSrcKey, PolSrcValue)>,
+    pub dst: Vec<(PolDstKey, PolDstValue)>,
+    pub l4: Vec<(PolL4Key, PolL4Value)>,
+    pub l7: Vec<(PolL7Key, PolL7Value)>,
+    pub ops: Vec<(PolOpKey, PolOpValue)>,
+    pub strs: Vec<(PolStrKey, PolStrValue)>,
+    /// AuthorizationPolicies in the bundle.
+    pub policies: usize,
+    /// Distinct policy sets.
+    pub sets: usize,
+    /// Distinct source classes.
+    pub classes: usize,
+}
+
+impl CompiledPolicy {
+    /// Entry counts per map, named, for logs and capacity checks.
+    pub fn sizes(&self) -> [(&'static str, usize, u32); 6] {
+        [
+            (names::MAP_POL_SRC, self.src.len(), capacity::POL_SRC),
+            (names::MAP_POL_DST, self.dst.len(), capacity::POL_DST),
+            (names::MAP_POL_L4, self.l4.len(), capacity::POL_L4),
+            (names::MAP_POL_L7, self.l7.len(), capacity::POL_L7),
+            (names::MAP_POL_OPS, self.ops.len(), capacity::POL_OPS),
+            (names::MAP_POL_STRS, self.strs.len(), capacity::POL_STRS),
+        ]
+    }
+}
+
+/// Whether policy (or PeerAuthentication) in `namespace` with `selector` applies to `w`.
+fn selects(
+    namespace: &str,
+    selector: Option<&BTreeMap<String, String>>,
+    w: &Workload,
+    root_ns: &str,
+) -> bool {
+    if namespace != root_ns && namespace != w.namespace {
+        return false;
+    }
+    selector.is_none_or(|sel| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+}
+
+/// The workload's principal as policies name it: `<td>/ns/<ns>/sa/<sa>`.
+pub fn principal(trust_domain: &str, w: &Workload) -> String {
+    format!(
+        "{trust_domain}/ns/{}/sa/{}",
+        w.namespace, w.service_account
+    )
+}
+
+/// What the kernel knows of a source: identity and ipBlock membership of one address.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct ClassKey {
+    principal: String,
+    namespace: String,
+    /// Membership in each block of [`Compiler::blocks`], in order.
+    in_block: Vec<bool>,
+}
+
+/// How far an operation, rule or policy is decided at L4.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Outcome {
+    NoMatch,
+    Match,
+    /// Matches iff one of these request-level term lists matches.
+    Residual(Vec<Vec<Term>>),
+}
+
+/// One request-level term: (field, kind, pattern).
+type Term = (u32, u32, Option<String>);
+
+/// The result of evaluating the L4 part of a set's policies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Decision {
+    verdict: u32,
+    /// The deciding policy (index into the sorted policies).
+    policy: Option<usize>,
+    /// `POL_L7`: allowed once no DENY clause matches.
+    l4_allowed: bool,
+}
+
+struct Compiler<'a> {
+    policies: Vec<&'a AuthorizationPolicy>,
+    blocks: Vec<IpNet>,
+    strings: BTreeMap<String, u32>,
+    ops: HashMap<Vec<Term>, u32>,
+    out: CompiledPolicy,
+}
+
+/// Compiles `bundle` for the workloads of `registry` (all of them: every node writes the same
+/// maps). `root_ns` is the mesh-wide namespace (`istio-system`), `trust_domain` the one the
+/// principals are in.
+pub fn compile(
+    bundle: &PolicyBundle,
+    registry: &Registry,
+    root_ns: &str,
+    trust_domain: &str,
+) -> Result<CompiledPolicy, CompileError> {
+    let mut policies: Vec<&AuthorizationPolicy> = bundle.authz.iter().collect();
+    policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let mut blocks: Vec<IpNet> = Vec::new();
+    for p in &policies {
+        for r in p.rules.iter().flatten() {
+            for s in &r.from {
+                for b in s.ip_blocks.iter().chain(&s.not_ip_blocks) {
+                    if !blocks.contains(b) {
+                        blocks.push(*b);
+                    }
+                }
+            }
+        }
+    }
+    let mut c = Compiler {
+        policies,
+        blocks,
+        strings: BTreeMap::new(),
+        ops: HashMap::new(),
+        out: CompiledPolicy::default(),
+    };
+    c.out.policies = bundle.authz.len();
+    // Policy names first: every policy gets a string even if it selects nothing.
+    for i in 0..c.policies.len() {
+        let key = c.policies[i].key();
+        c.intern_str(&key, &key)?;
+    }
+
+    // Source classes of every workload, per family.
+    let mut classes: BTreeMap<ClassKey, u32> = BTreeMap::new();
+    for w in &registry.workloads {
+        let principal = principal(trust_domain, w);
+        let mut ids = [0u32; 2];
+        for (slot, v4) in [(0, true), (1, false)] {
+            let ip = w
+                .ips
+                .iter()
+                .copied()
+                .find(|ip| matches!(ip.to_canonical(), IpAddr::V4(_)) == v4);
+            let key = ClassKey {
+                principal: principal.clone(),
+                namespace: w.namespace.clone(),
+                in_block: c
+                    .blocks
+                    .iter()
+                    .map(|b| ip.is_some_and(|ip| b.contains(ip)))
+                    .collect(),
+            };
+            let next = classes.len() as u32 + 1;
+            ids[slot] = *classes.entry(key).or_insert(next);
+        }
+        c.out.src.push((
+            PolSrcKey {
+                gen: 0,
+                workload_id: w.id,
+            },
+            PolSrcValue {
+                class4: ids[0],
+                class6: ids[1],
+            },
+        ));
+    }
+    let mut class_list: Vec<(&ClassKey, u32)> = classes.iter().map(|(k, v)| (k, *v)).collect();
+    class_list.sort_by_key(|(_, id)| *id);
+    c.out.classes = class_list.len();
+
+    // Policy sets of the destinations.
+    let mut sets: BTreeMap<(Vec<usize>, Vec<u16>), u32> = BTreeMap::new();
+    for w in &registry.workloads {
+        let selected: Vec<usize> = (0..c.policies.len())
+            .filter(|&i| {
+                let p = c.policies[i];
+                selects(&p.namespace, p.selector.as_ref(), w, root_ns)
+            })
+            .collect();
+        if selected.is_empty() {
+            continue;
+        }
+        let next = sets.len() as u32 + 1;
+        let set_id = *sets
+            .entry((selected, w.http_ports().to_vec()))
+            .or_insert(next);
+        c.out.dst.push((
+            PolDstKey {
+                gen: 0,
+                workload_id: w.id,
+            },
+            PolDstValue { set_id, flags: 0 },
+        ));
+    }
+    c.out.sets = sets.len();
+
+    // Ports per set; the L4 entry count is known before anything is evaluated.
+    /// (set id, member policies, HTTP ports, ports with an entry).
+    type SetPlan<'s> = (u32, &'s [usize], &'s [u16], BTreeSet<u16>);
+    let mut plan: Vec<SetPlan<'_>> = Vec::with_capacity(sets.len());
+    for ((members, http_ports), set_id) in &sets {
+        let mut ports: BTreeSet<u16> = http_ports.iter().copied().collect();
+        for &i in members {
+            for r in c.policies[i].rules.iter().flatten() {
+                for op in &r.to {
+                    ports.extend(op.ports.iter().chain(&op.not_ports).copied());
+                }
+            }
+        }
+        ports.insert(0);
+        plan.push((*set_id, members, http_ports, ports));
+    }
+    let l4_needed: usize = plan.iter().map(|(_, _, _, p)| p.len() * class_list.len()).sum();
+    if l4_needed > budget(capacity::POL_L4) as usize {
+        return Err(CompileError::Capacity {
+            map: names::MAP_POL_L4,
+            needed: l4_needed,
+            capacity: budget(capacity::POL_L4),
+        });
+    }
+    for (set_id, members, http_ports, ports) in &plan {
+        for (class, class_id) in &class_list {
+            for &port in ports {
+                let http = port != 0 && http_ports.contains(&port);
+                c.entry(*set_id, members, class, *class_id, port, http)?;
+            }
+        }
+    }
+
+    for (map, needed, cap) in c.out.sizes() {
+        if needed > budget(cap) as usize {
+            return Err(CompileError::Capacity {
+                map,
+                needed,
+                capacity: budget(cap),
+            });
+        }
+    }
+    Ok(c.out)
+}
+
+impl Compiler<'_> {
+    fn intern_str(&mut self, policy: &str, s: &str) -> Result<u32, CompileError> {
+        if let Some(id) = self.strings.get(s) {
+            return Ok(*id);
+        }
+        if s.len() > POL_STR_MAX {
+            return Err(CompileError::StringTooLong {
+                policy: policy.to_owned(),
+                value: s.to_owned(),
+                max: POL_STR_MAX,
+            });
+        }
+        let id = self.strings.len() as u32 + 1;
+        self.strings.insert(s.to_owned(), id);
+        let mut bytes = [0u8; POL_STR_MAX];
+        bytes[..s.len()].copy_from_slice(s.as_bytes());
+        self.out.strs.push((
+            PolStrKey { gen: 0, str_id: id },
+            PolStrValue {
+                len: s.len() as u32,
+                bytes,
+            },
+        ));
+        Ok(id)
+    }
+
+    fn policy_str(&self, i: usize) -> u32 {
+        // Every policy name was interned first.
+        self.strings
+            .get(&self.policies[i].key())
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn intern_op(&mut self, policy: &str, terms: &[Term]) -> Result<(u32, u32), CompileError> {
+        if let Some(id) = self.ops.get(terms) {
+            return Ok((*id, terms.len() as u32));
+        }
+        let id = self.ops.len() as u32 + 1;
+        for (index, (field, kind, pattern)) in terms.iter().enumerate() {
+            let str_id = match pattern {
+                Some(p) => self.intern_str(policy, p)?,
+                None => 0,
+            };
+            self.out.ops.push((
+                PolOpKey {
+                    gen: 0,
+                    op_id: id,
+                    index: index as u32,
+                },
+                PolOpValue {
+                    field: *field,
+                    kind: *kind,
+                    str_id,
+                },
+            ));
+        }
+        self.ops.insert(terms.to_vec(), id);
+        Ok((id, terms.len() as u32))
+    }
+
+    /// Writes the L4 entry (and its clauses) for (set, class, port).
+    fn entry(
+        &mut self,
+        set_id: u32,
+        members: &[usize],
+        class: &ClassKey,
+        class_id: u32,
+        port: u16,
+        http: bool,
+    ) -> Result<(), CompileError> {
+        let outcomes: Vec<(usize, Outcome)> = members
+            .iter()
+            .map(|&i| (i, self.policy_outcome(i, class, port, http)))
+            .collect();
+        let real = self.decide(&outcomes, false);
+        let shadow = self.decide(&outcomes, true);
+        let mut value = PolL4Value {
+            verdict: real.verdict,
+            flags: 0,
+            policy_str: real.policy.map_or(0, |i| self.policy_str(i)),
+            l7_count: 0,
+            dry_run_str: 0,
+            audit_str: 0,
+        };
+        if members
+            .iter()
+            .any(|&i| self.policies[i].action == Action::Allow && !self.policies[i].dry_run)
+        {
+            value.flags |= POL_F_HAS_ALLOW;
+        }
+        if real.verdict != POL_DENY {
+            if shadow.verdict == POL_DENY {
+                value.flags |= POL_F_DRY_RUN_DENY;
+                let named = shadow.policy.or_else(|| {
+                    members.iter().copied().find(|&i| {
+                        self.policies[i].dry_run && self.policies[i].action == Action::Allow
+                    })
+                });
+                value.dry_run_str = named.map_or(0, |i| self.policy_str(i));
+            } else if shadow.verdict == POL_L7 {
+                value.flags |= POL_F_DRY_RUN_L7;
+                if shadow.l4_allowed {
+                    value.flags |= POL_F_DRY_RUN_L4_ALLOWED;
+                }
+            }
+            if real.verdict == POL_L7 && real.l4_allowed {
+                value.flags |= POL_F_L4_ALLOWED;
+            }
+            for (i, o) in &outcomes {
+                if self.policies[*i].action != Action::Audit {
+                    continue;
+                }
+                match o {
+                    Outcome::Match if value.flags & POL_F_AUDIT == 0 => {
+                        value.flags |= POL_F_AUDIT;
+                        value.audit_str = self.policy_str(*i);
+                    }
+                    Outcome::Residual(_) => value.flags |= POL_F_AUDIT_L7,
+                    _ => {}
+                }
+            }
+            let needs_clauses = real.verdict == POL_L7
+                || value.flags & (POL_F_DRY_RUN_L7 | POL_F_AUDIT_L7) != 0;
+            if needs_clauses {
+                value.l7_count = self.clauses(set_id, class_id, port, &outcomes)?;
+            }
+        }
+        self.out.l4.push((
+            PolL4Key {
+                gen: 0,
+                set_id,
+                class_id,
+                port: u32::from(port),
+            },
+            value,
+        ));
+        Ok(())
+    }
+
+    /// Writes every residual clause, DENY first, then ALLOW, then AUDIT; returns how many.
+    fn clauses(
+        &mut self,
+        set_id: u32,
+        class_id: u32,
+        port: u16,
+        outcomes: &[(usize, Outcome)],
+    ) -> Result<u32, CompileError> {
+        let mut index = 0u32;
+        for (action, code) in [
+            (Action::Deny, POL_ACTION_DENY),
+            (Action::Allow, POL_ACTION_ALLOW),
+            (Action::Audit, POL_ACTION_AUDIT),
+        ] {
+            for (i, o) in outcomes {
+                let p = self.policies[*i];
+                let Outcome::Residual(ops) = o else { continue };
+                if p.action != action {
+                    continue;
+                }
+                let key = p.key();
+                let policy_str = self.policy_str(*i);
+                for terms in ops {
+                    let (op_id, op_count) = self.intern_op(&key, terms)?;
+                    self.out.l7.push((
+                        PolL7Key {
+                            gen: 0,
+                            set_id,
+                            class_id,
+                            port: u32::from(port),
+                            index,
+                        },
+                        PolL7Value {
+                            action: code,
+                            flags: if p.dry_run { POL_L7_F_DRY_RUN } else { 0 },
+                            policy_str,
+                            op_id,
+                            op_count,
+                        },
+                    ));
+                    index += 1;
+                }
+            }
+        }
+        Ok(index)
+    }
+
+    /// The L4 decision over `outcomes`, with dry-run policies enforced iff `with_dry_run`.
+    fn decide(&self, outcomes: &[(usize, Outcome)], with_dry_run: bool) -> Decision {
+        let enforced = |i: usize, action: Action| {
+            let p = self.policies[i];
+            p.action == action && (with_dry_run || !p.dry_run)
+        };
+        let find = |action: Action, want_match: bool| {
+            outcomes.iter().find_map(|(i, o)| {
+                let hit = match o {
+                    Outcome::Match => want_match,
+                    Outcome::Residual(_) => !want_match,
+                    Outcome::NoMatch => false,
+                };
+                (enforced(*i, action) && hit).then_some(*i)
+            })
+        };
+        if let Some(i) = find(Action::Deny, true) {
+            return Decision {
+                verdict: POL_DENY,
+                policy: Some(i),
+                l4_allowed: false,
+            };
+        }
+        let deny_l7 = find(Action::Deny, false).is_some();
+        let has_allow = outcomes.iter().any(|(i, _)| enforced(*i, Action::Allow));
+        let allowed = |policy: Option<usize>| Decision {
+            verdict: if deny_l7 { POL_L7 } else { POL_ALLOW },
+            policy,
+            l4_allowed: true,
+        };
+        if !has_allow {
+            return allowed(None);
+        }
+        if let Some(i) = find(Action::Allow, true) {
+            return allowed(Some(i));
+        }
+        if find(Action::Allow, false).is_some() {
+            return Decision {
+                verdict: POL_L7,
+                policy: None,
+                l4_allowed: false,
+            };
+        }
+        Decision {
+            verdict: POL_DENY,
+            policy: None,
+            l4_allowed: false,
+        }
+    }
+
+    /// Policy `i` at (class, port): rules are alternatives.
+    fn policy_outcome(&self, i: usize, class: &ClassKey, port: u16, http: bool) -> Outcome {
+        let p = self.policies[i];
+        let mut residual = Vec::new();
+        for rule in p.rules.iter().flatten() {
+            if !(rule.from.is_empty() || rule.from.iter().any(|s| self.source_matches(s, class)))
+            {
+                continue;
+            }
+            if rule.to.is_empty() {
+                return Outcome::Match;
+            }
+            for op in &rule.to {
+                match operation_outcome(op, p.action, port, http) {
+                    Outcome::Match => return Outcome::Match,
+                    Outcome::Residual(mut r) => residual.append(&mut r),
+                    Outcome::NoMatch => {}
+                }
+            }
+        }
+        if residual.is_empty() {
+            Outcome::NoMatch
+        } else {
+            Outcome::Residual(residual)
+        }
+    }
+
+    fn source_matches(&self, s: &Source, class: &ClassKey) -> bool {
+        let any = |list: &[StringMatch], v: &str| list.iter().any(|m| m.matches(v));
+        let in_blocks = |list: &[IpNet]| {
+            list.iter().any(|b| {
+                self.blocks
+                    .iter()
+                    .position(|x| x == b)
+                    .is_some_and(|pos| class.in_block[pos])
+            })
+        };
+        (s.principals.is_empty() || any(&s.principals, &class.principal))
+            && !any(&s.not_principals, &class.principal)
+            && (s.namespaces.is_empty() || any(&s.namespaces, &class.namespace))
+            && !any(&s.not_namespaces, &class.namespace)
+            && (s.ip_blocks.is_empty() || in_blocks(&s.ip_blocks))
+            && !in_blocks(&s.not_ip_blocks)
+    }
+}
+
+/// An operation at `port` (0: a port no operation names, not HTTP); `http`: the destination
+/// speaks HTTP there.
+fn operation_outcome(op: &Operation, action: Action, port: u16, http: bool) -> Outcome {
+    if !op.ports.is_empty() && (port == 0 || !op.ports.contains(&port)) {
+        return Outcome::NoMatch;
+    }
+    if port != 0 && op.not_ports.contains(&port) {
+        return Outcome::NoMatch;
+    }
+    if !op.has_http_fields() {
+        return Outcome::Match;
+    }
+    if !http {
+        // Istio's fail-safe for HTTP-only fields on a non-HTTP port.
+        return match action {
+            Action::Allow => Outcome::NoMatch,
+            Action::Deny | Action::Audit => Outcome::Match,
+        };
+    }
+    let mut terms: Vec<Term> = Vec::new();
+    for (list, field) in [
+        (&op.methods, POL_FIELD_METHOD),
+        (&op.not_methods, POL_FIELD_NOT_METHOD),
+        (&op.paths, POL_FIELD_PATH),
+        (&op.not_paths, POL_FIELD_NOT_PATH),
+        (&op.hosts, POL_FIELD_HOST),
+        (&op.not_hosts, POL_FIELD_NOT_HOST),
+    ] {
+        for m in list {
+            let (kind, pattern) = match m {
+                StringMatch::Exact(s) => (POL_MATCH_EXACT, Some(s.clone())),
+                StringMatch::Prefix(s) => (POL_MATCH_PREFIX, Some(s.clone())),
+                StringMatch::Suffix(s) => (POL_MATCH_SUFFIX, Some(s.clone())),
+                StringMatch::Presence => (POL_MATCH_PRESENCE, None),
+            };
+            terms.push((field, kind, pattern));
+        }
+    }
+    Outcome::Residual(vec![terms])
+}
+
+/// The effective PeerAuthentication mode of `w`: a policy of its namespace whose selector
+/// matches it > its namespace's policy without selector > the root namespace's policy without
+/// selector > the registry's `peerAuthentication` > STRICT. Among equals the first by
+/// `namespace/name` wins. Returns whether the workload is PERMISSIVE
+/// (`WORKLOAD_F_PERMISSIVE`).
+pub fn permissive(bundle: &PolicyBundle, w: &Workload, root_ns: &str) -> bool {
+    let mut pas: Vec<_> = bundle.peer_authn.iter().collect();
+    pas.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let by_selector = pas.iter().find(|p| {
+        p.namespace == w.namespace
+            && p.selector.is_some()
+            && selects(&p.namespace, p.selector.as_ref(), w, root_ns)
+    });
+    let by_namespace = || {
+        pas.iter()
+            .find(|p| p.namespace == w.namespace && p.selector.is_none())
+    };
+    let by_root = || {
+        pas.iter()
+            .find(|p| p.namespace == root_ns && p.selector.is_none())
+    };
+    match by_selector.or_else(by_namespace).or_else(by_root) {
+        Some(p) => p.mode == MtlsMode::Permissive,
+        None => w.permissive,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::path::{Path, PathBuf};
+
+    use mesh_common::policy::POL_STR_MAX;
+
+    use super::*;
+    use crate::policy::model::{Origin, PeerAuthentication, Rule};
+
+    const TD: &str = "cluster.local";
+    const ROOT: &str = "istio-system";
+
+    pub(crate) fn registry() -> Registry {
+        let text = "nodes:\n  - name: n1\n    address: 10.0.0.1\n\
+            workloads:\n\
+            \x20 - {name: a1, namespace: default, serviceAccount: sa-a, node: n1, ips: [\"10.1.0.2\", \"fd00:1::2\"], labels: {app: a}}\n\
+            \x20 - {name: a2, namespace: default, serviceAccount: sa-a, node: n1, ips: [\"10.1.0.3\"], labels: {app: a}}\n\
+            \x20 - {name: b1, namespace: default, serviceAccount: sa-b, node: n1, ips: [\"10.2.0.2\"], labels: {app: b}, httpPorts: [8080]}\n\
+            \x20 - {name: b2, namespace: default, serviceAccount: sa-b, node: n1, ips: [\"10.2.0.3\"], labels: {app: b}}\n\
+            \x20 - {name: c1, namespace: other, serviceAccount: sa-c, node: n1, ips: [\"10.3.0.2\"], labels: {app: c}}\n";
+        Registry::parse_all(text, Path::new("registry.yaml")).unwrap()
+    }
+
+    pub(crate) fn policy(
+        ns: &str,
+        name: &str,
+        app: Option<&str>,
+        action: Action,
+        rules: Option<Vec<Rule>>,
+    ) -> AuthorizationPolicy {
+        AuthorizationPolicy {
+            namespace: ns.into(),
+            name: name.into(),
+            origin: Origin {
+                file: PathBuf::from("p.yaml"),
+                line: 1,
+            },
+            selector: app.map(|a| BTreeMap::from([("app".to_owned(), a.to_owned())])),
+            action,
+            rules,
+            dry_run: false,
+        }
+    }
+
+    pub(crate) fn from_principal(p: &str) -> Source {
+        Source {
+            principals: vec![StringMatch::from_pattern(p)],
+            ..Source::default()
+        }
+    }
+
+    pub(crate) fn to_ports(ports: &[u16]) -> Operation {
+        Operation {
+            ports: ports.to_vec(),
+            ..Operation::default()
+        }
+    }
+
+    fn bundle(authz: Vec<AuthorizationPolicy>) -> PolicyBundle {
+        PolicyBundle {
+            authz,
+            peer_authn: vec![],
+        }
+    }
+
+    /// The L4 entry the kernel would use for src → dst at `port` (v4).
+    fn lookup(c: &CompiledPolicy, src: u32, dst: u32, port: u16) -> Option<PolL4Value> {
+        let set = c.dst.iter().find(|(k, _)| k.workload_id == dst)?.1.set_id;
+        let class = c.src.iter().find(|(k, _)| k.workload_id == src)?.1.class4;
+        let get = |port: u32| {
+            c.l4.iter()
+                .find(|(k, _)| k.set_id == set && k.class_id == class && k.port == port)
+                .map(|(_, v)| *v)
+        };
+        get(u32::from(port)).or_else(|| get(0))
+    }
+
+    fn str_of(c: &CompiledPolicy, id: u32) -> String {
+        c.strs
+            .iter()
+            .find(|(k, _)| k.str_id == id)
+            .map(|(_, v)| String::from_utf8_lossy(&v.bytes[..v.len as usize]).into_owned())
+            .unwrap_or_default()
+    }
+
+    // Workload ids: a1 1, a2 2, b1 3, b2 4, c1 5.
+
+    #[test]
+    fn no_policy_no_destination_entries() {
+        let c = compile(&PolicyBundle::default(), &registry(), ROOT, TD).unwrap();
+        assert!(c.dst.is_empty() && c.l4.is_empty());
+        assert_eq!(c.src.len(), 5);
+    }
+
+    #[test]
+    fn deny_at_l4_names_the_policy() {
+        let deny = policy(
+            "default",
+            "deny-a",
+            Some("b"),
+            Action::Deny,
+            Some(vec![Rule {
+                from: vec![from_principal("cluster.local/ns/default/sa/sa-a")],
+                to: vec![to_ports(&[9090])],
+            }]),
+        );
+        let c = compile(&bundle(vec![deny]), &registry(), ROOT, TD).unwrap();
+        let v = lookup(&c, 1, 4, 9090).unwrap();
+        assert_eq!(v.verdict, POL_DENY);
+        assert_eq!(str_of(&c, v.policy_str), "default/deny-a");
+        assert_eq!(lookup(&c, 1, 4, 9091).unwrap().verdict, POL_ALLOW);
+        assert_eq!(lookup(&c, 5, 4, 9090).unwrap().verdict, POL_ALLOW);
+        // a is not selected: no entry.
+        assert!(lookup(&c, 4, 1, 9090).is_none());
+    }
+
+    #[test]
+    fn sets_and_classes_are_interned() {
+        let allow = policy("default", "allow-b", Some("b"), Action::Allow, Some(vec![Rule::default()]));
+        let mesh = policy(ROOT, "mesh", None, Action::Audit, Some(vec![Rule::default()]));
+        let c = compile(&bundle(vec![allow, mesh]), &registry(), ROOT, TD).unwrap();
+        let set = |id: u32| c.dst.iter().find(|(k, _)| k.workload_id == id).unwrap().1.set_id;
+        // a1, a2 share {mesh}; c1 too (root namespace, mesh-wide).
+        assert_eq!(set(1), set(2));
+        assert_eq!(set(1), set(5));
+        // b1 and b2 have the same policies but different httpPorts.
+        assert_ne!(set(3), set(4));
+        assert_ne!(set(1), set(4));
+        assert_eq!(c.sets, 3);
+        // a1 and a2 share principal, namespace and (no blocks) membership.
+        let src = |id: u32| c.src.iter().find(|(k, _)| k.workload_id == id).unwrap().1;
+        assert_eq!(src(1), src(2));
+        assert_ne!(src(1), src(3));
+        assert_eq!(src(3), src(4));
+        assert_eq!(c.classes, 3);
+    }
+
+    #[test]
+    fn ip_blocks_split_classes_per_family() {
+        let allow = policy(
+            "default",
+            "allow-net",
+            Some("b"),
+            Action::Allow,
+            Some(vec![Rule {
+                from: vec![Source {
+                    ip_blocks: vec![IpNet {
+                        addr: "10.1.0.2".parse().unwrap(),
+                        prefix: 32,
+                    }],
+                    ..Source::default()
+                }],
+                to: vec![],
+            }]),
+        );
+        let c = compile(&bundle(vec![allow]), &registry(), ROOT, TD).unwrap();
+        let src = |id: u32| c.src.iter().find(|(k, _)| k.workload_id == id).unwrap().1;
+        assert_ne!(src(1).class4, src(2).class4);
+        // a1's IPv6 address and a2's missing IPv6 address: in no block, same class.
+        assert_eq!(src(1).class6, src(2).class6);
+        assert_eq!(lookup(&c, 1, 4, 80).unwrap().verdict, POL_ALLOW);
+        assert_eq!(lookup(&c, 2, 4, 80).unwrap().verdict, POL_DENY);
+        let v6 = c
+            .l4
+            .iter()
+            .find(|(k, _)| k.class_id == src(1).class6)
+            .unwrap()
+            .1;
+        assert_eq!(v6.verdict, POL_DENY);
+        assert_eq!(v6.flags & POL_F_HAS_ALLOW, POL_F_HAS_ALLOW);
+        assert_eq!(v6.policy_str, 0);
+    }
+
+    #[test]
+    fn allow_only_listed_principal_and_port() {
+        let allow = policy(
+            "default",
+            "allow-a",
+            Some("b"),
+            Action::Allow,
+            Some(vec![Rule {
+                from: vec![from_principal("cluster.local/ns/default/sa/sa-a")],
+                to: vec![to_ports(&[8080])],
+            }]),
+        );
+        let c = compile(&bundle(vec![allow]), &registry(), ROOT, TD).unwrap();
+        let v = lookup(&c, 1, 4, 8080).unwrap();
+        assert_eq!((v.verdict, str_of(&c, v.policy_str).as_str()), (POL_ALLOW, "default/allow-a"));
+        assert_eq!(lookup(&c, 1, 4, 8081).unwrap().verdict, POL_DENY);
+        assert_eq!(lookup(&c, 5, 4, 8080).unwrap().verdict, POL_DENY);
+        // Ports mentioned get entries, plus 0.
+        let ports: BTreeSet<u32> = c.l4.iter().map(|(k, _)| k.port).collect();
+        assert_eq!(ports, BTreeSet::from([0, 8080]));
+    }
+
+    #[test]
+    fn empty_rules_allow_nothing_and_empty_rule_allows_all() {
+        let nothing = policy("other", "allow-nothing", None, Action::Allow, None);
+        let c = compile(&bundle(vec![nothing]), &registry(), ROOT, TD).unwrap();
+        assert_eq!(lookup(&c, 1, 5, 80).unwrap().verdict, POL_DENY);
+        let all = policy("other", "allow-all", None, Action::Allow, Some(vec![Rule::default()]));
+        let c = compile(&bundle(vec![all]), &registry(), ROOT, TD).unwrap();
+        assert_eq!(lookup(&c, 1, 5, 80).unwrap().verdict, POL_ALLOW);
+        let deny_none = policy("other", "deny-none", None, Action::Deny, Some(vec![]));
+        let c = compile(&bundle(vec![deny_none]), &registry(), ROOT, TD).unwrap();
+        assert_eq!(lookup(&c, 1, 5, 80).unwrap().verdict, POL_ALLOW);
+    }
+
+    fn get_only() -> Operation {
+        Operation {
+            methods: vec![StringMatch::Exact("GET".into())],
+            paths: vec![StringMatch::from_pattern("/api/*")],
+            ..Operation::default()
+        }
+    }
+
+    #[test]
+    fn http_fields_per_port_kind() {
+        // b1 speaks HTTP on 8080, b2 nowhere.
+        let allow = policy(
+            "default",
+            "allow-get",
+            Some("b"),
+            Action::Allow,
+            Some(vec![Rule {
+                from: vec![],
+                to: vec![get_only()],
+            }]),
+        );
+        let c = compile(&bundle(vec![allow.clone()]), &registry(), ROOT, TD).unwrap();
+        let v = lookup(&c, 1, 3, 8080).unwrap();
+        assert_eq!(v.verdict, POL_L7);
+        assert_eq!(v.flags & POL_F_L4_ALLOWED, 0);
+        assert_eq!(v.l7_count, 1);
+        let (_, clause) = c.l7.iter().find(|(k, _)| k.port == 8080).unwrap();
+        assert_eq!(clause.action, POL_ACTION_ALLOW);
+        assert_eq!(clause.op_count, 2);
+        let terms: Vec<PolOpValue> = c
+            .ops
+            .iter()
+            .filter(|(k, _)| k.op_id == clause.op_id)
+            .map(|(_, v)| *v)
+            .collect();
+        assert_eq!(terms[0].field, POL_FIELD_METHOD);
+        assert_eq!(str_of(&c, terms[0].str_id), "GET");
+        assert_eq!((terms[1].field, terms[1].kind), (POL_FIELD_PATH, POL_MATCH_PREFIX));
+        assert_eq!(str_of(&c, terms[1].str_id), "/api/");
+        // Non-HTTP port of b1, and b2 entirely: the ALLOW never matches.
+        assert_eq!(lookup(&c, 1, 3, 9000).unwrap().verdict, POL_DENY);
+        assert_eq!(lookup(&c, 1, 4, 8080).unwrap().verdict, POL_DENY);
+
+        // The same as DENY: on non-HTTP ports it matches ignoring the HTTP fields.
+        let mut deny = allow;
+        deny.action = Action::Deny;
+        deny.name = "deny-get".into();
+        let c = compile(&bundle(vec![deny]), &registry(), ROOT, TD).unwrap();
+        let v = lookup(&c, 1, 3, 8080).unwrap();
+        assert_eq!(v.verdict, POL_L7);
+        assert_eq!(v.flags & POL_F_L4_ALLOWED, POL_F_L4_ALLOWED);
+        assert_eq!(lookup(&c, 1, 3, 9000).unwrap().verdict, POL_DENY);
+        assert_eq!(lookup(&c, 1, 4, 8080).unwrap().verdict, POL_DENY);
+    }
+
+    #[test]
+    fn dry_run_and_audit_flags() {
+        let mut dry = policy("default", "dry-deny", Some("b"), Action::Deny, Some(vec![Rule::default()]));
+        dry.dry_run = true;
+        let audit = policy("default", "audit-all", Some("b"), Action::Audit, Some(vec![Rule::default()]));
+        let c = compile(&bundle(vec![dry, audit]), &registry(), ROOT, TD).unwrap();
+        let v = lookup(&c, 1, 4, 80).unwrap();
+        assert_eq!(v.verdict, POL_ALLOW);
+        assert_eq!(v.flags & POL_F_DRY_RUN_DENY, POL_F_DRY_RUN_DENY);
+        assert_eq!(str_of(&c, v.dry_run_str), "default/dry-deny");
+        assert_eq!(v.flags & POL_F_AUDIT, POL_F_AUDIT);
+        assert_eq!(str_of(&c, v.audit_str), "default/audit-all");
+        assert_eq!(v.flags & POL_F_HAS_ALLOW, 0);
+
+        // A dry-run ALLOW that matches nothing would deny: named.
+        let mut dry_allow = policy("default", "dry-allow", Some("b"), Action::Allow, None);
+        dry_allow.dry_run = true;
+        let c = compile(&bundle(vec![dry_allow]), &registry(), ROOT, TD).unwrap();
+        let v = lookup(&c, 1, 4, 80).unwrap();
+        assert_eq!(v.verdict, POL_ALLOW);
+        assert_eq!(str_of(&c, v.dry_run_str), "default/dry-allow");
+
+        // Dry-run with HTTP fields on an HTTP port: per request, clauses flagged.
+        let mut dry_get = policy(
+            "default",
+            "dry-get",
+            Some("b"),
+            Action::Deny,
+            Some(vec![Rule { from: vec![], to: vec![get_only()] }]),
+        );
+        dry_get.dry_run = true;
+        let c = compile(&bundle(vec![dry_get]), &registry(), ROOT, TD).unwrap();
+        let v = lookup(&c, 1, 3, 8080).unwrap();
+        assert_eq!(v.verdict, POL_ALLOW);
+        assert_eq!(v.flags & (POL_F_DRY_RUN_L7 | POL_F_DRY_RUN_L4_ALLOWED), POL_F_DRY_RUN_L7 | POL_F_DRY_RUN_L4_ALLOWED);
+        assert_eq!(v.l7_count, 1);
+        assert_eq!(c.l7[0].1.flags, POL_L7_F_DRY_RUN);
+    }
+
+    #[test]
+    fn capacity_is_refused() {
+        // Every port: 65536 entries per (set, class), over the L4 budget.
+        let ports: Vec<u16> = (1..=u16::MAX).collect();
+        let deny = policy(
+            "default",
+            "many-ports",
+            Some("b"),
+            Action::Deny,
+            Some(vec![Rule { from: vec![], to: vec![to_ports(&ports)] }]),
+        );
+        let e = compile(&bundle(vec![deny]), &registry(), ROOT, TD).unwrap_err();
+        match e {
+            CompileError::Capacity { map, needed, capacity } => {
+                assert_eq!(map, names::MAP_POL_L4);
+                assert!(needed > capacity as usize);
+                assert_eq!(capacity, budget(mesh_common::policy::capacity::POL_L4));
+            }
+            e => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn long_pattern_is_refused() {
+        let long = "/".repeat(POL_STR_MAX + 1);
+        let p = policy(
+            "default",
+            "long",
+            Some("b"),
+            Action::Allow,
+            Some(vec![Rule {
+                from: vec![],
+                to: vec![Operation { paths: vec![StringMatch::Exact(long.clone())], ..Operation::default() }],
+            }]),
+        );
+        match compile(&bundle(vec![p]), &registry(), ROOT, TD).unwrap_err() {
+            CompileError::StringTooLong { policy, value, .. } => {
+                assert_eq!((policy.as_str(), value), ("default/long", long));
+            }
+            e => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn peer_authentication_precedence() {
+        let r = registry();
+        let pa = |ns: &str, name: &str, app: Option<&str>, mode| PeerAuthentication {
+            namespace: ns.into(),
+            name: name.into(),
+            origin: Origin { file: PathBuf::from("pa.yaml"), line: 1 },
+            selector: app.map(|a| BTreeMap::from([("app".to_owned(), a.to_owned())])),
+            mode,
+        };
+        let a1 = &r.workloads[0];
+        let c1 = &r.workloads[4];
+        let mut b = PolicyBundle::default();
+        assert!(!permissive(&b, a1, ROOT));
+        b.peer_authn.push(pa(ROOT, "mesh", None, MtlsMode::Permissive));
+        assert!(permissive(&b, a1, ROOT) && permissive(&b, c1, ROOT));
+        b.peer_authn.push(pa("default", "ns", None, MtlsMode::Strict));
+        assert!(!permissive(&b, a1, ROOT) && permissive(&b, c1, ROOT));
+        b.peer_authn.push(pa("default", "sel", Some("a"), MtlsMode::Permissive));
+        assert!(permissive(&b, a1, ROOT));
+        assert!(!permissive(&b, &r.workloads[2], ROOT));
+    }
+}

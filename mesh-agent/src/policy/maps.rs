@@ -1,0 +1,865 @@
+//! The pinned policy maps (`mesh_pol_*`, and `policy_gen` in `mesh_config`): write a
+//! generation and swap it in atomically, read a generation back.
+//!
+//! Update protocol ([`PolicyMaps::apply`]), under an exclusive `flock` on the pin directory
+//! (the agent and `mesh-agent policy apply` may both write):
+//! 1. `G` = the active generation (`mesh_config.policy_gen`), `N = G + 1` (skipping 0);
+//!    entries of any generation other than `G` (left over by a crashed writer) are deleted;
+//! 2. generation `N` is written completely; on any error what was written of `N` is removed
+//!    and `G` stays active;
+//! 3. `policy_gen = N` with one write of the config slot: the kernel and the agents switch;
+//! 4. after [`GRACE`] (a program that read `G` just before the flip finishes its lookups),
+//!    every entry of generation `G` is deleted.
+//!
+//! [`PolicyMaps::read_view`] reads one generation back into a [`PolicyView`]: the agent's
+//! decisions (L4 on the inbound side, per request on HTTP ports) come from the same entries
+//! the kernel reads.
+
+use std::{
+    collections::HashMap as StdHashMap,
+    fs::File,
+    io,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use aya::maps::{Array, HashMap, Map, MapData, MapError};
+use mesh_common::{
+    names,
+    policy::{
+        PolDstKey, PolDstValue, PolL4Key, PolL4Value, PolL7Key, PolL7Value, PolOpKey, PolOpValue,
+        PolSrcKey, PolSrcValue, PolStrKey, PolStrValue, POL_ACTION_ALLOW, POL_ACTION_AUDIT,
+        POL_ACTION_DENY, POL_ALLOW, POL_DENY, POL_FIELD_HOST, POL_FIELD_METHOD,
+        POL_FIELD_NOT_HOST, POL_FIELD_NOT_METHOD, POL_FIELD_NOT_PATH, POL_FIELD_PATH,
+        POL_F_AUDIT, POL_F_AUDIT_L7, POL_F_DRY_RUN_DENY, POL_F_DRY_RUN_L4_ALLOWED,
+        POL_F_DRY_RUN_L7, POL_F_L4_ALLOWED, POL_L7, POL_L7_F_DRY_RUN, POL_MATCH_EXACT,
+        POL_MATCH_PREFIX, POL_MATCH_PRESENCE, POL_MATCH_SUFFIX, POL_STR_MAX,
+    },
+    AgentConfig,
+};
+use nix::fcntl::{Flock, FlockArg};
+use tracing::{debug, warn};
+
+use super::compile::CompiledPolicy;
+
+/// How long the old generation stays after the flip.
+pub const GRACE: Duration = Duration::from_millis(50);
+
+/// Errors of the policy maps, naming the map.
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("opening pinned map {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: Box<MapError>,
+    },
+    #[error("locking the pin directory {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: Box<MapError>,
+    },
+    #[error("generation {gen} is inconsistent: {problem}")]
+    Inconsistent { gen: u32, problem: String },
+}
+
+fn map_err(map: &'static str) -> impl Fn(MapError) -> MapsError {
+    move |source| MapsError::Map {
+        map,
+        source: Box::new(source),
+    }
+}
+
+/// Policy map keys carry their generation first.
+trait GenKey: aya::Pod + Eq + std::hash::Hash {
+    fn gen(&self) -> u32;
+    fn set_gen(&mut self, gen: u32);
+}
+
+macro_rules! gen_key {
+    ($($t:ty),*) => {$(
+        impl GenKey for $t {
+            fn gen(&self) -> u32 { self.gen }
+            fn set_gen(&mut self, gen: u32) { self.gen = gen; }
+        }
+    )*};
+}
+gen_key!(PolSrcKey, PolDstKey, PolL4Key, PolL7Key, PolOpKey, PolStrKey);
+
+/// One policy map with its name.
+struct GenMap<K, V> {
+    name: &'static str,
+    map: HashMap<MapData, K, V>,
+}
+
+impl<K: GenKey, V: aya::Pod> GenMap<K, V> {
+    fn open(dir: &Path, name: &'static str) -> Result<Self, MapsError> {
+        let path = dir.join(name);
+        let data = MapData::from_pin(&path).map_err(|source| MapsError::Open {
+            path: path.clone(),
+            source: Box::new(source),
+        })?;
+        let map = HashMap::try_from(Map::HashMap(data)).map_err(|source| MapsError::Open {
+            path,
+            source: Box::new(source),
+        })?;
+        Ok(Self { name, map })
+    }
+
+    /// Writes `entries` under generation `gen`; stops at the first error.
+    fn write(&mut self, gen: u32, entries: &[(K, V)]) -> Result<(), MapsError> {
+        for (k, v) in entries {
+            let mut k = *k;
+            k.set_gen(gen);
+            self.map.insert(k, v, 0).map_err(map_err(self.name))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes every entry whose generation `drop(gen)` says; returns how many.
+    fn delete_where(&mut self, drop: impl Fn(u32) -> bool) -> Result<usize, MapsError> {
+        let stale: Vec<K> = self
+            .map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| drop(k.gen()))
+            .collect();
+        for k in &stale {
+            match self.map.remove(k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(self.name)(e)),
+            }
+        }
+        Ok(stale.len())
+    }
+
+    /// Every entry of generation `gen`.
+    fn read(&self, gen: u32) -> Result<Vec<(K, V)>, MapsError> {
+        let mut out = Vec::new();
+        for item in self.map.iter() {
+            match item {
+                Ok((k, v)) if k.gen() == gen => out.push((k, v)),
+                Ok(_) => {}
+                // Deleted between the key walk and the lookup (a concurrent swap).
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(self.name)(e)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Typed handles on the pinned policy maps and `mesh_config`.
+pub struct PolicyMaps {
+    dir: PathBuf,
+    config: Array<MapData, AgentConfig>,
+    src: GenMap<PolSrcKey, PolSrcValue>,
+    dst: GenMap<PolDstKey, PolDstValue>,
+    l4: GenMap<PolL4Key, PolL4Value>,
+    l7: GenMap<PolL7Key, PolL7Value>,
+    ops: GenMap<PolOpKey, PolOpValue>,
+    strs: GenMap<PolStrKey, PolStrValue>,
+}
+
+impl PolicyMaps {
+    /// Opens the maps pinned in `pin_dir` (by a running agent).
+    pub fn open(pin_dir: &Path) -> Result<Self, MapsError> {
+        let path = pin_dir.join(names::MAP_CONFIG);
+        let data = MapData::from_pin(&path).map_err(|source| MapsError::Open {
+            path: path.clone(),
+            source: Box::new(source),
+        })?;
+        let config = Array::try_from(Map::Array(data)).map_err(|source| MapsError::Open {
+            path,
+            source: Box::new(source),
+        })?;
+        Ok(Self {
+            dir: pin_dir.to_owned(),
+            config,
+            src: GenMap::open(pin_dir, names::MAP_POL_SRC)?,
+            dst: GenMap::open(pin_dir, names::MAP_POL_DST)?,
+            l4: GenMap::open(pin_dir, names::MAP_POL_L4)?,
+            l7: GenMap::open(pin_dir, names::MAP_POL_L7)?,
+            ops: GenMap::open(pin_dir, names::MAP_POL_OPS)?,
+            strs: GenMap::open(pin_dir, names::MAP_POL_STRS)?,
+        })
+    }
+
+    /// The active generation (0: no policy).
+    pub fn active_generation(&self) -> Result<u32, MapsError> {
+        self.config
+            .get(&0, 0)
+            .map(|c| c.policy_gen)
+            .map_err(map_err(names::MAP_CONFIG))
+    }
+
+    /// Writes `compiled` as a new generation and makes it active (see the module docs).
+    /// Returns the new generation. On error the previous generation stays active.
+    pub fn apply(&mut self, compiled: &CompiledPolicy) -> Result<u32, MapsError> {
+        let _lock = lock_dir(&self.dir)?;
+        let old = self.active_generation()?;
+        let new = match old.wrapping_add(1) {
+            0 => 1,
+            n => n,
+        };
+        let leftovers = self.delete_where(|g| g != old)?;
+        if leftovers > 0 {
+            warn!(entries = leftovers, "removed leftover policy entries of an unfinished update");
+        }
+        if let Err(e) = self.write_all(new, compiled) {
+            if let Err(cleanup) = self.delete_where(|g| g == new) {
+                warn!(error = %cleanup, generation = new, "removing a partly written generation");
+            }
+            return Err(e);
+        }
+        let mut cfg = self
+            .config
+            .get(&0, 0)
+            .map_err(map_err(names::MAP_CONFIG))?;
+        cfg.policy_gen = new;
+        if let Err(e) = self.config.set(0, cfg, 0) {
+            let _ = self.delete_where(|g| g == new);
+            return Err(map_err(names::MAP_CONFIG)(e));
+        }
+        std::thread::sleep(GRACE);
+        let removed = self.delete_where(|g| g != new)?;
+        debug!(generation = new, previous = old, removed, "policy generation swapped");
+        Ok(new)
+    }
+
+    fn write_all(&mut self, gen: u32, c: &CompiledPolicy) -> Result<(), MapsError> {
+        // Strings and operations before what refers to them; destinations last.
+        self.strs.write(gen, &c.strs)?;
+        self.ops.write(gen, &c.ops)?;
+        self.l7.write(gen, &c.l7)?;
+        self.l4.write(gen, &c.l4)?;
+        self.src.write(gen, &c.src)?;
+        self.dst.write(gen, &c.dst)
+    }
+
+    fn delete_where(&mut self, drop: impl Fn(u32) -> bool + Copy) -> Result<usize, MapsError> {
+        Ok(self.dst.delete_where(drop)?
+            + self.src.delete_where(drop)?
+            + self.l4.delete_where(drop)?
+            + self.l7.delete_where(drop)?
+            + self.ops.delete_where(drop)?
+            + self.strs.delete_where(drop)?)
+    }
+
+    /// Reads generation `gen` back (an empty, allow-all view for 0).
+    pub fn read_view(&self, gen: u32) -> Result<PolicyView, MapsError> {
+        if gen == 0 {
+            return Ok(PolicyView::default());
+        }
+        let raw = RawGeneration {
+            src: self.src.read(gen)?,
+            dst: self.dst.read(gen)?,
+            l4: self.l4.read(gen)?,
+            l7: self.l7.read(gen)?,
+            ops: self.ops.read(gen)?,
+            strs: self.strs.read(gen)?,
+        };
+        PolicyView::build(gen, raw)
+    }
+}
+
+/// Exclusive lock on the pin directory, released on drop.
+fn lock_dir(dir: &Path) -> Result<Flock<File>, MapsError> {
+    let file = File::open(dir).map_err(|source| MapsError::Lock {
+        path: dir.to_owned(),
+        source,
+    })?;
+    Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| MapsError::Lock {
+        path: dir.to_owned(),
+        source: io::Error::from(errno),
+    })
+}
+
+/// The entries of one generation, as read.
+#[derive(Clone, Debug, Default)]
+pub struct RawGeneration {
+    pub src: Vec<(PolSrcKey, PolSrcValue)>,
+    pub dst: Vec<(PolDstKey, PolDstValue)>,
+    pub l4: Vec<(PolL4Key, PolL4Value)>,
+    pub l7: Vec<(PolL7Key, PolL7Value)>,
+    pub ops: Vec<(PolOpKey, PolOpValue)>,
+    pub strs: Vec<(PolStrKey, PolStrValue)>,
+}
+
+impl From<&CompiledPolicy> for RawGeneration {
+    fn from(c: &CompiledPolicy) -> Self {
+        Self {
+            src: c.src.clone(),
+            dst: c.dst.clone(),
+            l4: c.l4.clone(),
+            l7: c.l7.clone(),
+            ops: c.ops.clone(),
+            strs: c.strs.clone(),
+        }
+    }
+}
+
+/// An address family, for the source class.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+/// One term of a request-level clause.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Term {
+    /// `POL_FIELD_*`.
+    pub field: u32,
+    /// `POL_MATCH_*`.
+    pub kind: u32,
+    /// The pattern (empty for presence).
+    pub pattern: Arc<str>,
+}
+
+/// A request-level clause of an L4 entry (`mesh_pol_l7` with its terms).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Clause {
+    /// `POL_ACTION_*`.
+    pub action: u32,
+    /// From a dry-run policy: reported, never enforced.
+    pub dry_run: bool,
+    /// The policy (`ns/name`).
+    pub policy: Option<Arc<str>>,
+    pub terms: Vec<Term>,
+}
+
+impl Clause {
+    /// Whether the request matches: a positive field (`METHOD`, `PATH`, `HOST`) matches when
+    /// any of its terms does, a negative one (`NOT_*`) when none does; every field present
+    /// must match; no terms match every request. An absent value is the empty string (which
+    /// matches no pattern but an exact `""`).
+    pub fn matches(&self, method: &str, path: &str, host: &str) -> bool {
+        [
+            (POL_FIELD_METHOD, POL_FIELD_NOT_METHOD, method),
+            (POL_FIELD_PATH, POL_FIELD_NOT_PATH, path),
+            (POL_FIELD_HOST, POL_FIELD_NOT_HOST, host),
+        ]
+        .into_iter()
+        .all(|(pos, neg, value)| {
+            let mut positive = self.terms.iter().filter(|t| t.field == pos).peekable();
+            let pos_ok = positive.peek().is_none() || positive.any(|t| t.matches(value));
+            let neg_ok = !self
+                .terms
+                .iter()
+                .filter(|t| t.field == neg)
+                .any(|t| t.matches(value));
+            pos_ok && neg_ok
+        })
+    }
+}
+
+impl Term {
+    fn matches(&self, value: &str) -> bool {
+        let p = &*self.pattern;
+        match self.kind {
+            POL_MATCH_EXACT => value == p,
+            POL_MATCH_PREFIX => value.starts_with(p),
+            POL_MATCH_SUFFIX => value.ends_with(p),
+            POL_MATCH_PRESENCE => !value.is_empty(),
+            // Unknown kinds never match (a newer compiler): ALLOW clauses then fail closed.
+            _ => false,
+        }
+    }
+}
+
+/// The L4 entry of (set, class, port) with its clauses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct L4Entry {
+    pub value: PolL4Value,
+    pub clauses: Vec<Clause>,
+}
+
+/// The verdict at L4.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L4Verdict {
+    Allow,
+    Deny,
+    /// Allowed at L4, decided per request ([`PolicyView::decide_request`]).
+    PerRequest,
+}
+
+/// What [`PolicyView::decide_l4`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct L4Decision {
+    pub verdict: L4Verdict,
+    /// The deciding policy, if one decided (none: no policy selects the destination, or the
+    /// default deny of ALLOW policies that matched nothing, or an inconsistency).
+    pub policy: Option<Arc<str>>,
+    /// A dry-run policy would deny at L4 (the policy, if one is named).
+    pub dry_run_deny: Option<Option<Arc<str>>>,
+    /// An AUDIT policy matched at L4.
+    pub audit: Option<Arc<str>>,
+    /// (set, class) to pass to `decide_request`; `None` when no policy selects the
+    /// destination.
+    pub key: Option<(u32, u32)>,
+    /// Requests must be evaluated (the verdict is per request, or a dry-run or AUDIT policy
+    /// may match per request).
+    pub needs_request: bool,
+}
+
+/// What [`PolicyView::decide_request`] found for one request.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestDecision {
+    pub allowed: bool,
+    /// The deciding policy, if one decided.
+    pub policy: Option<Arc<str>>,
+    /// The request is allowed but dry-run policies would deny it (with the policy, if named).
+    pub dry_run_deny: Option<Option<Arc<str>>>,
+    /// AUDIT policies that matched (L4 and per request, without repetition).
+    pub audit: Vec<Arc<str>>,
+}
+
+/// One generation of the policy maps, in memory, for the agent's decisions.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyView {
+    gen: u32,
+    dst: StdHashMap<u32, u32>,
+    src: StdHashMap<u32, PolSrcValue>,
+    l4: StdHashMap<(u32, u32, u32), L4Entry>,
+    strings: StdHashMap<u32, Arc<str>>,
+    l4_entries: usize,
+    /// Every decision denies (a generation that could not be read back).
+    deny_all: bool,
+}
+
+impl PolicyView {
+    /// Builds the view of generation `gen` from its entries; refuses an inconsistent one
+    /// (a clause, term or string referred to but missing).
+    pub fn build(gen: u32, raw: RawGeneration) -> Result<Self, MapsError> {
+        let bad = |problem: String| MapsError::Inconsistent { gen, problem };
+        let mut strings = StdHashMap::new();
+        for (k, v) in &raw.strs {
+            let len = (v.len as usize).min(POL_STR_MAX);
+            let s = String::from_utf8_lossy(&v.bytes[..len]);
+            strings.insert(k.str_id, Arc::<str>::from(s.as_ref()));
+        }
+        let string = |id: u32| -> Result<Option<Arc<str>>, MapsError> {
+            if id == 0 {
+                return Ok(None);
+            }
+            strings
+                .get(&id)
+                .cloned()
+                .map(Some)
+                .ok_or_else(|| bad(format!("string {id} missing")))
+        };
+        let ops: StdHashMap<(u32, u32), PolOpValue> = raw
+            .ops
+            .iter()
+            .map(|(k, v)| ((k.op_id, k.index), *v))
+            .collect();
+        let l7: StdHashMap<(u32, u32, u32, u32), PolL7Value> = raw
+            .l7
+            .iter()
+            .map(|(k, v)| ((k.set_id, k.class_id, k.port, k.index), *v))
+            .collect();
+        let mut l4 = StdHashMap::with_capacity(raw.l4.len());
+        for (k, v) in &raw.l4 {
+            let mut clauses = Vec::with_capacity(v.l7_count as usize);
+            for index in 0..v.l7_count {
+                let c = l7
+                    .get(&(k.set_id, k.class_id, k.port, index))
+                    .ok_or_else(|| bad(format!("clause {index} of {k:?} missing")))?;
+                let mut terms = Vec::with_capacity(c.op_count as usize);
+                for t in 0..c.op_count {
+                    let op = ops
+                        .get(&(c.op_id, t))
+                        .ok_or_else(|| bad(format!("term {t} of operation {} missing", c.op_id)))?;
+                    let pattern = string(op.str_id)?.unwrap_or_else(|| Arc::from(""));
+                    terms.push(Term {
+                        field: op.field,
+                        kind: op.kind,
+                        pattern,
+                    });
+                }
+                clauses.push(Clause {
+                    action: c.action,
+                    dry_run: c.flags & POL_L7_F_DRY_RUN != 0,
+                    policy: string(c.policy_str)?,
+                    terms,
+                });
+            }
+            l4.insert((k.set_id, k.class_id, k.port), L4Entry { value: *v, clauses });
+        }
+        Ok(Self {
+            gen,
+            dst: raw.dst.iter().map(|(k, v)| (k.workload_id, v.set_id)).collect(),
+            src: raw.src.iter().map(|(k, v)| (k.workload_id, *v)).collect(),
+            l4_entries: l4.len(),
+            l4,
+            strings,
+            deny_all: false,
+        })
+    }
+
+    /// A view of generation `gen` in which everything is denied (fail closed, for a
+    /// generation that could not be read back).
+    pub fn deny_all(gen: u32) -> Self {
+        Self {
+            gen,
+            deny_all: true,
+            ..Self::default()
+        }
+    }
+
+    /// The generation this view is of (0: no policy).
+    pub fn generation(&self) -> u32 {
+        self.gen
+    }
+
+    /// Number of L4 entries.
+    pub fn l4_entries(&self) -> usize {
+        self.l4_entries
+    }
+
+    /// The string `id` (policy names in events).
+    pub fn string(&self, id: u32) -> Option<Arc<str>> {
+        self.strings.get(&id).cloned()
+    }
+
+    /// Every (destination workload, set) pair, by workload id.
+    pub fn destinations(&self) -> Vec<(u32, u32)> {
+        let mut out: Vec<(u32, u32)> = self.dst.iter().map(|(w, s)| (*w, *s)).collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// The policy set of destination workload `workload_id` (`None`: no policy selects it).
+    pub fn dst_set(&self, workload_id: u32) -> Option<u32> {
+        self.dst.get(&workload_id).copied()
+    }
+
+    /// The source class of workload `workload_id` for connections from its `family` address.
+    pub fn src_class(&self, workload_id: u32, family: Family) -> Option<u32> {
+        self.src.get(&workload_id).map(|v| match family {
+            Family::V4 => v.class4,
+            Family::V6 => v.class6,
+        })
+    }
+
+    /// The entry for (set, class, port), else (set, class, 0) — the kernel's lookup.
+    pub fn l4_entry(&self, set: u32, class: u32, port: u16) -> Option<&L4Entry> {
+        self.l4
+            .get(&(set, class, u32::from(port)))
+            .or_else(|| self.l4.get(&(set, class, 0)))
+    }
+
+    /// The L4 decision for a connection from `src_workload` (its `family` address) to
+    /// `dst_workload` port `port`, exactly as the kernel decides it: no policy set → allow;
+    /// a missing class or entry, or an unknown verdict → deny (fail closed).
+    pub fn decide_l4(
+        &self,
+        src_workload: u32,
+        dst_workload: u32,
+        family: Family,
+        port: u16,
+    ) -> L4Decision {
+        let deny = |key| L4Decision {
+            verdict: L4Verdict::Deny,
+            policy: None,
+            dry_run_deny: None,
+            audit: None,
+            key,
+            needs_request: false,
+        };
+        if self.deny_all {
+            return deny(None);
+        }
+        let Some(set) = self.dst_set(dst_workload) else {
+            return L4Decision {
+                verdict: L4Verdict::Allow,
+                ..deny(None)
+            };
+        };
+        let Some(class) = self.src_class(src_workload, family) else {
+            return deny(None);
+        };
+        let Some(entry) = self.l4_entry(set, class, port) else {
+            return deny(Some((set, class)));
+        };
+        let v = entry.value;
+        let verdict = match v.verdict {
+            POL_ALLOW => L4Verdict::Allow,
+            POL_L7 => L4Verdict::PerRequest,
+            _ => L4Verdict::Deny,
+        };
+        let allowed = verdict != L4Verdict::Deny;
+        L4Decision {
+            verdict,
+            policy: self.string(v.policy_str),
+            dry_run_deny: (allowed && v.flags & POL_F_DRY_RUN_DENY != 0)
+                .then(|| self.string(v.dry_run_str)),
+            audit: (v.flags & POL_F_AUDIT != 0)
+                .then(|| self.string(v.audit_str))
+                .flatten(),
+            key: Some((set, class)),
+            needs_request: allowed
+                && (verdict == L4Verdict::PerRequest
+                    || v.flags & (POL_F_DRY_RUN_L7 | POL_F_AUDIT_L7) != 0),
+        }
+    }
+
+    /// The decision for one HTTP request on a connection of (set, class) to `port`
+    /// (from [`L4Decision::key`]); `host` is `Host`/`:authority`, absent values are `""`.
+    ///
+    /// 1. The entry (port, else port 0); none: denied (fail closed).
+    /// 2. Enforced: `POL_DENY` → denied (entry policy); `POL_ALLOW` → allowed (entry policy);
+    ///    `POL_L7` → the first non-dry-run DENY clause that matches denies (its policy);
+    ///    else with `POL_F_L4_ALLOWED` allowed (entry policy); else the first non-dry-run
+    ///    ALLOW clause that matches allows (its policy); else denied (no policy). Any other
+    ///    verdict: denied.
+    /// 3. Dry run, only for an allowed request: `POL_F_DRY_RUN_DENY` → would deny (entry
+    ///    `dry_run_str`); `POL_F_DRY_RUN_L7` → the same as 2 over every clause, dry-run ones
+    ///    included, with `POL_F_DRY_RUN_L4_ALLOWED` in place of `POL_F_L4_ALLOWED`; a denial
+    ///    there is reported as `dry_run_deny` (the DENY clause's policy, or the first dry-run
+    ///    ALLOW clause's policy for a default deny).
+    /// 4. Audit: `POL_F_AUDIT` (entry `audit_str`) and every AUDIT clause that matches.
+    pub fn decide_request(
+        &self,
+        set: u32,
+        class: u32,
+        port: u16,
+        method: &str,
+        path: &str,
+        host: &str,
+    ) -> RequestDecision {
+        if self.deny_all {
+            return RequestDecision::default();
+        }
+        let Some(entry) = self.l4_entry(set, class, port) else {
+            return RequestDecision::default();
+        };
+        let v = entry.value;
+        let matching = |action: u32, with_dry_run: bool| {
+            entry.clauses.iter().find(|c| {
+                c.action == action
+                    && (with_dry_run || !c.dry_run)
+                    && c.matches(method, path, host)
+            })
+        };
+        let (allowed, policy) = match v.verdict {
+            POL_ALLOW => (true, self.string(v.policy_str)),
+            POL_L7 => {
+                if let Some(c) = matching(POL_ACTION_DENY, false) {
+                    (false, c.policy.clone())
+                } else if v.flags & POL_F_L4_ALLOWED != 0 {
+                    (true, self.string(v.policy_str))
+                } else if let Some(c) = matching(POL_ACTION_ALLOW, false) {
+                    (true, c.policy.clone())
+                } else {
+                    (false, None)
+                }
+            }
+            POL_DENY => (false, self.string(v.policy_str)),
+            _ => (false, None),
+        };
+        let mut out = RequestDecision {
+            allowed,
+            policy,
+            dry_run_deny: None,
+            audit: Vec::new(),
+        };
+        if allowed {
+            if v.flags & POL_F_DRY_RUN_DENY != 0 {
+                out.dry_run_deny = Some(self.string(v.dry_run_str));
+            } else if v.flags & POL_F_DRY_RUN_L7 != 0 {
+                if let Some(c) = matching(POL_ACTION_DENY, true) {
+                    out.dry_run_deny = Some(c.policy.clone());
+                } else if v.flags & POL_F_DRY_RUN_L4_ALLOWED == 0
+                    && matching(POL_ACTION_ALLOW, true).is_none()
+                {
+                    let named = entry
+                        .clauses
+                        .iter()
+                        .find(|c| c.dry_run && c.action == POL_ACTION_ALLOW)
+                        .and_then(|c| c.policy.clone());
+                    out.dry_run_deny = Some(named);
+                }
+            }
+        }
+        if v.flags & POL_F_AUDIT != 0 {
+            out.audit.extend(self.string(v.audit_str));
+        }
+        for c in &entry.clauses {
+            if c.action == POL_ACTION_AUDIT && c.matches(method, path, host) {
+                if let Some(p) = &c.policy {
+                    if !out.audit.contains(p) {
+                        out.audit.push(p.clone());
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::compile::{
+        compile,
+        tests::{from_principal, policy, registry, to_ports},
+    };
+    use crate::policy::model::{Action, Operation, PolicyBundle, Rule, StringMatch};
+
+    fn view(authz: Vec<crate::policy::model::AuthorizationPolicy>) -> PolicyView {
+        let c = compile(
+            &PolicyBundle {
+                authz,
+                peer_authn: vec![],
+            },
+            &registry(),
+            "istio-system",
+            "cluster.local",
+        )
+        .unwrap();
+        PolicyView::build(7, RawGeneration::from(&c)).unwrap()
+    }
+
+    fn get_api(action: Action, name: &str) -> crate::policy::model::AuthorizationPolicy {
+        policy(
+            "default",
+            name,
+            Some("b"),
+            action,
+            Some(vec![Rule {
+                from: vec![from_principal("cluster.local/ns/default/sa/sa-a")],
+                to: vec![Operation {
+                    methods: vec![StringMatch::Exact("GET".into())],
+                    paths: vec![StringMatch::from_pattern("/api/*")],
+                    not_paths: vec![StringMatch::Exact("/api/secret".into())],
+                    ..Operation::default()
+                }],
+            }]),
+        )
+    }
+
+    #[test]
+    fn no_policy_allows() {
+        let v = PolicyView::default();
+        let d = v.decide_l4(1, 3, Family::V4, 80);
+        assert_eq!(d.verdict, L4Verdict::Allow);
+        assert!(d.key.is_none());
+    }
+
+    #[test]
+    fn l4_decisions_match_the_kernel_lookup() {
+        let v = view(vec![policy(
+            "default",
+            "allow-a",
+            Some("b"),
+            Action::Allow,
+            Some(vec![Rule {
+                from: vec![from_principal("cluster.local/ns/default/sa/sa-a")],
+                to: vec![to_ports(&[9000])],
+            }]),
+        )]);
+        let d = v.decide_l4(1, 4, Family::V4, 9000);
+        assert_eq!(d.verdict, L4Verdict::Allow);
+        assert_eq!(d.policy.as_deref(), Some("default/allow-a"));
+        assert_eq!(v.decide_l4(1, 4, Family::V4, 9001).verdict, L4Verdict::Deny);
+        assert_eq!(v.decide_l4(5, 4, Family::V4, 9000).verdict, L4Verdict::Deny);
+        // IPv6 of a1 is the same principal: allowed too.
+        assert_eq!(v.decide_l4(1, 4, Family::V6, 9000).verdict, L4Verdict::Allow);
+        // An unknown source workload: fail closed.
+        assert_eq!(v.decide_l4(99, 4, Family::V4, 9000).verdict, L4Verdict::Deny);
+    }
+
+    #[test]
+    fn allow_per_request() {
+        let v = view(vec![get_api(Action::Allow, "allow-get")]);
+        let d = v.decide_l4(1, 3, Family::V4, 8080);
+        assert_eq!(d.verdict, L4Verdict::PerRequest);
+        assert!(d.needs_request);
+        let (set, class) = d.key.unwrap();
+        let r = v.decide_request(set, class, 8080, "GET", "/api/x", "b");
+        assert!(r.allowed);
+        assert_eq!(r.policy.as_deref(), Some("default/allow-get"));
+        assert!(!v.decide_request(set, class, 8080, "POST", "/api/x", "b").allowed);
+        assert!(!v.decide_request(set, class, 8080, "GET", "/apx", "b").allowed);
+        assert!(!v.decide_request(set, class, 8080, "GET", "/api/secret", "b").allowed);
+        // c1 is not sa-a: denied at L4.
+        assert_eq!(v.decide_l4(5, 3, Family::V4, 8080).verdict, L4Verdict::Deny);
+    }
+
+    #[test]
+    fn deny_per_request_then_allowed() {
+        let v = view(vec![get_api(Action::Deny, "deny-get")]);
+        let d = v.decide_l4(1, 3, Family::V4, 8080);
+        assert_eq!(d.verdict, L4Verdict::PerRequest);
+        let (set, class) = d.key.unwrap();
+        let r = v.decide_request(set, class, 8080, "GET", "/api/x", "");
+        assert!(!r.allowed);
+        assert_eq!(r.policy.as_deref(), Some("default/deny-get"));
+        assert!(v.decide_request(set, class, 8080, "POST", "/api/x", "").allowed);
+    }
+
+    #[test]
+    fn dry_run_and_audit_reported() {
+        let mut dry = get_api(Action::Deny, "dry-get");
+        dry.dry_run = true;
+        let audit = policy(
+            "default",
+            "audit-post",
+            Some("b"),
+            Action::Audit,
+            Some(vec![Rule {
+                from: vec![],
+                to: vec![Operation {
+                    methods: vec![StringMatch::Exact("POST".into())],
+                    ..Operation::default()
+                }],
+            }]),
+        );
+        let v = view(vec![dry, audit]);
+        let d = v.decide_l4(1, 3, Family::V4, 8080);
+        assert_eq!(d.verdict, L4Verdict::Allow);
+        assert!(d.needs_request);
+        let (set, class) = d.key.unwrap();
+        let r = v.decide_request(set, class, 8080, "GET", "/api/x", "");
+        assert!(r.allowed);
+        assert_eq!(r.dry_run_deny, Some(Some(Arc::from("default/dry-get"))));
+        assert!(r.audit.is_empty());
+        let r = v.decide_request(set, class, 8080, "POST", "/api/x", "");
+        assert!(r.allowed && r.dry_run_deny.is_none());
+        assert_eq!(r.audit, vec![Arc::<str>::from("default/audit-post")]);
+        // On b2 (no HTTP port) the AUDIT matches ignoring its method: at L4.
+        let d = v.decide_l4(1, 4, Family::V4, 8080);
+        assert_eq!(d.audit.as_deref(), Some("default/audit-post"));
+    }
+
+    #[test]
+    fn inconsistent_generation_refused() {
+        let v = vec![get_api(Action::Allow, "allow-get")];
+        let c = compile(
+            &PolicyBundle {
+                authz: v,
+                peer_authn: vec![],
+            },
+            &registry(),
+            "istio-system",
+            "cluster.local",
+        )
+        .unwrap();
+        let mut raw = RawGeneration::from(&c);
+        raw.ops.clear();
+        assert!(matches!(
+            PolicyView::build(3, raw),
+            Err(MapsError::Inconsistent { gen: 3, .. })
+        ));
+    }
+}

@@ -1,0 +1,249 @@
+//! Where policy comes from and how the agent keeps the maps current:
+//! - [`load_dir`]: a policy directory → [`PolicyBundle`] (the one place the parser is wired);
+//! - [`PolicyLoader`]: load, compile, apply (the agent at start, its watcher, the CLI);
+//! - [`spawn_dir_watcher`]: polls the directory every [`DIR_POLL`] and re-applies on change;
+//!   a refused change is logged (`policy refused`) and the active generation stays;
+//! - [`spawn_generation_watcher`]: polls `mesh_config.policy_gen` every [`GEN_POLL`] and
+//!   publishes the active generation as a [`PolicyView`] (for the proxies), whoever applied
+//!   it (this agent or `mesh-agent policy apply`).
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use tokio::{sync::watch, task::JoinHandle};
+use tracing::{debug, error, info, warn};
+
+use super::{
+    compile::{self, CompileError, CompiledPolicy},
+    maps::{MapsError, PolicyMaps, PolicyView},
+    model::PolicyBundle,
+};
+use crate::registry::Registry;
+
+/// How often the policy directory is checked for changes.
+pub const DIR_POLL: Duration = Duration::from_millis(500);
+/// How often the active generation is checked.
+pub const GEN_POLL: Duration = Duration::from_millis(200);
+/// Most files a directory fingerprint covers (the loader refuses more anyway).
+const MAX_FINGERPRINT_FILES: usize = 4_096;
+
+/// Why loading a policy directory failed (the parser's error: file:line, policy, field).
+pub type LoadError = super::parse::PolicyError;
+
+/// Loads a policy directory (every `*.yaml`/`*.yml`, strictly parsed).
+pub fn load_dir(dir: &Path) -> Result<PolicyBundle, LoadError> {
+    super::parse::load_dir(dir)
+}
+
+/// Why a policy could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("loading {}: {source}", dir.display())]
+    Load {
+        dir: PathBuf,
+        #[source]
+        source: LoadError,
+    },
+    #[error("compiling: {0}")]
+    Compile(#[from] CompileError),
+    #[error("writing the policy maps: {0}")]
+    Maps(#[from] MapsError),
+}
+
+/// What compiling needs besides the bundle.
+#[derive(Clone)]
+pub struct CompileContext {
+    pub registry: Arc<Registry>,
+    pub root_ns: String,
+    pub trust_domain: String,
+}
+
+impl CompileContext {
+    /// Loads `dir` and compiles it.
+    pub fn load_and_compile(
+        &self,
+        dir: &Path,
+    ) -> Result<(PolicyBundle, CompiledPolicy), ApplyError> {
+        let bundle = load_dir(dir).map_err(|source| ApplyError::Load {
+            dir: dir.to_owned(),
+            source,
+        })?;
+        let compiled = compile::compile(
+            &bundle,
+            &self.registry,
+            &self.root_ns,
+            &self.trust_domain,
+        )?;
+        Ok((bundle, compiled))
+    }
+}
+
+/// Loads, compiles and applies `dir` to `maps`; logs `policy applied`. Returns the bundle
+/// (for the PeerAuthentication flags) and the generation.
+pub fn apply_dir(
+    ctx: &CompileContext,
+    maps: &mut PolicyMaps,
+    dir: &Path,
+) -> Result<(PolicyBundle, u32), ApplyError> {
+    let (bundle, compiled) = ctx.load_and_compile(dir)?;
+    let generation = maps.apply(&compiled)?;
+    info!(
+        generation,
+        policies = compiled.policies,
+        l4_entries = compiled.l4.len(),
+        l7_clauses = compiled.l7.len(),
+        sets = compiled.sets,
+        classes = compiled.classes,
+        "policy applied"
+    );
+    Ok((bundle, generation))
+}
+
+/// The names, sizes and mtimes of the directory's entries: a change in any is a change.
+pub fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    let mut out: Vec<_> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(Result::ok)
+            .take(MAX_FINGERPRINT_FILES)
+            .map(|e| {
+                let meta = e.metadata().ok();
+                (
+                    e.path(),
+                    meta.as_ref().map_or(0, |m| m.len()),
+                    meta.and_then(|m| m.modified().ok()),
+                )
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    out.sort();
+    out
+}
+
+/// Polls `dir` every [`DIR_POLL`]; on a change loads, compiles and applies it, then hands the
+/// bundle to `on_bundle` (the agent re-programs the PeerAuthentication flags). A failure logs
+/// `policy refused` and keeps the active generation.
+pub fn spawn_dir_watcher(
+    dir: PathBuf,
+    ctx: CompileContext,
+    maps: PolicyMaps,
+    on_bundle: impl Fn(&PolicyBundle) + Send + Sync + 'static,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let maps = Arc::new(std::sync::Mutex::new(maps));
+    let on_bundle = Arc::new(on_bundle);
+    tokio::spawn(async move {
+        let mut seen = fingerprint(&dir);
+        let mut tick = tokio::time::interval(DIR_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                changed = stop.changed() => {
+                    if changed.is_err() || *stop.borrow() {
+                        break;
+                    }
+                    continue;
+                }
+                _ = tick.tick() => {}
+            }
+            let now = {
+                let dir = dir.clone();
+                match tokio::task::spawn_blocking(move || fingerprint(&dir)).await {
+                    Ok(f) => f,
+                    Err(_) => continue,
+                }
+            };
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            debug!(dir = %dir.display(), "policy directory changed");
+            let (dir2, ctx2, maps2, on_bundle2) =
+                (dir.clone(), ctx.clone(), Arc::clone(&maps), Arc::clone(&on_bundle));
+            let done = tokio::task::spawn_blocking(move || {
+                let mut maps = maps2.lock().unwrap_or_else(|p| p.into_inner());
+                match apply_dir(&ctx2, &mut maps, &dir2) {
+                    Ok((bundle, _)) => on_bundle2(&bundle),
+                    Err(e) => warn!(error = %error_chain(&e), dir = %dir2.display(), "policy refused"),
+                }
+            })
+            .await;
+            if done.is_err() {
+                error!("policy apply task panicked");
+            }
+        }
+    })
+}
+
+/// Publishes the active generation as a [`PolicyView`]: the receiver always holds the view
+/// of the generation the kernel uses (within [`GEN_POLL`]). A generation that cannot be read
+/// back consistently is published as a deny-all view (fail closed) and logged.
+pub fn spawn_generation_watcher(
+    maps: PolicyMaps,
+    initial: Arc<PolicyView>,
+    mut stop: watch::Receiver<bool>,
+) -> (watch::Receiver<Arc<PolicyView>>, JoinHandle<()>) {
+    let (tx, rx) = watch::channel(initial);
+    let maps = Arc::new(maps);
+    let handle = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(GEN_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                changed = stop.changed() => {
+                    if changed.is_err() || *stop.borrow() {
+                        break;
+                    }
+                    continue;
+                }
+                _ = tick.tick() => {}
+            }
+            let current = tx.borrow().generation();
+            let maps2 = Arc::clone(&maps);
+            let read = tokio::task::spawn_blocking(move || {
+                let gen = maps2.active_generation()?;
+                if gen == current {
+                    return Ok(None);
+                }
+                maps2.read_view(gen).map(Some)
+            })
+            .await;
+            match read {
+                Ok(Ok(Some(view))) => {
+                    info!(
+                        generation = view.generation(),
+                        l4_entries = view.l4_entries(),
+                        "policy generation active"
+                    );
+                    tx.send_replace(Arc::new(view));
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    error!(error = %error_chain(&e), "reading the active policy generation");
+                    if let MapsError::Inconsistent { gen, .. } = e {
+                        tx.send_replace(Arc::new(PolicyView::deny_all(gen)));
+                    }
+                }
+                Err(_) => error!("policy view task panicked"),
+            }
+        }
+    });
+    (rx, handle)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = s.source();
+    }
+    out
+}
