@@ -27,6 +27,7 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use super::model::{
+    Pattern,
     Action, AuthorizationPolicy, MtlsMode, Operation, PolicyBundle, Rule, Source, StringMatch,
 };
 
@@ -194,12 +195,16 @@ fn operation_matches(o: &Operation, req: Request<'_>) -> bool {
     };
     let path = http.path.split_once('?').map_or(http.path, |(p, _)| p);
     let host = http.host.unwrap_or("");
-    let bare_host = strip_port(host);
     strings(&o.methods, &o.not_methods, |m| m.matches(http.method))
         && strings(&o.paths, &o.not_paths, |m| m.matches(path))
-        && strings(&o.hosts, &o.not_hosts, |m| {
-            host_matches(m, host) || bare_host.is_some_and(|h| host_matches(m, h))
-        })
+        && strings(&o.hosts, &o.not_hosts, |m| host_pattern_matches(m.as_pattern(), host))
+}
+
+/// How a `hosts`/`notHosts` pattern matches a request's Host (or `:authority`): ASCII
+/// case-insensitively, against the value as sent or with a numeric `:port` stripped. Shared
+/// with the compiled form (`maps::Clause`), so both decide hosts alike.
+pub fn host_pattern_matches(m: Pattern<'_>, host: &str) -> bool {
+    host_matches(m, host) || strip_port(host).is_some_and(|h| host_matches(m, h))
 }
 
 /// A field with its `not*` counterpart: some pattern matches (or none given), no `not*` does.
@@ -219,19 +224,19 @@ fn strip_port(host: &str) -> Option<&str> {
 }
 
 /// [`StringMatch::matches`], ASCII case-insensitively.
-fn host_matches(m: &StringMatch, value: &str) -> bool {
+fn host_matches(m: Pattern<'_>, value: &str) -> bool {
     let v = value.as_bytes();
     match m {
-        StringMatch::Exact(s) => v.eq_ignore_ascii_case(s.as_bytes()),
-        StringMatch::Prefix(p) => v
+        Pattern::Exact(s) => v.eq_ignore_ascii_case(s.as_bytes()),
+        Pattern::Prefix(p) => v
             .get(..p.len())
             .is_some_and(|h| h.eq_ignore_ascii_case(p.as_bytes())),
-        StringMatch::Suffix(s) => v
+        Pattern::Suffix(s) => v
             .len()
             .checked_sub(s.len())
             .and_then(|start| v.get(start..))
             .is_some_and(|t| t.eq_ignore_ascii_case(s.as_bytes())),
-        StringMatch::Presence => !v.is_empty(),
+        Pattern::Presence => !v.is_empty(),
     }
 }
 

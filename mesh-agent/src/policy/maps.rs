@@ -41,6 +41,7 @@ use mesh_common::{
 use nix::fcntl::{Flock, FlockArg};
 use tracing::{debug, warn};
 
+use super::model::Pattern;
 use super::compile::CompiledPolicy;
 
 /// How long the old generation stays after the flip.
@@ -365,6 +366,17 @@ impl Clause {
 impl Term {
     fn matches(&self, value: &str) -> bool {
         let p = &*self.pattern;
+        if self.field == POL_FIELD_HOST || self.field == POL_FIELD_NOT_HOST {
+            // Hosts match as the reference evaluator matches them (case, `:port`).
+            let pattern = match self.kind {
+                POL_MATCH_EXACT => Pattern::Exact(p),
+                POL_MATCH_PREFIX => Pattern::Prefix(p),
+                POL_MATCH_SUFFIX => Pattern::Suffix(p),
+                POL_MATCH_PRESENCE => Pattern::Presence,
+                _ => return false,
+            };
+            return super::eval::host_pattern_matches(pattern, value);
+        }
         match self.kind {
             POL_MATCH_EXACT => value == p,
             POL_MATCH_PREFIX => value.starts_with(p),
@@ -710,6 +722,34 @@ impl PolicyView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compiled_hosts_match_like_the_evaluator() {
+        let clause = |field, kind, pattern: &str| Clause {
+            action: POL_ACTION_ALLOW,
+            dry_run: false,
+            policy: None,
+            terms: vec![Term {
+                field,
+                kind,
+                pattern: Arc::from(pattern),
+            }],
+        };
+        let exact = clause(POL_FIELD_HOST, POL_MATCH_EXACT, "api.shop");
+        for host in ["api.shop", "API.Shop", "api.shop:8080"] {
+            assert!(exact.matches("GET", "/", host), "{host}");
+        }
+        assert!(!exact.matches("GET", "/", "api.shop.evil"));
+        assert!(!exact.matches("GET", "/", "api.shop:x"));
+        let suffix = clause(POL_FIELD_HOST, POL_MATCH_SUFFIX, ".shop");
+        assert!(suffix.matches("GET", "/", "WEB.SHOP:80"));
+        let not_host = clause(POL_FIELD_NOT_HOST, POL_MATCH_PREFIX, "admin.");
+        assert!(!not_host.matches("GET", "/", "Admin.shop:443"));
+        assert!(not_host.matches("GET", "/", "api.shop"));
+        // Methods stay case-sensitive.
+        let method = clause(POL_FIELD_METHOD, POL_MATCH_EXACT, "GET");
+        assert!(!method.matches("get", "/", ""));
+    }
     use crate::policy::compile::{
         compile,
         tests::{from_principal, policy, registry, to_ports},

@@ -128,6 +128,27 @@ impl StringMatch {
     }
 }
 
+/// A [`StringMatch`] borrowed: what the compiled form (read back from the maps) matches with,
+/// without allocating per request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pattern<'a> {
+    Exact(&'a str),
+    Prefix(&'a str),
+    Suffix(&'a str),
+    Presence,
+}
+
+impl StringMatch {
+    pub fn as_pattern(&self) -> Pattern<'_> {
+        match self {
+            Self::Exact(s) => Pattern::Exact(s),
+            Self::Prefix(s) => Pattern::Prefix(s),
+            Self::Suffix(s) => Pattern::Suffix(s),
+            Self::Presence => Pattern::Presence,
+        }
+    }
+}
+
 /// A CIDR block (`10.0.0.0/8`, `fd00::/16`, or a bare address = full-length prefix).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct IpNet {
