@@ -291,7 +291,7 @@ impl Ctx {
         let dst_workload = self.workload_name(orig.dst_workload_id);
         let src_identity = self.identity_name(orig.src_workload_id);
         let dst_identity = self.identity_name(orig.dst_workload_id);
-        let (transport, result) = self.carry(&mut client, &orig, dst, local).await;
+        let (transport, result) = self.carry(&mut client, &orig, dst, local, conn_id).await;
         let duration_ms = started.elapsed().as_millis() as u64;
         let (sent, received, outcome) = match result {
             Ok((sent, received)) => (sent, received, "ok".to_owned()),
@@ -322,6 +322,7 @@ impl Ctx {
         orig: &mesh_common::OrigDst,
         dst: SocketAddr,
         local: SocketAddr,
+        conn_id: u64,
     ) -> (Transport, Result<(u64, u64), FlowError>) {
         if canonical(dst) == local {
             return (Transport::Local, Err(FlowError::Loop));
@@ -336,7 +337,7 @@ impl Ctx {
         };
         let _ = client.set_nodelay(true);
         if dst_w.node == self.view.node {
-            return (Transport::Local, self.carry_local(client, orig, dst_w, dst).await);
+            return (Transport::Local, self.carry_local(client, orig, dst_w, dst, conn_id).await);
         }
         (Transport::Hbone, self.carry_hbone(client, orig, &dst_w.node, dst).await)
     }
@@ -350,6 +351,7 @@ impl Ctx {
         orig: &mesh_common::OrigDst,
         dst_w: &crate::registry::Workload,
         dst: SocketAddr,
+        conn_id: u64,
     ) -> Result<(u64, u64), FlowError> {
         let src_identity = self.identity(orig.src_workload_id)?.clone();
         let src_addr = client.peer_addr().ok().map(canonical);
@@ -371,7 +373,7 @@ impl Ctx {
                     self.cfg.connect_timeout,
                     &self.policies,
                     &info,
-                    0,
+                    conn_id,
                     "local",
                 )
                 .await;
@@ -387,7 +389,7 @@ impl Ctx {
         let mut upstream = connect_from(&self.view.source, dst, self.cfg.connect_timeout).await?;
         let copy =
             tokio::io::copy_bidirectional_with_sizes(client, &mut upstream, COPY_BUF, COPY_BUF);
-        match authz::supervise(self.policies.clone(), &info, 0, copy).await {
+        match authz::supervise(self.policies.clone(), &info, conn_id, copy).await {
             Supervised::Done(Ok(counts)) => Ok(counts),
             Supervised::Done(Err(e)) => {
                 // A reset mid-stream is an ordinary end for a TCP flow; the
