@@ -266,10 +266,12 @@ async fn http1_server(stream: TcpStream, buf: Vec<u8>, name: &str) -> Result<(),
         served += 1;
         let text = answer_body(name, method, path, &host, body.len());
         let close = head.closes();
+        // A HEAD response announces the body's length but carries none.
         let response = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n{text}",
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n{}",
             text.len(),
-            if close { "connection: close\r\n" } else { "" }
+            if close { "connection: close\r\n" } else { "" },
+            if method.eq_ignore_ascii_case("HEAD") { "" } else { &text }
         );
         r.io.write_all(response.as_bytes()).await.map_err(|e| e.to_string())?;
         if close {
@@ -504,7 +506,12 @@ pub fn http1(
             let response = tokio::time::timeout(timeout, async {
                 let head = r.head().await?.ok_or("closed before a response")?;
                 let close = head.closes();
-                let body = r.body(&head, close).await?;
+                // HEAD, 1xx, 204 and 304 responses have no body whatever their headers say.
+                let bodiless = req.method.eq_ignore_ascii_case("HEAD")
+                    || matches!(head.line[1].as_bytes().first(), Some(b'1'))
+                    || head.line[1] == "204"
+                    || head.line[1] == "304";
+                let body = if bodiless { Vec::new() } else { r.body(&head, close).await? };
                 Ok::<_, String>((head, body))
             })
             .await
