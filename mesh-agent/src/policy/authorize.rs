@@ -172,7 +172,11 @@ mod tests {
         for src in [Some(1), None] {
             assert_eq!(s.connection(&conn(src, true)), ConnVerdict::PerRequest);
             assert_eq!(s.connection(&conn(src, false)), ConnVerdict::Allow);
-            let req = RequestAttrs { method: "GET", path: "/", host: None };
+            let req = RequestAttrs {
+                method: "GET",
+                path: "/",
+                host: None,
+            };
             assert_eq!(s.request(&conn(src, true), &req), RequestVerdict::Allow);
         }
     }

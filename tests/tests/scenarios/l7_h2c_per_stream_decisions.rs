@@ -26,11 +26,17 @@ fn l7_h2c_per_stream_decisions() {
     let [a1, b1, c1] = ["a1", "b1", "c1"].map(|n| cluster.pod(n));
     let b_server = b1.serve_http(&[8080]);
     let c_server = c1.serve_http(&[8080]);
-    apply(&cluster, &agents, "l7", &docs(&[l7_policy("b1"), l7_policy("c1")]));
+    apply(
+        &cluster,
+        &agents,
+        "l7",
+        &docs(&[l7_policy("b1"), l7_policy("c1")]),
+    );
 
-    for (dst, server, decider, side) in
-        [(b1, &b_server, &agents[1], "inbound"), (c1, &c_server, &agents[0], "local")]
-    {
+    for (dst, server, decider, side) in [
+        (b1, &b_server, &agents[1], "inbound"),
+        (c1, &c_server, &agents[0], "local"),
+    ] {
         let addr = dst.addr6(8080);
         let run = a1.h2c(
             addr,
@@ -63,12 +69,20 @@ fn l7_h2c_per_stream_decisions() {
             .collect();
         let mut sorted = seen.clone();
         sorted.sort();
-        assert_eq!(sorted, ["/api/one", "/h", "/upload"], "streams that reached {name}");
+        assert_eq!(
+            sorted,
+            ["/api/one", "/h", "/upload"],
+            "streams that reached {name}"
+        );
         let line = wait_line(decider, "connection denied", "h2c /admin/two", |v| {
             v["layer"] == "l7" && v["path"] == "/admin/two" && v["dst"] == addr.to_string().as_str()
         });
         assert_eq!(line["side"], side, "{line}");
-        assert_eq!(line["policy"], format!("default/no-admin-{name}").as_str(), "{line}");
+        assert_eq!(
+            line["policy"],
+            format!("default/no-admin-{name}").as_str(),
+            "{line}"
+        );
         assert_eq!(line["method"], "GET", "{line}");
     }
 }

@@ -39,10 +39,16 @@ fn check(src: &Pod, dst: &Pod, server: &Server, decider: &Agent, side: &str) {
                 );
             }
         } else {
-            assert!(r.is_rbac_denied(), "{req}: expected 403 RBAC: access denied, got {r:?}");
+            assert!(
+                r.is_rbac_denied(),
+                "{req}: expected 403 RBAC: access denied, got {r:?}"
+            );
         }
     }
-    assert!(run.open, "the connection was closed after the last response: {run:?}");
+    assert!(
+        run.open,
+        "the connection was closed after the last response: {run:?}"
+    );
     // The pod saw the allowed requests only, in order, the chunked body whole.
     let seen: Vec<_> = server.http_requests().split_off(before);
     let want: Vec<&str> = CASES
@@ -50,9 +56,15 @@ fn check(src: &Pod, dst: &Pod, server: &Server, decider: &Agent, side: &str) {
         .filter(|(_, a)| *a)
         .map(|(r, _)| r.split_whitespace().nth(1).unwrap())
         .collect();
-    let got: Vec<&str> = seen.iter().map(|v| v["path"].as_str().unwrap_or("?")).collect();
+    let got: Vec<&str> = seen
+        .iter()
+        .map(|v| v["path"].as_str().unwrap_or("?"))
+        .collect();
     assert_eq!(got, want, "requests that reached {}", dst.name());
-    let upload = seen.iter().find(|v| v["path"] == "/upload").expect("upload reached the pod");
+    let upload = seen
+        .iter()
+        .find(|v| v["path"] == "/upload")
+        .expect("upload reached the pod");
     assert_eq!(upload["body_len"], "hello-chunked-body".len(), "{upload}");
 
     // Denials are logged by the deciding agent, with the request and the policy.
@@ -66,19 +78,31 @@ fn check(src: &Pod, dst: &Pod, server: &Server, decider: &Agent, side: &str) {
     assert_eq!(line["src_identity"], src.spiffe_id().as_str(), "{line}");
     assert_eq!(line["dst_workload"], dst.workload().as_str(), "{line}");
     let line = wait_line(decider, "connection denied", "l7 DELETE /api/x", |v| {
-        v["layer"] == "l7" && v["method"] == "DELETE" && v["path"] == "/api/x"
+        v["layer"] == "l7"
+            && v["method"] == "DELETE"
+            && v["path"] == "/api/x"
             && v["dst"] == addr.to_string().as_str()
     });
     assert_eq!(line["policy"], "-", "default deny of the ALLOW: {line}");
 
     // Pipelined: all three written at once, answered in order.
-    let run = src.http1(addr, &["GET /api/p1", "GET /admin/p2", "POST /upload +body=xyz"], true);
+    let run = src.http1(
+        addr,
+        &["GET /api/p1", "GET /admin/p2", "POST /upload +body=xyz"],
+        true,
+    );
     assert!(run.error.is_none(), "{run:?}");
     let statuses = run.statuses();
     assert_eq!(statuses.len(), 3, "{run:?}");
-    assert_eq!(statuses[0], (200, format!("{} GET /api/p1 host=-", dst.name())));
+    assert_eq!(
+        statuses[0],
+        (200, format!("{} GET /api/p1 host=-", dst.name()))
+    );
     assert_eq!(statuses[1], (403, "RBAC: access denied".to_owned()));
-    assert_eq!(statuses[2], (200, format!("{} POST /upload host=- body=3", dst.name())));
+    assert_eq!(
+        statuses[2],
+        (200, format!("{} POST /upload host=- body=3", dst.name()))
+    );
     assert!(run.open, "{run:?}");
 }
 
@@ -97,7 +121,12 @@ fn l7_methods_paths_hosts() {
     let [a1, b1, c1] = ["a1", "b1", "c1"].map(|n| cluster.pod(n));
     let b_server = b1.serve_http(&[8080]);
     let c_server = c1.serve_http(&[8080]);
-    apply(&cluster, &agents, "l7", &docs(&[l7_policy("b1"), l7_policy("c1")]));
+    apply(
+        &cluster,
+        &agents,
+        "l7",
+        &docs(&[l7_policy("b1"), l7_policy("c1")]),
+    );
 
     check(a1, b1, &b_server, &agents[1], "inbound");
     check(a1, c1, &c_server, &agents[0], "local");
@@ -111,6 +140,8 @@ fn l7_methods_paths_hosts() {
         "{:?}",
         agents[0].flows()
     );
-    assert!(!agents[1].log_lines().iter().any(|v| v["message"] == "inbound"
-        && v["dst"] == c1.addr4(8080).to_string().as_str()));
+    assert!(!agents[1]
+        .log_lines()
+        .iter()
+        .any(|v| v["message"] == "inbound" && v["dst"] == c1.addr4(8080).to_string().as_str()));
 }

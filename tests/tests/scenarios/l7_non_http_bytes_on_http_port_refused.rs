@@ -31,8 +31,20 @@ fn l7_non_http_bytes_on_http_port_refused() {
     let agents = cluster.start_agents();
     let [a1, b1, c1, d1, e1] = ["a1", "b1", "c1", "d1", "e1"].map(|n| cluster.pod(n));
     let servers = [b1, c1, d1, e1].map(|p| (p, p.serve_http(&[8080])));
-    let allow_all = policy("default", "all-e1", Some("e1"), "ALLOW", false, "  rules:\n  - {}\n");
-    apply(&cluster, &agents, "l7", &docs(&[l7_policy("b1"), l7_policy("c1"), allow_all]));
+    let allow_all = policy(
+        "default",
+        "all-e1",
+        Some("e1"),
+        "ALLOW",
+        false,
+        "  rules:\n  - {}\n",
+    );
+    apply(
+        &cluster,
+        &agents,
+        "l7",
+        &docs(&[l7_policy("b1"), l7_policy("c1"), allow_all]),
+    );
 
     for (dst, server) in &servers {
         for garbage in [
@@ -43,7 +55,12 @@ fn l7_non_http_bytes_on_http_port_refused() {
             let run = a1.raw(dst.addr4(8080), garbage);
             let raw = run.raw.clone().expect("raw result");
             assert!(run.error.is_none(), "{run:?}");
-            assert_ne!(raw["how"], "open", "{garbage:?} to {}: not closed: {run:?}", dst.name());
+            assert_ne!(
+                raw["how"],
+                "open",
+                "{garbage:?} to {}: not closed: {run:?}",
+                dst.name()
+            );
             let received = raw["received"].as_str().unwrap_or_default();
             assert!(
                 !received.contains(dst.name()),
@@ -59,6 +76,9 @@ fn l7_non_http_bytes_on_http_port_refused() {
         );
         // The port still serves HTTP.
         let run = a1.http1(dst.addr6(8080), &["GET /api/after"], false);
-        assert_eq!(run.statuses(), vec![(200, format!("{} GET /api/after host=-", dst.name()))]);
+        assert_eq!(
+            run.statuses(),
+            vec![(200, format!("{} GET /api/after host=-", dst.name()))]
+        );
     }
 }

@@ -27,13 +27,41 @@ fn policy_audit_and_dry_run_do_not_enforce() {
     let _b = b1.serve(&[8080]);
     let c_server = c1.serve_http(&[8080]);
     let yaml = docs(&[
-        policy("default", "dry-deny-a1", Some("b1"), "DENY", true, &format!(
-            "  rules:\n  - from:\n    - source: {{principals: [\"{}\"]}}\n", a1.principal())),
-        policy("default", "audit-all", Some("b1"), "AUDIT", false, "  rules:\n  - {}\n"),
-        policy("default", "dry-no-admin", Some("c1"), "DENY", true,
-               "  rules:\n  - to:\n    - operation: {paths: [\"/admin/*\"]}\n"),
-        policy("default", "audit-audited", Some("c1"), "AUDIT", false,
-               "  rules:\n  - to:\n    - operation: {paths: [\"/audited\"]}\n"),
+        policy(
+            "default",
+            "dry-deny-a1",
+            Some("b1"),
+            "DENY",
+            true,
+            &format!(
+                "  rules:\n  - from:\n    - source: {{principals: [\"{}\"]}}\n",
+                a1.principal()
+            ),
+        ),
+        policy(
+            "default",
+            "audit-all",
+            Some("b1"),
+            "AUDIT",
+            false,
+            "  rules:\n  - {}\n",
+        ),
+        policy(
+            "default",
+            "dry-no-admin",
+            Some("c1"),
+            "DENY",
+            true,
+            "  rules:\n  - to:\n    - operation: {paths: [\"/admin/*\"]}\n",
+        ),
+        policy(
+            "default",
+            "audit-audited",
+            Some("c1"),
+            "AUDIT",
+            false,
+            "  rules:\n  - to:\n    - operation: {paths: [\"/audited\"]}\n",
+        ),
     ]);
     apply(&cluster, &agents, "audit-dry-run", &yaml);
 
@@ -59,7 +87,11 @@ fn policy_audit_and_dry_run_do_not_enforce() {
     assert_eq!(line["layer"], "l4", "{line}");
 
     // L7.
-    let run = a1.http1(c1.addr4(8080), &["GET /admin/x", "POST /audited +body=1", "GET /plain"], false);
+    let run = a1.http1(
+        c1.addr4(8080),
+        &["GET /admin/x", "POST /audited +body=1", "GET /plain"],
+        false,
+    );
     assert_eq!(
         run.statuses(),
         vec![
@@ -70,11 +102,15 @@ fn policy_audit_and_dry_run_do_not_enforce() {
         "{run:?}"
     );
     assert_eq!(c_server.http_requests().len(), 3);
-    let line = wait_line(&agents[1], "dry-run deny", "l7 /admin/x", |v| v["path"] == "/admin/x");
+    let line = wait_line(&agents[1], "dry-run deny", "l7 /admin/x", |v| {
+        v["path"] == "/admin/x"
+    });
     assert_eq!(line["layer"], "l7", "{line}");
     assert_eq!(line["method"], "GET", "{line}");
     assert_eq!(line["policy"], "default/dry-no-admin", "{line}");
-    let line = wait_line(&agents[1], "audit", "l7 /audited", |v| v["path"] == "/audited");
+    let line = wait_line(&agents[1], "audit", "l7 /audited", |v| {
+        v["path"] == "/audited"
+    });
     assert_eq!(line["layer"], "l7", "{line}");
     assert_eq!(line["method"], "POST", "{line}");
     assert_eq!(line["policy"], "default/audit-audited", "{line}");

@@ -14,10 +14,21 @@ use super::policy_common::{apply, docs, expect_allowed, expect_denied, policy, w
 use crate::cluster;
 
 fn on(pods: &[&Pod], name: &str, action: &str, tail: &str) -> String {
-    docs(&pods
-        .iter()
-        .map(|p| policy("default", &format!("{name}-{}", p.name()), Some(p.name()), action, false, tail))
-        .collect::<Vec<_>>())
+    docs(
+        &pods
+            .iter()
+            .map(|p| {
+                policy(
+                    "default",
+                    &format!("{name}-{}", p.name()),
+                    Some(p.name()),
+                    action,
+                    false,
+                    tail,
+                )
+            })
+            .collect::<Vec<_>>(),
+    )
 }
 
 fn from(principal: &str) -> String {
@@ -42,12 +53,19 @@ fn policy_deny_beats_allow_and_defaults() {
     let dsts = [b1, c1];
     let http_ok = |src: &Pod| {
         let run = src.http1(c1.addr4(8080), &["GET /x"], false);
-        assert_eq!(run.statuses(), vec![(200, "c1 GET /x host=-".to_owned())], "{run:?}");
+        assert_eq!(
+            run.statuses(),
+            vec![(200, "c1 GET /x host=-".to_owned())],
+            "{run:?}"
+        );
     };
 
     // DENY beats ALLOW.
-    let yaml = format!("{}---\n{}", on(&[b1], "allow", "ALLOW", &from(&a1.principal())),
-                       on(&[b1], "deny", "DENY", &from(&a1.principal())));
+    let yaml = format!(
+        "{}---\n{}",
+        on(&[b1], "allow", "ALLOW", &from(&a1.principal())),
+        on(&[b1], "deny", "DENY", &from(&a1.principal()))
+    );
     apply(&cluster, &agents, "deny-beats-allow", &yaml);
     expect_denied(a1, b1.addr4(8080));
     wait_line(&agents[0], "connection denied", "the DENY named", |v| {
@@ -56,15 +74,29 @@ fn policy_deny_beats_allow_and_defaults() {
     expect_denied(a2, b1.addr4(8080));
 
     // No ALLOW policy: a DENY for a2 leaves a1 allowed.
-    apply(&cluster, &agents, "no-allow", &on(&dsts, "deny", "DENY", &from(&a2.principal())));
+    apply(
+        &cluster,
+        &agents,
+        "no-allow",
+        &on(&dsts, "deny", "DENY", &from(&a2.principal())),
+    );
     expect_allowed(a1, b1.addr4(8080));
     http_ok(a1);
     expect_denied(a2, b1.addr4(8080));
     expect_denied(a2, c1.addr4(8080));
 
     // An ALLOW that matches nobody here.
-    apply(&cluster, &agents, "allow-nobody",
-          &on(&dsts, "allow", "ALLOW", &from("cluster.local/ns/default/sa/nobody")));
+    apply(
+        &cluster,
+        &agents,
+        "allow-nobody",
+        &on(
+            &dsts,
+            "allow",
+            "ALLOW",
+            &from("cluster.local/ns/default/sa/nobody"),
+        ),
+    );
     for dst in dsts {
         expect_denied(a1, dst.addr4(8080));
         expect_denied(a2, dst.addr6(8080));
@@ -80,7 +112,12 @@ fn policy_deny_beats_allow_and_defaults() {
     }
 
     // `rules: [{}]`: allow-all.
-    apply(&cluster, &agents, "allow-all", &on(&dsts, "allow", "ALLOW", "  rules:\n  - {}\n"));
+    apply(
+        &cluster,
+        &agents,
+        "allow-all",
+        &on(&dsts, "allow", "ALLOW", "  rules:\n  - {}\n"),
+    );
     expect_allowed(a1, b1.addr4(8080));
     expect_allowed(a2, b1.addr6(8080));
     http_ok(a1);

@@ -22,25 +22,52 @@ fn policy_ip_blocks_and_not_ip_blocks() {
     let [a1, a2, b1] = ["a1", "a2", "b1"].map(|n| cluster.pod(n));
     let _b = b1.serve(&[8080]);
     let source = |s: &str| {
-        policy("default", "by-ip", Some("b1"), "ALLOW", false,
-               &format!("  rules:\n  - from:\n    - source: {s}\n"))
+        policy(
+            "default",
+            "by-ip",
+            Some("b1"),
+            "ALLOW",
+            false,
+            &format!("  rules:\n  - from:\n    - source: {s}\n"),
+        )
     };
 
-    apply(&cluster, &agents, "a1-v4",
-          &source(&format!("{{ipBlocks: [\"{}/32\"]}}", a1.ip4())));
+    apply(
+        &cluster,
+        &agents,
+        "a1-v4",
+        &source(&format!("{{ipBlocks: [\"{}/32\"]}}", a1.ip4())),
+    );
     expect_allowed(a1, b1.addr4(8080));
     expect_denied(a1, b1.addr6(8080));
     expect_denied(a2, b1.addr4(8080));
 
-    apply(&cluster, &agents, "v4-not-a2",
-          &source(&format!("{{ipBlocks: [\"10.1.0.0/24\"], notIpBlocks: [\"{}\"]}}", a2.ip4())));
+    apply(
+        &cluster,
+        &agents,
+        "v4-not-a2",
+        &source(&format!(
+            "{{ipBlocks: [\"10.1.0.0/24\"], notIpBlocks: [\"{}\"]}}",
+            a2.ip4()
+        )),
+    );
     expect_allowed(a1, b1.addr4(8080));
     expect_denied(a2, b1.addr4(8080));
     expect_denied(a1, b1.addr6(8080));
 
-    apply(&cluster, &agents, "deny-outside-v6",
-          &policy("default", "v6-only", Some("b1"), "DENY", false,
-                  "  rules:\n  - from:\n    - source: {notIpBlocks: [\"fd00:1::/64\"]}\n"));
+    apply(
+        &cluster,
+        &agents,
+        "deny-outside-v6",
+        &policy(
+            "default",
+            "v6-only",
+            Some("b1"),
+            "DENY",
+            false,
+            "  rules:\n  - from:\n    - source: {notIpBlocks: [\"fd00:1::/64\"]}\n",
+        ),
+    );
     expect_allowed(a1, b1.addr6(8080));
     expect_allowed(a2, b1.addr6(8080));
     expect_denied(a1, b1.addr4(8080));

@@ -26,18 +26,38 @@ fn policy_namespaces_and_not_namespaces() {
     let _b = b1.serve(&[8080]);
     let _y = y1.serve(&[8080]);
 
-    apply(&cluster, &agents, "allow-ns",
-          &policy("default", "from-other", Some("b1"), "ALLOW", false,
-                  "  rules:\n  - from:\n    - source: {namespaces: [\"other\"]}\n"));
+    apply(
+        &cluster,
+        &agents,
+        "allow-ns",
+        &policy(
+            "default",
+            "from-other",
+            Some("b1"),
+            "ALLOW",
+            false,
+            "  rules:\n  - from:\n    - source: {namespaces: [\"other\"]}\n",
+        ),
+    );
     expect_allowed(x1, b1.addr4(8080));
     expect_allowed(x1, b1.addr6(8080));
     expect_denied(a1, b1.addr4(8080));
     // y1 is not selected (another namespace): open to all.
     expect_allowed(a1, y1.addr4(8080));
 
-    apply(&cluster, &agents, "deny-not-ns",
-          &policy("default", "only-other", Some("b1"), "DENY", false,
-                  "  rules:\n  - from:\n    - source: {notNamespaces: [\"other\"]}\n"));
+    apply(
+        &cluster,
+        &agents,
+        "deny-not-ns",
+        &policy(
+            "default",
+            "only-other",
+            Some("b1"),
+            "DENY",
+            false,
+            "  rules:\n  - from:\n    - source: {notNamespaces: [\"other\"]}\n",
+        ),
+    );
     expect_denied(a1, b1.addr6(8080));
     let line = wait_line(&agents[0], "connection denied", "notNamespaces", |v| {
         v["policy"] == "default/only-other" && v["src_workload"] == "default/a1"
@@ -46,9 +66,19 @@ fn policy_namespaces_and_not_namespaces() {
     expect_allowed(x1, b1.addr4(8080));
 
     // A namespace-wide policy in `other`: y1 admits `default` only; b1 is out of its scope.
-    apply(&cluster, &agents, "scope",
-          &docs(&[policy("other", "from-default", None, "ALLOW", false,
-                         "  rules:\n  - from:\n    - source: {namespaces: [\"default\"]}\n")]));
+    apply(
+        &cluster,
+        &agents,
+        "scope",
+        &docs(&[policy(
+            "other",
+            "from-default",
+            None,
+            "ALLOW",
+            false,
+            "  rules:\n  - from:\n    - source: {namespaces: [\"default\"]}\n",
+        )]),
+    );
     expect_allowed(a1, y1.addr4(8080));
     expect_denied(x1, y1.addr4(8080));
     expect_allowed(x1, b1.addr4(8080));

@@ -22,22 +22,40 @@ fn policy_ports_and_not_ports() {
     let _c = c1.serve(&[8080, 9090]);
     let both = |action: &str, op: &str| {
         docs(&[b1, c1].map(|p| {
-            policy("default", &format!("ports-{}", p.name()), Some(p.name()), action, false,
-                   &format!("  rules:\n  - to:\n    - operation: {op}\n"))
+            policy(
+                "default",
+                &format!("ports-{}", p.name()),
+                Some(p.name()),
+                action,
+                false,
+                &format!("  rules:\n  - to:\n    - operation: {op}\n"),
+            )
         }))
     };
 
-    apply(&cluster, &agents, "allow-8080", &both("ALLOW", "{ports: [\"8080\"]}"));
+    apply(
+        &cluster,
+        &agents,
+        "allow-8080",
+        &both("ALLOW", "{ports: [\"8080\"]}"),
+    );
     for dst in [b1, c1] {
         expect_allowed(a1, dst.addr4(8080));
         expect_allowed(a1, dst.addr6(8080));
         expect_denied(a1, dst.addr4(9090));
         expect_denied(a1, dst.addr6(9090));
     }
-    let line = wait_line(&agents[0], "connection denied", "port 9090", |v| v["port"] == 9090);
+    let line = wait_line(&agents[0], "connection denied", "port 9090", |v| {
+        v["port"] == 9090
+    });
     assert_eq!(line["policy"], "-", "{line}");
 
-    apply(&cluster, &agents, "deny-not-8080", &both("DENY", "{notPorts: [\"8080\"]}"));
+    apply(
+        &cluster,
+        &agents,
+        "deny-not-8080",
+        &both("DENY", "{notPorts: [\"8080\"]}"),
+    );
     for dst in [b1, c1] {
         expect_allowed(a1, dst.addr4(8080));
         expect_denied(a1, dst.addr4(9090));

@@ -130,7 +130,11 @@ impl Head {
 
     fn content_length(&self) -> Result<Option<usize>, String> {
         self.header("content-length")
-            .map(|v| v.trim().parse().map_err(|_| format!("bad content-length {v:?}")))
+            .map(|v| {
+                v.trim()
+                    .parse()
+                    .map_err(|_| format!("bad content-length {v:?}"))
+            })
             .transpose()
     }
 
@@ -212,8 +216,9 @@ impl<S: AsyncRead + Unpin> Reader<S> {
             let mut body = Vec::new();
             loop {
                 let size_line = self.line().await?;
-                let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
-                    .map_err(|_| format!("bad chunk size {size_line:?}"))?;
+                let size =
+                    usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
+                        .map_err(|_| format!("bad chunk size {size_line:?}"))?;
                 if size == 0 {
                     // Trailers, up to the empty line.
                     while !self.line().await?.is_empty() {}
@@ -241,7 +246,10 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 async fn http1_server(stream: TcpStream, buf: Vec<u8>, name: &str) -> Result<(), String> {
-    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     let mut r = Reader { io: stream, buf };
     let mut served = 0u64;
     loop {
@@ -261,8 +269,10 @@ async fn http1_server(stream: TcpStream, buf: Vec<u8>, name: &str) -> Result<(),
         let body = r.body(&head, false).await?;
         let [method, path, _version] = &head.line;
         let host = head.header("host").unwrap_or("-").to_owned();
-        emit(&json!({"event": "request", "proto": "http/1.1", "peer": peer, "method": method,
-                     "path": path, "host": host, "body_len": body.len()}));
+        emit(
+            &json!({"event": "request", "proto": "http/1.1", "peer": peer, "method": method,
+                     "path": path, "host": host, "body_len": body.len()}),
+        );
         served += 1;
         let text = answer_body(name, method, path, &host, body.len());
         let close = head.closes();
@@ -271,9 +281,15 @@ async fn http1_server(stream: TcpStream, buf: Vec<u8>, name: &str) -> Result<(),
             "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n{}",
             text.len(),
             if close { "connection: close\r\n" } else { "" },
-            if method.eq_ignore_ascii_case("HEAD") { "" } else { &text }
+            if method.eq_ignore_ascii_case("HEAD") {
+                ""
+            } else {
+                &text
+            }
         );
-        r.io.write_all(response.as_bytes()).await.map_err(|e| e.to_string())?;
+        r.io.write_all(response.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
         if close {
             break;
         }
@@ -284,7 +300,11 @@ async fn http1_server(stream: TcpStream, buf: Vec<u8>, name: &str) -> Result<(),
 }
 
 async fn h2c_server(io: Prefixed<TcpStream>, name: &str) -> Result<(), String> {
-    let peer = io.inner.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let peer = io
+        .inner
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     let mut conn = h2::server::handshake(io).await.map_err(|e| e.to_string())?;
     let mut served = 0u64;
     while let Some(next) = conn.accept().await {
@@ -305,13 +325,19 @@ async fn h2c_server(io: Prefixed<TcpStream>, name: &str) -> Result<(), String> {
                 .authority()
                 .map(|a| a.as_str().to_owned())
                 .or_else(|| {
-                    parts.headers.get("host").and_then(|v| v.to_str().ok()).map(str::to_owned)
+                    parts
+                        .headers
+                        .get("host")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned)
                 })
                 .unwrap_or_else(|| "-".into());
             let method = parts.method.as_str();
             let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-            emit(&json!({"event": "request", "proto": "h2c", "peer": peer, "method": method,
-                         "path": path, "host": host, "body_len": len}));
+            emit(
+                &json!({"event": "request", "proto": "h2c", "peer": peer, "method": method,
+                         "path": path, "host": host, "body_len": len}),
+            );
             let text = answer_body(&name, method, path, &host, len);
             let response = http::Response::builder()
                 .status(200)
@@ -454,10 +480,17 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> (Result<TcpStream, Stri
     (r, micros(started))
 }
 
-fn done(error: Option<String>, open: bool, responses: usize, connect_us: u64) -> std::process::ExitCode {
+fn done(
+    error: Option<String>,
+    open: bool,
+    responses: usize,
+    connect_us: u64,
+) -> std::process::ExitCode {
     let ok = error.is_none();
-    emit(&json!({"event": "done", "error": error, "open": open, "responses": responses,
-                 "connect_us": connect_us}));
+    emit(
+        &json!({"event": "done", "error": error, "open": open, "responses": responses,
+                 "connect_us": connect_us}),
+    );
     if ok {
         std::process::ExitCode::SUCCESS
     } else {
@@ -471,7 +504,10 @@ async fn still_open<S: AsyncRead + Unpin>(r: &mut Reader<S>, wait: Duration) -> 
         return true;
     }
     let mut b = [0u8; 1];
-    matches!(tokio::time::timeout(wait, r.io.read(&mut b)).await, Err(_) | Ok(Ok(1)))
+    matches!(
+        tokio::time::timeout(wait, r.io.read(&mut b)).await,
+        Err(_) | Ok(Ok(1))
+    )
 }
 
 /// HTTP/1.1 on one connection: every request in turn (or all written first, `pipeline`), one
@@ -489,7 +525,10 @@ pub fn http1(
             Ok(s) => s,
             Err(e) => return done(Some(e), false, 0, connect_us),
         };
-        let mut r = Reader { io: stream, buf: Vec::new() };
+        let mut r = Reader {
+            io: stream,
+            buf: Vec::new(),
+        };
         let mut got = 0usize;
         if pipeline {
             let all: Vec<u8> = requests.iter().flat_map(RequestSpec::http1_bytes).collect();
@@ -500,7 +539,12 @@ pub fn http1(
         for (i, req) in requests.iter().enumerate() {
             if !pipeline {
                 if let Err(e) = r.io.write_all(&req.http1_bytes()).await {
-                    return done(Some(format!("writing request {i}: {e}")), false, got, connect_us);
+                    return done(
+                        Some(format!("writing request {i}: {e}")),
+                        false,
+                        got,
+                        connect_us,
+                    );
                 }
             }
             let response = tokio::time::timeout(timeout, async {
@@ -511,7 +555,11 @@ pub fn http1(
                     || matches!(head.line[1].as_bytes().first(), Some(b'1'))
                     || head.line[1] == "204"
                     || head.line[1] == "304";
-                let body = if bodiless { Vec::new() } else { r.body(&head, close).await? };
+                let body = if bodiless {
+                    Vec::new()
+                } else {
+                    r.body(&head, close).await?
+                };
                 Ok::<_, String>((head, body))
             })
             .await
@@ -536,7 +584,11 @@ pub fn http1(
 
 /// h2c (prior knowledge) on one connection: every request as its own stream, all at once; one
 /// line per response (`index`, `status`, `body`), in request order.
-pub fn h2c(addr: SocketAddr, requests: &[RequestSpec], timeout: Duration) -> std::process::ExitCode {
+pub fn h2c(
+    addr: SocketAddr,
+    requests: &[RequestSpec],
+    timeout: Duration,
+) -> std::process::ExitCode {
     runtime().block_on(async {
         let (stream, connect_us) = connect(addr, timeout).await;
         let stream = match stream {
