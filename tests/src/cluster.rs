@@ -34,7 +34,7 @@ use crate::{
     process::{self, Output, Proc, Target},
     registry::{self, NodeEntry, RenderedRegistry, WorkloadEntry},
     sys,
-    testpod::{self, ClientProc, ClientRequest, ClientRun, Server},
+    testpod::{self, ClientProc, ClientRequest, ClientRun, HttpRun, Server},
     tmp::TempDir,
 };
 
@@ -148,6 +148,88 @@ impl Place {
         server
     }
 
+    /// Starts `mesh-testpod http-serve` (HTTP/1.1 and h2c) on this place's IPv4 and IPv6
+    /// addresses, on each of `ports`, and waits until every listener is bound. Every request
+    /// is answered `200` with body `<name> <METHOD> <path> host=<host>[ body=<n>]`.
+    #[track_caller]
+    pub fn serve_http(&self, ports: &[u16]) -> Server {
+        assert!(!ports.is_empty(), "serve_http needs at least one port");
+        let mut listens = Vec::new();
+        for &p in ports {
+            listens.push(SocketAddr::new(IpAddr::V4(self.ip4), p));
+            listens.push(SocketAddr::new(IpAddr::V6(self.ip6), p));
+        }
+        let mut cmd = Command::new(&self.ctx.testpod);
+        cmd.arg("http-serve").arg("--name").arg(&self.name);
+        for l in &listens {
+            cmd.arg("--listen").arg(l.to_string());
+        }
+        let proc = self.spawn(cmd, "http-serve");
+        let mut server = Server { proc, listens };
+        let want = server.listens.len();
+        let ok = crate::poll::eventually(crate::poll::DEFAULT_TIMEOUT, || {
+            if !server.proc.is_running() {
+                return Some(false);
+            }
+            (server.events("listening").len() >= want).then_some(true)
+        });
+        assert!(
+            ok == Some(true),
+            "http server {} did not bind (exited or timed out)\nstdout:\n{}\nstderr:\n{}",
+            self.name,
+            server.proc.stdout(),
+            server.proc.stderr()
+        );
+        server
+    }
+
+    /// HTTP/1.1 on one connection to `connect`: `requests` are `METHOD PATH [HOST]
+    /// [+body=TEXT|+chunked=TEXT]`, sent one after the other, or all at once (`pipeline`).
+    #[track_caller]
+    pub fn http1(&self, connect: SocketAddr, requests: &[&str], pipeline: bool) -> HttpRun {
+        let mut cmd = Command::new(&self.ctx.testpod);
+        cmd.arg("http1").arg("--connect").arg(connect.to_string());
+        for r in requests {
+            cmd.arg("--request").arg(r);
+        }
+        if pipeline {
+            cmd.arg("--pipeline");
+        }
+        self.http_run(cmd, &format!("http1-{connect}"), requests.len())
+    }
+
+    /// h2c (prior knowledge) on one connection to `connect`: every request a concurrent stream.
+    #[track_caller]
+    pub fn h2c(&self, connect: SocketAddr, requests: &[&str]) -> HttpRun {
+        let mut cmd = Command::new(&self.ctx.testpod);
+        cmd.arg("h2c").arg("--connect").arg(connect.to_string());
+        for r in requests {
+            cmd.arg("--request").arg(r);
+        }
+        self.http_run(cmd, &format!("h2c-{connect}"), requests.len())
+    }
+
+    /// Sends `bytes` on one connection to `connect` and reads until the server closes (at
+    /// most 3 s).
+    #[track_caller]
+    pub fn raw(&self, connect: SocketAddr, bytes: &str) -> HttpRun {
+        let mut cmd = Command::new(&self.ctx.testpod);
+        cmd.arg("raw")
+            .arg("--connect")
+            .arg(connect.to_string())
+            .arg("--send")
+            .arg(bytes);
+        self.http_run(cmd, &format!("raw-{connect}"), 1)
+    }
+
+    #[track_caller]
+    fn http_run(&self, cmd: Command, label: &str, requests: usize) -> HttpRun {
+        // 5 s per response at most, plus the connect, plus slack.
+        let deadline = Duration::from_secs(5 * (requests as u64 + 1) + 5);
+        let output = self.spawn(cmd, label).wait_output(deadline);
+        HttpRun::from_output(format!("{}-{label}", self.name), output)
+    }
+
     /// Starts a `mesh-testpod client` here without waiting for it.
     #[track_caller]
     pub fn spawn_client(&self, req: &ClientRequest) -> ClientProc {
@@ -222,6 +304,22 @@ pub trait Host {
     #[track_caller]
     fn hold(&self, connect: SocketAddr, max_hold: Duration) -> testpod::HeldConnection {
         self.place().hold(connect, max_hold)
+    }
+    #[track_caller]
+    fn serve_http(&self, ports: &[u16]) -> Server {
+        self.place().serve_http(ports)
+    }
+    #[track_caller]
+    fn http1(&self, connect: SocketAddr, requests: &[&str], pipeline: bool) -> HttpRun {
+        self.place().http1(connect, requests, pipeline)
+    }
+    #[track_caller]
+    fn h2c(&self, connect: SocketAddr, requests: &[&str]) -> HttpRun {
+        self.place().h2c(connect, requests)
+    }
+    #[track_caller]
+    fn raw(&self, connect: SocketAddr, bytes: &str) -> HttpRun {
+        self.place().raw(connect, bytes)
     }
 }
 
@@ -334,6 +432,7 @@ impl Host for Node {
 #[derive(Debug)]
 pub struct Pod {
     name: String,
+    namespace: String,
     node: usize,
     node_name: String,
     registered: bool,
@@ -352,9 +451,23 @@ impl Pod {
     pub fn name(&self) -> &str {
         &self.name
     }
-    /// `default/<name>`: how the agent names the workload.
+    /// The pod's namespace ([`POD_NAMESPACE`] unless [`ClusterBuilder::namespace`] said otherwise).
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+    /// `<namespace>/<name>`: how the agent names the workload.
     pub fn workload(&self) -> String {
-        format!("{POD_NAMESPACE}/{}", self.name)
+        format!("{}/{}", self.namespace, self.name)
+    }
+    /// The pod's policy principal, `cluster.local/ns/<namespace>/sa/sa-<name>` (the SPIFFE ID
+    /// without `spiffe://`).
+    pub fn principal(&self) -> String {
+        format!(
+            "{}/ns/{}/sa/{}",
+            crate::authority::TRUST_DOMAIN,
+            self.namespace,
+            self.service_account
+        )
     }
     pub fn node_index(&self) -> usize {
         self.node
@@ -370,13 +483,9 @@ impl Pod {
     pub fn service_account(&self) -> &str {
         &self.service_account
     }
-    /// The pod's workload identity, `spiffe://cluster.local/ns/default/sa/sa-<name>`.
+    /// The pod's workload identity, `spiffe://cluster.local/ns/<namespace>/sa/sa-<name>`.
     pub fn spiffe_id(&self) -> String {
-        format!(
-            "spiffe://{}/ns/{POD_NAMESPACE}/sa/{}",
-            crate::authority::TRUST_DOMAIN,
-            self.service_account
-        )
+        format!("spiffe://{}", self.principal())
     }
     /// Whether the pod is listed in the registry.
     pub fn registered(&self) -> bool {
@@ -396,7 +505,7 @@ impl Pod {
     pub fn registry_entry(&self) -> WorkloadEntry {
         WorkloadEntry {
             name: self.name.clone(),
-            namespace: POD_NAMESPACE.into(),
+            namespace: self.namespace.clone(),
             service_account: self.service_account.clone(),
             node: self.node_name.clone(),
             ips: vec![IpAddr::V4(self.ip4()), IpAddr::V6(self.ip6())],
@@ -423,6 +532,7 @@ impl Host for Pod {
 struct PodSpec {
     node: usize,
     name: String,
+    namespace: String,
     registered: bool,
     permissive: bool,
     http_ports: Vec<u16>,
@@ -456,6 +566,8 @@ pub struct ClusterBuilder {
     permissive: Vec<String>,
     /// Pods registered with `httpPorts`.
     http_ports: Vec<(String, Vec<u16>)>,
+    /// Pods in a namespace other than [`POD_NAMESPACE`].
+    namespaces: Vec<(String, String)>,
     testpod: Option<PathBuf>,
 }
 
@@ -483,11 +595,20 @@ impl ClusterBuilder {
         self
     }
 
+    /// Registers pod `name` (added by any means) in namespace `namespace` instead of
+    /// [`POD_NAMESPACE`]: its workload is `<namespace>/<name>`, its identity
+    /// `spiffe://cluster.local/ns/<namespace>/sa/sa-<name>`.
+    pub fn namespace(mut self, name: &str, namespace: &str) -> Self {
+        self.namespaces.push((name.into(), namespace.into()));
+        self
+    }
+
     /// A pod on node `node` (0-based), listed in the registry.
     pub fn add_pod(mut self, node: usize, name: &str) -> Self {
         self.pods.push(PodSpec {
             node,
             name: name.into(),
+            namespace: POD_NAMESPACE.into(),
             registered: true,
             permissive: false,
             http_ports: Vec::new(),
@@ -502,6 +623,7 @@ impl ClusterBuilder {
         self.pods.push(PodSpec {
             node,
             name: name.into(),
+            namespace: POD_NAMESPACE.into(),
             registered: false,
             permissive: false,
             http_ports: Vec::new(),
@@ -531,6 +653,7 @@ impl ClusterBuilder {
                 specs.push(PodSpec {
                     node,
                     name: format!("{letter}{k}"),
+                    namespace: POD_NAMESPACE.into(),
                     registered: true,
                     permissive: false,
                     http_ports: Vec::new(),
@@ -551,6 +674,13 @@ impl ClusterBuilder {
                 .find(|s| &s.name == name)
                 .unwrap_or_else(|| panic!("http_ports({name}): no such pod"));
             spec.http_ports = ports.clone();
+        }
+        for (name, namespace) in &self.namespaces {
+            let spec = specs
+                .iter_mut()
+                .find(|s| &s.name == name)
+                .unwrap_or_else(|| panic!("namespace({name}): no such pod"));
+            spec.namespace = namespace.clone();
         }
         for (i, s) in specs.iter().enumerate() {
             assert!(
@@ -997,6 +1127,7 @@ impl Cluster {
         };
         Pod {
             name: spec.name.clone(),
+            namespace: spec.namespace.clone(),
             node: spec.node,
             node_name: node.name.clone(),
             registered: spec.registered,

@@ -46,6 +46,7 @@ pub use process::{Output, Proc};
 pub use registry::{NodeEntry, RenderedRegistry, WorkloadEntry};
 pub use sys::{bpffs_mount, cgroup2_mount, require_privileges, unique_id};
 pub use testpod::{
-    Accepted, ClientProc, ClientRequest, ClientResult, ClientRun, HeldConnection, Server,
+    Accepted, ClientProc, ClientRequest, ClientResult, ClientRun, HeldConnection, HttpResponse,
+    HttpRun, Server,
 };
 pub use tmp::TempDir;

@@ -341,3 +341,107 @@ impl Server {
             .collect()
     }
 }
+
+/// One HTTP response as a `mesh-testpod http1|h2c` client printed it.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct HttpResponse {
+    /// The request it answers (position in the request list).
+    pub index: usize,
+    #[serde(default)]
+    pub status: Option<u16>,
+    #[serde(default)]
+    pub body: Option<String>,
+    /// The `connection` header (HTTP/1.1).
+    #[serde(default)]
+    pub connection: Option<String>,
+    /// The stream failed (h2c).
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl HttpResponse {
+    /// `403` with the agent's denial body.
+    pub fn is_rbac_denied(&self) -> bool {
+        self.status == Some(403) && self.body.as_deref() == Some("RBAC: access denied")
+    }
+}
+
+/// A finished `mesh-testpod http1|h2c|raw` run: its responses and its `done` line.
+#[derive(Clone, Debug)]
+pub struct HttpRun {
+    pub label: String,
+    pub output: Output,
+    pub responses: Vec<HttpResponse>,
+    /// `raw` only: `{"how": "eof"|"reset"|"open", "received"}`.
+    pub raw: Option<Value>,
+    /// The connection failed (`connect: …`) or a response did not come (`response N: …`).
+    pub error: Option<String>,
+    /// The server kept the connection open after the last response (`raw`: never closed it).
+    pub open: bool,
+    /// How long `connect()` took, in microseconds.
+    pub connect_us: Option<u64>,
+}
+
+impl HttpRun {
+    pub(crate) fn from_output(label: String, output: Output) -> Self {
+        let mut run = HttpRun {
+            label,
+            responses: Vec::new(),
+            raw: None,
+            error: None,
+            open: false,
+            connect_us: None,
+            output,
+        };
+        let mut done = false;
+        for line in run.output.stdout.lines().filter(|l| !l.trim().is_empty()) {
+            let v: Value = serde_json::from_str(line).unwrap_or_else(|e| {
+                panic!("{}: unparsable line ({e}): {line}\nstderr: {}", run.label, run.output.stderr)
+            });
+            match v.get("event").and_then(Value::as_str) {
+                Some("done") => {
+                    done = true;
+                    run.error = v["error"].as_str().map(str::to_owned);
+                    run.open = v["open"].as_bool().unwrap_or(false);
+                    run.connect_us = v["connect_us"].as_u64();
+                }
+                Some("raw") => run.raw = Some(v),
+                _ => run.responses.push(serde_json::from_value(v).unwrap_or_else(|e| {
+                    panic!("{}: not a response ({e}): {line}", run.label)
+                })),
+            }
+        }
+        assert!(
+            done,
+            "{}: the client printed no `done` line ({})\nstdout:\n{}\nstderr:\n{}",
+            run.label, run.output.status, run.output.stdout, run.output.stderr
+        );
+        run
+    }
+
+    /// The response to request `index`; panics (with the whole run) if there is none.
+    #[track_caller]
+    pub fn response(&self, index: usize) -> &HttpResponse {
+        self.responses
+            .iter()
+            .find(|r| r.index == index)
+            .unwrap_or_else(|| panic!("{}: no response to request {index}: {self:?}", self.label))
+    }
+
+    /// `(status, body)` of every response, in request order.
+    pub fn statuses(&self) -> Vec<(u16, String)> {
+        let mut rs = self.responses.clone();
+        rs.sort_by_key(|r| r.index);
+        rs.iter()
+            .map(|r| (r.status.unwrap_or(0), r.body.clone().unwrap_or_default()))
+            .collect()
+    }
+}
+
+impl Server {
+    /// The requests an `http-serve` server received:
+    /// `{"proto","peer","method","path","host","body_len"}`.
+    pub fn http_requests(&self) -> Vec<Value> {
+        self.events("request")
+    }
+}

@@ -50,6 +50,7 @@ impl Authorizer for Snapshot {
             // The source is not a known workload of the verified identity (no or a foreign
             // `Forwarded` claim): only a destination without policy accepts it.
             return match self.view.dst_set(c.dst_workload) {
+                None if c.http => ConnVerdict::PerRequest,
                 None => ConnVerdict::Allow,
                 Some(_) => ConnVerdict::Deny { policy: None },
             };
@@ -57,7 +58,10 @@ impl Authorizer for Snapshot {
         let d = self
             .view
             .decide_l4(src, c.dst_workload, Self::family(c), c.dst.port());
-        let per_request = d.needs_request && c.http;
+        // A declared HTTP port speaks HTTP/1.1 or h2c only, whatever the policy (registry
+        // `httpPorts`: other bytes are refused): an allowed connection there is still served
+        // request by request, so non-HTTP bytes never reach the pod.
+        let per_request = c.http && d.verdict != L4Verdict::Deny;
         if !per_request {
             if let Some(would) = &d.dry_run_deny {
                 info!(layer = "l4", src_identity = %c.src_identity, dst = %c.dst,
@@ -143,4 +147,37 @@ pub fn bridge(
         }
     });
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::SpiffeId;
+
+    fn conn(src_workload: Option<u32>, http: bool) -> ConnInfo {
+        ConnInfo {
+            src_workload,
+            src_identity: SpiffeId::parse("spiffe://td/ns/default/sa/a").unwrap(),
+            src_addr: Some("10.1.0.2:4000".parse().unwrap()),
+            dst: "10.2.0.2:8080".parse().unwrap(),
+            dst_workload: 2,
+            dst_name: "default/b".into(),
+            http,
+        }
+    }
+
+    #[test]
+    fn http_ports_are_served_per_request_even_without_policy() {
+        let s = Snapshot::new(Arc::new(PolicyView::default()));
+        for src in [Some(1), None] {
+            assert_eq!(s.connection(&conn(src, true)), ConnVerdict::PerRequest);
+            assert_eq!(s.connection(&conn(src, false)), ConnVerdict::Allow);
+            let req = RequestAttrs {
+                method: "GET",
+                path: "/",
+                host: None,
+            };
+            assert_eq!(s.request(&conn(src, true), &req), RequestVerdict::Allow);
+        }
+    }
 }

@@ -16,6 +16,19 @@
 //!   connection open reading until the peer closes it: `{"event":"closed","how":"eof"|"error: …",
 //!   "held_ms"}` (exit 0). `{"event":"failed","error"}` (exit 1) if the exchange fails, and
 //!   `{"event":"held","held_ms"}` (exit 1) if nothing closed it within `--hold-ms`.
+//! - `http-serve --listen ADDR:PORT [--listen …] --name POD`: HTTP/1.1 keep-alive, and h2c
+//!   when the prior-knowledge preface arrives, on the same ports; every request is answered
+//!   `200` with body `<pod> <METHOD> <path> host=<host>[ body=<n>]`. Logs `listening`,
+//!   `accepted`, one `{"event":"request","proto","method","path","host","body_len"}` per request
+//!   and `closed`.
+//! - `http1 --connect ADDR:PORT --request "METHOD PATH [HOST] [+body=T|+chunked=T]" … [--pipeline]`:
+//!   one connection; one `{"index","status","body","connection"}` line per response, then
+//!   `{"event":"done","error","open","responses","connect_us"}` (`open`: the server kept the
+//!   connection after the last response).
+//! - `h2c --connect ADDR:PORT --request … `: prior knowledge, every request a concurrent
+//!   stream; `{"index","status","body"}` (or `{"index","error"}`) per stream, then `done`.
+//! - `raw --connect ADDR:PORT --send TEXT`: sends the bytes, reads until the server closes:
+//!   `{"event":"raw","how":"eof"|"reset"|"open","received"}`, then `done`.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -30,6 +43,9 @@ use std::{
 
 use clap::{Parser, Subcommand};
 use serde_json::json;
+
+#[path = "mesh-testpod/web.rs"]
+mod web;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -79,6 +95,44 @@ enum Cmd {
         #[arg(long, default_value_t = 60_000)]
         hold_ms: u64,
     },
+    /// Answer HTTP/1.1 and h2c requests with 200 and a body naming the request.
+    HttpServe {
+        #[arg(long, required = true)]
+        listen: Vec<SocketAddr>,
+        #[arg(long)]
+        name: String,
+    },
+    /// HTTP/1.1 requests on one connection.
+    Http1 {
+        #[arg(long)]
+        connect: SocketAddr,
+        /// `METHOD PATH [HOST] [+body=TEXT|+chunked=TEXT]` (repeatable, in order).
+        #[arg(long, required = true)]
+        request: Vec<web::RequestSpec>,
+        /// Write every request before reading any response.
+        #[arg(long)]
+        pipeline: bool,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+    /// h2c (prior knowledge) requests as concurrent streams of one connection.
+    H2c {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, required = true)]
+        request: Vec<web::RequestSpec>,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+    /// Arbitrary bytes; reports whether the server closed.
+    Raw {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        send: String,
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -100,6 +154,23 @@ fn main() -> ExitCode {
             Duration::from_millis(interval_ms),
         ),
         Cmd::Hold { connect, hold_ms } => hold(connect, Duration::from_millis(hold_ms)),
+        Cmd::HttpServe { listen, name } => web::serve(&listen, &name),
+        Cmd::Http1 {
+            connect,
+            request,
+            pipeline,
+            timeout_ms,
+        } => web::http1(connect, &request, pipeline, Duration::from_millis(timeout_ms)),
+        Cmd::H2c {
+            connect,
+            request,
+            timeout_ms,
+        } => web::h2c(connect, &request, Duration::from_millis(timeout_ms)),
+        Cmd::Raw {
+            connect,
+            send,
+            timeout_ms,
+        } => web::raw(connect, send.as_bytes(), Duration::from_millis(timeout_ms)),
     }
 }
 

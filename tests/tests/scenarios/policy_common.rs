@@ -3,7 +3,9 @@
 use std::{net::SocketAddr, time::Duration};
 
 use mesh_common::{counters as ctr, names};
-use mesh_tests::{bpftool, wait_for, Agent, ClientRequest, ClientResult, Cluster, Host, Pod, DEFAULT_TIMEOUT};
+use mesh_tests::{
+    bpftool, wait_for, Agent, ClientRequest, ClientResult, Cluster, Host, Pod, DEFAULT_TIMEOUT,
+};
 use serde_json::Value;
 
 /// A denied connect fails at once; this bounds the client if it does not.
@@ -100,4 +102,68 @@ pub fn generations(cluster: &Cluster, index: usize, map: &str) -> Vec<u64> {
     gens.sort_unstable();
     gens.dedup();
     gens
+}
+
+/// An AuthorizationPolicy `name` in namespace `ns`: `selector` (`app` label) or none (the
+/// whole namespace), `action`, `spec_tail` appended verbatim under `spec:` (two spaces of
+/// indentation: `rules:` …, or nothing for a policy without rules), optionally dry-run.
+pub fn policy(
+    ns: &str,
+    name: &str,
+    app: Option<&str>,
+    action: &str,
+    dry_run: bool,
+    spec_tail: &str,
+) -> String {
+    let annotations = if dry_run {
+        "  annotations:\n    istio.io/dry-run: \"true\"\n"
+    } else {
+        ""
+    };
+    let selector = app
+        .map(|a| format!("  selector:\n    matchLabels: {{app: {a}}}\n"))
+        .unwrap_or_default();
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: {name}\n  \
+         namespace: {ns}\n{annotations}spec:\n{selector}  action: {action}\n{spec_tail}"
+    )
+}
+
+/// Several YAML documents in one file.
+pub fn docs(parts: &[String]) -> String {
+    parts.join("---\n")
+}
+
+/// Writes `yaml` as policy directory `name`, applies it on every node with `mesh-agent
+/// policy apply` and waits (bounded) until every agent reads the applied generation.
+#[track_caller]
+pub fn apply(cluster: &Cluster, agents: &[Agent], name: &str, yaml: &str) {
+    let dir = cluster.write_policy_dir(name, &[("policy.yaml", yaml)]);
+    for (i, agent) in agents.iter().enumerate() {
+        let applied = cluster.policy_apply(i, &dir);
+        assert_eq!(applied.code, Some(0), "policy {name} on node {i}: {applied:?}");
+        let gen = applied.generation().expect("generation in the output");
+        wait_for(DEFAULT_TIMEOUT, &format!("node {i}'s agent on generation {gen} ({name})"), || {
+            agent.log_lines().into_iter().find(|v| {
+                v["message"] == "policy generation active" && v["generation"].as_u64() == Some(gen)
+            })
+        });
+    }
+}
+
+/// The agent's log lines with `message`, matching `pred`.
+pub fn lines(agent: &Agent, message: &str, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+    agent
+        .log_lines()
+        .into_iter()
+        .filter(|v| v["message"] == message && pred(v))
+        .collect()
+}
+
+/// Waits (bounded) for a log line with `message` matching `pred`, and returns it.
+#[track_caller]
+pub fn wait_line(agent: &Agent, message: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    wait_for(DEFAULT_TIMEOUT, &format!("`{message}` ({what}) on {}", agent.spec().node), || {
+        lines(agent, message, &pred).into_iter().next()
+    })
 }
