@@ -30,11 +30,11 @@ use mesh_common::{
     policy::{
         PolDstKey, PolDstValue, PolL4Key, PolL4Value, PolL7Key, PolL7Value, PolOpKey, PolOpValue,
         PolSrcKey, PolSrcValue, PolStrKey, PolStrValue, POL_ACTION_ALLOW, POL_ACTION_AUDIT,
-        POL_ACTION_DENY, POL_ALLOW, POL_DENY, POL_FIELD_HOST, POL_FIELD_METHOD,
-        POL_FIELD_NOT_HOST, POL_FIELD_NOT_METHOD, POL_FIELD_NOT_PATH, POL_FIELD_PATH,
-        POL_F_AUDIT, POL_F_AUDIT_L7, POL_F_DRY_RUN_DENY, POL_F_DRY_RUN_L4_ALLOWED,
-        POL_F_DRY_RUN_L7, POL_F_L4_ALLOWED, POL_L7, POL_L7_F_DRY_RUN, POL_MATCH_EXACT,
-        POL_MATCH_PREFIX, POL_MATCH_PRESENCE, POL_MATCH_SUFFIX, POL_STR_MAX,
+        POL_ACTION_DENY, POL_ALLOW, POL_DENY, POL_FIELD_HOST, POL_FIELD_METHOD, POL_FIELD_NOT_HOST,
+        POL_FIELD_NOT_METHOD, POL_FIELD_NOT_PATH, POL_FIELD_PATH, POL_F_AUDIT, POL_F_AUDIT_L7,
+        POL_F_DRY_RUN_DENY, POL_F_DRY_RUN_L4_ALLOWED, POL_F_DRY_RUN_L7, POL_F_L4_ALLOWED, POL_L7,
+        POL_L7_F_DRY_RUN, POL_MATCH_EXACT, POL_MATCH_PREFIX, POL_MATCH_PRESENCE, POL_MATCH_SUFFIX,
+        POL_STR_MAX,
     },
     AgentConfig,
 };
@@ -212,7 +212,10 @@ impl PolicyMaps {
         };
         let leftovers = self.delete_where(|g| g != old)?;
         if leftovers > 0 {
-            warn!(entries = leftovers, "removed leftover policy entries of an unfinished update");
+            warn!(
+                entries = leftovers,
+                "removed leftover policy entries of an unfinished update"
+            );
         }
         if let Err(e) = self.write_all(new, compiled) {
             if let Err(cleanup) = self.delete_where(|g| g == new) {
@@ -220,10 +223,7 @@ impl PolicyMaps {
             }
             return Err(e);
         }
-        let mut cfg = self
-            .config
-            .get(&0, 0)
-            .map_err(map_err(names::MAP_CONFIG))?;
+        let mut cfg = self.config.get(&0, 0).map_err(map_err(names::MAP_CONFIG))?;
         cfg.policy_gen = new;
         if let Err(e) = self.config.set(0, cfg, 0) {
             let _ = self.delete_where(|g| g == new);
@@ -231,7 +231,12 @@ impl PolicyMaps {
         }
         std::thread::sleep(GRACE);
         let removed = self.delete_where(|g| g != new)?;
-        debug!(generation = new, previous = old, removed, "policy generation swapped");
+        debug!(
+            generation = new,
+            previous = old,
+            removed,
+            "policy generation swapped"
+        );
         Ok(new)
     }
 
@@ -341,25 +346,44 @@ impl Clause {
     /// Whether the request matches: a positive field (`METHOD`, `PATH`, `HOST`) matches when
     /// any of its terms does, a negative one (`NOT_*`) when none does; every field present
     /// must match; no terms match every request. An absent value is the empty string (which
-    /// matches no pattern but an exact `""`).
+    /// matches no pattern but an exact `""`). `path` is compared as given (without its query
+    /// string: see [`PolicyView::decide_request`]); host terms compare ASCII
+    /// case-insensitively (patterns are stored lowercase) against the host as sent and, if
+    /// it ends in `:port`, without it.
     pub fn matches(&self, method: &str, path: &str, host: &str) -> bool {
+        let bare_host = strip_port(host);
         [
-            (POL_FIELD_METHOD, POL_FIELD_NOT_METHOD, method),
-            (POL_FIELD_PATH, POL_FIELD_NOT_PATH, path),
-            (POL_FIELD_HOST, POL_FIELD_NOT_HOST, host),
+            (POL_FIELD_METHOD, POL_FIELD_NOT_METHOD, method, None),
+            (POL_FIELD_PATH, POL_FIELD_NOT_PATH, path, None),
+            (POL_FIELD_HOST, POL_FIELD_NOT_HOST, host, bare_host),
         ]
         .into_iter()
-        .all(|(pos, neg, value)| {
+        .all(|(pos, neg, value, alt)| {
+            let hit = |t: &Term| {
+                if t.field == POL_FIELD_HOST || t.field == POL_FIELD_NOT_HOST {
+                    t.matches_host(value) || alt.is_some_and(|a| t.matches_host(a))
+                } else {
+                    t.matches(value)
+                }
+            };
             let mut positive = self.terms.iter().filter(|t| t.field == pos).peekable();
-            let pos_ok = positive.peek().is_none() || positive.any(|t| t.matches(value));
-            let neg_ok = !self
-                .terms
-                .iter()
-                .filter(|t| t.field == neg)
-                .any(|t| t.matches(value));
+            let pos_ok = positive.peek().is_none() || positive.any(hit);
+            let neg_ok = !self.terms.iter().filter(|t| t.field == neg).any(hit);
             pos_ok && neg_ok
         })
     }
+}
+
+/// `host` without a trailing `:port`, if it has one (`[::1]:80` → `[::1]`).
+fn strip_port(host: &str) -> Option<&str> {
+    let (h, port) = host.rsplit_once(':')?;
+    let numeric = !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
+    (numeric && !h.is_empty() && (!h.contains(':') || h.ends_with(']'))).then_some(h)
+}
+
+/// The request path as policies see it: without query string or fragment.
+fn policy_path(path: &str) -> &str {
+    path.split(['?', '#']).next().unwrap_or("")
 }
 
 impl Term {
@@ -371,6 +395,22 @@ impl Term {
             POL_MATCH_SUFFIX => value.ends_with(p),
             POL_MATCH_PRESENCE => !value.is_empty(),
             // Unknown kinds never match (a newer compiler): ALLOW clauses then fail closed.
+            _ => false,
+        }
+    }
+
+    /// [`Term::matches`], ASCII case-insensitively (hosts).
+    fn matches_host(&self, value: &str) -> bool {
+        let (v, p) = (value.as_bytes(), self.pattern.as_bytes());
+        match self.kind {
+            POL_MATCH_EXACT => v.eq_ignore_ascii_case(p),
+            POL_MATCH_PREFIX => v.get(..p.len()).is_some_and(|h| h.eq_ignore_ascii_case(p)),
+            POL_MATCH_SUFFIX => v
+                .len()
+                .checked_sub(p.len())
+                .and_then(|start| v.get(start..))
+                .is_some_and(|t| t.eq_ignore_ascii_case(p)),
+            POL_MATCH_PRESENCE => !v.is_empty(),
             _ => false,
         }
     }
@@ -493,17 +533,30 @@ impl PolicyView {
                     terms,
                 });
             }
-            l4.insert((k.set_id, k.class_id, k.port), L4Entry { value: *v, clauses });
+            l4.insert(
+                (k.set_id, k.class_id, k.port),
+                L4Entry { value: *v, clauses },
+            );
         }
         Ok(Self {
             gen,
-            dst: raw.dst.iter().map(|(k, v)| (k.workload_id, v.set_id)).collect(),
+            dst: raw
+                .dst
+                .iter()
+                .map(|(k, v)| (k.workload_id, v.set_id))
+                .collect(),
             src: raw.src.iter().map(|(k, v)| (k.workload_id, *v)).collect(),
             l4_entries: l4.len(),
             l4,
             strings,
             deny_all: false,
         })
+    }
+
+    /// The view of `compiled` as generation `gen`, built in memory: what
+    /// [`PolicyMaps::apply`] writes and [`PolicyMaps::read_view`] reads back, without BPF.
+    pub fn from_compiled(gen: u32, compiled: &CompiledPolicy) -> Result<Self, MapsError> {
+        Self::build(gen, RawGeneration::from(compiled))
     }
 
     /// A view of generation `gen` in which everything is denied (fail closed, for a
@@ -614,7 +667,8 @@ impl PolicyView {
     }
 
     /// The decision for one HTTP request on a connection of (set, class) to `port`
-    /// (from [`L4Decision::key`]); `host` is `Host`/`:authority`, absent values are `""`.
+    /// (from [`L4Decision::key`]); `path` is the request target as sent (its query string
+    /// and fragment are ignored), `host` is `Host`/`:authority`; absent values are `""`.
     ///
     /// 1. The entry (port, else port 0); none: denied (fail closed).
     /// 2. Enforced: `POL_DENY` → denied (entry policy); `POL_ALLOW` → allowed (entry policy);
@@ -644,11 +698,10 @@ impl PolicyView {
             return RequestDecision::default();
         };
         let v = entry.value;
+        let path = policy_path(path);
         let matching = |action: u32, with_dry_run: bool| {
             entry.clauses.iter().find(|c| {
-                c.action == action
-                    && (with_dry_run || !c.dry_run)
-                    && c.matches(method, path, host)
+                c.action == action && (with_dry_run || !c.dry_run) && c.matches(method, path, host)
             })
         };
         let (allowed, policy) = match v.verdict {
@@ -774,9 +827,15 @@ mod tests {
         assert_eq!(v.decide_l4(1, 4, Family::V4, 9001).verdict, L4Verdict::Deny);
         assert_eq!(v.decide_l4(5, 4, Family::V4, 9000).verdict, L4Verdict::Deny);
         // IPv6 of a1 is the same principal: allowed too.
-        assert_eq!(v.decide_l4(1, 4, Family::V6, 9000).verdict, L4Verdict::Allow);
+        assert_eq!(
+            v.decide_l4(1, 4, Family::V6, 9000).verdict,
+            L4Verdict::Allow
+        );
         // An unknown source workload: fail closed.
-        assert_eq!(v.decide_l4(99, 4, Family::V4, 9000).verdict, L4Verdict::Deny);
+        assert_eq!(
+            v.decide_l4(99, 4, Family::V4, 9000).verdict,
+            L4Verdict::Deny
+        );
     }
 
     #[test]
@@ -789,11 +848,53 @@ mod tests {
         let r = v.decide_request(set, class, 8080, "GET", "/api/x", "b");
         assert!(r.allowed);
         assert_eq!(r.policy.as_deref(), Some("default/allow-get"));
-        assert!(!v.decide_request(set, class, 8080, "POST", "/api/x", "b").allowed);
-        assert!(!v.decide_request(set, class, 8080, "GET", "/apx", "b").allowed);
-        assert!(!v.decide_request(set, class, 8080, "GET", "/api/secret", "b").allowed);
+        assert!(
+            !v.decide_request(set, class, 8080, "POST", "/api/x", "b")
+                .allowed
+        );
+        assert!(
+            !v.decide_request(set, class, 8080, "GET", "/apx", "b")
+                .allowed
+        );
+        assert!(
+            !v.decide_request(set, class, 8080, "GET", "/api/secret", "b")
+                .allowed
+        );
         // c1 is not sa-a: denied at L4.
         assert_eq!(v.decide_l4(5, 3, Family::V4, 8080).verdict, L4Verdict::Deny);
+    }
+
+    #[test]
+    fn hosts_ignore_case_and_port_paths_ignore_query() {
+        // Regression (property test): the view compared hosts case-sensitively and without
+        // stripping `:port`, and left the query string on the path (the evaluator does not).
+        let allow = policy(
+            "default",
+            "allow-web",
+            Some("b"),
+            Action::Allow,
+            Some(vec![Rule {
+                from: vec![],
+                to: vec![Operation {
+                    hosts: vec![StringMatch::from_pattern("web.svc")],
+                    paths: vec![StringMatch::from_pattern("*.json")],
+                    ..Operation::default()
+                }],
+            }]),
+        );
+        let v = view(vec![allow]);
+        let (set, class) = v.decide_l4(1, 3, Family::V4, 8080).key.unwrap();
+        let allowed = |path, host| {
+            v.decide_request(set, class, 8080, "GET", path, host)
+                .allowed
+        };
+        assert!(allowed("/a.json", "web.svc"));
+        assert!(allowed("/a.json", "Web.SVC"));
+        assert!(allowed("/a.json", "web.svc:8080"));
+        assert!(allowed("/a.json?x=1", "web.svc"));
+        assert!(!allowed("/a.json/x", "web.svc"));
+        assert!(!allowed("/a.json", "web.svc:x"));
+        assert!(!allowed("/a.json", "other"));
     }
 
     #[test]
@@ -805,7 +906,10 @@ mod tests {
         let r = v.decide_request(set, class, 8080, "GET", "/api/x", "");
         assert!(!r.allowed);
         assert_eq!(r.policy.as_deref(), Some("default/deny-get"));
-        assert!(v.decide_request(set, class, 8080, "POST", "/api/x", "").allowed);
+        assert!(
+            v.decide_request(set, class, 8080, "POST", "/api/x", "")
+                .allowed
+        );
     }
 
     #[test]
