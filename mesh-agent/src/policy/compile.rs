@@ -4,12 +4,17 @@
 //! - The **policy set** of a destination workload is the sorted list of the AuthorizationPolicies
 //!   that select it (its namespace's, with a matching selector or none, and the root
 //!   namespace's, mesh-wide) together with its `httpPorts`; equal sets are interned
-//!   (`set_id`). A workload no policy selects has no `mesh_pol_dst` entry.
+//!   (`set_id`). A workload no policy selects has set 0 (no `mesh_pol_dst` entry unless it is
+//!   PERMISSIVE).
 //! - The **source class** of a workload, per address family, is its principal
 //!   (`<td>/ns/<ns>/sa/<sa>`), its namespace and whether its address of that family lies in
 //!   each distinct ipBlock of the bundle; equal classes are interned (`class_id`). A workload
 //!   without an address of a family gets the class with no address: it lies in no block (so
 //!   `ipBlocks` never match and `notIpBlocks` always do).
+//! - Every workload whose effective PeerAuthentication ([`permissive`]) is PERMISSIVE has
+//!   `POL_DST_F_PERMISSIVE` in its `mesh_pol_dst` entry (with set 0 if no policy selects it):
+//!   the generation carries everything the agents derive `WORKLOAD_F_PERMISSIVE` from, so a
+//!   generation written by `mesh-agent policy apply` re-programs PeerAuthentication too.
 //! - **Ports**: every port an operation of the set's policies names (`ports`, `notPorts`) and
 //!   every HTTP port of the set gets its own entry; port 0 stands for all others (neither
 //!   named nor HTTP).
@@ -33,7 +38,7 @@ use mesh_common::{
     policy::{
         budget, capacity, PolDstKey, PolDstValue, PolL4Key, PolL4Value, PolL7Key, PolL7Value,
         PolOpKey, PolOpValue, PolSrcKey, PolSrcValue, PolStrKey, PolStrValue, POL_ACTION_ALLOW,
-        POL_ACTION_AUDIT, POL_ACTION_DENY, POL_ALLOW, POL_DENY, POL_FIELD_HOST, POL_FIELD_METHOD,
+        POL_ACTION_AUDIT, POL_ACTION_DENY, POL_ALLOW, POL_DENY, POL_DST_F_PERMISSIVE, POL_FIELD_HOST, POL_FIELD_METHOD,
         POL_FIELD_NOT_HOST, POL_FIELD_NOT_METHOD, POL_FIELD_NOT_PATH, POL_FIELD_PATH, POL_F_AUDIT,
         POL_F_AUDIT_L7, POL_F_DRY_RUN_DENY, POL_F_DRY_RUN_L4_ALLOWED, POL_F_DRY_RUN_L7,
         POL_F_HAS_ALLOW, POL_F_L4_ALLOWED, POL_L7, POL_L7_F_DRY_RUN, POL_MATCH_EXACT,
@@ -231,7 +236,8 @@ pub fn compile(
     class_list.sort_by_key(|(_, id)| *id);
     c.out.classes = class_list.len();
 
-    // Policy sets of the destinations.
+    // Policy sets and PeerAuthentication of the destinations: an entry for every workload a
+    // policy selects or that is PERMISSIVE (set 0: no policy, only the flag).
     let mut sets: BTreeMap<(Vec<usize>, Vec<u16>), u32> = BTreeMap::new();
     for w in &registry.workloads {
         let selected: Vec<usize> = (0..c.policies.len())
@@ -240,19 +246,28 @@ pub fn compile(
                 selects(&p.namespace, p.selector.as_ref(), w, root_ns)
             })
             .collect();
-        if selected.is_empty() {
+        let flags = if permissive(bundle, w, root_ns) {
+            POL_DST_F_PERMISSIVE
+        } else {
+            0
+        };
+        let set_id = if selected.is_empty() {
+            0
+        } else {
+            let next = sets.len() as u32 + 1;
+            *sets
+                .entry((selected, w.http_ports().to_vec()))
+                .or_insert(next)
+        };
+        if set_id == 0 && flags == 0 {
             continue;
         }
-        let next = sets.len() as u32 + 1;
-        let set_id = *sets
-            .entry((selected, w.http_ports().to_vec()))
-            .or_insert(next);
         c.out.dst.push((
             PolDstKey {
                 gen: 0,
                 workload_id: w.id,
             },
-            PolDstValue { set_id, flags: 0 },
+            PolDstValue { set_id, flags },
         ));
     }
     c.out.sets = sets.len();

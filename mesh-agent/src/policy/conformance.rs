@@ -9,7 +9,8 @@
 //! non-HTTP port is a plain TCP connection (no request). Compared: allowed or not; whether a
 //! policy decided (and that it is one of those the evaluator finds matching, of the deciding
 //! action); for allowed connections, whether a dry-run policy would deny and whether an AUDIT
-//! policy matched. PeerAuthentication: the compiler's `WORKLOAD_F_PERMISSIVE` against
+//! policy matched. PeerAuthentication: the compiler's mode and the generation's
+//! `POL_DST_F_PERMISSIVE` (what agents derive `WORKLOAD_F_PERMISSIVE` from) against
 //! [`eval::effective_mtls`].
 
 use std::{
@@ -24,7 +25,7 @@ use proptest::prelude::*;
 use super::{
     compile::{compile, permissive, principal},
     eval::{self, evaluate, HttpRequest, Peer, Request, Target},
-    maps::{Family, L4Verdict, PolicyView, RawGeneration},
+    maps::{Family, L4Verdict, PolicyView},
     model::{
         Action, AuthorizationPolicy, IpNet, MtlsMode, Operation, Origin, PeerAuthentication,
         PolicyBundle, Rule, Source, StringMatch,
@@ -472,10 +473,10 @@ fn check(ws: &[GenWorkload], bundle: &PolicyBundle, cases: &[Case]) -> Result<()
             }
         }
         if want.allowed {
-            if got.dry_run_deny != !want.dry_run_denies.is_empty() {
+            if got.dry_run_deny == want.dry_run_denies.is_empty() {
                 return Err(format!("dry-run deny differs: {}", context()));
             }
-            if got.audit != !want.audits.is_empty() {
+            if got.audit == want.audits.is_empty() {
                 return Err(format!("audit differs: {}", context()));
             }
         }
@@ -488,7 +489,7 @@ fn check(ws: &[GenWorkload], bundle: &PolicyBundle, cases: &[Case]) -> Result<()
         let registry_default = w.permissive.then_some(MtlsMode::Permissive);
         let want =
             eval::effective_mtls(bundle, ROOT, target, registry_default) == MtlsMode::Permissive;
-        if permissive(bundle, w, ROOT) != want {
+        if permissive(bundle, w, ROOT) != want || view.permissive(w.id) != want {
             return Err(format!(
                 "{}: PERMISSIVE is {want} by the evaluator, {} compiled",
                 w.key(),

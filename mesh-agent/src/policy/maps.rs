@@ -30,7 +30,7 @@ use mesh_common::{
     policy::{
         PolDstKey, PolDstValue, PolL4Key, PolL4Value, PolL7Key, PolL7Value, PolOpKey, PolOpValue,
         PolSrcKey, PolSrcValue, PolStrKey, PolStrValue, POL_ACTION_ALLOW, POL_ACTION_AUDIT,
-        POL_ACTION_DENY, POL_ALLOW, POL_DENY, POL_FIELD_HOST, POL_FIELD_METHOD, POL_FIELD_NOT_HOST,
+        POL_ACTION_DENY, POL_ALLOW, POL_DENY, POL_DST_F_PERMISSIVE, POL_FIELD_HOST, POL_FIELD_METHOD, POL_FIELD_NOT_HOST,
         POL_FIELD_NOT_METHOD, POL_FIELD_NOT_PATH, POL_FIELD_PATH, POL_F_AUDIT, POL_F_AUDIT_L7,
         POL_F_DRY_RUN_DENY, POL_F_DRY_RUN_L4_ALLOWED, POL_F_DRY_RUN_L7, POL_F_L4_ALLOWED, POL_L7,
         POL_L7_F_DRY_RUN, POL_MATCH_EXACT, POL_MATCH_PREFIX, POL_MATCH_PRESENCE, POL_MATCH_SUFFIX,
@@ -467,7 +467,10 @@ pub struct RequestDecision {
 #[derive(Clone, Debug, Default)]
 pub struct PolicyView {
     gen: u32,
+    /// Destination workload → policy set (workloads no policy selects are absent).
     dst: StdHashMap<u32, u32>,
+    /// Workloads whose effective PeerAuthentication is PERMISSIVE (`POL_DST_F_PERMISSIVE`).
+    permissive: std::collections::HashSet<u32>,
     src: StdHashMap<u32, PolSrcValue>,
     l4: StdHashMap<(u32, u32, u32), L4Entry>,
     strings: StdHashMap<u32, Arc<str>>,
@@ -543,7 +546,14 @@ impl PolicyView {
             dst: raw
                 .dst
                 .iter()
+                .filter(|(_, v)| v.set_id != 0)
                 .map(|(k, v)| (k.workload_id, v.set_id))
+                .collect(),
+            permissive: raw
+                .dst
+                .iter()
+                .filter(|(_, v)| v.flags & POL_DST_F_PERMISSIVE != 0)
+                .map(|(k, _)| k.workload_id)
                 .collect(),
             src: raw.src.iter().map(|(k, v)| (k.workload_id, *v)).collect(),
             l4_entries: l4.len(),
@@ -587,6 +597,19 @@ impl PolicyView {
     /// Every (destination workload, set) pair, by workload id.
     pub fn destinations(&self) -> Vec<(u32, u32)> {
         let mut out: Vec<(u32, u32)> = self.dst.iter().map(|(w, s)| (*w, *s)).collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Whether workload `workload_id` is PERMISSIVE in this generation (its effective
+    /// PeerAuthentication; `false` for a generation 0 view: the registry decides then).
+    pub fn permissive(&self, workload_id: u32) -> bool {
+        self.permissive.contains(&workload_id)
+    }
+
+    /// Workloads that are PERMISSIVE in this generation, sorted.
+    pub fn permissive_workloads(&self) -> Vec<u32> {
+        let mut out: Vec<u32> = self.permissive.iter().copied().collect();
         out.sort_unstable();
         out
     }

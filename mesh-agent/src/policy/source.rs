@@ -45,7 +45,7 @@ pub enum ApplyError {
     Load {
         dir: PathBuf,
         #[source]
-        source: LoadError,
+        source: Box<LoadError>,
     },
     #[error("compiling: {0}")]
     Compile(#[from] CompileError),
@@ -69,7 +69,7 @@ impl CompileContext {
     ) -> Result<(PolicyBundle, CompiledPolicy), ApplyError> {
         let bundle = load_dir(dir).map_err(|source| ApplyError::Load {
             dir: dir.to_owned(),
-            source,
+            source: Box::new(source),
         })?;
         let compiled = compile::compile(
             &bundle,
@@ -123,18 +123,16 @@ pub fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     out
 }
 
-/// Polls `dir` every [`DIR_POLL`]; on a change loads, compiles and applies it, then hands the
-/// bundle to `on_bundle` (the agent re-programs the PeerAuthentication flags). A failure logs
-/// `policy refused` and keeps the active generation.
+/// Polls `dir` every [`DIR_POLL`]; on a change loads, compiles and applies it (the generation
+/// carries the PeerAuthentication flags too: the agent re-programs them from every generation
+/// it sees). A failure logs `policy refused` and keeps the active generation.
 pub fn spawn_dir_watcher(
     dir: PathBuf,
     ctx: CompileContext,
     maps: PolicyMaps,
-    on_bundle: impl Fn(&PolicyBundle) + Send + Sync + 'static,
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     let maps = Arc::new(std::sync::Mutex::new(maps));
-    let on_bundle = Arc::new(on_bundle);
     tokio::spawn(async move {
         let mut seen = fingerprint(&dir);
         let mut tick = tokio::time::interval(DIR_POLL);
@@ -161,13 +159,11 @@ pub fn spawn_dir_watcher(
             }
             seen = now;
             debug!(dir = %dir.display(), "policy directory changed");
-            let (dir2, ctx2, maps2, on_bundle2) =
-                (dir.clone(), ctx.clone(), Arc::clone(&maps), Arc::clone(&on_bundle));
+            let (dir2, ctx2, maps2) = (dir.clone(), ctx.clone(), Arc::clone(&maps));
             let done = tokio::task::spawn_blocking(move || {
                 let mut maps = maps2.lock().unwrap_or_else(|p| p.into_inner());
-                match apply_dir(&ctx2, &mut maps, &dir2) {
-                    Ok((bundle, _)) => on_bundle2(&bundle),
-                    Err(e) => warn!(error = %error_chain(&e), dir = %dir2.display(), "policy refused"),
+                if let Err(e) = apply_dir(&ctx2, &mut maps, &dir2) {
+                    warn!(error = %error_chain(&e), dir = %dir2.display(), "policy refused");
                 }
             })
             .await;
