@@ -35,7 +35,7 @@ use crate::{
     },
     policy::{
         maps::{MapsError, PolicyMaps, PolicyView},
-        source::{apply_dir, spawn_dir_watcher, spawn_generation_watcher, CompileContext},
+        source::{apply_dir_counted, spawn_dir_watcher, spawn_generation_watcher, CompileContext},
     },
     registry::{Registry, RegistryError},
 };
@@ -258,7 +258,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
         root_ns: opts.root_namespace.clone(),
         trust_domain: trust_domain.to_string(),
     };
-    let started = match start_policy(&opts, &policy_ctx) {
+    let started = match start_policy(&opts, &policy_ctx, &metrics) {
         Ok((maps, view)) => program_maps(
             &dataplane,
             &registry,
@@ -302,12 +302,13 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
     let policy = PolicyHandle {
         views: policy_views,
     };
-    // PeerAuthentication follows the active generation, whoever wrote it (this agent's
-    // directory watcher or `mesh-agent policy apply`).
-    let peer_authn = spawn_peer_authn_sync(
+    // PeerAuthentication (and the generation gauge) follow the active generation, whoever
+    // wrote it (this agent's directory watcher or `mesh-agent policy apply`).
+    let peer_authn = spawn_generation_follower(
         Arc::clone(&dataplane),
         Arc::clone(&registry),
         opts.node.clone(),
+        Arc::clone(&metrics),
         policy.views.clone(),
         stop_rx.clone(),
     );
@@ -316,6 +317,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
             dir.clone(),
             policy_ctx,
             writer,
+            Arc::clone(&metrics),
             stop_rx.clone(),
         )),
         _ => None,
@@ -335,6 +337,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
             mesh_common::EVENT_PLAINTEXT_PERMISSIVE => {
                 event_metrics.plaintext(metrics::PlaintextVerdict::Permissive)
             }
+            mesh_common::EVENT_L4_DENIED => event_metrics
+                .policy_denial(metrics::PolicyLayer::L4, metrics::DenialSide::Kernel),
             _ => {}
         },
         stop_rx.clone(),
@@ -574,15 +578,14 @@ struct StartedPolicy {
 fn start_policy(
     opts: &AgentOptions,
     ctx: &CompileContext,
+    metrics: &Metrics,
 ) -> Result<(StartedPolicy, Arc<PolicyView>), MapsError> {
     let watcher = PolicyMaps::open(&opts.pin_dir)?;
     let writer = match &opts.policy_dir {
         None => None,
         Some(dir) => {
             let mut writer = PolicyMaps::open(&opts.pin_dir)?;
-            if let Err(e) = apply_dir(ctx, &mut writer, dir) {
-                warn!(error = %e, dir = %dir.display(), "policy refused");
-            }
+            apply_dir_counted(ctx, &mut writer, dir, metrics);
             Some(writer)
         }
     };
@@ -598,17 +601,23 @@ fn start_policy(
     Ok((StartedPolicy { watcher, writer }, Arc::new(view)))
 }
 
-/// Re-programs the local workloads' `WORKLOAD_F_PERMISSIVE` from every generation published
-/// on `views`, until `stop`. Logs `peer authentication programmed` when a flag changed.
-fn spawn_peer_authn_sync(
+/// Follows every generation published on `views`, until `stop`: re-programs the local
+/// workloads' `WORKLOAD_F_PERMISSIVE` (logs `peer authentication programmed` when a flag
+/// changed) and sets `mesh_policy_generation`.
+fn spawn_generation_follower(
     dataplane: Arc<Dataplane>,
     registry: Arc<Registry>,
     node: String,
+    metrics: Arc<Metrics>,
     mut views: watch::Receiver<Arc<PolicyView>>,
     mut stop: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut programmed = enrolled(&registry, &node, &views.borrow_and_update());
+        let mut programmed = {
+            let view = views.borrow_and_update();
+            metrics.set_policy_generation(view.generation());
+            enrolled(&registry, &node, &view)
+        };
         loop {
             tokio::select! {
                 changed = views.changed() => {
@@ -619,6 +628,7 @@ fn spawn_peer_authn_sync(
                 _ = stop.changed() => return,
             }
             let view = Arc::clone(&views.borrow_and_update());
+            metrics.set_policy_generation(view.generation());
             let want = enrolled(&registry, &node, &view);
             if want == programmed {
                 continue;

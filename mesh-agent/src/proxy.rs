@@ -98,10 +98,9 @@ pub(crate) async fn l7_serve<S>(
     client: S,
     source: &SourceAddrs,
     connect_timeout: Duration,
-    policies: &authz::Policies,
+    enforcer: authz::Enforcer<'_>,
     info: &authz::ConnInfo,
     conn_id: u64,
-    side: &'static str,
 ) -> L7Outcome
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
@@ -114,7 +113,7 @@ where
             path,
             host: req.host,
         };
-        match authz::decide_request(policies, info, &attrs, side) {
+        match authz::decide_request(enforcer, info, &attrs) {
             authz::RequestVerdict::Allow => l7::Verdict::Allow,
             authz::RequestVerdict::Deny { policy } => l7::Verdict::Deny { policy },
         }
@@ -128,7 +127,7 @@ where
     let limits = l7::L7Limits::default();
     let mut stats = l7::L7Stats::default();
     let work = l7::serve_with_stats(client, connect, &decide, &limits, &mut stats);
-    let outcome = match authz::supervise(policies.clone(), info, conn_id, work).await {
+    let outcome = match authz::supervise(enforcer.policies.clone(), info, conn_id, work).await {
         authz::Supervised::Done(Ok(())) => "ok".to_owned(),
         authz::Supervised::Done(Err(e)) => e.to_string(),
         authz::Supervised::Revoked { .. } => "closed: no longer allowed by policy".to_owned(),

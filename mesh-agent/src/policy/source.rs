@@ -21,7 +21,10 @@ use super::{
     maps::{MapsError, PolicyMaps, PolicyView},
     model::PolicyBundle,
 };
-use crate::registry::Registry;
+use crate::{
+    metrics::{ApplyResult, Metrics},
+    registry::Registry,
+};
 
 /// How often the policy directory is checked for changes.
 pub const DIR_POLL: Duration = Duration::from_millis(500);
@@ -102,6 +105,27 @@ pub fn apply_dir(
     Ok((bundle, generation))
 }
 
+/// [`apply_dir`], counted in `mesh_policy_applies_total`; a refusal is logged
+/// (`policy refused`) and the active generation stays. Returns the new generation.
+pub fn apply_dir_counted(
+    ctx: &CompileContext,
+    maps: &mut PolicyMaps,
+    dir: &Path,
+    metrics: &Metrics,
+) -> Option<u32> {
+    match apply_dir(ctx, maps, dir) {
+        Ok((_, generation)) => {
+            metrics.policy_apply(ApplyResult::Ok);
+            Some(generation)
+        }
+        Err(e) => {
+            metrics.policy_apply(ApplyResult::Refused);
+            warn!(error = %error_chain(&e), dir = %dir.display(), "policy refused");
+            None
+        }
+    }
+}
+
 /// The names, sizes and mtimes of the directory's entries: a change in any is a change.
 pub fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     let mut out: Vec<_> = match std::fs::read_dir(dir) {
@@ -130,6 +154,7 @@ pub fn spawn_dir_watcher(
     dir: PathBuf,
     ctx: CompileContext,
     maps: PolicyMaps,
+    metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     let maps = Arc::new(std::sync::Mutex::new(maps));
@@ -159,12 +184,11 @@ pub fn spawn_dir_watcher(
             }
             seen = now;
             debug!(dir = %dir.display(), "policy directory changed");
-            let (dir2, ctx2, maps2) = (dir.clone(), ctx.clone(), Arc::clone(&maps));
+            let (dir2, ctx2, maps2, metrics2) =
+                (dir.clone(), ctx.clone(), Arc::clone(&maps), Arc::clone(&metrics));
             let done = tokio::task::spawn_blocking(move || {
                 let mut maps = maps2.lock().unwrap_or_else(|p| p.into_inner());
-                if let Err(e) = apply_dir(&ctx2, &mut maps, &dir2) {
-                    warn!(error = %error_chain(&e), dir = %dir2.display(), "policy refused");
-                }
+                apply_dir_counted(&ctx2, &mut maps, &dir2, &metrics2);
             })
             .await;
             if done.is_err() {
