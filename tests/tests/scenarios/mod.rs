@@ -17,6 +17,8 @@ mod malformed_registry_refused;
 mod node_cannot_obtain_certificate_for_other_nodes_workload;
 mod non_mesh_destination_not_redirected;
 mod plaintext_strict_refused_permissive_flagged;
+mod peer_authentication_strict_vs_permissive;
+mod policy_change_closes_live_connection_keeps_allowed;
 mod policy_common;
 mod policy_maps_roundtrip_via_bpftool;
 mod policy_update_is_atomic_and_bad_update_keeps_old;
