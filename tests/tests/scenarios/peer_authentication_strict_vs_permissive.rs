@@ -15,8 +15,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use mesh_tests::{
-    require_privileges, wait_for, Agent, ClientRequest, Cluster, Host, Pod, Server,
-    DEFAULT_TIMEOUT,
+    require_privileges, wait_for, Agent, ClientRequest, Cluster, Host, Pod, Server, DEFAULT_TIMEOUT,
 };
 use serde_json::Value;
 
@@ -43,11 +42,15 @@ fn apply(cluster: &Cluster, agent: &Agent, name: &str, files: &[(&str, &str)]) -
     let applied = cluster.policy_apply(1, &dir);
     assert_eq!(applied.code, Some(0), "{applied:?}");
     let gen = applied.generation().expect("generation in the output");
-    wait_for(DEFAULT_TIMEOUT, &format!("n2 follows generation {gen}"), || {
-        agent.log_lines().into_iter().find(|l| {
-            l["message"] == "policy generation active" && l["generation"].as_u64() == Some(gen)
-        })
-    });
+    wait_for(
+        DEFAULT_TIMEOUT,
+        &format!("n2 follows generation {gen}"),
+        || {
+            agent.log_lines().into_iter().find(|l| {
+                l["message"] == "policy generation active" && l["generation"].as_u64() == Some(gen)
+            })
+        },
+    );
     gen
 }
 
@@ -56,10 +59,18 @@ fn apply(cluster: &Cluster, agent: &Agent, name: &str, files: &[(&str, &str)]) -
 fn plaintext_admitted(x1: &Pod, server: &Server, dst: &Pod, agent: &Agent) {
     let addr = dst.addr4(8080);
     // The flags follow the generation shortly after the view: retry until admitted.
-    let r = wait_for(DEFAULT_TIMEOUT, &format!("plaintext to {} admitted", dst.name()), || {
-        let run = x1.client(&ClientRequest::new(addr).send("plaintext").io_timeout(REFUSED_TIMEOUT));
-        run.success().then(|| run.results[0].clone())
-    });
+    let r = wait_for(
+        DEFAULT_TIMEOUT,
+        &format!("plaintext to {} admitted", dst.name()),
+        || {
+            let run = x1.client(
+                &ClientRequest::new(addr)
+                    .send("plaintext")
+                    .io_timeout(REFUSED_TIMEOUT),
+            );
+            run.success().then(|| run.results[0].clone())
+        },
+    );
     assert_direct(server, dst.name(), &r);
     let local = r.local_addr().expect("client reports its local address");
     wait_for(DEFAULT_TIMEOUT, "`plaintext inside a secure zone`", || {
@@ -76,10 +87,18 @@ fn plaintext_admitted(x1: &Pod, server: &Server, dst: &Pod, agent: &Agent) {
 fn plaintext_refused(x1: &Pod, dst: &Pod, agent: &Agent) {
     let addr: SocketAddr = dst.addr4(8080);
     let before = refusals(agent, addr);
-    wait_for(DEFAULT_TIMEOUT, &format!("plaintext to {} refused", dst.name()), || {
-        let run = x1.client(&ClientRequest::new(addr).send("plaintext").io_timeout(REFUSED_TIMEOUT));
-        (!run.success() && run.results.iter().all(|r| r.hello.is_none())).then_some(())
-    });
+    wait_for(
+        DEFAULT_TIMEOUT,
+        &format!("plaintext to {} refused", dst.name()),
+        || {
+            let run = x1.client(
+                &ClientRequest::new(addr)
+                    .send("plaintext")
+                    .io_timeout(REFUSED_TIMEOUT),
+            );
+            (!run.success() && run.results.iter().all(|r| r.hello.is_none())).then_some(())
+        },
+    );
     wait_for(DEFAULT_TIMEOUT, "`plaintext refused`", || {
         (refusals(agent, addr) > before).then_some(())
     });
@@ -90,7 +109,8 @@ fn refusals(agent: &Agent, dst: SocketAddr) -> usize {
         .log_lines()
         .iter()
         .filter(|l: &&Value| {
-            l["message"] == "plaintext refused" && l["dst"].as_str() == Some(dst.to_string().as_str())
+            l["message"] == "plaintext refused"
+                && l["dst"].as_str() == Some(dst.to_string().as_str())
         })
         .count()
 }

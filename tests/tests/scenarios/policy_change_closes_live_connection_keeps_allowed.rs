@@ -86,7 +86,10 @@ fn policy_change_closes_live_connection_keeps_allowed() {
         principal("a1"),
         principal("b2")
     );
-    let dir = cluster.write_policy_dir("deny-a1-b2", &[("p.yaml", &authz("deny-a1-b2", "b1", "DENY", &rules))]);
+    let dir = cluster.write_policy_dir(
+        "deny-a1-b2",
+        &[("p.yaml", &authz("deny-a1-b2", "b1", "DENY", &rules))],
+    );
     let applied_at = Instant::now();
     for node in [1, 0] {
         let applied = cluster.policy_apply(node, &dir);
@@ -110,14 +113,26 @@ fn policy_change_closes_live_connection_keeps_allowed() {
             applied_at.elapsed()
         );
         let id = pod.spiffe_id();
-        let line = wait_for(DEFAULT_TIMEOUT, &format!("n2 closes {}'s connection", pod.name()), || {
-            agents[1].log_lines().into_iter().find(|l| {
-                l["message"] == "connection closed: no longer allowed"
-                    && l["src_identity"].as_str() == Some(id.as_str())
-            })
-        });
-        assert_eq!(line["dst_workload"].as_str(), Some(b1.workload().as_str()), "{line}");
-        assert_eq!(line["policy"].as_str(), Some("default/deny-a1-b2"), "{line}");
+        let line = wait_for(
+            DEFAULT_TIMEOUT,
+            &format!("n2 closes {}'s connection", pod.name()),
+            || {
+                agents[1].log_lines().into_iter().find(|l| {
+                    l["message"] == "connection closed: no longer allowed"
+                        && l["src_identity"].as_str() == Some(id.as_str())
+                })
+            },
+        );
+        assert_eq!(
+            line["dst_workload"].as_str(),
+            Some(b1.workload().as_str()),
+            "{line}"
+        );
+        assert_eq!(
+            line["policy"].as_str(),
+            Some("default/deny-a1-b2"),
+            "{line}"
+        );
     }
 
     // The allowed ones were never touched: held for their whole time, then ended by the
