@@ -34,10 +34,8 @@ use crate::{
         Identities, ProxyDeps, SourceAddrs,
     },
     policy::{
-        compile::permissive,
         maps::{MapsError, PolicyMaps, PolicyView},
-        model::PolicyBundle,
-        source::{apply_dir, spawn_dir_watcher, spawn_generation_watcher, CompileContext},
+        source::{apply_dir_counted, spawn_dir_watcher, spawn_generation_watcher, CompileContext},
     },
     registry::{Registry, RegistryError},
 };
@@ -260,14 +258,14 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
         root_ns: opts.root_namespace.clone(),
         trust_domain: trust_domain.to_string(),
     };
-    let started = match start_policy(&opts, &policy_ctx) {
-        Ok((maps, bundle, view)) => program_maps(
+    let started = match start_policy(&opts, &policy_ctx, &metrics) {
+        Ok((maps, view)) => program_maps(
             &dataplane,
             &registry,
             &opts.node,
             outbound4,
             outbound6,
-            &enrolled(&registry, &opts.node, bundle.as_ref(), &opts.root_namespace),
+            &enrolled(&registry, &opts.node, &view),
         )
         .and_then(|()| dataplane.take_event_reader())
         .map(|events| (events, maps, view))
@@ -304,26 +302,24 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
     let policy = PolicyHandle {
         views: policy_views,
     };
+    // PeerAuthentication (and the generation gauge) follow the active generation, whoever
+    // wrote it (this agent's directory watcher or `mesh-agent policy apply`).
+    let peer_authn = spawn_generation_follower(
+        Arc::clone(&dataplane),
+        Arc::clone(&registry),
+        opts.node.clone(),
+        Arc::clone(&metrics),
+        policy.views.clone(),
+        stop_rx.clone(),
+    );
     let dir_watcher = match (&opts.policy_dir, policy_maps.writer) {
-        (Some(dir), Some(writer)) => {
-            let (dp, reg, node, root) = (
-                Arc::clone(&dataplane),
-                Arc::clone(&registry),
-                opts.node.clone(),
-                opts.root_namespace.clone(),
-            );
-            Some(spawn_dir_watcher(
-                dir.clone(),
-                policy_ctx,
-                writer,
-                move |bundle| {
-                    if let Err(e) = dp.sync_workloads(&enrolled(&reg, &node, Some(bundle), &root)) {
-                        warn!(error = %e, "re-programming peer authentication");
-                    }
-                },
-                stop_rx.clone(),
-            ))
-        }
+        (Some(dir), Some(writer)) => Some(spawn_dir_watcher(
+            dir.clone(),
+            policy_ctx,
+            writer,
+            Arc::clone(&metrics),
+            stop_rx.clone(),
+        )),
         _ => None,
     };
     // Kernel events: plaintext connections refused (STRICT) or flagged (PERMISSIVE), L4
@@ -341,6 +337,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
             mesh_common::EVENT_PLAINTEXT_PERMISSIVE => {
                 event_metrics.plaintext(metrics::PlaintextVerdict::Permissive)
             }
+            mesh_common::EVENT_L4_DENIED => event_metrics
+                .policy_denial(metrics::PolicyLayer::L4, metrics::DenialSide::Kernel),
             _ => {}
         },
         stop_rx.clone(),
@@ -382,6 +380,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
     while tasks.join_next().await.is_some() {}
     let _ = event_log.await;
     let _ = generation_watcher.await;
+    let _ = peer_authn.await;
     if let Some(w) = dir_watcher {
         let _ = w.await;
     }
@@ -536,21 +535,24 @@ fn program_maps(
     Ok(())
 }
 
-/// The enrolled workloads of `node` with their flags: PERMISSIVE from the bundle's
-/// PeerAuthentication if one applies, else from the registry.
+/// The enrolled workloads of `node` with their flags. PERMISSIVE comes from the policy
+/// generation `view` (`POL_DST_F_PERMISSIVE`: the compiler resolved PeerAuthentication with
+/// the registry's `peerAuthentication` as fallback), or from the registry when no policy is
+/// loaded (generation 0).
 fn enrolled(
     registry: &Registry,
     node: &str,
-    bundle: Option<&PolicyBundle>,
-    root_ns: &str,
+    view: &PolicyView,
 ) -> Vec<(CgroupKey, WorkloadValue)> {
-    let empty = PolicyBundle::default();
-    let bundle = bundle.unwrap_or(&empty);
     registry
         .local(node)
         .filter_map(|w| {
             w.cgroup_id.map(|id| {
-                let permissive = permissive(bundle, w, root_ns);
+                let permissive = if view.generation() == 0 {
+                    w.permissive
+                } else {
+                    view.permissive(w.id)
+                };
                 (
                     CgroupKey { cgroup_id: id },
                     WorkloadValue {
@@ -576,17 +578,14 @@ struct StartedPolicy {
 fn start_policy(
     opts: &AgentOptions,
     ctx: &CompileContext,
-) -> Result<(StartedPolicy, Option<PolicyBundle>, Arc<PolicyView>), MapsError> {
+    metrics: &Metrics,
+) -> Result<(StartedPolicy, Arc<PolicyView>), MapsError> {
     let watcher = PolicyMaps::open(&opts.pin_dir)?;
-    let mut bundle = None;
     let writer = match &opts.policy_dir {
         None => None,
         Some(dir) => {
             let mut writer = PolicyMaps::open(&opts.pin_dir)?;
-            match apply_dir(ctx, &mut writer, dir) {
-                Ok((b, _)) => bundle = Some(b),
-                Err(e) => warn!(error = %e, dir = %dir.display(), "policy refused"),
-            }
+            apply_dir_counted(ctx, &mut writer, dir, metrics);
             Some(writer)
         }
     };
@@ -599,7 +598,59 @@ fn start_policy(
         }
         Err(e) => return Err(e),
     };
-    Ok((StartedPolicy { watcher, writer }, bundle, Arc::new(view)))
+    Ok((StartedPolicy { watcher, writer }, Arc::new(view)))
+}
+
+/// Follows every generation published on `views`, until `stop`: re-programs the local
+/// workloads' `WORKLOAD_F_PERMISSIVE` (logs `peer authentication programmed` when a flag
+/// changed) and sets `mesh_policy_generation`.
+fn spawn_generation_follower(
+    dataplane: Arc<Dataplane>,
+    registry: Arc<Registry>,
+    node: String,
+    metrics: Arc<Metrics>,
+    mut views: watch::Receiver<Arc<PolicyView>>,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut programmed = {
+            let view = views.borrow_and_update();
+            metrics.set_policy_generation(view.generation());
+            enrolled(&registry, &node, &view)
+        };
+        loop {
+            tokio::select! {
+                changed = views.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = stop.changed() => return,
+            }
+            let view = Arc::clone(&views.borrow_and_update());
+            metrics.set_policy_generation(view.generation());
+            let want = enrolled(&registry, &node, &view);
+            if want == programmed {
+                continue;
+            }
+            match dataplane.sync_workloads(&want) {
+                Ok(()) => {
+                    let permissive = want
+                        .iter()
+                        .filter(|(_, v)| v.flags & WORKLOAD_F_PERMISSIVE != 0)
+                        .count();
+                    info!(
+                        generation = view.generation(),
+                        permissive,
+                        enrolled = want.len(),
+                        "peer authentication programmed"
+                    );
+                    programmed = want;
+                }
+                Err(e) => warn!(error = %e, generation = view.generation(), "re-programming peer authentication"),
+            }
+        }
+    })
 }
 
 /// SIGTERM and SIGINT, installed before anything is attached so a signal

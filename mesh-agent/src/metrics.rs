@@ -53,6 +53,35 @@ pub enum Direction {
     Inbound,
 }
 
+/// How applying a policy directory ended (this agent's `--policy-dir`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ApplyResult {
+    Ok,
+    /// Bad YAML, an unsupported field, over capacity, or the maps could not be written: the
+    /// active generation stays.
+    Refused,
+}
+
+/// The layer a policy denial was decided at.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum PolicyLayer {
+    /// The connection (the kernel at connect(), or the destination agent's re-check).
+    L4,
+    /// One HTTP request.
+    L7,
+}
+
+/// Where a policy denial was decided.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum DenialSide {
+    /// `connect()` refused by the kernel (reported through the event ring buffer).
+    Kernel,
+    /// The destination agent, for a connection that arrived over HBONE.
+    Inbound,
+    /// The agent as both ends of a same-node connection.
+    Local,
+}
+
 /// Label values are the Prometheus-conventional lower-case names.
 macro_rules! label_names {
     ($($ty:ident { $($variant:ident => $name:literal),+ $(,)? })+) => {$(
@@ -69,6 +98,9 @@ label_names! {
     Outcome { Ok => "ok", Error => "error" }
     PlaintextVerdict { Refused => "refused", Permissive => "permissive" }
     Direction { Outbound => "outbound", Inbound => "inbound" }
+    ApplyResult { Ok => "ok", Refused => "refused" }
+    PolicyLayer { L4 => "l4", L7 => "l7" }
+    DenialSide { Kernel => "kernel", Inbound => "inbound", Local => "local" }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -107,6 +139,12 @@ struct IdentityLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DenialLabels {
+    layer: &'static str,
+    side: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CounterLabel {
     counter: &'static str,
 }
@@ -126,6 +164,9 @@ pub struct Metrics {
     plaintext: Family<VerdictLabel, Counter>,
     active: Family<DirectionLabel, Gauge>,
     kernel: Family<CounterLabel, Counter>,
+    policy_generation: Gauge,
+    policy_applies: Family<ResultLabel, Counter>,
+    policy_denials: Family<DenialLabels, Counter>,
     /// Last totals seen for counters whose owners keep totals (advanced by the delta).
     seen: std::sync::Mutex<std::collections::HashMap<&'static str, u64>>,
     hooks: std::sync::RwLock<Vec<Arc<dyn ScrapeHook>>>,
@@ -189,6 +230,26 @@ impl Metrics {
             "The kernel programs' counters (map mesh_counters, summed over CPUs)",
             kernel.clone(),
         );
+        let policy_generation = Gauge::default();
+        registry.register(
+            "policy_generation",
+            "The active authorization policy generation (0: no policy loaded)",
+            policy_generation.clone(),
+        );
+        let policy_applies = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "policy_applies",
+            "Policy directory applies by this agent (--policy-dir), by result: ok or refused \
+             (the active generation stays)",
+            policy_applies.clone(),
+        );
+        let policy_denials = Family::<DenialLabels, Counter>::default();
+        registry.register(
+            "policy_denials",
+            "Connections and requests denied by authorization policy, by layer (l4, l7) and \
+             where it was decided (kernel, inbound, local)",
+            policy_denials.clone(),
+        );
         Self {
             registry,
             tls_handshakes,
@@ -198,6 +259,9 @@ impl Metrics {
             plaintext,
             active,
             kernel,
+            policy_generation,
+            policy_applies,
+            policy_denials,
             seen: std::sync::Mutex::new(std::collections::HashMap::new()),
             hooks: std::sync::RwLock::new(Vec::new()),
         }
@@ -223,6 +287,29 @@ impl Metrics {
         self.plaintext
             .get_or_create(&VerdictLabel {
                 verdict: verdict.as_str(),
+            })
+            .inc();
+    }
+
+    /// The active policy generation.
+    pub fn set_policy_generation(&self, generation: u32) {
+        self.policy_generation.set(i64::from(generation));
+    }
+
+    pub fn policy_apply(&self, result: ApplyResult) {
+        self.policy_applies
+            .get_or_create(&ResultLabel {
+                result: result.as_str(),
+            })
+            .inc();
+    }
+
+    /// One connection or request denied by policy.
+    pub fn policy_denial(&self, layer: PolicyLayer, side: DenialSide) {
+        self.policy_denials
+            .get_or_create(&DenialLabels {
+                layer: layer.as_str(),
+                side: side.as_str(),
             })
             .inc();
     }
@@ -408,6 +495,12 @@ mod tests {
         m.set_cert_rotations(2, 1);
         m.hbone_stream(Side::Server, Outcome::Ok);
         let _g = m.active(Direction::Inbound);
+        m.set_policy_generation(7);
+        m.policy_apply(ApplyResult::Ok);
+        m.policy_apply(ApplyResult::Refused);
+        m.policy_apply(ApplyResult::Refused);
+        m.policy_denial(PolicyLayer::L4, DenialSide::Kernel);
+        m.policy_denial(PolicyLayer::L7, DenialSide::Local);
         let text = m.render();
         for needle in [
             r#"mesh_tls_handshakes_total{side="server",result="ok"} 1"#,
@@ -417,6 +510,11 @@ mod tests {
             r#"mesh_cert_rotations_total{result="ok"} 2"#,
             r#"mesh_hbone_streams_total{side="server",result="ok"} 1"#,
             r#"mesh_connections_active{direction="inbound"} 1"#,
+            "mesh_policy_generation 7",
+            r#"mesh_policy_applies_total{result="ok"} 1"#,
+            r#"mesh_policy_applies_total{result="refused"} 2"#,
+            r#"mesh_policy_denials_total{layer="l4",side="kernel"} 1"#,
+            r#"mesh_policy_denials_total{layer="l7",side="local"} 1"#,
         ] {
             assert!(text.contains(needle), "missing {needle} in:\n{text}");
         }

@@ -13,6 +13,8 @@
 
 pub mod authorize;
 pub mod compile;
+#[cfg(test)]
+mod conformance;
 pub mod eval;
 pub mod maps;
 pub mod model;

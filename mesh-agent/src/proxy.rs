@@ -98,23 +98,21 @@ pub(crate) async fn l7_serve<S>(
     client: S,
     source: &SourceAddrs,
     connect_timeout: Duration,
-    policies: &authz::Policies,
+    enforcer: authz::Enforcer<'_>,
     info: &authz::ConnInfo,
     conn_id: u64,
-    side: &'static str,
 ) -> L7Outcome
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
 {
     let decide = |req: &l7::RequestView<'_>| {
-        // Policy paths match the path without query string or fragment.
-        let path = req.path.split(['?', '#']).next().unwrap_or("");
+        // The path as sent; the policy view strips query and fragment itself.
         let attrs = authz::RequestAttrs {
             method: req.method,
-            path,
+            path: req.path,
             host: req.host,
         };
-        match authz::decide_request(policies, info, &attrs, side) {
+        match authz::decide_request(enforcer, info, &attrs) {
             authz::RequestVerdict::Allow => l7::Verdict::Allow,
             authz::RequestVerdict::Deny { policy } => l7::Verdict::Deny { policy },
         }
@@ -128,7 +126,7 @@ where
     let limits = l7::L7Limits::default();
     let mut stats = l7::L7Stats::default();
     let work = l7::serve_with_stats(client, connect, &decide, &limits, &mut stats);
-    let outcome = match authz::supervise(policies.clone(), info, conn_id, work).await {
+    let outcome = match authz::supervise(enforcer.policies.clone(), info, conn_id, work).await {
         authz::Supervised::Done(Ok(())) => "ok".to_owned(),
         authz::Supervised::Done(Err(e)) => e.to_string(),
         authz::Supervised::Revoked { .. } => "closed: no longer allowed by policy".to_owned(),

@@ -41,16 +41,21 @@ pub struct PolDstKey {
 }
 const _: () = assert!(core::mem::size_of::<PolDstKey>() == 8);
 
-/// Value of `mesh_pol_dst`: the policy set selecting the destination. An absent entry means
-/// no policy selects it (allowed).
+/// Value of `mesh_pol_dst`: the policy set selecting the destination, and its PeerAuthentication.
+/// An absent entry means no policy selects it (allowed) and it is STRICT.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct PolDstValue {
-    /// Interned set id (never 0): equal policy lists with equal `httpPorts` share one.
+    /// Interned set id: equal policy lists with equal `httpPorts` share one. 0: no policy
+    /// selects the destination (allowed); the entry only carries `flags`.
     pub set_id: u32,
-    /// `POL_DST_F_*` bits (none defined yet; 0).
+    /// `POL_DST_F_*` bits.
     pub flags: u32,
 }
+
+/// The destination's effective PeerAuthentication mode is PERMISSIVE (absent: STRICT). The
+/// agents derive `WORKLOAD_F_PERMISSIVE` of their local workloads from the active generation.
+pub const POL_DST_F_PERMISSIVE: u32 = 1 << 0;
 const _: () = assert!(core::mem::size_of::<PolDstValue>() == 8);
 
 /// Key of `mesh_pol_l4`.

@@ -116,6 +116,10 @@ fn check_policy(gen: u32, orig: &OrigDst) -> Result<(), CaptureError> {
         // No policy selects the destination.
         return Ok(());
     };
+    if dst.set_id == 0 {
+        // No policy selects it either: the entry only carries its PeerAuthentication flags.
+        return Ok(());
+    }
     let src_key = PolSrcKey {
         gen,
         workload_id: orig.src_workload_id,

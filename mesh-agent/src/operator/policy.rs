@@ -1,6 +1,6 @@
 //! `mesh-agent policy lint|apply|show`: check a policy directory, write it to a node's pinned
-//! maps (the running agent picks the new generation up within a second), show the active
-//! generation.
+//! maps (the running agent picks the new generation up within a second, AuthorizationPolicy
+//! and PeerAuthentication alike), show the active generation.
 //!
 //! Exit codes: 0 success, 2 bad input (the policy, the registry, a capacity refusal: nothing
 //! was changed), 1 runtime failure (the pinned maps could not be opened or written; the
@@ -15,6 +15,7 @@ use tracing::info;
 
 use super::{error_chain, print, with_stderr_logs, OutputFormat};
 use crate::{
+    identity::{IdentityError, NodeCredentials},
     policy::{
         compile::{compile, CompileError},
         maps::{MapsError, PolicyMaps},
@@ -52,9 +53,32 @@ pub struct CompileArgs {
     /// The mesh-wide policy namespace.
     #[arg(long, default_value = DEFAULT_ROOT_NAMESPACE)]
     pub root_namespace: String,
-    /// The trust domain principals are in (the node certificates').
-    #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
-    pub trust_domain: String,
+    /// The trust domain principals are in. Default: the node certificate's in
+    /// --identity-dir (as the agent compiles), else `cluster.local`.
+    #[arg(long)]
+    pub trust_domain: Option<String>,
+    /// The node's credentials (`node.pem`, from `authority join`): principals are compiled in
+    /// its certificate's trust domain, unless --trust-domain overrides it.
+    #[arg(long, env = "MESH_IDENTITY_DIR")]
+    pub identity_dir: Option<PathBuf>,
+}
+
+impl CompileArgs {
+    /// --trust-domain, else the trust domain of the node certificate in --identity-dir, else
+    /// [`DEFAULT_TRUST_DOMAIN`].
+    pub fn trust_domain(&self) -> Result<String, OperatorError> {
+        if let Some(td) = &self.trust_domain {
+            return Ok(td.clone());
+        }
+        let Some(dir) = &self.identity_dir else {
+            return Ok(DEFAULT_TRUST_DOMAIN.to_owned());
+        };
+        let creds = NodeCredentials::load(dir).map_err(|source| OperatorError::Credentials {
+            dir: dir.clone(),
+            source: Box::new(source),
+        })?;
+        Ok(creds.node.trust_domain().to_string())
+    }
 }
 
 #[derive(Args, Debug)]
@@ -107,10 +131,16 @@ pub enum OperatorError {
     Load {
         dir: PathBuf,
         #[source]
-        source: LoadError,
+        source: Box<LoadError>,
     },
     #[error("compiling: {0}")]
     Compile(#[from] CompileError),
+    #[error("node credentials in {}: {source}", dir.display())]
+    Credentials {
+        dir: PathBuf,
+        #[source]
+        source: Box<IdentityError>,
+    },
     #[error(transparent)]
     Maps(#[from] MapsError),
     #[error("writing the output: {0}")]
@@ -121,7 +151,7 @@ impl OperatorError {
     fn is_config(&self) -> bool {
         matches!(
             self,
-            Self::Registry(_) | Self::Load { .. } | Self::Compile(_)
+            Self::Registry(_) | Self::Load { .. } | Self::Compile(_) | Self::Credentials { .. }
         )
     }
 }
@@ -167,7 +197,7 @@ struct LintOutput {
 fn lint(a: LintArgs) -> Result<(), OperatorError> {
     let bundle = load_dir(&a.dir).map_err(|source| OperatorError::Load {
         dir: a.dir.clone(),
-        source,
+        source: Box::new(source),
     })?;
     let mut out = LintOutput {
         ok: true,
@@ -181,7 +211,7 @@ fn lint(a: LintArgs) -> Result<(), OperatorError> {
             &bundle,
             &registry,
             &a.compile.root_namespace,
-            &a.compile.trust_domain,
+            &a.compile.trust_domain()?,
         )?;
         out.l4_entries = Some(c.l4.len());
     }
@@ -205,10 +235,11 @@ struct ApplyOutput {
 
 fn apply(a: ApplyArgs) -> Result<(), OperatorError> {
     let registry = Arc::new(Registry::load_all(&a.registry)?);
+    let trust_domain = a.compile.trust_domain()?;
     let ctx = CompileContext {
         registry,
         root_ns: a.compile.root_namespace.clone(),
-        trust_domain: a.compile.trust_domain.clone(),
+        trust_domain: trust_domain.clone(),
     };
     // Compiled before the maps are touched: a bad directory changes nothing.
     let (bundle, compiled) = ctx.load_and_compile(&a.dir)?;
@@ -219,6 +250,7 @@ fn apply(a: ApplyArgs) -> Result<(), OperatorError> {
         generation,
         policies = compiled.policies,
         l4_entries,
+        trust_domain = %trust_domain,
         "policy applied"
     );
     let out = ApplyOutput {
@@ -238,6 +270,8 @@ struct ShowOutput {
     generation: u32,
     destinations: Vec<ShowDestination>,
     l4_entries: usize,
+    /// Workloads that are PERMISSIVE in this generation (names with --registry, else `#id`).
+    permissive: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -265,10 +299,17 @@ fn show(a: ShowArgs) -> Result<(), OperatorError> {
             set_id,
         })
         .collect();
+    let name = |id: u32| {
+        registry
+            .as_ref()
+            .and_then(|r| r.by_id(id))
+            .map_or_else(|| format!("#{id}"), |w| w.key())
+    };
     let out = ShowOutput {
         generation,
         l4_entries: view.l4_entries(),
         destinations,
+        permissive: view.permissive_workloads().into_iter().map(name).collect(),
     };
     let mut text = format!(
         "generation {generation}{}: {} L4 entries\n",
@@ -282,10 +323,47 @@ fn show(a: ShowArgs) -> Result<(), OperatorError> {
             d.set_id
         ));
     }
+    if !out.permissive.is_empty() {
+        text.push_str(&format!("  PERMISSIVE: {}\n", out.permissive.join(", ")));
+    }
     text.push_str(&format!(
         "verdicts: {POL_ALLOW} allow, {POL_DENY} deny, {POL_L7} per request \
          (bpftool map dump pinned {}/mesh_pol_l4)",
         a.pin_dir.display()
     ));
     print(a.output, &out, &text).map_err(OperatorError::Output)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{authority::tests::TempDir, Authority, TrustDomain};
+
+    fn args(trust_domain: Option<&str>, identity_dir: Option<PathBuf>) -> CompileArgs {
+        CompileArgs {
+            root_namespace: DEFAULT_ROOT_NAMESPACE.into(),
+            trust_domain: trust_domain.map(str::to_owned),
+            identity_dir,
+        }
+    }
+
+    #[test]
+    fn trust_domain_defaults_to_the_node_credentials() {
+        let ca = TempDir::new("policy-td-ca");
+        let node = TempDir::new("policy-td-node");
+        let authority =
+            Authority::init(&ca.0, TrustDomain::new("example.org").unwrap()).unwrap();
+        authority.node_credentials("n1").unwrap().write_to(&node.0).unwrap();
+
+        assert_eq!(args(None, None).trust_domain().unwrap(), DEFAULT_TRUST_DOMAIN);
+        assert_eq!(args(None, Some(node.0.clone())).trust_domain().unwrap(), "example.org");
+        // --trust-domain overrides.
+        assert_eq!(
+            args(Some("other.td"), Some(node.0.clone())).trust_domain().unwrap(),
+            "other.td"
+        );
+        // Unreadable credentials are a configuration error (exit 2).
+        let e = args(None, Some(node.0.join("missing"))).trust_domain().unwrap_err();
+        assert!(e.is_config(), "{e}");
+    }
 }

@@ -4,12 +4,17 @@
 //! - The **policy set** of a destination workload is the sorted list of the AuthorizationPolicies
 //!   that select it (its namespace's, with a matching selector or none, and the root
 //!   namespace's, mesh-wide) together with its `httpPorts`; equal sets are interned
-//!   (`set_id`). A workload no policy selects has no `mesh_pol_dst` entry.
+//!   (`set_id`). A workload no policy selects has set 0 (no `mesh_pol_dst` entry unless it is
+//!   PERMISSIVE).
 //! - The **source class** of a workload, per address family, is its principal
 //!   (`<td>/ns/<ns>/sa/<sa>`), its namespace and whether its address of that family lies in
 //!   each distinct ipBlock of the bundle; equal classes are interned (`class_id`). A workload
 //!   without an address of a family gets the class with no address: it lies in no block (so
 //!   `ipBlocks` never match and `notIpBlocks` always do).
+//! - Every workload whose effective PeerAuthentication ([`permissive`]) is PERMISSIVE has
+//!   `POL_DST_F_PERMISSIVE` in its `mesh_pol_dst` entry (with set 0 if no policy selects it):
+//!   the generation carries everything the agents derive `WORKLOAD_F_PERMISSIVE` from, so a
+//!   generation written by `mesh-agent policy apply` re-programs PeerAuthentication too.
 //! - **Ports**: every port an operation of the set's policies names (`ports`, `notPorts`) and
 //!   every HTTP port of the set gets its own entry; port 0 stands for all others (neither
 //!   named nor HTTP).
@@ -33,16 +38,17 @@ use mesh_common::{
     policy::{
         budget, capacity, PolDstKey, PolDstValue, PolL4Key, PolL4Value, PolL7Key, PolL7Value,
         PolOpKey, PolOpValue, PolSrcKey, PolSrcValue, PolStrKey, PolStrValue, POL_ACTION_ALLOW,
-        POL_ACTION_AUDIT, POL_ACTION_DENY, POL_ALLOW, POL_DENY, POL_FIELD_HOST, POL_FIELD_METHOD,
-        POL_FIELD_NOT_HOST, POL_FIELD_NOT_METHOD, POL_FIELD_NOT_PATH, POL_FIELD_PATH,
-        POL_F_AUDIT, POL_F_AUDIT_L7, POL_F_DRY_RUN_DENY, POL_F_DRY_RUN_L4_ALLOWED,
-        POL_F_DRY_RUN_L7, POL_F_HAS_ALLOW, POL_F_L4_ALLOWED, POL_L7, POL_L7_F_DRY_RUN,
-        POL_MATCH_EXACT, POL_MATCH_PREFIX, POL_MATCH_PRESENCE, POL_MATCH_SUFFIX, POL_STR_MAX,
+        POL_ACTION_AUDIT, POL_ACTION_DENY, POL_ALLOW, POL_DENY, POL_DST_F_PERMISSIVE, POL_FIELD_HOST, POL_FIELD_METHOD,
+        POL_FIELD_NOT_HOST, POL_FIELD_NOT_METHOD, POL_FIELD_NOT_PATH, POL_FIELD_PATH, POL_F_AUDIT,
+        POL_F_AUDIT_L7, POL_F_DRY_RUN_DENY, POL_F_DRY_RUN_L4_ALLOWED, POL_F_DRY_RUN_L7,
+        POL_F_HAS_ALLOW, POL_F_L4_ALLOWED, POL_L7, POL_L7_F_DRY_RUN, POL_MATCH_EXACT,
+        POL_MATCH_PREFIX, POL_MATCH_PRESENCE, POL_MATCH_SUFFIX, POL_STR_MAX,
     },
 };
 
 use super::model::{
-    Action, AuthorizationPolicy, IpNet, MtlsMode, Operation, PolicyBundle, Source, StringMatch,
+    Action, AuthorizationPolicy, IpNet, MtlsMode, Operation, PeerAuthentication, PolicyBundle,
+    Source, StringMatch,
 };
 use crate::registry::{Registry, Workload};
 
@@ -113,10 +119,7 @@ fn selects(
 
 /// The workload's principal as policies name it: `<td>/ns/<ns>/sa/<sa>`.
 pub fn principal(trust_domain: &str, w: &Workload) -> String {
-    format!(
-        "{trust_domain}/ns/{}/sa/{}",
-        w.namespace, w.service_account
-    )
+    format!("{trust_domain}/ns/{}/sa/{}", w.namespace, w.service_account)
 }
 
 /// What the kernel knows of a source: identity and ipBlock membership of one address.
@@ -233,7 +236,8 @@ pub fn compile(
     class_list.sort_by_key(|(_, id)| *id);
     c.out.classes = class_list.len();
 
-    // Policy sets of the destinations.
+    // Policy sets and PeerAuthentication of the destinations: an entry for every workload a
+    // policy selects or that is PERMISSIVE (set 0: no policy, only the flag).
     let mut sets: BTreeMap<(Vec<usize>, Vec<u16>), u32> = BTreeMap::new();
     for w in &registry.workloads {
         let selected: Vec<usize> = (0..c.policies.len())
@@ -242,19 +246,28 @@ pub fn compile(
                 selects(&p.namespace, p.selector.as_ref(), w, root_ns)
             })
             .collect();
-        if selected.is_empty() {
+        let flags = if permissive(bundle, w, root_ns) {
+            POL_DST_F_PERMISSIVE
+        } else {
+            0
+        };
+        let set_id = if selected.is_empty() {
+            0
+        } else {
+            let next = sets.len() as u32 + 1;
+            *sets
+                .entry((selected, w.http_ports().to_vec()))
+                .or_insert(next)
+        };
+        if set_id == 0 && flags == 0 {
             continue;
         }
-        let next = sets.len() as u32 + 1;
-        let set_id = *sets
-            .entry((selected, w.http_ports().to_vec()))
-            .or_insert(next);
         c.out.dst.push((
             PolDstKey {
                 gen: 0,
                 workload_id: w.id,
             },
-            PolDstValue { set_id, flags: 0 },
+            PolDstValue { set_id, flags },
         ));
     }
     c.out.sets = sets.len();
@@ -275,7 +288,10 @@ pub fn compile(
         ports.insert(0);
         plan.push((*set_id, members, http_ports, ports));
     }
-    let l4_needed: usize = plan.iter().map(|(_, _, _, p)| p.len() * class_list.len()).sum();
+    let l4_needed: usize = plan
+        .iter()
+        .map(|(_, _, _, p)| p.len() * class_list.len())
+        .sum();
     if l4_needed > budget(capacity::POL_L4) as usize {
         return Err(CompileError::Capacity {
             map: names::MAP_POL_L4,
@@ -426,8 +442,8 @@ impl Compiler<'_> {
                     _ => {}
                 }
             }
-            let needs_clauses = real.verdict == POL_L7
-                || value.flags & (POL_F_DRY_RUN_L7 | POL_F_AUDIT_L7) != 0;
+            let needs_clauses =
+                real.verdict == POL_L7 || value.flags & (POL_F_DRY_RUN_L7 | POL_F_AUDIT_L7) != 0;
             if needs_clauses {
                 value.l7_count = self.clauses(set_id, class_id, port, &outcomes)?;
             }
@@ -546,12 +562,17 @@ impl Compiler<'_> {
         let p = self.policies[i];
         let mut residual = Vec::new();
         for rule in p.rules.iter().flatten() {
-            if !(rule.from.is_empty() || rule.from.iter().any(|s| self.source_matches(s, class)))
-            {
+            if !(rule.from.is_empty() || rule.from.iter().any(|s| self.source_matches(s, class))) {
                 continue;
             }
             if rule.to.is_empty() {
                 return Outcome::Match;
+            }
+            // Istio's fail-safe drops a whole ALLOW rule with an HTTP-only field on a non-HTTP
+            // port, even if another of its operations has none.
+            if p.action == Action::Allow && !http && rule.to.iter().any(Operation::has_http_fields)
+            {
+                continue;
             }
             for op in &rule.to {
                 match operation_outcome(op, p.action, port, http) {
@@ -636,18 +657,20 @@ fn operation_outcome(op: &Operation, action: Action, port: u16, http: bool) -> O
 pub fn permissive(bundle: &PolicyBundle, w: &Workload, root_ns: &str) -> bool {
     let mut pas: Vec<_> = bundle.peer_authn.iter().collect();
     pas.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    // An empty `matchLabels` selects the whole namespace: it is a namespace-level policy.
+    let has_selector = |p: &PeerAuthentication| p.selector.as_ref().is_some_and(|s| !s.is_empty());
     let by_selector = pas.iter().find(|p| {
         p.namespace == w.namespace
-            && p.selector.is_some()
+            && has_selector(p)
             && selects(&p.namespace, p.selector.as_ref(), w, root_ns)
     });
     let by_namespace = || {
         pas.iter()
-            .find(|p| p.namespace == w.namespace && p.selector.is_none())
+            .find(|p| p.namespace == w.namespace && !has_selector(p))
     };
     let by_root = || {
         pas.iter()
-            .find(|p| p.namespace == root_ns && p.selector.is_none())
+            .find(|p| p.namespace == root_ns && !has_selector(p))
     };
     match by_selector.or_else(by_namespace).or_else(by_root) {
         Some(p) => p.mode == MtlsMode::Permissive,
@@ -773,10 +796,29 @@ pub(crate) mod tests {
 
     #[test]
     fn sets_and_classes_are_interned() {
-        let allow = policy("default", "allow-b", Some("b"), Action::Allow, Some(vec![Rule::default()]));
-        let mesh = policy(ROOT, "mesh", None, Action::Audit, Some(vec![Rule::default()]));
+        let allow = policy(
+            "default",
+            "allow-b",
+            Some("b"),
+            Action::Allow,
+            Some(vec![Rule::default()]),
+        );
+        let mesh = policy(
+            ROOT,
+            "mesh",
+            None,
+            Action::Audit,
+            Some(vec![Rule::default()]),
+        );
         let c = compile(&bundle(vec![allow, mesh]), &registry(), ROOT, TD).unwrap();
-        let set = |id: u32| c.dst.iter().find(|(k, _)| k.workload_id == id).unwrap().1.set_id;
+        let set = |id: u32| {
+            c.dst
+                .iter()
+                .find(|(k, _)| k.workload_id == id)
+                .unwrap()
+                .1
+                .set_id
+        };
         // a1, a2 share {mesh}; c1 too (root namespace, mesh-wide).
         assert_eq!(set(1), set(2));
         assert_eq!(set(1), set(5));
@@ -817,12 +859,11 @@ pub(crate) mod tests {
         assert_eq!(src(1).class6, src(2).class6);
         assert_eq!(lookup(&c, 1, 4, 80).unwrap().verdict, POL_ALLOW);
         assert_eq!(lookup(&c, 2, 4, 80).unwrap().verdict, POL_DENY);
-        let v6 = c
-            .l4
-            .iter()
-            .find(|(k, _)| k.class_id == src(1).class6)
-            .unwrap()
-            .1;
+        let v6 =
+            c.l4.iter()
+                .find(|(k, _)| k.class_id == src(1).class6)
+                .unwrap()
+                .1;
         assert_eq!(v6.verdict, POL_DENY);
         assert_eq!(v6.flags & POL_F_HAS_ALLOW, POL_F_HAS_ALLOW);
         assert_eq!(v6.policy_str, 0);
@@ -842,7 +883,10 @@ pub(crate) mod tests {
         );
         let c = compile(&bundle(vec![allow]), &registry(), ROOT, TD).unwrap();
         let v = lookup(&c, 1, 4, 8080).unwrap();
-        assert_eq!((v.verdict, str_of(&c, v.policy_str).as_str()), (POL_ALLOW, "default/allow-a"));
+        assert_eq!(
+            (v.verdict, str_of(&c, v.policy_str).as_str()),
+            (POL_ALLOW, "default/allow-a")
+        );
         assert_eq!(lookup(&c, 1, 4, 8081).unwrap().verdict, POL_DENY);
         assert_eq!(lookup(&c, 5, 4, 8080).unwrap().verdict, POL_DENY);
         // Ports mentioned get entries, plus 0.
@@ -855,7 +899,13 @@ pub(crate) mod tests {
         let nothing = policy("other", "allow-nothing", None, Action::Allow, None);
         let c = compile(&bundle(vec![nothing]), &registry(), ROOT, TD).unwrap();
         assert_eq!(lookup(&c, 1, 5, 80).unwrap().verdict, POL_DENY);
-        let all = policy("other", "allow-all", None, Action::Allow, Some(vec![Rule::default()]));
+        let all = policy(
+            "other",
+            "allow-all",
+            None,
+            Action::Allow,
+            Some(vec![Rule::default()]),
+        );
         let c = compile(&bundle(vec![all]), &registry(), ROOT, TD).unwrap();
         assert_eq!(lookup(&c, 1, 5, 80).unwrap().verdict, POL_ALLOW);
         let deny_none = policy("other", "deny-none", None, Action::Deny, Some(vec![]));
@@ -900,7 +950,10 @@ pub(crate) mod tests {
             .collect();
         assert_eq!(terms[0].field, POL_FIELD_METHOD);
         assert_eq!(str_of(&c, terms[0].str_id), "GET");
-        assert_eq!((terms[1].field, terms[1].kind), (POL_FIELD_PATH, POL_MATCH_PREFIX));
+        assert_eq!(
+            (terms[1].field, terms[1].kind),
+            (POL_FIELD_PATH, POL_MATCH_PREFIX)
+        );
         assert_eq!(str_of(&c, terms[1].str_id), "/api/");
         // Non-HTTP port of b1, and b2 entirely: the ALLOW never matches.
         assert_eq!(lookup(&c, 1, 3, 9000).unwrap().verdict, POL_DENY);
@@ -919,10 +972,44 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn allow_rule_with_http_fields_never_matches_tcp_even_via_another_operation() {
+        // Regression (property test): the fail-safe was applied per operation, so the
+        // port-only operation let the rule match on a non-HTTP port. Istio drops the rule.
+        let allow = policy(
+            "default",
+            "allow-mixed",
+            Some("b"),
+            Action::Allow,
+            Some(vec![Rule {
+                from: vec![],
+                to: vec![get_only(), to_ports(&[9000])],
+            }]),
+        );
+        let c = compile(&bundle(vec![allow]), &registry(), ROOT, TD).unwrap();
+        // b2 speaks no HTTP: denied on 9000 too.
+        assert_eq!(lookup(&c, 1, 4, 9000).unwrap().verdict, POL_DENY);
+        // b1's HTTP port 8080: per request; 9000 is not HTTP there either.
+        assert_eq!(lookup(&c, 1, 3, 8080).unwrap().verdict, POL_L7);
+        assert_eq!(lookup(&c, 1, 3, 9000).unwrap().verdict, POL_DENY);
+    }
+
+    #[test]
     fn dry_run_and_audit_flags() {
-        let mut dry = policy("default", "dry-deny", Some("b"), Action::Deny, Some(vec![Rule::default()]));
+        let mut dry = policy(
+            "default",
+            "dry-deny",
+            Some("b"),
+            Action::Deny,
+            Some(vec![Rule::default()]),
+        );
         dry.dry_run = true;
-        let audit = policy("default", "audit-all", Some("b"), Action::Audit, Some(vec![Rule::default()]));
+        let audit = policy(
+            "default",
+            "audit-all",
+            Some("b"),
+            Action::Audit,
+            Some(vec![Rule::default()]),
+        );
         let c = compile(&bundle(vec![dry, audit]), &registry(), ROOT, TD).unwrap();
         let v = lookup(&c, 1, 4, 80).unwrap();
         assert_eq!(v.verdict, POL_ALLOW);
@@ -946,13 +1033,19 @@ pub(crate) mod tests {
             "dry-get",
             Some("b"),
             Action::Deny,
-            Some(vec![Rule { from: vec![], to: vec![get_only()] }]),
+            Some(vec![Rule {
+                from: vec![],
+                to: vec![get_only()],
+            }]),
         );
         dry_get.dry_run = true;
         let c = compile(&bundle(vec![dry_get]), &registry(), ROOT, TD).unwrap();
         let v = lookup(&c, 1, 3, 8080).unwrap();
         assert_eq!(v.verdict, POL_ALLOW);
-        assert_eq!(v.flags & (POL_F_DRY_RUN_L7 | POL_F_DRY_RUN_L4_ALLOWED), POL_F_DRY_RUN_L7 | POL_F_DRY_RUN_L4_ALLOWED);
+        assert_eq!(
+            v.flags & (POL_F_DRY_RUN_L7 | POL_F_DRY_RUN_L4_ALLOWED),
+            POL_F_DRY_RUN_L7 | POL_F_DRY_RUN_L4_ALLOWED
+        );
         assert_eq!(v.l7_count, 1);
         assert_eq!(c.l7[0].1.flags, POL_L7_F_DRY_RUN);
     }
@@ -966,11 +1059,18 @@ pub(crate) mod tests {
             "many-ports",
             Some("b"),
             Action::Deny,
-            Some(vec![Rule { from: vec![], to: vec![to_ports(&ports)] }]),
+            Some(vec![Rule {
+                from: vec![],
+                to: vec![to_ports(&ports)],
+            }]),
         );
         let e = compile(&bundle(vec![deny]), &registry(), ROOT, TD).unwrap_err();
         match e {
-            CompileError::Capacity { map, needed, capacity } => {
+            CompileError::Capacity {
+                map,
+                needed,
+                capacity,
+            } => {
                 assert_eq!(map, names::MAP_POL_L4);
                 assert!(needed > capacity as usize);
                 assert_eq!(capacity, budget(mesh_common::policy::capacity::POL_L4));
@@ -989,7 +1089,10 @@ pub(crate) mod tests {
             Action::Allow,
             Some(vec![Rule {
                 from: vec![],
-                to: vec![Operation { paths: vec![StringMatch::Exact(long.clone())], ..Operation::default() }],
+                to: vec![Operation {
+                    paths: vec![StringMatch::Exact(long.clone())],
+                    ..Operation::default()
+                }],
             }]),
         );
         match compile(&bundle(vec![p]), &registry(), ROOT, TD).unwrap_err() {
@@ -1006,7 +1109,10 @@ pub(crate) mod tests {
         let pa = |ns: &str, name: &str, app: Option<&str>, mode| PeerAuthentication {
             namespace: ns.into(),
             name: name.into(),
-            origin: Origin { file: PathBuf::from("pa.yaml"), line: 1 },
+            origin: Origin {
+                file: PathBuf::from("pa.yaml"),
+                line: 1,
+            },
             selector: app.map(|a| BTreeMap::from([("app".to_owned(), a.to_owned())])),
             mode,
         };
@@ -1014,12 +1120,52 @@ pub(crate) mod tests {
         let c1 = &r.workloads[4];
         let mut b = PolicyBundle::default();
         assert!(!permissive(&b, a1, ROOT));
-        b.peer_authn.push(pa(ROOT, "mesh", None, MtlsMode::Permissive));
+        b.peer_authn
+            .push(pa(ROOT, "mesh", None, MtlsMode::Permissive));
         assert!(permissive(&b, a1, ROOT) && permissive(&b, c1, ROOT));
-        b.peer_authn.push(pa("default", "ns", None, MtlsMode::Strict));
+        b.peer_authn
+            .push(pa("default", "ns", None, MtlsMode::Strict));
         assert!(!permissive(&b, a1, ROOT) && permissive(&b, c1, ROOT));
-        b.peer_authn.push(pa("default", "sel", Some("a"), MtlsMode::Permissive));
+        b.peer_authn
+            .push(pa("default", "sel", Some("a"), MtlsMode::Permissive));
         assert!(permissive(&b, a1, ROOT));
         assert!(!permissive(&b, &r.workloads[2], ROOT));
+    }
+
+    #[test]
+    fn peer_authentication_empty_selector_is_namespace_wide() {
+        // Regression (property test): `matchLabels: {}` was taken for a selector policy and
+        // won over the namespace policy (and a root one was ignored).
+        let r = registry();
+        let a1 = &r.workloads[0];
+        let pa =
+            |ns: &str, name: &str, selector: Option<&[(&str, &str)]>, mode| PeerAuthentication {
+                namespace: ns.into(),
+                name: name.into(),
+                origin: Origin {
+                    file: PathBuf::from("pa.yaml"),
+                    line: 1,
+                },
+                selector: selector.map(|s| {
+                    s.iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect()
+                }),
+                mode,
+            };
+        let b = PolicyBundle {
+            authz: vec![],
+            peer_authn: vec![
+                pa("default", "a-ns", None, MtlsMode::Permissive),
+                pa("default", "b-empty", Some(&[]), MtlsMode::Strict),
+            ],
+        };
+        // Both namespace-wide: the first by name decides.
+        assert!(permissive(&b, a1, ROOT));
+        let b = PolicyBundle {
+            authz: vec![],
+            peer_authn: vec![pa(ROOT, "mesh", Some(&[]), MtlsMode::Permissive)],
+        };
+        assert!(permissive(&b, a1, ROOT));
     }
 }

@@ -17,8 +17,10 @@
 //!   request path without its query string; hosts case-insensitively against Host/`:authority`,
 //!   as sent and with a `:port` suffix stripped.
 //! - HTTP-only fields (methods, paths, hosts and their `not*`) on a request that is not HTTP:
-//!   an ALLOW or AUDIT rule that has any never matches; a DENY rule matches ignoring them
-//!   (Istio's fail-safe: a DENY is never narrowed into allowing).
+//!   an ALLOW rule that has any (in any of its operations) never matches; a DENY or AUDIT
+//!   rule matches ignoring them (Istio's fail-safe: its RBAC builder drops the ALLOW rule, and
+//!   ignores the field for DENY and AUDIT, "a wider deny or audit policy"; a DENY is never
+//!   narrowed into allowing).
 //! - Decision: a matching enforced DENY denies; else, if an enforced ALLOW policy selects the
 //!   workload, the request is allowed iff one of them matches; else it is allowed. AUDIT and
 //!   dry-run policies never change the decision, they are only reported.
@@ -158,18 +160,18 @@ fn labels_match(
 
 /// Whether one of `p`'s rules matches (whatever `p`'s scope and dry-run flag).
 pub fn policy_matches(p: &AuthorizationPolicy, peer: Peer<'_>, req: Request<'_>) -> bool {
-    let deny = p.action == Action::Deny;
+    let allow = p.action == Action::Allow;
     p.rules
         .as_deref()
         .unwrap_or_default()
         .iter()
-        .any(|r| rule_matches(r, deny, peer, req))
+        .any(|r| rule_matches(r, allow, peer, req))
 }
 
-/// `deny`: the rule is a DENY rule (HTTP-only fields are ignored on non-HTTP requests rather
-/// than making the rule unmatchable).
-fn rule_matches(rule: &Rule, deny: bool, peer: Peer<'_>, req: Request<'_>) -> bool {
-    if req.http.is_none() && !deny && rule.to.iter().any(Operation::has_http_fields) {
+/// `allow`: the rule is an ALLOW rule: on a non-HTTP request, HTTP-only fields make it
+/// unmatchable; in DENY and AUDIT rules they are ignored instead.
+fn rule_matches(rule: &Rule, allow: bool, peer: Peer<'_>, req: Request<'_>) -> bool {
+    if req.http.is_none() && allow && rule.to.iter().any(Operation::has_http_fields) {
         return false;
     }
     (rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, peer)))
@@ -618,13 +620,13 @@ mod tests {
         )]);
         assert!(!allowed(&b, peer(None), tcp(80)));
         assert!(allowed(&b, peer(None), http("GET", "/public", None)));
-        // AUDIT is not enforced but follows ALLOW's rule.
+        // AUDIT is not enforced and follows DENY's rule (a wider audit, as in Istio).
         let b = bundle(&[(
             "default",
             "au",
             "  action: AUDIT\n  rules: [{to: [{operation: {methods: [GET]}}]}]",
         )]);
-        assert!(eval(&b, peer(None), tcp(80)).audits.is_empty());
+        assert_eq!(eval(&b, peer(None), tcp(80)).audits, vec!["default/au"]);
         assert_eq!(
             eval(&b, peer(None), http("GET", "/", None)).audits,
             vec!["default/au"]

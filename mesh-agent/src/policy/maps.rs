@@ -30,11 +30,11 @@ use mesh_common::{
     policy::{
         PolDstKey, PolDstValue, PolL4Key, PolL4Value, PolL7Key, PolL7Value, PolOpKey, PolOpValue,
         PolSrcKey, PolSrcValue, PolStrKey, PolStrValue, POL_ACTION_ALLOW, POL_ACTION_AUDIT,
-        POL_ACTION_DENY, POL_ALLOW, POL_DENY, POL_FIELD_HOST, POL_FIELD_METHOD,
-        POL_FIELD_NOT_HOST, POL_FIELD_NOT_METHOD, POL_FIELD_NOT_PATH, POL_FIELD_PATH,
-        POL_F_AUDIT, POL_F_AUDIT_L7, POL_F_DRY_RUN_DENY, POL_F_DRY_RUN_L4_ALLOWED,
-        POL_F_DRY_RUN_L7, POL_F_L4_ALLOWED, POL_L7, POL_L7_F_DRY_RUN, POL_MATCH_EXACT,
-        POL_MATCH_PREFIX, POL_MATCH_PRESENCE, POL_MATCH_SUFFIX, POL_STR_MAX,
+        POL_ACTION_DENY, POL_ALLOW, POL_DENY, POL_DST_F_PERMISSIVE, POL_FIELD_HOST, POL_FIELD_METHOD, POL_FIELD_NOT_HOST,
+        POL_FIELD_NOT_METHOD, POL_FIELD_NOT_PATH, POL_FIELD_PATH, POL_F_AUDIT, POL_F_AUDIT_L7,
+        POL_F_DRY_RUN_DENY, POL_F_DRY_RUN_L4_ALLOWED, POL_F_DRY_RUN_L7, POL_F_L4_ALLOWED, POL_L7,
+        POL_L7_F_DRY_RUN, POL_MATCH_EXACT, POL_MATCH_PREFIX, POL_MATCH_PRESENCE, POL_MATCH_SUFFIX,
+        POL_STR_MAX,
     },
     AgentConfig,
 };
@@ -213,7 +213,10 @@ impl PolicyMaps {
         };
         let leftovers = self.delete_where(|g| g != old)?;
         if leftovers > 0 {
-            warn!(entries = leftovers, "removed leftover policy entries of an unfinished update");
+            warn!(
+                entries = leftovers,
+                "removed leftover policy entries of an unfinished update"
+            );
         }
         if let Err(e) = self.write_all(new, compiled) {
             if let Err(cleanup) = self.delete_where(|g| g == new) {
@@ -221,10 +224,7 @@ impl PolicyMaps {
             }
             return Err(e);
         }
-        let mut cfg = self
-            .config
-            .get(&0, 0)
-            .map_err(map_err(names::MAP_CONFIG))?;
+        let mut cfg = self.config.get(&0, 0).map_err(map_err(names::MAP_CONFIG))?;
         cfg.policy_gen = new;
         if let Err(e) = self.config.set(0, cfg, 0) {
             let _ = self.delete_where(|g| g == new);
@@ -232,7 +232,12 @@ impl PolicyMaps {
         }
         std::thread::sleep(GRACE);
         let removed = self.delete_where(|g| g != new)?;
-        debug!(generation = new, previous = old, removed, "policy generation swapped");
+        debug!(
+            generation = new,
+            previous = old,
+            removed,
+            "policy generation swapped"
+        );
         Ok(new)
     }
 
@@ -342,7 +347,10 @@ impl Clause {
     /// Whether the request matches: a positive field (`METHOD`, `PATH`, `HOST`) matches when
     /// any of its terms does, a negative one (`NOT_*`) when none does; every field present
     /// must match; no terms match every request. An absent value is the empty string (which
-    /// matches no pattern but an exact `""`).
+    /// matches no pattern but an exact `""`). `path` is compared as given (without its query
+    /// string: see [`PolicyView::decide_request`]); host terms compare ASCII
+    /// case-insensitively (patterns are stored lowercase) against the host as sent and, if
+    /// it ends in `:port`, without it.
     pub fn matches(&self, method: &str, path: &str, host: &str) -> bool {
         [
             (POL_FIELD_METHOD, POL_FIELD_NOT_METHOD, method),
@@ -351,16 +359,19 @@ impl Clause {
         ]
         .into_iter()
         .all(|(pos, neg, value)| {
+            // Hosts: [`Term::matches`] applies the evaluator's rule (case, `:port`).
+            let hit = |t: &Term| t.matches(value);
             let mut positive = self.terms.iter().filter(|t| t.field == pos).peekable();
-            let pos_ok = positive.peek().is_none() || positive.any(|t| t.matches(value));
-            let neg_ok = !self
-                .terms
-                .iter()
-                .filter(|t| t.field == neg)
-                .any(|t| t.matches(value));
+            let pos_ok = positive.peek().is_none() || positive.any(hit);
+            let neg_ok = !self.terms.iter().filter(|t| t.field == neg).any(hit);
             pos_ok && neg_ok
         })
     }
+}
+
+/// The request path as policies see it: without query string or fragment.
+fn policy_path(path: &str) -> &str {
+    path.split(['?', '#']).next().unwrap_or("")
 }
 
 impl Term {
@@ -439,7 +450,10 @@ pub struct RequestDecision {
 #[derive(Clone, Debug, Default)]
 pub struct PolicyView {
     gen: u32,
+    /// Destination workload → policy set (workloads no policy selects are absent).
     dst: StdHashMap<u32, u32>,
+    /// Workloads whose effective PeerAuthentication is PERMISSIVE (`POL_DST_F_PERMISSIVE`).
+    permissive: std::collections::HashSet<u32>,
     src: StdHashMap<u32, PolSrcValue>,
     l4: StdHashMap<(u32, u32, u32), L4Entry>,
     strings: StdHashMap<u32, Arc<str>>,
@@ -505,17 +519,37 @@ impl PolicyView {
                     terms,
                 });
             }
-            l4.insert((k.set_id, k.class_id, k.port), L4Entry { value: *v, clauses });
+            l4.insert(
+                (k.set_id, k.class_id, k.port),
+                L4Entry { value: *v, clauses },
+            );
         }
         Ok(Self {
             gen,
-            dst: raw.dst.iter().map(|(k, v)| (k.workload_id, v.set_id)).collect(),
+            dst: raw
+                .dst
+                .iter()
+                .filter(|(_, v)| v.set_id != 0)
+                .map(|(k, v)| (k.workload_id, v.set_id))
+                .collect(),
+            permissive: raw
+                .dst
+                .iter()
+                .filter(|(_, v)| v.flags & POL_DST_F_PERMISSIVE != 0)
+                .map(|(k, _)| k.workload_id)
+                .collect(),
             src: raw.src.iter().map(|(k, v)| (k.workload_id, *v)).collect(),
             l4_entries: l4.len(),
             l4,
             strings,
             deny_all: false,
         })
+    }
+
+    /// The view of `compiled` as generation `gen`, built in memory: what
+    /// [`PolicyMaps::apply`] writes and [`PolicyMaps::read_view`] reads back, without BPF.
+    pub fn from_compiled(gen: u32, compiled: &CompiledPolicy) -> Result<Self, MapsError> {
+        Self::build(gen, RawGeneration::from(compiled))
     }
 
     /// A view of generation `gen` in which everything is denied (fail closed, for a
@@ -546,6 +580,19 @@ impl PolicyView {
     /// Every (destination workload, set) pair, by workload id.
     pub fn destinations(&self) -> Vec<(u32, u32)> {
         let mut out: Vec<(u32, u32)> = self.dst.iter().map(|(w, s)| (*w, *s)).collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Whether workload `workload_id` is PERMISSIVE in this generation (its effective
+    /// PeerAuthentication; `false` for a generation 0 view: the registry decides then).
+    pub fn permissive(&self, workload_id: u32) -> bool {
+        self.permissive.contains(&workload_id)
+    }
+
+    /// Workloads that are PERMISSIVE in this generation, sorted.
+    pub fn permissive_workloads(&self) -> Vec<u32> {
+        let mut out: Vec<u32> = self.permissive.iter().copied().collect();
         out.sort_unstable();
         out
     }
@@ -626,7 +673,8 @@ impl PolicyView {
     }
 
     /// The decision for one HTTP request on a connection of (set, class) to `port`
-    /// (from [`L4Decision::key`]); `host` is `Host`/`:authority`, absent values are `""`.
+    /// (from [`L4Decision::key`]); `path` is the request target as sent (its query string
+    /// and fragment are ignored), `host` is `Host`/`:authority`; absent values are `""`.
     ///
     /// 1. The entry (port, else port 0); none: denied (fail closed).
     /// 2. Enforced: `POL_DENY` → denied (entry policy); `POL_ALLOW` → allowed (entry policy);
@@ -656,11 +704,10 @@ impl PolicyView {
             return RequestDecision::default();
         };
         let v = entry.value;
+        let path = policy_path(path);
         let matching = |action: u32, with_dry_run: bool| {
             entry.clauses.iter().find(|c| {
-                c.action == action
-                    && (with_dry_run || !c.dry_run)
-                    && c.matches(method, path, host)
+                c.action == action && (with_dry_run || !c.dry_run) && c.matches(method, path, host)
             })
         };
         let (allowed, policy) = match v.verdict {
@@ -814,9 +861,15 @@ mod tests {
         assert_eq!(v.decide_l4(1, 4, Family::V4, 9001).verdict, L4Verdict::Deny);
         assert_eq!(v.decide_l4(5, 4, Family::V4, 9000).verdict, L4Verdict::Deny);
         // IPv6 of a1 is the same principal: allowed too.
-        assert_eq!(v.decide_l4(1, 4, Family::V6, 9000).verdict, L4Verdict::Allow);
+        assert_eq!(
+            v.decide_l4(1, 4, Family::V6, 9000).verdict,
+            L4Verdict::Allow
+        );
         // An unknown source workload: fail closed.
-        assert_eq!(v.decide_l4(99, 4, Family::V4, 9000).verdict, L4Verdict::Deny);
+        assert_eq!(
+            v.decide_l4(99, 4, Family::V4, 9000).verdict,
+            L4Verdict::Deny
+        );
     }
 
     #[test]
@@ -829,11 +882,53 @@ mod tests {
         let r = v.decide_request(set, class, 8080, "GET", "/api/x", "b");
         assert!(r.allowed);
         assert_eq!(r.policy.as_deref(), Some("default/allow-get"));
-        assert!(!v.decide_request(set, class, 8080, "POST", "/api/x", "b").allowed);
-        assert!(!v.decide_request(set, class, 8080, "GET", "/apx", "b").allowed);
-        assert!(!v.decide_request(set, class, 8080, "GET", "/api/secret", "b").allowed);
+        assert!(
+            !v.decide_request(set, class, 8080, "POST", "/api/x", "b")
+                .allowed
+        );
+        assert!(
+            !v.decide_request(set, class, 8080, "GET", "/apx", "b")
+                .allowed
+        );
+        assert!(
+            !v.decide_request(set, class, 8080, "GET", "/api/secret", "b")
+                .allowed
+        );
         // c1 is not sa-a: denied at L4.
         assert_eq!(v.decide_l4(5, 3, Family::V4, 8080).verdict, L4Verdict::Deny);
+    }
+
+    #[test]
+    fn hosts_ignore_case_and_port_paths_ignore_query() {
+        // Regression (property test): the view compared hosts case-sensitively and without
+        // stripping `:port`, and left the query string on the path (the evaluator does not).
+        let allow = policy(
+            "default",
+            "allow-web",
+            Some("b"),
+            Action::Allow,
+            Some(vec![Rule {
+                from: vec![],
+                to: vec![Operation {
+                    hosts: vec![StringMatch::from_pattern("web.svc")],
+                    paths: vec![StringMatch::from_pattern("*.json")],
+                    ..Operation::default()
+                }],
+            }]),
+        );
+        let v = view(vec![allow]);
+        let (set, class) = v.decide_l4(1, 3, Family::V4, 8080).key.unwrap();
+        let allowed = |path, host| {
+            v.decide_request(set, class, 8080, "GET", path, host)
+                .allowed
+        };
+        assert!(allowed("/a.json", "web.svc"));
+        assert!(allowed("/a.json", "Web.SVC"));
+        assert!(allowed("/a.json", "web.svc:8080"));
+        assert!(allowed("/a.json?x=1", "web.svc"));
+        assert!(!allowed("/a.json/x", "web.svc"));
+        assert!(!allowed("/a.json", "web.svc:x"));
+        assert!(!allowed("/a.json", "other"));
     }
 
     #[test]
@@ -845,7 +940,10 @@ mod tests {
         let r = v.decide_request(set, class, 8080, "GET", "/api/x", "");
         assert!(!r.allowed);
         assert_eq!(r.policy.as_deref(), Some("default/deny-get"));
-        assert!(v.decide_request(set, class, 8080, "POST", "/api/x", "").allowed);
+        assert!(
+            v.decide_request(set, class, 8080, "POST", "/api/x", "")
+                .allowed
+        );
     }
 
     #[test]

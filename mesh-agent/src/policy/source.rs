@@ -21,7 +21,10 @@ use super::{
     maps::{MapsError, PolicyMaps, PolicyView},
     model::PolicyBundle,
 };
-use crate::registry::Registry;
+use crate::{
+    metrics::{ApplyResult, Metrics},
+    registry::Registry,
+};
 
 /// How often the policy directory is checked for changes.
 pub const DIR_POLL: Duration = Duration::from_millis(500);
@@ -45,7 +48,7 @@ pub enum ApplyError {
     Load {
         dir: PathBuf,
         #[source]
-        source: LoadError,
+        source: Box<LoadError>,
     },
     #[error("compiling: {0}")]
     Compile(#[from] CompileError),
@@ -69,7 +72,7 @@ impl CompileContext {
     ) -> Result<(PolicyBundle, CompiledPolicy), ApplyError> {
         let bundle = load_dir(dir).map_err(|source| ApplyError::Load {
             dir: dir.to_owned(),
-            source,
+            source: Box::new(source),
         })?;
         let compiled = compile::compile(
             &bundle,
@@ -102,6 +105,27 @@ pub fn apply_dir(
     Ok((bundle, generation))
 }
 
+/// [`apply_dir`], counted in `mesh_policy_applies_total`; a refusal is logged
+/// (`policy refused`) and the active generation stays. Returns the new generation.
+pub fn apply_dir_counted(
+    ctx: &CompileContext,
+    maps: &mut PolicyMaps,
+    dir: &Path,
+    metrics: &Metrics,
+) -> Option<u32> {
+    match apply_dir(ctx, maps, dir) {
+        Ok((_, generation)) => {
+            metrics.policy_apply(ApplyResult::Ok);
+            Some(generation)
+        }
+        Err(e) => {
+            metrics.policy_apply(ApplyResult::Refused);
+            warn!(error = %error_chain(&e), dir = %dir.display(), "policy refused");
+            None
+        }
+    }
+}
+
 /// The names, sizes and mtimes of the directory's entries: a change in any is a change.
 pub fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     let mut out: Vec<_> = match std::fs::read_dir(dir) {
@@ -123,18 +147,17 @@ pub fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     out
 }
 
-/// Polls `dir` every [`DIR_POLL`]; on a change loads, compiles and applies it, then hands the
-/// bundle to `on_bundle` (the agent re-programs the PeerAuthentication flags). A failure logs
-/// `policy refused` and keeps the active generation.
+/// Polls `dir` every [`DIR_POLL`]; on a change loads, compiles and applies it (the generation
+/// carries the PeerAuthentication flags too: the agent re-programs them from every generation
+/// it sees). A failure logs `policy refused` and keeps the active generation.
 pub fn spawn_dir_watcher(
     dir: PathBuf,
     ctx: CompileContext,
     maps: PolicyMaps,
-    on_bundle: impl Fn(&PolicyBundle) + Send + Sync + 'static,
+    metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     let maps = Arc::new(std::sync::Mutex::new(maps));
-    let on_bundle = Arc::new(on_bundle);
     tokio::spawn(async move {
         let mut seen = fingerprint(&dir);
         let mut tick = tokio::time::interval(DIR_POLL);
@@ -161,14 +184,11 @@ pub fn spawn_dir_watcher(
             }
             seen = now;
             debug!(dir = %dir.display(), "policy directory changed");
-            let (dir2, ctx2, maps2, on_bundle2) =
-                (dir.clone(), ctx.clone(), Arc::clone(&maps), Arc::clone(&on_bundle));
+            let (dir2, ctx2, maps2, metrics2) =
+                (dir.clone(), ctx.clone(), Arc::clone(&maps), Arc::clone(&metrics));
             let done = tokio::task::spawn_blocking(move || {
                 let mut maps = maps2.lock().unwrap_or_else(|p| p.into_inner());
-                match apply_dir(&ctx2, &mut maps, &dir2) {
-                    Ok((bundle, _)) => on_bundle2(&bundle),
-                    Err(e) => warn!(error = %error_chain(&e), dir = %dir2.display(), "policy refused"),
-                }
+                apply_dir_counted(&ctx2, &mut maps, &dir2, &metrics2);
             })
             .await;
             if done.is_err() {

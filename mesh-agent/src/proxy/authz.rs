@@ -14,7 +14,10 @@ use std::{
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::identity::SpiffeId;
+use crate::{
+    identity::SpiffeId,
+    metrics::{DenialSide, Metrics, PolicyLayer},
+};
 
 /// What the destination knows of a connection when it authorizes it.
 #[derive(Clone, Debug)]
@@ -103,14 +106,24 @@ pub fn allow_all() -> (watch::Sender<Arc<dyn Authorizer>>, Policies) {
     watch::channel(Arc::new(AllowAll) as Arc<dyn Authorizer>)
 }
 
-/// The connection decision under the current snapshot, logged when it denies.
-pub fn decide(policies: &Policies, c: &ConnInfo, side: &'static str) -> ConnVerdict {
-    let snapshot = Arc::clone(&policies.borrow());
+/// What enforcing at the destination needs: the policy snapshots, where denials are counted,
+/// and which side decides (`inbound` over HBONE, `local` for same-node connections).
+#[derive(Clone, Copy)]
+pub struct Enforcer<'a> {
+    pub policies: &'a Policies,
+    pub metrics: &'a Metrics,
+    pub side: DenialSide,
+}
+
+/// The connection decision under the current snapshot, logged and counted when it denies.
+pub fn decide(e: Enforcer<'_>, c: &ConnInfo) -> ConnVerdict {
+    let snapshot = Arc::clone(&e.policies.borrow());
     let verdict = snapshot.connection(c);
     if let ConnVerdict::Deny { policy } = &verdict {
+        e.metrics.policy_denial(PolicyLayer::L4, e.side);
         warn!(
             layer = "l4",
-            side,
+            side = e.side.as_str(),
             src_identity = %c.src_identity,
             src_addr = c.src_addr.map(tracing::field::display),
             dst = %c.dst,
@@ -124,19 +137,15 @@ pub fn decide(policies: &Policies, c: &ConnInfo, side: &'static str) -> ConnVerd
     verdict
 }
 
-/// The request decision under the current snapshot, logged when it denies.
-pub fn decide_request(
-    policies: &Policies,
-    c: &ConnInfo,
-    req: &RequestAttrs<'_>,
-    side: &'static str,
-) -> RequestVerdict {
-    let snapshot = Arc::clone(&policies.borrow());
+/// The request decision under the current snapshot, logged and counted when it denies.
+pub fn decide_request(e: Enforcer<'_>, c: &ConnInfo, req: &RequestAttrs<'_>) -> RequestVerdict {
+    let snapshot = Arc::clone(&e.policies.borrow());
     let verdict = snapshot.request(c, req);
     if let RequestVerdict::Deny { policy } = &verdict {
+        e.metrics.policy_denial(PolicyLayer::L7, e.side);
         warn!(
             layer = "l7",
-            side,
+            side = e.side.as_str(),
             src_identity = %c.src_identity,
             dst = %c.dst,
             dst_workload = %c.dst_name,
@@ -256,6 +265,31 @@ mod tests {
         };
         let (out, ()) = tokio::join!(supervise(rx, &c, 1, work), flip);
         assert!(matches!(out, Supervised::Done(7)));
-        assert_eq!(decide(&allow_all().1, &c, "inbound"), ConnVerdict::Allow);
+        let metrics = Metrics::new();
+        let enforcer = |policies| Enforcer {
+            policies,
+            metrics: &metrics,
+            side: DenialSide::Inbound,
+        };
+        let (_allow_tx, allow) = allow_all();
+        assert_eq!(decide(enforcer(&allow), &c), ConnVerdict::Allow);
+        let (_tx, deny) = watch::channel(Arc::new(DenyAll(3)) as Arc<dyn Authorizer>);
+        assert!(matches!(decide(enforcer(&deny), &c), ConnVerdict::Deny { .. }));
+        let req = RequestAttrs {
+            method: "GET",
+            path: "/",
+            host: None,
+        };
+        assert!(matches!(
+            decide_request(enforcer(&deny), &c, &req),
+            RequestVerdict::Deny { .. }
+        ));
+        let text = metrics.render();
+        for needle in [
+            r#"mesh_policy_denials_total{layer="l4",side="inbound"} 1"#,
+            r#"mesh_policy_denials_total{layer="l7",side="inbound"} 1"#,
+        ] {
+            assert!(text.contains(needle), "missing {needle} in:\n{text}");
+        }
     }
 }

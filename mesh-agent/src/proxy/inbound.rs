@@ -43,7 +43,7 @@ use crate::{
         verify::{peer_identity, peer_serial},
         SpiffeId,
     },
-    metrics::{Direction, Metrics, Outcome, Side},
+    metrics::{DenialSide, Direction, Metrics, Outcome, Side},
     registry::Registry,
 };
 
@@ -198,6 +198,15 @@ impl Inbound {
 }
 
 impl Ctx {
+    /// Policy enforcement as the destination of HBONE tunnels.
+    fn enforcer(&self) -> authz::Enforcer<'_> {
+        authz::Enforcer {
+            policies: &self.policies,
+            metrics: &self.metrics,
+            side: DenialSide::Inbound,
+        }
+    }
+
     async fn connection(
         self: Arc<Self>,
         tcp: TcpStream,
@@ -354,7 +363,7 @@ impl Ctx {
             dst_name: dst_workload.clone(),
             http: super::is_http_port(workload, dst.port()),
         };
-        let policy = match authz::decide(&self.policies, &info, "inbound") {
+        let policy = match authz::decide(self.enforcer(), &info) {
             ConnVerdict::Allow => None,
             ConnVerdict::PerRequest if info.http => {
                 return self.serve_l7(connect, info, peer, conn_id, started).await;
@@ -465,10 +474,9 @@ impl Ctx {
             stream,
             &self.source,
             self.cfg.connect_timeout,
-            &self.policies,
+            self.enforcer(),
             &info,
             conn_id,
-            "inbound",
         )
         .await;
         let record = Record {

@@ -40,7 +40,7 @@ use super::{
 use crate::{
     bpf::Dataplane,
     identity::{IdentityError, SpiffeId},
-    metrics::{Direction, Metrics},
+    metrics::{DenialSide, Direction, Metrics},
     registry::Registry,
 };
 
@@ -364,17 +364,21 @@ impl Ctx {
             dst_name: dst_w.key(),
             http: super::is_http_port(dst_w, dst.port()),
         };
-        match authz::decide(&self.policies, &info, "local") {
+        let enforcer = authz::Enforcer {
+            policies: &self.policies,
+            metrics: &self.metrics,
+            side: DenialSide::Local,
+        };
+        match authz::decide(enforcer, &info) {
             ConnVerdict::Allow => {}
             ConnVerdict::PerRequest if info.http => {
                 let out = super::l7_serve(
                     client,
                     &self.view.source,
                     self.cfg.connect_timeout,
-                    &self.policies,
+                    enforcer,
                     &info,
                     conn_id,
-                    "local",
                 )
                 .await;
                 return if out.outcome == "ok" {

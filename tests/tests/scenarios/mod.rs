@@ -21,6 +21,8 @@ mod malformed_registry_refused;
 mod node_cannot_obtain_certificate_for_other_nodes_workload;
 mod non_mesh_destination_not_redirected;
 mod plaintext_strict_refused_permissive_flagged;
+mod peer_authentication_strict_vs_permissive;
+mod policy_change_closes_live_connection_keeps_allowed;
 mod policy_common;
 mod policy_audit_and_dry_run_do_not_enforce;
 mod policy_deny_beats_allow_and_defaults;
