@@ -207,6 +207,20 @@ fn ensure_bpffs(dir: &Path) -> Result<(), BpfError> {
     Ok(())
 }
 
+/// The program `prog` of the object, as its type `P`.
+fn typed_program<'a, P>(ebpf: &'a mut Ebpf, prog: &'static str) -> Result<&'a mut P, BpfError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(prog)
+        .ok_or(BpfError::MissingProgram { prog })?
+        .try_into()
+        .map_err(|e| BpfError::Program {
+            prog,
+            source: Box::new(e),
+        })
+}
+
 /// Attach mode for our cgroup programs. aya attaches through `BPF_LINK_CREATE`, and a cgroup
 /// `bpf_link` always coexists with other programs on the cgroup (the kernel attaches links as
 /// `BPF_F_ALLOW_MULTI`); the link path rejects any flag, so `AllowMultiple` (flag
@@ -249,71 +263,38 @@ impl Dataplane {
             cgroup: pod_cgroup.to_owned(),
             source,
         })?;
+        let loaded = |prog: &'static str| {
+            move |e: ProgramError| BpfError::Program {
+                prog,
+                source: Box::new(e),
+            }
+        };
+        let attached = |prog: &'static str| {
+            move |e: ProgramError| BpfError::Attach {
+                prog,
+                cgroup: pod_cgroup.to_owned(),
+                source: Box::new(e),
+            }
+        };
         for prog in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
-            let p: &mut CgroupSockAddr = ebpf
-                .program_mut(prog)
-                .ok_or(BpfError::MissingProgram { prog })?
-                .try_into()
-                .map_err(|e| BpfError::Program {
-                    prog,
-                    source: Box::new(e),
-                })?;
-            p.load().map_err(|e| BpfError::Program {
-                prog,
-                source: Box::new(e),
-            })?;
+            let p: &mut CgroupSockAddr = typed_program(&mut ebpf, prog)?;
+            p.load().map_err(loaded(prog))?;
             p.attach(&cgroup, CGROUP_ATTACH_MODE)
-                .map_err(|e| BpfError::Attach {
-                    prog,
-                    cgroup: pod_cgroup.to_owned(),
-                    source: Box::new(e),
-                })?;
+                .map_err(attached(prog))?;
             info!(prog, cgroup = %pod_cgroup.display(), "attached");
         }
-        {
-            let prog = names::PROG_SOCKOPS;
-            let p: &mut SockOps = ebpf
-                .program_mut(prog)
-                .ok_or(BpfError::MissingProgram { prog })?
-                .try_into()
-                .map_err(|e| BpfError::Program {
-                    prog,
-                    source: Box::new(e),
-                })?;
-            p.load().map_err(|e| BpfError::Program {
-                prog,
-                source: Box::new(e),
-            })?;
-            p.attach(&cgroup, CGROUP_ATTACH_MODE)
-                .map_err(|e| BpfError::Attach {
-                    prog,
-                    cgroup: pod_cgroup.to_owned(),
-                    source: Box::new(e),
-                })?;
-            info!(prog, cgroup = %pod_cgroup.display(), "attached");
-        }
-        {
-            let prog = names::PROG_INGRESS;
-            let p: &mut CgroupSkb = ebpf
-                .program_mut(prog)
-                .ok_or(BpfError::MissingProgram { prog })?
-                .try_into()
-                .map_err(|e| BpfError::Program {
-                    prog,
-                    source: Box::new(e),
-                })?;
-            p.load().map_err(|e| BpfError::Program {
-                prog,
-                source: Box::new(e),
-            })?;
-            p.attach(&cgroup, CgroupSkbAttachType::Ingress, CGROUP_ATTACH_MODE)
-                .map_err(|e| BpfError::Attach {
-                    prog,
-                    cgroup: pod_cgroup.to_owned(),
-                    source: Box::new(e),
-                })?;
-            info!(prog, cgroup = %pod_cgroup.display(), "attached");
-        }
+        let prog = names::PROG_SOCKOPS;
+        let p: &mut SockOps = typed_program(&mut ebpf, prog)?;
+        p.load().map_err(loaded(prog))?;
+        p.attach(&cgroup, CGROUP_ATTACH_MODE)
+            .map_err(attached(prog))?;
+        info!(prog, cgroup = %pod_cgroup.display(), "attached");
+        let prog = names::PROG_INGRESS;
+        let p: &mut CgroupSkb = typed_program(&mut ebpf, prog)?;
+        p.load().map_err(loaded(prog))?;
+        p.attach(&cgroup, CgroupSkbAttachType::Ingress, CGROUP_ATTACH_MODE)
+            .map_err(attached(prog))?;
+        info!(prog, cgroup = %pod_cgroup.display(), "attached");
 
         let mut take = |map: &'static str| {
             ebpf.take_map(map)
