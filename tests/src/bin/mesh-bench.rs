@@ -32,7 +32,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Barrier, Mutex,
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use clap::{Parser, Subcommand};
@@ -940,7 +940,8 @@ struct Applied {
     /// delete of the old generation).
     wall: Duration,
     /// From the start of the command until the node's agent logged `policy generation
-    /// active` for the generation (it polls every 200 ms); `None`: not within 10 s.
+    /// active` for the generation (its log timestamp; the agent polls every 200 ms and then
+    /// reads the whole generation back); `None`: not within 10 s.
     active: Option<Duration>,
 }
 
@@ -965,12 +966,15 @@ fn file_len(path: &Path) -> u64 {
 }
 
 /// Waits until the agent log at `log` (read from byte `offset`) says `policy generation
-/// active` for `generation` or a later one; the time since `since` then.
+/// active` for `generation` or a later one. Returns the time from `since` (the start of the
+/// apply, as a wall-clock time) to that line's `timestamp` (the agent may report the
+/// generation before the apply command has finished: it deletes the old generation after
+/// the swap); if the timestamp cannot be read, the time from `since` until the line was seen.
 fn wait_generation(
     log: &Path,
     offset: u64,
     generation: u64,
-    since: Instant,
+    since: SystemTime,
     timeout: Duration,
 ) -> Option<Duration> {
     use std::io::{Seek, SeekFrom};
@@ -982,19 +986,47 @@ fn wait_generation(
                 let _ = f.read_to_string(&mut text);
             }
         }
-        let seen = text
+        let line = text
             .lines()
             .filter(|l| l.contains("policy generation active"))
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .any(|v| v["generation"].as_u64().is_some_and(|g| g >= generation));
-        if seen {
-            return Some(since.elapsed());
+            .find(|v| v["generation"].as_u64().is_some_and(|g| g >= generation));
+        if let Some(v) = line {
+            let logged = v["timestamp"].as_str().and_then(parse_utc_timestamp);
+            let at = logged.unwrap_or_else(SystemTime::now);
+            return Some(at.duration_since(since).unwrap_or(Duration::ZERO));
         }
         if Instant::now() >= deadline || stopping() {
             return None;
         }
         std::thread::sleep(Duration::from_millis(2));
     }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.fraction]Z` (the agent's JSON log timestamps) as a wall-clock time.
+fn parse_utc_timestamp(s: &str) -> Option<SystemTime> {
+    let (date, time) = s.strip_suffix('Z')?.split_once('T')?;
+    let num = |x: &str| x.parse::<i64>().ok();
+    let mut d = date.split('-');
+    let (y, m, day) = (num(d.next()?)?, num(d.next()?)?, num(d.next()?)?);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let mut t = hms.split(':');
+    let (h, min, sec) = (num(t.next()?)?, num(t.next()?)?, num(t.next()?)?);
+    let nanos: u32 = if frac.is_empty() {
+        0
+    } else {
+        let digits: String = frac.chars().chain(std::iter::repeat('0')).take(9).collect();
+        digits.parse().ok()?
+    };
+    // Days since 1970-01-01 of a proleptic Gregorian date (March-based years, 400-year eras).
+    let yy = if m <= 2 { y - 1 } else { y };
+    let era = yy.div_euclid(400);
+    let year_of_era = yy - era * 400;
+    let day_of_year = (153 * ((m + 9) % 12) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    let secs = u64::try_from(days * 86_400 + h * 3_600 + min * 60 + sec).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::new(secs, nanos))
 }
 
 /// A `mesh-agent policy …` command with the registry and trust domain of this cluster.
@@ -1029,7 +1061,7 @@ impl Bench<'_> {
         let offset = file_len(&log);
         let mut cmd = policy_cmd("apply", dir, &self.registry);
         cmd.arg("--pin-dir").arg(node.pin_dir());
-        let started = Instant::now();
+        let (started, started_at) = (Instant::now(), SystemTime::now());
         let out = node.run(cmd, "policy-apply", POLICY_TIMEOUT);
         let wall = started.elapsed();
         let v: Value = serde_json::from_str(out.stdout.trim()).unwrap_or(Value::Null);
@@ -1043,7 +1075,7 @@ impl Bench<'_> {
                 out.stderr
             );
         };
-        let active = wait_generation(&log, offset, generation, started, Duration::from_secs(10));
+        let active = wait_generation(&log, offset, generation, started_at, Duration::from_secs(10));
         Applied {
             node: index,
             generation,
@@ -1610,7 +1642,7 @@ fn print_scale_table(summary: &Value, args: &Args, d: &Durations) {
             ratios[key].as_f64().map_or("-".into(), |x| format!("{x:.2}")),
         );
     }
-    println!("  (apply: wall time of `mesh-agent policy apply`, including its 50 ms grace before the old generation is deleted; the agent polls the active generation every 200 ms)");
+    println!("  (apply: wall time of `mesh-agent policy apply` (parse, compile, write, swap, 50 ms grace, delete the old generation); agent: from the start of the apply to the agent's `policy generation active` log line (it polls every 200 ms, then reads the generation back); compile only: `mesh-agent policy lint --registry`)");
     println!();
 }
 
@@ -1859,5 +1891,34 @@ fn connect_client(to: SocketAddr, count: usize) -> ExitCode {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_timestamps_parse() {
+        let t = parse_utc_timestamp("2026-11-23T04:31:02.123456Z").expect("parses");
+        let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+        assert_eq!(d.as_secs(), 1_795_408_262);
+        assert_eq!(d.subsec_micros(), 123_456);
+        let epoch = parse_utc_timestamp("1970-01-01T00:00:00Z").unwrap();
+        assert_eq!(epoch, SystemTime::UNIX_EPOCH);
+        let leap = parse_utc_timestamp("2024-02-29T12:00:00.5Z").unwrap();
+        assert_eq!(
+            leap.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis(),
+            1_709_208_000_500
+        );
+        assert!(parse_utc_timestamp("2026-11-23 04:31:02").is_none());
+    }
+
+    #[test]
+    fn scale_policies_are_counted() {
+        let yaml = scale_policy_yaml(10, "cluster.local/ns/default/sa/sa-client");
+        assert_eq!(yaml.matches("kind: AuthorizationPolicy").count(), 10);
+        assert!(yaml.contains("name: bench-client"));
+        assert!(yaml.contains("name: filler-00009"));
     }
 }
