@@ -766,15 +766,22 @@ fn apply_phase(cluster: &Cluster, agents: &[Agent], phase: Phase, first: bool) -
                     && v["generation"].as_u64().is_some_and(|g| g >= generation)
             })
         });
+        let out: Value = serde_json::from_str(applied.stdout.trim()).unwrap_or(Value::Null);
         println!(
-            "$ mesh-agent policy apply {} --registry … --pin-dir {}\n  {}  ({} ms); agent {}: {}",
+            "$ mesh-agent policy apply {} --registry … --pin-dir {}\n  applied generation {generation}: {} policies, {} L4 entries ({} ms); agent {}: {}",
             dir.display(),
             node.pin_dir().display(),
-            applied.stdout.trim(),
+            out["policies"],
+            out["l4_entries"],
             took.as_millis(),
             node.name(),
             match &active {
-                Some(v) => format!("{v}"),
+                Some(v) => format!(
+                    "`policy generation active` generation={} l4_entries={} at {}",
+                    v["generation"],
+                    v["l4_entries"],
+                    v["timestamp"].as_str().unwrap_or("?")
+                ),
                 None => "did NOT report the new generation within 5 s".into(),
             }
         );
@@ -958,7 +965,14 @@ fn policy_probes(cluster: &Cluster, agents: &[Agent], started: Instant, phase: P
                 let log = match &line {
                     Some(l) => format!(
                         "agent n2: connection denied layer={} side={} method={} path={} policy={}",
-                        l["layer"], l["side"], l["method"], l["path"], l["policy"]
+                        l["layer"],
+                        l["side"],
+                        l["method"],
+                        l["path"],
+                        match l["policy"].as_str() {
+                            Some("-") | None => "- (no ALLOW rule matched)".to_owned(),
+                            Some(p) => p.to_owned(),
+                        }
                     ),
                     None => "agent n2 logged NO `connection denied`".into(),
                 };
