@@ -247,7 +247,7 @@ fn run(args: &Args) -> bool {
             };
             if apply_phase(&cluster, &agents, next_phase, policy == Phase::None) {
                 policy = next_phase;
-            } else {
+            } else if !stopping() {
                 bad += 1;
             }
             if stopping() {
