@@ -243,8 +243,10 @@ pub mod capacity {
     pub const POL_L7: u32 = 65_536;
     /// `mesh_pol_ops`: operation terms.
     pub const POL_OPS: u32 = 65_536;
-    /// `mesh_pol_strs`: interned strings (256 bytes each).
-    pub const POL_STRS: u32 = 16_384;
+    /// `mesh_pol_strs`: interned strings (256 bytes each): every policy's `ns/name` and
+    /// every distinct pattern. 32 768 (16 384 a generation) so that 10 000 policies and
+    /// their patterns fit; at 16 384 a bundle of 8 193 policies was refused.
+    pub const POL_STRS: u32 = 32_768;
 }
 
 /// What one generation may use of a map of `capacity` entries.

@@ -275,6 +275,11 @@ impl Agent {
         self.proc.as_mut().is_some_and(Proc::is_running)
     }
 
+    /// The file the current run's stdout (its JSON log) goes to.
+    pub fn stdout_path(&self) -> Option<&Path> {
+        self.proc.as_ref().map(Proc::stdout_path)
+    }
+
     /// stdout of the current run so far.
     pub fn stdout(&self) -> String {
         self.proc.as_ref().map(Proc::stdout).unwrap_or_default()

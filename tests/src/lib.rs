@@ -27,6 +27,7 @@ pub mod capture;
 pub mod cgroup;
 pub mod cluster;
 pub mod hbone;
+pub mod httpload;
 pub mod netns;
 pub mod poll;
 pub mod process;

@@ -32,11 +32,11 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Barrier, Mutex,
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use clap::{Parser, Subcommand};
-use mesh_tests::{eventually, require_privileges, Agent, Cluster, Host, Pod, Proc};
+use mesh_tests::{eventually, httpload, require_privileges, Agent, Cluster, Host, Pod, Proc};
 use serde_json::{json, Value};
 
 /// Direct vs through-the-mesh pod→pod benchmark; prints a table, writes JSON.
@@ -87,6 +87,43 @@ enum PodCmd {
         #[arg(long)]
         secs: f64,
     },
+    /// HTTP/1.1 server (keep-alive; `200` with a body of `--resp-size` bytes) on every `--listen`.
+    #[command(hide = true)]
+    HttpServe {
+        #[arg(long, required = true)]
+        listen: Vec<SocketAddr>,
+        #[arg(long, default_value = "server")]
+        name: String,
+        #[arg(long, default_value_t = 1024)]
+        resp_size: usize,
+    },
+    /// HTTP requests at a fixed rate on keep-alive connections; one JSON line.
+    #[command(hide = true)]
+    HttpLoad {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        rate: f64,
+        #[arg(long)]
+        secs: f64,
+        #[arg(long, default_value_t = 8)]
+        conns: usize,
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        #[arg(long, default_value = "POST")]
+        method: String,
+        #[arg(long, default_value = "/bench/echo")]
+        path: String,
+    },
+    /// `--count` connections one after the other (connect, 1-byte exchange, close), the
+    /// `connect()` call timed; one JSON line.
+    #[command(hide = true)]
+    Connect {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+    },
 }
 
 const ECHO_PORT: u16 = 7001;
@@ -96,6 +133,25 @@ const IPERF_PORT: u16 = 5201;
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
 /// Round trips in the first part of an `rr` run are warm-up, not counted.
 const RR_WARMUP: Duration = Duration::from_millis(200);
+/// HTTP port of the server under an L7 policy (methods and paths) for the client.
+const HTTP_L7_PORT: u16 = 8080;
+/// HTTP port of the server the client is allowed on at L4 only (no request-level rule).
+const HTTP_L4_PORT: u16 = 8081;
+/// Offered HTTP request rate, requests per second.
+const HTTP_RATE: f64 = 1000.0;
+/// Keep-alive connections of the HTTP load.
+const HTTP_CONNS: usize = 8;
+/// HTTP request (and response) body size.
+const HTTP_BODY: usize = 1024;
+/// The first part of an HTTP load run is warm-up, not counted.
+const HTTP_WARMUP: Duration = Duration::from_millis(500);
+/// The two policy counts of the scale measurement.
+const SCALE_COUNTS: [usize; 2] = [10, 10_000];
+/// Filler policies name ports `FILLER_PORT_BASE + i % FILLER_PORTS`.
+const FILLER_PORT_BASE: u16 = 20_000;
+const FILLER_PORTS: usize = 500;
+/// Connections of one connect-latency run not counted (first ones after a policy swap).
+const CONNECT_WARMUP: usize = 20;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -105,6 +161,44 @@ fn main() -> ExitCode {
         Some(PodCmd::Cps { to, clients, secs }) => {
             cps_client(to, clients.max(1), Duration::from_secs_f64(secs))
         }
+        Some(PodCmd::HttpServe {
+            listen,
+            name,
+            resp_size,
+        }) => {
+            let e = httpload::serve(&listen, &name, resp_size, emit);
+            eprintln!("mesh-bench http-serve: {e}");
+            ExitCode::FAILURE
+        }
+        Some(PodCmd::HttpLoad {
+            to,
+            rate,
+            secs,
+            conns,
+            size,
+            method,
+            path,
+        }) => {
+            let v = httpload::load(&httpload::LoadSpec {
+                to,
+                rate,
+                secs: Duration::from_secs_f64(secs),
+                warmup: HTTP_WARMUP,
+                conns,
+                size,
+                method,
+                target: path,
+                timeout: IO_TIMEOUT,
+            });
+            let ok = v.get("ok").and_then(Value::as_u64).unwrap_or(0) > 0;
+            emit(&v);
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Some(PodCmd::Connect { to, count }) => connect_client(to, count),
         None => {
             if args.reps < 3 {
                 eprintln!("mesh-bench: --reps must be at least 3");
@@ -191,6 +285,10 @@ struct Durations {
     throughput: u64,
     rr: f64,
     cps: f64,
+    /// Measured seconds of one HTTP load run.
+    http: f64,
+    /// Connections of one connect-latency run.
+    connects: usize,
 }
 
 /// Everything a measurement needs.
@@ -203,6 +301,8 @@ struct Bench<'a> {
     server: &'a Pod,
     durations: Durations,
     cost: std::cell::RefCell<Cost>,
+    /// The registry the policy commands compile against.
+    registry: PathBuf,
 }
 
 /// Agent CPU time spent on mesh runs, and what it carried.
@@ -261,12 +361,16 @@ fn orchestrate(args: &Args) -> ExitCode {
             throughput: 3,
             rr: 2.0,
             cps: 2.0,
+            http: 2.0,
+            connects: 200,
         }
     } else {
         Durations {
             throughput: 10,
             rr: 5.0,
             cps: 5.0,
+            http: 5.0,
+            connects: 1000,
         }
     };
 
@@ -277,6 +381,7 @@ fn orchestrate(args: &Args) -> ExitCode {
         .add_unregistered_pod(0, "direct")
         .add_pod(1, "server")
         .add_pod(1, "peer")
+        .http_ports("server", &[HTTP_L7_PORT, HTTP_L4_PORT])
         // The direct baseline is plaintext from outside the mesh: a STRICT
         // server would refuse it in the kernel.
         .permissive("server")
@@ -297,6 +402,7 @@ fn orchestrate(args: &Args) -> ExitCode {
         server,
         durations,
         cost: std::cell::RefCell::new(Cost::default()),
+        registry: cluster.write_registry(),
     };
 
     let mut runs: Vec<Run> = Vec::new();
@@ -358,6 +464,14 @@ fn orchestrate(args: &Args) -> ExitCode {
             }
         }
     }
+    let mut http_runs: Vec<HttpRun> = Vec::new();
+    if !stopping() {
+        http_phase(&bench, args, &mut http_runs, &mut problems, &mut warnings);
+    }
+    let mut scale_runs: Vec<ScaleRun> = Vec::new();
+    if !stopping() {
+        scale_phase(&bench, args, &mut scale_runs, &mut problems, &mut warnings);
+    }
     if stopping() {
         println!("== interrupted: tearing down without a summary");
         return ExitCode::from(130);
@@ -365,6 +479,10 @@ fn orchestrate(args: &Args) -> ExitCode {
 
     let summary = summarize(&runs);
     print_table(&summary, args, &bench.durations);
+    let http_summary = summarize_http(&http_runs);
+    print_http_table(&http_summary, args, &bench.durations);
+    let scale_summary = summarize_scale(&scale_runs);
+    print_scale_table(&scale_summary, args, &bench.durations);
     let cost = bench.cost.borrow();
     let per_gb = cost.throughput_cpu_secs / cost.throughput_gb.max(f64::MIN_POSITIVE);
     let per_kconn = cost.cps_cpu_secs / (cost.cps_connections / 1000.0).max(f64::MIN_POSITIVE);
@@ -398,6 +516,14 @@ fn orchestrate(args: &Args) -> ExitCode {
             "rr_secs": bench.durations.rr,
             "rr_size_bytes": 1024,
             "cps_secs": bench.durations.cps,
+            "http_secs": bench.durations.http,
+            "http_warmup_secs": HTTP_WARMUP.as_secs_f64(),
+            "http_offered_rps": HTTP_RATE,
+            "http_connections": HTTP_CONNS,
+            "http_body_bytes": HTTP_BODY,
+            "connect_count": bench.durations.connects,
+            "connect_warmup": CONNECT_WARMUP,
+            "scale_policy_counts": SCALE_COUNTS,
             "order": "alternated per measurement; the order flips every repetition",
             "agent_bin": mesh_tests::agent_bin().display().to_string(),
         },
@@ -409,6 +535,23 @@ fn orchestrate(args: &Args) -> ExitCode {
             "server": pod_json(server),
         },
         "summary": summary,
+        "http": {
+            "what": "HTTP/1.1 POST, 1 KiB body each way, at a fixed offered rate on keep-alive connections, client pod on n1 to server pod on n2: direct (not enrolled), mesh on a port the client is allowed on at L4 (spliced), mesh on a port under an L7 policy (methods and paths; every request parsed and authorised by n2's agent)",
+            "summary": http_summary,
+            "runs": http_runs.iter().map(|r| json!({
+                "rep": r.rep,
+                "config": r.config.name(),
+                "values": r.values,
+                "agent_flows": r.agent_flows,
+                "l7_requests": r.l7_requests,
+                "detail": r.detail,
+            })).collect::<Vec<_>>(),
+        },
+        "scale": {
+            "what": "N ALLOW policies all selecting the server (one allows the client on the probed port; the others each allow one other principal on one of 500 other ports), applied to both nodes with `mesh-agent policy apply`; connect() of the client timed (the kernel of n1 decides: src class, dst set, (set, class, port) hash lookups)",
+            "summary": scale_summary,
+            "runs": scale_runs.iter().map(ScaleRun::to_json).collect::<Vec<_>>(),
+        },
         "cost": {
             "agent_cpu_secs_per_gb": finite(per_gb),
             "agent_cpu_secs_per_1000_connections": finite(per_kconn),
@@ -492,9 +635,19 @@ fn start_servers(exe: &Path, server: &Pod) -> Vec<Proc> {
         &server.ip4().to_string(),
     ]);
     let mut iperf_server = server.spawn(iperf, "iperf3-server");
+    let mut http = Command::new(exe);
+    http.arg("http-serve")
+        .arg("--listen")
+        .arg(server.addr4(HTTP_L7_PORT).to_string())
+        .arg("--listen")
+        .arg(server.addr4(HTTP_L4_PORT).to_string())
+        .arg("--resp-size")
+        .arg(HTTP_BODY.to_string());
+    let mut http_server = server.spawn(http, "http-serve");
     for (proc, ready) in [
         (&mut bench_server, "\"ready\""),
         (&mut iperf_server, "Server listening"),
+        (&mut http_server, "listening"),
     ] {
         let ok = eventually(Duration::from_secs(10), || {
             if !proc.is_running() {
@@ -514,7 +667,7 @@ fn start_servers(exe: &Path, server: &Pod) -> Vec<Proc> {
             );
         }
     }
-    vec![bench_server, iperf_server]
+    vec![bench_server, iperf_server, http_server]
 }
 
 impl Bench<'_> {
@@ -775,6 +928,725 @@ fn print_table(summary: &Value, args: &Args, d: &Durations) {
 }
 
 // ---------------------------------------------------------------------------
+// Policy: applying it timed, and the agents' view of it
+
+/// One `mesh-agent policy apply` to one node, timed.
+#[derive(Clone, Debug)]
+struct Applied {
+    node: usize,
+    generation: u64,
+    l4_entries: u64,
+    /// Wall time of the command (process start, parse, compile, write, swap, 50 ms grace,
+    /// delete of the old generation).
+    wall: Duration,
+    /// From the start of the command until the node's agent logged `policy generation
+    /// active` for the generation (its log timestamp; the agent polls every 200 ms and then
+    /// reads the whole generation back); `None`: not within 10 s.
+    active: Option<Duration>,
+}
+
+impl Applied {
+    fn to_json(&self) -> Value {
+        json!({
+            "node": format!("n{}", self.node + 1),
+            "generation": self.generation,
+            "l4_entries": self.l4_entries,
+            "apply_wall_ms": ms(self.wall),
+            "agent_active_ms": self.active.map(ms),
+        })
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
+/// Waits until the agent log at `log` (read from byte `offset`) says `policy generation
+/// active` for `generation` or a later one. Returns the time from `since` (the start of the
+/// apply, as a wall-clock time) to that line's `timestamp` (the agent may report the
+/// generation before the apply command has finished: it deletes the old generation after
+/// the swap); if the timestamp cannot be read, the time from `since` until the line was seen.
+fn wait_generation(
+    log: &Path,
+    offset: u64,
+    generation: u64,
+    since: SystemTime,
+    timeout: Duration,
+) -> Option<Duration> {
+    use std::io::{Seek, SeekFrom};
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(log) {
+            if f.seek(SeekFrom::Start(offset)).is_ok() {
+                let _ = f.read_to_string(&mut text);
+            }
+        }
+        let line = text
+            .lines()
+            .filter(|l| l.contains("policy generation active"))
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["generation"].as_u64().is_some_and(|g| g >= generation));
+        if let Some(v) = line {
+            let logged = v["timestamp"].as_str().and_then(parse_utc_timestamp);
+            let at = logged.unwrap_or_else(SystemTime::now);
+            return Some(at.duration_since(since).unwrap_or(Duration::ZERO));
+        }
+        if Instant::now() >= deadline || stopping() {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.fraction]Z` (the agent's JSON log timestamps) as a wall-clock time.
+fn parse_utc_timestamp(s: &str) -> Option<SystemTime> {
+    let (date, time) = s.strip_suffix('Z')?.split_once('T')?;
+    let num = |x: &str| x.parse::<i64>().ok();
+    let mut d = date.split('-');
+    let (y, m, day) = (num(d.next()?)?, num(d.next()?)?, num(d.next()?)?);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let mut t = hms.split(':');
+    let (h, min, sec) = (num(t.next()?)?, num(t.next()?)?, num(t.next()?)?);
+    let nanos: u32 = if frac.is_empty() {
+        0
+    } else {
+        let digits: String = frac.chars().chain(std::iter::repeat('0')).take(9).collect();
+        digits.parse().ok()?
+    };
+    // Days since 1970-01-01 of a proleptic Gregorian date (March-based years, 400-year eras).
+    let yy = if m <= 2 { y - 1 } else { y };
+    let era = yy.div_euclid(400);
+    let year_of_era = yy - era * 400;
+    let day_of_year = (153 * ((m + 9) % 12) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    let secs = u64::try_from(days * 86_400 + h * 3_600 + min * 60 + sec).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::new(secs, nanos))
+}
+
+/// A `mesh-agent policy …` command with the registry and trust domain of this cluster.
+fn policy_cmd(verb: &str, dir: &Path, registry: &Path) -> Command {
+    let mut cmd = Command::new(mesh_tests::agent_bin());
+    cmd.arg("policy")
+        .arg(verb)
+        .arg(dir)
+        .arg("--registry")
+        .arg(registry)
+        .arg("--trust-domain")
+        .arg(mesh_tests::authority::TRUST_DOMAIN)
+        .arg("--output")
+        .arg("json");
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("MESH_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+const POLICY_TIMEOUT: Duration = Duration::from_secs(120);
+
+impl Bench<'_> {
+    /// `mesh-agent policy apply DIR` on node `index`, timed, and the time until its agent
+    /// reports the generation. Panics if the command fails.
+    fn apply_policy(&self, index: usize, dir: &Path) -> Applied {
+        let node = self.cluster.node(index);
+        let agent = &self.agents[index];
+        let log = agent.stdout_path().expect("the agent runs").to_owned();
+        let offset = file_len(&log);
+        let mut cmd = policy_cmd("apply", dir, &self.registry);
+        cmd.arg("--pin-dir").arg(node.pin_dir());
+        let (started, started_at) = (Instant::now(), SystemTime::now());
+        let out = node.run(cmd, "policy-apply", POLICY_TIMEOUT);
+        let wall = started.elapsed();
+        let v: Value = serde_json::from_str(out.stdout.trim()).unwrap_or(Value::Null);
+        let (Some(generation), true) = (v["generation"].as_u64(), out.status.success()) else {
+            panic!(
+                "policy apply {} on {} failed ({})\nstdout:\n{}\nstderr:\n{}",
+                dir.display(),
+                node.name(),
+                out.status,
+                out.stdout,
+                out.stderr
+            );
+        };
+        let active = wait_generation(&log, offset, generation, started_at, Duration::from_secs(10));
+        Applied {
+            node: index,
+            generation,
+            l4_entries: v["l4_entries"].as_u64().unwrap_or(0),
+            wall,
+            active,
+        }
+    }
+
+    /// Applies `dir` to every node (n1, then n2).
+    fn apply_everywhere(&self, dir: &Path) -> Vec<Applied> {
+        (0..self.agents.len())
+            .map(|i| self.apply_policy(i, dir))
+            .collect()
+    }
+
+    /// `mesh-agent policy lint DIR --registry R`: parse and compile only, timed.
+    fn compile_only(&self, dir: &Path) -> (Duration, Option<u64>) {
+        let cmd = policy_cmd("lint", dir, &self.registry);
+        let started = Instant::now();
+        let out = self.cluster.node(0).run(cmd, "policy-lint", POLICY_TIMEOUT);
+        let took = started.elapsed();
+        if !out.status.success() {
+            panic!(
+                "policy lint {} failed ({})\nstdout:\n{}\nstderr:\n{}",
+                dir.display(),
+                out.status,
+                out.stdout,
+                out.stderr
+            );
+        }
+        let v: Value = serde_json::from_str(out.stdout.trim()).unwrap_or(Value::Null);
+        (took, v["l4_entries"].as_u64())
+    }
+
+    /// Inbound records of n2's agent so far.
+    fn inbound_records(&self) -> Vec<Value> {
+        self.agents[1]
+            .log_lines()
+            .into_iter()
+            .filter(|v| v["message"] == "inbound")
+            .collect()
+    }
+}
+
+fn principal_of(pod: &Pod) -> String {
+    format!(
+        "{}/ns/default/sa/{}",
+        mesh_tests::authority::TRUST_DOMAIN,
+        pod.service_account()
+    )
+}
+
+/// An ALLOW policy selecting `app: <app>` with one rule: `principal` on `operation`.
+fn allow_doc(name: &str, app: &str, principal: &str, operation: &str) -> String {
+    format!(
+        "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  \
+         name: {name}\n  namespace: default\nspec:\n  selector:\n    matchLabels: {{app: {app}}}\n  \
+         action: ALLOW\n  rules:\n  - from:\n    - source: {{principals: [\"{principal}\"]}}\n    \
+         to:\n    - operation: {operation}\n"
+    )
+}
+
+/// `n` ALLOW policies selecting the server: `bench-client` lets the client in on the
+/// one-shot port (what the connect measurement uses); `filler-i` lets principal
+/// `…/sa/filler-i` (no such workload) in on port `FILLER_PORT_BASE + i % FILLER_PORTS`.
+fn scale_policy_yaml(n: usize, client: &str) -> String {
+    let mut out = String::with_capacity(n * 320);
+    out.push_str(&allow_doc(
+        "bench-client",
+        "server",
+        client,
+        &format!("{{ports: [\"{ONESHOT_PORT}\"]}}"),
+    ));
+    for i in 1..n {
+        let port = FILLER_PORT_BASE + (i % FILLER_PORTS) as u16;
+        out.push_str(&allow_doc(
+            &format!("filler-{i:05}"),
+            "server",
+            &format!(
+                "{}/ns/default/sa/filler-{i:05}",
+                mesh_tests::authority::TRUST_DOMAIN
+            ),
+            &format!("{{ports: [\"{port}\"]}}"),
+        ));
+    }
+    out
+}
+
+/// The HTTP measurement's policy: the client is allowed on `HTTP_L4_PORT` at L4, and on
+/// `HTTP_L7_PORT` for `GET`/`POST` on `/bench/*` (request-level: n2's agent parses and
+/// authorises every request).
+fn http_policy_yaml(client: &str) -> String {
+    allow_doc(
+        "bench-http-l4",
+        "server",
+        client,
+        &format!("{{ports: [\"{HTTP_L4_PORT}\"]}}"),
+    ) + &allow_doc(
+        "bench-http-l7",
+        "server",
+        client,
+        &format!("{{ports: [\"{HTTP_L7_PORT}\"], methods: [\"GET\", \"POST\"], paths: [\"/bench/*\"]}}"),
+    )
+}
+
+// ---------------------------------------------------------------------------
+// HTTP at a fixed rate: direct, mesh (no L7 policy), mesh with an L7 policy
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum HttpConfig {
+    Direct,
+    Mesh,
+    MeshL7,
+}
+
+impl HttpConfig {
+    fn name(self) -> &'static str {
+        match self {
+            HttpConfig::Direct => "direct",
+            HttpConfig::Mesh => "mesh",
+            HttpConfig::MeshL7 => "mesh_l7",
+        }
+    }
+}
+
+const HTTP_CONFIGS: [HttpConfig; 3] = [HttpConfig::Direct, HttpConfig::Mesh, HttpConfig::MeshL7];
+
+const HTTP_METRICS: [Metric; 3] = [
+    Metric {
+        key: "http_rps",
+        label: "requests/s (achieved)",
+        higher_is_better: true,
+    },
+    Metric {
+        key: "http_p50_us",
+        label: "latency p50 (µs)",
+        higher_is_better: false,
+    },
+    Metric {
+        key: "http_p99_us",
+        label: "latency p99 (µs)",
+        higher_is_better: false,
+    },
+];
+
+struct HttpRun {
+    rep: u32,
+    config: HttpConfig,
+    values: BTreeMap<&'static str, f64>,
+    agent_flows: usize,
+    /// Requests n2's agent authorised one by one (inbound records' `requests`).
+    l7_requests: u64,
+    detail: Value,
+}
+
+fn http_phase(
+    bench: &Bench<'_>,
+    args: &Args,
+    runs: &mut Vec<HttpRun>,
+    problems: &mut Vec<String>,
+    warnings: &mut Vec<String>,
+) {
+    let client = bench.cluster.pod("client");
+    let dir = bench.cluster.write_policy_dir(
+        "policy-http",
+        &[("http.yaml", &http_policy_yaml(&principal_of(client)))],
+    );
+    let applied = bench.apply_everywhere(&dir);
+    println!(
+        "== HTTP: {HTTP_RATE} req/s offered, {HTTP_CONNS} keep-alive connections, {HTTP_BODY} B bodies, {} s per run; policy applied (generation {} on n1)",
+        bench.durations.http, applied[0].generation
+    );
+    for rep in 1..=args.reps {
+        let mut order = HTTP_CONFIGS;
+        if rep % 2 == 0 {
+            order.reverse();
+        }
+        for config in order {
+            if stopping() {
+                return;
+            }
+            let run = bench.http_run(rep, config);
+            println!(
+                "   rep {rep}/{} {:<8} rps={:.1} p50={:.1}µs p99={:.1}µs  (agent flows: {}, requests authorised by n2: {}, non-200: {}, errors: {}, late sends: {})",
+                args.reps,
+                config.name(),
+                run.values["http_rps"],
+                run.values["http_p50_us"],
+                run.values["http_p99_us"],
+                run.agent_flows,
+                run.l7_requests,
+                run.detail["non_200"],
+                run.detail["errors"],
+                run.detail["late"],
+            );
+            let name = config.name();
+            let count = |k: &str| run.detail[k].as_u64().unwrap_or(0);
+            if count("non_200") > 0 || count("errors") > 0 {
+                problems.push(format!(
+                    "rep {rep} http {name}: {} non-200 answers, {} errors (first: {})",
+                    count("non_200"),
+                    count("errors"),
+                    run.detail["first_error"]
+                ));
+            }
+            if count("late") > 0 {
+                warnings.push(format!(
+                    "rep {rep} http {name}: {} requests sent more than 1 ms late (offered rate not kept up)",
+                    count("late")
+                ));
+            }
+            match (config, run.agent_flows, run.l7_requests) {
+                (HttpConfig::Direct, n, _) if n > 0 => problems.push(format!(
+                    "rep {rep} http direct: {n} flow records on n1's agent"
+                )),
+                (HttpConfig::Mesh | HttpConfig::MeshL7, 0, _) => problems.push(format!(
+                    "rep {rep} http {name}: no flow record on n1's agent"
+                )),
+                (HttpConfig::MeshL7, _, 0) => problems.push(format!(
+                    "rep {rep} http {name}: n2's agent authorised no request (L7 not in the path)"
+                )),
+                (HttpConfig::Mesh, _, n) if n > 0 => problems.push(format!(
+                    "rep {rep} http mesh: n2's agent parsed {n} requests on the L4-only port"
+                )),
+                _ => {}
+            }
+            runs.push(run);
+        }
+    }
+}
+
+impl Bench<'_> {
+    fn http_run(&self, rep: u32, config: HttpConfig) -> HttpRun {
+        let (pod, port) = match config {
+            HttpConfig::Direct => (self.cluster.pod("direct"), HTTP_L7_PORT),
+            HttpConfig::Mesh => (self.cluster.pod("client"), HTTP_L4_PORT),
+            HttpConfig::MeshL7 => (self.cluster.pod("client"), HTTP_L7_PORT),
+        };
+        let flows_before = self.agent_n1.flows().len();
+        let inbound_before = self.inbound_records().len();
+        let secs = self.durations.http;
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("http-load")
+            .arg("--to")
+            .arg(self.server.addr4(port).to_string())
+            .args([
+                "--rate",
+                &HTTP_RATE.to_string(),
+                "--secs",
+                &secs.to_string(),
+                "--conns",
+                &HTTP_CONNS.to_string(),
+                "--size",
+                &HTTP_BODY.to_string(),
+            ]);
+        let v = self.run_json(pod, cmd, "http-load", Duration::from_secs_f64(secs + 30.0));
+        let get = |k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+        let values = BTreeMap::from([
+            ("http_rps", get("rps")),
+            ("http_p50_us", get("p50_us")),
+            ("http_p99_us", get("p99_us")),
+        ]);
+        let opened = v["connections"].as_u64().unwrap_or(0) as usize;
+        let (agent_flows, l7_requests) = match config {
+            HttpConfig::Direct => {
+                std::thread::sleep(Duration::from_millis(300));
+                (self.agent_n1.flows().len() - flows_before, 0)
+            }
+            _ => {
+                let flows = eventually(Duration::from_secs(5), || {
+                    let n = self.agent_n1.flows().len() - flows_before;
+                    (n >= opened).then_some(n)
+                })
+                .unwrap_or_else(|| self.agent_n1.flows().len() - flows_before);
+                let _ = eventually(Duration::from_secs(5), || {
+                    (self.inbound_records().len() - inbound_before >= opened).then_some(())
+                });
+                let requests = self.inbound_records()[inbound_before..]
+                    .iter()
+                    .filter_map(|r| r["requests"].as_u64())
+                    .sum();
+                (flows, requests)
+            }
+        };
+        HttpRun {
+            rep,
+            config,
+            values,
+            agent_flows,
+            l7_requests,
+            detail: v,
+        }
+    }
+}
+
+/// `{metric: {direct: {median, runs}, mesh: {…}, mesh_l7: {…}, ratio_mesh_over_direct,
+/// ratio_mesh_l7_over_direct}}`.
+fn summarize_http(runs: &[HttpRun]) -> Value {
+    let mut out = serde_json::Map::new();
+    for m in &HTTP_METRICS {
+        let mut entry = serde_json::Map::new();
+        let mut medians = BTreeMap::new();
+        for config in HTTP_CONFIGS {
+            let mut vals: Vec<f64> = runs
+                .iter()
+                .filter(|r| r.config == config)
+                .filter_map(|r| r.values.get(m.key).copied())
+                .collect();
+            let all = vals.clone();
+            let med = median(&mut vals);
+            medians.insert(config, med);
+            entry.insert(
+                config.name().into(),
+                json!({"median": finite(med), "runs": all}),
+            );
+        }
+        let d = medians[&HttpConfig::Direct];
+        for config in [HttpConfig::Mesh, HttpConfig::MeshL7] {
+            entry.insert(
+                format!("ratio_{}_over_direct", config.name()),
+                finite(medians[&config] / d),
+            );
+        }
+        entry.insert("label".into(), json!(m.label));
+        entry.insert("higher_is_better".into(), json!(m.higher_is_better));
+        out.insert(m.key.into(), Value::Object(entry));
+    }
+    Value::Object(out)
+}
+
+fn print_http_table(summary: &Value, args: &Args, d: &Durations) {
+    println!(
+        "HTTP pod→pod across nodes, 1 KiB POST (1 KiB answer) at {HTTP_RATE} req/s offered on {HTTP_CONNS} keep-alive connections, {} s per run: medians of {}",
+        d.http, args.reps
+    );
+    println!(
+        "{:<26} {:>10} {:>10} {:>8} {:>10} {:>8}",
+        "metric", "direct", "mesh", "/direct", "mesh+L7", "/direct"
+    );
+    for m in &HTTP_METRICS {
+        let e = &summary[m.key];
+        let num = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:.1}"));
+        let ratio = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:.2}"));
+        println!(
+            "{:<26} {:>10} {:>10} {:>8} {:>10} {:>8}",
+            m.label,
+            num(&e["direct"]["median"]),
+            num(&e["mesh"]["median"]),
+            ratio(&e["ratio_mesh_over_direct"]),
+            num(&e["mesh_l7"]["median"]),
+            ratio(&e["ratio_mesh_l7_over_direct"]),
+        );
+    }
+    println!("  (mesh: a port the client may use at L4, spliced; mesh+L7: methods/paths rules, every request parsed and authorised by n2's agent)");
+    println!();
+}
+
+// ---------------------------------------------------------------------------
+// Scale: connect() and policy updates with 10 and 10,000 policies
+
+struct ScaleRun {
+    rep: u32,
+    policies: usize,
+    compile: Duration,
+    applied: Vec<Applied>,
+    connect: Value,
+}
+
+impl ScaleRun {
+    fn to_json(&self) -> Value {
+        json!({
+            "rep": self.rep,
+            "policies": self.policies,
+            "compile_only_ms": ms(self.compile),
+            "applied": self.applied.iter().map(Applied::to_json).collect::<Vec<_>>(),
+            "connect": self.connect,
+        })
+    }
+
+    /// The figures summarised, by key.
+    fn values(&self) -> BTreeMap<&'static str, f64> {
+        let get = |k: &str| self.connect.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+        let n1 = &self.applied[0];
+        let mut v = BTreeMap::from([
+            ("connect_p50_us", get("p50_us")),
+            ("connect_p99_us", get("p99_us")),
+            ("apply_wall_ms", ms(n1.wall)),
+            ("agent_active_ms", n1.active.map_or(f64::NAN, ms)),
+            ("compile_only_ms", ms(self.compile)),
+            ("l4_entries", n1.l4_entries as f64),
+        ]);
+        if let Some(n2) = self.applied.get(1) {
+            v.insert("apply_wall_ms_n2", ms(n2.wall));
+            v.insert("agent_active_ms_n2", n2.active.map_or(f64::NAN, ms));
+        }
+        v
+    }
+}
+
+const SCALE_METRICS: [(&str, &str); 8] = [
+    ("connect_p50_us", "connect() p50 (µs)"),
+    ("connect_p99_us", "connect() p99 (µs)"),
+    ("apply_wall_ms", "policy apply, n1 (ms)"),
+    ("agent_active_ms", "… agent n1 reports it (ms)"),
+    ("apply_wall_ms_n2", "policy apply, n2 (ms)"),
+    ("agent_active_ms_n2", "… agent n2 reports it (ms)"),
+    ("compile_only_ms", "compile only (lint) (ms)"),
+    ("l4_entries", "L4 map entries"),
+];
+
+fn scale_phase(
+    bench: &Bench<'_>,
+    args: &Args,
+    runs: &mut Vec<ScaleRun>,
+    problems: &mut Vec<String>,
+    warnings: &mut Vec<String>,
+) {
+    let client = bench.cluster.pod("client");
+    let dirs: Vec<(usize, PathBuf)> = SCALE_COUNTS
+        .iter()
+        .map(|&n| {
+            let yaml = scale_policy_yaml(n, &principal_of(client));
+            (
+                n,
+                bench
+                    .cluster
+                    .write_policy_dir(&format!("policy-scale-{n}"), &[("policies.yaml", &yaml)]),
+            )
+        })
+        .collect();
+    println!(
+        "== scale: connect() of the client ({} connections per run) with {} policies loaded, applied with `mesh-agent policy apply` to both nodes",
+        bench.durations.connects,
+        SCALE_COUNTS.map(|n| n.to_string()).join(" / ")
+    );
+    for rep in 1..=args.reps {
+        let mut order: Vec<&(usize, PathBuf)> = dirs.iter().collect();
+        if rep % 2 == 0 {
+            order.reverse();
+        }
+        for (n, dir) in order {
+            if stopping() {
+                return;
+            }
+            let (compile, _) = bench.compile_only(dir);
+            let applied = bench.apply_everywhere(dir);
+            let connect = bench.connect_run(client);
+            let run = ScaleRun {
+                rep,
+                policies: *n,
+                compile,
+                applied,
+                connect,
+            };
+            let v = run.values();
+            println!(
+                "   rep {rep}/{} {n:>6} policies: connect p50={:.1}µs p99={:.1}µs; apply n1 {:.0} ms (agent {:.0} ms), n2 {:.0} ms (agent {:.0} ms); compile only {:.0} ms; {} L4 entries",
+                args.reps,
+                v["connect_p50_us"],
+                v["connect_p99_us"],
+                v["apply_wall_ms"],
+                v["agent_active_ms"],
+                v.get("apply_wall_ms_n2").copied().unwrap_or(f64::NAN),
+                v.get("agent_active_ms_n2").copied().unwrap_or(f64::NAN),
+                v["compile_only_ms"],
+                v["l4_entries"],
+            );
+            let errors = run.connect["errors"].as_u64().unwrap_or(0);
+            if errors > 0 {
+                problems.push(format!(
+                    "rep {rep} scale {n}: {errors} failed connections (first: {})",
+                    run.connect["first_error"]
+                ));
+            }
+            for a in &run.applied {
+                if a.active.is_none() {
+                    warnings.push(format!(
+                        "rep {rep} scale {n}: agent n{} did not report generation {} within 10 s",
+                        a.node + 1,
+                        a.generation
+                    ));
+                }
+            }
+            runs.push(run);
+        }
+    }
+}
+
+impl Bench<'_> {
+    /// The connect-latency client in `pod` against the server's one-shot port.
+    fn connect_run(&self, pod: &Pod) -> Value {
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("connect")
+            .arg("--to")
+            .arg(self.server.addr4(ONESHOT_PORT).to_string())
+            .arg("--count")
+            .arg(self.durations.connects.to_string());
+        self.run_json(pod, cmd, "connect", Duration::from_secs(60))
+    }
+}
+
+/// `{"10": {metric: {median, runs}}, "10000": {…}, "ratio_10000_over_10": {metric: r}}`.
+fn summarize_scale(runs: &[ScaleRun]) -> Value {
+    let mut out = serde_json::Map::new();
+    let mut medians: BTreeMap<(usize, &str), f64> = BTreeMap::new();
+    for n in SCALE_COUNTS {
+        let mut entry = serde_json::Map::new();
+        for (key, label) in SCALE_METRICS {
+            let mut vals: Vec<f64> = runs
+                .iter()
+                .filter(|r| r.policies == n)
+                .filter_map(|r| r.values().get(key).copied())
+                .collect();
+            let all = vals.clone();
+            let med = median(&mut vals);
+            medians.insert((n, key), med);
+            entry.insert(
+                key.into(),
+                json!({"median": finite(med), "runs": all.iter().map(|v| finite(*v)).collect::<Vec<_>>(), "label": label}),
+            );
+        }
+        out.insert(n.to_string(), Value::Object(entry));
+    }
+    let [small, large] = SCALE_COUNTS;
+    let ratios: serde_json::Map<String, Value> = SCALE_METRICS
+        .iter()
+        .map(|(key, _)| {
+            (
+                (*key).to_owned(),
+                finite(medians[&(large, *key)] / medians[&(small, *key)]),
+            )
+        })
+        .collect();
+    out.insert(format!("ratio_{large}_over_{small}"), Value::Object(ratios));
+    Value::Object(out)
+}
+
+fn print_scale_table(summary: &Value, args: &Args, d: &Durations) {
+    let [small, large] = SCALE_COUNTS;
+    println!(
+        "scale: the client's connect() through n1's kernel, {} connections per run, and policy updates: medians of {}",
+        d.connects, args.reps
+    );
+    println!(
+        "{:<30} {:>14} {:>14} {:>10}",
+        "metric",
+        format!("{small} policies"),
+        format!("{large} policies"),
+        format!("{large}/{small}")
+    );
+    let ratios = &summary[format!("ratio_{large}_over_{small}")];
+    for (key, label) in SCALE_METRICS {
+        let num = |n: usize| {
+            summary[n.to_string()][key]["median"]
+                .as_f64()
+                .map_or("-".into(), |x| format!("{x:.1}"))
+        };
+        println!(
+            "{:<30} {:>14} {:>14} {:>10}",
+            label,
+            num(small),
+            num(large),
+            ratios[key].as_f64().map_or("-".into(), |x| format!("{x:.2}")),
+        );
+    }
+    println!("  (apply: wall time of `mesh-agent policy apply` (parse, compile, write, swap, 50 ms grace, delete the old generation); agent: from the start of the apply to the agent's `policy generation active` log line (it polls every 200 ms, then reads the generation back); compile only: `mesh-agent policy lint --registry`)");
+    println!();
+}
+
+// ---------------------------------------------------------------------------
 // Pod side: servers and clients (spawned into pod namespaces and cgroups)
 
 /// One JSON line to stdout, flushed (stdout is a file the harness reads).
@@ -909,7 +1781,11 @@ fn rr_client(to: SocketAddr, size: usize, secs: Duration) -> ExitCode {
 
 /// Connect, send 1 byte, read 1 byte, read the server's close, close.
 fn one_connection(to: SocketAddr) -> std::io::Result<()> {
-    let mut s = TcpStream::connect_timeout(&to, IO_TIMEOUT)?;
+    exchange_one(TcpStream::connect_timeout(&to, IO_TIMEOUT)?)
+}
+
+/// Send 1 byte, read 1 byte, read the server's close, close.
+fn exchange_one(mut s: TcpStream) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.write_all(&[1])?;
@@ -975,5 +1851,74 @@ fn cps_client(to: SocketAddr, clients: usize, secs: Duration) -> ExitCode {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// `count` connections one after the other to the one-shot port, `connect()` timed.
+fn connect_client(to: SocketAddr, count: usize) -> ExitCode {
+    let mut connect_ns: Vec<u64> = Vec::with_capacity(count);
+    let mut errors = 0u64;
+    let mut first_error: Option<String> = None;
+    for i in 0..count + CONNECT_WARMUP {
+        let t0 = Instant::now();
+        let result = TcpStream::connect_timeout(&to, IO_TIMEOUT).and_then(|s| {
+            let took = t0.elapsed();
+            exchange_one(s).map(|()| took)
+        });
+        match result {
+            Ok(took) if i >= CONNECT_WARMUP => connect_ns.push(took.as_nanos() as u64),
+            Ok(_) => {}
+            Err(e) => {
+                errors += 1;
+                first_error.get_or_insert_with(|| e.to_string());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+    connect_ns.sort_unstable();
+    let mean = connect_ns.iter().sum::<u64>() as f64 / connect_ns.len().max(1) as f64 / 1000.0;
+    emit(&json!({
+        "connections": connect_ns.len(),
+        "errors": errors,
+        "first_error": first_error,
+        "p50_us": percentile(&connect_ns, 0.50),
+        "p90_us": percentile(&connect_ns, 0.90),
+        "p99_us": percentile(&connect_ns, 0.99),
+        "max_us": percentile(&connect_ns, 1.0),
+        "mean_us": mean,
+    }));
+    if connect_ns.is_empty() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_timestamps_parse() {
+        let t = parse_utc_timestamp("2026-11-23T04:31:02.123456Z").expect("parses");
+        let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+        assert_eq!(d.as_secs(), 1_795_408_262);
+        assert_eq!(d.subsec_micros(), 123_456);
+        let epoch = parse_utc_timestamp("1970-01-01T00:00:00Z").unwrap();
+        assert_eq!(epoch, SystemTime::UNIX_EPOCH);
+        let leap = parse_utc_timestamp("2024-02-29T12:00:00.5Z").unwrap();
+        assert_eq!(
+            leap.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis(),
+            1_709_208_000_500
+        );
+        assert!(parse_utc_timestamp("2026-11-23 04:31:02").is_none());
+    }
+
+    #[test]
+    fn scale_policies_are_counted() {
+        let yaml = scale_policy_yaml(10, "cluster.local/ns/default/sa/sa-client");
+        assert_eq!(yaml.matches("kind: AuthorizationPolicy").count(), 10);
+        assert!(yaml.contains("name: bench-client"));
+        assert!(yaml.contains("name: filler-00009"));
     }
 }

@@ -5,9 +5,21 @@
 //! what happened: who answered, which agent carried the connection, the
 //! agents' flow records, and the kernel state through `bpftool`.
 //!
+//! Authorization policy, live: b1 also serves HTTP on port 8081 (declared in
+//! the registry's `httpPorts`). From round 3 on, a sample policy set is applied
+//! with `mesh-agent policy apply` to both nodes while traffic flows, and every
+//! round also probes it: a2 → b1:8080 (denied in n1's kernel: connect() fails
+//! with EPERM at once, and n1's agent logs `connection denied`), and two HTTP
+//! requests a1 → b1:8081 (`GET /public/hello` allowed, `GET /admin/config`
+//! answered 403 by n2's agent). Every 5 rounds the policy changes live (v2
+//! lets a2 in and opens `/admin/*`, then v1 again, …), and the next round shows
+//! the effect. The compiled policy is shown with `bpftool map dump pinned
+//! …/mesh_pol_l4` once it is applied.
+//!
 //! Runs until SIGINT/SIGTERM (Ctrl-C) or `--duration SECS`, then tears
 //! everything down. Exits non-zero if a connection failed or was not carried
-//! by its source node's agent.
+//! by its source node's agent, or a probe's outcome differs from what the
+//! policy in force says.
 
 use std::{
     net::SocketAddr,
@@ -15,12 +27,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use mesh_common::names;
 use mesh_tests::{
-    bpftool, eventually, require_privileges, Agent, ClientRequest, Cluster, FlowRecord, Host, Node,
-    Pod, Server,
+    bpftool, eventually, httpload, require_privileges, Agent, ClientRequest, Cluster, FlowRecord,
+    Host, Node, Pod, Proc, Server,
 };
+use serde_json::Value;
 
 /// A live two-node mesh on this host, with traffic, until Ctrl-C.
 #[derive(Parser, Debug)]
@@ -32,6 +45,31 @@ struct Args {
     /// Print the agents' flow tables every this many rounds.
     #[arg(long, default_value_t = 10)]
     table_every: u32,
+    #[command(subcommand)]
+    pod_cmd: Option<PodCmd>,
+}
+
+/// What runs inside the pods (this binary, spawned into a pod).
+#[derive(Subcommand, Debug)]
+enum PodCmd {
+    /// HTTP/1.1 server: every request is answered 200 with `<name> <METHOD> <path>`.
+    #[command(hide = true)]
+    HttpServe {
+        #[arg(long, required = true)]
+        listen: Vec<SocketAddr>,
+        #[arg(long)]
+        name: String,
+    },
+    /// One HTTP request on a new connection; one JSON line.
+    #[command(hide = true)]
+    HttpGet {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        #[arg(long)]
+        path: String,
+    },
 }
 
 /// The port every pod serves on.
@@ -95,8 +133,42 @@ const ROUTES: [Route; 5] = [
     },
 ];
 
+/// b1's HTTP port (`httpPorts` in the registry): L7 policy applies there.
+const HTTP_PORT: u16 = 8081;
+/// The round before which the sample policy is first applied.
+const POLICY_ROUND: u32 = 3;
+/// The policy changes every this many rounds after that.
+const POLICY_EVERY: u32 = 5;
+/// Lines of `bpftool map dump pinned …/mesh_pol_l4` shown.
+const DUMP_LINES: usize = 24;
+
+/// One JSON line to stdout, flushed.
+fn emit(v: &Value) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{v}");
+    let _ = out.flush();
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    match args.pod_cmd {
+        Some(PodCmd::HttpServe { listen, name }) => {
+            let e = httpload::serve(&listen, &name, 0, emit);
+            eprintln!("mesh-demo http-serve: {e}");
+            return ExitCode::FAILURE;
+        }
+        Some(PodCmd::HttpGet { to, method, path }) => {
+            let v = httpload::one_request(to, &method, &path, Duration::from_secs(3));
+            emit(&v);
+            return if v.get("status").is_some() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+        None => {}
+    }
     install_signal_handlers();
     require_privileges();
     let ok = run(&args);
@@ -113,7 +185,11 @@ fn main() -> ExitCode {
 /// panics. Returns whether every connection went as expected.
 fn run(args: &Args) -> bool {
     println!("== building a two-node mesh (network namespaces, veths, a bridge, cgroups)");
-    let cluster = Cluster::builder().nodes(2).pods_per_node(2).build();
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .pods_per_node(2)
+        .http_ports("b1", &[HTTP_PORT])
+        .build();
     print_topology(&cluster);
     if stopping() {
         return true;
@@ -143,6 +219,8 @@ fn run(args: &Args) -> bool {
     print_certificates(&cluster);
     let _servers: Vec<Server> = cluster.pods().iter().map(|p| p.serve(&[PORT])).collect();
     println!("  every pod serves on port {PORT} (greets with its name, then echoes)");
+    let _http = start_http_server(cluster.pod("b1"));
+    println!("  b1 also serves HTTP on port {HTTP_PORT} (declared in the registry: httpPorts: [{HTTP_PORT}])");
     print_kernel_state(&cluster);
     if stopping() {
         return true;
@@ -158,16 +236,36 @@ fn run(args: &Args) -> bool {
     let (mut good, mut bad) = (0u64, 0u64);
     let mut round = 0u32;
     let mut counters = counters_snapshot(&cluster);
+    let mut policy = Phase::None;
     while !stopping() && end.is_none_or(|e| Instant::now() < e) {
         round += 1;
+        if round >= POLICY_ROUND && (round - POLICY_ROUND).is_multiple_of(POLICY_EVERY) {
+            let next_phase = if policy == Phase::V1 {
+                Phase::V2
+            } else {
+                Phase::V1
+            };
+            if apply_phase(&cluster, &agents, next_phase, policy == Phase::None) {
+                policy = next_phase;
+            } else if !stopping() {
+                bad += 1;
+            }
+            if stopping() {
+                break;
+            }
+        }
         let next = Instant::now() + Duration::from_secs(1);
         let outcome = traffic_round(&cluster, &agents, started);
+        if stopping() {
+            break;
+        }
+        let probes = policy_probes(&cluster, &agents, started, policy);
         if stopping() {
             // Ctrl-C also reaches the pods' processes: this round says nothing.
             break;
         }
-        good += outcome.0;
-        bad += outcome.1;
+        good += outcome.0 + probes.0;
+        bad += outcome.1 + probes.1;
         counters = counters_snapshot(&cluster);
         if args.table_every > 0 && round.is_multiple_of(args.table_every) {
             print_flow_tables(&cluster, &agents);
@@ -513,4 +611,408 @@ fn report_leftovers() {
             ours.join(", ")
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// Authorization policy, live
+
+/// Which sample policy set is in force.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Nothing applied: everything allowed.
+    None,
+    /// a2 denied on b1:8080 (DENY); on b1's HTTP port a1 may `GET /public/*` only.
+    V1,
+    /// The live change: the DENY is gone (a2 is let in) and `GET /admin/*` is opened too.
+    V2,
+}
+
+/// The principal of demo pod `name`.
+fn principal(name: &str) -> String {
+    format!("{}/ns/default/sa/sa-{name}", mesh_tests::authority::TRUST_DOMAIN)
+}
+
+/// The sample policy set of `phase`, as `(file, YAML)`.
+fn policy_files(phase: Phase) -> Vec<(&'static str, String)> {
+    let paths = match phase {
+        Phase::V2 => r#"["/public/*", "/admin/*"]"#,
+        _ => r#"["/public/*"]"#,
+    };
+    let allow = format!(
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: b1-allow
+  namespace: default
+spec:
+  selector:
+    matchLabels: {{app: b1}}
+  action: ALLOW
+  rules:
+  - from:
+    - source: {{principals: [\"{a1}\", \"{a2}\"]}}
+    to:
+    - operation: {{ports: [\"{PORT}\"]}}
+  - from:
+    - source: {{principals: [\"{a1}\"]}}
+    to:
+    - operation: {{ports: [\"{HTTP_PORT}\"], methods: [\"GET\"], paths: {paths}}}
+",
+        a1 = principal("a1"),
+        a2 = principal("a2"),
+    );
+    let deny = format!(
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-a2
+  namespace: default
+spec:
+  selector:
+    matchLabels: {{app: b1}}
+  action: DENY
+  rules:
+  - from:
+    - source: {{principals: [\"{a2}\"]}}
+    to:
+    - operation: {{ports: [\"{PORT}\"]}}
+",
+        a2 = principal("a2"),
+    );
+    match phase {
+        Phase::None => Vec::new(),
+        Phase::V1 => vec![("b1-allow.yaml", allow), ("deny-a2.yaml", deny)],
+        Phase::V2 => vec![("b1-allow.yaml", allow)],
+    }
+}
+
+/// b1's HTTP server (this binary's `http-serve`), ready.
+fn start_http_server(pod: &Pod) -> Proc {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut cmd = Command::new(exe);
+    cmd.arg("http-serve")
+        .arg("--listen")
+        .arg(pod.addr4(HTTP_PORT).to_string())
+        .arg("--name")
+        .arg(pod.name());
+    let mut proc = pod.spawn(cmd, "http-serve");
+    let ok = eventually(Duration::from_secs(10), || {
+        if !proc.is_running() {
+            return Some(false);
+        }
+        proc.stdout_lines()
+            .iter()
+            .any(|l| l.contains("listening"))
+            .then_some(true)
+    });
+    if ok != Some(true) {
+        panic!(
+            "the HTTP server in {} did not start\nstdout:\n{}\nstderr:\n{}",
+            pod.name(),
+            proc.stdout(),
+            proc.stderr()
+        );
+    }
+    proc
+}
+
+/// Applies the policy set of `phase` to every node with `mesh-agent policy apply`, waits
+/// until every agent reports the new generation, and shows it. Returns whether it worked.
+fn apply_phase(cluster: &Cluster, agents: &[Agent], phase: Phase, first: bool) -> bool {
+    let files = policy_files(phase);
+    let what = match phase {
+        Phase::V1 if first => "the sample policy set (v1), with traffic flowing",
+        Phase::V1 => "a live policy change back to v1: a2 denied on b1:8080 again, /admin/* closed",
+        Phase::V2 => "a live policy change (v2): deny-a2 removed, GET /admin/* opened to a1",
+        Phase::None => "no policy",
+    };
+    println!("\n== applying {what}");
+    if first {
+        for (file, text) in &files {
+            println!("-- {file}");
+            for line in text.lines() {
+                println!("   {line}");
+            }
+        }
+    }
+    let refs: Vec<(&str, &str)> = files.iter().map(|(f, t)| (*f, t.as_str())).collect();
+    let dir = cluster.write_policy_dir(
+        match phase {
+            Phase::V2 => "policy-v2",
+            _ => "policy-v1",
+        },
+        &refs,
+    );
+    let mut ok = true;
+    for (i, agent) in agents.iter().enumerate() {
+        let node = cluster.node(i);
+        let started = Instant::now();
+        let applied = cluster.policy_apply(i, &dir);
+        let took = started.elapsed();
+        let Some(generation) = applied.generation() else {
+            println!(
+                "$ mesh-agent policy apply {} --pin-dir {}  FAILED ({:?}): {}",
+                dir.display(),
+                node.pin_dir().display(),
+                applied.code,
+                applied.stderr.trim()
+            );
+            ok = false;
+            continue;
+        };
+        let active = eventually(Duration::from_secs(5), || {
+            agent.log_lines().into_iter().find(|v| {
+                v["message"] == "policy generation active"
+                    && v["generation"].as_u64().is_some_and(|g| g >= generation)
+            })
+        });
+        let out: Value = serde_json::from_str(applied.stdout.trim()).unwrap_or(Value::Null);
+        println!(
+            "$ mesh-agent policy apply {} --registry … --pin-dir {}\n  applied generation {generation}: {} policies, {} L4 entries ({} ms); agent {}: {}",
+            dir.display(),
+            node.pin_dir().display(),
+            out["policies"],
+            out["l4_entries"],
+            took.as_millis(),
+            node.name(),
+            match &active {
+                Some(v) => format!(
+                    "`policy generation active` generation={} l4_entries={} at {}",
+                    v["generation"],
+                    v["l4_entries"],
+                    v["timestamp"].as_str().unwrap_or("?")
+                ),
+                None => "did NOT report the new generation within 5 s".into(),
+            }
+        );
+        ok &= active.is_some();
+    }
+    if first {
+        show_compiled_policy(cluster);
+    }
+    ok
+}
+
+/// What an operator sees of the compiled policy on n1: the raw `bpftool map dump` of
+/// `mesh_pol_l4` (first lines), then every entry of the active generation on one line, with
+/// the policy names resolved through `mesh_pol_strs`.
+fn show_compiled_policy(cluster: &Cluster) {
+    let pin_dir = cluster.node(0).pin_dir();
+    let l4 = path_str(&pin_dir.join(names::MAP_POL_L4));
+    println!("\n-- node n1: the compiled policy as the kernel reads it");
+    println!("$ bpftool map dump pinned {l4}   (first {DUMP_LINES} lines)");
+    match Command::new("bpftool")
+        .args(["map", "dump", "pinned", &l4])
+        .output()
+    {
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let lines: Vec<&str> = text.lines().collect();
+            for line in lines.iter().take(DUMP_LINES) {
+                println!("  {line}");
+            }
+            if lines.len() > DUMP_LINES {
+                println!("  … ({} more lines)", lines.len() - DUMP_LINES);
+            }
+        }
+        Err(e) => println!("  cannot run bpftool: {e}"),
+    }
+    let dump = |map: &str| -> Vec<Value> {
+        match bpftool::json(&["map", "dump", "pinned", &path_str(&pin_dir.join(map))]) {
+            Value::Array(a) => a
+                .into_iter()
+                .map(|e| e.get("formatted").cloned().unwrap_or(e))
+                .collect(),
+            _ => Vec::new(),
+        }
+    };
+    let strs: std::collections::BTreeMap<(u64, u64), String> = dump(names::MAP_POL_STRS)
+        .iter()
+        .filter_map(|e| {
+            let key = (e["key"]["gen"].as_u64()?, e["key"]["str_id"].as_u64()?);
+            let len = e["value"]["len"].as_u64()? as usize;
+            let bytes: Vec<u8> = e["value"]["bytes"]
+                .as_array()?
+                .iter()
+                .take(len)
+                .filter_map(|b| b.as_u64().map(|b| b as u8))
+                .collect();
+            Some((key, String::from_utf8_lossy(&bytes).into_owned()))
+        })
+        .collect();
+    let gen = dump(names::MAP_CONFIG)
+        .first()
+        .and_then(|e| e["value"]["policy_gen"].as_u64())
+        .unwrap_or(0);
+    let mut entries: Vec<Value> = dump(names::MAP_POL_L4)
+        .into_iter()
+        .filter(|e| e["key"]["gen"].as_u64() == Some(gen))
+        .collect();
+    entries.sort_by_key(|e| {
+        ["set_id", "class_id", "port"].map(|k| e["key"][k].as_u64().unwrap_or(0))
+    });
+    println!("-- decoded: generation {gen} (mesh_config.policy_gen), one line per (set, source class, port); policy names from mesh_pol_strs");
+    for e in &entries {
+        let (k, v) = (&e["key"], &e["value"]);
+        let verdict = match v["verdict"].as_u64() {
+            Some(1) => "ALLOW",
+            Some(2) => "DENY",
+            Some(3) => "per request (L7)",
+            _ => "?",
+        };
+        let policy = v["policy_str"]
+            .as_u64()
+            .and_then(|id| strs.get(&(gen, id)))
+            .map_or("-".to_owned(), Clone::clone);
+        let port = match k["port"].as_u64() {
+            Some(0) => "other".to_owned(),
+            Some(p) => p.to_string(),
+            None => "?".into(),
+        };
+        println!(
+            "  set {} class {} port {:<5} → {:<16} flags {:<3} policy {}",
+            k["set_id"], k["class_id"], port, verdict, v["flags"], policy
+        );
+    }
+    println!("  (source classes: `bpftool map dump pinned …/mesh_pol_src`; destinations: `mesh-agent policy show --pin-dir …`)");
+}
+
+/// The policy probes of one round: a2 → b1:8080 (L4), and a1's two HTTP requests to b1.
+/// Prints a line each; returns (as expected, not).
+fn policy_probes(cluster: &Cluster, agents: &[Agent], started: Instant, phase: Phase) -> (u64, u64) {
+    let t = started.elapsed().as_secs();
+    let (a1, a2, b1) = (cluster.pod("a1"), cluster.pod("a2"), cluster.pod("b1"));
+    let (mut good, mut bad) = (0, 0);
+    let mut tally = |ok: bool, line: String| {
+        if ok {
+            good += 1;
+        } else {
+            bad += 1;
+        }
+        println!("[t={t:>3}s] {line}{}", if ok { "" } else { "   <-- UNEXPECTED" });
+    };
+
+    // L4: a2 → b1:8080, denied in n1's kernel under v1.
+    let dst = b1.addr4(PORT);
+    let denied_before = denied_lines(&agents[0], "l4", &dst.to_string()).len();
+    let req = ClientRequest::new(dst)
+        .send(&format!("hello from a2 at t={t}s"))
+        .io_timeout(Duration::from_secs(2));
+    let run = a2.client(&req);
+    let expect_denied = phase == Phase::V1;
+    let head = format!("a2 → b1 {:<22} policy probe L4  ", dst.to_string());
+    match run.results.first() {
+        Some(r) if r.error.as_deref().is_some_and(|e| e.contains("Operation not permitted")) => {
+            let line = eventually(Duration::from_secs(2), || {
+                denied_lines(&agents[0], "l4", &dst.to_string())
+                    .get(denied_before)
+                    .cloned()
+            });
+            let log = match &line {
+                Some(v) => format!(
+                    "agent n1: connection denied layer={} side={} src={} dst_workload={} port={} policy={} generation={}",
+                    v["layer"], v["side"], v["src_workload"], v["dst_workload"], v["port"], v["policy"], v["generation"]
+                ),
+                None => "agent n1 logged NO `connection denied`".into(),
+            };
+            tally(
+                expect_denied && line.is_some(),
+                format!(
+                    "{head}DENIED in the kernel: connect() → EPERM after {} µs; {log}",
+                    r.connect_us.unwrap_or(0)
+                ),
+            );
+        }
+        Some(r) if run.success() => tally(
+            !expect_denied,
+            format!(
+                "{head}allowed: answered by {} (connect() {} µs)",
+                r.hello_name().unwrap_or("?"),
+                r.connect_us.unwrap_or(0)
+            ),
+        ),
+        other => tally(
+            false,
+            format!(
+                "{head}FAILED: {}",
+                other
+                    .and_then(|r| r.error.clone())
+                    .unwrap_or_else(|| run.output.stderr.trim().to_owned())
+            ),
+        ),
+    }
+
+    // L7: a1's HTTP requests to b1:8081, decided per request by n2's agent.
+    let to = b1.addr4(HTTP_PORT);
+    for (path, allowed) in [
+        ("/public/hello", true),
+        ("/admin/config", phase != Phase::V1),
+    ] {
+        let before = denied_lines(&agents[1], "l7", &to.to_string()).len();
+        let v = http_get(a1, to, path);
+        let head = format!("a1 → b1 {:<22} HTTP GET {path:<14}", to.to_string());
+        match v["status"].as_u64() {
+            Some(200) => tally(
+                allowed,
+                format!("{head}200 OK: {:?}", v["body"].as_str().unwrap_or("")),
+            ),
+            Some(403) => {
+                let line = eventually(Duration::from_secs(2), || {
+                    denied_lines(&agents[1], "l7", &to.to_string())
+                        .get(before)
+                        .cloned()
+                });
+                let log = match &line {
+                    Some(l) => format!(
+                        "agent n2: connection denied layer={} side={} method={} path={} policy={}",
+                        l["layer"],
+                        l["side"],
+                        l["method"],
+                        l["path"],
+                        match l["policy"].as_str() {
+                            Some("-") | None => "- (no ALLOW rule matched)".to_owned(),
+                            Some(p) => p.to_owned(),
+                        }
+                    ),
+                    None => "agent n2 logged NO `connection denied`".into(),
+                };
+                tally(
+                    !allowed && line.is_some(),
+                    format!("{head}403 {:?} from agent n2; {log}", v["body"].as_str().unwrap_or("")),
+                );
+            }
+            _ => tally(false, format!("{head}FAILED: {v}")),
+        }
+    }
+    (good, bad)
+}
+
+/// `connection denied` lines of `layer` for destination `dst` (`ip:port`), in log order.
+fn denied_lines(agent: &Agent, layer: &str, dst: &str) -> Vec<Value> {
+    agent
+        .log_lines()
+        .into_iter()
+        .filter(|v| {
+            v["message"] == "connection denied"
+                && v["layer"] == layer
+                && (v["dst"] == dst || v["dst"].is_null())
+        })
+        .collect()
+}
+
+/// One HTTP request from `pod` (this binary's `http-get`); its JSON result.
+fn http_get(pod: &Pod, to: SocketAddr, path: &str) -> Value {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut cmd = Command::new(exe);
+    cmd.arg("http-get")
+        .arg("--to")
+        .arg(to.to_string())
+        .arg("--path")
+        .arg(path);
+    let out = pod.run(cmd, "http-get", Duration::from_secs(10));
+    out.stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok())
+        .unwrap_or_else(|| serde_json::json!({"error": out.stderr.trim()}))
 }
