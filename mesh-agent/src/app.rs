@@ -26,16 +26,16 @@ use crate::{
         IdentityError, NodeCredentials, SpiffeId, TrustStore,
     },
     metrics::{self, Metrics, ScrapeHook},
+    policy::{
+        maps::{MapsError, PolicyMaps, PolicyView},
+        source::{apply_dir_counted, spawn_dir_watcher, spawn_generation_watcher, CompileContext},
+    },
     proxy::{
         hbone::HBONE_PORT,
         inbound::{Inbound, InboundConfig},
         ip_words,
         outbound::{Outbound, OutboundConfig},
         Identities, ProxyDeps, SourceAddrs,
-    },
-    policy::{
-        maps::{MapsError, PolicyMaps, PolicyView},
-        source::{apply_dir_counted, spawn_dir_watcher, spawn_generation_watcher, CompileContext},
     },
     registry::{Registry, RegistryError},
 };
@@ -177,12 +177,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
             node: opts.node.clone(),
         });
     }
-    let creds = NodeCredentials::load(&opts.identity_dir).map_err(|source| {
-        AppError::Credentials {
+    let creds =
+        NodeCredentials::load(&opts.identity_dir).map_err(|source| AppError::Credentials {
             dir: opts.identity_dir.clone(),
             source: Box::new(source),
-        }
-    })?;
+        })?;
     if creds.node.node() != opts.node {
         return Err(AppError::CredentialsNode {
             dir: opts.identity_dir.clone(),
@@ -337,8 +336,9 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
             mesh_common::EVENT_PLAINTEXT_PERMISSIVE => {
                 event_metrics.plaintext(metrics::PlaintextVerdict::Permissive)
             }
-            mesh_common::EVENT_L4_DENIED => event_metrics
-                .policy_denial(metrics::PolicyLayer::L4, metrics::DenialSide::Kernel),
+            mesh_common::EVENT_L4_DENIED => {
+                event_metrics.policy_denial(metrics::PolicyLayer::L4, metrics::DenialSide::Kernel)
+            }
             _ => {}
         },
         stop_rx.clone(),
@@ -373,7 +373,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(outbound.run(stop_rx.clone()));
     tasks.spawn(inbound.run(stop_rx.clone()));
-    tasks.spawn(metrics::serve_admin(admin_listener, Arc::clone(&metrics), stop_rx.clone()));
+    tasks.spawn(metrics::serve_admin(
+        admin_listener,
+        Arc::clone(&metrics),
+        stop_rx.clone(),
+    ));
     let signal = signals.recv().await;
     info!(signal, "shutting down");
     let _ = stop_tx.send(true);
@@ -468,8 +472,10 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
     .map_err(|source| AppError::Bind { addr, source })?;
     sock.set_reuseaddr(true)
         .map_err(|source| AppError::Bind { addr, source })?;
-    sock.bind(addr).map_err(|source| AppError::Bind { addr, source })?;
-    sock.listen(4096).map_err(|source| AppError::Bind { addr, source })
+    sock.bind(addr)
+        .map_err(|source| AppError::Bind { addr, source })?;
+    sock.listen(4096)
+        .map_err(|source| AppError::Bind { addr, source })
 }
 
 /// Publishes the listener, then every destination, then enrols the local
@@ -504,8 +510,14 @@ fn program_maps(
         .filter(|n| n.name == node)
         .flat_map(|n| {
             let flags = PEER_F_LOCAL;
-            n.addresses()
-                .map(move |ip| (IpKey { addr_be: ip_words(ip) }, PeerValue { flags }))
+            n.addresses().map(move |ip| {
+                (
+                    IpKey {
+                        addr_be: ip_words(ip),
+                    },
+                    PeerValue { flags },
+                )
+            })
         })
         .collect();
     dp.sync_peers(&peers)?;
@@ -517,8 +529,13 @@ fn program_maps(
             let flags = if w.node == node { DEST_F_LOCAL } else { 0 };
             w.ips.iter().map(move |ip| {
                 (
-                    IpKey { addr_be: ip_words(*ip) },
-                    DestValue { workload_id: w.id, flags },
+                    IpKey {
+                        addr_be: ip_words(*ip),
+                    },
+                    DestValue {
+                        workload_id: w.id,
+                        flags,
+                    },
                 )
             })
         })
@@ -539,11 +556,7 @@ fn program_maps(
 /// generation `view` (`POL_DST_F_PERMISSIVE`: the compiler resolved PeerAuthentication with
 /// the registry's `peerAuthentication` as fallback), or from the registry when no policy is
 /// loaded (generation 0).
-fn enrolled(
-    registry: &Registry,
-    node: &str,
-    view: &PolicyView,
-) -> Vec<(CgroupKey, WorkloadValue)> {
+fn enrolled(registry: &Registry, node: &str, view: &PolicyView) -> Vec<(CgroupKey, WorkloadValue)> {
     registry
         .local(node)
         .filter_map(|w| {
@@ -647,7 +660,9 @@ fn spawn_generation_follower(
                     );
                     programmed = want;
                 }
-                Err(e) => warn!(error = %e, generation = view.generation(), "re-programming peer authentication"),
+                Err(e) => {
+                    warn!(error = %e, generation = view.generation(), "re-programming peer authentication")
+                }
             }
         }
     })
@@ -664,7 +679,8 @@ impl Signals {
     fn new() -> Result<Self, AppError> {
         let term =
             tokio::signal::unix::signal(SignalKind::terminate()).map_err(AppError::Signals)?;
-        let int = tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
+        let int =
+            tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
         Ok(Self { term, int })
     }
 

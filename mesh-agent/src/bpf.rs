@@ -14,8 +14,7 @@ pub mod events;
 
 use std::{
     collections::HashSet,
-    fs,
-    io,
+    fs, io,
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -28,8 +27,8 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use mesh_common::{
-    capacity, counters, names, policy as pol, AgentConfig, CgroupKey, ConnKey, DestValue, IpKey, OrigDst,
-    PeerValue, WorkloadValue,
+    capacity, counters, names, policy as pol, AgentConfig, CgroupKey, ConnKey, DestValue, IpKey,
+    OrigDst, PeerValue, WorkloadValue,
 };
 
 use self::events::EventReader;
@@ -296,10 +295,7 @@ impl Dataplane {
             .map_err(attached(prog))?;
         info!(prog, cgroup = %pod_cgroup.display(), "attached");
 
-        let mut take = |map: &'static str| {
-            ebpf.take_map(map)
-                .ok_or(BpfError::MissingMap { map })
-        };
+        let mut take = |map: &'static str| ebpf.take_map(map).ok_or(BpfError::MissingMap { map });
         let workloads = HashMap::try_from(take(names::MAP_WORKLOADS)?)
             .map_err(map_err(names::MAP_WORKLOADS))?;
         let dests =
@@ -390,7 +386,11 @@ impl Dataplane {
 
     /// The kernel counters with their names, in index order.
     pub fn named_counters(&self) -> Vec<(&'static str, u64)> {
-        counters::NAMES.iter().copied().zip(self.counters()).collect()
+        counters::NAMES
+            .iter()
+            .copied()
+            .zip(self.counters())
+            .collect()
     }
 
     /// The pin directory.
@@ -436,7 +436,11 @@ where
         map.insert(k, v, 0).map_err(map_err(name))?;
     }
     let keep: HashSet<K> = want.iter().map(|(k, _)| *k).collect();
-    let stale: Vec<K> = map.keys().filter_map(Result::ok).filter(|k| !keep.contains(k)).collect();
+    let stale: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !keep.contains(k))
+        .collect();
     for k in stale {
         map.remove(&k).map_err(map_err(name))?;
     }

@@ -268,7 +268,10 @@ impl Metrics {
     }
 
     pub fn add_hook(&self, hook: Arc<dyn ScrapeHook>) {
-        self.hooks.write().unwrap_or_else(|p| p.into_inner()).push(hook);
+        self.hooks
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(hook);
     }
 
     pub fn tls_handshake(&self, side: Side, result: Outcome) {
@@ -336,7 +339,10 @@ impl Metrics {
 
     /// Brings the rotation counters up to the identity manager's totals.
     pub fn set_cert_rotations(&self, ok: u64, error: u64) {
-        for (result, key, total) in [(Outcome::Ok, "rot_ok", ok), (Outcome::Error, "rot_err", error)] {
+        for (result, key, total) in [
+            (Outcome::Ok, "rot_ok", ok),
+            (Outcome::Error, "rot_err", error),
+        ] {
             let delta = self.advance(key, total);
             self.cert_rotations
                 .get_or_create(&ResultLabel {
@@ -349,7 +355,9 @@ impl Metrics {
     /// Brings a kernel counter up to its current total (read from the per-CPU map).
     pub fn set_kernel_counter(&self, counter: &'static str, total: u64) {
         let delta = self.advance(counter, total);
-        self.kernel.get_or_create(&CounterLabel { counter }).inc_by(delta);
+        self.kernel
+            .get_or_create(&CounterLabel { counter })
+            .inc_by(delta);
     }
 
     /// How far `total` is past the last total seen under `key` (0 if it went backwards,
@@ -434,7 +442,13 @@ async fn admin_conn(mut stream: TcpStream, metrics: &Metrics) {
             break i;
         }
         if buf.len() > MAX_REQUEST {
-            let _ = respond(&mut stream, "400 Bad Request", "text/plain", "request too large\n").await;
+            let _ = respond(
+                &mut stream,
+                "400 Bad Request",
+                "text/plain",
+                "request too large\n",
+            )
+            .await;
             return;
         }
         match stream.read(&mut chunk).await {
@@ -457,7 +471,15 @@ async fn admin_conn(mut stream: TcpStream, metrics: &Metrics) {
         }
         ("GET", "/healthz") => respond(&mut stream, "200 OK", "text/plain", "ok\n").await,
         ("GET", _) => respond(&mut stream, "404 Not Found", "text/plain", "not found\n").await,
-        _ => respond(&mut stream, "400 Bad Request", "text/plain", "bad request\n").await,
+        _ => {
+            respond(
+                &mut stream,
+                "400 Bad Request",
+                "text/plain",
+                "bad request\n",
+            )
+            .await
+        }
     };
 }
 
@@ -538,8 +560,12 @@ mod tests {
         let ok = get(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").await;
         assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
         assert!(ok.contains(r#"mesh_plaintext_connections_total{verdict="permissive"} 1"#));
-        assert!(get(b"GET /nope HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 404"));
-        assert!(get(b"\x16\x03\x01garbage\r\n\r\n").await.starts_with("HTTP/1.1 400"));
+        assert!(get(b"GET /nope HTTP/1.1\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 404"));
+        assert!(get(b"\x16\x03\x01garbage\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 400"));
         let _ = stop_tx.send(true);
         server.await.unwrap();
     }

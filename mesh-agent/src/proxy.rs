@@ -35,8 +35,11 @@ pub trait Identities: Send + Sync + 'static {
     /// client certificates required and verified.
     fn server_config(&self) -> Arc<ServerConfig>;
     /// Outbound HBONE: presents `src`'s current certificate and accepts only `dst`.
-    fn client_config(&self, src: &SpiffeId, dst: &SpiffeId)
-        -> Result<Arc<ClientConfig>, IdentityError>;
+    fn client_config(
+        &self,
+        src: &SpiffeId,
+        dst: &SpiffeId,
+    ) -> Result<Arc<ClientConfig>, IdentityError>;
     /// The trust bundle and revocation list in force.
     fn trust(&self) -> Arc<TrustStore>;
     /// Bumped whenever the revocation list changes: live connections are re-checked.
@@ -247,12 +250,18 @@ mod tests {
             assert_eq!(ip_from_words(ip_words(ip)), ip, "{s}");
         }
         let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
-        assert_eq!(ip_from_words(ip_words(mapped)), "10.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            ip_from_words(ip_words(mapped)),
+            "10.0.0.1".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]
     fn conn_key_matches_kernel_layout() {
-        let k = conn_key("10.1.0.2:40000".parse().unwrap(), "10.0.0.1:15001".parse().unwrap());
+        let k = conn_key(
+            "10.1.0.2:40000".parse().unwrap(),
+            "10.0.0.1:15001".parse().unwrap(),
+        );
         assert_eq!(k.src_port, 40000);
         assert_eq!(k.dst_port, 15001);
         assert_eq!(k.src_addr_be[3].to_ne_bytes(), [10, 1, 0, 2]);

@@ -247,9 +247,7 @@ pub enum Problem {
         second: String,
     },
     /// `peerAuthentication` is neither `STRICT` nor `PERMISSIVE`.
-    #[error(
-        "workload {workload}: peerAuthentication {value:?} is not STRICT or PERMISSIVE"
-    )]
+    #[error("workload {workload}: peerAuthentication {value:?} is not STRICT or PERMISSIVE")]
     InvalidPeerAuthentication { workload: String, value: String },
     /// An `httpPorts` entry outside 1..=65535.
     #[error("workload {workload}: httpPorts entry {value} is not a port (1..=65535)")]
@@ -1173,13 +1171,21 @@ nodes:
         ));
         // Invalid name.
         assert!(matches!(
-            invalid(&nodes_only("  - name: N1\n    address: 10.0.0.1\n"), &root, 3),
+            invalid(
+                &nodes_only("  - name: N1\n    address: 10.0.0.1\n"),
+                &root,
+                3
+            ),
             Problem::InvalidNodeName { .. }
         ));
         // Addresses: not an IP, address6 not IPv6, unusable.
         for (entry, line, field) in [
             ("  - name: n1\n    address: 10.0.0.300\n", 4, "address"),
-            ("  - name: n1\n    address: 10.0.0.1\n    address6: 10.0.0.2\n", 5, "address6"),
+            (
+                "  - name: n1\n    address: 10.0.0.1\n    address6: 10.0.0.2\n",
+                5,
+                "address6",
+            ),
         ] {
             match invalid(&nodes_only(entry), &root, line) {
                 Problem::InvalidNodeAddress { node, field: f, .. } => {
@@ -1675,7 +1681,10 @@ nodes:
             .is_empty());
         for bad in ["[0]", "[65536]"] {
             assert!(
-                matches!(invalid(&with(bad), &root, 8), Problem::InvalidHttpPort { .. }),
+                matches!(
+                    invalid(&with(bad), &root, 8),
+                    Problem::InvalidHttpPort { .. }
+                ),
                 "{bad}"
             );
         }

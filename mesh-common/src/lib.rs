@@ -13,8 +13,8 @@
 #![no_std]
 #![deny(unsafe_code)]
 
-pub mod names;
 pub mod counters;
+pub mod names;
 pub mod policy;
 
 /// Address family values used in [`OrigDst::family`] (Linux `AF_*`).

@@ -27,8 +27,7 @@ use aya_ebpf::{
 use mesh_common::{
     counters as ctr, is_mapped_v4, mapped_v4,
     policy::{
-        PolDstKey, PolL4Key, PolL4Value, PolSrcKey, POL_ALLOW, POL_DENY, POL_F_DRY_RUN_DENY,
-        POL_L7,
+        PolDstKey, PolL4Key, PolL4Value, PolSrcKey, POL_ALLOW, POL_DENY, POL_F_DRY_RUN_DENY, POL_L7,
     },
     AgentConfig, Event, IpKey, OrigDst, WorkloadValue, AF_INET, AF_INET6, CONFIG_F_IPV6,
     CONFIG_F_READY, EVENT_L4_DENIED, EVENT_L4_WOULD_DENY,

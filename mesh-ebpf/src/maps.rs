@@ -72,8 +72,7 @@ pub static POL_OPS: HashMap<PolOpKey, PolOpValue, { pcap::POL_OPS as usize }> = 
 
 /// Policy: interned strings (agent only, as `mesh_pol_l7`).
 #[btf_map(name = "mesh_pol_strs")]
-pub static POL_STRS: HashMap<PolStrKey, PolStrValue, { pcap::POL_STRS as usize }> =
-    HashMap::new();
+pub static POL_STRS: HashMap<PolStrKey, PolStrValue, { pcap::POL_STRS as usize }> = HashMap::new();
 
 /// Sends an event to the agent; a full ring buffer is counted, not retried.
 #[inline(always)]

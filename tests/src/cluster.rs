@@ -381,14 +381,18 @@ impl Node {
             use std::io::{Read, Write};
             let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
                 .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-            s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
             s.write_all(request.as_bytes()).expect("write request");
             let mut out = String::new();
             s.read_to_string(&mut out).expect("read response");
             out
         });
         let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-        assert!(head.starts_with("HTTP/1.1 200"), "GET {path} on {addr}: {head}");
+        assert!(
+            head.starts_with("HTTP/1.1 200"),
+            "GET {path} on {addr}: {head}"
+        );
         body.to_owned()
     }
 
@@ -952,7 +956,8 @@ impl Cluster {
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
         for (file, text) in files {
             let path = dir.join(file);
-            std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+            std::fs::write(&path, text)
+                .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
         }
         dir
     }

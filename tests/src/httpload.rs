@@ -164,7 +164,11 @@ fn serve_conn(s: TcpStream, name: &str, resp_size: usize) -> io::Result<()> {
         let mut msg = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n",
             body.len(),
-            if head.close { "connection: close\r\n" } else { "" }
+            if head.close {
+                "connection: close\r\n"
+            } else {
+                ""
+            }
         )
         .into_bytes();
         msg.extend_from_slice(&body);
@@ -178,7 +182,13 @@ fn serve_conn(s: TcpStream, name: &str, resp_size: usize) -> io::Result<()> {
 }
 
 /// The request bytes: `method target` with a `Host`, and a body of `body_size` bytes.
-pub fn request_bytes(method: &str, target: &str, host: &str, body_size: usize, close: bool) -> Vec<u8> {
+pub fn request_bytes(
+    method: &str,
+    target: &str,
+    host: &str,
+    body_size: usize,
+    close: bool,
+) -> Vec<u8> {
     let mut req = format!(
         "{method} {target} HTTP/1.1\r\nhost: {host}\r\nuser-agent: mesh-tests\r\ncontent-length: {body_size}\r\n{}\r\n",
         if close { "connection: close\r\n" } else { "" }
@@ -301,10 +311,20 @@ pub fn load(spec: &LoadSpec) -> Value {
         })
         .collect();
     let workers: Vec<Worker> = threads.into_iter().filter_map(|t| t.join().ok()).collect();
-    let mut lat: Vec<u64> = workers.iter().flat_map(|w| w.lat_ns.iter().copied()).collect();
+    let mut lat: Vec<u64> = workers
+        .iter()
+        .flat_map(|w| w.lat_ns.iter().copied())
+        .collect();
     lat.sort_unstable();
-    let last = workers.iter().filter_map(|w| w.last_done).max().unwrap_or(end);
-    let window = last.saturating_duration_since(warm).max(spec.secs).as_secs_f64();
+    let last = workers
+        .iter()
+        .filter_map(|w| w.last_done)
+        .max()
+        .unwrap_or(end);
+    let window = last
+        .saturating_duration_since(warm)
+        .max(spec.secs)
+        .as_secs_f64();
     let sum = |f: fn(&Worker) -> u64| workers.iter().map(f).sum::<u64>();
     let pct = |p: f64| -> f64 {
         if lat.is_empty() {
@@ -335,9 +355,21 @@ pub fn load(spec: &LoadSpec) -> Value {
 
 /// One connection's sender: a request every `interval` from `first` until `end`; what was
 /// sent from `warm` on is counted.
-fn sender(spec: &LoadSpec, first: Instant, interval: Duration, warm: Instant, end: Instant) -> Worker {
+fn sender(
+    spec: &LoadSpec,
+    first: Instant,
+    interval: Duration,
+    warm: Instant,
+    end: Instant,
+) -> Worker {
     let mut w = Worker::default();
-    let req = request_bytes(&spec.method, &spec.target, &spec.to.to_string(), spec.size, false);
+    let req = request_bytes(
+        &spec.method,
+        &spec.target,
+        &spec.to.to_string(),
+        spec.size,
+        false,
+    );
     let mut conn: Option<(TcpStream, BufReader<TcpStream>)> = None;
     let mut slot = first;
     while slot < end {

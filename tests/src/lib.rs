@@ -37,8 +37,8 @@ pub mod sys;
 pub mod testpod;
 pub mod tmp;
 
-pub use authority::Authority;
 pub use agent::{agent_bin, Agent, AgentExit, AgentSpec, FlowRecord};
+pub use authority::Authority;
 pub use cgroup::Cgroup;
 pub use cluster::{Cluster, ClusterBuilder, Host, Node, Place, Pod, PolicyApply};
 pub use netns::{Netns, Veth};

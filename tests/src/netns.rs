@@ -153,7 +153,10 @@ impl Drop for Veth {
 /// reach listeners inside a namespace (an agent's admin port) from the test
 /// process without moving the test process itself.
 #[track_caller]
-pub fn in_netns<T: Send + 'static>(ns: &std::path::Path, f: impl FnOnce() -> T + Send + 'static) -> T {
+pub fn in_netns<T: Send + 'static>(
+    ns: &std::path::Path,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
     let file = std::fs::File::open(ns)
         .unwrap_or_else(|e| panic!("opening network namespace {}: {e}", ns.display()));
     let handle = std::thread::spawn(move || {

@@ -145,7 +145,12 @@ mod tests {
         assert_eq!(lines[16], "    colour: blue");
         assert_eq!(
             &lines[17..],
-            ["nodes:", "  - name: n1", "    address: \"10.0.0.1\"", "    address6: \"fd00::1\""]
+            [
+                "nodes:",
+                "  - name: n1",
+                "    address: \"10.0.0.1\"",
+                "    address6: \"fd00::1\""
+            ]
         );
     }
 }

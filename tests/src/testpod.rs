@@ -396,7 +396,10 @@ impl HttpRun {
         let mut done = false;
         for line in run.output.stdout.lines().filter(|l| !l.trim().is_empty()) {
             let v: Value = serde_json::from_str(line).unwrap_or_else(|e| {
-                panic!("{}: unparsable line ({e}): {line}\nstderr: {}", run.label, run.output.stderr)
+                panic!(
+                    "{}: unparsable line ({e}): {line}\nstderr: {}",
+                    run.label, run.output.stderr
+                )
             });
             match v.get("event").and_then(Value::as_str) {
                 Some("done") => {
@@ -406,9 +409,10 @@ impl HttpRun {
                     run.connect_us = v["connect_us"].as_u64();
                 }
                 Some("raw") => run.raw = Some(v),
-                _ => run.responses.push(serde_json::from_value(v).unwrap_or_else(|e| {
-                    panic!("{}: not a response ({e}): {line}", run.label)
-                })),
+                _ => run.responses.push(
+                    serde_json::from_value(v)
+                        .unwrap_or_else(|e| panic!("{}: not a response ({e}): {line}", run.label)),
+                ),
             }
         }
         assert!(

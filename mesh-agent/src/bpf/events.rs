@@ -5,11 +5,7 @@
 //! wakes it when a record is committed while the reader has caught up, so
 //! the reader drains everything before it waits again.
 
-use std::{
-    io,
-    net::SocketAddr,
-    sync::Arc,
-};
+use std::{io, net::SocketAddr, sync::Arc};
 
 use aya::maps::{MapData, RingBuf};
 use mesh_common::{
@@ -107,10 +103,7 @@ impl EventReader {
         // returns that fd.
         #[allow(unsafe_code)]
         let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }?;
-        Ok(Self {
-            ring,
-            malformed: 0,
-        })
+        Ok(Self { ring, malformed: 0 })
     }
 
     /// The next event, if one is waiting.
@@ -121,7 +114,11 @@ impl EventReader {
                 Some(e) => return Some(e),
                 None => {
                     self.malformed += 1;
-                    debug!(len = item.len(), malformed = self.malformed, "short event record skipped");
+                    debug!(
+                        len = item.len(),
+                        malformed = self.malformed,
+                        "short event record skipped"
+                    );
                 }
             }
         }
@@ -219,9 +216,7 @@ fn log_event(event: &Event, registry: &Registry, view: &PolicyView, trust_domain
             let src_workload = src
                 .map(|w| w.key())
                 .unwrap_or_else(|| format!("unknown#{}", event.workload_id));
-            let src_identity = src
-                .map(|w| w.spiffe_id(trust_domain))
-                .unwrap_or_default();
+            let src_identity = src.map(|w| w.spiffe_id(trust_domain)).unwrap_or_default();
             let dst_workload = registry
                 .by_id(event.peer_workload_id)
                 .map(|w| w.key())
@@ -314,7 +309,10 @@ mod tests {
     #[test]
     fn kinds() {
         assert_eq!(EventKind::try_from(1).unwrap(), EventKind::PlaintextRefused);
-        assert_eq!(EventKind::try_from(2).unwrap(), EventKind::PlaintextPermissive);
+        assert_eq!(
+            EventKind::try_from(2).unwrap(),
+            EventKind::PlaintextPermissive
+        );
         assert_eq!(EventKind::try_from(3).unwrap(), EventKind::L4Denied);
         assert_eq!(EventKind::try_from(4).unwrap(), EventKind::L4WouldDeny);
         assert!(EventKind::try_from(0).is_err());

@@ -1123,8 +1123,12 @@ pub(crate) mod tests {
         assert_eq!(expired.identity(), &id);
         assert!(expired.is_expired_at(now));
         assert!(a.trust_store().verify_workload_cert(&expired).is_err());
-        let foreign = SpiffeId::new(TrustDomain::new("other.example").unwrap(), "default", "sa-a")
-            .unwrap();
+        let foreign = SpiffeId::new(
+            TrustDomain::new("other.example").unwrap(),
+            "default",
+            "sa-a",
+        )
+        .unwrap();
         assert!(matches!(
             a.issue_workload_cert_with_validity(&foreign, now, now + Duration::from_secs(60)),
             Err(IdentityError::ForeignTrustDomain { .. })

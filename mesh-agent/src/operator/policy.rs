@@ -292,10 +292,7 @@ fn show(a: ShowArgs) -> Result<(), OperatorError> {
         .into_iter()
         .map(|(id, set_id)| ShowDestination {
             workload_id: id,
-            workload: registry
-                .as_ref()
-                .and_then(|r| r.by_id(id))
-                .map(|w| w.key()),
+            workload: registry.as_ref().and_then(|r| r.by_id(id)).map(|w| w.key()),
             set_id,
         })
         .collect();
@@ -319,7 +316,9 @@ fn show(a: ShowArgs) -> Result<(), OperatorError> {
     for d in &out.destinations {
         text.push_str(&format!(
             "  destination {} → set {}\n",
-            d.workload.clone().unwrap_or_else(|| format!("#{}", d.workload_id)),
+            d.workload
+                .clone()
+                .unwrap_or_else(|| format!("#{}", d.workload_id)),
             d.set_id
         ));
     }
@@ -351,19 +350,32 @@ mod tests {
     fn trust_domain_defaults_to_the_node_credentials() {
         let ca = TempDir::new("policy-td-ca");
         let node = TempDir::new("policy-td-node");
-        let authority =
-            Authority::init(&ca.0, TrustDomain::new("example.org").unwrap()).unwrap();
-        authority.node_credentials("n1").unwrap().write_to(&node.0).unwrap();
+        let authority = Authority::init(&ca.0, TrustDomain::new("example.org").unwrap()).unwrap();
+        authority
+            .node_credentials("n1")
+            .unwrap()
+            .write_to(&node.0)
+            .unwrap();
 
-        assert_eq!(args(None, None).trust_domain().unwrap(), DEFAULT_TRUST_DOMAIN);
-        assert_eq!(args(None, Some(node.0.clone())).trust_domain().unwrap(), "example.org");
+        assert_eq!(
+            args(None, None).trust_domain().unwrap(),
+            DEFAULT_TRUST_DOMAIN
+        );
+        assert_eq!(
+            args(None, Some(node.0.clone())).trust_domain().unwrap(),
+            "example.org"
+        );
         // --trust-domain overrides.
         assert_eq!(
-            args(Some("other.td"), Some(node.0.clone())).trust_domain().unwrap(),
+            args(Some("other.td"), Some(node.0.clone()))
+                .trust_domain()
+                .unwrap(),
             "other.td"
         );
         // Unreadable credentials are a configuration error (exit 2).
-        let e = args(None, Some(node.0.join("missing"))).trust_domain().unwrap_err();
+        let e = args(None, Some(node.0.join("missing")))
+            .trust_domain()
+            .unwrap_err();
         assert!(e.is_config(), "{e}");
     }
 }

@@ -29,8 +29,8 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use super::model::{
-    Pattern,
-    Action, AuthorizationPolicy, MtlsMode, Operation, PolicyBundle, Rule, Source, StringMatch,
+    Action, AuthorizationPolicy, MtlsMode, Operation, Pattern, PolicyBundle, Rule, Source,
+    StringMatch,
 };
 
 /// Istio's default root namespace (policies there apply mesh-wide).
@@ -199,7 +199,9 @@ fn operation_matches(o: &Operation, req: Request<'_>) -> bool {
     let host = http.host.unwrap_or("");
     strings(&o.methods, &o.not_methods, |m| m.matches(http.method))
         && strings(&o.paths, &o.not_paths, |m| m.matches(path))
-        && strings(&o.hosts, &o.not_hosts, |m| host_pattern_matches(m.as_pattern(), host))
+        && strings(&o.hosts, &o.not_hosts, |m| {
+            host_pattern_matches(m.as_pattern(), host)
+        })
 }
 
 /// How a `hosts`/`notHosts` pattern matches a request's Host (or `:authority`): ASCII

@@ -209,13 +209,22 @@ mod tests {
 
     #[test]
     fn cidrs() {
-        let n = IpNet { addr: "10.1.0.0".parse().unwrap(), prefix: 16 };
+        let n = IpNet {
+            addr: "10.1.0.0".parse().unwrap(),
+            prefix: 16,
+        };
         assert!(n.contains("10.1.2.3".parse().unwrap()));
         assert!(n.contains("::ffff:10.1.2.3".parse().unwrap()));
         assert!(!n.contains("10.2.0.1".parse().unwrap()));
-        let all = IpNet { addr: "0.0.0.0".parse().unwrap(), prefix: 0 };
+        let all = IpNet {
+            addr: "0.0.0.0".parse().unwrap(),
+            prefix: 0,
+        };
         assert!(all.contains("1.2.3.4".parse().unwrap()));
-        let v6 = IpNet { addr: "fd00:1::".parse().unwrap(), prefix: 32 };
+        let v6 = IpNet {
+            addr: "fd00:1::".parse().unwrap(),
+            prefix: 32,
+        };
         assert!(v6.contains("fd00:1::5".parse().unwrap()));
         assert!(!v6.contains("fd00:2::5".parse().unwrap()));
     }

@@ -74,12 +74,8 @@ impl CompileContext {
             dir: dir.to_owned(),
             source: Box::new(source),
         })?;
-        let compiled = compile::compile(
-            &bundle,
-            &self.registry,
-            &self.root_ns,
-            &self.trust_domain,
-        )?;
+        let compiled =
+            compile::compile(&bundle, &self.registry, &self.root_ns, &self.trust_domain)?;
         Ok((bundle, compiled))
     }
 }
@@ -184,8 +180,12 @@ pub fn spawn_dir_watcher(
             }
             seen = now;
             debug!(dir = %dir.display(), "policy directory changed");
-            let (dir2, ctx2, maps2, metrics2) =
-                (dir.clone(), ctx.clone(), Arc::clone(&maps), Arc::clone(&metrics));
+            let (dir2, ctx2, maps2, metrics2) = (
+                dir.clone(),
+                ctx.clone(),
+                Arc::clone(&maps),
+                Arc::clone(&metrics),
+            );
             let done = tokio::task::spawn_blocking(move || {
                 let mut maps = maps2.lock().unwrap_or_else(|p| p.into_inner());
                 apply_dir_counted(&ctx2, &mut maps, &dir2, &metrics2);

@@ -50,7 +50,9 @@ impl ConnInfo {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConnVerdict {
     Allow,
-    Deny { policy: Option<String> },
+    Deny {
+        policy: Option<String>,
+    },
     /// Depends on each request (HTTP ports only).
     PerRequest,
 }
@@ -274,7 +276,10 @@ mod tests {
         let (_allow_tx, allow) = allow_all();
         assert_eq!(decide(enforcer(&allow), &c), ConnVerdict::Allow);
         let (_tx, deny) = watch::channel(Arc::new(DenyAll(3)) as Arc<dyn Authorizer>);
-        assert!(matches!(decide(enforcer(&deny), &c), ConnVerdict::Deny { .. }));
+        assert!(matches!(
+            decide(enforcer(&deny), &c),
+            ConnVerdict::Deny { .. }
+        ));
         let req = RequestAttrs {
             method: "GET",
             path: "/",

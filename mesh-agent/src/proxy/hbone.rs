@@ -128,7 +128,11 @@ pub fn parse_connect(
     if req.method() != Method::CONNECT {
         return Err((BadRequest::Method(req.method().to_string()), respond));
     }
-    let auth = req.uri().authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
+    let auth = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .unwrap_or_default();
     let authority = match auth.parse::<SocketAddr>() {
         Ok(a) if a.port() != 0 => a,
         _ => return Err((BadRequest::Authority(auth), respond)),
@@ -209,7 +213,8 @@ impl TunnelStream {
 
 fn h2_io(e: h2::Error) -> io::Error {
     if e.is_io() {
-        e.into_io().unwrap_or_else(|| io::Error::other("http/2 i/o"))
+        e.into_io()
+            .unwrap_or_else(|| io::Error::other("http/2 i/o"))
     } else {
         io::Error::other(e)
     }
@@ -265,7 +270,10 @@ impl AsyncWrite for TunnelStream {
             }
             Poll::Ready(Some(Ok(n))) => {
                 let n = n.min(buf.len());
-                match self.send.send_data(Bytes::copy_from_slice(&buf[..n]), false) {
+                match self
+                    .send
+                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                {
                     Ok(()) => Poll::Ready(Ok(n)),
                     Err(e) => Poll::Ready(Err(h2_io(e))),
                 }
@@ -404,7 +412,9 @@ mod tests {
     #[tokio::test]
     async fn tunnel_carries_bytes_and_half_close() {
         let send = hbone_pair().await;
-        let tunnel = open(&send, "10.2.0.2:8080".parse().unwrap(), None).await.unwrap();
+        let tunnel = open(&send, "10.2.0.2:8080".parse().unwrap(), None)
+            .await
+            .unwrap();
         let (mut app, proxy_side) = duplex(1 << 16);
         let pumping = tokio::spawn(async move { pump(proxy_side, tunnel).await });
         let payload = vec![7u8; 300_000];
@@ -428,8 +438,12 @@ mod tests {
         for i in 0..50u16 {
             let send = send.clone();
             tasks.push(tokio::spawn(async move {
-                let dst: SocketAddr = format!("10.2.0.{}:{}", i % 5 + 2, 8000 + i).parse().unwrap();
-                let tunnel = open(&send, dst, Some("10.1.0.9:4000".parse().unwrap())).await.unwrap();
+                let dst: SocketAddr = format!("10.2.0.{}:{}", i % 5 + 2, 8000 + i)
+                    .parse()
+                    .unwrap();
+                let tunnel = open(&send, dst, Some("10.1.0.9:4000".parse().unwrap()))
+                    .await
+                    .unwrap();
                 let (mut app, proxy_side) = duplex(1 << 16);
                 tokio::spawn(async move { pump(proxy_side, tunnel).await });
                 let msg = format!("hello {i}");
@@ -448,7 +462,9 @@ mod tests {
     #[tokio::test]
     async fn tunnel_stream_is_a_byte_stream_with_half_close() {
         let send = hbone_pair().await;
-        let tunnel = open(&send, "10.2.0.4:80".parse().unwrap(), None).await.unwrap();
+        let tunnel = open(&send, "10.2.0.4:80".parse().unwrap(), None)
+            .await
+            .unwrap();
         let mut stream = TunnelStream::new(tunnel);
         let payload = vec![3u8; 200_000];
         stream.write_all(&payload).await.unwrap();
@@ -462,15 +478,27 @@ mod tests {
 
     #[test]
     fn forwarded_for_is_parsed_strictly() {
-        assert_eq!(parse_forwarded_for("for=\"10.1.0.2:4000\""), "10.1.0.2:4000".parse().ok());
-        assert_eq!(parse_forwarded_for("For=\"[fd00:1::2]:80\";proto=http"), "[fd00:1::2]:80".parse().ok());
+        assert_eq!(
+            parse_forwarded_for("for=\"10.1.0.2:4000\""),
+            "10.1.0.2:4000".parse().ok()
+        );
+        assert_eq!(
+            parse_forwarded_for("For=\"[fd00:1::2]:80\";proto=http"),
+            "[fd00:1::2]:80".parse().ok()
+        );
         assert_eq!(parse_forwarded_for("for=unknown"), None);
         assert_eq!(parse_forwarded_for("by=1.2.3.4:5"), None);
     }
 
     #[test]
     fn malformed_requests_are_classified() {
-        assert_eq!(BadRequest::Method("GET".into()).status(), StatusCode::METHOD_NOT_ALLOWED);
-        assert_eq!(BadRequest::Authority("x".into()).status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            BadRequest::Method("GET".into()).status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(
+            BadRequest::Authority("x".into()).status(),
+            StatusCode::BAD_REQUEST
+        );
     }
 }

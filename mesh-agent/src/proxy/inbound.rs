@@ -135,8 +135,8 @@ impl Inbound {
         let served = registry
             .local(&node)
             .filter_map(|w| {
-                let id = SpiffeId::new(trust_domain.clone(), &w.namespace, &w.service_account)
-                    .ok()?;
+                let id =
+                    SpiffeId::new(trust_domain.clone(), &w.namespace, &w.service_account).ok()?;
                 let sni = server_name_for(&id).to_str().into_owned();
                 Some((sni, (w.id, id)))
             })
@@ -191,7 +191,10 @@ impl Inbound {
         })
         .await;
         if drained.is_err() {
-            warn!(aborted = conns.len(), "drain timeout: closing remaining hbone connections");
+            warn!(
+                aborted = conns.len(),
+                "drain timeout: closing remaining hbone connections"
+            );
             conns.abort_all();
         }
     }
@@ -328,7 +331,13 @@ impl Ctx {
         let connect = match hbone::parse_connect(req, respond) {
             Ok(c) => c,
             Err((bad, respond)) => {
-                return self.refuse(respond, peer, peer_id, conn_id, StreamRefusal::Malformed(bad))
+                return self.refuse(
+                    respond,
+                    peer,
+                    peer_id,
+                    conn_id,
+                    StreamRefusal::Malformed(bad),
+                )
             }
         };
         let dst = connect.authority;

@@ -251,14 +251,21 @@ impl Outbound {
         accepts.abort_all();
         let active = flows.len();
         if active > 0 {
-            info!(active, drain_ms = self.ctx.cfg.drain_timeout.as_millis() as u64, "draining");
+            info!(
+                active,
+                drain_ms = self.ctx.cfg.drain_timeout.as_millis() as u64,
+                "draining"
+            );
         }
         let drained = timeout(self.ctx.cfg.drain_timeout, async {
             while flows.join_next().await.is_some() {}
         })
         .await;
         if drained.is_err() {
-            warn!(aborted = flows.len(), "drain timeout: closing remaining connections");
+            warn!(
+                aborted = flows.len(),
+                "drain timeout: closing remaining connections"
+            );
             flows.abort_all();
         }
         self.ctx.pool.close_all();
@@ -337,9 +344,15 @@ impl Ctx {
         };
         let _ = client.set_nodelay(true);
         if dst_w.node == self.view.node {
-            return (Transport::Local, self.carry_local(client, orig, dst_w, dst, conn_id).await);
+            return (
+                Transport::Local,
+                self.carry_local(client, orig, dst_w, dst, conn_id).await,
+            );
         }
-        (Transport::Hbone, self.carry_hbone(client, orig, &dst_w.node, dst).await)
+        (
+            Transport::Hbone,
+            self.carry_hbone(client, orig, &dst_w.node, dst).await,
+        )
     }
 
     /// A same-node connection: this agent is also the destination side, so it enforces the

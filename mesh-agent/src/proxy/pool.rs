@@ -74,7 +74,10 @@ pub enum PoolError {
         source: std::io::Error,
     },
     #[error("{what} with {peer} timed out")]
-    Timeout { what: &'static str, peer: SocketAddr },
+    Timeout {
+        what: &'static str,
+        peer: SocketAddr,
+    },
     #[error("HBONE with {peer}: {source}")]
     Hbone {
         peer: SocketAddr,
@@ -123,7 +126,11 @@ pub struct StreamSlot {
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         if self.conn.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *self.conn.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+            *self
+                .conn
+                .idle_since
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Instant::now();
         }
     }
 }

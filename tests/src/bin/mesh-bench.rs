@@ -488,7 +488,11 @@ fn orchestrate(args: &Args) -> ExitCode {
     let cost = bench.cost.borrow();
     let per_gb = cost.throughput_cpu_secs / cost.throughput_gb.max(f64::MIN_POSITIVE);
     let per_kconn = cost.cps_cpu_secs / (cost.cps_connections / 1000.0).max(f64::MIN_POSITIVE);
-    let rss: Vec<f64> = agents.iter().filter_map(Agent::pid).map(peak_rss_mib).collect();
+    let rss: Vec<f64> = agents
+        .iter()
+        .filter_map(Agent::pid)
+        .map(peak_rss_mib)
+        .collect();
     println!("agent cost through the mesh (both agents, summed over all mesh runs):");
     println!(
         "  CPU seconds per GB carried        {per_gb:>8.2}   ({:.1} s for {:.1} GB)",
@@ -500,7 +504,10 @@ fn orchestrate(args: &Args) -> ExitCode {
     );
     println!(
         "  peak RSS (MiB)                    {}",
-        rss.iter().map(|r| format!("{r:.1}")).collect::<Vec<_>>().join(" / ")
+        rss.iter()
+            .map(|r| format!("{r:.1}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
     );
     println!();
     for w in &warnings {
@@ -683,7 +690,13 @@ impl Bench<'_> {
     fn measure(&self, rep: u32, config: Config, test: Test) -> Run {
         let pod = self.client_pod(config);
         let before = self.agent_n1.flows().len();
-        let cpu = || -> f64 { self.agents.iter().filter_map(Agent::pid).map(cpu_secs).sum() };
+        let cpu = || -> f64 {
+            self.agents
+                .iter()
+                .filter_map(Agent::pid)
+                .map(cpu_secs)
+                .sum()
+        };
         let cpu_before = cpu();
         let (values, detail, expect_flows) = match test {
             Test::Throughput => self.throughput(pod),
@@ -716,7 +729,8 @@ impl Bench<'_> {
                 }
                 Test::Cps1 | Test::Cps8 => {
                     cost.cps_cpu_secs += spent;
-                    cost.cps_connections += values.values().copied().sum::<f64>() * self.durations.cps;
+                    cost.cps_connections +=
+                        values.values().copied().sum::<f64>() * self.durations.cps;
                 }
                 Test::Rr => {}
             }
@@ -1077,7 +1091,13 @@ impl Bench<'_> {
                 out.stderr
             );
         };
-        let active = wait_generation(&log, offset, generation, started_at, Duration::from_secs(10));
+        let active = wait_generation(
+            &log,
+            offset,
+            generation,
+            started_at,
+            Duration::from_secs(10),
+        );
         Applied {
             node: index,
             generation,
@@ -1180,7 +1200,9 @@ fn http_policy_yaml(client: &str) -> String {
         "bench-http-l7",
         "server",
         client,
-        &format!("{{ports: [\"{HTTP_L7_PORT}\"], methods: [\"GET\", \"POST\"], paths: [\"/bench/*\"]}}"),
+        &format!(
+            "{{ports: [\"{HTTP_L7_PORT}\"], methods: [\"GET\", \"POST\"], paths: [\"/bench/*\"]}}"
+        ),
     )
 }
 
@@ -1460,7 +1482,12 @@ impl ScaleRun {
 
     /// The figures summarised, by key.
     fn values(&self) -> BTreeMap<&'static str, f64> {
-        let get = |k: &str| self.connect.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+        let get = |k: &str| {
+            self.connect
+                .get(k)
+                .and_then(Value::as_f64)
+                .unwrap_or(f64::NAN)
+        };
         let n1 = &self.applied[0];
         let mut v = BTreeMap::from([
             ("connect_p50_us", get("p50_us")),
@@ -1641,7 +1668,9 @@ fn print_scale_table(summary: &Value, args: &Args, d: &Durations) {
             label,
             num(small),
             num(large),
-            ratios[key].as_f64().map_or("-".into(), |x| format!("{x:.2}")),
+            ratios[key]
+                .as_f64()
+                .map_or("-".into(), |x| format!("{x:.2}")),
         );
     }
     println!("  (apply: wall time of `mesh-agent policy apply` (parse, compile, write, swap, 50 ms grace, delete the old generation); agent: from the start of the apply to the agent's `policy generation active` log line (it polls every 200 ms, then reads the generation back); compile only: `mesh-agent policy lint --registry`)");
@@ -1910,7 +1939,9 @@ mod tests {
         assert_eq!(epoch, SystemTime::UNIX_EPOCH);
         let leap = parse_utc_timestamp("2024-02-29T12:00:00.5Z").unwrap();
         assert_eq!(
-            leap.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis(),
+            leap.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
             1_709_208_000_500
         );
         assert!(parse_utc_timestamp("2026-11-23 04:31:02").is_none());

@@ -517,7 +517,11 @@ fn print_certificates(cluster: &Cluster) {
                 .strip_prefix("mesh_cert_expiry_seconds{identity=\"")
                 .and_then(|r| r.strip_suffix("\"}"))
             {
-                println!("    {}: {id}, expires in {:.1} h", node.name(), secs / 3600.0);
+                println!(
+                    "    {}: {id}, expires in {:.1} h",
+                    node.name(),
+                    secs / 3600.0
+                );
             }
         }
     }
@@ -629,7 +633,10 @@ enum Phase {
 
 /// The principal of demo pod `name`.
 fn principal(name: &str) -> String {
-    format!("{}/ns/default/sa/sa-{name}", mesh_tests::authority::TRUST_DOMAIN)
+    format!(
+        "{}/ns/default/sa/sa-{name}",
+        mesh_tests::authority::TRUST_DOMAIN
+    )
 }
 
 /// The sample policy set of `phase`, as `(file, YAML)`.
@@ -848,9 +855,8 @@ fn show_compiled_policy(cluster: &Cluster) {
         .into_iter()
         .filter(|e| e["key"]["gen"].as_u64() == Some(gen))
         .collect();
-    entries.sort_by_key(|e| {
-        ["set_id", "class_id", "port"].map(|k| e["key"][k].as_u64().unwrap_or(0))
-    });
+    entries
+        .sort_by_key(|e| ["set_id", "class_id", "port"].map(|k| e["key"][k].as_u64().unwrap_or(0)));
     println!("-- decoded: generation {gen} (mesh_config.policy_gen), one line per (set, source class, port); policy names from mesh_pol_strs");
     for e in &entries {
         let (k, v) = (&e["key"], &e["value"]);
@@ -879,7 +885,12 @@ fn show_compiled_policy(cluster: &Cluster) {
 
 /// The policy probes of one round: a2 → b1:8080 (L4), and a1's two HTTP requests to b1.
 /// Prints a line each; returns (as expected, not).
-fn policy_probes(cluster: &Cluster, agents: &[Agent], started: Instant, phase: Phase) -> (u64, u64) {
+fn policy_probes(
+    cluster: &Cluster,
+    agents: &[Agent],
+    started: Instant,
+    phase: Phase,
+) -> (u64, u64) {
     let t = started.elapsed().as_secs();
     let (a1, a2, b1) = (cluster.pod("a1"), cluster.pod("a2"), cluster.pod("b1"));
     let (mut good, mut bad) = (0, 0);
@@ -889,7 +900,10 @@ fn policy_probes(cluster: &Cluster, agents: &[Agent], started: Instant, phase: P
         } else {
             bad += 1;
         }
-        println!("[t={t:>3}s] {line}{}", if ok { "" } else { "   <-- UNEXPECTED" });
+        println!(
+            "[t={t:>3}s] {line}{}",
+            if ok { "" } else { "   <-- UNEXPECTED" }
+        );
     };
 
     // L4: a2 → b1:8080, denied in n1's kernel under v1.
@@ -902,7 +916,11 @@ fn policy_probes(cluster: &Cluster, agents: &[Agent], started: Instant, phase: P
     let expect_denied = phase == Phase::V1;
     let head = format!("a2 → b1 {:<22} policy probe L4  ", dst.to_string());
     match run.results.first() {
-        Some(r) if r.error.as_deref().is_some_and(|e| e.contains("Operation not permitted")) => {
+        Some(r)
+            if r.error
+                .as_deref()
+                .is_some_and(|e| e.contains("Operation not permitted")) =>
+        {
             let line = eventually(Duration::from_secs(2), || {
                 denied_lines(&agents[0], "l4", &dst.to_string())
                     .get(denied_before)
@@ -935,9 +953,11 @@ fn policy_probes(cluster: &Cluster, agents: &[Agent], started: Instant, phase: P
             false,
             format!(
                 "{head}FAILED: {}",
-                other
-                    .and_then(|r| r.error.clone())
-                    .unwrap_or_else(|| run.output.stderr.trim().to_owned())
+                other.and_then(|r| r.error.clone()).unwrap_or_else(|| run
+                    .output
+                    .stderr
+                    .trim()
+                    .to_owned())
             ),
         ),
     }
@@ -978,7 +998,10 @@ fn policy_probes(cluster: &Cluster, agents: &[Agent], started: Instant, phase: P
                 };
                 tally(
                     !allowed && line.is_some(),
-                    format!("{head}403 {:?} from agent n2; {log}", v["body"].as_str().unwrap_or("")),
+                    format!(
+                        "{head}403 {:?} from agent n2; {log}",
+                        v["body"].as_str().unwrap_or("")
+                    ),
                 );
             }
             _ => tally(false, format!("{head}FAILED: {v}")),

@@ -160,7 +160,12 @@ fn main() -> ExitCode {
             request,
             pipeline,
             timeout_ms,
-        } => web::http1(connect, &request, pipeline, Duration::from_millis(timeout_ms)),
+        } => web::http1(
+            connect,
+            &request,
+            pipeline,
+            Duration::from_millis(timeout_ms),
+        ),
         Cmd::H2c {
             connect,
             request,

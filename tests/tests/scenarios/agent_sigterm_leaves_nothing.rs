@@ -20,7 +20,12 @@ fn agent_sigterm_leaves_nothing() {
     let run = a1.client(&ClientRequest::new(a2.addr4(8080)).send("before"));
     assert_via_agent(&agent, a1, a2, run.single(), "before");
     let ours: Vec<u32> = node.attached_progs().iter().map(|p| p.id).collect();
-    assert_eq!(ours.len(), mesh_common::names::ALL_PROGS.len(), "attached: {:?}", node.attached_progs());
+    assert_eq!(
+        ours.len(),
+        mesh_common::names::ALL_PROGS.len(),
+        "attached: {:?}",
+        node.attached_progs()
+    );
     assert!(
         node.pin_dir().is_dir(),
         "no pin dir {} while running",

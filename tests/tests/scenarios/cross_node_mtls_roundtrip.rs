@@ -33,14 +33,19 @@ fn cross_node_mtls_roundtrip() {
 
     // The destination agent saw the client workload's verified identity.
     let inbound = wait_for(DEFAULT_TIMEOUT, "inbound record on n2", || {
-        agents[1].log_lines().into_iter().find(|l| {
-            l["message"] == "inbound" && l["dst"] == b1.addr4(8080).to_string().as_str()
-        })
+        agents[1]
+            .log_lines()
+            .into_iter()
+            .find(|l| l["message"] == "inbound" && l["dst"] == b1.addr4(8080).to_string().as_str())
     });
     assert_eq!(inbound["peer_identity"], src_id, "{inbound}");
     assert_eq!(inbound["dst_workload"], "default/b1", "{inbound}");
     assert_eq!(inbound["outcome"], "ok", "{inbound}");
-    assert_eq!(inbound["bytes_in"].as_u64(), Some(sent.len() as u64), "{inbound}");
+    assert_eq!(
+        inbound["bytes_in"].as_u64(),
+        Some(sent.len() as u64),
+        "{inbound}"
+    );
 
     // On the wire: TLS on 15008, TLS 1.3 negotiated, and never the payload.
     let segments = tcp_segments(&frames);
@@ -49,12 +54,15 @@ fn cross_node_mtls_roundtrip() {
         .filter(|s| s.src_port == HBONE_PORT || s.dst_port == HBONE_PORT)
         .filter(|s| !s.payload.is_empty())
         .collect();
-    assert!(!hbone.is_empty(), "no HBONE traffic captured among {} segments", segments.len());
+    assert!(
+        !hbone.is_empty(),
+        "no HBONE traffic captured among {} segments",
+        segments.len()
+    );
     // ServerHello's supported_versions extension selecting TLS 1.3 (0x002b, len 2, 0x0304).
     assert!(
-        hbone
-            .iter()
-            .any(|s| s.src_port == HBONE_PORT && contains(&s.payload, &[0x00, 0x2b, 0x00, 0x02, 0x03, 0x04])),
+        hbone.iter().any(|s| s.src_port == HBONE_PORT
+            && contains(&s.payload, &[0x00, 0x2b, 0x00, 0x02, 0x03, 0x04])),
         "no TLS 1.3 ServerHello from port {HBONE_PORT}"
     );
     // Application data records (type 23, legacy version 0x0303) both ways.
@@ -80,5 +88,8 @@ fn cross_node_mtls_roundtrip() {
     assert!(cluster.node(1).metric(ok_server) >= 1.0);
     assert!(cluster.node(0).metric(ok_client) >= 1.0);
     let expiry = format!(r#"mesh_cert_expiry_seconds{{identity="{src_id}"}}"#);
-    assert!(cluster.node(0).metric(&expiry) > 3600.0, "certificate expiry metric");
+    assert!(
+        cluster.node(0).metric(&expiry) > 3600.0,
+        "certificate expiry metric"
+    );
 }

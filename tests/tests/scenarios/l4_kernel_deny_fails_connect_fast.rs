@@ -7,8 +7,7 @@
 use mesh_tests::{require_privileges, Host};
 
 use super::policy_common::{
-    authz, denied_count, expect_allowed, expect_denied, inbound_seen, principal,
-    wait_denied_log,
+    authz, denied_count, expect_allowed, expect_denied, inbound_seen, principal, wait_denied_log,
 };
 use crate::cluster;
 
@@ -36,8 +35,11 @@ fn l4_kernel_deny_fails_connect_fast() {
         cluster.start_agent_with_policy(1, &dir),
     ];
     assert!(
-        agents[0].log_lines().iter().any(|v| v["message"] == "policy applied"
-            && v["generation"].as_u64().is_some_and(|g| g >= 1)),
+        agents[0]
+            .log_lines()
+            .iter()
+            .any(|v| v["message"] == "policy applied"
+                && v["generation"].as_u64().is_some_and(|g| g >= 1)),
         "no `policy applied` on n1:\n{}",
         agents[0].tail_stdout(20)
     );
@@ -51,7 +53,10 @@ fn l4_kernel_deny_fails_connect_fast() {
         assert_eq!(line["layer"], "l4", "{line}");
         assert_eq!(line["side"], "kernel", "{line}");
         assert_eq!(line["src_workload"], "default/a1", "{line}");
-        assert_eq!(line["src_identity"], "spiffe://cluster.local/ns/default/sa/sa-a1", "{line}");
+        assert_eq!(
+            line["src_identity"], "spiffe://cluster.local/ns/default/sa/sa-a1",
+            "{line}"
+        );
         assert_eq!(line["dst_workload"], "default/b1", "{line}");
         assert_eq!(line["port"], 8080, "{line}");
         assert_eq!(line["policy"], "default/deny-a1", "{line}");
@@ -61,8 +66,15 @@ fn l4_kernel_deny_fails_connect_fast() {
         "connect_denied_policy did not move"
     );
     // Nothing arrived at b1's node.
-    assert!(server.accepted().is_empty(), "b1 accepted {:?}", server.accepted());
-    assert!(!inbound_seen(&agents[1], b1.addr4(8080)), "n2 saw an inbound connection");
+    assert!(
+        server.accepted().is_empty(),
+        "b1 accepted {:?}",
+        server.accepted()
+    );
+    assert!(
+        !inbound_seen(&agents[1], b1.addr4(8080)),
+        "n2 saw an inbound connection"
+    );
     assert_eq!(denied_count(&cluster, 1), 0);
 
     // Another port, and another source, are not denied.

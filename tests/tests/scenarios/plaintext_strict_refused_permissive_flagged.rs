@@ -15,7 +15,9 @@
 use std::{net::SocketAddr, time::Duration};
 
 use mesh_common::{counters as ctr, names};
-use mesh_tests::{bpftool, require_privileges, wait_for, Agent, ClientRequest, Host, DEFAULT_TIMEOUT};
+use mesh_tests::{
+    bpftool, require_privileges, wait_for, Agent, ClientRequest, Host, DEFAULT_TIMEOUT,
+};
 use serde_json::Value;
 
 use crate::{assert_direct, assert_via_agent, cluster};
@@ -142,7 +144,11 @@ fn plaintext_strict_refused_permissive_flagged() {
         "more refusals counted than the kernel dropped SYNs: {report}"
     );
     assert_eq!(cluster.node(0).metric(refused), 0.0, "n1 refused plaintext");
-    assert_eq!(cluster.node(0).metric(permissive), 0.0, "n1 flagged plaintext");
+    assert_eq!(
+        cluster.node(0).metric(permissive),
+        0.0,
+        "n1 flagged plaintext"
+    );
     // Nothing of it on n1, where no enrolled workload was a destination.
     let n1 = bpftool::counters(&cluster.node(0).pin_dir().join(names::MAP_COUNTERS));
     assert_eq!(n1[ctr::INGRESS_PLAINTEXT_REFUSED as usize], 0, "n1: {n1:?}");

@@ -28,8 +28,17 @@ pub fn principal(name: &str) -> String {
 /// sees EPERM, in well under 100 ms. Returns the result.
 #[track_caller]
 pub fn expect_denied(src: &Pod, dst: SocketAddr) -> ClientResult {
-    let run = src.client(&ClientRequest::new(dst).send("denied?").io_timeout(DENIED_TIMEOUT));
-    assert!(!run.success(), "{} → {dst} should be denied: {:?}", src.name(), run.results);
+    let run = src.client(
+        &ClientRequest::new(dst)
+            .send("denied?")
+            .io_timeout(DENIED_TIMEOUT),
+    );
+    assert!(
+        !run.success(),
+        "{} → {dst} should be denied: {:?}",
+        src.name(),
+        run.results
+    );
     assert_eq!(run.results.len(), 1, "{:?}", run.results);
     let r = run.results[0].clone();
     let err = r.error.clone().unwrap_or_default();
@@ -49,7 +58,11 @@ pub fn expect_denied(src: &Pod, dst: SocketAddr) -> ClientResult {
 pub fn expect_allowed(src: &Pod, dst: SocketAddr) -> ClientResult {
     let run = src.client(&ClientRequest::new(dst).send("allowed?"));
     let r = run.single().clone();
-    assert!(r.echo_ok && r.hello.is_some(), "{} → {dst} should work: {r:?}", src.name());
+    assert!(
+        r.echo_ok && r.hello.is_some(),
+        "{} → {dst} should work: {r:?}",
+        src.name()
+    );
     r
 }
 
@@ -66,11 +79,15 @@ pub fn denied_count(cluster: &Cluster, index: usize) -> u64 {
 /// The agent's `connection denied` line for `dst`, waited for.
 #[track_caller]
 pub fn wait_denied_log(agent: &Agent, dst: SocketAddr) -> Value {
-    wait_for(DEFAULT_TIMEOUT, &format!("`connection denied` for {dst}"), || {
-        agent.log_lines().into_iter().find(|v| {
-            v["message"] == "connection denied" && v["dst"] == dst.to_string().as_str()
-        })
-    })
+    wait_for(
+        DEFAULT_TIMEOUT,
+        &format!("`connection denied` for {dst}"),
+        || {
+            agent.log_lines().into_iter().find(|v| {
+                v["message"] == "connection denied" && v["dst"] == dst.to_string().as_str()
+            })
+        },
+    )
 }
 
 /// Whether node `node`'s agent logged an `inbound` record for `dst`.
@@ -141,13 +158,22 @@ pub fn apply(cluster: &Cluster, agents: &[Agent], name: &str, yaml: &str) {
     let dir = cluster.write_policy_dir(name, &[("policy.yaml", yaml)]);
     for (i, agent) in agents.iter().enumerate() {
         let applied = cluster.policy_apply(i, &dir);
-        assert_eq!(applied.code, Some(0), "policy {name} on node {i}: {applied:?}");
+        assert_eq!(
+            applied.code,
+            Some(0),
+            "policy {name} on node {i}: {applied:?}"
+        );
         let gen = applied.generation().expect("generation in the output");
-        wait_for(DEFAULT_TIMEOUT, &format!("node {i}'s agent on generation {gen} ({name})"), || {
-            agent.log_lines().into_iter().find(|v| {
-                v["message"] == "policy generation active" && v["generation"].as_u64() == Some(gen)
-            })
-        });
+        wait_for(
+            DEFAULT_TIMEOUT,
+            &format!("node {i}'s agent on generation {gen} ({name})"),
+            || {
+                agent.log_lines().into_iter().find(|v| {
+                    v["message"] == "policy generation active"
+                        && v["generation"].as_u64() == Some(gen)
+                })
+            },
+        );
     }
 }
 
@@ -163,7 +189,9 @@ pub fn lines(agent: &Agent, message: &str, pred: impl Fn(&Value) -> bool) -> Vec
 /// Waits (bounded) for a log line with `message` matching `pred`, and returns it.
 #[track_caller]
 pub fn wait_line(agent: &Agent, message: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    wait_for(DEFAULT_TIMEOUT, &format!("`{message}` ({what}) on {}", agent.spec().node), || {
-        lines(agent, message, &pred).into_iter().next()
-    })
+    wait_for(
+        DEFAULT_TIMEOUT,
+        &format!("`{message}` ({what}) on {}", agent.spec().node),
+        || lines(agent, message, &pred).into_iter().next(),
+    )
 }

@@ -20,7 +20,11 @@ fn text(v: &Value) -> String {
     let len = v["len"].as_u64().unwrap_or(0) as usize;
     let bytes: Vec<u8> = v["bytes"]
         .as_array()
-        .map(|a| a.iter().filter_map(|b| b.as_u64().map(|b| b as u8)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|b| b.as_u64().map(|b| b as u8))
+                .collect()
+        })
         .unwrap_or_default();
     String::from_utf8_lossy(&bytes[..len.min(bytes.len())]).into_owned()
 }
@@ -56,7 +60,10 @@ fn policy_maps_roundtrip_via_bpftool() {
 
     let l4 = dump(&cluster, 0, names::MAP_POL_L4);
     assert_eq!(l4.len() as u64, l4_entries, "{l4:?}");
-    assert!(l4.iter().all(|e| e["key"]["gen"].as_u64() == Some(gen)), "{l4:?}");
+    assert!(
+        l4.iter().all(|e| e["key"]["gen"].as_u64() == Some(gen)),
+        "{l4:?}"
+    );
     let per_request: Vec<&Value> = l4
         .iter()
         .filter(|e| e["value"]["verdict"].as_u64() == Some(u64::from(POL_L7)))
@@ -67,7 +74,10 @@ fn policy_maps_roundtrip_via_bpftool() {
 
     let l7 = dump(&cluster, 0, names::MAP_POL_L7);
     assert_eq!(l7.len(), 1, "{l7:?}");
-    assert_eq!(l7[0]["value"]["action"].as_u64(), Some(u64::from(POL_ACTION_ALLOW)));
+    assert_eq!(
+        l7[0]["value"]["action"].as_u64(),
+        Some(u64::from(POL_ACTION_ALLOW))
+    );
     let strs: Vec<(u64, String)> = dump(&cluster, 0, names::MAP_POL_STRS)
         .iter()
         .map(|e| (e["key"]["str_id"].as_u64().unwrap_or(0), text(&e["value"])))
@@ -81,7 +91,12 @@ fn policy_maps_roundtrip_via_bpftool() {
     assert_eq!(name_of(&l7[0]["value"]["policy_str"]), "default/allow-get");
     let mut ops: Vec<(u64, String)> = dump(&cluster, 0, names::MAP_POL_OPS)
         .iter()
-        .map(|e| (e["value"]["field"].as_u64().unwrap_or(0), name_of(&e["value"]["str_id"])))
+        .map(|e| {
+            (
+                e["value"]["field"].as_u64().unwrap_or(0),
+                name_of(&e["value"]["str_id"]),
+            )
+        })
         .collect();
     ops.sort();
     assert_eq!(
@@ -105,7 +120,10 @@ fn policy_maps_roundtrip_via_bpftool() {
     let run = a1.client(&ClientRequest::new(b1.addr4(8080)).send("GET?"));
     let r = &run.results[0];
     assert!(
-        !r.error.as_deref().unwrap_or("").contains("Operation not permitted"),
+        !r.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("Operation not permitted"),
         "a1 refused by the kernel: {r:?}"
     );
     expect_denied(a2, b1.addr4(8080));

@@ -55,9 +55,12 @@ fn policy_update_is_atomic_and_bad_update_keeps_old() {
     // Bad directories: each refused with a clear message, nothing changes.
     // Enough ports that (port entries × source classes) exceeds the L4 map's budget.
     let budget = mesh_common::policy::budget(mesh_common::policy::capacity::POL_L4);
-    let many_ports: Vec<String> = (1..=budget / 2 + 1000).map(|p| format!("\"{p}\"")).collect();
+    let many_ports: Vec<String> = (1..=budget / 2 + 1000)
+        .map(|p| format!("\"{p}\""))
+        .collect();
     let overflow = deny_port(9090).replace("[\"9090\"]", &format!("[{}]", many_ports.join(", ")));
-    let malformed = deny_port(9090).replace("metadata:\n  name: deny-a1", "metadata: {name: deny-a1");
+    let malformed =
+        deny_port(9090).replace("metadata:\n  name: deny-a1", "metadata: {name: deny-a1");
     let unknown_kind = deny_port(9090).replace("kind: AuthorizationPolicy", "kind: Sidecar");
     let when = format!(
         "{}    when:\n    - key: source.ip\n      values: [\"10.0.0.1\"]\n",
@@ -71,7 +74,11 @@ fn policy_update_is_atomic_and_bad_update_keeps_old() {
         ),
         ("malformed", malformed, &["p.yaml:"]),
         ("unknown-kind", unknown_kind, &["p.yaml:", "Sidecar"]),
-        ("when", when, &["p.yaml:", "default/deny-a1", "when", "not supported"]),
+        (
+            "when",
+            when,
+            &["p.yaml:", "default/deny-a1", "when", "not supported"],
+        ),
         ("overflow", overflow, &[names::MAP_POL_L4, "would need"]),
     ];
     for (name, text, needles) in &bad_cases {
@@ -79,15 +86,25 @@ fn policy_update_is_atomic_and_bad_update_keeps_old() {
         let refused = cluster.policy_apply(0, &bad);
         assert_eq!(refused.code, Some(2), "{name}: {refused:?}");
         for needle in *needles {
-            assert!(refused.stderr.contains(needle), "{name}: no {needle:?} in {refused:?}");
+            assert!(
+                refused.stderr.contains(needle),
+                "{name}: no {needle:?} in {refused:?}"
+            );
         }
         for map in names::POLICY_MAPS {
             let gens = generations(&cluster, 0, map);
-            assert!(gens.is_empty() || gens == vec![g1], "{name}: {map}: {gens:?}");
+            assert!(
+                gens.is_empty() || gens == vec![g1],
+                "{name}: {map}: {gens:?}"
+            );
         }
         expect_denied(a1, b1.addr4(8080));
         expect_allowed(a1, b1.addr4(9090));
-        assert_eq!(cluster.node(0).metric(generation_metric), g1 as f64, "{name}");
+        assert_eq!(
+            cluster.node(0).metric(generation_metric),
+            g1 as f64,
+            "{name}"
+        );
     }
     // The kernel's denials were counted by the agent.
     let kernel_denials = r#"mesh_policy_denials_total{layer="l4",side="kernel"}"#;
