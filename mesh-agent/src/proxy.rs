@@ -177,6 +177,14 @@ pub async fn connect_from(
     }
     .map_err(io)?;
     if let Some(ip) = src.for_dst(&dst) {
+        // Bind the address only: the port is chosen at connect() from the whole 4-tuple, so
+        // connections to different destinations can share source ports (no ephemeral-port
+        // exhaustion from binding). Best effort: without it, bind still works.
+        let _ = nix::sys::socket::setsockopt(
+            &sock,
+            nix::sys::socket::sockopt::IpBindAddressNoPort,
+            &true,
+        );
         sock.bind(SocketAddr::new(ip, 0)).map_err(io)?;
     }
     let stream = timeout(limit, sock.connect(dst))
@@ -242,6 +250,22 @@ pub fn orig_dst_addr(orig: &OrigDst) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn upstream_sockets_bind_the_mesh_address_without_reserving_a_port() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = listener.local_addr().unwrap();
+        let src = SourceAddrs {
+            v4: Some("127.0.0.1".parse().unwrap()),
+            v6: None,
+        };
+        let stream = connect_from(&src, dst, Duration::from_secs(2)).await.unwrap();
+        assert_eq!(stream.local_addr().unwrap().ip(), src.v4.unwrap());
+        let no_port =
+            nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::IpBindAddressNoPort)
+                .unwrap();
+        assert!(no_port, "IP_BIND_ADDRESS_NO_PORT not set");
+    }
 
     #[test]
     fn words_roundtrip_v4_and_v6() {
