@@ -13,8 +13,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The HBONE port on every node agent.
 pub const HBONE_PORT: u16 = 15008;
-/// Largest header block accepted; larger ones are refused by h2 itself.
+/// Largest header block accepted (HPACK accounting: name + value + 32 per field). Checked by
+/// [`parse_connect`], so a larger one is refused `431` with a logged reason.
 pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+/// The hard cap h2 enforces before a request reaches us (memory bound; above it h2 answers
+/// `431` itself, without a log line of ours).
+const H2_HEADER_LIST_CAP: u32 = 4 * MAX_HEADER_LIST_SIZE;
 /// Concurrent tunnels per HBONE connection (the pool's stream limit).
 pub const MAX_CONCURRENT_STREAMS: u32 = 100;
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
@@ -55,7 +59,7 @@ pub fn server_builder() -> h2::server::Builder {
     b.initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
         .max_frame_size(MAX_FRAME)
-        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .max_header_list_size(H2_HEADER_LIST_CAP)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .max_concurrent_reset_streams(64)
         .max_pending_accept_reset_streams(64);
@@ -117,6 +121,8 @@ pub enum BadRequest {
     Method(String),
     #[error("authority {0:?} is not ip:port")]
     Authority(String),
+    #[error("header block of {size} bytes exceeds {MAX_HEADER_LIST_SIZE}")]
+    HeadersTooLarge { size: usize },
 }
 
 /// Checks a request's form. On error the caller answers with
@@ -125,6 +131,17 @@ pub fn parse_connect(
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
 ) -> Result<ConnectRequest, (BadRequest, SendResponse<Bytes>)> {
+    // HPACK's accounting (RFC 7541 §4.1): name + value + 32 per field, pseudo-headers included.
+    let pseudo = req.method().as_str().len() + req.uri().to_string().len() + 2 * (7 + 32);
+    let size = pseudo
+        + req
+            .headers()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 32)
+            .sum::<usize>();
+    if size > MAX_HEADER_LIST_SIZE as usize {
+        return Err((BadRequest::HeadersTooLarge { size }, respond));
+    }
     if req.method() != Method::CONNECT {
         return Err((BadRequest::Method(req.method().to_string()), respond));
     }
@@ -169,6 +186,7 @@ impl BadRequest {
         match self {
             Self::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Authority(_) => StatusCode::BAD_REQUEST,
+            Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         }
     }
 }
@@ -499,6 +517,10 @@ mod tests {
         assert_eq!(
             BadRequest::Authority("x".into()).status(),
             StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            BadRequest::HeadersTooLarge { size: 20_000 }.status(),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
         );
     }
 }
