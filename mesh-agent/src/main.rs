@@ -33,6 +33,8 @@ enum Command {
     Authority(mesh_agent::operator::authority::AuthorityArgs),
     /// Check, apply and show authorization policy.
     Policy(mesh_agent::operator::policy::PolicyArgs),
+    /// The node side of joining the mesh: `node csr` (the node key stays on the node).
+    Node(mesh_agent::operator::node::NodeArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -106,6 +108,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Authority(args) => mesh_agent::operator::authority::main(args),
         Command::Policy(args) => mesh_agent::operator::policy::main(args),
+        Command::Node(args) => mesh_agent::operator::node::main(args),
         Command::Run(args) => {
             let opts = AgentOptions {
                 node: args.node,

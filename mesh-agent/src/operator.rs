@@ -1,6 +1,7 @@
 //! The operator CLI: commands that manage the mesh rather than run the data path.
 //!
 //! - [`authority`]: `mesh-agent authority init|join|serve|revoke|roots` (the CA);
+//! - [`node`]: `mesh-agent node csr` (the node side of a CSR-based join);
 //! - [`policy`]: `mesh-agent policy lint|apply|show`.
 //!
 //! Commands that print data take `--output text|json`; their logs go to stderr (level from
@@ -8,6 +9,7 @@
 //! (`authority serve`) log to stdout like the agent.
 
 pub mod authority;
+pub mod node;
 pub mod policy;
 
 use std::io::Write;

@@ -81,11 +81,16 @@ impl Authority {
         &self.dir
     }
 
-    /// `authority join --node <node>`: the node's credentials directory.
+    /// Joins `node` the way a real node does: `mesh-agent node csr` generates the node key in
+    /// the node's credentials directory (it never leaves it), `authority join --csr` signs the
+    /// CSR and writes the certificate and bundle. Returns the directory (`--identity-dir`).
     #[track_caller]
     pub fn join(&self, node: &str) -> PathBuf {
         let out = self.log_dir.join(format!("identity-{node}"));
         if !out.join("node.pem").exists() {
+            let out_s = out.to_string_lossy();
+            run_cli(&["node", "csr", "--dir", &out_s]);
+            let csr = out.join("node.csr.pem");
             run_cli(&[
                 "authority",
                 "join",
@@ -93,8 +98,10 @@ impl Authority {
                 &self.dir.to_string_lossy(),
                 "--node",
                 node,
+                "--csr",
+                &csr.to_string_lossy(),
                 "--out",
-                &out.to_string_lossy(),
+                &out_s,
             ]);
         }
         out

@@ -586,6 +586,23 @@ impl Authority {
         Ok((chain, key.serialize_pem()))
     }
 
+    /// Signs a node's CSR: the node generated its key and keeps it (`NodeCredentials::request`);
+    /// the certificate names `spiffe://<td>/node/<node>` whatever the CSR asks for. Returns the
+    /// chain (leaf, then issuing).
+    pub fn sign_node_csr(&self, node: &str, csr_pem: &str) -> Result<String, IdentityError> {
+        let id = NodeId::new(self.trust_domain.clone(), node)?;
+        let public_key = parse_csr(csr_pem)?;
+        let now = now_secs();
+        let (chain, serial, _, _) = self.sign_leaf(
+            &public_key,
+            &PeerId::Node(id.clone()),
+            now - CLOCK_SKEW_BACKDATE,
+            now + NODE_CERT_LIFETIME,
+        )?;
+        info!(node = %id, serial = %serial, "node certificate signed from a CSR");
+        Ok(chain)
+    }
+
     /// [`Authority::issue_node_cert`] plus the current trust bundle.
     pub fn node_credentials(&self, node: &str) -> Result<NodeCredentials, IdentityError> {
         let (chain_pem, key_pem) = self.issue_node_cert(node)?;
@@ -721,6 +738,58 @@ impl NodeCredentials {
             self.bundle_pem.as_bytes(),
             0o644,
         )
+    }
+
+    /// The CSR file [`NodeCredentials::request`] writes.
+    pub const CSR_FILE: &'static str = "node.csr.pem";
+
+    /// The node side of a CSR-based join: makes sure `dir` (created 0700 if missing) holds a
+    /// node key (`node.key.pem`, 0600, generated here if absent and kept if present, so a
+    /// re-join under a new root keeps it) and writes a CSR for it (`node.csr.pem`), which is
+    /// all that goes to the authority. Returns the CSR.
+    pub fn request(dir: impl AsRef<Path>) -> Result<String, IdentityError> {
+        let dir = dir.as_ref();
+        create_private_dir(dir)?;
+        let key_path = dir.join(Self::KEY_FILE);
+        let key = if key_path.exists() {
+            let pem = read_string(&key_path)?;
+            KeyPair::from_pem(&pem).map_err(|source| IdentityError::Rcgen {
+                context: "reading the node key",
+                source,
+            })?
+        } else {
+            let key = new_key()?;
+            write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+            key
+        };
+        let csr = CertificateParams::default()
+            .serialize_request(&key)
+            .and_then(|csr| csr.pem())
+            .map_err(|source| IdentityError::Rcgen {
+                context: "creating the node CSR",
+                source,
+            })?;
+        write_atomic(&dir.join(Self::CSR_FILE), csr.as_bytes(), 0o644)?;
+        Ok(csr)
+    }
+
+    /// The authority side's answer to a CSR: writes the node certificate chain and the trust
+    /// bundle into `dir` (the key is not touched). If `dir` holds the node key, the chain must
+    /// belong to it; nothing is written otherwise.
+    pub fn write_signed(
+        dir: impl AsRef<Path>,
+        chain_pem: &str,
+        bundle_pem: &str,
+    ) -> Result<(), IdentityError> {
+        let dir = dir.as_ref();
+        let key_path = dir.join(Self::KEY_FILE);
+        if key_path.exists() {
+            let key_pem = read_string(&key_path)?;
+            certified_key(certs_from_pem(chain_pem, "node certificate")?, &key_pem)?;
+        }
+        create_private_dir(dir)?;
+        write_atomic(&dir.join(Self::CERT_FILE), chain_pem.as_bytes(), 0o644)?;
+        write_atomic(&dir.join(Self::BUNDLE_FILE), bundle_pem.as_bytes(), 0o644)
     }
 
     /// Reads them back; the node identity comes from the certificate's URI SAN.
@@ -1069,6 +1138,42 @@ fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), IdentityE
 
 #[cfg(test)]
 pub(crate) mod tests {
+
+    #[test]
+    fn csr_join_keeps_the_node_key_on_the_node() {
+        let tmp = std::env::temp_dir().join(format!("mesh-csr-join-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let ca = Authority::init(tmp.join("ca"), TrustDomain::new("cluster.local").unwrap()).unwrap();
+        let node_dir = tmp.join("n1");
+        let csr = NodeCredentials::request(&node_dir).unwrap();
+        let key_before = std::fs::read_to_string(node_dir.join(NodeCredentials::KEY_FILE)).unwrap();
+        let chain = ca.sign_node_csr("n1", &csr).unwrap();
+        NodeCredentials::write_signed(&node_dir, &chain, &ca.bundle_pem()).unwrap();
+        let creds = NodeCredentials::load(&node_dir).unwrap();
+        assert_eq!(creds.node.node(), "n1");
+        assert_eq!(creds.key_pem, key_before, "the node key was replaced");
+        // A second request keeps the key (re-join under a new root).
+        NodeCredentials::request(&node_dir).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(node_dir.join(NodeCredentials::KEY_FILE)).unwrap(),
+            key_before
+        );
+        // A chain for another key is refused and nothing is written.
+        let other = tmp.join("other");
+        let other_chain = ca
+            .sign_node_csr("n1", &NodeCredentials::request(&other).unwrap())
+            .unwrap();
+        let before = std::fs::read_to_string(node_dir.join(NodeCredentials::CERT_FILE)).unwrap();
+        assert!(NodeCredentials::write_signed(&node_dir, &other_chain, &ca.bundle_pem()).is_err());
+        assert_eq!(
+            std::fs::read_to_string(node_dir.join(NodeCredentials::CERT_FILE)).unwrap(),
+            before
+        );
+        // Garbage is not a CSR (node names are checked by the CLI, as for `join`).
+        assert!(ca.sign_node_csr("n1", "not a csr").is_err());
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
