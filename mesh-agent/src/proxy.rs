@@ -259,7 +259,9 @@ mod tests {
             v4: Some("127.0.0.1".parse().unwrap()),
             v6: None,
         };
-        let stream = connect_from(&src, dst, Duration::from_secs(2)).await.unwrap();
+        let stream = connect_from(&src, dst, Duration::from_secs(2))
+            .await
+            .unwrap();
         assert_eq!(stream.local_addr().unwrap().ip(), src.v4.unwrap());
         let no_port =
             nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::IpBindAddressNoPort)

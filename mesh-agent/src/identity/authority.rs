@@ -1143,7 +1143,8 @@ pub(crate) mod tests {
     fn csr_join_keeps_the_node_key_on_the_node() {
         let tmp = std::env::temp_dir().join(format!("mesh-csr-join-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
-        let ca = Authority::init(tmp.join("ca"), TrustDomain::new("cluster.local").unwrap()).unwrap();
+        let ca =
+            Authority::init(tmp.join("ca"), TrustDomain::new("cluster.local").unwrap()).unwrap();
         let node_dir = tmp.join("n1");
         let csr = NodeCredentials::request(&node_dir).unwrap();
         let key_before = std::fs::read_to_string(node_dir.join(NodeCredentials::KEY_FILE)).unwrap();

@@ -331,12 +331,11 @@ fn join(a: JoinArgs) -> Result<(), OperatorError> {
     let authority = load(&a.dir)?;
     let out = match &a.csr {
         Some(csr_path) => {
-            let csr = std::fs::read_to_string(csr_path).map_err(|source| {
-                OperatorError::ReadCsr {
+            let csr =
+                std::fs::read_to_string(csr_path).map_err(|source| OperatorError::ReadCsr {
                     path: csr_path.clone(),
                     source,
-                }
-            })?;
+                })?;
             let chain = authority
                 .sign_node_csr(&a.node, &csr)
                 .map_err(authority_err("signing the node CSR"))?;
