@@ -20,5 +20,7 @@ pub mod maps;
 pub mod model;
 pub mod parse;
 pub mod source;
+#[cfg(test)]
+mod strategies;
 
 pub use parse::PolicyError;

@@ -2,10 +2,13 @@
 
 use std::{
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use crate::{poll::POLL_INTERVAL, sys};
+use crate::{poll::eventually, sys};
+
+/// How long teardown waits for a cgroup to empty and go away.
+const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A cgroup2 directory created by the harness, removed on drop. Only the
 /// harness puts processes into it; any still there at drop are killed by pid
@@ -78,35 +81,34 @@ impl Drop for Cgroup {
         if !self.path.exists() {
             return;
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
+        // Kill what is left (processes of ours that outlived their guards), until empty.
+        let emptied = eventually(TEARDOWN_TIMEOUT, || {
             let pids = pids_of(&self.path);
-            if pids.is_empty() {
-                break;
-            }
-            if Instant::now() >= deadline {
-                eprintln!("mesh-tests: pids {pids:?} still in {}", self.path.display());
-                break;
-            }
-            for pid in pids {
+            for &pid in &pids {
                 // SAFETY: kill has no memory-safety preconditions. The pid is
                 // in a cgroup this harness created and only it fills.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
-            std::thread::sleep(POLL_INTERVAL);
+            pids.is_empty().then_some(())
+        });
+        if emptied.is_none() {
+            eprintln!(
+                "mesh-tests: pids {:?} still in {}",
+                pids_of(&self.path),
+                self.path.display()
+            );
         }
         // rmdir can briefly fail with EBUSY while the last task is exiting.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match std::fs::remove_dir(&self.path) {
-                Ok(()) => break,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                Err(e) if Instant::now() >= deadline => {
-                    eprintln!("mesh-tests: removing cgroup {}: {e}", self.path.display());
-                    break;
-                }
-                Err(_) => std::thread::sleep(POLL_INTERVAL),
-            }
+        let removed = eventually(TEARDOWN_TIMEOUT, || match std::fs::remove_dir(&self.path) {
+            Ok(()) => Some(Ok(())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(Ok(())),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => None,
+            Err(e) => Some(Err(e)),
+        });
+        match removed {
+            Some(Ok(())) => {}
+            Some(Err(e)) => eprintln!("mesh-tests: removing cgroup {}: {e}", self.path.display()),
+            None => eprintln!("mesh-tests: cgroup {} stayed busy", self.path.display()),
         }
     }
 }

@@ -121,16 +121,13 @@ pub fn serve(listens: &[SocketAddr], name: &str, resp_size: usize, emit: fn(&Val
         let local = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
         emit(&json!({"event": "listening", "local": local}));
         let name = name.to_owned();
-        threads.push(std::thread::spawn(move || loop {
-            match l.accept() {
-                Ok((s, _)) => {
-                    let name = name.clone();
-                    std::thread::spawn(move || {
-                        let _ = serve_conn(s, &name, resp_size);
-                    });
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(10)),
-            }
+        threads.push(std::thread::spawn(move || {
+            crate::net::accept_forever(&l, "http-serve", |s, _| {
+                let name = name.clone();
+                std::thread::spawn(move || {
+                    let _ = serve_conn(s, &name, resp_size);
+                });
+            })
         }));
     }
     for t in threads {

@@ -28,6 +28,7 @@ pub mod cgroup;
 pub mod cluster;
 pub mod hbone;
 pub mod httpload;
+pub mod net;
 pub mod netns;
 pub mod poll;
 pub mod process;

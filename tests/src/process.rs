@@ -5,10 +5,10 @@ use std::{
     os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use crate::{poll::POLL_INTERVAL, sys};
+use crate::{poll::eventually, sys};
 
 /// Grace between SIGTERM and SIGKILL when a guard is dropped.
 pub const TERM_GRACE: Duration = Duration::from_secs(3);
@@ -178,16 +178,7 @@ impl Proc {
 
     /// Waits at most `timeout` for the process to exit.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.try_status() {
-                return Some(s);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(POLL_INTERVAL.min(Duration::from_millis(20)));
-        }
+        eventually(timeout, || self.try_status())
     }
 
     /// SIGKILL and reap.

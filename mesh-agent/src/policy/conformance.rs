@@ -22,13 +22,15 @@ use std::{
 
 use proptest::prelude::*;
 
+use super::strategies::{full_source, operation, pick, rule};
+
 use super::{
     compile::{compile, permissive, principal},
     eval::{self, evaluate, HttpRequest, Peer, Request, Target},
     maps::{Family, L4Verdict, PolicyView},
     model::{
         Action, AuthorizationPolicy, IpNet, MtlsMode, Operation, Origin, PeerAuthentication,
-        PolicyBundle, Rule, Source, StringMatch,
+        PolicyBundle, Rule, Source,
     },
     parse::parse_cidr,
 };
@@ -109,14 +111,8 @@ fn registry(ws: &[GenWorkload]) -> Registry {
         .unwrap_or_else(|e| panic!("generated registry refused: {e}\n{text}"))
 }
 
-fn pick(values: &'static [&'static str]) -> impl Strategy<Value = Vec<StringMatch>> {
-    prop::collection::vec(
-        prop::sample::select(values).prop_map(StringMatch::from_pattern),
-        0..3,
-    )
-}
 
-fn nets() -> impl Strategy<Value = Vec<IpNet>> {
+fn nets() -> impl Strategy<Value = Vec<IpNet>> + Clone {
     prop::collection::vec(
         prop::sample::select(vec![
             "10.1.0.0/16",
@@ -143,26 +139,7 @@ fn arb_source() -> impl Strategy<Value = Source> {
     ];
     let namespaces: &'static [&'static str] = &["default", "other", "oth*", "*ult", "*"];
     // Mostly one kind of field at a time, so that sources often match.
-    let full = (
-        pick(principals),
-        pick(principals),
-        pick(namespaces),
-        pick(namespaces),
-        nets(),
-        nets(),
-    )
-        .prop_map(
-            |(principals, not_principals, namespaces, not_namespaces, ip_blocks, not_ip_blocks)| {
-                Source {
-                    principals,
-                    not_principals,
-                    namespaces,
-                    not_namespaces,
-                    ip_blocks,
-                    not_ip_blocks,
-                }
-            },
-        );
+    let full = full_source(principals, namespaces, nets());
     prop_oneof![
         2 => pick(principals).prop_map(|principals| Source { principals, ..Source::default() }),
         1 => pick(principals).prop_map(|not_principals| Source { not_principals, ..Source::default() }),
@@ -174,41 +151,25 @@ fn arb_source() -> impl Strategy<Value = Source> {
 
 fn arb_operation() -> impl Strategy<Value = Operation> {
     let ports = prop::collection::vec(prop::sample::select(vec![80u16, 8080, 9000]), 0..3);
-    let methods: &'static [&'static str] = &["GET", "POST", "*"];
-    let paths: &'static [&'static str] = &["/api/*", "/health", "*.json", "*"];
-    // Stored lowercase, as the parser stores them.
-    let hosts: &'static [&'static str] = &["web", "web.svc", "*.svc", "web*", "*"];
-    let http = (
-        pick(methods),
-        pick(methods),
-        pick(paths),
-        pick(paths),
-        pick(hosts),
-        pick(hosts),
-    );
-    let http = prop_oneof![2 => Just(Default::default()), 1 => http];
-    (ports.clone(), ports, http).prop_map(
-        |(ports, not_ports, (methods, not_methods, paths, not_paths, hosts, not_hosts))| {
-            Operation {
-                ports,
-                not_ports,
-                methods,
-                not_methods,
-                paths,
-                not_paths,
-                hosts,
-                not_hosts,
-            }
-        },
+    // Hosts stored lowercase, as the parser stores them.
+    operation(
+        ports,
+        &["GET", "POST", "*"],
+        &["/api/*", "/health", "*.json", "*"],
+        &["web", "web.svc", "*.svc", "web*", "*"],
+        2,
     )
 }
 
 fn arb_rule() -> impl Strategy<Value = Rule> {
-    (
-        prop::collection::vec(arb_source(), 0..3),
-        prop::collection::vec(arb_operation(), 0..3),
-    )
-        .prop_map(|(from, to)| Rule { from, to })
+    rule(arb_source(), arb_operation(), 3)
+}
+
+fn origin() -> Origin {
+    Origin {
+        file: PathBuf::from("prop.yaml"),
+        line: 1,
+    }
 }
 
 fn selector() -> impl Strategy<Value = Option<BTreeMap<String, String>>> {
@@ -227,13 +188,6 @@ fn selector() -> impl Strategy<Value = Option<BTreeMap<String, String>>> {
                 .collect()
         })
     })
-}
-
-fn origin() -> Origin {
-    Origin {
-        file: PathBuf::from("prop.yaml"),
-        line: 1,
-    }
 }
 
 fn arb_policy() -> impl Strategy<Value = AuthorizationPolicy> {

@@ -281,6 +281,8 @@ mod tests {
 
     use proptest::prelude::*;
 
+    use crate::policy::strategies::{full_source, operation, rule};
+
     use super::*;
     use crate::policy::{
         model::{IpNet, Origin, PeerAuthentication},
@@ -929,86 +931,26 @@ mod tests {
 
     // Property tests over a small universe, so that random policies often match.
 
-    fn pick(values: &'static [&'static str]) -> impl Strategy<Value = Vec<StringMatch>> {
-        prop::collection::vec(
-            prop::sample::select(values).prop_map(StringMatch::from_pattern),
-            0..3,
-        )
-    }
 
     fn arb_source() -> impl Strategy<Value = Source> {
         let principals: &'static [&'static str] =
             &[SLEEP, ADMIN, "cluster.local/ns/client/*", "*/sa/admin", "*"];
-        let namespaces: &'static [&'static str] = &["client", "ops", "o*", "*"];
         let nets = prop::collection::vec(
             prop::sample::select(vec!["10.0.0.0/24", "10.0.0.5", "0.0.0.0/0", "fd00::/8"])
                 .prop_map(|s| crate::policy::parse::parse_cidr(s).unwrap()),
             0..2,
         );
-        (
-            pick(principals),
-            pick(principals),
-            pick(namespaces),
-            pick(namespaces),
-            nets.clone(),
-            nets,
-        )
-            .prop_map(
-                |(
-                    principals,
-                    not_principals,
-                    namespaces,
-                    not_namespaces,
-                    ip_blocks,
-                    not_ip_blocks,
-                )| Source {
-                    principals,
-                    not_principals,
-                    namespaces,
-                    not_namespaces,
-                    ip_blocks,
-                    not_ip_blocks,
-                },
-            )
+        full_source(principals, &["client", "ops", "o*", "*"], nets)
     }
 
     fn arb_operation() -> impl Strategy<Value = Operation> {
         let ports = prop::collection::vec(prop::sample::select(vec![80u16, 8080, 9000]), 0..2);
-        let methods: &'static [&'static str] = &["GET", "POST", "*"];
-        let paths: &'static [&'static str] = &["/api/*", "/health", "*"];
-        let hosts: &'static [&'static str] = &["web", "*.svc", "*"];
-        let http = (
-            pick(methods),
-            pick(methods),
-            pick(paths),
-            pick(paths),
-            pick(hosts),
-            pick(hosts),
-        );
         // Most operations without HTTP fields, so TCP requests match too.
-        let http = prop_oneof![3 => Just(Default::default()), 1 => http];
-        (ports.clone(), ports, http).prop_map(
-            |(ports, not_ports, (methods, not_methods, paths, not_paths, hosts, not_hosts))| {
-                Operation {
-                    ports,
-                    not_ports,
-                    methods,
-                    not_methods,
-                    paths,
-                    not_paths,
-                    hosts,
-                    not_hosts,
-                }
-            },
-        )
+        operation(ports, &["GET", "POST", "*"], &["/api/*", "/health", "*"], &["web", "*.svc", "*"], 3)
     }
 
     fn arb_rule() -> impl Strategy<Value = Rule> {
-        (
-            prop::collection::vec(arb_source(), 0..2),
-            prop::collection::vec(arb_operation(), 0..2),
-        )
-            .prop_map(|(from, to)| Rule { from, to })
+        rule(arb_source(), arb_operation(), 2)
     }
 
     fn arb_policy() -> impl Strategy<Value = AuthorizationPolicy> {

@@ -704,19 +704,7 @@ impl Bench<'_> {
             Test::Cps1 => self.cps(pod, 1, "conn_per_s_1"),
             Test::Cps8 => self.cps(pod, 8, "conn_per_s_8"),
         };
-        // Flow records are written when connections end: wait (bounded) for
-        // the mesh ones; give direct runs a moment to show any they made.
-        let agent_flows = match config {
-            Config::Mesh => eventually(Duration::from_secs(5), || {
-                let n = self.agent_n1.flows().len() - before;
-                (n >= expect_flows).then_some(n)
-            })
-            .unwrap_or_else(|| self.agent_n1.flows().len() - before),
-            Config::Direct => {
-                std::thread::sleep(Duration::from_millis(300));
-                self.agent_n1.flows().len() - before
-            }
-        };
+        let agent_flows = self.new_flows(before, (config == Config::Mesh).then_some(expect_flows));
         if config == Config::Mesh {
             let spent = cpu() - cpu_before;
             let mut cost = self.cost.borrow_mut();
@@ -743,6 +731,23 @@ impl Bench<'_> {
             agent_flows,
             detail,
         }
+    }
+
+    /// Flow records n1's agent logged since `before` (records are written when connections
+    /// end). `Some(n)`: a mesh run, waits (bounded) until there are `n`. `None`: a direct run,
+    /// which should leave none; waits a short bounded while for any to show up and returns as
+    /// soon as one does.
+    fn new_flows(&self, before: usize, expect: Option<usize>) -> usize {
+        let count = || self.agent_n1.flows().len() - before;
+        let (limit, enough) = match expect {
+            Some(n) => (Duration::from_secs(5), n),
+            None => (Duration::from_millis(300), 1),
+        };
+        eventually(limit, || {
+            let n = count();
+            (n >= enough).then_some(n)
+        })
+        .unwrap_or_else(count)
     }
 
     /// Runs a pod command to completion and parses its last stdout line as JSON.
@@ -994,29 +999,27 @@ fn wait_generation(
     timeout: Duration,
 ) -> Option<Duration> {
     use std::io::{Seek, SeekFrom};
-    let deadline = Instant::now() + timeout;
-    loop {
+    // The figure is the log line's own timestamp, so the poll interval does not blur it.
+    eventually(timeout, || {
+        if stopping() {
+            return Some(None);
+        }
         let mut text = String::new();
         if let Ok(mut f) = std::fs::File::open(log) {
             if f.seek(SeekFrom::Start(offset)).is_ok() {
                 let _ = f.read_to_string(&mut text);
             }
         }
-        let line = text
+        let v = text
             .lines()
             .filter(|l| l.contains("policy generation active"))
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|v| v["generation"].as_u64().is_some_and(|g| g >= generation));
-        if let Some(v) = line {
-            let logged = v["timestamp"].as_str().and_then(parse_utc_timestamp);
-            let at = logged.unwrap_or_else(SystemTime::now);
-            return Some(at.duration_since(since).unwrap_or(Duration::ZERO));
-        }
-        if Instant::now() >= deadline || stopping() {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
+            .find(|v| v["generation"].as_u64().is_some_and(|g| g >= generation))?;
+        let logged = v["timestamp"].as_str().and_then(parse_utc_timestamp);
+        let at = logged.unwrap_or_else(SystemTime::now);
+        Some(Some(at.duration_since(since).unwrap_or(Duration::ZERO)))
+    })
+    .flatten()
 }
 
 /// `YYYY-MM-DDTHH:MM:SS[.fraction]Z` (the agent's JSON log timestamps) as a wall-clock time.
@@ -1365,16 +1368,9 @@ impl Bench<'_> {
         ]);
         let opened = v["connections"].as_u64().unwrap_or(0) as usize;
         let (agent_flows, l7_requests) = match config {
-            HttpConfig::Direct => {
-                std::thread::sleep(Duration::from_millis(300));
-                (self.agent_n1.flows().len() - flows_before, 0)
-            }
+            HttpConfig::Direct => (self.new_flows(flows_before, None), 0),
             _ => {
-                let flows = eventually(Duration::from_secs(5), || {
-                    let n = self.agent_n1.flows().len() - flows_before;
-                    (n >= opened).then_some(n)
-                })
-                .unwrap_or_else(|| self.agent_n1.flows().len() - flows_before);
+                let flows = self.new_flows(flows_before, Some(opened));
                 let _ = eventually(Duration::from_secs(5), || {
                     (self.inbound_records().len() - inbound_before >= opened).then_some(())
                 });
@@ -1696,28 +1692,16 @@ fn serve(echo: SocketAddr, oneshot: SocketAddr) -> ExitCode {
         }
     };
     let mut threads = Vec::new();
-    threads.push(std::thread::spawn(move || loop {
-        match echo_l.accept() {
-            Ok((s, _)) => {
-                std::thread::spawn(move || echo_conn(s));
-            }
-            Err(e) => {
-                eprintln!("mesh-bench serve: accept: {e}");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
+    threads.push(std::thread::spawn(move || {
+        mesh_tests::net::accept_forever(&echo_l, "mesh-bench serve", |s, _| {
+            std::thread::spawn(move || echo_conn(s));
+        })
     }));
     // Short connections: a few threads accept and answer inline.
     for _ in 0..8 {
         let l = oneshot_l.try_clone().expect("cloning the listener");
-        threads.push(std::thread::spawn(move || loop {
-            match l.accept() {
-                Ok((s, _)) => oneshot_conn(s),
-                Err(e) => {
-                    eprintln!("mesh-bench serve: accept: {e}");
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
+        threads.push(std::thread::spawn(move || {
+            mesh_tests::net::accept_forever(&l, "mesh-bench serve", |s, _| oneshot_conn(s))
         }));
     }
     emit(&json!({"event": "ready", "echo": echo.to_string(), "oneshot": oneshot.to_string()}));

@@ -207,22 +207,14 @@ fn serve(listen: &[SocketAddr], name: &str) -> ExitCode {
 }
 
 fn accept_loop(listener: &TcpListener, name: &str) {
-    loop {
-        match listener.accept() {
-            Ok((stream, peer)) => {
-                let name = name.to_owned();
-                std::thread::spawn(move || {
-                    if let Err(e) = handle(stream, peer, &name) {
-                        eprintln!("mesh-testpod: connection from {peer}: {e}");
-                    }
-                });
+    mesh_tests::net::accept_forever(listener, "mesh-testpod", |stream, peer| {
+        let name = name.to_owned();
+        std::thread::spawn(move || {
+            if let Err(e) = handle(stream, peer, &name) {
+                eprintln!("mesh-testpod: connection from {peer}: {e}");
             }
-            Err(e) => {
-                eprintln!("mesh-testpod: accept: {e}");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
+        });
+    });
 }
 
 fn handle(mut stream: TcpStream, peer: SocketAddr, name: &str) -> std::io::Result<()> {
