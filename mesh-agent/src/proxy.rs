@@ -143,6 +143,20 @@ where
     }
 }
 
+/// Lets the tasks of `set` finish for up to `limit` (shutdown), then aborts what is left,
+/// logging how many `what` were cut.
+pub(crate) async fn drain<T: 'static>(
+    set: &mut tokio::task::JoinSet<T>,
+    limit: Duration,
+    what: &'static str,
+) {
+    let drained = timeout(limit, async { while set.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(aborted = set.len(), what, "drain timeout: closing the rest");
+        set.abort_all();
+    }
+}
+
 /// Why an upstream connection could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {

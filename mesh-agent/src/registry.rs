@@ -594,29 +594,26 @@ impl Validator<'_> {
                 ))
             }
         };
-        if let Some(reason) = unusable(ip) {
-            return Err(self.invalid(
+        match claim_ip(&mut self.node_addr_lines, ip, node, line) {
+            Ok(()) => Ok(ip),
+            Err(IpClaim::Unusable(reason)) => Err(self.invalid(
                 line,
                 Problem::UnusableNodeAddress {
                     node: node.to_owned(),
                     ip,
                     reason,
                 },
-            ));
-        }
-        if let Some((first, first_line)) = self.node_addr_lines.get(&ip) {
-            return Err(self.invalid(
+            )),
+            Err(IpClaim::Taken { first, first_line }) => Err(self.invalid(
                 line,
                 Problem::DuplicateNodeAddress {
                     ip,
-                    first: first.clone(),
-                    first_line: *first_line,
+                    first,
+                    first_line,
                     second: node.to_owned(),
                 },
-            ));
+            )),
         }
-        self.node_addr_lines.insert(ip, (node.to_owned(), line));
-        Ok(ip)
     }
 
     /// Validates one workload that starts on `line`.
@@ -813,29 +810,30 @@ impl Validator<'_> {
                     },
                 )
             })?;
-            if let Some(reason) = unusable(ip) {
-                return Err(self.invalid(
-                    line,
-                    Problem::UnusableIp {
-                        workload: key.to_owned(),
-                        ip,
-                        reason,
-                    },
-                ));
+            match claim_ip(&mut self.ip_lines, ip, key, line) {
+                Ok(()) => ips.push(ip),
+                Err(IpClaim::Unusable(reason)) => {
+                    return Err(self.invalid(
+                        line,
+                        Problem::UnusableIp {
+                            workload: key.to_owned(),
+                            ip,
+                            reason,
+                        },
+                    ))
+                }
+                Err(IpClaim::Taken { first, first_line }) => {
+                    return Err(self.invalid(
+                        line,
+                        Problem::DuplicateIp {
+                            ip,
+                            first,
+                            first_line,
+                            second: key.to_owned(),
+                        },
+                    ))
+                }
             }
-            if let Some((first, first_line)) = self.ip_lines.get(&ip) {
-                return Err(self.invalid(
-                    line,
-                    Problem::DuplicateIp {
-                        ip,
-                        first: first.clone(),
-                        first_line: *first_line,
-                        second: key.to_owned(),
-                    },
-                ));
-            }
-            self.ip_lines.insert(ip, (key.to_owned(), line));
-            ips.push(ip);
         }
         Ok(ips)
     }
@@ -881,6 +879,33 @@ impl Validator<'_> {
 }
 
 /// Why `ip` cannot be a workload's address, if it cannot.
+/// Why an address could not be claimed.
+enum IpClaim {
+    Unusable(&'static str),
+    Taken { first: String, first_line: usize },
+}
+
+/// Claims `ip` for `owner` (declared on `line`) in `claims`: it must be usable and not claimed
+/// yet. Workload IPs and node addresses are each unique among their kind this way.
+fn claim_ip(
+    claims: &mut HashMap<IpAddr, (String, usize)>,
+    ip: IpAddr,
+    owner: &str,
+    line: usize,
+) -> Result<(), IpClaim> {
+    if let Some(reason) = unusable(ip) {
+        return Err(IpClaim::Unusable(reason));
+    }
+    if let Some((first, first_line)) = claims.get(&ip) {
+        return Err(IpClaim::Taken {
+            first: first.clone(),
+            first_line: *first_line,
+        });
+    }
+    claims.insert(ip, (owner.to_owned(), line));
+    Ok(())
+}
+
 fn unusable(ip: IpAddr) -> Option<&'static str> {
     if ip.is_unspecified() {
         return Some("unspecified address");

@@ -33,6 +33,34 @@ pub const GEN_POLL: Duration = Duration::from_millis(200);
 /// Most files a directory fingerprint covers (the loader refuses more anyway).
 const MAX_FINGERPRINT_FILES: usize = 4_096;
 
+/// A polling task's clock: the next tick, unless asked to stop first.
+struct Poller {
+    tick: tokio::time::Interval,
+    stop: watch::Receiver<bool>,
+}
+
+impl Poller {
+    fn new(every: Duration, stop: watch::Receiver<bool>) -> Self {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self { tick, stop }
+    }
+
+    /// Waits for the next tick; `false` once a stop was requested (or its sender is gone).
+    async fn next(&mut self) -> bool {
+        loop {
+            tokio::select! {
+                changed = self.stop.changed() => {
+                    if changed.is_err() || *self.stop.borrow() {
+                        return false;
+                    }
+                }
+                _ = self.tick.tick() => return true,
+            }
+        }
+    }
+}
+
 /// Why loading a policy directory failed (the parser's error: file:line, policy, field).
 pub type LoadError = super::parse::PolicyError;
 
@@ -151,22 +179,15 @@ pub fn spawn_dir_watcher(
     ctx: CompileContext,
     maps: PolicyMaps,
     metrics: Arc<Metrics>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     let maps = Arc::new(std::sync::Mutex::new(maps));
     tokio::spawn(async move {
         let mut seen = fingerprint(&dir);
-        let mut tick = tokio::time::interval(DIR_POLL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut poll = Poller::new(DIR_POLL, stop);
         loop {
-            tokio::select! {
-                changed = stop.changed() => {
-                    if changed.is_err() || *stop.borrow() {
-                        break;
-                    }
-                    continue;
-                }
-                _ = tick.tick() => {}
+            if !poll.next().await {
+                break;
             }
             let now = {
                 let dir = dir.clone();
@@ -204,22 +225,15 @@ pub fn spawn_dir_watcher(
 pub fn spawn_generation_watcher(
     maps: PolicyMaps,
     initial: Arc<PolicyView>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> (watch::Receiver<Arc<PolicyView>>, JoinHandle<()>) {
     let (tx, rx) = watch::channel(initial);
     let maps = Arc::new(maps);
     let handle = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(GEN_POLL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut poll = Poller::new(GEN_POLL, stop);
         loop {
-            tokio::select! {
-                changed = stop.changed() => {
-                    if changed.is_err() || *stop.borrow() {
-                        break;
-                    }
-                    continue;
-                }
-                _ = tick.tick() => {}
+            if !poll.next().await {
+                break;
             }
             let current = tx.borrow().generation();
             let maps2 = Arc::clone(&maps);

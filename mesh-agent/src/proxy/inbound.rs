@@ -186,17 +186,7 @@ impl Inbound {
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
             }
         }
-        let drained = timeout(self.ctx.cfg.drain_timeout, async {
-            while conns.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
-            warn!(
-                aborted = conns.len(),
-                "drain timeout: closing remaining hbone connections"
-            );
-            conns.abort_all();
-        }
+        super::drain(&mut conns, self.ctx.cfg.drain_timeout, "hbone connections").await;
     }
 }
 

@@ -27,7 +27,6 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
     task::JoinSet,
-    time::timeout,
 };
 use tracing::{debug, info, warn};
 
@@ -257,17 +256,7 @@ impl Outbound {
                 "draining"
             );
         }
-        let drained = timeout(self.ctx.cfg.drain_timeout, async {
-            while flows.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
-            warn!(
-                aborted = flows.len(),
-                "drain timeout: closing remaining connections"
-            );
-            flows.abort_all();
-        }
+        super::drain(&mut flows, self.ctx.cfg.drain_timeout, "connections").await;
         self.ctx.pool.close_all();
     }
 }
