@@ -137,3 +137,21 @@ pub fn issued_serials(agent: &Agent, identity: &str) -> Vec<String> {
         .filter_map(|l| l["serial"].as_str().map(str::to_owned))
         .collect()
 }
+
+/// Asserts (bounded) that no program or link of ours is attached to `node`'s pod cgroup any
+/// more, `after` naming what should have detached them.
+#[track_caller]
+pub fn assert_detached(node: &mesh_tests::Node, timeout: std::time::Duration, after: &str) {
+    mesh_tests::assert_eventually!(
+        timeout = timeout,
+        node.attached_progs().is_empty(),
+        "programs still attached after {after}: {:?}",
+        node.attached_progs()
+    );
+    mesh_tests::assert_eventually!(
+        timeout = timeout,
+        node.attached_links().is_empty(),
+        "links left after {after}: {:?}",
+        node.attached_links()
+    );
+}

@@ -877,6 +877,17 @@ fn median(values: &mut [f64]) -> f64 {
     }
 }
 
+/// The median of `key` over the runs `values`, and its JSON `{median, runs}`.
+fn median_entry<'a>(
+    values: impl Iterator<Item = &'a BTreeMap<&'static str, f64>>,
+    key: &str,
+) -> (f64, Value) {
+    let mut vals: Vec<f64> = values.filter_map(|v| v.get(key).copied()).collect();
+    let all = vals.clone();
+    let med = median(&mut vals);
+    (med, json!({"median": finite(med), "runs": all}))
+}
+
 /// `{metric: {direct: {median, runs}, mesh: {median, runs}, ratio_mesh_over_direct}}`.
 fn summarize(runs: &[Run]) -> Value {
     let mut out = serde_json::Map::new();
@@ -884,18 +895,10 @@ fn summarize(runs: &[Run]) -> Value {
         let mut entry = serde_json::Map::new();
         let mut medians = BTreeMap::new();
         for config in [Config::Direct, Config::Mesh] {
-            let mut vals: Vec<f64> = runs
-                .iter()
-                .filter(|r| r.config == config)
-                .filter_map(|r| r.values.get(m.key).copied())
-                .collect();
-            let all = vals.clone();
-            let med = median(&mut vals);
+            let (med, json) =
+                median_entry(runs.iter().filter(|r| r.config == config).map(|r| &r.values), m.key);
             medians.insert(config, med);
-            entry.insert(
-                config.name().into(),
-                json!({"median": finite(med), "runs": all}),
-            );
+            entry.insert(config.name().into(), json);
         }
         let (d, me) = (medians[&Config::Direct], medians[&Config::Mesh]);
         entry.insert("ratio_mesh_over_direct".into(), finite(me / d));
@@ -1400,18 +1403,10 @@ fn summarize_http(runs: &[HttpRun]) -> Value {
         let mut entry = serde_json::Map::new();
         let mut medians = BTreeMap::new();
         for config in HTTP_CONFIGS {
-            let mut vals: Vec<f64> = runs
-                .iter()
-                .filter(|r| r.config == config)
-                .filter_map(|r| r.values.get(m.key).copied())
-                .collect();
-            let all = vals.clone();
-            let med = median(&mut vals);
+            let (med, json) =
+                median_entry(runs.iter().filter(|r| r.config == config).map(|r| &r.values), m.key);
             medians.insert(config, med);
-            entry.insert(
-                config.name().into(),
-                json!({"median": finite(med), "runs": all}),
-            );
+            entry.insert(config.name().into(), json);
         }
         let d = medians[&HttpConfig::Direct];
         for config in [HttpConfig::Mesh, HttpConfig::MeshL7] {

@@ -45,18 +45,7 @@ fn agent_sigkill_restart_recovers() {
         let before = check_attached_once(node);
 
         agent.kill_sigkill();
-        assert_eventually!(
-            timeout = t,
-            node.attached_progs().is_empty(),
-            "still attached after SIGKILL: {:?}",
-            node.attached_progs()
-        );
-        assert_eventually!(
-            timeout = t,
-            node.attached_links().is_empty(),
-            "links after SIGKILL: {:?}",
-            node.attached_links()
-        );
+        crate::assert_detached(node, t, "SIGKILL");
         let r = a1
             .client(&ClientRequest::new(a2.addr4(8080)).send("agent down"))
             .single()

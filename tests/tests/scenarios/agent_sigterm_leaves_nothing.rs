@@ -45,18 +45,7 @@ fn agent_sigterm_leaves_nothing() {
         node.pin_dir().display()
     );
     let t = Duration::from_secs(5);
-    assert_eventually!(
-        timeout = t,
-        node.attached_progs().is_empty(),
-        "attached after exit: {:?}",
-        node.attached_progs()
-    );
-    assert_eventually!(
-        timeout = t,
-        node.attached_links().is_empty(),
-        "links left: {:?}",
-        node.attached_links()
-    );
+    crate::assert_detached(node, t, "SIGTERM");
     assert_eventually!(
         timeout = t,
         {

@@ -1,6 +1,45 @@
-//! The L7 policy the HTTP scenarios share, and its expectations.
+//! The L7 policy the HTTP scenarios share, its mini-cluster, and its expectations.
 
-use super::policy_common::{docs, policy};
+use mesh_tests::{require_privileges, Agent, Cluster, Host, Server};
+
+use super::policy_common::{apply, docs, policy};
+
+/// Two nodes: `a1` and `c1` on n1, `b1` on n2; `b1` and `c1` serve HTTP on 8080 (declared in
+/// the registry) under [`l7_policy`], applied to both nodes. Fields drop in order: servers,
+/// agents, then the cluster.
+pub struct L7Mesh {
+    pub b_server: Server,
+    pub c_server: Server,
+    pub agents: Vec<Agent>,
+    pub cluster: Cluster,
+}
+
+pub fn l7_mesh() -> L7Mesh {
+    require_privileges();
+    let cluster = crate::cluster()
+        .nodes(2)
+        .add_pod(0, "a1")
+        .add_pod(0, "c1")
+        .add_pod(1, "b1")
+        .http_ports("b1", &[8080])
+        .http_ports("c1", &[8080])
+        .build();
+    let agents = cluster.start_agents();
+    let b_server = cluster.pod("b1").serve_http(&[8080]);
+    let c_server = cluster.pod("c1").serve_http(&[8080]);
+    apply(
+        &cluster,
+        &agents,
+        "l7",
+        &docs(&[l7_policy("b1"), l7_policy("c1")]),
+    );
+    L7Mesh {
+        b_server,
+        c_server,
+        agents,
+        cluster,
+    }
+}
 
 /// An ALLOW policy on pod `app` (HTTP on 8080) with one rule per HTTP field kind, and a DENY
 /// for `/admin/*`:

@@ -3,35 +3,16 @@
 //! and `403` `RBAC: access denied` (from the agent); the pod sees the allowed streams only;
 //! the deciding agent logs the denial (layer l7). Across nodes and on the same node.
 
-use mesh_tests::{require_privileges, Host};
+use mesh_tests::Host;
 
-use super::{
-    l7_common::l7_policy,
-    policy_common::{apply, docs, wait_line},
-};
-use crate::cluster;
+use super::{l7_common::l7_mesh, policy_common::wait_line};
 
 #[test]
 fn l7_h2c_per_stream_decisions() {
-    require_privileges();
-    let cluster = cluster()
-        .nodes(2)
-        .add_pod(0, "a1")
-        .add_pod(0, "c1")
-        .add_pod(1, "b1")
-        .http_ports("b1", &[8080])
-        .http_ports("c1", &[8080])
-        .build();
-    let agents = cluster.start_agents();
+    let mesh = l7_mesh();
+    let (cluster, agents) = (&mesh.cluster, &mesh.agents);
+    let (b_server, c_server) = (&mesh.b_server, &mesh.c_server);
     let [a1, b1, c1] = ["a1", "b1", "c1"].map(|n| cluster.pod(n));
-    let b_server = b1.serve_http(&[8080]);
-    let c_server = c1.serve_http(&[8080]);
-    apply(
-        &cluster,
-        &agents,
-        "l7",
-        &docs(&[l7_policy("b1"), l7_policy("c1")]),
-    );
 
     for (dst, server, decider, side) in [
         (b1, &b_server, &agents[1], "inbound"),

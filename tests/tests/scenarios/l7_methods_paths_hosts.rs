@@ -9,13 +9,12 @@
 //! - pipelined allowed/denied/allowed come back in order;
 //! - the deciding agent logs `connection denied` (layer l7) with method, path and policy.
 
-use mesh_tests::{require_privileges, Agent, Host, Pod, Server};
+use mesh_tests::{Agent, Host, Pod, Server};
 
 use super::{
-    l7_common::{l7_policy, CASES},
-    policy_common::{apply, docs, wait_line},
+    l7_common::{l7_mesh, CASES},
+    policy_common::wait_line,
 };
-use crate::cluster;
 
 #[track_caller]
 fn check(src: &Pod, dst: &Pod, server: &Server, decider: &Agent, side: &str) {
@@ -108,25 +107,10 @@ fn check(src: &Pod, dst: &Pod, server: &Server, decider: &Agent, side: &str) {
 
 #[test]
 fn l7_methods_paths_hosts() {
-    require_privileges();
-    let cluster = cluster()
-        .nodes(2)
-        .add_pod(0, "a1")
-        .add_pod(0, "c1")
-        .add_pod(1, "b1")
-        .http_ports("b1", &[8080])
-        .http_ports("c1", &[8080])
-        .build();
-    let agents = cluster.start_agents();
+    let mesh = l7_mesh();
+    let (cluster, agents) = (&mesh.cluster, &mesh.agents);
+    let (b_server, c_server) = (&mesh.b_server, &mesh.c_server);
     let [a1, b1, c1] = ["a1", "b1", "c1"].map(|n| cluster.pod(n));
-    let b_server = b1.serve_http(&[8080]);
-    let c_server = c1.serve_http(&[8080]);
-    apply(
-        &cluster,
-        &agents,
-        "l7",
-        &docs(&[l7_policy("b1"), l7_policy("c1")]),
-    );
 
     check(a1, b1, &b_server, &agents[1], "inbound");
     check(a1, c1, &c_server, &agents[0], "local");
