@@ -533,7 +533,10 @@ async fn l7_http1_upgrade_switches_to_raw_bytes() {
     // Not HTTP any more: raw bytes both ways.
     c.send(b"\x00raw ping").await;
     let mut back = [0u8; 9];
-    timeout(T, c.s.read_exact(&mut back)).await.unwrap().unwrap();
+    timeout(T, c.s.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&back, b"\x00raw ping");
     c.s.shutdown().await.unwrap();
     let stats = p.outcome().await.unwrap();
