@@ -332,11 +332,7 @@ fn parse_request(
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
-            let n = parse_length(h.value).ok_or_else(|| bad("invalid content-length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(bad("conflicting content-length"));
-            }
-            length = Some(n);
+            add_length(&mut length, h.value).map_err(bad)?;
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             if chunked || !trimmed(h.value).eq_ignore_ascii_case(b"chunked") {
                 return Err(bad("unsupported transfer-encoding"));
@@ -427,11 +423,7 @@ fn parse_response(
     for h in resp.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
-            let n = parse_length(h.value).ok_or_else(|| bad("invalid content-length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(bad("conflicting content-length"));
-            }
-            length = Some(n);
+            add_length(&mut length, h.value).map_err(bad)?;
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             te = true;
             // Only the last coding decides whether the body is chunked.
@@ -822,6 +814,17 @@ fn last_token_is(v: &[u8], token: &[u8]) -> bool {
     v.split(|&b| b == b',')
         .next_back()
         .is_some_and(|t| trimmed(t).eq_ignore_ascii_case(token))
+}
+
+/// Takes in a Content-Length field: an invalid value, or one other than an earlier field's,
+/// is refused (the detail of the error is returned).
+fn add_length(length: &mut Option<u64>, value: &[u8]) -> Result<(), &'static str> {
+    let n = parse_length(value).ok_or("invalid content-length")?;
+    if length.is_some_and(|l| l != n) {
+        return Err("conflicting content-length");
+    }
+    *length = Some(n);
+    Ok(())
 }
 
 /// A Content-Length value: digits only, at most 18 of them (no sign, no list).

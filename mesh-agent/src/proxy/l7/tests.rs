@@ -114,6 +114,25 @@ async fn h1_upstream() -> SocketAddr {
     addr
 }
 
+/// An upstream for one connection: reads the first request head (the body, if any, left
+/// unread, some of it maybe in the buffer), then hands the stream, the buffer and the head to
+/// `then`.
+async fn one_shot_upstream<F, Fut>(then: F) -> SocketAddr
+where
+    F: FnOnce(TcpStream, Vec<u8>, Message) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = Vec::new();
+        let req = read_message(&mut s, &mut buf, true, true).await.unwrap();
+        then(s, buf, req).await;
+    });
+    addr
+}
+
 struct Message {
     /// Request: the method; response: the status code.
     method: String,
@@ -480,12 +499,7 @@ async fn l7_decision_change_applies_to_next_request() {
 #[tokio::test]
 async fn l7_http1_expect_continue_is_relayed() {
     // The upstream answers `100 Continue` before reading the body.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let up = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        let mut buf = Vec::new();
-        let req = read_message(&mut s, &mut buf, true, true).await.unwrap();
+    let up = one_shot_upstream(|mut s, buf, req| async move {
         assert_eq!(req.header("expect"), Some("100-continue"));
         s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.unwrap();
         let mut body = [0u8; 3];
@@ -496,7 +510,8 @@ async fn l7_http1_expect_continue_is_relayed() {
             .await
             .unwrap();
         s.write_all(&body).await.unwrap();
-    });
+    })
+    .await;
     let p = proxy(Arc::default(), up).await;
     let mut c = Client::connect(&p).await;
     c.send(b"PUT /u HTTP/1.1\r\nhost: s\r\nexpect: 100-continue\r\ncontent-length: 3\r\n\r\n")
@@ -510,12 +525,7 @@ async fn l7_http1_expect_continue_is_relayed() {
 
 #[tokio::test]
 async fn l7_http1_upgrade_switches_to_raw_bytes() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let up = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        let mut buf = Vec::new();
-        let req = read_message(&mut s, &mut buf, true, true).await.unwrap();
+    let up = one_shot_upstream(|mut s, _, req| async move {
         assert_eq!(req.header("upgrade"), Some("echo"));
         s.write_all(
             b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
@@ -524,7 +534,8 @@ async fn l7_http1_upgrade_switches_to_raw_bytes() {
         .unwrap();
         let (mut r, mut w) = s.split();
         tokio::io::copy(&mut r, &mut w).await.unwrap();
-    });
+    })
+    .await;
     let mut p = proxy(Arc::default(), up).await;
     let mut c = Client::connect(&p).await;
     c.send(b"GET /ws HTTP/1.1\r\nhost: s\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n")
