@@ -611,16 +611,14 @@ fn authorization_policy(
     let Some(spec) = spec else {
         return Ok(policy);
     };
-    let kind = Kind::AuthorizationPolicy.name();
-    let not_for_kind = |line: Option<usize>, field: &str| {
-        line.map_or(Ok(()), |l| {
-            Err(at.err(l, format!("spec.{field}"), Problem::NotForKind { kind }))
-        })
-    };
-    not_for_kind(spec.mtls.as_ref().map(|v| line_of(v, spec_line)), "mtls")?;
+    let kind = Kind::AuthorizationPolicy;
+    not_for_kind(at, kind, &spec.mtls, spec_line, "spec.mtls")?;
     not_for_kind(
-        spec.port_level_mtls.as_ref().map(|v| line_of(v, spec_line)),
-        "portLevelMtls",
+        at,
+        kind,
+        &spec.port_level_mtls,
+        spec_line,
+        "spec.portLevelMtls",
     )?;
     unsupported(
         at,
@@ -629,20 +627,7 @@ fn authorization_policy(
         "spec.provider",
         "CUSTOM authorization providers",
     )?;
-    unsupported(
-        at,
-        &spec.target_ref,
-        spec_line,
-        "spec.targetRef",
-        "select workloads with `selector`",
-    )?;
-    unsupported(
-        at,
-        &spec.target_refs,
-        spec_line,
-        "spec.targetRefs",
-        "select workloads with `selector`",
-    )?;
+    no_target_refs(at, &spec, spec_line)?;
     policy.selector = selector(spec.selector);
     if let Some(action) = spec.action {
         policy.action = match action.value.as_str() {
@@ -671,15 +656,11 @@ fn authorization_policy(
             }
         };
     }
-    if let Some(rules) = spec.rules {
-        let rules_line = line_of(&rules, spec_line);
-        let mut out = Vec::with_capacity(rules.value.len());
-        for (i, r) in rules.value.into_iter().enumerate() {
-            let path = format!("spec.rules[{i}]");
-            let line = line_of(&r, rules_line);
-            out.push(rule(at, r.value, line, &path)?);
-        }
-        policy.rules = Some(out);
+    if spec.rules.is_some() {
+        let rules = each(spec.rules, spec_line, |i, line, r| {
+            rule(at, r, line, &format!("spec.rules[{i}]"))
+        })?;
+        policy.rules = Some(rules);
     }
     Ok(policy)
 }
@@ -694,35 +675,11 @@ fn peer_authentication(
     let Some(spec) = spec else {
         return Err(at.err(spec_line, "spec.mtls.mode", Problem::MissingField));
     };
-    let kind = Kind::PeerAuthentication.name();
-    let not_for_kind = |line: Option<usize>, field: &str| {
-        line.map_or(Ok(()), |l| {
-            Err(at.err(l, format!("spec.{field}"), Problem::NotForKind { kind }))
-        })
-    };
-    not_for_kind(
-        spec.action.as_ref().map(|v| line_of(v, spec_line)),
-        "action",
-    )?;
-    not_for_kind(spec.rules.as_ref().map(|v| line_of(v, spec_line)), "rules")?;
-    not_for_kind(
-        spec.provider.as_ref().map(|v| line_of(v, spec_line)),
-        "provider",
-    )?;
-    unsupported(
-        at,
-        &spec.target_ref,
-        spec_line,
-        "spec.targetRef",
-        "select workloads with `selector`",
-    )?;
-    unsupported(
-        at,
-        &spec.target_refs,
-        spec_line,
-        "spec.targetRefs",
-        "select workloads with `selector`",
-    )?;
+    let kind = Kind::PeerAuthentication;
+    not_for_kind(at, kind, &spec.action, spec_line, "spec.action")?;
+    not_for_kind(at, kind, &spec.rules, spec_line, "spec.rules")?;
+    not_for_kind(at, kind, &spec.provider, spec_line, "spec.provider")?;
+    no_target_refs(at, &spec, spec_line)?;
     unsupported(
         at,
         &spec.port_level_mtls,
@@ -786,6 +743,50 @@ fn unsupported(
     }
 }
 
+/// `Err(NotForKind)` if the field, which belongs to the other kind, is present.
+fn not_for_kind<T>(
+    at: &At<'_>,
+    kind: Kind,
+    f: &Field<T>,
+    fallback: usize,
+    field: &str,
+) -> Result<(), PolicyError> {
+    match f {
+        None => Ok(()),
+        Some(v) => Err(at.err(
+            line_of(v, fallback),
+            field,
+            Problem::NotForKind { kind: kind.name() },
+        )),
+    }
+}
+
+/// `targetRef` and `targetRefs`, refused by both kinds.
+fn no_target_refs(at: &At<'_>, spec: &RawSpec, spec_line: usize) -> Result<(), PolicyError> {
+    let reason = "select workloads with `selector`";
+    unsupported(at, &spec.target_ref, spec_line, "spec.targetRef", reason)?;
+    unsupported(at, &spec.target_refs, spec_line, "spec.targetRefs", reason)
+}
+
+/// Converts each item of an optional list with `f(index, line, value)`; an absent list is
+/// empty.
+fn each<T, U>(
+    raw: Field<Vec<Spanned<T>>>,
+    fallback: usize,
+    mut f: impl FnMut(usize, usize, T) -> Result<U, PolicyError>,
+) -> Result<Vec<U>, PolicyError> {
+    let Some(list) = raw else {
+        return Ok(Vec::new());
+    };
+    let list_line = line_of(&list, fallback);
+    let mut out = Vec::with_capacity(list.value.len());
+    for (i, v) in list.value.into_iter().enumerate() {
+        let line = line_of(&v, list_line);
+        out.push(f(i, line, v.value)?);
+    }
+    Ok(out)
+}
+
 /// `matchLabels`; an empty one is `None` (both select every workload in scope).
 fn selector(raw: Field<RawSelector>) -> Option<BTreeMap<String, String>> {
     raw.and_then(|s| s.value.match_labels)
@@ -800,39 +801,23 @@ fn rule(at: &At<'_>, raw: RawRule, line: usize, path: &str) -> Result<Rule, Poli
         &format!("{path}.when"),
         "conditions (`when`); express them with `from` and `to`",
     )?;
-    let mut rule = Rule::default();
-    if let Some(from) = raw.from {
-        let from_line = line_of(&from, line);
-        for (i, f) in from.value.into_iter().enumerate() {
-            let path = format!("{path}.from[{i}]");
-            let f_line = line_of(&f, from_line);
-            let src = f
-                .value
-                .source
-                .ok_or_else(|| at.err(f_line, format!("{path}.source"), Problem::EmptySource))?;
-            let src_line = line_of(&src, f_line);
-            rule.from
-                .push(source(at, src.value, src_line, &format!("{path}.source"))?);
-        }
-    }
-    if let Some(to) = raw.to {
-        let to_line = line_of(&to, line);
-        for (i, t) in to.value.into_iter().enumerate() {
-            let path = format!("{path}.to[{i}]");
-            let t_line = line_of(&t, to_line);
-            let op = t.value.operation.ok_or_else(|| {
-                at.err(t_line, format!("{path}.operation"), Problem::EmptyOperation)
-            })?;
-            let op_line = line_of(&op, t_line);
-            rule.to.push(operation(
-                at,
-                op.value,
-                op_line,
-                &format!("{path}.operation"),
-            )?);
-        }
-    }
-    Ok(rule)
+    let from = each(raw.from, line, |i, f_line, f| {
+        let path = format!("{path}.from[{i}].source");
+        let src = f
+            .source
+            .ok_or_else(|| at.err(f_line, path.as_str(), Problem::EmptySource))?;
+        let src_line = line_of(&src, f_line);
+        source(at, src.value, src_line, &path)
+    })?;
+    let to = each(raw.to, line, |i, t_line, t| {
+        let path = format!("{path}.to[{i}].operation");
+        let op = t
+            .operation
+            .ok_or_else(|| at.err(t_line, path.as_str(), Problem::EmptyOperation))?;
+        let op_line = line_of(&op, t_line);
+        operation(at, op.value, op_line, &path)
+    })?;
+    Ok(Rule { from, to })
 }
 
 fn source(at: &At<'_>, raw: RawSource, line: usize, path: &str) -> Result<Source, PolicyError> {
@@ -925,15 +910,8 @@ fn patterns(
     path: &str,
     kind: PatternKind,
 ) -> Result<Vec<StringMatch>, PolicyError> {
-    let Some(list) = raw else {
-        return Ok(Vec::new());
-    };
-    let list_line = line_of(&list, fallback);
-    let mut out = Vec::with_capacity(list.value.len());
-    for (i, v) in list.value.into_iter().enumerate() {
-        let line = line_of(&v, list_line);
+    each(raw, fallback, |i, line, value| {
         let err = |problem| at.err(line, format!("{path}[{i}]"), problem);
-        let value = v.value;
         if value.is_empty() {
             return Err(err(Problem::EmptyPattern));
         }
@@ -951,9 +929,8 @@ fn patterns(
                 return Err(err(Problem::WildcardInMiddle { value }));
             }
         }
-        out.push(m);
-    }
-    Ok(out)
+        Ok(m)
+    })
 }
 
 fn cidrs(
@@ -962,26 +939,15 @@ fn cidrs(
     fallback: usize,
     path: &str,
 ) -> Result<Vec<IpNet>, PolicyError> {
-    let Some(list) = raw else {
-        return Ok(Vec::new());
-    };
-    let list_line = line_of(&list, fallback);
-    let mut out = Vec::with_capacity(list.value.len());
-    for (i, v) in list.value.into_iter().enumerate() {
-        let line = line_of(&v, list_line);
-        let net = parse_cidr(&v.value).map_err(|reason| {
+    each(raw, fallback, |i, line, value| {
+        parse_cidr(&value).map_err(|reason| {
             at.err(
                 line,
                 format!("{path}[{i}]"),
-                Problem::InvalidCidr {
-                    value: v.value.clone(),
-                    reason,
-                },
+                Problem::InvalidCidr { value, reason },
             )
-        })?;
-        out.push(net);
-    }
-    Ok(out)
+        })
+    })
 }
 
 /// `addr` or `addr/prefix`, IPv4 or IPv6 (not IPv4-mapped IPv6).
@@ -1016,31 +982,19 @@ fn ports(
     fallback: usize,
     path: &str,
 ) -> Result<Vec<u16>, PolicyError> {
-    let Some(list) = raw else {
-        return Ok(Vec::new());
-    };
-    let list_line = line_of(&list, fallback);
-    let mut out = Vec::with_capacity(list.value.len());
-    for (i, v) in list.value.into_iter().enumerate() {
-        let line = line_of(&v, list_line);
-        let text = v.value.0;
-        let port =
-            (!text.is_empty() && text.len() <= 5 && text.bytes().all(|b| b.is_ascii_digit()))
-                .then(|| text.parse::<u16>().ok())
-                .flatten()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| {
-                    at.err(
-                        line,
-                        format!("{path}[{i}]"),
-                        Problem::InvalidPort {
-                            value: text.clone(),
-                        },
-                    )
-                })?;
-        out.push(port);
-    }
-    Ok(out)
+    each(raw, fallback, |i, line, RawPort(text)| {
+        (!text.is_empty() && text.len() <= 5 && text.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| text.parse::<u16>().ok())
+            .flatten()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| {
+                at.err(
+                    line,
+                    format!("{path}[{i}]"),
+                    Problem::InvalidPort { value: text },
+                )
+            })
+    })
 }
 
 fn too_large(path: &Path, size: u64) -> PolicyError {

@@ -280,13 +280,8 @@ async fn forward(
         if end {
             return;
         }
-        if let Err(e) = pipe(&mut body, &mut up_send).await {
-            match e {
-                PipeError::Recv(e) => up_send.send_reset(e.reason().unwrap_or(Reason::CANCEL)),
-                // The upstream refused the body; its response (or reset) says why.
-                PipeError::Send => {}
-            }
-        }
+        // A refused body (`PipeError::Send`): the upstream's response (or reset) says why.
+        pipe_or_reset(&mut body, &mut up_send, Reason::CANCEL).await;
     };
     let download = async {
         let resp = match response.await {
@@ -294,11 +289,7 @@ async fn forward(
             Err(e) => {
                 match e.reason() {
                     Some(reason) if e.is_remote() => respond.send_reset(reason),
-                    _ => {
-                        let mut resp = Response::new(());
-                        *resp.status_mut() = StatusCode::BAD_GATEWAY;
-                        let _ = respond.send_response(resp, true);
-                    }
+                    _ => answer(respond, StatusCode::BAD_GATEWAY, b""),
                 }
                 return;
             }
@@ -312,14 +303,16 @@ async fn forward(
         if end {
             return;
         }
-        if let Err(e) = pipe(&mut up_body, &mut send).await {
-            match e {
-                PipeError::Recv(e) => send.send_reset(e.reason().unwrap_or(Reason::INTERNAL_ERROR)),
-                PipeError::Send => {}
-            }
-        }
+        pipe_or_reset(&mut up_body, &mut send, Reason::INTERNAL_ERROR).await;
     };
     tokio::join!(upload, download);
+}
+
+/// [`pipe`]; when `recv` breaks, `send` is reset with its reason (`otherwise` without one).
+async fn pipe_or_reset(recv: &mut RecvStream, send: &mut SendStream<Bytes>, otherwise: Reason) {
+    if let Err(PipeError::Recv(e)) = pipe(recv, send).await {
+        send.send_reset(e.reason().unwrap_or(otherwise));
+    }
 }
 
 /// Copies data then trailers from `recv` to `send`, releasing `recv`'s window only as `send`

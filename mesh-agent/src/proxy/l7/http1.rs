@@ -118,13 +118,7 @@ where
                 error: L7Error::IdleTimeout { .. },
                 ..
             }) if rbuf.is_empty() => return shutdown(&mut cwr).await,
-            Err(Refusal { answer, error }) => {
-                if let Some(answer) = answer {
-                    let _ = cwr.write_all(answer).await;
-                }
-                let _ = cwr.shutdown().await;
-                return Err(error);
-            }
+            Err(Refusal { answer, error }) => return fail(&mut cwr, answer, error).await,
         };
         rbuf.advance(req.len);
         stats.requests += 1;
@@ -171,9 +165,8 @@ where
                         (r, w)
                     }
                     Err(source) => {
-                        let _ = cwr.write_all(BAD_GATEWAY).await;
-                        let _ = cwr.shutdown().await;
-                        return Err(L7Error::Connect { source });
+                        return fail(&mut cwr, Some(BAD_GATEWAY), L7Error::Connect { source })
+                            .await;
                     }
                 }
             }
@@ -194,10 +187,7 @@ where
                 )
                 .await;
                 if r.is_ok() {
-                    uwr.flush().await.map_err(|source| L7Error::Io {
-                        side: Side::Upstream,
-                        source,
-                    })?;
+                    flush_to(uwr, Side::Upstream).await?;
                 }
                 r
             };
@@ -222,19 +212,15 @@ where
         let (end, body_done) = match end {
             Ok(e) => e,
             Err(e) => {
-                if !responded
-                    && !matches!(
-                        e,
-                        L7Error::Io {
-                            side: Side::Client,
-                            ..
-                        }
-                    )
-                {
-                    let _ = cwr.write_all(BAD_GATEWAY).await;
-                }
-                let _ = cwr.shutdown().await;
-                return Err(e);
+                let client_gone = matches!(
+                    e,
+                    L7Error::Io {
+                        side: Side::Client,
+                        ..
+                    }
+                );
+                let answer = (!responded && !client_gone).then_some(BAD_GATEWAY);
+                return fail(&mut cwr, answer, e).await;
             }
         };
         match end {
@@ -271,10 +257,7 @@ async fn read_request<R: AsyncRead + Unpin>(
                 .into());
             }
         }
-        let room = limits
-            .max_head_bytes
-            .saturating_sub(buf.len())
-            .clamp(1, READ_CHUNK);
+        let room = head_room(buf, limits);
         buf.reserve(room);
         let mut limited = (&mut *buf).limit(room);
         let read = rd.read_buf(&mut limited);
@@ -349,11 +332,7 @@ fn parse_request(
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
-            let n = parse_length(h.value).ok_or_else(|| bad("invalid content-length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(bad("conflicting content-length"));
-            }
-            length = Some(n);
+            add_length(&mut length, h.value).map_err(bad)?;
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             if chunked || !trimmed(h.value).eq_ignore_ascii_case(b"chunked") {
                 return Err(bad("unsupported transfer-encoding"));
@@ -392,19 +371,11 @@ fn parse_request(
     out.clear();
     if allowed {
         let _ = write!(out, "{method} {path} HTTP/1.{version}\r\n");
-        for h in req.headers.iter() {
-            if upgrade_h2c
-                && (h.name.eq_ignore_ascii_case("upgrade")
-                    || h.name.eq_ignore_ascii_case("http2-settings"))
-            {
-                continue;
-            }
-            out.extend_from_slice(h.name.as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(h.value);
-            out.extend_from_slice(b"\r\n");
-        }
-        out.extend_from_slice(b"\r\n");
+        write_fields(out, req.headers, |name| {
+            upgrade_h2c
+                && (name.eq_ignore_ascii_case("upgrade")
+                    || name.eq_ignore_ascii_case("http2-settings"))
+        });
     }
     Ok(Some(ReqHead {
         len,
@@ -452,11 +423,7 @@ fn parse_response(
     for h in resp.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
-            let n = parse_length(h.value).ok_or_else(|| bad("invalid content-length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(bad("conflicting content-length"));
-            }
-            length = Some(n);
+            add_length(&mut length, h.value).map_err(bad)?;
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             te = true;
             // Only the last coding decides whether the body is chunked.
@@ -487,17 +454,10 @@ fn parse_response(
     out.clear();
     let reason = resp.reason.unwrap_or("");
     let _ = write!(out, "HTTP/1.{version} {status} {reason}\r\n");
-    for h in resp.headers.iter() {
-        // With both, Transfer-Encoding wins (RFC 9112 §6.3): drop the stale length.
-        if te && h.name.eq_ignore_ascii_case("content-length") {
-            continue;
-        }
-        out.extend_from_slice(h.name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(h.value);
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
+    // With both, Transfer-Encoding wins (RFC 9112 §6.3): drop the stale length.
+    write_fields(out, resp.headers, |name| {
+        te && name.eq_ignore_ascii_case("content-length")
+    });
     Ok(Some(RespHead {
         len,
         status,
@@ -533,11 +493,7 @@ where
                     });
                 }
             }
-            let room = limits
-                .max_head_bytes
-                .saturating_sub(buf.len())
-                .clamp(1, READ_CHUNK);
-            if read_more(rd, buf, room, limits, Side::Upstream).await? == 0 {
+            if read_more(rd, buf, head_room(buf, limits), limits, Side::Upstream).await? == 0 {
                 return Err(L7Error::UnexpectedEof {
                     side: Side::Upstream,
                 });
@@ -583,7 +539,6 @@ where
     W: AsyncWrite + Unpin,
 {
     let to = other(from);
-    let eof = || L7Error::UnexpectedEof { side: from };
     match body {
         Body::Empty => Ok(Some(0)),
         Body::Length(n) => {
@@ -615,9 +570,7 @@ where
                     match httparse::parse_chunk_size(buf) {
                         Ok(httparse::Status::Complete(r)) => break r,
                         Ok(httparse::Status::Partial) if buf.len() < MAX_CHUNK_LINE => {
-                            if read_more(rd, buf, READ_CHUNK, limits, from).await? == 0 {
-                                return Err(eof());
-                            }
+                            read_some(rd, buf, limits, from).await?;
                         }
                         _ => return Err(malformed(from, "invalid chunk size line")),
                     }
@@ -630,9 +583,7 @@ where
                         match httparse::parse_headers(buf, &mut fields) {
                             Ok(httparse::Status::Complete((len, _))) => break len,
                             Ok(httparse::Status::Partial) if buf.len() < limits.max_head_bytes => {
-                                if read_more(rd, buf, READ_CHUNK, limits, from).await? == 0 {
-                                    return Err(eof());
-                                }
+                                read_some(rd, buf, limits, from).await?;
                             }
                             _ => return Err(malformed(from, "invalid chunked trailers")),
                         }
@@ -652,9 +603,7 @@ where
                 write_to(wr, &line[..n], to).await?;
                 copy_exact(rd, buf, wr, size, limits, from).await?;
                 while buf.len() < 2 {
-                    if read_more(rd, buf, READ_CHUNK, limits, from).await? == 0 {
-                        return Err(eof());
-                    }
+                    read_some(rd, buf, limits, from).await?;
                 }
                 if &buf[..2] != b"\r\n" {
                     return Err(malformed(from, "chunk data not followed by CRLF"));
@@ -679,8 +628,8 @@ where
     W: AsyncWrite + Unpin,
 {
     while left > 0 {
-        if buf.is_empty() && read_more(rd, buf, READ_CHUNK, limits, from).await? == 0 {
-            return Err(L7Error::UnexpectedEof { side: from });
+        if buf.is_empty() {
+            read_some(rd, buf, limits, from).await?;
         }
         let take = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
         write_to(wr, &buf[..take], other(from)).await?;
@@ -711,6 +660,28 @@ async fn read_more<R: AsyncRead + Unpin>(
     .map_err(|source| L7Error::Io { side, source })
 }
 
+/// [`read_more`] a chunk, where the end of the stream would cut a message short.
+async fn read_some<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    limits: &L7Limits,
+    from: Side,
+) -> Result<(), L7Error> {
+    match read_more(rd, buf, READ_CHUNK, limits, from).await? {
+        0 => Err(L7Error::UnexpectedEof { side: from }),
+        _ => Ok(()),
+    }
+}
+
+/// How much more of a head may be read into `buf` at once (at least 1, so that a head at
+/// the limit is still told from a larger one).
+fn head_room(buf: &BytesMut, limits: &L7Limits) -> usize {
+    limits
+        .max_head_bytes
+        .saturating_sub(buf.len())
+        .clamp(1, READ_CHUNK)
+}
+
 /// After an upstream `101`: raw bytes both ways until both sides have closed.
 async fn tunnel<CR, CW, UR, UW>(
     crd: &mut CR,
@@ -726,35 +697,41 @@ where
     UR: AsyncRead + Unpin,
     UW: AsyncWrite + Unpin,
 {
-    let up = async {
-        write_to(uwr, rbuf, Side::Upstream).await?;
-        rbuf.clear();
-        tokio::io::copy(crd, uwr)
-            .await
-            .map_err(|source| L7Error::Io {
-                side: Side::Client,
-                source,
-            })?;
-        uwr.shutdown().await.map_err(|source| L7Error::Io {
-            side: Side::Upstream,
-            source,
-        })
-    };
-    let down = async {
-        write_to(cwr, ubuf, Side::Client).await?;
-        ubuf.clear();
-        tokio::io::copy(urd, cwr)
-            .await
-            .map_err(|source| L7Error::Io {
-                side: Side::Upstream,
-                source,
-            })?;
-        cwr.shutdown().await.map_err(|source| L7Error::Io {
-            side: Side::Client,
-            source,
-        })
-    };
+    let up = splice(crd, rbuf, uwr, Side::Client);
+    let down = splice(urd, ubuf, cwr, Side::Upstream);
     tokio::try_join!(up, down).map(|_| ())
+}
+
+/// One direction of [`tunnel`]: what `buf` holds, then raw bytes from `rd` until it ends,
+/// then `wr` is shut down.
+async fn splice<R, W>(rd: &mut R, buf: &mut BytesMut, wr: &mut W, from: Side) -> Result<(), L7Error>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let to = other(from);
+    write_to(wr, buf, to).await?;
+    buf.clear();
+    tokio::io::copy(rd, wr)
+        .await
+        .map_err(|source| L7Error::Io { side: from, source })?;
+    wr.shutdown()
+        .await
+        .map_err(|source| L7Error::Io { side: to, source })
+}
+
+/// Writes header fields but those `skip` names, then the empty line that ends a head.
+fn write_fields(out: &mut Vec<u8>, headers: &[httparse::Header<'_>], skip: impl Fn(&str) -> bool) {
+    for h in headers {
+        if skip(h.name) {
+            continue;
+        }
+        out.extend_from_slice(h.name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 fn malformed(from: Side, detail: &'static str) -> L7Error {
@@ -781,19 +758,32 @@ async fn write_client<W: AsyncWrite + Unpin>(wr: &mut W, b: &[u8]) -> Result<(),
     write_to(wr, b, Side::Client).await
 }
 
+async fn flush_to<W: AsyncWrite + Unpin>(wr: &mut W, side: Side) -> Result<(), L7Error> {
+    wr.flush()
+        .await
+        .map_err(|source| L7Error::Io { side, source })
+}
+
 async fn flush_client<W: AsyncWrite + Unpin>(wr: &mut W) -> Result<(), L7Error> {
-    wr.flush().await.map_err(|source| L7Error::Io {
-        side: Side::Client,
-        source,
-    })
+    flush_to(wr, Side::Client).await
 }
 
 async fn write_upstream<W: AsyncWrite + Unpin>(wr: &mut W, b: &[u8]) -> Result<(), L7Error> {
     write_to(wr, b, Side::Upstream).await?;
-    wr.flush().await.map_err(|source| L7Error::Io {
-        side: Side::Upstream,
-        source,
-    })
+    flush_to(wr, Side::Upstream).await
+}
+
+/// A failed connection's end: `answer` (if any) as the last bytes to the client, then close.
+async fn fail<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    answer: Option<&[u8]>,
+    error: L7Error,
+) -> Result<(), L7Error> {
+    if let Some(answer) = answer {
+        let _ = wr.write_all(answer).await;
+    }
+    let _ = wr.shutdown().await;
+    Err(error)
 }
 
 /// The normal end of a connection: our side closed after the last response.
@@ -824,6 +814,17 @@ fn last_token_is(v: &[u8], token: &[u8]) -> bool {
     v.split(|&b| b == b',')
         .next_back()
         .is_some_and(|t| trimmed(t).eq_ignore_ascii_case(token))
+}
+
+/// Takes in a Content-Length field: an invalid value, or one other than an earlier field's,
+/// is refused (the detail of the error is returned).
+fn add_length(length: &mut Option<u64>, value: &[u8]) -> Result<(), &'static str> {
+    let n = parse_length(value).ok_or("invalid content-length")?;
+    if length.is_some_and(|l| l != n) {
+        return Err("conflicting content-length");
+    }
+    *length = Some(n);
+    Ok(())
 }
 
 /// A Content-Length value: digits only, at most 18 of them (no sign, no list).

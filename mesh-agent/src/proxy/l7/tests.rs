@@ -114,6 +114,25 @@ async fn h1_upstream() -> SocketAddr {
     addr
 }
 
+/// An upstream for one connection: reads the first request head (the body, if any, left
+/// unread, some of it maybe in the buffer), then hands the stream, the buffer and the head to
+/// `then`.
+async fn one_shot_upstream<F, Fut>(then: F) -> SocketAddr
+where
+    F: FnOnce(TcpStream, Vec<u8>, Message) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = Vec::new();
+        let req = read_message(&mut s, &mut buf, true, true).await.unwrap();
+        then(s, buf, req).await;
+    });
+    addr
+}
+
 struct Message {
     /// Request: the method; response: the status code.
     method: String,
@@ -243,13 +262,6 @@ async fn read_message(
     Some(msg)
 }
 
-async fn response(s: &mut TcpStream, buf: &mut Vec<u8>) -> Message {
-    timeout(T, read_message(s, buf, false, false))
-        .await
-        .unwrap()
-        .expect("a response")
-}
-
 fn assert_denied(m: &Message) {
     assert_eq!(m.method, "403");
     assert_eq!(m.header("content-type"), Some("text/plain"));
@@ -257,23 +269,79 @@ fn assert_denied(m: &Message) {
     assert_eq!(m.body, b"RBAC: access denied");
 }
 
-async fn finish(p: Proxy, client: TcpStream) -> L7Stats {
+impl Proxy {
+    /// How the proxied connection ended.
+    async fn outcome(&mut self) -> Result<L7Stats, L7Error> {
+        timeout(T, &mut self.done).await.unwrap().unwrap()
+    }
+
+    fn connects(&self) -> usize {
+        self.connects.load(Ordering::SeqCst)
+    }
+}
+
+/// Closes the client (of either protocol) and returns the proxy's counts.
+async fn finish<C>(mut p: Proxy, client: C) -> L7Stats {
     drop(client);
-    timeout(T, p.done).await.unwrap().unwrap().unwrap()
+    p.outcome().await.unwrap()
+}
+
+/// An HTTP/1.x client connection, with the bytes it has read and not yet parsed.
+struct Client {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    async fn connect(p: &Proxy) -> Self {
+        Self {
+            s: TcpStream::connect(p.addr).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).await.unwrap();
+    }
+
+    async fn response(&mut self) -> Message {
+        timeout(T, read_message(&mut self.s, &mut self.buf, false, false))
+            .await
+            .unwrap()
+            .expect("a response")
+    }
+
+    /// A response head, its body (if any) left unread: the answer to `HEAD`, or a `101`.
+    async fn response_head(&mut self) -> Message {
+        timeout(T, read_message(&mut self.s, &mut self.buf, false, true))
+            .await
+            .unwrap()
+            .expect("a response")
+    }
+
+    /// Everything until the proxy closes the connection.
+    async fn read_to_end(&mut self) -> std::io::Result<Vec<u8>> {
+        let mut out = std::mem::take(&mut self.buf);
+        timeout(T, self.s.read_to_end(&mut out)).await.unwrap()?;
+        Ok(out)
+    }
+}
+
+/// A fresh [`h1_upstream`], a proxy in front of it deciding with `authz`, and a client of it.
+async fn h1_setup(authz: Arc<Policy>) -> (Proxy, Client) {
+    let p = proxy(authz, h1_upstream().await).await;
+    let c = Client::connect(&p).await;
+    (p, c)
 }
 
 // ---------------------------------------------------------------- HTTP/1.1 tests
 
 #[tokio::test]
 async fn l7_http1_allowed_request_is_forwarded() {
-    let up = h1_upstream().await;
-    let p = proxy(Arc::default(), up).await;
-    let mut c = TcpStream::connect(p.addr).await.unwrap();
-    let mut buf = Vec::new();
-    c.write_all(b"POST /api?x=1 HTTP/1.1\r\nhost: svc\r\ncontent-length: 5\r\n\r\nhello")
-        .await
-        .unwrap();
-    let r = response(&mut c, &mut buf).await;
+    let (p, mut c) = h1_setup(Arc::default()).await;
+    c.send(b"POST /api?x=1 HTTP/1.1\r\nhost: svc\r\ncontent-length: 5\r\n\r\nhello")
+        .await;
+    let r = c.response().await;
     assert_eq!(r.method, "200");
     assert_eq!(r.body, b"path=/api?x=1 body=hello");
     let stats = finish(p, c).await;
@@ -286,126 +354,92 @@ async fn l7_http1_allowed_request_is_forwarded() {
 
 #[tokio::test]
 async fn l7_http1_denied_gets_403_and_next_request_works() {
-    let up = h1_upstream().await;
-    let p = proxy(Arc::default(), up).await;
-    let mut c = TcpStream::connect(p.addr).await.unwrap();
-    let mut buf = Vec::new();
+    let (p, mut c) = h1_setup(Arc::default()).await;
     // The denied request's body is discarded, so the next request parses.
-    c.write_all(b"POST /deny HTTP/1.1\r\nhost: svc\r\ncontent-length: 4\r\n\r\nbody")
-        .await
-        .unwrap();
-    assert_denied(&response(&mut c, &mut buf).await);
-    c.write_all(b"GET /ok HTTP/1.1\r\nhost: svc\r\n\r\n")
-        .await
-        .unwrap();
-    let r = response(&mut c, &mut buf).await;
-    assert_eq!(r.body, b"path=/ok body=");
+    c.send(b"POST /deny HTTP/1.1\r\nhost: svc\r\ncontent-length: 4\r\n\r\nbody")
+        .await;
+    assert_denied(&c.response().await);
+    c.send(b"GET /ok HTTP/1.1\r\nhost: svc\r\n\r\n").await;
+    assert_eq!(c.response().await.body, b"path=/ok body=");
     let stats = finish(p, c).await;
     assert_eq!((stats.requests, stats.denied), (2, 1));
 }
 
 #[tokio::test]
 async fn l7_http1_pipelined_requests_answered_in_order() {
-    let up = h1_upstream().await;
-    let p = proxy(Arc::default(), up).await;
-    let mut c = TcpStream::connect(p.addr).await.unwrap();
-    let mut buf = Vec::new();
-    c.write_all(
+    let (p, mut c) = h1_setup(Arc::default()).await;
+    c.send(
         b"GET /a HTTP/1.1\r\nhost: s\r\n\r\n\
           POST /deny HTTP/1.1\r\nhost: s\r\ntransfer-encoding: chunked\r\n\r\n3\r\nxyz\r\n0\r\n\r\n\
           GET /c HTTP/1.1\r\nhost: s\r\n\r\n",
     )
-    .await
-    .unwrap();
-    assert_eq!(response(&mut c, &mut buf).await.body, b"path=/a body=");
-    assert_denied(&response(&mut c, &mut buf).await);
-    assert_eq!(response(&mut c, &mut buf).await.body, b"path=/c body=");
+    .await;
+    assert_eq!(c.response().await.body, b"path=/a body=");
+    assert_denied(&c.response().await);
+    assert_eq!(c.response().await.body, b"path=/c body=");
     let stats = finish(p, c).await;
     assert_eq!((stats.requests, stats.denied), (3, 1));
 }
 
 #[tokio::test]
 async fn l7_http1_chunked_request_and_response() {
-    let up = h1_upstream().await;
-    let p = proxy(Arc::default(), up).await;
-    let mut c = TcpStream::connect(p.addr).await.unwrap();
-    let mut buf = Vec::new();
-    c.write_all(
+    let (p, mut c) = h1_setup(Arc::default()).await;
+    c.send(
         b"POST /chunked HTTP/1.1\r\nhost: s\r\ntransfer-encoding: chunked\r\n\r\n\
           4;ext=1\r\nwiki\r\n5\r\npedia\r\n0\r\n\r\n",
     )
-    .await
-    .unwrap();
-    let r = response(&mut c, &mut buf).await;
+    .await;
+    let r = c.response().await;
     assert_eq!(r.header("transfer-encoding"), Some("chunked"));
     assert_eq!(r.body, b"abcpath=/chunked body=wikipedia");
     // Still usable after the trailers.
-    c.write_all(b"GET /next HTTP/1.1\r\nhost: s\r\n\r\n")
-        .await
-        .unwrap();
-    assert_eq!(response(&mut c, &mut buf).await.body, b"path=/next body=");
+    c.send(b"GET /next HTTP/1.1\r\nhost: s\r\n\r\n").await;
+    assert_eq!(c.response().await.body, b"path=/next body=");
     finish(p, c).await;
 }
 
 #[tokio::test]
 async fn l7_http1_close_delimited_response() {
-    let up = h1_upstream().await;
-    let p = proxy(Arc::default(), up).await;
-    let mut c = TcpStream::connect(p.addr).await.unwrap();
-    let mut buf = Vec::new();
-    c.write_all(b"GET /close HTTP/1.1\r\nhost: s\r\n\r\n")
-        .await
-        .unwrap();
+    let (mut p, mut c) = h1_setup(Arc::default()).await;
+    c.send(b"GET /close HTTP/1.1\r\nhost: s\r\n\r\n").await;
     // Read to EOF: the proxy closes after a close-delimited body.
-    let r = response(&mut c, &mut buf).await;
-    assert_eq!(r.body, b"path=/close body=");
-    let stats = timeout(T, p.done).await.unwrap().unwrap().unwrap();
+    assert_eq!(c.response().await.body, b"path=/close body=");
+    let stats = p.outcome().await.unwrap();
     assert_eq!(stats.requests, 1);
 }
 
 #[tokio::test]
 async fn l7_http1_head_response_has_no_body() {
-    let up = h1_upstream().await;
-    let p = proxy(Arc::default(), up).await;
-    let mut c = TcpStream::connect(p.addr).await.unwrap();
-    let mut buf = Vec::new();
-    c.write_all(b"HEAD /h HTTP/1.1\r\nhost: s\r\n\r\nGET /g HTTP/1.1\r\nhost: s\r\n\r\n")
-        .await
-        .unwrap();
-    let r = timeout(T, read_message(&mut c, &mut buf, false, true))
-        .await
-        .unwrap()
-        .unwrap();
+    let (p, mut c) = h1_setup(Arc::default()).await;
+    c.send(b"HEAD /h HTTP/1.1\r\nhost: s\r\n\r\nGET /g HTTP/1.1\r\nhost: s\r\n\r\n")
+        .await;
+    let r = c.response_head().await;
     assert_eq!(
         (r.method.as_str(), r.header("content-length")),
         ("200", Some("5"))
     );
     // The next response starts right after the HEAD response's head.
-    assert_eq!(response(&mut c, &mut buf).await.body, b"path=/g body=");
+    assert_eq!(c.response().await.body, b"path=/g body=");
     finish(p, c).await;
 }
 
 #[tokio::test]
 async fn l7_http1_length_with_transfer_encoding_is_400() {
-    let up = h1_upstream().await;
-    let p = proxy(Arc::default(), up).await;
-    let mut c = TcpStream::connect(p.addr).await.unwrap();
-    c.write_all(
+    let (mut p, mut c) = h1_setup(Arc::default()).await;
+    c.send(
         b"POST / HTTP/1.1\r\nhost: s\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n\
           0\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n",
     )
-    .await
-    .unwrap();
-    let mut out = Vec::new();
-    timeout(T, c.read_to_end(&mut out)).await.unwrap().unwrap();
+    .await;
+    let out = c.read_to_end().await.unwrap();
     assert!(
         out.starts_with(b"HTTP/1.1 400 "),
         "{}",
         String::from_utf8_lossy(&out)
     );
-    let err = timeout(T, p.done).await.unwrap().unwrap().unwrap_err();
+    let err = p.outcome().await.unwrap_err();
     assert!(matches!(err, L7Error::BadRequest { .. }), "{err}");
-    assert_eq!(p.connects.load(Ordering::SeqCst), 0);
+    assert_eq!(p.connects(), 0);
 }
 
 #[tokio::test]
@@ -421,30 +455,24 @@ async fn l7_not_http_is_refused_without_contacting_upstream() {
         b"\x00\x01garbage",
     ] {
         let policy = Arc::new(Policy::default());
-        let p = proxy(Arc::clone(&policy), up).await;
-        let mut c = TcpStream::connect(p.addr).await.unwrap();
-        c.write_all(first).await.unwrap();
-        let mut out = Vec::new();
-        let _ = timeout(T, c.read_to_end(&mut out)).await.unwrap();
+        let mut p = proxy(Arc::clone(&policy), up).await;
+        let mut c = Client::connect(&p).await;
+        c.send(first).await;
+        let out = c.read_to_end().await.unwrap_or_default();
         assert!(out.is_empty(), "nothing is answered");
-        let err = timeout(T, p.done).await.unwrap().unwrap().unwrap_err();
+        let err = p.outcome().await.unwrap_err();
         assert!(matches!(err, L7Error::NotHttp { .. }), "{err}");
-        assert_eq!(p.connects.load(Ordering::SeqCst), 0);
+        assert_eq!(p.connects(), 0);
         assert_eq!(policy.calls.load(Ordering::SeqCst), 0);
     }
 }
 
 #[tokio::test]
 async fn l7_all_denied_connection_never_reaches_upstream() {
-    let up = h1_upstream().await;
-    let p = proxy(Arc::default(), up).await;
-    let mut c = TcpStream::connect(p.addr).await.unwrap();
-    let mut buf = Vec::new();
+    let (p, mut c) = h1_setup(Arc::default()).await;
     for _ in 0..3 {
-        c.write_all(b"GET /deny/x HTTP/1.1\r\nhost: s\r\n\r\n")
-            .await
-            .unwrap();
-        assert_denied(&response(&mut c, &mut buf).await);
+        c.send(b"GET /deny/x HTTP/1.1\r\nhost: s\r\n\r\n").await;
+        assert_denied(&c.response().await);
     }
     let connects = Arc::clone(&p.connects);
     let stats = finish(p, c).await;
@@ -454,25 +482,16 @@ async fn l7_all_denied_connection_never_reaches_upstream() {
 
 #[tokio::test]
 async fn l7_decision_change_applies_to_next_request() {
-    let up = h1_upstream().await;
     let policy = Arc::new(Policy::default());
-    let p = proxy(Arc::clone(&policy), up).await;
-    let mut c = TcpStream::connect(p.addr).await.unwrap();
-    let mut buf = Vec::new();
-    c.write_all(b"GET /x HTTP/1.1\r\nhost: s\r\n\r\n")
-        .await
-        .unwrap();
-    assert_eq!(response(&mut c, &mut buf).await.method, "200");
+    let (p, mut c) = h1_setup(Arc::clone(&policy)).await;
+    c.send(b"GET /x HTTP/1.1\r\nhost: s\r\n\r\n").await;
+    assert_eq!(c.response().await.method, "200");
     policy.flip.store(true, Ordering::SeqCst);
-    c.write_all(b"GET /x HTTP/1.1\r\nhost: s\r\n\r\n")
-        .await
-        .unwrap();
-    assert_denied(&response(&mut c, &mut buf).await);
+    c.send(b"GET /x HTTP/1.1\r\nhost: s\r\n\r\n").await;
+    assert_denied(&c.response().await);
     policy.flip.store(false, Ordering::SeqCst);
-    c.write_all(b"GET /x HTTP/1.1\r\nhost: s\r\n\r\n")
-        .await
-        .unwrap();
-    assert_eq!(response(&mut c, &mut buf).await.method, "200");
+    c.send(b"GET /x HTTP/1.1\r\nhost: s\r\n\r\n").await;
+    assert_eq!(c.response().await.method, "200");
     let stats = finish(p, c).await;
     assert_eq!((stats.requests, stats.denied), (3, 1));
 }
@@ -480,12 +499,7 @@ async fn l7_decision_change_applies_to_next_request() {
 #[tokio::test]
 async fn l7_http1_expect_continue_is_relayed() {
     // The upstream answers `100 Continue` before reading the body.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let up = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        let mut buf = Vec::new();
-        let req = read_message(&mut s, &mut buf, true, true).await.unwrap();
+    let up = one_shot_upstream(|mut s, buf, req| async move {
         assert_eq!(req.header("expect"), Some("100-continue"));
         s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.unwrap();
         let mut body = [0u8; 3];
@@ -496,28 +510,22 @@ async fn l7_http1_expect_continue_is_relayed() {
             .await
             .unwrap();
         s.write_all(&body).await.unwrap();
-    });
+    })
+    .await;
     let p = proxy(Arc::default(), up).await;
-    let mut c = TcpStream::connect(p.addr).await.unwrap();
-    let mut buf = Vec::new();
-    c.write_all(b"PUT /u HTTP/1.1\r\nhost: s\r\nexpect: 100-continue\r\ncontent-length: 3\r\n\r\n")
-        .await
-        .unwrap();
-    assert_eq!(response(&mut c, &mut buf).await.method, "100");
-    c.write_all(b"abc").await.unwrap();
-    let r = response(&mut c, &mut buf).await;
+    let mut c = Client::connect(&p).await;
+    c.send(b"PUT /u HTTP/1.1\r\nhost: s\r\nexpect: 100-continue\r\ncontent-length: 3\r\n\r\n")
+        .await;
+    assert_eq!(c.response().await.method, "100");
+    c.send(b"abc").await;
+    let r = c.response().await;
     assert_eq!((r.method.as_str(), r.body.as_slice()), ("200", &b"abc"[..]));
     finish(p, c).await;
 }
 
 #[tokio::test]
 async fn l7_http1_upgrade_switches_to_raw_bytes() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let up = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        let mut buf = Vec::new();
-        let req = read_message(&mut s, &mut buf, true, true).await.unwrap();
+    let up = one_shot_upstream(|mut s, _, req| async move {
         assert_eq!(req.header("upgrade"), Some("echo"));
         s.write_all(
             b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
@@ -526,46 +534,39 @@ async fn l7_http1_upgrade_switches_to_raw_bytes() {
         .unwrap();
         let (mut r, mut w) = s.split();
         tokio::io::copy(&mut r, &mut w).await.unwrap();
-    });
-    let p = proxy(Arc::default(), up).await;
-    let mut c = TcpStream::connect(p.addr).await.unwrap();
-    let mut buf = Vec::new();
-    c.write_all(b"GET /ws HTTP/1.1\r\nhost: s\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n")
-        .await
-        .unwrap();
-    let r = timeout(T, read_message(&mut c, &mut buf, false, true))
+    })
+    .await;
+    let mut p = proxy(Arc::default(), up).await;
+    let mut c = Client::connect(&p).await;
+    c.send(b"GET /ws HTTP/1.1\r\nhost: s\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n")
+        .await;
+    assert_eq!(c.response_head().await.method, "101");
+    // Not HTTP any more: raw bytes both ways.
+    c.send(b"\x00raw ping").await;
+    let mut back = [0u8; 9];
+    timeout(T, c.s.read_exact(&mut back))
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(r.method, "101");
-    // Not HTTP any more: raw bytes both ways.
-    c.write_all(b"\x00raw ping").await.unwrap();
-    let mut back = [0u8; 9];
-    timeout(T, c.read_exact(&mut back)).await.unwrap().unwrap();
     assert_eq!(&back, b"\x00raw ping");
-    c.shutdown().await.unwrap();
-    let stats = timeout(T, p.done).await.unwrap().unwrap().unwrap();
+    c.s.shutdown().await.unwrap();
+    let stats = p.outcome().await.unwrap();
     assert_eq!(stats.requests, 1);
 }
 
 #[tokio::test]
 async fn l7_http1_idle_keepalive_closes_quietly() {
-    let up = h1_upstream().await;
     let limits = L7Limits {
         idle_timeout: Duration::from_millis(200),
         ..L7Limits::default()
     };
-    let p = proxy_with(Arc::default(), up, limits).await;
-    let mut c = TcpStream::connect(p.addr).await.unwrap();
-    let mut buf = Vec::new();
-    c.write_all(b"GET /a HTTP/1.1\r\nhost: s\r\n\r\n")
-        .await
-        .unwrap();
-    assert_eq!(response(&mut c, &mut buf).await.method, "200");
-    let mut rest = Vec::new();
-    timeout(T, c.read_to_end(&mut rest)).await.unwrap().unwrap();
+    let mut p = proxy_with(Arc::default(), h1_upstream().await, limits).await;
+    let mut c = Client::connect(&p).await;
+    c.send(b"GET /a HTTP/1.1\r\nhost: s\r\n\r\n").await;
+    assert_eq!(c.response().await.method, "200");
+    let rest = c.read_to_end().await.unwrap();
     assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
-    let stats = timeout(T, p.done).await.unwrap().unwrap().unwrap();
+    let stats = p.outcome().await.unwrap();
     assert_eq!(stats.requests, 1);
 }
 
@@ -577,18 +578,14 @@ async fn l7_http1_upstream_unreachable_is_502() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let p = proxy(Arc::default(), gone).await;
-    let mut c = TcpStream::connect(p.addr).await.unwrap();
-    c.write_all(b"GET / HTTP/1.1\r\nhost: s\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    timeout(T, c.read_to_end(&mut out)).await.unwrap().unwrap();
+    let mut p = proxy(Arc::default(), gone).await;
+    let mut c = Client::connect(&p).await;
+    c.send(b"GET / HTTP/1.1\r\nhost: s\r\n\r\n").await;
+    let out = c.read_to_end().await.unwrap();
     assert!(out.starts_with(b"HTTP/1.1 502 "));
-    let err = timeout(T, p.done).await.unwrap().unwrap().unwrap_err();
+    let err = p.outcome().await.unwrap_err();
     assert!(matches!(err, L7Error::Connect { .. }), "{err}");
 }
-
 #[test]
 fn classify_first_bytes() {
     assert_eq!(classify(b"").unwrap(), None);
@@ -704,11 +701,16 @@ async fn h2_call(
     out
 }
 
+/// A fresh [`h2_upstream`], a proxy in front of it deciding with `authz`, and an h2c client.
+async fn h2_setup(authz: Arc<Policy>) -> (Proxy, h2::client::SendRequest<Bytes>) {
+    let p = proxy(authz, h2_upstream().await).await;
+    let send = h2_client(p.addr).await;
+    (p, send)
+}
+
 #[tokio::test]
 async fn l7_h2c_concurrent_streams_one_denied() {
-    let up = h2_upstream().await;
-    let p = proxy(Arc::default(), up).await;
-    let send = h2_client(p.addr).await;
+    let (p, send) = h2_setup(Arc::default()).await;
     let (denied, allowed) = tokio::join!(
         h2_call(&send, "/deny/me", Bytes::from_static(b"nope")),
         h2_call(&send, "/ok?q=1", Bytes::from_static(b"hello")),
@@ -720,20 +722,18 @@ async fn l7_h2c_concurrent_streams_one_denied() {
     assert_eq!(allowed.1.get("x-path").unwrap(), "/ok");
     assert_eq!(allowed.2, b"hello");
     assert_eq!(allowed.3.unwrap().get("x-done").unwrap(), "1");
-    drop(send);
-    let stats = timeout(T, p.done).await.unwrap().unwrap().unwrap();
+    let connects = Arc::clone(&p.connects);
+    let stats = finish(p, send).await;
     assert_eq!(
         (stats.requests, stats.denied, stats.protocol),
         (2, 1, Protocol::H2c)
     );
-    assert_eq!(p.connects.load(Ordering::SeqCst), 1);
+    assert_eq!(connects.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]
 async fn l7_h2c_body_larger_than_window_streams() {
-    let up = h2_upstream().await;
-    let p = proxy(Arc::default(), up).await;
-    let send = h2_client(p.addr).await;
+    let (p, send) = h2_setup(Arc::default()).await;
     // Many times the stream and connection windows, each way.
     let body: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
     let (status, _, got, _) = timeout(T, h2_call(&send, "/big", Bytes::from(body.clone())))
@@ -742,29 +742,21 @@ async fn l7_h2c_body_larger_than_window_streams() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(got.len(), body.len());
     assert!(got == body);
-    drop(send);
-    let stats = timeout(T, p.done).await.unwrap().unwrap().unwrap();
+    let stats = finish(p, send).await;
     assert!(stats.bytes_in > body.len() as u64 && stats.bytes_out > body.len() as u64);
 }
 
 #[tokio::test]
 async fn l7_h2c_decision_change_and_all_denied() {
-    let up = h2_upstream().await;
     let policy = Arc::new(Policy::default());
     policy.flip.store(true, Ordering::SeqCst);
-    let p = proxy(Arc::clone(&policy), up).await;
-    let send = h2_client(p.addr).await;
+    let (p, send) = h2_setup(Arc::clone(&policy)).await;
     let (status, ..) = h2_call(&send, "/x", Bytes::new()).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    assert_eq!(
-        p.connects.load(Ordering::SeqCst),
-        0,
-        "denied streams never connect"
-    );
+    assert_eq!(p.connects(), 0, "denied streams never connect");
     policy.flip.store(false, Ordering::SeqCst);
     let (status, ..) = h2_call(&send, "/x", Bytes::new()).await;
     assert_eq!(status, StatusCode::OK);
-    drop(send);
-    let stats = timeout(T, p.done).await.unwrap().unwrap().unwrap();
+    let stats = finish(p, send).await;
     assert_eq!((stats.requests, stats.denied), (2, 1));
 }
