@@ -10,7 +10,11 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
 
 /// Accepts on `listener` forever, handing each connection to `handle`; accept errors are
 /// reported on stderr under `label` and backed off.
-pub fn accept_forever(listener: &TcpListener, label: &str, mut handle: impl FnMut(TcpStream, SocketAddr)) {
+pub fn accept_forever(
+    listener: &TcpListener,
+    label: &str,
+    mut handle: impl FnMut(TcpStream, SocketAddr),
+) {
     loop {
         match listener.accept() {
             Ok((stream, peer)) => handle(stream, peer),

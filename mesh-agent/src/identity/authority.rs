@@ -662,15 +662,7 @@ impl Authority {
         let ca = state.active();
         let not_after = not_after.min(ca.issuing_not_after);
         let serial = Serial::random()?;
-        let mut params = CertificateParams::default();
-        // Empty subject: the identity is the URI SAN (which rcgen then marks critical).
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into().map_err(
-            |source| IdentityError::Rcgen {
-                context: "encoding the URI SAN",
-                source,
-            },
-        )?)];
+        let mut params = identity_params(&id.to_string())?;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
@@ -865,6 +857,20 @@ fn parse_csr(csr_pem: &str) -> Result<rcgen::PublicKey, IdentityError> {
         return Err(invalid("the key must be ECDSA P-256".into()));
     }
     Ok(csr.public_key)
+}
+
+/// Certificate (or CSR) parameters naming `uri` (a SPIFFE ID) and nothing else: an empty
+/// subject, the identity as the only URI SAN (which rcgen then marks critical).
+pub(crate) fn identity_params(uri: &str) -> Result<CertificateParams, IdentityError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(uri.to_owned().try_into().map_err(
+        |source| IdentityError::Rcgen {
+            context: "encoding the URI SAN",
+            source,
+        },
+    )?)];
+    Ok(params)
 }
 
 pub(crate) fn new_key() -> Result<KeyPair, IdentityError> {

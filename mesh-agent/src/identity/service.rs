@@ -33,7 +33,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use rcgen::{CertificateParams, DistinguishedName, SanType};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::ServerName;
@@ -47,7 +46,8 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{debug, info, warn};
 
 use super::authority::{
-    authorize_request, new_key, Authority, RootId, DEFAULT_WORKLOAD_LIFETIME, MAX_WORKLOAD_LIFETIME,
+    authorize_request, identity_params, new_key, Authority, RootId, DEFAULT_WORKLOAD_LIFETIME,
+    MAX_WORKLOAD_LIFETIME,
 };
 use super::cert::{certified_key, certs_from_pem, CertInfo, Serial, WorkloadCert};
 use super::spiffe::{NodeId, PeerId, SpiffeId};
@@ -615,15 +615,7 @@ impl AuthorityClient {
         lifetime: Duration,
     ) -> Result<(WorkloadCert, Option<RootId>), IdentityError> {
         let key = new_key()?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(identity.to_string().try_into().map_err(
-            |source| IdentityError::Rcgen {
-                context: "encoding the URI SAN",
-                source,
-            },
-        )?)];
-        let csr_pem = params
+        let csr_pem = identity_params(&identity.to_string())?
             .serialize_request(&key)
             .and_then(|csr| csr.pem())
             .map_err(|source| IdentityError::Rcgen {
@@ -883,7 +875,7 @@ mod tests {
         // Default lifetime when none is asked for: 24 h (through a raw request).
         let mut conn = raw(&r, &r.n1).await;
         let key = new_key().unwrap();
-        let csr = CertificateParams::default()
+        let csr = rcgen::CertificateParams::default()
             .serialize_request(&key)
             .unwrap()
             .pem()

@@ -111,7 +111,6 @@ fn registry(ws: &[GenWorkload]) -> Registry {
         .unwrap_or_else(|e| panic!("generated registry refused: {e}\n{text}"))
 }
 
-
 fn nets() -> impl Strategy<Value = Vec<IpNet>> + Clone {
     prop::collection::vec(
         prop::sample::select(vec![

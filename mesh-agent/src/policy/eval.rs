@@ -931,7 +931,6 @@ mod tests {
 
     // Property tests over a small universe, so that random policies often match.
 
-
     fn arb_source() -> impl Strategy<Value = Source> {
         let principals: &'static [&'static str] =
             &[SLEEP, ADMIN, "cluster.local/ns/client/*", "*/sa/admin", "*"];
@@ -946,7 +945,13 @@ mod tests {
     fn arb_operation() -> impl Strategy<Value = Operation> {
         let ports = prop::collection::vec(prop::sample::select(vec![80u16, 8080, 9000]), 0..2);
         // Most operations without HTTP fields, so TCP requests match too.
-        operation(ports, &["GET", "POST", "*"], &["/api/*", "/health", "*"], &["web", "*.svc", "*"], 3)
+        operation(
+            ports,
+            &["GET", "POST", "*"],
+            &["/api/*", "/health", "*"],
+            &["web", "*.svc", "*"],
+            3,
+        )
     }
 
     fn arb_rule() -> impl Strategy<Value = Rule> {

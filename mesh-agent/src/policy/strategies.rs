@@ -60,15 +60,17 @@ pub fn operation(
     );
     let http = prop_oneof![plain_weight => Just(Default::default()), 1 => http];
     (ports.clone(), ports, http).prop_map(
-        |(ports, not_ports, (methods, not_methods, paths, not_paths, hosts, not_hosts))| Operation {
-            ports,
-            not_ports,
-            methods,
-            not_methods,
-            paths,
-            not_paths,
-            hosts,
-            not_hosts,
+        |(ports, not_ports, (methods, not_methods, paths, not_paths, hosts, not_hosts))| {
+            Operation {
+                ports,
+                not_ports,
+                methods,
+                not_methods,
+                paths,
+                not_paths,
+                hosts,
+                not_hosts,
+            }
         },
     )
 }

@@ -895,8 +895,12 @@ fn summarize(runs: &[Run]) -> Value {
         let mut entry = serde_json::Map::new();
         let mut medians = BTreeMap::new();
         for config in [Config::Direct, Config::Mesh] {
-            let (med, json) =
-                median_entry(runs.iter().filter(|r| r.config == config).map(|r| &r.values), m.key);
+            let (med, json) = median_entry(
+                runs.iter()
+                    .filter(|r| r.config == config)
+                    .map(|r| &r.values),
+                m.key,
+            );
             medians.insert(config, med);
             entry.insert(config.name().into(), json);
         }
@@ -1403,8 +1407,12 @@ fn summarize_http(runs: &[HttpRun]) -> Value {
         let mut entry = serde_json::Map::new();
         let mut medians = BTreeMap::new();
         for config in HTTP_CONFIGS {
-            let (med, json) =
-                median_entry(runs.iter().filter(|r| r.config == config).map(|r| &r.values), m.key);
+            let (med, json) = median_entry(
+                runs.iter()
+                    .filter(|r| r.config == config)
+                    .map(|r| &r.values),
+                m.key,
+            );
             medians.insert(config, med);
             entry.insert(config.name().into(), json);
         }

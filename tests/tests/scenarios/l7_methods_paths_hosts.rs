@@ -112,8 +112,8 @@ fn l7_methods_paths_hosts() {
     let (b_server, c_server) = (&mesh.b_server, &mesh.c_server);
     let [a1, b1, c1] = ["a1", "b1", "c1"].map(|n| cluster.pod(n));
 
-    check(a1, b1, &b_server, &agents[1], "inbound");
-    check(a1, c1, &c_server, &agents[0], "local");
+    check(a1, b1, b_server, &agents[1], "inbound");
+    check(a1, c1, c_server, &agents[0], "local");
     // The same-node connections were carried locally by n1's agent, never over HBONE.
     assert!(
         agents[0]
