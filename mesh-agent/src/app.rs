@@ -274,7 +274,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
     let (events, policy_maps, initial_view) = match started {
         Ok(v) => v,
         Err(e) => {
-            shutdown_dataplane(dataplane);
+            release_dataplane(dataplane);
             return Err(e);
         }
     };
@@ -394,7 +394,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
     drop(manager);
     let counters = dataplane.named_counters();
     info!(?counters, "kernel counters at exit");
-    shutdown_dataplane(dataplane);
+    release_dataplane(dataplane);
     Ok(())
 }
 
@@ -457,10 +457,12 @@ impl ScrapeHook for ScrapeSources {
     }
 }
 
-fn shutdown_dataplane(dataplane: Arc<Dataplane>) {
+/// Lets go of the kernel side: the programs stay attached and the maps pinned (see
+/// [`crate::bpf`]'s failure model), whether the agent stops cleanly or fails to start.
+fn release_dataplane(dataplane: Arc<Dataplane>) {
     match Arc::try_unwrap(dataplane) {
-        Ok(dp) => dp.shutdown(),
-        Err(_) => tracing::error!("dataplane still shared at shutdown; pins left in place"),
+        Ok(dp) => dp.release(),
+        Err(_) => tracing::warn!("dataplane still shared at exit; the kernel keeps it anyway"),
     }
 }
 

@@ -35,6 +35,9 @@ enum Command {
     Policy(mesh_agent::operator::policy::PolicyArgs),
     /// The node side of joining the mesh: `node csr` (the node key stays on the node).
     Node(mesh_agent::operator::node::NodeArgs),
+    /// Take the mesh off this node: detach the kernel programs and remove every pin. An agent
+    /// that exits (crash, SIGTERM, upgrade) leaves them attached; only this removes them.
+    Uninstall(mesh_agent::operator::uninstall::UninstallArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -109,6 +112,7 @@ fn main() -> ExitCode {
         Command::Authority(args) => mesh_agent::operator::authority::main(args),
         Command::Policy(args) => mesh_agent::operator::policy::main(args),
         Command::Node(args) => mesh_agent::operator::node::main(args),
+        Command::Uninstall(args) => mesh_agent::operator::uninstall::main(args),
         Command::Run(args) => {
             let opts = AgentOptions {
                 node: args.node,
