@@ -89,6 +89,16 @@ struct RunArgs {
     /// The mesh-wide policy namespace: its policies apply to every workload.
     #[arg(long, env = "MESH_ROOT_NAMESPACE", default_value = mesh_agent::operator::policy::DEFAULT_ROOT_NAMESPACE)]
     root_namespace: String,
+    /// Unix socket for upgrades: a starting agent takes the listening sockets of the agent
+    /// running here over it (no connection attempt is refused while they change places); the
+    /// running agent then drains and exits. Root only.
+    /// [default: /run/mesh-agent/<node>/handoff.sock]
+    #[arg(long, env = "MESH_HANDOFF_SOCKET")]
+    handoff_socket: Option<PathBuf>,
+    /// Where the agent persists its workload certificates, keys and trust state, so that it
+    /// can start while the authority is unreachable. [default: <identity-dir>/state]
+    #[arg(long, env = "MESH_STATE_DIR")]
+    state_dir: Option<PathBuf>,
 }
 
 fn init_tracing(format: LogFormat) {
@@ -115,20 +125,28 @@ fn main() -> ExitCode {
         Command::Uninstall(args) => mesh_agent::operator::uninstall::main(args),
         Command::Run(args) => {
             let opts = AgentOptions {
-                node: args.node,
+                node: args.node.clone(),
                 registry: args.registry,
                 pod_cgroup: args.pod_cgroup,
                 outbound: args.outbound,
                 outbound6: args.outbound6,
                 pin_dir: args.pin_dir,
                 drain_timeout: Duration::from_secs(args.drain_timeout_secs),
-                identity_dir: args.identity_dir,
+                identity_dir: args.identity_dir.clone(),
                 authority: args.authority,
                 hbone: args.hbone,
                 admin: args.admin,
                 cert_lifetime: Duration::from_secs(args.cert_lifetime_secs),
                 policy_dir: args.policy_dir,
                 root_namespace: args.root_namespace,
+                handoff_socket: args.handoff_socket.unwrap_or_else(|| {
+                    PathBuf::from("/run/mesh-agent")
+                        .join(&args.node)
+                        .join("handoff.sock")
+                }),
+                state_dir: args
+                    .state_dir
+                    .unwrap_or_else(|| args.identity_dir.join("state")),
             };
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
