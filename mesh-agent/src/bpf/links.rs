@@ -34,7 +34,7 @@ const BPF_LINK_DETACH: libc::c_long = 34;
 /// `BPF_LINK_UPDATE` flag: replace only if the link still runs `old_prog_fd`.
 const BPF_F_REPLACE: u32 = 1 << 2;
 /// `BPF_LINK_TYPE_CGROUP`.
-const LINK_TYPE_CGROUP: u32 = 1;
+const LINK_TYPE_CGROUP: u32 = 3;
 
 /// `enum bpf_attach_type` values of the mesh's hooks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,7 +1,8 @@
 //! One module per scenario, named after what it proves.
 
-mod agent_sigkill_restart_recovers;
-mod agent_sigterm_leaves_nothing;
+mod agent_sigkill_keeps_mesh_closed;
+mod agent_restart_adopts_pins;
+mod uninstall_leaves_nothing;
 mod authority_restart_does_not_interrupt_traffic;
 mod certificates_rotate_during_live_traffic;
 mod concurrent_200_connections_no_crosstalk;
