@@ -1,6 +1,7 @@
 //! One module per scenario, named after what it proves.
 
 mod agent_sigkill_keeps_mesh_closed;
+mod agent_starts_while_authority_down;
 mod agent_restart_adopts_pins;
 mod uninstall_leaves_nothing;
 mod authority_restart_does_not_interrupt_traffic;
@@ -37,3 +38,4 @@ mod revoked_certificate_closes_live_connection;
 mod revoked_server_certificate_closes_pooled_connection;
 mod same_node_pod_to_pod_goes_through_agent;
 mod unenrolled_process_not_redirected;
+mod rolling_upgrade_loses_no_connection;
