@@ -78,6 +78,10 @@ pub struct AgentOptions {
     pub handoff_socket: PathBuf,
     /// Persisted workload certificates and trust state (start without the authority).
     pub state_dir: PathBuf,
+    /// After handing over to a successor and draining, exit (`true`) or stay idle until
+    /// SIGTERM (`false`: for supervisors that restart an exited process, e.g. a Kubernetes pod
+    /// whose replacement must outlive it).
+    pub exit_after_handoff: bool,
 }
 
 /// What the proxies need of policy: the active generation's view, replaced on every swap
@@ -436,6 +440,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
         signal = signals.recv() => signal,
         _ = handed_rx.wait_for(|h| *h) => "handed over to a successor",
     };
+    let handed_over = *handed_rx.borrow();
     info!(reason, "shutting down: draining; the kernel side stays");
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
@@ -451,6 +456,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
     drop(manager);
     let counters = dataplane.named_counters();
     info!(?counters, "kernel counters at exit");
+    if handed_over && !opts.exit_after_handoff {
+        info!("drained after the handoff; idle until SIGTERM");
+        let signal = signals.recv().await;
+        info!(signal, "exiting");
+    }
     release_dataplane(dataplane);
     Ok(())
 }

@@ -99,6 +99,10 @@ struct RunArgs {
     /// can start while the authority is unreachable. [default: <identity-dir>/state]
     #[arg(long, env = "MESH_STATE_DIR")]
     state_dir: Option<PathBuf>,
+    /// After handing over to a successor and draining, exit (true) or stay idle until SIGTERM
+    /// (false: a Kubernetes pod would otherwise restart the old container).
+    #[arg(long, env = "MESH_EXIT_AFTER_HANDOFF", default_value_t = true, action = clap::ArgAction::Set)]
+    exit_after_handoff: bool,
 }
 
 fn init_tracing(format: LogFormat) {
@@ -144,6 +148,7 @@ fn main() -> ExitCode {
                         .join(&args.node)
                         .join("handoff.sock")
                 }),
+                exit_after_handoff: args.exit_after_handoff,
                 state_dir: args
                     .state_dir
                     .unwrap_or_else(|| args.identity_dir.join("state")),
