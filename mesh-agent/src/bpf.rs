@@ -282,7 +282,12 @@ impl Dataplane {
     /// attaches the programs to `pod_cgroup`.
     pub fn load(pin_dir: &Path, pod_cgroup: &Path) -> Result<Self, BpfError> {
         ensure_bpffs(pin_dir)?;
-        let maps_replaced = prune_incompatible_pins(pin_dir)?;
+        // A map that is re-created (its pin was incompatible, or is missing) is not the one the
+        // attached programs use: they must then be swapped even where their code is the same.
+        let missing = names::ALL_MAPS
+            .iter()
+            .any(|m| !pin_dir.join(m).exists());
+        let maps_replaced = prune_incompatible_pins(pin_dir)? || missing;
         let pins: Vec<(&'static str, PathBuf)> = names::ALL_MAPS
             .iter()
             .map(|m| (*m, pin_dir.join(m)))

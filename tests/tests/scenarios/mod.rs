@@ -3,6 +3,7 @@
 mod agent_sigkill_keeps_mesh_closed;
 mod agent_starts_while_authority_down;
 mod agent_restart_adopts_pins;
+mod agent_restart_updates_programs_in_place;
 mod uninstall_leaves_nothing;
 mod authority_restart_does_not_interrupt_traffic;
 mod certificates_rotate_during_live_traffic;
