@@ -252,11 +252,10 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
     let mut sockets = Vec::new();
     let mut listen = |role: Role, addr: SocketAddr| -> Result<TcpListener, AppError> {
         let listener = match takeover.as_mut().and_then(|t| t.take(role, addr)) {
-            Some(l) => {
-                l.set_nonblocking(true)
-                    .and_then(|()| TcpListener::from_std(l))
-                    .map_err(|source| AppError::Bind { addr, source })?
-            }
+            Some(l) => l
+                .set_nonblocking(true)
+                .and_then(|()| TcpListener::from_std(l))
+                .map_err(|source| AppError::Bind { addr, source })?,
             None => bind(addr)?,
         };
         let dup = handoff::dup(&listener).map_err(|source| AppError::Bind { addr, source })?;
@@ -423,7 +422,9 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
     if let Some(t) = takeover {
         match tokio::task::spawn_blocking(move || t.complete()).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(error = %e, "completing the handoff; the previous agent serves on beside this one"),
+            Ok(Err(e)) => {
+                warn!(error = %e, "completing the handoff; the previous agent serves on beside this one")
+            }
             Err(e) => warn!(error = %e, "completing the handoff"),
         }
     }

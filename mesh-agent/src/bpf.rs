@@ -284,9 +284,7 @@ impl Dataplane {
         ensure_bpffs(pin_dir)?;
         // A map that is re-created (its pin was incompatible, or is missing) is not the one the
         // attached programs use: they must then be swapped even where their code is the same.
-        let missing = names::ALL_MAPS
-            .iter()
-            .any(|m| !pin_dir.join(m).exists());
+        let missing = names::ALL_MAPS.iter().any(|m| !pin_dir.join(m).exists());
         let maps_replaced = prune_incompatible_pins(pin_dir)? || missing;
         let pins: Vec<(&'static str, PathBuf)> = names::ALL_MAPS
             .iter()
@@ -601,8 +599,12 @@ impl AttachTarget<'_> {
         let fresh = attach_new()?;
         let action = match old {
             Some(old) => {
-                warn!(prog, old_link_id = old.state.link_id, old_cgroup_id = old.state.cgroup_id,
-                      "pinned link is on another cgroup or hook; replacing it");
+                warn!(
+                    prog,
+                    old_link_id = old.state.link_id,
+                    old_cgroup_id = old.state.cgroup_id,
+                    "pinned link is on another cgroup or hook; replacing it"
+                );
                 old.detach_and_unpin().map_err(link_err)?;
                 LinkAction::Moved
             }

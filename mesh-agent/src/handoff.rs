@@ -34,8 +34,8 @@ use std::{
 };
 
 use nix::sys::socket::{
-    getsockopt, recvmsg, sendmsg, sockopt::PeerCredentials, ControlMessage,
-    ControlMessageOwned, MsgFlags,
+    getsockopt, recvmsg, sendmsg, sockopt::PeerCredentials, ControlMessage, ControlMessageOwned,
+    MsgFlags,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -119,8 +119,8 @@ impl Takeover {
         check_peer(&stream).map_err(|e| proto(e.to_string()))?;
         writeln!(stream, "{TAKE}").map_err(sock_err)?;
         let (line, fds) = recv_with_fds(&stream).map_err(sock_err)?;
-        let offer: Offer = serde_json::from_slice(&line)
-            .map_err(|e| proto(format!("bad offer: {e}")))?;
+        let offer: Offer =
+            serde_json::from_slice(&line).map_err(|e| proto(format!("bad offer: {e}")))?;
         if offer.sockets.len() != fds.len() {
             return Err(proto(format!(
                 "{} sockets described, {} received",
@@ -195,38 +195,38 @@ pub fn serve(
     let spawned = std::thread::Builder::new()
         .name("handoff".into())
         .spawn(move || {
-        listener.set_nonblocking(true).ok();
-        loop {
-            if *stop.borrow() || *handed_off.borrow() {
-                break;
-            }
-            let conn = match listener.accept() {
-                Ok((c, _)) => c,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(50));
-                    continue;
-                }
-                Err(e) => {
-                    warn!(error = %e, "handoff accept");
-                    std::thread::sleep(Duration::from_millis(200));
-                    continue;
-                }
-            };
-            let _ = conn.set_nonblocking(false);
-            match offer(&conn, &sockets) {
-                Ok(true) => {
-                    let _ = handed_off.send(true);
+            listener.set_nonblocking(true).ok();
+            loop {
+                if *stop.borrow() || *handed_off.borrow() {
                     break;
                 }
-                Ok(false) => info!("handoff aborted by the successor; serving on"),
-                Err(e) => warn!(error = %e, "handoff failed; serving on"),
+                let conn = match listener.accept() {
+                    Ok((c, _)) => c,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "handoff accept");
+                        std::thread::sleep(Duration::from_millis(200));
+                        continue;
+                    }
+                };
+                let _ = conn.set_nonblocking(false);
+                match offer(&conn, &sockets) {
+                    Ok(true) => {
+                        let _ = handed_off.send(true);
+                        break;
+                    }
+                    Ok(false) => info!("handoff aborted by the successor; serving on"),
+                    Err(e) => warn!(error = %e, "handoff failed; serving on"),
+                }
             }
-        }
-        // The successor owns the path now; a clean stop without handoff removes our own.
-        if !*handed_off.borrow() && inode(&path) == ino {
-            let _ = std::fs::remove_file(&path);
-        }
-    });
+            // The successor owns the path now; a clean stop without handoff removes our own.
+            if !*handed_off.borrow() && inode(&path) == ino {
+                let _ = std::fs::remove_file(&path);
+            }
+        });
     spawned.map(|_| ()).map_err(|source| HandoffError::Socket {
         path: PathBuf::new(),
         source,
@@ -260,7 +260,10 @@ fn offer(conn: &UnixStream, sockets: &[(Role, SocketAddr, OwnedFd)]) -> io::Resu
         None,
     )
     .map_err(io::Error::from)?;
-    info!(sockets = sockets.len(), "listening sockets offered to a successor; waiting for it to be ready");
+    info!(
+        sockets = sockets.len(),
+        "listening sockets offered to a successor; waiting for it to be ready"
+    );
     conn.set_read_timeout(Some(READY_TIMEOUT))?;
     line.clear();
     match (&mut reader).take(MAX_LINE as u64).read_line(&mut line) {
@@ -392,7 +395,13 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let (tx, mut rx) = watch::channel(false);
         let (_stop_tx, stop) = watch::channel(false);
-        serve(path.clone(), vec![(Role::Hbone, addr, dup(&l).unwrap())], tx, stop).unwrap();
+        serve(
+            path.clone(),
+            vec![(Role::Hbone, addr, dup(&l).unwrap())],
+            tx,
+            stop,
+        )
+        .unwrap();
         // A connection queued before the handoff is accepted by the successor.
         let _early = std::net::TcpStream::connect(addr).unwrap();
         let p = path.clone();
@@ -420,7 +429,13 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let (tx, rx) = watch::channel(false);
         let (stop_tx, stop) = watch::channel(false);
-        serve(path.clone(), vec![(Role::Admin, addr, dup(&l).unwrap())], tx, stop).unwrap();
+        serve(
+            path.clone(),
+            vec![(Role::Admin, addr, dup(&l).unwrap())],
+            tx,
+            stop,
+        )
+        .unwrap();
         let p = path.clone();
         tokio::task::spawn_blocking(move || {
             let t = Takeover::request(&p).unwrap().expect("an agent answers");
@@ -458,7 +473,13 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let (tx, rx) = watch::channel(false);
         let (stop_tx, stop) = watch::channel(false);
-        serve(path.clone(), vec![(Role::Admin, addr, dup(&l).unwrap())], tx, stop).unwrap();
+        serve(
+            path.clone(),
+            vec![(Role::Admin, addr, dup(&l).unwrap())],
+            tx,
+            stop,
+        )
+        .unwrap();
         let p = path.clone();
         tokio::task::spawn_blocking(move || {
             let mut s = UnixStream::connect(&p).unwrap();

@@ -72,7 +72,9 @@ pub struct AgentSpec {
 impl AgentSpec {
     /// `--handoff-socket`: per node, in this run's log directory.
     pub fn handoff_socket(&self) -> PathBuf {
-        self.log_dir.join(format!("handoff-{}", self.node)).join("handoff.sock")
+        self.log_dir
+            .join(format!("handoff-{}", self.node))
+            .join("handoff.sock")
     }
 
     fn command(&self) -> Command {

@@ -133,7 +133,7 @@ fn object_info(fd: BorrowedFd<'_>) -> io::Result<[u64; 32]> {
 
 fn word32(info: &[u64; 32], byte_offset: usize) -> u32 {
     let w = info[byte_offset / 8];
-    if byte_offset % 8 == 0 {
+    if byte_offset.is_multiple_of(8) {
         w as u32
     } else {
         (w >> 32) as u32
@@ -148,8 +148,12 @@ impl PinnedCgroupLink {
             path: path.to_owned(),
             source,
         };
-        let cpath = CString::new(path.as_os_str().as_bytes())
-            .map_err(|e| err("BPF_OBJ_GET", io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+        let cpath = CString::new(path.as_os_str().as_bytes()).map_err(|e| {
+            err(
+                "BPF_OBJ_GET",
+                io::Error::new(io::ErrorKind::InvalidInput, e),
+            )
+        })?;
         let mut attr = Attr::default();
         let ptr = cpath.as_ptr() as u64;
         attr.0[0] = ptr as u32;

@@ -38,8 +38,8 @@ use super::authority::{
     MIN_WORKLOAD_LIFETIME,
 };
 use super::cache::CertCache;
-use super::persist::{PersistedTrust, StateDir};
 use super::cert::{Serial, WorkloadCert};
+use super::persist::{PersistedTrust, StateDir};
 use super::service::AuthorityClient;
 use super::spiffe::{NodeId, SpiffeId};
 use super::verify::{self, SniCertResolver, TrustStore};
@@ -428,10 +428,14 @@ impl IdentityManager {
                     state.bundle_pem = t.bundle_pem;
                     state.revoked = t.revoked;
                 }
-                Err(e) => warn!(error = %e, "persisted trust bundle unusable; using the join bundle"),
+                Err(e) => {
+                    warn!(error = %e, "persisted trust bundle unusable; using the join bundle")
+                }
             },
             Ok(None) => {}
-            Err(e) => warn!(error = %e, dir = %persist.path().display(), "persisted trust unreadable; using the join bundle"),
+            Err(e) => {
+                warn!(error = %e, dir = %persist.path().display(), "persisted trust unreadable; using the join bundle")
+            }
         }
         let (certs, bad) = match persist.load_certs(&self.workloads) {
             Ok(v) => v,
@@ -1126,18 +1130,28 @@ mod tests {
         cfg.state_dir = Some(state.0.clone());
         let (a, c) = (wid("default", "sa-a"), wid("default", "sa-c"));
         let (_stop, rx) = stop_channel();
-        let first = IdentityManager::start(cfg.clone(), rx.clone()).await.unwrap();
+        let first = IdentityManager::start(cfg.clone(), rx.clone())
+            .await
+            .unwrap();
         let held = first.certificate(&a).unwrap();
         drop(first);
         ca.stop().await;
 
         // Authority down: the restart takes the persisted certificates, without waiting.
         let started = Instant::now();
-        let m = IdentityManager::start(cfg.clone(), rx.clone()).await.unwrap();
-        assert!(started.elapsed() < Duration::from_secs(2), "waited for the authority");
+        let m = IdentityManager::start(cfg.clone(), rx.clone())
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "waited for the authority"
+        );
         assert_eq!(m.certificate(&a).unwrap().serial(), held.serial());
         let (s, cl) = handshake(m.server_config(), m.client_config(&a, &c).unwrap(), &c).await;
-        assert!(s.is_ok() && cl.is_ok(), "serves from persisted state: {s:?} {cl:?}");
+        assert!(
+            s.is_ok() && cl.is_ok(),
+            "serves from persisted state: {s:?} {cl:?}"
+        );
         drop(m);
 
         // A tampered certificate file is skipped, not fatal; with nothing usable and the
@@ -1147,9 +1161,15 @@ mod tests {
         }
         cfg.startup_timeout = Duration::from_millis(300);
         let m = IdentityManager::start(cfg, rx).await.unwrap();
-        assert!(m.certificate(&a).is_none(), "no certificate from a bad file");
+        assert!(
+            m.certificate(&a).is_none(),
+            "no certificate from a bad file"
+        );
         ca.restart().await;
-        eventually("issued once the authority is back", || m.certificate(&a).is_some()).await;
+        eventually("issued once the authority is back", || {
+            m.certificate(&a).is_some()
+        })
+        .await;
     }
 
     #[tokio::test]

@@ -34,6 +34,9 @@ struct PersistedCert {
     key_pem: String,
 }
 
+/// A persisted file that could not be used, and why.
+pub type Skipped = (PathBuf, String);
+
 /// The state directory.
 #[derive(Clone, Debug)]
 pub struct StateDir {
@@ -41,11 +44,7 @@ pub struct StateDir {
 }
 
 fn file_name(id: &SpiffeId) -> String {
-    let hex: String = id
-        .to_string()
-        .bytes()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hex: String = id.to_string().bytes().map(|b| format!("{b:02x}")).collect();
     format!("{hex}.json")
 }
 
@@ -120,10 +119,7 @@ impl StateDir {
 
     /// Every persisted certificate of an identity in `wanted`; files of other identities are
     /// removed, unreadable ones skipped and reported in the second list.
-    pub fn load_certs(
-        &self,
-        wanted: &[SpiffeId],
-    ) -> io::Result<(Vec<WorkloadCert>, Vec<(PathBuf, String)>)> {
+    pub fn load_certs(&self, wanted: &[SpiffeId]) -> io::Result<(Vec<WorkloadCert>, Vec<Skipped>)> {
         let names: BTreeSet<String> = wanted.iter().map(file_name).collect();
         let mut certs = Vec::new();
         let mut bad = Vec::new();
@@ -143,7 +139,10 @@ impl StateDir {
                     WorkloadCert::from_pem(&p.chain_pem, &p.key_pem).map_err(|e| e.to_string())
                 });
             match parsed {
-                Ok(c) if names.contains(&file_name(c.identity())) && file_name(c.identity()) == name => {
+                Ok(c)
+                    if names.contains(&file_name(c.identity()))
+                        && file_name(c.identity()) == name =>
+                {
                     certs.push(c)
                 }
                 Ok(c) => bad.push((path, format!("holds {} under another name", c.identity()))),
@@ -162,7 +161,9 @@ mod tests {
     fn names_are_stable_and_path_safe() {
         let id: SpiffeId = "spiffe://mesh.local/ns/a/sa/b".parse().unwrap();
         let n = file_name(&id);
-        assert!(n.bytes().all(|b| b.is_ascii_hexdigit() || b == b'.' || b.is_ascii_alphabetic()));
+        assert!(n
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() || b == b'.' || b.is_ascii_alphabetic()));
         assert_eq!(n, file_name(&id));
         assert!(!n.contains('/'));
     }
@@ -184,7 +185,10 @@ mod tests {
         fs::write(dir.join("certs").join("zz.json"), b"junk").unwrap();
         let (certs, bad) = s.load_certs(&[]).unwrap();
         assert!(certs.is_empty() && bad.is_empty());
-        assert!(!dir.join("certs").join("zz.json").exists(), "unwanted files are removed");
+        assert!(
+            !dir.join("certs").join("zz.json").exists(),
+            "unwanted files are removed"
+        );
         let _ = fs::remove_dir_all(&dir);
     }
 }

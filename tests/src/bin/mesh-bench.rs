@@ -641,14 +641,19 @@ fn lifecycle_phase(
     args: &Args,
     problems: &mut Vec<String>,
 ) -> Value {
-    println!("== life cycle: SIGKILL → serving (x{RESTART_REPS}), failed connections during upgrades");
+    println!(
+        "== life cycle: SIGKILL → serving (x{RESTART_REPS}), failed connections during upgrades"
+    );
     let client = cluster.pod("client");
     let server = cluster.pod("server");
     let to = server.addr4(ONESHOT_PORT);
     let one = |label: &str| {
         let mut cmd = Command::new(exe);
         cmd.args(["connect", "--to", &to.to_string(), "--count", "1"]);
-        client.run(cmd, label, Duration::from_secs(10)).status.success()
+        client
+            .run(cmd, label, Duration::from_secs(10))
+            .status
+            .success()
     };
     let mut restart_ms = Vec::new();
     for rep in 1..=RESTART_REPS {
@@ -673,10 +678,15 @@ fn lifecycle_phase(
         });
         match served {
             Some(d) => {
-                println!("   rep {rep}/{RESTART_REPS}: serving again {:.0} ms after SIGKILL", d.as_secs_f64() * 1e3);
+                println!(
+                    "   rep {rep}/{RESTART_REPS}: serving again {:.0} ms after SIGKILL",
+                    d.as_secs_f64() * 1e3
+                );
                 restart_ms.push(d.as_secs_f64() * 1e3);
             }
-            None => problems.push(format!("restart rep {rep}: not serving within 60 s of SIGKILL")),
+            None => problems.push(format!(
+                "restart rep {rep}: not serving within 60 s of SIGKILL"
+            )),
         }
     }
     let secs = if args.quick { 4.0 } else { 8.0 };
@@ -713,12 +723,18 @@ fn lifecycle_phase(
             "   upgrade of both agents under {rate:.0} connects/s: {} connections, {} failed{}",
             v.get("connections").and_then(Value::as_u64).unwrap_or(0),
             failed.map_or("?".into(), |f| f.to_string()),
-            v.get("first_error").and_then(Value::as_str).map(|e| format!(" (first: {e})")).unwrap_or_default()
+            v.get("first_error")
+                .and_then(Value::as_str)
+                .map(|e| format!(" (first: {e})"))
+                .unwrap_or_default()
         );
         if old_exit.iter().any(|c| *c != Some(0)) {
-            problems.push(format!("upgrade at {rate}/s: old agents exited with {old_exit:?}"));
+            problems.push(format!(
+                "upgrade at {rate}/s: old agents exited with {old_exit:?}"
+            ));
         }
-        upgrades.push(json!({"offered_per_sec": rate, "result": v, "old_agent_exit_codes": old_exit}));
+        upgrades
+            .push(json!({"offered_per_sec": rate, "result": v, "old_agent_exit_codes": old_exit}));
     }
     let mut sorted = restart_ms.clone();
     json!({
@@ -735,14 +751,21 @@ fn print_lifecycle(v: &Value) {
     println!("agent life cycle (n1; mesh client → server):");
     println!(
         "  SIGKILL → serving again (median of {RESTART_REPS})   {:>8.0} ms",
-        v["sigkill_to_serving_ms"]["median"].as_f64().unwrap_or(f64::NAN)
+        v["sigkill_to_serving_ms"]["median"]
+            .as_f64()
+            .unwrap_or(f64::NAN)
     );
-    for u in v["upgrade_failed_connections"].as_array().into_iter().flatten() {
+    for u in v["upgrade_failed_connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
         println!(
             "  failed connections, upgrade of both agents at {:>5.0}/s   {} of {}",
             u["offered_per_sec"].as_f64().unwrap_or(f64::NAN),
             u["result"]["errors"],
-            u["result"]["connections"].as_u64().unwrap_or(0) + u["result"]["errors"].as_u64().unwrap_or(0)
+            u["result"]["connections"].as_u64().unwrap_or(0)
+                + u["result"]["errors"].as_u64().unwrap_or(0)
         );
     }
     println!();

@@ -47,7 +47,12 @@ fn agent_restart_adopts_pins() {
     }
     let progs = check_attached_once(node);
     let links = link_ids(node);
-    assert_eq!(links.len(), names::ALL_PROGS.len(), "links: {:?}", node.attached_links());
+    assert_eq!(
+        links.len(),
+        names::ALL_PROGS.len(),
+        "links: {:?}",
+        node.attached_links()
+    );
 
     for round in 1..=2 {
         let sent = format!("round {round}");
@@ -56,7 +61,11 @@ fn agent_restart_adopts_pins() {
 
         agent.kill_sigkill();
         // Still attached, same programs, same links: the kernel did not let go.
-        assert_eq!(check_attached_once(node), progs, "programs changed after SIGKILL");
+        assert_eq!(
+            check_attached_once(node),
+            progs,
+            "programs changed after SIGKILL"
+        );
         assert_eq!(link_ids(node), links, "links changed after SIGKILL");
         let r = a1
             .client(
@@ -67,7 +76,11 @@ fn agent_restart_adopts_pins() {
             .results[0]
             .clone();
         assert!(
-            r.hello.is_none() && r.error.as_deref().unwrap_or("").contains("Connection refused"),
+            r.hello.is_none()
+                && r.error
+                    .as_deref()
+                    .unwrap_or("")
+                    .contains("Connection refused"),
             "with the agent dead a captured connect must be refused: {r:?}"
         );
 
@@ -91,7 +104,11 @@ fn agent_restart_adopts_pins() {
             "traffic flowed again only {:?} after ready",
             ready.elapsed()
         );
-        assert_eq!(check_attached_once(node), progs, "programs replaced on restart {round}");
+        assert_eq!(
+            check_attached_once(node),
+            progs,
+            "programs replaced on restart {round}"
+        );
         assert_eq!(link_ids(node), links, "links replaced on restart {round}");
         assert_eq!(
             list_pins(node.pin_dir()),

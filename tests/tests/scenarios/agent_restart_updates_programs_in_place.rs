@@ -58,7 +58,11 @@ fn agent_restart_updates_programs_in_place() {
     let after = links(node);
     let ids = |s: &BTreeSet<(u64, u64)>| s.iter().map(|(l, _)| *l).collect::<BTreeSet<_>>();
     let progs = |s: &BTreeSet<(u64, u64)>| s.iter().map(|(_, p)| *p).collect::<BTreeSet<_>>();
-    assert_eq!(ids(&after), ids(&before), "link ids changed: {before:?} → {after:?}");
+    assert_eq!(
+        ids(&after),
+        ids(&before),
+        "link ids changed: {before:?} → {after:?}"
+    );
     assert!(
         progs(&after).is_disjoint(&progs(&before)),
         "programs not replaced: {before:?} → {after:?}"
@@ -80,7 +84,10 @@ fn agent_restart_updates_programs_in_place() {
         .into_iter()
         .filter(|a| a.peer_addr().is_some_and(|p| p.ip() == a1_ip))
         .collect();
-    assert!(direct.is_empty(), "connections reached a2 directly during the swap: {direct:?}");
+    assert!(
+        direct.is_empty(),
+        "connections reached a2 directly during the swap: {direct:?}"
+    );
     let ok = run.results.iter().filter(|r| r.echo_ok).count();
     let refused = run
         .results
@@ -98,7 +105,11 @@ fn agent_restart_updates_programs_in_place() {
         ok + refused,
         run.results.len(),
         "every probe is carried or refused: {:?}",
-        run.results.iter().filter(|r| !r.echo_ok).take(5).collect::<Vec<_>>()
+        run.results
+            .iter()
+            .filter(|r| !r.echo_ok)
+            .take(5)
+            .collect::<Vec<_>>()
     );
     assert!(ok > 0, "no probe was carried");
     let run = a1.client(&ClientRequest::new(a2.addr4(8080)).send("after"));

@@ -27,9 +27,11 @@ fn expect_refused_fast(src: &Pod, dst: std::net::SocketAddr, payload: &str) {
             .send(payload)
             .io_timeout(Duration::from_secs(2)),
     );
-    let r = run.results.first().cloned().unwrap_or_else(|| {
-        panic!("{} → {dst}: no result: {:?}", src.name(), run.output)
-    });
+    let r = run
+        .results
+        .first()
+        .cloned()
+        .unwrap_or_else(|| panic!("{} → {dst}: no result: {:?}", src.name(), run.output));
     let err = r.error.clone().unwrap_or_default();
     assert!(
         err.contains("Connection refused"),
@@ -112,7 +114,12 @@ fn agent_sigkill_keeps_mesh_closed() {
             "programs detached after {how}: {:?}",
             cluster.node(0).attached_progs()
         );
-        for dst in [a2.addr4(8080), b1.addr4(8080), b2.addr4(8080), a2.addr6(8080)] {
+        for dst in [
+            a2.addr4(8080),
+            b1.addr4(8080),
+            b2.addr4(8080),
+            a2.addr6(8080),
+        ] {
             expect_refused_fast(a1, dst, &dead_marker);
         }
         expect_denied(a1, a2.addr4(9090));
@@ -136,7 +143,10 @@ fn agent_sigkill_keeps_mesh_closed() {
                 .iter()
                 .filter(|f| capture::contains(f, dead_marker.as_bytes()))
                 .count();
-            assert_eq!(seen, 0, "{what}: the payload sent after {how} was seen in clear");
+            assert_eq!(
+                seen, 0,
+                "{what}: the payload sent after {how} was seen in clear"
+            );
         }
         let live_clear = bridge_frames
             .iter()
@@ -149,7 +159,10 @@ fn agent_sigkill_keeps_mesh_closed() {
             .iter()
             .map(|r| r.results.iter().filter(|x| x.echo_ok).count())
             .sum();
-        assert!(ok > 0, "no live connection succeeded before {how}: {runs:?}");
+        assert!(
+            ok > 0,
+            "no live connection succeeded before {how}: {runs:?}"
+        );
 
         n1.restart();
     }

@@ -1,10 +1,9 @@
 //! One module per scenario, named after what it proves.
 
-mod agent_sigkill_keeps_mesh_closed;
-mod agent_starts_while_authority_down;
 mod agent_restart_adopts_pins;
 mod agent_restart_updates_programs_in_place;
-mod uninstall_leaves_nothing;
+mod agent_sigkill_keeps_mesh_closed;
+mod agent_starts_while_authority_down;
 mod authority_restart_does_not_interrupt_traffic;
 mod certificates_rotate_during_live_traffic;
 mod concurrent_200_connections_no_crosstalk;
@@ -37,6 +36,7 @@ mod policy_principals_and_not_principals;
 mod policy_update_is_atomic_and_bad_update_keeps_old;
 mod revoked_certificate_closes_live_connection;
 mod revoked_server_certificate_closes_pooled_connection;
+mod rolling_upgrade_loses_no_connection;
 mod same_node_pod_to_pod_goes_through_agent;
 mod unenrolled_process_not_redirected;
-mod rolling_upgrade_loses_no_connection;
+mod uninstall_leaves_nothing;

@@ -44,12 +44,21 @@ fn rolling_upgrade_loses_no_connection() {
     std::thread::sleep(Duration::from_millis(500));
     for (i, agent) in agents.iter_mut().enumerate() {
         let old = agent.upgrade(Duration::from_secs(5));
-        assert_eq!(old.code(), Some(0), "old agent of n{} exited with {old}", i + 1);
+        assert_eq!(
+            old.code(),
+            Some(0),
+            "old agent of n{} exited with {old}",
+            i + 1
+        );
         let handed = agent
             .log_lines()
             .into_iter()
             .any(|l| l["message"] == "took over the listening sockets of the running agent");
-        assert!(handed, "n{}: the new agent bound afresh instead of taking over", i + 1);
+        assert!(
+            handed,
+            "n{}: the new agent bound afresh instead of taking over",
+            i + 1
+        );
     }
     let runs: Vec<_> = clients.into_iter().map(|c| c.wait()).collect();
     let frames = bridge.stop();
@@ -85,5 +94,8 @@ fn rolling_upgrade_loses_no_connection() {
         .iter()
         .filter(|f| capture::contains(f, marker.as_bytes()))
         .count();
-    assert_eq!(clear, 0, "payload seen in clear on the bridge during the upgrade");
+    assert_eq!(
+        clear, 0,
+        "payload seen in clear on the bridge during the upgrade"
+    );
 }

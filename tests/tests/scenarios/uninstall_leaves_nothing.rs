@@ -26,7 +26,12 @@ fn uninstall_leaves_nothing() {
     assert_eq!(ours.len(), mesh_common::names::ALL_PROGS.len());
 
     let status = agent.stop();
-    assert_eq!(status.code(), Some(0), "exit after SIGTERM: {status}\n{}", agent.stderr());
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit after SIGTERM: {status}\n{}",
+        agent.stderr()
+    );
     assert!(node.pin_dir().is_dir(), "SIGTERM removed the pins");
     let still: Vec<u32> = node.attached_progs().iter().map(|p| p.id).collect();
     assert_eq!(still, ours, "SIGTERM detached programs");
@@ -39,7 +44,11 @@ fn uninstall_leaves_nothing() {
         .results[0]
         .clone();
     assert!(
-        r.hello.is_none() && r.error.as_deref().unwrap_or("").contains("Connection refused"),
+        r.hello.is_none()
+            && r.error
+                .as_deref()
+                .unwrap_or("")
+                .contains("Connection refused"),
         "after SIGTERM the mesh must stay closed: {r:?}"
     );
 
