@@ -66,6 +66,8 @@ pub struct AgentOptions {
     pub hbone: Option<SocketAddr>,
     /// Admin listener (`/metrics`, `/healthz`).
     pub admin: SocketAddr,
+    /// Networks allowed on the admin port besides the node's own addresses.
+    pub admin_allow: Vec<crate::policy::model::IpNet>,
     /// Requested workload certificate lifetime.
     pub cert_lifetime: Duration,
     /// Policy directory (Istio YAML), watched and applied on change; `None`: policy comes
@@ -415,6 +417,13 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
     tasks.spawn(metrics::serve_admin(
         admin_listener,
         Arc::clone(&metrics),
+        metrics::AdminAllow {
+            nets: opts.admin_allow.clone(),
+            node_addrs: registry
+                .node(&opts.node)
+                .map(|n| n.addresses().collect())
+                .unwrap_or_default(),
+        },
         stop_rx.clone(),
     ));
     // Serving: the previous agent, if any, may stop accepting now; then this one answers the

@@ -78,6 +78,11 @@ struct RunArgs {
     /// Admin listener: Prometheus `/metrics` and `/healthz`.
     #[arg(long, env = "MESH_ADMIN", default_value = "127.0.0.1:15020")]
     admin: SocketAddr,
+    /// Networks (CIDR, comma-separated or repeated) allowed to connect to the admin port,
+    /// besides the node's own addresses (processes on the host). Pods are refused unless listed:
+    /// add the Prometheus scrapers' addresses here.
+    #[arg(long, env = "MESH_ADMIN_ALLOW", value_delimiter = ',', default_value = "127.0.0.0/8,::1/128", value_parser = parse_net)]
+    admin_allow: Vec<mesh_agent::policy::model::IpNet>,
     /// Requested lifetime of workload certificates, in seconds (at least 60); they are
     /// rotated at half-life.
     #[arg(long, env = "MESH_CERT_LIFETIME_SECS", default_value_t = 86_400)]
@@ -140,6 +145,7 @@ fn main() -> ExitCode {
                 authority: args.authority,
                 hbone: args.hbone,
                 admin: args.admin,
+                admin_allow: args.admin_allow,
                 cert_lifetime: Duration::from_secs(args.cert_lifetime_secs),
                 policy_dir: args.policy_dir,
                 root_namespace: args.root_namespace,
@@ -174,6 +180,10 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn parse_net(s: &str) -> Result<mesh_agent::policy::model::IpNet, String> {
+    mesh_agent::policy::parse::parse_cidr(s.trim()).map_err(|e| format!("{s:?}: {e}"))
 }
 
 /// An error and its sources, `outer: inner: innermost` (kernel errnos live at the bottom).

@@ -405,14 +405,26 @@ const ADMIN_IO_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn serve_admin(
     listener: TcpListener,
     metrics: Arc<Metrics>,
+    allow: AdminAllow,
     mut stop: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNS));
+    let mut refused: u64 = 0;
     loop {
         tokio::select! {
             _ = stop.changed() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    if !allow.permits(peer.ip()) {
+                        // Pods reach the node address too: only the node itself and the
+                        // configured scrapers may read the admin port.
+                        refused += 1;
+                        if refused.is_power_of_two() {
+                            warn!(%peer, refused, "admin: connection from an address not allowed (--admin-allow); closed");
+                        }
+                        let _ = stream.set_linger(Some(Duration::ZERO));
+                        continue;
+                    }
                     let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
                         debug!(%peer, "admin: too many connections");
                         continue;
@@ -431,6 +443,23 @@ pub async fn serve_admin(
                 }
             }
         }
+    }
+}
+
+/// Who may connect to the admin port: the node's own addresses (processes on the host), and
+/// the networks of `--admin-allow` (loopback by default; add the Prometheus scrapers'). Pods,
+/// whose addresses are their own, are refused.
+#[derive(Clone, Debug, Default)]
+pub struct AdminAllow {
+    pub nets: Vec<crate::policy::model::IpNet>,
+    pub node_addrs: Vec<std::net::IpAddr>,
+}
+
+impl AdminAllow {
+    pub fn permits(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.node_addrs.iter().any(|a| a.to_canonical() == ip)
+            || self.nets.iter().any(|n| n.contains(ip))
     }
 }
 

@@ -1,5 +1,6 @@
 //! One module per scenario, named after what it proves.
 
+mod admin_port_refuses_pods;
 mod agent_restart_adopts_pins;
 mod agent_restart_updates_programs_in_place;
 mod agent_sigkill_keeps_mesh_closed;
