@@ -50,7 +50,8 @@ fn file_name(id: &SpiffeId) -> String {
 
 fn write_private(path: &Path, body: &[u8]) -> io::Result<()> {
     use io::Write as _;
-    let tmp = path.with_extension("tmp");
+    // Per process: an agent and its successor may write the same file during a handoff.
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -126,6 +127,10 @@ impl StateDir {
         for entry in fs::read_dir(self.dir.join("certs"))?.flatten() {
             let path = entry.path();
             let name = entry.file_name().to_string_lossy().into_owned();
+            if name.contains(".tmp.") {
+                // A write cut short by a crash; the previous file (if any) is intact.
+                continue;
+            }
             if !names.contains(&name) {
                 let _ = fs::remove_file(&path);
                 continue;
