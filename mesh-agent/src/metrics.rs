@@ -578,7 +578,11 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         metrics.plaintext(PlaintextVerdict::Permissive);
         let (stop_tx, stop_rx) = watch::channel(false);
-        let server = tokio::spawn(serve_admin(listener, Arc::clone(&metrics), stop_rx));
+        let allow = AdminAllow {
+            nets: vec![crate::policy::parse::parse_cidr("127.0.0.0/8").unwrap()],
+            node_addrs: vec![],
+        };
+        let server = tokio::spawn(serve_admin(listener, Arc::clone(&metrics), allow, stop_rx));
         let get = |req: &'static [u8]| async move {
             let mut s = TcpStream::connect(addr).await.unwrap();
             s.write_all(req).await.unwrap();
@@ -597,5 +601,22 @@ mod tests {
             .starts_with("HTTP/1.1 400"));
         let _ = stop_tx.send(true);
         server.await.unwrap();
+    }
+
+    #[test]
+    fn admin_allow_admits_the_node_and_listed_networks_only() {
+        let allow = AdminAllow {
+            nets: vec![
+                crate::policy::parse::parse_cidr("127.0.0.0/8").unwrap(),
+                crate::policy::parse::parse_cidr("fd00:9::/64").unwrap(),
+            ],
+            node_addrs: vec!["10.0.0.1".parse().unwrap()],
+        };
+        for ok in ["127.0.0.1", "10.0.0.1", "::ffff:10.0.0.1", "fd00:9::5"] {
+            assert!(allow.permits(ok.parse().unwrap()), "{ok}");
+        }
+        for no in ["10.1.0.2", "10.0.0.2", "::1", "fd00:8::1", "0.0.0.0"] {
+            assert!(!allow.permits(no.parse().unwrap()), "{no}");
+        }
     }
 }
