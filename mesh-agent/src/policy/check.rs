@@ -19,6 +19,8 @@ use std::{
 
 use serde::Serialize;
 
+pub mod cases;
+
 use super::{
     authorize::Snapshot,
     maps::{MapsError, PolicyMaps, PolicyView},
