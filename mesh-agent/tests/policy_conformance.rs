@@ -116,7 +116,11 @@ fn istio_conformance_through_policy_check() {
     for (name, reason, why) in &known {
         println!("  known difference {name}: {reason}\n      (we decide: {why})");
     }
-    assert!(failures.is_empty(), "failed cases:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "failed cases:\n{}",
+        failures.join("\n")
+    );
 }
 
 /// The `mesh: true` cases through the binary: the exit code and the JSON decision agree with
@@ -189,11 +193,17 @@ fn cli_bad_input_exits_2_with_a_message() {
     let ok = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x, namespace: ns1}\nspec: {}\n";
     let (code, err) = check(ok, &["--from", "ns1/nope", "--to", "ns1/b", "--port", "80"]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("unknown workload") && err.contains("ns1/nope"), "{err}");
+    assert!(
+        err.contains("unknown workload") && err.contains("ns1/nope"),
+        "{err}"
+    );
     let (code, err) = check(ok, &["--from", "nope", "--to", "ns1/b", "--port", "80"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("namespace/name"), "{err}");
-    let (code, err) = check(ok, &["--from-ip", "10.9.9.9", "--to", "ns1/b", "--port", "80"]);
+    let (code, err) = check(
+        ok,
+        &["--from-ip", "10.9.9.9", "--to", "ns1/b", "--port", "80"],
+    );
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--plaintext"), "{err}");
     let (code, err) = check(ok, &["--from", "ns1/a", "--to", "10.8.8.8", "--port", "80"]);
@@ -223,7 +233,16 @@ fn cli_text_output_names_the_policy_and_normalized_path() {
         .arg(&scratch.0)
         .arg("--registry")
         .arg(suite_dir().join("registry.yaml"))
-        .args(["--from", "ns1/a", "--to", "10.1.0.2", "--port", "18080", "--path", "/admin?x=1"])
+        .args([
+            "--from",
+            "ns1/a",
+            "--to",
+            "10.1.0.2",
+            "--port",
+            "18080",
+            "--path",
+            "/admin?x=1",
+        ])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

@@ -18,7 +18,7 @@ use super::{error_chain, print, with_stderr_logs, OutputFormat};
 use crate::{
     identity::{IdentityError, NodeCredentials},
     policy::{
-        check::{self, CheckError, CheckRequest, HttpRequest, RequestSource, PolicySource},
+        check::{self, CheckError, CheckRequest, HttpRequest, PolicySource, RequestSource},
         compile::{compile, CompileError},
         maps::{MapsError, PolicyMaps},
         source::{load_dir, ApplyError, CompileContext, LoadError},

@@ -78,10 +78,7 @@ pub enum CheckError {
 impl CheckError {
     /// Bad input (the policy, the registry, the request): exit code 2.
     pub fn is_bad_input(&self) -> bool {
-        match self {
-            Self::Policy(ApplyError::Maps(_)) | Self::Maps(_) => false,
-            _ => true,
-        }
+        !matches!(self, Self::Policy(ApplyError::Maps(_)) | Self::Maps(_))
     }
 }
 
@@ -254,7 +251,9 @@ impl CheckReport {
         if let Some(d) = &self.dry_run {
             t.push_str(&format!(
                 "dry-run: would deny ({})\n",
-                d.policy.as_deref().unwrap_or("default deny of dry-run ALLOW policies")
+                d.policy
+                    .as_deref()
+                    .unwrap_or("default deny of dry-run ALLOW policies")
             ));
         }
         if !self.audit.is_empty() {
@@ -407,7 +406,9 @@ pub fn check(
             let w = workload_by_name(registry, &req.to)?;
             let src_ip = match &req.from {
                 RequestSource::Ip(ip) => Some(*ip),
-                RequestSource::Workload(name) => workload_by_name(registry, name)?.ips.first().copied(),
+                RequestSource::Workload(name) => {
+                    workload_by_name(registry, name)?.ips.first().copied()
+                }
             };
             // The destination's address of the source's family (IPv4 first).
             let ip = src_ip
@@ -522,7 +523,7 @@ pub fn check(
         }
     }
 
-    let src = src.ok_or_else(|| CheckError::UnknownAddress {
+    let src = src.ok_or(CheckError::UnknownAddress {
         addr: src_ip,
         hint: "",
     })?;
@@ -530,12 +531,13 @@ pub fn check(
         td: trust_domain.to_owned(),
         source,
     })?;
-    let src_identity = SpiffeId::new(td, &src.namespace, &src.service_account).map_err(
-        |source| CheckError::Identity {
-            workload: src.key(),
-            source,
-        },
-    )?;
+    let src_identity =
+        SpiffeId::new(td, &src.namespace, &src.service_account).map_err(|source| {
+            CheckError::Identity {
+                workload: src.key(),
+                source,
+            }
+        })?;
     let info = ConnInfo {
         src_workload: Some(src.id),
         src_identity,
@@ -607,7 +609,9 @@ pub fn check(
     let detail = r.decision.as_ref();
     report.policy = match &r.verdict {
         RequestVerdict::Deny { policy } => policy.clone(),
-        RequestVerdict::Allow => detail.and_then(|d| d.policy.as_ref()).map(|p| p.to_string()),
+        RequestVerdict::Allow => detail
+            .and_then(|d| d.policy.as_ref())
+            .map(|p| p.to_string()),
     };
     report.decision = match r.verdict {
         RequestVerdict::Allow => Decision::Allow,

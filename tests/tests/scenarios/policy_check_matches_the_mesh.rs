@@ -20,7 +20,10 @@ use mesh_tests::{require_privileges, Cluster, Host, Pod};
 
 use super::policy_common::{apply, expect_allowed, expect_denied};
 
-const SUITE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../mesh-agent/tests/conformance");
+const SUITE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../mesh-agent/tests/conformance"
+);
 const HTTP_PORTS: [u16; 3] = [17070, 18080, 18085];
 const TCP_PORT: u16 = 19090;
 
@@ -57,7 +60,12 @@ fn pod<'c>(cluster: &'c Cluster, workload: &str) -> &'c Pod {
 /// kernel refused connect(); `Layer::L7`: the destination agent answered 403).
 fn outcome(cluster: &Cluster, case: &Case, want: Decision) -> (Decision, Layer) {
     let r = &case.request;
-    let src = pod(cluster, r.from.as_deref().expect("mesh cases name a source workload"));
+    let src = pod(
+        cluster,
+        r.from
+            .as_deref()
+            .expect("mesh cases name a source workload"),
+    );
     let dst: SocketAddr = pod(cluster, &r.to).addr4(r.port);
     if !HTTP_PORTS.contains(&r.port) {
         // A TCP connection: the kernel refuses a denied one at connect() (EPERM); an allowed
@@ -158,5 +166,9 @@ fn policy_check_matches_the_mesh() {
         }
         checked.push(format!("{name}: {got:?}"));
     }
-    println!("policy check = mesh for {} cases:\n  {}", checked.len(), checked.join("\n  "));
+    println!(
+        "policy check = mesh for {} cases:\n  {}",
+        checked.len(),
+        checked.join("\n  ")
+    );
 }
