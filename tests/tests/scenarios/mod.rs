@@ -27,6 +27,7 @@ mod peer_authentication_strict_vs_permissive;
 mod plaintext_strict_refused_permissive_flagged;
 mod policy_audit_and_dry_run_do_not_enforce;
 mod policy_change_closes_live_connection_keeps_allowed;
+mod policy_check_matches_the_mesh;
 mod policy_common;
 mod policy_deny_beats_allow_and_defaults;
 mod policy_ip_blocks_and_not_ip_blocks;
