@@ -72,6 +72,8 @@ pub struct AgentOptions {
     pub policy_dir: Option<PathBuf>,
     /// The mesh-wide policy namespace (`istio-system`).
     pub root_namespace: String,
+    /// Path normalization on HTTP ports (before L7 policy and forwarding).
+    pub path_normalization: crate::proxy::l7::normalize::PathNormalization,
 }
 
 /// What the proxies need of policy: the active generation's view, replaced on every swap
@@ -351,6 +353,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
         metrics: Arc::clone(&metrics),
         policies: policies.clone(),
         source,
+        path_normalization: opts.path_normalization,
     };
     let outbound = Outbound::new(
         listeners,

@@ -86,6 +86,12 @@ struct RunArgs {
     /// The mesh-wide policy namespace: its policies apply to every workload.
     #[arg(long, env = "MESH_ROOT_NAMESPACE", default_value = mesh_agent::operator::policy::DEFAULT_ROOT_NAMESPACE)]
     root_namespace: String,
+    /// How request paths on HTTP ports are normalized before L7 policy matching; the
+    /// normalized path is also what the pod receives. Istio's modes; the default is the
+    /// strictest (Istio defaults to BASE). See the README, "Path normalization".
+    #[arg(long, env = "MESH_PATH_NORMALIZATION", value_enum, ignore_case = true,
+          default_value_t = mesh_agent::proxy::l7::normalize::PathNormalization::default())]
+    path_normalization: mesh_agent::proxy::l7::normalize::PathNormalization,
 }
 
 fn init_tracing(format: LogFormat) {
@@ -125,6 +131,7 @@ fn main() -> ExitCode {
                 cert_lifetime: Duration::from_secs(args.cert_lifetime_secs),
                 policy_dir: args.policy_dir,
                 root_namespace: args.root_namespace,
+                path_normalization: args.path_normalization,
             };
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
