@@ -32,9 +32,10 @@ use tracing::{debug, info, warn};
 
 use super::{
     authz::{self, ConnInfo, ConnVerdict, Policies, Supervised},
-    conn_key, connect_from, hbone, orig_dst_addr,
-    pool::{Pool, PoolError},
+    conn_key, connect_from, hbone,
     l7::normalize::PathNormalization,
+    orig_dst_addr,
+    pool::{Pool, PoolError},
     ConnectError, Identities, ProxyDeps, SourceAddrs,
 };
 use crate::{

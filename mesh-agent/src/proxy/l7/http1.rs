@@ -154,8 +154,7 @@ where
     let mut head = Vec::with_capacity(1024);
     let mut norm = Normalizer::default();
     loop {
-        let req = match read_request(&mut crd, &mut rbuf, authz, limits, &mut head, &mut norm)
-            .await
+        let req = match read_request(&mut crd, &mut rbuf, authz, limits, &mut head, &mut norm).await
         {
             Ok(Some(req)) => req,
             Ok(None) => return shutdown(&mut cwr).await,

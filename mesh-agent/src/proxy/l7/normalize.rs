@@ -82,9 +82,10 @@ impl FromStr for PathNormalization {
             .into_iter()
             .find(|m| {
                 m.as_str().len() == s.len()
-                    && m.as_str().bytes().zip(s.bytes()).all(|(a, b)| {
-                        a.eq_ignore_ascii_case(&b) || (a == b'_' && b == b'-')
-                    })
+                    && m.as_str()
+                        .bytes()
+                        .zip(s.bytes())
+                        .all(|(a, b)| a.eq_ignore_ascii_case(&b) || (a == b'_' && b == b'-'))
             })
             .ok_or(NormalizeError::UnknownMode)
     }
@@ -109,7 +110,9 @@ pub enum NormalizeError {
     InvalidAuthority,
     #[error("absolute-form with user information")]
     UserInfo,
-    #[error("unknown path normalization mode (NONE, BASE, MERGE_SLASHES, DECODE_AND_MERGE_SLASHES)")]
+    #[error(
+        "unknown path normalization mode (NONE, BASE, MERGE_SLASHES, DECODE_AND_MERGE_SLASHES)"
+    )]
     UnknownMode,
 }
 
@@ -262,7 +265,11 @@ impl Normalizer {
                     {
                         decoded.push(b'/');
                     } else {
-                        decoded.extend_from_slice(&[b'%', HEX[usize::from(v >> 4)], HEX[usize::from(v & 15)]]);
+                        decoded.extend_from_slice(&[
+                            b'%',
+                            HEX[usize::from(v >> 4)],
+                            HEX[usize::from(v & 15)],
+                        ]);
                     }
                     i += 3;
                 }
@@ -448,13 +455,32 @@ mod tests {
             ("/a\\b", ["/a\\b", "/a/b", "/a/b", "/a/b"]),
             ("\\", ["", "", "", ""]),
             ("/%2E%2e/x", ["/%2E%2e/x", "/x", "/x", "/x"]),
-            ("/%252e%252e/x", ["/%252e%252e/x", "/%252e%252e/x", "/%252e%252e/x", "/%252e%252e/x"]),
+            (
+                "/%252e%252e/x",
+                [
+                    "/%252e%252e/x",
+                    "/%252e%252e/x",
+                    "/%252e%252e/x",
+                    "/%252e%252e/x",
+                ],
+            ),
             ("/%25", ["/%25", "/%25", "/%25", "/%25"]),
-            ("/%7e%5F%2D%30", ["/%7e%5F%2D%30", "/~_-0", "/~_-0", "/~_-0"]),
+            (
+                "/%7e%5F%2D%30",
+                ["/%7e%5F%2D%30", "/~_-0", "/~_-0", "/~_-0"],
+            ),
             ("/%20x%3b", ["/%20x%3b", "/%20x%3B", "/%20x%3B", "/%20x%3B"]),
             ("/a;b/c", ["/a;b/c", "/a;b/c", "/a;b/c", "/a;b/c"]),
             ("/Admin", ["/Admin", "/Admin", "/Admin", "/Admin"]),
-            ("/.well-known/x", ["/.well-known/x", "/.well-known/x", "/.well-known/x", "/.well-known/x"]),
+            (
+                "/.well-known/x",
+                [
+                    "/.well-known/x",
+                    "/.well-known/x",
+                    "/.well-known/x",
+                    "/.well-known/x",
+                ],
+            ),
             ("/...", ["/...", "/...", "/...", "/..."]),
             ("/a/..b", ["/a/..b", "/a/..b", "/a/..b", "/a/..b"]),
             ("*", ["*", "*", "*", "*"]),
@@ -526,11 +552,20 @@ mod tests {
     fn targets() {
         let t = |s, m| split_target(s, m);
         let origin = t("/a/b?x=1&y=%00", "GET").unwrap();
-        assert_eq!((origin.authority, origin.path, origin.query), (None, "/a/b", Some("x=1&y=%00")));
+        assert_eq!(
+            (origin.authority, origin.path, origin.query),
+            (None, "/a/b", Some("x=1&y=%00"))
+        );
         let abs = t("http://b1/admin", "GET").unwrap();
-        assert_eq!((abs.authority, abs.path, abs.query), (Some("b1"), "/admin", None));
+        assert_eq!(
+            (abs.authority, abs.path, abs.query),
+            (Some("b1"), "/admin", None)
+        );
         let abs = t("HTTPS://b1.default:8080?q", "GET").unwrap();
-        assert_eq!((abs.authority, abs.path, abs.query), (Some("b1.default:8080"), "/", Some("q")));
+        assert_eq!(
+            (abs.authority, abs.path, abs.query),
+            (Some("b1.default:8080"), "/", Some("q"))
+        );
         let abs = t("http://[fd00::1]:80/a/../b", "GET").unwrap();
         assert_eq!((abs.authority, abs.path), (Some("[fd00::1]:80"), "/a/../b"));
         assert!(t("*", "OPTIONS").unwrap().is_asterisk());
@@ -554,11 +589,17 @@ mod tests {
 
     #[test]
     fn modes_parse_by_istio_name() {
-        assert_eq!("decode_and_merge_slashes".parse(), Ok(DecodeAndMergeSlashes));
+        assert_eq!(
+            "decode_and_merge_slashes".parse(),
+            Ok(DecodeAndMergeSlashes)
+        );
         assert_eq!("MERGE-SLASHES".parse(), Ok(MergeSlashes));
         assert_eq!("base".parse(), Ok(Base));
         assert_eq!("NONE".parse(), Ok(PathNormalization::None));
-        assert_eq!("merge".parse::<PathNormalization>(), Err(NormalizeError::UnknownMode));
+        assert_eq!(
+            "merge".parse::<PathNormalization>(),
+            Err(NormalizeError::UnknownMode)
+        );
         assert_eq!(PathNormalization::default(), DecodeAndMergeSlashes);
     }
 
