@@ -684,7 +684,7 @@ where
                         if from == Side::Client && fields.iter().any(forbidden) {
                             return Err(malformed(from, "forbidden field in chunked trailers"));
                         }
-                        write_fields(&mut trailers, fields, |name| forbidden_trailer(name));
+                        write_fields(&mut trailers, fields, forbidden_trailer);
                     } else {
                         trailers.extend_from_slice(b"\r\n");
                     }
