@@ -17,6 +17,7 @@ mod l7_common;
 mod l7_h2c_per_stream_decisions;
 mod l7_methods_paths_hosts;
 mod l7_non_http_bytes_on_http_port_refused;
+mod l7_path_bypass_forms_denied;
 mod malformed_registry_refused;
 mod node_cannot_obtain_certificate_for_other_nodes_workload;
 mod non_mesh_destination_not_redirected;
