@@ -19,6 +19,9 @@
 //! that is neither origin-form (`/…`), absolute-form (`http://host/…`), nor `*` with
 //! `OPTIONS`, and absolute-form with user information or an invalid authority.
 //!
+//! h2c: the `http` crate drops a `#fragment` from `:path` before the agent sees it; what is
+//! left is matched and forwarded, so the two still agree.
+//!
 //! Not done (as in Istio): case folding (`/ADMIN` is not `/admin`) and `;` path parameters
 //! (`/admin;x` is a segment of its own, though some servers read it as `/admin`). The query
 //! string is not normalized, not matched, and forwarded as sent.
@@ -231,8 +234,9 @@ impl Normalizer {
         if bytes.first() != Some(&b'/') {
             return Err(NormalizeError::InvalidForm);
         }
-        if mode == PathNormalization::None || is_plain(bytes) {
-            return validate(bytes).map(|()| path);
+        // One pass over the bytes for the common case.
+        if !scan(bytes)? || mode == PathNormalization::None {
+            return Ok(path);
         }
         self.decode(bytes, mode)?;
         self.resolve(mode.merges());
@@ -329,15 +333,10 @@ pub fn normalize(path: &str, mode: PathNormalization) -> Result<String, Normaliz
 
 const HEX: &[u8; 16] = b"0123456789ABCDEF";
 
-/// Whether a path needs nothing done but validation: no `%`, `\`, `//` or `/.`.
-fn is_plain(bytes: &[u8]) -> bool {
-    !bytes.contains(&b'%')
-        && !bytes.contains(&b'\\')
-        && !bytes.windows(2).any(|w| w == b"//" || w == b"/.")
-}
-
-/// The checks of every mode: visible ASCII, no fragment, valid percent-encoding, no `%00`.
-fn validate(bytes: &[u8]) -> Result<(), NormalizeError> {
+/// The checks of every mode — visible ASCII, no fragment, valid percent-encoding, no `%00`
+/// — and whether the path has anything to normalize (`%`, `\`, `//` or `/.`).
+fn scan(bytes: &[u8]) -> Result<bool, NormalizeError> {
+    let mut work = false;
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
@@ -347,12 +346,17 @@ fn validate(bytes: &[u8]) -> Result<(), NormalizeError> {
                 if percent(bytes, i)? == 0 {
                     return Err(NormalizeError::EncodedNul);
                 }
+                work = true;
                 i += 3;
+                continue;
             }
-            _ => i += 1,
+            b'\\' => work = true,
+            b'/' => work |= matches!(bytes.get(i + 1), Some(b'/' | b'.')),
+            _ => {}
         }
+        i += 1;
     }
-    Ok(())
+    Ok(work)
 }
 
 /// The byte encoded by the `%HH` at `bytes[i]`.
