@@ -8,7 +8,7 @@
 //! mode but `NONE`, in this order:
 //! 1. every `%HH` is checked (invalid or truncated: refused), decoded once when it encodes an
 //!    unreserved character (`A-Z a-z 0-9 - . _ ~`, hex digits in either case; no double
-//!    decoding: `%252e` stays `%252E`), decoded when it is `%2F`/`%5C` in
+//!    decoding: `%252e` stays `%252e`), decoded when it is `%2F`/`%5C` in
 //!    `DECODE_AND_MERGE_SLASHES`, and otherwise kept with its hex digits upper-cased;
 //! 2. `\` becomes `/`;
 //! 3. dot segments are removed (RFC 3986 §5.2.4), never above the root;
