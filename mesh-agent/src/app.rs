@@ -221,6 +221,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
         cert_lifetime_secs = opts.cert_lifetime.as_secs(),
         policy_dir = ?opts.policy_dir,
         root_namespace = %opts.root_namespace,
+        path_normalization = %opts.path_normalization,
         "configuration"
     );
     let mut signals = Signals::new()?;
