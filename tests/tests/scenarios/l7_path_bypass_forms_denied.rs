@@ -324,6 +324,13 @@ fn l7_path_bypass_forms_denied() {
         .http_ports("c1", &[HTTP1_PORT, H2C_PORT])
         .build();
     let agents = cluster.start_agents();
+    for agent in &agents {
+        let config = wait_line(agent, "configuration", "startup configuration", |_| true);
+        assert_eq!(
+            config["path_normalization"], "DECODE_AND_MERGE_SLASHES",
+            "the default mode: {config}"
+        );
+    }
     let secret = format!("TOP-SECRET-{}", cluster.id());
     let [a1, b1, c1] = ["a1", "b1", "c1"].map(|n| cluster.pod(n));
     let dsts = [(b1, &agents[1]), (c1, &agents[0])].map(|(pod, decider)| Dst {
