@@ -84,6 +84,8 @@ pub struct AgentOptions {
     /// SIGTERM (`false`: for supervisors that restart an exited process, e.g. a Kubernetes pod
     /// whose replacement must outlive it).
     pub exit_after_handoff: bool,
+    /// Path normalization on HTTP ports (before L7 policy and forwarding).
+    pub path_normalization: crate::proxy::l7::normalize::PathNormalization,
 }
 
 /// What the proxies need of policy: the active generation's view, replaced on every swap
@@ -235,6 +237,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
         root_namespace = %opts.root_namespace,
         handoff_socket = %opts.handoff_socket.display(),
         state_dir = %opts.state_dir.display(),
+        path_normalization = %opts.path_normalization,
         "configuration"
     );
     let mut signals = Signals::new()?;
@@ -392,6 +395,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
         metrics: Arc::clone(&metrics),
         policies: policies.clone(),
         source,
+        path_normalization: opts.path_normalization,
     };
     let outbound = Outbound::new(
         listeners,

@@ -108,6 +108,12 @@ struct RunArgs {
     /// (false: a Kubernetes pod would otherwise restart the old container).
     #[arg(long, env = "MESH_EXIT_AFTER_HANDOFF", default_value_t = true, action = clap::ArgAction::Set)]
     exit_after_handoff: bool,
+    /// How request paths on HTTP ports are normalized before L7 policy matching; the
+    /// normalized path is also what the pod receives. Istio's modes; the default is the
+    /// strictest (Istio defaults to BASE). See the README, "Path normalization".
+    #[arg(long, env = "MESH_PATH_NORMALIZATION", value_enum, ignore_case = true,
+          default_value_t = mesh_agent::proxy::l7::normalize::PathNormalization::default())]
+    path_normalization: mesh_agent::proxy::l7::normalize::PathNormalization,
 }
 
 fn init_tracing(format: LogFormat) {
@@ -158,6 +164,7 @@ fn main() -> ExitCode {
                 state_dir: args
                     .state_dir
                     .unwrap_or_else(|| args.identity_dir.join("state")),
+                path_normalization: args.path_normalization,
             };
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

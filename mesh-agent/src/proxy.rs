@@ -58,6 +58,8 @@ pub struct ProxyDeps {
     pub metrics: Arc<crate::metrics::Metrics>,
     pub policies: authz::Policies,
     pub source: SourceAddrs,
+    /// How request paths on HTTP ports are normalized before L7 policy and forwarding.
+    pub path_normalization: l7::normalize::PathNormalization,
 }
 
 /// Where the agent's own upstream sockets come from: the node addresses that the kernel's
@@ -101,6 +103,7 @@ pub(crate) async fn l7_serve<S>(
     client: S,
     source: &SourceAddrs,
     connect_timeout: Duration,
+    path_normalization: l7::normalize::PathNormalization,
     enforcer: authz::Enforcer<'_>,
     info: &authz::ConnInfo,
     conn_id: u64,
@@ -109,7 +112,7 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
 {
     let decide = |req: &l7::RequestView<'_>| {
-        // The path as sent; the policy view strips query and fragment itself.
+        // The normalized path (no query), the authority the pod routes by.
         let attrs = authz::RequestAttrs {
             method: req.method,
             path: req.path,
@@ -126,7 +129,10 @@ where
             .await
             .map_err(std::io::Error::other)
     };
-    let limits = l7::L7Limits::default();
+    let limits = l7::L7Limits {
+        path_normalization,
+        ..l7::L7Limits::default()
+    };
     let mut stats = l7::L7Stats::default();
     let work = l7::serve_with_stats(client, connect, &decide, &limits, &mut stats);
     let outcome = match authz::supervise(enforcer.policies.clone(), info, conn_id, work).await {

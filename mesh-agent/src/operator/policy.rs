@@ -131,6 +131,10 @@ pub struct ShowArgs {
 #[command(group(clap::ArgGroup::new("policy").required(true).args(["policy_dir", "pin_dir"])))]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["from", "from_ip"])))]
 pub struct CheckArgs {
+    /// The mesh's path normalization, as the agents run with (`--path-normalization`).
+    #[arg(long, value_enum, ignore_case = true,
+          default_value_t = crate::proxy::l7::normalize::PathNormalization::default())]
+    pub path_normalization: crate::proxy::l7::normalize::PathNormalization,
     /// The policy directory to compile (as `policy apply` and the agent compile it).
     #[arg(long)]
     pub policy_dir: Option<PathBuf>,
@@ -268,6 +272,7 @@ fn check(a: CheckArgs) -> Result<u8, OperatorError> {
             path: a.path,
             host: a.host,
         },
+        path_normalization: a.path_normalization,
     };
     let report = check::check(Arc::new(view), &registry, &trust_domain, &req)?;
     print(a.output, &report, &report.text()).map_err(OperatorError::Output)?;

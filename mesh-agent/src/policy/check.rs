@@ -137,6 +137,8 @@ pub struct CheckRequest {
     pub to: String,
     pub port: u16,
     pub http: HttpRequest,
+    /// The mesh's path normalization (`mesh-agent run --path-normalization`).
+    pub path_normalization: crate::proxy::l7::normalize::PathNormalization,
 }
 
 /// What decided.
@@ -297,14 +299,26 @@ impl CheckReport {
 #[error("{0}")]
 pub struct PathRejected(pub &'static str);
 
-/// The path policies are matched against, from the request target as sent.
-///
-/// For now this is what the agent does today: the query string and fragment are dropped
-/// (`maps::policy_path`), nothing else. It is the one place `policy check` turns a raw path
-/// into the matched one, to be redirected to the agent's normalizer (`proxy/l7/normalize.rs`)
-/// when that lands; an `Err` is a request the agent refuses with `400` before policy.
-pub fn normalize_for_check(raw: &str) -> Result<String, PathRejected> {
-    Ok(raw.split(['?', '#']).next().unwrap_or("").to_owned())
+/// What policies are matched against, from the request as sent: the agent's own request-target
+/// split and path normalizer (`proxy/l7/normalize.rs`, the mesh default mode) — an absolute-form
+/// target's authority replaces the host, the query is not matched. An `Err` is a request the
+/// agent refuses with `400` before policy (the same checks as `proxy/l7/http1.rs`).
+pub fn normalize_for_check(
+    raw: &str,
+    method: &str,
+    mode: crate::proxy::l7::normalize::PathNormalization,
+) -> Result<(String, Option<String>), PathRejected> {
+    use crate::proxy::l7::normalize::{normalize, split_target};
+    if !crate::proxy::l7::http1::valid_method(method) {
+        return Err(PathRejected("method with lower-case letters or empty"));
+    }
+    let target = split_target(raw, method).map_err(|e| PathRejected(e.detail()))?;
+    let path = if target.is_asterisk() {
+        "*".to_owned()
+    } else {
+        normalize(target.path, mode).map_err(|e| PathRejected(e.detail()))?
+    };
+    Ok((path, target.authority.map(str::to_owned)))
 }
 
 /// Whether `w` is PERMISSIVE under `view`: the generation's `POL_DST_F_PERMISSIVE`, or the
@@ -467,8 +481,13 @@ pub fn check(
                 dst.key()
             ));
         }
-        let normalized = normalize_for_check(&path);
-        Some((method, path, req.http.host.clone(), normalized))
+        let normalized = normalize_for_check(&path, &method, req.path_normalization);
+        let host = match &normalized {
+            Ok((_, Some(authority))) => Some(authority.clone()),
+            _ => req.http.host.clone(),
+        };
+        let normalized = normalized.map(|(p, _)| p);
+        Some((method, path, host, normalized))
     } else {
         if req.http != HttpRequest::default() {
             notes.push(format!(
@@ -672,9 +691,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn normalize_for_check_drops_query_and_fragment_only() {
-        assert_eq!(normalize_for_check("/a/b?x=1#f").unwrap(), "/a/b");
-        assert_eq!(normalize_for_check("/a/../b").unwrap(), "/a/../b");
-        assert_eq!(normalize_for_check("").unwrap(), "");
+    fn normalize_for_check_is_the_agents_normalizer() {
+        use crate::proxy::l7::normalize::PathNormalization as M;
+        let d = M::default();
+        let n = |raw: &str| normalize_for_check(raw, "GET", d);
+        assert_eq!(n("/a/b?x=1").unwrap(), ("/a/b".to_owned(), None));
+        assert_eq!(n("/public/..%2fadmin").unwrap().0, "/admin");
+        assert_eq!(n("//admin").unwrap().0, "/admin");
+        assert_eq!(n("/%61dmin").unwrap().0, "/admin");
+        assert_eq!(
+            n("http://b1/admin").unwrap(),
+            ("/admin".to_owned(), Some("b1".to_owned()))
+        );
+        assert!(n("/admin%00").is_err());
+        assert!(n("/a#f").is_err());
+        assert!(normalize_for_check("/", "get", d).is_err());
+        assert_eq!(
+            normalize_for_check("/a/../b", "GET", M::None).unwrap().0,
+            "/a/../b"
+        );
     }
 }

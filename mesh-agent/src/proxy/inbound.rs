@@ -35,6 +35,7 @@ use super::{
     authz::{self, ConnInfo, ConnVerdict, Policies, Supervised},
     connect_from,
     hbone::{self, BadRequest},
+    l7::normalize::PathNormalization,
     Identities, ProxyDeps, SourceAddrs,
 };
 use crate::{
@@ -84,6 +85,7 @@ struct Ctx {
     /// SNI → (workload id, identity) for this node's workloads.
     served: HashMap<String, (u32, SpiffeId)>,
     source: SourceAddrs,
+    path_normalization: PathNormalization,
     metrics: Arc<Metrics>,
     policies: Policies,
     cfg: InboundConfig,
@@ -131,6 +133,7 @@ impl Inbound {
             metrics,
             policies,
             source,
+            path_normalization,
         } = deps;
         let served = registry
             .local(&node)
@@ -149,6 +152,7 @@ impl Inbound {
                 identities,
                 served,
                 source,
+                path_normalization,
                 metrics,
                 policies,
                 cfg,
@@ -473,6 +477,7 @@ impl Ctx {
             stream,
             &self.source,
             self.cfg.connect_timeout,
+            self.path_normalization,
             self.enforcer(),
             &info,
             conn_id,

@@ -32,7 +32,9 @@ use tracing::{debug, info, warn};
 
 use super::{
     authz::{self, ConnInfo, ConnVerdict, Policies, Supervised},
-    conn_key, connect_from, hbone, orig_dst_addr,
+    conn_key, connect_from, hbone,
+    l7::normalize::PathNormalization,
+    orig_dst_addr,
     pool::{Pool, PoolError},
     ConnectError, Identities, ProxyDeps, SourceAddrs,
 };
@@ -74,6 +76,8 @@ struct MeshView {
     peers: HashMap<String, SocketAddr>,
     /// The agent's own upstream source addresses.
     source: SourceAddrs,
+    /// For same-node HTTP ports.
+    path_normalization: PathNormalization,
 }
 
 /// The outbound proxy: its listeners and what it needs per connection.
@@ -163,6 +167,7 @@ impl Outbound {
             metrics,
             policies,
             source,
+            path_normalization,
         } = deps;
         let identities_by_id = registry
             .workloads
@@ -173,6 +178,7 @@ impl Outbound {
             node,
             peers,
             source,
+            path_normalization,
         };
         let pool = Pool::new(Default::default(), view.source, Arc::clone(&metrics));
         Self {
@@ -378,6 +384,7 @@ impl Ctx {
                     client,
                     &self.view.source,
                     self.cfg.connect_timeout,
+                    self.view.path_normalization,
                     enforcer,
                     &info,
                     conn_id,

@@ -110,6 +110,7 @@ impl CaseRequest {
                 path: self.path.clone(),
                 host: self.host.clone(),
             },
+            path_normalization: Default::default(),
         })
     }
 
