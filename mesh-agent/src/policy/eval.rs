@@ -14,8 +14,15 @@
 //!   peer's namespace (both empty for a peer without mTLS identity: positive patterns, even
 //!   `*`, do not match it, `not*` ones exclude nothing); `ipBlocks` against the peer's address;
 //!   ports against the destination port; methods exactly (case-sensitive); paths against the
-//!   request path without its query string; hosts case-insensitively against Host/`:authority`,
-//!   as sent and with a `:port` suffix stripped.
+//!   request path without its query string (exact, prefix, suffix, presence, or a `{*}`/`{**}`
+//!   template, [`super::model::template_matches`]); hosts ASCII case-insensitively against
+//!   Host/`:authority` exactly as sent — a `:port` is part of the value, as in Istio
+//!   (ISTIO-SECURITY-2021-008); `serviceAccounts` against the namespace and service account
+//!   of the principal (any trust domain).
+//! - `when`: every condition must hold ([`condition_matches`]); `request.headers[...]` is
+//!   HTTP-only like methods, paths and hosts.
+//! - Principals are matched after the trust-domain rewrite
+//!   ([`PolicyBundle::for_trust_domains`]); [`evaluate`] takes the rewritten bundle.
 //! - HTTP-only fields (methods, paths, hosts and their `not*`) on a request that is not HTTP:
 //!   an ALLOW rule that has any (in any of its operations) never matches; a DENY or AUDIT
 //!   rule matches ignoring them (Istio's fail-safe: its RBAC builder drops the ALLOW rule, and
@@ -29,8 +36,8 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use super::model::{
-    Action, AuthorizationPolicy, MtlsMode, Operation, Pattern, PolicyBundle, Rule, Source,
-    StringMatch,
+    Action, AuthorizationPolicy, Condition, IpNet, MtlsMode, Operation, Pattern,
+    PeerAuthentication, PolicyBundle, Rule, ServiceAccount, Source, StringMatch,
 };
 
 /// Istio's default root namespace (policies there apply mesh-wide).
@@ -62,6 +69,8 @@ pub struct HttpRequest<'a> {
     pub path: &'a str,
     /// `Host` / `:authority`, if sent.
     pub host: Option<&'a str>,
+    /// The request's header fields as (name, value); names compare case-insensitively.
+    pub headers: &'a [(&'a str, &'a str)],
 }
 
 /// One request (or connection) to the target.
@@ -69,6 +78,8 @@ pub struct HttpRequest<'a> {
 pub struct Request<'a> {
     /// The destination port.
     pub port: u16,
+    /// The destination workload's address the connection is for (`destination.ip`).
+    pub dst_ip: Option<IpAddr>,
     /// `None`: a TCP connection, or a port that does not speak HTTP.
     pub http: Option<HttpRequest<'a>>,
 }
@@ -171,11 +182,12 @@ pub fn policy_matches(p: &AuthorizationPolicy, peer: Peer<'_>, req: Request<'_>)
 /// `allow`: the rule is an ALLOW rule: on a non-HTTP request, HTTP-only fields make it
 /// unmatchable; in DENY and AUDIT rules they are ignored instead.
 fn rule_matches(rule: &Rule, allow: bool, peer: Peer<'_>, req: Request<'_>) -> bool {
-    if req.http.is_none() && allow && rule.to.iter().any(Operation::has_http_fields) {
+    if req.http.is_none() && allow && rule.has_http_fields() {
         return false;
     }
     (rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, peer)))
         && (rule.to.is_empty() || rule.to.iter().any(|o| operation_matches(o, req)))
+        && rule.when.iter().all(|c| condition_matches(c, peer, req))
 }
 
 fn source_matches(s: &Source, peer: Peer<'_>) -> bool {
@@ -183,8 +195,102 @@ fn source_matches(s: &Source, peer: Peer<'_>) -> bool {
     let namespace = peer.namespace.unwrap_or("");
     strings(&s.principals, &s.not_principals, |m| m.matches(principal))
         && strings(&s.namespaces, &s.not_namespaces, |m| m.matches(namespace))
-        && (s.ip_blocks.is_empty() || s.ip_blocks.iter().any(|n| n.contains(peer.ip)))
-        && !s.not_ip_blocks.iter().any(|n| n.contains(peer.ip))
+        && ips(&s.ip_blocks, &s.not_ip_blocks, Some(peer.ip))
+        && service_accounts(&s.service_accounts, &s.not_service_accounts, peer.principal)
+}
+
+/// A list of blocks with its `not*` counterpart against an address (none: in no block).
+fn ips(pos: &[IpNet], neg: &[IpNet], ip: Option<IpAddr>) -> bool {
+    let within = |n: &IpNet| ip.is_some_and(|ip| n.contains(ip));
+    (pos.is_empty() || pos.iter().any(within)) && !neg.iter().any(within)
+}
+
+/// `serviceAccounts`/`notServiceAccounts` against a principal (none: matches no entry).
+fn service_accounts(
+    pos: &[ServiceAccount],
+    neg: &[ServiceAccount],
+    principal: Option<&str>,
+) -> bool {
+    let hit = |sa: &ServiceAccount| principal.is_some_and(|p| sa.matches_principal(p));
+    (pos.is_empty() || pos.iter().any(hit)) && !neg.iter().any(hit)
+}
+
+/// One `when` condition. On a non-HTTP request an HTTP-only condition holds (DENY and AUDIT
+/// rules ignore it; ALLOW rules with one were already excluded in [`rule_matches`]).
+pub fn condition_matches(c: &Condition, peer: Peer<'_>, req: Request<'_>) -> bool {
+    match c {
+        Condition::SourceIp { values, not_values } => ips(values, not_values, Some(peer.ip)),
+        Condition::DestinationIp { values, not_values } => ips(values, not_values, req.dst_ip),
+        Condition::SourceNamespace { values, not_values } => {
+            let ns = peer.namespace.unwrap_or("");
+            strings(values, not_values, |m| m.matches(ns))
+        }
+        Condition::SourcePrincipal { values, not_values } => {
+            let p = peer.principal.unwrap_or("");
+            strings(values, not_values, |m| m.matches(p))
+        }
+        Condition::SourceServiceAccount { values, not_values } => {
+            service_accounts(values, not_values, peer.principal)
+        }
+        Condition::DestinationPort { values, not_values } => {
+            (values.is_empty() || values.contains(&req.port)) && !not_values.contains(&req.port)
+        }
+        Condition::RequestHeader {
+            name,
+            values,
+            not_values,
+        } => {
+            let Some(http) = req.http else {
+                return true;
+            };
+            let value = joined_header(http.headers, name);
+            let hit = |m: &StringMatch| header_pattern_matches(m.as_pattern(), value.as_deref());
+            (values.is_empty() || values.iter().any(hit)) && !not_values.iter().any(hit)
+        }
+    }
+}
+
+/// The values of header `name` (any case) joined with `,` as Envoy's header matcher sees
+/// several fields of one name; `None` if the request has none.
+fn joined_header(headers: &[(&str, &str)], name: &str) -> Option<Vec<u8>> {
+    join_values(
+        headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_bytes()),
+    )
+}
+
+/// Several values of one header as one (`a,b`); `None` without any.
+pub fn join_values<'v>(values: impl Iterator<Item = &'v [u8]>) -> Option<Vec<u8>> {
+    let mut out: Option<Vec<u8>> = None;
+    for v in values {
+        match &mut out {
+            Some(buf) => {
+                buf.push(b',');
+                buf.extend_from_slice(v);
+            }
+            None => out = Some(v.to_vec()),
+        }
+    }
+    out
+}
+
+/// How a `request.headers[...]` value pattern matches a header (istio/istio
+/// `pilot/pkg/security/authz/matcher/header.go`, `HeaderMatcher`): `*` is presence (the
+/// header is there, even empty), `x*`/`*x` prefix/suffix, else exact, case-sensitively; an
+/// absent header matches no pattern. Shared with the compiled form.
+pub fn header_pattern_matches(m: Pattern<'_>, value: Option<&[u8]>) -> bool {
+    let Some(v) = value else {
+        return false;
+    };
+    match m {
+        Pattern::Exact(s) => v == s.as_bytes(),
+        Pattern::Prefix(p) => v.starts_with(p.as_bytes()),
+        Pattern::Suffix(s) => v.ends_with(s.as_bytes()),
+        Pattern::Presence => true,
+        Pattern::Template(_) => false,
+    }
 }
 
 /// On a non-HTTP request the HTTP fields are not looked at (see [`rule_matches`]).
@@ -205,10 +311,11 @@ fn operation_matches(o: &Operation, req: Request<'_>) -> bool {
 }
 
 /// How a `hosts`/`notHosts` pattern matches a request's Host (or `:authority`): ASCII
-/// case-insensitively, against the value as sent or with a numeric `:port` stripped. Shared
-/// with the compiled form (`maps::Clause`), so both decide hosts alike.
+/// case-insensitively, exactly as sent — no `:port` stripping
+/// ([`Pattern::matches_ignore_case`]). Shared with the compiled form (`maps::Clause`), so
+/// both decide hosts alike.
 pub fn host_pattern_matches(m: Pattern<'_>, host: &str) -> bool {
-    host_matches(m, host) || strip_port(host).is_some_and(|h| host_matches(m, h))
+    m.matches_ignore_case(host)
 }
 
 /// A field with its `not*` counterpart: some pattern matches (or none given), no `not*` does.
@@ -220,59 +327,65 @@ fn strings(
     (pos.is_empty() || pos.iter().any(&matches)) && !neg.iter().any(matches)
 }
 
-/// `host` without a trailing `:port`, if it has one (`[::1]:80` → `[::1]`).
-fn strip_port(host: &str) -> Option<&str> {
-    let (h, port) = host.rsplit_once(':')?;
-    let numeric = !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
-    (numeric && !h.is_empty() && (!h.contains(':') || h.ends_with(']'))).then_some(h)
-}
-
-/// [`StringMatch::matches`], ASCII case-insensitively.
-fn host_matches(m: Pattern<'_>, value: &str) -> bool {
-    let v = value.as_bytes();
-    match m {
-        Pattern::Exact(s) => v.eq_ignore_ascii_case(s.as_bytes()),
-        Pattern::Prefix(p) => v
-            .get(..p.len())
-            .is_some_and(|h| h.eq_ignore_ascii_case(p.as_bytes())),
-        Pattern::Suffix(s) => v
-            .len()
-            .checked_sub(s.len())
-            .and_then(|start| v.get(start..))
-            .is_some_and(|t| t.eq_ignore_ascii_case(s.as_bytes())),
-        Pattern::Presence => !v.is_empty(),
-    }
-}
-
-/// The mTLS mode for inbound traffic to `target`: the PeerAuthentication with a selector
-/// matching it in its namespace, else the one without selector in its namespace, else the one
-/// without selector in the root namespace `root_ns`, else `registry_default`, else STRICT.
-/// (Selector policies in the root namespace apply to the root namespace's workloads only, as
-/// in Istio.) Several at the same level: the first by `(namespace, name)` — Istio takes the
-/// oldest, and this model has no creation time.
+/// The mTLS mode for inbound traffic to `target` ([`effective_port_mtls`] without ports).
 pub fn effective_mtls(
     bundle: &PolicyBundle,
     root_ns: &str,
     target: Target<'_>,
     registry_default: Option<MtlsMode>,
 ) -> MtlsMode {
-    let level = |ns: &str, with_selector: bool| {
+    effective_port_mtls(bundle, root_ns, target, registry_default).0
+}
+
+/// The effective PeerAuthentication of `target`, as Istio composes it (istio/istio
+/// `pilot/pkg/security/authn/policy_applier.go`, `ComposePeerAuthentication`): the mesh
+/// policy (root namespace `root_ns`, no selector), then the namespace policy (no selector),
+/// then the workload policy (a selector matching the workload, not in the root namespace);
+/// each one that is not UNSET overrides the one before; the start is `registry_default`,
+/// else STRICT (Istio starts from PERMISSIVE: this mesh is STRICT unless told otherwise).
+/// `portLevelMtls` of the workload policy gives per-port modes (UNSET: the workload's mode).
+/// Several at one level: the first by `(namespace, name)` — Istio takes the oldest, and this
+/// model has no creation time. The returned modes are never UNSET.
+pub fn effective_port_mtls(
+    bundle: &PolicyBundle,
+    root_ns: &str,
+    target: Target<'_>,
+    registry_default: Option<MtlsMode>,
+) -> (MtlsMode, BTreeMap<u16, MtlsMode>) {
+    let has_selector = |p: &PeerAuthentication| p.selector.as_ref().is_some_and(|s| !s.is_empty());
+    let first = |f: &dyn Fn(&PeerAuthentication) -> bool| {
         bundle
             .peer_authn
             .iter()
-            .filter(|p| p.namespace == ns)
-            .filter(|p| match &p.selector {
-                Some(s) if !s.is_empty() => with_selector && labels_match(Some(s), target.labels),
-                _ => !with_selector,
-            })
+            .filter(|p| f(p))
             .min_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)))
-            .map(|p| p.mode)
     };
-    level(target.namespace, true)
-        .or_else(|| level(target.namespace, false))
-        .or_else(|| level(root_ns, false))
-        .or(registry_default)
-        .unwrap_or(MtlsMode::Strict)
+    let mesh = first(&|p| p.namespace == root_ns && !has_selector(p));
+    let namespace =
+        first(&|p| p.namespace != root_ns && p.namespace == target.namespace && !has_selector(p));
+    let workload = first(&|p| {
+        p.namespace != root_ns
+            && p.namespace == target.namespace
+            && has_selector(p)
+            && labels_match(p.selector.as_ref(), target.labels)
+    });
+    let mut mode = registry_default
+        .filter(|m| *m != MtlsMode::Unset)
+        .unwrap_or(MtlsMode::Strict);
+    for p in [mesh, namespace, workload].into_iter().flatten() {
+        if p.mode != MtlsMode::Unset {
+            mode = p.mode;
+        }
+    }
+    let ports = workload
+        .map(|w| {
+            w.port_level
+                .iter()
+                .map(|(port, m)| (*port, if *m == MtlsMode::Unset { mode } else { *m }))
+                .collect()
+        })
+        .unwrap_or_default();
+    (mode, ports)
 }
 
 #[cfg(test)]

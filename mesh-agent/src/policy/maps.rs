@@ -35,6 +35,8 @@ use mesh_common::{
         POL_FIELD_PATH, POL_F_AUDIT, POL_F_AUDIT_L7, POL_F_DRY_RUN_DENY, POL_F_DRY_RUN_L4_ALLOWED,
         POL_F_DRY_RUN_L7, POL_F_L4_ALLOWED, POL_L7, POL_L7_F_DRY_RUN, POL_MATCH_EXACT,
         POL_MATCH_PREFIX, POL_MATCH_PRESENCE, POL_MATCH_SUFFIX, POL_STR_MAX,
+        POL_FIELD_GROUP_SHIFT, POL_FIELD_HEADER, POL_FIELD_MASK, POL_FIELD_NOT_HEADER,
+        POL_MATCH_TEMPLATE,
     },
     AgentConfig,
 };
@@ -343,29 +345,148 @@ pub struct Clause {
     pub terms: Vec<Term>,
 }
 
+/// A request's header fields, as the policy reads them.
+pub trait RequestHeaders {
+    /// Calls `f` with every value of header `name` (given lowercase; compare names
+    /// case-insensitively), in the order received.
+    fn for_each_value(&self, name: &str, f: &mut dyn FnMut(&[u8]));
+}
+
+/// A request without header fields (or whose headers no policy reads).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoHeaders;
+
+impl RequestHeaders for NoHeaders {
+    fn for_each_value(&self, _: &str, _: &mut dyn FnMut(&[u8])) {}
+}
+
+/// Header fields as (name, value) pairs.
+impl RequestHeaders for [(&str, &str)] {
+    fn for_each_value(&self, name: &str, f: &mut dyn FnMut(&[u8])) {
+        for (n, v) in self {
+            if n.eq_ignore_ascii_case(name) {
+                f(v.as_bytes());
+            }
+        }
+    }
+}
+
+/// One HTTP request as a clause matches it: absent method/host are `""`; `path` without its
+/// query string (see [`PolicyView::decide_request_with`]).
+#[derive(Clone, Copy)]
+pub struct RequestFacts<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub host: &'a str,
+    pub headers: &'a dyn RequestHeaders,
+}
+
+impl std::fmt::Debug for RequestFacts<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestFacts")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Clause {
-    /// Whether the request matches: a positive field (`METHOD`, `PATH`, `HOST`) matches when
-    /// any of its terms does, a negative one (`NOT_*`) when none does; every field present
-    /// must match; no terms match every request. An absent value is the empty string (which
-    /// matches no pattern but an exact `""`). `path` is compared as given (without its query
-    /// string: see [`PolicyView::decide_request`]); host terms compare ASCII
-    /// case-insensitively (patterns are stored lowercase) against the host as sent and, if
-    /// it ends in `:port`, without it.
+    /// [`Self::matches_request`] for a request without header fields.
     pub fn matches(&self, method: &str, path: &str, host: &str) -> bool {
-        [
-            (POL_FIELD_METHOD, POL_FIELD_NOT_METHOD, method),
-            (POL_FIELD_PATH, POL_FIELD_NOT_PATH, path),
-            (POL_FIELD_HOST, POL_FIELD_NOT_HOST, host),
-        ]
-        .into_iter()
-        .all(|(pos, neg, value)| {
-            // Hosts: [`Term::matches`] applies the evaluator's rule (case, `:port`).
-            let hit = |t: &Term| t.matches(value);
-            let mut positive = self.terms.iter().filter(|t| t.field == pos).peekable();
-            let pos_ok = positive.peek().is_none() || positive.any(hit);
-            let neg_ok = !self.terms.iter().filter(|t| t.field == neg).any(hit);
-            pos_ok && neg_ok
+        self.matches_request(&RequestFacts {
+            method,
+            path,
+            host,
+            headers: &NoHeaders,
         })
+    }
+
+    /// Whether the request matches. Terms are grouped by (field, group) — the field's high
+    /// bits (`POL_FIELD_GROUP_SHIFT`) are the group: in a group a positive field (`METHOD`,
+    /// `PATH`, `HOST`, `HEADER`) matches when any of its terms does, a negative one (`NOT_*`)
+    /// when none does; every group present must match; no terms match every request. An
+    /// absent method, path or host is the empty string (which matches no pattern but an
+    /// exact `""`); an absent header matches no pattern, not even presence. Hosts compare
+    /// ASCII case-insensitively (patterns are stored lowercase), exactly as sent. A clause
+    /// with a field or kind this version does not know fails closed: an ALLOW clause never
+    /// matches, any other always does (a wider deny or audit).
+    pub fn matches_request(&self, req: &RequestFacts<'_>) -> bool {
+        let known = |t: &Term| {
+            pattern_of(t.kind, "").is_some()
+                && (POL_FIELD_METHOD..=POL_FIELD_NOT_HEADER).contains(&(t.field & POL_FIELD_MASK))
+        };
+        if !self.terms.iter().all(known) {
+            return self.action != POL_ACTION_ALLOW;
+        }
+        // (positive field, group) of each term; the negative field of a pair shares it.
+        let pair = |field: u32| {
+            let base = field & POL_FIELD_MASK;
+            let group = field >> POL_FIELD_GROUP_SHIFT;
+            let positive = match base {
+                POL_FIELD_NOT_METHOD => POL_FIELD_METHOD,
+                POL_FIELD_NOT_PATH => POL_FIELD_PATH,
+                POL_FIELD_NOT_HOST => POL_FIELD_HOST,
+                POL_FIELD_NOT_HEADER => POL_FIELD_HEADER,
+                b => b,
+            };
+            (positive, group, base != positive)
+        };
+        let mut header: Option<(String, Option<Vec<u8>>)> = None;
+        let mut hit = |t: &Term| -> bool {
+            match t.field & POL_FIELD_MASK {
+                POL_FIELD_METHOD | POL_FIELD_NOT_METHOD => t.matches(req.method),
+                POL_FIELD_PATH | POL_FIELD_NOT_PATH => t.matches(req.path),
+                POL_FIELD_HOST | POL_FIELD_NOT_HOST => t.matches(req.host),
+                POL_FIELD_HEADER | POL_FIELD_NOT_HEADER => {
+                    let Some((name, pattern)) = t.pattern.split_once(':') else {
+                        return false;
+                    };
+                    // One header looked up per group, joined as Envoy sees repeated fields.
+                    if header.as_ref().is_none_or(|(n, _)| n != name) {
+                        let mut values = Vec::new();
+                        req.headers
+                            .for_each_value(name, &mut |v| values.push(v.to_vec()));
+                        let joined = super::eval::join_values(values.iter().map(Vec::as_slice));
+                        header = Some((name.to_owned(), joined));
+                    }
+                    let value = header.as_ref().and_then(|(_, v)| v.as_deref());
+                    match pattern_of(t.kind, pattern) {
+                        Some(p) => super::eval::header_pattern_matches(p, value),
+                        None => false,
+                    }
+                }
+                _ => false,
+            }
+        };
+        let mut done: Vec<(u32, u32)> = Vec::new();
+        for t in &self.terms {
+            let (positive, group, _) = pair(t.field);
+            if done.contains(&(positive, group)) {
+                continue;
+            }
+            done.push((positive, group));
+            let mut any_positive = false;
+            let mut positive_hit = false;
+            for u in self.terms.iter().filter(|u| {
+                let (p, g, _) = pair(u.field);
+                (p, g) == (positive, group)
+            }) {
+                let negative = pair(u.field).2;
+                if negative {
+                    if hit(u) {
+                        return false;
+                    }
+                } else {
+                    any_positive = true;
+                    positive_hit = positive_hit || hit(u);
+                }
+            }
+            if any_positive && !positive_hit {
+                return false;
+            }
+        }
+        true
     }
 }
 
@@ -374,28 +495,30 @@ fn policy_path(path: &str) -> &str {
     path.split(['?', '#']).next().unwrap_or("")
 }
 
+/// A term's kind and pattern as a [`Pattern`]; `None` for an unknown kind.
+fn pattern_of(kind: u32, p: &str) -> Option<Pattern<'_>> {
+    Some(match kind {
+        POL_MATCH_EXACT => Pattern::Exact(p),
+        POL_MATCH_PREFIX => Pattern::Prefix(p),
+        POL_MATCH_SUFFIX => Pattern::Suffix(p),
+        POL_MATCH_PRESENCE => Pattern::Presence,
+        POL_MATCH_TEMPLATE => Pattern::Template(p),
+        _ => return None,
+    })
+}
+
 impl Term {
     fn matches(&self, value: &str) -> bool {
-        let p = &*self.pattern;
-        if self.field == POL_FIELD_HOST || self.field == POL_FIELD_NOT_HOST {
-            // Hosts match as the reference evaluator matches them (case, `:port`).
-            let pattern = match self.kind {
-                POL_MATCH_EXACT => Pattern::Exact(p),
-                POL_MATCH_PREFIX => Pattern::Prefix(p),
-                POL_MATCH_SUFFIX => Pattern::Suffix(p),
-                POL_MATCH_PRESENCE => Pattern::Presence,
-                _ => return false,
-            };
+        // Unknown kinds never match (a newer compiler): ALLOW clauses then fail closed.
+        let Some(pattern) = pattern_of(self.kind, &self.pattern) else {
+            return false;
+        };
+        let field = self.field & POL_FIELD_MASK;
+        if field == POL_FIELD_HOST || field == POL_FIELD_NOT_HOST {
+            // Hosts match as the reference evaluator matches them (case-insensitively).
             return super::eval::host_pattern_matches(pattern, value);
         }
-        match self.kind {
-            POL_MATCH_EXACT => value == p,
-            POL_MATCH_PREFIX => value.starts_with(p),
-            POL_MATCH_SUFFIX => value.ends_with(p),
-            POL_MATCH_PRESENCE => !value.is_empty(),
-            // Unknown kinds never match (a newer compiler): ALLOW clauses then fail closed.
-            _ => false,
-        }
+        pattern.matches(value)
     }
 }
 
@@ -697,6 +820,31 @@ impl PolicyView {
         path: &str,
         host: &str,
     ) -> RequestDecision {
+        self.decide_request_with(
+            set,
+            class,
+            port,
+            &RequestFacts {
+                method,
+                path,
+                host,
+                headers: &NoHeaders,
+            },
+        )
+    }
+
+    /// [`Self::decide_request`] with the request's header fields (`when`
+    /// `request.headers[...]` conditions read them).
+    pub fn decide_request_with(
+        &self,
+        set: u32,
+        class: u32,
+        port: u16,
+        req: &RequestFacts<'_>,
+    ) -> RequestDecision {
+        let RequestFacts {
+            method, path, host, ..
+        } = *req;
         if self.deny_all {
             return RequestDecision::default();
         }
@@ -704,10 +852,15 @@ impl PolicyView {
             return RequestDecision::default();
         };
         let v = entry.value;
-        let path = policy_path(path);
+        let facts = RequestFacts {
+            method,
+            path: policy_path(path),
+            host,
+            headers: req.headers,
+        };
         let matching = |action: u32, with_dry_run: bool| {
             entry.clauses.iter().find(|c| {
-                c.action == action && (with_dry_run || !c.dry_run) && c.matches(method, path, host)
+                c.action == action && (with_dry_run || !c.dry_run) && c.matches_request(&facts)
             })
         };
         let (allowed, policy) = match v.verdict {
@@ -754,7 +907,7 @@ impl PolicyView {
             out.audit.extend(self.string(v.audit_str));
         }
         for c in &entry.clauses {
-            if c.action == POL_ACTION_AUDIT && c.matches(method, path, host) {
+            if c.action == POL_ACTION_AUDIT && c.matches_request(&facts) {
                 if let Some(p) = &c.policy {
                     if !out.audit.contains(p) {
                         out.audit.push(p.clone());
