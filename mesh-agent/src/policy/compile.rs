@@ -976,6 +976,7 @@ pub(crate) mod tests {
             Some(vec![Rule {
                 from: vec![from_principal("cluster.local/ns/default/sa/sa-a")],
                 to: vec![to_ports(&[9090])],
+                when: vec![],
             }]),
         );
         let c = compile(&bundle(vec![deny]), &registry(), ROOT, TD).unwrap();
@@ -1044,6 +1045,7 @@ pub(crate) mod tests {
                     ..Source::default()
                 }],
                 to: vec![],
+                when: vec![],
             }]),
         );
         let c = compile(&bundle(vec![allow]), &registry(), ROOT, TD).unwrap();
@@ -1073,6 +1075,7 @@ pub(crate) mod tests {
             Some(vec![Rule {
                 from: vec![from_principal("cluster.local/ns/default/sa/sa-a")],
                 to: vec![to_ports(&[8080])],
+                when: vec![],
             }]),
         );
         let c = compile(&bundle(vec![allow]), &registry(), ROOT, TD).unwrap();
@@ -1126,6 +1129,7 @@ pub(crate) mod tests {
             Some(vec![Rule {
                 from: vec![],
                 to: vec![get_only()],
+                when: vec![],
             }]),
         );
         let c = compile(&bundle(vec![allow.clone()]), &registry(), ROOT, TD).unwrap();
@@ -1177,6 +1181,7 @@ pub(crate) mod tests {
             Some(vec![Rule {
                 from: vec![],
                 to: vec![get_only(), to_ports(&[9000])],
+                when: vec![],
             }]),
         );
         let c = compile(&bundle(vec![allow]), &registry(), ROOT, TD).unwrap();
@@ -1230,6 +1235,7 @@ pub(crate) mod tests {
             Some(vec![Rule {
                 from: vec![],
                 to: vec![get_only()],
+                when: vec![],
             }]),
         );
         dry_get.dry_run = true;
@@ -1256,6 +1262,7 @@ pub(crate) mod tests {
             Some(vec![Rule {
                 from: vec![],
                 to: vec![to_ports(&ports)],
+                when: vec![],
             }]),
         );
         let e = compile(&bundle(vec![deny]), &registry(), ROOT, TD).unwrap_err();
@@ -1287,6 +1294,7 @@ pub(crate) mod tests {
                     paths: vec![StringMatch::Exact(long.clone())],
                     ..Operation::default()
                 }],
+                when: vec![],
             }]),
         );
         match compile(&bundle(vec![p]), &registry(), ROOT, TD).unwrap_err() {
@@ -1309,6 +1317,7 @@ pub(crate) mod tests {
             },
             selector: app.map(|a| BTreeMap::from([("app".to_owned(), a.to_owned())])),
             mode,
+            port_level: BTreeMap::new(),
         };
         let a1 = &r.workloads[0];
         let c1 = &r.workloads[4];
@@ -1346,6 +1355,7 @@ pub(crate) mod tests {
                         .collect()
                 }),
                 mode,
+                port_level: BTreeMap::new(),
             };
         let b = PolicyBundle {
             authz: vec![],

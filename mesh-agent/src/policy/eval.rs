@@ -436,7 +436,11 @@ mod tests {
     }
 
     fn tcp(port: u16) -> Request<'static> {
-        Request { port, http: None }
+        Request {
+            port,
+            dst_ip: None,
+            http: None,
+        }
     }
 
     fn http(
@@ -446,7 +450,13 @@ mod tests {
     ) -> Request<'static> {
         Request {
             port: 8080,
-            http: Some(HttpRequest { method, path, host }),
+            dst_ip: None,
+            http: Some(HttpRequest {
+                method,
+                path,
+                host,
+                headers: &[],
+            }),
         }
     }
 
@@ -493,14 +503,12 @@ mod tests {
             let b = bundle(&[("default", "a", spec)]);
             let d = eval(&b, peer(Some(SLEEP)), tcp(80));
             assert_eq!((d.allowed, d.policy), (false, None), "{spec}");
-            // ... and a DENY without rules denies nothing.
-            let b = bundle(&[(
-                "default",
-                "d",
-                &format!("{spec}\n  action: DENY").replace("  action: ALLOW\n", ""),
-            )]);
-            assert!(allowed(&b, peer(Some(SLEEP)), tcp(80)), "{spec}");
         }
+        // A DENY without rules is refused by the parser (as by Istio); built by hand it
+        // denies nothing.
+        let mut b = bundle(&[("default", "d", "  action: DENY\n  rules: [{}]")]);
+        b.authz[0].rules = None;
+        assert!(allowed(&b, peer(Some(SLEEP)), tcp(80)));
         // `rules: [{}]` matches everything.
         let b = allow_rule("{}");
         let d = eval(&b, peer(None), tcp(1));
@@ -508,12 +516,14 @@ mod tests {
         let b = bundle(&[("default", "d", "  action: DENY\n  rules: [{}]")]);
         let d = eval(&b, peer(Some(SLEEP)), http("GET", "/", None));
         assert_eq!((d.allowed, d.policy.as_deref()), (false, Some("default/d")));
-        // Empty from / to lists match anything.
-        assert!(allowed(
-            &allow_rule("{from: [], to: []}"),
-            peer(None),
-            tcp(9)
-        ));
+        // Empty from / to lists are refused by the parser (Istio: "must not be empty").
+        for rule in ["{from: []}", "{to: []}"] {
+            let text = format!(
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+                 metadata: {{name: a, namespace: default}}\nspec:\n  rules: [{rule}]\n"
+            );
+            assert!(parse_str(&text, Path::new("x.yaml")).is_err(), "{rule}");
+        }
     }
 
     #[test]
@@ -658,16 +668,19 @@ mod tests {
             ("notPaths: [\"/api/*\"]", false),
             ("notPaths: [/admin]", true),
             ("paths: [\"/api/*\"], notPaths: [\"*/items\"]", false),
-            // Hosts: case-insensitive, with and without the port.
-            ("hosts: [web.default.svc]", true),
+            // Hosts: case-insensitive, the `:port` is part of the value (Istio,
+            // ISTIO-SECURITY-2021-008).
+            ("hosts: [web.default.svc]", false),
             ("hosts: [\"web.default.svc:8080\"]", true),
-            ("hosts: [WEB.DEFAULT.SVC]", true),
+            ("hosts: [\"WEB.DEFAULT.SVC:8080\"]", true),
+            ("hosts: [WEB.DEFAULT.SVC]", false),
             ("hosts: [\"web.*\"]", true),
-            ("hosts: [\"*.svc\"]", true),
+            ("hosts: [\"*.svc\"]", false),
             ("hosts: [\"*.svc:8080\"]", true),
             ("hosts: [\"*\"]", true),
             ("hosts: [other.svc]", false),
-            ("notHosts: [\"*.SVC\"]", false),
+            ("notHosts: [\"*.SVC:8080\"]", false),
+            ("notHosts: [\"*.SVC\"]", true),
             ("notHosts: [other]", true),
             ("hosts: [\"*\"], notHosts: [\"web.*\"]", false),
         ];
@@ -678,9 +691,10 @@ mod tests {
         let no_host = http("GET", "/", None);
         assert!(!allowed(&op("hosts: [\"*\"]"), peer(None), no_host));
         assert!(allowed(&op("notHosts: [\"*\"]"), peer(None), no_host));
-        // IPv6 literal authority.
+        // IPv6 literal authority: the port is part of it too.
         let v6 = http("GET", "/", Some("[fd00::1]:8080"));
-        assert!(allowed(&op("hosts: [\"[fd00::1]\"]"), peer(None), v6));
+        assert!(!allowed(&op("hosts: [\"[fd00::1]\"]"), peer(None), v6));
+        assert!(allowed(&op("hosts: [\"[fd00::1]:8080\"]"), peer(None), v6));
         // Combined: every field.
         let b = op("methods: [GET], paths: [\"/api/*\"], hosts: [\"web.*\"], ports: [\"8080\"]");
         assert!(allowed(&b, peer(None), get));
@@ -692,14 +706,34 @@ mod tests {
     }
 
     #[test]
-    fn strip_port_forms() {
-        assert_eq!(strip_port("a:80"), Some("a"));
-        assert_eq!(strip_port("a"), None);
-        assert_eq!(strip_port("a:"), None);
-        assert_eq!(strip_port("a:x"), None);
-        assert_eq!(strip_port("[::1]:80"), Some("[::1]"));
-        assert_eq!(strip_port("::1"), None);
-        assert_eq!(strip_port(":80"), None);
+    fn hosts_as_istio_matches_them() {
+        // ISTIO-SECURITY-2021-008: `hosts: ["example.com"]` does not match
+        // `Host: example.com:80`; a DENY on it is bypassed with the port, so write both.
+        let deny = bundle(&[(
+            "default",
+            "d",
+            "  action: DENY\n  rules: [{to: [{operation: {hosts: [example.com]}}]}]",
+        )]);
+        let host = |h: &'static str| http("GET", "/", Some(h));
+        assert!(!allowed(&deny, peer(None), host("example.com")));
+        assert!(!allowed(&deny, peer(None), host("EXAMPLE.com")));
+        for bypass in ["example.com:80", "example.com.", "example.com.:80", "xexample.com"] {
+            assert!(allowed(&deny, peer(None), host(bypass)), "{bypass}");
+        }
+        let both = bundle(&[(
+            "default",
+            "d",
+            "  action: DENY\n  rules: [{to: [{operation: {hosts: [example.com, \"example.com:*\"]}}]}]",
+        )]);
+        for h in ["example.com", "Example.COM:80", "example.com:8080"] {
+            assert!(!allowed(&both, peer(None), host(h)), "{h}");
+        }
+        // Suffix wildcard: a subdomain with any port only if the pattern says so.
+        let allow = allow_rule("{to: [{operation: {hosts: [\"*.example.com\"]}}]}");
+        assert!(allowed(&allow, peer(None), host("a.EXAMPLE.com")));
+        assert!(!allowed(&allow, peer(None), host("a.example.com:443")));
+        assert!(!allowed(&allow, peer(None), host("example.com")));
+        assert!(!allowed(&allow, peer(None), host("a.example.com.")));
     }
 
     #[test]
@@ -937,6 +971,7 @@ mod tests {
             },
             selector: selector.map(labels),
             mode,
+            port_level: BTreeMap::new(),
         }
     }
 
@@ -1146,9 +1181,13 @@ mod tests {
         };
         let req = Request {
             port: c.port,
-            http: c
-                .http
-                .map(|(method, path, host)| HttpRequest { method, path, host }),
+            dst_ip: None,
+            http: c.http.map(|(method, path, host)| HttpRequest {
+                method,
+                path,
+                host,
+                headers: &[],
+            }),
         };
         eval(b, p, req)
     }
@@ -1181,7 +1220,7 @@ mod tests {
             let b = PolicyBundle { authz: ps, peer_authn: vec![] };
             let deny = AuthorizationPolicy { action: Action::Deny, name: "zz-extra".into(), ..extra };
             let p = Peer { ip: c.ip, ..peer(c.principal) };
-            let req = Request { port: c.port, http: c.http.map(|(method, path, host)| HttpRequest { method, path, host }) };
+            let req = Request { port: c.port, dst_ip: None, http: c.http.map(|(method, path, host)| HttpRequest { method, path, host, headers: &[] }) };
             let l = labels(&[("app", "web"), ("version", "v1")]);
             let t = Target { namespace: "default", labels: &l };
             prop_assume!(!(selects(&deny, ROOT, t) && policy_matches(&deny, p, req)));

@@ -1622,6 +1622,7 @@ mod tests {
 
     use super::*;
     use crate::cgroup::tests::TempDir;
+    use crate::policy::model::{Condition, ServiceAccount};
 
     const FILE: &str = "/etc/mesh/policies/p.yaml";
 
@@ -1860,14 +1861,15 @@ spec:
 
     #[test]
     fn rules_forms() {
-        let absent = parse(&authz("  action: DENY\n")).unwrap();
+        let absent = parse(&authz("  action: ALLOW\n")).unwrap();
         assert_eq!(absent.authz[0].rules, None);
         let empty = parse(&authz("  rules: []\n")).unwrap();
         assert_eq!(empty.authz[0].rules, Some(vec![]));
         let any = parse(&authz("  rules: [{}]\n")).unwrap();
         assert_eq!(any.authz[0].rules, Some(vec![Rule::default()]));
-        let empty_lists = parse(&authz("  rules: [{from: [], to: []}]\n")).unwrap();
-        assert_eq!(empty_lists.authz[0].rules, Some(vec![Rule::default()]));
+        // `when: []` adds no condition (Istio has no check for it).
+        let no_when = parse(&authz("  rules: [{when: []}]\n")).unwrap();
+        assert_eq!(no_when.authz[0].rules, Some(vec![Rule::default()]));
         let no_spec = parse(&authz("").replace("spec:\n", "")).unwrap();
         assert_eq!(no_spec.authz[0].rules, None);
         assert_eq!(no_spec.authz[0].action, Action::Allow);
@@ -2018,14 +2020,14 @@ spec:
     fn unsupported_fields() {
         let cases: &[(&str, usize, &str)] = &[
             (
-                "  rules:\n  - when:\n    - key: request.headers[x]\n      values: [\"a\"]\n",
+                "  rules:\n  - when:\n    - key: request.auth.claims[iss]\n      values: [\"a\"]\n",
                 9,
-                "spec.rules[0].when",
+                "spec.rules[0].when[0].key",
             ),
             (
                 "  rules:\n  - {}\n  - when: [{key: a, values: [b]}]\n",
                 9,
-                "spec.rules[1].when",
+                "spec.rules[1].when[0].key",
             ),
             (
                 "  action: CUSTOM\n  provider: {name: ext}\n",
@@ -2069,8 +2071,8 @@ spec:
         assert_eq!(
             e.to_string(),
             format!(
-                "{FILE}:8: policy ns/p: spec.rules[0].when: not supported: conditions (`when`); \
-                 express them with `from` and `to`"
+                "{FILE}:8: policy ns/p: spec.rules[0].when[0].key: condition key \"a\" is not a \
+                 known attribute"
             )
         );
         // Never dropped: even alongside supported fields.
@@ -2086,17 +2088,9 @@ spec:
     fn bad_actions_and_modes() {
         let e = refused(&authz("  action: allow\n"), 7, Some("ns/p"), "spec.action");
         assert!(matches!(e.problem(), Some(Problem::InvalidValue { .. })));
-        for mode in ["UNSET", "DISABLE"] {
-            let e = refused(
-                &peer_authn(&format!("  mtls:\n    mode: {mode}\n")),
-                8,
-                Some("ns/pa"),
-                "spec.mtls.mode",
-            );
-            assert!(
-                matches!(e.problem(), Some(Problem::UnsupportedValue { .. })),
-                "{e}"
-            );
+        for (mode, want) in [("UNSET", MtlsMode::Unset), ("DISABLE", MtlsMode::Disable)] {
+            let b = parse(&peer_authn(&format!("  mtls:\n    mode: {mode}\n"))).unwrap();
+            assert_eq!(b.peer_authn[0].mode, want);
         }
         refused(
             &peer_authn("  mtls: {mode: strict}\n"),
@@ -2104,29 +2098,57 @@ spec:
             Some("ns/pa"),
             "spec.mtls.mode",
         );
-        refused(
-            &peer_authn("  selector: {matchLabels: {app: a}}\n"),
-            7,
-            Some("ns/pa"),
-            "spec.mtls.mode",
-        );
-        refused(
-            &peer_authn("  mtls: {}\n"),
-            7,
-            Some("ns/pa"),
-            "spec.mtls.mode",
-        );
+        // `mtls` or `mode` absent: UNSET (inherited), as in Istio.
+        for spec in ["  selector: {matchLabels: {app: a}}\n", "  mtls: {}\n"] {
+            let b = parse(&peer_authn(spec)).unwrap();
+            assert_eq!(b.peer_authn[0].mode, MtlsMode::Unset, "{spec}");
+        }
         refused(
             &peer_authn("").replace("spec:\n", ""),
             1,
             Some("ns/pa"),
             "spec.mtls.mode",
         );
+        // portLevelMtls: only with a selector, not empty, ports 1-65535 (Istio's
+        // ValidatePeerAuthentication).
         refused(
             &peer_authn("  mtls: {mode: STRICT}\n  portLevelMtls:\n    8080: {mode: DISABLE}\n"),
             9,
             Some("ns/pa"),
             "spec.portLevelMtls",
+        );
+        let sel = "  selector: {matchLabels: {app: a}}\n  mtls: {mode: STRICT}\n";
+        let b = parse(&peer_authn(&format!(
+            "{sel}  portLevelMtls:\n    8080: {{mode: DISABLE}}\n    \"9090\": {{mode: UNSET}}\n    \"22\": {{}}\n"
+        )))
+        .unwrap();
+        assert_eq!(
+            b.peer_authn[0].port_level,
+            BTreeMap::from([
+                (22, MtlsMode::Unset),
+                (8080, MtlsMode::Disable),
+                (9090, MtlsMode::Unset)
+            ])
+        );
+        refused(
+            &peer_authn(&format!("{sel}  portLevelMtls: {{}}\n")),
+            9,
+            Some("ns/pa"),
+            "spec.portLevelMtls",
+        );
+        for bad in ["0", "65536", "\"x\""] {
+            let e = parse(&peer_authn(&format!("{sel}  portLevelMtls:\n    {bad}: {{mode: STRICT}}\n")))
+                .unwrap_err();
+            assert!(
+                e.field().is_some_and(|f| f.starts_with("spec.portLevelMtls")),
+                "{bad}: {e}"
+            );
+        }
+        refused(
+            &peer_authn(&format!("{sel}  portLevelMtls:\n    80: {{mode: strict}}\n")),
+            10,
+            Some("ns/pa"),
+            "spec.portLevelMtls[80].mode",
         );
         refused(
             &peer_authn("  mtls: {mode: STRICT}\n  action: DENY\n"),
@@ -2271,7 +2293,8 @@ spec:
             None,
             "metadata",
         );
-        for bad in ["My_Policy", "p.q", "-p", "\"\""] {
+        let long = format!("{}.b", "a".repeat(252));
+        for bad in ["My_Policy", "-p", "p..q", ".p", "p.", "p.-q", "\"\"", long.as_str()] {
             let e = refused(
                 &authz("").replace("name: p\n", &format!("name: {bad}\n")),
                 4,
@@ -2279,10 +2302,23 @@ spec:
                 "metadata.name",
             );
             assert!(
-                matches!(e.problem(), Some(Problem::InvalidName { .. })),
+                matches!(e.problem(), Some(Problem::InvalidObjectName { .. })),
                 "{e}"
             );
         }
+        // Names are DNS-1123 subdomains (Kubernetes object names), as Istio's examples use.
+        let max = format!("{}.{}.{}.{}", "a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(61));
+        for good in ["service-httpbin.default.svc.cluster.local", "p.q", "1.2", max.as_str()] {
+            let b = parse(&authz("").replace("name: p\n", &format!("name: {good}\n"))).unwrap();
+            assert_eq!(b.authz[0].name, good);
+        }
+        // Namespaces stay labels.
+        refused(
+            &authz("").replace("namespace: ns\n", "namespace: a.b\n"),
+            5,
+            None,
+            "metadata.namespace",
+        );
         refused(
             &authz("").replace("namespace: ns\n", "namespace: Shop\n"),
             5,
@@ -2310,6 +2346,208 @@ spec:
             Some("ns/p"),
             "metadata.annotations[istio.io/dry-run]",
         );
+        // Go's strconv.ParseBool, as Istio's checkDryRunAnnotation reads it.
+        let dry = |value: &str, spec: &str| {
+            parse(&authz(spec).replace(
+                "metadata:\n",
+                &format!("metadata:\n  annotations: {{istio.io/dry-run: \"{value}\"}}\n"),
+            ))
+        };
+        for (v, want) in [
+            ("1", true),
+            ("t", true),
+            ("T", true),
+            ("TRUE", true),
+            ("true", true),
+            ("True", true),
+            ("0", false),
+            ("f", false),
+            ("F", false),
+            ("FALSE", false),
+            ("false", false),
+            ("False", false),
+        ] {
+            assert_eq!(dry(v, "").unwrap().authz[0].dry_run, want, "{v}");
+        }
+        for v in ["yes", "tRUE", " true", "2", "", "truee"] {
+            assert!(dry(v, "").is_err(), "{v}");
+        }
+        // Only ALLOW and DENY take the annotation, whatever its value.
+        for v in ["true", "false"] {
+            let e = dry(v, "  action: AUDIT\n  rules: [{}]\n").unwrap_err();
+            assert_eq!(e.field(), Some("metadata.annotations[istio.io/dry-run]"), "{e}");
+            assert!(matches!(e.problem(), Some(Problem::DryRunAction { .. })), "{e}");
+        }
+        assert!(dry("true", "  action: DENY\n  rules: [{}]\n").unwrap().authz[0].dry_run);
+    }
+
+    #[test]
+    fn istio_validation_refusals() {
+        // A DENY without rules (or with none): never triggers, Istio rejects it.
+        for spec in ["  action: DENY\n", "  action: DENY\n  rules: []\n"] {
+            let e = parse(&authz(spec)).unwrap_err();
+            assert_eq!(e.field(), Some("spec.rules"), "{e}");
+            assert!(matches!(e.problem(), Some(Problem::DenyWithoutRules)), "{e}");
+            assert_eq!(e.policy(), Some("ns/p"));
+        }
+        // A present but empty `from`/`to` is an error, never "any".
+        for (rule, field) in [
+            ("{from: []}", "spec.rules[0].from"),
+            ("{to: []}", "spec.rules[0].to"),
+            ("{from: [], to: [{operation: {ports: [\"80\"]}}]}", "spec.rules[0].from"),
+        ] {
+            for action in ["ALLOW", "DENY", "AUDIT"] {
+                let e = refused(
+                    &authz(&format!("  action: {action}\n  rules: [{rule}]\n")),
+                    8,
+                    Some("ns/p"),
+                    field,
+                );
+                assert!(matches!(e.problem(), Some(Problem::EmptyList { .. })), "{e}");
+            }
+        }
+        // serviceAccounts: not with principals or namespaces; `sa` or `ns/sa`, no wildcard.
+        for other in ["principals: [a]", "namespaces: [x]", "notNamespaces: [x]"] {
+            let e = parse(&with_source(&format!("serviceAccounts: [sa]\n        {other}"))).unwrap_err();
+            assert!(matches!(e.problem(), Some(Problem::Conflict { .. })), "{other}: {e}");
+        }
+        for bad in ["\"\"", "\"ns/*\"", "\"*\"", "a/b/c", "/sa", "ns/", "\"a/\""] {
+            let e = parse(&with_source(&format!("serviceAccounts: [{bad}]"))).unwrap_err();
+            assert!(
+                matches!(e.problem(), Some(Problem::InvalidServiceAccount { .. })),
+                "{bad}: {e}"
+            );
+            assert_eq!(e.field(), Some(format!("{SRC}.serviceAccounts[0]").as_str()));
+        }
+        let seventeen = vec!["a"; 17].join(", ");
+        assert!(parse(&with_source(&format!("serviceAccounts: [{seventeen}]"))).is_err());
+        let b = parse(&with_source("serviceAccounts: [web, other/db]\n        notServiceAccounts: [x]")).unwrap();
+        let src = &b.authz[0].rules.as_ref().unwrap()[0].from[0];
+        assert_eq!(
+            src.service_accounts,
+            vec![
+                ServiceAccount { namespace: "ns".into(), name: "web".into() },
+                ServiceAccount { namespace: "other".into(), name: "db".into() },
+            ]
+        );
+        assert_eq!(src.not_service_accounts[0].namespace, "ns");
+    }
+
+    #[test]
+    fn path_templates_as_istio_validates_them() {
+        // istio/istio pkg/config/security CheckValidPathTemplate and its tests.
+        for good in [
+            "/foo/{*}",
+            "/foo/{**}",
+            "/foo/{*}/bar/{**}",
+            "/{*}/{*}/{**}",
+            "/foo/{**}/",
+            "/{**}",
+            "/foo/{**}/bar",
+            "/a-b._~%20!$&'()+,;:@=/{*}",
+        ] {
+            let b = parse(&with_operation(&format!("paths: [\"{good}\"]"))).unwrap();
+            let op = &b.authz[0].rules.as_ref().unwrap()[0].to[0];
+            assert_eq!(op.paths, vec![StringMatch::Template(good.into())], "{good}");
+        }
+        for bad in [
+            "/{**}/foo/{*}",
+            "/{**}/{**}",
+            "/foo/{*}.txt",
+            "/foo/{*}{*}",
+            "/*/baz/{*}",
+            "/**/baz/{*}",
+            "/foo//{*}",
+            "/foo/{x}",
+            "/a{b",
+            "/a}",
+            "/foo/{*}/a b",
+            "/foo/{*}?x",
+        ] {
+            for field in ["paths", "notPaths"] {
+                let e = parse(&with_operation(&format!("{field}: [\"{bad}\"]"))).unwrap_err();
+                assert!(
+                    matches!(e.problem(), Some(Problem::InvalidPathTemplate { .. })),
+                    "{bad}: {e}"
+                );
+                assert_eq!(e.field(), Some(format!("{OP}.{field}[0]").as_str()));
+            }
+        }
+        // Without a template, prefix/suffix stay as they were.
+        let b = parse(&with_operation("paths: [\"/api/*\"]")).unwrap();
+        assert_eq!(
+            b.authz[0].rules.as_ref().unwrap()[0].to[0].paths,
+            vec![StringMatch::Prefix("/api/".into())]
+        );
+    }
+
+    #[test]
+    fn conditions() {
+        let when = |c: &str| authz(&format!("  rules:\n  - when:\n    - {c}\n"));
+        let cond = |c: &str| -> Condition {
+            parse(&when(c)).unwrap().authz[0].rules.as_ref().unwrap()[0].when[0].clone()
+        };
+        assert_eq!(
+            cond("{key: source.ip, values: [10.0.0.0/8], notValues: [10.1.0.0/16]}"),
+            Condition::SourceIp {
+                values: vec![parse_cidr("10.0.0.0/8").unwrap()],
+                not_values: vec![parse_cidr("10.1.0.0/16").unwrap()],
+            }
+        );
+        assert!(matches!(cond("{key: remote.ip, values: [\"fd00::1\"]}"), Condition::SourceIp { .. }));
+        assert!(matches!(cond("{key: destination.ip, notValues: [10.0.0.1]}"), Condition::DestinationIp { .. }));
+        assert_eq!(
+            cond("{key: destination.port, values: [\"8080\"]}"),
+            Condition::DestinationPort { values: vec![8080], not_values: vec![] }
+        );
+        assert_eq!(
+            cond("{key: \"request.headers[X-Token]\", values: [\"a*\"], notValues: [\"*\"]}"),
+            Condition::RequestHeader {
+                name: "x-token".into(),
+                values: vec![StringMatch::Prefix("a".into())],
+                not_values: vec![StringMatch::Presence],
+            }
+        );
+        assert!(matches!(cond("{key: source.namespace, values: [\"a*\"]}"), Condition::SourceNamespace { .. }));
+        assert!(matches!(cond("{key: source.principal, values: [\"*\"]}"), Condition::SourcePrincipal { .. }));
+        assert_eq!(
+            cond("{key: source.serviceAccount, values: [web]}"),
+            Condition::SourceServiceAccount {
+                values: vec![ServiceAccount { namespace: "ns".into(), name: "web".into() }],
+                not_values: vec![],
+            }
+        );
+        // Refused, naming policy and field.
+        for (c, field) in [
+            ("{key: source.ip, values: []}", "spec.rules[0].when[0].values"),
+            ("{key: source.ip}", "spec.rules[0].when[0].values"),
+            ("{values: [a]}", "spec.rules[0].when[0].key"),
+            ("{key: \"\", values: [a]}", "spec.rules[0].when[0].key"),
+            ("{key: source.ip, values: [10.0.0.300]}", "spec.rules[0].when[0].values[0]"),
+            ("{key: destination.ip, notValues: [x]}", "spec.rules[0].when[0].notValues[0]"),
+            ("{key: destination.port, values: [\"99999\"]}", "spec.rules[0].when[0].values[0]"),
+            ("{key: destination.port, values: [http]}", "spec.rules[0].when[0].values[0]"),
+            ("{key: source.namespace, values: [\"\"]}", "spec.rules[0].when[0].values[0]"),
+            ("{key: source.principal, values: [\"spiffe://td/ns/a/sa/b\"]}", "spec.rules[0].when[0].values[0]"),
+            ("{key: \"request.headers[]\", values: [a]}", "spec.rules[0].when[0].key"),
+            ("{key: \"request.headers[a b]\", values: [a]}", "spec.rules[0].when[0].key"),
+            ("{key: request.headers, values: [a]}", "spec.rules[0].when[0].key"),
+            ("{key: \"request.headers[x\", values: [a]}", "spec.rules[0].when[0].key"),
+            ("{key: request.auth.principal, values: [a]}", "spec.rules[0].when[0].key"),
+            ("{key: \"request.auth.claims[iss]\", values: [a]}", "spec.rules[0].when[0].key"),
+            ("{key: connection.sni, values: [a]}", "spec.rules[0].when[0].key"),
+            ("{key: source.trustDomain, values: [a]}", "spec.rules[0].when[0].key"),
+            ("{key: destination.namespace, values: [a]}", "spec.rules[0].when[0].key"),
+            ("{key: \"destination.labels[app]\", values: [a]}", "spec.rules[0].when[0].key"),
+            ("{key: destination.user, values: [a]}", "spec.rules[0].when[0].key"),
+            ("{key: \"experimental.envoy.filters.a[b]\", values: [a]}", "spec.rules[0].when[0].key"),
+            ("{key: source.serviceAccount, values: [\"a/*\"]}", "spec.rules[0].when[0].values[0]"),
+            ("{key: source.ip, values: [a], other: b}", "spec.rules[0].when[0].other"),
+        ] {
+            let e = parse(&when(c)).expect_err(c);
+            assert_eq!(e.policy(), Some("ns/p"), "{c}: {e}");
+            assert_eq!(e.field(), Some(field), "{c}: {e}");
+        }
     }
 
     #[test]
