@@ -72,6 +72,9 @@ pub struct AgentOptions {
     pub policy_dir: Option<PathBuf>,
     /// The mesh-wide policy namespace (`istio-system`).
     pub root_namespace: String,
+    /// Trust domains treated as this mesh's own in policy principals (Istio's
+    /// `trustDomainAliases`).
+    pub trust_domain_aliases: Vec<String>,
 }
 
 /// What the proxies need of policy: the active generation's view, replaced on every swap
@@ -219,6 +222,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
         cert_lifetime_secs = opts.cert_lifetime.as_secs(),
         policy_dir = ?opts.policy_dir,
         root_namespace = %opts.root_namespace,
+        trust_domain_aliases = ?opts.trust_domain_aliases,
         "configuration"
     );
     let mut signals = Signals::new()?;
@@ -256,6 +260,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
         registry: Arc::clone(&registry),
         root_ns: opts.root_namespace.clone(),
         trust_domain: trust_domain.to_string(),
+        trust_domain_aliases: opts.trust_domain_aliases.clone(),
     };
     let started = match start_policy(&opts, &policy_ctx, &metrics) {
         Ok((maps, view)) => program_maps(

@@ -86,6 +86,10 @@ struct RunArgs {
     /// The mesh-wide policy namespace: its policies apply to every workload.
     #[arg(long, env = "MESH_ROOT_NAMESPACE", default_value = mesh_agent::operator::policy::DEFAULT_ROOT_NAMESPACE)]
     root_namespace: String,
+    /// A trust domain treated as this mesh's own in policy principals (Istio's
+    /// `trustDomainAliases`, e.g. the old trust domain during a migration); repeatable.
+    #[arg(long = "trust-domain-alias", env = "MESH_TRUST_DOMAIN_ALIASES", value_delimiter = ',')]
+    trust_domain_aliases: Vec<String>,
 }
 
 fn init_tracing(format: LogFormat) {
@@ -125,6 +129,7 @@ fn main() -> ExitCode {
                 cert_lifetime: Duration::from_secs(args.cert_lifetime_secs),
                 policy_dir: args.policy_dir,
                 root_namespace: args.root_namespace,
+                trust_domain_aliases: args.trust_domain_aliases,
             };
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -9,7 +9,7 @@ use std::{net::IpAddr, sync::Arc};
 use tokio::sync::watch;
 use tracing::info;
 
-use super::maps::{Family, L4Verdict, PolicyView};
+use super::maps::{Family, L4Verdict, PolicyView, RequestFacts};
 use crate::proxy::authz::{
     Authorizer, ConnInfo, ConnVerdict, Policies, RequestAttrs, RequestVerdict,
 };
@@ -91,13 +91,16 @@ impl Authorizer for Snapshot {
                 Some(_) => RequestVerdict::Deny { policy: None },
             };
         };
-        let r = self.view.decide_request(
+        let r = self.view.decide_request_with(
             set,
             class,
             c.dst.port(),
-            req.method,
-            req.path,
-            req.host.unwrap_or(""),
+            &RequestFacts {
+                method: req.method,
+                path: req.path,
+                host: req.host.unwrap_or(""),
+                headers: req.headers,
+            },
         );
         if let Some(would) = &r.dry_run_deny {
             info!(layer = "l7", src_identity = %c.src_identity, dst = %c.dst,
@@ -176,6 +179,7 @@ mod tests {
                 method: "GET",
                 path: "/",
                 host: None,
+                headers: &crate::policy::maps::NoHeaders,
             };
             assert_eq!(s.request(&conn(src, true), &req), RequestVerdict::Allow);
         }

@@ -66,6 +66,22 @@ pub enum CompileError {
         needed: usize,
         capacity: u32,
     },
+    /// A `portLevelMtls` entry that changes whether plaintext is accepted on one port: the
+    /// kernel's inbound check is per workload, so it cannot be enforced exactly (refused
+    /// rather than dropped or widened).
+    #[error(
+        "PeerAuthentication {policy}: spec.portLevelMtls[{port}]: {port_mode:?} on workload \
+         {workload} whose mode is {mode:?} is not supported: per-port modes are enforced only \
+         where they agree with the workload's on accepting plaintext (STRICT vs \
+         PERMISSIVE/DISABLE)"
+    )]
+    PortLevelMtls {
+        policy: String,
+        workload: String,
+        port: u16,
+        port_mode: MtlsMode,
+        mode: MtlsMode,
+    },
     /// A policy name or pattern longer than `mesh_pol_strs` holds.
     #[error("policy {policy}: value {value:?} is longer than {max} bytes")]
     StringTooLong {
@@ -302,7 +318,21 @@ pub fn compile_with(
                 selects(&p.namespace, p.selector.as_ref(), w, root_ns)
             })
             .collect();
-        let flags = if permissive(bundle, w, root_ns) {
+        let (mode, per_port) = effective_mtls_of(bundle, w, root_ns);
+        if let Some((port, port_mode)) = per_port
+            .iter()
+            .find(|(_, m)| m.accepts_plaintext() != mode.accepts_plaintext())
+        {
+            let policy = workload_peer_authn(bundle, w, root_ns).unwrap_or_default();
+            return Err(CompileError::PortLevelMtls {
+                policy,
+                workload: w.key(),
+                port: *port,
+                port_mode: *port_mode,
+                mode,
+            });
+        }
+        let flags = if mode.accepts_plaintext() {
             POL_DST_F_PERMISSIVE
         } else {
             0
@@ -856,6 +886,23 @@ fn operation_outcome(op: &Operation, action: Action, port: u16, http: bool) -> O
 /// `peerAuthentication` as the default) is PERMISSIVE or DISABLE.
 pub fn permissive(bundle: &PolicyBundle, w: &Workload, root_ns: &str) -> bool {
     effective_mtls_of(bundle, w, root_ns).0.accepts_plaintext()
+}
+
+/// `namespace/name` of the workload-level PeerAuthentication of `w` (the one whose
+/// `portLevelMtls` applies), as [`effective_port_mtls`] picks it.
+fn workload_peer_authn(bundle: &PolicyBundle, w: &Workload, root_ns: &str) -> Option<String> {
+    bundle
+        .peer_authn
+        .iter()
+        .filter(|p| {
+            p.namespace != root_ns
+                && p.namespace == w.namespace
+                && p.selector.as_ref().is_some_and(|s| {
+                    !s.is_empty() && s.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+                })
+        })
+        .min_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)))
+        .map(|p| format!("{}/{}", p.namespace, p.name))
 }
 
 /// The effective PeerAuthentication of `w` (workload mode, per-port modes).

@@ -90,9 +90,17 @@ pub struct CompileContext {
     pub registry: Arc<Registry>,
     pub root_ns: String,
     pub trust_domain: String,
+    /// Istio's `trustDomainAliases`: principals in these (and in `cluster.local`) stand for
+    /// the same principals in `trust_domain`.
+    pub trust_domain_aliases: Vec<String>,
 }
 
 impl CompileContext {
+    /// The trust domain with its aliases.
+    pub fn trust_domains(&self) -> super::model::TrustDomains {
+        super::model::TrustDomains::new(&*self.trust_domain, self.trust_domain_aliases.clone())
+    }
+
     /// Loads `dir` and compiles it.
     pub fn load_and_compile(
         &self,
@@ -102,8 +110,12 @@ impl CompileContext {
             dir: dir.to_owned(),
             source: Box::new(source),
         })?;
-        let compiled =
-            compile::compile(&bundle, &self.registry, &self.root_ns, &self.trust_domain)?;
+        let compiled = compile::compile_with(
+            &bundle,
+            &self.registry,
+            &self.root_ns,
+            &self.trust_domains(),
+        )?;
         Ok((bundle, compiled))
     }
 }

@@ -225,6 +225,7 @@ fn decide(req: &Request<RecvStream>, authz: &dyn Authorize) -> Decision {
         method: req.method().as_str(),
         path: req.uri().path_and_query().map_or("/", |p| p.as_str()),
         host,
+        headers: super::HeaderFields::H2(req.headers()),
     };
     match authz.authorize(&view) {
         Verdict::Allow => Decision::Allow,

@@ -365,7 +365,12 @@ fn parse_request(
         (false, Some(n)) => Body::Length(n),
     };
 
-    let view = RequestView { method, path, host };
+    let view = RequestView {
+        method,
+        path,
+        host,
+        headers: super::HeaderFields::Http1(req.headers),
+    };
     let allowed = matches!(authz.authorize(&view), Verdict::Allow);
 
     out.clear();
