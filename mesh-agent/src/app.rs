@@ -608,9 +608,9 @@ fn start_policy(
         }
     };
     let gen = watcher.active_generation()?;
-    let view = match watcher.read_view(gen) {
+    let view = match watcher.read_active_view() {
         Ok(v) => v,
-        Err(e @ MapsError::Inconsistent { .. }) => {
+        Err(e @ (MapsError::Inconsistent { .. } | MapsError::Unstable { .. })) => {
             warn!(error = %e, "active policy generation unreadable; denying until replaced");
             PolicyView::deny_all(gen)
         }

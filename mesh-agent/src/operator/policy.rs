@@ -289,8 +289,8 @@ struct ShowDestination {
 fn show(a: ShowArgs) -> Result<(), OperatorError> {
     let registry = a.registry.as_deref().map(Registry::load_all).transpose()?;
     let maps = PolicyMaps::open(&a.pin_dir)?;
-    let generation = maps.active_generation()?;
-    let view = maps.read_view(generation)?;
+    let view = maps.read_active_view()?;
+    let generation = view.generation();
     let destinations: Vec<ShowDestination> = view
         .destinations()
         .into_iter()

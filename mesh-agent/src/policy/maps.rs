@@ -14,6 +14,17 @@
 //! [`PolicyMaps::read_view`] reads one generation back into a [`PolicyView`]: the agent's
 //! decisions (L4 on the inbound side, per request on HTTP ports) come from the same entries
 //! the kernel reads.
+//!
+//! Readers and swaps: the kernel reads `policy_gen` once per connect and finishes its lookups
+//! well within [`GRACE`], so it only ever sees an intact generation (written completely
+//! before the flip, deleted only after the flip and the grace period). A user-space read of
+//! a generation is a walk of six maps that may take longer than the grace period, so a
+//! reader could overlap the deletion of the generation it reads and see it half deleted (no
+//! destination entries: allow-all, failing open; no class: deny-all). Readers therefore use
+//! [`PolicyMaps::read_active_view`] ([`read_consistent`]): read the active generation, then
+//! check that it is *still* active; deletion starts only after a flip, so a generation that
+//! is still active after the read was intact during all of it. Otherwise the read is thrown
+//! away and retried on the new generation.
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -48,6 +59,8 @@ use super::model::Pattern;
 
 /// How long the old generation stays after the flip.
 pub const GRACE: Duration = Duration::from_millis(50);
+/// How many times [`read_consistent`] retries a read that overlapped a swap.
+pub const READ_ATTEMPTS: usize = 8;
 
 /// Errors of the policy maps, naming the map.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +85,9 @@ pub enum MapsError {
     },
     #[error("generation {gen} is inconsistent: {problem}")]
     Inconsistent { gen: u32, problem: String },
+    /// Every read overlapped a swap ([`READ_ATTEMPTS`] of them): nothing consistent was read.
+    #[error("the active policy generation changed during each of {attempts} reads")]
+    Unstable { attempts: usize },
 }
 
 fn map_err(map: &'static str) -> impl Fn(MapError) -> MapsError {
@@ -262,7 +278,14 @@ impl PolicyMaps {
             + self.strs.delete_where(drop)?)
     }
 
-    /// Reads generation `gen` back (an empty, allow-all view for 0).
+    /// Reads the active generation consistently: never a generation that was being deleted
+    /// ([`read_consistent`]).
+    pub fn read_active_view(&self) -> Result<PolicyView, MapsError> {
+        read_consistent(|| self.active_generation(), |gen| self.read_view(gen))
+    }
+
+    /// Reads generation `gen` back (an empty, allow-all view for 0). Only consistent if `gen`
+    /// stays active during the read: see [`Self::read_active_view`].
     pub fn read_view(&self, gen: u32) -> Result<PolicyView, MapsError> {
         if gen == 0 {
             return Ok(PolicyView::default());
@@ -277,6 +300,35 @@ impl PolicyMaps {
         };
         PolicyView::build(gen, raw)
     }
+}
+
+/// Reads the generation `active()` names with `read(gen)`, then checks that it is still the
+/// active one; if not, the read may have overlapped its deletion (which starts only after a
+/// flip) and is retried on the new one, up to [`READ_ATTEMPTS`] times. A view whose
+/// generation stayed active from before to after the read was read intact. An
+/// [`MapsError::Inconsistent`] read is retried the same way when the generation changed
+/// meanwhile (it was being deleted), and returned when it did not (a real inconsistency).
+pub fn read_consistent<T>(
+    active: impl Fn() -> Result<u32, MapsError>,
+    read: impl Fn(u32) -> Result<T, MapsError>,
+) -> Result<T, MapsError> {
+    let mut gen = active()?;
+    for _ in 0..READ_ATTEMPTS {
+        let result = read(gen);
+        let now = active()?;
+        if now == gen {
+            return result;
+        }
+        debug!(
+            generation = gen,
+            active = now,
+            "policy generation swapped during a read; reading again"
+        );
+        gen = now;
+    }
+    Err(MapsError::Unstable {
+        attempts: READ_ATTEMPTS,
+    })
 }
 
 /// Exclusive lock on the pin directory, released on drop.
@@ -1139,6 +1191,217 @@ mod tests {
         // On b2 (no HTTP port) the AUDIT matches ignoring its method: at L4.
         let d = v.decide_l4(1, 4, Family::V4, 8080);
         assert_eq!(d.audit.as_deref(), Some("default/audit-post"));
+    }
+
+    /// Generations in memory, written and deleted map by map with the protocol of
+    /// [`PolicyMaps::apply`], read map by map as [`PolicyMaps::read_view`] does.
+    struct FakeMaps {
+        active: std::sync::atomic::AtomicU32,
+        gens: std::sync::Mutex<StdHashMap<u32, RawGeneration>>,
+    }
+
+    /// The maps of a generation, in the order the reader walks them (as `read_view`).
+    const READ_ORDER: [&str; 6] = ["src", "dst", "l4", "l7", "ops", "strs"];
+
+    impl FakeMaps {
+        fn new() -> Self {
+            Self {
+                active: std::sync::atomic::AtomicU32::new(0),
+                gens: std::sync::Mutex::new(StdHashMap::new()),
+            }
+        }
+
+        fn active(&self) -> Result<u32, MapsError> {
+            Ok(self.active.load(std::sync::atomic::Ordering::SeqCst))
+        }
+
+        fn with<R>(&self, f: impl FnOnce(&mut StdHashMap<u32, RawGeneration>) -> R) -> R {
+            f(&mut self.gens.lock().unwrap_or_else(|p| p.into_inner()))
+        }
+
+        /// One map of generation `gen` (empty if gone), copied under the lock.
+        fn read_map(&self, gen: u32, map: &str, into: &mut RawGeneration) {
+            self.with(|g| {
+                let Some(r) = g.get(&gen) else { return };
+                match map {
+                    "src" => into.src = r.src.clone(),
+                    "dst" => into.dst = r.dst.clone(),
+                    "l4" => into.l4 = r.l4.clone(),
+                    "l7" => into.l7 = r.l7.clone(),
+                    "ops" => into.ops = r.ops.clone(),
+                    _ => into.strs = r.strs.clone(),
+                }
+            });
+        }
+
+        /// `read_view`: map by map, `between` called after each.
+        fn read_view(&self, gen: u32, between: &mut dyn FnMut(&str)) -> Result<PolicyView, MapsError> {
+            if gen == 0 {
+                return Ok(PolicyView::default());
+            }
+            let mut raw = RawGeneration::default();
+            for map in READ_ORDER {
+                self.read_map(gen, map, &mut raw);
+                between(map);
+            }
+            PolicyView::build(gen, raw)
+        }
+
+        /// `apply`'s protocol: write the new generation, flip, (grace), delete the old one
+        /// map by map in `apply`'s order (destinations first), `between` after each step.
+        fn swap(&self, c: &CompiledPolicy, between: &mut dyn FnMut()) -> u32 {
+            let old = self.active.load(std::sync::atomic::Ordering::SeqCst);
+            let new = old + 1;
+            self.with(|g| g.insert(new, RawGeneration::from(c)));
+            self.active.store(new, std::sync::atomic::Ordering::SeqCst);
+            between();
+            for map in ["dst", "src", "l4", "l7", "ops", "strs"] {
+                self.with(|g| {
+                    if let Some(r) = g.get_mut(&old) {
+                        match map {
+                            "dst" => r.dst.clear(),
+                            "src" => r.src.clear(),
+                            "l4" => r.l4.clear(),
+                            "l7" => r.l7.clear(),
+                            "ops" => r.ops.clear(),
+                            _ => r.strs.clear(),
+                        }
+                    }
+                });
+                between();
+            }
+            self.with(|g| g.remove(&old));
+            new
+        }
+    }
+
+    /// What a view decides, comparable.
+    fn summary(v: &PolicyView) -> (usize, Vec<(u32, u32)>, Vec<u32>) {
+        (v.l4_entries(), v.destinations(), v.permissive_workloads())
+    }
+
+    fn two_generations() -> (CompiledPolicy, CompiledPolicy) {
+        let compile_one = |authz| {
+            compile(
+                &PolicyBundle {
+                    authz,
+                    peer_authn: vec![],
+                },
+                &registry(),
+                "istio-system",
+                "cluster.local",
+            )
+            .unwrap()
+        };
+        let a = compile_one(vec![get_api(Action::Allow, "allow-get")]);
+        let b = compile_one(vec![
+            get_api(Action::Deny, "deny-get"),
+            policy("other", "allow-c", None, Action::Allow, Some(vec![Rule::default()])),
+        ]);
+        assert_ne!(
+            summary(&PolicyView::from_compiled(1, &a).unwrap()),
+            summary(&PolicyView::from_compiled(1, &b).unwrap())
+        );
+        (a, b)
+    }
+
+    #[test]
+    fn a_read_overlapping_a_swap_is_thrown_away_and_retried() {
+        let (a, b) = two_generations();
+        let maps = FakeMaps::new();
+        maps.swap(&a, &mut || {});
+        let g = maps.active().unwrap();
+        // The reader reads `src` of G; then the whole swap to N runs, G is deleted; the
+        // reader goes on reading G's other maps: what it read is half of G.
+        let swapped = std::cell::Cell::new(false);
+        let naive = maps
+            .read_view(g, &mut |map| {
+                if map == "src" && !swapped.get() {
+                    swapped.set(true);
+                    maps.swap(&b, &mut || {});
+                }
+            })
+            .unwrap();
+        // Half a generation: its classes but no destinations — every destination is "not
+        // selected by any policy", i.e. allow-all. This is the failure being fixed.
+        assert!(naive.destinations().is_empty());
+        assert_eq!(naive.decide_l4(1, 3, Family::V4, 8080).verdict, L4Verdict::Allow);
+
+        // The same interleaving through `read_consistent`: the first read is discarded (the
+        // active generation changed), the second reads N whole.
+        maps.swap(&a, &mut || {});
+        let g = maps.active().unwrap();
+        let swapped = std::cell::Cell::new(false);
+        let view = read_consistent(
+            || maps.active(),
+            |gen| {
+                maps.read_view(gen, &mut |map| {
+                    if map == "src" && !swapped.get() {
+                        swapped.set(true);
+                        maps.swap(&b, &mut || {});
+                    }
+                })
+            },
+        )
+        .unwrap();
+        assert_eq!(view.generation(), g + 1);
+        assert_eq!(summary(&view), summary(&PolicyView::from_compiled(1, &b).unwrap()));
+    }
+
+    #[test]
+    fn readers_racing_swaps_only_see_whole_generations() {
+        let (a, b) = two_generations();
+        let want = [
+            summary(&PolicyView::from_compiled(1, &a).unwrap()),
+            summary(&PolicyView::from_compiled(1, &b).unwrap()),
+        ];
+        let maps = Arc::new(FakeMaps::new());
+        maps.swap(&a, &mut || {});
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers: Vec<_> = (0..3)
+            .map(|_| {
+                let (maps, stop, want) = (Arc::clone(&maps), Arc::clone(&stop), want.clone());
+                std::thread::spawn(move || {
+                    let (mut reads, mut torn) = (0u32, 0u32);
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        let v = read_consistent(
+                            || maps.active(),
+                            |gen| maps.read_view(gen, &mut |_| std::thread::yield_now()),
+                        );
+                        match v {
+                            Ok(v) => {
+                                // Odd generations are `a`, even ones `b`.
+                                let expected = &want[((v.generation() + 1) % 2) as usize];
+                                assert_eq!(&summary(&v), expected, "generation {}", v.generation());
+                                reads += 1;
+                            }
+                            Err(MapsError::Unstable { .. }) => {}
+                            Err(e) => panic!("{e}"),
+                        }
+                        // The naive read, for the record: torn reads do happen here.
+                        let g = maps.active().unwrap();
+                        if let Ok(v) = maps.read_view(g, &mut |_| std::thread::yield_now()) {
+                            let expected = &want[((g + 1) % 2) as usize];
+                            if &summary(&v) != expected {
+                                torn += 1;
+                            }
+                        }
+                    }
+                    (reads, torn)
+                })
+            })
+            .collect();
+        for i in 0..400 {
+            let c = if i % 2 == 0 { &b } else { &a };
+            maps.swap(c, &mut || std::thread::yield_now());
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut total = 0;
+        for r in readers {
+            let (reads, _torn) = r.join().unwrap();
+            total += reads;
+        }
+        assert!(total > 0, "no consistent read completed");
     }
 
     #[test]

@@ -254,7 +254,8 @@ pub fn spawn_generation_watcher(
                 if gen == current {
                     return Ok(None);
                 }
-                maps2.read_view(gen).map(Some)
+                // Never a generation being deleted: re-checked after the read, retried.
+                maps2.read_active_view().map(Some)
             })
             .await;
             match read {
@@ -269,6 +270,9 @@ pub fn spawn_generation_watcher(
                 Ok(Ok(None)) => {}
                 Ok(Err(e)) => {
                     error!(error = %error_chain(&e), "reading the active policy generation");
+                    // A generation that stayed active and still reads inconsistent is broken:
+                    // fail closed. A read that kept overlapping swaps (`Unstable`) keeps the
+                    // previous view and is tried again at the next poll.
                     if let MapsError::Inconsistent { gen, .. } = e {
                         tx.send_replace(Arc::new(PolicyView::deny_all(gen)));
                     }
