@@ -1383,6 +1383,98 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn port_level_mtls_refused_where_the_kernel_cannot_enforce_it() {
+        let r = registry();
+        let pa = |mode, ports: &[(u16, MtlsMode)]| PeerAuthentication {
+            namespace: "default".into(),
+            name: "b-ports".into(),
+            origin: Origin {
+                file: PathBuf::from("pa.yaml"),
+                line: 1,
+            },
+            selector: Some(BTreeMap::from([("app".to_owned(), "b".to_owned())])),
+            mode,
+            port_level: ports.iter().copied().collect(),
+        };
+        let with = |p| PolicyBundle {
+            authz: vec![],
+            peer_authn: vec![p],
+        };
+        // Agreeing on plaintext: accepted (PERMISSIVE and DISABLE both accept it).
+        let c = compile(&with(pa(MtlsMode::Permissive, &[(8080, MtlsMode::Disable)])), &r, ROOT, TD)
+            .unwrap();
+        assert!(c.dst.iter().all(|(_, v)| v.flags & POL_DST_F_PERMISSIVE != 0));
+        assert!(compile(&with(pa(MtlsMode::Strict, &[(8080, MtlsMode::Unset)])), &r, ROOT, TD).is_ok());
+        // A port that would accept plaintext on a STRICT workload, or refuse it on a
+        // PERMISSIVE one: refused, naming the PeerAuthentication and the port.
+        for (mode, port_mode) in [
+            (MtlsMode::Strict, MtlsMode::Permissive),
+            (MtlsMode::Permissive, MtlsMode::Strict),
+            (MtlsMode::Disable, MtlsMode::Strict),
+        ] {
+            let e = compile(&with(pa(mode, &[(8080, port_mode)])), &r, ROOT, TD).unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains("default/b-ports") && msg.contains("portLevelMtls[8080]"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn headers_conditions_compile_to_grouped_request_terms() {
+        use crate::policy::maps::{L4Verdict, PolicyView, RequestFacts};
+        use crate::policy::model::Condition;
+        let header = |name: &str, v: &[&str], nv: &[&str]| Condition::RequestHeader {
+            name: name.into(),
+            values: v.iter().map(|p| StringMatch::from_pattern(p)).collect(),
+            not_values: nv.iter().map(|p| StringMatch::from_pattern(p)).collect(),
+        };
+        // Two conditions on one header: both must hold (not either).
+        let allow = policy(
+            "default",
+            "allow-hdr",
+            Some("b"),
+            Action::Allow,
+            Some(vec![Rule {
+                from: vec![],
+                to: vec![],
+                when: vec![
+                    header("x-a", &["yes*"], &[]),
+                    header("x-a", &["*ok"], &["yes-no-ok"]),
+                ],
+            }]),
+        );
+        let c = compile(&bundle(vec![allow]), &registry(), ROOT, TD).unwrap();
+        let v = PolicyView::from_compiled(1, &c).unwrap();
+        // b1 speaks HTTP on 8080: per request; b2 not: the ALLOW never matches (fail-safe).
+        let d = v.decide_l4(1, 3, crate::policy::maps::Family::V4, 8080);
+        assert_eq!(d.verdict, L4Verdict::PerRequest);
+        assert_eq!(v.decide_l4(1, 4, crate::policy::maps::Family::V4, 8080).verdict, L4Verdict::Deny);
+        let (set, class) = d.key.unwrap();
+        let decide = |headers: &[(&str, &str)]| {
+            let headers: &[(&str, &str)] = headers;
+            v.decide_request_with(
+                set,
+                class,
+                8080,
+                &RequestFacts {
+                    method: "GET",
+                    path: "/",
+                    host: "b",
+                    headers: &headers,
+                },
+            )
+            .allowed
+        };
+        assert!(decide(&[("X-A", "yes-ok")]));
+        assert!(!decide(&[("x-a", "yes")]), "second condition fails");
+        assert!(!decide(&[("x-a", "ok")]), "first condition fails");
+        assert!(!decide(&[("x-a", "yes-no-ok")]), "notValues");
+        assert!(!decide(&[]), "absent header");
+        assert!(!decide(&[("x-b", "yes-ok")]), "another header");
+        // Two fields are joined with `,`: `yes,ok` satisfies both.
+        assert!(decide(&[("x-a", "yes"), ("x-a", "ok")]));
+    }
+
+    #[test]
     fn peer_authentication_empty_selector_is_namespace_wide() {
         // Regression (property test): `matchLabels: {}` was taken for a selector policy and
         // won over the namespace policy (and a root one was ignored).

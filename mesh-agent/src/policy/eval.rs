@@ -398,7 +398,7 @@ mod tests {
 
     use super::*;
     use crate::policy::{
-        model::{IpNet, Origin, PeerAuthentication},
+        model::{IpNet, Origin, PeerAuthentication, TrustDomains},
         parse::parse_str,
     };
 
@@ -736,6 +736,140 @@ mod tests {
         assert!(!allowed(&allow, peer(None), host("a.example.com.")));
     }
 
+    /// An HTTP request with headers.
+    fn http_h(
+        path: &'static str,
+        headers: &'static [(&'static str, &'static str)],
+    ) -> Request<'static> {
+        Request {
+            port: 8080,
+            dst_ip: Some("10.9.0.1".parse().unwrap()),
+            http: Some(HttpRequest {
+                method: "GET",
+                path,
+                host: Some("web"),
+                headers,
+            }),
+        }
+    }
+
+    #[test]
+    fn when_conditions() {
+        let rule = |w: &str| allow_rule(&format!("{{when: [{w}]}}"));
+        let p = Peer {
+            ip: "10.0.0.5".parse().unwrap(),
+            ..peer(Some(SLEEP))
+        };
+        let req = http_h("/", &[("X-Token", "abc"), ("x-token", "def")]);
+        let cases: &[(&str, bool)] = &[
+            ("{key: source.ip, values: [10.0.0.0/24]}", true),
+            ("{key: source.ip, values: [10.0.1.0/24]}", false),
+            ("{key: source.ip, notValues: [10.0.0.5]}", false),
+            ("{key: remote.ip, values: [10.0.0.5]}", true),
+            ("{key: destination.ip, values: [10.9.0.0/16]}", true),
+            ("{key: destination.ip, notValues: [10.9.0.1]}", false),
+            ("{key: destination.port, values: [\"8080\"]}", true),
+            ("{key: destination.port, notValues: [\"8080\"]}", false),
+            ("{key: source.namespace, values: [client]}", true),
+            ("{key: source.namespace, values: [ops]}", false),
+            ("{key: source.principal, values: [\"cluster.local/ns/client/*\"]}", true),
+            ("{key: source.serviceAccount, values: [client/sleep]}", true),
+            ("{key: source.serviceAccount, values: [sleep]}", false),
+            // Header fields of one name are joined with `,` (Envoy), case-insensitive names.
+            ("{key: \"request.headers[x-token]\", values: [\"abc,def\"]}", true),
+            ("{key: \"request.headers[X-TOKEN]\", values: [\"abc*\"]}", true),
+            ("{key: \"request.headers[x-token]\", values: [abc]}", false),
+            ("{key: \"request.headers[x-token]\", values: [\"*\"]}", true),
+            ("{key: \"request.headers[x-other]\", values: [\"*\"]}", false),
+            ("{key: \"request.headers[x-other]\", notValues: [\"*\"]}", true),
+            ("{key: \"request.headers[x-token]\", notValues: [\"*def\"]}", false),
+            // Two conditions: both must hold.
+            ("{key: source.namespace, values: [client]}, {key: source.ip, values: [1.2.3.4]}", false),
+        ];
+        for &(w, want) in cases {
+            assert_eq!(allowed(&rule(w), p, req), want, "{w}");
+        }
+        // Without mTLS identity: identity conditions' values never match.
+        let anon = Peer {
+            ip: "10.0.0.5".parse().unwrap(),
+            ..peer(None)
+        };
+        assert!(!allowed(&rule("{key: source.principal, values: [\"*\"]}"), anon, req));
+        assert!(allowed(&rule("{key: source.principal, notValues: [\"*\"]}"), anon, req));
+        assert!(!allowed(&rule("{key: source.serviceAccount, values: [client/sleep]}"), anon, req));
+        // Header conditions off HTTP: an ALLOW never matches, a DENY ignores them (wider).
+        let hdr = "{key: \"request.headers[x-token]\", values: [abc]}";
+        assert!(!allowed(&rule(hdr), p, tcp(8080)));
+        let deny = bundle(&[("default", "d", &format!("  action: DENY\n  rules: [{{when: [{hdr}]}}]"))]);
+        assert!(!allowed(&deny, p, tcp(8080)));
+        assert!(allowed(&deny, p, http_h("/", &[("x-token", "zzz")])));
+        assert!(!allowed(&deny, p, http_h("/", &[("x-token", "abc")])));
+    }
+
+    #[test]
+    fn principals_with_trust_domains_and_aliases() {
+        let tds = TrustDomains::new("corp.example", vec!["old.example".into()]);
+        let allow = |pattern: &str| {
+            allow_rule(&format!("{{from: [{{source: {{principals: [\"{pattern}\"]}}}}]}}"))
+                .for_trust_domains(&tds)
+        };
+        let me = Some("corp.example/ns/client/sa/sleep");
+        let p = peer(me);
+        for (pattern, want) in [
+            ("corp.example/ns/client/sa/sleep", true),
+            ("cluster.local/ns/client/sa/sleep", true),
+            ("old.example/ns/client/sa/sleep", true),
+            ("other.example/ns/client/sa/sleep", false),
+            ("cluster.local/ns/client/sa/sleep2", false),
+            ("cluster.local/ns/client/sa/*", true),
+            ("*/ns/client/sa/sleep", true),
+            ("cluster.local/*", false),
+        ] {
+            assert_eq!(allowed(&allow(pattern), p, tcp(80)), want, "{pattern}");
+        }
+        // notPrincipals are rewritten too: a DENY on the alias catches the local identity.
+        let deny = bundle(&[(
+            "default",
+            "d",
+            "  action: DENY\n  rules: [{from: [{source: {notPrincipals: [\"old.example/ns/client/sa/sleep\"]}}]}]",
+        )])
+        .for_trust_domains(&tds);
+        assert!(allowed(&deny, p, tcp(80)));
+        assert!(!allowed(&deny, peer(Some("corp.example/ns/ops/sa/admin")), tcp(80)));
+    }
+
+    #[test]
+    fn service_accounts_and_templates() {
+        let sa = bundle(&[(
+            "client",
+            "a",
+            "  rules: [{from: [{source: {serviceAccounts: [sleep], notServiceAccounts: [ops/admin]}}]}]",
+        )]);
+        let l = labels(&[]);
+        let t = Target {
+            namespace: "client",
+            labels: &l,
+        };
+        let e = |p: Option<&'static str>| evaluate(&sa, ROOT, t, peer(p), tcp(80)).allowed;
+        assert!(e(Some(SLEEP)));
+        assert!(e(Some("other.td/ns/client/sa/sleep")), "any trust domain");
+        assert!(!e(Some(ADMIN)));
+        assert!(!e(Some("cluster.local/ns/ops/sa/sleep")), "bare name: the policy's namespace");
+        assert!(!e(None));
+
+        let tpl = allow_rule("{to: [{operation: {paths: [\"/api/{*}/items/{**}\"]}}]}");
+        for (path, want) in [
+            ("/api/v1/items/", true),
+            ("/api/v1/items/a/b?x=1", true),
+            ("/api/v1/items", false),
+            ("/api/v1/v2/items/a", false),
+            ("/api//items/a", false),
+            ("/API/v1/items/a", false),
+        ] {
+            assert_eq!(allowed(&tpl, peer(None), http("GET", path, None)), want, "{path}");
+        }
+    }
+
     #[test]
     fn http_fields_on_tcp() {
         // ALLOW: a rule with HTTP fields never matches a non-HTTP request...
@@ -1042,6 +1176,63 @@ mod tests {
             ),
             P
         );
+    }
+
+    #[test]
+    fn mtls_unset_disable_and_ports() {
+        use MtlsMode::{Disable as D, Permissive as P, Strict as S, Unset as U};
+        let l = labels(&[("app", "web")]);
+        let t = Target {
+            namespace: "default",
+            labels: &l,
+        };
+        let with_ports = |mut p: PeerAuthentication, ports: &[(u16, MtlsMode)]| {
+            p.port_level = ports.iter().copied().collect();
+            p
+        };
+        let eff = |pas: Vec<PeerAuthentication>, reg| {
+            effective_port_mtls(
+                &PolicyBundle {
+                    authz: vec![],
+                    peer_authn: pas,
+                },
+                ROOT,
+                t,
+                reg,
+            )
+        };
+        // UNSET inherits: workload → namespace → mesh → registry default → STRICT.
+        assert_eq!(eff(vec![pa("default", "n", None, U)], None).0, S);
+        assert_eq!(eff(vec![pa("default", "n", None, U)], Some(P)).0, P);
+        assert_eq!(
+            eff(vec![pa(ROOT, "m", None, D), pa("default", "n", None, U)], None).0,
+            D
+        );
+        assert_eq!(
+            eff(
+                vec![
+                    pa(ROOT, "m", None, P),
+                    pa("default", "n", None, S),
+                    pa("default", "w", Some(&[("app", "web")]), U)
+                ],
+                None
+            )
+            .0,
+            S
+        );
+        assert!(D.accepts_plaintext() && P.accepts_plaintext() && !S.accepts_plaintext());
+        // Port level: from the workload policy only; UNSET ports take the workload's mode.
+        let w = with_ports(
+            pa("default", "w", Some(&[("app", "web")]), S),
+            &[(8080, D), (9090, U)],
+        );
+        let (mode, ports) = eff(vec![pa("default", "n", None, P), w], None);
+        assert_eq!(mode, S);
+        assert_eq!(ports, BTreeMap::from([(8080, D), (9090, S)]));
+        // A selector policy in the root namespace is ignored (Istio: workload policies are
+        // not in the root namespace).
+        let root_sel = with_ports(pa(ROOT, "w", Some(&[("app", "web")]), P), &[(80, D)]);
+        assert_eq!(eff(vec![root_sel], None), (S, BTreeMap::new()));
     }
 
     #[test]

@@ -533,6 +533,102 @@ mod tests {
     }
 
     #[test]
+    fn path_templates_match_as_envoy_uri_templates() {
+        let t = |tpl: &str, path: &str| template_matches(tpl, path);
+        // `{*}`: exactly one non-empty segment.
+        assert!(t("/foo/{*}", "/foo/bar"));
+        for p in ["/foo/bar/baz", "/foo/", "/foo", "/foo//", "/foo/bar/"] {
+            assert!(!t("/foo/{*}", p), "{p}");
+        }
+        // `{**}`: the rest (zero or more characters, `/` included) up to the literal after.
+        for p in ["/foo/", "/foo/bar", "/foo/bar/baz.txt", "/foo//"] {
+            assert!(t("/foo/{**}", p), "{p}");
+        }
+        assert!(!t("/foo/{**}", "/foo"));
+        assert!(!t("/foo/{**}", "/foobar"));
+        for p in ["/foo/bar/", "/foo//", "/foo/bar/baz/"] {
+            assert!(t("/foo/{**}/", p), "{p}");
+        }
+        assert!(!t("/foo/{**}/", "/foo/bar"));
+        assert!(t("/foo/{*}/bar/{**}", "/foo/buzz/bar/"));
+        assert!(t("/foo/{*}/bar/{**}", "/foo/buzz/bar/baz"));
+        assert!(!t("/foo/{*}/bar/{**}", "/foo/a/b/bar/baz"));
+        assert!(t("/{**}/x", "/a/b/x"));
+        assert!(!t("/{**}/x", "/a/b/xy"));
+        // Attacker forms: characters outside pchar are never matched by an operator (the
+        // query string is removed before matching; `?`, `#`, `\`, space, `{` stay
+        // literal-only). Dot segments are plain characters here: normalization (the proxy's)
+        // removes them before matching.
+        for p in ["/foo/a b", "/foo/a\\b", "/foo/a?b", "/foo/{x}", "/foo/\u{e9}"] {
+            assert!(!t("/foo/{*}", p), "{p:?}");
+        }
+        assert!(t("/foo/{*}", "/foo/.."), "a dot segment is a segment until normalized");
+        assert!(t("/admin/{**}", "/admin/%2e%2e/x"));
+        // A template the parser refuses never matches.
+        assert!(!t("/{**}/{*}", "/a/b"));
+        assert!(!t("/{**}/{**}", "/a/b"));
+    }
+
+    #[test]
+    fn trust_domain_rewrite_as_istio() {
+        // istio/istio pilot/pkg/security/trustdomain/bundle_test.go, in spirit.
+        let tds = TrustDomains::new("td2", vec!["td1".into()]);
+        let e = |p: &str| -> Vec<String> {
+            tds.expand(&StringMatch::from_pattern(p))
+                .into_iter()
+                .map(|m| match m {
+                    StringMatch::Exact(s) => s,
+                    StringMatch::Prefix(s) => format!("{s}*"),
+                    StringMatch::Suffix(s) => format!("*{s}"),
+                    StringMatch::Presence => "*".into(),
+                    StringMatch::Template(s) => s,
+                })
+                .collect()
+        };
+        assert_eq!(e("td1/ns/foo/sa/bar"), ["td2/ns/foo/sa/bar", "td1/ns/foo/sa/bar"]);
+        assert_eq!(e("td2/ns/foo/sa/bar"), ["td2/ns/foo/sa/bar", "td1/ns/foo/sa/bar"]);
+        // `cluster.local` points at the local trust domain and its aliases...
+        assert_eq!(e("cluster.local/ns/foo/sa/bar"), ["td2/ns/foo/sa/bar", "td1/ns/foo/sa/bar"]);
+        // ... a foreign trust domain does not.
+        assert_eq!(e("td3/ns/foo/sa/bar"), ["td3/ns/foo/sa/bar"]);
+        // Not five segments, or `*` as the trust domain: kept as written.
+        assert_eq!(e("cluster.local/ns/foo/*"), ["cluster.local/ns/foo/*"]);
+        assert_eq!(e("*/ns/foo/sa/bar"), ["*/ns/foo/sa/bar"]);
+        assert_eq!(e("*"), ["*"]);
+        // Wildcards in the trust domain.
+        assert_eq!(e("cluster.local/ns/foo/sa/*"), ["td2/ns/foo/sa/*", "td1/ns/foo/sa/*"]);
+        assert_eq!(e("*2/ns/foo/sa/bar"), ["*2/ns/foo/sa/bar", "td1/ns/foo/sa/bar"]);
+        // Without aliases `cluster.local` is just the local trust domain.
+        let local = TrustDomains::new("example.org", vec![]);
+        let m = local.expand(&StringMatch::from_pattern("cluster.local/ns/a/sa/b"));
+        assert_eq!(m, vec![StringMatch::Exact("example.org/ns/a/sa/b".into())]);
+        // The attacker-style near misses stay near misses.
+        for p in ["cluster.localx/ns/a/sa/b", "xcluster.local/ns/a/sa/b", "Cluster.Local/ns/a/sa/b"] {
+            assert_eq!(local.expand(&StringMatch::from_pattern(p)), vec![StringMatch::Exact(p.into())]);
+        }
+    }
+
+    #[test]
+    fn service_accounts_match_namespace_and_name_in_any_trust_domain() {
+        let sa = ServiceAccount {
+            namespace: "ns".into(),
+            name: "web".into(),
+        };
+        assert!(sa.matches_principal("td/ns/ns/sa/web"));
+        assert!(sa.matches_principal("other.td/ns/ns/sa/web"));
+        for p in [
+            "td/ns/ns/sa/web2",
+            "td/ns/ns2/sa/web",
+            "td/ns/ns/sa/web/x",
+            "td/sa/web/ns/ns",
+            "td/ns/ns/sa/WEB",
+            "",
+        ] {
+            assert!(!sa.matches_principal(p), "{p}");
+        }
+    }
+
+    #[test]
     fn cidrs() {
         let n = IpNet {
             addr: "10.1.0.0".parse().unwrap(),
