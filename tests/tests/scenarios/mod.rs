@@ -16,6 +16,7 @@ mod l4_kernel_deny_fails_connect_fast;
 mod l7_common;
 mod l7_h2c_per_stream_decisions;
 mod l7_methods_paths_hosts;
+mod l7_when_conditions_and_hosts_with_port;
 mod l7_non_http_bytes_on_http_port_refused;
 mod malformed_registry_refused;
 mod node_cannot_obtain_certificate_for_other_nodes_workload;

@@ -402,13 +402,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 // ---------------------------------------------------------------------------------------------
 // Clients
 
-/// One request of a client: `METHOD PATH [HOST] [+body=TEXT] [+chunked=TEXT]`.
+/// One request of a client: `METHOD PATH [HOST] [+body=TEXT] [+chunked=TEXT]
+/// [+h:NAME=VALUE]…` (`+h:` adds a header field).
 #[derive(Clone, Debug)]
 pub struct RequestSpec {
     method: String,
     path: String,
     host: Option<String>,
     body: Option<(String, bool)>,
+    headers: Vec<(String, String)>,
 }
 
 impl std::str::FromStr for RequestSpec {
@@ -423,9 +425,13 @@ impl std::str::FromStr for RequestSpec {
             path,
             host: None,
             body: None,
+            headers: Vec::new(),
         };
         for w in words {
-            if let Some(b) = w.strip_prefix("+body=") {
+            if let Some(h) = w.strip_prefix("+h:") {
+                let (name, value) = h.split_once('=').ok_or("+h: without '='")?;
+                spec.headers.push((name.to_owned(), value.to_owned()));
+            } else if let Some(b) = w.strip_prefix("+body=") {
                 spec.body = Some((b.to_owned(), false));
             } else if let Some(b) = w.strip_prefix("+chunked=") {
                 spec.body = Some((b.to_owned(), true));
@@ -444,6 +450,9 @@ impl RequestSpec {
         let mut out = format!("{} {} HTTP/1.1\r\n", self.method, self.path);
         if let Some(h) = &self.host {
             out.push_str(&format!("host: {h}\r\n"));
+        }
+        for (name, value) in &self.headers {
+            out.push_str(&format!("{name}: {value}\r\n"));
         }
         match &self.body {
             None => out.push_str("\r\n"),
