@@ -88,7 +88,11 @@ struct RunArgs {
     root_namespace: String,
     /// A trust domain treated as this mesh's own in policy principals (Istio's
     /// `trustDomainAliases`, e.g. the old trust domain during a migration); repeatable.
-    #[arg(long = "trust-domain-alias", env = "MESH_TRUST_DOMAIN_ALIASES", value_delimiter = ',')]
+    #[arg(
+        long = "trust-domain-alias",
+        env = "MESH_TRUST_DOMAIN_ALIASES",
+        value_delimiter = ','
+    )]
     trust_domain_aliases: Vec<String>,
 }
 

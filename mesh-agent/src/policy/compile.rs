@@ -39,19 +39,19 @@ use mesh_common::{
         budget, capacity, PolDstKey, PolDstValue, PolL4Key, PolL4Value, PolL7Key, PolL7Value,
         PolOpKey, PolOpValue, PolSrcKey, PolSrcValue, PolStrKey, PolStrValue, POL_ACTION_ALLOW,
         POL_ACTION_AUDIT, POL_ACTION_DENY, POL_ALLOW, POL_DENY, POL_DST_F_PERMISSIVE,
-        POL_FIELD_HOST, POL_FIELD_METHOD, POL_FIELD_NOT_HOST, POL_FIELD_NOT_METHOD,
-        POL_FIELD_GROUP_SHIFT, POL_FIELD_HEADER, POL_FIELD_NOT_HEADER,
-        POL_FIELD_NOT_PATH, POL_FIELD_PATH, POL_F_AUDIT, POL_F_AUDIT_L7, POL_F_DRY_RUN_DENY,
-        POL_F_DRY_RUN_L4_ALLOWED, POL_F_DRY_RUN_L7, POL_F_HAS_ALLOW, POL_F_L4_ALLOWED, POL_L7,
-        POL_L7_F_DRY_RUN, POL_MATCH_EXACT, POL_MATCH_PREFIX, POL_MATCH_PRESENCE, POL_MATCH_SUFFIX,
+        POL_FIELD_GROUP_SHIFT, POL_FIELD_HEADER, POL_FIELD_HOST, POL_FIELD_METHOD,
+        POL_FIELD_NOT_HEADER, POL_FIELD_NOT_HOST, POL_FIELD_NOT_METHOD, POL_FIELD_NOT_PATH,
+        POL_FIELD_PATH, POL_F_AUDIT, POL_F_AUDIT_L7, POL_F_DRY_RUN_DENY, POL_F_DRY_RUN_L4_ALLOWED,
+        POL_F_DRY_RUN_L7, POL_F_HAS_ALLOW, POL_F_L4_ALLOWED, POL_L7, POL_L7_F_DRY_RUN,
+        POL_MATCH_EXACT, POL_MATCH_PREFIX, POL_MATCH_PRESENCE, POL_MATCH_SUFFIX,
         POL_MATCH_TEMPLATE, POL_STR_MAX,
     },
 };
 
 use super::eval::{effective_port_mtls, Target};
 use super::model::{
-    Action, AuthorizationPolicy, Condition, IpNet, MtlsMode, Operation, PolicyBundle, Rule,
-    Source, StringMatch, TrustDomains,
+    Action, AuthorizationPolicy, Condition, IpNet, MtlsMode, Operation, PolicyBundle, Rule, Source,
+    StringMatch, TrustDomains,
 };
 use crate::registry::{Registry, Workload};
 
@@ -236,7 +236,10 @@ pub fn compile_with(
             for cond in &r.when {
                 match cond {
                     Condition::SourceIp { values, not_values } => {
-                        values.iter().chain(not_values).for_each(|b| add(&mut blocks, b));
+                        values
+                            .iter()
+                            .chain(not_values)
+                            .for_each(|b| add(&mut blocks, b));
                     }
                     Condition::DestinationIp { values, not_values } => {
                         values
@@ -353,7 +356,12 @@ pub fn compile_with(
                     .collect()
             };
             *sets
-                .entry((selected, w.http_ports().to_vec(), member(true), member(false)))
+                .entry((
+                    selected,
+                    w.http_ports().to_vec(),
+                    member(true),
+                    member(false),
+                ))
                 .or_insert(next)
         };
         if set_id == 0 && flags == 0 {
@@ -406,10 +414,7 @@ pub fn compile_with(
         for (class, class_id) in &class_list {
             // The destination's address of the class's family (`destination.ip`).
             let dst = if class.family == 6 { *dst6 } else { *dst4 };
-            let at = At {
-                class,
-                dst,
-            };
+            let at = At { class, dst };
             for &port in ports {
                 let http = port != 0 && http_ports.contains(&port);
                 c.entry(*set_id, members, at, *class_id, port, http)?;
@@ -694,7 +699,14 @@ impl Compiler<'_> {
 
     /// One rule: `from` and the L4 `when` conditions decided by the class, the destination
     /// and the port; operations and HTTP-only conditions left to the request on an HTTP port.
-    fn rule_outcome(&self, rule: &Rule, action: Action, at: At<'_>, port: u16, http: bool) -> Outcome {
+    fn rule_outcome(
+        &self,
+        rule: &Rule,
+        action: Action,
+        at: At<'_>,
+        port: u16,
+        http: bool,
+    ) -> Outcome {
         if !(rule.from.is_empty() || rule.from.iter().any(|s| self.source_matches(s, at.class))) {
             return Outcome::NoMatch;
         }
@@ -708,7 +720,11 @@ impl Compiler<'_> {
         }
         // HTTP-only conditions: terms of every residual operation (ignored off HTTP: DENY and
         // AUDIT rules match wider, as in Istio).
-        let when_terms: Vec<Term> = if http { condition_terms(&rule.when) } else { Vec::new() };
+        let when_terms: Vec<Term> = if http {
+            condition_terms(&rule.when)
+        } else {
+            Vec::new()
+        };
         let finish = |terms: Vec<Term>| {
             if terms.is_empty() {
                 Outcome::Match
@@ -745,7 +761,8 @@ impl Compiler<'_> {
     fn condition_l4(&self, c: &Condition, at: At<'_>, port: u16) -> bool {
         let class = at.class;
         let strings = |pos: &[StringMatch], neg: &[StringMatch], v: &str| {
-            (pos.is_empty() || pos.iter().any(|m| m.matches(v))) && !neg.iter().any(|m| m.matches(v))
+            (pos.is_empty() || pos.iter().any(|m| m.matches(v)))
+                && !neg.iter().any(|m| m.matches(v))
         };
         match c {
             Condition::SourceIp { values, not_values } => {
@@ -770,7 +787,8 @@ impl Compiler<'_> {
                 strings(values, not_values, &class.principal)
             }
             Condition::SourceServiceAccount { values, not_values } => {
-                let hit = |sa: &super::model::ServiceAccount| sa.matches_principal(&class.principal);
+                let hit =
+                    |sa: &super::model::ServiceAccount| sa.matches_principal(&class.principal);
                 (values.is_empty() || values.iter().any(hit)) && !not_values.iter().any(hit)
             }
             // Port 0 stands for every port no operation or condition names.
@@ -823,11 +841,18 @@ fn condition_terms(when: &[Condition]) -> Vec<Term> {
             continue;
         };
         group += 1;
-        for (list, field) in [(values, POL_FIELD_HEADER), (not_values, POL_FIELD_NOT_HEADER)] {
+        for (list, field) in [
+            (values, POL_FIELD_HEADER),
+            (not_values, POL_FIELD_NOT_HEADER),
+        ] {
             for m in list {
                 let (kind, pattern) = match_kind(m);
                 let field = field | (group << POL_FIELD_GROUP_SHIFT);
-                terms.push((field, kind, Some(format!("{name}:{}", pattern.unwrap_or_default()))));
+                terms.push((
+                    field,
+                    kind,
+                    Some(format!("{name}:{}", pattern.unwrap_or_default())),
+                ));
             }
         }
     }
@@ -1401,10 +1426,24 @@ pub(crate) mod tests {
             peer_authn: vec![p],
         };
         // Agreeing on plaintext: accepted (PERMISSIVE and DISABLE both accept it).
-        let c = compile(&with(pa(MtlsMode::Permissive, &[(8080, MtlsMode::Disable)])), &r, ROOT, TD)
-            .unwrap();
-        assert!(c.dst.iter().all(|(_, v)| v.flags & POL_DST_F_PERMISSIVE != 0));
-        assert!(compile(&with(pa(MtlsMode::Strict, &[(8080, MtlsMode::Unset)])), &r, ROOT, TD).is_ok());
+        let c = compile(
+            &with(pa(MtlsMode::Permissive, &[(8080, MtlsMode::Disable)])),
+            &r,
+            ROOT,
+            TD,
+        )
+        .unwrap();
+        assert!(c
+            .dst
+            .iter()
+            .all(|(_, v)| v.flags & POL_DST_F_PERMISSIVE != 0));
+        assert!(compile(
+            &with(pa(MtlsMode::Strict, &[(8080, MtlsMode::Unset)])),
+            &r,
+            ROOT,
+            TD
+        )
+        .is_ok());
         // A port that would accept plaintext on a STRICT workload, or refuse it on a
         // PERMISSIVE one: refused, naming the PeerAuthentication and the port.
         for (mode, port_mode) in [
@@ -1414,7 +1453,10 @@ pub(crate) mod tests {
         ] {
             let e = compile(&with(pa(mode, &[(8080, port_mode)])), &r, ROOT, TD).unwrap_err();
             let msg = e.to_string();
-            assert!(msg.contains("default/b-ports") && msg.contains("portLevelMtls[8080]"), "{msg}");
+            assert!(
+                msg.contains("default/b-ports") && msg.contains("portLevelMtls[8080]"),
+                "{msg}"
+            );
         }
     }
 
@@ -1447,7 +1489,11 @@ pub(crate) mod tests {
         // b1 speaks HTTP on 8080: per request; b2 not: the ALLOW never matches (fail-safe).
         let d = v.decide_l4(1, 3, crate::policy::maps::Family::V4, 8080);
         assert_eq!(d.verdict, L4Verdict::PerRequest);
-        assert_eq!(v.decide_l4(1, 4, crate::policy::maps::Family::V4, 8080).verdict, L4Verdict::Deny);
+        assert_eq!(
+            v.decide_l4(1, 4, crate::policy::maps::Family::V4, 8080)
+                .verdict,
+            L4Verdict::Deny
+        );
         let (set, class) = d.key.unwrap();
         let decide = |headers: &[(&str, &str)]| {
             let headers: &[(&str, &str)] = headers;

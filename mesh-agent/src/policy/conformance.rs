@@ -30,8 +30,7 @@ use super::{
     maps::{Family, L4Verdict, PolicyView, RequestFacts},
     model::{
         Action, AuthorizationPolicy, Condition, IpNet, MtlsMode, Operation, Origin,
-        PeerAuthentication, PolicyBundle, Rule, ServiceAccount, Source, StringMatch,
-        TrustDomains,
+        PeerAuthentication, PolicyBundle, Rule, ServiceAccount, Source, StringMatch, TrustDomains,
     },
     parse::parse_cidr,
 };
@@ -174,7 +173,15 @@ fn arb_operation() -> impl Strategy<Value = Operation> {
     operation(
         ports,
         &["GET", "POST", "*"],
-        &["/api/*", "/health", "*.json", "*", "/api/{*}", "/{**}/x", "/{*}/{**}"],
+        &[
+            "/api/*",
+            "/health",
+            "*.json",
+            "*",
+            "/api/{*}",
+            "/{**}/x",
+            "/{*}/{**}",
+        ],
         &["web", "web.svc", "*.svc", "web*", "*"],
         2,
     )
@@ -203,11 +210,15 @@ fn arb_condition() -> impl Strategy<Value = Condition> {
     let ports = prop::collection::vec(prop::sample::select(vec![80u16, 8080, 9000]), 0..2);
     let sas = prop::collection::vec(arb_service_account(), 0..2);
     let ns: &'static [&'static str] = &["default", "other", "*"];
-    let principals: &'static [&'static str] =
-        &["cluster.local/ns/default/sa/sa-a", "old.td/ns/other/sa/sa-b", "*"];
+    let principals: &'static [&'static str] = &[
+        "cluster.local/ns/default/sa/sa-a",
+        "old.td/ns/other/sa/sa-b",
+        "*",
+    ];
     let header_values: &'static [&'static str] = &["yes", "y*", "*s", "*", "no"];
     prop_oneof![
-        (nets(), nets()).prop_map(|(values, not_values)| Condition::SourceIp { values, not_values }),
+        (nets(), nets())
+            .prop_map(|(values, not_values)| Condition::SourceIp { values, not_values }),
         (nets(), nets())
             .prop_map(|(values, not_values)| Condition::DestinationIp { values, not_values }),
         (pats(ns), pats(ns))
@@ -459,8 +470,7 @@ fn decide(view: &PolicyView, src: &Workload, dst: &Workload, family: Family, c: 
 fn check(ws: &[GenWorkload], bundle: &PolicyBundle, cases: &[Case]) -> Result<(), String> {
     let reg = registry(ws);
     let tds = trust_domains();
-    let compiled =
-        compile_with(bundle, &reg, ROOT, &tds).map_err(|e| format!("compile: {e}"))?;
+    let compiled = compile_with(bundle, &reg, ROOT, &tds).map_err(|e| format!("compile: {e}"))?;
     // The evaluator decides on the principals as Istio rewrites them for the trust domains.
     let bundle = &bundle.for_trust_domains(&tds);
     let view = PolicyView::from_compiled(1, &compiled).map_err(|e| format!("view: {e}"))?;
@@ -558,8 +568,7 @@ fn check(ws: &[GenWorkload], bundle: &PolicyBundle, cases: &[Case]) -> Result<()
             labels: &w.labels,
         };
         let registry_default = w.permissive.then_some(MtlsMode::Permissive);
-        let want =
-            eval::effective_mtls(bundle, ROOT, target, registry_default).accepts_plaintext();
+        let want = eval::effective_mtls(bundle, ROOT, target, registry_default).accepts_plaintext();
         if permissive(bundle, w, ROOT) != want || view.permissive(w.id) != want {
             return Err(format!(
                 "{}: PERMISSIVE is {want} by the evaluator, {} compiled",

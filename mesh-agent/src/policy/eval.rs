@@ -717,7 +717,12 @@ mod tests {
         let host = |h: &'static str| http("GET", "/", Some(h));
         assert!(!allowed(&deny, peer(None), host("example.com")));
         assert!(!allowed(&deny, peer(None), host("EXAMPLE.com")));
-        for bypass in ["example.com:80", "example.com.", "example.com.:80", "xexample.com"] {
+        for bypass in [
+            "example.com:80",
+            "example.com.",
+            "example.com.:80",
+            "xexample.com",
+        ] {
             assert!(allowed(&deny, peer(None), host(bypass)), "{bypass}");
         }
         let both = bundle(&[(
@@ -772,19 +777,40 @@ mod tests {
             ("{key: destination.port, notValues: [\"8080\"]}", false),
             ("{key: source.namespace, values: [client]}", true),
             ("{key: source.namespace, values: [ops]}", false),
-            ("{key: source.principal, values: [\"cluster.local/ns/client/*\"]}", true),
+            (
+                "{key: source.principal, values: [\"cluster.local/ns/client/*\"]}",
+                true,
+            ),
             ("{key: source.serviceAccount, values: [client/sleep]}", true),
             ("{key: source.serviceAccount, values: [sleep]}", false),
             // Header fields of one name are joined with `,` (Envoy), case-insensitive names.
-            ("{key: \"request.headers[x-token]\", values: [\"abc,def\"]}", true),
-            ("{key: \"request.headers[X-TOKEN]\", values: [\"abc*\"]}", true),
+            (
+                "{key: \"request.headers[x-token]\", values: [\"abc,def\"]}",
+                true,
+            ),
+            (
+                "{key: \"request.headers[X-TOKEN]\", values: [\"abc*\"]}",
+                true,
+            ),
             ("{key: \"request.headers[x-token]\", values: [abc]}", false),
             ("{key: \"request.headers[x-token]\", values: [\"*\"]}", true),
-            ("{key: \"request.headers[x-other]\", values: [\"*\"]}", false),
-            ("{key: \"request.headers[x-other]\", notValues: [\"*\"]}", true),
-            ("{key: \"request.headers[x-token]\", notValues: [\"*def\"]}", false),
+            (
+                "{key: \"request.headers[x-other]\", values: [\"*\"]}",
+                false,
+            ),
+            (
+                "{key: \"request.headers[x-other]\", notValues: [\"*\"]}",
+                true,
+            ),
+            (
+                "{key: \"request.headers[x-token]\", notValues: [\"*def\"]}",
+                false,
+            ),
             // Two conditions: both must hold.
-            ("{key: source.namespace, values: [client]}, {key: source.ip, values: [1.2.3.4]}", false),
+            (
+                "{key: source.namespace, values: [client]}, {key: source.ip, values: [1.2.3.4]}",
+                false,
+            ),
         ];
         for &(w, want) in cases {
             assert_eq!(allowed(&rule(w), p, req), want, "{w}");
@@ -794,13 +820,29 @@ mod tests {
             ip: "10.0.0.5".parse().unwrap(),
             ..peer(None)
         };
-        assert!(!allowed(&rule("{key: source.principal, values: [\"*\"]}"), anon, req));
-        assert!(allowed(&rule("{key: source.principal, notValues: [\"*\"]}"), anon, req));
-        assert!(!allowed(&rule("{key: source.serviceAccount, values: [client/sleep]}"), anon, req));
+        assert!(!allowed(
+            &rule("{key: source.principal, values: [\"*\"]}"),
+            anon,
+            req
+        ));
+        assert!(allowed(
+            &rule("{key: source.principal, notValues: [\"*\"]}"),
+            anon,
+            req
+        ));
+        assert!(!allowed(
+            &rule("{key: source.serviceAccount, values: [client/sleep]}"),
+            anon,
+            req
+        ));
         // Header conditions off HTTP: an ALLOW never matches, a DENY ignores them (wider).
         let hdr = "{key: \"request.headers[x-token]\", values: [abc]}";
         assert!(!allowed(&rule(hdr), p, tcp(8080)));
-        let deny = bundle(&[("default", "d", &format!("  action: DENY\n  rules: [{{when: [{hdr}]}}]"))]);
+        let deny = bundle(&[(
+            "default",
+            "d",
+            &format!("  action: DENY\n  rules: [{{when: [{hdr}]}}]"),
+        )]);
         assert!(!allowed(&deny, p, tcp(8080)));
         assert!(allowed(&deny, p, http_h("/", &[("x-token", "zzz")])));
         assert!(!allowed(&deny, p, http_h("/", &[("x-token", "abc")])));
@@ -810,8 +852,10 @@ mod tests {
     fn principals_with_trust_domains_and_aliases() {
         let tds = TrustDomains::new("corp.example", vec!["old.example".into()]);
         let allow = |pattern: &str| {
-            allow_rule(&format!("{{from: [{{source: {{principals: [\"{pattern}\"]}}}}]}}"))
-                .for_trust_domains(&tds)
+            allow_rule(&format!(
+                "{{from: [{{source: {{principals: [\"{pattern}\"]}}}}]}}"
+            ))
+            .for_trust_domains(&tds)
         };
         let me = Some("corp.example/ns/client/sa/sleep");
         let p = peer(me);
@@ -835,7 +879,11 @@ mod tests {
         )])
         .for_trust_domains(&tds);
         assert!(allowed(&deny, p, tcp(80)));
-        assert!(!allowed(&deny, peer(Some("corp.example/ns/ops/sa/admin")), tcp(80)));
+        assert!(!allowed(
+            &deny,
+            peer(Some("corp.example/ns/ops/sa/admin")),
+            tcp(80)
+        ));
     }
 
     #[test]
@@ -854,7 +902,10 @@ mod tests {
         assert!(e(Some(SLEEP)));
         assert!(e(Some("other.td/ns/client/sa/sleep")), "any trust domain");
         assert!(!e(Some(ADMIN)));
-        assert!(!e(Some("cluster.local/ns/ops/sa/sleep")), "bare name: the policy's namespace");
+        assert!(
+            !e(Some("cluster.local/ns/ops/sa/sleep")),
+            "bare name: the policy's namespace"
+        );
         assert!(!e(None));
 
         let tpl = allow_rule("{to: [{operation: {paths: [\"/api/{*}/items/{**}\"]}}]}");
@@ -866,7 +917,11 @@ mod tests {
             ("/api//items/a", false),
             ("/API/v1/items/a", false),
         ] {
-            assert_eq!(allowed(&tpl, peer(None), http("GET", path, None)), want, "{path}");
+            assert_eq!(
+                allowed(&tpl, peer(None), http("GET", path, None)),
+                want,
+                "{path}"
+            );
         }
     }
 
@@ -1205,7 +1260,11 @@ mod tests {
         assert_eq!(eff(vec![pa("default", "n", None, U)], None).0, S);
         assert_eq!(eff(vec![pa("default", "n", None, U)], Some(P)).0, P);
         assert_eq!(
-            eff(vec![pa(ROOT, "m", None, D), pa("default", "n", None, U)], None).0,
+            eff(
+                vec![pa(ROOT, "m", None, D), pa("default", "n", None, U)],
+                None
+            )
+            .0,
             D
         );
         assert_eq!(

@@ -41,13 +41,12 @@ use mesh_common::{
     policy::{
         PolDstKey, PolDstValue, PolL4Key, PolL4Value, PolL7Key, PolL7Value, PolOpKey, PolOpValue,
         PolSrcKey, PolSrcValue, PolStrKey, PolStrValue, POL_ACTION_ALLOW, POL_ACTION_AUDIT,
-        POL_ACTION_DENY, POL_ALLOW, POL_DENY, POL_DST_F_PERMISSIVE, POL_FIELD_HOST,
-        POL_FIELD_METHOD, POL_FIELD_NOT_HOST, POL_FIELD_NOT_METHOD, POL_FIELD_NOT_PATH,
-        POL_FIELD_PATH, POL_F_AUDIT, POL_F_AUDIT_L7, POL_F_DRY_RUN_DENY, POL_F_DRY_RUN_L4_ALLOWED,
-        POL_F_DRY_RUN_L7, POL_F_L4_ALLOWED, POL_L7, POL_L7_F_DRY_RUN, POL_MATCH_EXACT,
-        POL_MATCH_PREFIX, POL_MATCH_PRESENCE, POL_MATCH_SUFFIX, POL_STR_MAX,
-        POL_FIELD_GROUP_SHIFT, POL_FIELD_HEADER, POL_FIELD_MASK, POL_FIELD_NOT_HEADER,
-        POL_MATCH_TEMPLATE,
+        POL_ACTION_DENY, POL_ALLOW, POL_DENY, POL_DST_F_PERMISSIVE, POL_FIELD_GROUP_SHIFT,
+        POL_FIELD_HEADER, POL_FIELD_HOST, POL_FIELD_MASK, POL_FIELD_METHOD, POL_FIELD_NOT_HEADER,
+        POL_FIELD_NOT_HOST, POL_FIELD_NOT_METHOD, POL_FIELD_NOT_PATH, POL_FIELD_PATH, POL_F_AUDIT,
+        POL_F_AUDIT_L7, POL_F_DRY_RUN_DENY, POL_F_DRY_RUN_L4_ALLOWED, POL_F_DRY_RUN_L7,
+        POL_F_L4_ALLOWED, POL_L7, POL_L7_F_DRY_RUN, POL_MATCH_EXACT, POL_MATCH_PREFIX,
+        POL_MATCH_PRESENCE, POL_MATCH_SUFFIX, POL_MATCH_TEMPLATE, POL_STR_MAX,
     },
     AgentConfig,
 };
@@ -993,7 +992,13 @@ mod tests {
         }
         // The port is part of the host, as in Istio (ISTIO-SECURITY-2021-008); so is a
         // trailing dot.
-        for host in ["api.shop:8080", "api.shop.", "api.shop.evil", "api.shop:x", ""] {
+        for host in [
+            "api.shop:8080",
+            "api.shop.",
+            "api.shop.evil",
+            "api.shop:x",
+            "",
+        ] {
             assert!(!exact.matches("GET", "/", host), "{host}");
         }
         let suffix = clause(POL_FIELD_HOST, POL_MATCH_SUFFIX, ".shop");
@@ -1235,7 +1240,11 @@ mod tests {
         }
 
         /// `read_view`: map by map, `between` called after each.
-        fn read_view(&self, gen: u32, between: &mut dyn FnMut(&str)) -> Result<PolicyView, MapsError> {
+        fn read_view(
+            &self,
+            gen: u32,
+            between: &mut dyn FnMut(&str),
+        ) -> Result<PolicyView, MapsError> {
             if gen == 0 {
                 return Ok(PolicyView::default());
             }
@@ -1296,7 +1305,13 @@ mod tests {
         let a = compile_one(vec![get_api(Action::Allow, "allow-get")]);
         let b = compile_one(vec![
             get_api(Action::Deny, "deny-get"),
-            policy("other", "allow-c", None, Action::Allow, Some(vec![Rule::default()])),
+            policy(
+                "other",
+                "allow-c",
+                None,
+                Action::Allow,
+                Some(vec![Rule::default()]),
+            ),
         ]);
         assert_ne!(
             summary(&PolicyView::from_compiled(1, &a).unwrap()),
@@ -1325,7 +1340,10 @@ mod tests {
         // Half a generation: its classes but no destinations — every destination is "not
         // selected by any policy", i.e. allow-all. This is the failure being fixed.
         assert!(naive.destinations().is_empty());
-        assert_eq!(naive.decide_l4(1, 3, Family::V4, 8080).verdict, L4Verdict::Allow);
+        assert_eq!(
+            naive.decide_l4(1, 3, Family::V4, 8080).verdict,
+            L4Verdict::Allow
+        );
 
         // The same interleaving through `read_consistent`: the first read is discarded (the
         // active generation changed), the second reads N whole.
@@ -1345,7 +1363,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(view.generation(), g + 1);
-        assert_eq!(summary(&view), summary(&PolicyView::from_compiled(1, &b).unwrap()));
+        assert_eq!(
+            summary(&view),
+            summary(&PolicyView::from_compiled(1, &b).unwrap())
+        );
     }
 
     #[test]

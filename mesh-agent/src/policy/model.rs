@@ -102,7 +102,10 @@ pub enum Condition {
         not_values: Vec<IpNet>,
     },
     /// `destination.port`.
-    DestinationPort { values: Vec<u16>, not_values: Vec<u16> },
+    DestinationPort {
+        values: Vec<u16>,
+        not_values: Vec<u16>,
+    },
     /// `request.headers[<name>]`, `name` stored lowercase (header names compare
     /// case-insensitively). HTTP only.
     RequestHeader {
@@ -559,10 +562,19 @@ mod tests {
         // query string is removed before matching; `?`, `#`, `\`, space, `{` stay
         // literal-only). Dot segments are plain characters here: normalization (the proxy's)
         // removes them before matching.
-        for p in ["/foo/a b", "/foo/a\\b", "/foo/a?b", "/foo/{x}", "/foo/\u{e9}"] {
+        for p in [
+            "/foo/a b",
+            "/foo/a\\b",
+            "/foo/a?b",
+            "/foo/{x}",
+            "/foo/\u{e9}",
+        ] {
             assert!(!t("/foo/{*}", p), "{p:?}");
         }
-        assert!(t("/foo/{*}", "/foo/.."), "a dot segment is a segment until normalized");
+        assert!(
+            t("/foo/{*}", "/foo/.."),
+            "a dot segment is a segment until normalized"
+        );
         assert!(t("/admin/{**}", "/admin/%2e%2e/x"));
         // A template the parser refuses never matches.
         assert!(!t("/{**}/{*}", "/a/b"));
@@ -585,10 +597,19 @@ mod tests {
                 })
                 .collect()
         };
-        assert_eq!(e("td1/ns/foo/sa/bar"), ["td2/ns/foo/sa/bar", "td1/ns/foo/sa/bar"]);
-        assert_eq!(e("td2/ns/foo/sa/bar"), ["td2/ns/foo/sa/bar", "td1/ns/foo/sa/bar"]);
+        assert_eq!(
+            e("td1/ns/foo/sa/bar"),
+            ["td2/ns/foo/sa/bar", "td1/ns/foo/sa/bar"]
+        );
+        assert_eq!(
+            e("td2/ns/foo/sa/bar"),
+            ["td2/ns/foo/sa/bar", "td1/ns/foo/sa/bar"]
+        );
         // `cluster.local` points at the local trust domain and its aliases...
-        assert_eq!(e("cluster.local/ns/foo/sa/bar"), ["td2/ns/foo/sa/bar", "td1/ns/foo/sa/bar"]);
+        assert_eq!(
+            e("cluster.local/ns/foo/sa/bar"),
+            ["td2/ns/foo/sa/bar", "td1/ns/foo/sa/bar"]
+        );
         // ... a foreign trust domain does not.
         assert_eq!(e("td3/ns/foo/sa/bar"), ["td3/ns/foo/sa/bar"]);
         // Not five segments, or `*` as the trust domain: kept as written.
@@ -596,15 +617,28 @@ mod tests {
         assert_eq!(e("*/ns/foo/sa/bar"), ["*/ns/foo/sa/bar"]);
         assert_eq!(e("*"), ["*"]);
         // Wildcards in the trust domain.
-        assert_eq!(e("cluster.local/ns/foo/sa/*"), ["td2/ns/foo/sa/*", "td1/ns/foo/sa/*"]);
-        assert_eq!(e("*2/ns/foo/sa/bar"), ["*2/ns/foo/sa/bar", "td1/ns/foo/sa/bar"]);
+        assert_eq!(
+            e("cluster.local/ns/foo/sa/*"),
+            ["td2/ns/foo/sa/*", "td1/ns/foo/sa/*"]
+        );
+        assert_eq!(
+            e("*2/ns/foo/sa/bar"),
+            ["*2/ns/foo/sa/bar", "td1/ns/foo/sa/bar"]
+        );
         // Without aliases `cluster.local` is just the local trust domain.
         let local = TrustDomains::new("example.org", vec![]);
         let m = local.expand(&StringMatch::from_pattern("cluster.local/ns/a/sa/b"));
         assert_eq!(m, vec![StringMatch::Exact("example.org/ns/a/sa/b".into())]);
         // The attacker-style near misses stay near misses.
-        for p in ["cluster.localx/ns/a/sa/b", "xcluster.local/ns/a/sa/b", "Cluster.Local/ns/a/sa/b"] {
-            assert_eq!(local.expand(&StringMatch::from_pattern(p)), vec![StringMatch::Exact(p.into())]);
+        for p in [
+            "cluster.localx/ns/a/sa/b",
+            "xcluster.local/ns/a/sa/b",
+            "Cluster.Local/ns/a/sa/b",
+        ] {
+            assert_eq!(
+                local.expand(&StringMatch::from_pattern(p)),
+                vec![StringMatch::Exact(p.into())]
+            );
         }
     }
 

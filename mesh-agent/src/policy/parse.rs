@@ -24,8 +24,8 @@ use serde_saphyr::{budget::BudgetBreach, MessageFormatter, Spanned, UserMessageF
 
 use super::model::{
     is_path_template, is_template_char, Action, AuthorizationPolicy, Condition, IpNet, MtlsMode,
-    Operation, Origin, PeerAuthentication, PolicyBundle, Rule, ServiceAccount, Source,
-    StringMatch, MATCH_ANY, MATCH_ONE,
+    Operation, Origin, PeerAuthentication, PolicyBundle, Rule, ServiceAccount, Source, StringMatch,
+    MATCH_ANY, MATCH_ONE,
 };
 use crate::registry::{is_dns_label, is_dns_subdomain};
 
@@ -581,7 +581,8 @@ impl Loader {
                         "metadata.annotations[istio.io/dry-run]",
                         Problem::InvalidValue {
                             value: v.value.clone(),
-                            expected: "a boolean (true, false, 1, 0, t, f, True, False, TRUE, FALSE)",
+                            expected:
+                                "a boolean (true, false, 1, 0, t, f, True, False, TRUE, FALSE)",
                         },
                     ))
                 }
@@ -722,7 +723,10 @@ fn authorization_policy(
             ));
         }
     }
-    let rules_line = spec.rules.as_ref().map_or(spec_line, |r| line_of(r, spec_line));
+    let rules_line = spec
+        .rules
+        .as_ref()
+        .map_or(spec_line, |r| line_of(r, spec_line));
     if spec.rules.is_some() {
         let ns = policy.namespace.clone();
         let rules = each(spec.rules, spec_line, |i, line, r| {
@@ -789,8 +793,9 @@ fn peer_authentication(
         }
         for (RawPort(text), mtls) in ports.value {
             let field = format!("spec.portLevelMtls[{text}]");
-            let port = parse_port(&text)
-                .ok_or_else(|| at.err(line, field.as_str(), Problem::InvalidPort { value: text }))?;
+            let port = parse_port(&text).ok_or_else(|| {
+                at.err(line, field.as_str(), Problem::InvalidPort { value: text })
+            })?;
             let m_line = line_of(&mtls, line);
             let mode = mtls_mode(at, mtls.value, m_line, &format!("{field}.mode"))?;
             port_level.insert(port, mode);
@@ -909,8 +914,14 @@ fn rule(
     // istio/istio `pkg/config/validation/validation.go`, `ValidateAuthorizationPolicy`:
     // "`from` must not be empty", "`to` must not be empty" — a present but empty list is an
     // error, never "any" (which would widen an ALLOW).
-    let from_state = raw.from.as_ref().map(|l| (l.value.is_empty(), line_of(l, line)));
-    let to_state = raw.to.as_ref().map(|l| (l.value.is_empty(), line_of(l, line)));
+    let from_state = raw
+        .from
+        .as_ref()
+        .map(|l| (l.value.is_empty(), line_of(l, line)));
+    let to_state = raw
+        .to
+        .as_ref()
+        .map(|l| (l.value.is_empty(), line_of(l, line)));
     for (state, name) in [(from_state, "from"), (to_state, "to")] {
         if let Some((true, l)) = state {
             return Err(at.err(
@@ -1011,13 +1022,7 @@ fn condition(
         }
         "source.serviceAccount" => Condition::SourceServiceAccount {
             values: service_accounts(at, raw.values.clone(), line, &values_path, policy_ns)?,
-            not_values: service_accounts(
-                at,
-                raw.not_values.clone(),
-                line,
-                &not_path,
-                policy_ns,
-            )?,
+            not_values: service_accounts(at, raw.not_values.clone(), line, &not_path, policy_ns)?,
         },
         "destination.port" => Condition::DestinationPort {
             values: string_ports(at, raw.values.clone(), line, &values_path)?,
@@ -1057,16 +1062,24 @@ fn condition(
             ))
         }
         k if k.starts_with("experimental.envoy.filters.") => {
-            return Err(key_err("is not supported: Envoy metadata does not exist here"))
+            return Err(key_err(
+                "is not supported: Envoy metadata does not exist here",
+            ))
         }
         "destination.namespace" => {
-            return Err(key_err("is replaced by the policy's metadata.namespace (Istio rejects it)"))
+            return Err(key_err(
+                "is replaced by the policy's metadata.namespace (Istio rejects it)",
+            ))
         }
         k if k.starts_with("destination.labels") => {
-            return Err(key_err("is replaced by the workload selector (Istio rejects it)"))
+            return Err(key_err(
+                "is replaced by the workload selector (Istio rejects it)",
+            ))
         }
         "destination.name" | "destination.user" => {
-            return Err(key_err("is deprecated: only supported in v1alpha1 (Istio rejects it)"))
+            return Err(key_err(
+                "is deprecated: only supported in v1alpha1 (Istio rejects it)",
+            ))
         }
         _ => return Err(key_err("is not a known attribute")),
     })
@@ -1142,10 +1155,14 @@ fn service_accounts(
             None => (policy_ns, value.as_str()),
         };
         if sa.contains('/') {
-            return Err(bad("expected 'serviceAccount' or 'namespace/serviceAccount'"));
+            return Err(bad(
+                "expected 'serviceAccount' or 'namespace/serviceAccount'",
+            ));
         }
         if ns.is_empty() || sa.is_empty() {
-            return Err(bad("expected 'serviceAccount' or 'namespace/serviceAccount'"));
+            return Err(bad(
+                "expected 'serviceAccount' or 'namespace/serviceAccount'",
+            ));
         }
         Ok(ServiceAccount {
             namespace: ns.to_owned(),
@@ -1385,12 +1402,12 @@ fn ports(
 ) -> Result<Vec<u16>, PolicyError> {
     each(raw, fallback, |i, line, RawPort(text)| {
         parse_port(&text).ok_or_else(|| {
-                at.err(
-                    line,
-                    format!("{path}[{i}]"),
-                    Problem::InvalidPort { value: text },
-                )
-            })
+            at.err(
+                line,
+                format!("{path}[{i}]"),
+                Problem::InvalidPort { value: text },
+            )
+        })
     })
 }
 
@@ -2137,15 +2154,20 @@ spec:
             "spec.portLevelMtls",
         );
         for bad in ["0", "65536", "\"x\""] {
-            let e = parse(&peer_authn(&format!("{sel}  portLevelMtls:\n    {bad}: {{mode: STRICT}}\n")))
-                .unwrap_err();
+            let e = parse(&peer_authn(&format!(
+                "{sel}  portLevelMtls:\n    {bad}: {{mode: STRICT}}\n"
+            )))
+            .unwrap_err();
             assert!(
-                e.field().is_some_and(|f| f.starts_with("spec.portLevelMtls")),
+                e.field()
+                    .is_some_and(|f| f.starts_with("spec.portLevelMtls")),
                 "{bad}: {e}"
             );
         }
         refused(
-            &peer_authn(&format!("{sel}  portLevelMtls:\n    80: {{mode: strict}}\n")),
+            &peer_authn(&format!(
+                "{sel}  portLevelMtls:\n    80: {{mode: strict}}\n"
+            )),
             10,
             Some("ns/pa"),
             "spec.portLevelMtls[80].mode",
@@ -2294,7 +2316,16 @@ spec:
             "metadata",
         );
         let long = format!("{}.b", "a".repeat(252));
-        for bad in ["My_Policy", "-p", "p..q", ".p", "p.", "p.-q", "\"\"", long.as_str()] {
+        for bad in [
+            "My_Policy",
+            "-p",
+            "p..q",
+            ".p",
+            "p.",
+            "p.-q",
+            "\"\"",
+            long.as_str(),
+        ] {
             let e = refused(
                 &authz("").replace("name: p\n", &format!("name: {bad}\n")),
                 4,
@@ -2307,8 +2338,19 @@ spec:
             );
         }
         // Names are DNS-1123 subdomains (Kubernetes object names), as Istio's examples use.
-        let max = format!("{}.{}.{}.{}", "a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(61));
-        for good in ["service-httpbin.default.svc.cluster.local", "p.q", "1.2", max.as_str()] {
+        let max = format!(
+            "{}.{}.{}.{}",
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(61)
+        );
+        for good in [
+            "service-httpbin.default.svc.cluster.local",
+            "p.q",
+            "1.2",
+            max.as_str(),
+        ] {
             let b = parse(&authz("").replace("name: p\n", &format!("name: {good}\n"))).unwrap();
             assert_eq!(b.authz[0].name, good);
         }
@@ -2375,10 +2417,22 @@ spec:
         // Only ALLOW and DENY take the annotation, whatever its value.
         for v in ["true", "false"] {
             let e = dry(v, "  action: AUDIT\n  rules: [{}]\n").unwrap_err();
-            assert_eq!(e.field(), Some("metadata.annotations[istio.io/dry-run]"), "{e}");
-            assert!(matches!(e.problem(), Some(Problem::DryRunAction { .. })), "{e}");
+            assert_eq!(
+                e.field(),
+                Some("metadata.annotations[istio.io/dry-run]"),
+                "{e}"
+            );
+            assert!(
+                matches!(e.problem(), Some(Problem::DryRunAction { .. })),
+                "{e}"
+            );
         }
-        assert!(dry("true", "  action: DENY\n  rules: [{}]\n").unwrap().authz[0].dry_run);
+        assert!(
+            dry("true", "  action: DENY\n  rules: [{}]\n")
+                .unwrap()
+                .authz[0]
+                .dry_run
+        );
     }
 
     #[test]
@@ -2387,14 +2441,20 @@ spec:
         for spec in ["  action: DENY\n", "  action: DENY\n  rules: []\n"] {
             let e = parse(&authz(spec)).unwrap_err();
             assert_eq!(e.field(), Some("spec.rules"), "{e}");
-            assert!(matches!(e.problem(), Some(Problem::DenyWithoutRules)), "{e}");
+            assert!(
+                matches!(e.problem(), Some(Problem::DenyWithoutRules)),
+                "{e}"
+            );
             assert_eq!(e.policy(), Some("ns/p"));
         }
         // A present but empty `from`/`to` is an error, never "any".
         for (rule, field) in [
             ("{from: []}", "spec.rules[0].from"),
             ("{to: []}", "spec.rules[0].to"),
-            ("{from: [], to: [{operation: {ports: [\"80\"]}}]}", "spec.rules[0].from"),
+            (
+                "{from: [], to: [{operation: {ports: [\"80\"]}}]}",
+                "spec.rules[0].from",
+            ),
         ] {
             for action in ["ALLOW", "DENY", "AUDIT"] {
                 let e = refused(
@@ -2403,13 +2463,22 @@ spec:
                     Some("ns/p"),
                     field,
                 );
-                assert!(matches!(e.problem(), Some(Problem::EmptyList { .. })), "{e}");
+                assert!(
+                    matches!(e.problem(), Some(Problem::EmptyList { .. })),
+                    "{e}"
+                );
             }
         }
         // serviceAccounts: not with principals or namespaces; `sa` or `ns/sa`, no wildcard.
         for other in ["principals: [a]", "namespaces: [x]", "notNamespaces: [x]"] {
-            let e = parse(&with_source(&format!("serviceAccounts: [sa]\n        {other}"))).unwrap_err();
-            assert!(matches!(e.problem(), Some(Problem::Conflict { .. })), "{other}: {e}");
+            let e = parse(&with_source(&format!(
+                "serviceAccounts: [sa]\n        {other}"
+            )))
+            .unwrap_err();
+            assert!(
+                matches!(e.problem(), Some(Problem::Conflict { .. })),
+                "{other}: {e}"
+            );
         }
         for bad in ["\"\"", "\"ns/*\"", "\"*\"", "a/b/c", "/sa", "ns/", "\"a/\""] {
             let e = parse(&with_source(&format!("serviceAccounts: [{bad}]"))).unwrap_err();
@@ -2417,17 +2486,29 @@ spec:
                 matches!(e.problem(), Some(Problem::InvalidServiceAccount { .. })),
                 "{bad}: {e}"
             );
-            assert_eq!(e.field(), Some(format!("{SRC}.serviceAccounts[0]").as_str()));
+            assert_eq!(
+                e.field(),
+                Some(format!("{SRC}.serviceAccounts[0]").as_str())
+            );
         }
         let seventeen = vec!["a"; 17].join(", ");
         assert!(parse(&with_source(&format!("serviceAccounts: [{seventeen}]"))).is_err());
-        let b = parse(&with_source("serviceAccounts: [web, other/db]\n        notServiceAccounts: [x]")).unwrap();
+        let b = parse(&with_source(
+            "serviceAccounts: [web, other/db]\n        notServiceAccounts: [x]",
+        ))
+        .unwrap();
         let src = &b.authz[0].rules.as_ref().unwrap()[0].from[0];
         assert_eq!(
             src.service_accounts,
             vec![
-                ServiceAccount { namespace: "ns".into(), name: "web".into() },
-                ServiceAccount { namespace: "other".into(), name: "db".into() },
+                ServiceAccount {
+                    namespace: "ns".into(),
+                    name: "web".into()
+                },
+                ServiceAccount {
+                    namespace: "other".into(),
+                    name: "db".into()
+                },
             ]
         );
         assert_eq!(src.not_service_accounts[0].namespace, "ns");
@@ -2494,11 +2575,20 @@ spec:
                 not_values: vec![parse_cidr("10.1.0.0/16").unwrap()],
             }
         );
-        assert!(matches!(cond("{key: remote.ip, values: [\"fd00::1\"]}"), Condition::SourceIp { .. }));
-        assert!(matches!(cond("{key: destination.ip, notValues: [10.0.0.1]}"), Condition::DestinationIp { .. }));
+        assert!(matches!(
+            cond("{key: remote.ip, values: [\"fd00::1\"]}"),
+            Condition::SourceIp { .. }
+        ));
+        assert!(matches!(
+            cond("{key: destination.ip, notValues: [10.0.0.1]}"),
+            Condition::DestinationIp { .. }
+        ));
         assert_eq!(
             cond("{key: destination.port, values: [\"8080\"]}"),
-            Condition::DestinationPort { values: vec![8080], not_values: vec![] }
+            Condition::DestinationPort {
+                values: vec![8080],
+                not_values: vec![]
+            }
         );
         assert_eq!(
             cond("{key: \"request.headers[X-Token]\", values: [\"a*\"], notValues: [\"*\"]}"),
@@ -2508,41 +2598,113 @@ spec:
                 not_values: vec![StringMatch::Presence],
             }
         );
-        assert!(matches!(cond("{key: source.namespace, values: [\"a*\"]}"), Condition::SourceNamespace { .. }));
-        assert!(matches!(cond("{key: source.principal, values: [\"*\"]}"), Condition::SourcePrincipal { .. }));
+        assert!(matches!(
+            cond("{key: source.namespace, values: [\"a*\"]}"),
+            Condition::SourceNamespace { .. }
+        ));
+        assert!(matches!(
+            cond("{key: source.principal, values: [\"*\"]}"),
+            Condition::SourcePrincipal { .. }
+        ));
         assert_eq!(
             cond("{key: source.serviceAccount, values: [web]}"),
             Condition::SourceServiceAccount {
-                values: vec![ServiceAccount { namespace: "ns".into(), name: "web".into() }],
+                values: vec![ServiceAccount {
+                    namespace: "ns".into(),
+                    name: "web".into()
+                }],
                 not_values: vec![],
             }
         );
         // Refused, naming policy and field.
         for (c, field) in [
-            ("{key: source.ip, values: []}", "spec.rules[0].when[0].values"),
+            (
+                "{key: source.ip, values: []}",
+                "spec.rules[0].when[0].values",
+            ),
             ("{key: source.ip}", "spec.rules[0].when[0].values"),
             ("{values: [a]}", "spec.rules[0].when[0].key"),
             ("{key: \"\", values: [a]}", "spec.rules[0].when[0].key"),
-            ("{key: source.ip, values: [10.0.0.300]}", "spec.rules[0].when[0].values[0]"),
-            ("{key: destination.ip, notValues: [x]}", "spec.rules[0].when[0].notValues[0]"),
-            ("{key: destination.port, values: [\"99999\"]}", "spec.rules[0].when[0].values[0]"),
-            ("{key: destination.port, values: [http]}", "spec.rules[0].when[0].values[0]"),
-            ("{key: source.namespace, values: [\"\"]}", "spec.rules[0].when[0].values[0]"),
-            ("{key: source.principal, values: [\"spiffe://td/ns/a/sa/b\"]}", "spec.rules[0].when[0].values[0]"),
-            ("{key: \"request.headers[]\", values: [a]}", "spec.rules[0].when[0].key"),
-            ("{key: \"request.headers[a b]\", values: [a]}", "spec.rules[0].when[0].key"),
-            ("{key: request.headers, values: [a]}", "spec.rules[0].when[0].key"),
-            ("{key: \"request.headers[x\", values: [a]}", "spec.rules[0].when[0].key"),
-            ("{key: request.auth.principal, values: [a]}", "spec.rules[0].when[0].key"),
-            ("{key: \"request.auth.claims[iss]\", values: [a]}", "spec.rules[0].when[0].key"),
-            ("{key: connection.sni, values: [a]}", "spec.rules[0].when[0].key"),
-            ("{key: source.trustDomain, values: [a]}", "spec.rules[0].when[0].key"),
-            ("{key: destination.namespace, values: [a]}", "spec.rules[0].when[0].key"),
-            ("{key: \"destination.labels[app]\", values: [a]}", "spec.rules[0].when[0].key"),
-            ("{key: destination.user, values: [a]}", "spec.rules[0].when[0].key"),
-            ("{key: \"experimental.envoy.filters.a[b]\", values: [a]}", "spec.rules[0].when[0].key"),
-            ("{key: source.serviceAccount, values: [\"a/*\"]}", "spec.rules[0].when[0].values[0]"),
-            ("{key: source.ip, values: [a], other: b}", "spec.rules[0].when[0].other"),
+            (
+                "{key: source.ip, values: [10.0.0.300]}",
+                "spec.rules[0].when[0].values[0]",
+            ),
+            (
+                "{key: destination.ip, notValues: [x]}",
+                "spec.rules[0].when[0].notValues[0]",
+            ),
+            (
+                "{key: destination.port, values: [\"99999\"]}",
+                "spec.rules[0].when[0].values[0]",
+            ),
+            (
+                "{key: destination.port, values: [http]}",
+                "spec.rules[0].when[0].values[0]",
+            ),
+            (
+                "{key: source.namespace, values: [\"\"]}",
+                "spec.rules[0].when[0].values[0]",
+            ),
+            (
+                "{key: source.principal, values: [\"spiffe://td/ns/a/sa/b\"]}",
+                "spec.rules[0].when[0].values[0]",
+            ),
+            (
+                "{key: \"request.headers[]\", values: [a]}",
+                "spec.rules[0].when[0].key",
+            ),
+            (
+                "{key: \"request.headers[a b]\", values: [a]}",
+                "spec.rules[0].when[0].key",
+            ),
+            (
+                "{key: request.headers, values: [a]}",
+                "spec.rules[0].when[0].key",
+            ),
+            (
+                "{key: \"request.headers[x\", values: [a]}",
+                "spec.rules[0].when[0].key",
+            ),
+            (
+                "{key: request.auth.principal, values: [a]}",
+                "spec.rules[0].when[0].key",
+            ),
+            (
+                "{key: \"request.auth.claims[iss]\", values: [a]}",
+                "spec.rules[0].when[0].key",
+            ),
+            (
+                "{key: connection.sni, values: [a]}",
+                "spec.rules[0].when[0].key",
+            ),
+            (
+                "{key: source.trustDomain, values: [a]}",
+                "spec.rules[0].when[0].key",
+            ),
+            (
+                "{key: destination.namespace, values: [a]}",
+                "spec.rules[0].when[0].key",
+            ),
+            (
+                "{key: \"destination.labels[app]\", values: [a]}",
+                "spec.rules[0].when[0].key",
+            ),
+            (
+                "{key: destination.user, values: [a]}",
+                "spec.rules[0].when[0].key",
+            ),
+            (
+                "{key: \"experimental.envoy.filters.a[b]\", values: [a]}",
+                "spec.rules[0].when[0].key",
+            ),
+            (
+                "{key: source.serviceAccount, values: [\"a/*\"]}",
+                "spec.rules[0].when[0].values[0]",
+            ),
+            (
+                "{key: source.ip, values: [a], other: b}",
+                "spec.rules[0].when[0].other",
+            ),
         ] {
             let e = parse(&when(c)).expect_err(c);
             assert_eq!(e.policy(), Some("ns/p"), "{c}: {e}");
