@@ -32,6 +32,7 @@ mod policy_maps_roundtrip_via_bpftool;
 mod policy_namespaces_and_not_namespaces;
 mod policy_ports_and_not_ports;
 mod policy_principals_and_not_principals;
+mod policy_show_never_reads_a_generation_being_swapped;
 mod policy_update_is_atomic_and_bad_update_keeps_old;
 mod revoked_certificate_closes_live_connection;
 mod revoked_server_certificate_closes_pooled_connection;
