@@ -6,8 +6,13 @@
 //!
 //! Accepted objects: `security.istio.io/v1` (or `v1beta1`) `AuthorizationPolicy` and
 //! `PeerAuthentication`, one per YAML document (`---` separates them). `metadata` needs
-//! `name` and `namespace` (DNS-1123 labels); of its other fields only the annotation
-//! `istio.io/dry-run` means anything, the rest (labels, other annotations, uid, …) is ignored.
+//! `name` (a DNS-1123 subdomain, as Kubernetes object names) and `namespace` (a DNS-1123
+//! label); of its other fields only the annotation `istio.io/dry-run` means anything, the rest
+//! (labels, other annotations, uid, …) is ignored.
+//!
+//! Validation follows Istio's (istio/istio `pkg/config/validation/validation.go`,
+//! `ValidateAuthorizationPolicy`, `ValidatePeerAuthentication`, `checkDryRunAnnotation`, and
+//! `pkg/config/security/security.go`); each check cites where it comes from.
 //! Normalisations, none of which changes what a policy matches: an empty
 //! `selector.matchLabels` is stored as `None` (both select every workload in scope), and
 //! `hosts`/`notHosts` patterns are stored lowercase (hosts compare case-insensitively).
