@@ -72,6 +72,11 @@ pub const ALL_MAPS: [&str; 14] = [
 /// Every program the agent attaches.
 pub const ALL_PROGS: [&str; 4] = [PROG_CONNECT4, PROG_CONNECT6, PROG_SOCKOPS, PROG_INGRESS];
 
+/// Pin of the `bpf_link` attaching each program to the pod cgroup parent, in the pin
+/// directory: `link_<program name>`. The pinned links keep the programs attached when no
+/// agent runs (the mesh stays closed); only `mesh-agent uninstall` removes them.
+pub const LINK_PIN_PREFIX: &str = "link_";
+
 /// Default bpffs directory for pins.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/mesh";
 

@@ -1,7 +1,10 @@
 //! One module per scenario, named after what it proves.
 
-mod agent_sigkill_restart_recovers;
-mod agent_sigterm_leaves_nothing;
+mod admin_port_refuses_pods;
+mod agent_restart_adopts_pins;
+mod agent_restart_updates_programs_in_place;
+mod agent_sigkill_keeps_mesh_closed;
+mod agent_starts_while_authority_down;
 mod authority_restart_does_not_interrupt_traffic;
 mod certificates_rotate_during_live_traffic;
 mod concurrent_200_connections_no_crosstalk;
@@ -25,6 +28,7 @@ mod peer_authentication_strict_vs_permissive;
 mod plaintext_strict_refused_permissive_flagged;
 mod policy_audit_and_dry_run_do_not_enforce;
 mod policy_change_closes_live_connection_keeps_allowed;
+mod policy_check_matches_the_mesh;
 mod policy_common;
 mod policy_deny_beats_allow_and_defaults;
 mod policy_ip_blocks_and_not_ip_blocks;
@@ -36,5 +40,7 @@ mod policy_show_never_reads_a_generation_being_swapped;
 mod policy_update_is_atomic_and_bad_update_keeps_old;
 mod revoked_certificate_closes_live_connection;
 mod revoked_server_certificate_closes_pooled_connection;
+mod rolling_upgrade_loses_no_connection;
 mod same_node_pod_to_pod_goes_through_agent;
 mod unenrolled_process_not_redirected;
+mod uninstall_leaves_nothing;
