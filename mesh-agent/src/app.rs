@@ -75,6 +75,9 @@ pub struct AgentOptions {
     pub policy_dir: Option<PathBuf>,
     /// The mesh-wide policy namespace (`istio-system`).
     pub root_namespace: String,
+    /// Trust domains treated as this mesh's own in policy principals (Istio's
+    /// `trustDomainAliases`).
+    pub trust_domain_aliases: Vec<String>,
     /// Unix socket where this agent hands its listening sockets to a successor (upgrades),
     /// and where a starting agent asks a running one for them.
     pub handoff_socket: PathBuf,
@@ -235,6 +238,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
         cert_lifetime_secs = opts.cert_lifetime.as_secs(),
         policy_dir = ?opts.policy_dir,
         root_namespace = %opts.root_namespace,
+        trust_domain_aliases = ?opts.trust_domain_aliases,
         handoff_socket = %opts.handoff_socket.display(),
         state_dir = %opts.state_dir.display(),
         path_normalization = %opts.path_normalization,
@@ -300,6 +304,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
         registry: Arc::clone(&registry),
         root_ns: opts.root_namespace.clone(),
         trust_domain: trust_domain.to_string(),
+        trust_domain_aliases: opts.trust_domain_aliases.clone(),
     };
     let started = match start_policy(&opts, &policy_ctx, &metrics) {
         Ok((maps, view)) => program_maps(
@@ -686,9 +691,9 @@ fn start_policy(
         }
     };
     let gen = watcher.active_generation()?;
-    let view = match watcher.read_view(gen) {
+    let view = match watcher.read_active_view() {
         Ok(v) => v,
-        Err(e @ MapsError::Inconsistent { .. }) => {
+        Err(e @ (MapsError::Inconsistent { .. } | MapsError::Unstable { .. })) => {
             warn!(error = %e, "active policy generation unreadable; denying until replaced");
             PolicyView::deny_all(gen)
         }

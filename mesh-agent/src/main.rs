@@ -32,7 +32,7 @@ enum Command {
     /// Create, run and manage the mesh authority (CA).
     Authority(mesh_agent::operator::authority::AuthorityArgs),
     /// Check, apply and show authorization policy.
-    Policy(mesh_agent::operator::policy::PolicyArgs),
+    Policy(Box<mesh_agent::operator::policy::PolicyArgs>),
     /// The node side of joining the mesh: `node csr` (the node key stays on the node).
     Node(mesh_agent::operator::node::NodeArgs),
     /// Take the mesh off this node: detach the kernel programs and remove every pin. An agent
@@ -94,6 +94,14 @@ struct RunArgs {
     /// The mesh-wide policy namespace: its policies apply to every workload.
     #[arg(long, env = "MESH_ROOT_NAMESPACE", default_value = mesh_agent::operator::policy::DEFAULT_ROOT_NAMESPACE)]
     root_namespace: String,
+    /// A trust domain treated as this mesh's own in policy principals (Istio's
+    /// `trustDomainAliases`, e.g. the old trust domain during a migration); repeatable.
+    #[arg(
+        long = "trust-domain-alias",
+        env = "MESH_TRUST_DOMAIN_ALIASES",
+        value_delimiter = ','
+    )]
+    trust_domain_aliases: Vec<String>,
     /// Unix socket for upgrades: a starting agent takes the listening sockets of the agent
     /// running here over it (no connection attempt is refused while they change places); the
     /// running agent then drains and exits. Root only.
@@ -135,7 +143,7 @@ fn main() -> ExitCode {
     init_tracing(cli.log_format);
     match cli.command {
         Command::Authority(args) => mesh_agent::operator::authority::main(args),
-        Command::Policy(args) => mesh_agent::operator::policy::main(args),
+        Command::Policy(args) => mesh_agent::operator::policy::main(*args),
         Command::Node(args) => mesh_agent::operator::node::main(args),
         Command::Uninstall(args) => mesh_agent::operator::uninstall::main(args),
         Command::Run(args) => {
@@ -155,6 +163,7 @@ fn main() -> ExitCode {
                 cert_lifetime: Duration::from_secs(args.cert_lifetime_secs),
                 policy_dir: args.policy_dir,
                 root_namespace: args.root_namespace,
+                trust_domain_aliases: args.trust_domain_aliases,
                 handoff_socket: args.handoff_socket.unwrap_or_else(|| {
                     PathBuf::from("/run/mesh-agent")
                         .join(&args.node)

@@ -422,7 +422,7 @@ pub async fn serve_admin(
                         if refused.is_power_of_two() {
                             warn!(%peer, refused, "admin: connection from an address not allowed (--admin-allow); closed");
                         }
-                        let _ = stream.set_linger(Some(Duration::ZERO));
+                        drop(stream);
                         continue;
                     }
                     let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {

@@ -117,6 +117,7 @@ where
             method: req.method,
             path: req.path,
             host: req.host,
+            headers: &req.headers,
         };
         match authz::decide_request(enforcer, info, &attrs) {
             authz::RequestVerdict::Allow => l7::Verdict::Allow,

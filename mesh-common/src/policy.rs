@@ -220,6 +220,18 @@ pub const POL_FIELD_NOT_PATH: u32 = 4;
 pub const POL_FIELD_HOST: u32 = 5;
 /// Request host, negated.
 pub const POL_FIELD_NOT_HOST: u32 = 6;
+/// A request header (`when` `request.headers[<name>]` values): the pattern string is
+/// `<lowercase name>:<pattern>` (header names have no `:`), also for presence.
+pub const POL_FIELD_HEADER: u32 = 7;
+/// A request header, negated (`notValues`).
+pub const POL_FIELD_NOT_HEADER: u32 = 8;
+/// The low bits of `PolOpValue::field` name the field; the high bits a group: terms of one
+/// (field, group) are alternatives, groups are ANDed. Methods, paths and hosts use group 0;
+/// each `when` condition of a rule has its own group (two conditions on one header must
+/// both hold).
+pub const POL_FIELD_MASK: u32 = 0xffff;
+/// Shift of the group in `PolOpValue::field`.
+pub const POL_FIELD_GROUP_SHIFT: u32 = 16;
 
 /// Exact match.
 pub const POL_MATCH_EXACT: u32 = 1;
@@ -227,8 +239,10 @@ pub const POL_MATCH_EXACT: u32 = 1;
 pub const POL_MATCH_PREFIX: u32 = 2;
 /// Suffix match (`*x`).
 pub const POL_MATCH_SUFFIX: u32 = 3;
-/// Presence (`*`): any non-empty value.
+/// Presence (`*`): any non-empty value (for headers: the header is present).
 pub const POL_MATCH_PRESENCE: u32 = 4;
+/// A path template with `{*}`/`{**}` (Envoy's URI template match, as Istio uses it).
+pub const POL_MATCH_TEMPLATE: u32 = 5;
 
 /// Capacities (`max_entries`) of the policy maps. Two generations coexist during a swap:
 /// one compile may use at most [`budget`] of each.

@@ -19,7 +19,7 @@ use crate::{
     identity::{IdentityError, NodeCredentials},
     policy::{
         check::{self, CheckError, CheckRequest, HttpRequest, PolicySource, RequestSource},
-        compile::{compile, CompileError},
+        compile::{compile_with, CompileError},
         maps::{MapsError, PolicyMaps},
         source::{load_dir, ApplyError, CompileContext, LoadError},
     },
@@ -66,6 +66,10 @@ pub struct CompileArgs {
     /// its certificate's trust domain, unless --trust-domain overrides it.
     #[arg(long, env = "MESH_IDENTITY_DIR")]
     pub identity_dir: Option<PathBuf>,
+    /// A trust domain treated as the mesh's own in principals (Istio's
+    /// `trustDomainAliases`); repeatable, as the agent's `run --trust-domain-alias`.
+    #[arg(long = "trust-domain-alias", value_delimiter = ',')]
+    pub trust_domain_aliases: Vec<String>,
 }
 
 impl CompileArgs {
@@ -301,12 +305,11 @@ fn lint(a: LintArgs) -> Result<(), OperatorError> {
     };
     if let Some(path) = &a.registry {
         let registry = Registry::load_all(path)?;
-        let c = compile(
-            &bundle,
-            &registry,
-            &a.compile.root_namespace,
-            &a.compile.trust_domain()?,
-        )?;
+        let tds = crate::policy::model::TrustDomains::new(
+            a.compile.trust_domain()?,
+            a.compile.trust_domain_aliases.clone(),
+        );
+        let c = compile_with(&bundle, &registry, &a.compile.root_namespace, &tds)?;
         out.l4_entries = Some(c.l4.len());
     }
     let text = format!(
@@ -334,6 +337,7 @@ fn apply(a: ApplyArgs) -> Result<(), OperatorError> {
         registry,
         root_ns: a.compile.root_namespace.clone(),
         trust_domain: trust_domain.clone(),
+        trust_domain_aliases: a.compile.trust_domain_aliases.clone(),
     };
     // Compiled before the maps are touched: a bad directory changes nothing.
     let (bundle, compiled) = ctx.load_and_compile(&a.dir)?;
@@ -379,8 +383,8 @@ struct ShowDestination {
 fn show(a: ShowArgs) -> Result<(), OperatorError> {
     let registry = a.registry.as_deref().map(Registry::load_all).transpose()?;
     let maps = PolicyMaps::open(&a.pin_dir)?;
-    let generation = maps.active_generation()?;
-    let view = maps.read_view(generation)?;
+    let view = maps.read_active_view()?;
+    let generation = view.generation();
     let destinations: Vec<ShowDestination> = view
         .destinations()
         .into_iter()
@@ -435,6 +439,7 @@ mod tests {
     fn args(trust_domain: Option<&str>, identity_dir: Option<PathBuf>) -> CompileArgs {
         CompileArgs {
             root_namespace: DEFAULT_ROOT_NAMESPACE.into(),
+            trust_domain_aliases: Vec::new(),
             trust_domain: trust_domain.map(str::to_owned),
             identity_dir,
         }

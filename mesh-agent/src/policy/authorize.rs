@@ -9,7 +9,7 @@ use std::{net::IpAddr, sync::Arc};
 use tokio::sync::watch;
 use tracing::info;
 
-use super::maps::{Family, L4Decision, L4Verdict, PolicyView, RequestDecision};
+use super::maps::{Family, L4Decision, L4Verdict, PolicyView, RequestDecision, RequestFacts};
 use crate::proxy::authz::{
     Authorizer, ConnInfo, ConnVerdict, Policies, RequestAttrs, RequestVerdict,
 };
@@ -114,13 +114,16 @@ impl Snapshot {
                 decision: None,
             };
         };
-        let r = self.view.decide_request(
+        let r = self.view.decide_request_with(
             set,
             class,
             c.dst.port(),
-            req.method,
-            req.path,
-            req.host.unwrap_or(""),
+            &RequestFacts {
+                method: req.method,
+                path: req.path,
+                host: req.host.unwrap_or(""),
+                headers: req.headers,
+            },
         );
         let verdict = if r.allowed {
             RequestVerdict::Allow
@@ -234,6 +237,7 @@ mod tests {
                 method: "GET",
                 path: "/",
                 host: None,
+                headers: &crate::policy::maps::NoHeaders,
             };
             assert_eq!(s.request(&conn(src, true), &req), RequestVerdict::Allow);
         }

@@ -94,6 +94,8 @@ pub fn compile_view(
         registry,
         root_ns: root_ns.to_owned(),
         trust_domain: trust_domain.to_owned(),
+        // TODO(lead): a `policy check --trust-domain-alias`, as `run`/`apply` have.
+        trust_domain_aliases: Vec::new(),
     };
     let (_, compiled) = ctx.load_and_compile(dir)?;
     PolicyView::from_compiled(CHECK_GENERATION, &compiled)
@@ -103,8 +105,8 @@ pub fn compile_view(
 /// The active generation of the maps pinned in `pin_dir` (a node's live policy).
 pub fn pinned_view(pin_dir: &Path) -> Result<PolicyView, CheckError> {
     let maps = PolicyMaps::open(pin_dir)?;
-    let generation = maps.active_generation()?;
-    Ok(maps.read_view(generation)?)
+    // Never a generation being swapped out (re-checked after the read).
+    Ok(maps.read_active_view()?)
 }
 
 /// Who sends the request.
@@ -623,6 +625,8 @@ pub fn check(
         method,
         path,
         host: host.as_deref(),
+        // `policy check` takes no header fields yet: `when request.headers[...]` sees none.
+        headers: &crate::policy::maps::NoHeaders,
     };
     let r = snapshot.explain_request(&info, &attrs);
     let detail = r.decision.as_ref();

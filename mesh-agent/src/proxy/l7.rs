@@ -69,6 +69,27 @@ pub struct RequestView<'a> {
     /// The authority the pod will route by: an absolute-form target's (HTTP/1.x, it
     /// overrides `Host`), else `Host`; `:authority`, else `host` (h2c).
     pub host: Option<&'a str>,
+    /// The request's header fields (policy `when` `request.headers[...]`).
+    pub headers: HeaderFields<'a>,
+}
+
+/// A request's header fields as parsed, HTTP/1.x or h2c.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeaderFields<'a> {
+    Http1(&'a [httparse::Header<'a>]),
+    H2(&'a http::HeaderMap),
+}
+
+impl crate::policy::maps::RequestHeaders for HeaderFields<'_> {
+    fn for_each_value(&self, name: &str, f: &mut dyn FnMut(&[u8])) {
+        match self {
+            Self::Http1(fields) => fields
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case(name))
+                .for_each(|h| f(h.value)),
+            Self::H2(map) => map.get_all(name).iter().for_each(|v| f(v.as_bytes())),
+        }
+    }
 }
 
 /// The decision on one request.

@@ -262,6 +262,7 @@ fn decide(
         method,
         path,
         host: authority.or(host_header),
+        headers: super::HeaderFields::H2(req.headers()),
     };
     if let Verdict::Deny { .. } = authz.authorize(&view) {
         return Decision::Deny;

@@ -435,7 +435,12 @@ fn parse_request(
 
     // RFC 9112 §3.2.2: the authority of an absolute-form target overrides Host.
     let host = target.authority.or(host);
-    let view = RequestView { method, path, host };
+    let view = RequestView {
+        method,
+        path,
+        host,
+        headers: super::HeaderFields::Http1(req.headers),
+    };
     let allowed = matches!(authz.authorize(&view), Verdict::Allow);
 
     out.clear();

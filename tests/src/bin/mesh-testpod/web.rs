@@ -403,7 +403,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 // Clients
 
 /// One request of a client: `METHOD PATH [HOST] [+body=TEXT] [+chunked=TEXT]
-/// [+header=NAME:VALUE]…`.
+/// [+header=NAME:VALUE]… [+h:NAME=VALUE]…` (both add a header field).
 #[derive(Clone, Debug)]
 pub struct RequestSpec {
     method: String,
@@ -429,6 +429,11 @@ impl std::str::FromStr for RequestSpec {
             headers: Vec::new(),
         };
         for w in words {
+            if let Some(h) = w.strip_prefix("+h:") {
+                let (name, value) = h.split_once('=').ok_or("+h: without '='")?;
+                spec.headers.push((name.to_owned(), value.to_owned()));
+                continue;
+            }
             if let Some(h) = w.strip_prefix("+header=") {
                 let (n, v) = h.split_once(':').ok_or("+header= needs NAME:VALUE")?;
                 spec.headers.push((n.to_owned(), v.to_owned()));
