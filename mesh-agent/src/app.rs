@@ -385,6 +385,10 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
             mesh_common::EVENT_PLAINTEXT_PERMISSIVE => {
                 event_metrics.plaintext(metrics::PlaintextVerdict::Permissive)
             }
+            mesh_common::EVENT_PLAINTEXT_DENIED => {
+                event_metrics.plaintext(metrics::PlaintextVerdict::Denied);
+                event_metrics.policy_denial(metrics::PolicyLayer::L4, metrics::DenialSide::Kernel)
+            }
             mesh_common::EVENT_L4_DENIED => {
                 event_metrics.policy_denial(metrics::PolicyLayer::L4, metrics::DenialSide::Kernel)
             }

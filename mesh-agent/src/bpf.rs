@@ -184,6 +184,11 @@ fn expected_layout(name: &str) -> Option<(u32, u32, u32)> {
             s(size_of::<pol::PolStrValue>()),
             pol::capacity::POL_STRS,
         ),
+        names::MAP_POL_PLAIN => (
+            s(size_of::<pol::PolPlainKey>()),
+            s(size_of::<pol::PolPlainValue>()),
+            pol::capacity::POL_PLAIN,
+        ),
         _ => return None,
     })
 }

@@ -44,6 +44,8 @@ pub enum Outcome {
 pub enum PlaintextVerdict {
     Refused,
     Permissive,
+    /// PERMISSIVE, but refused by authorization policy.
+    Denied,
 }
 
 /// Direction of a proxied connection.
@@ -96,7 +98,7 @@ macro_rules! label_names {
 label_names! {
     Side { Client => "client", Server => "server" }
     Outcome { Ok => "ok", Error => "error" }
-    PlaintextVerdict { Refused => "refused", Permissive => "permissive" }
+    PlaintextVerdict { Refused => "refused", Permissive => "permissive", Denied => "denied" }
     Direction { Outbound => "outbound", Inbound => "inbound" }
     ApplyResult { Ok => "ok", Refused => "refused" }
     PolicyLayer { L4 => "l4", L7 => "l7" }

@@ -40,9 +40,13 @@ pub const MAP_POL_L7: &str = "mesh_pol_l7";
 pub const MAP_POL_OPS: &str = "mesh_pol_ops";
 /// Policy: interned strings (`PolStrKey` → `PolStrValue`).
 pub const MAP_POL_STRS: &str = "mesh_pol_strs";
+/// Policy: source class of plaintext per source prefix (LPM trie, `PolPlainKey` →
+/// `PolPlainValue`).
+pub const MAP_POL_PLAIN: &str = "mesh_pol_plain";
 
 /// The policy maps.
-pub const POLICY_MAPS: [&str; 6] = [
+pub const POLICY_MAPS: [&str; 7] = [
+    MAP_POL_PLAIN,
     MAP_POL_SRC,
     MAP_POL_DST,
     MAP_POL_L4,
@@ -52,7 +56,7 @@ pub const POLICY_MAPS: [&str; 6] = [
 ];
 
 /// Every map the agent pins, in load order.
-pub const ALL_MAPS: [&str; 14] = [
+pub const ALL_MAPS: [&str; 15] = [
     MAP_WORKLOADS,
     MAP_DESTS,
     MAP_CONFIG,
@@ -67,6 +71,7 @@ pub const ALL_MAPS: [&str; 14] = [
     MAP_POL_L7,
     MAP_POL_OPS,
     MAP_POL_STRS,
+    MAP_POL_PLAIN,
 ];
 
 /// Every program the agent attaches.

@@ -246,7 +246,44 @@ pub const POL_MATCH_TEMPLATE: u32 = 5;
 
 /// Capacities (`max_entries`) of the policy maps. Two generations coexist during a swap:
 /// one compile may use at most [`budget`] of each.
+/// Data of a `mesh_pol_plain` key (an LPM trie): the generation, then a source address
+/// (IPv4-mapped for IPv4, network order). The trie's `prefix_len` covers both: 32 bits of
+/// generation plus the address prefix ([`PLAIN_GEN_BITS`]).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PolPlainData {
+    pub gen: u32,
+    pub addr_be: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<PolPlainData>() == 20);
+
+/// A `mesh_pol_plain` key as the kernel lays it out (`bpf_lpm_trie_key`): prefix length in
+/// bits, then the data.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PolPlainKey {
+    pub prefix_len: u32,
+    pub data: PolPlainData,
+}
+const _: () = assert!(core::mem::size_of::<PolPlainKey>() == 24);
+
+/// Bits of a `mesh_pol_plain` prefix taken by the generation.
+pub const PLAIN_GEN_BITS: u32 = 32;
+
+/// Value of `mesh_pol_plain`: the source class of plaintext (no mTLS: no principal, no
+/// namespace) from the addresses under the prefix. Plaintext accepted under PERMISSIVE is
+/// authorized in the kernel with this class: its ipBlocks membership is that of the longest
+/// matching block (prefixes nest or are disjoint), and each family has a default entry.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct PolPlainValue {
+    pub class_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<PolPlainValue>() == 4);
+
 pub mod capacity {
+    /// `mesh_pol_plain`: one entry per distinct ipBlock/`source.ip` block, plus two.
+    pub const POL_PLAIN: u32 = 8_192;
     /// `mesh_pol_src`: one entry per workload of the mesh.
     pub const POL_SRC: u32 = 65_536;
     /// `mesh_pol_dst`: one entry per workload selected by some policy.

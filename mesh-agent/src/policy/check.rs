@@ -334,28 +334,59 @@ pub fn effective_permissive(view: &PolicyView, w: &Workload) -> bool {
     }
 }
 
-/// The decision for plaintext (no mTLS) to `dst`, which the kernel makes at the destination
-/// (`mesh-ebpf/src/ingress.rs`): STRICT drops it; PERMISSIVE lets it reach the pod, flagged,
-/// and today without authorization (issue 9 asks for Istio's: policy evaluated with no
-/// principal and no namespace). `None`: not decided here.
-pub fn plaintext_decision(view: &PolicyView, dst: &Workload) -> Option<(Decision, String)> {
-    if effective_permissive(view, dst) {
-        Some((
-            Decision::Allow,
-            format!(
-                "{} is PERMISSIVE: plaintext reaches the pod without authorization",
-                dst.key()
-            ),
-        ))
-    } else {
-        Some((
+/// The decision for plaintext (no mTLS) from `src_ip` to `dst` port `port`, which the kernel
+/// makes at the destination (`mesh-ebpf/src/ingress.rs`): STRICT drops it; PERMISSIVE
+/// authorizes it as Istio does — no principal, no namespace, the source address against
+/// ipBlocks — with the generation's plaintext classes ([`PolicyView::decide_plaintext`], the
+/// kernel's lookup). Returns the decision, the deciding policy and the reason.
+pub fn plaintext_decision(
+    view: &PolicyView,
+    src_ip: IpAddr,
+    dst: &Workload,
+    port: u16,
+) -> (Decision, Option<String>, String) {
+    if !effective_permissive(view, dst) {
+        return (
             Decision::Deny,
+            None,
             format!(
                 "{} is STRICT: plaintext is dropped by the kernel (PeerAuthentication)",
                 dst.key()
             ),
-        ))
+        );
     }
+    let d = view.decide_plaintext(src_ip, dst.id, port);
+    let policy = d.policy.as_ref().map(|p| p.to_string());
+    let allowed = d.verdict == crate::policy::maps::L4Verdict::Allow;
+    let reason =
+        match (allowed, &policy, d.key, d.needs_request) {
+            (true, _, None, _) => format!(
+                "{} is PERMISSIVE and no policy selects it: plaintext reaches the pod",
+                dst.key()
+            ),
+            (true, Some(p), _, _) => format!("PERMISSIVE; plaintext allowed by {p}"),
+            (true, None, _, _) => "PERMISSIVE; plaintext allowed (no ALLOW policy)".to_owned(),
+            (false, _, _, true) => format!(
+            "PERMISSIVE; deciding plaintext needs the HTTP request, which the kernel cannot see: \
+             refused (fail closed){}",
+            policy.as_deref().map(|p| format!(", {p}")).unwrap_or_default()
+        ),
+            (false, Some(p), _, _) => format!("PERMISSIVE; plaintext denied by {p}"),
+            (false, None, _, _) => {
+                "PERMISSIVE; plaintext has no principal and no namespace, and no ALLOW policy \
+             matches it (implicit deny)"
+                    .to_owned()
+            }
+        };
+    (
+        if allowed {
+            Decision::Allow
+        } else {
+            Decision::Deny
+        },
+        policy,
+        reason,
+    )
 }
 
 fn workload_by_name<'r>(registry: &'r Registry, name: &str) -> Result<&'r Workload, CheckError> {
@@ -536,12 +567,16 @@ pub fn check(
     }
 
     if req.plaintext {
-        if let Some((decision, reason)) = plaintext_decision(&view, dst) {
-            report.decision = decision;
-            report.layer = Layer::PeerAuthentication;
-            report.reason = reason;
-            return Ok(report);
-        }
+        let (decision, policy, reason) = plaintext_decision(&view, src_ip, dst, req.port);
+        report.layer = if effective_permissive(&view, dst) {
+            Layer::L4
+        } else {
+            Layer::PeerAuthentication
+        };
+        report.decision = decision;
+        report.policy = policy;
+        report.reason = reason;
+        return Ok(report);
     }
 
     let src = src.ok_or(CheckError::UnknownAddress {

@@ -37,14 +37,14 @@ use mesh_common::{
     names,
     policy::{
         budget, capacity, PolDstKey, PolDstValue, PolL4Key, PolL4Value, PolL7Key, PolL7Value,
-        PolOpKey, PolOpValue, PolSrcKey, PolSrcValue, PolStrKey, PolStrValue, POL_ACTION_ALLOW,
-        POL_ACTION_AUDIT, POL_ACTION_DENY, POL_ALLOW, POL_DENY, POL_DST_F_PERMISSIVE,
-        POL_FIELD_GROUP_SHIFT, POL_FIELD_HEADER, POL_FIELD_HOST, POL_FIELD_METHOD,
-        POL_FIELD_NOT_HEADER, POL_FIELD_NOT_HOST, POL_FIELD_NOT_METHOD, POL_FIELD_NOT_PATH,
-        POL_FIELD_PATH, POL_F_AUDIT, POL_F_AUDIT_L7, POL_F_DRY_RUN_DENY, POL_F_DRY_RUN_L4_ALLOWED,
-        POL_F_DRY_RUN_L7, POL_F_HAS_ALLOW, POL_F_L4_ALLOWED, POL_L7, POL_L7_F_DRY_RUN,
-        POL_MATCH_EXACT, POL_MATCH_PREFIX, POL_MATCH_PRESENCE, POL_MATCH_SUFFIX,
-        POL_MATCH_TEMPLATE, POL_STR_MAX,
+        PolOpKey, PolOpValue, PolPlainData, PolPlainKey, PolPlainValue, PolSrcKey, PolSrcValue,
+        PolStrKey, PolStrValue, PLAIN_GEN_BITS, POL_ACTION_ALLOW, POL_ACTION_AUDIT,
+        POL_ACTION_DENY, POL_ALLOW, POL_DENY, POL_DST_F_PERMISSIVE, POL_FIELD_GROUP_SHIFT,
+        POL_FIELD_HEADER, POL_FIELD_HOST, POL_FIELD_METHOD, POL_FIELD_NOT_HEADER,
+        POL_FIELD_NOT_HOST, POL_FIELD_NOT_METHOD, POL_FIELD_NOT_PATH, POL_FIELD_PATH, POL_F_AUDIT,
+        POL_F_AUDIT_L7, POL_F_DRY_RUN_DENY, POL_F_DRY_RUN_L4_ALLOWED, POL_F_DRY_RUN_L7,
+        POL_F_HAS_ALLOW, POL_F_L4_ALLOWED, POL_L7, POL_L7_F_DRY_RUN, POL_MATCH_EXACT,
+        POL_MATCH_PREFIX, POL_MATCH_PRESENCE, POL_MATCH_SUFFIX, POL_MATCH_TEMPLATE, POL_STR_MAX,
     },
 };
 
@@ -101,6 +101,9 @@ pub struct CompiledPolicy {
     pub l7: Vec<(PolL7Key, PolL7Value)>,
     pub ops: Vec<(PolOpKey, PolOpValue)>,
     pub strs: Vec<(PolStrKey, PolStrValue)>,
+    /// Source class of plaintext per source prefix (`mesh_pol_plain`), generation 0 in the
+    /// key data.
+    pub plain: Vec<(PolPlainKey, PolPlainValue)>,
     /// AuthorizationPolicies in the bundle.
     pub policies: usize,
     /// Distinct policy sets.
@@ -111,8 +114,9 @@ pub struct CompiledPolicy {
 
 impl CompiledPolicy {
     /// Entry counts per map, named, for logs and capacity checks.
-    pub fn sizes(&self) -> [(&'static str, usize, u32); 6] {
+    pub fn sizes(&self) -> [(&'static str, usize, u32); 7] {
         [
+            (names::MAP_POL_PLAIN, self.plain.len(), capacity::POL_PLAIN),
             (names::MAP_POL_SRC, self.src.len(), capacity::POL_SRC),
             (names::MAP_POL_DST, self.dst.len(), capacity::POL_DST),
             (names::MAP_POL_L4, self.l4.len(), capacity::POL_L4),
@@ -307,6 +311,47 @@ pub fn compile_with(
             },
         ));
     }
+    // Plaintext (accepted under PERMISSIVE): no principal, no namespace; its ipBlocks
+    // membership depends on the source address only. Prefixes nest or are disjoint, so the
+    // longest block containing an address determines its membership in every block (those
+    // that contain that block); an address in no block has none. One class per block and a
+    // default per family, found in the kernel by longest-prefix match.
+    for v4 in [true, false] {
+        let family = match (by_family, v4) {
+            (false, _) => 0,
+            (true, true) => 4,
+            (true, false) => 6,
+        };
+        let mut regions: Vec<Option<IpNet>> = vec![None];
+        regions.extend(
+            c.blocks
+                .iter()
+                .filter(|b| matches!(b.addr.to_canonical(), IpAddr::V4(_)) == v4)
+                .map(|b| Some(*b)),
+        );
+        for region in regions {
+            let key = ClassKey {
+                principal: String::new(),
+                namespace: String::new(),
+                in_block: c
+                    .blocks
+                    .iter()
+                    .map(|b| region.is_some_and(|r| net_within(&r, b)))
+                    .collect(),
+                family,
+            };
+            let next = classes.len() as u32 + 1;
+            let class_id = *classes.entry(key).or_insert(next);
+            let (prefix_len, addr_be) = plain_prefix(region, v4);
+            c.out.plain.push((
+                PolPlainKey {
+                    prefix_len: PLAIN_GEN_BITS + prefix_len,
+                    data: PolPlainData { gen: 0, addr_be },
+                },
+                PolPlainValue { class_id },
+            ));
+        }
+    }
     let mut class_list: Vec<(&ClassKey, u32)> = classes.iter().map(|(k, v)| (k, *v)).collect();
     class_list.sort_by_key(|(_, id)| *id);
     c.out.classes = class_list.len();
@@ -432,6 +477,39 @@ pub fn compile_with(
         }
     }
     Ok(c.out)
+}
+
+/// Whether block `inner` lies within block `outer` (same family, `outer` no longer, and
+/// `outer` contains `inner`'s network address).
+fn net_within(inner: &IpNet, outer: &IpNet) -> bool {
+    let fam = |n: &IpNet| matches!(n.addr.to_canonical(), IpAddr::V4(_));
+    fam(inner) == fam(outer) && outer.prefix <= inner.prefix && outer.contains(inner.addr)
+}
+
+/// The `mesh_pol_plain` prefix (bits of the 128-bit, IPv4-mapped address space) and address
+/// words of `region`; `None` is the family's default: `::ffff:0:0/96` for IPv4, `::/0` for
+/// IPv6 (the longer IPv4 default wins for mapped addresses).
+pub fn plain_prefix(region: Option<IpNet>, v4: bool) -> (u32, [u32; 4]) {
+    let (bits, addr) = match (region, v4) {
+        (None, true) => (96, IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+        (None, false) => (0, IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)),
+        (Some(n), _) => match n.addr.to_canonical() {
+            IpAddr::V4(a) => (96 + u32::from(n.prefix), IpAddr::V4(a)),
+            a => (u32::from(n.prefix), a),
+        },
+    };
+    // The address with its host bits cleared, in the mapped 128-bit space.
+    let v6 = match addr {
+        IpAddr::V4(a) => a.to_ipv6_mapped(),
+        IpAddr::V6(a) => a,
+    };
+    let mask = if bits == 0 {
+        0
+    } else {
+        u128::MAX << (128 - bits)
+    };
+    let masked = std::net::Ipv6Addr::from(u128::from(v6) & mask);
+    (bits, crate::proxy::ip_words(IpAddr::V6(masked)))
 }
 
 /// What an L4 entry is decided for: the source class and the destination's block
@@ -1098,7 +1176,70 @@ pub(crate) mod tests {
         assert_eq!(src(1), src(2));
         assert_ne!(src(1), src(3));
         assert_eq!(src(3), src(4));
-        assert_eq!(c.classes, 3);
+        // Three workload classes and plaintext's (no blocks: one class for both families).
+        assert_eq!(c.classes, 4);
+        assert_eq!(c.plain.len(), 2, "a default per family: {:?}", c.plain);
+    }
+
+    #[test]
+    fn plaintext_classes_follow_the_longest_block() {
+        let from = |nets: &[&str]| Source {
+            ip_blocks: nets
+                .iter()
+                .map(|n| crate::policy::parse::parse_cidr(n).unwrap())
+                .collect(),
+            ..Source::default()
+        };
+        let rule = |nets: &[&str]| {
+            Some(vec![Rule {
+                from: vec![from(nets)],
+                to: vec![],
+                when: vec![],
+            }])
+        };
+        // Allows 10.0.0.0/8 except (a DENY) 10.9.0.0/16, and the IPv6 fd00:7::/32.
+        let allow = policy(
+            "default",
+            "allow-net",
+            Some("b"),
+            Action::Allow,
+            rule(&["10.0.0.0/8", "fd00:7::/32"]),
+        );
+        let deny = policy(
+            "default",
+            "deny-sub",
+            Some("b"),
+            Action::Deny,
+            rule(&["10.9.0.0/16"]),
+        );
+        let r = registry();
+        let c = compile(&bundle(vec![allow, deny]), &r, ROOT, TD).unwrap();
+        let view = crate::policy::maps::PolicyView::from_compiled(1, &c).unwrap();
+        let b2 = r.workloads.iter().find(|w| w.name == "b2").unwrap().id;
+        let decide = |ip: &str| {
+            view.decide_plaintext(ip.parse().unwrap(), b2, 9000).verdict
+                == crate::policy::maps::L4Verdict::Allow
+        };
+        assert!(decide("10.1.2.3"), "inside the allowed block");
+        assert!(!decide("10.9.1.1"), "inside the denied sub-block");
+        assert!(!decide("192.168.1.1"), "outside every block");
+        assert!(
+            !decide("::ffff:10.9.1.1"),
+            "mapped form of a denied address"
+        );
+        assert!(
+            decide("::ffff:10.1.2.3"),
+            "mapped form of an allowed address"
+        );
+        assert!(decide("fd00:7::1"), "IPv6 inside its block");
+        assert!(!decide("fd00:8::1"), "IPv6 outside every block");
+        // A workload no policy selects: plaintext passes.
+        let c1 = r.workloads.iter().find(|w| w.name == "c1").unwrap().id;
+        assert_eq!(
+            view.decide_plaintext("192.168.1.1".parse().unwrap(), c1, 9000)
+                .verdict,
+            crate::policy::maps::L4Verdict::Allow
+        );
     }
 
     #[test]

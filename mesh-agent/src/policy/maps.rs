@@ -35,18 +35,22 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError};
+use aya::maps::{
+    lpm_trie::{Key as LpmKey, LpmTrie},
+    Array, HashMap, Map, MapData, MapError,
+};
 use mesh_common::{
     names,
     policy::{
         PolDstKey, PolDstValue, PolL4Key, PolL4Value, PolL7Key, PolL7Value, PolOpKey, PolOpValue,
-        PolSrcKey, PolSrcValue, PolStrKey, PolStrValue, POL_ACTION_ALLOW, POL_ACTION_AUDIT,
-        POL_ACTION_DENY, POL_ALLOW, POL_DENY, POL_DST_F_PERMISSIVE, POL_FIELD_GROUP_SHIFT,
-        POL_FIELD_HEADER, POL_FIELD_HOST, POL_FIELD_MASK, POL_FIELD_METHOD, POL_FIELD_NOT_HEADER,
-        POL_FIELD_NOT_HOST, POL_FIELD_NOT_METHOD, POL_FIELD_NOT_PATH, POL_FIELD_PATH, POL_F_AUDIT,
-        POL_F_AUDIT_L7, POL_F_DRY_RUN_DENY, POL_F_DRY_RUN_L4_ALLOWED, POL_F_DRY_RUN_L7,
-        POL_F_L4_ALLOWED, POL_L7, POL_L7_F_DRY_RUN, POL_MATCH_EXACT, POL_MATCH_PREFIX,
-        POL_MATCH_PRESENCE, POL_MATCH_SUFFIX, POL_MATCH_TEMPLATE, POL_STR_MAX,
+        PolPlainData, PolPlainKey, PolPlainValue, PolSrcKey, PolSrcValue, PolStrKey, PolStrValue,
+        PLAIN_GEN_BITS, POL_ACTION_ALLOW, POL_ACTION_AUDIT, POL_ACTION_DENY, POL_ALLOW, POL_DENY,
+        POL_DST_F_PERMISSIVE, POL_FIELD_GROUP_SHIFT, POL_FIELD_HEADER, POL_FIELD_HOST,
+        POL_FIELD_MASK, POL_FIELD_METHOD, POL_FIELD_NOT_HEADER, POL_FIELD_NOT_HOST,
+        POL_FIELD_NOT_METHOD, POL_FIELD_NOT_PATH, POL_FIELD_PATH, POL_F_AUDIT, POL_F_AUDIT_L7,
+        POL_F_DRY_RUN_DENY, POL_F_DRY_RUN_L4_ALLOWED, POL_F_DRY_RUN_L7, POL_F_L4_ALLOWED, POL_L7,
+        POL_L7_F_DRY_RUN, POL_MATCH_EXACT, POL_MATCH_PREFIX, POL_MATCH_PRESENCE, POL_MATCH_SUFFIX,
+        POL_MATCH_TEMPLATE, POL_STR_MAX,
     },
     AgentConfig,
 };
@@ -185,6 +189,79 @@ pub struct PolicyMaps {
     l7: GenMap<PolL7Key, PolL7Value>,
     ops: GenMap<PolOpKey, PolOpValue>,
     strs: GenMap<PolStrKey, PolStrValue>,
+    plain: PlainMap,
+}
+
+/// `mesh_pol_plain`, the LPM trie of plaintext source classes (its generation is in the key
+/// data, after the prefix length).
+struct PlainMap {
+    map: LpmTrie<MapData, PolPlainData, PolPlainValue>,
+}
+
+impl PlainMap {
+    const NAME: &'static str = names::MAP_POL_PLAIN;
+
+    fn open(dir: &Path) -> Result<Self, MapsError> {
+        let path = dir.join(Self::NAME);
+        let data = MapData::from_pin(&path).map_err(|source| MapsError::Open {
+            path: path.clone(),
+            source: Box::new(source),
+        })?;
+        let map = LpmTrie::try_from(Map::LpmTrie(data)).map_err(|source| MapsError::Open {
+            path,
+            source: Box::new(source),
+        })?;
+        Ok(Self { map })
+    }
+
+    fn write(
+        &mut self,
+        gen: u32,
+        entries: &[(PolPlainKey, PolPlainValue)],
+    ) -> Result<(), MapsError> {
+        for (k, v) in entries {
+            let mut data = k.data;
+            data.gen = gen;
+            self.map
+                .insert(&LpmKey::new(k.prefix_len, data), v, 0)
+                .map_err(map_err(Self::NAME))?;
+        }
+        Ok(())
+    }
+
+    fn delete_where(&mut self, drop: impl Fn(u32) -> bool) -> Result<usize, MapsError> {
+        let stale: Vec<LpmKey<PolPlainData>> = self
+            .map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| drop(k.data().gen))
+            .collect();
+        for k in &stale {
+            match self.map.remove(k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(Self::NAME)(e)),
+            }
+        }
+        Ok(stale.len())
+    }
+
+    fn read(&self, gen: u32) -> Result<Vec<(PolPlainKey, PolPlainValue)>, MapsError> {
+        let mut out = Vec::new();
+        for item in self.map.iter() {
+            match item {
+                Ok((k, v)) if k.data().gen == gen => out.push((
+                    PolPlainKey {
+                        prefix_len: k.prefix_len(),
+                        data: k.data(),
+                    },
+                    v,
+                )),
+                Ok(_) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(Self::NAME)(e)),
+            }
+        }
+        Ok(out)
+    }
 }
 
 impl PolicyMaps {
@@ -208,6 +285,7 @@ impl PolicyMaps {
             l7: GenMap::open(pin_dir, names::MAP_POL_L7)?,
             ops: GenMap::open(pin_dir, names::MAP_POL_OPS)?,
             strs: GenMap::open(pin_dir, names::MAP_POL_STRS)?,
+            plain: PlainMap::open(pin_dir)?,
         })
     }
 
@@ -264,6 +342,7 @@ impl PolicyMaps {
         self.ops.write(gen, &c.ops)?;
         self.l7.write(gen, &c.l7)?;
         self.l4.write(gen, &c.l4)?;
+        self.plain.write(gen, &c.plain)?;
         self.src.write(gen, &c.src)?;
         self.dst.write(gen, &c.dst)
     }
@@ -274,7 +353,8 @@ impl PolicyMaps {
             + self.l4.delete_where(drop)?
             + self.l7.delete_where(drop)?
             + self.ops.delete_where(drop)?
-            + self.strs.delete_where(drop)?)
+            + self.strs.delete_where(drop)?
+            + self.plain.delete_where(drop)?)
     }
 
     /// Reads the active generation consistently: never a generation that was being deleted
@@ -296,6 +376,7 @@ impl PolicyMaps {
             l7: self.l7.read(gen)?,
             ops: self.ops.read(gen)?,
             strs: self.strs.read(gen)?,
+            plain: self.plain.read(gen)?,
         };
         PolicyView::build(gen, raw)
     }
@@ -351,6 +432,7 @@ pub struct RawGeneration {
     pub l7: Vec<(PolL7Key, PolL7Value)>,
     pub ops: Vec<(PolOpKey, PolOpValue)>,
     pub strs: Vec<(PolStrKey, PolStrValue)>,
+    pub plain: Vec<(PolPlainKey, PolPlainValue)>,
 }
 
 impl From<&CompiledPolicy> for RawGeneration {
@@ -362,6 +444,7 @@ impl From<&CompiledPolicy> for RawGeneration {
             l7: c.l7.clone(),
             ops: c.ops.clone(),
             strs: c.strs.clone(),
+            plain: c.plain.clone(),
         }
     }
 }
@@ -632,6 +715,9 @@ pub struct PolicyView {
     l4: StdHashMap<(u32, u32, u32), L4Entry>,
     strings: StdHashMap<u32, Arc<str>>,
     l4_entries: usize,
+    /// `mesh_pol_plain`: (prefix length in the mapped 128-bit space, address, class), longest
+    /// prefixes first.
+    plain: Vec<(u32, u128, u32)>,
     /// Every decision denies (a generation that could not be read back).
     deny_all: bool,
 }
@@ -716,6 +802,25 @@ impl PolicyView {
             l4_entries: l4.len(),
             l4,
             strings,
+            plain: {
+                let mut plain: Vec<(u32, u128, u32)> = raw
+                    .plain
+                    .iter()
+                    .map(|(k, v)| {
+                        let b = k.data.addr_be;
+                        let bytes: Vec<u8> = b.iter().flat_map(|w| w.to_ne_bytes()).collect();
+                        let mut a = [0u8; 16];
+                        a.copy_from_slice(&bytes);
+                        (
+                            k.prefix_len.saturating_sub(PLAIN_GEN_BITS).min(128),
+                            u128::from_be_bytes(a),
+                            v.class_id,
+                        )
+                    })
+                    .collect();
+                plain.sort_by(|a, b| b.0.cmp(&a.0));
+                plain
+            },
             deny_all: false,
         })
     }
@@ -782,6 +887,76 @@ impl PolicyView {
             Family::V4 => v.class4,
             Family::V6 => v.class6,
         })
+    }
+
+    /// The class of plaintext from `ip`: the longest `mesh_pol_plain` prefix containing it —
+    /// the kernel's lookup.
+    pub fn plain_class(&self, ip: std::net::IpAddr) -> Option<u32> {
+        let v6 = match ip.to_canonical() {
+            std::net::IpAddr::V4(a) => a.to_ipv6_mapped(),
+            std::net::IpAddr::V6(a) => a,
+        };
+        let addr = u128::from(v6);
+        self.plain
+            .iter()
+            .find(|(bits, net, _)| {
+                let mask = if *bits == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - bits)
+                };
+                addr & mask == *net & mask
+            })
+            .map(|(_, _, class)| *class)
+    }
+
+    /// The L4 decision for plaintext (accepted under PERMISSIVE: no principal, no namespace)
+    /// from `src_ip` to `dst_workload` port `port`, as the kernel's ingress program decides
+    /// it: no policy set → allow; the class by longest prefix; its entry's `POL_ALLOW` allows,
+    /// anything else denies — `POL_L7` too, since plaintext cannot reach the agent for the
+    /// request (fail closed); a missing class or entry denies.
+    pub fn decide_plaintext(
+        &self,
+        src_ip: std::net::IpAddr,
+        dst_workload: u32,
+        port: u16,
+    ) -> L4Decision {
+        let deny = |key| L4Decision {
+            verdict: L4Verdict::Deny,
+            policy: None,
+            dry_run_deny: None,
+            audit: None,
+            key,
+            needs_request: false,
+        };
+        if self.deny_all {
+            return deny(None);
+        }
+        let Some(set) = self.dst_set(dst_workload) else {
+            return L4Decision {
+                verdict: L4Verdict::Allow,
+                ..deny(None)
+            };
+        };
+        let Some(class) = self.plain_class(src_ip) else {
+            return deny(None);
+        };
+        let Some(entry) = self.l4_entry(set, class, port) else {
+            return deny(Some((set, class)));
+        };
+        let v = entry.value;
+        L4Decision {
+            verdict: if v.verdict == POL_ALLOW {
+                L4Verdict::Allow
+            } else {
+                L4Verdict::Deny
+            },
+            policy: self.string(v.policy_str),
+            dry_run_deny: None,
+            audit: None,
+            key: Some((set, class)),
+            needs_request: v.verdict == POL_L7,
+        }
     }
 
     /// The entry for (set, class, port), else (set, class, 0) — the kernel's lookup.
