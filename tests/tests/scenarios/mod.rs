@@ -27,6 +27,7 @@ mod malformed_registry_refused;
 mod node_cannot_obtain_certificate_for_other_nodes_workload;
 mod non_mesh_destination_not_redirected;
 mod peer_authentication_strict_vs_permissive;
+mod permissive_plaintext_is_authorized;
 mod plaintext_strict_refused_permissive_flagged;
 mod policy_audit_and_dry_run_do_not_enforce;
 mod policy_change_closes_live_connection_keeps_allowed;
