@@ -1401,7 +1401,13 @@ enum HttpConfig {
     Direct,
     Mesh,
     MeshL7,
+    /// As `MeshL7`, with a request path the agent must normalize (dot segments, a doubled
+    /// slash, an encoded unreserved character) to the same `/bench/echo`.
+    MeshL7Norm,
 }
+
+/// The `MeshL7Norm` request path: normalizes to `/bench/echo`.
+const HTTP_NORM_PATH: &str = "/bench//x/../%65cho";
 
 impl HttpConfig {
     fn name(self) -> &'static str {
@@ -1409,11 +1415,17 @@ impl HttpConfig {
             HttpConfig::Direct => "direct",
             HttpConfig::Mesh => "mesh",
             HttpConfig::MeshL7 => "mesh_l7",
+            HttpConfig::MeshL7Norm => "mesh_l7_norm",
         }
     }
 }
 
-const HTTP_CONFIGS: [HttpConfig; 3] = [HttpConfig::Direct, HttpConfig::Mesh, HttpConfig::MeshL7];
+const HTTP_CONFIGS: [HttpConfig; 4] = [
+    HttpConfig::Direct,
+    HttpConfig::Mesh,
+    HttpConfig::MeshL7,
+    HttpConfig::MeshL7Norm,
+];
 
 const HTTP_METRICS: [Metric; 3] = [
     Metric {
@@ -1503,10 +1515,10 @@ fn http_phase(
                 (HttpConfig::Direct, n, _) if n > 0 => problems.push(format!(
                     "rep {rep} http direct: {n} flow records on n1's agent"
                 )),
-                (HttpConfig::Mesh | HttpConfig::MeshL7, 0, _) => problems.push(format!(
+                (HttpConfig::Mesh | HttpConfig::MeshL7 | HttpConfig::MeshL7Norm, 0, _) => problems.push(format!(
                     "rep {rep} http {name}: no flow record on n1's agent"
                 )),
-                (HttpConfig::MeshL7, _, 0) => problems.push(format!(
+                (HttpConfig::MeshL7 | HttpConfig::MeshL7Norm, _, 0) => problems.push(format!(
                     "rep {rep} http {name}: n2's agent authorised no request (L7 not in the path)"
                 )),
                 (HttpConfig::Mesh, _, n) if n > 0 => problems.push(format!(
@@ -1524,7 +1536,7 @@ impl Bench<'_> {
         let (pod, port) = match config {
             HttpConfig::Direct => (self.cluster.pod("direct"), HTTP_L7_PORT),
             HttpConfig::Mesh => (self.cluster.pod("client"), HTTP_L4_PORT),
-            HttpConfig::MeshL7 => (self.cluster.pod("client"), HTTP_L7_PORT),
+            HttpConfig::MeshL7 | HttpConfig::MeshL7Norm => (self.cluster.pod("client"), HTTP_L7_PORT),
         };
         let flows_before = self.agent_n1.flows().len();
         let inbound_before = self.inbound_records().len();
@@ -1543,6 +1555,9 @@ impl Bench<'_> {
                 "--size",
                 &HTTP_BODY.to_string(),
             ]);
+        if config == HttpConfig::MeshL7Norm {
+            cmd.args(["--path", HTTP_NORM_PATH]);
+        }
         let v = self.run_json(pod, cmd, "http-load", Duration::from_secs_f64(secs + 30.0));
         let get = |k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
         let values = BTreeMap::from([
@@ -1594,7 +1609,7 @@ fn summarize_http(runs: &[HttpRun]) -> Value {
             entry.insert(config.name().into(), json);
         }
         let d = medians[&HttpConfig::Direct];
-        for config in [HttpConfig::Mesh, HttpConfig::MeshL7] {
+        for config in [HttpConfig::Mesh, HttpConfig::MeshL7, HttpConfig::MeshL7Norm] {
             entry.insert(
                 format!("ratio_{}_over_direct", config.name()),
                 finite(medians[&config] / d),
@@ -1613,24 +1628,26 @@ fn print_http_table(summary: &Value, args: &Args, d: &Durations) {
         d.http, args.reps
     );
     println!(
-        "{:<26} {:>10} {:>10} {:>8} {:>10} {:>8}",
-        "metric", "direct", "mesh", "/direct", "mesh+L7", "/direct"
+        "{:<26} {:>10} {:>10} {:>8} {:>10} {:>8} {:>10} {:>8}",
+        "metric", "direct", "mesh", "/direct", "mesh+L7", "/direct", "L7+norm", "/direct"
     );
     for m in &HTTP_METRICS {
         let e = &summary[m.key];
         let num = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:.1}"));
         let ratio = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:.2}"));
         println!(
-            "{:<26} {:>10} {:>10} {:>8} {:>10} {:>8}",
+            "{:<26} {:>10} {:>10} {:>8} {:>10} {:>8} {:>10} {:>8}",
             m.label,
             num(&e["direct"]["median"]),
             num(&e["mesh"]["median"]),
             ratio(&e["ratio_mesh_over_direct"]),
             num(&e["mesh_l7"]["median"]),
             ratio(&e["ratio_mesh_l7_over_direct"]),
+            num(&e["mesh_l7_norm"]["median"]),
+            ratio(&e["ratio_mesh_l7_norm_over_direct"]),
         );
     }
-    println!("  (mesh: a port not declared HTTP, allowed at L4, spliced; mesh+L7: a declared HTTP port with methods/paths rules, every request parsed and authorised by n2's agent)");
+    println!("  (mesh: a port not declared HTTP, allowed at L4, spliced; mesh+L7: a declared HTTP port with methods/paths rules, every request parsed and authorised by n2's agent, path normalization on (the default) — /bench/echo takes its no-copy path; L7+norm: the same with {HTTP_NORM_PATH}, which the agent must normalize and rewrite before matching and forwarding)");
     println!();
 }
 
