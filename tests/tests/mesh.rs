@@ -7,7 +7,7 @@ mod scenarios;
 
 use std::net::SocketAddr;
 
-use mesh_tests::{Agent, ClientResult, Cluster, ClusterBuilder, FlowRecord, Pod, Server};
+use mesh_tests::{Agent, ClientResult, Cluster, ClusterBuilder, FlowRecord, Host, Pod, Server};
 
 /// A cluster builder that runs this build's `mesh-testpod` in pods.
 pub fn cluster() -> ClusterBuilder {
@@ -109,6 +109,35 @@ pub fn assert_direct(server: &Server, dst_name: &str, result: &ClientResult) {
         "server {dst_name} did not see the client's own address {local} as peer (redirected?): accepted {:?}",
         server.accepted()
     );
+}
+
+/// Connects from `src` to `dst` (a mesh destination) while no agent listens on its node and
+/// asserts the kernel still captured it: refused at once (ECONNREFUSED from the agent's
+/// address, under 100 ms), nothing reached the destination. Returns the result.
+#[track_caller]
+pub fn expect_refused(src: &Pod, dst: SocketAddr, payload: &str) -> ClientResult {
+    let run = src.client(
+        &mesh_tests::ClientRequest::new(dst)
+            .send(payload)
+            .io_timeout(std::time::Duration::from_secs(2)),
+    );
+    let r = run
+        .results
+        .first()
+        .cloned()
+        .unwrap_or_else(|| panic!("{} → {dst}: no result: {:?}", src.name(), run.output));
+    assert!(
+        r.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("Connection refused"),
+        "{} → {dst}: with no agent a captured connect must be refused, got {r:?}",
+        src.name()
+    );
+    let us = r.connect_us.expect("client reports connect time");
+    assert!(us < 100_000, "{} → {dst}: refusal took {us} µs", src.name());
+    assert!(r.hello.is_none(), "reached the destination: {r:?}");
+    r
 }
 
 /// Asserts that no agent logged a flow from `result`'s client socket.

@@ -913,50 +913,15 @@ impl PolicyView {
     /// The L4 decision for plaintext (accepted under PERMISSIVE: no principal, no namespace)
     /// from `src_ip` to `dst_workload` port `port`, as the kernel's ingress program decides
     /// it: no policy set → allow; the class by longest prefix; its entry's `POL_ALLOW` allows,
-    /// anything else denies — `POL_L7` too, since plaintext cannot reach the agent for the
-    /// request (fail closed); a missing class or entry denies.
+    /// anything else denies — `POL_L7` too (`needs_request` says so), since plaintext cannot
+    /// reach the agent for the request (fail closed); a missing class or entry denies.
     pub fn decide_plaintext(
         &self,
         src_ip: std::net::IpAddr,
         dst_workload: u32,
         port: u16,
     ) -> L4Decision {
-        let deny = |key| L4Decision {
-            verdict: L4Verdict::Deny,
-            policy: None,
-            dry_run_deny: None,
-            audit: None,
-            key,
-            needs_request: false,
-        };
-        if self.deny_all {
-            return deny(None);
-        }
-        let Some(set) = self.dst_set(dst_workload) else {
-            return L4Decision {
-                verdict: L4Verdict::Allow,
-                ..deny(None)
-            };
-        };
-        let Some(class) = self.plain_class(src_ip) else {
-            return deny(None);
-        };
-        let Some(entry) = self.l4_entry(set, class, port) else {
-            return deny(Some((set, class)));
-        };
-        let v = entry.value;
-        L4Decision {
-            verdict: if v.verdict == POL_ALLOW {
-                L4Verdict::Allow
-            } else {
-                L4Verdict::Deny
-            },
-            policy: self.string(v.policy_str),
-            dry_run_deny: None,
-            audit: None,
-            key: Some((set, class)),
-            needs_request: v.verdict == POL_L7,
-        }
+        self.decide_class(dst_workload, || self.plain_class(src_ip), port, true)
     }
 
     /// The entry for (set, class, port), else (set, class, 0) — the kernel's lookup.
@@ -976,6 +941,24 @@ impl PolicyView {
         family: Family,
         port: u16,
     ) -> L4Decision {
+        self.decide_class(
+            dst_workload,
+            || self.src_class(src_workload, family),
+            port,
+            false,
+        )
+    }
+
+    /// The kernel's L4 lookup for a source of class `class()` (looked up only when a policy
+    /// set selects the destination). `plaintext`: only `POL_ALLOW` allows, no dry run or
+    /// audit (the ingress program's reading); else the connect program's.
+    fn decide_class(
+        &self,
+        dst_workload: u32,
+        class: impl FnOnce() -> Option<u32>,
+        port: u16,
+        plaintext: bool,
+    ) -> L4Decision {
         let deny = |key| L4Decision {
             verdict: L4Verdict::Deny,
             policy: None,
@@ -993,7 +976,7 @@ impl PolicyView {
                 ..deny(None)
             };
         };
-        let Some(class) = self.src_class(src_workload, family) else {
+        let Some(class) = class() else {
             return deny(None);
         };
         let Some(entry) = self.l4_entry(set, class, port) else {
@@ -1002,9 +985,18 @@ impl PolicyView {
         let v = entry.value;
         let verdict = match v.verdict {
             POL_ALLOW => L4Verdict::Allow,
-            POL_L7 => L4Verdict::PerRequest,
+            POL_L7 if !plaintext => L4Verdict::PerRequest,
             _ => L4Verdict::Deny,
         };
+        if plaintext {
+            return L4Decision {
+                verdict,
+                policy: self.string(v.policy_str),
+                key: Some((set, class)),
+                needs_request: v.verdict == POL_L7,
+                ..deny(None)
+            };
+        }
         let allowed = verdict != L4Verdict::Deny;
         L4Decision {
             verdict,

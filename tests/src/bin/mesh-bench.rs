@@ -1515,9 +1515,10 @@ fn http_phase(
                 (HttpConfig::Direct, n, _) if n > 0 => problems.push(format!(
                     "rep {rep} http direct: {n} flow records on n1's agent"
                 )),
-                (HttpConfig::Mesh | HttpConfig::MeshL7 | HttpConfig::MeshL7Norm, 0, _) => problems.push(format!(
-                    "rep {rep} http {name}: no flow record on n1's agent"
-                )),
+                (HttpConfig::Mesh | HttpConfig::MeshL7 | HttpConfig::MeshL7Norm, 0, _) => problems
+                    .push(format!(
+                        "rep {rep} http {name}: no flow record on n1's agent"
+                    )),
                 (HttpConfig::MeshL7 | HttpConfig::MeshL7Norm, _, 0) => problems.push(format!(
                     "rep {rep} http {name}: n2's agent authorised no request (L7 not in the path)"
                 )),
@@ -1536,7 +1537,9 @@ impl Bench<'_> {
         let (pod, port) = match config {
             HttpConfig::Direct => (self.cluster.pod("direct"), HTTP_L7_PORT),
             HttpConfig::Mesh => (self.cluster.pod("client"), HTTP_L4_PORT),
-            HttpConfig::MeshL7 | HttpConfig::MeshL7Norm => (self.cluster.pod("client"), HTTP_L7_PORT),
+            HttpConfig::MeshL7 | HttpConfig::MeshL7Norm => {
+                (self.cluster.pod("client"), HTTP_L7_PORT)
+            }
         };
         let flows_before = self.agent_n1.flows().len();
         let inbound_before = self.inbound_records().len();

@@ -12,7 +12,7 @@ use std::{
 use mesh_common::names;
 use mesh_tests::{agent::list_pins, require_privileges, ClientRequest, Host};
 
-use crate::{assert_via_agent, cluster};
+use crate::{assert_via_agent, cluster, expect_refused};
 
 fn link_ids(node: &mesh_tests::Node) -> BTreeSet<u64> {
     node.attached_links()
@@ -67,22 +67,7 @@ fn agent_restart_adopts_pins() {
             "programs changed after SIGKILL"
         );
         assert_eq!(link_ids(node), links, "links changed after SIGKILL");
-        let r = a1
-            .client(
-                &ClientRequest::new(a2.addr4(8080))
-                    .send("agent down")
-                    .io_timeout(Duration::from_secs(2)),
-            )
-            .results[0]
-            .clone();
-        assert!(
-            r.hello.is_none()
-                && r.error
-                    .as_deref()
-                    .unwrap_or("")
-                    .contains("Connection refused"),
-            "with the agent dead a captured connect must be refused: {r:?}"
-        );
+        expect_refused(a1, a2.addr4(8080), "agent down");
 
         agent.restart();
         let ready = Instant::now();

@@ -13,35 +13,11 @@ use std::time::Duration;
 
 use mesh_tests::{
     capture::{self, Capture},
-    require_privileges, ClientRequest, Host, Pod,
+    require_privileges, ClientRequest, Host,
 };
 
 use super::policy_common::{authz, expect_denied, principal};
-use crate::{assert_via_agent, cluster};
-
-/// An ECONNREFUSED within 100 ms, nothing exchanged.
-#[track_caller]
-fn expect_refused_fast(src: &Pod, dst: std::net::SocketAddr, payload: &str) {
-    let run = src.client(
-        &ClientRequest::new(dst)
-            .send(payload)
-            .io_timeout(Duration::from_secs(2)),
-    );
-    let r = run
-        .results
-        .first()
-        .cloned()
-        .unwrap_or_else(|| panic!("{} → {dst}: no result: {:?}", src.name(), run.output));
-    let err = r.error.clone().unwrap_or_default();
-    assert!(
-        err.contains("Connection refused"),
-        "{} → {dst}: expected ECONNREFUSED with no agent, got {r:?}",
-        src.name()
-    );
-    let us = r.connect_us.expect("client reports connect time");
-    assert!(us < 100_000, "{} → {dst}: refusal took {us} µs", src.name());
-    assert!(r.hello.is_none(), "reached the destination: {r:?}");
-}
+use crate::{assert_via_agent, cluster, expect_refused};
 
 #[test]
 fn agent_sigkill_keeps_mesh_closed() {
@@ -120,7 +96,7 @@ fn agent_sigkill_keeps_mesh_closed() {
             b2.addr4(8080),
             a2.addr6(8080),
         ] {
-            expect_refused_fast(a1, dst, &dead_marker);
+            expect_refused(a1, dst, &dead_marker);
         }
         expect_denied(a1, a2.addr4(9090));
         // Plaintext from outside the mesh to the STRICT pod of the dead agent's node.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use mesh_tests::{assert_eventually, bpftool, require_privileges, ClientRequest, Host};
 
-use crate::{assert_direct, assert_via_agent, cluster};
+use crate::{assert_direct, assert_via_agent, cluster, expect_refused};
 
 #[test]
 fn uninstall_leaves_nothing() {
@@ -35,22 +35,7 @@ fn uninstall_leaves_nothing() {
     assert!(node.pin_dir().is_dir(), "SIGTERM removed the pins");
     let still: Vec<u32> = node.attached_progs().iter().map(|p| p.id).collect();
     assert_eq!(still, ours, "SIGTERM detached programs");
-    let r = a1
-        .client(
-            &ClientRequest::new(a2.addr4(8080))
-                .send("closed")
-                .io_timeout(Duration::from_secs(2)),
-        )
-        .results[0]
-        .clone();
-    assert!(
-        r.hello.is_none()
-            && r.error
-                .as_deref()
-                .unwrap_or("")
-                .contains("Connection refused"),
-        "after SIGTERM the mesh must stay closed: {r:?}"
-    );
+    expect_refused(a1, a2.addr4(8080), "closed");
 
     // A stray file among the pins must not block the uninstall.
     std::fs::create_dir_all(node.pin_dir()).unwrap();
