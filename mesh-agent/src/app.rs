@@ -72,6 +72,8 @@ pub struct AgentOptions {
     pub policy_dir: Option<PathBuf>,
     /// The mesh-wide policy namespace (`istio-system`).
     pub root_namespace: String,
+    /// Connection budget, per-source caps, request-head bounds (`proxy::limits`).
+    pub limits: crate::proxy::limits::LimitOptions,
 }
 
 /// What the proxies need of policy: the active generation's view, replaced on every swap
@@ -129,6 +131,8 @@ pub enum AppError {
     Identity(#[source] Box<IdentityError>),
     #[error("policy maps: {0}")]
     PolicyMaps(#[from] MapsError),
+    #[error(transparent)]
+    Limits(#[from] crate::proxy::limits::LimitsError),
 }
 
 impl AppError {
@@ -144,6 +148,7 @@ impl AppError {
                 | Self::CredentialsNode { .. }
                 | Self::UnknownNode { .. }
                 | Self::CertLifetime { .. }
+                | Self::Limits(_)
         )
     }
 }
@@ -222,6 +227,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
         "configuration"
     );
     let mut signals = Signals::new()?;
+    // Raise RLIMIT_NOFILE and size the connection budget from it, before binding.
+    let conn_limits = crate::proxy::limits::init(&opts.limits)?;
 
     // 2. Bind (a port conflict must fail before anything is attached).
     let mut listeners = vec![bind(SocketAddr::V4(outbound4))?];
@@ -351,6 +358,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
         metrics: Arc::clone(&metrics),
         policies: policies.clone(),
         source,
+        admission: crate::proxy::limits::Admission::new(conn_limits, Arc::clone(&metrics)),
     };
     let outbound = Outbound::new(
         listeners,

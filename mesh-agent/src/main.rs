@@ -86,6 +86,8 @@ struct RunArgs {
     /// The mesh-wide policy namespace: its policies apply to every workload.
     #[arg(long, env = "MESH_ROOT_NAMESPACE", default_value = mesh_agent::operator::policy::DEFAULT_ROOT_NAMESPACE)]
     root_namespace: String,
+    #[command(flatten)]
+    limits: mesh_agent::proxy::limits::LimitOptions,
 }
 
 fn init_tracing(format: LogFormat) {
@@ -125,6 +127,7 @@ fn main() -> ExitCode {
                 cert_lifetime: Duration::from_secs(args.cert_lifetime_secs),
                 policy_dir: args.policy_dir,
                 root_namespace: args.root_namespace,
+                limits: args.limits,
             };
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

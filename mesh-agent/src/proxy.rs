@@ -13,6 +13,7 @@ pub mod authz;
 pub mod hbone;
 pub mod inbound;
 pub mod l7;
+pub mod limits;
 pub mod outbound;
 pub mod pool;
 
@@ -58,6 +59,8 @@ pub struct ProxyDeps {
     pub metrics: Arc<crate::metrics::Metrics>,
     pub policies: authz::Policies,
     pub source: SourceAddrs,
+    /// The connection budget, per-source caps and request-head bounds of both proxies.
+    pub admission: Arc<limits::Admission>,
 }
 
 /// Where the agent's own upstream sockets come from: the node addresses that the kernel's
@@ -104,6 +107,7 @@ pub(crate) async fn l7_serve<S>(
     enforcer: authz::Enforcer<'_>,
     info: &authz::ConnInfo,
     conn_id: u64,
+    limits: l7::L7Limits,
 ) -> L7Outcome
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
@@ -126,7 +130,6 @@ where
             .await
             .map_err(std::io::Error::other)
     };
-    let limits = l7::L7Limits::default();
     let mut stats = l7::L7Stats::default();
     let work = l7::serve_with_stats(client, connect, &decide, &limits, &mut stats);
     let outcome = match authz::supervise(enforcer.policies.clone(), info, conn_id, work).await {
@@ -140,6 +143,20 @@ where
         bytes_in: stats.bytes_in,
         bytes_out: stats.bytes_out,
         outcome,
+    }
+}
+
+/// The L7 bounds of a connection from `source` seen by `proxy`: the request-head timeout, and
+/// its incomplete heads counted against the source's cap.
+pub(crate) fn l7_limits(
+    admission: &Arc<limits::Admission>,
+    proxy: crate::metrics::Direction,
+    source: IpAddr,
+) -> l7::L7Limits {
+    l7::L7Limits {
+        header_timeout: admission.limits().head_timeout,
+        head_gate: Some(admission.head_gate(proxy, source)),
+        ..l7::L7Limits::default()
     }
 }
 

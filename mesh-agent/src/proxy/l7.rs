@@ -104,6 +104,24 @@ pub struct L7Limits {
     pub max_discard_bytes: u64,
     /// h2c streams open at once from the client. Default 100.
     pub max_concurrent_streams: u32,
+    /// Where this connection's incomplete request heads are counted against its source's cap
+    /// ([`super::limits`]): from the first byte to protocol detection, and from a request's
+    /// first byte to the end of its head (HTTP/1.x). Default none (uncounted).
+    pub head_gate: Option<super::limits::HeadGate>,
+}
+
+impl L7Limits {
+    /// One of the source's incomplete heads, held until the guard is dropped; nothing when
+    /// uncounted.
+    pub(crate) fn enter_head(&self) -> Result<Option<super::limits::Guard>, L7Error> {
+        self.head_gate
+            .as_ref()
+            .map(|g| {
+                g.enter()
+                    .map_err(|r| L7Error::PendingHeads { limit: r.limit })
+            })
+            .transpose()
+    }
 }
 
 impl Default for L7Limits {
@@ -115,6 +133,7 @@ impl Default for L7Limits {
             idle_timeout: Duration::from_secs(60),
             max_discard_bytes: 1024 * 1024,
             max_concurrent_streams: 100,
+            head_gate: None,
         }
     }
 }
@@ -183,6 +202,10 @@ pub enum L7Error {
     /// Answered `400`.
     #[error("bad request: {detail}")]
     BadRequest { detail: &'static str },
+    /// The source has too many incomplete request heads: answered `429` when the request
+    /// line was read, otherwise closed.
+    #[error("too many incomplete request heads from this source (limit {limit})")]
+    PendingHeads { limit: usize },
     /// Answered `408` when part of a head had arrived.
     #[error("request head not complete within {after:?}")]
     HeaderTimeout { after: Duration },
@@ -259,10 +282,12 @@ where
         counters: Arc::clone(&counters),
     };
     let result = async {
+        let head = limits.enter_head()?;
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         let Some(protocol) = detect(&mut io, &mut buf, limits).await? else {
             return Ok(());
         };
+        drop(head);
         stats.protocol = protocol;
         match protocol {
             Protocol::Http1 => http1::serve(io, buf, connect_upstream, authz, limits, stats).await,

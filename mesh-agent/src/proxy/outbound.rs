@@ -32,7 +32,9 @@ use tracing::{debug, info, warn};
 
 use super::{
     authz::{self, ConnInfo, ConnVerdict, Policies, Supervised},
-    conn_key, connect_from, hbone, orig_dst_addr,
+    conn_key, connect_from, hbone,
+    limits::{self, Accepted, Admission, Guard, SourceKey},
+    orig_dst_addr,
     pool::{Pool, PoolError},
     ConnectError, Identities, ProxyDeps, SourceAddrs,
 };
@@ -95,6 +97,7 @@ struct Ctx {
     policies: Policies,
     cfg: OutboundConfig,
     next_id: AtomicU64,
+    admission: Arc<Admission>,
 }
 
 /// How a connection was carried.
@@ -163,6 +166,7 @@ impl Outbound {
             metrics,
             policies,
             source,
+            admission,
         } = deps;
         let identities_by_id = registry
             .workloads
@@ -188,6 +192,7 @@ impl Outbound {
                 policies,
                 cfg,
                 next_id: AtomicU64::new(1),
+                admission,
             }),
         }
     }
@@ -196,22 +201,20 @@ impl Outbound {
     /// connections for up to `drain_timeout`.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut accepts = JoinSet::new();
-        let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel::<(TcpStream, SocketAddr)>(1024);
+        let (conn_tx, mut conn_rx) =
+            tokio::sync::mpsc::channel::<(TcpStream, SocketAddr, Guard)>(1024);
         for listener in self.listeners {
             let tx = conn_tx.clone();
+            let ctx = Arc::clone(&self.ctx);
             accepts.spawn(async move {
                 loop {
-                    match listener.accept().await {
-                        Ok(pair) => {
-                            if tx.send(pair).await.is_err() {
+                    match limits::accept(&listener, &ctx.admission, Direction::Outbound).await {
+                        Accepted::Admitted(stream, peer, slot) => {
+                            if tx.send((stream, peer, slot)).await.is_err() {
                                 return;
                             }
                         }
-                        Err(e) => {
-                            // EMFILE and friends: back off instead of spinning.
-                            warn!(error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
+                        Accepted::Refused(stream, peer) => ctx.refuse(stream, peer),
                     }
                 }
             });
@@ -238,9 +241,9 @@ impl Outbound {
                     self.ctx.pool.sweep(&self.ctx.identities.trust());
                 }
                 next = conn_rx.recv() => match next {
-                    Some((stream, peer)) => {
+                    Some((stream, peer, slot)) => {
                         let ctx = Arc::clone(&self.ctx);
-                        flows.spawn(async move { ctx.handle(stream, peer).await });
+                        flows.spawn(async move { ctx.handle(stream, peer, slot).await });
                     }
                     None => break,
                 },
@@ -262,7 +265,18 @@ impl Outbound {
 }
 
 impl Ctx {
-    async fn handle(&self, mut client: TcpStream, peer: SocketAddr) {
+    /// A connection refused by the limits (already counted and logged): its kernel record is
+    /// dropped and it is reset.
+    fn refuse(&self, client: TcpStream, peer: SocketAddr) {
+        if let Ok(local) = client.local_addr() {
+            let _ = self
+                .dataplane
+                .take_orig_dst(&conn_key(canonical(peer), canonical(local)));
+        }
+        limits::reset(client);
+    }
+
+    async fn handle(&self, mut client: TcpStream, peer: SocketAddr, _slot: Guard) {
         let conn_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let local = match client.local_addr() {
@@ -279,6 +293,14 @@ impl Ctx {
             // rather than guess where it was going.
             log_refused(conn_id, peer, &FlowError::NoOrigDst);
             let _ = client.shutdown().await;
+            return;
+        };
+        let source = SourceKey::Workload(orig.src_workload_id);
+        let Ok(_source_slot) = self
+            .admission
+            .admit_source(Direction::Outbound, source, peer)
+        else {
+            limits::reset(client);
             return;
         };
         let dst = orig_dst_addr(&orig);
@@ -374,14 +396,18 @@ impl Ctx {
         match authz::decide(enforcer, &info) {
             ConnVerdict::Allow => {}
             ConnVerdict::PerRequest if info.http => {
-                let out = super::l7_serve(
+                let source = src_addr.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |a| a.ip());
+                let limits = super::l7_limits(&self.admission, Direction::Outbound, source);
+                // Boxed: the L7 state is large, and only L7 connections should pay for it.
+                let out = Box::pin(super::l7_serve(
                     client,
                     &self.view.source,
                     self.cfg.connect_timeout,
                     enforcer,
                     &info,
                     conn_id,
-                )
+                    limits,
+                ))
                 .await;
                 return if out.outcome == "ok" {
                     Ok((out.bytes_in, out.bytes_out))
