@@ -606,7 +606,7 @@ mod tests {
         m.policy_denial(PolicyLayer::L7, DenialSide::Local);
         m.connection_refused(Direction::Outbound, RefusalReason::Cap);
         m.connection_refused(Direction::Inbound, RefusalReason::PendingHeads);
-        m.set_connection_limit(416);
+        m.set_connection_limit(832);
         let text = m.render();
         for needle in [
             r#"mesh_tls_handshakes_total{side="server",result="ok"} 1"#,
@@ -623,7 +623,7 @@ mod tests {
             r#"mesh_policy_denials_total{layer="l7",side="local"} 1"#,
             r#"mesh_connections_refused_total{proxy="outbound",reason="cap"} 1"#,
             r#"mesh_connections_refused_total{proxy="inbound",reason="pending_heads"} 1"#,
-            "mesh_connections_limit 416",
+            "mesh_connections_limit 832",
         ] {
             assert!(text.contains(needle), "missing {needle} in:\n{text}");
         }

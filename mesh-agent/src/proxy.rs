@@ -10,6 +10,7 @@
 //! - [`l7`] enforces authorization per HTTP request on ports declared HTTP.
 
 pub mod authz;
+pub mod copy;
 pub mod hbone;
 pub mod inbound;
 pub mod l7;

@@ -148,6 +148,60 @@ impl Place {
         server
     }
 
+    /// Starts `mesh-testpod serve-many` (one thread, for tens of thousands of connections) on
+    /// this place's IPv4 address and `port`, and waits until it is bound. Greets and echoes
+    /// like [`Place::serve`], without a log line per connection.
+    #[track_caller]
+    pub fn serve_many(&self, port: u16) -> Server {
+        let listen = SocketAddr::new(IpAddr::V4(self.ip4), port);
+        let mut cmd = Command::new(&self.ctx.testpod);
+        cmd.arg("serve-many")
+            .arg("--name")
+            .arg(&self.name)
+            .arg("--listen")
+            .arg(listen.to_string());
+        let proc = self.spawn(cmd, "serve-many");
+        let mut server = Server {
+            proc,
+            listens: vec![listen],
+        };
+        let ok = crate::poll::eventually(crate::poll::DEFAULT_TIMEOUT, || {
+            if !server.proc.is_running() {
+                return Some(false);
+            }
+            (!server.events("listening").is_empty()).then_some(true)
+        });
+        if ok != Some(true) {
+            panic!(
+                "server {} did not bind {listen} (exited or timed out)\nstderr:\n{}",
+                self.name,
+                server.proc.stderr()
+            );
+        }
+        server
+    }
+
+    /// Starts `mesh-testpod hold-many` here: `count` connections to `connect`, `concurrency`
+    /// at a time, a line exchanged on each, then held until the guard is closed or dropped.
+    #[track_caller]
+    pub fn hold_many(
+        &self,
+        connect: SocketAddr,
+        count: usize,
+        concurrency: usize,
+    ) -> testpod::HeldMany {
+        let mut cmd = Command::new(&self.ctx.testpod);
+        cmd.arg("hold-many")
+            .arg("--connect")
+            .arg(connect.to_string())
+            .arg("--count")
+            .arg(count.to_string())
+            .arg("--concurrency")
+            .arg(concurrency.to_string());
+        let proc = self.spawn(cmd, &format!("hold-many-{connect}"));
+        testpod::HeldMany { proc }
+    }
+
     /// Starts `mesh-testpod http-serve` (HTTP/1.1 and h2c) on this place's IPv4 and IPv6
     /// addresses, on each of `ports`, and waits until every listener is bound. Every request
     /// is answered `200` with body `<name> <METHOD> <path> host=<host>[ body=<n>]`.
@@ -304,6 +358,19 @@ pub trait Host {
     #[track_caller]
     fn hold(&self, connect: SocketAddr, max_hold: Duration) -> testpod::HeldConnection {
         self.place().hold(connect, max_hold)
+    }
+    #[track_caller]
+    fn serve_many(&self, port: u16) -> Server {
+        self.place().serve_many(port)
+    }
+    #[track_caller]
+    fn hold_many(
+        &self,
+        connect: SocketAddr,
+        count: usize,
+        concurrency: usize,
+    ) -> testpod::HeldMany {
+        self.place().hold_many(connect, count, concurrency)
     }
     #[track_caller]
     fn serve_http(&self, ports: &[u16]) -> Server {
@@ -941,6 +1008,7 @@ impl Cluster {
             log_dir: self.tmp.path().to_owned(),
             policy_dir: None,
             extra_args: Vec::new(),
+            nofile: None,
         }
     }
 

@@ -211,3 +211,40 @@ mod tests {
         assert_eq!(unescape_mount_path("/end\\04"), PathBuf::from("/end\\04"));
     }
 }
+
+/// The resident set size of process `pid` now, in KiB (`VmRSS`; 0 if unreadable).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Raises this process's `RLIMIT_NOFILE` to at least `want` (soft and hard; root may raise the
+/// hard limit), for tests whose pods hold many connections. Returns the soft limit now.
+pub fn raise_nofile(want: u64) -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < want {
+            let new = libc::rlimit {
+                rlim_cur: want,
+                rlim_max: lim.rlim_max.max(want),
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &new) == 0 {
+                return want;
+            }
+        }
+    }
+    lim.rlim_cur
+}

@@ -394,7 +394,7 @@ impl Ctx {
             return self.refuse(connect.respond, peer, peer_id, conn_id, why);
         }
         let _active = self.metrics.active(Direction::Inbound);
-        let upstream = match connect_from(&self.source, dst, self.cfg.connect_timeout).await {
+        let mut upstream = match connect_from(&self.source, dst, self.cfg.connect_timeout).await {
             Ok(s) => s,
             Err(e) => {
                 self.metrics.hbone_stream(Side::Server, Outcome::Error);
@@ -416,7 +416,7 @@ impl Ctx {
             self.policies.clone(),
             &info,
             conn_id,
-            hbone::pump(upstream, tunnel),
+            hbone::pump(&mut upstream, tunnel),
         )
         .await
         {

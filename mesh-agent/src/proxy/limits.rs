@@ -3,13 +3,16 @@
 //!
 //! - At start the agent raises its `RLIMIT_NOFILE` soft limit to the hard limit
 //!   ([`raise_nofile_limit`]) and derives the connection budget from the effective limit
-//!   ([`default_max_connections`]): each proxied connection costs about two descriptors (the
-//!   accepted socket and the upstream one, or its share of a pooled HBONE connection), and a
-//!   reserve is kept for the listeners, the admin port, the BPF maps and programs, the TLS
-//!   connection to the authority and the log.
-//! - [`Admission`] hands out RAII [`Guard`]s: one *slot* per proxied connection (outbound
-//!   accepted connections, inbound HBONE connections and HBONE tunnels, all from one budget),
-//!   one per connection of a *source* (outbound: the source workload; inbound: the peer agent
+//!   ([`default_max_connections`]). The budget counts the TCP connections (descriptors) the
+//!   proxies hold for traffic: a connection the outbound proxy accepted, the upstream
+//!   connection it opens to a pod on the same node, an HBONE connection the inbound proxy
+//!   accepted, and the pod connection of each inbound tunnel. So a proxied connection costs
+//!   two slots when both ends are on one node, one on each agent when it crosses nodes. The
+//!   rest of the limit is a reserve for the listeners, the admin port, the BPF maps and
+//!   programs, the TLS connection to the authority, the log, and the outbound pool's HBONE
+//!   connections (one per 100 tunnels of an identity pair and node).
+//! - [`Admission`] hands out RAII [`Guard`]s: one *slot* per TCP connection of that budget
+//!   (both proxies draw from it), one per connection of a *source* (outbound: the source workload; inbound: the peer agent
 //!   address for HBONE connections, the verified source address for tunnels), and one per
 //!   *incomplete request head* of a source address on L7 ports. Dropping the guard gives the
 //!   unit back. Past a cap nothing waits: the caller refuses at once (a TCP reset, an HBONE
@@ -42,12 +45,9 @@ use crate::metrics::{Direction, Metrics, RefusalReason};
 /// Descriptors kept out of the connection budget whatever the limit: listeners, admin
 /// connections, maps and programs, the authority connection, the log, the spare descriptor.
 pub const FD_RESERVE_BASE: u64 = 128;
-/// Besides [`FD_RESERVE_BASE`], this fraction (1/n) of the limit is kept in reserve too: pooled
-/// HBONE connections, connections being refused, policy reloads.
+/// Besides [`FD_RESERVE_BASE`], this fraction (1/n) of the limit is kept in reserve too: the
+/// outbound pool's HBONE connections, connections being refused, policy reloads.
 pub const FD_RESERVE_DIVISOR: u64 = 16;
-/// Descriptors one proxied connection costs at most: the accepted socket and the upstream
-/// socket (or its share of a pooled HBONE connection).
-pub const FDS_PER_CONNECTION: u64 = 2;
 /// The smallest connection budget derived from a (tiny) limit.
 pub const MIN_DERIVED_CONNECTIONS: usize = 16;
 /// Default cap on incomplete request heads per source address.
@@ -81,11 +81,13 @@ pub enum LimitsError {
 /// The limit flags of `mesh-agent run`.
 #[derive(clap::Args, Clone, Debug, PartialEq, Eq)]
 pub struct LimitOptions {
-    /// Proxied connections served at once, both proxies together: connections accepted by the
-    /// outbound proxy, and HBONE connections and tunnels accepted by the inbound one. Past it
-    /// a new connection is reset at once (an HBONE tunnel is answered 503) and counted in
-    /// mesh_connections_refused_total{reason="cap"} [default: (open-files limit − reserve) / 2,
-    /// reserve = 128 + limit/16; 416 at a limit of 1024]
+    /// TCP connections the proxies hold for traffic at once, both proxies together: each
+    /// connection the outbound proxy accepts and each it opens to a pod on this node, each
+    /// HBONE connection the inbound proxy accepts and each tunnel's pod connection (a
+    /// same-node connection takes 2, a cross-node one 1 on each agent). Past it a new
+    /// connection is reset at once (an HBONE tunnel is answered 503) and counted in
+    /// mesh_connections_refused_total{reason="cap"} [default: open-files limit − reserve,
+    /// reserve = 128 + limit/16; 832 at a limit of 1024]
     #[arg(long, env = "MESH_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
     /// Connections served at once from one source: the source workload (outbound), the peer
@@ -138,11 +140,11 @@ impl ConnectionLimits {
     }
 }
 
-/// The connection budget for an open-files limit: `(limit − reserve) / 2`, reserve
+/// The connection budget for an open-files limit: `limit − reserve`, reserve
 /// `128 + limit/16`, at least [`MIN_DERIVED_CONNECTIONS`].
 pub fn default_max_connections(nofile: u64) -> usize {
     let reserve = FD_RESERVE_BASE + nofile / FD_RESERVE_DIVISOR;
-    let budget = nofile.saturating_sub(reserve) / FDS_PER_CONNECTION;
+    let budget = nofile.saturating_sub(reserve);
     usize::try_from(budget)
         .unwrap_or(usize::MAX)
         .max(MIN_DERIVED_CONNECTIONS)

@@ -45,9 +45,6 @@ use crate::{
     registry::Registry,
 };
 
-/// Size of each direction's copy buffer.
-const COPY_BUF: usize = 64 * 1024;
-
 /// Tunables of the outbound proxy.
 #[derive(Clone, Debug)]
 pub struct OutboundConfig {
@@ -145,6 +142,8 @@ enum FlowError {
     Revoked,
     #[error("{0}")]
     L7(String),
+    #[error("refused: {0}")]
+    OverLimit(#[from] limits::Refused),
 }
 
 impl Outbound {
@@ -310,6 +309,11 @@ impl Ctx {
         let src_identity = self.identity_name(orig.src_workload_id);
         let dst_identity = self.identity_name(orig.dst_workload_id);
         let (transport, result) = self.carry(&mut client, &orig, dst, local, conn_id).await;
+        if let Err(FlowError::OverLimit(_)) = &result {
+            // Counted and logged (rate-limited) by the limits: no flow record either.
+            limits::reset(client);
+            return;
+        }
         let duration_ms = started.elapsed().as_millis() as u64;
         let (sent, received, outcome) = match result {
             Ok((sent, received)) => (sent, received, "ok".to_owned()),
@@ -396,6 +400,7 @@ impl Ctx {
         match authz::decide(enforcer, &info) {
             ConnVerdict::Allow => {}
             ConnVerdict::PerRequest if info.http => {
+                let _upstream_slot = self.admission.admit(Direction::Outbound, dst)?;
                 let source = src_addr.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |a| a.ip());
                 let limits = super::l7_limits(&self.admission, Direction::Outbound, source);
                 // Boxed: the L7 state is large, and only L7 connections should pay for it.
@@ -418,16 +423,17 @@ impl Ctx {
             ConnVerdict::PerRequest => return Err(FlowError::Denied { policy: None }),
             ConnVerdict::Deny { policy } => return Err(FlowError::Denied { policy }),
         }
+        // The pod connection this agent opens is a descriptor of the budget too.
+        let _upstream_slot = self.admission.admit(Direction::Outbound, dst)?;
         let mut upstream = connect_from(&self.view.source, dst, self.cfg.connect_timeout).await?;
-        let copy =
-            tokio::io::copy_bidirectional_with_sizes(client, &mut upstream, COPY_BUF, COPY_BUF);
+        let copy = super::copy::bidirectional(client, &mut upstream);
         match authz::supervise(self.policies.clone(), &info, conn_id, copy).await {
-            Supervised::Done(Ok(counts)) => Ok(counts),
-            Supervised::Done(Err(e)) => {
-                // A reset mid-stream is an ordinary end for a TCP flow; the
-                // byte counts are lost with the error, so report zero.
-                debug!(error = %e, "copy ended with error");
-                Ok((0, 0))
+            Supervised::Done(copied) => {
+                if let Some(e) = &copied.error {
+                    // A reset mid-stream is an ordinary end for a TCP flow.
+                    debug!(error = %e, "copy ended with error");
+                }
+                Ok((copied.a_to_b, copied.b_to_a))
             }
             Supervised::Revoked { .. } => Err(FlowError::Revoked),
         }

@@ -1,5 +1,6 @@
 //! One module per scenario, named after what it proves.
 
+mod agent_holds_10000_connections_under_low_nofile;
 mod agent_sigkill_restart_recovers;
 mod agent_sigterm_leaves_nothing;
 mod authority_restart_does_not_interrupt_traffic;

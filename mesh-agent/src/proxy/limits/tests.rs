@@ -31,16 +31,14 @@ fn peer() -> SocketAddr {
 
 #[test]
 fn budget_follows_the_open_files_limit() {
-    // (1024 − (128 + 64)) / 2
-    assert_eq!(default_max_connections(1024), 416);
-    assert_eq!(default_max_connections(65_536), (65_536 - 128 - 4096) / 2);
-    // Never more than the limit carries at 2 descriptors each, plus the reserve.
+    // 1024 − (128 + 64)
+    assert_eq!(default_max_connections(1024), 832);
+    assert_eq!(default_max_connections(20_000), 20_000 - 128 - 1250);
+    // Never more than the limit carries (one descriptor each), with the reserve kept.
     for nofile in [256u64, 1024, 4096, 20_000, 1 << 20] {
         let n = default_max_connections(nofile) as u64;
-        assert!(
-            n * FDS_PER_CONNECTION + FD_RESERVE_BASE <= nofile,
-            "{nofile}: {n}"
-        );
+        let reserve = FD_RESERVE_BASE + nofile / FD_RESERVE_DIVISOR;
+        assert_eq!(n + reserve, nofile, "{nofile}: {n}");
     }
     // A tiny or zero limit still gives a usable floor; a huge one does not overflow.
     assert_eq!(default_max_connections(0), MIN_DERIVED_CONNECTIONS);
@@ -51,8 +49,8 @@ fn budget_follows_the_open_files_limit() {
 #[test]
 fn options_resolve_with_defaults_and_are_validated() {
     let d = LimitOptions::default().resolve(1024).unwrap();
-    assert_eq!(d.max_connections, 416);
-    assert_eq!(d.per_source, 208);
+    assert_eq!(d.max_connections, 832);
+    assert_eq!(d.per_source, 416);
     assert_eq!(d.pending_heads_per_source, DEFAULT_PENDING_HEADS_PER_SOURCE);
     assert_eq!(
         d.head_timeout,
