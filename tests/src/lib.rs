@@ -46,7 +46,9 @@ pub use netns::{Netns, Veth};
 pub use poll::{eventually, wait_for, DEFAULT_TIMEOUT, POLL_INTERVAL};
 pub use process::{Output, Proc};
 pub use registry::{NodeEntry, RenderedRegistry, WorkloadEntry};
-pub use sys::{bpffs_mount, cgroup2_mount, raise_nofile, require_privileges, rss_kib, unique_id};
+pub use sys::{
+    bpffs_mount, cgroup2_mount, nofile_limit, raise_nofile, require_privileges, rss_kib, unique_id,
+};
 pub use testpod::{
     Accepted, ClientProc, ClientRequest, ClientResult, ClientRun, HeldConnection, HeldMany,
     HoldSummary, HttpResponse, HttpRun, Server,

@@ -224,27 +224,32 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Raises this process's `RLIMIT_NOFILE` to at least `want` (soft and hard; root may raise the
-/// hard limit), for tests whose pods hold many connections. Returns the soft limit now.
-pub fn raise_nofile(want: u64) -> u64 {
+/// This process's `RLIMIT_NOFILE` (soft, hard).
+pub fn nofile_limit() -> (u64, u64) {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return 0;
-        }
-        if lim.rlim_cur < want {
-            let new = libc::rlimit {
-                rlim_cur: want,
-                rlim_max: lim.rlim_max.max(want),
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &new) == 0 {
-                return want;
-            }
+    // SAFETY: getrlimit only writes the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return (0, 0);
+    }
+    (lim.rlim_cur, lim.rlim_max)
+}
+
+/// Raises this process's `RLIMIT_NOFILE` soft limit to its hard limit (children inherit it),
+/// for tests whose pods hold many connections. Returns the soft limit now.
+pub fn raise_nofile() -> u64 {
+    let (soft, hard) = nofile_limit();
+    if soft < hard {
+        let lim = libc::rlimit {
+            rlim_cur: hard,
+            rlim_max: hard,
+        };
+        // SAFETY: setrlimit only reads the struct passed.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+            return hard;
         }
     }
-    lim.rlim_cur
+    soft
 }
