@@ -184,7 +184,9 @@ impl Pool {
                 match self.claim(&key, &config) {
                     Some(c) => c,
                     None => {
-                        let conn = Arc::new(self.dial(&key, Arc::clone(&config)).await?);
+                        // Boxed: TLS and h2 handshake state is large and short-lived.
+                        let dialing = Box::pin(self.dial(&key, Arc::clone(&config)));
+                        let conn = Arc::new(dialing.await?);
                         conn.streams.fetch_add(1, Ordering::AcqRel);
                         self.conns
                             .lock()
