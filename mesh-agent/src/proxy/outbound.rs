@@ -427,8 +427,12 @@ impl Ctx {
         }
         // The pod connection this agent opens is a descriptor of the budget too.
         let _upstream_slot = self.admission.admit(Direction::Outbound, dst)?;
-        let mut upstream =
-            Box::pin(connect_from(&self.view.source, dst, self.cfg.connect_timeout)).await?;
+        let mut upstream = Box::pin(connect_from(
+            &self.view.source,
+            dst,
+            self.cfg.connect_timeout,
+        ))
+        .await?;
         let copy = super::copy::bidirectional(client, &mut upstream);
         match authz::supervise(self.policies.clone(), &info, conn_id, copy).await {
             Supervised::Done(copied) => {
