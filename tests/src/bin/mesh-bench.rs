@@ -1927,37 +1927,6 @@ fn connect_client(to: SocketAddr, count: usize) -> ExitCode {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn agent_timestamps_parse() {
-        let t = parse_utc_timestamp("2026-11-23T04:31:02.123456Z").expect("parses");
-        let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap();
-        assert_eq!(d.as_secs(), 1_795_408_262);
-        assert_eq!(d.subsec_micros(), 123_456);
-        let epoch = parse_utc_timestamp("1970-01-01T00:00:00Z").unwrap();
-        assert_eq!(epoch, SystemTime::UNIX_EPOCH);
-        let leap = parse_utc_timestamp("2024-02-29T12:00:00.5Z").unwrap();
-        assert_eq!(
-            leap.duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap()
-                .as_millis(),
-            1_709_208_000_500
-        );
-        assert!(parse_utc_timestamp("2026-11-23 04:31:02").is_none());
-    }
-
-    #[test]
-    fn scale_policies_are_counted() {
-        let yaml = scale_policy_yaml(10, "cluster.local/ns/default/sa/sa-client");
-        assert_eq!(yaml.matches("kind: AuthorizationPolicy").count(), 10);
-        assert!(yaml.contains("name: bench-client"));
-        assert!(yaml.contains("name: filler-00009"));
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Held connections: agent RSS with 10,000 idle cross-node connections, and after they close
 
@@ -2083,5 +2052,36 @@ fn held_bench(out: &Path) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_timestamps_parse() {
+        let t = parse_utc_timestamp("2026-11-23T04:31:02.123456Z").expect("parses");
+        let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+        assert_eq!(d.as_secs(), 1_795_408_262);
+        assert_eq!(d.subsec_micros(), 123_456);
+        let epoch = parse_utc_timestamp("1970-01-01T00:00:00Z").unwrap();
+        assert_eq!(epoch, SystemTime::UNIX_EPOCH);
+        let leap = parse_utc_timestamp("2024-02-29T12:00:00.5Z").unwrap();
+        assert_eq!(
+            leap.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
+            1_709_208_000_500
+        );
+        assert!(parse_utc_timestamp("2026-11-23 04:31:02").is_none());
+    }
+
+    #[test]
+    fn scale_policies_are_counted() {
+        let yaml = scale_policy_yaml(10, "cluster.local/ns/default/sa/sa-client");
+        assert_eq!(yaml.matches("kind: AuthorizationPolicy").count(), 10);
+        assert!(yaml.contains("name: bench-client"));
+        assert!(yaml.contains("name: filler-00009"));
     }
 }

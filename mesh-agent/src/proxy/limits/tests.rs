@@ -386,3 +386,77 @@ fn accept_survives_descriptor_exhaustion() {
         server.abort();
     });
 }
+
+/// The L7 head reader holds one of its source's pending heads from the first byte until the
+/// head is complete: half-sent heads past the cap are refused at once, the rest time out
+/// (408), and the count returns to zero.
+#[tokio::test]
+async fn l7_half_sent_heads_are_capped_per_source_and_time_out() {
+    use crate::proxy::l7::{self, L7Limits, RequestView, Verdict};
+    use tokio::io::{duplex, AsyncWriteExt, DuplexStream};
+
+    let (a, metrics) = admission(100, 100, 2);
+    let src: IpAddr = "10.1.0.2".parse().unwrap();
+    let limits = L7Limits {
+        header_timeout: Duration::from_millis(300),
+        head_gate: Some(a.head_gate(Direction::Inbound, src)),
+        ..L7Limits::default()
+    };
+    let pending = |a: &Admission| a.heads.lock().unwrap().get(&src).copied().unwrap_or(0);
+    let open = |limits: L7Limits| {
+        let (client, server) = duplex(16 * 1024);
+        tokio::spawn(async move {
+            let allow = |_: &RequestView<'_>| Verdict::Allow;
+            let no_upstream =
+                || async { Err::<DuplexStream, _>(io::Error::other("no upstream in this test")) };
+            l7::serve(server, no_upstream, &allow, &limits).await
+        });
+        client
+    };
+    let read_all = |mut c: DuplexStream| async move {
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut out))
+            .await
+            .expect("answered or closed, not left hanging")
+            .unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let half = b"GET /slow HTTP/1.1\r\nhost: x\r\n";
+    let mut c1 = open(limits.clone());
+    c1.write_all(half).await.unwrap();
+    let mut c2 = open(limits.clone());
+    c2.write_all(half).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while pending(&a) < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("both half-sent heads are counted");
+    // A third from the same source is refused at once: closed before anything is read.
+    let mut c3 = open(limits.clone());
+    let _ = c3.write_all(half).await;
+    let started = Instant::now();
+    assert_eq!(read_all(c3).await, "");
+    assert!(
+        started.elapsed() < Duration::from_millis(250),
+        "refused before the timeout"
+    );
+    assert_eq!(refused(&metrics, "inbound", "pending_heads"), 1);
+    // The two held ones time out with 408.
+    for c in [c1, c2] {
+        assert!(
+            read_all(c).await.starts_with("HTTP/1.1 408"),
+            "slowloris answered 408"
+        );
+    }
+    assert_eq!(pending(&a), 0, "timed-out heads give their place back");
+    // A complete head passes (and is no longer pending once read; here the pod is down: 502).
+    let mut c4 = open(limits);
+    c4.write_all(b"GET /ok HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_all(c4).await.starts_with("HTTP/1.1 502"));
+    assert_eq!(pending(&a), 0);
+    assert_eq!(refused(&metrics, "inbound", "pending_heads"), 1);
+}
