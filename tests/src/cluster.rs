@@ -202,6 +202,41 @@ impl Place {
         testpod::HeldMany { proc }
     }
 
+    /// Runs `mesh-testpod half-heads` here: `count` connections to `connect` at once, `send`
+    /// written on each (an incomplete request head), each read until the server closes it (at
+    /// most 15 s). Returns `(milliseconds to the close, first line answered)` per connection,
+    /// by time; the line is `""` when nothing was answered, `"open"` if never closed.
+    #[track_caller]
+    pub fn half_heads(&self, connect: SocketAddr, count: usize, send: &str) -> Vec<(u64, String)> {
+        let mut cmd = Command::new(&self.ctx.testpod);
+        cmd.arg("half-heads")
+            .arg("--connect")
+            .arg(connect.to_string())
+            .arg("--count")
+            .arg(count.to_string())
+            .arg("--send")
+            .arg(send);
+        let out = self.run(cmd, "half-heads", Duration::from_secs(60));
+        let line = out
+            .stdout
+            .lines()
+            .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .unwrap_or_else(|| panic!("half-heads reported nothing: {out:?}"));
+        line["results"]
+            .as_array()
+            .map(|rs| {
+                rs.iter()
+                    .map(|r| {
+                        (
+                            r["ms"].as_u64().unwrap_or(u64::MAX),
+                            r["answer"].as_str().unwrap_or("").to_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Starts `mesh-testpod http-serve` (HTTP/1.1 and h2c) on this place's IPv4 and IPv6
     /// addresses, on each of `ports`, and waits until every listener is bound. Every request
     /// is answered `200` with body `<name> <METHOD> <path> host=<host>[ body=<n>]`.
@@ -371,6 +406,10 @@ pub trait Host {
         concurrency: usize,
     ) -> testpod::HeldMany {
         self.place().hold_many(connect, count, concurrency)
+    }
+    #[track_caller]
+    fn half_heads(&self, connect: SocketAddr, count: usize, send: &str) -> Vec<(u64, String)> {
+        self.place().half_heads(connect, count, send)
     }
     #[track_caller]
     fn serve_http(&self, ports: &[u16]) -> Server {

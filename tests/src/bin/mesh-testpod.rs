@@ -121,6 +121,18 @@ enum Cmd {
         #[arg(long, default_value_t = 120_000)]
         hold_ms: u64,
     },
+    /// Open COUNT connections at once, send TEXT (a half-sent head) on each, report how each
+    /// ended.
+    HalfHeads {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        send: String,
+        #[arg(long, default_value_t = 15_000)]
+        timeout_ms: u64,
+    },
     /// Answer HTTP/1.1 and h2c requests with 200 and a body naming the request.
     HttpServe {
         #[arg(long, required = true)]
@@ -194,6 +206,12 @@ fn main() -> ExitCode {
             Duration::from_millis(timeout_ms),
             Duration::from_millis(hold_ms),
         ),
+        Cmd::HalfHeads {
+            connect,
+            count,
+            send,
+            timeout_ms,
+        } => many::half_heads(connect, count, &send, Duration::from_millis(timeout_ms)),
         Cmd::HttpServe { listen, name } => web::serve(&listen, &name),
         Cmd::Http1 {
             connect,

@@ -16,6 +16,7 @@ mod l4_allow_policy_only_admits_listed_principal;
 mod l4_kernel_deny_fails_connect_fast;
 mod l7_common;
 mod l7_h2c_per_stream_decisions;
+mod l7_half_sent_heads_capped_per_source;
 mod l7_methods_paths_hosts;
 mod l7_non_http_bytes_on_http_port_refused;
 mod malformed_registry_refused;

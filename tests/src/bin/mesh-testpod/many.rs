@@ -10,6 +10,11 @@
 //!   "max_failure_ms","errors":{kind: count}}` line and holds every good connection open until
 //!   it is killed (or `--hold-ms` passes: exit 1). `max_failure_ms` is the longest time from
 //!   the start of a failed connection to its failure (a refusal must be prompt).
+//! - `half-heads --connect ADDR:PORT --count N --send TEXT [--timeout-ms T]`: opens N
+//!   connections at once and sends TEXT on each (an incomplete request head), then reads each
+//!   until the server closes it; prints `{"event":"half-heads","results":[{"ms","answer"}…]}`
+//!   sorted by time (`answer`: the first line the server sent, `""` for none, `"open"` if
+//!   still open after T).
 
 use std::{
     collections::BTreeMap,
@@ -186,5 +191,48 @@ pub fn hold(
         tokio::time::sleep(max_hold).await;
         drop(held);
         ExitCode::from(1)
+    })
+}
+
+pub fn half_heads(connect: SocketAddr, count: usize, send: &str, timeout: Duration) -> ExitCode {
+    raise_nofile();
+    runtime().block_on(async {
+        let mut running = JoinSet::new();
+        for _ in 0..count {
+            let send = send.as_bytes().to_vec();
+            running.spawn(async move {
+                let started = Instant::now();
+                let work = async {
+                    let mut stream = TcpStream::connect(connect).await?;
+                    stream.write_all(&send).await?;
+                    let mut got = Vec::new();
+                    let _ = stream.read_to_end(&mut got).await;
+                    Ok::<_, std::io::Error>(got)
+                };
+                let answer = match tokio::time::timeout(timeout, work).await {
+                    Ok(Ok(got)) => String::from_utf8_lossy(&got)
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .to_owned(),
+                    Ok(Err(e)) => format!("error: {}", kind(&e)),
+                    Err(_) => "open".to_owned(),
+                };
+                (started.elapsed().as_millis() as u64, answer)
+            });
+        }
+        let mut results = Vec::with_capacity(count);
+        while let Some(done) = running.join_next().await {
+            if let Ok(r) = done {
+                results.push(r);
+            }
+        }
+        results.sort();
+        let results: Vec<_> = results
+            .into_iter()
+            .map(|(ms, answer)| json!({"ms": ms, "answer": answer}))
+            .collect();
+        emit(&json!({"event": "half-heads", "results": results}));
+        ExitCode::SUCCESS
     })
 }
