@@ -21,6 +21,7 @@ use tracing::{info, warn};
 use crate::{
     bpf::{events::spawn_event_log, BpfError, Dataplane},
     cgroup::{self, CgroupError},
+    handoff::{self, HandoffError, Role, Takeover},
     identity::{
         manager::{IdentityManager, ManagerConfig},
         IdentityError, NodeCredentials, SpiffeId, TrustStore,
@@ -65,6 +66,8 @@ pub struct AgentOptions {
     pub hbone: Option<SocketAddr>,
     /// Admin listener (`/metrics`, `/healthz`).
     pub admin: SocketAddr,
+    /// Networks allowed on the admin port besides the node's own addresses.
+    pub admin_allow: Vec<crate::policy::model::IpNet>,
     /// Requested workload certificate lifetime.
     pub cert_lifetime: Duration,
     /// Policy directory (Istio YAML), watched and applied on change; `None`: policy comes
@@ -72,6 +75,20 @@ pub struct AgentOptions {
     pub policy_dir: Option<PathBuf>,
     /// The mesh-wide policy namespace (`istio-system`).
     pub root_namespace: String,
+    /// Trust domains treated as this mesh's own in policy principals (Istio's
+    /// `trustDomainAliases`).
+    pub trust_domain_aliases: Vec<String>,
+    /// Unix socket where this agent hands its listening sockets to a successor (upgrades),
+    /// and where a starting agent asks a running one for them.
+    pub handoff_socket: PathBuf,
+    /// Persisted workload certificates and trust state (start without the authority).
+    pub state_dir: PathBuf,
+    /// After handing over to a successor and draining, exit (`true`) or stay idle until
+    /// SIGTERM (`false`: for supervisors that restart an exited process, e.g. a Kubernetes pod
+    /// whose replacement must outlive it).
+    pub exit_after_handoff: bool,
+    /// Path normalization on HTTP ports (before L7 policy and forwarding).
+    pub path_normalization: crate::proxy::l7::normalize::PathNormalization,
     /// Connection budget, per-source caps, request-head bounds (`proxy::limits`).
     pub limits: crate::proxy::limits::LimitOptions,
 }
@@ -131,6 +148,8 @@ pub enum AppError {
     Identity(#[source] Box<IdentityError>),
     #[error("policy maps: {0}")]
     PolicyMaps(#[from] MapsError),
+    #[error(transparent)]
+    Handoff(#[from] HandoffError),
     #[error(transparent)]
     Limits(#[from] crate::proxy::limits::LimitsError),
 }
@@ -224,19 +243,47 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
         cert_lifetime_secs = opts.cert_lifetime.as_secs(),
         policy_dir = ?opts.policy_dir,
         root_namespace = %opts.root_namespace,
+        trust_domain_aliases = ?opts.trust_domain_aliases,
+        handoff_socket = %opts.handoff_socket.display(),
+        state_dir = %opts.state_dir.display(),
+        path_normalization = %opts.path_normalization,
         "configuration"
     );
     let mut signals = Signals::new()?;
     // Raise RLIMIT_NOFILE and size the connection budget from it, before binding.
     let conn_limits = crate::proxy::limits::init(&opts.limits)?;
 
-    // 2. Bind (a port conflict must fail before anything is attached).
-    let mut listeners = vec![bind(SocketAddr::V4(outbound4))?];
+    // 2. Listening sockets: taken over from a running agent (an upgrade or restart: the
+    //    connection queues never close), else bound (a port conflict must fail before
+    //    anything is attached).
+    let mut takeover = {
+        let path = opts.handoff_socket.clone();
+        tokio::task::spawn_blocking(move || Takeover::request(&path))
+            .await
+            .map_err(|e| HandoffError::Protocol {
+                path: opts.handoff_socket.clone(),
+                detail: e.to_string(),
+            })??
+    };
+    let mut sockets = Vec::new();
+    let mut listen = |role: Role, addr: SocketAddr| -> Result<TcpListener, AppError> {
+        let listener = match takeover.as_mut().and_then(|t| t.take(role, addr)) {
+            Some(l) => l
+                .set_nonblocking(true)
+                .and_then(|()| TcpListener::from_std(l))
+                .map_err(|source| AppError::Bind { addr, source })?,
+            None => bind(addr)?,
+        };
+        let dup = handoff::dup(&listener).map_err(|source| AppError::Bind { addr, source })?;
+        sockets.push((role, addr, dup));
+        Ok(listener)
+    };
+    let mut listeners = vec![listen(Role::Outbound4, SocketAddr::V4(outbound4))?];
     if let Some(a) = outbound6 {
-        listeners.push(bind(SocketAddr::V6(a))?);
+        listeners.push(listen(Role::Outbound6, SocketAddr::V6(a))?);
     }
-    let hbone_listener = bind(hbone_addr)?;
-    let admin_listener = bind(opts.admin)?;
+    let hbone_listener = listen(Role::Hbone, hbone_addr)?;
+    let admin_listener = listen(Role::Admin, opts.admin)?;
 
     // 3. Certificates for every local workload before anything is captured.
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -248,6 +295,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
             lifetime: opts.cert_lifetime,
             refresh: Duration::from_secs(1),
             startup_timeout: Duration::from_secs(30),
+            state_dir: Some(opts.state_dir.clone()),
         },
         stop_rx.clone(),
     )
@@ -263,6 +311,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
         registry: Arc::clone(&registry),
         root_ns: opts.root_namespace.clone(),
         trust_domain: trust_domain.to_string(),
+        trust_domain_aliases: opts.trust_domain_aliases.clone(),
     };
     let started = match start_policy(&opts, &policy_ctx, &metrics) {
         Ok((maps, view)) => program_maps(
@@ -281,7 +330,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
     let (events, policy_maps, initial_view) = match started {
         Ok(v) => v,
         Err(e) => {
-            shutdown_dataplane(dataplane);
+            release_dataplane(dataplane);
             return Err(e);
         }
     };
@@ -343,6 +392,10 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
             mesh_common::EVENT_PLAINTEXT_PERMISSIVE => {
                 event_metrics.plaintext(metrics::PlaintextVerdict::Permissive)
             }
+            mesh_common::EVENT_PLAINTEXT_DENIED => {
+                event_metrics.plaintext(metrics::PlaintextVerdict::Denied);
+                event_metrics.policy_denial(metrics::PolicyLayer::L4, metrics::DenialSide::Kernel)
+            }
             mesh_common::EVENT_L4_DENIED => {
                 event_metrics.policy_denial(metrics::PolicyLayer::L4, metrics::DenialSide::Kernel)
             }
@@ -358,6 +411,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
         metrics: Arc::clone(&metrics),
         policies: policies.clone(),
         source,
+        path_normalization: opts.path_normalization,
         admission: crate::proxy::limits::Admission::new(conn_limits, Arc::clone(&metrics)),
     };
     let outbound = Outbound::new(
@@ -384,10 +438,41 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
     tasks.spawn(metrics::serve_admin(
         admin_listener,
         Arc::clone(&metrics),
+        metrics::AdminAllow {
+            nets: opts.admin_allow.clone(),
+            node_addrs: registry
+                .node(&opts.node)
+                .map(|n| n.addresses().collect())
+                .unwrap_or_default(),
+        },
         stop_rx.clone(),
     ));
-    let signal = signals.recv().await;
-    info!(signal, "shutting down");
+    // Serving: the previous agent, if any, may stop accepting now; then this one answers the
+    // next successor.
+    if let Some(t) = takeover {
+        match tokio::task::spawn_blocking(move || t.complete()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(error = %e, "completing the handoff; the previous agent serves on beside this one")
+            }
+            Err(e) => warn!(error = %e, "completing the handoff"),
+        }
+    }
+    let (handed_tx, mut handed_rx) = watch::channel(false);
+    if let Err(e) = handoff::serve(
+        opts.handoff_socket.clone(),
+        sockets,
+        handed_tx,
+        stop_rx.clone(),
+    ) {
+        warn!(error = %e, "handoff socket unavailable: upgrades of this agent will bind afresh");
+    }
+    let reason = tokio::select! {
+        signal = signals.recv() => signal,
+        _ = handed_rx.wait_for(|h| *h) => "handed over to a successor",
+    };
+    let handed_over = *handed_rx.borrow();
+    info!(reason, "shutting down: draining; the kernel side stays");
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
     let _ = event_log.await;
@@ -402,7 +487,12 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
     drop(manager);
     let counters = dataplane.named_counters();
     info!(?counters, "kernel counters at exit");
-    shutdown_dataplane(dataplane);
+    if handed_over && !opts.exit_after_handoff {
+        info!("drained after the handoff; idle until SIGTERM");
+        let signal = signals.recv().await;
+        info!(signal, "exiting");
+    }
+    release_dataplane(dataplane);
     Ok(())
 }
 
@@ -465,10 +555,12 @@ impl ScrapeHook for ScrapeSources {
     }
 }
 
-fn shutdown_dataplane(dataplane: Arc<Dataplane>) {
+/// Lets go of the kernel side: the programs stay attached and the maps pinned (see
+/// [`crate::bpf`]'s failure model), whether the agent stops cleanly or fails to start.
+fn release_dataplane(dataplane: Arc<Dataplane>) {
     match Arc::try_unwrap(dataplane) {
-        Ok(dp) => dp.shutdown(),
-        Err(_) => tracing::error!("dataplane still shared at shutdown; pins left in place"),
+        Ok(dp) => dp.release(),
+        Err(_) => tracing::warn!("dataplane still shared at exit; the kernel keeps it anyway"),
     }
 }
 
@@ -611,9 +703,9 @@ fn start_policy(
         }
     };
     let gen = watcher.active_generation()?;
-    let view = match watcher.read_view(gen) {
+    let view = match watcher.read_active_view() {
         Ok(v) => v,
-        Err(e @ MapsError::Inconsistent { .. }) => {
+        Err(e @ (MapsError::Inconsistent { .. } | MapsError::Unstable { .. })) => {
             warn!(error = %e, "active policy generation unreadable; denying until replaced");
             PolicyView::deny_all(gen)
         }

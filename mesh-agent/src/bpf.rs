@@ -1,20 +1,25 @@
 //! Kernel side of the agent: load the programs, pin the maps, attach to the
-//! node's pod cgroup parent, and typed handles on the shared maps.
+//! node's pod cgroup parent through pinned links, and typed handles on the shared maps.
 //!
-//! Restart semantics: maps are pinned under the pin directory. A restarted
-//! agent (e.g. after SIGKILL) reuses pins whose layout matches this build and
-//! replaces the others; the programs themselves are attached through
-//! `bpf_link`s owned by the agent process, so the kernel detaches them when
-//! the process dies and a restart never stacks a second copy. A clean
-//! shutdown detaches and removes the pin directory.
+//! Failure model: maps are pinned under the pin directory and the programs are attached
+//! through `bpf_link`s pinned there too ([`links`]), so the mesh stays in the kernel whatever
+//! happens to the agent process: crash, SIGKILL, OOM kill, SIGTERM or an upgrade. With no
+//! agent running, a captured connect is still rewritten to the agent's listener address and
+//! refused there (ECONNREFUSED, nothing leaves in plaintext), kernel L4 denials and the STRICT
+//! ingress check keep applying. A starting agent reuses the pinned maps whose layout matches
+//! this build (their contents included) and adopts the pinned links, swapping in its own
+//! program version atomically where it differs. Only [`uninstall`] (`mesh-agent uninstall`)
+//! detaches and unpins.
 //!
 //! [`events`] reads the kernel's `mesh_events` ring buffer.
 
 pub mod events;
+pub mod links;
 
 use std::{
     collections::HashSet,
     fs, io,
+    os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -22,7 +27,8 @@ use std::{
 use aya::{
     maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SockOps,
+        links::FdLink, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr,
+        ProgramError, SockOps,
     },
     Ebpf, EbpfError, EbpfLoader,
 };
@@ -31,7 +37,10 @@ use mesh_common::{
     OrigDst, PeerValue, WorkloadValue,
 };
 
-use self::events::EventReader;
+use self::{
+    events::EventReader,
+    links::{Hook, LinkError, PinnedCgroupLink},
+};
 use tracing::{debug, info, warn};
 
 /// The kernel object built by `mesh-agent/build.rs` from `mesh-ebpf`.
@@ -81,6 +90,25 @@ pub enum BpfError {
     },
     #[error("the {map} reader was already taken")]
     EventsTaken { map: &'static str },
+    #[error("pinned link of {prog}: {source}")]
+    Link {
+        prog: &'static str,
+        #[source]
+        source: LinkError,
+    },
+    #[error("the link of {prog} is not an fd link: {source}")]
+    FdLink {
+        prog: &'static str,
+        #[source]
+        source: Box<aya::programs::links::LinkError>,
+    },
+    #[error("pinning the link of {prog} at {path}: {source}")]
+    PinLink {
+        prog: &'static str,
+        path: PathBuf,
+        #[source]
+        source: Box<aya::pin::PinError>,
+    },
     #[error("map {map}: {source}")]
     Map {
         map: &'static str,
@@ -156,13 +184,21 @@ fn expected_layout(name: &str) -> Option<(u32, u32, u32)> {
             s(size_of::<pol::PolStrValue>()),
             pol::capacity::POL_STRS,
         ),
+        names::MAP_POL_PLAIN => (
+            s(size_of::<pol::PolPlainKey>()),
+            s(size_of::<pol::PolPlainValue>()),
+            pol::capacity::POL_PLAIN,
+        ),
         _ => return None,
     })
 }
 
-/// Removes pins in `dir` that this build would not reuse: unknown names and
-/// maps whose key/value size or capacity differ.
-fn prune_incompatible_pins(dir: &Path) -> Result<(), BpfError> {
+/// Removes map pins in `dir` that this build would not reuse: unknown names and maps whose
+/// key/value size or capacity differ. Link pins (`link_…`) are left to [`attach_pinned`].
+/// Returns whether a map this build uses was removed (its programs must then be swapped in
+/// even where their instructions are unchanged: the pinned programs still use the old map).
+fn prune_incompatible_pins(dir: &Path) -> Result<bool, BpfError> {
+    let mut replaced = false;
     let entries = fs::read_dir(dir).map_err(|source| BpfError::PinDir {
         path: dir.to_owned(),
         source,
@@ -170,6 +206,9 @@ fn prune_incompatible_pins(dir: &Path) -> Result<(), BpfError> {
     for entry in entries.flatten() {
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(names::LINK_PIN_PREFIX) {
+            continue;
+        }
         let keep = match (expected_layout(&name), MapInfo::from_pin(&path)) {
             (Some((k, v, n)), Ok(info)) => {
                 info.key_size() == k && info.value_size() == v && info.max_entries() == n
@@ -180,13 +219,14 @@ fn prune_incompatible_pins(dir: &Path) -> Result<(), BpfError> {
             info!(pin = %path.display(), "reusing pinned map");
         } else {
             warn!(pin = %path.display(), "removing stale or incompatible pin");
+            replaced |= names::ALL_MAPS.contains(&name.as_str());
             fs::remove_file(&path).map_err(|source| BpfError::PinDir {
                 path: path.clone(),
                 source,
             })?;
         }
     }
-    Ok(())
+    Ok(replaced)
 }
 
 fn ensure_bpffs(dir: &Path) -> Result<(), BpfError> {
@@ -229,6 +269,8 @@ const CGROUP_ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 /// The loaded and attached kernel side, with typed handles on the maps.
 pub struct Dataplane {
     ebpf: Option<Ebpf>,
+    /// How each program came to be on its hook at this start.
+    links: Vec<LinkReport>,
     pin_dir: PathBuf,
     workloads: Mutex<HashMap<MapData, CgroupKey, WorkloadValue>>,
     dests: Mutex<HashMap<MapData, IpKey, DestValue>>,
@@ -245,7 +287,10 @@ impl Dataplane {
     /// attaches the programs to `pod_cgroup`.
     pub fn load(pin_dir: &Path, pod_cgroup: &Path) -> Result<Self, BpfError> {
         ensure_bpffs(pin_dir)?;
-        prune_incompatible_pins(pin_dir)?;
+        // A map that is re-created (its pin was incompatible, or is missing) is not the one the
+        // attached programs use: they must then be swapped even where their code is the same.
+        let missing = names::ALL_MAPS.iter().any(|m| !pin_dir.join(m).exists());
+        let maps_replaced = prune_incompatible_pins(pin_dir)? || missing;
         let pins: Vec<(&'static str, PathBuf)> = names::ALL_MAPS
             .iter()
             .map(|m| (*m, pin_dir.join(m)))
@@ -262,6 +307,10 @@ impl Dataplane {
             cgroup: pod_cgroup.to_owned(),
             source,
         })?;
+        let cgroup_id = links::cgroup_id(pod_cgroup).map_err(|source| BpfError::Cgroup {
+            cgroup: pod_cgroup.to_owned(),
+            source,
+        })?;
         let loaded = |prog: &'static str| {
             move |e: ProgramError| BpfError::Program {
                 prog,
@@ -275,25 +324,50 @@ impl Dataplane {
                 source: Box::new(e),
             }
         };
-        for prog in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
+        let target = AttachTarget {
+            pin_dir,
+            cgroup: pod_cgroup,
+            cgroup_id,
+            maps_replaced,
+        };
+        let mut links = Vec::new();
+        for (prog, hook) in [
+            (names::PROG_CONNECT4, Hook::Connect4),
+            (names::PROG_CONNECT6, Hook::Connect6),
+        ] {
             let p: &mut CgroupSockAddr = typed_program(&mut ebpf, prog)?;
             p.load().map_err(loaded(prog))?;
-            p.attach(&cgroup, CGROUP_ATTACH_MODE)
-                .map_err(attached(prog))?;
-            info!(prog, cgroup = %pod_cgroup.display(), "attached");
+            let fd = program_fd(prog, p.fd().map_err(loaded(prog))?.as_fd())?;
+            links.push(target.attach_pinned(prog, hook, fd, || {
+                let id = p
+                    .attach(&cgroup, CGROUP_ATTACH_MODE)
+                    .map_err(attached(prog))?;
+                let link = p.take_link(id).map_err(attached(prog))?;
+                FdLink::try_from(link).map_err(|e| fd_link_err(prog, e))
+            })?);
         }
         let prog = names::PROG_SOCKOPS;
         let p: &mut SockOps = typed_program(&mut ebpf, prog)?;
         p.load().map_err(loaded(prog))?;
-        p.attach(&cgroup, CGROUP_ATTACH_MODE)
-            .map_err(attached(prog))?;
-        info!(prog, cgroup = %pod_cgroup.display(), "attached");
+        let fd = program_fd(prog, p.fd().map_err(loaded(prog))?.as_fd())?;
+        links.push(target.attach_pinned(prog, Hook::SockOps, fd, || {
+            let id = p
+                .attach(&cgroup, CGROUP_ATTACH_MODE)
+                .map_err(attached(prog))?;
+            let link = p.take_link(id).map_err(attached(prog))?;
+            FdLink::try_from(link).map_err(|e| fd_link_err(prog, e))
+        })?);
         let prog = names::PROG_INGRESS;
         let p: &mut CgroupSkb = typed_program(&mut ebpf, prog)?;
         p.load().map_err(loaded(prog))?;
-        p.attach(&cgroup, CgroupSkbAttachType::Ingress, CGROUP_ATTACH_MODE)
-            .map_err(attached(prog))?;
-        info!(prog, cgroup = %pod_cgroup.display(), "attached");
+        let fd = program_fd(prog, p.fd().map_err(loaded(prog))?.as_fd())?;
+        links.push(target.attach_pinned(prog, Hook::Ingress, fd, || {
+            let id = p
+                .attach(&cgroup, CgroupSkbAttachType::Ingress, CGROUP_ATTACH_MODE)
+                .map_err(attached(prog))?;
+            let link = p.take_link(id).map_err(attached(prog))?;
+            FdLink::try_from(link).map_err(|e| fd_link_err(prog, e))
+        })?);
 
         let mut take = |map: &'static str| ebpf.take_map(map).ok_or(BpfError::MissingMap { map });
         let workloads = HashMap::try_from(take(names::MAP_WORKLOADS)?)
@@ -313,6 +387,7 @@ impl Dataplane {
 
         Ok(Self {
             ebpf: Some(ebpf),
+            links,
             pin_dir: pin_dir.to_owned(),
             workloads: Mutex::new(workloads),
             dests: Mutex::new(dests),
@@ -398,23 +473,236 @@ impl Dataplane {
         &self.pin_dir
     }
 
-    /// Detaches the programs and removes the pins. Called on clean shutdown.
-    pub fn shutdown(mut self) {
-        // Dropping the Ebpf object closes the bpf_link fds: programs detach.
-        drop(self.ebpf.take());
-        for name in names::ALL_MAPS {
-            let path = self.pin_dir.join(name);
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => warn!(pin = %path.display(), error = %e, "removing pin"),
-            }
-        }
-        if let Err(e) = fs::remove_dir(&self.pin_dir) {
-            warn!(dir = %self.pin_dir.display(), error = %e, "removing pin directory");
-        }
-        info!(dir = %self.pin_dir.display(), "detached and unpinned");
+    /// How each program came to be on its hook at this start (attached, adopted, updated).
+    pub fn links(&self) -> &[LinkReport] {
+        &self.links
     }
+
+    /// Releases the agent's handles at exit. The programs stay attached through their pinned
+    /// links and the maps stay pinned, contents included: the mesh stays closed until the
+    /// next agent adopts it. Only [`uninstall`] takes it off the node.
+    pub fn release(mut self) {
+        drop(self.ebpf.take());
+        info!(dir = %self.pin_dir.display(), "exiting; programs stay attached and maps pinned");
+    }
+}
+
+/// How a program came to be on its hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkAction {
+    /// No link was pinned: attached and pinned now.
+    Attached,
+    /// The pinned link already runs this build's program: kept as it is.
+    Adopted,
+    /// The pinned link ran another program: swapped atomically (`BPF_LINK_UPDATE`).
+    Updated,
+    /// The pinned link was on another cgroup or hook: the new one was attached first, then the
+    /// old one detached.
+    Moved,
+}
+
+impl LinkAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Attached => "attached",
+            Self::Adopted => "adopted",
+            Self::Updated => "updated",
+            Self::Moved => "moved",
+        }
+    }
+}
+
+/// One program's link at start.
+#[derive(Clone, Copy, Debug)]
+pub struct LinkReport {
+    pub prog: &'static str,
+    pub link_id: u32,
+    pub prog_id: u32,
+    pub action: LinkAction,
+}
+
+fn fd_link_err(prog: &'static str, e: aya::programs::links::LinkError) -> BpfError {
+    BpfError::FdLink {
+        prog,
+        source: Box::new(e),
+    }
+}
+
+fn program_fd(prog: &'static str, fd: std::os::fd::BorrowedFd<'_>) -> Result<OwnedFd, BpfError> {
+    fd.try_clone_to_owned().map_err(|e| BpfError::Program {
+        prog,
+        source: Box::new(ProgramError::IOError(e)),
+    })
+}
+
+/// Where the programs go: the pod cgroup parent, and the pins.
+struct AttachTarget<'a> {
+    pin_dir: &'a Path,
+    cgroup: &'a Path,
+    cgroup_id: u64,
+    maps_replaced: bool,
+}
+
+impl AttachTarget<'_> {
+    /// Puts `prog` (loaded, `prog_fd`) on `hook` of the pod cgroup through the link pinned in
+    /// the pin directory: adopts the pinned link when it runs the same program, swaps the
+    /// program in atomically when it runs another, and only when no usable link is pinned
+    /// attaches a new one (`attach_new`) and pins it. The hook is never left empty.
+    fn attach_pinned(
+        &self,
+        prog: &'static str,
+        hook: Hook,
+        prog_fd: OwnedFd,
+        attach_new: impl FnOnce() -> Result<FdLink, BpfError>,
+    ) -> Result<LinkReport, BpfError> {
+        let path = links::pin_path(self.pin_dir, prog);
+        let link_err = |source| BpfError::Link { prog, source };
+        let pinned = match PinnedCgroupLink::open(&path) {
+            Ok(p) => p,
+            Err(e @ LinkError::NotCgroupLink { .. }) => {
+                warn!(prog, pin = %path.display(), error = %e, "removing a pin that is not our link");
+                fs::remove_file(&path).map_err(|source| BpfError::PinDir {
+                    path: path.clone(),
+                    source,
+                })?;
+                None
+            }
+            Err(e) => return Err(link_err(e)),
+        };
+        let report = |link: &PinnedCgroupLink, action| LinkReport {
+            prog,
+            link_id: link.state.link_id,
+            prog_id: link.state.prog_id,
+            action,
+        };
+        let old = match pinned {
+            Some(mut link)
+                if link.state.cgroup_id == self.cgroup_id
+                    && link.state.attach_type == hook as u32 =>
+            {
+                let new_tag = links::program_tag(prog_fd.as_fd()).map_err(|source| {
+                    link_err(LinkError::Syscall {
+                        op: "BPF_OBJ_GET_INFO_BY_FD(prog)",
+                        path: path.clone(),
+                        source,
+                    })
+                })?;
+                let same = !self.maps_replaced && link.program_tag().map_err(link_err)? == new_tag;
+                let action = if same {
+                    LinkAction::Adopted
+                } else {
+                    link.update(prog_fd.as_fd()).map_err(link_err)?;
+                    LinkAction::Updated
+                };
+                info!(prog, link_id = link.state.link_id, prog_id = link.state.prog_id,
+                      cgroup = %self.cgroup.display(), action = action.as_str(), "pinned link");
+                return Ok(report(&link, action));
+            }
+            other => other,
+        };
+        // Attach first, then retire the old link: the hook is never empty.
+        let fresh = attach_new()?;
+        let action = match old {
+            Some(old) => {
+                warn!(
+                    prog,
+                    old_link_id = old.state.link_id,
+                    old_cgroup_id = old.state.cgroup_id,
+                    "pinned link is on another cgroup or hook; replacing it"
+                );
+                old.detach_and_unpin().map_err(link_err)?;
+                LinkAction::Moved
+            }
+            None => LinkAction::Attached,
+        };
+        fresh.pin(&path).map_err(|e| BpfError::PinLink {
+            prog,
+            path: path.clone(),
+            source: Box::new(e),
+        })?;
+        let link = PinnedCgroupLink::open(&path)
+            .map_err(link_err)?
+            .ok_or_else(|| {
+                link_err(LinkError::Syscall {
+                    op: "BPF_OBJ_GET",
+                    path: path.clone(),
+                    source: io::Error::from(io::ErrorKind::NotFound),
+                })
+            })?;
+        info!(prog, link_id = link.state.link_id, prog_id = link.state.prog_id,
+              cgroup = %self.cgroup.display(), action = action.as_str(), "pinned link");
+        Ok(report(&link, action))
+    }
+}
+
+/// What [`uninstall`] removed.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Uninstalled {
+    /// Links detached (program names).
+    pub links: Vec<String>,
+    /// Map pins removed.
+    pub maps: Vec<String>,
+    /// Whether the pin directory itself was removed.
+    pub dir_removed: bool,
+}
+
+/// Takes the mesh off the node: detaches every pinned link in `pin_dir` (`BPF_LINK_DETACH`,
+/// effective even while an agent still holds the link), removes every pin and the directory.
+/// Idempotent: a missing directory is not an error. The only way the kernel programs leave.
+pub fn uninstall(pin_dir: &Path) -> Result<Uninstalled, BpfError> {
+    let mut done = Uninstalled::default();
+    let entries = match fs::read_dir(pin_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(done),
+        Err(source) => {
+            return Err(BpfError::PinDir {
+                path: pin_dir.to_owned(),
+                source,
+            })
+        }
+    };
+    let pin_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| BpfError::PinDir { path, source }
+    };
+    let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    // Links first: once they are gone nothing runs that reads the maps.
+    paths.sort_by_key(|p| {
+        !p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(names::LINK_PIN_PREFIX))
+    });
+    for path in paths {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if let Some(prog) = name.strip_prefix(names::LINK_PIN_PREFIX) {
+            match PinnedCgroupLink::open(&path) {
+                Ok(Some(link)) => {
+                    let id = link.state.link_id;
+                    link.detach_and_unpin().map_err(|source| BpfError::Link {
+                        prog: "uninstall",
+                        source,
+                    })?;
+                    info!(prog, link_id = id, "detached");
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(pin = %path.display(), error = %e, "not a link; removing the pin");
+                    fs::remove_file(&path).map_err(pin_err(&path))?;
+                }
+            }
+            done.links.push(prog.to_owned());
+        } else {
+            fs::remove_file(&path).map_err(pin_err(&path))?;
+            done.maps.push(name);
+        }
+    }
+    fs::remove_dir(pin_dir).map_err(pin_err(pin_dir))?;
+    done.dir_removed = true;
+    info!(dir = %pin_dir.display(), links = done.links.len(), maps = done.maps.len(),
+          "uninstalled: nothing of the mesh is left in the kernel");
+    Ok(done)
 }
 
 /// Map handles are only touched under their mutex; a panic while holding one

@@ -27,6 +27,7 @@ pub mod authority;
 pub mod cache;
 pub mod cert;
 pub mod manager;
+pub mod persist;
 pub mod service;
 pub mod spiffe;
 pub mod verify;

@@ -9,6 +9,7 @@
 pub mod app;
 pub mod bpf;
 pub mod cgroup;
+pub mod handoff;
 pub mod identity;
 pub mod metrics;
 pub mod operator;

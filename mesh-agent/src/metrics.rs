@@ -44,6 +44,8 @@ pub enum Outcome {
 pub enum PlaintextVerdict {
     Refused,
     Permissive,
+    /// PERMISSIVE, but refused by authorization policy.
+    Denied,
 }
 
 /// Direction of a proxied connection.
@@ -129,7 +131,7 @@ macro_rules! label_names {
 label_names! {
     Side { Client => "client", Server => "server" }
     Outcome { Ok => "ok", Error => "error" }
-    PlaintextVerdict { Refused => "refused", Permissive => "permissive" }
+    PlaintextVerdict { Refused => "refused", Permissive => "permissive", Denied => "denied" }
     Direction { Outbound => "outbound", Inbound => "inbound" }
     ApplyResult { Ok => "ok", Refused => "refused" }
     PolicyLayer { L4 => "l4", L7 => "l7" }
@@ -486,14 +488,26 @@ const ADMIN_IO_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn serve_admin(
     listener: TcpListener,
     metrics: Arc<Metrics>,
+    allow: AdminAllow,
     mut stop: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNS));
+    let mut refused: u64 = 0;
     loop {
         tokio::select! {
             _ = stop.changed() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    if !allow.permits(peer.ip()) {
+                        // Pods reach the node address too: only the node itself and the
+                        // configured scrapers may read the admin port.
+                        refused += 1;
+                        if refused.is_power_of_two() {
+                            warn!(%peer, refused, "admin: connection from an address not allowed (--admin-allow); closed");
+                        }
+                        drop(stream);
+                        continue;
+                    }
                     let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
                         debug!(%peer, "admin: too many connections");
                         continue;
@@ -512,6 +526,23 @@ pub async fn serve_admin(
                 }
             }
         }
+    }
+}
+
+/// Who may connect to the admin port: the node's own addresses (processes on the host), and
+/// the networks of `--admin-allow` (loopback by default; add the Prometheus scrapers'). Pods,
+/// whose addresses are their own, are refused.
+#[derive(Clone, Debug, Default)]
+pub struct AdminAllow {
+    pub nets: Vec<crate::policy::model::IpNet>,
+    pub node_addrs: Vec<std::net::IpAddr>,
+}
+
+impl AdminAllow {
+    pub fn permits(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.node_addrs.iter().any(|a| a.to_canonical() == ip)
+            || self.nets.iter().any(|n| n.contains(ip))
     }
 }
 
@@ -636,7 +667,11 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         metrics.plaintext(PlaintextVerdict::Permissive);
         let (stop_tx, stop_rx) = watch::channel(false);
-        let server = tokio::spawn(serve_admin(listener, Arc::clone(&metrics), stop_rx));
+        let allow = AdminAllow {
+            nets: vec![crate::policy::parse::parse_cidr("127.0.0.0/8").unwrap()],
+            node_addrs: vec![],
+        };
+        let server = tokio::spawn(serve_admin(listener, Arc::clone(&metrics), allow, stop_rx));
         let get = |req: &'static [u8]| async move {
             let mut s = TcpStream::connect(addr).await.unwrap();
             s.write_all(req).await.unwrap();
@@ -655,5 +690,22 @@ mod tests {
             .starts_with("HTTP/1.1 400"));
         let _ = stop_tx.send(true);
         server.await.unwrap();
+    }
+
+    #[test]
+    fn admin_allow_admits_the_node_and_listed_networks_only() {
+        let allow = AdminAllow {
+            nets: vec![
+                crate::policy::parse::parse_cidr("127.0.0.0/8").unwrap(),
+                crate::policy::parse::parse_cidr("fd00:9::/64").unwrap(),
+            ],
+            node_addrs: vec!["10.0.0.1".parse().unwrap()],
+        };
+        for ok in ["127.0.0.1", "10.0.0.1", "::ffff:10.0.0.1", "fd00:9::5"] {
+            assert!(allow.permits(ok.parse().unwrap()), "{ok}");
+        }
+        for no in ["10.1.0.2", "10.0.0.2", "::1", "fd00:8::1", "0.0.0.0"] {
+            assert!(!allow.permits(no.parse().unwrap()), "{no}");
+        }
     }
 }

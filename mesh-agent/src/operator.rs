@@ -2,7 +2,8 @@
 //!
 //! - [`authority`]: `mesh-agent authority init|join|serve|revoke|roots` (the CA);
 //! - [`node`]: `mesh-agent node csr` (the node side of a CSR-based join);
-//! - [`policy`]: `mesh-agent policy lint|apply|show`.
+//! - [`policy`]: `mesh-agent policy lint|apply|show`;
+//! - [`uninstall`]: `mesh-agent uninstall` (detach and unpin: take the mesh off the node).
 //!
 //! Commands that print data take `--output text|json`; their logs go to stderr (level from
 //! `MESH_LOG`, default `warn`) so that stdout carries only the data. Long-running commands
@@ -11,6 +12,7 @@
 pub mod authority;
 pub mod node;
 pub mod policy;
+pub mod uninstall;
 
 use std::io::Write;
 

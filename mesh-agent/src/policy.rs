@@ -10,8 +10,10 @@
 //!   kernel reads);
 //! - [`source`]: where bundles come from (a policy directory), and the agent's policy task;
 //! - [`authorize`]: a generation as the proxies' `Authorizer` snapshot.
+//! - [`check`]: `mesh-agent policy check`, one request decided by the agent's own code.
 
 pub mod authorize;
+pub mod check;
 pub mod compile;
 #[cfg(test)]
 mod conformance;

@@ -60,6 +60,8 @@ pub struct ProxyDeps {
     pub metrics: Arc<crate::metrics::Metrics>,
     pub policies: authz::Policies,
     pub source: SourceAddrs,
+    /// How request paths on HTTP ports are normalized before L7 policy and forwarding.
+    pub path_normalization: l7::normalize::PathNormalization,
     /// The connection budget, per-source caps and request-head bounds of both proxies.
     pub admission: Arc<limits::Admission>,
 }
@@ -114,11 +116,12 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
 {
     let decide = |req: &l7::RequestView<'_>| {
-        // The path as sent; the policy view strips query and fragment itself.
+        // The normalized path (no query), the authority the pod routes by.
         let attrs = authz::RequestAttrs {
             method: req.method,
             path: req.path,
             host: req.host,
+            headers: &req.headers,
         };
         match authz::decide_request(enforcer, info, &attrs) {
             authz::RequestVerdict::Allow => l7::Verdict::Allow,
@@ -147,16 +150,18 @@ where
     }
 }
 
-/// The L7 bounds of a connection from `source` seen by `proxy`: the request-head timeout, and
-/// its incomplete heads counted against the source's cap.
+/// The L7 settings of a connection from `source` seen by `proxy`: the path normalization, the
+/// request-head timeout, and its incomplete heads counted against the source's cap.
 pub(crate) fn l7_limits(
     admission: &Arc<limits::Admission>,
     proxy: crate::metrics::Direction,
     source: IpAddr,
+    path_normalization: l7::normalize::PathNormalization,
 ) -> l7::L7Limits {
     l7::L7Limits {
         header_timeout: admission.limits().head_timeout,
         head_gate: Some(admission.head_gate(proxy, source)),
+        path_normalization,
         ..l7::L7Limits::default()
     }
 }

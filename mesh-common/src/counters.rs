@@ -35,8 +35,11 @@ pub const CONNECT_WOULD_DENY: u32 = 13;
 /// set but no source class, or no L4 entry for the pair, or an unknown verdict): fail closed.
 pub const POLICY_LOOKUP_ERRORS: u32 = 14;
 
+/// Inbound plaintext SYN to a PERMISSIVE workload refused by authorization policy (dropped).
+pub const INGRESS_PLAINTEXT_DENIED_POLICY: u32 = 15;
+
 /// Number of counter slots.
-pub const COUNT: u32 = 15;
+pub const COUNT: u32 = 16;
 
 /// Human names, indexed by counter index (for metrics and the CLI).
 pub const NAMES: [&str; COUNT as usize] = [
@@ -55,4 +58,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "connect_denied_policy",
     "connect_would_deny",
     "policy_lookup_errors",
+    "ingress_plaintext_denied_policy",
 ];

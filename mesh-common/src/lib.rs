@@ -185,7 +185,7 @@ pub struct Event {
     pub family: u32,
     /// `EVENT_L4_*`: the destination workload id; 0 otherwise.
     pub peer_workload_id: u32,
-    /// `EVENT_L4_*`: the deciding policy, a `str_id` of `mesh_pol_strs` in generation
+    /// `EVENT_L4_*` and `EVENT_PLAINTEXT_DENIED`: the deciding policy, a `str_id` of `mesh_pol_strs` in generation
     /// `policy_gen` (0: none, the default deny); 0 otherwise.
     pub policy_str: u32,
     /// `EVENT_L4_*`: the policy generation the kernel decided with; 0 otherwise.
@@ -205,6 +205,10 @@ pub const EVENT_PLAINTEXT_PERMISSIVE: u32 = 2;
 pub const EVENT_L4_DENIED: u32 = 3;
 /// A connect would have been denied by a dry-run policy; it was allowed.
 pub const EVENT_L4_WOULD_DENY: u32 = 4;
+/// Plaintext from outside the mesh to a PERMISSIVE workload was refused by authorization
+/// policy (its SYN dropped): `policy_str`/`policy_gen` name the deciding policy (0: a default
+/// deny, or a decision that needs the HTTP request, which plaintext cannot reach the agent for).
+pub const EVENT_PLAINTEXT_DENIED: u32 = 5;
 
 /// `::ffff:a.b.c.d` in network order, from an IPv4 address in network order.
 #[inline(always)]
@@ -266,6 +270,12 @@ mod pod {
     unsafe impl aya::Pod for policy::PolStrKey {}
     #[allow(unsafe_code)]
     unsafe impl aya::Pod for policy::PolStrValue {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for policy::PolPlainData {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for policy::PolPlainKey {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for policy::PolPlainValue {}
 }
 
 #[cfg(test)]

@@ -40,9 +40,13 @@ pub const MAP_POL_L7: &str = "mesh_pol_l7";
 pub const MAP_POL_OPS: &str = "mesh_pol_ops";
 /// Policy: interned strings (`PolStrKey` → `PolStrValue`).
 pub const MAP_POL_STRS: &str = "mesh_pol_strs";
+/// Policy: source class of plaintext per source prefix (LPM trie, `PolPlainKey` →
+/// `PolPlainValue`).
+pub const MAP_POL_PLAIN: &str = "mesh_pol_plain";
 
 /// The policy maps.
-pub const POLICY_MAPS: [&str; 6] = [
+pub const POLICY_MAPS: [&str; 7] = [
+    MAP_POL_PLAIN,
     MAP_POL_SRC,
     MAP_POL_DST,
     MAP_POL_L4,
@@ -52,7 +56,7 @@ pub const POLICY_MAPS: [&str; 6] = [
 ];
 
 /// Every map the agent pins, in load order.
-pub const ALL_MAPS: [&str; 14] = [
+pub const ALL_MAPS: [&str; 15] = [
     MAP_WORKLOADS,
     MAP_DESTS,
     MAP_CONFIG,
@@ -67,10 +71,16 @@ pub const ALL_MAPS: [&str; 14] = [
     MAP_POL_L7,
     MAP_POL_OPS,
     MAP_POL_STRS,
+    MAP_POL_PLAIN,
 ];
 
 /// Every program the agent attaches.
 pub const ALL_PROGS: [&str; 4] = [PROG_CONNECT4, PROG_CONNECT6, PROG_SOCKOPS, PROG_INGRESS];
+
+/// Pin of the `bpf_link` attaching each program to the pod cgroup parent, in the pin
+/// directory: `link_<program name>`. The pinned links keep the programs attached when no
+/// agent runs (the mesh stays closed); only `mesh-agent uninstall` removes them.
+pub const LINK_PIN_PREFIX: &str = "link_";
 
 /// Default bpffs directory for pins.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/mesh";

@@ -220,6 +220,18 @@ pub const POL_FIELD_NOT_PATH: u32 = 4;
 pub const POL_FIELD_HOST: u32 = 5;
 /// Request host, negated.
 pub const POL_FIELD_NOT_HOST: u32 = 6;
+/// A request header (`when` `request.headers[<name>]` values): the pattern string is
+/// `<lowercase name>:<pattern>` (header names have no `:`), also for presence.
+pub const POL_FIELD_HEADER: u32 = 7;
+/// A request header, negated (`notValues`).
+pub const POL_FIELD_NOT_HEADER: u32 = 8;
+/// The low bits of `PolOpValue::field` name the field; the high bits a group: terms of one
+/// (field, group) are alternatives, groups are ANDed. Methods, paths and hosts use group 0;
+/// each `when` condition of a rule has its own group (two conditions on one header must
+/// both hold).
+pub const POL_FIELD_MASK: u32 = 0xffff;
+/// Shift of the group in `PolOpValue::field`.
+pub const POL_FIELD_GROUP_SHIFT: u32 = 16;
 
 /// Exact match.
 pub const POL_MATCH_EXACT: u32 = 1;
@@ -227,12 +239,51 @@ pub const POL_MATCH_EXACT: u32 = 1;
 pub const POL_MATCH_PREFIX: u32 = 2;
 /// Suffix match (`*x`).
 pub const POL_MATCH_SUFFIX: u32 = 3;
-/// Presence (`*`): any non-empty value.
+/// Presence (`*`): any non-empty value (for headers: the header is present).
 pub const POL_MATCH_PRESENCE: u32 = 4;
+/// A path template with `{*}`/`{**}` (Envoy's URI template match, as Istio uses it).
+pub const POL_MATCH_TEMPLATE: u32 = 5;
 
 /// Capacities (`max_entries`) of the policy maps. Two generations coexist during a swap:
 /// one compile may use at most [`budget`] of each.
+/// Data of a `mesh_pol_plain` key (an LPM trie): the generation, then a source address
+/// (IPv4-mapped for IPv4, network order). The trie's `prefix_len` covers both: 32 bits of
+/// generation plus the address prefix ([`PLAIN_GEN_BITS`]).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PolPlainData {
+    pub gen: u32,
+    pub addr_be: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<PolPlainData>() == 20);
+
+/// A `mesh_pol_plain` key as the kernel lays it out (`bpf_lpm_trie_key`): prefix length in
+/// bits, then the data.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PolPlainKey {
+    pub prefix_len: u32,
+    pub data: PolPlainData,
+}
+const _: () = assert!(core::mem::size_of::<PolPlainKey>() == 24);
+
+/// Bits of a `mesh_pol_plain` prefix taken by the generation.
+pub const PLAIN_GEN_BITS: u32 = 32;
+
+/// Value of `mesh_pol_plain`: the source class of plaintext (no mTLS: no principal, no
+/// namespace) from the addresses under the prefix. Plaintext accepted under PERMISSIVE is
+/// authorized in the kernel with this class: its ipBlocks membership is that of the longest
+/// matching block (prefixes nest or are disjoint), and each family has a default entry.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct PolPlainValue {
+    pub class_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<PolPlainValue>() == 4);
+
 pub mod capacity {
+    /// `mesh_pol_plain`: one entry per distinct ipBlock/`source.ip` block, plus two.
+    pub const POL_PLAIN: u32 = 8_192;
     /// `mesh_pol_src`: one entry per workload of the mesh.
     pub const POL_SRC: u32 = 65_536;
     /// `mesh_pol_dst`: one entry per workload selected by some policy.

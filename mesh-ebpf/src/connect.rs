@@ -81,7 +81,7 @@ fn emit_policy_event(kind: u32, gen: u32, orig: &OrigDst, policy_str: u32) {
 
 /// The L4 entry for (set, class, port), else (set, class, 0).
 #[inline(always)]
-fn l4_entry(gen: u32, set_id: u32, class_id: u32, port: u32) -> Option<PolL4Value> {
+pub fn l4_entry(gen: u32, set_id: u32, class_id: u32, port: u32) -> Option<PolL4Value> {
     let key = PolL4Key {
         gen,
         set_id,

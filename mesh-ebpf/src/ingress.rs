@@ -7,21 +7,37 @@
 //! is an enrolled workload passes when it comes from the mesh: the local
 //! agent's listener address, the address of a mesh agent (`mesh_peers`) or
 //! loopback. Otherwise it is plaintext from outside the mesh: dropped for a
-//! STRICT workload (the client sees its SYN go unanswered), passed and
-//! flagged for a PERMISSIVE one. Both are counted and emitted as events.
+//! STRICT workload (the client sees its SYN go unanswered); for a PERMISSIVE
+//! one it is authorized as Istio authorizes plaintext — with no principal and
+//! no namespace, its source address against ipBlocks, the destination port —
+//! and passed (flagged) or dropped. Every case is counted and emitted as an
+//! event.
+//!
+//! Plaintext authorization (active policy generation `g`): no `mesh_pol_dst`
+//! entry with a set for the destination → no policy selects it, passed. Else
+//! the class of the source address is the longest match in `mesh_pol_plain`
+//! (every generation has a default per family; none found is an
+//! inconsistency: dropped), and the L4 entry for (set, class, port) decides:
+//! `POL_ALLOW` passes; `POL_DENY` drops; `POL_L7` drops too — a decision that
+//! needs the HTTP request cannot be made here, and a plaintext connection
+//! cannot be carried through the agent, so it fails closed (a documented
+//! difference from Istio, which would evaluate the request).
 
+use aya_ebpf::btf_maps::lpm_trie::Key;
 use aya_ebpf::{
     helpers::generated::{bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
     programs::SkBuffContext,
 };
 use mesh_common::{
-    counters as ctr, mapped_v4, AgentConfig, Event, IpKey, AF_INET, AF_INET6, CONFIG_F_IPV6,
+    counters as ctr, mapped_v4,
+    policy::{PolDstKey, PolPlainData, PLAIN_GEN_BITS, POL_ALLOW},
+    AgentConfig, Event, IpKey, AF_INET, AF_INET6, CONFIG_F_IPV6, EVENT_PLAINTEXT_DENIED,
     EVENT_PLAINTEXT_PERMISSIVE, EVENT_PLAINTEXT_REFUSED, WORKLOAD_F_PERMISSIVE,
 };
 
 use crate::{
     connect,
-    maps::{count, emit, PEERS},
+    maps::{count, emit, PEERS, POL_DST, POL_PLAIN},
     workload,
 };
 
@@ -93,12 +109,23 @@ pub fn try_ingress(ctx: &SkBuffContext) -> Result<i32, ParseError> {
         return Ok(VERDICT_PASS);
     }
     let permissive = w.flags & WORKLOAD_F_PERMISSIVE != 0;
+    let (kind, verdict, policy_str) = if !permissive {
+        count(ctr::INGRESS_PLAINTEXT_REFUSED);
+        (EVENT_PLAINTEXT_REFUSED, VERDICT_DROP, 0)
+    } else {
+        match authorize_plaintext(cfg.policy_gen, w.workload_id, &syn) {
+            Ok(()) => {
+                count(ctr::INGRESS_PLAINTEXT_PERMISSIVE);
+                (EVENT_PLAINTEXT_PERMISSIVE, VERDICT_PASS, 0)
+            }
+            Err(policy_str) => {
+                count(ctr::INGRESS_PLAINTEXT_DENIED_POLICY);
+                (EVENT_PLAINTEXT_DENIED, VERDICT_DROP, policy_str)
+            }
+        }
+    };
     let event = Event {
-        kind: if permissive {
-            EVENT_PLAINTEXT_PERMISSIVE
-        } else {
-            EVENT_PLAINTEXT_REFUSED
-        },
+        kind,
         workload_id: w.workload_id,
         src_addr_be: syn.src,
         dst_addr_be: syn.dst,
@@ -106,17 +133,56 @@ pub fn try_ingress(ctx: &SkBuffContext) -> Result<i32, ParseError> {
         dst_port_be: syn.dst_port_be,
         family: u32::from(syn.family),
         peer_workload_id: 0,
-        policy_str: 0,
-        policy_gen: 0,
+        policy_str,
+        policy_gen: if kind == EVENT_PLAINTEXT_DENIED {
+            cfg.policy_gen
+        } else {
+            0
+        },
         _reserved: 0,
     };
     emit(&event);
-    if permissive {
-        count(ctr::INGRESS_PLAINTEXT_PERMISSIVE);
-        Ok(VERDICT_PASS)
-    } else {
-        count(ctr::INGRESS_PLAINTEXT_REFUSED);
-        Ok(VERDICT_DROP)
+    Ok(verdict)
+}
+
+/// Authorizes plaintext (no principal, no namespace) from `syn.src` to workload `dst_id` on
+/// `syn.dst_port_be`, with generation `gen` (see the module docs). `Err` carries the deciding
+/// policy string (0: default deny, a lookup inconsistency, or a decision needing HTTP).
+#[inline(always)]
+fn authorize_plaintext(gen: u32, dst_id: u32, syn: &Syn) -> Result<(), u32> {
+    if gen == 0 {
+        return Ok(());
+    }
+    let dst_key = PolDstKey {
+        gen,
+        workload_id: dst_id,
+    };
+    // SAFETY: read-only lookup, value copied out.
+    let Some(dst) = (unsafe { POL_DST.get(dst_key) }).copied() else {
+        return Ok(());
+    };
+    if dst.set_id == 0 {
+        return Ok(());
+    }
+    let key = Key::new(
+        PLAIN_GEN_BITS + 128,
+        PolPlainData {
+            gen,
+            addr_be: syn.src,
+        },
+    );
+    let Some(class) = POL_PLAIN.get(&key).map(|v| v.class_id) else {
+        count(ctr::POLICY_LOOKUP_ERRORS);
+        return Err(0);
+    };
+    let port = u32::from(u16::from_be(syn.dst_port_be));
+    match connect::l4_entry(gen, dst.set_id, class, port) {
+        Some(e) if e.verdict == POL_ALLOW => Ok(()),
+        Some(e) => Err(e.policy_str),
+        None => {
+            count(ctr::POLICY_LOOKUP_ERRORS);
+            Err(0)
+        }
     }
 }
 

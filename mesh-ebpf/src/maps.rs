@@ -2,14 +2,15 @@
 //! Names and capacities come from `mesh_common`; the agent pins them.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use mesh_common::{
     capacity as cap, counters,
     policy::{
         capacity as pcap, PolDstKey, PolDstValue, PolL4Key, PolL4Value, PolL7Key, PolL7Value,
-        PolOpKey, PolOpValue, PolSrcKey, PolSrcValue, PolStrKey, PolStrValue,
+        PolOpKey, PolOpValue, PolPlainData, PolPlainValue, PolSrcKey, PolSrcValue, PolStrKey,
+        PolStrValue,
     },
     AgentConfig, CgroupKey, ConnKey, DestValue, Event, IpKey, OrigDst, PeerValue, WorkloadValue,
 };
@@ -73,6 +74,11 @@ pub static POL_OPS: HashMap<PolOpKey, PolOpValue, { pcap::POL_OPS as usize }> = 
 /// Policy: interned strings (agent only, as `mesh_pol_l7`).
 #[btf_map(name = "mesh_pol_strs")]
 pub static POL_STRS: HashMap<PolStrKey, PolStrValue, { pcap::POL_STRS as usize }> = HashMap::new();
+
+/// Policy: the source class of plaintext per (generation, source prefix), longest match.
+#[btf_map(name = "mesh_pol_plain")]
+pub static POL_PLAIN: LpmTrie<PolPlainData, PolPlainValue, { pcap::POL_PLAIN as usize }> =
+    LpmTrie::new();
 
 /// Sends an event to the agent; a full ring buffer is counted, not retried.
 #[inline(always)]

@@ -72,6 +72,13 @@ pub struct AgentSpec {
 }
 
 impl AgentSpec {
+    /// `--handoff-socket`: per node, in this run's log directory.
+    pub fn handoff_socket(&self) -> PathBuf {
+        self.log_dir
+            .join(format!("handoff-{}", self.node))
+            .join("handoff.sock")
+    }
+
     fn command(&self) -> Command {
         let mut cmd = Command::new(agent_bin());
         cmd.arg("run")
@@ -100,6 +107,8 @@ impl AgentSpec {
         }
         cmd.arg("--pin-dir")
             .arg(&self.pin_dir)
+            .arg("--handoff-socket")
+            .arg(self.handoff_socket())
             .arg("--log-format")
             .arg("json")
             .args(&self.extra_args);
@@ -414,6 +423,40 @@ impl Agent {
             self.stop();
         }
         self.launch();
+    }
+
+    /// An upgrade in place: starts a second agent with the same arguments while this one
+    /// runs; the new one takes the listening sockets over the handoff socket and, once it is
+    /// ready, the old one drains and exits (bounded: it must exit within `drain` plus
+    /// [`STOP_TIMEOUT`]). Returns the old process's exit status.
+    #[track_caller]
+    pub fn upgrade(&mut self, drain: Duration) -> ExitStatus {
+        let mut old = self.proc.take().expect("agent was started");
+        self.launch();
+        match old.wait_timeout(drain + STOP_TIMEOUT) {
+            Some(s) => s,
+            None => {
+                let tail = sys::tail(old.stdout_path(), 30);
+                old.kill();
+                panic!(
+                    "old agent {} did not exit after the handoff
+{tail}",
+                    self.spec.node
+                );
+            }
+        }
+    }
+
+    /// Runs `mesh-agent uninstall --pin-dir <this node's>` and returns its output.
+    pub fn uninstall(&self) -> std::process::Output {
+        Command::new(agent_bin())
+            .arg("uninstall")
+            .arg("--pin-dir")
+            .arg(&self.spec.pin_dir)
+            .arg("--output")
+            .arg("json")
+            .output()
+            .expect("running mesh-agent uninstall")
     }
 
     fn dump_on_panic(&self) {

@@ -9,8 +9,8 @@ use std::{io, net::SocketAddr, sync::Arc};
 
 use aya::maps::{MapData, RingBuf};
 use mesh_common::{
-    Event, EVENT_L4_DENIED, EVENT_L4_WOULD_DENY, EVENT_PLAINTEXT_PERMISSIVE,
-    EVENT_PLAINTEXT_REFUSED,
+    Event, EVENT_L4_DENIED, EVENT_L4_WOULD_DENY, EVENT_PLAINTEXT_DENIED,
+    EVENT_PLAINTEXT_PERMISSIVE, EVENT_PLAINTEXT_REFUSED,
 };
 use tokio::{
     io::{unix::AsyncFd, Interest},
@@ -32,6 +32,8 @@ pub enum EventKind {
     L4Denied,
     /// `EVENT_L4_WOULD_DENY`: a connect a dry-run policy would have denied.
     L4WouldDeny,
+    /// `EVENT_PLAINTEXT_DENIED`: plaintext to a PERMISSIVE workload refused by policy.
+    PlaintextDenied,
 }
 
 /// An event kind this build does not know.
@@ -48,6 +50,7 @@ impl TryFrom<u32> for EventKind {
             EVENT_PLAINTEXT_PERMISSIVE => Ok(Self::PlaintextPermissive),
             EVENT_L4_DENIED => Ok(Self::L4Denied),
             EVENT_L4_WOULD_DENY => Ok(Self::L4WouldDeny),
+            EVENT_PLAINTEXT_DENIED => Ok(Self::PlaintextDenied),
             other => Err(UnknownKind(other)),
         }
     }
@@ -205,6 +208,17 @@ fn log_event(event: &Event, registry: &Registry, view: &PolicyView, trust_domain
         Ok(EventKind::PlaintextRefused) => {
             warn!(src = %src, dst = %dst, dst_workload = %dst_workload, "plaintext refused");
         }
+        Ok(EventKind::PlaintextDenied) => warn!(
+            layer = "l4",
+            side = "kernel",
+            src = %src,
+            dst = %dst,
+            dst_workload = %dst_workload,
+            port = dst.port(),
+            policy = %policy_name(event, view),
+            generation = event.policy_gen,
+            "plaintext denied by policy"
+        ),
         Ok(EventKind::PlaintextPermissive) => warn!(
             src = %src,
             dst = %dst,

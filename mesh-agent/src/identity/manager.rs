@@ -39,6 +39,7 @@ use super::authority::{
 };
 use super::cache::CertCache;
 use super::cert::{Serial, WorkloadCert};
+use super::persist::{PersistedTrust, StateDir};
 use super::service::AuthorityClient;
 use super::spiffe::{NodeId, SpiffeId};
 use super::verify::{self, SniCertResolver, TrustStore};
@@ -75,6 +76,12 @@ pub struct ManagerConfig {
     /// How long [`IdentityManager::start`] keeps trying to obtain the first certificates.
     /// Default 30 s.
     pub startup_timeout: Duration,
+    /// Where certificates, keys and the trust state are persisted ([`super::persist`]). With
+    /// it, a start restores the persisted certificates that are still valid and does not wait
+    /// for the authority when they cover every workload; past `startup_timeout` it starts
+    /// with what it has (workloads without a certificate cannot connect until the authority
+    /// issues one) instead of failing. Without it (tests), start-up needs the authority.
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 impl ManagerConfig {
@@ -87,6 +94,7 @@ impl ManagerConfig {
             lifetime: DEFAULT_WORKLOAD_LIFETIME,
             refresh: Duration::from_secs(1),
             startup_timeout: Duration::from_secs(30),
+            state_dir: None,
         }
     }
 }
@@ -133,6 +141,8 @@ pub struct IdentityManager {
     revocation_gen: watch::Sender<u64>,
     /// Whether the last refresh reached the authority (log transitions only).
     authority_up: AtomicBool,
+    /// Persisted state, if configured.
+    persist: Option<StateDir>,
 }
 
 impl std::fmt::Debug for IdentityManager {
@@ -235,14 +245,21 @@ impl IdentityManager {
             rotations_err: AtomicU64::new(0),
             revocation_gen,
             authority_up: AtomicBool::new(true),
+            persist: match &cfg.state_dir {
+                None => None,
+                Some(dir) => Some(StateDir::open(dir).map_err(|e| IdentityError::Protocol {
+                    detail: format!("state directory {}: {e}", dir.display()),
+                })?),
+            },
         });
+        let restored = manager.restore();
 
         let started = Instant::now();
         let deadline = started + cfg.startup_timeout;
         let mut backoff = BACKOFF_MIN;
         // The last real failure: a round cut short by the deadline does not hide it.
         let mut last_err: Option<IdentityError> = None;
-        loop {
+        while !(restored > 0 && manager.missing().is_empty()) {
             let round = async {
                 manager.refresh_logged().await;
                 let mut last = None;
@@ -259,6 +276,12 @@ impl IdentityManager {
                 Ok(None) | Err(_) => {}
             }
             let now = Instant::now();
+            if now >= deadline && manager.persist.is_some() {
+                let pending = manager.missing();
+                warn!(pending = pending.len(), restored, after_secs = cfg.startup_timeout.as_secs(),
+                      "starting without certificates for some workloads; they cannot connect until the authority issues them");
+                break;
+            }
             if now >= deadline {
                 return Err(IdentityError::Startup {
                     pending: manager.missing().iter().map(ToString::to_string).collect(),
@@ -391,6 +414,82 @@ impl IdentityManager {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// Installs the persisted trust and the persisted certificates that are still usable
+    /// (wanted, not expired, chaining to the bundle, not revoked). Returns how many.
+    fn restore(&self) -> usize {
+        let Some(persist) = &self.persist else {
+            return 0;
+        };
+        match persist.load_trust() {
+            Ok(Some(t)) => match self.trust.set_bundle_pem(&t.bundle_pem) {
+                Ok(()) => {
+                    self.trust.set_revoked(t.revoked.iter().cloned());
+                    let mut state = self.lock();
+                    state.bundle_pem = t.bundle_pem;
+                    state.revoked = t.revoked;
+                }
+                Err(e) => {
+                    warn!(error = %e, "persisted trust bundle unusable; using the join bundle")
+                }
+            },
+            Ok(None) => {}
+            Err(e) => {
+                warn!(error = %e, dir = %persist.path().display(), "persisted trust unreadable; using the join bundle")
+            }
+        }
+        let (certs, bad) = match persist.load_certs(&self.workloads) {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(error = %e, dir = %persist.path().display(), "persisted certificates unreadable");
+                return 0;
+            }
+        };
+        for (path, why) in bad {
+            warn!(file = %path.display(), error = %why, "persisted certificate skipped");
+        }
+        let now = SystemTime::now();
+        let mut restored = 0;
+        for cert in certs {
+            let usable = !cert.is_expired_at(now)
+                && self.trust.verify_workload_cert(&cert).is_ok()
+                && !self.trust.is_revoked(cert.serial());
+            if !usable {
+                info!(identity = %cert.identity(), serial = %cert.serial(), "persisted certificate no longer usable");
+                continue;
+            }
+            let mut state = self.lock();
+            self.resolver.insert(&cert);
+            info!(identity = %cert.identity(), serial = %cert.serial(),
+                  expires_in_secs = cert.remaining().as_secs(), "workload certificate restored");
+            state.certs.insert(cert);
+            restored += 1;
+        }
+        restored
+    }
+
+    fn persist_cert(&self, cert: &WorkloadCert) {
+        if let Some(p) = &self.persist {
+            if let Err(e) = p.save_cert(cert) {
+                warn!(identity = %cert.identity(), error = %e, "persisting a certificate");
+            }
+        }
+    }
+
+    fn persist_trust(&self) {
+        if let Some(p) = &self.persist {
+            let t = {
+                let state = self.lock();
+                PersistedTrust {
+                    bundle_pem: state.bundle_pem.clone(),
+                    revoked: state.revoked.clone(),
+                }
+            };
+            if let Err(e) = p.save_trust(&t) {
+                warn!(error = %e, "persisting the trust state");
+            }
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -431,6 +530,7 @@ impl IdentityManager {
                     replaced
                 };
                 self.rotations_ok.fetch_add(1, Ordering::Relaxed);
+                self.persist_cert(&cert);
                 info!(identity = %id, serial = %cert.serial(),
                       expires_in_secs = cert.remaining().as_secs(),
                       rotation = kind.as_str(),
@@ -471,12 +571,14 @@ impl IdentityManager {
         };
         let revoked: BTreeSet<Serial> = revoked.into_iter().collect();
         let mut revocations_changed = false;
+        let mut bundle_changed = false;
         {
             let mut state = self.lock();
             if state.bundle_pem != bundle {
                 self.trust.set_bundle_pem(&bundle)?;
                 state.bundle_pem = bundle;
                 state.bundle_gen += 1;
+                bundle_changed = true;
                 info!(roots = self.trust.roots().len(), "trust bundle updated");
                 // Ours must still verify (e.g. their root was retired): re-issue those now.
                 let stale: Vec<SpiffeId> = state
@@ -525,6 +627,9 @@ impl IdentityManager {
         }
         if revocations_changed {
             self.revocation_gen.send_modify(|g| *g += 1);
+        }
+        if revocations_changed || bundle_changed {
+            self.persist_trust();
         }
         Ok(())
     }
@@ -1015,6 +1120,56 @@ mod tests {
         })
         .await;
         m.rotate_now().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn restarts_from_persisted_certificates_while_the_authority_is_down() {
+        let mut ca = Ca::new("mgr-persist").await;
+        let state = TempDir::new("mgr-persist-state");
+        let mut cfg = ca.config("n1", &["sa-a", "sa-c"]);
+        cfg.state_dir = Some(state.0.clone());
+        let (a, c) = (wid("default", "sa-a"), wid("default", "sa-c"));
+        let (_stop, rx) = stop_channel();
+        let first = IdentityManager::start(cfg.clone(), rx.clone())
+            .await
+            .unwrap();
+        let held = first.certificate(&a).unwrap();
+        drop(first);
+        ca.stop().await;
+
+        // Authority down: the restart takes the persisted certificates, without waiting.
+        let started = Instant::now();
+        let m = IdentityManager::start(cfg.clone(), rx.clone())
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "waited for the authority"
+        );
+        assert_eq!(m.certificate(&a).unwrap().serial(), held.serial());
+        let (s, cl) = handshake(m.server_config(), m.client_config(&a, &c).unwrap(), &c).await;
+        assert!(
+            s.is_ok() && cl.is_ok(),
+            "serves from persisted state: {s:?} {cl:?}"
+        );
+        drop(m);
+
+        // A tampered certificate file is skipped, not fatal; with nothing usable and the
+        // authority down, the start waits its timeout and then serves what it has.
+        for e in std::fs::read_dir(state.0.join("certs")).unwrap().flatten() {
+            std::fs::write(e.path(), b"{\"chain_pem\":\"x\",\"key_pem\":\"y\"}").unwrap();
+        }
+        cfg.startup_timeout = Duration::from_millis(300);
+        let m = IdentityManager::start(cfg, rx).await.unwrap();
+        assert!(
+            m.certificate(&a).is_none(),
+            "no certificate from a bad file"
+        );
+        ca.restart().await;
+        eventually("issued once the authority is back", || {
+            m.certificate(&a).is_some()
+        })
+        .await;
     }
 
     #[tokio::test]

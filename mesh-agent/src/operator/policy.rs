@@ -1,10 +1,11 @@
-//! `mesh-agent policy lint|apply|show`: check a policy directory, write it to a node's pinned
-//! maps (the running agent picks the new generation up within a second, AuthorizationPolicy
-//! and PeerAuthentication alike), show the active generation.
+//! `mesh-agent policy lint|apply|show|check`: check a policy directory, write it to a node's
+//! pinned maps (the running agent picks the new generation up within a second,
+//! AuthorizationPolicy and PeerAuthentication alike), show the active generation, decide one
+//! request as the destination agent would ([`crate::policy::check`]).
 //!
 //! Exit codes: 0 success, 2 bad input (the policy, the registry, a capacity refusal: nothing
 //! was changed), 1 runtime failure (the pinned maps could not be opened or written; the
-//! active generation stays).
+//! active generation stays). `check`: 0 allow, 3 deny, 2 bad input, 1 runtime failure.
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc};
 
@@ -17,7 +18,8 @@ use super::{error_chain, print, with_stderr_logs, OutputFormat};
 use crate::{
     identity::{IdentityError, NodeCredentials},
     policy::{
-        compile::{compile, CompileError},
+        check::{self, CheckError, CheckRequest, HttpRequest, PolicySource, RequestSource},
+        compile::{compile_with, CompileError},
         maps::{MapsError, PolicyMaps},
         source::{load_dir, ApplyError, CompileContext, LoadError},
     },
@@ -45,6 +47,9 @@ pub enum PolicyCommand {
     Apply(ApplyArgs),
     /// Show the active generation of the pinned maps.
     Show(ShowArgs),
+    /// Decide one connection or HTTP request as the destination agent would (the same
+    /// compiled maps and decision code). Exit code 0 allow, 3 deny, 2 bad input.
+    Check(CheckArgs),
 }
 
 /// What compiling needs besides the directory.
@@ -61,6 +66,10 @@ pub struct CompileArgs {
     /// its certificate's trust domain, unless --trust-domain overrides it.
     #[arg(long, env = "MESH_IDENTITY_DIR")]
     pub identity_dir: Option<PathBuf>,
+    /// A trust domain treated as the mesh's own in principals (Istio's
+    /// `trustDomainAliases`); repeatable, as the agent's `run --trust-domain-alias`.
+    #[arg(long = "trust-domain-alias", value_delimiter = ',')]
+    pub trust_domain_aliases: Vec<String>,
 }
 
 impl CompileArgs {
@@ -122,6 +131,54 @@ pub struct ShowArgs {
     pub output: OutputFormat,
 }
 
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("policy").required(true).args(["policy_dir", "pin_dir"])))]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["from", "from_ip"])))]
+pub struct CheckArgs {
+    /// The mesh's path normalization, as the agents run with (`--path-normalization`).
+    #[arg(long, value_enum, ignore_case = true,
+          default_value_t = crate::proxy::l7::normalize::PathNormalization::default())]
+    pub path_normalization: crate::proxy::l7::normalize::PathNormalization,
+    /// The policy directory to compile (as `policy apply` and the agent compile it).
+    #[arg(long)]
+    pub policy_dir: Option<PathBuf>,
+    /// Instead of --policy-dir: a node agent's pin directory, to check against its live
+    /// generation.
+    #[arg(long)]
+    pub pin_dir: Option<PathBuf>,
+    /// The workload registry.
+    #[arg(long)]
+    pub registry: PathBuf,
+    /// The source workload, `namespace/name` as in the registry.
+    #[arg(long)]
+    pub from: Option<String>,
+    /// The source address: a workload's, or with --plaintext any address.
+    #[arg(long)]
+    pub from_ip: Option<std::net::IpAddr>,
+    /// The connection is plaintext (no principal, no namespace), not mTLS.
+    #[arg(long)]
+    pub plaintext: bool,
+    /// The destination workload (`namespace/name`) or address.
+    #[arg(long)]
+    pub to: String,
+    /// The destination port.
+    #[arg(long)]
+    pub port: u16,
+    /// HTTP method (on an HTTP port; default GET).
+    #[arg(long)]
+    pub method: Option<String>,
+    /// HTTP request target as sent, raw (on an HTTP port; default `/`).
+    #[arg(long)]
+    pub path: Option<String>,
+    /// HTTP `Host` / `:authority` (default: none).
+    #[arg(long)]
+    pub host: Option<String>,
+    #[command(flatten)]
+    pub compile: CompileArgs,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
 /// Why a policy command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum OperatorError {
@@ -145,6 +202,8 @@ pub enum OperatorError {
     Maps(#[from] MapsError),
     #[error("writing the output: {0}")]
     Output(#[source] std::io::Error),
+    #[error(transparent)]
+    Check(#[from] CheckError),
 }
 
 impl OperatorError {
@@ -152,7 +211,7 @@ impl OperatorError {
         matches!(
             self,
             Self::Registry(_) | Self::Load { .. } | Self::Compile(_) | Self::Credentials { .. }
-        )
+        ) || matches!(self, Self::Check(e) if e.is_bad_input())
     }
 }
 
@@ -169,7 +228,7 @@ impl From<ApplyError> for OperatorError {
 /// Runs a `policy` command; logs go to stderr.
 pub fn main(args: PolicyArgs) -> ExitCode {
     match with_stderr_logs(|| run(args.command)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {}", error_chain(&e));
             ExitCode::from(if e.is_config() { 2 } else { 1 })
@@ -177,12 +236,51 @@ pub fn main(args: PolicyArgs) -> ExitCode {
     }
 }
 
-fn run(command: PolicyCommand) -> Result<(), OperatorError> {
+/// Runs one command; returns the exit code of a completed command.
+fn run(command: PolicyCommand) -> Result<u8, OperatorError> {
     match command {
-        PolicyCommand::Lint(a) => lint(a),
-        PolicyCommand::Apply(a) => apply(a),
-        PolicyCommand::Show(a) => show(a),
+        PolicyCommand::Lint(a) => lint(a).map(|()| 0),
+        PolicyCommand::Apply(a) => apply(a).map(|()| 0),
+        PolicyCommand::Show(a) => show(a).map(|()| 0),
+        PolicyCommand::Check(a) => check(a),
     }
+}
+
+/// `policy check`: 0 allow, 3 deny.
+fn check(a: CheckArgs) -> Result<u8, OperatorError> {
+    let registry = Arc::new(Registry::load_all(&a.registry)?);
+    let trust_domain = a.compile.trust_domain()?;
+    let source = match (a.policy_dir, a.pin_dir) {
+        (Some(dir), _) => PolicySource::Dir(dir),
+        (None, Some(pin)) => PolicySource::Pinned(pin),
+        // clap requires one of them.
+        (None, None) => PolicySource::Dir(PathBuf::from(".")),
+    };
+    let view = source.view(
+        Arc::clone(&registry),
+        &a.compile.root_namespace,
+        &trust_domain,
+    )?;
+    let from = match (a.from, a.from_ip) {
+        (Some(name), _) => RequestSource::Workload(name),
+        (None, Some(ip)) => RequestSource::Ip(ip),
+        (None, None) => RequestSource::Workload(String::new()),
+    };
+    let req = CheckRequest {
+        from,
+        plaintext: a.plaintext,
+        to: a.to,
+        port: a.port,
+        http: HttpRequest {
+            method: a.method,
+            path: a.path,
+            host: a.host,
+        },
+        path_normalization: a.path_normalization,
+    };
+    let report = check::check(Arc::new(view), &registry, &trust_domain, &req)?;
+    print(a.output, &report, &report.text()).map_err(OperatorError::Output)?;
+    Ok(report.exit_code())
 }
 
 #[derive(Serialize)]
@@ -207,12 +305,11 @@ fn lint(a: LintArgs) -> Result<(), OperatorError> {
     };
     if let Some(path) = &a.registry {
         let registry = Registry::load_all(path)?;
-        let c = compile(
-            &bundle,
-            &registry,
-            &a.compile.root_namespace,
-            &a.compile.trust_domain()?,
-        )?;
+        let tds = crate::policy::model::TrustDomains::new(
+            a.compile.trust_domain()?,
+            a.compile.trust_domain_aliases.clone(),
+        );
+        let c = compile_with(&bundle, &registry, &a.compile.root_namespace, &tds)?;
         out.l4_entries = Some(c.l4.len());
     }
     let text = format!(
@@ -240,6 +337,7 @@ fn apply(a: ApplyArgs) -> Result<(), OperatorError> {
         registry,
         root_ns: a.compile.root_namespace.clone(),
         trust_domain: trust_domain.clone(),
+        trust_domain_aliases: a.compile.trust_domain_aliases.clone(),
     };
     // Compiled before the maps are touched: a bad directory changes nothing.
     let (bundle, compiled) = ctx.load_and_compile(&a.dir)?;
@@ -285,8 +383,8 @@ struct ShowDestination {
 fn show(a: ShowArgs) -> Result<(), OperatorError> {
     let registry = a.registry.as_deref().map(Registry::load_all).transpose()?;
     let maps = PolicyMaps::open(&a.pin_dir)?;
-    let generation = maps.active_generation()?;
-    let view = maps.read_view(generation)?;
+    let view = maps.read_active_view()?;
+    let generation = view.generation();
     let destinations: Vec<ShowDestination> = view
         .destinations()
         .into_iter()
@@ -341,6 +439,7 @@ mod tests {
     fn args(trust_domain: Option<&str>, identity_dir: Option<PathBuf>) -> CompileArgs {
         CompileArgs {
             root_namespace: DEFAULT_ROOT_NAMESPACE.into(),
+            trust_domain_aliases: Vec::new(),
             trust_domain: trust_domain.map(str::to_owned),
             identity_dir,
         }

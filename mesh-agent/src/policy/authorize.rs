@@ -9,7 +9,7 @@ use std::{net::IpAddr, sync::Arc};
 use tokio::sync::watch;
 use tracing::info;
 
-use super::maps::{Family, L4Verdict, PolicyView};
+use super::maps::{Family, L4Decision, L4Verdict, PolicyView, RequestDecision, RequestFacts};
 use crate::proxy::authz::{
     Authorizer, ConnInfo, ConnVerdict, Policies, RequestAttrs, RequestVerdict,
 };
@@ -44,15 +44,40 @@ fn name(p: &Option<Arc<str>>) -> &str {
     p.as_deref().unwrap_or("-")
 }
 
-impl Authorizer for Snapshot {
-    fn connection(&self, c: &ConnInfo) -> ConnVerdict {
+/// A connection decision with what the view found: the verdict the proxies act on and the
+/// L4 decision behind it (`None`: the source is not a known workload).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnExplained {
+    pub verdict: ConnVerdict,
+    pub l4: Option<L4Decision>,
+    /// The connection is served request by request (an HTTP port it is allowed on): dry-run
+    /// and AUDIT results come from each request, not from `l4`.
+    pub per_request: bool,
+}
+
+/// A request decision with what the view found (`None`: no L4 key, see [`Snapshot::request`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestExplained {
+    pub verdict: RequestVerdict,
+    pub decision: Option<RequestDecision>,
+}
+
+impl Snapshot {
+    /// The connection decision of [`Authorizer::connection`], with its details (used by the
+    /// proxies through the trait, and by `mesh-agent policy check`).
+    pub fn explain_connection(&self, c: &ConnInfo) -> ConnExplained {
         let Some(src) = c.src_workload else {
             // The source is not a known workload of the verified identity (no or a foreign
             // `Forwarded` claim): only a destination without policy accepts it.
-            return match self.view.dst_set(c.dst_workload) {
+            let verdict = match self.view.dst_set(c.dst_workload) {
                 None if c.http => ConnVerdict::PerRequest,
                 None => ConnVerdict::Allow,
                 Some(_) => ConnVerdict::Deny { policy: None },
+            };
+            return ConnExplained {
+                per_request: verdict == ConnVerdict::PerRequest,
+                verdict,
+                l4: None,
             };
         };
         let d = self
@@ -62,7 +87,67 @@ impl Authorizer for Snapshot {
         // `httpPorts`: other bytes are refused): an allowed connection there is still served
         // request by request, so non-HTTP bytes never reach the pod.
         let per_request = c.http && d.verdict != L4Verdict::Deny;
-        if !per_request {
+        let verdict = match d.verdict {
+            L4Verdict::Deny => ConnVerdict::Deny {
+                policy: d.policy.as_ref().map(|p| p.to_string()),
+            },
+            L4Verdict::PerRequest => ConnVerdict::PerRequest,
+            L4Verdict::Allow if per_request => ConnVerdict::PerRequest,
+            L4Verdict::Allow => ConnVerdict::Allow,
+        };
+        ConnExplained {
+            verdict,
+            l4: Some(d),
+            per_request,
+        }
+    }
+
+    /// The request decision of [`Authorizer::request`], with its details.
+    pub fn explain_request(&self, c: &ConnInfo, req: &RequestAttrs<'_>) -> RequestExplained {
+        let Some((set, class)) = self.key(c) else {
+            let verdict = match self.view.dst_set(c.dst_workload) {
+                None => RequestVerdict::Allow,
+                Some(_) => RequestVerdict::Deny { policy: None },
+            };
+            return RequestExplained {
+                verdict,
+                decision: None,
+            };
+        };
+        let r = self.view.decide_request_with(
+            set,
+            class,
+            c.dst.port(),
+            &RequestFacts {
+                method: req.method,
+                path: req.path,
+                host: req.host.unwrap_or(""),
+                headers: req.headers,
+            },
+        );
+        let verdict = if r.allowed {
+            RequestVerdict::Allow
+        } else {
+            RequestVerdict::Deny {
+                policy: r.policy.as_ref().map(|p| p.to_string()),
+            }
+        };
+        RequestExplained {
+            verdict,
+            decision: Some(r),
+        }
+    }
+
+    /// The view this snapshot decides with.
+    pub fn view(&self) -> &PolicyView {
+        &self.view
+    }
+}
+
+impl Authorizer for Snapshot {
+    fn connection(&self, c: &ConnInfo) -> ConnVerdict {
+        let e = self.explain_connection(c);
+        if let (Some(d), false) = (&e.l4, e.per_request) {
             if let Some(would) = &d.dry_run_deny {
                 info!(layer = "l4", src_identity = %c.src_identity, dst = %c.dst,
                       dst_workload = %c.dst_name, policy = name(would),
@@ -74,49 +159,25 @@ impl Authorizer for Snapshot {
                       generation = self.view.generation(), "audit");
             }
         }
-        match d.verdict {
-            L4Verdict::Deny => ConnVerdict::Deny {
-                policy: d.policy.map(|p| p.to_string()),
-            },
-            L4Verdict::PerRequest => ConnVerdict::PerRequest,
-            L4Verdict::Allow if per_request => ConnVerdict::PerRequest,
-            L4Verdict::Allow => ConnVerdict::Allow,
-        }
+        e.verdict
     }
 
     fn request(&self, c: &ConnInfo, req: &RequestAttrs<'_>) -> RequestVerdict {
-        let Some((set, class)) = self.key(c) else {
-            return match self.view.dst_set(c.dst_workload) {
-                None => RequestVerdict::Allow,
-                Some(_) => RequestVerdict::Deny { policy: None },
-            };
-        };
-        let r = self.view.decide_request(
-            set,
-            class,
-            c.dst.port(),
-            req.method,
-            req.path,
-            req.host.unwrap_or(""),
-        );
-        if let Some(would) = &r.dry_run_deny {
-            info!(layer = "l7", src_identity = %c.src_identity, dst = %c.dst,
-                  dst_workload = %c.dst_name, method = req.method, path = req.path,
-                  policy = name(would), generation = self.view.generation(), "dry-run deny");
-        }
-        for audit in &r.audit {
-            info!(layer = "l7", src_identity = %c.src_identity, dst = %c.dst,
-                  dst_workload = %c.dst_name, method = req.method, path = req.path,
-                  allowed = r.allowed, policy = &**audit, generation = self.view.generation(),
-                  "audit");
-        }
-        if r.allowed {
-            RequestVerdict::Allow
-        } else {
-            RequestVerdict::Deny {
-                policy: r.policy.map(|p| p.to_string()),
+        let e = self.explain_request(c, req);
+        if let Some(r) = &e.decision {
+            if let Some(would) = &r.dry_run_deny {
+                info!(layer = "l7", src_identity = %c.src_identity, dst = %c.dst,
+                      dst_workload = %c.dst_name, method = req.method, path = req.path,
+                      policy = name(would), generation = self.view.generation(), "dry-run deny");
+            }
+            for audit in &r.audit {
+                info!(layer = "l7", src_identity = %c.src_identity, dst = %c.dst,
+                      dst_workload = %c.dst_name, method = req.method, path = req.path,
+                      allowed = r.allowed, policy = &**audit,
+                      generation = self.view.generation(), "audit");
             }
         }
+        e.verdict
     }
 
     fn generation(&self) -> u32 {
@@ -176,6 +237,7 @@ mod tests {
                 method: "GET",
                 path: "/",
                 host: None,
+                headers: &crate::policy::maps::NoHeaders,
             };
             assert_eq!(s.request(&conn(src, true), &req), RequestVerdict::Allow);
         }

@@ -37,19 +37,21 @@ use mesh_common::{
     names,
     policy::{
         budget, capacity, PolDstKey, PolDstValue, PolL4Key, PolL4Value, PolL7Key, PolL7Value,
-        PolOpKey, PolOpValue, PolSrcKey, PolSrcValue, PolStrKey, PolStrValue, POL_ACTION_ALLOW,
-        POL_ACTION_AUDIT, POL_ACTION_DENY, POL_ALLOW, POL_DENY, POL_DST_F_PERMISSIVE,
-        POL_FIELD_HOST, POL_FIELD_METHOD, POL_FIELD_NOT_HOST, POL_FIELD_NOT_METHOD,
-        POL_FIELD_NOT_PATH, POL_FIELD_PATH, POL_F_AUDIT, POL_F_AUDIT_L7, POL_F_DRY_RUN_DENY,
-        POL_F_DRY_RUN_L4_ALLOWED, POL_F_DRY_RUN_L7, POL_F_HAS_ALLOW, POL_F_L4_ALLOWED, POL_L7,
-        POL_L7_F_DRY_RUN, POL_MATCH_EXACT, POL_MATCH_PREFIX, POL_MATCH_PRESENCE, POL_MATCH_SUFFIX,
-        POL_STR_MAX,
+        PolOpKey, PolOpValue, PolPlainData, PolPlainKey, PolPlainValue, PolSrcKey, PolSrcValue,
+        PolStrKey, PolStrValue, PLAIN_GEN_BITS, POL_ACTION_ALLOW, POL_ACTION_AUDIT,
+        POL_ACTION_DENY, POL_ALLOW, POL_DENY, POL_DST_F_PERMISSIVE, POL_FIELD_GROUP_SHIFT,
+        POL_FIELD_HEADER, POL_FIELD_HOST, POL_FIELD_METHOD, POL_FIELD_NOT_HEADER,
+        POL_FIELD_NOT_HOST, POL_FIELD_NOT_METHOD, POL_FIELD_NOT_PATH, POL_FIELD_PATH, POL_F_AUDIT,
+        POL_F_AUDIT_L7, POL_F_DRY_RUN_DENY, POL_F_DRY_RUN_L4_ALLOWED, POL_F_DRY_RUN_L7,
+        POL_F_HAS_ALLOW, POL_F_L4_ALLOWED, POL_L7, POL_L7_F_DRY_RUN, POL_MATCH_EXACT,
+        POL_MATCH_PREFIX, POL_MATCH_PRESENCE, POL_MATCH_SUFFIX, POL_MATCH_TEMPLATE, POL_STR_MAX,
     },
 };
 
+use super::eval::{effective_port_mtls, Target};
 use super::model::{
-    Action, AuthorizationPolicy, IpNet, MtlsMode, Operation, PeerAuthentication, PolicyBundle,
-    Source, StringMatch,
+    Action, AuthorizationPolicy, Condition, IpNet, MtlsMode, Operation, PolicyBundle, Rule, Source,
+    StringMatch, TrustDomains,
 };
 use crate::registry::{Registry, Workload};
 
@@ -63,6 +65,22 @@ pub enum CompileError {
         map: &'static str,
         needed: usize,
         capacity: u32,
+    },
+    /// A `portLevelMtls` entry that changes whether plaintext is accepted on one port: the
+    /// kernel's inbound check is per workload, so it cannot be enforced exactly (refused
+    /// rather than dropped or widened).
+    #[error(
+        "PeerAuthentication {policy}: spec.portLevelMtls[{port}]: {port_mode:?} on workload \
+         {workload} whose mode is {mode:?} is not supported: per-port modes are enforced only \
+         where they agree with the workload's on accepting plaintext (STRICT vs \
+         PERMISSIVE/DISABLE)"
+    )]
+    PortLevelMtls {
+        policy: String,
+        workload: String,
+        port: u16,
+        port_mode: MtlsMode,
+        mode: MtlsMode,
     },
     /// A policy name or pattern longer than `mesh_pol_strs` holds.
     #[error("policy {policy}: value {value:?} is longer than {max} bytes")]
@@ -83,6 +101,9 @@ pub struct CompiledPolicy {
     pub l7: Vec<(PolL7Key, PolL7Value)>,
     pub ops: Vec<(PolOpKey, PolOpValue)>,
     pub strs: Vec<(PolStrKey, PolStrValue)>,
+    /// Source class of plaintext per source prefix (`mesh_pol_plain`), generation 0 in the
+    /// key data.
+    pub plain: Vec<(PolPlainKey, PolPlainValue)>,
     /// AuthorizationPolicies in the bundle.
     pub policies: usize,
     /// Distinct policy sets.
@@ -93,8 +114,9 @@ pub struct CompiledPolicy {
 
 impl CompiledPolicy {
     /// Entry counts per map, named, for logs and capacity checks.
-    pub fn sizes(&self) -> [(&'static str, usize, u32); 6] {
+    pub fn sizes(&self) -> [(&'static str, usize, u32); 7] {
         [
+            (names::MAP_POL_PLAIN, self.plain.len(), capacity::POL_PLAIN),
             (names::MAP_POL_SRC, self.src.len(), capacity::POL_SRC),
             (names::MAP_POL_DST, self.dst.len(), capacity::POL_DST),
             (names::MAP_POL_L4, self.l4.len(), capacity::POL_L4),
@@ -130,7 +152,14 @@ struct ClassKey {
     namespace: String,
     /// Membership in each block of [`Compiler::blocks`], in order.
     in_block: Vec<bool>,
+    /// The address family (4 or 6) when some policy has a `destination.ip` condition (the
+    /// destination's address then depends on it), else 0.
+    family: u8,
 }
+
+/// A destination's policy set: the policies selecting it, its HTTP ports, and (for
+/// `destination.ip`) its addresses' membership in each destination block, per family.
+type SetKey = (Vec<usize>, Vec<u16>, Vec<bool>, Vec<bool>);
 
 /// How far an operation, rule or policy is decided at L4.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -157,6 +186,8 @@ struct Decision {
 struct Compiler<'a> {
     policies: Vec<&'a AuthorizationPolicy>,
     blocks: Vec<IpNet>,
+    /// Distinct `destination.ip` blocks.
+    dst_blocks: Vec<IpNet>,
     strings: BTreeMap<String, u32>,
     ops: HashMap<Vec<Term>, u32>,
     out: CompiledPolicy,
@@ -164,30 +195,72 @@ struct Compiler<'a> {
 
 /// Compiles `bundle` for the workloads of `registry` (all of them: every node writes the same
 /// maps). `root_ns` is the mesh-wide namespace (`istio-system`), `trust_domain` the one the
-/// principals are in.
+/// principals are in (no aliases: [`compile_with`]).
 pub fn compile(
     bundle: &PolicyBundle,
     registry: &Registry,
     root_ns: &str,
     trust_domain: &str,
 ) -> Result<CompiledPolicy, CompileError> {
+    compile_with(
+        bundle,
+        registry,
+        root_ns,
+        &TrustDomains::new(trust_domain, Vec::new()),
+    )
+}
+
+/// [`compile`] with the mesh's trust domain and its aliases: principals are rewritten as
+/// Istio rewrites them ([`PolicyBundle::for_trust_domains`]) before anything is decided.
+pub fn compile_with(
+    bundle: &PolicyBundle,
+    registry: &Registry,
+    root_ns: &str,
+    trust_domains: &TrustDomains,
+) -> Result<CompiledPolicy, CompileError> {
+    let trust_domain = trust_domains.local.as_str();
+    let rewritten = bundle.for_trust_domains(trust_domains);
+    let bundle = &rewritten;
     let mut policies: Vec<&AuthorizationPolicy> = bundle.authz.iter().collect();
     policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     let mut blocks: Vec<IpNet> = Vec::new();
+    let mut dst_blocks: Vec<IpNet> = Vec::new();
+    let add = |list: &mut Vec<IpNet>, b: &IpNet| {
+        if !list.contains(b) {
+            list.push(*b);
+        }
+    };
     for p in &policies {
         for r in p.rules.iter().flatten() {
             for s in &r.from {
                 for b in s.ip_blocks.iter().chain(&s.not_ip_blocks) {
-                    if !blocks.contains(b) {
-                        blocks.push(*b);
+                    add(&mut blocks, b);
+                }
+            }
+            for cond in &r.when {
+                match cond {
+                    Condition::SourceIp { values, not_values } => {
+                        values
+                            .iter()
+                            .chain(not_values)
+                            .for_each(|b| add(&mut blocks, b));
                     }
+                    Condition::DestinationIp { values, not_values } => {
+                        values
+                            .iter()
+                            .chain(not_values)
+                            .for_each(|b| add(&mut dst_blocks, b));
+                    }
+                    _ => {}
                 }
             }
         }
     }
+    let by_family = !dst_blocks.is_empty();
     let mut c = Compiler {
         policies,
         blocks,
+        dst_blocks,
         strings: BTreeMap::new(),
         ops: HashMap::new(),
         out: CompiledPolicy::default(),
@@ -218,6 +291,11 @@ pub fn compile(
                     .iter()
                     .map(|b| ip.is_some_and(|ip| b.contains(ip)))
                     .collect(),
+                family: match (by_family, v4) {
+                    (false, _) => 0,
+                    (true, true) => 4,
+                    (true, false) => 6,
+                },
             };
             let next = classes.len() as u32 + 1;
             ids[slot] = *classes.entry(key).or_insert(next);
@@ -233,13 +311,54 @@ pub fn compile(
             },
         ));
     }
+    // Plaintext (accepted under PERMISSIVE): no principal, no namespace; its ipBlocks
+    // membership depends on the source address only. Prefixes nest or are disjoint, so the
+    // longest block containing an address determines its membership in every block (those
+    // that contain that block); an address in no block has none. One class per block and a
+    // default per family, found in the kernel by longest-prefix match.
+    for v4 in [true, false] {
+        let family = match (by_family, v4) {
+            (false, _) => 0,
+            (true, true) => 4,
+            (true, false) => 6,
+        };
+        let mut regions: Vec<Option<IpNet>> = vec![None];
+        regions.extend(
+            c.blocks
+                .iter()
+                .filter(|b| matches!(b.addr.to_canonical(), IpAddr::V4(_)) == v4)
+                .map(|b| Some(*b)),
+        );
+        for region in regions {
+            let key = ClassKey {
+                principal: String::new(),
+                namespace: String::new(),
+                in_block: c
+                    .blocks
+                    .iter()
+                    .map(|b| region.is_some_and(|r| net_within(&r, b)))
+                    .collect(),
+                family,
+            };
+            let next = classes.len() as u32 + 1;
+            let class_id = *classes.entry(key).or_insert(next);
+            let (prefix_len, addr_be) = plain_prefix(region, v4);
+            c.out.plain.push((
+                PolPlainKey {
+                    prefix_len: PLAIN_GEN_BITS + prefix_len,
+                    data: PolPlainData { gen: 0, addr_be },
+                },
+                PolPlainValue { class_id },
+            ));
+        }
+    }
     let mut class_list: Vec<(&ClassKey, u32)> = classes.iter().map(|(k, v)| (k, *v)).collect();
     class_list.sort_by_key(|(_, id)| *id);
     c.out.classes = class_list.len();
 
     // Policy sets and PeerAuthentication of the destinations: an entry for every workload a
     // policy selects or that is PERMISSIVE (set 0: no policy, only the flag).
-    let mut sets: BTreeMap<(Vec<usize>, Vec<u16>), u32> = BTreeMap::new();
+    let mut sets: BTreeMap<SetKey, u32> = BTreeMap::new();
     for w in &registry.workloads {
         let selected: Vec<usize> = (0..c.policies.len())
             .filter(|&i| {
@@ -247,7 +366,21 @@ pub fn compile(
                 selects(&p.namespace, p.selector.as_ref(), w, root_ns)
             })
             .collect();
-        let flags = if permissive(bundle, w, root_ns) {
+        let (mode, per_port) = effective_mtls_of(bundle, w, root_ns);
+        if let Some((port, port_mode)) = per_port
+            .iter()
+            .find(|(_, m)| m.accepts_plaintext() != mode.accepts_plaintext())
+        {
+            let policy = workload_peer_authn(bundle, w, root_ns).unwrap_or_default();
+            return Err(CompileError::PortLevelMtls {
+                policy,
+                workload: w.key(),
+                port: *port,
+                port_mode: *port_mode,
+                mode,
+            });
+        }
+        let flags = if mode.accepts_plaintext() {
             POL_DST_F_PERMISSIVE
         } else {
             0
@@ -256,8 +389,24 @@ pub fn compile(
             0
         } else {
             let next = sets.len() as u32 + 1;
+            let member = |v4: bool| -> Vec<bool> {
+                let ip = w
+                    .ips
+                    .iter()
+                    .copied()
+                    .find(|ip| matches!(ip.to_canonical(), IpAddr::V4(_)) == v4);
+                c.dst_blocks
+                    .iter()
+                    .map(|b| ip.is_some_and(|ip| b.contains(ip)))
+                    .collect()
+            };
             *sets
-                .entry((selected, w.http_ports().to_vec()))
+                .entry((
+                    selected,
+                    w.http_ports().to_vec(),
+                    member(true),
+                    member(false),
+                ))
                 .or_insert(next)
         };
         if set_id == 0 && flags == 0 {
@@ -274,24 +423,30 @@ pub fn compile(
     c.out.sets = sets.len();
 
     // Ports per set; the L4 entry count is known before anything is evaluated.
-    /// (set id, member policies, HTTP ports, ports with an entry).
-    type SetPlan<'s> = (u32, &'s [usize], &'s [u16], BTreeSet<u16>);
+    /// (set id, member policies, HTTP ports, destination blocks per family, ports with an
+    /// entry).
+    type SetPlan<'s> = (u32, &'s [usize], &'s [u16], [&'s [bool]; 2], BTreeSet<u16>);
     let mut plan: Vec<SetPlan<'_>> = Vec::with_capacity(sets.len());
-    for ((members, http_ports), set_id) in &sets {
+    for ((members, http_ports, dst4, dst6), set_id) in &sets {
         let mut ports: BTreeSet<u16> = http_ports.iter().copied().collect();
         for &i in members {
             for r in c.policies[i].rules.iter().flatten() {
                 for op in &r.to {
                     ports.extend(op.ports.iter().chain(&op.not_ports).copied());
                 }
+                for cond in &r.when {
+                    if let Condition::DestinationPort { values, not_values } = cond {
+                        ports.extend(values.iter().chain(not_values).copied());
+                    }
+                }
             }
         }
         ports.insert(0);
-        plan.push((*set_id, members, http_ports, ports));
+        plan.push((*set_id, members, http_ports, [dst4, dst6], ports));
     }
     let l4_needed: usize = plan
         .iter()
-        .map(|(_, _, _, p)| p.len() * class_list.len())
+        .map(|(_, _, _, _, p)| p.len() * class_list.len())
         .sum();
     if l4_needed > budget(capacity::POL_L4) as usize {
         return Err(CompileError::Capacity {
@@ -300,11 +455,14 @@ pub fn compile(
             capacity: budget(capacity::POL_L4),
         });
     }
-    for (set_id, members, http_ports, ports) in &plan {
+    for (set_id, members, http_ports, [dst4, dst6], ports) in &plan {
         for (class, class_id) in &class_list {
+            // The destination's address of the class's family (`destination.ip`).
+            let dst = if class.family == 6 { *dst6 } else { *dst4 };
+            let at = At { class, dst };
             for &port in ports {
                 let http = port != 0 && http_ports.contains(&port);
-                c.entry(*set_id, members, class, *class_id, port, http)?;
+                c.entry(*set_id, members, at, *class_id, port, http)?;
             }
         }
     }
@@ -319,6 +477,47 @@ pub fn compile(
         }
     }
     Ok(c.out)
+}
+
+/// Whether block `inner` lies within block `outer` (same family, `outer` no longer, and
+/// `outer` contains `inner`'s network address).
+fn net_within(inner: &IpNet, outer: &IpNet) -> bool {
+    let fam = |n: &IpNet| matches!(n.addr.to_canonical(), IpAddr::V4(_));
+    fam(inner) == fam(outer) && outer.prefix <= inner.prefix && outer.contains(inner.addr)
+}
+
+/// The `mesh_pol_plain` prefix (bits of the 128-bit, IPv4-mapped address space) and address
+/// words of `region`; `None` is the family's default: `::ffff:0:0/96` for IPv4, `::/0` for
+/// IPv6 (the longer IPv4 default wins for mapped addresses).
+pub fn plain_prefix(region: Option<IpNet>, v4: bool) -> (u32, [u32; 4]) {
+    let (bits, addr) = match (region, v4) {
+        (None, true) => (96, IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+        (None, false) => (0, IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)),
+        (Some(n), _) => match n.addr.to_canonical() {
+            IpAddr::V4(a) => (96 + u32::from(n.prefix), IpAddr::V4(a)),
+            a => (u32::from(n.prefix), a),
+        },
+    };
+    // The address with its host bits cleared, in the mapped 128-bit space.
+    let v6 = match addr {
+        IpAddr::V4(a) => a.to_ipv6_mapped(),
+        IpAddr::V6(a) => a,
+    };
+    let mask = if bits == 0 {
+        0
+    } else {
+        u128::MAX << (128 - bits)
+    };
+    let masked = std::net::Ipv6Addr::from(u128::from(v6) & mask);
+    (bits, crate::proxy::ip_words(IpAddr::V6(masked)))
+}
+
+/// What an L4 entry is decided for: the source class and the destination's block
+/// membership.
+#[derive(Clone, Copy)]
+struct At<'a> {
+    class: &'a ClassKey,
+    dst: &'a [bool],
 }
 
 impl Compiler<'_> {
@@ -387,14 +586,14 @@ impl Compiler<'_> {
         &mut self,
         set_id: u32,
         members: &[usize],
-        class: &ClassKey,
+        at: At<'_>,
         class_id: u32,
         port: u16,
         http: bool,
     ) -> Result<(), CompileError> {
         let outcomes: Vec<(usize, Outcome)> = members
             .iter()
-            .map(|&i| (i, self.policy_outcome(i, class, port, http)))
+            .map(|&i| (i, self.policy_outcome(i, at, port, http)))
             .collect();
         let real = self.decide(&outcomes, false);
         let shadow = self.decide(&outcomes, true);
@@ -559,28 +758,14 @@ impl Compiler<'_> {
     }
 
     /// Policy `i` at (class, port): rules are alternatives.
-    fn policy_outcome(&self, i: usize, class: &ClassKey, port: u16, http: bool) -> Outcome {
+    fn policy_outcome(&self, i: usize, at: At<'_>, port: u16, http: bool) -> Outcome {
         let p = self.policies[i];
         let mut residual = Vec::new();
         for rule in p.rules.iter().flatten() {
-            if !(rule.from.is_empty() || rule.from.iter().any(|s| self.source_matches(s, class))) {
-                continue;
-            }
-            if rule.to.is_empty() {
-                return Outcome::Match;
-            }
-            // Istio's fail-safe drops a whole ALLOW rule with an HTTP-only field on a non-HTTP
-            // port, even if another of its operations has none.
-            if p.action == Action::Allow && !http && rule.to.iter().any(Operation::has_http_fields)
-            {
-                continue;
-            }
-            for op in &rule.to {
-                match operation_outcome(op, p.action, port, http) {
-                    Outcome::Match => return Outcome::Match,
-                    Outcome::Residual(mut r) => residual.append(&mut r),
-                    Outcome::NoMatch => {}
-                }
+            match self.rule_outcome(rule, p.action, at, port, http) {
+                Outcome::Match => return Outcome::Match,
+                Outcome::Residual(mut r) => residual.append(&mut r),
+                Outcome::NoMatch => {}
             }
         }
         if residual.is_empty() {
@@ -590,22 +775,176 @@ impl Compiler<'_> {
         }
     }
 
+    /// One rule: `from` and the L4 `when` conditions decided by the class, the destination
+    /// and the port; operations and HTTP-only conditions left to the request on an HTTP port.
+    fn rule_outcome(
+        &self,
+        rule: &Rule,
+        action: Action,
+        at: At<'_>,
+        port: u16,
+        http: bool,
+    ) -> Outcome {
+        if !(rule.from.is_empty() || rule.from.iter().any(|s| self.source_matches(s, at.class))) {
+            return Outcome::NoMatch;
+        }
+        if !rule.when.iter().all(|c| self.condition_l4(c, at, port)) {
+            return Outcome::NoMatch;
+        }
+        // Istio's fail-safe drops a whole ALLOW rule with an HTTP-only field on a non-HTTP
+        // port, even if another of its operations has none.
+        if action == Action::Allow && !http && rule.has_http_fields() {
+            return Outcome::NoMatch;
+        }
+        // HTTP-only conditions: terms of every residual operation (ignored off HTTP: DENY and
+        // AUDIT rules match wider, as in Istio).
+        let when_terms: Vec<Term> = if http {
+            condition_terms(&rule.when)
+        } else {
+            Vec::new()
+        };
+        let finish = |terms: Vec<Term>| {
+            if terms.is_empty() {
+                Outcome::Match
+            } else {
+                Outcome::Residual(vec![terms])
+            }
+        };
+        if rule.to.is_empty() {
+            return finish(when_terms);
+        }
+        let mut residual = Vec::new();
+        for op in &rule.to {
+            match operation_outcome(op, action, port, http) {
+                Outcome::Match if when_terms.is_empty() => return Outcome::Match,
+                Outcome::Match => residual.push(when_terms.clone()),
+                Outcome::Residual(r) => {
+                    for mut terms in r {
+                        terms.extend(when_terms.iter().cloned());
+                        residual.push(terms);
+                    }
+                }
+                Outcome::NoMatch => {}
+            }
+        }
+        if residual.is_empty() {
+            Outcome::NoMatch
+        } else {
+            Outcome::Residual(residual)
+        }
+    }
+
+    /// A `when` condition as far as L4 decides it; HTTP-only ones hold here (they become
+    /// request terms).
+    fn condition_l4(&self, c: &Condition, at: At<'_>, port: u16) -> bool {
+        let class = at.class;
+        let strings = |pos: &[StringMatch], neg: &[StringMatch], v: &str| {
+            (pos.is_empty() || pos.iter().any(|m| m.matches(v)))
+                && !neg.iter().any(|m| m.matches(v))
+        };
+        match c {
+            Condition::SourceIp { values, not_values } => {
+                (values.is_empty() || self.in_blocks(values, class))
+                    && !self.in_blocks(not_values, class)
+            }
+            Condition::DestinationIp { values, not_values } => {
+                let within = |list: &[IpNet]| {
+                    list.iter().any(|b| {
+                        self.dst_blocks
+                            .iter()
+                            .position(|x| x == b)
+                            .is_some_and(|pos| at.dst.get(pos).copied().unwrap_or(false))
+                    })
+                };
+                (values.is_empty() || within(values)) && !within(not_values)
+            }
+            Condition::SourceNamespace { values, not_values } => {
+                strings(values, not_values, &class.namespace)
+            }
+            Condition::SourcePrincipal { values, not_values } => {
+                strings(values, not_values, &class.principal)
+            }
+            Condition::SourceServiceAccount { values, not_values } => {
+                let hit =
+                    |sa: &super::model::ServiceAccount| sa.matches_principal(&class.principal);
+                (values.is_empty() || values.iter().any(hit)) && !not_values.iter().any(hit)
+            }
+            // Port 0 stands for every port no operation or condition names.
+            Condition::DestinationPort { values, not_values } => {
+                (values.is_empty() || (port != 0 && values.contains(&port)))
+                    && !(port != 0 && not_values.contains(&port))
+            }
+            Condition::RequestHeader { .. } => true,
+        }
+    }
+
+    /// Whether the class's address lies in one of `list` (blocks of [`Self::blocks`]).
+    fn in_blocks(&self, list: &[IpNet], class: &ClassKey) -> bool {
+        list.iter().any(|b| {
+            self.blocks
+                .iter()
+                .position(|x| x == b)
+                .is_some_and(|pos| class.in_block[pos])
+        })
+    }
+
     fn source_matches(&self, s: &Source, class: &ClassKey) -> bool {
         let any = |list: &[StringMatch], v: &str| list.iter().any(|m| m.matches(v));
-        let in_blocks = |list: &[IpNet]| {
-            list.iter().any(|b| {
-                self.blocks
-                    .iter()
-                    .position(|x| x == b)
-                    .is_some_and(|pos| class.in_block[pos])
-            })
+        let sa = |list: &[super::model::ServiceAccount]| {
+            list.iter().any(|sa| sa.matches_principal(&class.principal))
         };
         (s.principals.is_empty() || any(&s.principals, &class.principal))
             && !any(&s.not_principals, &class.principal)
             && (s.namespaces.is_empty() || any(&s.namespaces, &class.namespace))
             && !any(&s.not_namespaces, &class.namespace)
-            && (s.ip_blocks.is_empty() || in_blocks(&s.ip_blocks))
-            && !in_blocks(&s.not_ip_blocks)
+            && (s.ip_blocks.is_empty() || self.in_blocks(&s.ip_blocks, class))
+            && !self.in_blocks(&s.not_ip_blocks, class)
+            && (s.service_accounts.is_empty() || sa(&s.service_accounts))
+            && !sa(&s.not_service_accounts)
+    }
+}
+
+/// The request-level terms of a rule's HTTP-only conditions: each condition its own group
+/// (1, 2, …), its header name in every pattern (`name:pattern`).
+fn condition_terms(when: &[Condition]) -> Vec<Term> {
+    let mut terms = Vec::new();
+    let mut group = 0u32;
+    for c in when {
+        let Condition::RequestHeader {
+            name,
+            values,
+            not_values,
+        } = c
+        else {
+            continue;
+        };
+        group += 1;
+        for (list, field) in [
+            (values, POL_FIELD_HEADER),
+            (not_values, POL_FIELD_NOT_HEADER),
+        ] {
+            for m in list {
+                let (kind, pattern) = match_kind(m);
+                let field = field | (group << POL_FIELD_GROUP_SHIFT);
+                terms.push((
+                    field,
+                    kind,
+                    Some(format!("{name}:{}", pattern.unwrap_or_default())),
+                ));
+            }
+        }
+    }
+    terms
+}
+
+/// `POL_MATCH_*` and the pattern string of a match.
+fn match_kind(m: &StringMatch) -> (u32, Option<String>) {
+    match m {
+        StringMatch::Exact(s) => (POL_MATCH_EXACT, Some(s.clone())),
+        StringMatch::Prefix(s) => (POL_MATCH_PREFIX, Some(s.clone())),
+        StringMatch::Suffix(s) => (POL_MATCH_SUFFIX, Some(s.clone())),
+        StringMatch::Presence => (POL_MATCH_PRESENCE, None),
+        StringMatch::Template(s) => (POL_MATCH_TEMPLATE, Some(s.clone())),
     }
 }
 
@@ -638,45 +977,49 @@ fn operation_outcome(op: &Operation, action: Action, port: u16, http: bool) -> O
         (&op.not_hosts, POL_FIELD_NOT_HOST),
     ] {
         for m in list {
-            let (kind, pattern) = match m {
-                StringMatch::Exact(s) => (POL_MATCH_EXACT, Some(s.clone())),
-                StringMatch::Prefix(s) => (POL_MATCH_PREFIX, Some(s.clone())),
-                StringMatch::Suffix(s) => (POL_MATCH_SUFFIX, Some(s.clone())),
-                StringMatch::Presence => (POL_MATCH_PRESENCE, None),
-            };
+            let (kind, pattern) = match_kind(m);
             terms.push((field, kind, pattern));
         }
     }
     Outcome::Residual(vec![terms])
 }
 
-/// The effective PeerAuthentication mode of `w`: a policy of its namespace whose selector
-/// matches it > its namespace's policy without selector > the root namespace's policy without
-/// selector > the registry's `peerAuthentication` > STRICT. Among equals the first by
-/// `namespace/name` wins. Returns whether the workload is PERMISSIVE
-/// (`WORKLOAD_F_PERMISSIVE`).
+/// Whether `w` accepts plaintext from outside the mesh (`WORKLOAD_F_PERMISSIVE`): its
+/// effective PeerAuthentication ([`effective_port_mtls`], the registry's
+/// `peerAuthentication` as the default) is PERMISSIVE or DISABLE.
 pub fn permissive(bundle: &PolicyBundle, w: &Workload, root_ns: &str) -> bool {
-    let mut pas: Vec<_> = bundle.peer_authn.iter().collect();
-    pas.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    // An empty `matchLabels` selects the whole namespace: it is a namespace-level policy.
-    let has_selector = |p: &PeerAuthentication| p.selector.as_ref().is_some_and(|s| !s.is_empty());
-    let by_selector = pas.iter().find(|p| {
-        p.namespace == w.namespace
-            && has_selector(p)
-            && selects(&p.namespace, p.selector.as_ref(), w, root_ns)
-    });
-    let by_namespace = || {
-        pas.iter()
-            .find(|p| p.namespace == w.namespace && !has_selector(p))
+    effective_mtls_of(bundle, w, root_ns).0.accepts_plaintext()
+}
+
+/// `namespace/name` of the workload-level PeerAuthentication of `w` (the one whose
+/// `portLevelMtls` applies), as [`effective_port_mtls`] picks it.
+fn workload_peer_authn(bundle: &PolicyBundle, w: &Workload, root_ns: &str) -> Option<String> {
+    bundle
+        .peer_authn
+        .iter()
+        .filter(|p| {
+            p.namespace != root_ns
+                && p.namespace == w.namespace
+                && p.selector.as_ref().is_some_and(|s| {
+                    !s.is_empty() && s.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+                })
+        })
+        .min_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)))
+        .map(|p| format!("{}/{}", p.namespace, p.name))
+}
+
+/// The effective PeerAuthentication of `w` (workload mode, per-port modes).
+pub fn effective_mtls_of(
+    bundle: &PolicyBundle,
+    w: &Workload,
+    root_ns: &str,
+) -> (MtlsMode, BTreeMap<u16, MtlsMode>) {
+    let target = Target {
+        namespace: &w.namespace,
+        labels: &w.labels,
     };
-    let by_root = || {
-        pas.iter()
-            .find(|p| p.namespace == root_ns && !has_selector(p))
-    };
-    match by_selector.or_else(by_namespace).or_else(by_root) {
-        Some(p) => p.mode == MtlsMode::Permissive,
-        None => w.permissive,
-    }
+    let default = w.permissive.then_some(MtlsMode::Permissive);
+    effective_port_mtls(bundle, root_ns, target, default)
 }
 
 #[cfg(test)]
@@ -783,6 +1126,7 @@ pub(crate) mod tests {
             Some(vec![Rule {
                 from: vec![from_principal("cluster.local/ns/default/sa/sa-a")],
                 to: vec![to_ports(&[9090])],
+                when: vec![],
             }]),
         );
         let c = compile(&bundle(vec![deny]), &registry(), ROOT, TD).unwrap();
@@ -832,7 +1176,70 @@ pub(crate) mod tests {
         assert_eq!(src(1), src(2));
         assert_ne!(src(1), src(3));
         assert_eq!(src(3), src(4));
-        assert_eq!(c.classes, 3);
+        // Three workload classes and plaintext's (no blocks: one class for both families).
+        assert_eq!(c.classes, 4);
+        assert_eq!(c.plain.len(), 2, "a default per family: {:?}", c.plain);
+    }
+
+    #[test]
+    fn plaintext_classes_follow_the_longest_block() {
+        let from = |nets: &[&str]| Source {
+            ip_blocks: nets
+                .iter()
+                .map(|n| crate::policy::parse::parse_cidr(n).unwrap())
+                .collect(),
+            ..Source::default()
+        };
+        let rule = |nets: &[&str]| {
+            Some(vec![Rule {
+                from: vec![from(nets)],
+                to: vec![],
+                when: vec![],
+            }])
+        };
+        // Allows 10.0.0.0/8 except (a DENY) 10.9.0.0/16, and the IPv6 fd00:7::/32.
+        let allow = policy(
+            "default",
+            "allow-net",
+            Some("b"),
+            Action::Allow,
+            rule(&["10.0.0.0/8", "fd00:7::/32"]),
+        );
+        let deny = policy(
+            "default",
+            "deny-sub",
+            Some("b"),
+            Action::Deny,
+            rule(&["10.9.0.0/16"]),
+        );
+        let r = registry();
+        let c = compile(&bundle(vec![allow, deny]), &r, ROOT, TD).unwrap();
+        let view = crate::policy::maps::PolicyView::from_compiled(1, &c).unwrap();
+        let b2 = r.workloads.iter().find(|w| w.name == "b2").unwrap().id;
+        let decide = |ip: &str| {
+            view.decide_plaintext(ip.parse().unwrap(), b2, 9000).verdict
+                == crate::policy::maps::L4Verdict::Allow
+        };
+        assert!(decide("10.1.2.3"), "inside the allowed block");
+        assert!(!decide("10.9.1.1"), "inside the denied sub-block");
+        assert!(!decide("192.168.1.1"), "outside every block");
+        assert!(
+            !decide("::ffff:10.9.1.1"),
+            "mapped form of a denied address"
+        );
+        assert!(
+            decide("::ffff:10.1.2.3"),
+            "mapped form of an allowed address"
+        );
+        assert!(decide("fd00:7::1"), "IPv6 inside its block");
+        assert!(!decide("fd00:8::1"), "IPv6 outside every block");
+        // A workload no policy selects: plaintext passes.
+        let c1 = r.workloads.iter().find(|w| w.name == "c1").unwrap().id;
+        assert_eq!(
+            view.decide_plaintext("192.168.1.1".parse().unwrap(), c1, 9000)
+                .verdict,
+            crate::policy::maps::L4Verdict::Allow
+        );
     }
 
     #[test]
@@ -851,6 +1258,7 @@ pub(crate) mod tests {
                     ..Source::default()
                 }],
                 to: vec![],
+                when: vec![],
             }]),
         );
         let c = compile(&bundle(vec![allow]), &registry(), ROOT, TD).unwrap();
@@ -880,6 +1288,7 @@ pub(crate) mod tests {
             Some(vec![Rule {
                 from: vec![from_principal("cluster.local/ns/default/sa/sa-a")],
                 to: vec![to_ports(&[8080])],
+                when: vec![],
             }]),
         );
         let c = compile(&bundle(vec![allow]), &registry(), ROOT, TD).unwrap();
@@ -933,6 +1342,7 @@ pub(crate) mod tests {
             Some(vec![Rule {
                 from: vec![],
                 to: vec![get_only()],
+                when: vec![],
             }]),
         );
         let c = compile(&bundle(vec![allow.clone()]), &registry(), ROOT, TD).unwrap();
@@ -984,6 +1394,7 @@ pub(crate) mod tests {
             Some(vec![Rule {
                 from: vec![],
                 to: vec![get_only(), to_ports(&[9000])],
+                when: vec![],
             }]),
         );
         let c = compile(&bundle(vec![allow]), &registry(), ROOT, TD).unwrap();
@@ -1037,6 +1448,7 @@ pub(crate) mod tests {
             Some(vec![Rule {
                 from: vec![],
                 to: vec![get_only()],
+                when: vec![],
             }]),
         );
         dry_get.dry_run = true;
@@ -1063,6 +1475,7 @@ pub(crate) mod tests {
             Some(vec![Rule {
                 from: vec![],
                 to: vec![to_ports(&ports)],
+                when: vec![],
             }]),
         );
         let e = compile(&bundle(vec![deny]), &registry(), ROOT, TD).unwrap_err();
@@ -1094,6 +1507,7 @@ pub(crate) mod tests {
                     paths: vec![StringMatch::Exact(long.clone())],
                     ..Operation::default()
                 }],
+                when: vec![],
             }]),
         );
         match compile(&bundle(vec![p]), &registry(), ROOT, TD).unwrap_err() {
@@ -1116,6 +1530,7 @@ pub(crate) mod tests {
             },
             selector: app.map(|a| BTreeMap::from([("app".to_owned(), a.to_owned())])),
             mode,
+            port_level: BTreeMap::new(),
         };
         let a1 = &r.workloads[0];
         let c1 = &r.workloads[4];
@@ -1131,6 +1546,119 @@ pub(crate) mod tests {
             .push(pa("default", "sel", Some("a"), MtlsMode::Permissive));
         assert!(permissive(&b, a1, ROOT));
         assert!(!permissive(&b, &r.workloads[2], ROOT));
+    }
+
+    #[test]
+    fn port_level_mtls_refused_where_the_kernel_cannot_enforce_it() {
+        let r = registry();
+        let pa = |mode, ports: &[(u16, MtlsMode)]| PeerAuthentication {
+            namespace: "default".into(),
+            name: "b-ports".into(),
+            origin: Origin {
+                file: PathBuf::from("pa.yaml"),
+                line: 1,
+            },
+            selector: Some(BTreeMap::from([("app".to_owned(), "b".to_owned())])),
+            mode,
+            port_level: ports.iter().copied().collect(),
+        };
+        let with = |p| PolicyBundle {
+            authz: vec![],
+            peer_authn: vec![p],
+        };
+        // Agreeing on plaintext: accepted (PERMISSIVE and DISABLE both accept it).
+        let c = compile(
+            &with(pa(MtlsMode::Permissive, &[(8080, MtlsMode::Disable)])),
+            &r,
+            ROOT,
+            TD,
+        )
+        .unwrap();
+        assert!(c
+            .dst
+            .iter()
+            .all(|(_, v)| v.flags & POL_DST_F_PERMISSIVE != 0));
+        assert!(compile(
+            &with(pa(MtlsMode::Strict, &[(8080, MtlsMode::Unset)])),
+            &r,
+            ROOT,
+            TD
+        )
+        .is_ok());
+        // A port that would accept plaintext on a STRICT workload, or refuse it on a
+        // PERMISSIVE one: refused, naming the PeerAuthentication and the port.
+        for (mode, port_mode) in [
+            (MtlsMode::Strict, MtlsMode::Permissive),
+            (MtlsMode::Permissive, MtlsMode::Strict),
+            (MtlsMode::Disable, MtlsMode::Strict),
+        ] {
+            let e = compile(&with(pa(mode, &[(8080, port_mode)])), &r, ROOT, TD).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.contains("default/b-ports") && msg.contains("portLevelMtls[8080]"),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn headers_conditions_compile_to_grouped_request_terms() {
+        use crate::policy::maps::{L4Verdict, PolicyView, RequestFacts};
+        use crate::policy::model::Condition;
+        let header = |name: &str, v: &[&str], nv: &[&str]| Condition::RequestHeader {
+            name: name.into(),
+            values: v.iter().map(|p| StringMatch::from_pattern(p)).collect(),
+            not_values: nv.iter().map(|p| StringMatch::from_pattern(p)).collect(),
+        };
+        // Two conditions on one header: both must hold (not either).
+        let allow = policy(
+            "default",
+            "allow-hdr",
+            Some("b"),
+            Action::Allow,
+            Some(vec![Rule {
+                from: vec![],
+                to: vec![],
+                when: vec![
+                    header("x-a", &["yes*"], &[]),
+                    header("x-a", &["*ok"], &["yes-no-ok"]),
+                ],
+            }]),
+        );
+        let c = compile(&bundle(vec![allow]), &registry(), ROOT, TD).unwrap();
+        let v = PolicyView::from_compiled(1, &c).unwrap();
+        // b1 speaks HTTP on 8080: per request; b2 not: the ALLOW never matches (fail-safe).
+        let d = v.decide_l4(1, 3, crate::policy::maps::Family::V4, 8080);
+        assert_eq!(d.verdict, L4Verdict::PerRequest);
+        assert_eq!(
+            v.decide_l4(1, 4, crate::policy::maps::Family::V4, 8080)
+                .verdict,
+            L4Verdict::Deny
+        );
+        let (set, class) = d.key.unwrap();
+        let decide = |headers: &[(&str, &str)]| {
+            let headers: &[(&str, &str)] = headers;
+            v.decide_request_with(
+                set,
+                class,
+                8080,
+                &RequestFacts {
+                    method: "GET",
+                    path: "/",
+                    host: "b",
+                    headers: &headers,
+                },
+            )
+            .allowed
+        };
+        assert!(decide(&[("X-A", "yes-ok")]));
+        assert!(!decide(&[("x-a", "yes")]), "second condition fails");
+        assert!(!decide(&[("x-a", "ok")]), "first condition fails");
+        assert!(!decide(&[("x-a", "yes-no-ok")]), "notValues");
+        assert!(!decide(&[]), "absent header");
+        assert!(!decide(&[("x-b", "yes-ok")]), "another header");
+        // Two fields are joined with `,`: `yes,ok` satisfies both.
+        assert!(decide(&[("x-a", "yes"), ("x-a", "ok")]));
     }
 
     #[test]
@@ -1153,6 +1681,7 @@ pub(crate) mod tests {
                         .collect()
                 }),
                 mode,
+                port_level: BTreeMap::new(),
             };
         let b = PolicyBundle {
             authz: vec![],

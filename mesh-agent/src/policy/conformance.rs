@@ -25,19 +25,27 @@ use proptest::prelude::*;
 use super::strategies::{full_source, operation, pick, rule};
 
 use super::{
-    compile::{compile, permissive, principal},
+    compile::{compile_with, permissive, principal},
     eval::{self, evaluate, HttpRequest, Peer, Request, Target},
-    maps::{Family, L4Verdict, PolicyView},
+    maps::{Family, L4Verdict, PolicyView, RequestFacts},
     model::{
-        Action, AuthorizationPolicy, IpNet, MtlsMode, Operation, Origin, PeerAuthentication,
-        PolicyBundle, Rule, Source,
+        Action, AuthorizationPolicy, Condition, IpNet, MtlsMode, Operation, Origin,
+        PeerAuthentication, PolicyBundle, Rule, ServiceAccount, Source, StringMatch, TrustDomains,
     },
     parse::parse_cidr,
 };
 use crate::registry::{Registry, Workload};
 
 const ROOT: &str = eval::DEFAULT_ROOT_NAMESPACE;
-const TD: &str = "cluster.local";
+/// The mesh's trust domain: not `cluster.local`, so that the `cluster.local` pointer and the
+/// alias are exercised.
+const TD: &str = "td.local";
+/// A trust-domain alias of the mesh.
+const ALIAS: &str = "old.td";
+
+fn trust_domains() -> TrustDomains {
+    TrustDomains::new(TD, vec![ALIAS.to_owned()])
+}
 
 /// One generated workload (`w<i>`, addresses derived from its position).
 #[derive(Clone, Debug)]
@@ -132,14 +140,25 @@ fn arb_source() -> impl Strategy<Value = Source> {
     let principals: &'static [&'static str] = &[
         "cluster.local/ns/default/sa/sa-a",
         "cluster.local/ns/default/sa/sa-b",
+        "old.td/ns/other/sa/sa-a",
+        "td.local/ns/default/sa/sa-b",
+        "foreign.td/ns/default/sa/sa-a",
         "cluster.local/ns/other/*",
+        "cluster.local/ns/other/sa/*",
+        "*.td/ns/default/sa/sa-a",
         "*/sa/sa-b",
         "*",
     ];
     let namespaces: &'static [&'static str] = &["default", "other", "oth*", "*ult", "*"];
     // Mostly one kind of field at a time, so that sources often match.
     let full = full_source(principals, namespaces, nets());
+    let sas = prop::collection::vec(arb_service_account(), 0..3);
     prop_oneof![
+        1 => (sas.clone(), sas).prop_map(|(service_accounts, not_service_accounts)| Source {
+            service_accounts,
+            not_service_accounts,
+            ..Source::default()
+        }),
         2 => pick(principals).prop_map(|principals| Source { principals, ..Source::default() }),
         1 => pick(principals).prop_map(|not_principals| Source { not_principals, ..Source::default() }),
         1 => pick(namespaces).prop_map(|namespaces| Source { namespaces, ..Source::default() }),
@@ -154,14 +173,89 @@ fn arb_operation() -> impl Strategy<Value = Operation> {
     operation(
         ports,
         &["GET", "POST", "*"],
-        &["/api/*", "/health", "*.json", "*"],
+        &[
+            "/api/*",
+            "/health",
+            "*.json",
+            "*",
+            "/api/{*}",
+            "/{**}/x",
+            "/{*}/{**}",
+        ],
         &["web", "web.svc", "*.svc", "web*", "*"],
         2,
     )
 }
 
+fn arb_service_account() -> impl Strategy<Value = ServiceAccount> + Clone {
+    (
+        prop::sample::select(vec!["default", "other"]),
+        prop::sample::select(vec!["sa-a", "sa-b"]),
+    )
+        .prop_map(|(ns, sa)| ServiceAccount {
+            namespace: ns.into(),
+            name: sa.into(),
+        })
+}
+
+/// Up to two patterns of `values`.
+fn pats(values: &'static [&'static str]) -> impl Strategy<Value = Vec<StringMatch>> + Clone {
+    prop::collection::vec(
+        prop::sample::select(values).prop_map(StringMatch::from_pattern),
+        0..3,
+    )
+}
+
+fn arb_condition() -> impl Strategy<Value = Condition> {
+    let ports = prop::collection::vec(prop::sample::select(vec![80u16, 8080, 9000]), 0..2);
+    let sas = prop::collection::vec(arb_service_account(), 0..2);
+    let ns: &'static [&'static str] = &["default", "other", "*"];
+    let principals: &'static [&'static str] = &[
+        "cluster.local/ns/default/sa/sa-a",
+        "old.td/ns/other/sa/sa-b",
+        "*",
+    ];
+    let header_values: &'static [&'static str] = &["yes", "y*", "*s", "*", "no"];
+    prop_oneof![
+        (nets(), nets())
+            .prop_map(|(values, not_values)| Condition::SourceIp { values, not_values }),
+        (nets(), nets())
+            .prop_map(|(values, not_values)| Condition::DestinationIp { values, not_values }),
+        (pats(ns), pats(ns))
+            .prop_map(|(values, not_values)| Condition::SourceNamespace { values, not_values }),
+        (pats(principals), pats(principals))
+            .prop_map(|(values, not_values)| Condition::SourcePrincipal { values, not_values }),
+        (sas.clone(), sas).prop_map(|(values, not_values)| Condition::SourceServiceAccount {
+            values,
+            not_values
+        }),
+        (ports.clone(), ports)
+            .prop_map(|(values, not_values)| Condition::DestinationPort { values, not_values }),
+        (
+            prop::sample::select(vec!["x-a", "x-b"]),
+            pats(header_values),
+            pats(header_values)
+        )
+            .prop_map(|(name, values, not_values)| Condition::RequestHeader {
+                name: name.into(),
+                values,
+                not_values
+            }),
+    ]
+}
+
 fn arb_rule() -> impl Strategy<Value = Rule> {
-    rule(arb_source(), arb_operation(), 3)
+    (
+        rule(arb_source(), arb_operation(), 3),
+        prop_oneof![
+            3 => Just(Vec::new()),
+            2 => prop::collection::vec(arb_condition(), 1..3),
+        ],
+    )
+        .prop_map(|(mut r, when)| {
+            r.when = when;
+            r
+        })
 }
 
 fn origin() -> Origin {
@@ -214,7 +308,12 @@ fn arb_peer_authn() -> impl Strategy<Value = PeerAuthentication> {
     (
         prop::sample::select(vec!["default", "other", ROOT]),
         selector(),
-        prop::sample::select(vec![MtlsMode::Strict, MtlsMode::Permissive]),
+        prop::sample::select(vec![
+            MtlsMode::Strict,
+            MtlsMode::Permissive,
+            MtlsMode::Unset,
+            MtlsMode::Disable,
+        ]),
     )
         .prop_map(|(ns, selector, mode)| PeerAuthentication {
             namespace: ns.into(),
@@ -222,6 +321,7 @@ fn arb_peer_authn() -> impl Strategy<Value = PeerAuthentication> {
             origin: origin(),
             selector,
             mode,
+            port_level: BTreeMap::new(),
         })
 }
 
@@ -253,6 +353,7 @@ struct Case {
     method: &'static str,
     path: &'static str,
     host: Option<&'static str>,
+    headers: &'static [(&'static str, &'static str)],
 }
 
 fn arb_case() -> impl Strategy<Value = Case> {
@@ -269,6 +370,9 @@ fn arb_case() -> impl Strategy<Value = Case> {
             "/api/x?q=1",
             "/a.json",
             "/health?x.json",
+            "/api/x/x",
+            "/api/",
+            "/api/x/",
         ]),
         prop::option::of(prop::sample::select(vec![
             "web",
@@ -278,8 +382,15 @@ fn arb_case() -> impl Strategy<Value = Case> {
             "other",
             "[::1]:80",
         ])),
+        prop::sample::select(vec![
+            &[][..],
+            &[("X-A", "yes")][..],
+            &[("x-a", "no"), ("X-A", "yes")][..],
+            &[("x-b", "")][..],
+            &[("x-a", "yes"), ("x-b", "nos")][..],
+        ]),
     )
-        .prop_map(|(src, dst, port, v6, method, path, host)| Case {
+        .prop_map(|(src, dst, port, v6, method, path, host, headers)| Case {
             src: src.index(usize::MAX),
             dst: dst.index(usize::MAX),
             port,
@@ -287,6 +398,7 @@ fn arb_case() -> impl Strategy<Value = Case> {
             method,
             path,
             host,
+            headers,
         })
 }
 
@@ -327,7 +439,17 @@ fn decide(view: &PolicyView, src: &Workload, dst: &Workload, family: Family, c: 
         },
         _ if http && d.needs_request => {
             let (set, class) = d.key.expect("a per-request decision has a key");
-            let r = view.decide_request(set, class, c.port, c.method, c.path, c.host.unwrap_or(""));
+            let r = view.decide_request_with(
+                set,
+                class,
+                c.port,
+                &RequestFacts {
+                    method: c.method,
+                    path: c.path,
+                    host: c.host.unwrap_or(""),
+                    headers: &c.headers,
+                },
+            );
             Got {
                 allowed: r.allowed,
                 policy: r.policy,
@@ -347,7 +469,10 @@ fn decide(view: &PolicyView, src: &Workload, dst: &Workload, family: Family, c: 
 /// Compiles `bundle` for `ws` and checks every case; `Err` describes the first disagreement.
 fn check(ws: &[GenWorkload], bundle: &PolicyBundle, cases: &[Case]) -> Result<(), String> {
     let reg = registry(ws);
-    let compiled = compile(bundle, &reg, ROOT, TD).map_err(|e| format!("compile: {e}"))?;
+    let tds = trust_domains();
+    let compiled = compile_with(bundle, &reg, ROOT, &tds).map_err(|e| format!("compile: {e}"))?;
+    // The evaluator decides on the principals as Istio rewrites them for the trust domains.
+    let bundle = &bundle.for_trust_domains(&tds);
     let view = PolicyView::from_compiled(1, &compiled).map_err(|e| format!("view: {e}"))?;
     for c in cases {
         let src = &reg.workloads[c.src % reg.workloads.len()];
@@ -366,12 +491,15 @@ fn check(ws: &[GenWorkload], bundle: &PolicyBundle, cases: &[Case]) -> Result<()
             labels: &dst.labels,
         };
         let http = dst.http_ports().contains(&c.port);
+        let dst_ip = address(dst, family == Family::V6).map(|(ip, _)| ip);
         let req = Request {
             port: c.port,
+            dst_ip,
             http: http.then_some(HttpRequest {
                 method: c.method,
                 path: c.path,
                 host: c.host,
+                headers: c.headers,
             }),
         };
         let want = evaluate(bundle, ROOT, target, peer, req);
@@ -440,8 +568,7 @@ fn check(ws: &[GenWorkload], bundle: &PolicyBundle, cases: &[Case]) -> Result<()
             labels: &w.labels,
         };
         let registry_default = w.permissive.then_some(MtlsMode::Permissive);
-        let want =
-            eval::effective_mtls(bundle, ROOT, target, registry_default) == MtlsMode::Permissive;
+        let want = eval::effective_mtls(bundle, ROOT, target, registry_default).accepts_plaintext();
         if permissive(bundle, w, ROOT) != want || view.permissive(w.id) != want {
             return Err(format!(
                 "{}: PERMISSIVE is {want} by the evaluator, {} compiled",

@@ -14,8 +14,15 @@
 //!   peer's namespace (both empty for a peer without mTLS identity: positive patterns, even
 //!   `*`, do not match it, `not*` ones exclude nothing); `ipBlocks` against the peer's address;
 //!   ports against the destination port; methods exactly (case-sensitive); paths against the
-//!   request path without its query string; hosts case-insensitively against Host/`:authority`,
-//!   as sent and with a `:port` suffix stripped.
+//!   request path without its query string (exact, prefix, suffix, presence, or a `{*}`/`{**}`
+//!   template, [`super::model::template_matches`]); hosts ASCII case-insensitively against
+//!   Host/`:authority` exactly as sent — a `:port` is part of the value, as in Istio
+//!   (ISTIO-SECURITY-2021-008); `serviceAccounts` against the namespace and service account
+//!   of the principal (any trust domain).
+//! - `when`: every condition must hold ([`condition_matches`]); `request.headers[...]` is
+//!   HTTP-only like methods, paths and hosts.
+//! - Principals are matched after the trust-domain rewrite
+//!   ([`PolicyBundle::for_trust_domains`]); [`evaluate`] takes the rewritten bundle.
 //! - HTTP-only fields (methods, paths, hosts and their `not*`) on a request that is not HTTP:
 //!   an ALLOW rule that has any (in any of its operations) never matches; a DENY or AUDIT
 //!   rule matches ignoring them (Istio's fail-safe: its RBAC builder drops the ALLOW rule, and
@@ -29,8 +36,8 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use super::model::{
-    Action, AuthorizationPolicy, MtlsMode, Operation, Pattern, PolicyBundle, Rule, Source,
-    StringMatch,
+    Action, AuthorizationPolicy, Condition, IpNet, MtlsMode, Operation, Pattern,
+    PeerAuthentication, PolicyBundle, Rule, ServiceAccount, Source, StringMatch,
 };
 
 /// Istio's default root namespace (policies there apply mesh-wide).
@@ -62,6 +69,8 @@ pub struct HttpRequest<'a> {
     pub path: &'a str,
     /// `Host` / `:authority`, if sent.
     pub host: Option<&'a str>,
+    /// The request's header fields as (name, value); names compare case-insensitively.
+    pub headers: &'a [(&'a str, &'a str)],
 }
 
 /// One request (or connection) to the target.
@@ -69,6 +78,8 @@ pub struct HttpRequest<'a> {
 pub struct Request<'a> {
     /// The destination port.
     pub port: u16,
+    /// The destination workload's address the connection is for (`destination.ip`).
+    pub dst_ip: Option<IpAddr>,
     /// `None`: a TCP connection, or a port that does not speak HTTP.
     pub http: Option<HttpRequest<'a>>,
 }
@@ -171,11 +182,12 @@ pub fn policy_matches(p: &AuthorizationPolicy, peer: Peer<'_>, req: Request<'_>)
 /// `allow`: the rule is an ALLOW rule: on a non-HTTP request, HTTP-only fields make it
 /// unmatchable; in DENY and AUDIT rules they are ignored instead.
 fn rule_matches(rule: &Rule, allow: bool, peer: Peer<'_>, req: Request<'_>) -> bool {
-    if req.http.is_none() && allow && rule.to.iter().any(Operation::has_http_fields) {
+    if req.http.is_none() && allow && rule.has_http_fields() {
         return false;
     }
     (rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, peer)))
         && (rule.to.is_empty() || rule.to.iter().any(|o| operation_matches(o, req)))
+        && rule.when.iter().all(|c| condition_matches(c, peer, req))
 }
 
 fn source_matches(s: &Source, peer: Peer<'_>) -> bool {
@@ -183,8 +195,102 @@ fn source_matches(s: &Source, peer: Peer<'_>) -> bool {
     let namespace = peer.namespace.unwrap_or("");
     strings(&s.principals, &s.not_principals, |m| m.matches(principal))
         && strings(&s.namespaces, &s.not_namespaces, |m| m.matches(namespace))
-        && (s.ip_blocks.is_empty() || s.ip_blocks.iter().any(|n| n.contains(peer.ip)))
-        && !s.not_ip_blocks.iter().any(|n| n.contains(peer.ip))
+        && ips(&s.ip_blocks, &s.not_ip_blocks, Some(peer.ip))
+        && service_accounts(&s.service_accounts, &s.not_service_accounts, peer.principal)
+}
+
+/// A list of blocks with its `not*` counterpart against an address (none: in no block).
+fn ips(pos: &[IpNet], neg: &[IpNet], ip: Option<IpAddr>) -> bool {
+    let within = |n: &IpNet| ip.is_some_and(|ip| n.contains(ip));
+    (pos.is_empty() || pos.iter().any(within)) && !neg.iter().any(within)
+}
+
+/// `serviceAccounts`/`notServiceAccounts` against a principal (none: matches no entry).
+fn service_accounts(
+    pos: &[ServiceAccount],
+    neg: &[ServiceAccount],
+    principal: Option<&str>,
+) -> bool {
+    let hit = |sa: &ServiceAccount| principal.is_some_and(|p| sa.matches_principal(p));
+    (pos.is_empty() || pos.iter().any(hit)) && !neg.iter().any(hit)
+}
+
+/// One `when` condition. On a non-HTTP request an HTTP-only condition holds (DENY and AUDIT
+/// rules ignore it; ALLOW rules with one were already excluded in [`rule_matches`]).
+pub fn condition_matches(c: &Condition, peer: Peer<'_>, req: Request<'_>) -> bool {
+    match c {
+        Condition::SourceIp { values, not_values } => ips(values, not_values, Some(peer.ip)),
+        Condition::DestinationIp { values, not_values } => ips(values, not_values, req.dst_ip),
+        Condition::SourceNamespace { values, not_values } => {
+            let ns = peer.namespace.unwrap_or("");
+            strings(values, not_values, |m| m.matches(ns))
+        }
+        Condition::SourcePrincipal { values, not_values } => {
+            let p = peer.principal.unwrap_or("");
+            strings(values, not_values, |m| m.matches(p))
+        }
+        Condition::SourceServiceAccount { values, not_values } => {
+            service_accounts(values, not_values, peer.principal)
+        }
+        Condition::DestinationPort { values, not_values } => {
+            (values.is_empty() || values.contains(&req.port)) && !not_values.contains(&req.port)
+        }
+        Condition::RequestHeader {
+            name,
+            values,
+            not_values,
+        } => {
+            let Some(http) = req.http else {
+                return true;
+            };
+            let value = joined_header(http.headers, name);
+            let hit = |m: &StringMatch| header_pattern_matches(m.as_pattern(), value.as_deref());
+            (values.is_empty() || values.iter().any(hit)) && !not_values.iter().any(hit)
+        }
+    }
+}
+
+/// The values of header `name` (any case) joined with `,` as Envoy's header matcher sees
+/// several fields of one name; `None` if the request has none.
+fn joined_header(headers: &[(&str, &str)], name: &str) -> Option<Vec<u8>> {
+    join_values(
+        headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_bytes()),
+    )
+}
+
+/// Several values of one header as one (`a,b`); `None` without any.
+pub fn join_values<'v>(values: impl Iterator<Item = &'v [u8]>) -> Option<Vec<u8>> {
+    let mut out: Option<Vec<u8>> = None;
+    for v in values {
+        match &mut out {
+            Some(buf) => {
+                buf.push(b',');
+                buf.extend_from_slice(v);
+            }
+            None => out = Some(v.to_vec()),
+        }
+    }
+    out
+}
+
+/// How a `request.headers[...]` value pattern matches a header (istio/istio
+/// `pilot/pkg/security/authz/matcher/header.go`, `HeaderMatcher`): `*` is presence (the
+/// header is there, even empty), `x*`/`*x` prefix/suffix, else exact, case-sensitively; an
+/// absent header matches no pattern. Shared with the compiled form.
+pub fn header_pattern_matches(m: Pattern<'_>, value: Option<&[u8]>) -> bool {
+    let Some(v) = value else {
+        return false;
+    };
+    match m {
+        Pattern::Exact(s) => v == s.as_bytes(),
+        Pattern::Prefix(p) => v.starts_with(p.as_bytes()),
+        Pattern::Suffix(s) => v.ends_with(s.as_bytes()),
+        Pattern::Presence => true,
+        Pattern::Template(_) => false,
+    }
 }
 
 /// On a non-HTTP request the HTTP fields are not looked at (see [`rule_matches`]).
@@ -205,10 +311,11 @@ fn operation_matches(o: &Operation, req: Request<'_>) -> bool {
 }
 
 /// How a `hosts`/`notHosts` pattern matches a request's Host (or `:authority`): ASCII
-/// case-insensitively, against the value as sent or with a numeric `:port` stripped. Shared
-/// with the compiled form (`maps::Clause`), so both decide hosts alike.
+/// case-insensitively, exactly as sent — no `:port` stripping
+/// ([`Pattern::matches_ignore_case`]). Shared with the compiled form (`maps::Clause`), so
+/// both decide hosts alike.
 pub fn host_pattern_matches(m: Pattern<'_>, host: &str) -> bool {
-    host_matches(m, host) || strip_port(host).is_some_and(|h| host_matches(m, h))
+    m.matches_ignore_case(host)
 }
 
 /// A field with its `not*` counterpart: some pattern matches (or none given), no `not*` does.
@@ -220,59 +327,65 @@ fn strings(
     (pos.is_empty() || pos.iter().any(&matches)) && !neg.iter().any(matches)
 }
 
-/// `host` without a trailing `:port`, if it has one (`[::1]:80` → `[::1]`).
-fn strip_port(host: &str) -> Option<&str> {
-    let (h, port) = host.rsplit_once(':')?;
-    let numeric = !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
-    (numeric && !h.is_empty() && (!h.contains(':') || h.ends_with(']'))).then_some(h)
-}
-
-/// [`StringMatch::matches`], ASCII case-insensitively.
-fn host_matches(m: Pattern<'_>, value: &str) -> bool {
-    let v = value.as_bytes();
-    match m {
-        Pattern::Exact(s) => v.eq_ignore_ascii_case(s.as_bytes()),
-        Pattern::Prefix(p) => v
-            .get(..p.len())
-            .is_some_and(|h| h.eq_ignore_ascii_case(p.as_bytes())),
-        Pattern::Suffix(s) => v
-            .len()
-            .checked_sub(s.len())
-            .and_then(|start| v.get(start..))
-            .is_some_and(|t| t.eq_ignore_ascii_case(s.as_bytes())),
-        Pattern::Presence => !v.is_empty(),
-    }
-}
-
-/// The mTLS mode for inbound traffic to `target`: the PeerAuthentication with a selector
-/// matching it in its namespace, else the one without selector in its namespace, else the one
-/// without selector in the root namespace `root_ns`, else `registry_default`, else STRICT.
-/// (Selector policies in the root namespace apply to the root namespace's workloads only, as
-/// in Istio.) Several at the same level: the first by `(namespace, name)` — Istio takes the
-/// oldest, and this model has no creation time.
+/// The mTLS mode for inbound traffic to `target` ([`effective_port_mtls`] without ports).
 pub fn effective_mtls(
     bundle: &PolicyBundle,
     root_ns: &str,
     target: Target<'_>,
     registry_default: Option<MtlsMode>,
 ) -> MtlsMode {
-    let level = |ns: &str, with_selector: bool| {
+    effective_port_mtls(bundle, root_ns, target, registry_default).0
+}
+
+/// The effective PeerAuthentication of `target`, as Istio composes it (istio/istio
+/// `pilot/pkg/security/authn/policy_applier.go`, `ComposePeerAuthentication`): the mesh
+/// policy (root namespace `root_ns`, no selector), then the namespace policy (no selector),
+/// then the workload policy (a selector matching the workload, not in the root namespace);
+/// each one that is not UNSET overrides the one before; the start is `registry_default`,
+/// else STRICT (Istio starts from PERMISSIVE: this mesh is STRICT unless told otherwise).
+/// `portLevelMtls` of the workload policy gives per-port modes (UNSET: the workload's mode).
+/// Several at one level: the first by `(namespace, name)` — Istio takes the oldest, and this
+/// model has no creation time. The returned modes are never UNSET.
+pub fn effective_port_mtls(
+    bundle: &PolicyBundle,
+    root_ns: &str,
+    target: Target<'_>,
+    registry_default: Option<MtlsMode>,
+) -> (MtlsMode, BTreeMap<u16, MtlsMode>) {
+    let has_selector = |p: &PeerAuthentication| p.selector.as_ref().is_some_and(|s| !s.is_empty());
+    let first = |f: &dyn Fn(&PeerAuthentication) -> bool| {
         bundle
             .peer_authn
             .iter()
-            .filter(|p| p.namespace == ns)
-            .filter(|p| match &p.selector {
-                Some(s) if !s.is_empty() => with_selector && labels_match(Some(s), target.labels),
-                _ => !with_selector,
-            })
+            .filter(|p| f(p))
             .min_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)))
-            .map(|p| p.mode)
     };
-    level(target.namespace, true)
-        .or_else(|| level(target.namespace, false))
-        .or_else(|| level(root_ns, false))
-        .or(registry_default)
-        .unwrap_or(MtlsMode::Strict)
+    let mesh = first(&|p| p.namespace == root_ns && !has_selector(p));
+    let namespace =
+        first(&|p| p.namespace != root_ns && p.namespace == target.namespace && !has_selector(p));
+    let workload = first(&|p| {
+        p.namespace != root_ns
+            && p.namespace == target.namespace
+            && has_selector(p)
+            && labels_match(p.selector.as_ref(), target.labels)
+    });
+    let mut mode = registry_default
+        .filter(|m| *m != MtlsMode::Unset)
+        .unwrap_or(MtlsMode::Strict);
+    for p in [mesh, namespace, workload].into_iter().flatten() {
+        if p.mode != MtlsMode::Unset {
+            mode = p.mode;
+        }
+    }
+    let ports = workload
+        .map(|w| {
+            w.port_level
+                .iter()
+                .map(|(port, m)| (*port, if *m == MtlsMode::Unset { mode } else { *m }))
+                .collect()
+        })
+        .unwrap_or_default();
+    (mode, ports)
 }
 
 #[cfg(test)]
@@ -285,7 +398,7 @@ mod tests {
 
     use super::*;
     use crate::policy::{
-        model::{IpNet, Origin, PeerAuthentication},
+        model::{IpNet, Origin, PeerAuthentication, TrustDomains},
         parse::parse_str,
     };
 
@@ -323,7 +436,11 @@ mod tests {
     }
 
     fn tcp(port: u16) -> Request<'static> {
-        Request { port, http: None }
+        Request {
+            port,
+            dst_ip: None,
+            http: None,
+        }
     }
 
     fn http(
@@ -333,7 +450,13 @@ mod tests {
     ) -> Request<'static> {
         Request {
             port: 8080,
-            http: Some(HttpRequest { method, path, host }),
+            dst_ip: None,
+            http: Some(HttpRequest {
+                method,
+                path,
+                host,
+                headers: &[],
+            }),
         }
     }
 
@@ -380,14 +503,12 @@ mod tests {
             let b = bundle(&[("default", "a", spec)]);
             let d = eval(&b, peer(Some(SLEEP)), tcp(80));
             assert_eq!((d.allowed, d.policy), (false, None), "{spec}");
-            // ... and a DENY without rules denies nothing.
-            let b = bundle(&[(
-                "default",
-                "d",
-                &format!("{spec}\n  action: DENY").replace("  action: ALLOW\n", ""),
-            )]);
-            assert!(allowed(&b, peer(Some(SLEEP)), tcp(80)), "{spec}");
         }
+        // A DENY without rules is refused by the parser (as by Istio); built by hand it
+        // denies nothing.
+        let mut b = bundle(&[("default", "d", "  action: DENY\n  rules: [{}]")]);
+        b.authz[0].rules = None;
+        assert!(allowed(&b, peer(Some(SLEEP)), tcp(80)));
         // `rules: [{}]` matches everything.
         let b = allow_rule("{}");
         let d = eval(&b, peer(None), tcp(1));
@@ -395,12 +516,14 @@ mod tests {
         let b = bundle(&[("default", "d", "  action: DENY\n  rules: [{}]")]);
         let d = eval(&b, peer(Some(SLEEP)), http("GET", "/", None));
         assert_eq!((d.allowed, d.policy.as_deref()), (false, Some("default/d")));
-        // Empty from / to lists match anything.
-        assert!(allowed(
-            &allow_rule("{from: [], to: []}"),
-            peer(None),
-            tcp(9)
-        ));
+        // Empty from / to lists are refused by the parser (Istio: "must not be empty").
+        for rule in ["{from: []}", "{to: []}"] {
+            let text = format!(
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+                 metadata: {{name: a, namespace: default}}\nspec:\n  rules: [{rule}]\n"
+            );
+            assert!(parse_str(&text, Path::new("x.yaml")).is_err(), "{rule}");
+        }
     }
 
     #[test]
@@ -545,16 +668,19 @@ mod tests {
             ("notPaths: [\"/api/*\"]", false),
             ("notPaths: [/admin]", true),
             ("paths: [\"/api/*\"], notPaths: [\"*/items\"]", false),
-            // Hosts: case-insensitive, with and without the port.
-            ("hosts: [web.default.svc]", true),
+            // Hosts: case-insensitive, the `:port` is part of the value (Istio,
+            // ISTIO-SECURITY-2021-008).
+            ("hosts: [web.default.svc]", false),
             ("hosts: [\"web.default.svc:8080\"]", true),
-            ("hosts: [WEB.DEFAULT.SVC]", true),
+            ("hosts: [\"WEB.DEFAULT.SVC:8080\"]", true),
+            ("hosts: [WEB.DEFAULT.SVC]", false),
             ("hosts: [\"web.*\"]", true),
-            ("hosts: [\"*.svc\"]", true),
+            ("hosts: [\"*.svc\"]", false),
             ("hosts: [\"*.svc:8080\"]", true),
             ("hosts: [\"*\"]", true),
             ("hosts: [other.svc]", false),
-            ("notHosts: [\"*.SVC\"]", false),
+            ("notHosts: [\"*.SVC:8080\"]", false),
+            ("notHosts: [\"*.SVC\"]", true),
             ("notHosts: [other]", true),
             ("hosts: [\"*\"], notHosts: [\"web.*\"]", false),
         ];
@@ -565,9 +691,10 @@ mod tests {
         let no_host = http("GET", "/", None);
         assert!(!allowed(&op("hosts: [\"*\"]"), peer(None), no_host));
         assert!(allowed(&op("notHosts: [\"*\"]"), peer(None), no_host));
-        // IPv6 literal authority.
+        // IPv6 literal authority: the port is part of it too.
         let v6 = http("GET", "/", Some("[fd00::1]:8080"));
-        assert!(allowed(&op("hosts: [\"[fd00::1]\"]"), peer(None), v6));
+        assert!(!allowed(&op("hosts: [\"[fd00::1]\"]"), peer(None), v6));
+        assert!(allowed(&op("hosts: [\"[fd00::1]:8080\"]"), peer(None), v6));
         // Combined: every field.
         let b = op("methods: [GET], paths: [\"/api/*\"], hosts: [\"web.*\"], ports: [\"8080\"]");
         assert!(allowed(&b, peer(None), get));
@@ -579,14 +706,223 @@ mod tests {
     }
 
     #[test]
-    fn strip_port_forms() {
-        assert_eq!(strip_port("a:80"), Some("a"));
-        assert_eq!(strip_port("a"), None);
-        assert_eq!(strip_port("a:"), None);
-        assert_eq!(strip_port("a:x"), None);
-        assert_eq!(strip_port("[::1]:80"), Some("[::1]"));
-        assert_eq!(strip_port("::1"), None);
-        assert_eq!(strip_port(":80"), None);
+    fn hosts_as_istio_matches_them() {
+        // ISTIO-SECURITY-2021-008: `hosts: ["example.com"]` does not match
+        // `Host: example.com:80`; a DENY on it is bypassed with the port, so write both.
+        let deny = bundle(&[(
+            "default",
+            "d",
+            "  action: DENY\n  rules: [{to: [{operation: {hosts: [example.com]}}]}]",
+        )]);
+        let host = |h: &'static str| http("GET", "/", Some(h));
+        assert!(!allowed(&deny, peer(None), host("example.com")));
+        assert!(!allowed(&deny, peer(None), host("EXAMPLE.com")));
+        for bypass in [
+            "example.com:80",
+            "example.com.",
+            "example.com.:80",
+            "xexample.com",
+        ] {
+            assert!(allowed(&deny, peer(None), host(bypass)), "{bypass}");
+        }
+        let both = bundle(&[(
+            "default",
+            "d",
+            "  action: DENY\n  rules: [{to: [{operation: {hosts: [example.com, \"example.com:*\"]}}]}]",
+        )]);
+        for h in ["example.com", "Example.COM:80", "example.com:8080"] {
+            assert!(!allowed(&both, peer(None), host(h)), "{h}");
+        }
+        // Suffix wildcard: a subdomain with any port only if the pattern says so.
+        let allow = allow_rule("{to: [{operation: {hosts: [\"*.example.com\"]}}]}");
+        assert!(allowed(&allow, peer(None), host("a.EXAMPLE.com")));
+        assert!(!allowed(&allow, peer(None), host("a.example.com:443")));
+        assert!(!allowed(&allow, peer(None), host("example.com")));
+        assert!(!allowed(&allow, peer(None), host("a.example.com.")));
+    }
+
+    /// An HTTP request with headers.
+    fn http_h(
+        path: &'static str,
+        headers: &'static [(&'static str, &'static str)],
+    ) -> Request<'static> {
+        Request {
+            port: 8080,
+            dst_ip: Some("10.9.0.1".parse().unwrap()),
+            http: Some(HttpRequest {
+                method: "GET",
+                path,
+                host: Some("web"),
+                headers,
+            }),
+        }
+    }
+
+    #[test]
+    fn when_conditions() {
+        let rule = |w: &str| allow_rule(&format!("{{when: [{w}]}}"));
+        let p = Peer {
+            ip: "10.0.0.5".parse().unwrap(),
+            ..peer(Some(SLEEP))
+        };
+        let req = http_h("/", &[("X-Token", "abc"), ("x-token", "def")]);
+        let cases: &[(&str, bool)] = &[
+            ("{key: source.ip, values: [10.0.0.0/24]}", true),
+            ("{key: source.ip, values: [10.0.1.0/24]}", false),
+            ("{key: source.ip, notValues: [10.0.0.5]}", false),
+            ("{key: remote.ip, values: [10.0.0.5]}", true),
+            ("{key: destination.ip, values: [10.9.0.0/16]}", true),
+            ("{key: destination.ip, notValues: [10.9.0.1]}", false),
+            ("{key: destination.port, values: [\"8080\"]}", true),
+            ("{key: destination.port, notValues: [\"8080\"]}", false),
+            ("{key: source.namespace, values: [client]}", true),
+            ("{key: source.namespace, values: [ops]}", false),
+            (
+                "{key: source.principal, values: [\"cluster.local/ns/client/*\"]}",
+                true,
+            ),
+            ("{key: source.serviceAccount, values: [client/sleep]}", true),
+            ("{key: source.serviceAccount, values: [sleep]}", false),
+            // Header fields of one name are joined with `,` (Envoy), case-insensitive names.
+            (
+                "{key: \"request.headers[x-token]\", values: [\"abc,def\"]}",
+                true,
+            ),
+            (
+                "{key: \"request.headers[X-TOKEN]\", values: [\"abc*\"]}",
+                true,
+            ),
+            ("{key: \"request.headers[x-token]\", values: [abc]}", false),
+            ("{key: \"request.headers[x-token]\", values: [\"*\"]}", true),
+            (
+                "{key: \"request.headers[x-other]\", values: [\"*\"]}",
+                false,
+            ),
+            (
+                "{key: \"request.headers[x-other]\", notValues: [\"*\"]}",
+                true,
+            ),
+            (
+                "{key: \"request.headers[x-token]\", notValues: [\"*def\"]}",
+                false,
+            ),
+            // Two conditions: both must hold.
+            (
+                "{key: source.namespace, values: [client]}, {key: source.ip, values: [1.2.3.4]}",
+                false,
+            ),
+        ];
+        for &(w, want) in cases {
+            assert_eq!(allowed(&rule(w), p, req), want, "{w}");
+        }
+        // Without mTLS identity: identity conditions' values never match.
+        let anon = Peer {
+            ip: "10.0.0.5".parse().unwrap(),
+            ..peer(None)
+        };
+        assert!(!allowed(
+            &rule("{key: source.principal, values: [\"*\"]}"),
+            anon,
+            req
+        ));
+        assert!(allowed(
+            &rule("{key: source.principal, notValues: [\"*\"]}"),
+            anon,
+            req
+        ));
+        assert!(!allowed(
+            &rule("{key: source.serviceAccount, values: [client/sleep]}"),
+            anon,
+            req
+        ));
+        // Header conditions off HTTP: an ALLOW never matches, a DENY ignores them (wider).
+        let hdr = "{key: \"request.headers[x-token]\", values: [abc]}";
+        assert!(!allowed(&rule(hdr), p, tcp(8080)));
+        let deny = bundle(&[(
+            "default",
+            "d",
+            &format!("  action: DENY\n  rules: [{{when: [{hdr}]}}]"),
+        )]);
+        assert!(!allowed(&deny, p, tcp(8080)));
+        assert!(allowed(&deny, p, http_h("/", &[("x-token", "zzz")])));
+        assert!(!allowed(&deny, p, http_h("/", &[("x-token", "abc")])));
+    }
+
+    #[test]
+    fn principals_with_trust_domains_and_aliases() {
+        let tds = TrustDomains::new("corp.example", vec!["old.example".into()]);
+        let allow = |pattern: &str| {
+            allow_rule(&format!(
+                "{{from: [{{source: {{principals: [\"{pattern}\"]}}}}]}}"
+            ))
+            .for_trust_domains(&tds)
+        };
+        let me = Some("corp.example/ns/client/sa/sleep");
+        let p = peer(me);
+        for (pattern, want) in [
+            ("corp.example/ns/client/sa/sleep", true),
+            ("cluster.local/ns/client/sa/sleep", true),
+            ("old.example/ns/client/sa/sleep", true),
+            ("other.example/ns/client/sa/sleep", false),
+            ("cluster.local/ns/client/sa/sleep2", false),
+            ("cluster.local/ns/client/sa/*", true),
+            ("*/ns/client/sa/sleep", true),
+            ("cluster.local/*", false),
+        ] {
+            assert_eq!(allowed(&allow(pattern), p, tcp(80)), want, "{pattern}");
+        }
+        // notPrincipals are rewritten too: a DENY on the alias catches the local identity.
+        let deny = bundle(&[(
+            "default",
+            "d",
+            "  action: DENY\n  rules: [{from: [{source: {notPrincipals: [\"old.example/ns/client/sa/sleep\"]}}]}]",
+        )])
+        .for_trust_domains(&tds);
+        assert!(allowed(&deny, p, tcp(80)));
+        assert!(!allowed(
+            &deny,
+            peer(Some("corp.example/ns/ops/sa/admin")),
+            tcp(80)
+        ));
+    }
+
+    #[test]
+    fn service_accounts_and_templates() {
+        let sa = bundle(&[(
+            "client",
+            "a",
+            "  rules: [{from: [{source: {serviceAccounts: [sleep], notServiceAccounts: [ops/admin]}}]}]",
+        )]);
+        let l = labels(&[]);
+        let t = Target {
+            namespace: "client",
+            labels: &l,
+        };
+        let e = |p: Option<&'static str>| evaluate(&sa, ROOT, t, peer(p), tcp(80)).allowed;
+        assert!(e(Some(SLEEP)));
+        assert!(e(Some("other.td/ns/client/sa/sleep")), "any trust domain");
+        assert!(!e(Some(ADMIN)));
+        assert!(
+            !e(Some("cluster.local/ns/ops/sa/sleep")),
+            "bare name: the policy's namespace"
+        );
+        assert!(!e(None));
+
+        let tpl = allow_rule("{to: [{operation: {paths: [\"/api/{*}/items/{**}\"]}}]}");
+        for (path, want) in [
+            ("/api/v1/items/", true),
+            ("/api/v1/items/a/b?x=1", true),
+            ("/api/v1/items", false),
+            ("/api/v1/v2/items/a", false),
+            ("/api//items/a", false),
+            ("/API/v1/items/a", false),
+        ] {
+            assert_eq!(
+                allowed(&tpl, peer(None), http("GET", path, None)),
+                want,
+                "{path}"
+            );
+        }
     }
 
     #[test]
@@ -824,6 +1160,7 @@ mod tests {
             },
             selector: selector.map(labels),
             mode,
+            port_level: BTreeMap::new(),
         }
     }
 
@@ -894,6 +1231,67 @@ mod tests {
             ),
             P
         );
+    }
+
+    #[test]
+    fn mtls_unset_disable_and_ports() {
+        use MtlsMode::{Disable as D, Permissive as P, Strict as S, Unset as U};
+        let l = labels(&[("app", "web")]);
+        let t = Target {
+            namespace: "default",
+            labels: &l,
+        };
+        let with_ports = |mut p: PeerAuthentication, ports: &[(u16, MtlsMode)]| {
+            p.port_level = ports.iter().copied().collect();
+            p
+        };
+        let eff = |pas: Vec<PeerAuthentication>, reg| {
+            effective_port_mtls(
+                &PolicyBundle {
+                    authz: vec![],
+                    peer_authn: pas,
+                },
+                ROOT,
+                t,
+                reg,
+            )
+        };
+        // UNSET inherits: workload → namespace → mesh → registry default → STRICT.
+        assert_eq!(eff(vec![pa("default", "n", None, U)], None).0, S);
+        assert_eq!(eff(vec![pa("default", "n", None, U)], Some(P)).0, P);
+        assert_eq!(
+            eff(
+                vec![pa(ROOT, "m", None, D), pa("default", "n", None, U)],
+                None
+            )
+            .0,
+            D
+        );
+        assert_eq!(
+            eff(
+                vec![
+                    pa(ROOT, "m", None, P),
+                    pa("default", "n", None, S),
+                    pa("default", "w", Some(&[("app", "web")]), U)
+                ],
+                None
+            )
+            .0,
+            S
+        );
+        assert!(D.accepts_plaintext() && P.accepts_plaintext() && !S.accepts_plaintext());
+        // Port level: from the workload policy only; UNSET ports take the workload's mode.
+        let w = with_ports(
+            pa("default", "w", Some(&[("app", "web")]), S),
+            &[(8080, D), (9090, U)],
+        );
+        let (mode, ports) = eff(vec![pa("default", "n", None, P), w], None);
+        assert_eq!(mode, S);
+        assert_eq!(ports, BTreeMap::from([(8080, D), (9090, S)]));
+        // A selector policy in the root namespace is ignored (Istio: workload policies are
+        // not in the root namespace).
+        let root_sel = with_ports(pa(ROOT, "w", Some(&[("app", "web")]), P), &[(80, D)]);
+        assert_eq!(eff(vec![root_sel], None), (S, BTreeMap::new()));
     }
 
     #[test]
@@ -1033,9 +1431,13 @@ mod tests {
         };
         let req = Request {
             port: c.port,
-            http: c
-                .http
-                .map(|(method, path, host)| HttpRequest { method, path, host }),
+            dst_ip: None,
+            http: c.http.map(|(method, path, host)| HttpRequest {
+                method,
+                path,
+                host,
+                headers: &[],
+            }),
         };
         eval(b, p, req)
     }
@@ -1068,7 +1470,7 @@ mod tests {
             let b = PolicyBundle { authz: ps, peer_authn: vec![] };
             let deny = AuthorizationPolicy { action: Action::Deny, name: "zz-extra".into(), ..extra };
             let p = Peer { ip: c.ip, ..peer(c.principal) };
-            let req = Request { port: c.port, http: c.http.map(|(method, path, host)| HttpRequest { method, path, host }) };
+            let req = Request { port: c.port, dst_ip: None, http: c.http.map(|(method, path, host)| HttpRequest { method, path, host, headers: &[] }) };
             let l = labels(&[("app", "web"), ("version", "v1")]);
             let t = Target { namespace: "default", labels: &l };
             prop_assume!(!(selects(&deny, ROOT, t) && policy_matches(&deny, p, req)));

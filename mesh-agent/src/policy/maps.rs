@@ -14,6 +14,17 @@
 //! [`PolicyMaps::read_view`] reads one generation back into a [`PolicyView`]: the agent's
 //! decisions (L4 on the inbound side, per request on HTTP ports) come from the same entries
 //! the kernel reads.
+//!
+//! Readers and swaps: the kernel reads `policy_gen` once per connect and finishes its lookups
+//! well within [`GRACE`], so it only ever sees an intact generation (written completely
+//! before the flip, deleted only after the flip and the grace period). A user-space read of
+//! a generation is a walk of six maps that may take longer than the grace period, so a
+//! reader could overlap the deletion of the generation it reads and see it half deleted (no
+//! destination entries: allow-all, failing open; no class: deny-all). Readers therefore use
+//! [`PolicyMaps::read_active_view`] ([`read_consistent`]): read the active generation, then
+//! check that it is *still* active; deletion starts only after a flip, so a generation that
+//! is still active after the read was intact during all of it. Otherwise the read is thrown
+//! away and retried on the new generation.
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -24,17 +35,22 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError};
+use aya::maps::{
+    lpm_trie::{Key as LpmKey, LpmTrie},
+    Array, HashMap, Map, MapData, MapError,
+};
 use mesh_common::{
     names,
     policy::{
         PolDstKey, PolDstValue, PolL4Key, PolL4Value, PolL7Key, PolL7Value, PolOpKey, PolOpValue,
-        PolSrcKey, PolSrcValue, PolStrKey, PolStrValue, POL_ACTION_ALLOW, POL_ACTION_AUDIT,
-        POL_ACTION_DENY, POL_ALLOW, POL_DENY, POL_DST_F_PERMISSIVE, POL_FIELD_HOST,
-        POL_FIELD_METHOD, POL_FIELD_NOT_HOST, POL_FIELD_NOT_METHOD, POL_FIELD_NOT_PATH,
-        POL_FIELD_PATH, POL_F_AUDIT, POL_F_AUDIT_L7, POL_F_DRY_RUN_DENY, POL_F_DRY_RUN_L4_ALLOWED,
-        POL_F_DRY_RUN_L7, POL_F_L4_ALLOWED, POL_L7, POL_L7_F_DRY_RUN, POL_MATCH_EXACT,
-        POL_MATCH_PREFIX, POL_MATCH_PRESENCE, POL_MATCH_SUFFIX, POL_STR_MAX,
+        PolPlainData, PolPlainKey, PolPlainValue, PolSrcKey, PolSrcValue, PolStrKey, PolStrValue,
+        PLAIN_GEN_BITS, POL_ACTION_ALLOW, POL_ACTION_AUDIT, POL_ACTION_DENY, POL_ALLOW, POL_DENY,
+        POL_DST_F_PERMISSIVE, POL_FIELD_GROUP_SHIFT, POL_FIELD_HEADER, POL_FIELD_HOST,
+        POL_FIELD_MASK, POL_FIELD_METHOD, POL_FIELD_NOT_HEADER, POL_FIELD_NOT_HOST,
+        POL_FIELD_NOT_METHOD, POL_FIELD_NOT_PATH, POL_FIELD_PATH, POL_F_AUDIT, POL_F_AUDIT_L7,
+        POL_F_DRY_RUN_DENY, POL_F_DRY_RUN_L4_ALLOWED, POL_F_DRY_RUN_L7, POL_F_L4_ALLOWED, POL_L7,
+        POL_L7_F_DRY_RUN, POL_MATCH_EXACT, POL_MATCH_PREFIX, POL_MATCH_PRESENCE, POL_MATCH_SUFFIX,
+        POL_MATCH_TEMPLATE, POL_STR_MAX,
     },
     AgentConfig,
 };
@@ -46,6 +62,8 @@ use super::model::Pattern;
 
 /// How long the old generation stays after the flip.
 pub const GRACE: Duration = Duration::from_millis(50);
+/// How many times [`read_consistent`] retries a read that overlapped a swap.
+pub const READ_ATTEMPTS: usize = 8;
 
 /// Errors of the policy maps, naming the map.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +88,9 @@ pub enum MapsError {
     },
     #[error("generation {gen} is inconsistent: {problem}")]
     Inconsistent { gen: u32, problem: String },
+    /// Every read overlapped a swap ([`READ_ATTEMPTS`] of them): nothing consistent was read.
+    #[error("the active policy generation changed during each of {attempts} reads")]
+    Unstable { attempts: usize },
 }
 
 fn map_err(map: &'static str) -> impl Fn(MapError) -> MapsError {
@@ -168,6 +189,79 @@ pub struct PolicyMaps {
     l7: GenMap<PolL7Key, PolL7Value>,
     ops: GenMap<PolOpKey, PolOpValue>,
     strs: GenMap<PolStrKey, PolStrValue>,
+    plain: PlainMap,
+}
+
+/// `mesh_pol_plain`, the LPM trie of plaintext source classes (its generation is in the key
+/// data, after the prefix length).
+struct PlainMap {
+    map: LpmTrie<MapData, PolPlainData, PolPlainValue>,
+}
+
+impl PlainMap {
+    const NAME: &'static str = names::MAP_POL_PLAIN;
+
+    fn open(dir: &Path) -> Result<Self, MapsError> {
+        let path = dir.join(Self::NAME);
+        let data = MapData::from_pin(&path).map_err(|source| MapsError::Open {
+            path: path.clone(),
+            source: Box::new(source),
+        })?;
+        let map = LpmTrie::try_from(Map::LpmTrie(data)).map_err(|source| MapsError::Open {
+            path,
+            source: Box::new(source),
+        })?;
+        Ok(Self { map })
+    }
+
+    fn write(
+        &mut self,
+        gen: u32,
+        entries: &[(PolPlainKey, PolPlainValue)],
+    ) -> Result<(), MapsError> {
+        for (k, v) in entries {
+            let mut data = k.data;
+            data.gen = gen;
+            self.map
+                .insert(&LpmKey::new(k.prefix_len, data), v, 0)
+                .map_err(map_err(Self::NAME))?;
+        }
+        Ok(())
+    }
+
+    fn delete_where(&mut self, drop: impl Fn(u32) -> bool) -> Result<usize, MapsError> {
+        let stale: Vec<LpmKey<PolPlainData>> = self
+            .map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| drop(k.data().gen))
+            .collect();
+        for k in &stale {
+            match self.map.remove(k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(Self::NAME)(e)),
+            }
+        }
+        Ok(stale.len())
+    }
+
+    fn read(&self, gen: u32) -> Result<Vec<(PolPlainKey, PolPlainValue)>, MapsError> {
+        let mut out = Vec::new();
+        for item in self.map.iter() {
+            match item {
+                Ok((k, v)) if k.data().gen == gen => out.push((
+                    PolPlainKey {
+                        prefix_len: k.prefix_len(),
+                        data: k.data(),
+                    },
+                    v,
+                )),
+                Ok(_) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(Self::NAME)(e)),
+            }
+        }
+        Ok(out)
+    }
 }
 
 impl PolicyMaps {
@@ -191,6 +285,7 @@ impl PolicyMaps {
             l7: GenMap::open(pin_dir, names::MAP_POL_L7)?,
             ops: GenMap::open(pin_dir, names::MAP_POL_OPS)?,
             strs: GenMap::open(pin_dir, names::MAP_POL_STRS)?,
+            plain: PlainMap::open(pin_dir)?,
         })
     }
 
@@ -247,6 +342,7 @@ impl PolicyMaps {
         self.ops.write(gen, &c.ops)?;
         self.l7.write(gen, &c.l7)?;
         self.l4.write(gen, &c.l4)?;
+        self.plain.write(gen, &c.plain)?;
         self.src.write(gen, &c.src)?;
         self.dst.write(gen, &c.dst)
     }
@@ -257,10 +353,18 @@ impl PolicyMaps {
             + self.l4.delete_where(drop)?
             + self.l7.delete_where(drop)?
             + self.ops.delete_where(drop)?
-            + self.strs.delete_where(drop)?)
+            + self.strs.delete_where(drop)?
+            + self.plain.delete_where(drop)?)
     }
 
-    /// Reads generation `gen` back (an empty, allow-all view for 0).
+    /// Reads the active generation consistently: never a generation that was being deleted
+    /// ([`read_consistent`]).
+    pub fn read_active_view(&self) -> Result<PolicyView, MapsError> {
+        read_consistent(|| self.active_generation(), |gen| self.read_view(gen))
+    }
+
+    /// Reads generation `gen` back (an empty, allow-all view for 0). Only consistent if `gen`
+    /// stays active during the read: see [`Self::read_active_view`].
     pub fn read_view(&self, gen: u32) -> Result<PolicyView, MapsError> {
         if gen == 0 {
             return Ok(PolicyView::default());
@@ -272,9 +376,39 @@ impl PolicyMaps {
             l7: self.l7.read(gen)?,
             ops: self.ops.read(gen)?,
             strs: self.strs.read(gen)?,
+            plain: self.plain.read(gen)?,
         };
         PolicyView::build(gen, raw)
     }
+}
+
+/// Reads the generation `active()` names with `read(gen)`, then checks that it is still the
+/// active one; if not, the read may have overlapped its deletion (which starts only after a
+/// flip) and is retried on the new one, up to [`READ_ATTEMPTS`] times. A view whose
+/// generation stayed active from before to after the read was read intact. An
+/// [`MapsError::Inconsistent`] read is retried the same way when the generation changed
+/// meanwhile (it was being deleted), and returned when it did not (a real inconsistency).
+pub fn read_consistent<T>(
+    active: impl Fn() -> Result<u32, MapsError>,
+    read: impl Fn(u32) -> Result<T, MapsError>,
+) -> Result<T, MapsError> {
+    let mut gen = active()?;
+    for _ in 0..READ_ATTEMPTS {
+        let result = read(gen);
+        let now = active()?;
+        if now == gen {
+            return result;
+        }
+        debug!(
+            generation = gen,
+            active = now,
+            "policy generation swapped during a read; reading again"
+        );
+        gen = now;
+    }
+    Err(MapsError::Unstable {
+        attempts: READ_ATTEMPTS,
+    })
 }
 
 /// Exclusive lock on the pin directory, released on drop.
@@ -298,6 +432,7 @@ pub struct RawGeneration {
     pub l7: Vec<(PolL7Key, PolL7Value)>,
     pub ops: Vec<(PolOpKey, PolOpValue)>,
     pub strs: Vec<(PolStrKey, PolStrValue)>,
+    pub plain: Vec<(PolPlainKey, PolPlainValue)>,
 }
 
 impl From<&CompiledPolicy> for RawGeneration {
@@ -309,6 +444,7 @@ impl From<&CompiledPolicy> for RawGeneration {
             l7: c.l7.clone(),
             ops: c.ops.clone(),
             strs: c.strs.clone(),
+            plain: c.plain.clone(),
         }
     }
 }
@@ -343,29 +479,148 @@ pub struct Clause {
     pub terms: Vec<Term>,
 }
 
+/// A request's header fields, as the policy reads them.
+pub trait RequestHeaders {
+    /// Calls `f` with every value of header `name` (given lowercase; compare names
+    /// case-insensitively), in the order received.
+    fn for_each_value(&self, name: &str, f: &mut dyn FnMut(&[u8]));
+}
+
+/// A request without header fields (or whose headers no policy reads).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoHeaders;
+
+impl RequestHeaders for NoHeaders {
+    fn for_each_value(&self, _: &str, _: &mut dyn FnMut(&[u8])) {}
+}
+
+/// Header fields as (name, value) pairs.
+impl RequestHeaders for &[(&str, &str)] {
+    fn for_each_value(&self, name: &str, f: &mut dyn FnMut(&[u8])) {
+        for (n, v) in self.iter() {
+            if n.eq_ignore_ascii_case(name) {
+                f(v.as_bytes());
+            }
+        }
+    }
+}
+
+/// One HTTP request as a clause matches it: absent method/host are `""`; `path` without its
+/// query string (see [`PolicyView::decide_request_with`]).
+#[derive(Clone, Copy)]
+pub struct RequestFacts<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub host: &'a str,
+    pub headers: &'a dyn RequestHeaders,
+}
+
+impl std::fmt::Debug for RequestFacts<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestFacts")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Clause {
-    /// Whether the request matches: a positive field (`METHOD`, `PATH`, `HOST`) matches when
-    /// any of its terms does, a negative one (`NOT_*`) when none does; every field present
-    /// must match; no terms match every request. An absent value is the empty string (which
-    /// matches no pattern but an exact `""`). `path` is compared as given (without its query
-    /// string: see [`PolicyView::decide_request`]); host terms compare ASCII
-    /// case-insensitively (patterns are stored lowercase) against the host as sent and, if
-    /// it ends in `:port`, without it.
+    /// [`Self::matches_request`] for a request without header fields.
     pub fn matches(&self, method: &str, path: &str, host: &str) -> bool {
-        [
-            (POL_FIELD_METHOD, POL_FIELD_NOT_METHOD, method),
-            (POL_FIELD_PATH, POL_FIELD_NOT_PATH, path),
-            (POL_FIELD_HOST, POL_FIELD_NOT_HOST, host),
-        ]
-        .into_iter()
-        .all(|(pos, neg, value)| {
-            // Hosts: [`Term::matches`] applies the evaluator's rule (case, `:port`).
-            let hit = |t: &Term| t.matches(value);
-            let mut positive = self.terms.iter().filter(|t| t.field == pos).peekable();
-            let pos_ok = positive.peek().is_none() || positive.any(hit);
-            let neg_ok = !self.terms.iter().filter(|t| t.field == neg).any(hit);
-            pos_ok && neg_ok
+        self.matches_request(&RequestFacts {
+            method,
+            path,
+            host,
+            headers: &NoHeaders,
         })
+    }
+
+    /// Whether the request matches. Terms are grouped by (field, group) — the field's high
+    /// bits (`POL_FIELD_GROUP_SHIFT`) are the group: in a group a positive field (`METHOD`,
+    /// `PATH`, `HOST`, `HEADER`) matches when any of its terms does, a negative one (`NOT_*`)
+    /// when none does; every group present must match; no terms match every request. An
+    /// absent method, path or host is the empty string (which matches no pattern but an
+    /// exact `""`); an absent header matches no pattern, not even presence. Hosts compare
+    /// ASCII case-insensitively (patterns are stored lowercase), exactly as sent. A clause
+    /// with a field or kind this version does not know fails closed: an ALLOW clause never
+    /// matches, any other always does (a wider deny or audit).
+    pub fn matches_request(&self, req: &RequestFacts<'_>) -> bool {
+        let known = |t: &Term| {
+            pattern_of(t.kind, "").is_some()
+                && (POL_FIELD_METHOD..=POL_FIELD_NOT_HEADER).contains(&(t.field & POL_FIELD_MASK))
+        };
+        if !self.terms.iter().all(known) {
+            return self.action != POL_ACTION_ALLOW;
+        }
+        // (positive field, group) of each term; the negative field of a pair shares it.
+        let pair = |field: u32| {
+            let base = field & POL_FIELD_MASK;
+            let group = field >> POL_FIELD_GROUP_SHIFT;
+            let positive = match base {
+                POL_FIELD_NOT_METHOD => POL_FIELD_METHOD,
+                POL_FIELD_NOT_PATH => POL_FIELD_PATH,
+                POL_FIELD_NOT_HOST => POL_FIELD_HOST,
+                POL_FIELD_NOT_HEADER => POL_FIELD_HEADER,
+                b => b,
+            };
+            (positive, group, base != positive)
+        };
+        let mut header: Option<(String, Option<Vec<u8>>)> = None;
+        let mut hit = |t: &Term| -> bool {
+            match t.field & POL_FIELD_MASK {
+                POL_FIELD_METHOD | POL_FIELD_NOT_METHOD => t.matches(req.method),
+                POL_FIELD_PATH | POL_FIELD_NOT_PATH => t.matches(req.path),
+                POL_FIELD_HOST | POL_FIELD_NOT_HOST => t.matches(req.host),
+                POL_FIELD_HEADER | POL_FIELD_NOT_HEADER => {
+                    let Some((name, pattern)) = t.pattern.split_once(':') else {
+                        return false;
+                    };
+                    // One header looked up per group, joined as Envoy sees repeated fields.
+                    if header.as_ref().is_none_or(|(n, _)| n != name) {
+                        let mut values = Vec::new();
+                        req.headers
+                            .for_each_value(name, &mut |v| values.push(v.to_vec()));
+                        let joined = super::eval::join_values(values.iter().map(Vec::as_slice));
+                        header = Some((name.to_owned(), joined));
+                    }
+                    let value = header.as_ref().and_then(|(_, v)| v.as_deref());
+                    match pattern_of(t.kind, pattern) {
+                        Some(p) => super::eval::header_pattern_matches(p, value),
+                        None => false,
+                    }
+                }
+                _ => false,
+            }
+        };
+        let mut done: Vec<(u32, u32)> = Vec::new();
+        for t in &self.terms {
+            let (positive, group, _) = pair(t.field);
+            if done.contains(&(positive, group)) {
+                continue;
+            }
+            done.push((positive, group));
+            let mut any_positive = false;
+            let mut positive_hit = false;
+            for u in self.terms.iter().filter(|u| {
+                let (p, g, _) = pair(u.field);
+                (p, g) == (positive, group)
+            }) {
+                let negative = pair(u.field).2;
+                if negative {
+                    if hit(u) {
+                        return false;
+                    }
+                } else {
+                    any_positive = true;
+                    positive_hit = positive_hit || hit(u);
+                }
+            }
+            if any_positive && !positive_hit {
+                return false;
+            }
+        }
+        true
     }
 }
 
@@ -374,28 +629,30 @@ fn policy_path(path: &str) -> &str {
     path.split(['?', '#']).next().unwrap_or("")
 }
 
+/// A term's kind and pattern as a [`Pattern`]; `None` for an unknown kind.
+fn pattern_of(kind: u32, p: &str) -> Option<Pattern<'_>> {
+    Some(match kind {
+        POL_MATCH_EXACT => Pattern::Exact(p),
+        POL_MATCH_PREFIX => Pattern::Prefix(p),
+        POL_MATCH_SUFFIX => Pattern::Suffix(p),
+        POL_MATCH_PRESENCE => Pattern::Presence,
+        POL_MATCH_TEMPLATE => Pattern::Template(p),
+        _ => return None,
+    })
+}
+
 impl Term {
     fn matches(&self, value: &str) -> bool {
-        let p = &*self.pattern;
-        if self.field == POL_FIELD_HOST || self.field == POL_FIELD_NOT_HOST {
-            // Hosts match as the reference evaluator matches them (case, `:port`).
-            let pattern = match self.kind {
-                POL_MATCH_EXACT => Pattern::Exact(p),
-                POL_MATCH_PREFIX => Pattern::Prefix(p),
-                POL_MATCH_SUFFIX => Pattern::Suffix(p),
-                POL_MATCH_PRESENCE => Pattern::Presence,
-                _ => return false,
-            };
+        // Unknown kinds never match (a newer compiler): ALLOW clauses then fail closed.
+        let Some(pattern) = pattern_of(self.kind, &self.pattern) else {
+            return false;
+        };
+        let field = self.field & POL_FIELD_MASK;
+        if field == POL_FIELD_HOST || field == POL_FIELD_NOT_HOST {
+            // Hosts match as the reference evaluator matches them (case-insensitively).
             return super::eval::host_pattern_matches(pattern, value);
         }
-        match self.kind {
-            POL_MATCH_EXACT => value == p,
-            POL_MATCH_PREFIX => value.starts_with(p),
-            POL_MATCH_SUFFIX => value.ends_with(p),
-            POL_MATCH_PRESENCE => !value.is_empty(),
-            // Unknown kinds never match (a newer compiler): ALLOW clauses then fail closed.
-            _ => false,
-        }
+        pattern.matches(value)
     }
 }
 
@@ -458,6 +715,9 @@ pub struct PolicyView {
     l4: StdHashMap<(u32, u32, u32), L4Entry>,
     strings: StdHashMap<u32, Arc<str>>,
     l4_entries: usize,
+    /// `mesh_pol_plain`: (prefix length in the mapped 128-bit space, address, class), longest
+    /// prefixes first.
+    plain: Vec<(u32, u128, u32)>,
     /// Every decision denies (a generation that could not be read back).
     deny_all: bool,
 }
@@ -542,6 +802,25 @@ impl PolicyView {
             l4_entries: l4.len(),
             l4,
             strings,
+            plain: {
+                let mut plain: Vec<(u32, u128, u32)> = raw
+                    .plain
+                    .iter()
+                    .map(|(k, v)| {
+                        let b = k.data.addr_be;
+                        let bytes: Vec<u8> = b.iter().flat_map(|w| w.to_ne_bytes()).collect();
+                        let mut a = [0u8; 16];
+                        a.copy_from_slice(&bytes);
+                        (
+                            k.prefix_len.saturating_sub(PLAIN_GEN_BITS).min(128),
+                            u128::from_be_bytes(a),
+                            v.class_id,
+                        )
+                    })
+                    .collect();
+                plain.sort_by(|a, b| b.0.cmp(&a.0));
+                plain
+            },
             deny_all: false,
         })
     }
@@ -608,6 +887,76 @@ impl PolicyView {
             Family::V4 => v.class4,
             Family::V6 => v.class6,
         })
+    }
+
+    /// The class of plaintext from `ip`: the longest `mesh_pol_plain` prefix containing it —
+    /// the kernel's lookup.
+    pub fn plain_class(&self, ip: std::net::IpAddr) -> Option<u32> {
+        let v6 = match ip.to_canonical() {
+            std::net::IpAddr::V4(a) => a.to_ipv6_mapped(),
+            std::net::IpAddr::V6(a) => a,
+        };
+        let addr = u128::from(v6);
+        self.plain
+            .iter()
+            .find(|(bits, net, _)| {
+                let mask = if *bits == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - bits)
+                };
+                addr & mask == *net & mask
+            })
+            .map(|(_, _, class)| *class)
+    }
+
+    /// The L4 decision for plaintext (accepted under PERMISSIVE: no principal, no namespace)
+    /// from `src_ip` to `dst_workload` port `port`, as the kernel's ingress program decides
+    /// it: no policy set → allow; the class by longest prefix; its entry's `POL_ALLOW` allows,
+    /// anything else denies — `POL_L7` too, since plaintext cannot reach the agent for the
+    /// request (fail closed); a missing class or entry denies.
+    pub fn decide_plaintext(
+        &self,
+        src_ip: std::net::IpAddr,
+        dst_workload: u32,
+        port: u16,
+    ) -> L4Decision {
+        let deny = |key| L4Decision {
+            verdict: L4Verdict::Deny,
+            policy: None,
+            dry_run_deny: None,
+            audit: None,
+            key,
+            needs_request: false,
+        };
+        if self.deny_all {
+            return deny(None);
+        }
+        let Some(set) = self.dst_set(dst_workload) else {
+            return L4Decision {
+                verdict: L4Verdict::Allow,
+                ..deny(None)
+            };
+        };
+        let Some(class) = self.plain_class(src_ip) else {
+            return deny(None);
+        };
+        let Some(entry) = self.l4_entry(set, class, port) else {
+            return deny(Some((set, class)));
+        };
+        let v = entry.value;
+        L4Decision {
+            verdict: if v.verdict == POL_ALLOW {
+                L4Verdict::Allow
+            } else {
+                L4Verdict::Deny
+            },
+            policy: self.string(v.policy_str),
+            dry_run_deny: None,
+            audit: None,
+            key: Some((set, class)),
+            needs_request: v.verdict == POL_L7,
+        }
     }
 
     /// The entry for (set, class, port), else (set, class, 0) — the kernel's lookup.
@@ -697,6 +1046,31 @@ impl PolicyView {
         path: &str,
         host: &str,
     ) -> RequestDecision {
+        self.decide_request_with(
+            set,
+            class,
+            port,
+            &RequestFacts {
+                method,
+                path,
+                host,
+                headers: &NoHeaders,
+            },
+        )
+    }
+
+    /// [`Self::decide_request`] with the request's header fields (`when`
+    /// `request.headers[...]` conditions read them).
+    pub fn decide_request_with(
+        &self,
+        set: u32,
+        class: u32,
+        port: u16,
+        req: &RequestFacts<'_>,
+    ) -> RequestDecision {
+        let RequestFacts {
+            method, path, host, ..
+        } = *req;
         if self.deny_all {
             return RequestDecision::default();
         }
@@ -704,10 +1078,15 @@ impl PolicyView {
             return RequestDecision::default();
         };
         let v = entry.value;
-        let path = policy_path(path);
+        let facts = RequestFacts {
+            method,
+            path: policy_path(path),
+            host,
+            headers: req.headers,
+        };
         let matching = |action: u32, with_dry_run: bool| {
             entry.clauses.iter().find(|c| {
-                c.action == action && (with_dry_run || !c.dry_run) && c.matches(method, path, host)
+                c.action == action && (with_dry_run || !c.dry_run) && c.matches_request(&facts)
             })
         };
         let (allowed, policy) = match v.verdict {
@@ -754,7 +1133,7 @@ impl PolicyView {
             out.audit.extend(self.string(v.audit_str));
         }
         for c in &entry.clauses {
-            if c.action == POL_ACTION_AUDIT && c.matches(method, path, host) {
+            if c.action == POL_ACTION_AUDIT && c.matches_request(&facts) {
                 if let Some(p) = &c.policy {
                     if !out.audit.contains(p) {
                         out.audit.push(p.clone());
@@ -783,13 +1162,23 @@ mod tests {
             }],
         };
         let exact = clause(POL_FIELD_HOST, POL_MATCH_EXACT, "api.shop");
-        for host in ["api.shop", "API.Shop", "api.shop:8080"] {
+        for host in ["api.shop", "API.Shop"] {
             assert!(exact.matches("GET", "/", host), "{host}");
         }
-        assert!(!exact.matches("GET", "/", "api.shop.evil"));
-        assert!(!exact.matches("GET", "/", "api.shop:x"));
+        // The port is part of the host, as in Istio (ISTIO-SECURITY-2021-008); so is a
+        // trailing dot.
+        for host in [
+            "api.shop:8080",
+            "api.shop.",
+            "api.shop.evil",
+            "api.shop:x",
+            "",
+        ] {
+            assert!(!exact.matches("GET", "/", host), "{host}");
+        }
         let suffix = clause(POL_FIELD_HOST, POL_MATCH_SUFFIX, ".shop");
-        assert!(suffix.matches("GET", "/", "WEB.SHOP:80"));
+        assert!(suffix.matches("GET", "/", "WEB.SHOP"));
+        assert!(!suffix.matches("GET", "/", "WEB.SHOP:80"));
         let not_host = clause(POL_FIELD_NOT_HOST, POL_MATCH_PREFIX, "admin.");
         assert!(!not_host.matches("GET", "/", "Admin.shop:443"));
         assert!(not_host.matches("GET", "/", "api.shop"));
@@ -831,6 +1220,7 @@ mod tests {
                     not_paths: vec![StringMatch::Exact("/api/secret".into())],
                     ..Operation::default()
                 }],
+                when: vec![],
             }]),
         )
     }
@@ -853,6 +1243,7 @@ mod tests {
             Some(vec![Rule {
                 from: vec![from_principal("cluster.local/ns/default/sa/sa-a")],
                 to: vec![to_ports(&[9000])],
+                when: vec![],
             }]),
         )]);
         let d = v.decide_l4(1, 4, Family::V4, 9000);
@@ -899,7 +1290,7 @@ mod tests {
     }
 
     #[test]
-    fn hosts_ignore_case_and_port_paths_ignore_query() {
+    fn hosts_ignore_case_keep_port_paths_ignore_query() {
         // Regression (property test): the view compared hosts case-sensitively and without
         // stripping `:port`, and left the query string on the path (the evaluator does not).
         let allow = policy(
@@ -914,6 +1305,7 @@ mod tests {
                     paths: vec![StringMatch::from_pattern("*.json")],
                     ..Operation::default()
                 }],
+                when: vec![],
             }]),
         );
         let v = view(vec![allow]);
@@ -924,7 +1316,7 @@ mod tests {
         };
         assert!(allowed("/a.json", "web.svc"));
         assert!(allowed("/a.json", "Web.SVC"));
-        assert!(allowed("/a.json", "web.svc:8080"));
+        assert!(!allowed("/a.json", "web.svc:8080"));
         assert!(allowed("/a.json?x=1", "web.svc"));
         assert!(!allowed("/a.json/x", "web.svc"));
         assert!(!allowed("/a.json", "web.svc:x"));
@@ -961,6 +1353,7 @@ mod tests {
                     methods: vec![StringMatch::Exact("POST".into())],
                     ..Operation::default()
                 }],
+                when: vec![],
             }]),
         );
         let v = view(vec![dry, audit]);
@@ -978,6 +1371,233 @@ mod tests {
         // On b2 (no HTTP port) the AUDIT matches ignoring its method: at L4.
         let d = v.decide_l4(1, 4, Family::V4, 8080);
         assert_eq!(d.audit.as_deref(), Some("default/audit-post"));
+    }
+
+    /// Generations in memory, written and deleted map by map with the protocol of
+    /// [`PolicyMaps::apply`], read map by map as [`PolicyMaps::read_view`] does.
+    struct FakeMaps {
+        active: std::sync::atomic::AtomicU32,
+        gens: std::sync::Mutex<StdHashMap<u32, RawGeneration>>,
+    }
+
+    /// The maps of a generation, in the order the reader walks them (as `read_view`).
+    const READ_ORDER: [&str; 6] = ["src", "dst", "l4", "l7", "ops", "strs"];
+
+    impl FakeMaps {
+        fn new() -> Self {
+            Self {
+                active: std::sync::atomic::AtomicU32::new(0),
+                gens: std::sync::Mutex::new(StdHashMap::new()),
+            }
+        }
+
+        fn active(&self) -> Result<u32, MapsError> {
+            Ok(self.active.load(std::sync::atomic::Ordering::SeqCst))
+        }
+
+        fn with<R>(&self, f: impl FnOnce(&mut StdHashMap<u32, RawGeneration>) -> R) -> R {
+            f(&mut self.gens.lock().unwrap_or_else(|p| p.into_inner()))
+        }
+
+        /// One map of generation `gen` (empty if gone), copied under the lock.
+        fn read_map(&self, gen: u32, map: &str, into: &mut RawGeneration) {
+            self.with(|g| {
+                let Some(r) = g.get(&gen) else { return };
+                match map {
+                    "src" => into.src = r.src.clone(),
+                    "dst" => into.dst = r.dst.clone(),
+                    "l4" => into.l4 = r.l4.clone(),
+                    "l7" => into.l7 = r.l7.clone(),
+                    "ops" => into.ops = r.ops.clone(),
+                    _ => into.strs = r.strs.clone(),
+                }
+            });
+        }
+
+        /// `read_view`: map by map, `between` called after each.
+        fn read_view(
+            &self,
+            gen: u32,
+            between: &mut dyn FnMut(&str),
+        ) -> Result<PolicyView, MapsError> {
+            if gen == 0 {
+                return Ok(PolicyView::default());
+            }
+            let mut raw = RawGeneration::default();
+            for map in READ_ORDER {
+                self.read_map(gen, map, &mut raw);
+                between(map);
+            }
+            PolicyView::build(gen, raw)
+        }
+
+        /// `apply`'s protocol: write the new generation, flip, (grace), delete the old one
+        /// map by map in `apply`'s order (destinations first), `between` after each step.
+        fn swap(&self, c: &CompiledPolicy, between: &mut dyn FnMut()) -> u32 {
+            let old = self.active.load(std::sync::atomic::Ordering::SeqCst);
+            let new = old + 1;
+            self.with(|g| g.insert(new, RawGeneration::from(c)));
+            self.active.store(new, std::sync::atomic::Ordering::SeqCst);
+            between();
+            for map in ["dst", "src", "l4", "l7", "ops", "strs"] {
+                self.with(|g| {
+                    if let Some(r) = g.get_mut(&old) {
+                        match map {
+                            "dst" => r.dst.clear(),
+                            "src" => r.src.clear(),
+                            "l4" => r.l4.clear(),
+                            "l7" => r.l7.clear(),
+                            "ops" => r.ops.clear(),
+                            _ => r.strs.clear(),
+                        }
+                    }
+                });
+                between();
+            }
+            self.with(|g| g.remove(&old));
+            new
+        }
+    }
+
+    /// What a view decides, comparable.
+    fn summary(v: &PolicyView) -> (usize, Vec<(u32, u32)>, Vec<u32>) {
+        (v.l4_entries(), v.destinations(), v.permissive_workloads())
+    }
+
+    fn two_generations() -> (CompiledPolicy, CompiledPolicy) {
+        let compile_one = |authz| {
+            compile(
+                &PolicyBundle {
+                    authz,
+                    peer_authn: vec![],
+                },
+                &registry(),
+                "istio-system",
+                "cluster.local",
+            )
+            .unwrap()
+        };
+        let a = compile_one(vec![get_api(Action::Allow, "allow-get")]);
+        let b = compile_one(vec![
+            get_api(Action::Deny, "deny-get"),
+            policy(
+                "other",
+                "allow-c",
+                None,
+                Action::Allow,
+                Some(vec![Rule::default()]),
+            ),
+        ]);
+        assert_ne!(
+            summary(&PolicyView::from_compiled(1, &a).unwrap()),
+            summary(&PolicyView::from_compiled(1, &b).unwrap())
+        );
+        (a, b)
+    }
+
+    #[test]
+    fn a_read_overlapping_a_swap_is_thrown_away_and_retried() {
+        let (a, b) = two_generations();
+        let maps = FakeMaps::new();
+        maps.swap(&a, &mut || {});
+        let g = maps.active().unwrap();
+        // The reader reads `src` of G; then the whole swap to N runs, G is deleted; the
+        // reader goes on reading G's other maps: what it read is half of G.
+        let swapped = std::cell::Cell::new(false);
+        let naive = maps
+            .read_view(g, &mut |map| {
+                if map == "src" && !swapped.get() {
+                    swapped.set(true);
+                    maps.swap(&b, &mut || {});
+                }
+            })
+            .unwrap();
+        // Half a generation: its classes but no destinations — every destination is "not
+        // selected by any policy", i.e. allow-all. This is the failure being fixed.
+        assert!(naive.destinations().is_empty());
+        assert_eq!(
+            naive.decide_l4(1, 3, Family::V4, 8080).verdict,
+            L4Verdict::Allow
+        );
+
+        // The same interleaving through `read_consistent`: the first read is discarded (the
+        // active generation changed), the second reads N whole.
+        maps.swap(&a, &mut || {});
+        let g = maps.active().unwrap();
+        let swapped = std::cell::Cell::new(false);
+        let view = read_consistent(
+            || maps.active(),
+            |gen| {
+                maps.read_view(gen, &mut |map| {
+                    if map == "src" && !swapped.get() {
+                        swapped.set(true);
+                        maps.swap(&b, &mut || {});
+                    }
+                })
+            },
+        )
+        .unwrap();
+        assert_eq!(view.generation(), g + 1);
+        assert_eq!(
+            summary(&view),
+            summary(&PolicyView::from_compiled(1, &b).unwrap())
+        );
+    }
+
+    #[test]
+    fn readers_racing_swaps_only_see_whole_generations() {
+        let (a, b) = two_generations();
+        let want = [
+            summary(&PolicyView::from_compiled(1, &a).unwrap()),
+            summary(&PolicyView::from_compiled(1, &b).unwrap()),
+        ];
+        let maps = Arc::new(FakeMaps::new());
+        maps.swap(&a, &mut || {});
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers: Vec<_> = (0..3)
+            .map(|_| {
+                let (maps, stop, want) = (Arc::clone(&maps), Arc::clone(&stop), want.clone());
+                std::thread::spawn(move || {
+                    let (mut reads, mut torn) = (0u32, 0u32);
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        let v = read_consistent(
+                            || maps.active(),
+                            |gen| maps.read_view(gen, &mut |_| std::thread::yield_now()),
+                        );
+                        match v {
+                            Ok(v) => {
+                                // Odd generations are `a`, even ones `b`.
+                                let expected = &want[((v.generation() + 1) % 2) as usize];
+                                assert_eq!(&summary(&v), expected, "generation {}", v.generation());
+                                reads += 1;
+                            }
+                            Err(MapsError::Unstable { .. }) => {}
+                            Err(e) => panic!("{e}"),
+                        }
+                        // The naive read, for the record: torn reads do happen here.
+                        let g = maps.active().unwrap();
+                        if let Ok(v) = maps.read_view(g, &mut |_| std::thread::yield_now()) {
+                            let expected = &want[((g + 1) % 2) as usize];
+                            if &summary(&v) != expected {
+                                torn += 1;
+                            }
+                        }
+                    }
+                    (reads, torn)
+                })
+            })
+            .collect();
+        for i in 0..400 {
+            let c = if i % 2 == 0 { &b } else { &a };
+            maps.swap(c, &mut || std::thread::yield_now());
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut total = 0;
+        for r in readers {
+            let (reads, _torn) = r.join().unwrap();
+            total += reads;
+        }
+        assert!(total > 0, "no consistent read completed");
     }
 
     #[test]

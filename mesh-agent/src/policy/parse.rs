@@ -6,8 +6,13 @@
 //!
 //! Accepted objects: `security.istio.io/v1` (or `v1beta1`) `AuthorizationPolicy` and
 //! `PeerAuthentication`, one per YAML document (`---` separates them). `metadata` needs
-//! `name` and `namespace` (DNS-1123 labels); of its other fields only the annotation
-//! `istio.io/dry-run` means anything, the rest (labels, other annotations, uid, …) is ignored.
+//! `name` (a DNS-1123 subdomain, as Kubernetes object names) and `namespace` (a DNS-1123
+//! label); of its other fields only the annotation `istio.io/dry-run` means anything, the rest
+//! (labels, other annotations, uid, …) is ignored.
+//!
+//! Validation follows Istio's (istio/istio `pkg/config/validation/validation.go`,
+//! `ValidateAuthorizationPolicy`, `ValidatePeerAuthentication`, `checkDryRunAnnotation`, and
+//! `pkg/config/security/security.go`); each check cites where it comes from.
 //! Normalisations, none of which changes what a policy matches: an empty
 //! `selector.matchLabels` is stored as `None` (both select every workload in scope), and
 //! `hosts`/`notHosts` patterns are stored lowercase (hosts compare case-insensitively).
@@ -23,10 +28,11 @@ use serde::{de::IgnoredAny, Deserialize};
 use serde_saphyr::{budget::BudgetBreach, MessageFormatter, Spanned, UserMessageFormatter};
 
 use super::model::{
-    Action, AuthorizationPolicy, IpNet, MtlsMode, Operation, Origin, PeerAuthentication,
-    PolicyBundle, Rule, Source, StringMatch,
+    is_path_template, is_template_char, Action, AuthorizationPolicy, Condition, IpNet, MtlsMode,
+    Operation, Origin, PeerAuthentication, PolicyBundle, Rule, ServiceAccount, Source, StringMatch,
+    MATCH_ANY, MATCH_ONE,
 };
-use crate::registry::is_dns_label;
+use crate::registry::{is_dns_label, is_dns_subdomain};
 
 /// The largest policy file read (bytes).
 pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
@@ -182,12 +188,42 @@ pub enum Problem {
         value: String,
         expected: &'static str,
     },
-    /// `metadata.name` or `metadata.namespace` is not a DNS-1123 label.
+    /// `metadata.namespace` is not a DNS-1123 label.
     #[error(
         "{value:?} is not a DNS-1123 label (1-63 lowercase letters, digits or '-', starting and \
          ending with a letter or digit)"
     )]
     InvalidName { value: String },
+    /// `metadata.name` is not a DNS-1123 subdomain (a Kubernetes object name).
+    #[error(
+        "{value:?} is not a DNS-1123 subdomain (dot-separated DNS-1123 labels, at most 253 \
+         characters)"
+    )]
+    InvalidObjectName { value: String },
+    /// A list that is present but empty where Istio requires entries (`from: []`, `to: []`).
+    #[error("must not be empty (Istio rejects an empty `{list}`; omit it to match any)")]
+    EmptyList { list: &'static str },
+    /// A DENY policy without rules (Istio: "DENY action without `rules` is meaningless").
+    #[error(
+        "a DENY policy needs rules (Istio rejects it: it would never be triggered; add an empty \
+         rule `{{}}` to deny every request)"
+    )]
+    DenyWithoutRules,
+    /// The dry-run annotation on a policy whose action is not ALLOW or DENY.
+    #[error("the istio.io/dry-run annotation only supports action ALLOW or DENY, found {action}")]
+    DryRunAction { action: &'static str },
+    /// Fields Istio does not allow together.
+    #[error("{reason}")]
+    Conflict { reason: &'static str },
+    /// A `serviceAccounts` entry that is not `sa` or `ns/sa`.
+    #[error("{value:?} is not a service account ({reason})")]
+    InvalidServiceAccount { value: String, reason: &'static str },
+    /// A path template Istio rejects.
+    #[error("invalid path {value:?}: {reason}")]
+    InvalidPathTemplate { value: String, reason: &'static str },
+    /// A `when` key this project does not know or does not enforce.
+    #[error("condition key {key:?} {reason}")]
+    ConditionKey { key: String, reason: &'static str },
     /// An empty string where a pattern is expected.
     #[error("empty pattern (use \"*\" to require presence)")]
     EmptyPattern,
@@ -278,7 +314,7 @@ struct RawSpec {
     target_refs: Field<IgnoredAny>,
     // PeerAuthentication
     mtls: Field<RawMtls>,
-    port_level_mtls: Field<IgnoredAny>,
+    port_level_mtls: Field<BTreeMap<RawPort, Spanned<RawMtls>>>,
 }
 
 #[derive(Deserialize)]
@@ -298,7 +334,15 @@ struct RawMtls {
 struct RawRule {
     from: Field<Vec<Spanned<RawFrom>>>,
     to: Field<Vec<Spanned<RawTo>>>,
-    when: Field<IgnoredAny>,
+    when: Field<Vec<Spanned<RawCondition>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawCondition {
+    key: Field<String>,
+    values: Strings,
+    not_values: Strings,
 }
 
 #[derive(Deserialize)]
@@ -324,6 +368,8 @@ struct RawSource {
     not_namespaces: Strings,
     ip_blocks: Strings,
     not_ip_blocks: Strings,
+    service_accounts: Strings,
+    not_service_accounts: Strings,
     remote_ip_blocks: Field<IgnoredAny>,
     not_remote_ip_blocks: Field<IgnoredAny>,
 }
@@ -342,6 +388,7 @@ struct RawOperation {
 }
 
 /// A port as written: Istio's are strings (`"8080"`), integers are accepted too.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
 struct RawPort(String);
 
 impl<'de> Deserialize<'de> for RawPort {
@@ -506,30 +553,46 @@ impl Loader {
             Ok(v.value)
         };
         let namespace = label("metadata.namespace", metadata.namespace)?;
-        let name = label("metadata.name", metadata.name)?;
+        // Object names are DNS-1123 subdomains in Kubernetes (and in Istio's examples:
+        // `service-httpbin.default.svc.cluster.local`); namespaces are labels.
+        let name = metadata
+            .name
+            .ok_or_else(|| at.err(meta_line, "metadata.name", Problem::MissingField))?;
+        if !is_dns_subdomain(&name.value) {
+            return Err(at.err(
+                line_of(&name, meta_line),
+                "metadata.name",
+                Problem::InvalidObjectName { value: name.value },
+            ));
+        }
+        let name = name.value;
         let key = format!("{namespace}/{name}");
         at.policy = Some(key.clone());
 
-        let mut dry_run = false;
+        // istio/istio `pkg/config/validation/validation.go`, `checkDryRunAnnotation`: the value
+        // is read with Go's `strconv.ParseBool`; the action is checked with the spec.
+        let mut dry_run = None;
         if let Some(v) = metadata
             .annotations
             .as_ref()
             .and_then(|a| a.get(DRY_RUN_ANNOTATION))
         {
-            dry_run = match v.value.as_str() {
-                "true" => true,
-                "false" => false,
+            let parsed = match v.value.as_str() {
+                "1" | "t" | "T" | "TRUE" | "true" | "True" => true,
+                "0" | "f" | "F" | "FALSE" | "false" | "False" => false,
                 _ => {
                     return Err(at.err(
                         line_of(v, meta_line),
                         "metadata.annotations[istio.io/dry-run]",
                         Problem::InvalidValue {
                             value: v.value.clone(),
-                            expected: "\"true\" or \"false\"",
+                            expected:
+                                "a boolean (true, false, 1, 0, t, f, True, False, TRUE, FALSE)",
                         },
                     ))
                 }
             };
+            dry_run = Some((parsed, line_of(v, meta_line)));
         }
 
         let seen_key = (kind, namespace.clone(), name.clone());
@@ -554,7 +617,7 @@ impl Loader {
                 self.bundle.authz.push(p);
             }
             Kind::PeerAuthentication => {
-                if dry_run {
+                if dry_run.is_some() {
                     return Err(at.err(
                         meta_line,
                         "metadata.annotations[istio.io/dry-run]",
@@ -596,7 +659,7 @@ fn authorization_policy(
     spec_line: usize,
     namespace: String,
     name: String,
-    dry_run: bool,
+    dry_run: Option<(bool, usize)>,
 ) -> Result<AuthorizationPolicy, PolicyError> {
     let mut policy = AuthorizationPolicy {
         namespace,
@@ -605,7 +668,7 @@ fn authorization_policy(
         selector: None,
         action: Action::Allow,
         rules: None,
-        dry_run,
+        dry_run: dry_run.is_some_and(|(d, _)| d),
     };
     // `spec` absent or empty: an ALLOW policy without rules (allows nothing).
     let Some(spec) = spec else {
@@ -656,11 +719,31 @@ fn authorization_policy(
             }
         };
     }
+    if let Some((_, line)) = dry_run {
+        if policy.action == Action::Audit {
+            return Err(at.err(
+                line,
+                "metadata.annotations[istio.io/dry-run]",
+                Problem::DryRunAction { action: "AUDIT" },
+            ));
+        }
+    }
+    let rules_line = spec
+        .rules
+        .as_ref()
+        .map_or(spec_line, |r| line_of(r, spec_line));
     if spec.rules.is_some() {
+        let ns = policy.namespace.clone();
         let rules = each(spec.rules, spec_line, |i, line, r| {
-            rule(at, r, line, &format!("spec.rules[{i}]"))
+            rule(at, r, line, &format!("spec.rules[{i}]"), &ns)
         })?;
         policy.rules = Some(rules);
+    }
+    // istio/istio `pkg/config/validation/validation.go`, `ValidateAuthorizationPolicy`: "DENY
+    // action without `rules` is meaningless". `rules: []` is refused too: it never triggers
+    // either (stricter than Istio, which may read it as absent).
+    if policy.action == Action::Deny && policy.rules.as_ref().is_none_or(Vec::is_empty) {
+        return Err(at.err(rules_line, "spec.rules", Problem::DenyWithoutRules));
     }
     Ok(policy)
 }
@@ -680,52 +763,85 @@ fn peer_authentication(
     not_for_kind(at, kind, &spec.rules, spec_line, "spec.rules")?;
     not_for_kind(at, kind, &spec.provider, spec_line, "spec.provider")?;
     no_target_refs(at, &spec, spec_line)?;
-    unsupported(
-        at,
-        &spec.port_level_mtls,
-        spec_line,
-        "spec.portLevelMtls",
-        "per-port mTLS modes",
-    )?;
-    let mtls = spec
-        .mtls
-        .ok_or_else(|| at.err(spec_line, "spec.mtls.mode", Problem::MissingField))?;
-    let mtls_line = line_of(&mtls, spec_line);
-    let mode = mtls
-        .value
-        .mode
-        .ok_or_else(|| at.err(mtls_line, "spec.mtls.mode", Problem::MissingField))?;
-    let mode_line = line_of(&mode, mtls_line);
-    let mode = match mode.value.as_str() {
-        "STRICT" => MtlsMode::Strict,
-        "PERMISSIVE" => MtlsMode::Permissive,
-        "UNSET" | "DISABLE" => {
-            return Err(at.err(
-                mode_line,
-                "spec.mtls.mode",
-                Problem::UnsupportedValue {
-                    value: mode.value,
-                    reason: "only STRICT and PERMISSIVE are supported",
-                },
-            ))
-        }
-        _ => {
-            return Err(at.err(
-                mode_line,
-                "spec.mtls.mode",
-                Problem::InvalidValue {
-                    value: mode.value,
-                    expected: "STRICT, PERMISSIVE",
-                },
-            ))
+    // `mtls` or its `mode` absent: UNSET, inherited from the parent scope (Istio's
+    // `isMtlsModeUnset`, pilot/pkg/security/authn/policy_applier.go).
+    let mode = match spec.mtls {
+        None => MtlsMode::Unset,
+        Some(mtls) => {
+            let line = line_of(&mtls, spec_line);
+            mtls_mode(at, mtls.value, line, "spec.mtls.mode")?
         }
     };
+    let selector = selector(spec.selector);
+    let mut port_level = BTreeMap::new();
+    if let Some(ports) = spec.port_level_mtls {
+        let line = line_of(&ports, spec_line);
+        // istio/istio `pkg/config/validation/validation.go`, `ValidatePeerAuthentication`.
+        if selector.is_none() {
+            return Err(at.err(
+                line,
+                "spec.portLevelMtls",
+                Problem::Conflict {
+                    reason: "mesh/namespace peer authentication cannot have port level mTLS \
+                             (add a selector)",
+                },
+            ));
+        }
+        if ports.value.is_empty() {
+            return Err(at.err(
+                line,
+                "spec.portLevelMtls",
+                Problem::EmptyList {
+                    list: "portLevelMtls",
+                },
+            ));
+        }
+        for (RawPort(text), mtls) in ports.value {
+            let field = format!("spec.portLevelMtls[{text}]");
+            let port = parse_port(&text).ok_or_else(|| {
+                at.err(line, field.as_str(), Problem::InvalidPort { value: text })
+            })?;
+            let m_line = line_of(&mtls, line);
+            let mode = mtls_mode(at, mtls.value, m_line, &format!("{field}.mode"))?;
+            port_level.insert(port, mode);
+        }
+    }
     Ok(PeerAuthentication {
         namespace,
         name,
         origin: at.origin.clone(),
-        selector: selector(spec.selector),
+        selector,
         mode,
+        port_level,
+    })
+}
+
+/// `mode` of `mtls` (absent: UNSET).
+fn mtls_mode(
+    at: &At<'_>,
+    mtls: RawMtls,
+    line: usize,
+    field: &str,
+) -> Result<MtlsMode, PolicyError> {
+    let Some(mode) = mtls.mode else {
+        return Ok(MtlsMode::Unset);
+    };
+    let mode_line = line_of(&mode, line);
+    Ok(match mode.value.as_str() {
+        "UNSET" => MtlsMode::Unset,
+        "STRICT" => MtlsMode::Strict,
+        "PERMISSIVE" => MtlsMode::Permissive,
+        "DISABLE" => MtlsMode::Disable,
+        _ => {
+            return Err(at.err(
+                mode_line,
+                field,
+                Problem::InvalidValue {
+                    value: mode.value,
+                    expected: "UNSET, STRICT, PERMISSIVE, DISABLE",
+                },
+            ))
+        }
     })
 }
 
@@ -793,21 +909,40 @@ fn selector(raw: Field<RawSelector>) -> Option<BTreeMap<String, String>> {
         .filter(|labels| !labels.is_empty())
 }
 
-fn rule(at: &At<'_>, raw: RawRule, line: usize, path: &str) -> Result<Rule, PolicyError> {
-    unsupported(
-        at,
-        &raw.when,
-        line,
-        &format!("{path}.when"),
-        "conditions (`when`); express them with `from` and `to`",
-    )?;
+fn rule(
+    at: &At<'_>,
+    raw: RawRule,
+    line: usize,
+    path: &str,
+    policy_ns: &str,
+) -> Result<Rule, PolicyError> {
+    // istio/istio `pkg/config/validation/validation.go`, `ValidateAuthorizationPolicy`:
+    // "`from` must not be empty", "`to` must not be empty" — a present but empty list is an
+    // error, never "any" (which would widen an ALLOW).
+    let from_state = raw
+        .from
+        .as_ref()
+        .map(|l| (l.value.is_empty(), line_of(l, line)));
+    let to_state = raw
+        .to
+        .as_ref()
+        .map(|l| (l.value.is_empty(), line_of(l, line)));
+    for (state, name) in [(from_state, "from"), (to_state, "to")] {
+        if let Some((true, l)) = state {
+            return Err(at.err(
+                l,
+                format!("{path}.{name}"),
+                Problem::EmptyList { list: name },
+            ));
+        }
+    }
     let from = each(raw.from, line, |i, f_line, f| {
         let path = format!("{path}.from[{i}].source");
         let src = f
             .source
             .ok_or_else(|| at.err(f_line, path.as_str(), Problem::EmptySource))?;
         let src_line = line_of(&src, f_line);
-        source(at, src.value, src_line, &path)
+        source(at, src.value, src_line, &path, policy_ns)
     })?;
     let to = each(raw.to, line, |i, t_line, t| {
         let path = format!("{path}.to[{i}].operation");
@@ -817,10 +952,237 @@ fn rule(at: &At<'_>, raw: RawRule, line: usize, path: &str) -> Result<Rule, Poli
         let op_line = line_of(&op, t_line);
         operation(at, op.value, op_line, &path)
     })?;
-    Ok(Rule { from, to })
+    let when = each(raw.when, line, |i, c_line, c| {
+        condition(at, c, c_line, &format!("{path}.when[{i}]"), policy_ns)
+    })?;
+    Ok(Rule { from, to, when })
 }
 
-fn source(at: &At<'_>, raw: RawSource, line: usize, path: &str) -> Result<Source, PolicyError> {
+/// One `when` entry. Keys and value checks: istio/istio `pkg/config/security/security.go`,
+/// `ValidateAttribute`; meanings: `pilot/pkg/security/authz/model/model.go`, `New`.
+fn condition(
+    at: &At<'_>,
+    raw: RawCondition,
+    line: usize,
+    path: &str,
+    policy_ns: &str,
+) -> Result<Condition, PolicyError> {
+    let key = raw
+        .key
+        .ok_or_else(|| at.err(line, format!("{path}.key"), Problem::MissingField))?;
+    let key_line = line_of(&key, line);
+    let key = key.value;
+    let key_err = |reason| {
+        at.err(
+            key_line,
+            format!("{path}.key"),
+            Problem::ConditionKey {
+                key: key.clone(),
+                reason,
+            },
+        )
+    };
+    if key.is_empty() {
+        return Err(at.err(key_line, format!("{path}.key"), Problem::MissingField));
+    }
+    let empty = |v: &Strings| v.as_ref().is_none_or(|l| l.value.is_empty());
+    if empty(&raw.values) && empty(&raw.not_values) {
+        return Err(at.err(
+            line,
+            format!("{path}.values"),
+            Problem::Conflict {
+                reason: "at least one of `values` or `notValues` must be set",
+            },
+        ));
+    }
+    let (values_path, not_path) = (format!("{path}.values"), format!("{path}.notValues"));
+    let strings = |kind| -> Result<_, PolicyError> {
+        Ok((
+            patterns(at, raw.values.clone(), line, &values_path, kind)?,
+            patterns(at, raw.not_values.clone(), line, &not_path, kind)?,
+        ))
+    };
+    let ips = || -> Result<_, PolicyError> {
+        Ok((
+            cidrs(at, raw.values.clone(), line, &values_path)?,
+            cidrs(at, raw.not_values.clone(), line, &not_path)?,
+        ))
+    };
+    Ok(match key.as_str() {
+        "source.ip" | "remote.ip" => {
+            let (values, not_values) = ips()?;
+            Condition::SourceIp { values, not_values }
+        }
+        "destination.ip" => {
+            let (values, not_values) = ips()?;
+            Condition::DestinationIp { values, not_values }
+        }
+        "source.namespace" => {
+            let (values, not_values) = strings(PatternKind::Plain)?;
+            Condition::SourceNamespace { values, not_values }
+        }
+        "source.principal" => {
+            let (values, not_values) = strings(PatternKind::Principal)?;
+            Condition::SourcePrincipal { values, not_values }
+        }
+        "source.serviceAccount" => Condition::SourceServiceAccount {
+            values: service_accounts(at, raw.values.clone(), line, &values_path, policy_ns)?,
+            not_values: service_accounts(at, raw.not_values.clone(), line, &not_path, policy_ns)?,
+        },
+        "destination.port" => Condition::DestinationPort {
+            values: string_ports(at, raw.values.clone(), line, &values_path)?,
+            not_values: string_ports(at, raw.not_values.clone(), line, &not_path)?,
+        },
+        k if k.starts_with("request.headers") => {
+            // `request.headers[<name>]` (Istio's `validateMapKey`: `a[b]`, `b` non-empty).
+            let name = k
+                .strip_prefix("request.headers[")
+                .and_then(|r| r.strip_suffix(']'))
+                .filter(|n| !n.is_empty() && n.bytes().all(is_header_name_char))
+                .ok_or_else(|| key_err("is not of the form request.headers[<header name>]"))?;
+            let name = name.to_ascii_lowercase();
+            let (values, not_values) = strings(PatternKind::Plain)?;
+            Condition::RequestHeader {
+                name,
+                values,
+                not_values,
+            }
+        }
+        k if k.starts_with("request.auth.") => {
+            return Err(key_err(
+                "is not supported: request authentication (JWT) is not enforced by this mesh; \
+                 it authenticates peers by mTLS only",
+            ))
+        }
+        "connection.sni" => {
+            return Err(key_err(
+                "is not supported: connections here carry no per-service SNI (mTLS is the \
+                 agents' HBONE with identity-derived server names, same-node traffic has no \
+                 TLS), so it could not mean what it means in Istio",
+            ))
+        }
+        "source.trustDomain" => {
+            return Err(key_err(
+                "is not supported; match the trust domain with `source.principal`",
+            ))
+        }
+        k if k.starts_with("experimental.envoy.filters.") => {
+            return Err(key_err(
+                "is not supported: Envoy metadata does not exist here",
+            ))
+        }
+        "destination.namespace" => {
+            return Err(key_err(
+                "is replaced by the policy's metadata.namespace (Istio rejects it)",
+            ))
+        }
+        k if k.starts_with("destination.labels") => {
+            return Err(key_err(
+                "is replaced by the workload selector (Istio rejects it)",
+            ))
+        }
+        "destination.name" | "destination.user" => {
+            return Err(key_err(
+                "is deprecated: only supported in v1alpha1 (Istio rejects it)",
+            ))
+        }
+        _ => return Err(key_err("is not a known attribute")),
+    })
+}
+
+/// RFC 9110 `tchar`: the characters of a header name.
+fn is_header_name_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// `destination.port` values: port numbers as strings (Istio's `ValidatePorts`: 0-65535;
+/// 0 never matches a connection and is refused here like in `ports`).
+fn string_ports(
+    at: &At<'_>,
+    raw: Strings,
+    fallback: usize,
+    path: &str,
+) -> Result<Vec<u16>, PolicyError> {
+    each(raw, fallback, |i, line, text| {
+        parse_port(&text).ok_or_else(|| {
+            at.err(
+                line,
+                format!("{path}[{i}]"),
+                Problem::InvalidPort { value: text },
+            )
+        })
+    })
+}
+
+/// `serviceAccounts` entries (istio/istio `pkg/config/security/security.go`,
+/// `CheckServiceAccount`): at most 16, no `*`, `sa` or `ns/sa` with both parts non-empty,
+/// at most 320 characters; a bare `sa` is in the policy's namespace (`serviceAccountRegex`).
+fn service_accounts(
+    at: &At<'_>,
+    raw: Strings,
+    fallback: usize,
+    path: &str,
+    policy_ns: &str,
+) -> Result<Vec<ServiceAccount>, PolicyError> {
+    if let Some(list) = &raw {
+        if list.value.len() > 16 {
+            return Err(at.err(
+                line_of(list, fallback),
+                path,
+                Problem::Conflict {
+                    reason: "may not have more than 16 values",
+                },
+            ));
+        }
+    }
+    each(raw, fallback, |i, line, value| {
+        let bad = |reason| {
+            at.err(
+                line,
+                format!("{path}[{i}]"),
+                Problem::InvalidServiceAccount {
+                    value: value.clone(),
+                    reason,
+                },
+            )
+        };
+        if value.is_empty() {
+            return Err(bad("empty"));
+        }
+        if value.contains('*') {
+            return Err(bad("wildcards are not allowed"));
+        }
+        if value.len() > 320 {
+            return Err(bad("longer than 320 characters"));
+        }
+        let (ns, sa) = match value.split_once('/') {
+            Some((ns, sa)) => (ns, sa),
+            None => (policy_ns, value.as_str()),
+        };
+        if sa.contains('/') {
+            return Err(bad(
+                "expected 'serviceAccount' or 'namespace/serviceAccount'",
+            ));
+        }
+        if ns.is_empty() || sa.is_empty() {
+            return Err(bad(
+                "expected 'serviceAccount' or 'namespace/serviceAccount'",
+            ));
+        }
+        Ok(ServiceAccount {
+            namespace: ns.to_owned(),
+            name: sa.to_owned(),
+        })
+    })
+}
+
+fn source(
+    at: &At<'_>,
+    raw: RawSource,
+    line: usize,
+    path: &str,
+    policy_ns: &str,
+) -> Result<Source, PolicyError> {
     let request = "request principals (JWT); this mesh authenticates peers by mTLS only";
     let remote = "remote IP blocks (X-Forwarded-For); use ipBlocks";
     unsupported(
@@ -854,6 +1216,9 @@ fn source(at: &At<'_>, raw: RawSource, line: usize, path: &str) -> Result<Source
     let pats = |raw: Strings, field: &str, check: PatternKind| {
         patterns(at, raw, line, &format!("{path}.{field}"), check)
     };
+    let sas = |raw: Strings, field: &str| {
+        service_accounts(at, raw, line, &format!("{path}.{field}"), policy_ns)
+    };
     let src = Source {
         principals: pats(raw.principals, "principals", PatternKind::Principal)?,
         not_principals: pats(raw.not_principals, "notPrincipals", PatternKind::Principal)?,
@@ -861,9 +1226,26 @@ fn source(at: &At<'_>, raw: RawSource, line: usize, path: &str) -> Result<Source
         not_namespaces: pats(raw.not_namespaces, "notNamespaces", PatternKind::Plain)?,
         ip_blocks: cidrs(at, raw.ip_blocks, line, &format!("{path}.ipBlocks"))?,
         not_ip_blocks: cidrs(at, raw.not_ip_blocks, line, &format!("{path}.notIpBlocks"))?,
+        service_accounts: sas(raw.service_accounts, "serviceAccounts")?,
+        not_service_accounts: sas(raw.not_service_accounts, "notServiceAccounts")?,
     };
     if src == Source::default() {
         return Err(at.err(line, path, Problem::EmptySource));
+    }
+    // istio/istio `pkg/config/validation/validation.go`: "cannot set serviceAccounts with
+    // namespaces or principals".
+    let identity = !(src.principals.is_empty()
+        && src.not_principals.is_empty()
+        && src.namespaces.is_empty()
+        && src.not_namespaces.is_empty());
+    if identity && !(src.service_accounts.is_empty() && src.not_service_accounts.is_empty()) {
+        return Err(at.err(
+            line,
+            format!("{path}.serviceAccounts"),
+            Problem::Conflict {
+                reason: "cannot set serviceAccounts with namespaces or principals",
+            },
+        ));
     }
     Ok(src)
 }
@@ -882,8 +1264,8 @@ fn operation(
         not_hosts: pats(raw.not_hosts, "notHosts", PatternKind::Host)?,
         methods: pats(raw.methods, "methods", PatternKind::Plain)?,
         not_methods: pats(raw.not_methods, "notMethods", PatternKind::Plain)?,
-        paths: pats(raw.paths, "paths", PatternKind::Plain)?,
-        not_paths: pats(raw.not_paths, "notPaths", PatternKind::Plain)?,
+        paths: pats(raw.paths, "paths", PatternKind::Path)?,
+        not_paths: pats(raw.not_paths, "notPaths", PatternKind::Path)?,
         ports: ports(at, raw.ports, line, &format!("{path}.ports"))?,
         not_ports: ports(at, raw.not_ports, line, &format!("{path}.notPorts"))?,
     };
@@ -893,10 +1275,40 @@ fn operation(
     Ok(op)
 }
 
+/// istio/istio `pkg/config/security/security.go`, `CheckValidPathTemplate`: the path without
+/// its leading and trailing `/` is split into segments; `{*}` and `{**}` are whole segments,
+/// nothing follows `{**}` but literal segments, no other segment has `{` or `}`, and in a
+/// template every literal segment is non-empty RFC 3986 `pchar`s.
+fn check_path_template(value: &str) -> Result<(), &'static str> {
+    let template = is_path_template(value);
+    let mut found_any = false;
+    for glob in value.trim_matches('/').split('/') {
+        if glob == MATCH_ONE && !found_any {
+            continue;
+        }
+        if glob == MATCH_ANY && !found_any {
+            found_any = true;
+            continue;
+        }
+        if glob == MATCH_ANY || glob == MATCH_ONE {
+            return Err("{**} is not the last operator");
+        }
+        if glob.contains(['{', '}']) {
+            return Err("contains '{' or '}' beyond a supported path template");
+        }
+        if template && (glob.is_empty() || !glob.bytes().all(is_template_char)) {
+            return Err("contains a segment with an invalid string literal");
+        }
+    }
+    Ok(())
+}
+
 /// Extra checks per pattern field.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum PatternKind {
     Plain,
+    /// Paths: `{*}`/`{**}` templates.
+    Path,
     /// No `spiffe://` prefix.
     Principal,
     /// Stored lowercase.
@@ -923,6 +1335,17 @@ fn patterns(
         } else {
             value
         };
+        if kind == PatternKind::Path {
+            check_path_template(&value).map_err(|reason| {
+                err(Problem::InvalidPathTemplate {
+                    value: value.clone(),
+                    reason,
+                })
+            })?;
+            if is_path_template(&value) {
+                return Ok(StringMatch::Template(value));
+            }
+        }
         let m = StringMatch::from_pattern(&value);
         if let StringMatch::Exact(s) | StringMatch::Prefix(s) | StringMatch::Suffix(s) = &m {
             if s.contains('*') {
@@ -983,18 +1406,22 @@ fn ports(
     path: &str,
 ) -> Result<Vec<u16>, PolicyError> {
     each(raw, fallback, |i, line, RawPort(text)| {
-        (!text.is_empty() && text.len() <= 5 && text.bytes().all(|b| b.is_ascii_digit()))
-            .then(|| text.parse::<u16>().ok())
-            .flatten()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| {
-                at.err(
-                    line,
-                    format!("{path}[{i}]"),
-                    Problem::InvalidPort { value: text },
-                )
-            })
+        parse_port(&text).ok_or_else(|| {
+            at.err(
+                line,
+                format!("{path}[{i}]"),
+                Problem::InvalidPort { value: text },
+            )
+        })
     })
+}
+
+/// A port number 1-65535 written in decimal.
+fn parse_port(text: &str) -> Option<u16> {
+    (!text.is_empty() && text.len() <= 5 && text.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| text.parse::<u16>().ok())
+        .flatten()
+        .filter(|p| *p != 0)
 }
 
 fn too_large(path: &Path, size: u64) -> PolicyError {
@@ -1217,6 +1644,7 @@ mod tests {
 
     use super::*;
     use crate::cgroup::tests::TempDir;
+    use crate::policy::model::{Condition, ServiceAccount};
 
     const FILE: &str = "/etc/mesh/policies/p.yaml";
 
@@ -1455,14 +1883,15 @@ spec:
 
     #[test]
     fn rules_forms() {
-        let absent = parse(&authz("  action: DENY\n")).unwrap();
+        let absent = parse(&authz("  action: ALLOW\n")).unwrap();
         assert_eq!(absent.authz[0].rules, None);
         let empty = parse(&authz("  rules: []\n")).unwrap();
         assert_eq!(empty.authz[0].rules, Some(vec![]));
         let any = parse(&authz("  rules: [{}]\n")).unwrap();
         assert_eq!(any.authz[0].rules, Some(vec![Rule::default()]));
-        let empty_lists = parse(&authz("  rules: [{from: [], to: []}]\n")).unwrap();
-        assert_eq!(empty_lists.authz[0].rules, Some(vec![Rule::default()]));
+        // `when: []` adds no condition (Istio has no check for it).
+        let no_when = parse(&authz("  rules: [{when: []}]\n")).unwrap();
+        assert_eq!(no_when.authz[0].rules, Some(vec![Rule::default()]));
         let no_spec = parse(&authz("").replace("spec:\n", "")).unwrap();
         assert_eq!(no_spec.authz[0].rules, None);
         assert_eq!(no_spec.authz[0].action, Action::Allow);
@@ -1613,14 +2042,14 @@ spec:
     fn unsupported_fields() {
         let cases: &[(&str, usize, &str)] = &[
             (
-                "  rules:\n  - when:\n    - key: request.headers[x]\n      values: [\"a\"]\n",
+                "  rules:\n  - when:\n    - key: request.auth.claims[iss]\n      values: [\"a\"]\n",
                 9,
-                "spec.rules[0].when",
+                "spec.rules[0].when[0].key",
             ),
             (
                 "  rules:\n  - {}\n  - when: [{key: a, values: [b]}]\n",
                 9,
-                "spec.rules[1].when",
+                "spec.rules[1].when[0].key",
             ),
             (
                 "  action: CUSTOM\n  provider: {name: ext}\n",
@@ -1664,8 +2093,8 @@ spec:
         assert_eq!(
             e.to_string(),
             format!(
-                "{FILE}:8: policy ns/p: spec.rules[0].when: not supported: conditions (`when`); \
-                 express them with `from` and `to`"
+                "{FILE}:8: policy ns/p: spec.rules[0].when[0].key: condition key \"a\" is not a \
+                 known attribute"
             )
         );
         // Never dropped: even alongside supported fields.
@@ -1681,17 +2110,9 @@ spec:
     fn bad_actions_and_modes() {
         let e = refused(&authz("  action: allow\n"), 7, Some("ns/p"), "spec.action");
         assert!(matches!(e.problem(), Some(Problem::InvalidValue { .. })));
-        for mode in ["UNSET", "DISABLE"] {
-            let e = refused(
-                &peer_authn(&format!("  mtls:\n    mode: {mode}\n")),
-                8,
-                Some("ns/pa"),
-                "spec.mtls.mode",
-            );
-            assert!(
-                matches!(e.problem(), Some(Problem::UnsupportedValue { .. })),
-                "{e}"
-            );
+        for (mode, want) in [("UNSET", MtlsMode::Unset), ("DISABLE", MtlsMode::Disable)] {
+            let b = parse(&peer_authn(&format!("  mtls:\n    mode: {mode}\n"))).unwrap();
+            assert_eq!(b.peer_authn[0].mode, want);
         }
         refused(
             &peer_authn("  mtls: {mode: strict}\n"),
@@ -1699,29 +2120,62 @@ spec:
             Some("ns/pa"),
             "spec.mtls.mode",
         );
-        refused(
-            &peer_authn("  selector: {matchLabels: {app: a}}\n"),
-            7,
-            Some("ns/pa"),
-            "spec.mtls.mode",
-        );
-        refused(
-            &peer_authn("  mtls: {}\n"),
-            7,
-            Some("ns/pa"),
-            "spec.mtls.mode",
-        );
+        // `mtls` or `mode` absent: UNSET (inherited), as in Istio.
+        for spec in ["  selector: {matchLabels: {app: a}}\n", "  mtls: {}\n"] {
+            let b = parse(&peer_authn(spec)).unwrap();
+            assert_eq!(b.peer_authn[0].mode, MtlsMode::Unset, "{spec}");
+        }
         refused(
             &peer_authn("").replace("spec:\n", ""),
             1,
             Some("ns/pa"),
             "spec.mtls.mode",
         );
+        // portLevelMtls: only with a selector, not empty, ports 1-65535 (Istio's
+        // ValidatePeerAuthentication).
         refused(
             &peer_authn("  mtls: {mode: STRICT}\n  portLevelMtls:\n    8080: {mode: DISABLE}\n"),
             9,
             Some("ns/pa"),
             "spec.portLevelMtls",
+        );
+        let sel = "  selector: {matchLabels: {app: a}}\n  mtls: {mode: STRICT}\n";
+        let b = parse(&peer_authn(&format!(
+            "{sel}  portLevelMtls:\n    8080: {{mode: DISABLE}}\n    \"9090\": {{mode: UNSET}}\n    \"22\": {{}}\n"
+        )))
+        .unwrap();
+        assert_eq!(
+            b.peer_authn[0].port_level,
+            BTreeMap::from([
+                (22, MtlsMode::Unset),
+                (8080, MtlsMode::Disable),
+                (9090, MtlsMode::Unset)
+            ])
+        );
+        refused(
+            &peer_authn(&format!("{sel}  portLevelMtls: {{}}\n")),
+            9,
+            Some("ns/pa"),
+            "spec.portLevelMtls",
+        );
+        for bad in ["0", "65536", "\"x\""] {
+            let e = parse(&peer_authn(&format!(
+                "{sel}  portLevelMtls:\n    {bad}: {{mode: STRICT}}\n"
+            )))
+            .unwrap_err();
+            assert!(
+                e.field()
+                    .is_some_and(|f| f.starts_with("spec.portLevelMtls")),
+                "{bad}: {e}"
+            );
+        }
+        refused(
+            &peer_authn(&format!(
+                "{sel}  portLevelMtls:\n    80: {{mode: strict}}\n"
+            )),
+            10,
+            Some("ns/pa"),
+            "spec.portLevelMtls[80].mode",
         );
         refused(
             &peer_authn("  mtls: {mode: STRICT}\n  action: DENY\n"),
@@ -1866,7 +2320,17 @@ spec:
             None,
             "metadata",
         );
-        for bad in ["My_Policy", "p.q", "-p", "\"\""] {
+        let long = format!("{}.b", "a".repeat(252));
+        for bad in [
+            "My_Policy",
+            "-p",
+            "p..q",
+            ".p",
+            "p.",
+            "p.-q",
+            "\"\"",
+            long.as_str(),
+        ] {
             let e = refused(
                 &authz("").replace("name: p\n", &format!("name: {bad}\n")),
                 4,
@@ -1874,10 +2338,34 @@ spec:
                 "metadata.name",
             );
             assert!(
-                matches!(e.problem(), Some(Problem::InvalidName { .. })),
+                matches!(e.problem(), Some(Problem::InvalidObjectName { .. })),
                 "{e}"
             );
         }
+        // Names are DNS-1123 subdomains (Kubernetes object names), as Istio's examples use.
+        let max = format!(
+            "{}.{}.{}.{}",
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(61)
+        );
+        for good in [
+            "service-httpbin.default.svc.cluster.local",
+            "p.q",
+            "1.2",
+            max.as_str(),
+        ] {
+            let b = parse(&authz("").replace("name: p\n", &format!("name: {good}\n"))).unwrap();
+            assert_eq!(b.authz[0].name, good);
+        }
+        // Namespaces stay labels.
+        refused(
+            &authz("").replace("namespace: ns\n", "namespace: a.b\n"),
+            5,
+            None,
+            "metadata.namespace",
+        );
         refused(
             &authz("").replace("namespace: ns\n", "namespace: Shop\n"),
             5,
@@ -1905,6 +2393,328 @@ spec:
             Some("ns/p"),
             "metadata.annotations[istio.io/dry-run]",
         );
+        // Go's strconv.ParseBool, as Istio's checkDryRunAnnotation reads it.
+        let dry = |value: &str, spec: &str| {
+            parse(&authz(spec).replace(
+                "metadata:\n",
+                &format!("metadata:\n  annotations: {{istio.io/dry-run: \"{value}\"}}\n"),
+            ))
+        };
+        for (v, want) in [
+            ("1", true),
+            ("t", true),
+            ("T", true),
+            ("TRUE", true),
+            ("true", true),
+            ("True", true),
+            ("0", false),
+            ("f", false),
+            ("F", false),
+            ("FALSE", false),
+            ("false", false),
+            ("False", false),
+        ] {
+            assert_eq!(dry(v, "").unwrap().authz[0].dry_run, want, "{v}");
+        }
+        for v in ["yes", "tRUE", " true", "2", "", "truee"] {
+            assert!(dry(v, "").is_err(), "{v}");
+        }
+        // Only ALLOW and DENY take the annotation, whatever its value.
+        for v in ["true", "false"] {
+            let e = dry(v, "  action: AUDIT\n  rules: [{}]\n").unwrap_err();
+            assert_eq!(
+                e.field(),
+                Some("metadata.annotations[istio.io/dry-run]"),
+                "{e}"
+            );
+            assert!(
+                matches!(e.problem(), Some(Problem::DryRunAction { .. })),
+                "{e}"
+            );
+        }
+        assert!(
+            dry("true", "  action: DENY\n  rules: [{}]\n")
+                .unwrap()
+                .authz[0]
+                .dry_run
+        );
+    }
+
+    #[test]
+    fn istio_validation_refusals() {
+        // A DENY without rules (or with none): never triggers, Istio rejects it.
+        for spec in ["  action: DENY\n", "  action: DENY\n  rules: []\n"] {
+            let e = parse(&authz(spec)).unwrap_err();
+            assert_eq!(e.field(), Some("spec.rules"), "{e}");
+            assert!(
+                matches!(e.problem(), Some(Problem::DenyWithoutRules)),
+                "{e}"
+            );
+            assert_eq!(e.policy(), Some("ns/p"));
+        }
+        // A present but empty `from`/`to` is an error, never "any".
+        for (rule, field) in [
+            ("{from: []}", "spec.rules[0].from"),
+            ("{to: []}", "spec.rules[0].to"),
+            (
+                "{from: [], to: [{operation: {ports: [\"80\"]}}]}",
+                "spec.rules[0].from",
+            ),
+        ] {
+            for action in ["ALLOW", "DENY", "AUDIT"] {
+                let e = refused(
+                    &authz(&format!("  action: {action}\n  rules: [{rule}]\n")),
+                    8,
+                    Some("ns/p"),
+                    field,
+                );
+                assert!(
+                    matches!(e.problem(), Some(Problem::EmptyList { .. })),
+                    "{e}"
+                );
+            }
+        }
+        // serviceAccounts: not with principals or namespaces; `sa` or `ns/sa`, no wildcard.
+        for other in ["principals: [a]", "namespaces: [x]", "notNamespaces: [x]"] {
+            let e = parse(&with_source(&format!(
+                "serviceAccounts: [sa]\n        {other}"
+            )))
+            .unwrap_err();
+            assert!(
+                matches!(e.problem(), Some(Problem::Conflict { .. })),
+                "{other}: {e}"
+            );
+        }
+        for bad in ["\"\"", "\"ns/*\"", "\"*\"", "a/b/c", "/sa", "ns/", "\"a/\""] {
+            let e = parse(&with_source(&format!("serviceAccounts: [{bad}]"))).unwrap_err();
+            assert!(
+                matches!(e.problem(), Some(Problem::InvalidServiceAccount { .. })),
+                "{bad}: {e}"
+            );
+            assert_eq!(
+                e.field(),
+                Some(format!("{SRC}.serviceAccounts[0]").as_str())
+            );
+        }
+        let seventeen = vec!["a"; 17].join(", ");
+        assert!(parse(&with_source(&format!("serviceAccounts: [{seventeen}]"))).is_err());
+        let b = parse(&with_source(
+            "serviceAccounts: [web, other/db]\n        notServiceAccounts: [x]",
+        ))
+        .unwrap();
+        let src = &b.authz[0].rules.as_ref().unwrap()[0].from[0];
+        assert_eq!(
+            src.service_accounts,
+            vec![
+                ServiceAccount {
+                    namespace: "ns".into(),
+                    name: "web".into()
+                },
+                ServiceAccount {
+                    namespace: "other".into(),
+                    name: "db".into()
+                },
+            ]
+        );
+        assert_eq!(src.not_service_accounts[0].namespace, "ns");
+    }
+
+    #[test]
+    fn path_templates_as_istio_validates_them() {
+        // istio/istio pkg/config/security CheckValidPathTemplate and its tests.
+        for good in [
+            "/foo/{*}",
+            "/foo/{**}",
+            "/foo/{*}/bar/{**}",
+            "/{*}/{*}/{**}",
+            "/foo/{**}/",
+            "/{**}",
+            "/foo/{**}/bar",
+            "/a-b._~%20!$&'()+,;:@=/{*}",
+        ] {
+            let b = parse(&with_operation(&format!("paths: [\"{good}\"]"))).unwrap();
+            let op = &b.authz[0].rules.as_ref().unwrap()[0].to[0];
+            assert_eq!(op.paths, vec![StringMatch::Template(good.into())], "{good}");
+        }
+        for bad in [
+            "/{**}/foo/{*}",
+            "/{**}/{**}",
+            "/foo/{*}.txt",
+            "/foo/{*}{*}",
+            "/*/baz/{*}",
+            "/**/baz/{*}",
+            "/foo//{*}",
+            "/foo/{x}",
+            "/a{b",
+            "/a}",
+            "/foo/{*}/a b",
+            "/foo/{*}?x",
+        ] {
+            for field in ["paths", "notPaths"] {
+                let e = parse(&with_operation(&format!("{field}: [\"{bad}\"]"))).unwrap_err();
+                assert!(
+                    matches!(e.problem(), Some(Problem::InvalidPathTemplate { .. })),
+                    "{bad}: {e}"
+                );
+                assert_eq!(e.field(), Some(format!("{OP}.{field}[0]").as_str()));
+            }
+        }
+        // Without a template, prefix/suffix stay as they were.
+        let b = parse(&with_operation("paths: [\"/api/*\"]")).unwrap();
+        assert_eq!(
+            b.authz[0].rules.as_ref().unwrap()[0].to[0].paths,
+            vec![StringMatch::Prefix("/api/".into())]
+        );
+    }
+
+    #[test]
+    fn conditions() {
+        let when = |c: &str| authz(&format!("  rules:\n  - when:\n    - {c}\n"));
+        let cond = |c: &str| -> Condition {
+            parse(&when(c)).unwrap().authz[0].rules.as_ref().unwrap()[0].when[0].clone()
+        };
+        assert_eq!(
+            cond("{key: source.ip, values: [10.0.0.0/8], notValues: [10.1.0.0/16]}"),
+            Condition::SourceIp {
+                values: vec![parse_cidr("10.0.0.0/8").unwrap()],
+                not_values: vec![parse_cidr("10.1.0.0/16").unwrap()],
+            }
+        );
+        assert!(matches!(
+            cond("{key: remote.ip, values: [\"fd00::1\"]}"),
+            Condition::SourceIp { .. }
+        ));
+        assert!(matches!(
+            cond("{key: destination.ip, notValues: [10.0.0.1]}"),
+            Condition::DestinationIp { .. }
+        ));
+        assert_eq!(
+            cond("{key: destination.port, values: [\"8080\"]}"),
+            Condition::DestinationPort {
+                values: vec![8080],
+                not_values: vec![]
+            }
+        );
+        assert_eq!(
+            cond("{key: \"request.headers[X-Token]\", values: [\"a*\"], notValues: [\"*\"]}"),
+            Condition::RequestHeader {
+                name: "x-token".into(),
+                values: vec![StringMatch::Prefix("a".into())],
+                not_values: vec![StringMatch::Presence],
+            }
+        );
+        assert!(matches!(
+            cond("{key: source.namespace, values: [\"a*\"]}"),
+            Condition::SourceNamespace { .. }
+        ));
+        assert!(matches!(
+            cond("{key: source.principal, values: [\"*\"]}"),
+            Condition::SourcePrincipal { .. }
+        ));
+        assert_eq!(
+            cond("{key: source.serviceAccount, values: [web]}"),
+            Condition::SourceServiceAccount {
+                values: vec![ServiceAccount {
+                    namespace: "ns".into(),
+                    name: "web".into()
+                }],
+                not_values: vec![],
+            }
+        );
+        // Refused, naming policy and field.
+        for (c, field) in [
+            (
+                "{key: source.ip, values: []}",
+                "spec.rules[0].when[0].values",
+            ),
+            ("{key: source.ip}", "spec.rules[0].when[0].values"),
+            ("{values: [a]}", "spec.rules[0].when[0].key"),
+            ("{key: \"\", values: [a]}", "spec.rules[0].when[0].key"),
+            (
+                "{key: source.ip, values: [10.0.0.300]}",
+                "spec.rules[0].when[0].values[0]",
+            ),
+            (
+                "{key: destination.ip, notValues: [x]}",
+                "spec.rules[0].when[0].notValues[0]",
+            ),
+            (
+                "{key: destination.port, values: [\"99999\"]}",
+                "spec.rules[0].when[0].values[0]",
+            ),
+            (
+                "{key: destination.port, values: [http]}",
+                "spec.rules[0].when[0].values[0]",
+            ),
+            (
+                "{key: source.namespace, values: [\"\"]}",
+                "spec.rules[0].when[0].values[0]",
+            ),
+            (
+                "{key: source.principal, values: [\"spiffe://td/ns/a/sa/b\"]}",
+                "spec.rules[0].when[0].values[0]",
+            ),
+            (
+                "{key: \"request.headers[]\", values: [a]}",
+                "spec.rules[0].when[0].key",
+            ),
+            (
+                "{key: \"request.headers[a b]\", values: [a]}",
+                "spec.rules[0].when[0].key",
+            ),
+            (
+                "{key: request.headers, values: [a]}",
+                "spec.rules[0].when[0].key",
+            ),
+            (
+                "{key: \"request.headers[x\", values: [a]}",
+                "spec.rules[0].when[0].key",
+            ),
+            (
+                "{key: request.auth.principal, values: [a]}",
+                "spec.rules[0].when[0].key",
+            ),
+            (
+                "{key: \"request.auth.claims[iss]\", values: [a]}",
+                "spec.rules[0].when[0].key",
+            ),
+            (
+                "{key: connection.sni, values: [a]}",
+                "spec.rules[0].when[0].key",
+            ),
+            (
+                "{key: source.trustDomain, values: [a]}",
+                "spec.rules[0].when[0].key",
+            ),
+            (
+                "{key: destination.namespace, values: [a]}",
+                "spec.rules[0].when[0].key",
+            ),
+            (
+                "{key: \"destination.labels[app]\", values: [a]}",
+                "spec.rules[0].when[0].key",
+            ),
+            (
+                "{key: destination.user, values: [a]}",
+                "spec.rules[0].when[0].key",
+            ),
+            (
+                "{key: \"experimental.envoy.filters.a[b]\", values: [a]}",
+                "spec.rules[0].when[0].key",
+            ),
+            (
+                "{key: source.serviceAccount, values: [\"a/*\"]}",
+                "spec.rules[0].when[0].values[0]",
+            ),
+            (
+                "{key: source.ip, values: [a], other: b}",
+                "spec.rules[0].when[0].other",
+            ),
+        ] {
+            let e = parse(&when(c)).expect_err(c);
+            assert_eq!(e.policy(), Some("ns/p"), "{c}: {e}");
+            assert_eq!(e.field(), Some(field), "{c}: {e}");
+        }
     }
 
     #[test]

@@ -90,9 +90,17 @@ pub struct CompileContext {
     pub registry: Arc<Registry>,
     pub root_ns: String,
     pub trust_domain: String,
+    /// Istio's `trustDomainAliases`: principals in these (and in `cluster.local`) stand for
+    /// the same principals in `trust_domain`.
+    pub trust_domain_aliases: Vec<String>,
 }
 
 impl CompileContext {
+    /// The trust domain with its aliases.
+    pub fn trust_domains(&self) -> super::model::TrustDomains {
+        super::model::TrustDomains::new(&*self.trust_domain, self.trust_domain_aliases.clone())
+    }
+
     /// Loads `dir` and compiles it.
     pub fn load_and_compile(
         &self,
@@ -102,8 +110,12 @@ impl CompileContext {
             dir: dir.to_owned(),
             source: Box::new(source),
         })?;
-        let compiled =
-            compile::compile(&bundle, &self.registry, &self.root_ns, &self.trust_domain)?;
+        let compiled = compile::compile_with(
+            &bundle,
+            &self.registry,
+            &self.root_ns,
+            &self.trust_domains(),
+        )?;
         Ok((bundle, compiled))
     }
 }
@@ -242,7 +254,8 @@ pub fn spawn_generation_watcher(
                 if gen == current {
                     return Ok(None);
                 }
-                maps2.read_view(gen).map(Some)
+                // Never a generation being deleted: re-checked after the read, retried.
+                maps2.read_active_view().map(Some)
             })
             .await;
             match read {
@@ -257,6 +270,9 @@ pub fn spawn_generation_watcher(
                 Ok(Ok(None)) => {}
                 Ok(Err(e)) => {
                     error!(error = %error_chain(&e), "reading the active policy generation");
+                    // A generation that stayed active and still reads inconsistent is broken:
+                    // fail closed. A read that kept overlapping swaps (`Unstable`) keeps the
+                    // previous view and is tried again at the next poll.
                     if let MapsError::Inconsistent { gen, .. } = e {
                         tx.send_replace(Arc::new(PolicyView::deny_all(gen)));
                     }

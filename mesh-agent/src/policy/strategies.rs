@@ -8,7 +8,13 @@ use super::model::{IpNet, Operation, Rule, Source, StringMatch};
 /// Up to two patterns out of `values`.
 pub fn pick(values: &'static [&'static str]) -> impl Strategy<Value = Vec<StringMatch>> {
     prop::collection::vec(
-        prop::sample::select(values).prop_map(StringMatch::from_pattern),
+        prop::sample::select(values).prop_map(|p| {
+            if super::model::is_path_template(p) {
+                StringMatch::Template(p.to_owned())
+            } else {
+                StringMatch::from_pattern(p)
+            }
+        }),
         0..3,
     )
 }
@@ -36,6 +42,8 @@ pub fn full_source(
                     not_namespaces,
                     ip_blocks,
                     not_ip_blocks,
+                    service_accounts: Vec::new(),
+                    not_service_accounts: Vec::new(),
                 }
             },
         )
@@ -85,5 +93,9 @@ pub fn rule(
         prop::collection::vec(source, 0..max),
         prop::collection::vec(operation, 0..max),
     )
-        .prop_map(|(from, to)| Rule { from, to })
+        .prop_map(|(from, to)| Rule {
+            from,
+            to,
+            when: Vec::new(),
+        })
 }

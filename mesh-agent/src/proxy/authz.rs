@@ -65,11 +65,23 @@ pub enum RequestVerdict {
 }
 
 /// One HTTP request, as far as policy looks at it.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub struct RequestAttrs<'a> {
     pub method: &'a str,
     pub path: &'a str,
     pub host: Option<&'a str>,
+    /// Header fields (`when` `request.headers[...]`).
+    pub headers: &'a dyn crate::policy::maps::RequestHeaders,
+}
+
+impl std::fmt::Debug for RequestAttrs<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestAttrs")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A policy snapshot.
@@ -284,6 +296,7 @@ mod tests {
             method: "GET",
             path: "/",
             host: None,
+            headers: &crate::policy::maps::NoHeaders,
         };
         assert!(matches!(
             decide_request(enforcer(&deny), &c, &req),

@@ -35,6 +35,7 @@ use super::{
     authz::{self, ConnInfo, ConnVerdict, Policies, Supervised},
     connect_from,
     hbone::{self, BadRequest},
+    l7::normalize::PathNormalization,
     limits::{self, Accepted, Admission, Guard, SourceKey},
     Identities, ProxyDeps, SourceAddrs,
 };
@@ -82,6 +83,7 @@ struct Ctx {
     /// SNI → (workload id, identity) for this node's workloads.
     served: HashMap<String, (u32, SpiffeId)>,
     source: SourceAddrs,
+    path_normalization: PathNormalization,
     metrics: Arc<Metrics>,
     policies: Policies,
     cfg: InboundConfig,
@@ -132,6 +134,7 @@ impl Inbound {
             policies,
             source,
             admission,
+            path_normalization,
         } = deps;
         let served = registry
             .local(&node)
@@ -150,6 +153,7 @@ impl Inbound {
                 identities,
                 served,
                 source,
+                path_normalization,
                 metrics,
                 policies,
                 cfg,
@@ -488,7 +492,12 @@ impl Ctx {
         self.metrics.hbone_stream(Side::Server, Outcome::Ok);
         let stream = hbone::TunnelStream::new(tunnel);
         let source = info.src_addr.map_or(peer.ip(), |a| a.ip());
-        let limits = super::l7_limits(&self.admission, Direction::Inbound, source);
+        let limits = super::l7_limits(
+            &self.admission,
+            Direction::Inbound,
+            source,
+            self.path_normalization,
+        );
         let outcome = super::l7_serve(
             stream,
             &self.source,

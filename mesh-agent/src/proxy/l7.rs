@@ -17,9 +17,20 @@
 //! (`connection denied`, `audit`, `dry-run deny`) are written; [`serve`] returns the counts
 //! and the reason a connection failed.
 //!
+//! Request targets go through [`normalize`] first: the authority of an absolute-form target
+//! replaces `Host`, the path is normalized, and the normalized path is both what the
+//! [`Authorize`] sees and what the pod receives (in origin-form, the query as sent).
+//!
 //! Decisions on the edges (each answered `400` and the connection closed, never forwarded):
-//! `CONNECT`; `Content-Length` together with `Transfer-Encoding`; an invalid or conflicting
-//! `Content-Length`; a `Transfer-Encoding` other than `chunked`; several `Host` headers.
+//! `CONNECT`; a target [`normalize`] refuses (`%00`, invalid percent-encoding, a fragment,
+//! authority-form, `*` other than with `OPTIONS`…); a method with lower-case letters (methods
+//! are case-sensitive and policies name them upper-case; Istio refuses them too);
+//! `Content-Length` together with `Transfer-Encoding`; an invalid `Content-Length` or more than
+//! one (identical ones too: stricter than RFC 9112 §6.3, which lets a recipient merge them);
+//! a `Transfer-Encoding` other than `chunked`; several `Host` headers; framing, routing,
+//! authentication or content fields in a request's chunked trailers (in a response's they
+//! are dropped); a malformed chunk after the head was forwarded (`400`, the pod's connection
+//! closed). h2c: a `host` header that disagrees with `:authority`.
 //! `Upgrade` requests (e.g. WebSocket) are authorized like any request; if allowed and the pod
 //! answers `101`, the connection becomes a raw byte copy both ways for the rest of its life (no
 //! further per-request decisions: it is no longer HTTP). An `Upgrade: h2c` offer is removed
@@ -28,6 +39,7 @@
 
 pub mod h2c;
 pub mod http1;
+pub mod normalize;
 #[cfg(test)]
 mod tests;
 
@@ -51,10 +63,33 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RequestView<'a> {
     pub method: &'a str,
-    /// The request target as sent, query included (`:path` for h2c).
+    /// The normalized path ([`normalize`]), without the query: what policy matches and
+    /// what is forwarded (`*` for `OPTIONS *`).
     pub path: &'a str,
-    /// `Host` (HTTP/1.x) or `:authority`, falling back to `host` (h2c).
+    /// The authority the pod will route by: an absolute-form target's (HTTP/1.x, it
+    /// overrides `Host`), else `Host`; `:authority`, else `host` (h2c).
     pub host: Option<&'a str>,
+    /// The request's header fields (policy `when` `request.headers[...]`).
+    pub headers: HeaderFields<'a>,
+}
+
+/// A request's header fields as parsed, HTTP/1.x or h2c.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeaderFields<'a> {
+    Http1(&'a [httparse::Header<'a>]),
+    H2(&'a http::HeaderMap),
+}
+
+impl crate::policy::maps::RequestHeaders for HeaderFields<'_> {
+    fn for_each_value(&self, name: &str, f: &mut dyn FnMut(&[u8])) {
+        match self {
+            Self::Http1(fields) => fields
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case(name))
+                .for_each(|h| f(h.value)),
+            Self::H2(map) => map.get_all(name).iter().for_each(|v| f(v.as_bytes())),
+        }
+    }
 }
 
 /// The decision on one request.
@@ -85,7 +120,7 @@ where
 /// Largest header count [`L7Limits::max_headers`] may ask for (parsing uses a stack array).
 pub const MAX_HEADERS_CAP: usize = 128;
 
-/// Bounds on one L7 connection.
+/// Bounds and settings of one L7 connection.
 #[derive(Clone, Debug)]
 pub struct L7Limits {
     /// Largest request or response head (HTTP/1.x, chunked trailers included), and the
@@ -104,6 +139,9 @@ pub struct L7Limits {
     pub max_discard_bytes: u64,
     /// h2c streams open at once from the client. Default 100.
     pub max_concurrent_streams: u32,
+    /// How request paths are normalized before matching and forwarding. Default
+    /// `DECODE_AND_MERGE_SLASHES`.
+    pub path_normalization: normalize::PathNormalization,
     /// Where this connection's incomplete request heads are counted against its source's cap
     /// ([`super::limits`]): from the first byte to protocol detection, and from a request's
     /// first byte to the end of its head (HTTP/1.x). Default none (uncounted).
@@ -133,6 +171,7 @@ impl Default for L7Limits {
             idle_timeout: Duration::from_secs(60),
             max_discard_bytes: 1024 * 1024,
             max_concurrent_streams: 100,
+            path_normalization: normalize::PathNormalization::default(),
             head_gate: None,
         }
     }

@@ -33,6 +33,7 @@ use tracing::{debug, info, warn};
 use super::{
     authz::{self, ConnInfo, ConnVerdict, Policies, Supervised},
     conn_key, connect_from, hbone,
+    l7::normalize::PathNormalization,
     limits::{self, Accepted, Admission, Guard, SourceKey},
     orig_dst_addr,
     pool::{Pool, PoolError},
@@ -73,6 +74,8 @@ struct MeshView {
     peers: HashMap<String, SocketAddr>,
     /// The agent's own upstream source addresses.
     source: SourceAddrs,
+    /// For same-node HTTP ports.
+    path_normalization: PathNormalization,
 }
 
 /// The outbound proxy: its listeners and what it needs per connection.
@@ -166,6 +169,7 @@ impl Outbound {
             policies,
             source,
             admission,
+            path_normalization,
         } = deps;
         let identities_by_id = registry
             .workloads
@@ -176,6 +180,7 @@ impl Outbound {
             node,
             peers,
             source,
+            path_normalization,
         };
         let pool = Pool::new(Default::default(), view.source, Arc::clone(&metrics));
         Self {
@@ -404,7 +409,12 @@ impl Ctx {
             ConnVerdict::PerRequest if info.http => {
                 let _upstream_slot = self.admission.admit(Direction::Outbound, dst)?;
                 let source = src_addr.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |a| a.ip());
-                let limits = super::l7_limits(&self.admission, Direction::Outbound, source);
+                let limits = super::l7_limits(
+                    &self.admission,
+                    Direction::Outbound,
+                    source,
+                    self.view.path_normalization,
+                );
                 // Boxed: the L7 state is large, and only L7 connections should pay for it.
                 let out = Box::pin(super::l7_serve(
                     client,

@@ -173,58 +173,79 @@ impl Pool {
             dst: dst.clone(),
             peer,
         };
-        let conn = match self.claim(&key, &config) {
-            Some(c) => c,
-            None => {
-                let lock = {
-                    let mut d = self.dialing.lock().unwrap_or_else(|p| p.into_inner());
-                    Arc::clone(d.entry(key.clone()).or_default())
-                };
-                let _dialing = lock.lock().await;
-                match self.claim(&key, &config) {
-                    Some(c) => c,
-                    None => {
-                        // Boxed: TLS and h2 handshake state is large and short-lived.
-                        let dialing = Box::pin(self.dial(&key, Arc::clone(&config)));
-                        let conn = Arc::new(dialing.await?);
-                        conn.streams.fetch_add(1, Ordering::AcqRel);
-                        self.conns
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .entry(key.clone())
-                            .or_default()
-                            .push(Arc::clone(&conn));
-                        conn
+        // A pooled connection whose peer agent is going away (GOAWAY while it drains for an
+        // upgrade, or its socket already closed) refuses the CONNECT before the tunnel carries
+        // a byte of the client's: the CONNECT is tried again on a new connection, which
+        // reaches the peer's successor on the same listening socket. Bounded: a fresh
+        // connection that fails is an answer.
+        let mut reused_tries = 0;
+        loop {
+            let (conn, reused) = self.conn_for(&key, &config).await?;
+            let slot = StreamSlot { conn };
+            let opened = timeout(
+                self.cfg.stream_timeout,
+                hbone::open(&slot.conn.sender, authority, source),
+            )
+            .await;
+            match opened {
+                Ok(Ok(tunnel)) => {
+                    self.metrics.hbone_stream(Side::Client, Outcome::Ok);
+                    return Ok((tunnel, slot));
+                }
+                Ok(Err(source)) => {
+                    let closing = matches!(source, HboneError::H2(ref e)
+                        if e.is_io() || e.is_go_away()
+                            || e.reason() == Some(h2::Reason::REFUSED_STREAM));
+                    if closing {
+                        slot.conn.dead.store(true, Ordering::Release);
                     }
+                    if closing && reused && reused_tries < 2 {
+                        reused_tries += 1;
+                        debug!(%peer, error = %source, "pooled connection is closing; retrying the CONNECT on a new one");
+                        continue;
+                    }
+                    self.metrics.hbone_stream(Side::Client, Outcome::Error);
+                    return Err(PoolError::Hbone { peer, source });
                 }
-            }
-        };
-        let slot = StreamSlot { conn };
-        let opened = timeout(
-            self.cfg.stream_timeout,
-            hbone::open(&slot.conn.sender, authority, source),
-        )
-        .await;
-        match opened {
-            Ok(Ok(tunnel)) => {
-                self.metrics.hbone_stream(Side::Client, Outcome::Ok);
-                Ok((tunnel, slot))
-            }
-            Ok(Err(source)) => {
-                self.metrics.hbone_stream(Side::Client, Outcome::Error);
-                if matches!(source, HboneError::H2(ref e) if e.is_io() || e.is_go_away()) {
-                    slot.conn.dead.store(true, Ordering::Release);
+                Err(_) => {
+                    self.metrics.hbone_stream(Side::Client, Outcome::Error);
+                    return Err(PoolError::Timeout {
+                        what: "CONNECT",
+                        peer,
+                    });
                 }
-                Err(PoolError::Hbone { peer, source })
-            }
-            Err(_) => {
-                self.metrics.hbone_stream(Side::Client, Outcome::Error);
-                Err(PoolError::Timeout {
-                    what: "CONNECT",
-                    peer,
-                })
             }
         }
+    }
+
+    /// A connection for `key` with a stream slot taken: a pooled one (`true`) or a new one.
+    async fn conn_for(
+        &self,
+        key: &Key,
+        config: &Arc<ClientConfig>,
+    ) -> Result<(Arc<Conn>, bool), PoolError> {
+        if let Some(c) = self.claim(key, config) {
+            return Ok((c, true));
+        }
+        let lock = {
+            let mut d = self.dialing.lock().unwrap_or_else(|p| p.into_inner());
+            Arc::clone(d.entry(key.clone()).or_default())
+        };
+        let _dialing = lock.lock().await;
+        if let Some(c) = self.claim(key, config) {
+            return Ok((c, true));
+        }
+        // Boxed: TLS and h2 handshake state is large and short-lived.
+        let dialing = Box::pin(self.dial(key, Arc::clone(config)));
+        let conn = Arc::new(dialing.await?);
+        conn.streams.fetch_add(1, Ordering::AcqRel);
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .push(Arc::clone(&conn));
+        Ok((conn, false))
     }
 
     /// A live connection for `key` made with `config` that has a free stream slot; the

@@ -119,6 +119,19 @@ enum PodCmd {
         #[arg(long, default_value = "/bench/echo")]
         path: String,
     },
+    /// Connections at a fixed offered rate (`--rate` per second over `--clients` threads) for
+    /// `--secs`; counts those that failed. One JSON line.
+    #[command(hide = true)]
+    Paced {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        rate: f64,
+        #[arg(long)]
+        secs: f64,
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+    },
     /// `--count` connections one after the other (connect, 1-byte exchange, close), the
     /// `connect()` call timed; one JSON line.
     #[command(hide = true)]
@@ -205,6 +218,12 @@ fn main() -> ExitCode {
             }
         }
         Some(PodCmd::Connect { to, count }) => connect_client(to, count),
+        Some(PodCmd::Paced {
+            to,
+            rate,
+            secs,
+            clients,
+        }) => paced_client(to, rate, Duration::from_secs_f64(secs), clients),
         None => {
             if args.reps < 3 {
                 eprintln!("mesh-bench: --reps must be at least 3");
@@ -489,25 +508,34 @@ fn orchestrate(args: &Args) -> ExitCode {
     if !stopping() {
         scale_phase(&bench, args, &mut scale_runs, &mut problems, &mut warnings);
     }
+    let rss: Vec<f64> = agents
+        .iter()
+        .filter_map(Agent::pid)
+        .map(peak_rss_mib)
+        .collect();
+    let exe = bench.exe.clone();
+    let cost = bench.cost.take();
+    let Bench { durations, .. } = bench;
+    let mut agents = agents;
+    let lifecycle = if stopping() {
+        json!(null)
+    } else {
+        lifecycle_phase(&exe, &cluster, &mut agents, args, &mut problems)
+    };
     if stopping() {
         println!("== interrupted: tearing down without a summary");
         return ExitCode::from(130);
     }
 
     let summary = summarize(&runs);
-    print_table(&summary, args, &bench.durations);
+    print_table(&summary, args, &durations);
     let http_summary = summarize_http(&http_runs);
-    print_http_table(&http_summary, args, &bench.durations);
+    print_http_table(&http_summary, args, &durations);
     let scale_summary = summarize_scale(&scale_runs);
-    print_scale_table(&scale_summary, args, &bench.durations);
-    let cost = bench.cost.borrow();
+    print_scale_table(&scale_summary, args, &durations);
+    print_lifecycle(&lifecycle);
     let per_gb = cost.throughput_cpu_secs / cost.throughput_gb.max(f64::MIN_POSITIVE);
     let per_kconn = cost.cps_cpu_secs / (cost.cps_connections / 1000.0).max(f64::MIN_POSITIVE);
-    let rss: Vec<f64> = agents
-        .iter()
-        .filter_map(Agent::pid)
-        .map(peak_rss_mib)
-        .collect();
     println!("agent cost through the mesh (both agents, summed over all mesh runs):");
     println!(
         "  CPU seconds per GB carried        {per_gb:>8.2}   ({:.1} s for {:.1} GB)",
@@ -536,16 +564,16 @@ fn orchestrate(args: &Args) -> ExitCode {
         "settings": {
             "repetitions": args.reps,
             "quick": args.quick,
-            "throughput_secs": bench.durations.throughput,
-            "rr_secs": bench.durations.rr,
+            "throughput_secs": durations.throughput,
+            "rr_secs": durations.rr,
             "rr_size_bytes": 1024,
-            "cps_secs": bench.durations.cps,
-            "http_secs": bench.durations.http,
+            "cps_secs": durations.cps,
+            "http_secs": durations.http,
             "http_warmup_secs": HTTP_WARMUP.as_secs_f64(),
             "http_offered_rps": HTTP_RATE,
             "http_connections": HTTP_CONNS,
             "http_body_bytes": HTTP_BODY,
-            "connect_count": bench.durations.connects,
+            "connect_count": durations.connects,
             "connect_warmup": CONNECT_WARMUP,
             "scale_policy_counts": SCALE_COUNTS,
             "order": "alternated per measurement; the order flips every repetition",
@@ -576,6 +604,7 @@ fn orchestrate(args: &Args) -> ExitCode {
             "summary": scale_summary,
             "runs": scale_runs.iter().map(ScaleRun::to_json).collect::<Vec<_>>(),
         },
+        "lifecycle": lifecycle,
         "cost": {
             "agent_cpu_secs_per_gb": finite(per_gb),
             "agent_cpu_secs_per_1000_connections": finite(per_kconn),
@@ -607,6 +636,154 @@ fn orchestrate(args: &Args) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// Offered connection rates during an upgrade.
+const UPGRADE_RATES: [f64; 2] = [100.0, 1000.0];
+/// Repetitions of the SIGKILL → serving measurement.
+const RESTART_REPS: usize = 5;
+
+/// The agent's life cycle on n1 (mesh traffic from `client` to `server`):
+/// - time from SIGKILL of n1's agent to the first connection carried again (a new agent started
+///   at once, as a supervisor would), median of 5; the connect attempts poll every 10 ms and
+///   each attempt is a process spawned in the pod (a few ms of the figure);
+/// - connections that fail while n1's and then n2's agents are upgraded (listener handoff)
+///   under a fixed offered rate of 100 and 1,000 connections per second.
+fn lifecycle_phase(
+    exe: &Path,
+    cluster: &Cluster,
+    agents: &mut [Agent],
+    args: &Args,
+    problems: &mut Vec<String>,
+) -> Value {
+    println!(
+        "== life cycle: SIGKILL → serving (x{RESTART_REPS}), failed connections during upgrades"
+    );
+    let client = cluster.pod("client");
+    let server = cluster.pod("server");
+    let to = server.addr4(ONESHOT_PORT);
+    let one = |label: &str| {
+        let mut cmd = Command::new(exe);
+        cmd.args(["connect", "--to", &to.to_string(), "--count", "1"]);
+        client
+            .run(cmd, label, Duration::from_secs(10))
+            .status
+            .success()
+    };
+    let mut restart_ms = Vec::new();
+    for rep in 1..=RESTART_REPS {
+        if stopping() {
+            return json!(null);
+        }
+        let agent = &mut agents[0];
+        let killed = Instant::now();
+        agent.kill_sigkill();
+        let served = std::thread::scope(|s| {
+            let restarting = s.spawn(|| agent.restart());
+            let mut served = None;
+            while killed.elapsed() < Duration::from_secs(60) {
+                if one("restart-probe") {
+                    served = Some(killed.elapsed());
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = restarting.join();
+            served
+        });
+        match served {
+            Some(d) => {
+                println!(
+                    "   rep {rep}/{RESTART_REPS}: serving again {:.0} ms after SIGKILL",
+                    d.as_secs_f64() * 1e3
+                );
+                restart_ms.push(d.as_secs_f64() * 1e3);
+            }
+            None => problems.push(format!(
+                "restart rep {rep}: not serving within 60 s of SIGKILL"
+            )),
+        }
+    }
+    let secs = if args.quick { 4.0 } else { 8.0 };
+    let mut upgrades = Vec::new();
+    for rate in UPGRADE_RATES {
+        if stopping() {
+            return json!(null);
+        }
+        let mut cmd = Command::new(exe);
+        cmd.args([
+            "paced",
+            "--to",
+            &to.to_string(),
+            "--rate",
+            &rate.to_string(),
+            "--secs",
+            &secs.to_string(),
+        ]);
+        let load = client.spawn(cmd, &format!("paced-{rate}"));
+        std::thread::sleep(Duration::from_secs_f64(secs / 4.0));
+        let mut old_exit = Vec::new();
+        for agent in agents.iter_mut() {
+            old_exit.push(agent.upgrade(Duration::from_secs(5)).code());
+        }
+        let out = load.wait_output(Duration::from_secs_f64(secs + 30.0));
+        let v = out
+            .stdout
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str::<Value>(l).ok())
+            .unwrap_or(json!({"errors": null, "stdout": out.stdout}));
+        let failed = v.get("errors").and_then(Value::as_u64);
+        println!(
+            "   upgrade of both agents under {rate:.0} connects/s: {} connections, {} failed{}",
+            v.get("connections").and_then(Value::as_u64).unwrap_or(0),
+            failed.map_or("?".into(), |f| f.to_string()),
+            v.get("first_error")
+                .and_then(Value::as_str)
+                .map(|e| format!(" (first: {e})"))
+                .unwrap_or_default()
+        );
+        if old_exit.iter().any(|c| *c != Some(0)) {
+            problems.push(format!(
+                "upgrade at {rate}/s: old agents exited with {old_exit:?}"
+            ));
+        }
+        upgrades
+            .push(json!({"offered_per_sec": rate, "result": v, "old_agent_exit_codes": old_exit}));
+    }
+    let mut sorted = restart_ms.clone();
+    json!({
+        "sigkill_to_serving_ms": {"median": finite(median(&mut sorted)), "runs": restart_ms},
+        "upgrade_failed_connections": upgrades,
+        "upgrade_load_secs": secs,
+    })
+}
+
+fn print_lifecycle(v: &Value) {
+    if v.is_null() {
+        return;
+    }
+    println!("agent life cycle (n1; mesh client → server):");
+    println!(
+        "  SIGKILL → serving again (median of {RESTART_REPS})   {:>8.0} ms",
+        v["sigkill_to_serving_ms"]["median"]
+            .as_f64()
+            .unwrap_or(f64::NAN)
+    );
+    for u in v["upgrade_failed_connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        println!(
+            "  failed connections, upgrade of both agents at {:>5.0}/s   {} of {}",
+            u["offered_per_sec"].as_f64().unwrap_or(f64::NAN),
+            u["result"]["errors"],
+            u["result"]["connections"].as_u64().unwrap_or(0)
+                + u["result"]["errors"].as_u64().unwrap_or(0)
+        );
+    }
+    println!();
 }
 
 fn pod_json(p: &Pod) -> Value {
@@ -1829,6 +2006,55 @@ fn exchange_one(mut s: TcpStream) -> std::io::Result<()> {
         0 => Ok(()),
         _ => Err(std::io::Error::other("server sent more than one byte")),
     }
+}
+
+/// Connections at a fixed offered rate; every failure counted (with the first error).
+fn paced_client(to: SocketAddr, rate: f64, secs: Duration, clients: usize) -> ExitCode {
+    let clients = clients.max(1);
+    let interval = Duration::from_secs_f64(clients as f64 / rate.max(1.0));
+    let ok = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let first_error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let start = Instant::now();
+    let threads: Vec<_> = (0..clients)
+        .map(|i| {
+            let (ok, errors, first_error) = (ok.clone(), errors.clone(), first_error.clone());
+            std::thread::spawn(move || {
+                // Staggered starts spread the clients over one interval.
+                let mut next = start + interval.mul_f64(i as f64 / clients as f64);
+                while next < start + secs {
+                    let now = Instant::now();
+                    if next > now {
+                        std::thread::sleep(next - now);
+                    }
+                    next += interval;
+                    match one_connection(to) {
+                        Ok(()) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            first_error
+                                .lock()
+                                .unwrap()
+                                .get_or_insert_with(|| e.to_string());
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+    emit(&json!({
+        "offered_per_sec": rate,
+        "connections": ok.load(Ordering::Relaxed),
+        "errors": errors.load(Ordering::Relaxed),
+        "first_error": *first_error.lock().unwrap(),
+        "elapsed_secs": start.elapsed().as_secs_f64(),
+    }));
+    ExitCode::SUCCESS
 }
 
 fn cps_client(to: SocketAddr, clients: usize, secs: Duration) -> ExitCode {

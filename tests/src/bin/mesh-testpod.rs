@@ -23,7 +23,8 @@
 //!   `200` with body `<pod> <METHOD> <path> host=<host>[ body=<n>]`. Logs `listening`,
 //!   `accepted`, one `{"event":"request","proto","method","path","host","body_len"}` per request
 //!   and `closed`.
-//! - `http1 --connect ADDR:PORT --request "METHOD PATH [HOST] [+body=T|+chunked=T]" … [--pipeline]`:
+//! - `http1 --connect ADDR:PORT --request "METHOD PATH [HOST] [+body=T|+chunked=T]
+//!   [+header=NAME:VALUE]…" … [--pipeline]`:
 //!   one connection; one `{"index","status","body","connection"}` line per response, then
 //!   `{"event":"done","error","open","responses","connect_us"}` (`open`: the server kept the
 //!   connection after the last response).

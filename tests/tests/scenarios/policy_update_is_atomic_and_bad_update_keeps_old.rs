@@ -2,7 +2,7 @@
 //! command returns, the previous generation's entries are gone, and the agent publishes the
 //! new generation. A bad policy directory is refused (exit 2, nothing written) with a message
 //! naming the problem — an unsupported action (`CUSTOM`), malformed YAML (`file:line`), an
-//! unknown kind, an unsupported field (`when`), a policy set that would overflow
+//! unknown kind, an unsupported field (a JWT `when` key), a policy set that would overflow
 //! `mesh_pol_l4` — and the active generation stays (pinned maps, the agent's
 //! `mesh_policy_generation`) and keeps being enforced, verified with traffic.
 
@@ -63,7 +63,7 @@ fn policy_update_is_atomic_and_bad_update_keeps_old() {
         deny_port(9090).replace("metadata:\n  name: deny-a1", "metadata: {name: deny-a1");
     let unknown_kind = deny_port(9090).replace("kind: AuthorizationPolicy", "kind: Sidecar");
     let when = format!(
-        "{}    when:\n    - key: source.ip\n      values: [\"10.0.0.1\"]\n",
+        "{}    when:\n    - key: request.auth.claims[iss]\n      values: [\"x\"]\n",
         deny_port(9090)
     );
     let bad_cases: [(&str, String, &[&str]); 5] = [
@@ -77,7 +77,7 @@ fn policy_update_is_atomic_and_bad_update_keeps_old() {
         (
             "when",
             when,
-            &["p.yaml:", "default/deny-a1", "when", "not supported"],
+            &["p.yaml:", "default/deny-a1", "when[0].key", "not supported"],
         ),
         ("overflow", overflow, &[names::MAP_POL_L4, "would need"]),
     ];

@@ -5,13 +5,18 @@
 //! is accepted; denied streams are answered `403` with `RBAC: access denied` on the spot,
 //! allowed ones are forwarded by a task of their own (headers, body, trailers both ways). Flow
 //! control carries back-pressure end to end: received data is only released (window reopened)
-//! once the other connection has accepted it. `CONNECT` streams are answered `400`.
+//! once the other connection has accepted it. `:path` goes through [`super::normalize`]: the
+//! normalized path is what policy matches and what the pod receives. Answered `400` (never
+//! forwarded): `CONNECT`, a `:path` the normalizer refuses, a method with lower-case letters,
+//! and a `host` header that disagrees with `:authority`.
 
 use std::{future::poll_fn, future::Future, io, pin::Pin};
 
 use bytes::Bytes;
 use h2::{client::SendRequest, server::SendResponse, Reason, RecvStream, SendStream};
-use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{
+    header, uri::PathAndQuery, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
+};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     task::JoinSet,
@@ -19,6 +24,7 @@ use tokio::{
 };
 
 use super::{
+    normalize::{split_target, Normalizer, PathNormalization},
     Authorize, ClientIo, L7Error, L7Limits, L7Stats, RequestView, Side, Verdict, DENY_BODY,
 };
 
@@ -94,6 +100,7 @@ where
     let mut failure: Option<L7Error> = None;
     let mut streams = JoinSet::new();
     let mut closing = false;
+    let mut norm = Normalizer::default();
     loop {
         let idle = streams.is_empty() && !closing;
         tokio::select! {
@@ -103,9 +110,9 @@ where
                     failure.get_or_insert(client_err(e));
                     break;
                 }
-                Some(Ok((req, respond))) => {
+                Some(Ok((mut req, respond))) => {
                     stats.requests += 1;
-                    match decide(&req, authz) {
+                    match decide(&req, authz, limits.path_normalization, &mut norm) {
                         Decision::Deny => {
                             stats.denied += 1;
                             answer(respond, StatusCode::FORBIDDEN, DENY_BODY);
@@ -115,7 +122,8 @@ where
                             answer(respond, StatusCode::BAD_REQUEST, b"");
                             continue;
                         }
-                        Decision::Allow => {}
+                        Decision::Allow(None) => {}
+                        Decision::Allow(Some(uri)) => *req.uri_mut() = uri,
                     }
                     if matches!(upstream, Upstream::Idle) {
                         upstream = match open_upstream(connect.take(), limits).await {
@@ -207,29 +215,77 @@ where
 }
 
 enum Decision {
-    Allow,
+    /// With the URI to forward when normalization changed the path.
+    Allow(Option<Uri>),
     Deny,
     Refuse,
 }
 
-fn decide(req: &Request<RecvStream>, authz: &dyn Authorize) -> Decision {
-    if req.method() == Method::CONNECT {
+fn decide(
+    req: &Request<RecvStream>,
+    authz: &dyn Authorize,
+    mode: PathNormalization,
+    norm: &mut Normalizer,
+) -> Decision {
+    let method = req.method().as_str();
+    if req.method() == Method::CONNECT || method.bytes().any(|b| b.is_ascii_lowercase()) {
         return Decision::Refuse;
     }
-    let host = req.uri().authority().map(|a| a.as_str()).or_else(|| {
-        req.headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-    });
-    let view = RequestView {
-        method: req.method().as_str(),
-        path: req.uri().path_and_query().map_or("/", |p| p.as_str()),
-        host,
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host_header = match (hosts.next(), hosts.next()) {
+        (None, _) => None,
+        (Some(h), None) => match h.to_str() {
+            Ok(h) => Some(h),
+            Err(_) => return Decision::Refuse,
+        },
+        (Some(_), Some(_)) => return Decision::Refuse,
     };
-    match authz.authorize(&view) {
-        Verdict::Allow => Decision::Allow,
-        Verdict::Deny { .. } => Decision::Deny,
+    let authority = req.uri().authority().map(|a| a.as_str());
+    // RFC 9113 §8.3.1: `host` and `:authority` must agree; a pod routing by one must not
+    // see a request authorized by the other.
+    if let (Some(a), Some(h)) = (authority, host_header) {
+        if !a.eq_ignore_ascii_case(h) {
+            return Decision::Refuse;
+        }
     }
+    let raw = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let Ok(target) = split_target(raw, method) else {
+        return Decision::Refuse;
+    };
+    if target.authority.is_some() {
+        return Decision::Refuse;
+    }
+    let Ok(path) = norm.normalize(target.path, mode) else {
+        return Decision::Refuse;
+    };
+    let view = RequestView {
+        method,
+        path,
+        host: authority.or(host_header),
+        headers: super::HeaderFields::H2(req.headers()),
+    };
+    if let Verdict::Deny { .. } = authz.authorize(&view) {
+        return Decision::Deny;
+    }
+    if path == target.path {
+        return Decision::Allow(None);
+    }
+    match rewrite(req.uri(), path, target.query) {
+        Some(uri) => Decision::Allow(Some(uri)),
+        None => Decision::Refuse,
+    }
+}
+
+/// `uri` with the normalized `path` (and the query as sent).
+fn rewrite(uri: &Uri, path: &str, query: Option<&str>) -> Option<Uri> {
+    let pq = match query {
+        Some(q) => PathAndQuery::try_from(format!("{path}?{q}")),
+        None => PathAndQuery::try_from(path),
+    }
+    .ok()?;
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(pq);
+    Uri::from_parts(parts).ok()
 }
 
 /// Answers a stream with `status` and a short plain-text body (nothing on error: the stream

@@ -18,6 +18,7 @@ use tokio::{
 };
 
 use super::{
+    normalize::{split_target, Normalizer},
     Authorize, ClientIo, L7Error, L7Limits, L7Stats, RequestView, Side, Verdict, MAX_HEADERS_CAP,
     READ_CHUNK,
 };
@@ -38,6 +39,48 @@ const BAD_GATEWAY: &[u8] =
     b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 /// Longest chunk-size line (size, extensions, CRLF) accepted.
 const MAX_CHUNK_LINE: usize = 4096;
+/// Most fields in chunked trailers.
+const MAX_TRAILERS: usize = 32;
+
+/// Fields that must not appear in trailers (RFC 9110 §6.5.1: framing, routing, connection
+/// management, authentication, request modifiers and content description).
+const FORBIDDEN_TRAILERS: &[&str] = &[
+    "content-length",
+    "transfer-encoding",
+    "trailer",
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "upgrade",
+    "te",
+    "expect",
+    "max-forwards",
+    "range",
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "www-authenticate",
+    "proxy-authenticate",
+    "content-encoding",
+    "content-type",
+    "content-range",
+    "cache-control",
+];
+
+fn forbidden_trailer(name: &str) -> bool {
+    FORBIDDEN_TRAILERS
+        .iter()
+        .any(|f| f.eq_ignore_ascii_case(name))
+}
+
+/// A method as policies name them: a token (httparse checked that) without lower-case
+/// letters. Methods are case-sensitive (RFC 9110 §9.1): `get` is not `GET`, and a policy on
+/// `GET` must not be passed by a request the pod may read as `GET`.
+pub fn valid_method(method: &str) -> bool {
+    !method.is_empty() && !method.bytes().any(|b| b.is_ascii_lowercase())
+}
 
 /// How a message body is delimited.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,8 +155,10 @@ where
     let mut upstream: Option<Halves<U>> = None;
     let mut ubuf = BytesMut::new();
     let mut head = Vec::with_capacity(1024);
+    let mut norm = Normalizer::default();
     loop {
-        let req = match read_request(&mut crd, &mut rbuf, authz, limits, &mut head).await {
+        let req = match read_request(&mut crd, &mut rbuf, authz, limits, &mut head, &mut norm).await
+        {
             Ok(Some(req)) => req,
             Ok(None) => return shutdown(&mut cwr).await,
             // A keep-alive connection that stays idle between requests just ends.
@@ -207,7 +252,11 @@ where
             let mut body_done = req.body == Body::Empty;
             loop {
                 tokio::select! {
-                    r = &mut body, if !body_done => { r?; body_done = true; }
+                    r = &mut body, if !body_done => match r {
+                        Ok(_) => body_done = true,
+                        // A malformed or cut request body: answered below, not dropped.
+                        Err(e) => break Err(e),
+                    },
                     r = &mut resp => break r.map(|end| (end, body_done)),
                 }
             }
@@ -215,14 +264,18 @@ where
         let (end, body_done) = match end {
             Ok(e) => e,
             Err(e) => {
-                let client_gone = matches!(
-                    e,
+                let answer = match e {
+                    _ if responded => None,
+                    L7Error::BadRequest { .. } => Some(BAD_REQUEST),
+                    L7Error::IdleTimeout {
+                        side: Side::Client, ..
+                    } => Some(TIMEOUT),
                     L7Error::Io {
-                        side: Side::Client,
-                        ..
+                        side: Side::Client, ..
                     }
-                );
-                let answer = (!responded && !client_gone).then_some(BAD_GATEWAY);
+                    | L7Error::UnexpectedEof { side: Side::Client } => None,
+                    _ => Some(BAD_GATEWAY),
+                };
                 return fail(&mut cwr, answer, e).await;
             }
         };
@@ -246,6 +299,7 @@ async fn read_request<R: AsyncRead + Unpin>(
     authz: &dyn Authorize,
     limits: &L7Limits,
     out: &mut Vec<u8>,
+    norm: &mut Normalizer,
 ) -> Result<Option<ReqHead>, Refusal> {
     let mut deadline = (!buf.is_empty()).then(|| Instant::now() + limits.header_timeout);
     // Held while this head is incomplete (counted against the source's cap).
@@ -255,7 +309,7 @@ async fn read_request<R: AsyncRead + Unpin>(
     };
     loop {
         if !buf.is_empty() {
-            if let Some(req) = parse_request(buf, authz, limits, out)? {
+            if let Some(req) = parse_request(buf, authz, limits, out, norm)? {
                 return Ok(Some(req));
             }
             if buf.len() >= limits.max_head_bytes {
@@ -300,13 +354,15 @@ async fn read_request<R: AsyncRead + Unpin>(
     }
 }
 
-/// Parses, checks and authorizes a request head; writes the head to forward into `out`.
-/// `Ok(None)`: incomplete.
+/// Parses, checks and authorizes a request head; writes the head to forward into `out`: the
+/// normalized path in origin-form, with `Host` from an absolute-form target. `Ok(None)`:
+/// incomplete.
 fn parse_request(
     buf: &[u8],
     authz: &dyn Authorize,
     limits: &L7Limits,
     out: &mut Vec<u8>,
+    norm: &mut Normalizer,
 ) -> Result<Option<ReqHead>, L7Error> {
     let bad = |detail| L7Error::BadRequest { detail };
     let max_headers = limits.max_headers.min(MAX_HEADERS_CAP);
@@ -325,12 +381,20 @@ fn parse_request(
             limit: limits.max_head_bytes,
         });
     }
-    let (Some(method), Some(path), Some(version)) = (req.method, req.path, req.version) else {
+    let (Some(method), Some(raw_target), Some(version)) = (req.method, req.path, req.version)
+    else {
         return Err(bad("malformed request head"));
     };
     if method == "CONNECT" {
         return Err(bad("CONNECT is not proxied"));
     }
+    if !valid_method(method) {
+        return Err(bad("method is not an upper-case token"));
+    }
+    let target = split_target(raw_target, method).map_err(|e| bad(e.detail()))?;
+    let path = norm
+        .normalize(target.path, limits.path_normalization)
+        .map_err(|e| bad(e.detail()))?;
 
     let mut length: Option<u64> = None;
     let mut chunked = false;
@@ -343,6 +407,10 @@ fn parse_request(
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
+            // Even identical repeats are refused (RFC 9112 §6.3 would allow merging them).
+            if length.is_some() {
+                return Err(bad("several content-length fields"));
+            }
             add_length(&mut length, h.value).map_err(bad)?;
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             if chunked || !trimmed(h.value).eq_ignore_ascii_case(b"chunked") {
@@ -376,16 +444,35 @@ fn parse_request(
         (false, Some(n)) => Body::Length(n),
     };
 
-    let view = RequestView { method, path, host };
+    // RFC 9112 §3.2.2: the authority of an absolute-form target overrides Host.
+    let host = target.authority.or(host);
+    let view = RequestView {
+        method,
+        path,
+        host,
+        headers: super::HeaderFields::Http1(req.headers),
+    };
     let allowed = matches!(authz.authorize(&view), Verdict::Allow);
 
     out.clear();
     if allowed {
-        let _ = write!(out, "{method} {path} HTTP/1.{version}\r\n");
+        // Origin-form, the normalized path, the query as sent.
+        out.extend_from_slice(method.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(path.as_bytes());
+        if let Some(query) = target.query {
+            out.push(b'?');
+            out.extend_from_slice(query.as_bytes());
+        }
+        let _ = write!(out, " HTTP/1.{version}\r\n");
+        if let Some(authority) = target.authority {
+            let _ = write!(out, "host: {authority}\r\n");
+        }
         write_fields(out, req.headers, |name| {
-            upgrade_h2c
-                && (name.eq_ignore_ascii_case("upgrade")
-                    || name.eq_ignore_ascii_case("http2-settings"))
+            (target.authority.is_some() && name.eq_ignore_ascii_case("host"))
+                || (upgrade_h2c
+                    && (name.eq_ignore_ascii_case("upgrade")
+                        || name.eq_ignore_ascii_case("http2-settings")))
         });
     }
     Ok(Some(ReqHead {
@@ -590,7 +677,7 @@ where
                 if size == 0 {
                     // Last chunk: trailer fields, then the empty line.
                     let len = loop {
-                        let mut fields = [httparse::EMPTY_HEADER; 32];
+                        let mut fields = [httparse::EMPTY_HEADER; MAX_TRAILERS];
                         match httparse::parse_headers(buf, &mut fields) {
                             Ok(httparse::Status::Complete((len, _))) => break len,
                             Ok(httparse::Status::Partial) if buf.len() < limits.max_head_bytes => {
@@ -599,8 +686,26 @@ where
                             _ => return Err(malformed(from, "invalid chunked trailers")),
                         }
                     };
+                    let mut trailers = Vec::new();
+                    if len > 2 {
+                        let mut fields = [httparse::EMPTY_HEADER; MAX_TRAILERS];
+                        let Ok(httparse::Status::Complete((_, fields))) =
+                            httparse::parse_headers(&buf[..len], &mut fields)
+                        else {
+                            return Err(malformed(from, "invalid chunked trailers"));
+                        };
+                        let forbidden = |h: &httparse::Header<'_>| forbidden_trailer(h.name);
+                        // A client's are refused (nothing of a smuggled head goes on); a
+                        // pod's are dropped.
+                        if from == Side::Client && fields.iter().any(forbidden) {
+                            return Err(malformed(from, "forbidden field in chunked trailers"));
+                        }
+                        write_fields(&mut trailers, fields, forbidden_trailer);
+                    } else {
+                        trailers.extend_from_slice(b"\r\n");
+                    }
                     write_to(wr, b"0\r\n", to).await?;
-                    write_to(wr, &buf[..len], to).await?;
+                    write_to(wr, &trailers, to).await?;
                     buf.advance(len);
                     return Ok(Some(total));
                 }
@@ -883,7 +988,13 @@ mod tests {
 
     fn parse(raw: &[u8]) -> Result<Option<ReqHead>, L7Error> {
         let allow = |_: &RequestView<'_>| Verdict::Allow;
-        parse_request(raw, &allow, &L7Limits::default(), &mut Vec::new())
+        parse_request(
+            raw,
+            &allow,
+            &L7Limits::default(),
+            &mut Vec::new(),
+            &mut Normalizer::default(),
+        )
     }
 
     #[test]

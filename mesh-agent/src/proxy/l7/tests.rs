@@ -22,16 +22,28 @@ use super::*;
 
 const T: Duration = Duration::from_secs(10);
 
-/// Denies paths under `/deny`; with `flip` set, denies everything.
+/// Denies `/deny` and paths under `/deny/`; with `flip` set, denies everything. Keeps the
+/// (path, host) of every request it was asked about.
 #[derive(Default)]
 struct Policy {
     flip: AtomicBool,
     calls: AtomicUsize,
+    seen: std::sync::Mutex<Vec<(String, Option<String>)>>,
+}
+
+impl Policy {
+    fn seen(&self) -> Vec<(String, Option<String>)> {
+        self.seen.lock().unwrap().clone()
+    }
 }
 
 impl Authorize for Policy {
     fn authorize(&self, req: &RequestView<'_>) -> Verdict {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        self.seen
+            .lock()
+            .unwrap()
+            .push((req.path.to_owned(), req.host.map(str::to_owned)));
         if self.flip.load(Ordering::SeqCst) || req.path.starts_with("/deny") {
             Verdict::Deny {
                 policy: Some("ns/deny".into()),
@@ -759,4 +771,272 @@ async fn l7_h2c_decision_change_and_all_denied() {
     assert_eq!(status, StatusCode::OK);
     let stats = finish(p, send).await;
     assert_eq!((stats.requests, stats.denied), (2, 1));
+}
+
+// ---------------------------------------------------------------- normalization and edges
+
+/// The bypass forms of issue 9 with `/deny` standing for the protected area: each is denied
+/// (the policy saw the normalized path), and the allowed requests reach the upstream with the
+/// normalized path and the query as sent.
+#[tokio::test]
+async fn l7_http1_matches_and_forwards_the_normalized_path() {
+    let policy = Arc::new(Policy::default());
+    let (p, mut c) = h1_setup(Arc::clone(&policy)).await;
+    for denied in [
+        "/ok/../deny",
+        "/ok/%2e%2e/deny",
+        "/ok/.%2e/deny",
+        "/./deny",
+        "//deny",
+        "/ok/..%2fdeny",
+        "/deny%2fx",
+        "/ok/..\\deny",
+        "/%64eny",
+        "/ok/%2E%2E/%64%65%6e%79/x",
+    ] {
+        c.send(format!("GET {denied} HTTP/1.1\r\nhost: a\r\n\r\n").as_bytes())
+            .await;
+        assert_denied(&c.response().await);
+    }
+    assert_eq!(p.connects(), 0, "no denied form reached the upstream");
+    for (sent, forwarded) in [
+        ("/x/../ok?q=/../%2e%2e", "/ok?q=/../%2e%2e"),
+        ("//ok//a/./b/", "/ok/a/b/"),
+        ("/%6Fk%2Fa", "/ok/a"),
+        ("/ok/%7e%25", "/ok/~%25"),
+        ("/ok;x/../y", "/y"),
+    ] {
+        c.send(format!("GET {sent} HTTP/1.1\r\nhost: a\r\n\r\n").as_bytes())
+            .await;
+        let r = c.response().await;
+        assert_eq!(r.method, "200", "{sent}");
+        assert_eq!(
+            String::from_utf8_lossy(&r.body),
+            format!("path={forwarded} body="),
+            "{sent}"
+        );
+    }
+    let seen: Vec<String> = policy.seen().into_iter().map(|(p, _)| p).collect();
+    assert_eq!(seen[0], "/deny");
+    assert_eq!(
+        seen[10], "/ok",
+        "the policy sees the path without its query"
+    );
+    finish(p, c.s).await;
+}
+
+/// `GET http://host/… HTTP/1.1`: the policy sees the URL's authority (not `Host`) and the
+/// normalized path; the pod gets origin-form with `Host` set to that authority.
+#[tokio::test]
+async fn l7_http1_absolute_form_is_split_before_matching() {
+    let policy = Arc::new(Policy::default());
+    let (p, mut c) = h1_setup(Arc::clone(&policy)).await;
+    c.send(b"GET http://b1.example/deny HTTP/1.1\r\nhost: other\r\n\r\n")
+        .await;
+    assert_denied(&c.response().await);
+    c.send(b"GET HTTP://b1.example:8080 HTTP/1.1\r\n\r\n").await;
+    assert_eq!(c.response().await.method, "200");
+    finish(p, c.s).await;
+    assert_eq!(
+        policy.seen(),
+        [
+            ("/deny".to_owned(), Some("b1.example".to_owned())),
+            ("/".to_owned(), Some("b1.example:8080".to_owned())),
+        ]
+    );
+
+    // What the pod receives.
+    let upstream = one_shot_upstream(|mut s, _, req| async move {
+        assert_eq!(req.start, "/ok?q=1");
+        let hosts: Vec<_> = req
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("host"))
+            .map(|(_, v)| v.clone())
+            .collect();
+        assert_eq!(hosts, ["b1.example"]);
+        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+    })
+    .await;
+    let p = proxy(Arc::default(), upstream).await;
+    let mut c = Client::connect(&p).await;
+    c.send(b"GET http://b1.example/a/../ok?q=1 HTTP/1.1\r\nhost: other\r\nx: 1\r\n\r\n")
+        .await;
+    let r = c.response().await;
+    assert_eq!((r.method.as_str(), r.body.as_slice()), ("200", &b"ok"[..]));
+}
+
+/// Heads that cannot be normalized or framed safely: `400`, connection closed, upstream never
+/// contacted.
+#[tokio::test]
+async fn l7_http1_unsafe_heads_are_400() {
+    let heads: &[&[u8]] = &[
+        b"GET /ok%00 HTTP/1.1\r\n\r\n",
+        b"GET /ok/%00/../x HTTP/1.1\r\n\r\n",
+        b"GET /ok%zz HTTP/1.1\r\n\r\n",
+        b"GET /ok%4 HTTP/1.1\r\n\r\n",
+        b"GET /ok#frag HTTP/1.1\r\n\r\n",
+        b"get /ok HTTP/1.1\r\n\r\n",
+        b"Get /ok HTTP/1.1\r\n\r\n",
+        b"GET * HTTP/1.1\r\n\r\n",
+        b"GET b1:80 HTTP/1.1\r\n\r\n",
+        b"GET ok HTTP/1.1\r\n\r\n",
+        b"GET ftp://b1/ok HTTP/1.1\r\n\r\n",
+        b"GET http://u@b1/ok HTTP/1.1\r\n\r\n",
+        b"GET http:///ok HTTP/1.1\r\n\r\n",
+        b"POST /ok HTTP/1.1\r\ncontent-length: 3\r\ncontent-length: 3\r\n\r\nabc",
+    ];
+    for head in heads {
+        let (p, mut c) = h1_setup(Arc::default()).await;
+        c.send(head).await;
+        let r = c.response().await;
+        assert_eq!(r.method, "400", "{}", String::from_utf8_lossy(head));
+        assert_eq!(r.header("connection"), Some("close"));
+        assert_eq!(p.connects(), 0, "{}", String::from_utf8_lossy(head));
+    }
+    // `OPTIONS *` is the one valid asterisk-form.
+    let (p, mut c) = h1_setup(Arc::default()).await;
+    c.send(b"OPTIONS * HTTP/1.1\r\n\r\n").await;
+    let r = c.response().await;
+    assert_eq!(String::from_utf8_lossy(&r.body), "path=* body=");
+    finish(p, c.s).await;
+}
+
+/// A malformed chunk after an allowed head: the client gets `400` (not a bare EOF), and the
+/// upstream connection is closed.
+#[tokio::test]
+async fn l7_http1_bad_chunk_after_allowed_head_is_400() {
+    let (p, mut c) = h1_setup(Arc::default()).await;
+    c.send(b"POST /ok HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n")
+        .await;
+    let r = c.response().await;
+    assert_eq!(r.method, "400");
+    assert_eq!(p.connects(), 1);
+    let mut p = p;
+    assert!(matches!(p.outcome().await, Err(L7Error::BadRequest { .. })));
+}
+
+/// Framing and routing fields in a request's trailers: `400`; in a response's: dropped.
+#[tokio::test]
+async fn l7_http1_forbidden_trailers() {
+    for trailer in [
+        "host: evil",
+        "Content-Length: 5",
+        "transfer-encoding: chunked",
+    ] {
+        let (p, mut c) = h1_setup(Arc::default()).await;
+        c.send(
+            format!(
+                "POST /ok HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n{trailer}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await;
+        assert_eq!(c.response().await.method, "400", "{trailer}");
+        drop(p);
+    }
+    // Allowed trailers pass.
+    let (p, mut c) = h1_setup(Arc::default()).await;
+    c.send(
+        b"POST /ok HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-sum: 1\r\n\r\n",
+    )
+    .await;
+    let r = c.response().await;
+    assert_eq!(String::from_utf8_lossy(&r.body), "path=/ok body=abc");
+    finish(p, c.s).await;
+
+    let upstream = one_shot_upstream(|mut s, _, _| async move {
+        s.write_all(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n\
+              2\r\nok\r\n0\r\nx-ok: 1\r\ncontent-length: 99\r\nHost: evil\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    })
+    .await;
+    let p = proxy(Arc::default(), upstream).await;
+    let mut c = Client::connect(&p).await;
+    c.send(b"GET /ok HTTP/1.1\r\n\r\n").await;
+    let raw = String::from_utf8(c.read_to_end().await.unwrap()).unwrap();
+    assert!(raw.ends_with("2\r\nok\r\n0\r\nx-ok: 1\r\n\r\n"), "{raw:?}");
+}
+
+/// An h2c request with an arbitrary method, `:path` and headers.
+async fn h2_request(
+    send: &h2::client::SendRequest<Bytes>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, http::HeaderMap) {
+    let mut send = send.clone().ready().await.unwrap();
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("http://svc.local{path}"));
+    for (n, v) in headers {
+        req = req.header(*n, *v);
+    }
+    let (resp, _) = send.send_request(req.body(()).unwrap(), true).unwrap();
+    match timeout(T, resp).await.unwrap() {
+        Ok(resp) => (resp.status(), resp.headers().clone()),
+        Err(e) => panic!("{method} {path}: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn l7_h2c_matches_and_forwards_the_normalized_path() {
+    let policy = Arc::new(Policy::default());
+    let (p, send) = h2_setup(Arc::clone(&policy)).await;
+    for denied in [
+        "/ok/../deny",
+        "/ok/%2e%2e/deny",
+        "/ok/.%2e/deny",
+        "/./deny",
+        "//deny",
+        "/ok/..%2fdeny",
+        "/deny%2Fx",
+        "/ok/..%5cdeny",
+        "/%64eny",
+    ] {
+        let (status, _) = h2_request(&send, "GET", denied, &[]).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{denied}");
+    }
+    assert_eq!(p.connects(), 0);
+    for (sent, forwarded) in [
+        ("/x/../ok?q=%2e%2e", "/ok"),
+        ("//ok//a/./b/", "/ok/a/b/"),
+        ("/%6Fk%2Fa", "/ok/a"),
+    ] {
+        let (status, headers) = h2_request(&send, "GET", sent, &[]).await;
+        assert_eq!(status, StatusCode::OK, "{sent}");
+        assert_eq!(headers.get("x-path").unwrap(), forwarded, "{sent}");
+    }
+    assert_eq!(
+        policy.seen()[9],
+        ("/ok".to_owned(), Some("svc.local".to_owned()))
+    );
+    finish(p, send).await;
+}
+
+#[tokio::test]
+async fn l7_h2c_unsafe_requests_are_400() {
+    let (p, send) = h2_setup(Arc::default()).await;
+    for (method, path, headers) in [
+        ("GET", "/ok%00", &[][..]),
+        ("GET", "/ok%zz", &[]),
+        ("get", "/ok", &[]),
+        ("GET", "/ok", &[("host", "other.local")]),
+    ] {
+        let (status, _) = h2_request(&send, method, path, headers).await;
+        assert_eq!(
+            status,
+            StatusCode::BAD_REQUEST,
+            "{method} {path} {headers:?}"
+        );
+    }
+    assert_eq!(p.connects(), 0);
+    let (status, _) = h2_request(&send, "GET", "/ok", &[("host", "SVC.local")]).await;
+    assert_eq!(status, StatusCode::OK, "a host that agrees with :authority");
+    finish(p, send).await;
 }

@@ -402,13 +402,16 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 // ---------------------------------------------------------------------------------------------
 // Clients
 
-/// One request of a client: `METHOD PATH [HOST] [+body=TEXT] [+chunked=TEXT]`.
+/// One request of a client: `METHOD PATH [HOST] [+body=TEXT] [+chunked=TEXT]
+/// [+header=NAME:VALUE]… [+h:NAME=VALUE]…` (both add a header field).
 #[derive(Clone, Debug)]
 pub struct RequestSpec {
     method: String,
     path: String,
     host: Option<String>,
     body: Option<(String, bool)>,
+    /// Extra header fields, sent as given (after `host` in HTTP/1.1).
+    headers: Vec<(String, String)>,
 }
 
 impl std::str::FromStr for RequestSpec {
@@ -423,9 +426,18 @@ impl std::str::FromStr for RequestSpec {
             path,
             host: None,
             body: None,
+            headers: Vec::new(),
         };
         for w in words {
-            if let Some(b) = w.strip_prefix("+body=") {
+            if let Some(h) = w.strip_prefix("+h:") {
+                let (name, value) = h.split_once('=').ok_or("+h: without '='")?;
+                spec.headers.push((name.to_owned(), value.to_owned()));
+                continue;
+            }
+            if let Some(h) = w.strip_prefix("+header=") {
+                let (n, v) = h.split_once(':').ok_or("+header= needs NAME:VALUE")?;
+                spec.headers.push((n.to_owned(), v.to_owned()));
+            } else if let Some(b) = w.strip_prefix("+body=") {
                 spec.body = Some((b.to_owned(), false));
             } else if let Some(b) = w.strip_prefix("+chunked=") {
                 spec.body = Some((b.to_owned(), true));
@@ -444,6 +456,9 @@ impl RequestSpec {
         let mut out = format!("{} {} HTTP/1.1\r\n", self.method, self.path);
         if let Some(h) = &self.host {
             out.push_str(&format!("host: {h}\r\n"));
+        }
+        for (n, v) in &self.headers {
+            out.push_str(&format!("{n}: {v}\r\n"));
         }
         match &self.body {
             None => out.push_str("\r\n"),
@@ -611,7 +626,11 @@ pub fn h2c(
             };
             let host = req.host.clone().unwrap_or_else(|| addr.to_string());
             let uri = format!("http://{host}{}", req.path);
-            let request = match http::Request::builder().method(req.method.as_str()).uri(uri).body(()) {
+            let mut builder = http::Request::builder().method(req.method.as_str()).uri(uri);
+            for (n, v) in &req.headers {
+                builder = builder.header(n.as_str(), v.as_str());
+            }
+            let request = match builder.body(()) {
                 Ok(r) => r,
                 Err(e) => return done(Some(format!("request {i}: {e}")), false, 0, connect_us),
             };
