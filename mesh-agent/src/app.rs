@@ -89,6 +89,8 @@ pub struct AgentOptions {
     pub exit_after_handoff: bool,
     /// Path normalization on HTTP ports (before L7 policy and forwarding).
     pub path_normalization: crate::proxy::l7::normalize::PathNormalization,
+    /// Connection budget, per-source caps, request-head bounds (`proxy::limits`).
+    pub limits: crate::proxy::limits::LimitOptions,
 }
 
 /// What the proxies need of policy: the active generation's view, replaced on every swap
@@ -148,6 +150,8 @@ pub enum AppError {
     PolicyMaps(#[from] MapsError),
     #[error(transparent)]
     Handoff(#[from] HandoffError),
+    #[error(transparent)]
+    Limits(#[from] crate::proxy::limits::LimitsError),
 }
 
 impl AppError {
@@ -163,6 +167,7 @@ impl AppError {
                 | Self::CredentialsNode { .. }
                 | Self::UnknownNode { .. }
                 | Self::CertLifetime { .. }
+                | Self::Limits(_)
         )
     }
 }
@@ -245,6 +250,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
         "configuration"
     );
     let mut signals = Signals::new()?;
+    // Raise RLIMIT_NOFILE and size the connection budget from it, before binding.
+    let conn_limits = crate::proxy::limits::init(&opts.limits)?;
 
     // 2. Listening sockets: taken over from a running agent (an upgrade or restart: the
     //    connection queues never close), else bound (a port conflict must fail before
@@ -405,6 +412,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
         policies: policies.clone(),
         source,
         path_normalization: opts.path_normalization,
+        admission: crate::proxy::limits::Admission::new(conn_limits, Arc::clone(&metrics)),
     };
     let outbound = Outbound::new(
         listeners,

@@ -6,6 +6,13 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Parser, Subcommand, ValueEnum};
 use mesh_agent::app::{self, AgentOptions};
 
+/// jemalloc with background threads: memory freed when connections close goes back to the OS
+/// within about 10 s (its decay time). With glibc's malloc the agent's RSS stayed at its peak
+/// after 10,000 connections closed (102 MiB, baseline 29); mimalloc returned little and
+/// started at 57 MiB (measured with the 10,000-connection scenario, debug build).
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Sidecarless service mesh: node agent and operator CLI.
 #[derive(Parser, Debug)]
 #[command(name = "mesh-agent", version, about)]
@@ -122,6 +129,8 @@ struct RunArgs {
     #[arg(long, env = "MESH_PATH_NORMALIZATION", value_enum, ignore_case = true,
           default_value_t = mesh_agent::proxy::l7::normalize::PathNormalization::default())]
     path_normalization: mesh_agent::proxy::l7::normalize::PathNormalization,
+    #[command(flatten)]
+    limits: mesh_agent::proxy::limits::LimitOptions,
 }
 
 fn init_tracing(format: LogFormat) {
@@ -174,6 +183,7 @@ fn main() -> ExitCode {
                     .state_dir
                     .unwrap_or_else(|| args.identity_dir.join("state")),
                 path_normalization: args.path_normalization,
+                limits: args.limits,
             };
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

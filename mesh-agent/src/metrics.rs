@@ -84,6 +84,39 @@ pub enum DenialSide {
     Local,
 }
 
+/// Why a connection (or an HBONE tunnel, or an incomplete request head) was refused by the
+/// resource limits (`proxy::limits`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// The connection budget (`--max-connections`) is in use.
+    Cap,
+    /// The source's share (`--max-connections-per-source`) is in use.
+    SourceCap,
+    /// `accept()` failed for want of descriptors (EMFILE, ENFILE) or memory.
+    FdLimit,
+    /// The source has too many incomplete request heads (`--max-pending-heads-per-source`).
+    PendingHeads,
+}
+
+impl RefusalReason {
+    pub const ALL: [Self; 4] = [
+        Self::Cap,
+        Self::SourceCap,
+        Self::FdLimit,
+        Self::PendingHeads,
+    ];
+
+    /// Position in [`Self::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            Self::Cap => 0,
+            Self::SourceCap => 1,
+            Self::FdLimit => 2,
+            Self::PendingHeads => 3,
+        }
+    }
+}
+
 /// Label values are the Prometheus-conventional lower-case names.
 macro_rules! label_names {
     ($($ty:ident { $($variant:ident => $name:literal),+ $(,)? })+) => {$(
@@ -103,6 +136,12 @@ label_names! {
     ApplyResult { Ok => "ok", Refused => "refused" }
     PolicyLayer { L4 => "l4", L7 => "l7" }
     DenialSide { Kernel => "kernel", Inbound => "inbound", Local => "local" }
+    RefusalReason {
+        Cap => "cap",
+        SourceCap => "source_cap",
+        FdLimit => "fd_limit",
+        PendingHeads => "pending_heads",
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -147,6 +186,12 @@ struct DenialLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    proxy: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CounterLabel {
     counter: &'static str,
 }
@@ -169,6 +214,8 @@ pub struct Metrics {
     policy_generation: Gauge,
     policy_applies: Family<ResultLabel, Counter>,
     policy_denials: Family<DenialLabels, Counter>,
+    connections_refused: Family<RefusalLabels, Counter>,
+    connection_limit: Gauge,
     /// Last totals seen for counters whose owners keep totals (advanced by the delta).
     seen: std::sync::Mutex<std::collections::HashMap<&'static str, u64>>,
     hooks: std::sync::RwLock<Vec<Arc<dyn ScrapeHook>>>,
@@ -252,6 +299,22 @@ impl Metrics {
              where it was decided (kernel, inbound, local)",
             policy_denials.clone(),
         );
+        let connections_refused = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections refused by the resource limits, by proxy (outbound, inbound) and reason: \
+             cap (--max-connections), source_cap (--max-connections-per-source), fd_limit \
+             (accept failed: out of descriptors), pending_heads (too many incomplete HTTP \
+             request heads from one source)",
+            connections_refused.clone(),
+        );
+        let connection_limit = Gauge::default();
+        registry.register(
+            "connections_limit",
+            "Proxied connections the agent serves at once, both proxies together \
+             (--max-connections or its default from the open files limit)",
+            connection_limit.clone(),
+        );
         Self {
             registry,
             tls_handshakes,
@@ -264,6 +327,8 @@ impl Metrics {
             policy_generation,
             policy_applies,
             policy_denials,
+            connections_refused,
+            connection_limit,
             seen: std::sync::Mutex::new(std::collections::HashMap::new()),
             hooks: std::sync::RwLock::new(Vec::new()),
         }
@@ -317,6 +382,22 @@ impl Metrics {
                 side: side.as_str(),
             })
             .inc();
+    }
+
+    /// One connection, tunnel or request head refused by the resource limits.
+    pub fn connection_refused(&self, proxy: Direction, reason: RefusalReason) {
+        self.connections_refused
+            .get_or_create(&RefusalLabels {
+                proxy: proxy.as_str(),
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    /// The connection budget in force.
+    pub fn set_connection_limit(&self, limit: usize) {
+        self.connection_limit
+            .set(i64::try_from(limit).unwrap_or(i64::MAX));
     }
 
     /// Counts a connection in flight until the guard is dropped.
@@ -554,6 +635,9 @@ mod tests {
         m.policy_apply(ApplyResult::Refused);
         m.policy_denial(PolicyLayer::L4, DenialSide::Kernel);
         m.policy_denial(PolicyLayer::L7, DenialSide::Local);
+        m.connection_refused(Direction::Outbound, RefusalReason::Cap);
+        m.connection_refused(Direction::Inbound, RefusalReason::PendingHeads);
+        m.set_connection_limit(832);
         let text = m.render();
         for needle in [
             r#"mesh_tls_handshakes_total{side="server",result="ok"} 1"#,
@@ -568,6 +652,9 @@ mod tests {
             r#"mesh_policy_applies_total{result="refused"} 2"#,
             r#"mesh_policy_denials_total{layer="l4",side="kernel"} 1"#,
             r#"mesh_policy_denials_total{layer="l7",side="local"} 1"#,
+            r#"mesh_connections_refused_total{proxy="outbound",reason="cap"} 1"#,
+            r#"mesh_connections_refused_total{proxy="inbound",reason="pending_heads"} 1"#,
+            "mesh_connections_limit 832",
         ] {
             assert!(text.contains(needle), "missing {needle} in:\n{text}");
         }

@@ -10,9 +10,11 @@
 //! - [`l7`] enforces authorization per HTTP request on ports declared HTTP.
 
 pub mod authz;
+pub mod copy;
 pub mod hbone;
 pub mod inbound;
 pub mod l7;
+pub mod limits;
 pub mod outbound;
 pub mod pool;
 
@@ -60,6 +62,8 @@ pub struct ProxyDeps {
     pub source: SourceAddrs,
     /// How request paths on HTTP ports are normalized before L7 policy and forwarding.
     pub path_normalization: l7::normalize::PathNormalization,
+    /// The connection budget, per-source caps and request-head bounds of both proxies.
+    pub admission: Arc<limits::Admission>,
 }
 
 /// Where the agent's own upstream sockets come from: the node addresses that the kernel's
@@ -103,10 +107,10 @@ pub(crate) async fn l7_serve<S>(
     client: S,
     source: &SourceAddrs,
     connect_timeout: Duration,
-    path_normalization: l7::normalize::PathNormalization,
     enforcer: authz::Enforcer<'_>,
     info: &authz::ConnInfo,
     conn_id: u64,
+    limits: l7::L7Limits,
 ) -> L7Outcome
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
@@ -130,10 +134,6 @@ where
             .await
             .map_err(std::io::Error::other)
     };
-    let limits = l7::L7Limits {
-        path_normalization,
-        ..l7::L7Limits::default()
-    };
     let mut stats = l7::L7Stats::default();
     let work = l7::serve_with_stats(client, connect, &decide, &limits, &mut stats);
     let outcome = match authz::supervise(enforcer.policies.clone(), info, conn_id, work).await {
@@ -147,6 +147,22 @@ where
         bytes_in: stats.bytes_in,
         bytes_out: stats.bytes_out,
         outcome,
+    }
+}
+
+/// The L7 settings of a connection from `source` seen by `proxy`: the path normalization, the
+/// request-head timeout, and its incomplete heads counted against the source's cap.
+pub(crate) fn l7_limits(
+    admission: &Arc<limits::Admission>,
+    proxy: crate::metrics::Direction,
+    source: IpAddr,
+    path_normalization: l7::normalize::PathNormalization,
+) -> l7::L7Limits {
+    l7::L7Limits {
+        header_timeout: admission.limits().head_timeout,
+        head_gate: Some(admission.head_gate(proxy, source)),
+        path_normalization,
+        ..l7::L7Limits::default()
     }
 }
 

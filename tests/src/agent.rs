@@ -67,6 +67,8 @@ pub struct AgentSpec {
     /// `--policy-dir` (none when `None`).
     pub policy_dir: Option<PathBuf>,
     pub extra_args: Vec<String>,
+    /// `RLIMIT_NOFILE` (soft, hard) the agent starts under (the test process's when `None`).
+    pub nofile: Option<(u64, u64)>,
 }
 
 impl AgentSpec {
@@ -110,6 +112,22 @@ impl AgentSpec {
             .arg("--log-format")
             .arg("json")
             .args(&self.extra_args);
+        if let Some((soft, hard)) = self.nofile {
+            let lim = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            // SAFETY: runs in the forked child before exec; setrlimit is async-signal-safe and
+            // only reads `lim`, a plain value moved into the closure.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         // The agent's clap arguments also read MESH_* variables: only the
         // command line counts here.
         for (k, _) in std::env::vars_os() {
@@ -278,6 +296,18 @@ impl Agent {
 
     pub fn pid(&self) -> Option<u32> {
         self.proc.as_ref().map(Proc::pid)
+    }
+
+    /// The agent's resident set size now, in KiB (`VmRSS`; 0 when it is not running).
+    pub fn rss_kib(&self) -> u64 {
+        self.pid().map_or(0, crate::sys::rss_kib)
+    }
+
+    /// Descriptors the agent has open now.
+    pub fn open_fds(&self) -> usize {
+        self.pid().map_or(0, |pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+        })
     }
 
     pub fn is_running(&mut self) -> bool {

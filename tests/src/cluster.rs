@@ -148,6 +148,95 @@ impl Place {
         server
     }
 
+    /// Starts `mesh-testpod serve-many` (one thread, for tens of thousands of connections) on
+    /// this place's IPv4 address and `port`, and waits until it is bound. Greets and echoes
+    /// like [`Place::serve`], without a log line per connection.
+    #[track_caller]
+    pub fn serve_many(&self, port: u16) -> Server {
+        let listen = SocketAddr::new(IpAddr::V4(self.ip4), port);
+        let mut cmd = Command::new(&self.ctx.testpod);
+        cmd.arg("serve-many")
+            .arg("--name")
+            .arg(&self.name)
+            .arg("--listen")
+            .arg(listen.to_string());
+        let proc = self.spawn(cmd, "serve-many");
+        let mut server = Server {
+            proc,
+            listens: vec![listen],
+        };
+        let ok = crate::poll::eventually(crate::poll::DEFAULT_TIMEOUT, || {
+            if !server.proc.is_running() {
+                return Some(false);
+            }
+            (!server.events("listening").is_empty()).then_some(true)
+        });
+        if ok != Some(true) {
+            panic!(
+                "server {} did not bind {listen} (exited or timed out)\nstderr:\n{}",
+                self.name,
+                server.proc.stderr()
+            );
+        }
+        server
+    }
+
+    /// Starts `mesh-testpod hold-many` here: `count` connections to `connect`, `concurrency`
+    /// at a time, a line exchanged on each, then held until the guard is closed or dropped.
+    #[track_caller]
+    pub fn hold_many(
+        &self,
+        connect: SocketAddr,
+        count: usize,
+        concurrency: usize,
+    ) -> testpod::HeldMany {
+        let mut cmd = Command::new(&self.ctx.testpod);
+        cmd.arg("hold-many")
+            .arg("--connect")
+            .arg(connect.to_string())
+            .arg("--count")
+            .arg(count.to_string())
+            .arg("--concurrency")
+            .arg(concurrency.to_string());
+        let proc = self.spawn(cmd, &format!("hold-many-{connect}"));
+        testpod::HeldMany { proc }
+    }
+
+    /// Runs `mesh-testpod half-heads` here: `count` connections to `connect` at once, `send`
+    /// written on each (an incomplete request head), each read until the server closes it (at
+    /// most 15 s). Returns `(milliseconds to the close, first line answered)` per connection,
+    /// by time; the line is `""` when nothing was answered, `"open"` if never closed.
+    #[track_caller]
+    pub fn half_heads(&self, connect: SocketAddr, count: usize, send: &str) -> Vec<(u64, String)> {
+        let mut cmd = Command::new(&self.ctx.testpod);
+        cmd.arg("half-heads")
+            .arg("--connect")
+            .arg(connect.to_string())
+            .arg("--count")
+            .arg(count.to_string())
+            .arg("--send")
+            .arg(send);
+        let out = self.run(cmd, "half-heads", Duration::from_secs(60));
+        let line = out
+            .stdout
+            .lines()
+            .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .unwrap_or_else(|| panic!("half-heads reported nothing: {out:?}"));
+        line["results"]
+            .as_array()
+            .map(|rs| {
+                rs.iter()
+                    .map(|r| {
+                        (
+                            r["ms"].as_u64().unwrap_or(u64::MAX),
+                            r["answer"].as_str().unwrap_or("").to_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Starts `mesh-testpod http-serve` (HTTP/1.1 and h2c) on this place's IPv4 and IPv6
     /// addresses, on each of `ports`, and waits until every listener is bound. Every request
     /// is answered `200` with body `<name> <METHOD> <path> host=<host>[ body=<n>]`.
@@ -304,6 +393,23 @@ pub trait Host {
     #[track_caller]
     fn hold(&self, connect: SocketAddr, max_hold: Duration) -> testpod::HeldConnection {
         self.place().hold(connect, max_hold)
+    }
+    #[track_caller]
+    fn serve_many(&self, port: u16) -> Server {
+        self.place().serve_many(port)
+    }
+    #[track_caller]
+    fn hold_many(
+        &self,
+        connect: SocketAddr,
+        count: usize,
+        concurrency: usize,
+    ) -> testpod::HeldMany {
+        self.place().hold_many(connect, count, concurrency)
+    }
+    #[track_caller]
+    fn half_heads(&self, connect: SocketAddr, count: usize, send: &str) -> Vec<(u64, String)> {
+        self.place().half_heads(connect, count, send)
     }
     #[track_caller]
     fn serve_http(&self, ports: &[u16]) -> Server {
@@ -941,6 +1047,7 @@ impl Cluster {
             log_dir: self.tmp.path().to_owned(),
             policy_dir: None,
             extra_args: Vec::new(),
+            nofile: None,
         }
     }
 

@@ -46,9 +46,11 @@ pub use netns::{Netns, Veth};
 pub use poll::{eventually, wait_for, DEFAULT_TIMEOUT, POLL_INTERVAL};
 pub use process::{Output, Proc};
 pub use registry::{NodeEntry, RenderedRegistry, WorkloadEntry};
-pub use sys::{bpffs_mount, cgroup2_mount, require_privileges, unique_id};
+pub use sys::{
+    bpffs_mount, cgroup2_mount, nofile_limit, raise_nofile, require_privileges, rss_kib, unique_id,
+};
 pub use testpod::{
-    Accepted, ClientProc, ClientRequest, ClientResult, ClientRun, HeldConnection, HttpResponse,
-    HttpRun, Server,
+    Accepted, ClientProc, ClientRequest, ClientResult, ClientRun, HeldConnection, HeldMany,
+    HoldSummary, HttpResponse, HttpRun, Server,
 };
 pub use tmp::TempDir;

@@ -200,6 +200,48 @@ pub fn tail(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// The resident set size of process `pid` now, in KiB (`VmRSS`; 0 if unreadable).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// This process's `RLIMIT_NOFILE` (soft, hard).
+pub fn nofile_limit() -> (u64, u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return (0, 0);
+    }
+    (lim.rlim_cur, lim.rlim_max)
+}
+
+/// Raises this process's `RLIMIT_NOFILE` soft limit to its hard limit (children inherit it),
+/// for tests whose pods hold many connections. Returns the soft limit now.
+pub fn raise_nofile() -> u64 {
+    let (soft, hard) = nofile_limit();
+    if soft < hard {
+        let lim = libc::rlimit {
+            rlim_cur: hard,
+            rlim_max: hard,
+        };
+        // SAFETY: setrlimit only reads the struct passed.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+            return hard;
+        }
+    }
+    soft
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -287,6 +287,60 @@ impl HeldConnection {
     }
 }
 
+/// A `mesh-testpod hold-many` process: many connections, each of which exchanged a line, held
+/// open until [`HeldMany::close`] (SIGTERM: the kernel closes them all) or drop.
+#[derive(Debug)]
+pub struct HeldMany {
+    pub(crate) proc: Proc,
+}
+
+/// What `hold-many` reported once every connection was tried.
+#[derive(Clone, Debug, Deserialize)]
+pub struct HoldSummary {
+    /// Connections that exchanged their line and are held.
+    pub ok: usize,
+    pub failed: usize,
+    pub elapsed_ms: u64,
+    /// Longest time from a failed connection's start to its failure.
+    pub max_failure_ms: u64,
+    /// Failure kinds (`reset`, `eof`, `timeout`, …) and their counts.
+    pub errors: std::collections::BTreeMap<String, u64>,
+}
+
+impl HeldMany {
+    /// Waits (at most `timeout`) for the summary line; panics if the process exits first.
+    #[track_caller]
+    pub fn wait_established(&mut self, timeout: Duration) -> HoldSummary {
+        let found = crate::poll::eventually(timeout, || {
+            let line = self
+                .proc
+                .stdout_lines()
+                .into_iter()
+                .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
+                .find(|v| v.get("event").and_then(Value::as_str) == Some("established"));
+            match line {
+                Some(v) => Some(Ok(v)),
+                None if !self.proc.is_running() => Some(Err(())),
+                None => None,
+            }
+        });
+        match found {
+            Some(Ok(v)) => serde_json::from_value(v.clone())
+                .unwrap_or_else(|e| panic!("hold-many summary {v}: {e}")),
+            Some(Err(())) => panic!(
+                "hold-many exited before reporting\nstderr:\n{}",
+                self.proc.stderr()
+            ),
+            None => panic!("hold-many reported nothing within {timeout:?}"),
+        }
+    }
+
+    /// Closes every connection (the process ends; the kernel sends the FINs).
+    pub fn close(&mut self) {
+        self.proc.terminate(Duration::from_secs(5));
+    }
+}
+
 /// A connection a server accepted: its local address and the peer it saw.
 /// A connection the mesh did not redirect has the client's own address as peer.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]

@@ -6,10 +6,15 @@
 
 use std::{future::poll_fn, io, net::SocketAddr};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use h2::{client::SendRequest, server::SendResponse, RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use super::copy::IdleFreeBuf;
 
 /// The HBONE port on every node agent.
 pub const HBONE_PORT: u16 = 15008;
@@ -24,8 +29,6 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 100;
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CONN_WINDOW: u32 = 16 * 1024 * 1024;
 const MAX_FRAME: u32 = 256 * 1024;
-/// Read size of the byte stream side of a tunnel.
-const COPY_BUF: usize = 64 * 1024;
 
 /// Errors of the HBONE layer.
 #[derive(Debug, thiserror::Error)]
@@ -325,30 +328,26 @@ pub struct PumpResult {
     pub error: Option<HboneError>,
 }
 
-/// Copies between a byte stream and a tunnel until both directions have
-/// ended. Half-close is carried both ways: EOF on the stream ends the h2
-/// stream (END_STREAM); END_STREAM from the peer shuts down the stream's
-/// write side. Back-pressure: data is only read from the stream once the
-/// peer's flow-control window has room, and tunnel data is only
-/// acknowledged (window released) once written.
-pub async fn pump<S>(stream: S, tunnel: Tunnel) -> PumpResult
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let (mut rd, mut wr) = tokio::io::split(stream);
+/// Copies between a TCP connection and a tunnel until both directions have ended. Half-close
+/// is carried both ways: EOF on the connection ends the h2 stream (END_STREAM); END_STREAM
+/// from the peer shuts down the connection's write side. Back-pressure: data is only read
+/// from the connection once the peer's flow-control window has room, and tunnel data is only
+/// acknowledged (window released) once written. An idle tunnel holds no read buffer
+/// ([`IdleFreeBuf`]).
+pub async fn pump(stream: &mut TcpStream, tunnel: Tunnel) -> PumpResult {
+    let (mut rd, mut wr) = stream.split();
     let Tunnel { mut send, mut recv } = tunnel;
     let mut up_n = 0u64;
     let mut down_n = 0u64;
     let up = async {
-        let mut buf = BytesMut::with_capacity(COPY_BUF);
+        let mut buf = IdleFreeBuf::default();
         loop {
-            buf.reserve(COPY_BUF);
-            let n = rd.read_buf(&mut buf).await?;
+            let n = buf.read_from(&mut rd).await?;
             if n == 0 {
                 send.send_data(Bytes::new(), true)?;
                 return Ok::<(), HboneError>(());
             }
-            let mut chunk = buf.split().freeze();
+            let mut chunk = buf.take();
             while !chunk.is_empty() {
                 send.reserve_capacity(chunk.len());
                 let cap = match poll_fn(|cx| send.poll_capacity(cx)).await {
@@ -387,7 +386,14 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::duplex;
+    use tokio::io::{duplex, AsyncReadExt};
+
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (c, s) = tokio::join!(TcpStream::connect(addr), l.accept());
+        (c.unwrap(), s.unwrap().0)
+    }
 
     /// Client and server h2 over an in-memory pipe; the server echoes each
     /// tunnel's bytes back prefixed with the authority it was asked for.
@@ -403,7 +409,7 @@ mod tests {
                     };
                     let who = format!("{}|", req.authority);
                     let tunnel = accept(req).unwrap();
-                    let (a, mut b) = duplex(1 << 16);
+                    let (mut a, mut b) = tcp_pair().await;
                     tokio::spawn(async move {
                         b.write_all(who.as_bytes()).await.unwrap();
                         let mut got = Vec::new();
@@ -418,7 +424,7 @@ mod tests {
                         b.write_all(&got).await.unwrap();
                         b.shutdown().await.unwrap();
                     });
-                    pump(a, tunnel).await;
+                    pump(&mut a, tunnel).await;
                 });
             }
         });
@@ -433,8 +439,8 @@ mod tests {
         let tunnel = open(&send, "10.2.0.2:8080".parse().unwrap(), None)
             .await
             .unwrap();
-        let (mut app, proxy_side) = duplex(1 << 16);
-        let pumping = tokio::spawn(async move { pump(proxy_side, tunnel).await });
+        let (mut app, mut proxy_side) = tcp_pair().await;
+        let pumping = tokio::spawn(async move { pump(&mut proxy_side, tunnel).await });
         let payload = vec![7u8; 300_000];
         app.write_all(&payload).await.unwrap();
         app.shutdown().await.unwrap();
@@ -462,8 +468,8 @@ mod tests {
                 let tunnel = open(&send, dst, Some("10.1.0.9:4000".parse().unwrap()))
                     .await
                     .unwrap();
-                let (mut app, proxy_side) = duplex(1 << 16);
-                tokio::spawn(async move { pump(proxy_side, tunnel).await });
+                let (mut app, mut proxy_side) = tcp_pair().await;
+                tokio::spawn(async move { pump(&mut proxy_side, tunnel).await });
                 let msg = format!("hello {i}");
                 app.write_all(msg.as_bytes()).await.unwrap();
                 app.shutdown().await.unwrap();

@@ -24,7 +24,7 @@ use h2::{server::SendResponse, RecvStream};
 use http::{Request, StatusCode};
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{watch, Semaphore},
+    sync::watch,
     task::JoinSet,
     time::timeout,
 };
@@ -36,6 +36,7 @@ use super::{
     connect_from,
     hbone::{self, BadRequest},
     l7::normalize::PathNormalization,
+    limits::{self, Accepted, Admission, Guard, SourceKey},
     Identities, ProxyDeps, SourceAddrs,
 };
 use crate::{
@@ -55,8 +56,6 @@ pub struct InboundConfig {
     pub handshake_timeout: Duration,
     /// Connecting to the local pod.
     pub connect_timeout: Duration,
-    /// HBONE connections served at once (handshaking or established).
-    pub max_connections: usize,
     /// How long in-flight tunnels may drain on shutdown.
     pub drain_timeout: Duration,
 }
@@ -66,7 +65,6 @@ impl Default for InboundConfig {
         Self {
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
-            max_connections: 8192,
             drain_timeout: Duration::from_secs(5),
         }
     }
@@ -93,6 +91,8 @@ struct Ctx {
     next_id: AtomicU64,
     /// HBONE connection ids.
     next_conn: AtomicU64,
+    /// One budget with the outbound proxy: HBONE connections and tunnels each take a slot.
+    admission: Arc<Admission>,
 }
 
 /// Why a stream was refused (the reason logged and the status answered).
@@ -133,6 +133,7 @@ impl Inbound {
             metrics,
             policies,
             source,
+            admission,
             path_normalization,
         } = deps;
         let served = registry
@@ -158,34 +159,34 @@ impl Inbound {
                 cfg,
                 next_id: AtomicU64::new(1),
                 next_conn: AtomicU64::new(1),
+                admission,
             }),
         }
     }
 
     /// Serves until `shutdown` turns true, then lets tunnels drain for `drain_timeout`.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let slots = Arc::new(Semaphore::new(self.ctx.cfg.max_connections));
         let mut conns = JoinSet::new();
+        let admission = Arc::clone(&self.ctx.admission);
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
-                accepted = self.listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-                            warn!(%peer, reason = "connection limit reached", "hbone rejected");
+                accepted = limits::accept(&self.listener, &admission, Direction::Inbound) => match accepted {
+                    Accepted::Admitted(stream, peer, slot) => {
+                        // Before TLS: a peer address past its share costs no handshake.
+                        let key = SourceKey::Peer(peer.ip());
+                        let Ok(source_slot) = admission.admit_source(Direction::Inbound, key, peer) else {
+                            limits::reset(stream);
                             continue;
                         };
                         let ctx = Arc::clone(&self.ctx);
                         let stop = shutdown.clone();
                         conns.spawn(async move {
-                            let _permit = permit;
+                            let _slots = (slot, source_slot);
                             ctx.connection(stream, peer, stop).await;
                         });
                     }
-                    Err(e) => {
-                        warn!(error = %e, "hbone accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
+                    Accepted::Refused(stream, _) => limits::reset(stream),
                 },
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
             }
@@ -273,11 +274,17 @@ impl Ctx {
             tokio::select! {
                 next = h2.accept() => match next {
                     Some(Ok((req, respond))) => {
+                        // Each tunnel takes a slot of the budget; past it, 503 at once.
+                        let Ok(slot) = self.admission.admit(Direction::Inbound, peer) else {
+                            self.metrics.hbone_stream(Side::Server, Outcome::Error);
+                            hbone::reject(respond, StatusCode::SERVICE_UNAVAILABLE);
+                            continue;
+                        };
                         let ctx = Arc::clone(&self);
                         let peer_id = Arc::clone(&peer_id);
                         let served = served.clone();
                         streams.spawn(async move {
-                            ctx.stream(req, respond, peer, &peer_id, &served).await;
+                            ctx.stream(req, respond, peer, &peer_id, &served, slot).await;
                         });
                     }
                     Some(Err(e)) => {
@@ -319,6 +326,7 @@ impl Ctx {
         peer: SocketAddr,
         peer_id: &SpiffeId,
         served: &(u32, SpiffeId),
+        _slot: Guard,
     ) {
         let conn_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
@@ -357,6 +365,15 @@ impl Ctx {
         }
         let dst_workload = workload.key();
         let (src_workload, src_addr) = self.verified_source(connect.forwarded_for, peer_id);
+        // The source's share: its verified address, else the peer agent's.
+        let source = src_addr.map_or(peer.ip(), |a| a.ip());
+        let Ok(_source_slot) =
+            self.admission
+                .admit_source(Direction::Inbound, SourceKey::Addr(source), peer)
+        else {
+            self.metrics.hbone_stream(Side::Server, Outcome::Error);
+            return hbone::reject(connect.respond, StatusCode::SERVICE_UNAVAILABLE);
+        };
         let info = ConnInfo {
             src_workload,
             src_identity: peer_id.clone(),
@@ -369,7 +386,8 @@ impl Ctx {
         let policy = match authz::decide(self.enforcer(), &info) {
             ConnVerdict::Allow => None,
             ConnVerdict::PerRequest if info.http => {
-                return self.serve_l7(connect, info, peer, conn_id, started).await;
+                // Boxed: the L7 state is large, and only L7 tunnels should pay for it.
+                return Box::pin(self.serve_l7(connect, info, peer, conn_id, started)).await;
             }
             ConnVerdict::Deny { policy } => Some(policy),
             // Request-level rules on a port that is not HTTP: nothing can satisfy them.
@@ -380,7 +398,7 @@ impl Ctx {
             return self.refuse(connect.respond, peer, peer_id, conn_id, why);
         }
         let _active = self.metrics.active(Direction::Inbound);
-        let upstream = match connect_from(&self.source, dst, self.cfg.connect_timeout).await {
+        let mut upstream = match connect_from(&self.source, dst, self.cfg.connect_timeout).await {
             Ok(s) => s,
             Err(e) => {
                 self.metrics.hbone_stream(Side::Server, Outcome::Error);
@@ -402,7 +420,7 @@ impl Ctx {
             self.policies.clone(),
             &info,
             conn_id,
-            hbone::pump(upstream, tunnel),
+            hbone::pump(&mut upstream, tunnel),
         )
         .await
         {
@@ -473,14 +491,21 @@ impl Ctx {
         };
         self.metrics.hbone_stream(Side::Server, Outcome::Ok);
         let stream = hbone::TunnelStream::new(tunnel);
+        let source = info.src_addr.map_or(peer.ip(), |a| a.ip());
+        let limits = super::l7_limits(
+            &self.admission,
+            Direction::Inbound,
+            source,
+            self.path_normalization,
+        );
         let outcome = super::l7_serve(
             stream,
             &self.source,
             self.cfg.connect_timeout,
-            self.path_normalization,
             self.enforcer(),
             &info,
             conn_id,
+            limits,
         )
         .await;
         let record = Record {

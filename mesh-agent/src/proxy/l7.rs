@@ -142,6 +142,24 @@ pub struct L7Limits {
     /// How request paths are normalized before matching and forwarding. Default
     /// `DECODE_AND_MERGE_SLASHES`.
     pub path_normalization: normalize::PathNormalization,
+    /// Where this connection's incomplete request heads are counted against its source's cap
+    /// ([`super::limits`]): from the first byte to protocol detection, and from a request's
+    /// first byte to the end of its head (HTTP/1.x). Default none (uncounted).
+    pub head_gate: Option<super::limits::HeadGate>,
+}
+
+impl L7Limits {
+    /// One of the source's incomplete heads, held until the guard is dropped; nothing when
+    /// uncounted.
+    pub(crate) fn enter_head(&self) -> Result<Option<super::limits::Guard>, L7Error> {
+        self.head_gate
+            .as_ref()
+            .map(|g| {
+                g.enter()
+                    .map_err(|r| L7Error::PendingHeads { limit: r.limit })
+            })
+            .transpose()
+    }
 }
 
 impl Default for L7Limits {
@@ -154,6 +172,7 @@ impl Default for L7Limits {
             max_discard_bytes: 1024 * 1024,
             max_concurrent_streams: 100,
             path_normalization: normalize::PathNormalization::default(),
+            head_gate: None,
         }
     }
 }
@@ -222,6 +241,10 @@ pub enum L7Error {
     /// Answered `400`.
     #[error("bad request: {detail}")]
     BadRequest { detail: &'static str },
+    /// The source has too many incomplete request heads: answered `429` when the request
+    /// line was read, otherwise closed.
+    #[error("too many incomplete request heads from this source (limit {limit})")]
+    PendingHeads { limit: usize },
     /// Answered `408` when part of a head had arrived.
     #[error("request head not complete within {after:?}")]
     HeaderTimeout { after: Duration },
@@ -298,10 +321,12 @@ where
         counters: Arc::clone(&counters),
     };
     let result = async {
+        let head = limits.enter_head()?;
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         let Some(protocol) = detect(&mut io, &mut buf, limits).await? else {
             return Ok(());
         };
+        drop(head);
         stats.protocol = protocol;
         match protocol {
             Protocol::Http1 => http1::serve(io, buf, connect_upstream, authz, limits, stats).await,

@@ -34,6 +34,7 @@ use super::{
     authz::{self, ConnInfo, ConnVerdict, Policies, Supervised},
     conn_key, connect_from, hbone,
     l7::normalize::PathNormalization,
+    limits::{self, Accepted, Admission, Guard, SourceKey},
     orig_dst_addr,
     pool::{Pool, PoolError},
     ConnectError, Identities, ProxyDeps, SourceAddrs,
@@ -44,9 +45,6 @@ use crate::{
     metrics::{DenialSide, Direction, Metrics},
     registry::Registry,
 };
-
-/// Size of each direction's copy buffer.
-const COPY_BUF: usize = 64 * 1024;
 
 /// Tunables of the outbound proxy.
 #[derive(Clone, Debug)]
@@ -99,6 +97,7 @@ struct Ctx {
     policies: Policies,
     cfg: OutboundConfig,
     next_id: AtomicU64,
+    admission: Arc<Admission>,
 }
 
 /// How a connection was carried.
@@ -146,6 +145,8 @@ enum FlowError {
     Revoked,
     #[error("{0}")]
     L7(String),
+    #[error("refused: {0}")]
+    OverLimit(#[from] limits::Refused),
 }
 
 impl Outbound {
@@ -167,6 +168,7 @@ impl Outbound {
             metrics,
             policies,
             source,
+            admission,
             path_normalization,
         } = deps;
         let identities_by_id = registry
@@ -194,6 +196,7 @@ impl Outbound {
                 policies,
                 cfg,
                 next_id: AtomicU64::new(1),
+                admission,
             }),
         }
     }
@@ -202,22 +205,20 @@ impl Outbound {
     /// connections for up to `drain_timeout`.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut accepts = JoinSet::new();
-        let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel::<(TcpStream, SocketAddr)>(1024);
+        let (conn_tx, mut conn_rx) =
+            tokio::sync::mpsc::channel::<(TcpStream, SocketAddr, Guard)>(1024);
         for listener in self.listeners {
             let tx = conn_tx.clone();
+            let ctx = Arc::clone(&self.ctx);
             accepts.spawn(async move {
                 loop {
-                    match listener.accept().await {
-                        Ok(pair) => {
-                            if tx.send(pair).await.is_err() {
+                    match limits::accept(&listener, &ctx.admission, Direction::Outbound).await {
+                        Accepted::Admitted(stream, peer, slot) => {
+                            if tx.send((stream, peer, slot)).await.is_err() {
                                 return;
                             }
                         }
-                        Err(e) => {
-                            // EMFILE and friends: back off instead of spinning.
-                            warn!(error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
+                        Accepted::Refused(stream, peer) => ctx.refuse(stream, peer),
                     }
                 }
             });
@@ -244,9 +245,9 @@ impl Outbound {
                     self.ctx.pool.sweep(&self.ctx.identities.trust());
                 }
                 next = conn_rx.recv() => match next {
-                    Some((stream, peer)) => {
+                    Some((stream, peer, slot)) => {
                         let ctx = Arc::clone(&self.ctx);
-                        flows.spawn(async move { ctx.handle(stream, peer).await });
+                        flows.spawn(async move { ctx.handle(stream, peer, slot).await });
                     }
                     None => break,
                 },
@@ -268,7 +269,18 @@ impl Outbound {
 }
 
 impl Ctx {
-    async fn handle(&self, mut client: TcpStream, peer: SocketAddr) {
+    /// A connection refused by the limits (already counted and logged): its kernel record is
+    /// dropped and it is reset.
+    fn refuse(&self, client: TcpStream, peer: SocketAddr) {
+        if let Ok(local) = client.local_addr() {
+            let _ = self
+                .dataplane
+                .take_orig_dst(&conn_key(canonical(peer), canonical(local)));
+        }
+        limits::reset(client);
+    }
+
+    async fn handle(&self, mut client: TcpStream, peer: SocketAddr, _slot: Guard) {
         let conn_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let local = match client.local_addr() {
@@ -287,6 +299,14 @@ impl Ctx {
             let _ = client.shutdown().await;
             return;
         };
+        let source = SourceKey::Workload(orig.src_workload_id);
+        let Ok(_source_slot) = self
+            .admission
+            .admit_source(Direction::Outbound, source, peer)
+        else {
+            limits::reset(client);
+            return;
+        };
         let dst = orig_dst_addr(&orig);
         let _active = self.metrics.active(Direction::Outbound);
         let src_workload = self.workload_name(orig.src_workload_id);
@@ -294,6 +314,11 @@ impl Ctx {
         let src_identity = self.identity_name(orig.src_workload_id);
         let dst_identity = self.identity_name(orig.dst_workload_id);
         let (transport, result) = self.carry(&mut client, &orig, dst, local, conn_id).await;
+        if let Err(FlowError::OverLimit(_)) = &result {
+            // Counted and logged (rate-limited) by the limits: no flow record either.
+            limits::reset(client);
+            return;
+        }
         let duration_ms = started.elapsed().as_millis() as u64;
         let (sent, received, outcome) = match result {
             Ok((sent, received)) => (sent, received, "ok".to_owned()),
@@ -339,9 +364,11 @@ impl Ctx {
         };
         let _ = client.set_nodelay(true);
         if dst_w.node == self.view.node {
+            // Boxed, like every set-up phase below: a held connection's task keeps only the
+            // state of its copy (10,000 idle connections, 10,000 tasks).
             return (
                 Transport::Local,
-                self.carry_local(client, orig, dst_w, dst, conn_id).await,
+                Box::pin(self.carry_local(client, orig, dst_w, dst, conn_id)).await,
             );
         }
         (
@@ -380,15 +407,24 @@ impl Ctx {
         match authz::decide(enforcer, &info) {
             ConnVerdict::Allow => {}
             ConnVerdict::PerRequest if info.http => {
-                let out = super::l7_serve(
+                let _upstream_slot = self.admission.admit(Direction::Outbound, dst)?;
+                let source = src_addr.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |a| a.ip());
+                let limits = super::l7_limits(
+                    &self.admission,
+                    Direction::Outbound,
+                    source,
+                    self.view.path_normalization,
+                );
+                // Boxed: the L7 state is large, and only L7 connections should pay for it.
+                let out = Box::pin(super::l7_serve(
                     client,
                     &self.view.source,
                     self.cfg.connect_timeout,
-                    self.view.path_normalization,
                     enforcer,
                     &info,
                     conn_id,
-                )
+                    limits,
+                ))
                 .await;
                 return if out.outcome == "ok" {
                     Ok((out.bytes_in, out.bytes_out))
@@ -399,16 +435,22 @@ impl Ctx {
             ConnVerdict::PerRequest => return Err(FlowError::Denied { policy: None }),
             ConnVerdict::Deny { policy } => return Err(FlowError::Denied { policy }),
         }
-        let mut upstream = connect_from(&self.view.source, dst, self.cfg.connect_timeout).await?;
-        let copy =
-            tokio::io::copy_bidirectional_with_sizes(client, &mut upstream, COPY_BUF, COPY_BUF);
+        // The pod connection this agent opens is a descriptor of the budget too.
+        let _upstream_slot = self.admission.admit(Direction::Outbound, dst)?;
+        let mut upstream = Box::pin(connect_from(
+            &self.view.source,
+            dst,
+            self.cfg.connect_timeout,
+        ))
+        .await?;
+        let copy = super::copy::bidirectional(client, &mut upstream);
         match authz::supervise(self.policies.clone(), &info, conn_id, copy).await {
-            Supervised::Done(Ok(counts)) => Ok(counts),
-            Supervised::Done(Err(e)) => {
-                // A reset mid-stream is an ordinary end for a TCP flow; the
-                // byte counts are lost with the error, so report zero.
-                debug!(error = %e, "copy ended with error");
-                Ok((0, 0))
+            Supervised::Done(copied) => {
+                if let Some(e) = &copied.error {
+                    // A reset mid-stream is an ordinary end for a TCP flow.
+                    debug!(error = %e, "copy ended with error");
+                }
+                Ok((copied.a_to_b, copied.b_to_a))
             }
             Supervised::Revoked { .. } => Err(FlowError::Revoked),
         }
@@ -437,17 +479,15 @@ impl Ctx {
                 src: src_id.clone(),
                 source: Box::new(source),
             })?;
-        let (tunnel, _slot) = self
-            .pool
-            .tunnel(
-                src_id,
-                dst_id,
-                peer,
-                config,
-                canonical(dst),
-                client.peer_addr().ok().map(canonical),
-            )
-            .await?;
+        let (tunnel, _slot) = Box::pin(self.pool.tunnel(
+            src_id,
+            dst_id,
+            peer,
+            config,
+            canonical(dst),
+            client.peer_addr().ok().map(canonical),
+        ))
+        .await?;
         let result = hbone::pump(client, tunnel).await;
         match result.error {
             None => Ok((result.to_tunnel, result.from_tunnel)),

@@ -235,7 +235,9 @@ impl Pool {
         if let Some(c) = self.claim(key, config) {
             return Ok((c, true));
         }
-        let conn = Arc::new(self.dial(key, Arc::clone(config)).await?);
+        // Boxed: TLS and h2 handshake state is large and short-lived.
+        let dialing = Box::pin(self.dial(key, Arc::clone(config)));
+        let conn = Arc::new(dialing.await?);
         conn.streams.fetch_add(1, Ordering::AcqRel);
         self.conns
             .lock()

@@ -52,6 +52,10 @@ struct Args {
     /// Short measurements: 3 s throughput, 2 s latency and connection rate.
     #[arg(long)]
     quick: bool,
+    /// Only the held-connections figures: agent RSS with 10,000 idle held connections and
+    /// after they close (JSON beside `--out`, `*.held.json`).
+    #[arg(long)]
+    held_only: bool,
     #[command(subcommand)]
     pod_cmd: Option<PodCmd>,
 }
@@ -227,7 +231,18 @@ fn main() -> ExitCode {
             }
             install_signal_handlers();
             require_privileges();
-            orchestrate(&args)
+            if args.held_only {
+                return held_bench(&args.out);
+            }
+            let code = orchestrate(&args);
+            if stopping() {
+                return code;
+            }
+            // Its own cluster: the agents start fresh under a soft open-files limit of 1024.
+            match held_bench(&args.out) {
+                c if c == ExitCode::SUCCESS => code,
+                c => c,
+            }
         }
     }
 }
@@ -2155,6 +2170,134 @@ fn connect_client(to: SocketAddr, count: usize) -> ExitCode {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Held connections: agent RSS with 10,000 idle cross-node connections, and after they close
+
+/// Held connections in all, from two enrolled client pods on n1 (each source stays within its
+/// default share of the budget, half of it) to one server pod on n2.
+const HELD: usize = 10_000;
+const HELD_PORT: u16 = 7000;
+/// How long RSS is sampled after the connections close (jemalloc returns memory after its
+/// ~10 s decay).
+const HELD_SETTLE: Duration = Duration::from_secs(20);
+
+fn rss_mib(pid: Option<u32>) -> f64 {
+    pid.map_or(0.0, |p| mesh_tests::rss_kib(p) as f64 / 1024.0)
+}
+
+/// Agents started under a soft `RLIMIT_NOFILE` of 1024 (they raise it), 10,000 connections
+/// held idle through them, RSS of both agents before, while held and after close; a table and
+/// `<out>.held.json`.
+fn held_bench(out: &Path) -> ExitCode {
+    println!("== held connections: {HELD} idle cross-node connections, agents started under soft RLIMIT_NOFILE 1024");
+    let hard = mesh_tests::raise_nofile();
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .add_pod(0, "client-a")
+        .add_pod(0, "client-b")
+        .add_pod(1, "server")
+        .build();
+    let agents: Vec<Agent> = (0..2)
+        .map(|n| {
+            let mut spec = cluster.agent_spec(n);
+            spec.nofile = Some((1024, hard));
+            Agent::start(spec)
+        })
+        .collect();
+    let server = cluster.pod("server");
+    let _srv = server.serve_many(HELD_PORT);
+    let rss = |agents: &[Agent]| -> Vec<f64> { agents.iter().map(|a| rss_mib(a.pid())).collect() };
+    let active = |n: usize, dir: &str| {
+        cluster
+            .node(n)
+            .metric(&format!("mesh_connections_active{{direction=\"{dir}\"}}"))
+    };
+    let baseline = rss(&agents);
+    let started = Instant::now();
+    let mut held: Vec<_> = ["client-a", "client-b"]
+        .iter()
+        .map(|p| {
+            cluster
+                .pod(p)
+                .hold_many(server.addr4(HELD_PORT), HELD / 2, 100)
+        })
+        .collect();
+    let mut ok = 0;
+    let mut problems = Vec::new();
+    for h in &mut held {
+        let s = h.wait_established(Duration::from_secs(120));
+        ok += s.ok;
+        if s.failed > 0 {
+            problems.push(format!("{} connections failed: {:?}", s.failed, s.errors));
+        }
+    }
+    let opened_secs = started.elapsed().as_secs_f64();
+    let settled = eventually(Duration::from_secs(30), || {
+        (active(0, "outbound") >= ok as f64 && active(1, "inbound") >= ok as f64).then_some(())
+    });
+    if settled.is_none() {
+        problems.push("the agents did not report every connection active".to_owned());
+    }
+    let with_held = rss(&agents);
+    for h in &mut held {
+        h.close();
+    }
+    let _ = eventually(Duration::from_secs(30), || {
+        (active(0, "outbound") == 0.0 && active(1, "inbound") == 0.0).then_some(())
+    });
+    let closed = Instant::now();
+    let mut after = rss(&agents);
+    while closed.elapsed() < HELD_SETTLE && after.iter().zip(&baseline).any(|(a, b)| *a > b + 16.0)
+    {
+        std::thread::sleep(Duration::from_millis(500));
+        after = rss(&agents);
+    }
+    let after_secs = closed.elapsed().as_secs_f64();
+    let fmt = |v: &[f64]| {
+        v.iter()
+            .map(|r| format!("{r:.1}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    println!("agent RSS, MiB (n1 outbound / n2 inbound):");
+    println!(
+        "  baseline                                     {}",
+        fmt(&baseline)
+    );
+    println!("  with {ok} idle held connections             {}   (goal <= 100; opened in {opened_secs:.1} s)", fmt(&with_held));
+    println!(
+        "  after they close ({after_secs:.0} s later)                {}",
+        fmt(&after)
+    );
+    for p in &problems {
+        println!("PROBLEM: {p}");
+    }
+    let doc = json!({
+        "what": "agent RSS with 10,000 idle held cross-node connections (two enrolled client pods on n1, 5,000 each, to one server pod on n2; one line echoed on each), agents started under a soft RLIMIT_NOFILE of 1024, and after the connections close (sampled until within 16 MiB of the baseline, at most 20 s)",
+        "agent_bin": mesh_tests::agent_bin().display().to_string(),
+        "held": ok,
+        "opened_secs": finite(opened_secs),
+        "rss_mib": {
+            "baseline": baseline.iter().map(|v| finite(*v)).collect::<Vec<_>>(),
+            "held": with_held.iter().map(|v| finite(*v)).collect::<Vec<_>>(),
+            "after_close": after.iter().map(|v| finite(*v)).collect::<Vec<_>>(),
+            "after_close_secs": finite(after_secs),
+        },
+        "problems": problems,
+    });
+    let path = out.with_extension("held.json");
+    if let Err(e) = write_json(&path, &doc) {
+        eprintln!("mesh-bench: writing {}: {e}", path.display());
+        return ExitCode::FAILURE;
+    }
+    println!("== JSON written to {}", path.display());
+    if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -16,6 +16,8 @@
 //!   connection open reading until the peer closes it: `{"event":"closed","how":"eof"|"error: …",
 //!   "held_ms"}` (exit 0). `{"event":"failed","error"}` (exit 1) if the exchange fails, and
 //!   `{"event":"held","held_ms"}` (exit 1) if nothing closed it within `--hold-ms`.
+//! - `serve-many …` and `hold-many …`: tens of thousands of connections from one thread
+//!   (see `mesh-testpod/many.rs`).
 //! - `http-serve --listen ADDR:PORT [--listen …] --name POD`: HTTP/1.1 keep-alive, and h2c
 //!   when the prior-knowledge preface arrives, on the same ports; every request is answered
 //!   `200` with body `<pod> <METHOD> <path> host=<host>[ body=<n>]`. Logs `listening`,
@@ -45,6 +47,8 @@ use std::{
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
+#[path = "mesh-testpod/many.rs"]
+mod many;
 #[path = "mesh-testpod/web.rs"]
 mod web;
 
@@ -95,6 +99,40 @@ enum Cmd {
         /// How long to hold the connection at most.
         #[arg(long, default_value_t = 60_000)]
         hold_ms: u64,
+    },
+    /// Like `serve`, for tens of thousands of connections (one thread; no line per connection).
+    ServeMany {
+        #[arg(long, required = true)]
+        listen: Vec<SocketAddr>,
+        #[arg(long)]
+        name: String,
+    },
+    /// Open COUNT connections (CONCURRENCY at a time), exchange a line on each, report, hold.
+    HoldMany {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 100)]
+        concurrency: usize,
+        /// Per-connection limit for connect + hello + echo.
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+        /// How long to hold the connections at most.
+        #[arg(long, default_value_t = 120_000)]
+        hold_ms: u64,
+    },
+    /// Open COUNT connections at once, send TEXT (a half-sent head) on each, report how each
+    /// ended.
+    HalfHeads {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        send: String,
+        #[arg(long, default_value_t = 15_000)]
+        timeout_ms: u64,
     },
     /// Answer HTTP/1.1 and h2c requests with 200 and a body naming the request.
     HttpServe {
@@ -155,6 +193,26 @@ fn main() -> ExitCode {
             Duration::from_millis(interval_ms),
         ),
         Cmd::Hold { connect, hold_ms } => hold(connect, Duration::from_millis(hold_ms)),
+        Cmd::ServeMany { listen, name } => many::serve(&listen, &name),
+        Cmd::HoldMany {
+            connect,
+            count,
+            concurrency,
+            timeout_ms,
+            hold_ms,
+        } => many::hold(
+            connect,
+            count,
+            concurrency,
+            Duration::from_millis(timeout_ms),
+            Duration::from_millis(hold_ms),
+        ),
+        Cmd::HalfHeads {
+            connect,
+            count,
+            send,
+            timeout_ms,
+        } => many::half_heads(connect, count, &send, Duration::from_millis(timeout_ms)),
         Cmd::HttpServe { listen, name } => web::serve(&listen, &name),
         Cmd::Http1 {
             connect,

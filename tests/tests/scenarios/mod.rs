@@ -1,6 +1,7 @@
 //! One module per scenario, named after what it proves.
 
 mod admin_port_refuses_pods;
+mod agent_holds_10000_connections_under_low_nofile;
 mod agent_restart_adopts_pins;
 mod agent_restart_updates_programs_in_place;
 mod agent_sigkill_keeps_mesh_closed;
@@ -18,6 +19,7 @@ mod l4_allow_policy_only_admits_listed_principal;
 mod l4_kernel_deny_fails_connect_fast;
 mod l7_common;
 mod l7_h2c_per_stream_decisions;
+mod l7_half_sent_heads_capped_per_source;
 mod l7_http_framing_edges_refused;
 mod l7_methods_paths_hosts;
 mod l7_non_http_bytes_on_http_port_refused;

@@ -31,6 +31,8 @@ const BAD_REQUEST: &[u8] =
     b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 const TIMEOUT: &[u8] =
     b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+const TOO_MANY: &[u8] =
+    b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 const TOO_LARGE: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\n\
 content-length: 0\r\nconnection: close\r\n\r\n";
 const BAD_GATEWAY: &[u8] =
@@ -124,6 +126,7 @@ impl From<L7Error> for Refusal {
         let answer = match error {
             L7Error::HeadTooLarge { .. } | L7Error::TooManyHeaders { .. } => Some(TOO_LARGE),
             L7Error::HeaderTimeout { .. } => Some(TIMEOUT),
+            L7Error::PendingHeads { .. } => Some(TOO_MANY),
             L7Error::BadRequest { .. } => Some(BAD_REQUEST),
             _ => None,
         };
@@ -299,6 +302,11 @@ async fn read_request<R: AsyncRead + Unpin>(
     norm: &mut Normalizer,
 ) -> Result<Option<ReqHead>, Refusal> {
     let mut deadline = (!buf.is_empty()).then(|| Instant::now() + limits.header_timeout);
+    // Held while this head is incomplete (counted against the source's cap).
+    let mut pending = match deadline {
+        Some(_) => limits.enter_head()?,
+        None => None,
+    };
     loop {
         if !buf.is_empty() {
             if let Some(req) = parse_request(buf, authz, limits, out, norm)? {
@@ -340,6 +348,9 @@ async fn read_request<R: AsyncRead + Unpin>(
             };
         }
         deadline.get_or_insert_with(|| Instant::now() + limits.header_timeout);
+        if pending.is_none() {
+            pending = limits.enter_head()?;
+        }
     }
 }
 
