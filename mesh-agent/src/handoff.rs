@@ -382,15 +382,31 @@ pub fn dup(fd: impl AsFd) -> io::Result<OwnedFd> {
 mod tests {
     use super::*;
 
-    fn temp_sock(tag: &str) -> PathBuf {
+    /// A socket path in a directory of its own, removed on drop.
+    struct TempSock(PathBuf);
+
+    impl TempSock {
+        fn path(&self) -> PathBuf {
+            self.0.join("handoff.sock")
+        }
+    }
+
+    impl Drop for TempSock {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn temp_sock(tag: &str) -> TempSock {
         let dir = std::env::temp_dir().join(format!("mesh-handoff-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        dir.join("handoff.sock")
+        TempSock(dir)
     }
 
     #[tokio::test(flavor = "multi_thread")]
     async fn sockets_move_to_the_successor_and_the_queue_is_shared() {
-        let path = temp_sock("move");
+        let guard = temp_sock("move");
+        let path = guard.path();
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let (tx, mut rx) = watch::channel(false);
@@ -424,7 +440,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn a_successor_that_leaves_early_changes_nothing() {
-        let path = temp_sock("abort");
+        let guard = temp_sock("abort");
+        let path = guard.path();
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let (tx, rx) = watch::channel(false);
@@ -462,13 +479,15 @@ mod tests {
 
     #[test]
     fn nobody_there_means_a_fresh_start() {
-        let path = temp_sock("none");
+        let guard = temp_sock("none");
+        let path = guard.path();
         assert!(Takeover::request(&path).unwrap().is_none());
     }
 
     #[tokio::test(flavor = "multi_thread")]
     async fn garbage_requests_are_refused_and_serving_goes_on() {
-        let path = temp_sock("garbage");
+        let guard = temp_sock("garbage");
+        let path = guard.path();
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let (tx, rx) = watch::channel(false);
