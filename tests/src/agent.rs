@@ -502,6 +502,31 @@ fn ready_line(proc: &Proc) -> Option<Value> {
 /// Removes an agent's pin directory if it is still there (after SIGKILL).
 /// Only ever called on `mesh-<id>-<node>` directories this harness named.
 pub fn remove_pin_dir(dir: &Path) {
+    if !dir.exists() {
+        return;
+    }
+    // As an operator takes the mesh off a node (an agent's exit leaves it attached):
+    // `mesh-agent uninstall`, then whatever it could not remove.
+    let bin = match std::env::var_os("MESH_AGENT_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/mesh-agent"),
+    };
+    if bin.is_file() {
+        match Command::new(&bin)
+            .arg("uninstall")
+            .arg("--pin-dir")
+            .arg(dir)
+            .output()
+        {
+            Ok(out) if !out.status.success() => eprintln!(
+                "mesh-tests: mesh-agent uninstall --pin-dir {}: {}",
+                dir.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Ok(_) => {}
+            Err(e) => eprintln!("mesh-tests: running {}: {e}", bin.display()),
+        }
+    }
     if dir.exists() {
         if let Err(e) = std::fs::remove_dir_all(dir) {
             eprintln!("mesh-tests: removing pins {}: {e}", dir.display());

@@ -283,7 +283,7 @@ fn run(args: &Args) -> bool {
     for line in &counters {
         println!("{line}");
     }
-    println!("\n== tearing down (agents detach and unpin, then pods, nodes, bridge, cgroups)");
+    println!("\n== tearing down: agents stop (the kernel keeps their programs attached: the mesh stays closed), `mesh-agent uninstall` takes the mesh off each node, then pods, nodes, bridge, cgroups");
     bad == 0
 }
 
