@@ -1392,8 +1392,15 @@ fn scale_policy_yaml(n: usize, client: &str) -> String {
 /// The HTTP measurement's policy: the client is allowed on `HTTP_L4_PORT` at L4, and on
 /// `HTTP_L7_PORT` for `GET`/`POST` on `/bench/*` (request-level: n2's agent parses and
 /// authorises every request).
-fn http_policy_yaml(client: &str) -> String {
-    allow_doc(
+/// The HTTP phase's policies: the mesh client on the L4 port, and on the L7 port with methods
+/// and paths; and the `direct` baseline pod (plaintext from outside the mesh, which PERMISSIVE
+/// authorizes too) by its address, at L4, so the baseline measures the network alone.
+fn http_policy_yaml(client: &str, direct_ip: std::net::Ipv4Addr) -> String {
+    format!(
+        "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  \
+         name: bench-http-direct\n  namespace: default\nspec:\n  selector:\n    matchLabels: {{app: server}}\n  \
+         action: ALLOW\n  rules:\n  - from:\n    - source: {{ipBlocks: [\"{direct_ip}/32\"]}}\n"
+    ) + &allow_doc(
         "bench-http-l4",
         "server",
         client,
@@ -1480,7 +1487,10 @@ fn http_phase(
     let client = bench.cluster.pod("client");
     let dir = bench.cluster.write_policy_dir(
         "policy-http",
-        &[("http.yaml", &http_policy_yaml(&principal_of(client)))],
+        &[(
+            "http.yaml",
+            &http_policy_yaml(&principal_of(client), bench.cluster.pod("direct").ip4()),
+        )],
     );
     let applied = bench.apply_everywhere(&dir);
     println!(
