@@ -678,18 +678,20 @@ fn lifecycle_phase(
         let agent = &mut agents[0];
         let killed = Instant::now();
         agent.kill_sigkill();
+        // The agent is restarted from this thread and the probes run on another: a process
+        // the harness spawns dies with the thread that spawned it (PR_SET_PDEATHSIG).
         let served = std::thread::scope(|s| {
-            let restarting = s.spawn(|| agent.restart());
-            let mut served = None;
-            while killed.elapsed() < Duration::from_secs(60) {
-                if one("restart-probe") {
-                    served = Some(killed.elapsed());
-                    break;
+            let probing = s.spawn(|| {
+                while killed.elapsed() < Duration::from_secs(60) {
+                    if one("restart-probe") {
+                        return Some(killed.elapsed());
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
                 }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = restarting.join();
-            served
+                None
+            });
+            agent.restart();
+            probing.join().unwrap_or(None)
         });
         match served {
             Some(d) => {
