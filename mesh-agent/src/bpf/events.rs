@@ -157,6 +157,7 @@ pub fn spawn_event_log(
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
+        let mut limit = LogLimit::new(std::time::Instant::now());
         loop {
             let event = tokio::select! {
                 changed = stop.changed() => {
@@ -173,15 +174,63 @@ pub fn spawn_event_log(
                     }
                 },
             };
-            log_event(&event, &registry, &views.borrow(), &trust_domain);
+            if limit.admit(std::time::Instant::now()) {
+                log_event(&event, &registry, &views.borrow(), &trust_domain);
+            }
             on_event(&event);
         }
         // Whatever is already in the buffer at shutdown is still logged.
         while let Some(event) = reader.try_next() {
-            log_event(&event, &registry, &views.borrow(), &trust_domain);
+            if limit.admit(std::time::Instant::now()) {
+                log_event(&event, &registry, &views.borrow(), &trust_domain);
+            }
             on_event(&event);
         }
     })
+}
+
+/// Kernel event lines logged per second at most: a SYN flood against a STRICT pod (one event
+/// per SYN, retransmissions included) must not flood the agent's log. Every event is still
+/// counted in the metrics; the lines past the limit are summarized once the second is over.
+pub const EVENT_LOG_LINES_PER_SEC: u32 = 100;
+
+/// A one-second window of [`EVENT_LOG_LINES_PER_SEC`] lines.
+struct LogLimit {
+    window: std::time::Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl LogLimit {
+    fn new(now: std::time::Instant) -> Self {
+        Self {
+            window: now,
+            logged: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether the event seen at `now` is logged; reports the suppressed count of the last
+    /// window when a new one starts.
+    fn admit(&mut self, now: std::time::Instant) -> bool {
+        if now.duration_since(self.window) >= std::time::Duration::from_secs(1) {
+            if self.suppressed > 0 {
+                warn!(
+                    suppressed = self.suppressed,
+                    limit_per_sec = EVENT_LOG_LINES_PER_SEC,
+                    "kernel event lines suppressed (still counted in the metrics)"
+                );
+            }
+            *self = Self::new(now);
+        }
+        if self.logged < EVENT_LOG_LINES_PER_SEC {
+            self.logged += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
 }
 
 /// The policy name of an `EVENT_L4_*`: from the view when it is of the event's generation.
@@ -266,6 +315,26 @@ fn log_event(event: &Event, registry: &Registry, view: &PolicyView, trust_domain
             }
         }
         Err(e) => debug!(kind = e.0, "unknown kernel event skipped"),
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_flood_is_cut_to_the_limit_per_second_and_resumes() {
+        let t0 = Instant::now();
+        let mut l = LogLimit::new(t0);
+        let admitted = (0..10_000).filter(|_| l.admit(t0)).count();
+        assert_eq!(admitted, EVENT_LOG_LINES_PER_SEC as usize);
+        assert_eq!(l.suppressed, 10_000 - u64::from(EVENT_LOG_LINES_PER_SEC));
+        assert!(
+            l.admit(t0 + Duration::from_millis(1001)),
+            "a new second logs again"
+        );
+        assert_eq!(l.suppressed, 0);
     }
 }
 

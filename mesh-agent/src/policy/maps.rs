@@ -818,7 +818,7 @@ impl PolicyView {
                         )
                     })
                     .collect();
-                plain.sort_by(|a, b| b.0.cmp(&a.0));
+                plain.sort_by_key(|e| std::cmp::Reverse(e.0));
                 plain
             },
             deny_all: false,
