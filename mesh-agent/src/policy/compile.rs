@@ -901,6 +901,11 @@ impl Compiler<'_> {
             && !self.in_blocks(&s.not_ip_blocks, class)
             && (s.service_accounts.is_empty() || sa(&s.service_accounts))
             && !sa(&s.not_service_accounts)
+            && {
+                let td = super::model::principal_trust_domain(&class.principal);
+                (s.trust_domains.is_empty() || any(&s.trust_domains, td))
+                    && !any(&s.not_trust_domains, td)
+            }
     }
 }
 

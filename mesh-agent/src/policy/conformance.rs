@@ -160,10 +160,30 @@ fn arb_source() -> impl Strategy<Value = Source> {
             ..Source::default()
         }),
         2 => pick(principals).prop_map(|principals| Source { principals, ..Source::default() }),
+        1 => (pick(trust_domain_patterns()), pick(trust_domain_patterns())).prop_map(
+            |(trust_domains, not_trust_domains)| Source {
+                trust_domains,
+                not_trust_domains,
+                ..Source::default()
+            }
+        ),
         1 => pick(principals).prop_map(|not_principals| Source { not_principals, ..Source::default() }),
         1 => pick(namespaces).prop_map(|namespaces| Source { namespaces, ..Source::default() }),
         1 => (nets(), nets()).prop_map(|(ip_blocks, not_ip_blocks)| Source { ip_blocks, not_ip_blocks, ..Source::default() }),
         2 => full,
+    ]
+}
+
+/// `trustDomains` patterns: the mesh's, `cluster.local`, an alias, a foreign one, wildcards.
+fn trust_domain_patterns() -> &'static [&'static str] {
+    &[
+        "cluster.local",
+        "td.local",
+        "old.td",
+        "bad.example",
+        "*.local",
+        "td*",
+        "*",
     ]
 }
 

@@ -197,6 +197,10 @@ fn source_matches(s: &Source, peer: Peer<'_>) -> bool {
         && strings(&s.namespaces, &s.not_namespaces, |m| m.matches(namespace))
         && ips(&s.ip_blocks, &s.not_ip_blocks, Some(peer.ip))
         && service_accounts(&s.service_accounts, &s.not_service_accounts, peer.principal)
+        && {
+            let td = super::model::principal_trust_domain(principal);
+            strings(&s.trust_domains, &s.not_trust_domains, |m| m.matches(td))
+        }
 }
 
 /// A list of blocks with its `not*` counterpart against an address (none: in no block).

@@ -161,6 +161,16 @@ pub struct Source {
     /// `serviceAccounts` (Istio ≥ 1.23): `ns/sa`, any trust domain.
     pub service_accounts: Vec<ServiceAccount>,
     pub not_service_accounts: Vec<ServiceAccount>,
+    /// `trustDomains`/`notTrustDomains` (recent Istio): the trust domain of the peer's
+    /// certificate. Plaintext has none: it matches no `trustDomains` entry and every
+    /// `notTrustDomains` list.
+    pub trust_domains: Vec<StringMatch>,
+    pub not_trust_domains: Vec<StringMatch>,
+}
+
+/// The trust domain of a principal `<td>/ns/<ns>/sa/<sa>` (`""` for none: plaintext).
+pub fn principal_trust_domain(principal: &str) -> &str {
+    principal_parts(principal).map_or("", |(td, _, _)| td)
 }
 
 /// `rules[].to[].operation`: every non-empty field must match.
@@ -402,6 +412,30 @@ impl TrustDomains {
         out
     }
 
+    /// `trustDomains` entries as the principals' trust domains are read: an exact
+    /// `cluster.local`, the local trust domain or an alias stands for every one of the mesh's
+    /// trust domains; anything else is kept as written.
+    pub fn expand_domains(&self, list: &[StringMatch]) -> Vec<StringMatch> {
+        let mut out: Vec<StringMatch> = Vec::new();
+        for m in list {
+            let ours = matches!(m, StringMatch::Exact(td)
+                if td == CLUSTER_LOCAL || self.all().any(|t| t == td));
+            let add: Vec<StringMatch> = if ours {
+                self.all()
+                    .map(|t| StringMatch::Exact(t.to_owned()))
+                    .collect()
+            } else {
+                vec![m.clone()]
+            };
+            for e in add {
+                if !out.contains(&e) {
+                    out.push(e);
+                }
+            }
+        }
+        out
+    }
+
     /// [`Self::expand`] over a list.
     pub fn expand_all(&self, list: &[StringMatch]) -> Vec<StringMatch> {
         let mut out: Vec<StringMatch> = Vec::new();
@@ -447,6 +481,8 @@ impl PolicyBundle {
                 for s in &mut r.from {
                     s.principals = tds.expand_all(&s.principals);
                     s.not_principals = tds.expand_all(&s.not_principals);
+                    s.trust_domains = tds.expand_domains(&s.trust_domains);
+                    s.not_trust_domains = tds.expand_domains(&s.not_trust_domains);
                 }
                 for c in &mut r.when {
                     if let Condition::SourcePrincipal { values, not_values } = c {

@@ -370,6 +370,8 @@ struct RawSource {
     not_ip_blocks: Strings,
     service_accounts: Strings,
     not_service_accounts: Strings,
+    trust_domains: Strings,
+    not_trust_domains: Strings,
     remote_ip_blocks: Field<IgnoredAny>,
     not_remote_ip_blocks: Field<IgnoredAny>,
 }
@@ -1228,6 +1230,8 @@ fn source(
         not_ip_blocks: cidrs(at, raw.not_ip_blocks, line, &format!("{path}.notIpBlocks"))?,
         service_accounts: sas(raw.service_accounts, "serviceAccounts")?,
         not_service_accounts: sas(raw.not_service_accounts, "notServiceAccounts")?,
+        trust_domains: pats(raw.trust_domains, "trustDomains", PatternKind::Plain)?,
+        not_trust_domains: pats(raw.not_trust_domains, "notTrustDomains", PatternKind::Plain)?,
     };
     if src == Source::default() {
         return Err(at.err(line, path, Problem::EmptySource));

@@ -44,6 +44,8 @@ pub fn full_source(
                     not_ip_blocks,
                     service_accounts: Vec::new(),
                     not_service_accounts: Vec::new(),
+                    trust_domains: Vec::new(),
+                    not_trust_domains: Vec::new(),
                 }
             },
         )
