@@ -173,6 +173,9 @@ pub struct CheckArgs {
     /// HTTP `Host` / `:authority` (default: none).
     #[arg(long)]
     pub host: Option<String>,
+    /// Another HTTP header field, `NAME:VALUE`; repeatable (for `when request.headers[...]`).
+    #[arg(long = "header", value_parser = crate::policy::check::parse_header)]
+    pub headers: Vec<(String, String)>,
     #[command(flatten)]
     pub compile: CompileArgs,
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
@@ -275,6 +278,7 @@ fn check(a: CheckArgs) -> Result<u8, OperatorError> {
             method: a.method,
             path: a.path,
             host: a.host,
+            headers: a.headers,
         },
         path_normalization: a.path_normalization,
     };

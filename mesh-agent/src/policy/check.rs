@@ -127,6 +127,38 @@ pub struct HttpRequest {
     pub path: Option<String>,
     /// `Host`/`:authority`; default absent.
     pub host: Option<String>,
+    /// Other header fields, `(name, value)` in order (`when request.headers[...]`).
+    pub headers: Vec<(String, String)>,
+}
+
+/// Header fields given to `policy check`, read as the agent reads a request's.
+#[derive(Clone, Debug, Default)]
+pub struct CheckHeaders<'a>(pub &'a [(String, String)]);
+
+impl crate::policy::maps::RequestHeaders for CheckHeaders<'_> {
+    fn for_each_value(&self, name: &str, f: &mut dyn FnMut(&[u8])) {
+        for (n, v) in self.0 {
+            if n.eq_ignore_ascii_case(name) {
+                f(v.as_bytes());
+            }
+        }
+    }
+}
+
+/// A `--header NAME:VALUE` argument (name a token; the value as given, surrounding
+/// whitespace trimmed as HTTP does).
+pub fn parse_header(s: &str) -> Result<(String, String), String> {
+    let (name, value) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected NAME:VALUE"))?;
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if name.is_empty() || !name.bytes().all(token) {
+        return Err(format!("{name:?}: not a header field name"));
+    }
+    if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+        return Err(format!("{name}: control characters in the value"));
+    }
+    Ok((name.to_ascii_lowercase(), value.trim().to_owned()))
 }
 
 /// One connection (and, on an HTTP port, one request) to check.
@@ -660,8 +692,7 @@ pub fn check(
         method,
         path,
         host: host.as_deref(),
-        // `policy check` takes no header fields yet: `when request.headers[...]` sees none.
-        headers: &crate::policy::maps::NoHeaders,
+        headers: &CheckHeaders(&req.http.headers),
     };
     let r = snapshot.explain_request(&info, &attrs);
     let detail = r.decision.as_ref();
@@ -728,6 +759,26 @@ impl PolicySource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn header_arguments_are_validated() {
+        assert_eq!(
+            parse_header("X-Foo: foo ").unwrap(),
+            ("x-foo".to_owned(), "foo".to_owned())
+        );
+        assert_eq!(parse_header("a:").unwrap(), ("a".to_owned(), String::new()));
+        for bad in ["no-colon", ":v", "bad name:v", "x:a\r\nb", "x\u{0}:v"] {
+            assert!(parse_header(bad).is_err(), "{bad:?}");
+        }
+        use crate::policy::maps::RequestHeaders as _;
+        let h = vec![
+            ("x-foo".to_owned(), "1".to_owned()),
+            ("x-foo".to_owned(), "2".to_owned()),
+        ];
+        let mut seen = Vec::new();
+        CheckHeaders(&h).for_each_value("X-FOO", &mut |v| seen.push(v.to_vec()));
+        assert_eq!(seen, vec![b"1".to_vec(), b"2".to_vec()]);
+    }
 
     #[test]
     fn normalize_for_check_is_the_agents_normalizer() {

@@ -90,6 +90,9 @@ pub struct CaseRequest {
     pub path: Option<String>,
     #[serde(default)]
     pub host: Option<String>,
+    /// Header fields, `NAME: VALUE` each.
+    #[serde(default)]
+    pub headers: Vec<String>,
 }
 
 impl CaseRequest {
@@ -109,6 +112,11 @@ impl CaseRequest {
                 method: self.method.clone(),
                 path: self.path.clone(),
                 host: self.host.clone(),
+                headers: self
+                    .headers
+                    .iter()
+                    .filter_map(|h| super::parse_header(h).ok())
+                    .collect(),
             },
             path_normalization: Default::default(),
         })
