@@ -403,25 +403,56 @@ mod tests {
         TempSock(dir)
     }
 
-    #[tokio::test(flavor = "multi_thread")]
-    async fn sockets_move_to_the_successor_and_the_queue_is_shared() {
-        let guard = temp_sock("move");
-        let path = guard.path();
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        let (tx, mut rx) = watch::channel(false);
-        let (_stop_tx, stop) = watch::channel(false);
+    /// An agent serving the handoff of one listening socket (`role`) on a fresh path.
+    struct Serving {
+        _dir: TempSock,
+        path: PathBuf,
+        listener: TcpListener,
+        addr: SocketAddr,
+        handed: watch::Receiver<bool>,
+        stop: watch::Sender<bool>,
+    }
+
+    fn serving(tag: &str, role: Role) -> Serving {
+        let dir = temp_sock(tag);
+        let path = dir.path();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (handed_tx, handed) = watch::channel(false);
+        let (stop, stop_rx) = watch::channel(false);
         serve(
             path.clone(),
-            vec![(Role::Hbone, addr, dup(&l).unwrap())],
-            tx,
-            stop,
+            vec![(role, addr, dup(&listener).unwrap())],
+            handed_tx,
+            stop_rx,
         )
         .unwrap();
+        Serving {
+            _dir: dir,
+            path,
+            listener,
+            addr,
+            handed,
+            stop,
+        }
+    }
+
+    /// Runs `f` with the handoff path on a blocking thread (the exchange is blocking I/O).
+    async fn successor<T: Send + 'static>(
+        path: &Path,
+        f: impl FnOnce(PathBuf) -> T + Send + 'static,
+    ) -> T {
+        let p = path.to_owned();
+        tokio::task::spawn_blocking(move || f(p)).await.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn sockets_move_to_the_successor_and_the_queue_is_shared() {
+        let mut a = serving("move", Role::Hbone);
+        let addr = a.addr;
         // A connection queued before the handoff is accepted by the successor.
         let _early = std::net::TcpStream::connect(addr).unwrap();
-        let p = path.clone();
-        let taken = tokio::task::spawn_blocking(move || {
+        let taken = successor(&a.path, move |p| {
             let mut t = Takeover::request(&p).unwrap().expect("an agent answers");
             assert!(t.take(Role::Admin, addr).is_none(), "wrong role");
             let got = t.take(Role::Hbone, addr).expect("hbone socket");
@@ -429,88 +460,74 @@ mod tests {
             t.complete().unwrap();
             got
         })
-        .await
-        .unwrap();
-        rx.wait_for(|v| *v).await.unwrap();
-        drop(l);
+        .await;
+        a.handed.wait_for(|v| *v).await.unwrap();
+        drop(a.listener);
         let (_s, _) = taken.accept().unwrap();
         // The socket file stays for the successor to replace.
-        assert!(path.exists());
+        assert!(a.path.exists());
     }
 
     #[tokio::test(flavor = "multi_thread")]
     async fn a_successor_that_leaves_early_changes_nothing() {
-        let guard = temp_sock("abort");
-        let path = guard.path();
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        let (tx, rx) = watch::channel(false);
-        let (stop_tx, stop) = watch::channel(false);
-        serve(
-            path.clone(),
-            vec![(Role::Admin, addr, dup(&l).unwrap())],
-            tx,
-            stop,
-        )
-        .unwrap();
-        let p = path.clone();
-        tokio::task::spawn_blocking(move || {
+        let a = serving("abort", Role::Admin);
+        let addr = a.addr;
+        successor(&a.path, |p| {
             let t = Takeover::request(&p).unwrap().expect("an agent answers");
             drop(t); // exits before READY
         })
-        .await
-        .unwrap();
+        .await;
         // Still serving: a second successor gets the sockets.
-        let p = path.clone();
-        tokio::task::spawn_blocking(move || {
+        successor(&a.path, move |p| {
             let mut t = Takeover::request(&p).unwrap().expect("still answering");
             assert!(t.take(Role::Admin, addr).is_some());
         })
-        .await
-        .unwrap();
-        assert!(!*rx.borrow());
-        stop_tx.send(true).unwrap();
-        let gone = (0..100).any(|_| {
-            std::thread::sleep(Duration::from_millis(20));
-            !path.exists()
-        });
-        assert!(gone, "a clean stop removes its own socket");
+        .await;
+        assert!(!*a.handed.borrow());
+        a.stop.send(true).unwrap();
+        let mut gone = a.handed.clone();
+        let path = a.path.clone();
+        let removed = tokio::time::timeout(Duration::from_secs(5), async move {
+            while path.exists() {
+                let _ = tokio::time::timeout(Duration::from_millis(20), gone.changed()).await;
+            }
+        })
+        .await;
+        assert!(removed.is_ok(), "a clean stop removes its own socket");
     }
 
     #[test]
     fn nobody_there_means_a_fresh_start() {
         let guard = temp_sock("none");
-        let path = guard.path();
-        assert!(Takeover::request(&path).unwrap().is_none());
+        assert!(Takeover::request(&guard.path()).unwrap().is_none());
     }
 
     #[tokio::test(flavor = "multi_thread")]
     async fn garbage_requests_are_refused_and_serving_goes_on() {
-        let guard = temp_sock("garbage");
-        let path = guard.path();
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        let (tx, rx) = watch::channel(false);
-        let (stop_tx, stop) = watch::channel(false);
-        serve(
-            path.clone(),
-            vec![(Role::Admin, addr, dup(&l).unwrap())],
-            tx,
-            stop,
-        )
-        .unwrap();
-        let p = path.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut s = UnixStream::connect(&p).unwrap();
-            s.write_all(&[b'x'; 10_000]).ok();
-            let mut buf = Vec::new();
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            let _ = s.read_to_end(&mut buf);
-            assert!(buf.is_empty(), "nothing is offered to a bad request");
+        let a = serving("garbage", Role::Admin);
+        let addr = a.addr;
+        for junk in [
+            vec![b'x'; 10_000],
+            b"MESH-HANDOFF 2 TAKE\n".to_vec(),
+            b"\n".to_vec(),
+        ] {
+            successor(&a.path, move |p| {
+                let mut s = UnixStream::connect(&p).unwrap();
+                s.write_all(&junk).ok();
+                let mut buf = Vec::new();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let _ = s.read_to_end(&mut buf);
+                assert!(buf.is_empty(), "nothing is offered to a bad request");
+            })
+            .await;
+        }
+        // A well-formed successor is still served afterwards.
+        successor(&a.path, move |p| {
+            let mut t = Takeover::request(&p).unwrap().expect("still answering");
+            assert!(t.take(Role::Admin, addr).is_some());
         })
-        .await
-        .unwrap();
-        assert!(!*rx.borrow());
-        stop_tx.send(true).unwrap();
+        .await;
+        assert!(!*a.handed.borrow());
+        a.stop.send(true).unwrap();
     }
 }

@@ -237,6 +237,15 @@ impl ClientProc {
             .collect()
     }
 
+    /// Waits (bounded by `timeout`, panicking past it) until the client has reported `n`
+    /// connections: its traffic is flowing.
+    #[track_caller]
+    pub fn wait_results(&self, n: usize, timeout: std::time::Duration) {
+        crate::poll::wait_for(timeout, &format!("{n} results of {}", self.label), || {
+            (self.results_so_far().len() >= n).then_some(())
+        });
+    }
+
     /// Waits (bounded by the request's own deadline) for the client to finish.
     #[track_caller]
     pub fn wait(self) -> ClientRun {

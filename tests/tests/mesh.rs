@@ -87,6 +87,14 @@ pub fn assert_via_agent(
     flow
 }
 
+/// One connection from `src` to `dst` port 8080 sending `sent`, asserted carried by
+/// `agent` ([`assert_via_agent`]).
+#[track_caller]
+pub fn assert_carried(agent: &Agent, src: &Pod, dst: &Pod, sent: &str) -> FlowRecord {
+    let run = src.client(&mesh_tests::ClientRequest::new(dst.addr4(8080)).send(sent));
+    assert_via_agent(agent, src, dst, run.single(), sent)
+}
+
 /// Asserts that `result` reached the server named `dst_name` directly: the
 /// hello names it and the address connected to, and the server saw the
 /// client's own address as peer (no agent in between).

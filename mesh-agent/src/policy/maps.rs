@@ -122,17 +122,40 @@ struct GenMap<K, V> {
     map: HashMap<MapData, K, V>,
 }
 
+/// Opens the map pinned as `dir/name` as the typed handle `T` (`wrap` names its kind).
+fn open_pinned<T: TryFrom<Map, Error = MapError>>(
+    dir: &Path,
+    name: &str,
+    wrap: fn(MapData) -> Map,
+) -> Result<T, MapsError> {
+    let path = dir.join(name);
+    let open_err = |source| MapsError::Open {
+        path: path.clone(),
+        source: Box::new(source),
+    };
+    let data = MapData::from_pin(&path).map_err(open_err)?;
+    T::try_from(wrap(data)).map_err(open_err)
+}
+
+/// Removes `stale` keys of map `name` with `remove` (a key already gone is fine); returns
+/// how many.
+fn remove_keys<K>(
+    name: &'static str,
+    stale: Vec<K>,
+    mut remove: impl FnMut(&K) -> Result<(), MapError>,
+) -> Result<usize, MapsError> {
+    for k in &stale {
+        match remove(k) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(name)(e)),
+        }
+    }
+    Ok(stale.len())
+}
+
 impl<K: GenKey, V: aya::Pod> GenMap<K, V> {
     fn open(dir: &Path, name: &'static str) -> Result<Self, MapsError> {
-        let path = dir.join(name);
-        let data = MapData::from_pin(&path).map_err(|source| MapsError::Open {
-            path: path.clone(),
-            source: Box::new(source),
-        })?;
-        let map = HashMap::try_from(Map::HashMap(data)).map_err(|source| MapsError::Open {
-            path,
-            source: Box::new(source),
-        })?;
+        let map = open_pinned(dir, name, Map::HashMap)?;
         Ok(Self { name, map })
     }
 
@@ -154,13 +177,7 @@ impl<K: GenKey, V: aya::Pod> GenMap<K, V> {
             .filter_map(Result::ok)
             .filter(|k| drop(k.gen()))
             .collect();
-        for k in &stale {
-            match self.map.remove(k) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(self.name)(e)),
-            }
-        }
-        Ok(stale.len())
+        remove_keys(self.name, stale, |k| self.map.remove(k))
     }
 
     /// Every entry of generation `gen`.
@@ -202,15 +219,7 @@ impl PlainMap {
     const NAME: &'static str = names::MAP_POL_PLAIN;
 
     fn open(dir: &Path) -> Result<Self, MapsError> {
-        let path = dir.join(Self::NAME);
-        let data = MapData::from_pin(&path).map_err(|source| MapsError::Open {
-            path: path.clone(),
-            source: Box::new(source),
-        })?;
-        let map = LpmTrie::try_from(Map::LpmTrie(data)).map_err(|source| MapsError::Open {
-            path,
-            source: Box::new(source),
-        })?;
+        let map = open_pinned(dir, Self::NAME, Map::LpmTrie)?;
         Ok(Self { map })
     }
 
@@ -236,13 +245,7 @@ impl PlainMap {
             .filter_map(Result::ok)
             .filter(|k| drop(k.data().gen))
             .collect();
-        for k in &stale {
-            match self.map.remove(k) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(Self::NAME)(e)),
-            }
-        }
-        Ok(stale.len())
+        remove_keys(Self::NAME, stale, |k| self.map.remove(k))
     }
 
     fn read(&self, gen: u32) -> Result<Vec<(PolPlainKey, PolPlainValue)>, MapsError> {
@@ -267,15 +270,7 @@ impl PlainMap {
 impl PolicyMaps {
     /// Opens the maps pinned in `pin_dir` (by a running agent).
     pub fn open(pin_dir: &Path) -> Result<Self, MapsError> {
-        let path = pin_dir.join(names::MAP_CONFIG);
-        let data = MapData::from_pin(&path).map_err(|source| MapsError::Open {
-            path: path.clone(),
-            source: Box::new(source),
-        })?;
-        let config = Array::try_from(Map::Array(data)).map_err(|source| MapsError::Open {
-            path,
-            source: Box::new(source),
-        })?;
+        let config = open_pinned(pin_dir, names::MAP_CONFIG, Map::Array)?;
         Ok(Self {
             dir: pin_dir.to_owned(),
             config,

@@ -722,8 +722,18 @@ fn lifecycle_phase(
             "--secs",
             &secs.to_string(),
         ]);
+        // The upgrade starts once the load is carried (its first flow records on n1).
+        let flows_before = agents[0].flows().len();
         let load = client.spawn(cmd, &format!("paced-{rate}"));
-        std::thread::sleep(Duration::from_secs_f64(secs / 4.0));
+        if eventually(Duration::from_secs(10), || {
+            (agents[0].flows().len() > flows_before + 5).then_some(())
+        })
+        .is_none()
+        {
+            problems.push(format!(
+                "upgrade at {rate}/s: the load was not carried before the upgrade"
+            ));
+        }
         let mut old_exit = Vec::new();
         for agent in agents.iter_mut() {
             old_exit.push(agent.upgrade(Duration::from_secs(5)).code());
@@ -2040,17 +2050,55 @@ fn exchange_one(mut s: TcpStream) -> std::io::Result<()> {
     }
 }
 
+/// Outcomes of connections made by several threads: successes, failures, the first error.
+#[derive(Default)]
+struct ConnTally {
+    ok: AtomicU64,
+    errors: AtomicU64,
+    first_error: Mutex<Option<String>>,
+}
+
+impl ConnTally {
+    /// Counts one connection; `false` if it failed.
+    fn record(&self, result: std::io::Result<()>) -> bool {
+        match result {
+            Ok(()) => {
+                self.ok.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                self.first_error
+                    .lock()
+                    .unwrap()
+                    .get_or_insert_with(|| e.to_string());
+                false
+            }
+        }
+    }
+
+    fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    fn first_error(&self) -> Option<String> {
+        self.first_error.lock().unwrap().clone()
+    }
+}
+
 /// Connections at a fixed offered rate; every failure counted (with the first error).
 fn paced_client(to: SocketAddr, rate: f64, secs: Duration, clients: usize) -> ExitCode {
     let clients = clients.max(1);
     let interval = Duration::from_secs_f64(clients as f64 / rate.max(1.0));
-    let ok = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let first_error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let tally = Arc::new(ConnTally::default());
     let start = Instant::now();
     let threads: Vec<_> = (0..clients)
         .map(|i| {
-            let (ok, errors, first_error) = (ok.clone(), errors.clone(), first_error.clone());
+            let tally = tally.clone();
             std::thread::spawn(move || {
                 // Staggered starts spread the clients over one interval.
                 let mut next = start + interval.mul_f64(i as f64 / clients as f64);
@@ -2060,18 +2108,7 @@ fn paced_client(to: SocketAddr, rate: f64, secs: Duration, clients: usize) -> Ex
                         std::thread::sleep(next - now);
                     }
                     next += interval;
-                    match one_connection(to) {
-                        Ok(()) => {
-                            ok.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            errors.fetch_add(1, Ordering::Relaxed);
-                            first_error
-                                .lock()
-                                .unwrap()
-                                .get_or_insert_with(|| e.to_string());
-                        }
-                    }
+                    tally.record(one_connection(to));
                 }
             })
         })
@@ -2081,43 +2118,27 @@ fn paced_client(to: SocketAddr, rate: f64, secs: Duration, clients: usize) -> Ex
     }
     emit(&json!({
         "offered_per_sec": rate,
-        "connections": ok.load(Ordering::Relaxed),
-        "errors": errors.load(Ordering::Relaxed),
-        "first_error": *first_error.lock().unwrap(),
+        "connections": tally.ok(),
+        "errors": tally.errors(),
+        "first_error": tally.first_error(),
         "elapsed_secs": start.elapsed().as_secs_f64(),
     }));
     ExitCode::SUCCESS
 }
 
 fn cps_client(to: SocketAddr, clients: usize, secs: Duration) -> ExitCode {
-    let ok = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let first_error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let tally = Arc::new(ConnTally::default());
     let barrier = Arc::new(Barrier::new(clients + 1));
     let mut threads = Vec::new();
     for _ in 0..clients {
-        let (ok, errors, first_error, barrier) = (
-            ok.clone(),
-            errors.clone(),
-            first_error.clone(),
-            barrier.clone(),
-        );
+        let (tally, barrier) = (tally.clone(), barrier.clone());
         threads.push(std::thread::spawn(move || {
             barrier.wait();
             let end = Instant::now() + secs;
             while Instant::now() < end {
-                match one_connection(to) {
-                    Ok(()) => {
-                        ok.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                        first_error
-                            .lock()
-                            .unwrap()
-                            .get_or_insert_with(|| e.to_string());
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
+                if !tally.record(one_connection(to)) {
+                    // A failed connect returns at once: do not spin on it.
+                    std::thread::sleep(Duration::from_millis(1));
                 }
             }
         }));
@@ -2128,13 +2149,13 @@ fn cps_client(to: SocketAddr, clients: usize, secs: Duration) -> ExitCode {
         let _ = t.join();
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let n = ok.load(Ordering::Relaxed);
-    let e = errors.load(Ordering::Relaxed);
+    let n = tally.ok();
+    let e = tally.errors();
     emit(&json!({
         "clients": clients,
         "connections": n,
         "errors": e,
-        "first_error": *first_error.lock().unwrap(),
+        "first_error": tally.first_error(),
         "secs": elapsed,
         "per_sec": n as f64 / elapsed,
     }));
@@ -2261,12 +2282,14 @@ fn held_bench(out: &Path) -> ExitCode {
         (active(0, "outbound") == 0.0 && active(1, "inbound") == 0.0).then_some(())
     });
     let closed = Instant::now();
-    let mut after = rss(&agents);
-    while closed.elapsed() < HELD_SETTLE && after.iter().zip(&baseline).any(|(a, b)| *a > b + 16.0)
-    {
-        std::thread::sleep(Duration::from_millis(500));
-        after = rss(&agents);
-    }
+    let after = eventually(HELD_SETTLE, || {
+        let now = rss(&agents);
+        now.iter()
+            .zip(&baseline)
+            .all(|(a, b)| *a <= b + 16.0)
+            .then_some(now)
+    })
+    .unwrap_or_else(|| rss(&agents));
     let after_secs = closed.elapsed().as_secs_f64();
     let fmt = |v: &[f64]| {
         v.iter()

@@ -125,12 +125,12 @@ fn agent_holds_10000_connections_under_low_nofile() {
     // The allocator gives freed memory back after a decay time: sample until both agents are
     // within 16 MiB of their baseline, for at most SETTLE.
     let closed = Instant::now();
-    let mut after_rss: Vec<u64> = agents.iter().map(Agent::rss_kib).collect();
-    while closed.elapsed() < SETTLE && after_rss.iter().zip(&base).any(|(a, b)| *a > b + 16 * 1024)
-    {
-        std::thread::sleep(Duration::from_millis(500));
-        after_rss = agents.iter().map(Agent::rss_kib).collect();
-    }
+    let settled = |rss: &[u64]| rss.iter().zip(&base).all(|(a, b)| *a <= b + 16 * 1024);
+    let after_rss: Vec<u64> = mesh_tests::poll::eventually(SETTLE, || {
+        let rss: Vec<u64> = agents.iter().map(Agent::rss_kib).collect();
+        settled(&rss).then_some(rss)
+    })
+    .unwrap_or_else(|| agents.iter().map(Agent::rss_kib).collect());
     println!(
         "RSS after close sampled {:?} after the last connection closed",
         closed.elapsed()

@@ -10,9 +10,9 @@ use std::{
 };
 
 use mesh_common::names;
-use mesh_tests::{agent::list_pins, require_privileges, ClientRequest, Host};
+use mesh_tests::{agent::list_pins, require_privileges, Host};
 
-use crate::{assert_via_agent, cluster, expect_refused};
+use crate::{assert_carried, cluster, expect_refused};
 
 fn link_ids(node: &mesh_tests::Node) -> BTreeSet<u64> {
     node.attached_links()
@@ -56,8 +56,7 @@ fn agent_restart_adopts_pins() {
 
     for round in 1..=2 {
         let sent = format!("round {round}");
-        let run = a1.client(&ClientRequest::new(a2.addr4(8080)).send(&sent));
-        assert_via_agent(&agent, a1, a2, run.single(), &sent);
+        assert_carried(&agent, a1, a2, &sent);
 
         agent.kill_sigkill();
         // Still attached, same programs, same links: the kernel did not let go.
@@ -82,8 +81,7 @@ fn agent_restart_adopts_pins() {
             "same build: every link adopted as it is: {adopted:?}"
         );
         let sent = format!("round {round}, restarted");
-        let run = a1.client(&ClientRequest::new(a2.addr4(8080)).send(&sent));
-        assert_via_agent(&agent, a1, a2, run.single(), &sent);
+        assert_carried(&agent, a1, a2, &sent);
         assert!(
             ready.elapsed() < Duration::from_secs(1),
             "traffic flowed again only {:?} after ready",

@@ -12,7 +12,7 @@ use std::{collections::BTreeSet, time::Duration};
 use mesh_common::names;
 use mesh_tests::{assert_eventually, bpftool, require_privileges, ClientRequest, Host};
 
-use crate::{assert_via_agent, cluster};
+use crate::{assert_carried, cluster};
 
 fn links(node: &mesh_tests::Node) -> BTreeSet<(u64, u64)> {
     node.attached_links()
@@ -29,8 +29,7 @@ fn agent_restart_updates_programs_in_place() {
     let mut agent = cluster.start_agent(0);
     let (a1, a2) = (cluster.pod("a1"), cluster.pod("a2"));
     let server = a2.serve(&[8080]);
-    let run = a1.client(&ClientRequest::new(a2.addr4(8080)).send("before"));
-    assert_via_agent(&agent, a1, a2, run.single(), "before");
+    assert_carried(&agent, a1, a2, "before");
     let before = links(node);
     assert_eq!(before.len(), names::ALL_PROGS.len(), "{before:?}");
 
@@ -112,6 +111,5 @@ fn agent_restart_updates_programs_in_place() {
             .collect::<Vec<_>>()
     );
     assert!(ok > 0, "no probe was carried");
-    let run = a1.client(&ClientRequest::new(a2.addr4(8080)).send("after"));
-    assert_via_agent(&agent, a1, a2, run.single(), "after");
+    assert_carried(&agent, a1, a2, "after");
 }

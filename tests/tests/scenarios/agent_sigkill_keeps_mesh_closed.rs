@@ -17,7 +17,7 @@ use mesh_tests::{
 };
 
 use super::policy_common::{authz, expect_denied, principal};
-use crate::{assert_via_agent, cluster, expect_refused};
+use crate::{assert_carried, cluster, expect_refused};
 
 #[test]
 fn agent_sigkill_keeps_mesh_closed() {
@@ -55,8 +55,7 @@ fn agent_sigkill_keeps_mesh_closed() {
     let _sb2 = b2.serve(&[8080]);
 
     for (round, how) in [(1, "SIGKILL"), (2, "SIGTERM")] {
-        let run = a1.client(&ClientRequest::new(a2.addr4(8080)).send("warm"));
-        assert_via_agent(&n1, a1, a2, run.single(), "warm");
+        assert_carried(&n1, a1, a2, "warm");
         let live_marker = format!("live-payload-{round}-7f3a");
         let dead_marker = format!("after-agent-death-{round}-c91e");
         let bridge = Capture::start(cluster.bridge_netns());
@@ -74,7 +73,9 @@ fn agent_sigkill_keeps_mesh_closed() {
                 )
             })
             .collect();
-        std::thread::sleep(Duration::from_millis(300));
+        for c in &live {
+            c.wait_results(3, mesh_tests::DEFAULT_TIMEOUT);
+        }
         if how == "SIGKILL" {
             n1.kill_sigkill();
         } else {

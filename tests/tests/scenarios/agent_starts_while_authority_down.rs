@@ -5,9 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use mesh_tests::{require_privileges, ClientRequest, Host};
+use mesh_tests::{require_privileges, Host};
 
-use crate::{assert_via_agent, cluster};
+use crate::{assert_carried, cluster};
 
 #[test]
 fn agent_starts_while_authority_down() {
@@ -16,8 +16,7 @@ fn agent_starts_while_authority_down() {
     let mut agents = cluster.start_agents();
     let (a1, b1) = (cluster.pod("a1"), cluster.pod("b1"));
     let _server = b1.serve(&[8080]);
-    let run = a1.client(&ClientRequest::new(b1.addr4(8080)).send("before"));
-    assert_via_agent(&agents[0], a1, b1, run.single(), "before");
+    assert_carried(&agents[0], a1, b1, "before");
 
     cluster.authority().stop();
     agents[0].kill_sigkill();
@@ -34,16 +33,13 @@ fn agent_starts_while_authority_down() {
         .filter(|l| l["message"] == "workload certificate restored")
         .count();
     assert_eq!(restored, 1, "{}", agents[0].tail_stdout(20));
-    let run = a1.client(&ClientRequest::new(b1.addr4(8080)).send("authority down"));
-    assert_via_agent(&agents[0], a1, b1, run.single(), "authority down");
+    assert_carried(&agents[0], a1, b1, "authority down");
 
     // An upgrade with the authority still down.
     let old = agents[0].upgrade(Duration::from_secs(5));
     assert_eq!(old.code(), Some(0), "old agent exit: {old}");
-    let run = a1.client(&ClientRequest::new(b1.addr4(8080)).send("after upgrade"));
-    assert_via_agent(&agents[0], a1, b1, run.single(), "after upgrade");
+    assert_carried(&agents[0], a1, b1, "after upgrade");
 
     cluster.authority().start();
-    let run = a1.client(&ClientRequest::new(b1.addr4(8080)).send("authority back"));
-    assert_via_agent(&agents[0], a1, b1, run.single(), "authority back");
+    assert_carried(&agents[0], a1, b1, "authority back");
 }

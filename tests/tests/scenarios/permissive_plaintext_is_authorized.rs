@@ -16,7 +16,7 @@ use mesh_common::counters as ctr;
 use mesh_tests::{require_privileges, ClientRequest, Host, Pod};
 
 use super::policy_common::{apply, counters, docs, expect_denied, policy, wait_line};
-use crate::{assert_direct, assert_via_agent, cluster};
+use crate::{assert_carried, assert_direct, cluster};
 
 #[track_caller]
 fn expect_dropped(src: &Pod, dst: std::net::SocketAddr) {
@@ -73,8 +73,7 @@ fn permissive_plaintext_is_authorized() {
         v["dst"] == b2.addr4(8080).to_string()
     });
     assert_eq!(line["dst_workload"], b2.workload(), "{line}");
-    let run = a1.client(&ClientRequest::new(b2.addr4(8080)).send("mesh"));
-    assert_via_agent(&agents[0], a1, b2, run.single(), "mesh");
+    assert_carried(&agents[0], a1, b2, "mesh");
     let denied_after = counters(&cluster, 1)[ctr::INGRESS_PLAINTEXT_DENIED_POLICY as usize];
     assert!(
         denied_after > denied_before,
@@ -121,8 +120,7 @@ fn permissive_plaintext_is_authorized() {
         ),
     );
     expect_dropped(x1, b2.addr4(8080));
-    let run = a1.client(&ClientRequest::new(b2.addr4(8080)).send("mesh again"));
-    assert_via_agent(&agents[0], a1, b2, run.single(), "mesh again");
+    assert_carried(&agents[0], a1, b2, "mesh again");
 
     // 4. Ports apply to plaintext: a DENY on 9090 only.
     apply(

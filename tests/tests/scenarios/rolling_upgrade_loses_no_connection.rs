@@ -41,7 +41,9 @@ fn rolling_upgrade_loses_no_connection() {
             )
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(500));
+    for c in &clients {
+        c.wait_results(20, mesh_tests::DEFAULT_TIMEOUT);
+    }
     for (i, agent) in agents.iter_mut().enumerate() {
         let old = agent.upgrade(Duration::from_secs(5));
         assert_eq!(

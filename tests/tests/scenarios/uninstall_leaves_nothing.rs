@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use mesh_tests::{assert_eventually, bpftool, require_privileges, ClientRequest, Host};
 
-use crate::{assert_direct, assert_via_agent, cluster, expect_refused};
+use crate::{assert_carried, assert_direct, cluster, expect_refused};
 
 #[test]
 fn uninstall_leaves_nothing() {
@@ -20,8 +20,7 @@ fn uninstall_leaves_nothing() {
     let (a1, a2) = (cluster.pod("a1"), cluster.pod("a2"));
     let server = a2.serve(&[8080]);
 
-    let run = a1.client(&ClientRequest::new(a2.addr4(8080)).send("before"));
-    assert_via_agent(&agent, a1, a2, run.single(), "before");
+    assert_carried(&agent, a1, a2, "before");
     let ours: Vec<u32> = node.attached_progs().iter().map(|p| p.id).collect();
     assert_eq!(ours.len(), mesh_common::names::ALL_PROGS.len());
 
