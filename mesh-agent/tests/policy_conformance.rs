@@ -26,24 +26,7 @@ fn suite_dir() -> PathBuf {
 
 /// Every case file, by name, with its cases.
 fn all_cases() -> Vec<(String, Case)> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(suite_dir())
-        .expect("tests/conformance")
-        .map(|e| e.expect("dir entry").path())
-        .filter(|p| {
-            p.extension().is_some_and(|e| e == "yaml")
-                && p.file_name().is_some_and(|n| n != "registry.yaml")
-        })
-        .collect();
-    files.sort();
-    let mut out = Vec::new();
-    for f in files {
-        let file = cases::load(&f).unwrap_or_else(|e| panic!("{e}"));
-        let stem = f.file_stem().unwrap().to_string_lossy().into_owned();
-        for c in file.cases {
-            out.push((format!("{stem}/{}", c.name), c));
-        }
-    }
-    out
+    cases::load_dir(&suite_dir()).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn registry() -> Arc<Registry> {

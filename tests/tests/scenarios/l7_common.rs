@@ -15,6 +15,18 @@ pub struct L7Mesh {
 }
 
 pub fn l7_mesh() -> L7Mesh {
+    let mesh = l7_cluster();
+    apply(
+        &mesh.cluster,
+        &mesh.agents,
+        "l7",
+        &docs(&[l7_policy("b1"), l7_policy("c1")]),
+    );
+    mesh
+}
+
+/// The [`L7Mesh`] cluster, agents and servers, with no policy applied yet.
+pub fn l7_cluster() -> L7Mesh {
     require_privileges();
     let cluster = crate::cluster()
         .nodes(2)
@@ -27,12 +39,6 @@ pub fn l7_mesh() -> L7Mesh {
     let agents = cluster.start_agents();
     let b_server = cluster.pod("b1").serve_http(&[8080]);
     let c_server = cluster.pod("c1").serve_http(&[8080]);
-    apply(
-        &cluster,
-        &agents,
-        "l7",
-        &docs(&[l7_policy("b1"), l7_policy("c1")]),
-    );
     L7Mesh {
         b_server,
         c_server,

@@ -10,7 +10,7 @@
 //!
 //! Denied requests get `403`; the pod sees exactly the allowed ones.
 
-use mesh_tests::{require_privileges, Host, Pod, Server};
+use mesh_tests::{Host, Pod, Server};
 
 use super::policy_common::{apply, docs, policy};
 
@@ -98,26 +98,17 @@ fn check(src: &Pod, dst: &Pod, server: &Server) {
 
 #[test]
 fn l7_when_conditions_and_hosts_with_port() {
-    require_privileges();
-    let cluster = crate::cluster()
-        .nodes(2)
-        .add_pod(0, "a1")
-        .add_pod(0, "c1")
-        .add_pod(1, "b1")
-        .http_ports("b1", &[8080])
-        .http_ports("c1", &[8080])
-        .build();
-    let agents = cluster.start_agents();
-    let b_server = cluster.pod("b1").serve_http(&[8080]);
-    let c_server = cluster.pod("c1").serve_http(&[8080]);
+    let mesh = super::l7_common::l7_cluster();
+    let (cluster, agents) = (&mesh.cluster, &mesh.agents);
+    let (b_server, c_server) = (&mesh.b_server, &mesh.c_server);
     let [a1, b1, c1] = ["a1", "b1", "c1"].map(|n| cluster.pod(n));
     let a1_ip = a1.addr4(0).ip().to_string();
     apply(
-        &cluster,
-        &agents,
+        cluster,
+        agents,
         "when",
         &docs(&[policies("b1", &a1_ip), policies("c1", &a1_ip)]),
     );
-    check(a1, b1, &b_server);
-    check(a1, c1, &c_server);
+    check(a1, b1, b_server);
+    check(a1, c1, c_server);
 }

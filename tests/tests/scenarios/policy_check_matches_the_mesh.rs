@@ -29,23 +29,12 @@ const TCP_PORT: u16 = 19090;
 
 /// The `mesh: true` cases, sorted by file then order.
 fn mesh_cases() -> Vec<(String, Case)> {
-    let mut files: Vec<_> = std::fs::read_dir(SUITE)
-        .expect("the conformance suite")
-        .map(|e| e.expect("dir entry").path())
-        .filter(|p| {
-            p.extension().is_some_and(|e| e == "yaml")
-                && p.file_name().is_some_and(|n| n != "registry.yaml")
-        })
-        .collect();
-    files.sort();
-    let mut out = Vec::new();
-    for f in files {
-        let file = cases::load(&f).unwrap_or_else(|e| panic!("{e}"));
-        for c in file.cases.into_iter().filter(|c| c.mesh) {
-            out.push((c.name.clone(), c));
-        }
-    }
-    out
+    cases::load_dir(std::path::Path::new(SUITE))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_iter()
+        .filter(|(_, c)| c.mesh)
+        .map(|(_, c)| (c.name.clone(), c))
+        .collect()
 }
 
 /// The pod of `ns/name` (pods are named after the workload).

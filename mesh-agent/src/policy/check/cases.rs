@@ -187,6 +187,31 @@ pub fn load(path: &Path) -> Result<CaseFile, String> {
     serde_saphyr::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Every case of every case file in `dir` (`*.yaml` but `registry.yaml`), files in name
+/// order, each named `<file stem>/<case name>`.
+pub fn load_dir(dir: &Path) -> Result<Vec<(String, Case)>, String> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "yaml")
+                && p.file_name().is_some_and(|n| n != "registry.yaml")
+        })
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        let stem = f
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        for c in load(&f)?.cases {
+            out.push((format!("{stem}/{}", c.name), c));
+        }
+    }
+    Ok(out)
+}
+
 /// Writes the case's policies into `dir` (created empty) as `policies.yaml`.
 pub fn write_policies(case: &Case, dir: &Path) -> std::io::Result<PathBuf> {
     let _ = std::fs::remove_dir_all(dir);
