@@ -13,7 +13,7 @@ use std::{
 
 use mesh_common::{
     AgentConfig, CgroupKey, DestValue, IpKey, PeerValue, WorkloadValue, CONFIG_F_IPV6,
-    CONFIG_F_READY, DEST_F_LOCAL, PEER_F_LOCAL, WORKLOAD_F_CAPTURE, WORKLOAD_F_PERMISSIVE,
+    CONFIG_F_READY, DEST_F_LOCAL, WORKLOAD_F_CAPTURE, WORKLOAD_F_PERMISSIVE,
 };
 use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
 use tracing::{info, warn};
@@ -609,13 +609,12 @@ fn program_maps(
         .iter()
         .filter(|n| n.name == node)
         .flat_map(|n| {
-            let flags = PEER_F_LOCAL;
-            n.addresses().map(move |ip| {
+            n.addresses().map(|ip| {
                 (
                     IpKey {
                         addr_be: ip_words(ip),
                     },
-                    PeerValue { flags },
+                    PeerValue::default(),
                 )
             })
         })
