@@ -268,9 +268,19 @@ fn init_join_serve_revoke_roots() {
     let (code, _, _) = run(&["authority", "roots", "--dir", s(&ca), "activate", &new_root]);
     assert_eq!(code, 0);
 
-    // A broken file is logged and ignored; the service keeps its state.
+    // A broken file is logged and ignored; the service keeps its state. The warning is the
+    // proof that a reload read the broken file (asserting before it would pass vacuously).
     std::fs::write(ca.join("revoked.txt"), "not a serial\n").unwrap();
-    std::thread::sleep(Duration::from_millis(600));
+    let refused = loop {
+        let v = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("no reload refused the broken revocation list");
+        if v["message"] == "authority state on disk is invalid, keeping the current state" {
+            break v;
+        }
+    };
+    let error = refused["error"].as_str().unwrap_or_default();
+    assert!(error.contains("revoked.txt"), "{refused}");
     assert!(rt
         .block_on(client.revocations())
         .unwrap()
