@@ -56,7 +56,7 @@ pub struct AgentSpec {
     pub pin_dir: PathBuf,
     /// Where stdout/stderr files go.
     pub log_dir: PathBuf,
-    /// `--identity-dir`: the node's credentials (`authority join`).
+    /// `--identity-dir`: the node's credentials (`node csr` + `authority join --csr`).
     pub identity_dir: PathBuf,
     /// `--authority`.
     pub authority: SocketAddr,
