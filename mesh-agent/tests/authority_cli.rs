@@ -41,6 +41,22 @@ fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap()
 }
 
+/// The next JSON log line of the authority whose `message` is `message` (earlier ones are
+/// skipped); fails after 10 s without one.
+fn wait_message(
+    rx: &std::sync::mpsc::Receiver<serde_json::Value>,
+    message: &str,
+) -> serde_json::Value {
+    loop {
+        let v = rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("no log line {message:?}: {e}"));
+        if v["message"] == message {
+            return v;
+        }
+    }
+}
+
 const REGISTRY: &str = "workloads:
   - name: a1
     namespace: default
@@ -175,14 +191,7 @@ fn init_join_serve_revoke_roots() {
             }
         }
     });
-    let ready = loop {
-        let v = rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("no readiness line");
-        if v["message"] == "authority ready" {
-            break v;
-        }
-    };
+    let ready = wait_message(&rx, "authority ready");
     assert_eq!(ready["trust_domain"], "cluster.local");
     let addr = ready["listen"].as_str().unwrap().to_owned();
 
@@ -271,14 +280,10 @@ fn init_join_serve_revoke_roots() {
     // A broken file is logged and ignored; the service keeps its state. The warning is the
     // proof that a reload read the broken file (asserting before it would pass vacuously).
     std::fs::write(ca.join("revoked.txt"), "not a serial\n").unwrap();
-    let refused = loop {
-        let v = rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("no reload refused the broken revocation list");
-        if v["message"] == "authority state on disk is invalid, keeping the current state" {
-            break v;
-        }
-    };
+    let refused = wait_message(
+        &rx,
+        "authority state on disk is invalid, keeping the current state",
+    );
     let error = refused["error"].as_str().unwrap_or_default();
     assert!(error.contains("revoked.txt"), "{refused}");
     assert!(rt

@@ -381,13 +381,6 @@ impl Agent {
             .unwrap_or_default()
     }
 
-    pub fn tail_stderr(&self, n: usize) -> String {
-        self.proc
-            .as_ref()
-            .map(|p| sys::tail(p.stderr_path(), n))
-            .unwrap_or_default()
-    }
-
     /// SIGKILL: the agent gets no chance to clean up.
     pub fn kill_sigkill(&mut self) -> ExitStatus {
         self.proc.as_mut().expect("agent was started").kill()

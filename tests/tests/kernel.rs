@@ -554,25 +554,20 @@ fn ingress_permissive_authorizes_plaintext_by_policy() {
 fn ingress_ipv4_options_and_malformed_headers() {
     let mut k = ingress_kernel(WORKLOAD_F_CAPTURE, 0);
 
-    // Options shift the TCP header: a SYN after 8 bytes of options is judged (dropped),
-    // and an ACK there is not mistaken for the SYN flag in the options' bytes.
-    let options = [1, 1, 1, 1, 0x02, 0x02, 0x02, 0x02];
-    let p = ipv4(
-        v4(OUTSIDER4),
-        v4(POD4),
-        IPPROTO_TCP,
-        &options,
-        &tcp(1, 8080, SYN),
-    );
-    assert_eq!(k.run_ingress(&p), DROP, "SYN after IP options");
-    let p = ipv4(
-        v4(OUTSIDER4),
-        v4(POD4),
-        IPPROTO_TCP,
-        &options,
-        &tcp(1, 8080, ACK),
-    );
-    assert_eq!(k.run_ingress(&p), PASS, "ACK after IP options");
+    // Options shift the TCP header: a SYN after 8 bytes of options is judged (dropped), and
+    // an ACK there is not mistaken for a SYN (read 8 bytes early, its flags byte would be the
+    // sequence number's byte holding the SYN bit).
+    let options = [1; 8];
+    for (flags, verdict) in [(SYN, DROP), (ACK, PASS)] {
+        let mut segment = tcp(1, 8080, flags);
+        segment[5] = SYN;
+        let p = ipv4(v4(OUTSIDER4), v4(POD4), IPPROTO_TCP, &options, &segment);
+        assert_eq!(
+            k.run_ingress(&p),
+            verdict,
+            "TCP flags {flags:#x} after IP options"
+        );
+    }
     assert_eq!(k.counter(ctr::INGRESS_PLAINTEXT_REFUSED), 1);
 
     // Packets the program cannot parse pass (fail open) and are counted. (A cut fixed IP
@@ -624,22 +619,16 @@ fn ingress_ipv6_extension_headers() {
     );
 
     // Six extension headers are walked; a seventh is an error (passes, counted).
-    let six: Vec<u8> = (0..6)
-        .flat_map(|i| ext_options(if i == 5 { IPPROTO_TCP } else { EXT_DSTOPTS }, 0))
-        .collect();
-    assert_eq!(
-        k.run_ingress(&syn6_after(EXT_DSTOPTS, &six)),
-        DROP,
-        "six headers"
-    );
-    let seven: Vec<u8> = (0..7)
-        .flat_map(|i| ext_options(if i == 6 { IPPROTO_TCP } else { EXT_DSTOPTS }, 0))
-        .collect();
-    assert_eq!(
-        k.run_ingress(&syn6_after(EXT_DSTOPTS, &seven)),
-        PASS,
-        "seven headers"
-    );
+    // `n` destination-options headers, the last followed by TCP.
+    let dstopts = |n: usize| -> Vec<u8> {
+        (1..=n)
+            .flat_map(|i| ext_options(if i == n { IPPROTO_TCP } else { EXT_DSTOPTS }, 0))
+            .collect()
+    };
+    for (n, verdict) in [(6, DROP), (7, PASS)] {
+        let p = syn6_after(EXT_DSTOPTS, &dstopts(n));
+        assert_eq!(k.run_ingress(&p), verdict, "{n} extension headers");
+    }
     assert_eq!(k.counter(ctr::INGRESS_ERRORS), 1);
 
     // Another transport behind the headers is not a connection attempt (no error).
