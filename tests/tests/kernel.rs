@@ -829,7 +829,7 @@ impl Listeners {
                 other,
             };
         }
-        panic!("no port free on both 127.0.0.1 and [::1]");
+        panic!("no port free on both 127.0.0.1 and [::1] (the tests need IPv6 loopback)");
     }
 
     fn agent_port(&self) -> u16 {
