@@ -6,9 +6,10 @@
 //!   the verdict the kernel returns (1 pass, 0 drop) and the counters it bumps. The test run
 //!   gives the packet a socket of the calling thread's cgroup, so enrolling that cgroup makes
 //!   the packet one for an enrolled workload.
-//! - `cgroup/connect4` and `cgroup/connect6` attached to a cgroup tree created per test under
-//!   the cgroup2 mount: a forked child moves itself into a leaf and connects; where the
-//!   connect lands (which loopback listener accepts it) or the errno it gets is the verdict.
+//! - `cgroup/connect4`, `cgroup/connect6` and `sockops` attached to a cgroup tree created per
+//!   test under the cgroup2 mount: a forked child moves itself into a leaf and connects; where
+//!   the connect lands (which loopback listener accepts it) or the errno it gets is the
+//!   verdict, and the original destination is looked up by 4-tuple as the agent does.
 //!
 //! Everything is released by the guards: programs and their links with the loaded object,
 //! cgroups by `mesh_tests::Cgroup`, children by pid. Needs root (fails saying so otherwise).
@@ -27,7 +28,7 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
         Array, HashMap, MapData, PerCpuArray, RingBuf,
     },
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSockAddr},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSockAddr, Program, ProgramError, SockOps},
     Ebpf, EbpfLoader, Pod, TestRun, TestRunOptions,
 };
 use mesh_common::{
@@ -36,9 +37,9 @@ use mesh_common::{
         PolDstKey, PolDstValue, PolL4Key, PolL4Value, PolPlainData, PolPlainValue, PolSrcKey,
         PolSrcValue, PLAIN_GEN_BITS, POL_ALLOW, POL_DENY, POL_L7,
     },
-    AgentConfig, CgroupKey, DestValue, Event, IpKey, OrigDst, PeerValue, WorkloadValue, AF_INET,
-    AF_INET6, CONFIG_F_IPV6, CONFIG_F_READY, EVENT_PLAINTEXT_DENIED, EVENT_PLAINTEXT_PERMISSIVE,
-    EVENT_PLAINTEXT_REFUSED, WORKLOAD_F_CAPTURE, WORKLOAD_F_PERMISSIVE,
+    AgentConfig, CgroupKey, ConnKey, DestValue, Event, IpKey, OrigDst, PeerValue, WorkloadValue,
+    AF_INET, AF_INET6, CONFIG_F_IPV6, CONFIG_F_READY, EVENT_PLAINTEXT_DENIED,
+    EVENT_PLAINTEXT_PERMISSIVE, EVENT_PLAINTEXT_REFUSED, WORKLOAD_F_CAPTURE, WORKLOAD_F_PERMISSIVE,
 };
 use mesh_tests::{cgroup2_mount, unique_id, wait_for, Cgroup};
 
@@ -219,30 +220,57 @@ impl Kernel {
             .return_value
     }
 
-    /// Loads connect4 and connect6 and attaches them to `cgroup`.
-    fn attach_connect(&mut self, cgroup: &Path) {
+    /// Loads connect4, connect6 and sockops and attaches them to `cgroup`, as the agent does
+    /// to the pod cgroup parent.
+    fn attach_capture(&mut self, cgroup: &Path) {
         let dir = File::open(cgroup).unwrap_or_else(|e| panic!("{}: {e}", cgroup.display()));
+        let attached = |prog: &str, e: ProgramError| -> ! {
+            panic!("attaching {prog} to {}: {e}", cgroup.display())
+        };
         for prog in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
-            let p: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(prog)
-                .unwrap_or_else(|| panic!("no program {prog}"))
-                .try_into()
-                .unwrap_or_else(|e| panic!("{prog}: {e}"));
+            let p: &mut CgroupSockAddr = self.program(prog);
             p.load().unwrap_or_else(|e| panic!("loading {prog}: {e}"));
             p.attach(&dir, CgroupAttachMode::Single)
-                .unwrap_or_else(|e| panic!("attaching {prog} to {}: {e}", cgroup.display()));
+                .unwrap_or_else(|e| attached(prog, e));
         }
+        let prog = names::PROG_SOCKOPS;
+        let p: &mut SockOps = self.program(prog);
+        p.load().unwrap_or_else(|e| panic!("loading {prog}: {e}"));
+        p.attach(&dir, CgroupAttachMode::Single)
+            .unwrap_or_else(|e| attached(prog, e));
     }
 
-    /// The original destinations connect recorded (`mesh_cookie_dst`).
-    fn cookie_dsts(&self) -> Vec<OrigDst> {
+    fn program<'a, P>(&'a mut self, prog: &str) -> &'a mut P
+    where
+        &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+    {
+        self.ebpf
+            .program_mut(prog)
+            .unwrap_or_else(|| panic!("no program {prog}"))
+            .try_into()
+            .unwrap_or_else(|e| panic!("{prog}: {e}"))
+    }
+
+    /// Original destinations still keyed by socket cookie (`mesh_cookie_dst`): sockops moves
+    /// each to its 4-tuple once the connection is established.
+    fn cookie_dsts(&self) -> usize {
         let map = self.ebpf.map(names::MAP_COOKIE_DST).expect("no cookie map");
         let cookies: HashMap<_, u64, OrigDst> = HashMap::try_from(map).expect("cookie map");
-        cookies
-            .iter()
-            .map(|r| r.expect("reading the cookie map").1)
-            .collect()
+        cookies.keys().count()
+    }
+
+    /// The original destination of the connection the agent accepted from `client` on
+    /// `listener`, looked up as the agent does (`mesh_conn_dst`, by 4-tuple).
+    fn conn_dst(&mut self, (client, listener): (SocketAddr, SocketAddr)) -> Option<OrigDst> {
+        let key = ConnKey {
+            src_addr_be: addr_be(client.ip()),
+            dst_addr_be: addr_be(listener.ip()),
+            src_port: u32::from(client.port()),
+            dst_port: u32::from(listener.port()),
+        };
+        self.hash::<ConnKey, OrigDst>(names::MAP_CONN_DST)
+            .get(&key, 0)
+            .ok()
     }
 }
 
@@ -840,10 +868,30 @@ impl Listeners {
         self.other.local_addr().expect("local addr")
     }
 
-    /// How many connections each listener has waiting (agent4, agent6, other); accepts them.
-    fn drain(&self) -> (usize, usize, usize) {
-        let count = |l: &TcpListener| std::iter::from_fn(|| l.accept().ok()).count();
-        (count(&self.agent4), count(&self.agent6), count(&self.other))
+    /// The connections waiting on each listener (agent4, agent6, other), accepted: (client,
+    /// listener) address pairs.
+    fn drain(&self) -> [Vec<(SocketAddr, SocketAddr)>; 3] {
+        [&self.agent4, &self.agent6, &self.other].map(|l| {
+            std::iter::from_fn(|| l.accept().ok())
+                .map(|(s, client)| (client, s.local_addr().expect("local addr")))
+                .collect()
+        })
+    }
+
+    /// How many connections each listener had waiting (agent4, agent6, other).
+    fn counts(&self) -> [usize; 3] {
+        self.drain().map(|v| v.len())
+    }
+
+    /// The one connection `listener` (0: agent4, 1: agent6) had waiting, and none elsewhere.
+    #[track_caller]
+    fn only(&self, listener: usize) -> (SocketAddr, SocketAddr) {
+        let mut all = self.drain();
+        let counts = all.each_ref().map(Vec::len);
+        let mut want = [0; 3];
+        want[listener] = 1;
+        assert_eq!(counts, want, "connections waiting on agent4, agent6, other");
+        all[listener].remove(0)
     }
 }
 
@@ -855,7 +903,7 @@ fn connect_kernel(tree: &Tree, listeners: &Listeners, policy_gen: u32) -> Kernel
     k.enroll(tree.pod.id(), SRC_ID, WORKLOAD_F_CAPTURE);
     k.add_dest(IpAddr::V4(v4("127.0.0.3")), DST_ID);
     k.add_dest(IpAddr::V6(v6(MESH_DST6)), DST_ID);
-    k.attach_connect(tree.top.path());
+    k.attach_capture(tree.top.path());
     k
 }
 
@@ -869,56 +917,43 @@ fn connect_redirects_enrolled_workloads_to_the_agent() {
     let mut k = connect_kernel(&tree, &listeners, 0);
 
     // A mesh destination from a workload (enrolled through its ancestor `pod`): redirected
-    // to the agent, the original destination recorded under the socket's cookie.
+    // to the agent, which finds the original destination under the connection's 4-tuple.
     let mesh4: SocketAddr = "127.0.0.3:9".parse().expect("addr");
-    assert_eq!(connect_from(&tree.ctr, mesh4), Ok(()), "connect to {mesh4}");
-    assert_eq!(
-        listeners.drain(),
-        (1, 0, 0),
-        "redirected to the agent's IPv4 listener"
-    );
-    assert_eq!(k.counter(ctr::CONNECT_REDIRECTED), 1);
-    let orig = k.cookie_dsts();
-    assert_eq!(orig.len(), 1, "one original destination recorded: {orig:?}");
-    assert_eq!(orig[0].addr_be, addr_be(mesh4.ip()));
-    assert_eq!(u16::from_be(orig[0].port_be), 9);
-    assert_eq!(orig[0].family, AF_INET);
-    assert_eq!(
-        (orig[0].src_workload_id, orig[0].dst_workload_id),
-        (SRC_ID, DST_ID)
-    );
-
-    // IPv6, and an IPv4-mapped address on an IPv6 socket (captured as IPv4).
     let mesh6 = SocketAddr::new(IpAddr::V6(v6(MESH_DST6)), 9);
-    assert_eq!(connect_from(&tree.ctr, mesh6), Ok(()), "connect to {mesh6}");
-    assert_eq!(
-        listeners.drain(),
-        (0, 1, 0),
-        "redirected to the agent's IPv6 listener"
-    );
+    // An IPv4-mapped address on an IPv6 socket is captured as IPv4.
     let mapped = SocketAddr::new(IpAddr::V6(v4("127.0.0.3").to_ipv6_mapped()), 9);
-    assert_eq!(
-        connect_from(&tree.ctr, mapped),
-        Ok(()),
-        "connect to {mapped}"
-    );
-    assert_eq!(
-        listeners.drain(),
-        (1, 0, 0),
-        "mapped address to the IPv4 listener"
-    );
+    for (dst, listener, family) in [
+        (mesh4, 0, AF_INET),
+        (mesh6, 1, AF_INET6),
+        (mapped, 0, AF_INET),
+    ] {
+        assert_eq!(connect_from(&tree.ctr, dst), Ok(()), "connect to {dst}");
+        let conn = listeners.only(listener);
+        let want = OrigDst {
+            addr_be: addr_be(dst.ip().to_canonical()),
+            port_be: 9u16.to_be(),
+            family,
+            src_workload_id: SRC_ID,
+            dst_workload_id: DST_ID,
+        };
+        assert_eq!(
+            k.conn_dst(conn),
+            Some(want),
+            "original destination of {dst}"
+        );
+    }
     assert_eq!(k.counter(ctr::CONNECT_REDIRECTED), 3);
-    let families: Vec<u16> = {
-        let mut f: Vec<u16> = k.cookie_dsts().iter().map(|o| o.family).collect();
-        f.sort_unstable();
-        f
-    };
-    assert_eq!(families, [AF_INET, AF_INET, AF_INET6]);
+    assert_eq!(k.counter(ctr::SOCKOPS_TRACKED), 3);
+    assert_eq!(
+        k.cookie_dsts(),
+        0,
+        "every cookie entry moved to its 4-tuple"
+    );
 
     // An address not in the map: untouched.
     let other = listeners.other_addr();
     assert_eq!(connect_from(&tree.ctr, other), Ok(()), "connect to {other}");
-    assert_eq!(listeners.drain(), (0, 0, 1), "reached its own destination");
+    assert_eq!(listeners.counts(), [0, 0, 1], "reached its own destination");
     assert_eq!(k.counter(ctr::CONNECT_PASSED_NOT_MESH), 1);
 
     // A process that is not enrolled: untouched (nothing listens at 127.0.0.3:9).
@@ -927,7 +962,7 @@ fn connect_redirects_enrolled_workloads_to_the_agent() {
         Err(ECONNREFUSED),
         "not enrolled"
     );
-    assert_eq!(listeners.drain(), (0, 0, 0));
+    assert_eq!(listeners.counts(), [0, 0, 0]);
     assert_eq!(k.counter(ctr::CONNECT_PASSED_NOT_ENROLLED), 1);
 
     // The agent not ready: a captured connect fails closed (EPERM), nothing is recorded.
@@ -940,9 +975,9 @@ fn connect_redirects_enrolled_workloads_to_the_agent() {
         Err(libc::EPERM),
         "agent not ready"
     );
-    assert_eq!(listeners.drain(), (0, 0, 0));
+    assert_eq!(listeners.counts(), [0, 0, 0]);
     assert_eq!(k.counter(ctr::CONNECT_ERRORS), 1);
-    assert_eq!(k.cookie_dsts().len(), 3);
+    assert_eq!(k.cookie_dsts(), 0);
 }
 
 #[test]
@@ -977,9 +1012,10 @@ fn connect_l4_policy_deny_fails_with_eperm() {
         );
     }
     assert_eq!(k.counter(ctr::CONNECT_DENIED_POLICY), 2);
-    assert_eq!(listeners.drain(), (0, 0, 0), "nothing reached a listener");
-    assert!(
-        k.cookie_dsts().is_empty(),
+    assert_eq!(listeners.counts(), [0, 0, 0], "nothing reached a listener");
+    assert_eq!(
+        k.cookie_dsts(),
+        0,
         "no original destination for a denied connect"
     );
 
@@ -990,7 +1026,11 @@ fn connect_l4_policy_deny_fails_with_eperm() {
         Ok(()),
         "allow to {allowed}"
     );
-    assert_eq!(listeners.drain(), (1, 0, 0));
+    let conn = listeners.only(0);
+    let orig = k
+        .conn_dst(conn)
+        .expect("original destination of the allowed connect");
+    assert_eq!(u16::from_be(orig.port_be), 10);
 
     // A source with no class in the generation: an inconsistency, denied (fail closed).
     k.remove::<PolSrcKey, PolSrcValue>(names::MAP_POL_SRC, &src);
