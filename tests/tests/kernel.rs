@@ -59,7 +59,8 @@ const CLASS: u32 = 5;
 /// How long a child's connect may take before it gives up (SO_SNDTIMEO).
 const CONNECT_TIMEOUT_S: i64 = 3;
 
-/// Fails with a clear message unless the test can load programs and create cgroups.
+/// Fails with a clear message unless the test can load programs and create cgroups (root and
+/// a cgroup2 mount; nothing is pinned, so no bpffs is needed).
 fn require_root() {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
@@ -68,6 +69,7 @@ fn require_root() {
         "kernel-program tests need root (euid is {euid}): they load eBPF programs and create \
          cgroups; run them with `cargo xtask test` or as root"
     );
+    cgroup2_mount();
 }
 
 /// The agent's kernel object, loaded with maps of its own (nothing pinned).
