@@ -42,6 +42,8 @@ enum Command {
     Policy(Box<mesh_agent::operator::policy::PolicyArgs>),
     /// The node side of joining the mesh: `node csr` (the node key stays on the node).
     Node(mesh_agent::operator::node::NodeArgs),
+    /// Verify and query a node's tamper-evident audit log.
+    Audit(mesh_agent::operator::audit::AuditArgs),
     /// Take the mesh off this node: detach the kernel programs and remove every pin. An agent
     /// that exits (crash, SIGTERM, upgrade) leaves them attached; only this removes them.
     Uninstall(mesh_agent::operator::uninstall::UninstallArgs),
@@ -155,6 +157,7 @@ fn main() -> ExitCode {
         Command::Policy(args) => mesh_agent::operator::policy::main(*args),
         Command::Node(args) => mesh_agent::operator::node::main(args),
         Command::Uninstall(args) => mesh_agent::operator::uninstall::main(args),
+        Command::Audit(args) => mesh_agent::operator::audit::main(args),
         Command::Run(args) => {
             let opts = AgentOptions {
                 node: args.node.clone(),

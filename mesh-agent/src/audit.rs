@@ -1,0 +1,432 @@
+//! The tamper-evident audit log: every security decision and change, one JSON line each,
+//! hash-chained, in size- and time-rotated segments, with signed checkpoints of the head.
+//!
+//! - [`record`]: the versioned record schema (the README's "Audit log" documents it);
+//! - [`segment`]: segment files, the synchronous writer, recovery at start;
+//! - [`checkpoint`]: the node audit key (Ed25519) and signed checkpoints;
+//! - [`verify`]: `audit verify`, the chain checked against the checkpoints;
+//! - [`index`]: `audit query`, a SQLite index beside the chain (rebuildable from it).
+//!
+//! [`AuditLog`] is the handle the agent holds: callers hand it an [`Entry`] and return; a
+//! writer thread fed by a bounded queue writes batches. A full queue never blocks a
+//! connection: the record is dropped and counted, and the next batch starts with a
+//! `records_lost` record saying how many. With `fail_closed`, [`AuditLog::record`] waits for
+//! room in the queue instead, and fails once the writer has stopped or failed, so that the
+//! caller can refuse what it could not record.
+
+pub mod checkpoint;
+pub mod index;
+pub mod record;
+pub mod segment;
+pub mod verify;
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info, warn};
+
+pub use record::{Body, Entry, Kind, Layer, Verdict};
+
+use self::{
+    checkpoint::{AuditKey, KeyError},
+    segment::{SegmentConfig, SegmentError, SegmentWriter},
+};
+
+/// Records a batch holds at most (one `write` per batch).
+const BATCH: usize = 512;
+
+/// How the agent's audit log is set up. Defaults are documented on each field.
+#[derive(Clone, Debug)]
+pub struct AuditConfig {
+    /// The audit directory (segments, checkpoints, public key). Default
+    /// `<state-dir>/audit`.
+    pub dir: PathBuf,
+    /// The node audit key (PKCS#8, 0600). Default `<state-dir>/audit-key.pk8`.
+    pub key: PathBuf,
+    pub node: String,
+    /// Segment size limit. Default 64 MiB.
+    pub segment_max_bytes: u64,
+    /// Segment age limit. Default 1 h.
+    pub segment_max_age: Duration,
+    /// Checkpoint interval. Default 60 s (and at every rotation and at stop).
+    pub checkpoint_interval: Duration,
+    /// Queue capacity in records. Default 65,536.
+    pub queue: usize,
+    /// Callers of [`AuditLog::record`] wait for room (and fail once the log is down)
+    /// instead of dropping records. Default false.
+    pub fail_closed: bool,
+}
+
+impl AuditConfig {
+    /// The defaults for a node, under `state_dir`.
+    pub fn new(node: &str, state_dir: &std::path::Path) -> Self {
+        Self {
+            dir: state_dir.join("audit"),
+            key: state_dir.join("audit-key.pk8"),
+            node: node.to_owned(),
+            segment_max_bytes: 64 << 20,
+            segment_max_age: Duration::from_secs(3600),
+            checkpoint_interval: Duration::from_secs(60),
+            queue: 65_536,
+            fail_closed: false,
+        }
+    }
+}
+
+/// Why the audit log could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Segment(#[from] SegmentError),
+    #[error("starting the audit writer thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// The log is down (fail-closed mode): the caller must not go on with what it could not record.
+#[derive(Debug, thiserror::Error)]
+#[error("the audit log is unavailable")]
+pub struct AuditUnavailable;
+
+/// Counters of the log, read by the metrics at scrape time.
+#[derive(Debug, Default)]
+pub struct AuditStats {
+    pub written: AtomicU64,
+    /// Records dropped (queue full or a failed write), in total.
+    pub lost: AtomicU64,
+    pub checkpoints: AtomicU64,
+    pub write_errors: AtomicU64,
+}
+
+enum Msg {
+    Entry(Entry),
+    Tick,
+    Stop(oneshot::Sender<()>),
+}
+
+struct Shared {
+    stats: AuditStats,
+    /// Lost since the last `records_lost` record.
+    pending_lost: AtomicU64,
+    failed: AtomicBool,
+    fail_closed: bool,
+}
+
+/// The agent's handle on its audit log. Cheap to clone.
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: mpsc::Sender<Msg>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("fail_closed", &self.shared.fail_closed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The fields of one connection decision, as the proxy knows them (mapped from its
+/// connection record).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConnectionFields {
+    pub layer: Option<Layer>,
+    pub verdict: Option<Verdict>,
+    pub src_identity: Option<String>,
+    pub dst_identity: Option<String>,
+    pub src_workload: Option<String>,
+    pub dst_workload: Option<String>,
+    pub src_addr: Option<SocketAddr>,
+    pub dst_addr: Option<SocketAddr>,
+    pub port: Option<u16>,
+    pub method: Option<String>,
+    pub path: Option<String>,
+    pub host: Option<String>,
+    pub policy: Option<String>,
+    pub generation: Option<u64>,
+    pub outcome: Option<String>,
+    pub bytes_sent: Option<u64>,
+    pub bytes_received: Option<u64>,
+    pub requests_allowed: Option<u64>,
+    pub requests_denied: Option<u64>,
+}
+
+impl ConnectionFields {
+    /// The record of these fields.
+    pub fn entry(&self, kind: Kind) -> Entry {
+        Entry {
+            kind,
+            body: Body {
+                verdict: self.verdict,
+                layer: self.layer,
+                src_identity: self.src_identity.clone(),
+                dst_identity: self.dst_identity.clone(),
+                src_workload: self.src_workload.clone(),
+                dst_workload: self.dst_workload.clone(),
+                src_addr: self.src_addr.map(|a| a.to_string()),
+                dst_addr: self.dst_addr.map(|a| a.to_string()),
+                port: self.port.or(self.dst_addr.map(|a| a.port())),
+                method: self.method.clone(),
+                path: self.path.clone(),
+                host: self.host.clone(),
+                policy: self.policy.clone(),
+                generation: self.generation,
+                outcome: self.outcome.clone(),
+                bytes_sent: self.bytes_sent,
+                bytes_received: self.bytes_received,
+                requests_allowed: self.requests_allowed,
+                requests_denied: self.requests_denied,
+                ..Body::default()
+            },
+        }
+    }
+}
+
+impl AuditLog {
+    /// Opens (or creates) the log, loads or generates the node audit key, recovers a torn
+    /// tail, starts the writer thread and records `agent_start` (and `recovered` when a tail
+    /// was cut). Must be called within a tokio runtime (the checkpoint ticker).
+    pub fn start(cfg: AuditConfig) -> Result<Self, AuditError> {
+        let key = AuditKey::load_or_generate(&cfg.key, &cfg.dir.join(segment::PUBLIC_KEY_FILE))?;
+        Self::start_with_key(cfg, key)
+    }
+
+    /// [`AuditLog::start`] with a given key.
+    pub fn start_with_key(cfg: AuditConfig, key: AuditKey) -> Result<Self, AuditError> {
+        let seg_cfg = SegmentConfig {
+            dir: cfg.dir.clone(),
+            node: cfg.node.clone(),
+            max_bytes: cfg.segment_max_bytes,
+            max_age: cfg.segment_max_age,
+            checkpoint_interval: cfg.checkpoint_interval,
+            checkpoints: cfg.dir.join(segment::CHECKPOINTS_FILE),
+        };
+        let (mut writer, recovery) = SegmentWriter::open(seg_cfg, key)?;
+        let mut first = Vec::new();
+        if let Some((bytes, kept)) = recovery.torn {
+            first.push(Entry {
+                kind: Kind::Recovered,
+                body: Body {
+                    action: Some("torn_tail_cut".into()),
+                    subject: Some(kept.display().to_string()),
+                    detail: Some(format!(
+                        "{bytes} bytes after the last complete record were cut off at start and kept aside"
+                    )),
+                    ..Body::default()
+                },
+            });
+        }
+        first.push(Entry {
+            kind: Kind::AgentStart,
+            body: Body {
+                detail: Some(format!("mesh-agent {}", env!("CARGO_PKG_VERSION"))),
+                ..Body::default()
+            },
+        });
+        writer.append(&first)?;
+        writer.checkpoint()?;
+        let shared = Arc::new(Shared {
+            stats: AuditStats::default(),
+            pending_lost: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+            fail_closed: cfg.fail_closed,
+        });
+        shared
+            .stats
+            .written
+            .fetch_add(first.len() as u64, Ordering::Relaxed);
+        shared
+            .stats
+            .checkpoints
+            .store(writer.checkpoints_written(), Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(cfg.queue.max(1));
+        let thread_shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || write_loop(writer, rx, &thread_shared))
+            .map_err(AuditError::Thread)?;
+        let ticker = tx.clone();
+        let tick = cfg
+            .checkpoint_interval
+            .min(cfg.segment_max_age)
+            .min(Duration::from_secs(1));
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(tick);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                match ticker.try_send(Msg::Tick) {
+                    Err(mpsc::error::TrySendError::Closed(_)) => break,
+                    _ => continue,
+                }
+            }
+        });
+        info!(dir = %cfg.dir.display(), fail_closed = cfg.fail_closed, "audit log started");
+        Ok(Self { tx, shared })
+    }
+
+    /// Records `entry` without ever waiting: a full queue drops it and counts it (the loss
+    /// is itself recorded). For events that already happened (kernel decisions).
+    pub fn emit(&self, entry: Entry) {
+        if self.tx.try_send(Msg::Entry(entry)).is_err() {
+            self.shared.pending_lost.fetch_add(1, Ordering::Relaxed);
+            self.shared.stats.lost.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Records `entry`. Best effort (default): as [`AuditLog::emit`], always `Ok`. Fail
+    /// closed: waits for room in the queue, and fails once the log is down.
+    pub async fn record(&self, entry: Entry) -> Result<(), AuditUnavailable> {
+        if !self.shared.fail_closed {
+            self.emit(entry);
+            return Ok(());
+        }
+        if self.shared.failed.load(Ordering::Relaxed) {
+            return Err(AuditUnavailable);
+        }
+        self.tx
+            .send(Msg::Entry(entry))
+            .await
+            .map_err(|_| AuditUnavailable)
+    }
+
+    /// Records one connection decision (kind `connection`).
+    pub async fn connection(&self, fields: &ConnectionFields) -> Result<(), AuditUnavailable> {
+        self.record(fields.entry(Kind::Connection)).await
+    }
+
+    /// Whether callers wait for the log.
+    pub fn fail_closed(&self) -> bool {
+        self.shared.fail_closed
+    }
+
+    /// The log's counters.
+    pub fn stats(&self) -> &AuditStats {
+        &self.shared.stats
+    }
+
+    /// Records `agent_stop`, writes what is queued, checkpoints and stops the writer.
+    pub async fn shutdown(&self, reason: &str) {
+        self.emit(Entry {
+            kind: Kind::AgentStop,
+            body: Body {
+                detail: Some(reason.to_owned()),
+                ..Body::default()
+            },
+        });
+        let (done_tx, done_rx) = oneshot::channel();
+        if self.tx.send(Msg::Stop(done_tx)).await.is_ok() {
+            let _ = done_rx.await;
+        }
+    }
+}
+
+fn write_loop(mut writer: SegmentWriter, mut rx: mpsc::Receiver<Msg>, shared: &Shared) {
+    let mut batch = Vec::with_capacity(BATCH + 1);
+    let mut stop = None;
+    while stop.is_none() {
+        let Some(msg) = rx.blocking_recv() else {
+            break;
+        };
+        let mut tick = false;
+        let mut next = Some(msg);
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Entry(e) => batch.push(e),
+                Msg::Tick => tick = true,
+                Msg::Stop(done) => {
+                    stop = Some(done);
+                    break;
+                }
+            }
+            if batch.len() >= BATCH {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        let lost = shared.pending_lost.swap(0, Ordering::Relaxed);
+        if lost > 0 {
+            batch.insert(
+                0,
+                Entry {
+                    kind: Kind::RecordsLost,
+                    body: Body {
+                        lost: Some(lost),
+                        detail: Some("the audit queue was full".into()),
+                        ..Body::default()
+                    },
+                },
+            );
+        }
+        write_batch(&mut writer, &mut batch, shared);
+        if tick {
+            if let Err(e) = writer.tick() {
+                failed(shared, &e);
+            }
+        }
+        shared
+            .stats
+            .checkpoints
+            .store(writer.checkpoints_written(), Ordering::Relaxed);
+    }
+    // Stop: whatever is still queued, then a final checkpoint.
+    rx.close();
+    while let Ok(msg) = rx.try_recv() {
+        if let Msg::Entry(e) = msg {
+            batch.push(e);
+        }
+    }
+    write_batch(&mut writer, &mut batch, shared);
+    if let Err(e) = writer.checkpoint() {
+        failed(shared, &e);
+    }
+    shared
+        .stats
+        .checkpoints
+        .store(writer.checkpoints_written(), Ordering::Relaxed);
+    info!(next_seq = writer.next_seq(), "audit log closed");
+    if let Some(done) = stop {
+        let _ = done.send(());
+    }
+}
+
+fn write_batch(writer: &mut SegmentWriter, batch: &mut Vec<Entry>, shared: &Shared) {
+    if batch.is_empty() {
+        return;
+    }
+    let n = batch.len() as u64;
+    match writer.append(batch) {
+        Ok(()) => {
+            shared.stats.written.fetch_add(n, Ordering::Relaxed);
+        }
+        Err(e) => {
+            failed(shared, &e);
+            shared.pending_lost.fetch_add(n, Ordering::Relaxed);
+            shared.stats.lost.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+    batch.clear();
+}
+
+fn failed(shared: &Shared, e: &SegmentError) {
+    shared.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+    if shared.fail_closed {
+        shared.failed.store(true, Ordering::Relaxed);
+        error!(error = %e, "audit log write failed: fail-closed callers are refused from now on");
+    } else {
+        warn!(error = %e, "audit log write failed: records lost (counted, recorded once writable)");
+    }
+}
+
+#[cfg(test)]
+mod tests;
