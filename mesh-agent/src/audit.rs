@@ -317,13 +317,15 @@ impl AuditLog {
 
     /// Records `agent_stop`, writes what is queued, checkpoints and stops the writer.
     pub async fn shutdown(&self, reason: &str) {
-        self.emit(Entry {
+        let stop = Entry {
             kind: Kind::AgentStop,
             body: Body {
                 detail: Some(reason.to_owned()),
                 ..Body::default()
             },
-        });
+        };
+        // Shutdown may wait: the stop record is never dropped.
+        let _ = self.tx.send(Msg::Entry(stop)).await;
         let (done_tx, done_rx) = oneshot::channel();
         if self.tx.send(Msg::Stop(done_tx)).await.is_ok() {
             let _ = done_rx.await;

@@ -376,7 +376,7 @@ fn last_valid_record(data: &[u8]) -> (usize, Option<(u64, Hash)>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::record::Body;
+    use crate::audit::record::{Body, Kind};
 
     #[test]
     fn segment_names_round_trip_and_reject_others() {
