@@ -16,6 +16,7 @@
 
 pub mod checkpoint;
 pub mod index;
+pub mod kernel;
 pub mod record;
 pub mod segment;
 pub mod verify;
@@ -30,6 +31,7 @@ use std::{
     time::Duration,
 };
 
+use nix::fcntl::{Flock, FlockArg};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
@@ -42,6 +44,9 @@ use self::{
 
 /// Records a batch holds at most (one `write` per batch).
 const BATCH: usize = 512;
+
+/// The writer's lock file in the audit directory (one writer per directory).
+pub const LOCK_FILE: &str = "writer.lock";
 
 /// How the agent's audit log is set up. Defaults are documented on each field.
 #[derive(Clone, Debug)]
@@ -77,6 +82,58 @@ impl AuditConfig {
             checkpoint_interval: Duration::from_secs(60),
             queue: 65_536,
             fail_closed: false,
+        }
+    }
+}
+
+/// The agent's audit flags (`mesh-agent run`), flattened into its options.
+#[derive(clap::Args, Clone, Debug)]
+pub struct AuditOptions {
+    /// Audit log directory: segments, checkpoints, the exported audit public key.
+    /// [default: <state-dir>/audit]
+    #[arg(long, env = "MESH_AUDIT_DIR")]
+    pub audit_dir: Option<PathBuf>,
+    /// The node audit signing key (Ed25519 PKCS#8, generated at first start, mode 0600).
+    /// [default: <state-dir>/audit-key.pk8]
+    #[arg(long, env = "MESH_AUDIT_KEY")]
+    pub audit_key: Option<PathBuf>,
+    /// A segment is closed at this size (bytes, at least 4096).
+    #[arg(long, env = "MESH_AUDIT_SEGMENT_BYTES", default_value_t = 64 << 20,
+          value_parser = clap::value_parser!(u64).range(4096..))]
+    pub audit_segment_bytes: u64,
+    /// A segment is closed at this age (seconds, at least 1).
+    #[arg(long, env = "MESH_AUDIT_SEGMENT_SECS", default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub audit_segment_secs: u64,
+    /// The chain head is checkpointed (signed) this often, in seconds (at least 1), and at
+    /// every rotation and stop.
+    #[arg(long, env = "MESH_AUDIT_CHECKPOINT_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub audit_checkpoint_secs: u64,
+    /// Records the queue to the writer holds; past it records are dropped and counted
+    /// (a `records_lost` record), unless --audit-fail-closed.
+    #[arg(long, env = "MESH_AUDIT_QUEUE", default_value_t = 65_536,
+          value_parser = clap::value_parser!(u64).range(1..=16_777_216))]
+    pub audit_queue: u64,
+    /// Decisions wait for room in the audit queue instead of dropping records, and are
+    /// refused once the log cannot be written.
+    #[arg(long, env = "MESH_AUDIT_FAIL_CLOSED", default_value_t = false, action = clap::ArgAction::Set)]
+    pub audit_fail_closed: bool,
+}
+
+impl AuditOptions {
+    /// The configuration for `node` with state under `state_dir`.
+    pub fn config(&self, node: &str, state_dir: &std::path::Path) -> AuditConfig {
+        let defaults = AuditConfig::new(node, state_dir);
+        AuditConfig {
+            dir: self.audit_dir.clone().unwrap_or(defaults.dir),
+            key: self.audit_key.clone().unwrap_or(defaults.key),
+            node: node.to_owned(),
+            segment_max_bytes: self.audit_segment_bytes,
+            segment_max_age: Duration::from_secs(self.audit_segment_secs),
+            checkpoint_interval: Duration::from_secs(self.audit_checkpoint_secs),
+            queue: usize::try_from(self.audit_queue).unwrap_or(usize::MAX),
+            fail_closed: self.audit_fail_closed,
         }
     }
 }
@@ -202,6 +259,11 @@ impl AuditLog {
     }
 
     /// [`AuditLog::start`] with a given key.
+    ///
+    /// One writer per directory: the writer holds an exclusive `flock` on `DIR/writer.lock`.
+    /// During an upgrade the previous agent still holds it while it drains; the new agent's
+    /// records then wait in the queue until the old writer has written its `agent_stop`
+    /// and final checkpoint, and the chain goes on from there.
     pub fn start_with_key(cfg: AuditConfig, key: AuditKey) -> Result<Self, AuditError> {
         let seg_cfg = SegmentConfig {
             dir: cfg.dir.clone(),
@@ -211,49 +273,67 @@ impl AuditLog {
             checkpoint_interval: cfg.checkpoint_interval,
             checkpoints: cfg.dir.join(segment::CHECKPOINTS_FILE),
         };
-        let (mut writer, recovery) = SegmentWriter::open(seg_cfg, key)?;
-        let mut first = Vec::new();
-        if let Some((bytes, kept)) = recovery.torn {
-            first.push(Entry {
-                kind: Kind::Recovered,
-                body: Body {
-                    action: Some("torn_tail_cut".into()),
-                    subject: Some(kept.display().to_string()),
-                    detail: Some(format!(
-                        "{bytes} bytes after the last complete record were cut off at start and kept aside"
-                    )),
-                    ..Body::default()
-                },
-            });
-        }
-        first.push(Entry {
-            kind: Kind::AgentStart,
-            body: Body {
-                detail: Some(format!("mesh-agent {}", env!("CARGO_PKG_VERSION"))),
-                ..Body::default()
-            },
-        });
-        writer.append(&first)?;
-        writer.checkpoint()?;
         let shared = Arc::new(Shared {
             stats: AuditStats::default(),
             pending_lost: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             fail_closed: cfg.fail_closed,
         });
-        shared
-            .stats
-            .written
-            .fetch_add(first.len() as u64, Ordering::Relaxed);
-        shared
-            .stats
-            .checkpoints
-            .store(writer.checkpoints_written(), Ordering::Relaxed);
+        let lock_path = cfg.dir.join(LOCK_FILE);
+        let lock_io = |source| {
+            AuditError::Segment(SegmentError::Io {
+                path: lock_path.clone(),
+                source,
+            })
+        };
+        std::fs::create_dir_all(&cfg.dir).map_err(lock_io)?;
+        let lock_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(lock_io)?;
+        let ready = match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok((open_writer(seg_cfg, key, &shared)?, lock)),
+            Err((file, nix::errno::Errno::EWOULDBLOCK)) => {
+                info!(
+                    dir = %cfg.dir.display(),
+                    "audit log held by the previous agent (upgrade): records queue until it has closed it"
+                );
+                Err((file, seg_cfg, key))
+            }
+            Err((_, errno)) => return Err(lock_io(std::io::Error::from(errno))),
+        };
         let (tx, rx) = mpsc::channel(cfg.queue.max(1));
         let thread_shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || write_loop(writer, rx, &thread_shared))
+            .spawn(move || {
+                let (writer, _lock) = match ready {
+                    Ok(w) => w,
+                    Err((file, seg_cfg, key)) => {
+                        let opened = Flock::lock(file, FlockArg::LockExclusive)
+                            .map_err(|(_, errno)| {
+                                AuditError::Segment(SegmentError::Io {
+                                    path: seg_cfg.dir.join(LOCK_FILE),
+                                    source: errno.into(),
+                                })
+                            })
+                            .and_then(|lock| {
+                                open_writer(seg_cfg, key, &thread_shared).map(|w| (w, lock))
+                            });
+                        match opened {
+                            Ok(w) => w,
+                            Err(e) => {
+                                thread_shared.failed.store(true, Ordering::Relaxed);
+                                error!(error = %e, "audit log unavailable: records are lost (counted)");
+                                return;
+                            }
+                        }
+                    }
+                };
+                write_loop(writer, rx, &thread_shared);
+            })
             .map_err(AuditError::Thread)?;
         let ticker = tx.clone();
         let tick = cfg
@@ -305,6 +385,41 @@ impl AuditLog {
         self.record(fields.entry(Kind::Connection)).await
     }
 
+    /// Records a configuration event: `action` is `accepted`, `refused`, `drift` or
+    /// `unauthorized`; `subject` the file or bundle; `generation` the policy generation.
+    pub fn config_event(
+        &self,
+        action: &str,
+        subject: &str,
+        generation: Option<u64>,
+        detail: Option<String>,
+    ) {
+        self.emit(Entry {
+            kind: Kind::Config,
+            body: Body {
+                action: Some(action.to_owned()),
+                subject: Some(subject.to_owned()),
+                generation,
+                detail,
+                ..Body::default()
+            },
+        });
+    }
+
+    /// Records a certificate event: `action` is `issued`, `rotated`, `revoked` or
+    /// `refused`; `subject` the SPIFFE ID (or serial).
+    pub fn cert_event(&self, action: &str, subject: &str, detail: Option<String>) {
+        self.emit(Entry {
+            kind: Kind::Cert,
+            body: Body {
+                action: Some(action.to_owned()),
+                subject: Some(subject.to_owned()),
+                detail,
+                ..Body::default()
+            },
+        });
+    }
+
     /// Whether callers wait for the log.
     pub fn fail_closed(&self) -> bool {
         self.shared.fail_closed
@@ -331,6 +446,48 @@ impl AuditLog {
             let _ = done_rx.await;
         }
     }
+}
+
+/// Opens the segments (recovering a torn tail) and writes `recovered` (if a tail was cut)
+/// and `agent_start`, checkpointed.
+fn open_writer(
+    seg_cfg: SegmentConfig,
+    key: AuditKey,
+    shared: &Shared,
+) -> Result<SegmentWriter, AuditError> {
+    let (mut writer, recovery) = SegmentWriter::open(seg_cfg, key)?;
+    let mut first = Vec::new();
+    if let Some((bytes, kept)) = recovery.torn {
+        first.push(Entry {
+            kind: Kind::Recovered,
+            body: Body {
+                action: Some("torn_tail_cut".into()),
+                subject: Some(kept.display().to_string()),
+                detail: Some(format!(
+                    "{bytes} bytes after the last complete record were cut off at start and kept aside"
+                )),
+                ..Body::default()
+            },
+        });
+    }
+    first.push(Entry {
+        kind: Kind::AgentStart,
+        body: Body {
+            detail: Some(format!("mesh-agent {}", env!("CARGO_PKG_VERSION"))),
+            ..Body::default()
+        },
+    });
+    writer.append(&first)?;
+    writer.checkpoint()?;
+    shared
+        .stats
+        .written
+        .fetch_add(first.len() as u64, Ordering::Relaxed);
+    shared
+        .stats
+        .checkpoints
+        .store(writer.checkpoints_written(), Ordering::Relaxed);
+    Ok(writer)
 }
 
 fn write_loop(mut writer: SegmentWriter, mut rx: mpsc::Receiver<Msg>, shared: &Shared) {
@@ -399,6 +556,12 @@ fn write_loop(mut writer: SegmentWriter, mut rx: mpsc::Receiver<Msg>, shared: &S
     info!(next_seq = writer.next_seq(), "audit log closed");
     if let Some(done) = stop {
         let _ = done.send(());
+    }
+}
+
+impl crate::metrics::ScrapeHook for AuditLog {
+    fn refresh(&self, metrics: &crate::metrics::Metrics) {
+        metrics.set_audit(self.stats());
     }
 }
 

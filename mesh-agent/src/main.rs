@@ -133,6 +133,8 @@ struct RunArgs {
     path_normalization: mesh_agent::proxy::l7::normalize::PathNormalization,
     #[command(flatten)]
     limits: mesh_agent::proxy::limits::LimitOptions,
+    #[command(flatten)]
+    audit: mesh_agent::audit::AuditOptions,
 }
 
 fn init_tracing(format: LogFormat) {
@@ -187,6 +189,7 @@ fn main() -> ExitCode {
                     .unwrap_or_else(|| args.identity_dir.join("state")),
                 path_normalization: args.path_normalization,
                 limits: args.limits,
+                audit: args.audit,
             };
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
