@@ -1,0 +1,148 @@
+//! The agent's audit log: a kernel L4 denial comes back from `mesh-agent audit query` with
+//! its fields (workloads, identity, port, policy, generation); `audit verify` passes on the
+//! untouched log; after a SIGKILL and a torn final line (a crash mid-write) the log verifies
+//! up to its last complete record, and the restarted agent cuts the torn line, records it,
+//! and continues the chain (verified again after a clean stop, which records `agent_stop`).
+
+use std::{path::Path, process::Command};
+
+use mesh_tests::{require_privileges, wait_for, Host, DEFAULT_TIMEOUT};
+use serde_json::Value;
+
+use super::policy_common::{authz, expect_denied, principal};
+use crate::cluster;
+
+/// Runs `mesh-agent audit ARGS…` (file work only: no namespace needed).
+fn audit(args: &[&str]) -> (i32, String, String) {
+    let mut cmd = Command::new(mesh_tests::agent_bin());
+    cmd.arg("audit").args(args);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("MESH_") {
+            cmd.env_remove(k);
+        }
+    }
+    let out = cmd.output().expect("running mesh-agent audit");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn query(dir: &Path, filters: &[&str]) -> Vec<Value> {
+    let mut args = vec!["query", dir.to_str().unwrap(), "--output", "json"];
+    args.extend_from_slice(filters);
+    let (code, out, err) = audit(&args);
+    assert_eq!(code, 0, "audit query failed: {err}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[track_caller]
+fn verify_ok(dir: &Path) -> String {
+    let (code, out, err) = audit(&["verify", dir.to_str().unwrap()]);
+    assert_eq!(code, 0, "audit verify failed:\n{out}{err}");
+    out
+}
+
+#[test]
+fn audit_log_records_kernel_denials_and_survives_sigkill() {
+    require_privileges();
+    let cluster = cluster().nodes(2).add_pod(0, "a1").add_pod(1, "b1").build();
+    let deny = authz(
+        "deny-a1",
+        "b1",
+        "DENY",
+        &format!(
+            "  rules:\n  - from:\n    - source: {{principals: [\"{}\"]}}\n    to:\n    - operation: {{ports: [\"8080\"]}}\n",
+            principal("a1")
+        ),
+    );
+    let dir = cluster.write_policy_dir("policy", &[("deny.yaml", &deny)]);
+    let mut agent = cluster.start_agent_with_policy(0, &dir);
+    let _n2 = cluster.start_agent_with_policy(1, &dir);
+    let audit_dir = agent.spec().identity_dir.join("state/audit");
+    let (a1, b1) = (cluster.pod("a1"), cluster.pod("b1"));
+    let _server = b1.serve(&[8080]);
+
+    expect_denied(a1, b1.addr4(8080));
+    let denial = wait_for(
+        DEFAULT_TIMEOUT,
+        "the kernel denial in `audit query`",
+        || {
+            query(
+                &audit_dir,
+                &[
+                    "--kind",
+                    "connection",
+                    "--verdict",
+                    "deny",
+                    "--dst",
+                    "default/b1",
+                    "--port",
+                    "8080",
+                ],
+            )
+            .into_iter()
+            .next()
+        },
+    );
+    assert_eq!(denial["layer"], "kernel", "{denial}");
+    assert_eq!(denial["node"], "n1", "{denial}");
+    assert_eq!(denial["src_workload"], "default/a1", "{denial}");
+    assert_eq!(
+        denial["src_identity"], "spiffe://cluster.local/ns/default/sa/sa-a1",
+        "{denial}"
+    );
+    assert_eq!(denial["policy"], "default/deny-a1", "{denial}");
+    assert!(
+        denial["generation"].as_u64().is_some_and(|g| g >= 1),
+        "{denial}"
+    );
+    // Other filters exclude it.
+    assert!(query(&audit_dir, &["--dst", "default/b1", "--verdict", "allow"]).is_empty());
+    assert_eq!(query(&audit_dir, &["--kind", "agent_start"]).len(), 1);
+    verify_ok(&audit_dir);
+
+    // A crash: SIGKILL, and a record torn mid-write at the end of the last segment.
+    agent.kill_sigkill();
+    let segments = mesh_agent_segments(&audit_dir);
+    let last = segments.last().expect("a segment");
+    let mut f = std::fs::OpenOptions::new().append(true).open(last).unwrap();
+    std::io::Write::write_all(&mut f, b"{\"v\":1,\"seq\":99999,\"time\":\"2026-").unwrap();
+    drop(f);
+    let out = verify_ok(&audit_dir);
+    assert!(out.contains("torn final line"), "{out}");
+
+    agent.restart();
+    let recovered = wait_for(DEFAULT_TIMEOUT, "the `recovered` record", || {
+        query(&audit_dir, &["--kind", "recovered"])
+            .into_iter()
+            .next()
+    });
+    assert_eq!(recovered["action"], "torn_tail_cut", "{recovered}");
+    assert_eq!(query(&audit_dir, &["--kind", "agent_start"]).len(), 2);
+    expect_denied(a1, b1.addr4(8080));
+    wait_for(DEFAULT_TIMEOUT, "the second denial", || {
+        (query(&audit_dir, &["--verdict", "deny", "--dst", "default/b1"]).len() >= 2).then_some(())
+    });
+    agent.stop();
+    let stops = query(&audit_dir, &["--kind", "agent_stop"]);
+    assert_eq!(stops.len(), 1, "{stops:?}");
+    let out = verify_ok(&audit_dir);
+    assert!(out.starts_with("ok: "), "{out}");
+}
+
+fn mesh_agent_segments(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.unwrap().path();
+            let name = p.file_name()?.to_str()?.to_owned();
+            (name.starts_with("segment-") && name.ends_with(".jsonl")).then_some(p)
+        })
+        .collect();
+    v.sort();
+    v
+}
