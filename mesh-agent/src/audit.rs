@@ -165,7 +165,8 @@ pub struct AuditStats {
 }
 
 enum Msg {
-    Entry(Entry),
+    /// Boxed: the queue holds pointers, not 450-byte records.
+    Entry(Box<Entry>),
     Tick,
     Stop(oneshot::Sender<()>),
 }
@@ -358,7 +359,7 @@ impl AuditLog {
     /// Records `entry` without ever waiting: a full queue drops it and counts it (the loss
     /// is itself recorded). For events that already happened (kernel decisions).
     pub fn emit(&self, entry: Entry) {
-        if self.tx.try_send(Msg::Entry(entry)).is_err() {
+        if self.tx.try_send(Msg::Entry(Box::new(entry))).is_err() {
             self.shared.pending_lost.fetch_add(1, Ordering::Relaxed);
             self.shared.stats.lost.fetch_add(1, Ordering::Relaxed);
         }
@@ -375,7 +376,7 @@ impl AuditLog {
             return Err(AuditUnavailable);
         }
         self.tx
-            .send(Msg::Entry(entry))
+            .send(Msg::Entry(Box::new(entry)))
             .await
             .map_err(|_| AuditUnavailable)
     }
@@ -440,7 +441,7 @@ impl AuditLog {
             },
         };
         // Shutdown may wait: the stop record is never dropped.
-        let _ = self.tx.send(Msg::Entry(stop)).await;
+        let _ = self.tx.send(Msg::Entry(Box::new(stop))).await;
         let (done_tx, done_rx) = oneshot::channel();
         if self.tx.send(Msg::Stop(done_tx)).await.is_ok() {
             let _ = done_rx.await;
@@ -501,7 +502,7 @@ fn write_loop(mut writer: SegmentWriter, mut rx: mpsc::Receiver<Msg>, shared: &S
         let mut next = Some(msg);
         while let Some(msg) = next.take() {
             match msg {
-                Msg::Entry(e) => batch.push(e),
+                Msg::Entry(e) => batch.push(*e),
                 Msg::Tick => tick = true,
                 Msg::Stop(done) => {
                     stop = Some(done);
@@ -542,7 +543,7 @@ fn write_loop(mut writer: SegmentWriter, mut rx: mpsc::Receiver<Msg>, shared: &S
     rx.close();
     while let Ok(msg) = rx.try_recv() {
         if let Msg::Entry(e) = msg {
-            batch.push(e);
+            batch.push(*e);
         }
     }
     write_batch(&mut writer, &mut batch, shared);

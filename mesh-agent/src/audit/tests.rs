@@ -13,7 +13,7 @@ use super::{
 
 /// A connection decision, varied by `i`: dst `shop/ledger` on every 10th, verdicts cycling.
 pub(crate) fn entry(i: u64) -> Entry {
-    let (dst, ns) = if i % 10 == 0 {
+    let (dst, ns) = if i.is_multiple_of(10) {
         ("ledger", "shop")
     } else {
         ("web", "front")
@@ -32,7 +32,7 @@ pub(crate) fn entry(i: u64) -> Entry {
         dst_workload: Some(format!("{ns}/{dst}")),
         src_addr: Some("10.0.0.1:40000".parse().unwrap()),
         dst_addr: Some("10.0.1.2:8080".parse().unwrap()),
-        method: Some(if i % 2 == 0 { "GET" } else { "DELETE" }.into()),
+        method: Some(if i.is_multiple_of(2) { "GET" } else { "DELETE" }.into()),
         path: Some(format!("/items/{i}")),
         host: Some(format!("{dst}.{ns}")),
         policy: Some(format!("{ns}/p{}", i % 4)),
