@@ -9,7 +9,7 @@ use std::{path::Path, process::Command};
 use mesh_tests::{require_privileges, wait_for, Host, DEFAULT_TIMEOUT};
 use serde_json::Value;
 
-use super::policy_common::{authz, expect_denied, principal};
+use super::policy_common::{authz, expect_denied};
 use crate::cluster;
 
 /// Runs `mesh-agent audit ARGS…` (file work only: no namespace needed).
@@ -50,15 +50,9 @@ fn verify_ok(dir: &Path) -> String {
 fn audit_log_records_kernel_denials_and_survives_sigkill() {
     require_privileges();
     let cluster = cluster().nodes(2).add_pod(0, "a1").add_pod(1, "b1").build();
-    let deny = authz(
-        "deny-a1",
-        "b1",
-        "DENY",
-        &format!(
-            "  rules:\n  - from:\n    - source: {{principals: [\"{}\"]}}\n    to:\n    - operation: {{ports: [\"8080\"]}}\n",
-            principal("a1")
-        ),
-    );
+    // Port 8080 of b1 is closed to everyone: decided in the kernel at a1's connect().
+    let rules = "  rules:\n  - to:\n    - operation: {ports: [\"8080\"]}\n";
+    let deny = authz("close-8080", "b1", "DENY", rules);
     let dir = cluster.write_policy_dir("policy", &[("deny.yaml", &deny)]);
     let mut agent = cluster.start_agent_with_policy(0, &dir);
     let _n2 = cluster.start_agent_with_policy(1, &dir);
@@ -88,14 +82,16 @@ fn audit_log_records_kernel_denials_and_survives_sigkill() {
             .next()
         },
     );
-    assert_eq!(denial["layer"], "kernel", "{denial}");
-    assert_eq!(denial["node"], "n1", "{denial}");
-    assert_eq!(denial["src_workload"], "default/a1", "{denial}");
-    assert_eq!(
-        denial["src_identity"], "spiffe://cluster.local/ns/default/sa/sa-a1",
-        "{denial}"
-    );
-    assert_eq!(denial["policy"], "default/deny-a1", "{denial}");
+    for (field, want) in [
+        ("layer", "kernel"),
+        ("node", "n1"),
+        ("src_workload", "default/a1"),
+        ("src_identity", "spiffe://cluster.local/ns/default/sa/sa-a1"),
+        ("dst_identity", "spiffe://cluster.local/ns/default/sa/sa-b1"),
+        ("policy", "default/close-8080"),
+    ] {
+        assert_eq!(denial[field], want, "{field} in {denial}");
+    }
     assert!(
         denial["generation"].as_u64().is_some_and(|g| g >= 1),
         "{denial}"
