@@ -186,3 +186,75 @@ fn query_filters_and_prints_json_lines_as_written() {
     let (code, _, err) = run(&["audit", "query", "/nonexistent/audit"]);
     assert_eq!(code, 2, "{err}");
 }
+
+#[test]
+fn query_follow_prints_records_as_they_are_appended() {
+    use std::io::BufRead as _;
+    let root = tempfile::tempdir().unwrap();
+    let dir = log(root.path());
+    let mut child = Command::new(BIN)
+        .args([
+            "audit",
+            "query",
+            dir.to_str().unwrap(),
+            "--follow",
+            "--output",
+            "json",
+        ])
+        .args(["--dst", "shop/ledger"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    // The first pass: every 5th record.
+    for want in [0, 5, 10, 15, 20, 25] {
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the first pass");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["seq"], want);
+    }
+    // Appended after the first pass: only the follow loop can print it.
+    let key = AuditKey::load_or_generate(
+        &root.path().join("state/audit-key.pk8"),
+        &dir.join(PUBLIC_KEY_FILE),
+    )
+    .unwrap();
+    let (mut w, _) = SegmentWriter::open(
+        SegmentConfig {
+            dir: dir.clone(),
+            node: "n1".into(),
+            max_bytes: 4096,
+            max_age: Duration::from_secs(3600),
+            checkpoint_interval: Duration::from_secs(3600),
+            checkpoints: dir.join(CHECKPOINTS_FILE),
+        },
+        key,
+    )
+    .unwrap();
+    let entry = ConnectionFields {
+        dst_workload: Some("shop/ledger".into()),
+        method: Some("POST".into()),
+        ..ConnectionFields::default()
+    }
+    .entry(Kind::Connection);
+    w.append(&[entry]).unwrap();
+    let line = rx.recv_timeout(Duration::from_secs(10));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let line = line.expect("--follow printed the appended record within 10 s");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        (v["seq"].as_u64(), v["method"].as_str()),
+        (Some(30), Some("POST"))
+    );
+}
