@@ -479,10 +479,18 @@ fn first_line_hash(path: &Path) -> Result<(u64, String), IndexError> {
     };
     let f = fs::File::open(path).map_err(io)?;
     let size = f.metadata().map_err(io)?.len();
-    let mut buf = vec![0u8; (MAX_LINE_LEN + 1).min(size as usize)];
-    f.read_exact_at(&mut buf, 0).map_err(io)?;
-    Ok(match buf.iter().position(|&b| b == b'\n') {
-        Some(i) => (size, hex(&hash_line(&buf[..i]))),
-        None => (size, String::new()),
-    })
+    // Most first lines are well under 4 KiB: read more only when needed.
+    let mut want = 4096usize;
+    loop {
+        let len = want.min(size as usize);
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, 0).map_err(io)?;
+        if let Some(i) = buf.iter().position(|&b| b == b'\n') {
+            return Ok((size, hex(&hash_line(&buf[..i]))));
+        }
+        if len == size as usize || len > MAX_LINE_LEN {
+            return Ok((size, String::new()));
+        }
+        want *= 4;
+    }
 }

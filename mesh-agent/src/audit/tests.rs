@@ -664,3 +664,31 @@ fn entries_carry_their_fields() {
     assert_eq!(e.body.src_addr.as_deref(), Some("10.0.0.1:40000"));
     let _ = Body::default();
 }
+
+/// Sustained records/s through the handle (queue, writer thread, batched writes), fail
+/// closed so that nothing is dropped. Not a timed test: it prints.
+/// `cargo test -p mesh-agent --release --lib audit::tests::sustained -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "large: run by hand to measure"]
+async fn sustained_records_per_second() {
+    let state = tempfile::tempdir().unwrap();
+    let log = AuditLog::start(audit_cfg(state.path(), 65_536, true)).unwrap();
+    let n = 500_000u64;
+    let entries: Vec<Entry> = (0..n).map(entry).collect();
+    let t = std::time::Instant::now();
+    for e in entries {
+        log.record(e).await.unwrap();
+    }
+    log.shutdown("bench").await;
+    let elapsed = t.elapsed();
+    assert_eq!(
+        log.stats()
+            .written
+            .load(std::sync::atomic::Ordering::Relaxed),
+        n + 2
+    );
+    println!(
+        "{n} records through AuditLog in {elapsed:?}: {:.0} records/s",
+        n as f64 / elapsed.as_secs_f64()
+    );
+}
