@@ -1,12 +1,13 @@
-//! The agent's audit log: a kernel L4 denial comes back from `mesh-agent audit query` with
+//! The agent's audit log: a kernel L4 denial and a plaintext connection refused at the SYN
+//! (STRICT) come back from `mesh-agent audit query` with
 //! its fields (workloads, identity, port, policy, generation); `audit verify` passes on the
 //! untouched log; after a SIGKILL and a torn final line (a crash mid-write) the log verifies
 //! up to its last complete record, and the restarted agent cuts the torn line, records it,
 //! and continues the chain (verified again after a clean stop, which records `agent_stop`).
 
-use std::{path::Path, process::Command};
+use std::{path::Path, process::Command, time::Duration};
 
-use mesh_tests::{require_privileges, wait_for, Host, DEFAULT_TIMEOUT};
+use mesh_tests::{require_privileges, wait_for, ClientRequest, Host, DEFAULT_TIMEOUT};
 use serde_json::Value;
 
 use super::policy_common::{authz, expect_denied};
@@ -49,13 +50,18 @@ fn verify_ok(dir: &Path) -> String {
 #[test]
 fn audit_log_records_kernel_denials_and_survives_sigkill() {
     require_privileges();
-    let cluster = cluster().nodes(2).add_pod(0, "a1").add_pod(1, "b1").build();
+    let cluster = cluster()
+        .nodes(2)
+        .add_pod(0, "a1")
+        .add_unregistered_pod(0, "x1")
+        .add_pod(1, "b1")
+        .build();
     // Port 8080 of b1 is closed to everyone: decided in the kernel at a1's connect().
     let rules = "  rules:\n  - to:\n    - operation: {ports: [\"8080\"]}\n";
     let deny = authz("close-8080", "b1", "DENY", rules);
     let dir = cluster.write_policy_dir("policy", &[("deny.yaml", &deny)]);
     let mut agent = cluster.start_agent_with_policy(0, &dir);
-    let _n2 = cluster.start_agent_with_policy(1, &dir);
+    let n2 = cluster.start_agent_with_policy(1, &dir);
     let audit_dir = agent.spec().identity_dir.join("state/audit");
     let (a1, b1) = (cluster.pod("a1"), cluster.pod("b1"));
     let _server = b1.serve(&[8080]);
@@ -100,6 +106,34 @@ fn audit_log_records_kernel_denials_and_survives_sigkill() {
     assert!(query(&audit_dir, &["--dst", "default/b1", "--verdict", "allow"]).is_empty());
     assert_eq!(query(&audit_dir, &["--kind", "agent_start"]).len(), 1);
     verify_ok(&audit_dir);
+
+    // Plaintext from outside the mesh to the STRICT b1: refused at the SYN on n2, recorded
+    // in n2's log.
+    let run = cluster.pod("x1").client(
+        &ClientRequest::new(b1.addr4(8080))
+            .send("plaintext")
+            .io_timeout(Duration::from_millis(1500)),
+    );
+    assert!(
+        !run.success(),
+        "plaintext to STRICT b1 succeeded: {:?}",
+        run.results
+    );
+    let n2_dir = n2.spec().identity_dir.join("state/audit");
+    let refused = wait_for(DEFAULT_TIMEOUT, "`plaintext refused` in n2's log", || {
+        query(&n2_dir, &["--kind", "plaintext", "--verdict", "refused"])
+            .into_iter()
+            .next()
+    });
+    assert_eq!(refused["dst_workload"], "default/b1", "{refused}");
+    assert_eq!(refused["dst_addr"], b1.addr4(8080).to_string(), "{refused}");
+    assert_eq!(refused["node"], "n2", "{refused}");
+    let src = refused["src_addr"].as_str().unwrap_or_default();
+    assert!(
+        src.starts_with(&format!("{}:", cluster.pod("x1").ip4())),
+        "{refused}"
+    );
+    verify_ok(&n2_dir);
 
     // A crash: SIGKILL, and a record torn mid-write at the end of the last segment.
     agent.kill_sigkill();
