@@ -11,17 +11,16 @@ use mesh_agent::audit::{
 
 const BIN: &str = env!("CARGO_BIN_EXE_mesh-agent");
 
-/// A log of 30 records in several segments; the key under `state/`, public key exported.
-fn log(root: &Path) -> std::path::PathBuf {
-    let dir = root.join("audit");
+/// The log's writer (the key under `root/state/`, generated on first use).
+fn writer(root: &Path, dir: &Path) -> SegmentWriter {
     let key = AuditKey::load_or_generate(
         &root.join("state/audit-key.pk8"),
         &dir.join(PUBLIC_KEY_FILE),
     )
     .unwrap();
-    let (mut w, _) = SegmentWriter::open(
+    SegmentWriter::open(
         SegmentConfig {
-            dir: dir.clone(),
+            dir: dir.to_owned(),
             node: "n1".into(),
             max_bytes: 4096,
             max_age: Duration::from_secs(3600),
@@ -30,7 +29,14 @@ fn log(root: &Path) -> std::path::PathBuf {
         },
         key,
     )
-    .unwrap();
+    .unwrap()
+    .0
+}
+
+/// A log of 30 records in several segments; the key under `state/`, public key exported.
+fn log(root: &Path) -> std::path::PathBuf {
+    let dir = root.join("audit");
+    let mut w = writer(root, &dir);
     for i in 0..30u16 {
         let entry: Entry = ConnectionFields {
             verdict: Some(if i % 2 == 0 {
@@ -224,23 +230,7 @@ fn query_follow_prints_records_as_they_are_appended() {
         assert_eq!(v["seq"], want);
     }
     // Appended after the first pass: only the follow loop can print it.
-    let key = AuditKey::load_or_generate(
-        &root.path().join("state/audit-key.pk8"),
-        &dir.join(PUBLIC_KEY_FILE),
-    )
-    .unwrap();
-    let (mut w, _) = SegmentWriter::open(
-        SegmentConfig {
-            dir: dir.clone(),
-            node: "n1".into(),
-            max_bytes: 4096,
-            max_age: Duration::from_secs(3600),
-            checkpoint_interval: Duration::from_secs(3600),
-            checkpoints: dir.join(CHECKPOINTS_FILE),
-        },
-        key,
-    )
-    .unwrap();
+    let mut w = writer(root.path(), &dir);
     let entry = ConnectionFields {
         dst_workload: Some("shop/ledger".into()),
         method: Some("POST".into()),

@@ -50,12 +50,9 @@ fn verify_ok(dir: &Path) -> String {
 #[test]
 fn audit_log_records_kernel_denials_and_survives_sigkill() {
     require_privileges();
-    let cluster = cluster()
-        .nodes(2)
-        .add_pod(0, "a1")
-        .add_unregistered_pod(0, "x1")
-        .add_pod(1, "b1")
-        .build();
+    // x1: a plaintext client outside the mesh (not in the registry).
+    let cluster = cluster().nodes(2).add_unregistered_pod(0, "x1");
+    let cluster = cluster.add_pod(0, "a1").add_pod(1, "b1").build();
     // Port 8080 of b1 is closed to everyone: decided in the kernel at a1's connect().
     let rules = "  rules:\n  - to:\n    - operation: {ports: [\"8080\"]}\n";
     let deny = authz("close-8080", "b1", "DENY", rules);
