@@ -79,6 +79,7 @@ fn check(dir: &Path, key: [u8; 32]) -> Report {
         dir: dir.to_owned(),
         checkpoints: vec![dir.join(CHECKPOINTS_FILE)],
         key: Some(key),
+        from_genesis: false,
     })
     .unwrap()
 }
@@ -88,6 +89,7 @@ fn chain_only(dir: &Path) -> Report {
         dir: dir.to_owned(),
         checkpoints: vec![],
         key: None,
+        from_genesis: false,
     })
     .unwrap()
 }
@@ -180,6 +182,27 @@ fn a_deleted_middle_segment_is_caught() {
     fs::remove_file(segment(dir.path(), 1)).unwrap();
     let next = segment(dir.path(), 1);
     assert_tampered(&check(dir.path(), key), FindingKind::Missing, &next, 1);
+}
+
+#[test]
+fn a_deleted_first_segment_is_retention_unless_the_log_must_start_at_genesis() {
+    let (dir, key) = small_log();
+    fs::remove_file(segment(dir.path(), 0)).unwrap();
+    let r = check(dir.path(), key);
+    assert!(r.ok, "{r:#?}");
+    assert!(r
+        .warnings
+        .iter()
+        .any(|w| w.contains("earlier segments were removed")));
+    let first = segment(dir.path(), 0);
+    let r = verify(&VerifyInput {
+        dir: dir.path().to_owned(),
+        checkpoints: vec![dir.path().join(CHECKPOINTS_FILE)],
+        key: Some(key),
+        from_genesis: true,
+    })
+    .unwrap();
+    assert_tampered(&r, FindingKind::Missing, &first, 1);
 }
 
 #[test]
@@ -321,6 +344,7 @@ fn the_authoritys_copy_of_checkpoints_catches_a_deleted_tail_with_its_local_chec
         dir: dir.path().to_owned(),
         checkpoints: vec![authority],
         key: Some(key),
+        from_genesis: false,
     })
     .unwrap();
     assert_eq!(r.first_bad.unwrap().kind, FindingKind::TailMissing);

@@ -92,6 +92,8 @@ pub struct VerifyInput {
     pub checkpoints: Vec<PathBuf>,
     /// Ed25519 public key (raw) to check signatures with.
     pub key: Option<[u8; 32]>,
+    /// The log must start at seq 0: a removed first segment is tampering, not retention.
+    pub from_genesis: bool,
 }
 
 /// An I/O problem that stops verification (exit 2, not "tampered").
@@ -246,6 +248,14 @@ pub fn verify(input: &VerifyInput) -> Result<Report, VerifyIoError> {
                             stopped = true;
                             break 'segments;
                         }
+                    } else if input.from_genesis {
+                        problems.push(finding(
+                            FindingKind::Missing,
+                            Some(seq),
+                            format!("the log starts at seq {seq}: records 0..={} are missing (the first segments were removed)", seq - 1),
+                        ));
+                        stopped = true;
+                        break 'segments;
                     } else {
                         warnings.push(format!(
                             "the log starts at seq {seq} ({file}): earlier segments were removed (retention?); checkpoints before it are not checked"

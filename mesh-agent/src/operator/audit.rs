@@ -49,6 +49,10 @@ pub struct VerifyArgs {
     /// [default: DIR/checkpoints.jsonl]
     #[arg(long)]
     pub checkpoints: Vec<PathBuf>,
+    /// The log must start at seq 0: a removed first segment is reported as tampering (by
+    /// default it is taken for retention, with a warning).
+    #[arg(long)]
+    pub from_genesis: bool,
     /// The node's audit public key (hex) as registered with the authority.
     /// [default: DIR/audit-key.pub, which proves less: it sits beside the log]
     #[arg(long)]
@@ -152,6 +156,7 @@ fn verify_main(a: &VerifyArgs) -> ExitCode {
         dir: a.dir.clone(),
         checkpoints,
         key,
+        from_genesis: a.from_genesis,
     }) {
         Ok(r) => r,
         Err(e) => return fail("verifying", &e),
