@@ -287,7 +287,14 @@ impl AuditLog {
                 source,
             })
         };
-        std::fs::create_dir_all(&cfg.dir).map_err(lock_io)?;
+        {
+            use std::os::unix::fs::DirBuilderExt as _;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(&cfg.dir)
+                .map_err(lock_io)?;
+        }
         let lock_file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)

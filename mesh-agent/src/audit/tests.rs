@@ -716,3 +716,25 @@ async fn sustained_records_per_second() {
         n as f64 / elapsed.as_secs_f64()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_the_logs_totals_at_each_scrape() {
+    let state = tempfile::tempdir().unwrap();
+    let log = AuditLog::start(audit_cfg(state.path(), 64, false)).unwrap();
+    let metrics = crate::metrics::Metrics::new();
+    metrics.add_hook(std::sync::Arc::new(log.clone()));
+    log.emit(entry(1));
+    log.shutdown("test").await;
+    // agent_start, the connection, agent_stop; checkpoints at start and at stop.
+    for _ in 0..2 {
+        let text = metrics.render();
+        for needle in [
+            r#"mesh_audit_records_total{result="written"} 3"#,
+            r#"mesh_audit_records_total{result="lost"} 0"#,
+            "mesh_audit_checkpoints_total 2",
+            "mesh_audit_write_errors_total 0",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in:\n{text}");
+        }
+    }
+}
