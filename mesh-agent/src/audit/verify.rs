@@ -29,7 +29,7 @@ pub enum FindingKind {
     /// A record whose `prev` is not the hash of the line before it: that line was edited,
     /// or this record was inserted or forged.
     ChainBroken,
-    /// Seqs missing: records deleted, or a whole segment.
+    /// A seq higher than expected: records deleted or reordered, or a whole segment removed.
     Missing,
     /// A seq lower than expected: records reordered, duplicated or inserted.
     OutOfOrder,
@@ -267,8 +267,7 @@ pub fn verify(input: &VerifyInput) -> Result<Report, VerifyIoError> {
                         FindingKind::Missing,
                         Some(seq),
                         format!(
-                            "records seq {want}..={} are missing (deleted records or a deleted segment)",
-                            seq - 1
+                            "seq {seq} where {want} was expected: records deleted or reordered, or a segment removed",
                         ),
                     ));
                     stopped = true;
