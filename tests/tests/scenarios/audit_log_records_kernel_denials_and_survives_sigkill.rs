@@ -1,9 +1,9 @@
 //! The agent's audit log: a kernel L4 denial and a plaintext connection refused at the SYN
-//! (STRICT) come back from `mesh-agent audit query` with
-//! its fields (workloads, identity, port, policy, generation); `audit verify` passes on the
-//! untouched log; after a SIGKILL and a torn final line (a crash mid-write) the log verifies
+//! (STRICT) come back from `mesh-agent audit query` with their fields (workloads, identity,
+//! addresses, port, policy, generation); `audit verify` passes on the untouched log; after a SIGKILL and a torn final line (a crash mid-write) the log verifies
 //! up to its last complete record, and the restarted agent cuts the torn line, records it,
-//! and continues the chain (verified again after a clean stop, which records `agent_stop`).
+//! and continues the chain; through an upgrade (two agents on one directory for a moment)
+//! and a clean stop the chain stays whole and verifies.
 
 use std::{path::Path, process::Command, time::Duration};
 
@@ -154,9 +154,34 @@ fn audit_log_records_kernel_denials_and_survives_sigkill() {
     wait_for(DEFAULT_TIMEOUT, "the second denial", || {
         (query(&audit_dir, &["--verdict", "deny", "--dst", "default/b1"]).len() >= 2).then_some(())
     });
+    // An upgrade: two agents share the directory for a moment; the new one's records wait
+    // until the old one has written its `agent_stop` and closed the log.
+    agent.upgrade(Duration::from_secs(1));
+    wait_for(DEFAULT_TIMEOUT, "the upgraded agent's agent_start", || {
+        (query(&audit_dir, &["--kind", "agent_start"]).len() == 3).then_some(())
+    });
     agent.stop();
-    let stops = query(&audit_dir, &["--kind", "agent_stop"]);
-    assert_eq!(stops.len(), 1, "{stops:?}");
+    let kinds: Vec<String> = query(&audit_dir, &[])
+        .iter()
+        .filter_map(|r| {
+            r["kind"]
+                .as_str()
+                .filter(|k| k.starts_with("agent_"))
+                .map(str::to_owned)
+        })
+        .collect();
+    // The SIGKILLed run has no stop; the upgraded one stopped before its successor started.
+    assert_eq!(
+        kinds,
+        [
+            "agent_start",
+            "agent_start",
+            "agent_stop",
+            "agent_start",
+            "agent_stop"
+        ],
+        "{kinds:?}"
+    );
     let out = verify_ok(&audit_dir);
     assert!(out.starts_with("ok: "), "{out}");
 }
