@@ -24,7 +24,7 @@ use crate::{
     handoff::{self, HandoffError, Role, Takeover},
     identity::{
         manager::{IdentityManager, ManagerConfig},
-        IdentityError, NodeCredentials, SpiffeId, TrustStore,
+        IdentityError, NodeCredentials,
     },
     metrics::{self, Metrics, ScrapeHook},
     policy::{
@@ -39,6 +39,7 @@ use crate::{
         Identities, ProxyDeps, SourceAddrs,
     },
     registry::{Registry, RegistryError},
+    tls::{SpiffeId, TrustStore},
 };
 
 /// Everything `mesh-agent run` needs, parsed and validated by the CLI.
@@ -216,7 +217,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
     let trust_domain = creds.node.trust_domain().clone();
     let local_ids: BTreeSet<SpiffeId> = registry
         .local(&opts.node)
-        .filter_map(|w| SpiffeId::new(trust_domain.clone(), &w.namespace, &w.service_account).ok())
+        .filter_map(|w| w.identity(&trust_domain).ok())
         .collect();
     let peers = hbone_peers(&registry);
     let hbone_addr = opts

@@ -7,8 +7,10 @@
 #![deny(unsafe_code)]
 
 pub mod app;
+pub mod authority;
 pub mod bpf;
 pub mod cgroup;
+pub mod files;
 pub mod handoff;
 pub mod identity;
 pub mod metrics;
@@ -16,3 +18,4 @@ pub mod operator;
 pub mod policy;
 pub mod proxy;
 pub mod registry;
+pub mod tls;

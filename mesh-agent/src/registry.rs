@@ -18,6 +18,7 @@ use serde_saphyr::{MessageFormatter, Spanned, UserMessageFormatter};
 use tracing::debug;
 
 use crate::cgroup::{self, CgroupError};
+use crate::tls::{SpiffeId, SpiffeIdError, TrustDomain};
 
 /// Parser budget: generous enough for tens of thousands of workloads, still a
 /// bound on what a hostile file can make the agent allocate.
@@ -108,10 +109,12 @@ impl Workload {
 
     /// The workload's SPIFFE ID: `spiffe://<trust_domain>/ns/<namespace>/sa/<service account>`.
     pub fn spiffe_id(&self, trust_domain: &str) -> String {
-        format!(
-            "spiffe://{trust_domain}/ns/{}/sa/{}",
-            self.namespace, self.service_account
-        )
+        crate::tls::spiffe::workload_uri(trust_domain, &self.namespace, &self.service_account)
+    }
+
+    /// The workload's SPIFFE ID, validated.
+    pub fn identity(&self, trust_domain: &TrustDomain) -> Result<SpiffeId, SpiffeIdError> {
+        SpiffeId::new(trust_domain.clone(), &self.namespace, &self.service_account)
     }
 }
 

@@ -438,7 +438,8 @@ fn show(a: ShowArgs) -> Result<(), OperatorError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::{authority::tests::TempDir, Authority, TrustDomain};
+    use crate::authority::{ca::tests::TempDir, Authority};
+    use crate::tls::TrustDomain;
 
     fn args(trust_domain: Option<&str>, identity_dir: Option<PathBuf>) -> CompileArgs {
         CompileArgs {

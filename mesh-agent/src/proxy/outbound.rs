@@ -41,9 +41,10 @@ use super::{
 };
 use crate::{
     bpf::Dataplane,
-    identity::{IdentityError, SpiffeId},
+    identity::IdentityError,
     metrics::{DenialSide, Direction, Metrics},
     registry::Registry,
+    tls::SpiffeId,
 };
 
 /// Tunables of the outbound proxy.
@@ -174,7 +175,7 @@ impl Outbound {
         let identities_by_id = registry
             .workloads
             .iter()
-            .map(|w| SpiffeId::new(trust_domain.clone(), &w.namespace, &w.service_account).ok())
+            .map(|w| w.identity(&trust_domain).ok())
             .collect();
         let view = MeshView {
             node,
