@@ -5,6 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use mesh_agent::app::{self, AgentOptions};
+use mesh_agent::error_chain;
 
 /// jemalloc with background threads: memory freed when connections close goes back to the OS
 /// within about 10 s (its decay time). With glibc's malloc the agent's RSS stayed at its peak
@@ -210,19 +211,4 @@ fn main() -> ExitCode {
 
 fn parse_net(s: &str) -> Result<mesh_agent::policy::model::IpNet, String> {
     mesh_agent::policy::parse::parse_cidr(s.trim()).map_err(|e| format!("{s:?}: {e}"))
-}
-
-/// An error and its sources, `outer: inner: innermost` (kernel errnos live at the bottom).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        let text = s.to_string();
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        next = s.source();
-    }
-    out
 }

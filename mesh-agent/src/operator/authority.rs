@@ -20,9 +20,10 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
-use super::{error_chain, print, with_stderr_logs, OutputFormat};
+use super::{print, with_stderr_logs, OutputFormat};
 use crate::authority::ca::{MAX_WORKLOAD_LIFETIME, MIN_WORKLOAD_LIFETIME};
 use crate::authority::{serve_with, Authority, AuthorityError, RootId, ServeConfig};
+use crate::error_chain;
 use crate::files::FileError;
 use crate::identity::IdentityError;
 use crate::registry::{Registry, RegistryError};

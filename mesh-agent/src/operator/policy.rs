@@ -14,7 +14,8 @@ use mesh_common::policy::{POL_ALLOW, POL_DENY, POL_L7};
 use serde::Serialize;
 use tracing::info;
 
-use super::{error_chain, print, with_stderr_logs, OutputFormat};
+use super::{print, with_stderr_logs, OutputFormat};
+use crate::error_chain;
 use crate::{
     identity::{IdentityError, NodeCredentials},
     policy::{

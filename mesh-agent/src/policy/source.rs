@@ -22,6 +22,7 @@ use super::{
     model::PolicyBundle,
 };
 use crate::{
+    error_chain,
     metrics::{ApplyResult, Metrics},
     registry::Registry,
 };
@@ -282,18 +283,4 @@ pub fn spawn_generation_watcher(
         }
     });
     (rx, handle)
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        next = s.source();
-    }
-    out
 }
