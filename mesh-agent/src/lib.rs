@@ -10,6 +10,7 @@ pub mod app;
 pub mod authority;
 pub mod bpf;
 pub mod cgroup;
+pub mod config;
 pub mod files;
 pub mod handoff;
 pub mod identity;

@@ -36,7 +36,7 @@ use super::{
     l7::normalize::PathNormalization,
     limits::{self, Accepted, Admission, Guard, SourceKey},
     orig_dst_addr,
-    pool::{Pool, PoolError},
+    pool::{Pool, PoolConfig, PoolError},
     ConnectError, Identities, ProxyDeps, SourceAddrs,
 };
 use crate::{
@@ -56,6 +56,8 @@ pub struct OutboundConfig {
     pub drain_timeout: Duration,
     /// How often idle and revoked pooled HBONE connections are swept.
     pub sweep_interval: Duration,
+    /// The HBONE connection pool's timeouts.
+    pub pool: PoolConfig,
 }
 
 impl Default for OutboundConfig {
@@ -64,6 +66,7 @@ impl Default for OutboundConfig {
             connect_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
             sweep_interval: Duration::from_secs(10),
+            pool: PoolConfig::default(),
         }
     }
 }
@@ -183,7 +186,7 @@ impl Outbound {
             source,
             path_normalization,
         };
-        let pool = Pool::new(Default::default(), view.source, Arc::clone(&metrics));
+        let pool = Pool::new(cfg.pool.clone(), view.source, Arc::clone(&metrics));
         Self {
             listeners,
             ctx: Arc::new(Ctx {
