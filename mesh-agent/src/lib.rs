@@ -15,11 +15,13 @@ pub mod files;
 pub mod handoff;
 pub mod identity;
 pub mod metrics;
+pub mod names;
 pub mod operator;
 pub mod policy;
 pub mod proxy;
 pub mod registry;
 pub mod tls;
+pub mod yaml;
 
 /// An error and its sources, `outer: inner: innermost` (kernel errnos live at the bottom). A
 /// source whose text the chain already shows (a variant that prints its source in its own

@@ -352,7 +352,7 @@ struct JoinOutput<'a> {
 }
 
 fn join(a: JoinArgs) -> Result<(), OperatorError> {
-    if !crate::registry::is_dns_subdomain(&a.node) {
+    if !crate::names::is_dns_subdomain(&a.node) {
         return Err(OperatorError::BadNodeName {
             input: a.node.chars().take(260).collect(),
         });
