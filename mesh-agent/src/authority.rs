@@ -7,7 +7,6 @@
 //! - [`protocol`]: the request and response lines the service and the node's client exchange.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use crate::files::FileError;
 use crate::tls::{SpiffeId, SpiffeIdError, TlsError};
@@ -16,7 +15,7 @@ pub mod ca;
 pub mod protocol;
 pub mod service;
 
-pub use ca::{authorize_request, Authority, ReloadOutcome, RootId, RootInfo};
+pub use ca::{authorize_request, Authority, LifetimeError, ReloadOutcome, RootId, RootInfo};
 pub use service::{serve, serve_with, ServeConfig};
 
 /// What can go wrong in the authority: its store, signing, and requests it refuses.
@@ -44,16 +43,8 @@ pub enum AuthorityError {
         identity: SpiffeId,
         hosts: Vec<String>,
     },
-    #[error("requested lifetime {requested:?} is shorter than the minimum {minimum:?}")]
-    LifetimeTooShort {
-        requested: Duration,
-        minimum: Duration,
-    },
-    #[error("requested lifetime {requested:?} is longer than the maximum {maximum:?}")]
-    LifetimeTooLong {
-        requested: Duration,
-        maximum: Duration,
-    },
+    #[error(transparent)]
+    Lifetime(#[from] LifetimeError),
     #[error("an authority already exists in {dir}")]
     AlreadyInitialised { dir: PathBuf },
     #[error("authority state {path} is invalid: {detail}")]

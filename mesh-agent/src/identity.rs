@@ -14,6 +14,7 @@
 
 use std::time::Duration;
 
+use crate::authority::LifetimeError;
 use crate::files::FileError;
 use crate::tls::{SpiffeId, TlsError};
 
@@ -36,22 +37,8 @@ pub enum IdentityError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     File(#[from] FileError),
-    #[error("{context}: {source}")]
-    Rcgen {
-        context: &'static str,
-        #[source]
-        source: rcgen::Error,
-    },
-    #[error("requested lifetime {requested:?} is shorter than the minimum {minimum:?}")]
-    LifetimeTooShort {
-        requested: Duration,
-        minimum: Duration,
-    },
-    #[error("requested lifetime {requested:?} is longer than the maximum {maximum:?}")]
-    LifetimeTooLong {
-        requested: Duration,
-        maximum: Duration,
-    },
+    #[error(transparent)]
+    Lifetime(#[from] LifetimeError),
     #[error("connecting to the authority at {addr}: {source}")]
     Connect {
         addr: String,

@@ -49,7 +49,8 @@ use super::AuthorityError;
 use crate::files::{create_private_dir, read_string, write_atomic};
 use crate::identity::NodeCredentials;
 use crate::tls::cert::{
-    certified_key, certs_from_pem, hex, identity_params, new_key, CertInfo, Serial, WorkloadCert,
+    certified_key, certs_from_pem, csr_pem, hex, identity_params, new_key, CertInfo, Serial,
+    WorkloadCert,
 };
 use crate::tls::spiffe::{NodeId, PeerId, SpiffeId, TrustDomain};
 use crate::tls::verify::TrustStore;
@@ -536,13 +537,7 @@ impl Authority {
         lifetime: Duration,
     ) -> Result<WorkloadCert, AuthorityError> {
         let key = new_key()?;
-        let csr = CertificateParams::default()
-            .serialize_request(&key)
-            .and_then(|csr| csr.pem())
-            .map_err(|source| AuthorityError::Rcgen {
-                context: "creating a CSR",
-                source,
-            })?;
+        let csr = csr_pem(CertificateParams::default(), &key)?;
         let chain = self.sign_workload_csr(&csr, identity, lifetime)?;
         Ok(WorkloadCert::from_pem(&chain, &key.serialize_pem())?)
     }
@@ -700,15 +695,32 @@ impl Authority {
     }
 }
 
-fn check_lifetime(lifetime: Duration) -> Result<(), AuthorityError> {
+/// A workload certificate lifetime outside [`MIN_WORKLOAD_LIFETIME`, `MAX_WORKLOAD_LIFETIME`]:
+/// refused by the authority, and by an agent configured to request it.
+#[derive(Debug, thiserror::Error)]
+pub enum LifetimeError {
+    #[error("requested lifetime {requested:?} is shorter than the minimum {minimum:?}")]
+    TooShort {
+        requested: Duration,
+        minimum: Duration,
+    },
+    #[error("requested lifetime {requested:?} is longer than the maximum {maximum:?}")]
+    TooLong {
+        requested: Duration,
+        maximum: Duration,
+    },
+}
+
+/// Whether the authority signs workload certificates of this lifetime.
+pub fn check_lifetime(lifetime: Duration) -> Result<(), LifetimeError> {
     if lifetime < MIN_WORKLOAD_LIFETIME {
-        return Err(AuthorityError::LifetimeTooShort {
+        return Err(LifetimeError::TooShort {
             requested: lifetime,
             minimum: MIN_WORKLOAD_LIFETIME,
         });
     }
     if lifetime > MAX_WORKLOAD_LIFETIME {
-        return Err(AuthorityError::LifetimeTooLong {
+        return Err(LifetimeError::TooLong {
             requested: lifetime,
             maximum: MAX_WORKLOAD_LIFETIME,
         });
@@ -1183,11 +1195,11 @@ pub(crate) mod tests {
         let id = wid("default", "sa-a");
         assert!(matches!(
             a.sign_workload_csr(&csr, &id, Duration::from_secs(59)),
-            Err(AuthorityError::LifetimeTooShort { .. })
+            Err(AuthorityError::Lifetime(LifetimeError::TooShort { .. }))
         ));
         assert!(matches!(
             a.sign_workload_csr(&csr, &id, MAX_WORKLOAD_LIFETIME + Duration::from_secs(1)),
-            Err(AuthorityError::LifetimeTooLong { .. })
+            Err(AuthorityError::Lifetime(LifetimeError::TooLong { .. }))
         ));
         a.sign_workload_csr(&csr, &id, MIN_WORKLOAD_LIFETIME)
             .unwrap();

@@ -15,7 +15,9 @@ use crate::authority::protocol::{
     read_line_bounded, write_line, LineRead, Request, Response, ALPN_AUTHORITY, MAX_RESPONSE_LINE,
 };
 use crate::authority::RootId;
-use crate::tls::cert::{certified_key, certs_from_pem, identity_params, new_key, node_id_of};
+use crate::tls::cert::{
+    certified_key, certs_from_pem, csr_pem, identity_params, new_key, node_id_of,
+};
 use crate::tls::verify::{tls13_client, SpiffeServerVerifier, TrustStore};
 use crate::tls::{NodeId, PeerId, Serial, SpiffeId, TlsError, WorkloadCert};
 
@@ -143,13 +145,7 @@ impl AuthorityClient {
         lifetime: Duration,
     ) -> Result<(WorkloadCert, Option<RootId>), IdentityError> {
         let key = new_key()?;
-        let csr_pem = identity_params(&identity.to_string())?
-            .serialize_request(&key)
-            .and_then(|csr| csr.pem())
-            .map_err(|source| IdentityError::Rcgen {
-                context: "creating a CSR",
-                source,
-            })?;
+        let csr_pem = csr_pem(identity_params(&identity.to_string())?, &key)?;
         let response = self
             .request(&Request::Sign {
                 identity: identity.to_string(),

@@ -8,8 +8,8 @@ use rcgen::{CertificateParams, KeyPair};
 
 use super::IdentityError;
 use crate::files::{create_private_dir, read_string, write_atomic};
-use crate::tls::cert::{certified_key, certs_from_pem, new_key, node_id_of};
-use crate::tls::NodeId;
+use crate::tls::cert::{certified_key, certs_from_pem, csr_pem, new_key, node_id_of};
+use crate::tls::{NodeId, TlsError};
 
 /// What a node agent needs to talk to the authority: its certificate chain, key and the
 /// trust bundle. Written by the operator into the node's directory as `node.pem`,
@@ -62,7 +62,7 @@ impl NodeCredentials {
         let key_path = dir.join(Self::KEY_FILE);
         let key = if key_path.exists() {
             let pem = read_string(&key_path)?;
-            KeyPair::from_pem(&pem).map_err(|source| IdentityError::Rcgen {
+            KeyPair::from_pem(&pem).map_err(|source| TlsError::Rcgen {
                 context: "reading the node key",
                 source,
             })?
@@ -71,13 +71,7 @@ impl NodeCredentials {
             write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
             key
         };
-        let csr = CertificateParams::default()
-            .serialize_request(&key)
-            .and_then(|csr| csr.pem())
-            .map_err(|source| IdentityError::Rcgen {
-                context: "creating the node CSR",
-                source,
-            })?;
+        let csr = csr_pem(CertificateParams::default(), &key)?;
         write_atomic(&dir.join(Self::CSR_FILE), csr.as_bytes(), 0o644)?;
         Ok(csr)
     }

@@ -38,9 +38,7 @@ use super::client::AuthorityClient;
 use super::credentials::NodeCredentials;
 use super::persist::{PersistedTrust, StateDir};
 use super::IdentityError;
-use crate::authority::ca::{
-    RootId, DEFAULT_WORKLOAD_LIFETIME, MAX_WORKLOAD_LIFETIME, MIN_WORKLOAD_LIFETIME,
-};
+use crate::authority::ca::{check_lifetime, RootId, DEFAULT_WORKLOAD_LIFETIME};
 use crate::tls::cert::{Serial, WorkloadCert};
 use crate::tls::spiffe::{NodeId, SpiffeId};
 use crate::tls::verify::{self, SniCertResolver, TrustStore};
@@ -180,18 +178,7 @@ impl IdentityManager {
         cfg: ManagerConfig,
         mut stop: watch::Receiver<bool>,
     ) -> Result<Arc<Self>, IdentityError> {
-        if cfg.lifetime < MIN_WORKLOAD_LIFETIME {
-            return Err(IdentityError::LifetimeTooShort {
-                requested: cfg.lifetime,
-                minimum: MIN_WORKLOAD_LIFETIME,
-            });
-        }
-        if cfg.lifetime > MAX_WORKLOAD_LIFETIME {
-            return Err(IdentityError::LifetimeTooLong {
-                requested: cfg.lifetime,
-                maximum: MAX_WORKLOAD_LIFETIME,
-            });
-        }
+        check_lifetime(cfg.lifetime)?;
         if cfg.refresh < MIN_REFRESH {
             return Err(IdentityError::BadConfig {
                 what: "the refresh interval",
@@ -1184,7 +1171,9 @@ mod tests {
         cfg.lifetime = Duration::from_secs(59);
         assert!(matches!(
             IdentityManager::start(cfg, rx.clone()).await,
-            Err(IdentityError::LifetimeTooShort { .. })
+            Err(IdentityError::Lifetime(
+                crate::authority::LifetimeError::TooShort { .. }
+            ))
         ));
         let mut cfg = ca.config("n1", &["sa-a"]);
         cfg.workloads

@@ -66,7 +66,7 @@ pub fn main(args: NodeArgs) -> ExitCode {
             eprintln!("error: {}: {e}", a.dir.display());
             let bad_input = matches!(
                 e,
-                IdentityError::Rcgen { .. } | IdentityError::Tls(TlsError::Pem { .. })
+                IdentityError::Tls(TlsError::Rcgen { .. } | TlsError::Pem { .. })
             );
             ExitCode::from(if bad_input { 2 } else { 1 })
         }

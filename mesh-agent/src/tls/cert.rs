@@ -366,6 +366,17 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A PEM certificate signing request for `params`, signed with `key`.
+pub(crate) fn csr_pem(params: CertificateParams, key: &KeyPair) -> Result<String, TlsError> {
+    params
+        .serialize_request(key)
+        .and_then(|csr| csr.pem())
+        .map_err(|source| TlsError::Rcgen {
+            context: "creating a CSR",
+            source,
+        })
+}
+
 /// The node identity a node certificate chain names (its leaf's only URI SAN).
 pub(crate) fn node_id_of(chain: &[CertificateDer<'_>]) -> Result<NodeId, TlsError> {
     let leaf = chain.first().ok_or_else(|| TlsError::InvalidCertificate {
