@@ -429,7 +429,13 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
         }
     }
     let (handed_tx, mut handed_rx) = watch::channel(false);
-    if let Err(e) = handoff::serve(opts.handoff_socket(), sockets, handed_tx, stop_rx.clone()) {
+    if let Err(e) = handoff::serve(
+        opts.handoff_socket(),
+        sockets,
+        opts.tunables.handoff_ready_timeout(),
+        handed_tx,
+        stop_rx.clone(),
+    ) {
         warn!(error = %e, "handoff socket unavailable: upgrades of this agent will bind afresh");
     }
     let reason = tokio::select! {

@@ -139,6 +139,10 @@ pub struct Tunables {
     /// generation applied by `mesh-agent policy apply` or another agent).
     #[arg(long, env = "MESH_GENERATION_POLL_MS", default_value_t = 200, value_parser = positive)]
     pub generation_poll_ms: u64,
+    /// Seconds a successor agent (an upgrade) may take from receiving the listening sockets to
+    /// being ready (it may be waiting for certificates); past it this agent keeps serving.
+    #[arg(long, env = "MESH_HANDOFF_READY_TIMEOUT_SECS", default_value_t = 300, value_parser = positive)]
+    pub handoff_ready_timeout_secs: u64,
 }
 
 fn positive(s: &str) -> Result<u64, String> {
@@ -214,6 +218,9 @@ impl Tunables {
     }
     pub fn generation_poll(&self) -> Duration {
         Duration::from_millis(self.generation_poll_ms)
+    }
+    pub fn handoff_ready_timeout(&self) -> Duration {
+        Duration::from_secs(self.handoff_ready_timeout_secs)
     }
 }
 
