@@ -8,7 +8,6 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::Arc,
-    time::Duration,
 };
 
 use mesh_common::{
@@ -21,7 +20,7 @@ use tracing::{info, warn};
 use crate::{
     bpf::{events::spawn_event_log, BpfError, Dataplane},
     cgroup::{self, CgroupError},
-    config::Config,
+    config::{Config, ConfigError, OutboundAddrs},
     handoff::{self, HandoffError, Role, Takeover},
     identity::{
         manager::{IdentityManager, ManagerConfig},
@@ -67,10 +66,8 @@ pub enum AppError {
     Cgroup(#[from] CgroupError),
     #[error(transparent)]
     Bpf(#[from] BpfError),
-    #[error("--outbound {addr}: must be an IPv4 address with a non-zero port")]
-    OutboundV4 { addr: SocketAddr },
-    #[error("--outbound6 {addr}: must be an IPv6 address with the same port as --outbound")]
-    OutboundV6 { addr: SocketAddr },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error("binding {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -93,8 +90,6 @@ pub enum AppError {
     },
     #[error("node {node:?} is not in the registry's nodes")]
     UnknownNode { node: String },
-    #[error("--cert-lifetime-secs {secs}: must be at least 60")]
-    CertLifetime { secs: u64 },
     #[error("obtaining workload certificates: {0}")]
     Identity(#[source] Box<IdentityError>),
     #[error("policy maps: {0}")]
@@ -112,12 +107,10 @@ impl AppError {
             self,
             Self::Registry(_)
                 | Self::Cgroup(_)
-                | Self::OutboundV4 { .. }
-                | Self::OutboundV6 { .. }
+                | Self::Config(_)
                 | Self::Credentials { .. }
                 | Self::CredentialsNode { .. }
                 | Self::UnknownNode { .. }
-                | Self::CertLifetime { .. }
                 | Self::Limits(_)
         )
     }
@@ -125,23 +118,10 @@ impl AppError {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(opts: Config) -> Result<(), AppError> {
-    let outbound4 = match opts.outbound {
-        SocketAddr::V4(a) if a.port() != 0 && !a.ip().is_unspecified() => a,
-        addr => return Err(AppError::OutboundV4 { addr }),
-    };
-    let outbound6 = match opts.outbound6 {
-        None => None,
-        Some(SocketAddr::V6(a)) if a.port() == outbound4.port() && !a.ip().is_unspecified() => {
-            Some(a)
-        }
-        Some(addr) => return Err(AppError::OutboundV6 { addr }),
-    };
-
-    if opts.cert_lifetime() < Duration::from_secs(60) {
-        return Err(AppError::CertLifetime {
-            secs: opts.cert_lifetime_secs,
-        });
-    }
+    let OutboundAddrs {
+        v4: outbound4,
+        v6: outbound6,
+    } = opts.validate()?;
 
     // 1. Validate every input before touching the kernel.
     let cgroup_root = cgroup::cgroup2_mount()?;

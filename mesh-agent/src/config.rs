@@ -2,7 +2,7 @@
 //! once (clap, `--flag` or `MESH_*`), validated, and logged once at start. Every tunable the
 //! agent uses is here with its default; `mesh-agent run --help` is the reference.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -157,7 +157,44 @@ fn parse_net(s: &str) -> Result<crate::policy::model::IpNet, String> {
     crate::policy::parse::parse_cidr(s.trim()).map_err(|e| format!("{s:?}: {e}"))
 }
 
+/// A configuration refused before anything is touched.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--outbound {addr}: must be an IPv4 address with a non-zero port")]
+    OutboundV4 { addr: SocketAddr },
+    #[error("--outbound6 {addr}: must be an IPv6 address with the same port as --outbound")]
+    OutboundV6 { addr: SocketAddr },
+    #[error("--cert-lifetime-secs {secs}: must be at least 60")]
+    CertLifetime { secs: u64 },
+}
+
+/// The outbound listeners, checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutboundAddrs {
+    pub v4: SocketAddrV4,
+    pub v6: Option<SocketAddrV6>,
+}
+
 impl Config {
+    /// Checks what clap cannot check field by field; returns the outbound listeners.
+    pub fn validate(&self) -> Result<OutboundAddrs, ConfigError> {
+        let v4 = match self.outbound {
+            SocketAddr::V4(a) if a.port() != 0 && !a.ip().is_unspecified() => a,
+            addr => return Err(ConfigError::OutboundV4 { addr }),
+        };
+        let v6 = match self.outbound6 {
+            None => None,
+            Some(SocketAddr::V6(a)) if a.port() == v4.port() && !a.ip().is_unspecified() => Some(a),
+            Some(addr) => return Err(ConfigError::OutboundV6 { addr }),
+        };
+        if self.cert_lifetime_secs < 60 {
+            return Err(ConfigError::CertLifetime {
+                secs: self.cert_lifetime_secs,
+            });
+        }
+        Ok(OutboundAddrs { v4, v6 })
+    }
+
     /// Grace period for in-flight connections on shutdown.
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_timeout_secs)
@@ -258,6 +295,33 @@ mod tests {
         assert_eq!(c.tunables.generation_poll(), Duration::from_millis(200));
         assert_eq!(c.tunables.cert_refresh(), Duration::from_secs(1));
         assert_eq!(c.tunables.pool_idle_timeout(), Duration::from_secs(90));
+    }
+
+    #[test]
+    fn validate_checks_the_listeners_and_the_lifetime() {
+        let parse = |extra: &[&str]| {
+            let mut args = REQUIRED.to_vec();
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args).unwrap().config.validate()
+        };
+        let ok = parse(&["--outbound6=[fd00::1]:15001"]).unwrap();
+        assert_eq!(ok.v4.port(), 15001);
+        assert!(ok.v6.is_some());
+        for (extra, want) in [
+            ("--outbound6=[fd00::1]:15002", "same port"),
+            ("--cert-lifetime-secs=59", "at least 60"),
+        ] {
+            let e = parse(&[extra]).unwrap_err().to_string();
+            assert!(e.contains(want), "{extra}: {e}");
+        }
+        let mut args = REQUIRED.to_vec();
+        args[4] = "--outbound=0.0.0.0:15001";
+        let e = Cli::try_parse_from(args)
+            .unwrap()
+            .config
+            .validate()
+            .unwrap_err();
+        assert!(matches!(e, ConfigError::OutboundV4 { .. }), "{e}");
     }
 
     #[test]
