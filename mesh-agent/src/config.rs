@@ -1,6 +1,8 @@
 //! The agent's configuration: every flag and environment variable of `mesh-agent run`, parsed
 //! once (clap, `--flag` or `MESH_*`), validated, and logged once at start. Every tunable the
 //! agent uses is here with its default; `mesh-agent run --help` is the reference.
+// The field docs are clap's help text: `[default: <x>]` there is for the terminal, not rustdoc.
+#![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
 
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::path::PathBuf;

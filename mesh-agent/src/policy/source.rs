@@ -1,6 +1,7 @@
 //! Where policy comes from and how the agent keeps the maps current:
 //! - [`load_dir`]: a policy directory → [`PolicyBundle`] (the one place the parser is wired);
-//! - [`PolicyLoader`]: load, compile, apply (the agent at start, its watcher, the CLI);
+//! - [`CompileContext::load_and_compile`] and [`apply_dir`]: load, compile, apply (the agent at
+//!   start, its watcher, the CLI);
 //! - [`spawn_dir_watcher`]: polls the directory every `--policy-poll-ms` and re-applies on change;
 //!   a refused change is logged (`policy refused`) and the active generation stays;
 //! - [`spawn_generation_watcher`]: polls `mesh_config.policy_gen` every `--generation-poll-ms` and
