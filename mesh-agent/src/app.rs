@@ -8,7 +8,6 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::Arc,
-    time::Duration,
 };
 
 use mesh_common::{
@@ -22,10 +21,11 @@ use crate::{
     audit::AuditLog,
     bpf::{events::spawn_event_log, BpfError, Dataplane},
     cgroup::{self, CgroupError},
+    config::{Config, ConfigError, OutboundAddrs},
     handoff::{self, HandoffError, Role, Takeover},
     identity::{
         manager::{IdentityManager, ManagerConfig},
-        IdentityError, NodeCredentials, SpiffeId, TrustStore,
+        IdentityError, NodeCredentials,
     },
     metrics::{self, Metrics, ScrapeHook},
     policy::{
@@ -37,64 +37,12 @@ use crate::{
         inbound::{Inbound, InboundConfig},
         ip_words,
         outbound::{Outbound, OutboundConfig},
+        pool::PoolConfig,
         Identities, ProxyDeps, SourceAddrs,
     },
     registry::{Registry, RegistryError},
+    tls::{SpiffeId, TrustStore},
 };
-
-/// Everything `mesh-agent run` needs, parsed and validated by the CLI.
-#[derive(Clone, Debug)]
-pub struct AgentOptions {
-    /// This node's name, as in the registry's `node:` fields.
-    pub node: String,
-    /// The workload registry file.
-    pub registry: PathBuf,
-    /// The node's pod cgroup parent, relative to the cgroup2 mount.
-    pub pod_cgroup: PathBuf,
-    /// Outbound listener (IPv4); its address is what pods' connects are rewritten to.
-    pub outbound: SocketAddr,
-    /// Optional IPv6 outbound listener (must use the same port).
-    pub outbound6: Option<SocketAddr>,
-    /// bpffs directory for the pins.
-    pub pin_dir: PathBuf,
-    /// Grace period for in-flight connections on shutdown.
-    pub drain_timeout: Duration,
-    /// Node credentials (`node.pem`, `node.key.pem`, `bundle.pem`).
-    pub identity_dir: PathBuf,
-    /// The authority's service address.
-    pub authority: SocketAddr,
-    /// Inbound HBONE listener; default `<outbound ip>:15008`.
-    pub hbone: Option<SocketAddr>,
-    /// Admin listener (`/metrics`, `/healthz`).
-    pub admin: SocketAddr,
-    /// Networks allowed on the admin port besides the node's own addresses.
-    pub admin_allow: Vec<crate::policy::model::IpNet>,
-    /// Requested workload certificate lifetime.
-    pub cert_lifetime: Duration,
-    /// Policy directory (Istio YAML), watched and applied on change; `None`: policy comes
-    /// only from `mesh-agent policy apply` (or none).
-    pub policy_dir: Option<PathBuf>,
-    /// The mesh-wide policy namespace (`istio-system`).
-    pub root_namespace: String,
-    /// Trust domains treated as this mesh's own in policy principals (Istio's
-    /// `trustDomainAliases`).
-    pub trust_domain_aliases: Vec<String>,
-    /// Unix socket where this agent hands its listening sockets to a successor (upgrades),
-    /// and where a starting agent asks a running one for them.
-    pub handoff_socket: PathBuf,
-    /// Persisted workload certificates and trust state (start without the authority).
-    pub state_dir: PathBuf,
-    /// The audit log (directory default: `<state_dir>/audit`).
-    pub audit: crate::audit::AuditOptions,
-    /// After handing over to a successor and draining, exit (`true`) or stay idle until
-    /// SIGTERM (`false`: for supervisors that restart an exited process, e.g. a Kubernetes pod
-    /// whose replacement must outlive it).
-    pub exit_after_handoff: bool,
-    /// Path normalization on HTTP ports (before L7 policy and forwarding).
-    pub path_normalization: crate::proxy::l7::normalize::PathNormalization,
-    /// Connection budget, per-source caps, request-head bounds (`proxy::limits`).
-    pub limits: crate::proxy::limits::LimitOptions,
-}
 
 /// What the proxies need of policy: the active generation's view, replaced on every swap
 /// (from this agent's policy directory or `mesh-agent policy apply`).
@@ -119,10 +67,8 @@ pub enum AppError {
     Cgroup(#[from] CgroupError),
     #[error(transparent)]
     Bpf(#[from] BpfError),
-    #[error("--outbound {addr}: must be an IPv4 address with a non-zero port")]
-    OutboundV4 { addr: SocketAddr },
-    #[error("--outbound6 {addr}: must be an IPv6 address with the same port as --outbound")]
-    OutboundV6 { addr: SocketAddr },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error("binding {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -145,8 +91,6 @@ pub enum AppError {
     },
     #[error("node {node:?} is not in the registry's nodes")]
     UnknownNode { node: String },
-    #[error("--cert-lifetime-secs {secs}: must be at least 60")]
-    CertLifetime { secs: u64 },
     #[error("obtaining workload certificates: {0}")]
     Identity(#[source] Box<IdentityError>),
     #[error("policy maps: {0}")]
@@ -166,36 +110,21 @@ impl AppError {
             self,
             Self::Registry(_)
                 | Self::Cgroup(_)
-                | Self::OutboundV4 { .. }
-                | Self::OutboundV6 { .. }
+                | Self::Config(_)
                 | Self::Credentials { .. }
                 | Self::CredentialsNode { .. }
                 | Self::UnknownNode { .. }
-                | Self::CertLifetime { .. }
                 | Self::Limits(_)
         )
     }
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
-pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
-    let outbound4 = match opts.outbound {
-        SocketAddr::V4(a) if a.port() != 0 && !a.ip().is_unspecified() => a,
-        addr => return Err(AppError::OutboundV4 { addr }),
-    };
-    let outbound6 = match opts.outbound6 {
-        None => None,
-        Some(SocketAddr::V6(a)) if a.port() == outbound4.port() && !a.ip().is_unspecified() => {
-            Some(a)
-        }
-        Some(addr) => return Err(AppError::OutboundV6 { addr }),
-    };
-
-    if opts.cert_lifetime < Duration::from_secs(60) {
-        return Err(AppError::CertLifetime {
-            secs: opts.cert_lifetime.as_secs(),
-        });
-    }
+pub async fn run(opts: Config) -> Result<(), AppError> {
+    let OutboundAddrs {
+        v4: outbound4,
+        v6: outbound6,
+    } = opts.validate()?;
 
     // 1. Validate every input before touching the kernel.
     let cgroup_root = cgroup::cgroup2_mount()?;
@@ -221,7 +150,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
     let trust_domain = creds.node.trust_domain().clone();
     let local_ids: BTreeSet<SpiffeId> = registry
         .local(&opts.node)
-        .filter_map(|w| SpiffeId::new(trust_domain.clone(), &w.namespace, &w.service_account).ok())
+        .filter_map(|w| w.identity(&trust_domain).ok())
         .collect();
     let peers = hbone_peers(&registry);
     let hbone_addr = opts
@@ -245,17 +174,22 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
         hbone = %hbone_addr,
         admin = %opts.admin,
         authority = %opts.authority,
-        cert_lifetime_secs = opts.cert_lifetime.as_secs(),
+        cert_lifetime_secs = opts.cert_lifetime_secs,
+        drain_timeout_secs = opts.drain_timeout_secs,
         policy_dir = ?opts.policy_dir,
         root_namespace = %opts.root_namespace,
         trust_domain_aliases = ?opts.trust_domain_aliases,
-        handoff_socket = %opts.handoff_socket.display(),
-        state_dir = %opts.state_dir.display(),
+        handoff_socket = %opts.handoff_socket().display(),
+        state_dir = %opts.state_dir().display(),
         path_normalization = %opts.path_normalization,
+        exit_after_handoff = opts.exit_after_handoff,
+        admin_allow = ?opts.admin_allow,
+        limits = ?opts.limits,
+        tunables = ?opts.tunables,
         "configuration"
     );
     let mut signals = Signals::new()?;
-    let audit = AuditLog::start(opts.audit.config(&opts.node, &opts.state_dir))?;
+    let audit = AuditLog::start(opts.audit.config(&opts.node, &opts.state_dir()))?;
     // Raise RLIMIT_NOFILE and size the connection budget from it, before binding.
     let conn_limits = crate::proxy::limits::init(&opts.limits)?;
 
@@ -263,11 +197,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
     //    connection queues never close), else bound (a port conflict must fail before
     //    anything is attached).
     let mut takeover = {
-        let path = opts.handoff_socket.clone();
+        let path = opts.handoff_socket();
         tokio::task::spawn_blocking(move || Takeover::request(&path))
             .await
             .map_err(|e| HandoffError::Protocol {
-                path: opts.handoff_socket.clone(),
+                path: opts.handoff_socket(),
                 detail: e.to_string(),
             })??
     };
@@ -298,10 +232,10 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
             authority: opts.authority,
             creds,
             workloads: local_ids.into_iter().collect(),
-            lifetime: opts.cert_lifetime,
-            refresh: Duration::from_secs(1),
-            startup_timeout: Duration::from_secs(30),
-            state_dir: Some(opts.state_dir.clone()),
+            lifetime: opts.cert_lifetime(),
+            refresh: opts.tunables.cert_refresh(),
+            startup_timeout: opts.tunables.cert_startup_timeout(),
+            state_dir: Some(opts.state_dir()),
         },
         stop_rx.clone(),
     )
@@ -356,8 +290,12 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
 
     // 5. Serve until told to stop.
     // Policy: the active generation for the proxies; the directory, if any, watched.
-    let (policy_views, generation_watcher) =
-        spawn_generation_watcher(policy_maps.watcher, initial_view, stop_rx.clone());
+    let (policy_views, generation_watcher) = spawn_generation_watcher(
+        policy_maps.watcher,
+        initial_view,
+        opts.tunables.generation_poll(),
+        stop_rx.clone(),
+    );
     // The proxies see each generation as an `Authorizer` snapshot.
     let policies = crate::policy::authorize::bridge(policy_views.clone(), stop_rx.clone());
     let policy = PolicyHandle {
@@ -379,6 +317,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
             policy_ctx,
             writer,
             Arc::clone(&metrics),
+            opts.tunables.policy_poll(),
             stop_rx.clone(),
         )),
         _ => None,
@@ -437,16 +376,25 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
         deps.clone(),
         peers,
         OutboundConfig {
-            drain_timeout: opts.drain_timeout,
-            ..OutboundConfig::default()
+            connect_timeout: opts.tunables.pod_connect_timeout(),
+            drain_timeout: opts.drain_timeout(),
+            sweep_interval: opts.tunables.pool_sweep_interval(),
+            pool: PoolConfig {
+                connect_timeout: opts.tunables.peer_connect_timeout(),
+                handshake_timeout: opts.tunables.peer_handshake_timeout(),
+                stream_timeout: opts.tunables.peer_stream_timeout(),
+                idle_timeout: opts.tunables.pool_idle_timeout(),
+                ..PoolConfig::default()
+            },
         },
     );
     let inbound = Inbound::new(
         hbone_listener,
         deps,
         InboundConfig {
-            drain_timeout: opts.drain_timeout,
-            ..InboundConfig::default()
+            handshake_timeout: opts.tunables.inbound_handshake_timeout(),
+            connect_timeout: opts.tunables.pod_connect_timeout(),
+            drain_timeout: opts.drain_timeout(),
         },
     );
     let mut tasks = tokio::task::JoinSet::new();
@@ -477,8 +425,9 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
     }
     let (handed_tx, mut handed_rx) = watch::channel(false);
     if let Err(e) = handoff::serve(
-        opts.handoff_socket.clone(),
+        opts.handoff_socket(),
         sockets,
+        opts.tunables.handoff_ready_timeout(),
         handed_tx,
         stop_rx.clone(),
     ) {
@@ -706,7 +655,7 @@ struct StartedPolicy {
 /// Opens the policy maps, applies `--policy-dir` once (a refusal is logged and the pinned
 /// generation, if any, stays), and reads the active generation back.
 fn start_policy(
-    opts: &AgentOptions,
+    opts: &Config,
     ctx: &CompileContext,
     metrics: &Metrics,
 ) -> Result<(StartedPolicy, Arc<PolicyView>), MapsError> {

@@ -49,9 +49,6 @@ const BYE: &str = "BYE";
 const MAX_FDS: usize = 8;
 /// Longest description line.
 const MAX_LINE: usize = 4096;
-/// How long a successor may take from receiving the sockets to `READY` (it may be waiting for
-/// certificates): past it the agent keeps the sockets to itself again.
-pub const READY_TIMEOUT: Duration = Duration::from_secs(300);
 /// Round trips that need no work on the other side.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -181,10 +178,13 @@ impl Takeover {
 }
 
 /// Serves handoff requests on `path` until `stop`, offering `sockets` (duplicates of the
-/// agent's listening sockets). Sends `true` on `handed_off` when a successor took over.
+/// agent's listening sockets). Sends `true` on `handed_off` when a successor took over. A
+/// successor may take `ready_timeout` from receiving the sockets to `READY` (it may be waiting
+/// for certificates): past it the agent keeps the sockets to itself again.
 pub fn serve(
     path: PathBuf,
     sockets: Vec<(Role, SocketAddr, OwnedFd)>,
+    ready_timeout: Duration,
     handed_off: watch::Sender<bool>,
     stop: watch::Receiver<bool>,
 ) -> Result<(), HandoffError> {
@@ -213,7 +213,7 @@ pub fn serve(
                     }
                 };
                 let _ = conn.set_nonblocking(false);
-                match offer(&conn, &sockets) {
+                match offer(&conn, &sockets, ready_timeout) {
                     Ok(true) => {
                         let _ = handed_off.send(true);
                         break;
@@ -234,7 +234,11 @@ pub fn serve(
 }
 
 /// One successor: offer the sockets, wait for `READY` (true) or its departure (false).
-fn offer(conn: &UnixStream, sockets: &[(Role, SocketAddr, OwnedFd)]) -> io::Result<bool> {
+fn offer(
+    conn: &UnixStream,
+    sockets: &[(Role, SocketAddr, OwnedFd)],
+    ready_timeout: Duration,
+) -> io::Result<bool> {
     check_peer(conn)?;
     conn.set_read_timeout(Some(EXCHANGE_TIMEOUT))?;
     let mut reader = BufReader::new(conn);
@@ -264,7 +268,7 @@ fn offer(conn: &UnixStream, sockets: &[(Role, SocketAddr, OwnedFd)]) -> io::Resu
         sockets = sockets.len(),
         "listening sockets offered to a successor; waiting for it to be ready"
     );
-    conn.set_read_timeout(Some(READY_TIMEOUT))?;
+    conn.set_read_timeout(Some(ready_timeout))?;
     line.clear();
     match (&mut reader).take(MAX_LINE as u64).read_line(&mut line) {
         Ok(0) => return Ok(false),
@@ -423,6 +427,7 @@ mod tests {
         serve(
             path.clone(),
             vec![(role, addr, dup(&listener).unwrap())],
+            Duration::from_secs(300),
             handed_tx,
             stop_rx,
         )

@@ -58,18 +58,3 @@ fn with_stderr_logs<R>(f: impl FnOnce() -> R) -> R {
         .finish();
     tracing::subscriber::with_default(subscriber, f)
 }
-
-/// An error and its sources, `outer: inner: innermost`.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        let text = s.to_string();
-        if !out.ends_with(&text) && !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        next = s.source();
-    }
-    out
-}

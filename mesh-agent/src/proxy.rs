@@ -28,7 +28,8 @@ use mesh_common::{is_mapped_v4, mapped_v4, ConnKey, OrigDst, AF_INET};
 use rustls::{ClientConfig, ServerConfig};
 use tokio::{net::TcpStream, sync::watch, time::timeout};
 
-use crate::identity::{IdentityError, SpiffeId, TrustStore};
+use crate::identity::IdentityError;
+use crate::tls::{SpiffeId, TrustStore};
 
 /// What the proxies need from the identity layer (the agent's identity manager implements
 /// it; tests can use a fixed set of certificates).
@@ -56,7 +57,7 @@ pub struct ProxyDeps {
     pub node: String,
     pub registry: Arc<crate::registry::Registry>,
     pub identities: Arc<dyn Identities>,
-    pub trust_domain: crate::identity::TrustDomain,
+    pub trust_domain: crate::tls::TrustDomain,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub policies: authz::Policies,
     pub source: SourceAddrs,

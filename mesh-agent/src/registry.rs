@@ -14,21 +14,13 @@ use std::{
 };
 
 use serde::Deserialize;
-use serde_saphyr::{MessageFormatter, Spanned, UserMessageFormatter};
+use serde_saphyr::Spanned;
 use tracing::debug;
 
 use crate::cgroup::{self, CgroupError};
-
-/// Parser budget: generous enough for tens of thousands of workloads, still a
-/// bound on what a hostile file can make the agent allocate.
-const MAX_YAML_NODES: usize = 4_000_000;
-/// Parser budget: events (scalars, collection starts and ends).
-const MAX_YAML_EVENTS: usize = 16_000_000;
-
-/// The longest DNS-1123 label.
-const MAX_LABEL_LEN: usize = 63;
-/// The longest DNS-1123 subdomain (node names).
-const MAX_SUBDOMAIN_LEN: usize = 253;
+use crate::names::{is_dns_label, is_dns_subdomain};
+use crate::tls::{SpiffeId, SpiffeIdError, TrustDomain};
+use crate::yaml::{self, line_of};
 
 /// All workloads and nodes of the mesh, in file order.
 #[derive(Clone, Debug)]
@@ -108,10 +100,12 @@ impl Workload {
 
     /// The workload's SPIFFE ID: `spiffe://<trust_domain>/ns/<namespace>/sa/<service account>`.
     pub fn spiffe_id(&self, trust_domain: &str) -> String {
-        format!(
-            "spiffe://{trust_domain}/ns/{}/sa/{}",
-            self.namespace, self.service_account
-        )
+        crate::tls::spiffe::workload_uri(trust_domain, &self.namespace, &self.service_account)
+    }
+
+    /// The workload's SPIFFE ID, validated.
+    pub fn identity(&self, trust_domain: &TrustDomain) -> Result<SpiffeId, SpiffeIdError> {
+        SpiffeId::new(trust_domain.clone(), &self.namespace, &self.service_account)
     }
 }
 
@@ -381,14 +375,7 @@ impl Registry {
         local_node: Option<&str>,
         cgroup_root: &Path,
     ) -> Result<Self, RegistryError> {
-        let options = serde_saphyr::options! {
-            budget: serde_saphyr::budget! {
-                max_nodes: MAX_YAML_NODES,
-                max_events: MAX_YAML_EVENTS,
-            },
-        };
-        let raw: RawRegistry = serde_saphyr::from_str_with_options(text, options)
-            .map_err(|e| syntax_error(path, &e))?;
+        let raw: RawRegistry = yaml::from_str(text).map_err(|e| syntax_error(path, &e))?;
         Validator {
             path,
             local_node,
@@ -436,36 +423,16 @@ impl Registry {
 
 /// A serde-saphyr error as [`RegistryError::Syntax`].
 fn syntax_error(path: &Path, e: &serde_saphyr::Error) -> RegistryError {
-    let (line, column) = e
-        .location()
-        .map(|l| (to_line(l.line()), to_line(l.column())))
-        .unwrap_or((0, 0));
-    let message = UserMessageFormatter.format_message(e.without_snippet());
-    // The text may quote the input: keep control characters out of logs.
-    let message = if message.chars().any(char::is_control) {
-        message.escape_debug().to_string()
-    } else {
-        message.into_owned()
-    };
+    let yaml::SyntaxError {
+        line,
+        column,
+        message,
+    } = yaml::SyntaxError::of(e);
     RegistryError::Syntax {
         path: path.to_owned(),
-        // Errors without a location are about the document as a whole.
-        line: line.max(1),
-        column: column.max(1),
+        line,
+        column,
         message,
-    }
-}
-
-/// A parser line or column as `usize` (0 when unknown).
-fn to_line(n: u64) -> usize {
-    usize::try_from(n).unwrap_or(usize::MAX)
-}
-
-/// The line of a spanned value, or `fallback` if the parser did not record one.
-fn line_of<T>(v: &Spanned<T>, fallback: usize) -> usize {
-    match to_line(v.referenced.line()) {
-        0 => fallback,
-        l => l,
     }
 }
 
@@ -923,22 +890,6 @@ fn unusable(ip: IpAddr) -> Option<&'static str> {
         }
         _ => None,
     }
-}
-
-/// A DNS-1123 label: 1-63 of `[a-z0-9-]`, starting and ending alphanumeric.
-pub(crate) fn is_dns_label(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= MAX_LABEL_LEN
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && b.first().is_some_and(u8::is_ascii_alphanumeric)
-        && b.last().is_some_and(u8::is_ascii_alphanumeric)
-}
-
-/// A DNS-1123 subdomain: dot-separated labels, at most 253 characters.
-pub(crate) fn is_dns_subdomain(s: &str) -> bool {
-    !s.is_empty() && s.len() <= MAX_SUBDOMAIN_LEN && s.split('.').all(is_dns_label)
 }
 
 #[cfg(test)]

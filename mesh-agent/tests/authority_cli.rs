@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mesh_agent::identity::{AuthorityClient, NodeCredentials, Serial};
+use mesh_agent::identity::{AuthorityClient, NodeCredentials};
+use mesh_agent::tls::Serial;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mesh-agent");
 

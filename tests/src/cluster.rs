@@ -572,11 +572,10 @@ impl Pod {
     /// The pod's policy principal, `cluster.local/ns/<namespace>/sa/sa-<name>` (the SPIFFE ID
     /// without `spiffe://`).
     pub fn principal(&self) -> String {
-        format!(
-            "{}/ns/{}/sa/{}",
+        mesh_agent::tls::spiffe::workload_principal(
             crate::authority::TRUST_DOMAIN,
-            self.namespace,
-            self.service_account
+            &self.namespace,
+            &self.service_account,
         )
     }
     pub fn node_index(&self) -> usize {

@@ -12,15 +12,15 @@ use std::{future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration
 use bytes::Bytes;
 use h2::client::SendRequest;
 use http::{Request, StatusCode};
-use mesh_agent::identity::{provider, server_name_for, SpiffeId, SpiffeServerVerifier, TrustStore};
+use mesh_agent::tls::{provider, server_name_for, SpiffeId, SpiffeServerVerifier, TrustStore};
 use rustls::ClientConfig;
 use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName};
 use tokio::{net::TcpStream, time::timeout};
 use tokio_rustls::{client::TlsStream, TlsConnector};
 
 /// The trust domain of every test cluster, parsed.
-pub fn trust_domain() -> mesh_agent::identity::TrustDomain {
-    mesh_agent::identity::TrustDomain::new(crate::authority::TRUST_DOMAIN)
+pub fn trust_domain() -> mesh_agent::tls::TrustDomain {
+    mesh_agent::tls::TrustDomain::new(crate::authority::TRUST_DOMAIN)
         .expect("the test trust domain is valid")
 }
 

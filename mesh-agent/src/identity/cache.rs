@@ -10,8 +10,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
-use super::cert::WorkloadCert;
-use super::spiffe::SpiffeId;
+use crate::tls::{SpiffeId, WorkloadCert};
 
 /// Whether a certificate valid from `not_before` to `not_after` should be replaced at `now`.
 /// A certificate whose validity period is empty or inverted is always due.
@@ -120,10 +119,9 @@ impl CertCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::authority::tests::td;
-    use crate::identity::authority::tests::{wid, TempDir};
-    use crate::identity::spiffe::PeerId;
-    use crate::identity::Authority;
+    use crate::authority::ca::tests::{td, wid, TempDir};
+    use crate::authority::Authority;
+    use crate::tls::spiffe::PeerId;
 
     const H: Duration = Duration::from_secs(3600);
 

@@ -33,17 +33,16 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::authority::{
-    NodeCredentials, RootId, DEFAULT_WORKLOAD_LIFETIME, MAX_WORKLOAD_LIFETIME,
-    MIN_WORKLOAD_LIFETIME,
-};
 use super::cache::CertCache;
-use super::cert::{Serial, WorkloadCert};
+use super::client::AuthorityClient;
+use super::credentials::NodeCredentials;
 use super::persist::{PersistedTrust, StateDir};
-use super::service::AuthorityClient;
-use super::spiffe::{NodeId, SpiffeId};
-use super::verify::{self, SniCertResolver, TrustStore};
 use super::IdentityError;
+use crate::authority::ca::{check_lifetime, RootId, DEFAULT_WORKLOAD_LIFETIME};
+use crate::tls::cert::{Serial, WorkloadCert};
+use crate::tls::spiffe::{NodeId, SpiffeId};
+use crate::tls::verify::{self, SniCertResolver, TrustStore};
+use crate::tls::TlsError;
 
 /// First retry delay after a failed request.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -179,18 +178,7 @@ impl IdentityManager {
         cfg: ManagerConfig,
         mut stop: watch::Receiver<bool>,
     ) -> Result<Arc<Self>, IdentityError> {
-        if cfg.lifetime < MIN_WORKLOAD_LIFETIME {
-            return Err(IdentityError::LifetimeTooShort {
-                requested: cfg.lifetime,
-                minimum: MIN_WORKLOAD_LIFETIME,
-            });
-        }
-        if cfg.lifetime > MAX_WORKLOAD_LIFETIME {
-            return Err(IdentityError::LifetimeTooLong {
-                requested: cfg.lifetime,
-                maximum: MAX_WORKLOAD_LIFETIME,
-            });
-        }
+        check_lifetime(cfg.lifetime)?;
         if cfg.refresh < MIN_REFRESH {
             return Err(IdentityError::BadConfig {
                 what: "the refresh interval",
@@ -212,10 +200,11 @@ impl IdentityManager {
             });
         }
         if let Some(foreign) = workloads.iter().find(|w| w.trust_domain() != &td) {
-            return Err(IdentityError::ForeignTrustDomain {
+            return Err(TlsError::ForeignTrustDomain {
                 identity: foreign.to_string(),
                 expected: td,
-            });
+            }
+            .into());
         }
         let trust = TrustStore::from_bundle_pem(td, &cfg.creds.bundle_pem)?;
         let mut client = AuthorityClient::new(
@@ -704,11 +693,10 @@ async fn background(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::authority::tests::{td, wid, TempDir};
-    use crate::identity::service::{serve_with, ServeConfig};
-    use crate::identity::spiffe::{PeerId, TrustDomain};
-    use crate::identity::verify::{peer_identity, peer_serial, server_name_for};
-    use crate::identity::Authority;
+    use crate::authority::ca::tests::{td, wid, TempDir};
+    use crate::authority::{serve_with, Authority, ServeConfig};
+    use crate::tls::spiffe::{PeerId, TrustDomain};
+    use crate::tls::verify::{peer_identity, peer_serial, server_name_for};
     use std::io::Write as _;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
@@ -725,7 +713,10 @@ mod tests {
         }
     }
 
-    type Serving = (oneshot::Sender<()>, JoinHandle<Result<(), IdentityError>>);
+    type Serving = (
+        oneshot::Sender<()>,
+        JoinHandle<Result<(), crate::authority::AuthorityError>>,
+    );
 
     struct Ca {
         dir: TempDir,
@@ -1180,14 +1171,16 @@ mod tests {
         cfg.lifetime = Duration::from_secs(59);
         assert!(matches!(
             IdentityManager::start(cfg, rx.clone()).await,
-            Err(IdentityError::LifetimeTooShort { .. })
+            Err(IdentityError::Lifetime(
+                crate::authority::LifetimeError::TooShort { .. }
+            ))
         ));
         let mut cfg = ca.config("n1", &["sa-a"]);
         cfg.workloads
             .push(SpiffeId::parse("spiffe://other.domain/ns/default/sa/sa-a").unwrap());
         assert!(matches!(
             IdentityManager::start(cfg, rx.clone()).await,
-            Err(IdentityError::ForeignTrustDomain { .. })
+            Err(IdentityError::Tls(TlsError::ForeignTrustDomain { .. }))
         ));
         let mut cfg = ca.config("n1", &["sa-a"]);
         cfg.refresh = Duration::from_millis(1);

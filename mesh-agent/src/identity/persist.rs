@@ -17,7 +17,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::{cert::Serial, SpiffeId, WorkloadCert};
+use crate::tls::{Serial, SpiffeId, WorkloadCert};
 
 /// Largest file read back (a chain and a key are a few KiB; a bundle a few roots).
 const MAX_FILE: u64 = 1 << 20;

@@ -18,7 +18,8 @@ use crate::audit::{
     verify::{verify, Report, VerifyInput},
 };
 
-use super::{error_chain, print, with_stderr_logs, OutputFormat};
+use super::{print, with_stderr_logs, OutputFormat};
+use crate::error_chain;
 
 /// Exit code: the log verified.
 pub const EXIT_OK: u8 = 0;

@@ -20,13 +20,14 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
-use super::{error_chain, print, with_stderr_logs, OutputFormat};
-use crate::identity::authority::{MAX_WORKLOAD_LIFETIME, MIN_WORKLOAD_LIFETIME};
-use crate::identity::{
-    serve_with, Authority, IdentityError, RootId, Serial, ServeConfig, SpiffeId, SpiffeIdError,
-    TrustDomain,
-};
+use super::{print, with_stderr_logs, OutputFormat};
+use crate::authority::ca::{MAX_WORKLOAD_LIFETIME, MIN_WORKLOAD_LIFETIME};
+use crate::authority::{serve_with, Authority, AuthorityError, RootId, ServeConfig};
+use crate::error_chain;
+use crate::files::FileError;
+use crate::identity::IdentityError;
 use crate::registry::{Registry, RegistryError};
+use crate::tls::{Serial, SpiffeId, SpiffeIdError, TlsError, TrustDomain};
 
 /// How often `serve` looks for changes to the authority directory and the registry.
 pub const RELOAD_INTERVAL: Duration = Duration::from_millis(250);
@@ -180,6 +181,13 @@ pub enum OperatorError {
         action: &'static str,
         /// Boxed to keep the `Result`s small.
         #[source]
+        source: Box<AuthorityError>,
+    },
+    #[error("{action}: {source}")]
+    Credentials {
+        action: &'static str,
+        /// Boxed to keep the `Result`s small.
+        #[source]
         source: Box<IdentityError>,
     },
     #[error(transparent)]
@@ -217,26 +225,48 @@ impl OperatorError {
             | Self::BadMaxLifetime { .. }
             | Self::ReadCsr { .. }
             | Self::Registry(_) => true,
-            Self::Authority { source, .. } => matches!(
-                **source,
-                IdentityError::AlreadyInitialised { .. }
-                    | IdentityError::BadState { .. }
-                    | IdentityError::UnknownRoot { .. }
-                    | IdentityError::RetireActiveRoot { .. }
-                    | IdentityError::SpiffeId(_)
-                    | IdentityError::InvalidSerial { .. }
-                    | IdentityError::Pem { .. }
-                    | IdentityError::InvalidCertificate { .. }
-                    | IdentityError::InvalidCsr { .. }
-                    | IdentityError::Tls { .. }
-                    | IdentityError::Io { op: "reading", .. }
-            ),
+            Self::Credentials { source, .. } => match &**source {
+                IdentityError::Tls(e) => is_bad_input(e),
+                IdentityError::File(FileError { op, .. }) => *op == "reading",
+                _ => false,
+            },
+            Self::Authority { source, .. } => {
+                matches!(
+                    **source,
+                    AuthorityError::AlreadyInitialised { .. }
+                        | AuthorityError::BadState { .. }
+                        | AuthorityError::UnknownRoot { .. }
+                        | AuthorityError::RetireActiveRoot { .. }
+                        | AuthorityError::SpiffeId(_)
+                        | AuthorityError::InvalidCsr { .. }
+                        | AuthorityError::File(FileError { op: "reading", .. })
+                ) || matches!(&**source, AuthorityError::Tls(e) if is_bad_input(e))
+            }
             Self::Bind { .. } | Self::Signals(_) | Self::Runtime(_) | Self::Output(_) => false,
         }
     }
 }
 
-fn authority_err(action: &'static str) -> impl FnOnce(IdentityError) -> OperatorError {
+/// A certificate, key or identity that the operator handed in is unusable.
+fn is_bad_input(e: &TlsError) -> bool {
+    matches!(
+        e,
+        TlsError::SpiffeId(_)
+            | TlsError::InvalidSerial { .. }
+            | TlsError::Pem { .. }
+            | TlsError::InvalidCertificate { .. }
+            | TlsError::Rustls { .. }
+    )
+}
+
+fn credentials_err(action: &'static str) -> impl FnOnce(IdentityError) -> OperatorError {
+    move |source| OperatorError::Credentials {
+        action,
+        source: Box::new(source),
+    }
+}
+
+fn authority_err(action: &'static str) -> impl FnOnce(AuthorityError) -> OperatorError {
     move |source| OperatorError::Authority {
         action,
         source: Box::new(source),
@@ -322,7 +352,7 @@ struct JoinOutput<'a> {
 }
 
 fn join(a: JoinArgs) -> Result<(), OperatorError> {
-    if !crate::registry::is_dns_subdomain(&a.node) {
+    if !crate::names::is_dns_subdomain(&a.node) {
         return Err(OperatorError::BadNodeName {
             input: a.node.chars().take(260).collect(),
         });
@@ -340,7 +370,7 @@ fn join(a: JoinArgs) -> Result<(), OperatorError> {
                 .sign_node_csr(&a.node, &csr)
                 .map_err(authority_err("signing the node CSR"))?;
             NodeCredentials::write_signed(&a.out, &chain, &authority.bundle_pem())
-                .map_err(authority_err("writing the node certificate"))?;
+                .map_err(credentials_err("writing the node certificate"))?;
             JoinOutput {
                 node: format!("spiffe://{}/node/{}", authority.trust_domain(), a.node),
                 out: &a.out,
@@ -354,7 +384,7 @@ fn join(a: JoinArgs) -> Result<(), OperatorError> {
                 .map_err(authority_err("issuing the node certificate"))?;
             creds
                 .write_to(&a.out)
-                .map_err(authority_err("writing the node credentials"))?;
+                .map_err(credentials_err("writing the node credentials"))?;
             JoinOutput {
                 node: creds.node.to_string(),
                 out: &a.out,

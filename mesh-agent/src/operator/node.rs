@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::{print, OutputFormat};
 use crate::identity::{IdentityError, NodeCredentials};
+use crate::tls::TlsError;
 
 #[derive(Args, Debug)]
 pub struct NodeArgs {
@@ -63,7 +64,10 @@ pub fn main(args: NodeArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {}: {e}", a.dir.display());
-            let bad_input = matches!(e, IdentityError::Rcgen { .. } | IdentityError::Pem { .. });
+            let bad_input = matches!(
+                e,
+                IdentityError::Tls(TlsError::Rcgen { .. } | TlsError::Pem { .. })
+            );
             ExitCode::from(if bad_input { 2 } else { 1 })
         }
     }

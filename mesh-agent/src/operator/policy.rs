@@ -14,7 +14,8 @@ use mesh_common::policy::{POL_ALLOW, POL_DENY, POL_L7};
 use serde::Serialize;
 use tracing::info;
 
-use super::{error_chain, print, with_stderr_logs, OutputFormat};
+use super::{print, with_stderr_logs, OutputFormat};
+use crate::error_chain;
 use crate::{
     identity::{IdentityError, NodeCredentials},
     policy::{
@@ -438,7 +439,8 @@ fn show(a: ShowArgs) -> Result<(), OperatorError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::{authority::tests::TempDir, Authority, TrustDomain};
+    use crate::authority::{ca::tests::TempDir, Authority};
+    use crate::tls::TrustDomain;
 
     fn args(trust_domain: Option<&str>, identity_dir: Option<PathBuf>) -> CompileArgs {
         CompileArgs {

@@ -5,7 +5,8 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use super::{error_chain, print, with_stderr_logs, OutputFormat};
+use super::{print, with_stderr_logs, OutputFormat};
+use crate::error_chain;
 
 /// Arguments of `mesh-agent uninstall`.
 #[derive(clap::Args, Debug)]

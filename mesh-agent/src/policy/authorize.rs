@@ -213,7 +213,7 @@ pub fn bridge(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::SpiffeId;
+    use crate::tls::SpiffeId;
 
     fn conn(src_workload: Option<u32>, http: bool) -> ConnInfo {
         ConnInfo {

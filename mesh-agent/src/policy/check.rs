@@ -27,9 +27,9 @@ use super::{
     source::{ApplyError, CompileContext},
 };
 use crate::{
-    identity::{SpiffeId, TrustDomain},
     proxy::authz::{ConnInfo, ConnVerdict, RequestAttrs, RequestVerdict},
     registry::{Registry, Workload},
+    tls::TrustDomain,
 };
 
 /// The generation number a compiled (not applied) view is given.
@@ -61,13 +61,13 @@ pub enum CheckError {
     TrustDomain {
         td: String,
         #[source]
-        source: crate::identity::SpiffeIdError,
+        source: crate::tls::SpiffeIdError,
     },
     #[error("source workload {workload}: {source}")]
     Identity {
         workload: String,
         #[source]
-        source: crate::identity::SpiffeIdError,
+        source: crate::tls::SpiffeIdError,
     },
     #[error("the request path {path:?} cannot be used: {problem}")]
     Path { path: String, problem: &'static str },
@@ -619,13 +619,10 @@ pub fn check(
         td: trust_domain.to_owned(),
         source,
     })?;
-    let src_identity =
-        SpiffeId::new(td, &src.namespace, &src.service_account).map_err(|source| {
-            CheckError::Identity {
-                workload: src.key(),
-                source,
-            }
-        })?;
+    let src_identity = src.identity(&td).map_err(|source| CheckError::Identity {
+        workload: src.key(),
+        source,
+    })?;
     let info = ConnInfo {
         src_workload: Some(src.id),
         src_identity,

@@ -142,7 +142,7 @@ fn selects(
 
 /// The workload's principal as policies name it: `<td>/ns/<ns>/sa/<sa>`.
 pub fn principal(trust_domain: &str, w: &Workload) -> String {
-    format!("{trust_domain}/ns/{}/sa/{}", w.namespace, w.service_account)
+    crate::tls::spiffe::workload_principal(trust_domain, &w.namespace, &w.service_account)
 }
 
 /// What the kernel knows of a source: identity and ipBlock membership of one address.

@@ -25,24 +25,20 @@ use std::{
 };
 
 use serde::{de::IgnoredAny, Deserialize};
-use serde_saphyr::{budget::BudgetBreach, MessageFormatter, Spanned, UserMessageFormatter};
+use serde_saphyr::{budget::BudgetBreach, Spanned};
 
 use super::model::{
     is_path_template, is_template_char, Action, AuthorizationPolicy, Condition, IpNet, MtlsMode,
     Operation, Origin, PeerAuthentication, PolicyBundle, Rule, ServiceAccount, Source, StringMatch,
     MATCH_ANY, MATCH_ONE,
 };
-use crate::registry::{is_dns_label, is_dns_subdomain};
+use crate::names::{is_dns_label, is_dns_subdomain};
+use crate::yaml::{self, line_of, to_line};
 
 /// The largest policy file read (bytes).
 pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
 /// The most objects (YAML documents) in one file or one directory.
 pub const MAX_OBJECTS: usize = 100_000;
-/// Parser budget: nodes (scalars, sequences, mappings) per file; far more than 16 MiB of
-/// policies can hold, still a bound on what a hostile file can make the agent allocate.
-const MAX_YAML_NODES: usize = 4_000_000;
-/// Parser budget: events per file.
-const MAX_YAML_EVENTS: usize = 16_000_000;
 
 /// The API groups/versions accepted.
 const API_VERSIONS: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
@@ -488,8 +484,7 @@ impl Loader {
             return Err(too_large(path, size));
         }
         let docs: Vec<Spanned<RawObject>> =
-            serde_saphyr::from_multiple_with_options(text, options())
-                .map_err(|e| syntax_error(text, path, &e))?;
+            yaml::from_multiple(text, MAX_OBJECTS).map_err(|e| syntax_error(text, path, &e))?;
         for doc in docs {
             let origin = Origin {
                 file: path.to_owned(),
@@ -1436,30 +1431,14 @@ fn too_large(path: &Path, size: u64) -> PolicyError {
     }
 }
 
-fn options() -> serde_saphyr::Options {
-    serde_saphyr::options! {
-        budget: serde_saphyr::budget! {
-            max_nodes: MAX_YAML_NODES,
-            max_events: MAX_YAML_EVENTS,
-            max_documents: MAX_OBJECTS,
-        },
-    }
-}
-
 /// A serde-saphyr error as [`PolicyError::Syntax`] (or [`PolicyError::TooManyObjects`]),
 /// with the policy and field path looked up in a lenient re-parse of `text`.
 fn syntax_error(text: &str, path: &Path, e: &serde_saphyr::Error) -> PolicyError {
-    let inner = e.without_snippet();
-    let (line, column) = inner
-        .location()
-        .map(|l| (to_line(l.line()), to_line(l.column())))
-        .unwrap_or((0, 0));
-    // Errors without a location are about the document as a whole.
-    let (line, column) = (line.max(1), column.max(1));
+    let (line, column) = yaml::position(e);
     if let serde_saphyr::Error::Budget {
         breach: BudgetBreach::Documents { .. },
         ..
-    } = inner
+    } = e.without_snippet()
     {
         return PolicyError::TooManyObjects {
             path: path.to_owned(),
@@ -1467,13 +1446,7 @@ fn syntax_error(text: &str, path: &Path, e: &serde_saphyr::Error) -> PolicyError
             max: MAX_OBJECTS,
         };
     }
-    let message = UserMessageFormatter.format_message(inner);
-    // The text may quote the input: keep control characters out of logs.
-    let message = if message.chars().any(char::is_control) {
-        message.escape_debug().to_string()
-    } else {
-        message.into_owned()
-    };
+    let message = yaml::SyntaxError::of(e).message;
     let (policy, field) = locate(text, line, column);
     PolicyError::Syntax {
         path: path.to_owned(),
@@ -1565,14 +1538,7 @@ impl Node {
 /// The policy (`namespace/name`) and the field path at `line`:`column` of `text`, as far as a
 /// lenient parse can tell.
 fn locate(text: &str, line: usize, column: usize) -> (Option<String>, Option<String>) {
-    let lenient = serde_saphyr::options! {
-        budget: serde_saphyr::budget! {
-            max_nodes: MAX_YAML_NODES,
-            max_events: MAX_YAML_EVENTS,
-            max_documents: MAX_OBJECTS,
-        },
-    };
-    let Ok(docs) = serde_saphyr::from_multiple_with_options::<Spanned<Node>>(text, lenient) else {
+    let Ok(docs) = yaml::from_multiple::<Spanned<Node>>(text, MAX_OBJECTS) else {
         return (None, None);
     };
     let at = (line, column);
@@ -1626,19 +1592,6 @@ fn deepest(node: &Node, path: String, at: (usize, usize), best: &mut Option<Stri
                 }
             }
         }
-    }
-}
-
-/// A parser line or column as `usize` (0 when unknown).
-fn to_line(n: u64) -> usize {
-    usize::try_from(n).unwrap_or(usize::MAX)
-}
-
-/// The line of a spanned value, or `fallback` if the parser did not record one.
-fn line_of<T>(v: &Spanned<T>, fallback: usize) -> usize {
-    match to_line(v.referenced.line()) {
-        0 => fallback,
-        l => l,
     }
 }
 

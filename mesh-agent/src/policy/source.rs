@@ -1,9 +1,10 @@
 //! Where policy comes from and how the agent keeps the maps current:
 //! - [`load_dir`]: a policy directory → [`PolicyBundle`] (the one place the parser is wired);
-//! - [`PolicyLoader`]: load, compile, apply (the agent at start, its watcher, the CLI);
-//! - [`spawn_dir_watcher`]: polls the directory every [`DIR_POLL`] and re-applies on change;
+//! - [`CompileContext::load_and_compile`] and [`apply_dir`]: load, compile, apply (the agent at
+//!   start, its watcher, the CLI);
+//! - [`spawn_dir_watcher`]: polls the directory every `--policy-poll-ms` and re-applies on change;
 //!   a refused change is logged (`policy refused`) and the active generation stays;
-//! - [`spawn_generation_watcher`]: polls `mesh_config.policy_gen` every [`GEN_POLL`] and
+//! - [`spawn_generation_watcher`]: polls `mesh_config.policy_gen` every `--generation-poll-ms` and
 //!   publishes the active generation as a [`PolicyView`] (for the proxies), whoever applied
 //!   it (this agent or `mesh-agent policy apply`).
 
@@ -22,14 +23,11 @@ use super::{
     model::PolicyBundle,
 };
 use crate::{
+    error_chain,
     metrics::{ApplyResult, Metrics},
     registry::Registry,
 };
 
-/// How often the policy directory is checked for changes.
-pub const DIR_POLL: Duration = Duration::from_millis(500);
-/// How often the active generation is checked.
-pub const GEN_POLL: Duration = Duration::from_millis(200);
 /// Most files a directory fingerprint covers (the loader refuses more anyway).
 const MAX_FINGERPRINT_FILES: usize = 4_096;
 
@@ -183,7 +181,7 @@ pub fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     out
 }
 
-/// Polls `dir` every [`DIR_POLL`]; on a change loads, compiles and applies it (the generation
+/// Polls `dir` every `interval` (`--policy-poll-ms`); on a change loads, compiles and applies it (the generation
 /// carries the PeerAuthentication flags too: the agent re-programs them from every generation
 /// it sees). A failure logs `policy refused` and keeps the active generation.
 pub fn spawn_dir_watcher(
@@ -191,12 +189,13 @@ pub fn spawn_dir_watcher(
     ctx: CompileContext,
     maps: PolicyMaps,
     metrics: Arc<Metrics>,
+    interval: Duration,
     stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     let maps = Arc::new(std::sync::Mutex::new(maps));
     tokio::spawn(async move {
         let mut seen = fingerprint(&dir);
-        let mut poll = Poller::new(DIR_POLL, stop);
+        let mut poll = Poller::new(interval, stop);
         loop {
             if !poll.next().await {
                 break;
@@ -232,17 +231,18 @@ pub fn spawn_dir_watcher(
 }
 
 /// Publishes the active generation as a [`PolicyView`]: the receiver always holds the view
-/// of the generation the kernel uses (within [`GEN_POLL`]). A generation that cannot be read
+/// of the generation the kernel uses (within `interval`, `--generation-poll-ms`). A generation that cannot be read
 /// back consistently is published as a deny-all view (fail closed) and logged.
 pub fn spawn_generation_watcher(
     maps: PolicyMaps,
     initial: Arc<PolicyView>,
+    interval: Duration,
     stop: watch::Receiver<bool>,
 ) -> (watch::Receiver<Arc<PolicyView>>, JoinHandle<()>) {
     let (tx, rx) = watch::channel(initial);
     let maps = Arc::new(maps);
     let handle = tokio::spawn(async move {
-        let mut poll = Poller::new(GEN_POLL, stop);
+        let mut poll = Poller::new(interval, stop);
         loop {
             if !poll.next().await {
                 break;
@@ -282,18 +282,4 @@ pub fn spawn_generation_watcher(
         }
     });
     (rx, handle)
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        next = s.source();
-    }
-    out
 }

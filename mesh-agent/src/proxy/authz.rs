@@ -15,8 +15,8 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
-    identity::SpiffeId,
     metrics::{DenialSide, Metrics, PolicyLayer},
+    tls::SpiffeId,
 };
 
 /// What the destination knows of a connection when it authorizes it.

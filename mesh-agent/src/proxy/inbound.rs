@@ -40,13 +40,13 @@ use super::{
     Identities, ProxyDeps, SourceAddrs,
 };
 use crate::{
-    identity::{
+    metrics::{DenialSide, Direction, Metrics, Outcome, Side},
+    registry::Registry,
+    tls::{
         server_name_for,
         verify::{peer_identity, peer_serial},
         SpiffeId,
     },
-    metrics::{DenialSide, Direction, Metrics, Outcome, Side},
-    registry::Registry,
 };
 
 /// Inbound tunables.
@@ -139,8 +139,7 @@ impl Inbound {
         let served = registry
             .local(&node)
             .filter_map(|w| {
-                let id =
-                    SpiffeId::new(trust_domain.clone(), &w.namespace, &w.service_account).ok()?;
+                let id = w.identity(&trust_domain).ok()?;
                 let sni = server_name_for(&id).to_str().into_owned();
                 Some((sni, (w.id, id)))
             })

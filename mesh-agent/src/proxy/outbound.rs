@@ -36,14 +36,15 @@ use super::{
     l7::normalize::PathNormalization,
     limits::{self, Accepted, Admission, Guard, SourceKey},
     orig_dst_addr,
-    pool::{Pool, PoolError},
+    pool::{Pool, PoolConfig, PoolError},
     ConnectError, Identities, ProxyDeps, SourceAddrs,
 };
 use crate::{
     bpf::Dataplane,
-    identity::{IdentityError, SpiffeId},
+    identity::IdentityError,
     metrics::{DenialSide, Direction, Metrics},
     registry::Registry,
+    tls::SpiffeId,
 };
 
 /// Tunables of the outbound proxy.
@@ -55,6 +56,8 @@ pub struct OutboundConfig {
     pub drain_timeout: Duration,
     /// How often idle and revoked pooled HBONE connections are swept.
     pub sweep_interval: Duration,
+    /// The HBONE connection pool's timeouts.
+    pub pool: PoolConfig,
 }
 
 impl Default for OutboundConfig {
@@ -63,6 +66,7 @@ impl Default for OutboundConfig {
             connect_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
             sweep_interval: Duration::from_secs(10),
+            pool: PoolConfig::default(),
         }
     }
 }
@@ -174,7 +178,7 @@ impl Outbound {
         let identities_by_id = registry
             .workloads
             .iter()
-            .map(|w| SpiffeId::new(trust_domain.clone(), &w.namespace, &w.service_account).ok())
+            .map(|w| w.identity(&trust_domain).ok())
             .collect();
         let view = MeshView {
             node,
@@ -182,7 +186,7 @@ impl Outbound {
             source,
             path_normalization,
         };
-        let pool = Pool::new(Default::default(), view.source, Arc::clone(&metrics));
+        let pool = Pool::new(cfg.pool.clone(), view.source, Arc::clone(&metrics));
         Self {
             listeners,
             ctx: Arc::new(Ctx {

@@ -31,8 +31,8 @@ use super::{
     ConnectError, SourceAddrs,
 };
 use crate::{
-    identity::{server_name_for, verify::peer_serial, Serial, SpiffeId, TrustStore},
     metrics::{Metrics, Outcome, Side},
+    tls::{server_name_for, verify::peer_serial, Serial, SpiffeId, TrustStore},
 };
 
 /// Pool tunables.

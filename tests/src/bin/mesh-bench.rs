@@ -1358,10 +1358,10 @@ impl Bench<'_> {
 }
 
 fn principal_of(pod: &Pod) -> String {
-    format!(
-        "{}/ns/default/sa/{}",
+    mesh_agent::tls::spiffe::workload_principal(
         mesh_tests::authority::TRUST_DOMAIN,
-        pod.service_account()
+        "default",
+        pod.service_account(),
     )
 }
 

@@ -633,9 +633,10 @@ enum Phase {
 
 /// The principal of demo pod `name`.
 fn principal(name: &str) -> String {
-    format!(
-        "{}/ns/default/sa/sa-{name}",
-        mesh_tests::authority::TRUST_DOMAIN
+    mesh_agent::tls::spiffe::workload_principal(
+        mesh_tests::authority::TRUST_DOMAIN,
+        "default",
+        &format!("sa-{name}"),
     )
 }
 

@@ -21,7 +21,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_agent::identity::{Authority, SpiffeId};
+use mesh_agent::authority::Authority;
+use mesh_agent::tls::SpiffeId;
 use mesh_tests::{cluster::HBONE_PORT, hbone, require_privileges, wait_for, ClientRequest, Host};
 use rustls::ClientConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -81,7 +82,7 @@ fn client_hello(config: Arc<ClientConfig>, sni: &SpiffeId) -> Vec<u8> {
 }
 
 fn hbone_server_name(id: &SpiffeId) -> rustls_pki_types::ServerName<'static> {
-    mesh_agent::identity::server_name_for(id)
+    mesh_agent::tls::server_name_for(id)
 }
 
 /// Reads until the server closes (EOF or error): `Ok` if it did within `STEP`.

@@ -11,7 +11,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use mesh_agent::identity::{Authority, SpiffeId};
+use mesh_agent::authority::Authority;
+use mesh_agent::tls::SpiffeId;
 use mesh_tests::{
     authority::run_cli,
     cluster::HBONE_PORT,

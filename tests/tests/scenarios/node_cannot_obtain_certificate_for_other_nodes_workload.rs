@@ -6,7 +6,8 @@
 
 use std::time::Duration;
 
-use mesh_agent::identity::{AuthorityClient, IdentityError, SpiffeId};
+use mesh_agent::identity::{AuthorityClient, IdentityError};
+use mesh_agent::tls::SpiffeId;
 use mesh_tests::{hbone::run_in_netns, require_privileges, wait_for, DEFAULT_TIMEOUT};
 
 use crate::cluster;

@@ -29,8 +29,6 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -47,10 +45,16 @@ use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use super::cert::{certified_key, certs_from_pem, CertInfo, Serial, WorkloadCert};
-use super::spiffe::{NodeId, PeerId, SpiffeId, TrustDomain};
-use super::verify::TrustStore;
-use super::IdentityError;
+use super::AuthorityError;
+use crate::files::{create_private_dir, read_string, write_atomic};
+use crate::identity::NodeCredentials;
+use crate::tls::cert::{
+    certified_key, certs_from_pem, csr_pem, hex, identity_params, new_key, CertInfo, Serial,
+    WorkloadCert,
+};
+use crate::tls::spiffe::{NodeId, PeerId, SpiffeId, TrustDomain};
+use crate::tls::verify::TrustStore;
+use crate::tls::TlsError;
 
 /// Workload certificate lifetime when the request names none.
 pub const DEFAULT_WORKLOAD_LIFETIME: Duration = Duration::from_secs(24 * 3600);
@@ -99,12 +103,12 @@ impl fmt::Display for RootId {
 }
 
 impl FromStr for RootId {
-    type Err = IdentityError;
+    type Err = AuthorityError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if s.len() == 16 && s.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')) {
             Ok(Self(s.to_owned()))
         } else {
-            Err(IdentityError::UnknownRoot {
+            Err(AuthorityError::UnknownRoot {
                 root: s.chars().take(40).collect(),
             })
         }
@@ -112,7 +116,7 @@ impl FromStr for RootId {
 }
 
 impl TryFrom<String> for RootId {
-    type Error = IdentityError;
+    type Error = AuthorityError;
     fn try_from(s: String) -> Result<Self, Self::Error> {
         s.parse()
     }
@@ -149,12 +153,12 @@ pub fn authorize_request(
     node: &str,
     requested: &SpiffeId,
     registry_lookup: impl Fn(&SpiffeId) -> Vec<String>,
-) -> Result<(), IdentityError> {
+) -> Result<(), AuthorityError> {
     let hosts = registry_lookup(requested);
     if hosts.iter().any(|h| h == node) {
         Ok(())
     } else {
-        Err(IdentityError::NotAuthorized {
+        Err(AuthorityError::NotAuthorized {
             node: node.to_owned(),
             identity: requested.clone(),
             hosts,
@@ -232,10 +236,10 @@ impl fmt::Debug for Authority {
 impl Authority {
     /// Creates a new authority in `dir` (created if missing): a root and an issuing key pair.
     /// Refuses to overwrite an existing authority.
-    pub fn init(dir: impl AsRef<Path>, trust_domain: TrustDomain) -> Result<Self, IdentityError> {
+    pub fn init(dir: impl AsRef<Path>, trust_domain: TrustDomain) -> Result<Self, AuthorityError> {
         let dir = dir.as_ref().to_path_buf();
         if dir.join(STATE_FILE).exists() {
-            return Err(IdentityError::AlreadyInitialised { dir });
+            return Err(AuthorityError::AlreadyInitialised { dir });
         }
         create_private_dir(&dir)?;
         let ca = new_ca_pair(&dir, &trust_domain)?;
@@ -253,7 +257,7 @@ impl Authority {
 
     /// Loads an authority created by [`Authority::init`], checking that every file is there,
     /// that each root matches its id and each key its certificate.
-    pub fn load(dir: impl AsRef<Path>) -> Result<Self, IdentityError> {
+    pub fn load(dir: impl AsRef<Path>) -> Result<Self, AuthorityError> {
         let dir = dir.as_ref().to_path_buf();
         let file = read_state_file(&dir)?;
         let roots = file
@@ -281,10 +285,10 @@ impl Authority {
     /// process (`mesh-agent authority revoke|roots`), and applies what changed. All or nothing:
     /// if anything on disk is invalid the error is returned and the in-memory state (and the
     /// trust store) is left exactly as it was. The trust domain cannot change.
-    pub fn reload(&self) -> Result<ReloadOutcome, IdentityError> {
+    pub fn reload(&self) -> Result<ReloadOutcome, AuthorityError> {
         let file = read_state_file(&self.dir)?;
         if file.trust_domain != self.trust_domain {
-            return Err(IdentityError::BadState {
+            return Err(AuthorityError::BadState {
                 path: self.dir.join(STATE_FILE),
                 detail: format!(
                     "trust domain changed from {} to {}",
@@ -340,7 +344,7 @@ impl Authority {
         dir: PathBuf,
         trust_domain: TrustDomain,
         state: State,
-    ) -> Result<Self, IdentityError> {
+    ) -> Result<Self, AuthorityError> {
         let trust = TrustStore::new(trust_domain.clone(), state.root_ders())?;
         trust.set_revoked(state.revoked.iter().cloned());
         Ok(Self {
@@ -396,7 +400,7 @@ impl Authority {
     }
 
     /// Revokes a certificate by serial (persisted first). Returns false if it already was.
-    pub fn revoke(&self, serial: Serial) -> Result<bool, IdentityError> {
+    pub fn revoke(&self, serial: Serial) -> Result<bool, AuthorityError> {
         let mut state = self.write();
         if state.revoked.contains(&serial) {
             return Ok(false);
@@ -412,7 +416,7 @@ impl Authority {
 
     /// Adds a new root (and its issuing certificate) to the bundle. Issuance stays on the
     /// current root until [`Authority::activate_root`].
-    pub fn add_root(&self) -> Result<RootId, IdentityError> {
+    pub fn add_root(&self) -> Result<RootId, AuthorityError> {
         let mut state = self.write();
         let ca = new_ca_pair(&self.dir, &self.trust_domain)?;
         let id = ca.id.clone();
@@ -426,10 +430,10 @@ impl Authority {
     }
 
     /// Issues new certificates under `root` from now on.
-    pub fn activate_root(&self, root: &RootId) -> Result<(), IdentityError> {
+    pub fn activate_root(&self, root: &RootId) -> Result<(), AuthorityError> {
         let mut state = self.write();
         if !state.roots.iter().any(|r| &r.id == root) {
-            return Err(IdentityError::UnknownRoot {
+            return Err(AuthorityError::UnknownRoot {
                 root: root.to_string(),
             });
         }
@@ -444,15 +448,15 @@ impl Authority {
 
     /// Removes `root` from the bundle and deletes its keys. Certificates chaining to it are
     /// refused by every verifier that has the new bundle. The active root cannot be retired.
-    pub fn retire_root(&self, root: &RootId) -> Result<(), IdentityError> {
+    pub fn retire_root(&self, root: &RootId) -> Result<(), AuthorityError> {
         let mut state = self.write();
         if &state.active == root {
-            return Err(IdentityError::RetireActiveRoot {
+            return Err(AuthorityError::RetireActiveRoot {
                 root: root.to_string(),
             });
         }
         let Some(pos) = state.roots.iter().position(|r| &r.id == root) else {
-            return Err(IdentityError::UnknownRoot {
+            return Err(AuthorityError::UnknownRoot {
                 root: root.to_string(),
             });
         };
@@ -470,14 +474,14 @@ impl Authority {
     }
 
     /// Writes the state file (the commit point) and the bundle, then updates the trust store.
-    fn commit(&self, state: &State) -> Result<(), IdentityError> {
+    fn commit(&self, state: &State) -> Result<(), AuthorityError> {
         write_state(&self.dir, &self.trust_domain, state)?;
         write_atomic(
             &self.dir.join(BUNDLE_FILE),
             state.bundle_pem().as_bytes(),
             0o644,
         )?;
-        self.trust.set_roots(state.root_ders())
+        Ok(self.trust.set_roots(state.root_ders())?)
     }
 
     /// Signs a workload certificate for `requested` with the CSR's public key.
@@ -490,7 +494,7 @@ impl Authority {
         csr_pem: &str,
         requested: &SpiffeId,
         lifetime: Duration,
-    ) -> Result<String, IdentityError> {
+    ) -> Result<String, AuthorityError> {
         self.sign_workload_csr_rooted(csr_pem, requested, lifetime)
             .map(|(chain, _)| chain)
     }
@@ -501,12 +505,13 @@ impl Authority {
         csr_pem: &str,
         requested: &SpiffeId,
         lifetime: Duration,
-    ) -> Result<(String, RootId), IdentityError> {
+    ) -> Result<(String, RootId), AuthorityError> {
         if requested.trust_domain() != &self.trust_domain {
-            return Err(IdentityError::ForeignTrustDomain {
+            return Err(TlsError::ForeignTrustDomain {
                 identity: requested.to_string(),
                 expected: self.trust_domain.clone(),
-            });
+            }
+            .into());
         }
         check_lifetime(lifetime)?;
         let public_key = parse_csr(csr_pem)?;
@@ -530,17 +535,11 @@ impl Authority {
         &self,
         identity: &SpiffeId,
         lifetime: Duration,
-    ) -> Result<WorkloadCert, IdentityError> {
+    ) -> Result<WorkloadCert, AuthorityError> {
         let key = new_key()?;
-        let csr = CertificateParams::default()
-            .serialize_request(&key)
-            .and_then(|csr| csr.pem())
-            .map_err(|source| IdentityError::Rcgen {
-                context: "creating a CSR",
-                source,
-            })?;
+        let csr = csr_pem(CertificateParams::default(), &key)?;
         let chain = self.sign_workload_csr(&csr, identity, lifetime)?;
-        WorkloadCert::from_pem(&chain, &key.serialize_pem())
+        Ok(WorkloadCert::from_pem(&chain, &key.serialize_pem())?)
     }
 
     /// A workload certificate with an explicit validity period (`not_after` may lie in the
@@ -552,12 +551,13 @@ impl Authority {
         identity: &SpiffeId,
         not_before: SystemTime,
         not_after: SystemTime,
-    ) -> Result<WorkloadCert, IdentityError> {
+    ) -> Result<WorkloadCert, AuthorityError> {
         if identity.trust_domain() != &self.trust_domain {
-            return Err(IdentityError::ForeignTrustDomain {
+            return Err(TlsError::ForeignTrustDomain {
                 identity: identity.to_string(),
                 expected: self.trust_domain.clone(),
-            });
+            }
+            .into());
         }
         let key = new_key()?;
         let (chain, serial, _, _) = self.sign_leaf(
@@ -567,12 +567,12 @@ impl Authority {
             not_after,
         )?;
         info!(identity = %identity, serial = %serial, "workload certificate issued with explicit validity");
-        WorkloadCert::from_pem(&chain, &key.serialize_pem())
+        Ok(WorkloadCert::from_pem(&chain, &key.serialize_pem())?)
     }
 
     /// A node certificate (`spiffe://<td>/node/<node>`, one year) and its freshly generated
     /// key, both PEM: the operator writes them into the node's directory once.
-    pub fn issue_node_cert(&self, node: &str) -> Result<(String, String), IdentityError> {
+    pub fn issue_node_cert(&self, node: &str) -> Result<(String, String), AuthorityError> {
         let id = NodeId::new(self.trust_domain.clone(), node)?;
         let key = new_key()?;
         let now = now_secs();
@@ -589,7 +589,7 @@ impl Authority {
     /// Signs a node's CSR: the node generated its key and keeps it (`NodeCredentials::request`);
     /// the certificate names `spiffe://<td>/node/<node>` whatever the CSR asks for. Returns the
     /// chain (leaf, then issuing).
-    pub fn sign_node_csr(&self, node: &str, csr_pem: &str) -> Result<String, IdentityError> {
+    pub fn sign_node_csr(&self, node: &str, csr_pem: &str) -> Result<String, AuthorityError> {
         let id = NodeId::new(self.trust_domain.clone(), node)?;
         let public_key = parse_csr(csr_pem)?;
         let now = now_secs();
@@ -604,7 +604,7 @@ impl Authority {
     }
 
     /// [`Authority::issue_node_cert`] plus the current trust bundle.
-    pub fn node_credentials(&self, node: &str) -> Result<NodeCredentials, IdentityError> {
+    pub fn node_credentials(&self, node: &str) -> Result<NodeCredentials, AuthorityError> {
         let (chain_pem, key_pem) = self.issue_node_cert(node)?;
         Ok(NodeCredentials {
             node: NodeId::new(self.trust_domain.clone(), node)?,
@@ -618,7 +618,7 @@ impl Authority {
     /// Returns it with the instant from which it should be replaced (half-life).
     pub(crate) fn issue_server_cert(
         &self,
-    ) -> Result<(Arc<CertifiedKey>, SystemTime), IdentityError> {
+    ) -> Result<(Arc<CertifiedKey>, SystemTime), AuthorityError> {
         let key = new_key()?;
         let now = now_secs();
         let (chain, _, not_after, _) = self.sign_leaf(
@@ -642,7 +642,7 @@ impl Authority {
         id: &PeerId,
         not_before: SystemTime,
         not_after: SystemTime,
-    ) -> Result<(String, String), IdentityError> {
+    ) -> Result<(String, String), AuthorityError> {
         let key = new_key()?;
         let (chain, _, _, _) = self.sign_leaf(&key, id, not_before, not_after)?;
         Ok((chain, key.serialize_pem()))
@@ -657,7 +657,7 @@ impl Authority {
         id: &PeerId,
         not_before: SystemTime,
         not_after: SystemTime,
-    ) -> Result<(String, Serial, SystemTime, RootId), IdentityError> {
+    ) -> Result<(String, Serial, SystemTime, RootId), AuthorityError> {
         let state = self.read();
         let ca = state.active();
         let not_after = not_after.min(ca.issuing_not_after);
@@ -676,7 +676,7 @@ impl Authority {
         let cert =
             params
                 .signed_by(public_key, &ca.issuer)
-                .map_err(|source| IdentityError::Rcgen {
+                .map_err(|source| AuthorityError::Rcgen {
                     context: "signing a certificate",
                     source,
                 })?;
@@ -695,131 +695,32 @@ impl Authority {
     }
 }
 
-/// What a node agent needs to talk to the authority: its certificate chain, key and the
-/// trust bundle. Written by the operator into the node's directory as `node.pem`,
-/// `node.key.pem` (0600) and `bundle.pem`.
-#[derive(Clone)]
-pub struct NodeCredentials {
-    pub node: NodeId,
-    pub chain_pem: String,
-    pub key_pem: String,
-    pub bundle_pem: String,
+/// A workload certificate lifetime outside [`MIN_WORKLOAD_LIFETIME`, `MAX_WORKLOAD_LIFETIME`]:
+/// refused by the authority, and by an agent configured to request it.
+#[derive(Debug, thiserror::Error)]
+pub enum LifetimeError {
+    #[error("requested lifetime {requested:?} is shorter than the minimum {minimum:?}")]
+    TooShort {
+        requested: Duration,
+        minimum: Duration,
+    },
+    #[error("requested lifetime {requested:?} is longer than the maximum {maximum:?}")]
+    TooLong {
+        requested: Duration,
+        maximum: Duration,
+    },
 }
 
-impl fmt::Debug for NodeCredentials {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NodeCredentials")
-            .field("node", &self.node.to_string())
-            .finish_non_exhaustive()
-    }
-}
-
-impl NodeCredentials {
-    pub const CERT_FILE: &'static str = "node.pem";
-    pub const KEY_FILE: &'static str = "node.key.pem";
-    pub const BUNDLE_FILE: &'static str = "bundle.pem";
-
-    /// Writes the three files into `dir` (created with mode 0700 if missing).
-    pub fn write_to(&self, dir: impl AsRef<Path>) -> Result<(), IdentityError> {
-        let dir = dir.as_ref();
-        create_private_dir(dir)?;
-        write_atomic(&dir.join(Self::KEY_FILE), self.key_pem.as_bytes(), 0o600)?;
-        write_atomic(&dir.join(Self::CERT_FILE), self.chain_pem.as_bytes(), 0o644)?;
-        write_atomic(
-            &dir.join(Self::BUNDLE_FILE),
-            self.bundle_pem.as_bytes(),
-            0o644,
-        )
-    }
-
-    /// The CSR file [`NodeCredentials::request`] writes.
-    pub const CSR_FILE: &'static str = "node.csr.pem";
-
-    /// The node side of a CSR-based join: makes sure `dir` (created 0700 if missing) holds a
-    /// node key (`node.key.pem`, 0600, generated here if absent and kept if present, so a
-    /// re-join under a new root keeps it) and writes a CSR for it (`node.csr.pem`), which is
-    /// all that goes to the authority. Returns the CSR.
-    pub fn request(dir: impl AsRef<Path>) -> Result<String, IdentityError> {
-        let dir = dir.as_ref();
-        create_private_dir(dir)?;
-        let key_path = dir.join(Self::KEY_FILE);
-        let key = if key_path.exists() {
-            let pem = read_string(&key_path)?;
-            KeyPair::from_pem(&pem).map_err(|source| IdentityError::Rcgen {
-                context: "reading the node key",
-                source,
-            })?
-        } else {
-            let key = new_key()?;
-            write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
-            key
-        };
-        let csr = CertificateParams::default()
-            .serialize_request(&key)
-            .and_then(|csr| csr.pem())
-            .map_err(|source| IdentityError::Rcgen {
-                context: "creating the node CSR",
-                source,
-            })?;
-        write_atomic(&dir.join(Self::CSR_FILE), csr.as_bytes(), 0o644)?;
-        Ok(csr)
-    }
-
-    /// The authority side's answer to a CSR: writes the node certificate chain and the trust
-    /// bundle into `dir` (the key is not touched). If `dir` holds the node key, the chain must
-    /// belong to it; nothing is written otherwise.
-    pub fn write_signed(
-        dir: impl AsRef<Path>,
-        chain_pem: &str,
-        bundle_pem: &str,
-    ) -> Result<(), IdentityError> {
-        let dir = dir.as_ref();
-        let key_path = dir.join(Self::KEY_FILE);
-        if key_path.exists() {
-            let key_pem = read_string(&key_path)?;
-            certified_key(certs_from_pem(chain_pem, "node certificate")?, &key_pem)?;
-        }
-        create_private_dir(dir)?;
-        write_atomic(&dir.join(Self::CERT_FILE), chain_pem.as_bytes(), 0o644)?;
-        write_atomic(&dir.join(Self::BUNDLE_FILE), bundle_pem.as_bytes(), 0o644)
-    }
-
-    /// Reads them back; the node identity comes from the certificate's URI SAN.
-    pub fn load(dir: impl AsRef<Path>) -> Result<Self, IdentityError> {
-        let dir = dir.as_ref();
-        let chain_pem = read_string(&dir.join(Self::CERT_FILE))?;
-        let key_pem = read_string(&dir.join(Self::KEY_FILE))?;
-        let bundle_pem = read_string(&dir.join(Self::BUNDLE_FILE))?;
-        let chain = certs_from_pem(&chain_pem, "node certificate")?;
-        let node = match CertInfo::parse(&chain[0])?.peer_id()? {
-            PeerId::Node(id) => id,
-            other => {
-                return Err(IdentityError::WrongPeerKind {
-                    expected: "node",
-                    got: other.to_string(),
-                })
-            }
-        };
-        // Fails early if the key does not belong to the certificate.
-        certified_key(chain, &key_pem)?;
-        Ok(Self {
-            node,
-            chain_pem,
-            key_pem,
-            bundle_pem,
-        })
-    }
-}
-
-fn check_lifetime(lifetime: Duration) -> Result<(), IdentityError> {
+/// Whether the authority signs workload certificates of this lifetime.
+pub fn check_lifetime(lifetime: Duration) -> Result<(), LifetimeError> {
     if lifetime < MIN_WORKLOAD_LIFETIME {
-        return Err(IdentityError::LifetimeTooShort {
+        return Err(LifetimeError::TooShort {
             requested: lifetime,
             minimum: MIN_WORKLOAD_LIFETIME,
         });
     }
     if lifetime > MAX_WORKLOAD_LIFETIME {
-        return Err(IdentityError::LifetimeTooLong {
+        return Err(LifetimeError::TooLong {
             requested: lifetime,
             maximum: MAX_WORKLOAD_LIFETIME,
         });
@@ -829,8 +730,8 @@ fn check_lifetime(lifetime: Duration) -> Result<(), IdentityError> {
 
 /// Parses a CSR, verifies its self-signature, and returns its public key, which must be an
 /// ECDSA P-256 key signing with SHA-256.
-fn parse_csr(csr_pem: &str) -> Result<rcgen::PublicKey, IdentityError> {
-    let invalid = |reason: String| IdentityError::InvalidCsr { reason };
+fn parse_csr(csr_pem: &str) -> Result<rcgen::PublicKey, AuthorityError> {
+    let invalid = |reason: String| AuthorityError::InvalidCsr { reason };
     let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
         .map_err(|e| invalid(format!("bad PEM: {e}")))?;
     let csr =
@@ -859,27 +760,6 @@ fn parse_csr(csr_pem: &str) -> Result<rcgen::PublicKey, IdentityError> {
     Ok(csr.public_key)
 }
 
-/// Certificate (or CSR) parameters naming `uri` (a SPIFFE ID) and nothing else: an empty
-/// subject, the identity as the only URI SAN (which rcgen then marks critical).
-pub(crate) fn identity_params(uri: &str) -> Result<CertificateParams, IdentityError> {
-    let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
-    params.subject_alt_names = vec![SanType::URI(uri.to_owned().try_into().map_err(
-        |source| IdentityError::Rcgen {
-            context: "encoding the URI SAN",
-            source,
-        },
-    )?)];
-    Ok(params)
-}
-
-pub(crate) fn new_key() -> Result<KeyPair, IdentityError> {
-    KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|source| IdentityError::Rcgen {
-        context: "generating a P-256 key",
-        source,
-    })
-}
-
 /// Now, truncated to whole seconds (certificates carry seconds).
 fn now_secs() -> SystemTime {
     let now = SystemTime::now();
@@ -894,7 +774,7 @@ fn ca_params(
     common_name: String,
     constraint: BasicConstraints,
     lifetime: Duration,
-) -> Result<CertificateParams, IdentityError> {
+) -> Result<CertificateParams, AuthorityError> {
     let now = now_secs();
     let serial = Serial::random()?;
     let mut params = CertificateParams::default();
@@ -903,7 +783,7 @@ fn ca_params(
     dn.push(DnType::CommonName, common_name);
     params.distinguished_name = dn;
     params.subject_alt_names = vec![SanType::URI(trust_domain.uri().try_into().map_err(
-        |source| IdentityError::Rcgen {
+        |source| AuthorityError::Rcgen {
             context: "encoding the trust domain URI",
             source,
         },
@@ -922,8 +802,8 @@ fn ca_params(
 
 /// Generates a root and an issuing certificate and writes them (keys 0600) under
 /// `roots/<root-id>/`.
-fn new_ca_pair(dir: &Path, trust_domain: &TrustDomain) -> Result<CaPair, IdentityError> {
-    let rcgen_err = |context| move |source| IdentityError::Rcgen { context, source };
+fn new_ca_pair(dir: &Path, trust_domain: &TrustDomain) -> Result<CaPair, AuthorityError> {
+    let rcgen_err = |context| move |source| AuthorityError::Rcgen { context, source };
     // A random tag keeps the subjects of successive roots apart (path building matches names).
     let tag = &Serial::random()?.to_string()[..8];
     let root_key = new_key()?;
@@ -973,9 +853,9 @@ fn new_ca_pair(dir: &Path, trust_domain: &TrustDomain) -> Result<CaPair, Identit
     load_ca_pair(dir, &id)
 }
 
-fn load_ca_pair(dir: &Path, id: &RootId) -> Result<CaPair, IdentityError> {
+fn load_ca_pair(dir: &Path, id: &RootId) -> Result<CaPair, AuthorityError> {
     let root_dir = dir.join(ROOTS_DIR).join(id.as_str());
-    let bad = |path: &Path, detail: String| IdentityError::BadState {
+    let bad = |path: &Path, detail: String| AuthorityError::BadState {
         path: path.to_path_buf(),
         detail,
     };
@@ -1018,22 +898,22 @@ fn load_ca_pair(dir: &Path, id: &RootId) -> Result<CaPair, IdentityError> {
 }
 
 /// Reads and checks `authority.json` in `dir`.
-fn read_state_file(dir: &Path) -> Result<StateFile, IdentityError> {
+fn read_state_file(dir: &Path) -> Result<StateFile, AuthorityError> {
     let state_path = dir.join(STATE_FILE);
     let text = read_string(&state_path)?;
-    let file: StateFile = serde_json::from_str(&text).map_err(|e| IdentityError::BadState {
+    let file: StateFile = serde_json::from_str(&text).map_err(|e| AuthorityError::BadState {
         path: state_path.clone(),
         detail: e.to_string(),
     })?;
     if !file.roots.contains(&file.active_root) {
-        return Err(IdentityError::BadState {
+        return Err(AuthorityError::BadState {
             path: state_path,
             detail: format!("active root {} is not among the roots", file.active_root),
         });
     }
     let unique: BTreeSet<&RootId> = file.roots.iter().collect();
     if unique.len() != file.roots.len() {
-        return Err(IdentityError::BadState {
+        return Err(AuthorityError::BadState {
             path: state_path,
             detail: "a root is listed twice".into(),
         });
@@ -1041,30 +921,34 @@ fn read_state_file(dir: &Path) -> Result<StateFile, IdentityError> {
     Ok(file)
 }
 
-fn write_state(dir: &Path, td: &TrustDomain, state: &State) -> Result<(), IdentityError> {
+fn write_state(dir: &Path, td: &TrustDomain, state: &State) -> Result<(), AuthorityError> {
     let file = StateFile {
         trust_domain: td.clone(),
         active_root: state.active.clone(),
         roots: state.roots.iter().map(|r| r.id.clone()).collect(),
     };
-    let mut text = serde_json::to_string_pretty(&file).map_err(|e| IdentityError::BadState {
+    let mut text = serde_json::to_string_pretty(&file).map_err(|e| AuthorityError::BadState {
         path: dir.join(STATE_FILE),
         detail: e.to_string(),
     })?;
     text.push('\n');
-    write_atomic(&dir.join(STATE_FILE), text.as_bytes(), 0o644)
+    Ok(write_atomic(&dir.join(STATE_FILE), text.as_bytes(), 0o644)?)
 }
 
-fn write_revoked(dir: &Path, revoked: &BTreeSet<Serial>) -> Result<(), IdentityError> {
+fn write_revoked(dir: &Path, revoked: &BTreeSet<Serial>) -> Result<(), AuthorityError> {
     let mut text = String::from("# revoked certificate serials (hex), one per line\n");
     for s in revoked {
         text.push_str(&s.to_string());
         text.push('\n');
     }
-    write_atomic(&dir.join(REVOKED_FILE), text.as_bytes(), 0o644)
+    Ok(write_atomic(
+        &dir.join(REVOKED_FILE),
+        text.as_bytes(),
+        0o644,
+    )?)
 }
 
-fn read_revoked(dir: &Path) -> Result<BTreeSet<Serial>, IdentityError> {
+fn read_revoked(dir: &Path) -> Result<BTreeSet<Serial>, AuthorityError> {
     let path = dir.join(REVOKED_FILE);
     let text = read_string(&path)?;
     let mut out = BTreeSet::new();
@@ -1073,7 +957,7 @@ fn read_revoked(dir: &Path) -> Result<BTreeSet<Serial>, IdentityError> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let serial = line.parse().map_err(|e| IdentityError::BadState {
+        let serial = line.parse().map_err(|e| AuthorityError::BadState {
             path: path.clone(),
             detail: format!("line {}: {e}", n + 1),
         })?;
@@ -1087,59 +971,6 @@ fn push_pem(out: &mut String, pem: &str) {
     if !pem.ends_with('\n') {
         out.push('\n');
     }
-}
-
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn create_private_dir(dir: &Path) -> Result<(), IdentityError> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| IdentityError::Io {
-            op: "creating directory",
-            path: dir.to_path_buf(),
-            source,
-        })
-}
-
-fn read_string(path: &Path) -> Result<String, IdentityError> {
-    fs::read_to_string(path).map_err(|source| IdentityError::Io {
-        op: "reading",
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-/// Writes `path` through a temporary file in the same directory, created with `mode`, synced
-/// and renamed into place: readers see the old or the new content, never a mix.
-fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), IdentityError> {
-    let io_err = |op: &'static str, p: &Path| {
-        let p = p.to_path_buf();
-        move |source| IdentityError::Io {
-            op,
-            path: p,
-            source,
-        }
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    let _ = fs::remove_file(&tmp);
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io_err("creating", &tmp))?;
-    file.write_all(contents)
-        .and_then(|()| file.sync_all())
-        .map_err(io_err("writing", &tmp))?;
-    fs::rename(&tmp, path).map_err(io_err("renaming into place", path))
 }
 
 #[cfg(test)]
@@ -1243,7 +1074,7 @@ pub(crate) mod tests {
         .unwrap();
         assert!(matches!(
             a.issue_workload_cert_with_validity(&foreign, now, now + Duration::from_secs(60)),
-            Err(IdentityError::ForeignTrustDomain { .. })
+            Err(AuthorityError::Tls(TlsError::ForeignTrustDomain { .. }))
         ));
     }
 
@@ -1258,7 +1089,7 @@ pub(crate) mod tests {
         assert_eq!(mode(&dir.0), 0o700);
         assert!(matches!(
             Authority::init(&dir.0, td()),
-            Err(IdentityError::AlreadyInitialised { .. })
+            Err(AuthorityError::AlreadyInitialised { .. })
         ));
         let cert = a
             .issue_workload_cert(&wid("default", "sa-a"), DEFAULT_WORKLOAD_LIFETIME)
@@ -1289,11 +1120,11 @@ pub(crate) mod tests {
         fs::write(&root_pem, o.bundle_pem()).unwrap();
         assert!(matches!(
             Authority::load(&dir.0),
-            Err(IdentityError::BadState { .. })
+            Err(AuthorityError::BadState { .. })
         ));
         assert!(matches!(
             Authority::load(dir.0.join("missing")),
-            Err(IdentityError::Io { .. })
+            Err(AuthorityError::File(_))
         ));
     }
 
@@ -1364,22 +1195,22 @@ pub(crate) mod tests {
         let id = wid("default", "sa-a");
         assert!(matches!(
             a.sign_workload_csr(&csr, &id, Duration::from_secs(59)),
-            Err(IdentityError::LifetimeTooShort { .. })
+            Err(AuthorityError::Lifetime(LifetimeError::TooShort { .. }))
         ));
         assert!(matches!(
             a.sign_workload_csr(&csr, &id, MAX_WORKLOAD_LIFETIME + Duration::from_secs(1)),
-            Err(IdentityError::LifetimeTooLong { .. })
+            Err(AuthorityError::Lifetime(LifetimeError::TooLong { .. }))
         ));
         a.sign_workload_csr(&csr, &id, MIN_WORKLOAD_LIFETIME)
             .unwrap();
         let foreign = SpiffeId::parse("spiffe://other.domain/ns/default/sa/sa-a").unwrap();
         assert!(matches!(
             a.sign_workload_csr(&csr, &foreign, DEFAULT_WORKLOAD_LIFETIME),
-            Err(IdentityError::ForeignTrustDomain { .. })
+            Err(AuthorityError::Tls(TlsError::ForeignTrustDomain { .. }))
         ));
         assert!(matches!(
             a.sign_workload_csr("garbage", &id, DEFAULT_WORKLOAD_LIFETIME),
-            Err(IdentityError::InvalidCsr { .. })
+            Err(AuthorityError::InvalidCsr { .. })
         ));
         // A CSR whose signature does not verify: a character of the last base64 line (which
         // holds the signature value) changed.
@@ -1391,7 +1222,7 @@ pub(crate) mod tests {
         let tampered = lines.join("\n");
         assert!(matches!(
             a.sign_workload_csr(&tampered, &id, DEFAULT_WORKLOAD_LIFETIME),
-            Err(IdentityError::InvalidCsr { .. })
+            Err(AuthorityError::InvalidCsr { .. })
         ));
         // A P-384 key is refused.
         let k384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
@@ -1402,7 +1233,7 @@ pub(crate) mod tests {
             .unwrap();
         assert!(matches!(
             a.sign_workload_csr(&csr384, &id, DEFAULT_WORKLOAD_LIFETIME),
-            Err(IdentityError::InvalidCsr { .. })
+            Err(AuthorityError::InvalidCsr { .. })
         ));
     }
 
@@ -1421,7 +1252,7 @@ pub(crate) mod tests {
         authorize_request("n2", &wid("default", "sa-both"), registry).unwrap();
         let err = authorize_request("n1", &wid("default", "sa-b"), registry).unwrap_err();
         assert!(
-            matches!(&err, IdentityError::NotAuthorized { node, hosts, .. } if node == "n1" && hosts == &["n2".to_string()]),
+            matches!(&err, AuthorityError::NotAuthorized { node, hosts, .. } if node == "n1" && hosts == &["n2".to_string()]),
             "{err:?}"
         );
         assert!(err.to_string().contains("n1"));
@@ -1477,7 +1308,7 @@ pub(crate) mod tests {
         fs::write(&revoked_path, "zz-not-hex\n").unwrap();
         assert!(matches!(
             serving.reload(),
-            Err(IdentityError::BadState { .. })
+            Err(AuthorityError::BadState { .. })
         ));
         assert!(serving.is_revoked(cert.serial()));
         fs::write(&revoked_path, good_revoked).unwrap();
@@ -1515,14 +1346,14 @@ pub(crate) mod tests {
         assert_eq!(certs_from_pem(&a.bundle_pem(), "t").unwrap().len(), 2);
         assert!(matches!(
             a.retire_root(&old),
-            Err(IdentityError::RetireActiveRoot { .. })
+            Err(AuthorityError::RetireActiveRoot { .. })
         ));
         a.activate_root(&new).unwrap();
         a.retire_root(&old).unwrap();
         assert!(!dir.0.join(ROOTS_DIR).join(old.as_str()).exists());
         assert!(matches!(
             a.retire_root(&old),
-            Err(IdentityError::UnknownRoot { .. })
+            Err(AuthorityError::UnknownRoot { .. })
         ));
         let b = Authority::load(&dir.0).unwrap();
         assert_eq!(b.active_root(), new);

@@ -12,8 +12,10 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 
-use super::spiffe::{PeerId, SpiffeId};
-use super::{provider, IdentityError};
+use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType, PKCS_ECDSA_P256_SHA256};
+
+use super::spiffe::{NodeId, PeerId, SpiffeId};
+use super::{provider, TlsError};
 
 /// A certificate serial number: big-endian bytes without leading zeros, shown as lower-case hex.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -32,11 +34,11 @@ impl Serial {
     }
 
     /// 126 random bits, positive, first byte non-zero (so that DER and hex agree exactly).
-    pub fn random() -> Result<Self, IdentityError> {
+    pub fn random() -> Result<Self, TlsError> {
         let mut bytes = [0u8; 16];
         ring::rand::SystemRandom::new()
             .fill(&mut bytes)
-            .map_err(|_| IdentityError::Random)?;
+            .map_err(|_| TlsError::Random)?;
         bytes[0] = (bytes[0] & 0x7f) | 0x40;
         Ok(Self(bytes.to_vec()))
     }
@@ -62,11 +64,11 @@ impl fmt::Debug for Serial {
 }
 
 impl FromStr for Serial {
-    type Err = IdentityError;
+    type Err = TlsError;
     /// Hex digits, optionally separated by ':' (as openssl prints them); case-insensitive.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let digits: String = s.chars().filter(|c| *c != ':').collect();
-        let bad = || IdentityError::InvalidSerial {
+        let bad = || TlsError::InvalidSerial {
             input: s.chars().take(80).collect(),
         };
         if digits.is_empty() || digits.len() > 80 || !digits.chars().all(|c| c.is_ascii_hexdigit())
@@ -88,7 +90,7 @@ impl FromStr for Serial {
 }
 
 impl TryFrom<String> for Serial {
-    type Error = IdentityError;
+    type Error = TlsError;
     fn try_from(s: String) -> Result<Self, Self::Error> {
         s.parse()
     }
@@ -113,14 +115,13 @@ pub(crate) struct CertInfo {
 }
 
 impl CertInfo {
-    pub fn parse(der: &[u8]) -> Result<Self, IdentityError> {
-        let (rest, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| {
-            IdentityError::InvalidCertificate {
+    pub fn parse(der: &[u8]) -> Result<Self, TlsError> {
+        let (rest, cert) =
+            x509_parser::parse_x509_certificate(der).map_err(|e| TlsError::InvalidCertificate {
                 reason: format!("not an X.509 certificate: {e}"),
-            }
-        })?;
+            })?;
         if !rest.is_empty() {
-            return Err(IdentityError::InvalidCertificate {
+            return Err(TlsError::InvalidCertificate {
                 reason: "trailing bytes after the certificate".into(),
             });
         }
@@ -136,7 +137,7 @@ impl CertInfo {
                 .collect(),
             Ok(None) => Vec::new(),
             Err(e) => {
-                return Err(IdentityError::InvalidCertificate {
+                return Err(TlsError::InvalidCertificate {
                     reason: format!("unreadable subjectAltName: {e}"),
                 })
             }
@@ -152,13 +153,13 @@ impl CertInfo {
     }
 
     /// The certificate's identity: exactly one URI SAN, which must be a mesh SPIFFE ID.
-    pub fn peer_id(&self) -> Result<PeerId, IdentityError> {
+    pub fn peer_id(&self) -> Result<PeerId, TlsError> {
         match self.uri_sans.as_slice() {
             [uri] => Ok(PeerId::parse(uri)?),
-            [] => Err(IdentityError::InvalidCertificate {
+            [] => Err(TlsError::InvalidCertificate {
                 reason: "no URI SAN (a SPIFFE ID is required)".into(),
             }),
-            many => Err(IdentityError::InvalidCertificate {
+            many => Err(TlsError::InvalidCertificate {
                 reason: format!("{} URI SANs, exactly one is required", many.len()),
             }),
         }
@@ -177,15 +178,15 @@ fn unix_to_system(secs: i64) -> SystemTime {
 pub(crate) fn certs_from_pem(
     pem: &str,
     what: &'static str,
-) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| IdentityError::Pem {
+        .map_err(|e| TlsError::Pem {
             what,
             detail: e.to_string(),
         })?;
     if certs.is_empty() {
-        return Err(IdentityError::Pem {
+        return Err(TlsError::Pem {
             what,
             detail: "no CERTIFICATE block".into(),
         });
@@ -196,8 +197,8 @@ pub(crate) fn certs_from_pem(
 pub(crate) fn key_from_pem(
     pem: &str,
     what: &'static str,
-) -> Result<PrivateKeyDer<'static>, IdentityError> {
-    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| IdentityError::Pem {
+) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::Pem {
         what,
         detail: e.to_string(),
     })
@@ -223,18 +224,18 @@ pub struct WorkloadCert {
 impl WorkloadCert {
     /// Checks the pair: the leaf carries exactly one URI SAN which is a workload SPIFFE ID, it
     /// is not a CA, and the key matches the leaf's public key.
-    pub fn from_pem(chain_pem: &str, key_pem: &str) -> Result<Self, IdentityError> {
+    pub fn from_pem(chain_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
         let chain = certs_from_pem(chain_pem, "certificate chain")?;
         let info = CertInfo::parse(&chain[0])?;
         if info.is_ca {
-            return Err(IdentityError::InvalidCertificate {
+            return Err(TlsError::InvalidCertificate {
                 reason: "workload certificate is a CA".into(),
             });
         }
         let identity = match info.peer_id()? {
             PeerId::Workload(id) => id,
             other => {
-                return Err(IdentityError::InvalidCertificate {
+                return Err(TlsError::InvalidCertificate {
                     reason: format!("{other} is not a workload identity"),
                 })
             }
@@ -326,18 +327,68 @@ impl fmt::Debug for WorkloadCert {
 pub(crate) fn certified_key(
     chain: Vec<CertificateDer<'static>>,
     key_pem: &str,
-) -> Result<Arc<CertifiedKey>, IdentityError> {
+) -> Result<Arc<CertifiedKey>, TlsError> {
     let key = key_from_pem(key_pem, "private key")?;
     let ck =
-        CertifiedKey::from_der(chain, key, &provider()).map_err(|source| IdentityError::Tls {
+        CertifiedKey::from_der(chain, key, &provider()).map_err(|source| TlsError::Rustls {
             context: "loading certificate and key",
             source,
         })?;
-    ck.keys_match().map_err(|source| IdentityError::Tls {
+    ck.keys_match().map_err(|source| TlsError::Rustls {
         context: "key does not match certificate",
         source,
     })?;
     Ok(Arc::new(ck))
+}
+
+/// Certificate (or CSR) parameters naming `uri` (a SPIFFE ID) and nothing else: an empty
+/// subject, the identity as the only URI SAN (which rcgen then marks critical).
+pub(crate) fn identity_params(uri: &str) -> Result<CertificateParams, TlsError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(uri.to_owned().try_into().map_err(
+        |source| TlsError::Rcgen {
+            context: "encoding the URI SAN",
+            source,
+        },
+    )?)];
+    Ok(params)
+}
+
+pub(crate) fn new_key() -> Result<KeyPair, TlsError> {
+    KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|source| TlsError::Rcgen {
+        context: "generating a P-256 key",
+        source,
+    })
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A PEM certificate signing request for `params`, signed with `key`.
+pub(crate) fn csr_pem(params: CertificateParams, key: &KeyPair) -> Result<String, TlsError> {
+    params
+        .serialize_request(key)
+        .and_then(|csr| csr.pem())
+        .map_err(|source| TlsError::Rcgen {
+            context: "creating a CSR",
+            source,
+        })
+}
+
+/// The node identity a node certificate chain names (its leaf's only URI SAN).
+pub(crate) fn node_id_of(chain: &[CertificateDer<'_>]) -> Result<NodeId, TlsError> {
+    let leaf = chain.first().ok_or_else(|| TlsError::InvalidCertificate {
+        reason: "empty certificate chain".into(),
+    })?;
+    match CertInfo::parse(leaf)?.peer_id()? {
+        PeerId::Node(id) => Ok(id),
+        other => Err(TlsError::WrongPeerKind {
+            expected: "node",
+            got: other.to_string(),
+        }),
+    }
 }
 
 #[cfg(test)]

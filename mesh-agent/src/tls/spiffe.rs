@@ -169,12 +169,53 @@ impl SpiffeId {
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let path = WorkloadPath {
+            trust_domain: self.trust_domain.as_str(),
+            namespace: &self.namespace,
+            service_account: &self.service_account,
+        };
+        write!(f, "{SCHEME_PREFIX}{path}")
+    }
+}
+
+/// The one place a workload identity is spelled: `<td>/ns/<ns>/sa/<sa>`, the SPIFFE ID without
+/// its `spiffe://` scheme (the form policies name principals in).
+struct WorkloadPath<'a> {
+    trust_domain: &'a str,
+    namespace: &'a str,
+    service_account: &'a str,
+}
+
+impl fmt::Display for WorkloadPath<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{SCHEME_PREFIX}{}/ns/{}/sa/{}",
+            "{}/ns/{}/sa/{}",
             self.trust_domain, self.namespace, self.service_account
         )
     }
+}
+
+/// A workload's policy principal, `<td>/ns/<ns>/sa/<sa>` (its SPIFFE ID without `spiffe://`).
+/// Not validated: for names taken from an already validated registry.
+pub fn workload_principal(trust_domain: &str, namespace: &str, service_account: &str) -> String {
+    WorkloadPath {
+        trust_domain,
+        namespace,
+        service_account,
+    }
+    .to_string()
+}
+
+/// A workload's SPIFFE ID as a string, `spiffe://<td>/ns/<ns>/sa/<sa>`. Not validated: use
+/// [`SpiffeId::new`] where the ID is checked or used for TLS.
+pub fn workload_uri(trust_domain: &str, namespace: &str, service_account: &str) -> String {
+    let path = WorkloadPath {
+        trust_domain,
+        namespace,
+        service_account,
+    };
+    format!("{SCHEME_PREFIX}{path}")
 }
 
 impl FromStr for SpiffeId {

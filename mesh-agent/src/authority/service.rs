@@ -5,16 +5,8 @@
 //! half-life or when the active root changes); the client must present a node certificate
 //! (`spiffe://<td>/node/<node>`) that chains to the trust bundle and is not revoked.
 //!
-//! Protocol: newline-delimited JSON, one request line → one response line, in order.
+//! Protocol: see [`super::protocol`].
 //!
-//! ```text
-//! {"op":"sign","identity":"spiffe://td/ns/default/sa/a","csr_pem":"-----BEGIN ...","lifetime_secs":3600}
-//!     → {"ok":true,"cert_chain_pem":"-----BEGIN CERTIFICATE-----...","root":"<root-id>"}
-//!                                                         (leaf, then issuing; the root it chains to)
-//! {"op":"bundle"}       → {"ok":true,"bundle_pem":"-----BEGIN CERTIFICATE-----...","active_root":"<root-id>"}
-//! {"op":"revocations"}  → {"ok":true,"revoked":["4f3a…", …]}            (hex serials)
-//! anything refused      → {"ok":false,"error":"…"}
-//! ```
 //!
 //! `lifetime_secs` is optional (default 24 h, at least 60 s); a longer request than the
 //! service's [`ServeConfig::max_lifetime`] is shortened to it. `root` and `active_root` let an
@@ -35,34 +27,24 @@ use std::time::{Duration, SystemTime};
 
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::ServerName;
-use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::timeout;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use super::authority::{
-    authorize_request, identity_params, new_key, Authority, RootId, DEFAULT_WORKLOAD_LIFETIME,
-    MAX_WORKLOAD_LIFETIME,
+use super::ca::{
+    authorize_request, Authority, RootId, DEFAULT_WORKLOAD_LIFETIME, MAX_WORKLOAD_LIFETIME,
 };
-use super::cert::{certified_key, certs_from_pem, CertInfo, Serial, WorkloadCert};
-use super::spiffe::{NodeId, PeerId, SpiffeId};
-use super::verify::{
-    peer_id, tls13_client, tls13_server, SpiffeClientVerifier, SpiffeServerVerifier, TrustStore,
-};
-use super::IdentityError;
+use super::protocol::{read_line_bounded, write_line, LineRead, Request, Response, ALPN_AUTHORITY};
+use super::AuthorityError;
+use crate::tls::spiffe::{NodeId, PeerId, SpiffeId};
+use crate::tls::verify::{peer_id, tls13_server, SpiffeClientVerifier};
 
-/// ALPN protocol of the authority service.
-pub const ALPN_AUTHORITY: &[u8] = b"mesh-authority/1";
 /// The registry lookup shared by the service's connections: identity → nodes hosting it.
 type RegistryLookup = Arc<dyn Fn(&SpiffeId) -> Vec<String> + Send + Sync>;
-
-/// Longest response line the client accepts (bundles with several roots fit easily).
-const MAX_RESPONSE_LINE: usize = 1024 * 1024;
 
 /// Limits of the authority service. `Default` gives the documented values.
 #[derive(Clone, Debug)]
@@ -95,57 +77,6 @@ impl Default for ServeConfig {
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
-enum Request {
-    Sign {
-        identity: String,
-        csr_pem: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        lifetime_secs: Option<u64>,
-    },
-    // Struct variants (not unit variants) so that unknown fields are refused here too.
-    Bundle {},
-    Revocations {},
-}
-
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct Response {
-    ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    cert_chain_pem: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    bundle_pem: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    revoked: Option<Vec<Serial>>,
-    /// With `cert_chain_pem`: the root the certificate chains to.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    root: Option<RootId>,
-    /// With `bundle_pem`: the root new certificates are issued under.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    active_root: Option<RootId>,
-}
-
-impl Response {
-    fn error(message: impl Into<String>) -> Self {
-        Self {
-            ok: false,
-            error: Some(message.into()),
-            ..Self::default()
-        }
-    }
-
-    fn to_line(&self) -> Vec<u8> {
-        let mut line = serde_json::to_vec(self).unwrap_or_else(|_| {
-            br#"{"ok":false,"error":"internal error: unserialisable response"}"#.to_vec()
-        });
-        line.push(b'\n');
-        line
-    }
-}
-
 /// Serves the authority on `listener` with the default limits until `shutdown` completes.
 /// `registry_lookup` returns the nodes hosting a workload with a given identity.
 pub async fn serve<F>(
@@ -153,7 +84,7 @@ pub async fn serve<F>(
     authority: Arc<Authority>,
     registry_lookup: F,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), IdentityError>
+) -> Result<(), AuthorityError>
 where
     F: Fn(&SpiffeId) -> Vec<String> + Send + Sync + 'static,
 {
@@ -174,7 +105,7 @@ pub async fn serve_with<F>(
     registry_lookup: F,
     config: ServeConfig,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), IdentityError>
+) -> Result<(), AuthorityError>
 where
     F: Fn(&SpiffeId) -> Vec<String> + Send + Sync + 'static,
 {
@@ -378,49 +309,6 @@ fn handle_request(
     }
 }
 
-enum LineRead {
-    Line,
-    Eof,
-    TooLong,
-}
-
-/// Reads one line of at most `max` bytes (newline and a preceding CR excluded) into `buf`.
-/// Never buffers more than `max + 1` bytes of an oversize line. A final line without a newline
-/// counts as a line.
-async fn read_line_bounded<R: AsyncBufRead + Unpin>(
-    r: &mut R,
-    buf: &mut Vec<u8>,
-    max: usize,
-) -> std::io::Result<LineRead> {
-    let n = (&mut *r)
-        .take(max as u64 + 1)
-        .read_until(b'\n', buf)
-        .await?;
-    if n == 0 {
-        return Ok(LineRead::Eof);
-    }
-    if buf.last() == Some(&b'\n') {
-        buf.pop();
-        if buf.last() == Some(&b'\r') {
-            buf.pop();
-        }
-        return Ok(LineRead::Line);
-    }
-    if buf.len() > max {
-        return Ok(LineRead::TooLong);
-    }
-    Ok(LineRead::Line)
-}
-
-async fn write_line<S>(stream: &mut BufReader<S>, line: &[u8]) -> std::io::Result<()>
-where
-    S: tokio::io::AsyncRead + AsyncWriteExt + Unpin,
-{
-    let w = stream.get_mut();
-    w.write_all(line).await?;
-    w.flush().await
-}
-
 /// Presents the authority's own certificate; re-issues it at half-life or when the active
 /// root has changed (so that it chains to the root that survives a rotation).
 struct AuthorityCertResolver {
@@ -442,7 +330,7 @@ impl std::fmt::Debug for AuthorityCertResolver {
 }
 
 impl AuthorityCertResolver {
-    fn new(authority: Arc<Authority>) -> Result<Self, IdentityError> {
+    fn new(authority: Arc<Authority>) -> Result<Self, AuthorityError> {
         let current = Self::issue(&authority)?;
         Ok(Self {
             authority,
@@ -450,7 +338,7 @@ impl AuthorityCertResolver {
         })
     }
 
-    fn issue(authority: &Authority) -> Result<ServerCert, IdentityError> {
+    fn issue(authority: &Authority) -> Result<ServerCert, AuthorityError> {
         let root = authority.active_root();
         let (key, rotate_at) = authority.issue_server_cert()?;
         Ok(ServerCert {
@@ -476,297 +364,18 @@ impl ResolvesServerCert for AuthorityCertResolver {
     }
 }
 
-/// A node agent's connection to the authority. Requests are sequential (`&mut self`); a
-/// connection closed by the authority (request limit, restart) is re-opened once per request.
-pub struct AuthorityClient {
-    addr: String,
-    node: NodeId,
-    connector: TlsConnector,
-    trust: Arc<TrustStore>,
-    timeout: Duration,
-    conn: Option<BufReader<tokio_rustls::client::TlsStream<TcpStream>>>,
-}
-
-impl std::fmt::Debug for AuthorityClient {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuthorityClient")
-            .field("addr", &self.addr)
-            .field("node", &self.node.to_string())
-            .field("connected", &self.conn.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
-impl AuthorityClient {
-    /// Default time allowed for connecting plus one request/response.
-    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
-
-    /// Connects to the authority at `addr` (`host:port`) as the node whose certificate chain
-    /// and key are given, trusting the roots in `bundle_pem`.
-    pub async fn connect(
-        addr: &str,
-        node_cert_chain_pem: &str,
-        node_key_pem: &str,
-        bundle_pem: &str,
-    ) -> Result<Self, IdentityError> {
-        let chain = certs_from_pem(node_cert_chain_pem, "node certificate")?;
-        let node = match CertInfo::parse(&chain[0])?.peer_id()? {
-            PeerId::Node(node) => node,
-            other => {
-                return Err(IdentityError::WrongPeerKind {
-                    expected: "node",
-                    got: other.to_string(),
-                })
-            }
-        };
-        let trust = TrustStore::from_bundle_pem(node.trust_domain().clone(), bundle_pem)?;
-        Self::connect_with_trust(addr, node_cert_chain_pem, node_key_pem, trust).await
-    }
-
-    /// Like [`AuthorityClient::connect`], sharing a trust store with the rest of the agent (so
-    /// that a bundle fetched here and installed with [`TrustStore::set_bundle_pem`] is used
-    /// for the authority too).
-    pub async fn connect_with_trust(
-        addr: &str,
-        node_cert_chain_pem: &str,
-        node_key_pem: &str,
-        trust: Arc<TrustStore>,
-    ) -> Result<Self, IdentityError> {
-        let mut client = Self::new(addr, node_cert_chain_pem, node_key_pem, trust)?;
-        let conn = timeout(client.timeout, client.open()).await.map_err(|_| {
-            IdentityError::Timeout {
-                op: "connecting to the authority",
-                after: client.timeout,
-            }
-        })??;
-        client.conn = Some(conn);
-        Ok(client)
-    }
-
-    /// A client that connects on its first request (no I/O here): an agent can start while
-    /// the authority is unreachable and keep retrying.
-    pub fn new(
-        addr: &str,
-        node_cert_chain_pem: &str,
-        node_key_pem: &str,
-        trust: Arc<TrustStore>,
-    ) -> Result<Self, IdentityError> {
-        let chain = certs_from_pem(node_cert_chain_pem, "node certificate")?;
-        let node = match CertInfo::parse(&chain[0])?.peer_id()? {
-            PeerId::Node(node) => node,
-            other => {
-                return Err(IdentityError::WrongPeerKind {
-                    expected: "node",
-                    got: other.to_string(),
-                })
-            }
-        };
-        if node.trust_domain() != trust.trust_domain() {
-            return Err(IdentityError::ForeignTrustDomain {
-                identity: node.to_string(),
-                expected: trust.trust_domain().clone(),
-            });
-        }
-        let ck = certified_key(chain, node_key_pem)?;
-        let verifier =
-            SpiffeServerVerifier::for_peer(trust.clone(), PeerId::authority(trust.trust_domain()));
-        let config = tls13_client(verifier, ck, &[ALPN_AUTHORITY])?;
-        Ok(Self {
-            addr: addr.to_owned(),
-            node,
-            connector: TlsConnector::from(Arc::new(config)),
-            trust,
-            timeout: Self::DEFAULT_TIMEOUT,
-            conn: None,
-        })
-    }
-
-    pub fn set_timeout(&mut self, timeout: Duration) {
-        self.timeout = timeout;
-    }
-
-    pub fn node(&self) -> &NodeId {
-        &self.node
-    }
-
-    /// The trust store this client verifies the authority with.
-    pub fn trust_store(&self) -> Arc<TrustStore> {
-        self.trust.clone()
-    }
-
-    /// Obtains a certificate for `identity`: a P-256 key pair is generated here and only a CSR
-    /// is sent. The returned certificate is checked: it is for `identity`, carries our key and
-    /// verifies against our trust bundle.
-    pub async fn sign(
-        &mut self,
-        identity: &SpiffeId,
-        lifetime: Duration,
-    ) -> Result<WorkloadCert, IdentityError> {
-        self.sign_rooted(identity, lifetime)
-            .await
-            .map(|(cert, _)| cert)
-    }
-
-    /// [`AuthorityClient::sign`], also returning the root the certificate chains to, if the
-    /// authority names it.
-    pub async fn sign_rooted(
-        &mut self,
-        identity: &SpiffeId,
-        lifetime: Duration,
-    ) -> Result<(WorkloadCert, Option<RootId>), IdentityError> {
-        let key = new_key()?;
-        let csr_pem = identity_params(&identity.to_string())?
-            .serialize_request(&key)
-            .and_then(|csr| csr.pem())
-            .map_err(|source| IdentityError::Rcgen {
-                context: "creating a CSR",
-                source,
-            })?;
-        let response = self
-            .request(&Request::Sign {
-                identity: identity.to_string(),
-                csr_pem,
-                lifetime_secs: Some(lifetime.as_secs()),
-            })
-            .await?;
-        let chain = response
-            .cert_chain_pem
-            .ok_or_else(|| IdentityError::Protocol {
-                detail: "sign response without cert_chain_pem".into(),
-            })?;
-        let cert = WorkloadCert::from_pem(&chain, &key.serialize_pem())?;
-        if cert.identity() != identity {
-            return Err(IdentityError::WrongPeer {
-                expected: identity.to_string(),
-                got: cert.identity().to_string(),
-            });
-        }
-        self.trust.verify_workload_cert(&cert)?;
-        Ok((cert, response.root))
-    }
-
-    /// The authority's current trust bundle (PEM). Install it with
-    /// [`TrustStore::set_bundle_pem`].
-    pub async fn bundle(&mut self) -> Result<String, IdentityError> {
-        self.bundle_rooted().await.map(|(pem, _)| pem)
-    }
-
-    /// [`AuthorityClient::bundle`] and the root new certificates are issued under, if the
-    /// authority names it.
-    pub async fn bundle_rooted(&mut self) -> Result<(String, Option<RootId>), IdentityError> {
-        let response = self.request(&Request::Bundle {}).await?;
-        let pem = response.bundle_pem.ok_or_else(|| IdentityError::Protocol {
-            detail: "bundle response without bundle_pem".into(),
-        })?;
-        certs_from_pem(&pem, "trust bundle")?;
-        Ok((pem, response.active_root))
-    }
-
-    /// The authority's revoked serials. Install them with [`TrustStore::set_revoked`].
-    pub async fn revocations(&mut self) -> Result<Vec<Serial>, IdentityError> {
-        let response = self.request(&Request::Revocations {}).await?;
-        response.revoked.ok_or_else(|| IdentityError::Protocol {
-            detail: "revocations response without revoked".into(),
-        })
-    }
-
-    async fn open(
-        &self,
-    ) -> Result<BufReader<tokio_rustls::client::TlsStream<TcpStream>>, IdentityError> {
-        let tcp =
-            TcpStream::connect(&self.addr)
-                .await
-                .map_err(|source| IdentityError::Connect {
-                    addr: self.addr.clone(),
-                    source,
-                })?;
-        let _ = tcp.set_nodelay(true);
-        let name =
-            ServerName::try_from("authority.mesh.internal").expect("a constant valid DNS name");
-        let tls =
-            self.connector
-                .connect(name, tcp)
-                .await
-                .map_err(|source| IdentityError::Connect {
-                    addr: self.addr.clone(),
-                    source,
-                })?;
-        Ok(BufReader::new(tls))
-    }
-
-    async fn request(&mut self, request: &Request) -> Result<Response, IdentityError> {
-        let mut line = serde_json::to_vec(request).map_err(|e| IdentityError::Protocol {
-            detail: format!("encoding the request: {e}"),
-        })?;
-        line.push(b'\n');
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let after = self.timeout;
-            let result =
-                timeout(after, self.exchange(&line))
-                    .await
-                    .unwrap_or(Err(IdentityError::Timeout {
-                        op: "authority request",
-                        after,
-                    }));
-            match result {
-                Ok(response) if response.ok => return Ok(response),
-                Ok(response) => {
-                    return Err(IdentityError::Refused {
-                        message: response.error.unwrap_or_default(),
-                    })
-                }
-                Err(e) => {
-                    self.conn = None;
-                    // A connection the authority closed (limit, restart): one fresh try.
-                    if attempt == 1 && matches!(e, IdentityError::Transport { .. }) {
-                        debug!(error = %e, "authority connection lost, reconnecting");
-                        continue;
-                    }
-                    return Err(e);
-                }
-            }
-        }
-    }
-
-    async fn exchange(&mut self, line: &[u8]) -> Result<Response, IdentityError> {
-        if self.conn.is_none() {
-            self.conn = Some(self.open().await?);
-        }
-        let conn = self.conn.as_mut().expect("connection opened above");
-        let transport = |source| IdentityError::Transport { source };
-        write_line(conn, line).await.map_err(transport)?;
-        let mut buf = Vec::with_capacity(4096);
-        match read_line_bounded(conn, &mut buf, MAX_RESPONSE_LINE)
-            .await
-            .map_err(transport)?
-        {
-            LineRead::Line => {}
-            LineRead::Eof => {
-                return Err(IdentityError::Transport {
-                    source: std::io::ErrorKind::UnexpectedEof.into(),
-                })
-            }
-            LineRead::TooLong => {
-                return Err(IdentityError::Protocol {
-                    detail: format!("response line longer than {MAX_RESPONSE_LINE} bytes"),
-                })
-            }
-        }
-        serde_json::from_slice(&buf).map_err(|e| IdentityError::Protocol {
-            detail: format!("malformed response: {e}"),
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::authority::tests::{td, wid, TempDir};
-    use crate::identity::authority::NodeCredentials;
+    use crate::authority::ca::tests::{td, wid, TempDir};
+    use crate::authority::protocol::MAX_RESPONSE_LINE;
+    use crate::identity::{AuthorityClient, IdentityError, NodeCredentials};
+    use crate::tls::cert::{certs_from_pem, new_key, CertInfo, WorkloadCert};
+    use crate::tls::verify::{tls13_client, SpiffeServerVerifier, TrustStore};
+    use rustls_pki_types::ServerName;
     use tokio::sync::oneshot;
     use tokio::task::JoinHandle;
+    use tokio_rustls::TlsConnector;
 
     struct Running {
         _dir: TempDir,
@@ -775,7 +384,7 @@ mod tests {
         n1: NodeCredentials,
         n2: NodeCredentials,
         stop: Option<oneshot::Sender<()>>,
-        task: Option<JoinHandle<Result<(), IdentityError>>>,
+        task: Option<JoinHandle<Result<(), AuthorityError>>>,
     }
 
     impl Running {
@@ -832,7 +441,7 @@ mod tests {
         creds: &NodeCredentials,
     ) -> BufReader<tokio_rustls::client::TlsStream<TcpStream>> {
         let c = client(r, creds).await;
-        c.conn.unwrap()
+        c.into_connection().unwrap()
     }
 
     async fn send_raw(

@@ -38,10 +38,9 @@ use rustls::{
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use tracing::debug;
 
-use super::authority::hex;
-use super::cert::{certs_from_pem, CertInfo, Serial, WorkloadCert};
+use super::cert::{certs_from_pem, hex, CertInfo, Serial, WorkloadCert};
 use super::spiffe::{PeerId, SpiffeId, TrustDomain};
-use super::{provider, IdentityError};
+use super::{provider, TlsError};
 
 /// ALPN of the HBONE data path (HTTP/2).
 pub const ALPN_H2: &[u8] = b"h2";
@@ -84,7 +83,7 @@ impl TrustStore {
     pub fn new(
         trust_domain: TrustDomain,
         roots: Vec<CertificateDer<'static>>,
-    ) -> Result<Arc<Self>, IdentityError> {
+    ) -> Result<Arc<Self>, TlsError> {
         Ok(Arc::new(Self {
             trust_domain,
             roots: RwLock::new(Arc::new(build_roots(roots)?)),
@@ -96,7 +95,7 @@ impl TrustStore {
     pub fn from_bundle_pem(
         trust_domain: TrustDomain,
         bundle_pem: &str,
-    ) -> Result<Arc<Self>, IdentityError> {
+    ) -> Result<Arc<Self>, TlsError> {
         Self::new(trust_domain, certs_from_pem(bundle_pem, "trust bundle")?)
     }
 
@@ -105,13 +104,13 @@ impl TrustStore {
     }
 
     /// Replaces the whole bundle (several roots are fine: rotation keeps old and new).
-    pub fn set_roots(&self, roots: Vec<CertificateDer<'static>>) -> Result<(), IdentityError> {
+    pub fn set_roots(&self, roots: Vec<CertificateDer<'static>>) -> Result<(), TlsError> {
         let next = Arc::new(build_roots(roots)?);
         *self.roots.write().unwrap_or_else(|p| p.into_inner()) = next;
         Ok(())
     }
 
-    pub fn set_bundle_pem(&self, bundle_pem: &str) -> Result<(), IdentityError> {
+    pub fn set_bundle_pem(&self, bundle_pem: &str) -> Result<(), TlsError> {
         self.set_roots(certs_from_pem(bundle_pem, "trust bundle")?)
     }
 
@@ -155,17 +154,17 @@ impl TrustStore {
 
     /// Checks a certificate of our own (e.g. just issued) as a peer would: chain to the
     /// current bundle, not revoked, a workload identity of this trust domain.
-    pub fn verify_workload_cert(&self, cert: &WorkloadCert) -> Result<(), IdentityError> {
+    pub fn verify_workload_cert(&self, cert: &WorkloadCert) -> Result<(), TlsError> {
         let chain = certs_from_pem(cert.chain_pem(), "certificate chain")?;
         let id = self
             .verify(Presenter::Server, &chain[0], &chain[1..], UnixTime::now())
-            .map_err(|source| IdentityError::Tls {
+            .map_err(|source| TlsError::Rustls {
                 context: "verifying a workload certificate against the trust bundle",
                 source,
             })?;
         match id {
             PeerId::Workload(_) => Ok(()),
-            other => Err(IdentityError::WrongPeerKind {
+            other => Err(TlsError::WrongPeerKind {
                 expected: "workload",
                 got: other.to_string(),
             }),
@@ -223,7 +222,7 @@ impl TrustStore {
         }
         let id = info.peer_id().map_err(reject)?;
         if id.trust_domain() != &self.trust_domain {
-            return Err(reject(IdentityError::ForeignTrustDomain {
+            return Err(reject(TlsError::ForeignTrustDomain {
                 identity: id.to_string(),
                 expected: self.trust_domain.clone(),
             }));
@@ -232,23 +231,21 @@ impl TrustStore {
     }
 }
 
-fn build_roots(ders: Vec<CertificateDer<'static>>) -> Result<Roots, IdentityError> {
+fn build_roots(ders: Vec<CertificateDer<'static>>) -> Result<Roots, TlsError> {
     if ders.is_empty() {
-        return Err(IdentityError::EmptyBundle);
+        return Err(TlsError::EmptyBundle);
     }
     let mut store = RootCertStore::empty();
     for der in &ders {
-        store
-            .add(der.clone())
-            .map_err(|source| IdentityError::Tls {
-                context: "adding a root to the trust store",
-                source,
-            })?;
+        store.add(der.clone()).map_err(|source| TlsError::Rustls {
+            context: "adding a root to the trust store",
+            source,
+        })?;
     }
     let store = Arc::new(store);
     let client = WebPkiClientVerifier::builder_with_provider(store.clone(), provider())
         .build()
-        .map_err(|e| IdentityError::InvalidCertificate {
+        .map_err(|e| TlsError::InvalidCertificate {
             reason: format!("building the client verifier: {e}"),
         })?;
     Ok(Roots {
@@ -259,7 +256,7 @@ fn build_roots(ders: Vec<CertificateDer<'static>>) -> Result<Roots, IdentityErro
 }
 
 /// An identity-level refusal, as rustls reports it (the message names the problem).
-fn reject(e: IdentityError) -> rustls::Error {
+fn reject(e: TlsError) -> rustls::Error {
     debug!(error = %e, "peer certificate refused");
     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(Refusal(
         e.to_string(),
@@ -360,11 +357,11 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         match (self.accept, &id) {
             (AcceptClients::Workloads, PeerId::Workload(_))
             | (AcceptClients::Nodes, PeerId::Node(_)) => Ok(ClientCertVerified::assertion()),
-            (AcceptClients::Workloads, _) => Err(reject(IdentityError::WrongPeerKind {
+            (AcceptClients::Workloads, _) => Err(reject(TlsError::WrongPeerKind {
                 expected: "workload",
                 got: id.to_string(),
             })),
-            (AcceptClients::Nodes, _) => Err(reject(IdentityError::WrongPeerKind {
+            (AcceptClients::Nodes, _) => Err(reject(TlsError::WrongPeerKind {
                 expected: "node",
                 got: id.to_string(),
             })),
@@ -406,7 +403,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             .trust
             .verify(Presenter::Server, end_entity, intermediates, now)?;
         if id != self.expected {
-            return Err(reject(IdentityError::WrongPeer {
+            return Err(reject(TlsError::WrongPeer {
                 expected: self.expected.to_string(),
                 got: id.to_string(),
             }));
@@ -563,7 +560,7 @@ impl ResolvesClientCert for FixedClientCert {
 pub fn server_config(
     trust: Arc<TrustStore>,
     resolver: Arc<dyn ResolvesServerCert>,
-) -> Result<Arc<ServerConfig>, IdentityError> {
+) -> Result<Arc<ServerConfig>, TlsError> {
     Ok(Arc::new(tls13_server(
         SpiffeClientVerifier::workloads(trust),
         resolver,
@@ -578,7 +575,7 @@ pub fn client_config(
     trust: Arc<TrustStore>,
     source: &WorkloadCert,
     expected: &SpiffeId,
-) -> Result<Arc<ClientConfig>, IdentityError> {
+) -> Result<Arc<ClientConfig>, TlsError> {
     Ok(Arc::new(tls13_client(
         SpiffeServerVerifier::new(trust, expected.clone()),
         source.certified_key(),
@@ -590,10 +587,10 @@ pub(crate) fn tls13_server(
     verifier: Arc<dyn ClientCertVerifier>,
     resolver: Arc<dyn ResolvesServerCert>,
     alpn: &[&[u8]],
-) -> Result<ServerConfig, IdentityError> {
+) -> Result<ServerConfig, TlsError> {
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|source| IdentityError::Tls {
+        .map_err(|source| TlsError::Rustls {
             context: "building the server config",
             source,
         })?
@@ -609,10 +606,10 @@ pub(crate) fn tls13_client(
     verifier: Arc<dyn ServerCertVerifier>,
     client_cert: Arc<CertifiedKey>,
     alpn: &[&[u8]],
-) -> Result<ClientConfig, IdentityError> {
+) -> Result<ClientConfig, TlsError> {
     let mut cfg = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|source| IdentityError::Tls {
+        .map_err(|source| TlsError::Rustls {
             context: "building the client config",
             source,
         })?
@@ -627,9 +624,9 @@ pub(crate) fn tls13_client(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::authority::tests::{td, wid, TempDir};
-    use crate::identity::authority::DEFAULT_WORKLOAD_LIFETIME;
-    use crate::identity::Authority;
+    use crate::authority::ca::tests::{td, wid, TempDir};
+    use crate::authority::ca::DEFAULT_WORKLOAD_LIFETIME;
+    use crate::authority::Authority;
     use std::time::{Duration, SystemTime};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -870,11 +867,9 @@ mod tests {
 
         // A node certificate is not a workload identity, on either side.
         let (node_chain, node_key) = m.ca.issue_node_cert("n1").unwrap();
-        let node_ck = crate::identity::cert::certified_key(
-            certs_from_pem(&node_chain, "t").unwrap(),
-            &node_key,
-        )
-        .unwrap();
+        let node_ck =
+            crate::tls::cert::certified_key(certs_from_pem(&node_chain, "t").unwrap(), &node_key)
+                .unwrap();
         let node_client = Arc::new(
             tls13_client(
                 SpiffeServerVerifier::new(m.trust.clone(), c.identity().clone()),

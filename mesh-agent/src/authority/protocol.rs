@@ -1,0 +1,121 @@
+//! The wire protocol between the authority service and the node agent's client.
+//!
+//! Transport: TLS 1.3 only, ALPN [`ALPN_AUTHORITY`].
+//!
+//! Protocol: newline-delimited JSON, one request line → one response line, in order.
+//!
+//! ```text
+//! {"op":"sign","identity":"spiffe://td/ns/default/sa/a","csr_pem":"-----BEGIN ...","lifetime_secs":3600}
+//!     → {"ok":true,"cert_chain_pem":"-----BEGIN CERTIFICATE-----...","root":"<root-id>"}
+//!                                                         (leaf, then issuing; the root it chains to)
+//! {"op":"bundle"}       → {"ok":true,"bundle_pem":"-----BEGIN CERTIFICATE-----...","active_root":"<root-id>"}
+//! {"op":"revocations"}  → {"ok":true,"revoked":["4f3a…", …]}            (hex serials)
+//! anything refused      → {"ok":false,"error":"…"}
+//! ```
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+use super::ca::RootId;
+use crate::tls::Serial;
+
+/// ALPN protocol of the authority service.
+pub const ALPN_AUTHORITY: &[u8] = b"mesh-authority/1";
+
+/// Longest response line the client accepts (bundles with several roots fit easily).
+pub(crate) const MAX_RESPONSE_LINE: usize = 1024 * 1024;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+pub(crate) enum Request {
+    Sign {
+        identity: String,
+        csr_pem: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lifetime_secs: Option<u64>,
+    },
+    // Struct variants (not unit variants) so that unknown fields are refused here too.
+    Bundle {},
+    Revocations {},
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct Response {
+    pub(crate) ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) cert_chain_pem: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) bundle_pem: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) revoked: Option<Vec<Serial>>,
+    /// With `cert_chain_pem`: the root the certificate chains to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) root: Option<RootId>,
+    /// With `bundle_pem`: the root new certificates are issued under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) active_root: Option<RootId>,
+}
+
+impl Response {
+    pub(crate) fn error(message: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            error: Some(message.into()),
+            ..Self::default()
+        }
+    }
+
+    pub(crate) fn to_line(&self) -> Vec<u8> {
+        let mut line = serde_json::to_vec(self).unwrap_or_else(|_| {
+            br#"{"ok":false,"error":"internal error: unserialisable response"}"#.to_vec()
+        });
+        line.push(b'\n');
+        line
+    }
+}
+
+pub(crate) enum LineRead {
+    Line,
+    Eof,
+    TooLong,
+}
+
+/// Reads one line of at most `max` bytes (newline and a preceding CR excluded) into `buf`.
+/// Never buffers more than `max + 1` bytes of an oversize line. A final line without a newline
+/// counts as a line.
+pub(crate) async fn read_line_bounded<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<LineRead> {
+    let n = (&mut *r)
+        .take(max as u64 + 1)
+        .read_until(b'\n', buf)
+        .await?;
+    if n == 0 {
+        return Ok(LineRead::Eof);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+        if buf.last() == Some(&b'\r') {
+            buf.pop();
+        }
+        return Ok(LineRead::Line);
+    }
+    if buf.len() > max {
+        return Ok(LineRead::TooLong);
+    }
+    Ok(LineRead::Line)
+}
+
+/// Writes one line and flushes it.
+pub(crate) async fn write_line<S>(stream: &mut BufReader<S>, line: &[u8]) -> std::io::Result<()>
+where
+    S: tokio::io::AsyncRead + AsyncWriteExt + Unpin,
+{
+    let w = stream.get_mut();
+    w.write_all(line).await?;
+    w.flush().await
+}
