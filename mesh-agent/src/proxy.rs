@@ -58,7 +58,7 @@ pub struct ProxyDeps {
     pub identities: Arc<dyn Identities>,
     pub trust_domain: crate::identity::TrustDomain,
     pub metrics: Arc<crate::metrics::Metrics>,
-    pub policies: authz::Policies,
+    pub policies: crate::policy::Policies,
     pub source: SourceAddrs,
     /// How request paths on HTTP ports are normalized before L7 policy and forwarding.
     pub path_normalization: l7::normalize::PathNormalization,
@@ -108,7 +108,7 @@ pub(crate) async fn l7_serve<S>(
     source: &SourceAddrs,
     connect_timeout: Duration,
     enforcer: authz::Enforcer<'_>,
-    info: &authz::ConnInfo,
+    info: &crate::policy::ConnInfo,
     conn_id: u64,
     limits: l7::L7Limits,
 ) -> L7Outcome
@@ -117,16 +117,13 @@ where
 {
     let decide = |req: &l7::RequestView<'_>| {
         // The normalized path (no query), the authority the pod routes by.
-        let attrs = authz::RequestAttrs {
+        let attrs = crate::policy::RequestAttrs {
             method: req.method,
             path: req.path,
             host: req.host,
             headers: &req.headers,
         };
-        match authz::decide_request(enforcer, info, &attrs) {
-            authz::RequestVerdict::Allow => l7::Verdict::Allow,
-            authz::RequestVerdict::Deny { policy } => l7::Verdict::Deny { policy },
-        }
+        authz::decide_request(enforcer, info, &attrs)
     };
     let (source, dst) = (*source, info.dst);
     let connect = move || async move {

@@ -19,7 +19,7 @@ use tokio::{
 };
 use tracing::{debug, error, info, warn};
 
-use crate::{policy::maps::PolicyView, proxy::ip_from_words, registry::Registry};
+use crate::{policy::PolicyView, proxy::ip_from_words, registry::Registry};
 
 /// What an [`Event`]'s `kind` says, for the agent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

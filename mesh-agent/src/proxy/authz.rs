@@ -1,124 +1,17 @@
-//! Authorization at the destination, as the proxies see it: one [`Authorizer`] snapshot per
-//! policy generation, published through a watch channel. The destination side of every
-//! connection — an HBONE tunnel from another node, or a same-node connection — asks it once
-//! for the connection (L4, with the verified identity) and, on HTTP ports where the answer
-//! depends on the request, once per request (L7). When a new snapshot is published, live
-//! connections are asked again and closed if no longer allowed ([`supervise`]).
+//! Enforcement at the destination: the policy engine's decisions ([`crate::policy`]) logged
+//! and counted when they deny, and live connections re-checked against every new generation
+//! and closed if no longer allowed ([`supervise`]).
 
-use std::{
-    future::Future,
-    net::{IpAddr, SocketAddr},
-    sync::Arc,
-};
+use std::{future::Future, sync::Arc};
 
-use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
-    identity::SpiffeId,
     metrics::{DenialSide, Metrics, PolicyLayer},
-};
-
-/// What the destination knows of a connection when it authorizes it.
-#[derive(Clone, Debug)]
-pub struct ConnInfo {
-    /// The source workload (registry id), when the source address is one of a workload that
-    /// has the verified identity.
-    pub src_workload: Option<u32>,
-    /// The verified identity of the source (mTLS, or the kernel for same-node).
-    pub src_identity: SpiffeId,
-    /// The original source address (same-node: the pod's; HBONE: the `Forwarded` claim,
-    /// admitted only if it belongs to a workload with the verified identity).
-    pub src_addr: Option<SocketAddr>,
-    /// The original destination.
-    pub dst: SocketAddr,
-    /// The destination workload (registry id), on this node.
-    pub dst_workload: u32,
-    /// `namespace/name` of the destination workload (for logs).
-    pub dst_name: String,
-    /// Whether the destination port is one of the workload's `httpPorts`.
-    pub http: bool,
-}
-
-impl ConnInfo {
-    pub fn src_ip(&self) -> Option<IpAddr> {
-        self.src_addr.map(|a| a.ip().to_canonical())
-    }
-}
-
-/// An L4 decision.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ConnVerdict {
-    Allow,
-    Deny {
-        policy: Option<String>,
+    policy::{
+        Authorizer, ConnDecision, ConnInfo, ConnVerdict, Policies, RequestAttrs, RequestVerdict,
     },
-    /// Depends on each request (HTTP ports only).
-    PerRequest,
-}
-
-/// An L7 decision for one request.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RequestVerdict {
-    Allow,
-    Deny { policy: Option<String> },
-}
-
-/// One HTTP request, as far as policy looks at it.
-#[derive(Clone, Copy)]
-pub struct RequestAttrs<'a> {
-    pub method: &'a str,
-    pub path: &'a str,
-    pub host: Option<&'a str>,
-    /// Header fields (`when` `request.headers[...]`).
-    pub headers: &'a dyn crate::policy::maps::RequestHeaders,
-}
-
-impl std::fmt::Debug for RequestAttrs<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RequestAttrs")
-            .field("method", &self.method)
-            .field("path", &self.path)
-            .field("host", &self.host)
-            .finish_non_exhaustive()
-    }
-}
-
-/// A policy snapshot.
-pub trait Authorizer: Send + Sync + 'static {
-    /// The connection-level decision.
-    fn connection(&self, c: &ConnInfo) -> ConnVerdict;
-    /// The decision for one request on a connection whose verdict was `PerRequest`.
-    fn request(&self, c: &ConnInfo, req: &RequestAttrs<'_>) -> RequestVerdict;
-    /// The generation it was read from (0: no policy).
-    fn generation(&self) -> u32;
-}
-
-/// No policy loaded: everything is allowed.
-#[derive(Debug, Default)]
-pub struct AllowAll;
-
-impl Authorizer for AllowAll {
-    fn connection(&self, _: &ConnInfo) -> ConnVerdict {
-        ConnVerdict::Allow
-    }
-
-    fn request(&self, _: &ConnInfo, _: &RequestAttrs<'_>) -> RequestVerdict {
-        RequestVerdict::Allow
-    }
-
-    fn generation(&self) -> u32 {
-        0
-    }
-}
-
-/// The current policy snapshot, and notification of new ones.
-pub type Policies = watch::Receiver<Arc<dyn Authorizer>>;
-
-/// A channel that only ever holds [`AllowAll`] (no policy configured).
-pub fn allow_all() -> (watch::Sender<Arc<dyn Authorizer>>, Policies) {
-    watch::channel(Arc::new(AllowAll) as Arc<dyn Authorizer>)
-}
+};
 
 /// What enforcing at the destination needs: the policy snapshots, where denials are counted,
 /// and which side decides (`inbound` over HBONE, `local` for same-node connections).
@@ -129,11 +22,12 @@ pub struct Enforcer<'a> {
     pub side: DenialSide,
 }
 
-/// The connection decision under the current snapshot, logged and counted when it denies.
-pub fn decide(e: Enforcer<'_>, c: &ConnInfo) -> ConnVerdict {
+/// The connection decision under the current generation, logged and counted when it denies.
+pub fn decide(e: Enforcer<'_>, c: &ConnInfo) -> ConnDecision {
     let snapshot = Arc::clone(&e.policies.borrow());
-    let verdict = snapshot.connection(c);
-    if let ConnVerdict::Deny { policy } = &verdict {
+    let d = snapshot.connection(c);
+    if d.verdict == ConnVerdict::Deny {
+        let policy = &d.policy;
         e.metrics.policy_denial(PolicyLayer::L4, e.side);
         warn!(
             layer = "l4",
@@ -148,14 +42,15 @@ pub fn decide(e: Enforcer<'_>, c: &ConnInfo) -> ConnVerdict {
             "connection denied"
         );
     }
-    verdict
+    d
 }
 
-/// The request decision under the current snapshot, logged and counted when it denies.
+/// The request decision under the current generation, logged and counted when it denies.
 pub fn decide_request(e: Enforcer<'_>, c: &ConnInfo, req: &RequestAttrs<'_>) -> RequestVerdict {
     let snapshot = Arc::clone(&e.policies.borrow());
-    let verdict = snapshot.request(c, req);
-    if let RequestVerdict::Deny { policy } = &verdict {
+    let d = snapshot.request(c, req);
+    if d.verdict == RequestVerdict::Deny {
+        let policy = &d.policy;
         e.metrics.policy_denial(PolicyLayer::L7, e.side);
         warn!(
             layer = "l7",
@@ -172,7 +67,7 @@ pub fn decide_request(e: Enforcer<'_>, c: &ConnInfo, req: &RequestAttrs<'_>) -> 
             "connection denied"
         );
     }
-    verdict
+    d.verdict
 }
 
 /// How a supervised connection ended.
@@ -181,7 +76,7 @@ pub enum Supervised<T> {
     /// The work finished by itself.
     Done(T),
     /// A new policy no longer allows the connection: the work was dropped (closing it).
-    Revoked { policy: Option<String> },
+    Revoked { policy: Option<std::sync::Arc<str>> },
 }
 
 /// Runs `work` (a connection) until it finishes, re-checking the connection against every new
@@ -203,7 +98,9 @@ pub async fn supervise<T>(
                     return Supervised::Done(work.await);
                 }
                 let snapshot = Arc::clone(&policies.borrow_and_update());
-                if let ConnVerdict::Deny { policy } = snapshot.connection(c) {
+                let d = snapshot.connection(c);
+                if d.verdict == ConnVerdict::Deny {
+                    let policy = d.policy;
                     info!(
                         conn_id,
                         src_identity = %c.src_identity,
@@ -223,23 +120,12 @@ pub async fn supervise<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        identity::SpiffeId,
+        policy::{allow_all, PolicyView},
+    };
     use std::time::Duration;
-
-    struct DenyAll(u32);
-
-    impl Authorizer for DenyAll {
-        fn connection(&self, _: &ConnInfo) -> ConnVerdict {
-            ConnVerdict::Deny {
-                policy: Some("ns/deny".into()),
-            }
-        }
-        fn request(&self, _: &ConnInfo, _: &RequestAttrs<'_>) -> RequestVerdict {
-            RequestVerdict::Deny { policy: None }
-        }
-        fn generation(&self) -> u32 {
-            self.0
-        }
-    }
+    use tokio::sync::watch;
 
     fn info() -> ConnInfo {
         ConnInfo {
@@ -260,10 +146,10 @@ mod tests {
         let work = tokio::time::sleep(Duration::from_secs(30));
         let flip = async {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            tx.send(Arc::new(DenyAll(2))).unwrap();
+            tx.send(Arc::new(PolicyView::deny_all(2))).unwrap();
         };
         let (out, ()) = tokio::join!(supervise(rx, &c, 1, work), flip);
-        assert!(matches!(out, Supervised::Revoked { policy: Some(p) } if p == "ns/deny"));
+        assert!(matches!(out, Supervised::Revoked { policy: None }));
     }
 
     #[tokio::test]
@@ -275,7 +161,7 @@ mod tests {
             7
         };
         let flip = async {
-            tx.send(Arc::new(AllowAll)).unwrap();
+            tx.send(Arc::new(PolicyView::default())).unwrap();
         };
         let (out, ()) = tokio::join!(supervise(rx, &c, 1, work), flip);
         assert!(matches!(out, Supervised::Done(7)));
@@ -286,22 +172,19 @@ mod tests {
             side: DenialSide::Inbound,
         };
         let (_allow_tx, allow) = allow_all();
-        assert_eq!(decide(enforcer(&allow), &c), ConnVerdict::Allow);
-        let (_tx, deny) = watch::channel(Arc::new(DenyAll(3)) as Arc<dyn Authorizer>);
-        assert!(matches!(
-            decide(enforcer(&deny), &c),
-            ConnVerdict::Deny { .. }
-        ));
+        assert_eq!(decide(enforcer(&allow), &c).verdict, ConnVerdict::Allow);
+        let (_tx, deny) = watch::channel(Arc::new(PolicyView::deny_all(3)));
+        assert_eq!(decide(enforcer(&deny), &c).verdict, ConnVerdict::Deny);
         let req = RequestAttrs {
             method: "GET",
             path: "/",
             host: None,
-            headers: &crate::policy::maps::NoHeaders,
+            headers: &crate::policy::engine::NoHeaders,
         };
-        assert!(matches!(
+        assert_eq!(
             decide_request(enforcer(&deny), &c, &req),
-            RequestVerdict::Deny { .. }
-        ));
+            RequestVerdict::Deny
+        );
         let text = metrics.render();
         for needle in [
             r#"mesh_policy_denials_total{layer="l4",side="inbound"} 1"#,

@@ -32,7 +32,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::{
-    authz::{self, ConnInfo, ConnVerdict, Policies, Supervised},
+    authz::{self, Supervised},
     connect_from,
     hbone::{self, BadRequest},
     l7::normalize::PathNormalization,
@@ -46,6 +46,7 @@ use crate::{
         SpiffeId,
     },
     metrics::{DenialSide, Direction, Metrics, Outcome, Side},
+    policy::{ConnInfo, ConnVerdict, Policies},
     registry::Registry,
 };
 
@@ -383,13 +384,14 @@ impl Ctx {
             dst_name: dst_workload.clone(),
             http: super::is_http_port(workload, dst.port()),
         };
-        let policy = match authz::decide(self.enforcer(), &info) {
+        let decision = authz::decide(self.enforcer(), &info);
+        let policy = match decision.verdict {
             ConnVerdict::Allow => None,
             ConnVerdict::PerRequest if info.http => {
                 // Boxed: the L7 state is large, and only L7 tunnels should pay for it.
                 return Box::pin(self.serve_l7(connect, info, peer, conn_id, started)).await;
             }
-            ConnVerdict::Deny { policy } => Some(policy),
+            ConnVerdict::Deny => Some(decision.policy.map(|p| p.to_string())),
             // Request-level rules on a port that is not HTTP: nothing can satisfy them.
             ConnVerdict::PerRequest => Some(None),
         };

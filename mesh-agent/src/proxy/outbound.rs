@@ -31,7 +31,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use super::{
-    authz::{self, ConnInfo, ConnVerdict, Policies, Supervised},
+    authz::{self, Supervised},
     conn_key, connect_from, hbone,
     l7::normalize::PathNormalization,
     limits::{self, Accepted, Admission, Guard, SourceKey},
@@ -43,6 +43,7 @@ use crate::{
     bpf::Dataplane,
     identity::{IdentityError, SpiffeId},
     metrics::{DenialSide, Direction, Metrics},
+    policy::{ConnInfo, ConnVerdict, Policies},
     registry::Registry,
 };
 
@@ -404,7 +405,8 @@ impl Ctx {
             metrics: &self.metrics,
             side: DenialSide::Local,
         };
-        match authz::decide(enforcer, &info) {
+        let decision = authz::decide(enforcer, &info);
+        match decision.verdict {
             ConnVerdict::Allow => {}
             ConnVerdict::PerRequest if info.http => {
                 let _upstream_slot = self.admission.admit(Direction::Outbound, dst)?;
@@ -433,7 +435,10 @@ impl Ctx {
                 };
             }
             ConnVerdict::PerRequest => return Err(FlowError::Denied { policy: None }),
-            ConnVerdict::Deny { policy } => return Err(FlowError::Denied { policy }),
+            ConnVerdict::Deny => {
+                let policy = decision.policy.map(|p| p.to_string());
+                return Err(FlowError::Denied { policy });
+            }
         }
         // The pod connection this agent opens is a descriptor of the budget too.
         let _upstream_slot = self.admission.admit(Direction::Outbound, dst)?;
