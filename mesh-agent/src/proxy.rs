@@ -11,12 +11,14 @@
 
 pub mod authz;
 pub mod copy;
+pub mod destination;
 pub mod hbone;
 pub mod inbound;
 pub mod l7;
 pub mod limits;
 pub mod outbound;
 pub mod pool;
+pub mod record;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -81,85 +83,6 @@ impl SourceAddrs {
             SocketAddr::V6(a) if a.ip().to_ipv4_mapped().is_some() => self.v4,
             SocketAddr::V6(_) => self.v6,
         }
-    }
-}
-
-/// Whether `port` is one of the workload's declared HTTP ports (L7 policy applies there).
-pub fn is_http_port(workload: &crate::registry::Workload, port: u16) -> bool {
-    workload.http_ports().contains(&port)
-}
-
-/// How an L7-supervised connection went.
-#[derive(Debug, Default)]
-pub struct L7Outcome {
-    pub requests: u64,
-    pub denied: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub outcome: String,
-}
-
-/// Serves `client` request by request, authorizing each against the policy snapshot current
-/// at that request (a policy change applies to the next request), and forwards allowed
-/// requests to `info.dst` (connected lazily, from the node's mesh address). The connection as
-/// a whole stays under [`authz::supervise`]: a snapshot that denies it closes it.
-pub(crate) async fn l7_serve<S>(
-    client: S,
-    source: &SourceAddrs,
-    connect_timeout: Duration,
-    enforcer: authz::Enforcer<'_>,
-    info: &crate::policy::ConnInfo,
-    conn_id: u64,
-    limits: l7::L7Limits,
-) -> L7Outcome
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
-{
-    let decide = |req: &l7::RequestView<'_>| {
-        // The normalized path (no query), the authority the pod routes by.
-        let attrs = crate::policy::RequestAttrs {
-            method: req.method,
-            path: req.path,
-            host: req.host,
-            headers: &req.headers,
-        };
-        authz::decide_request(enforcer, info, &attrs)
-    };
-    let (source, dst) = (*source, info.dst);
-    let connect = move || async move {
-        connect_from(&source, dst, connect_timeout)
-            .await
-            .map_err(std::io::Error::other)
-    };
-    let mut stats = l7::L7Stats::default();
-    let work = l7::serve_with_stats(client, connect, &decide, &limits, &mut stats);
-    let outcome = match authz::supervise(enforcer.policies.clone(), info, conn_id, work).await {
-        authz::Supervised::Done(Ok(())) => "ok".to_owned(),
-        authz::Supervised::Done(Err(e)) => e.to_string(),
-        authz::Supervised::Revoked { .. } => "closed: no longer allowed by policy".to_owned(),
-    };
-    L7Outcome {
-        requests: stats.requests,
-        denied: stats.denied,
-        bytes_in: stats.bytes_in,
-        bytes_out: stats.bytes_out,
-        outcome,
-    }
-}
-
-/// The L7 settings of a connection from `source` seen by `proxy`: the path normalization, the
-/// request-head timeout, and its incomplete heads counted against the source's cap.
-pub(crate) fn l7_limits(
-    admission: &Arc<limits::Admission>,
-    proxy: crate::metrics::Direction,
-    source: IpAddr,
-    path_normalization: l7::normalize::PathNormalization,
-) -> l7::L7Limits {
-    l7::L7Limits {
-        header_timeout: admission.limits().head_timeout,
-        head_gate: Some(admission.head_gate(proxy, source)),
-        path_normalization,
-        ..l7::L7Limits::default()
     }
 }
 

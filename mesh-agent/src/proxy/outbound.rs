@@ -28,22 +28,23 @@ use tokio::{
     sync::watch,
     task::JoinSet,
 };
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::{
-    authz::{self, Supervised},
-    conn_key, connect_from, hbone,
-    l7::normalize::PathNormalization,
+    conn_key,
+    copy::{self, Counters, Far},
+    destination::{Destination, Downstream, Served, Turned},
     limits::{self, Accepted, Admission, Guard, SourceKey},
     orig_dst_addr,
     pool::{Pool, PoolError},
-    ConnectError, Identities, ProxyDeps, SourceAddrs,
+    record::{ConnRecord, Outcome, RecordKind, Transport},
+    ConnectError, Identities, ProxyDeps,
 };
 use crate::{
     bpf::Dataplane,
     identity::{IdentityError, SpiffeId},
-    metrics::{DenialSide, Direction, Metrics},
-    policy::{ConnInfo, ConnVerdict, Policies},
+    metrics::{Direction, Metrics},
+    policy::ConnInfo,
     registry::Registry,
 };
 
@@ -73,10 +74,6 @@ struct MeshView {
     node: String,
     /// Every node's HBONE address (`address:15008`), by node name.
     peers: HashMap<String, SocketAddr>,
-    /// The agent's own upstream source addresses.
-    source: SourceAddrs,
-    /// For same-node HTTP ports.
-    path_normalization: PathNormalization,
 }
 
 /// The outbound proxy: its listeners and what it needs per connection.
@@ -94,27 +91,11 @@ struct Ctx {
     view: MeshView,
     pool: Pool,
     metrics: Arc<Metrics>,
-    /// Destination policy, enforced here for same-node connections (no inbound hop).
-    policies: Policies,
+    /// The destination side of same-node connections (no inbound hop).
+    dest: Destination,
     cfg: OutboundConfig,
     next_id: AtomicU64,
     admission: Arc<Admission>,
-}
-
-/// How a connection was carried.
-#[derive(Clone, Copy, Debug)]
-enum Transport {
-    Hbone,
-    Local,
-}
-
-impl Transport {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Hbone => "hbone",
-            Self::Local => "local",
-        }
-    }
 }
 
 /// Why a captured connection was not carried through.
@@ -138,14 +119,6 @@ enum FlowError {
     Connect(#[from] ConnectError),
     #[error(transparent)]
     Tunnel(#[from] PoolError),
-    #[error("tunnel: {0}")]
-    Pump(#[source] hbone::HboneError),
-    #[error("denied by policy {}", policy.as_deref().unwrap_or("(no ALLOW policy matched)"))]
-    Denied { policy: Option<String> },
-    #[error("closed: no longer allowed by policy")]
-    Revoked,
-    #[error("{0}")]
-    L7(String),
     #[error("refused: {0}")]
     OverLimit(#[from] limits::Refused),
 }
@@ -177,13 +150,16 @@ impl Outbound {
             .iter()
             .map(|w| SpiffeId::new(trust_domain.clone(), &w.namespace, &w.service_account).ok())
             .collect();
-        let view = MeshView {
-            node,
-            peers,
+        let view = MeshView { node, peers };
+        let pool = Pool::new(Default::default(), source, Arc::clone(&metrics));
+        let dest = Destination {
+            policies,
+            metrics: Arc::clone(&metrics),
+            admission: Arc::clone(&admission),
             source,
+            connect_timeout: cfg.connect_timeout,
             path_normalization,
         };
-        let pool = Pool::new(Default::default(), view.source, Arc::clone(&metrics));
         Self {
             listeners,
             ctx: Arc::new(Ctx {
@@ -194,7 +170,7 @@ impl Outbound {
                 view,
                 pool,
                 metrics,
-                policies,
+                dest,
                 cfg,
                 next_id: AtomicU64::new(1),
                 admission,
@@ -320,30 +296,41 @@ impl Ctx {
             limits::reset(client);
             return;
         }
-        let duration_ms = started.elapsed().as_millis() as u64;
-        let (sent, received, outcome) = match result {
-            Ok((sent, received)) => (sent, received, "ok".to_owned()),
-            Err(e) => (0, 0, e.to_string()),
-        };
-        info!(
+        let served = result.unwrap_or_else(|e| {
+            let outcome = match e {
+                FlowError::Connect(_) | FlowError::Tunnel(_) => Outcome::Failed(e.to_string()),
+                e => Outcome::Refused(e.to_string()),
+            };
+            Served {
+                outcome,
+                requests: None,
+                denied: None,
+                bytes_sent: 0,
+                bytes_received: 0,
+                refused: true,
+            }
+        });
+        ConnRecord {
             conn_id,
-            src_workload = %src_workload,
-            src_identity = %src_identity,
-            src_addr = %peer,
-            orig_dst = %dst,
-            dst_workload = %dst_workload,
-            dst_identity = %dst_identity,
-            transport = transport.as_str(),
-            bytes_sent = sent,
-            bytes_received = received,
-            duration_ms,
-            outcome,
-            "flow"
-        );
+            transport,
+            src_workload: Some(src_workload),
+            src_identity: Some(src_identity),
+            src_addr: Some(peer),
+            peer,
+            dst,
+            dst_workload: Some(dst_workload),
+            dst_identity: Some(dst_identity),
+            requests: served.requests,
+            denied: served.denied,
+            bytes_sent: served.bytes_sent,
+            bytes_received: served.bytes_received,
+            duration_ms: started.elapsed().as_millis() as u64,
+            outcome: served.outcome,
+        }
+        .log(RecordKind::Flow);
     }
 
-    /// Carries one connection; the transport chosen and the byte counts
-    /// (client→destination, destination→client).
+    /// Carries one connection: the transport chosen and how it went.
     async fn carry(
         &self,
         client: &mut TcpStream,
@@ -351,7 +338,7 @@ impl Ctx {
         dst: SocketAddr,
         local: SocketAddr,
         conn_id: u64,
-    ) -> (Transport, Result<(u64, u64), FlowError>) {
+    ) -> (Transport, Result<Served, FlowError>) {
         if canonical(dst) == local {
             return (Transport::Local, Err(FlowError::Loop));
         }
@@ -378,9 +365,9 @@ impl Ctx {
         )
     }
 
-    /// A same-node connection: this agent is also the destination side, so it enforces the
-    /// destination's policy (L4 with the kernel-attested source, L7 on HTTP ports) before the
-    /// bytes reach the pod.
+    /// A same-node connection: this agent is also the destination side, so it serves it as
+    /// the destination ([`Destination::serve`]: the destination's policy, L4 with the
+    /// kernel-attested source, L7 on HTTP ports) before the bytes reach the pod.
     async fn carry_local(
         &self,
         client: &mut TcpStream,
@@ -388,7 +375,7 @@ impl Ctx {
         dst_w: &crate::registry::Workload,
         dst: SocketAddr,
         conn_id: u64,
-    ) -> Result<(u64, u64), FlowError> {
+    ) -> Result<Served, FlowError> {
         let src_identity = self.identity(orig.src_workload_id)?.clone();
         let src_addr = client.peer_addr().ok().map(canonical);
         let info = ConnInfo {
@@ -398,66 +385,16 @@ impl Ctx {
             dst: canonical(dst),
             dst_workload: dst_w.id,
             dst_name: dst_w.key(),
-            http: super::is_http_port(dst_w, dst.port()),
+            http: dst_w.is_http_port(dst.port()),
         };
-        let enforcer = authz::Enforcer {
-            policies: &self.policies,
-            metrics: &self.metrics,
-            side: DenialSide::Local,
-        };
-        let decision = authz::decide(enforcer, &info);
-        match decision.verdict {
-            ConnVerdict::Allow => {}
-            ConnVerdict::PerRequest if info.http => {
-                let _upstream_slot = self.admission.admit(Direction::Outbound, dst)?;
-                let source = src_addr.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |a| a.ip());
-                let limits = super::l7_limits(
-                    &self.admission,
-                    Direction::Outbound,
-                    source,
-                    self.view.path_normalization,
-                );
-                // Boxed: the L7 state is large, and only L7 connections should pay for it.
-                let out = Box::pin(super::l7_serve(
-                    client,
-                    &self.view.source,
-                    self.cfg.connect_timeout,
-                    enforcer,
-                    &info,
-                    conn_id,
-                    limits,
-                ))
-                .await;
-                return if out.outcome == "ok" {
-                    Ok((out.bytes_in, out.bytes_out))
-                } else {
-                    Err(FlowError::L7(out.outcome))
-                };
-            }
-            ConnVerdict::PerRequest => return Err(FlowError::Denied { policy: None }),
-            ConnVerdict::Deny => {
-                let policy = decision.policy.map(|p| p.to_string());
-                return Err(FlowError::Denied { policy });
-            }
-        }
-        // The pod connection this agent opens is a descriptor of the budget too.
-        let _upstream_slot = self.admission.admit(Direction::Outbound, dst)?;
-        let mut upstream = Box::pin(connect_from(
-            &self.view.source,
-            dst,
-            self.cfg.connect_timeout,
-        ))
-        .await?;
-        let copy = super::copy::bidirectional(client, &mut upstream);
-        match authz::supervise(self.policies.clone(), &info, conn_id, copy).await {
-            Supervised::Done(copied) => {
-                if let Some(e) = &copied.error {
-                    // A reset mid-stream is an ordinary end for a TCP flow.
-                    debug!(error = %e, "copy ended with error");
-                }
-                Ok((copied.a_to_b, copied.b_to_a))
-            }
-            Supervised::Revoked { .. } => Err(FlowError::Revoked),
+        let l7_source = src_addr.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |a| a.ip());
+        match self
+            .dest
+            .serve(Downstream::Local(client), &info, l7_source, conn_id)
+            .await
+        {
+            Ok(served) => Ok(served),
+            Err(Turned::OverLimit(e)) => Err(FlowError::OverLimit(e)),
         }
     }
 
@@ -467,7 +404,7 @@ impl Ctx {
         orig: &mesh_common::OrigDst,
         dst_node: &str,
         dst: SocketAddr,
-    ) -> Result<(u64, u64), FlowError> {
+    ) -> Result<Served, FlowError> {
         let src_id = self.identity(orig.src_workload_id)?;
         let dst_id = self.identity(orig.dst_workload_id)?;
         let peer = *self
@@ -493,11 +430,19 @@ impl Ctx {
             client.peer_addr().ok().map(canonical),
         ))
         .await?;
-        let result = hbone::pump(client, tunnel).await;
-        match result.error {
-            None => Ok((result.to_tunnel, result.from_tunnel)),
-            Some(e) => Err(FlowError::Pump(e)),
-        }
+        let counts = Counters::default();
+        let copied = copy::bidirectional(client, Far::Tunnel(tunnel), &counts).await;
+        Ok(Served {
+            outcome: match copied {
+                Ok(()) => Outcome::Ok,
+                Err(e) => Outcome::Failed(format!("tunnel: {e}")),
+            },
+            requests: None,
+            denied: None,
+            bytes_sent: counts.sent(),
+            bytes_received: counts.received(),
+            refused: false,
+        })
     }
 
     fn identity(&self, id: u32) -> Result<&SpiffeId, FlowError> {
