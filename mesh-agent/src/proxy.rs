@@ -9,7 +9,6 @@
 //! - [`hbone`] is the wire format (transport-agnostic framing);
 //! - [`l7`] enforces authorization per HTTP request on ports declared HTTP.
 
-pub mod authz;
 pub mod copy;
 pub mod destination;
 pub mod hbone;
