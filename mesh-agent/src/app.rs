@@ -398,7 +398,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
     };
     let outbound = Outbound::new(
         listeners,
-        Arc::clone(&dataplane),
+        dataplane.clone(),
         deps.clone(),
         peers,
         OutboundConfig {

@@ -13,6 +13,8 @@ pub mod copy;
 pub mod destination;
 pub mod hbone;
 pub mod inbound;
+#[cfg(test)]
+mod inproc_tests;
 pub mod l7;
 pub mod limits;
 pub mod outbound;

@@ -22,6 +22,7 @@ use std::{
 
 use std::collections::HashMap;
 
+use mesh_common::{ConnKey, OrigDst};
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
@@ -47,6 +48,20 @@ use crate::{
     policy::ConnInfo,
     registry::Registry,
 };
+
+/// Where the kernel recorded each captured connection's original destination (sock_ops
+/// writes `mesh_conn_dst`; the [`Dataplane`] reads it). A trait so the proxies run in one
+/// process in tests, with a table filled by the test.
+pub trait OrigDsts: Send + Sync + 'static {
+    /// Takes (reads and removes) the record of the connection `key`.
+    fn take_orig_dst(&self, key: &ConnKey) -> Option<OrigDst>;
+}
+
+impl OrigDsts for Dataplane {
+    fn take_orig_dst(&self, key: &ConnKey) -> Option<OrigDst> {
+        Dataplane::take_orig_dst(self, key)
+    }
+}
 
 /// Tunables of the outbound proxy.
 #[derive(Clone, Debug)]
@@ -83,7 +98,7 @@ pub struct Outbound {
 }
 
 struct Ctx {
-    dataplane: Arc<Dataplane>,
+    orig_dsts: Arc<dyn OrigDsts>,
     registry: Arc<Registry>,
     /// Workload identities, indexed by workload id − 1.
     identities_by_id: Vec<Option<SpiffeId>>,
@@ -129,7 +144,7 @@ impl Outbound {
     /// `peers`: every node's HBONE address (`address:15008`), by node name.
     pub fn new(
         listeners: Vec<TcpListener>,
-        dataplane: Arc<Dataplane>,
+        orig_dsts: Arc<dyn OrigDsts>,
         deps: ProxyDeps,
         peers: HashMap<String, SocketAddr>,
         cfg: OutboundConfig,
@@ -163,7 +178,7 @@ impl Outbound {
         Self {
             listeners,
             ctx: Arc::new(Ctx {
-                dataplane,
+                orig_dsts,
                 registry,
                 identities_by_id,
                 identities,
@@ -251,7 +266,7 @@ impl Ctx {
     fn refuse(&self, client: TcpStream, peer: SocketAddr) {
         if let Ok(local) = client.local_addr() {
             let _ = self
-                .dataplane
+                .orig_dsts
                 .take_orig_dst(&conn_key(canonical(peer), canonical(local)));
         }
         limits::reset(client);
@@ -269,7 +284,7 @@ impl Ctx {
         };
         let peer = canonical(peer);
         let local = canonical(local);
-        let Some(orig) = self.dataplane.take_orig_dst(&conn_key(peer, local)) else {
+        let Some(orig) = self.orig_dsts.take_orig_dst(&conn_key(peer, local)) else {
             // Not captured by our programs (or the record was lost): refuse
             // rather than guess where it was going.
             log_refused(conn_id, peer, &FlowError::NoOrigDst);
