@@ -264,7 +264,7 @@ fn decide(
         host: authority.or(host_header),
         headers: super::HeaderFields::H2(req.headers()),
     };
-    if let RequestVerdict::Deny { .. } = authz.authorize(&view) {
+    if let RequestVerdict::Deny = authz.authorize(&view) {
         return Decision::Deny;
     }
     if path == target.path {
