@@ -17,6 +17,7 @@ pub mod inbound;
 mod inproc_tests;
 pub mod l7;
 pub mod limits;
+pub mod listen;
 pub mod outbound;
 pub mod pool;
 pub mod record;
@@ -84,20 +85,6 @@ impl SourceAddrs {
             SocketAddr::V6(a) if a.ip().to_ipv4_mapped().is_some() => self.v4,
             SocketAddr::V6(_) => self.v6,
         }
-    }
-}
-
-/// Lets the tasks of `set` finish for up to `limit` (shutdown), then aborts what is left,
-/// logging how many `what` were cut.
-pub(crate) async fn drain<T: 'static>(
-    set: &mut tokio::task::JoinSet<T>,
-    limit: Duration,
-    what: &'static str,
-) {
-    let drained = timeout(limit, async { while set.join_next().await.is_some() {} }).await;
-    if drained.is_err() {
-        tracing::warn!(aborted = set.len(), what, "drain timeout: closing the rest");
-        set.abort_all();
     }
 }
 

@@ -35,6 +35,7 @@ use super::{
     destination::{Destination, Downstream, Turned},
     hbone::{self, BadRequest},
     limits::{self, Accepted, Admission, Guard, SourceKey},
+    listen,
     record::{self, ConnRecord, RecordKind, Transport},
     Identities, ProxyDeps,
 };
@@ -169,33 +170,39 @@ impl Inbound {
     }
 
     /// Serves until `shutdown` turns true, then lets tunnels drain for `drain_timeout`.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut conns = JoinSet::new();
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
         let admission = Arc::clone(&self.ctx.admission);
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => break,
-                accepted = limits::accept(&self.listener, &admission, Direction::Inbound) => match accepted {
-                    Accepted::Admitted(stream, peer, slot) => {
-                        // Before TLS: a peer address past its share costs no handshake.
-                        let key = SourceKey::Peer(peer.ip());
-                        let Ok(source_slot) = admission.admit_source(Direction::Inbound, key, peer) else {
-                            limits::reset(stream);
-                            continue;
-                        };
-                        let ctx = Arc::clone(&self.ctx);
-                        let stop = shutdown.clone();
-                        conns.spawn(async move {
-                            let _slots = (slot, source_slot);
-                            ctx.connection(stream, peer, stop).await;
-                        });
-                    }
-                    Accepted::Refused(stream, _) => limits::reset(stream),
-                },
-                Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            }
-        }
-        super::drain(&mut conns, self.ctx.cfg.drain_timeout, "hbone connections").await;
+        let listeners = [self.listener];
+        let stop = shutdown.clone();
+        let ctx = self.ctx;
+        listen::accept_loop(
+            || limits::accept(&listeners, &admission, Direction::Inbound),
+            shutdown,
+            ctx.cfg.drain_timeout,
+            "hbone connections",
+            |accepted| match accepted {
+                Accepted::Admitted(stream, peer, slot) => {
+                    // Before TLS: a peer address past its share costs no handshake.
+                    let key = SourceKey::Peer(peer.ip());
+                    let Ok(source_slot) = admission.admit_source(Direction::Inbound, key, peer)
+                    else {
+                        limits::reset(stream);
+                        return None;
+                    };
+                    let ctx = Arc::clone(&ctx);
+                    let stop = stop.clone();
+                    Some(async move {
+                        let _slots = (slot, source_slot);
+                        ctx.connection(stream, peer, stop).await;
+                    })
+                }
+                Accepted::Refused(stream, _) => {
+                    limits::reset(stream);
+                    None
+                }
+            },
+        )
+        .await;
     }
 }
 

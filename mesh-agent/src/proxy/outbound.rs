@@ -27,16 +27,15 @@ use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
     sync::watch,
-    task::JoinSet,
 };
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::{
     conn_key,
     copy::{self, Counters, Far},
     destination::{Destination, Downstream, Served, Turned},
     limits::{self, Accepted, Admission, Guard, SourceKey},
-    orig_dst_addr,
+    listen, orig_dst_addr,
     pool::{Pool, PoolError},
     record::{ConnRecord, Outcome, RecordKind, Transport},
     ConnectError, Identities, ProxyDeps,
@@ -193,74 +192,62 @@ impl Outbound {
         }
     }
 
-    /// Accepts until `shutdown` turns true, then drains in-flight
-    /// connections for up to `drain_timeout`.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut accepts = JoinSet::new();
-        let (conn_tx, mut conn_rx) =
-            tokio::sync::mpsc::channel::<(TcpStream, SocketAddr, Guard)>(1024);
-        for listener in self.listeners {
-            let tx = conn_tx.clone();
-            let ctx = Arc::clone(&self.ctx);
-            accepts.spawn(async move {
-                loop {
-                    match limits::accept(&listener, &ctx.admission, Direction::Outbound).await {
-                        Accepted::Admitted(stream, peer, slot) => {
-                            if tx.send((stream, peer, slot)).await.is_err() {
-                                return;
-                            }
-                        }
-                        Accepted::Refused(stream, peer) => ctx.refuse(stream, peer),
-                    }
+    /// Accepts until `shutdown` turns true, then drains in-flight connections for up to
+    /// `drain_timeout`. Pooled HBONE connections are swept meanwhile (idle ones, and those
+    /// whose peer certificate was revoked).
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        let ctx = self.ctx;
+        let maintenance = tokio::spawn(Arc::clone(&ctx).maintain_pool(shutdown.clone()));
+        let listeners = self.listeners;
+        listen::accept_loop(
+            || limits::accept(&listeners, &ctx.admission, Direction::Outbound),
+            shutdown,
+            ctx.cfg.drain_timeout,
+            "connections",
+            |accepted| match accepted {
+                Accepted::Admitted(stream, peer, slot) => {
+                    let ctx = Arc::clone(&ctx);
+                    Some(async move { ctx.handle(stream, peer, slot).await })
                 }
-            });
-        }
-        drop(conn_tx);
-
-        let mut flows = JoinSet::new();
-        let mut revocations = self.ctx.identities.revocations();
-        let mut watching_revocations = true;
-        let mut sweep = tokio::time::interval(self.ctx.cfg.sweep_interval);
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => break,
-                changed = revocations.changed(), if watching_revocations => {
-                    match changed {
-                        Ok(()) => {
-                            self.ctx.pool.sweep(&self.ctx.identities.trust());
-                        }
-                        // The identity layer is gone (shutdown): nothing more to watch.
-                        Err(_) => watching_revocations = false,
-                    }
+                Accepted::Refused(stream, peer) => {
+                    ctx.refuse(stream, peer);
+                    None
                 }
-                _ = sweep.tick() => {
-                    self.ctx.pool.sweep(&self.ctx.identities.trust());
-                }
-                next = conn_rx.recv() => match next {
-                    Some((stream, peer, slot)) => {
-                        let ctx = Arc::clone(&self.ctx);
-                        flows.spawn(async move { ctx.handle(stream, peer, slot).await });
-                    }
-                    None => break,
-                },
-                Some(_) = flows.join_next(), if !flows.is_empty() => {}
-            }
-        }
-        accepts.abort_all();
-        let active = flows.len();
-        if active > 0 {
-            info!(
-                active,
-                drain_ms = self.ctx.cfg.drain_timeout.as_millis() as u64,
-                "draining"
-            );
-        }
-        super::drain(&mut flows, self.ctx.cfg.drain_timeout, "connections").await;
-        self.ctx.pool.close_all();
+            },
+        )
+        .await;
+        let _ = maintenance.await;
+        ctx.pool.close_all();
     }
 }
 
 impl Ctx {
+    /// Sweeps the pool every `sweep_interval` and at every revocation, until `shutdown`.
+    async fn maintain_pool(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut revocations = self.identities.revocations();
+        let mut watching_revocations = true;
+        let mut sweep = tokio::time::interval(self.cfg.sweep_interval);
+        loop {
+            tokio::select! {
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        return;
+                    }
+                }
+                changed = revocations.changed(), if watching_revocations => match changed {
+                    Ok(()) => {
+                        self.pool.sweep(&self.identities.trust());
+                    }
+                    // The identity layer is gone (shutdown): nothing more to watch.
+                    Err(_) => watching_revocations = false,
+                },
+                _ = sweep.tick() => {
+                    self.pool.sweep(&self.identities.trust());
+                }
+            }
+        }
+    }
+
     /// A connection refused by the limits (already counted and logged): its kernel record is
     /// dropped and it is reset.
     fn refuse(&self, client: TcpStream, peer: SocketAddr) {

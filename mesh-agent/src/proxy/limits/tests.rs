@@ -268,7 +268,7 @@ async fn past_the_cap_a_connection_is_reset_at_once() {
         tokio::spawn(async move {
             let mut held = Vec::new();
             loop {
-                match accept(&listener, &a, Direction::Outbound).await {
+                match accept(std::slice::from_ref(&listener), &a, Direction::Outbound).await {
                     Accepted::Admitted(s, _, g) => held.push((s, g)),
                     Accepted::Refused(s, _) => reset(s),
                 }
@@ -354,7 +354,7 @@ fn accept_survives_descriptor_exhaustion() {
             tokio::spawn(async move {
                 let mut held = Vec::new();
                 loop {
-                    match accept(&listener, &a, Direction::Inbound).await {
+                    match accept(std::slice::from_ref(&listener), &a, Direction::Inbound).await {
                         Accepted::Admitted(s, _, g) => held.push((s, g)),
                         Accepted::Refused(s, _) => reset(s),
                     }
