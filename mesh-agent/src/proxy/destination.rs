@@ -19,7 +19,7 @@ use super::{
     hbone,
     l7::{self, normalize::PathNormalization},
     limits::{self, Admission},
-    record::Outcome,
+    record::{Carried, Outcome},
     SourceAddrs,
 };
 use crate::{
@@ -70,13 +70,7 @@ impl Downstream<'_> {
 /// How a connection went at its destination.
 #[derive(Debug)]
 pub struct Served {
-    pub outcome: Outcome,
-    /// HTTP requests seen and denied (served per request only).
-    pub requests: Option<u64>,
-    pub denied: Option<u64>,
-    /// Bytes source → destination and back.
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
+    pub carried: Carried,
     /// Refused before anything was carried (an HBONE stream was answered with an error
     /// status; a same-node connection is closed by its caller).
     pub refused: bool,
@@ -85,12 +79,15 @@ pub struct Served {
 impl Served {
     fn refused(outcome: Outcome) -> Self {
         Self {
-            outcome,
-            requests: None,
-            denied: None,
-            bytes_sent: 0,
-            bytes_received: 0,
+            carried: Carried::nothing(outcome),
             refused: true,
+        }
+    }
+
+    fn carried(carried: Carried) -> Self {
+        Self {
+            carried,
+            refused: false,
         }
     }
 }
@@ -155,10 +152,9 @@ impl Destination {
                     if let Downstream::Hbone(connect) = down {
                         self.reject(connect, StatusCode::SERVICE_UNAVAILABLE);
                     }
-                    return Ok(Served {
-                        refused: false,
-                        ..Served::refused(Outcome::Failed(e.to_string()))
-                    });
+                    return Ok(Served::carried(Carried::nothing(Outcome::Failed(
+                        e.to_string(),
+                    ))));
                 }
             };
         let counts = Counters::default();
@@ -193,14 +189,11 @@ impl Destination {
             Supervised::Done(Err(e)) => Outcome::Failed(e.to_string()),
             Supervised::Revoked { .. } => Outcome::Revoked,
         };
-        Ok(Served {
-            outcome,
-            requests: None,
-            denied: None,
+        Ok(Served::carried(Carried {
             bytes_sent,
             bytes_received,
-            refused: false,
-        })
+            ..Carried::nothing(outcome)
+        }))
     }
 
     async fn supervised<T>(
@@ -289,14 +282,13 @@ impl Destination {
             Supervised::Done(Err(e)) => Outcome::Failed(e.to_string()),
             Supervised::Revoked { .. } => Outcome::Revoked,
         };
-        Served {
+        Served::carried(Carried {
             outcome,
             requests: Some(stats.requests),
             denied: Some(stats.denied),
             bytes_sent: stats.bytes_in,
             bytes_received: stats.bytes_out,
-            refused: false,
-        }
+        })
     }
 }
 

@@ -395,7 +395,7 @@ impl Ctx {
             Err(Turned::OverLimit(_)) => return,
         };
         if done.refused {
-            if let record::Outcome::Denied { policy } = &done.outcome {
+            if let record::Outcome::Denied { policy } = &done.carried.outcome {
                 let why = StreamRefusal::Policy {
                     policy: policy.as_deref().map(str::to_owned),
                 };
@@ -416,12 +416,8 @@ impl Ctx {
             dst: info.dst,
             dst_workload: Some(info.dst_name.clone()),
             dst_identity: Some(served.1.to_string()),
-            requests: done.requests,
-            denied: done.denied,
-            bytes_sent: done.bytes_sent,
-            bytes_received: done.bytes_received,
             duration_ms: started.elapsed().as_millis() as u64,
-            outcome: done.outcome,
+            carried: done.carried,
         }
         .log(RecordKind::Inbound);
     }

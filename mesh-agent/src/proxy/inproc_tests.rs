@@ -461,8 +461,11 @@ fn a_policy_close_reports_its_outcome_and_the_bytes_that_flowed() {
             mesh.deny_all_to("c");
         };
         let (served, ()) = tokio::join!(serving, driving);
-        assert_eq!(served.outcome, Outcome::Revoked);
-        assert_eq!((served.bytes_sent, served.bytes_received), (5, 5));
+        assert_eq!(served.carried.outcome, Outcome::Revoked);
+        assert_eq!(
+            (served.carried.bytes_sent, served.carried.bytes_received),
+            (5, 5)
+        );
     });
 }
 

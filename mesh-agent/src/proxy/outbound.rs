@@ -33,11 +33,11 @@ use tracing::warn;
 use super::{
     conn_key,
     copy::{self, Counters, Far},
-    destination::{Destination, Downstream, Served, Turned},
+    destination::{Destination, Downstream, Turned},
     limits::{self, Accepted, Admission, Guard, SourceKey},
     listen, orig_dst_addr,
     pool::{Pool, PoolError},
-    record::{ConnRecord, Outcome, RecordKind, Transport},
+    record::{Carried, ConnRecord, Outcome, RecordKind, Transport},
     ConnectError, Identities, ProxyDeps,
 };
 use crate::{
@@ -298,19 +298,11 @@ impl Ctx {
             limits::reset(client);
             return;
         }
-        let served = result.unwrap_or_else(|e| {
-            let outcome = match e {
+        let carried = result.unwrap_or_else(|e| {
+            Carried::nothing(match e {
                 FlowError::Connect(_) | FlowError::Tunnel(_) => Outcome::Failed(e.to_string()),
                 e => Outcome::Refused(e.to_string()),
-            };
-            Served {
-                outcome,
-                requests: None,
-                denied: None,
-                bytes_sent: 0,
-                bytes_received: 0,
-                refused: true,
-            }
+            })
         });
         ConnRecord {
             conn_id,
@@ -322,12 +314,8 @@ impl Ctx {
             dst,
             dst_workload: Some(dst_workload),
             dst_identity: Some(dst_identity),
-            requests: served.requests,
-            denied: served.denied,
-            bytes_sent: served.bytes_sent,
-            bytes_received: served.bytes_received,
             duration_ms: started.elapsed().as_millis() as u64,
-            outcome: served.outcome,
+            carried,
         }
         .log(RecordKind::Flow);
     }
@@ -340,7 +328,7 @@ impl Ctx {
         dst: SocketAddr,
         local: SocketAddr,
         conn_id: u64,
-    ) -> (Transport, Result<Served, FlowError>) {
+    ) -> (Transport, Result<Carried, FlowError>) {
         if canonical(dst) == local {
             return (Transport::Local, Err(FlowError::Loop));
         }
@@ -377,7 +365,7 @@ impl Ctx {
         dst_w: &crate::registry::Workload,
         dst: SocketAddr,
         conn_id: u64,
-    ) -> Result<Served, FlowError> {
+    ) -> Result<Carried, FlowError> {
         let src_identity = self.identity(orig.src_workload_id)?.clone();
         let src_addr = client.peer_addr().ok().map(canonical);
         let info = ConnInfo {
@@ -395,7 +383,7 @@ impl Ctx {
             .serve(Downstream::Local(client), &info, l7_source, conn_id)
             .await
         {
-            Ok(served) => Ok(served),
+            Ok(served) => Ok(served.carried),
             Err(Turned::OverLimit(e)) => Err(FlowError::OverLimit(e)),
         }
     }
@@ -406,7 +394,7 @@ impl Ctx {
         orig: &mesh_common::OrigDst,
         dst_node: &str,
         dst: SocketAddr,
-    ) -> Result<Served, FlowError> {
+    ) -> Result<Carried, FlowError> {
         let src_id = self.identity(orig.src_workload_id)?;
         let dst_id = self.identity(orig.dst_workload_id)?;
         let peer = *self
@@ -434,16 +422,13 @@ impl Ctx {
         .await?;
         let counts = Counters::default();
         let copied = copy::bidirectional(client, Far::Tunnel(tunnel), &counts).await;
-        Ok(Served {
-            outcome: match copied {
-                Ok(()) => Outcome::Ok,
-                Err(e) => Outcome::Failed(format!("tunnel: {e}")),
-            },
-            requests: None,
-            denied: None,
+        Ok(Carried {
             bytes_sent: counts.sent(),
             bytes_received: counts.received(),
-            refused: false,
+            ..Carried::nothing(match copied {
+                Ok(()) => Outcome::Ok,
+                Err(e) => Outcome::Failed(format!("tunnel: {e}")),
+            })
         })
     }
 

@@ -60,6 +60,32 @@ impl Serialize for Outcome {
     }
 }
 
+/// What was carried and how it ended: the part of a record the data path fills in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Carried {
+    pub outcome: Outcome,
+    /// HTTP requests seen and denied (connections served per request only).
+    pub requests: Option<u64>,
+    pub denied: Option<u64>,
+    /// Bytes source → destination, destination → source: counted live, so right on every
+    /// outcome.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+impl Carried {
+    /// Ended before any byte was carried.
+    pub fn nothing(outcome: Outcome) -> Self {
+        Self {
+            outcome,
+            requests: None,
+            denied: None,
+            bytes_sent: 0,
+            bytes_received: 0,
+        }
+    }
+}
+
 /// Which log line a record is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RecordKind {
@@ -86,15 +112,9 @@ pub struct ConnRecord {
     pub dst: SocketAddr,
     pub dst_workload: Option<String>,
     pub dst_identity: Option<String>,
-    /// HTTP requests seen and denied (connections served per request only).
-    pub requests: Option<u64>,
-    pub denied: Option<u64>,
-    /// Bytes source → destination, destination → source: counted live, so right on every
-    /// outcome.
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
     pub duration_ms: u64,
-    pub outcome: Outcome,
+    #[serde(flatten)]
+    pub carried: Carried,
 }
 
 impl ConnRecord {
@@ -111,12 +131,12 @@ impl ConnRecord {
                 dst_workload = %opt(&self.dst_workload),
                 dst_identity = %opt(&self.dst_identity),
                 transport = self.transport.as_str(),
-                requests = self.requests,
-                denied = self.denied,
-                bytes_sent = self.bytes_sent,
-                bytes_received = self.bytes_received,
+                requests = self.carried.requests,
+                denied = self.carried.denied,
+                bytes_sent = self.carried.bytes_sent,
+                bytes_received = self.carried.bytes_received,
                 duration_ms = self.duration_ms,
-                outcome = %self.outcome,
+                outcome = %self.carried.outcome,
                 "flow"
             ),
             RecordKind::Inbound => info!(
@@ -126,12 +146,12 @@ impl ConnRecord {
                 orig_src = self.src_addr.map(tracing::field::display),
                 dst = %self.dst,
                 dst_workload = %opt(&self.dst_workload),
-                requests = self.requests,
-                denied = self.denied,
-                bytes_in = self.bytes_sent,
-                bytes_out = self.bytes_received,
+                requests = self.carried.requests,
+                denied = self.carried.denied,
+                bytes_in = self.carried.bytes_sent,
+                bytes_out = self.carried.bytes_received,
                 duration_ms = self.duration_ms,
-                outcome = %self.outcome,
+                outcome = %self.carried.outcome,
                 "inbound"
             ),
         }
@@ -154,13 +174,13 @@ mod tests {
             dst: "10.1.0.3:8080".parse().unwrap(),
             dst_workload: None,
             dst_identity: None,
-            requests: None,
-            denied: None,
-            bytes_sent: 5,
-            bytes_received: 9,
             duration_ms: 1,
-            outcome: Outcome::Denied {
-                policy: Some("default/deny".into()),
+            carried: Carried {
+                bytes_sent: 5,
+                bytes_received: 9,
+                ..Carried::nothing(Outcome::Denied {
+                    policy: Some("default/deny".into()),
+                })
             },
         };
         let v = serde_json::to_value(&r).unwrap();
