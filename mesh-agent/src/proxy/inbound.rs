@@ -404,7 +404,7 @@ impl Ctx {
             return;
         }
         ConnRecord {
-            conn_id,
+            conn_id: Some(conn_id),
             transport: Transport::Hbone,
             src_workload: info
                 .src_workload
@@ -412,10 +412,11 @@ impl Ctx {
                 .map(|w| w.key()),
             src_identity: Some(info.src_identity.to_string()),
             src_addr: info.src_addr,
-            peer,
+            peer: Some(peer),
             dst: info.dst,
             dst_workload: Some(info.dst_name.clone()),
             dst_identity: Some(served.1.to_string()),
+            generation: None,
             duration_ms: started.elapsed().as_millis() as u64,
             carried: done.carried,
         }

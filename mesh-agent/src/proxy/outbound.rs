@@ -305,15 +305,16 @@ impl Ctx {
             })
         });
         ConnRecord {
-            conn_id,
+            conn_id: Some(conn_id),
             transport,
             src_workload: Some(src_workload),
             src_identity: Some(src_identity),
             src_addr: Some(peer),
-            peer,
+            peer: Some(peer),
             dst,
             dst_workload: Some(dst_workload),
             dst_identity: Some(dst_identity),
+            generation: None,
             duration_ms: started.elapsed().as_millis() as u64,
             carried,
         }

@@ -1,13 +1,14 @@
 //! One record per connection the proxies carried (or refused): who, from where, to what, how
 //! much, how it ended. A plain [`Serialize`] struct — the shape an audit record reuses — and
 //! the log line emitted from one place ([`ConnRecord::log`]): `flow` for the outbound side
-//! (same-node and HBONE), `inbound` for an HBONE tunnel at its destination. The JSON field
-//! names of both lines are the ones docs/CONTRACTS.md and the harness parse.
+//! (same-node and HBONE), `inbound` for an HBONE tunnel at its destination, `connection
+//! denied` for a connect the kernel refused by policy (from its event). The JSON field names
+//! of these lines are the ones docs/CONTRACTS.md and the harness parse.
 
 use std::{net::SocketAddr, sync::Arc};
 
 use serde::{Serialize, Serializer};
-use tracing::info;
+use tracing::{info, warn};
 
 /// How a connection was carried.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -17,6 +18,8 @@ pub enum Transport {
     Hbone,
     /// Same node: the agent is both ends.
     Local,
+    /// Never reached a proxy: decided by the kernel's programs (reported as an event).
+    Kernel,
 }
 
 impl Transport {
@@ -24,6 +27,7 @@ impl Transport {
         match self {
             Self::Hbone => "hbone",
             Self::Local => "local",
+            Self::Kernel => "kernel",
         }
     }
 }
@@ -93,12 +97,15 @@ pub enum RecordKind {
     Flow,
     /// An HBONE tunnel at its destination: `inbound`.
     Inbound,
+    /// A connect refused by the kernel's L4 policy: `connection denied` (side `kernel`).
+    KernelDenied,
 }
 
 /// One connection, as logged.
 #[derive(Clone, Debug, Serialize)]
 pub struct ConnRecord {
-    pub conn_id: u64,
+    /// The proxy's connection id (none for a connection the kernel refused).
+    pub conn_id: Option<u64>,
     pub transport: Transport,
     /// `namespace/name` of the source workload, when known.
     pub src_workload: Option<String>,
@@ -107,11 +114,13 @@ pub struct ConnRecord {
     /// The original source address (the pod's), when known.
     pub src_addr: Option<SocketAddr>,
     /// The peer this proxy accepted from (the HBONE peer agent; the pod for `flow`).
-    pub peer: SocketAddr,
+    pub peer: Option<SocketAddr>,
     /// The original destination.
     pub dst: SocketAddr,
     pub dst_workload: Option<String>,
     pub dst_identity: Option<String>,
+    /// The policy generation that decided, when known.
+    pub generation: Option<u32>,
     pub duration_ms: u64,
     #[serde(flatten)]
     pub carried: Carried,
@@ -126,7 +135,7 @@ impl ConnRecord {
                 conn_id = self.conn_id,
                 src_workload = %opt(&self.src_workload),
                 src_identity = %opt(&self.src_identity),
-                src_addr = %self.peer,
+                src_addr = self.peer.map(tracing::field::display),
                 orig_dst = %self.dst,
                 dst_workload = %opt(&self.dst_workload),
                 dst_identity = %opt(&self.dst_identity),
@@ -142,7 +151,7 @@ impl ConnRecord {
             RecordKind::Inbound => info!(
                 conn_id = self.conn_id,
                 peer_identity = %opt(&self.src_identity),
-                src_addr = %self.peer,
+                src_addr = self.peer.map(tracing::field::display),
                 orig_src = self.src_addr.map(tracing::field::display),
                 dst = %self.dst,
                 dst_workload = %opt(&self.dst_workload),
@@ -154,6 +163,24 @@ impl ConnRecord {
                 outcome = %self.carried.outcome,
                 "inbound"
             ),
+            RecordKind::KernelDenied => {
+                let policy = match &self.carried.outcome {
+                    Outcome::Denied { policy } => policy.as_deref().unwrap_or("-"),
+                    _ => "-",
+                };
+                warn!(
+                    layer = "l4",
+                    side = "kernel",
+                    src_workload = %opt(&self.src_workload),
+                    src_identity = %self.src_identity.as_deref().unwrap_or(""),
+                    dst_workload = %opt(&self.dst_workload),
+                    dst = %self.dst,
+                    port = self.dst.port(),
+                    policy,
+                    generation = self.generation,
+                    "connection denied"
+                )
+            }
         }
     }
 }
@@ -165,15 +192,16 @@ mod tests {
     #[test]
     fn outcome_serializes_as_its_text() {
         let r = ConnRecord {
-            conn_id: 7,
+            conn_id: Some(7),
             transport: Transport::Local,
             src_workload: Some("default/a".into()),
             src_identity: None,
             src_addr: None,
-            peer: "10.1.0.2:4000".parse().unwrap(),
+            peer: Some("10.1.0.2:4000".parse().unwrap()),
             dst: "10.1.0.3:8080".parse().unwrap(),
             dst_workload: None,
             dst_identity: None,
+            generation: None,
             duration_ms: 1,
             carried: Carried {
                 bytes_sent: 5,
