@@ -70,6 +70,20 @@ pub struct ProxyDeps {
     pub admission: Arc<limits::Admission>,
 }
 
+impl ProxyDeps {
+    /// The destination side both proxies share, connecting to pods within `connect_timeout`.
+    pub fn destination(&self, connect_timeout: Duration) -> destination::Destination {
+        destination::Destination {
+            policies: self.policies.clone(),
+            metrics: Arc::clone(&self.metrics),
+            admission: Arc::clone(&self.admission),
+            source: self.source,
+            connect_timeout,
+            path_normalization: self.path_normalization,
+        }
+    }
+}
+
 /// Where the agent's own upstream sockets come from: the node addresses that the kernel's
 /// STRICT check admits as "from the mesh".
 #[derive(Clone, Copy, Debug)]

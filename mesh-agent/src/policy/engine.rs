@@ -982,8 +982,11 @@ pub(crate) mod tests {
     };
     use crate::policy::model::{Action, Operation, PolicyBundle, Rule, StringMatch};
 
-    fn view(authz: Vec<crate::policy::model::AuthorizationPolicy>) -> PolicyView {
-        let c = compile(
+    /// `authz` compiled against the test registry.
+    pub(crate) fn compiled(
+        authz: Vec<crate::policy::model::AuthorizationPolicy>,
+    ) -> CompiledPolicy {
+        compile(
             &PolicyBundle {
                 authz,
                 peer_authn: vec![],
@@ -992,8 +995,11 @@ pub(crate) mod tests {
             "istio-system",
             "cluster.local",
         )
-        .unwrap();
-        PolicyView::build(7, RawGeneration::from(&c)).unwrap()
+        .unwrap()
+    }
+
+    fn view(authz: Vec<crate::policy::model::AuthorizationPolicy>) -> PolicyView {
+        PolicyView::build(7, RawGeneration::from(&compiled(authz))).unwrap()
     }
 
     pub(crate) fn get_api(action: Action, name: &str) -> crate::policy::model::AuthorizationPolicy {

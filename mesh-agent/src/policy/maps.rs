@@ -513,18 +513,7 @@ mod tests {
     }
 
     fn two_generations() -> (CompiledPolicy, CompiledPolicy) {
-        let compile_one = |authz| {
-            compile(
-                &PolicyBundle {
-                    authz,
-                    peer_authn: vec![],
-                },
-                &registry(),
-                "istio-system",
-                "cluster.local",
-            )
-            .unwrap()
-        };
+        let compile_one = crate::policy::engine::tests::compiled;
         let a = compile_one(vec![get_api(Action::Allow, "allow-get")]);
         let b = compile_one(vec![
             get_api(Action::Deny, "deny-get"),

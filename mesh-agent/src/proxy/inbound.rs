@@ -125,16 +125,15 @@ impl StreamRefusal {
 impl Inbound {
     /// `listener` is already bound (before anything is attached).
     pub fn new(listener: TcpListener, deps: ProxyDeps, cfg: InboundConfig) -> Self {
+        let dest = deps.destination(cfg.connect_timeout);
         let ProxyDeps {
             node,
             registry,
             identities,
             trust_domain,
             metrics,
-            policies,
-            source,
             admission,
-            path_normalization,
+            ..
         } = deps;
         let served = registry
             .local(&node)
@@ -152,14 +151,7 @@ impl Inbound {
                 registry,
                 identities,
                 served,
-                dest: Destination {
-                    policies,
-                    metrics: Arc::clone(&metrics),
-                    admission: Arc::clone(&admission),
-                    source,
-                    connect_timeout: cfg.connect_timeout,
-                    path_normalization,
-                },
+                dest,
                 metrics,
                 cfg,
                 next_id: AtomicU64::new(1),

@@ -11,7 +11,7 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    path::{Path, PathBuf},
+    path::Path,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -35,6 +35,7 @@ use super::{
     Identities, ProxyDeps, SourceAddrs,
 };
 use crate::{
+    cgroup::tests::TempDir,
     identity::{
         authority::Authority,
         cert::WorkloadCert,
@@ -82,24 +83,6 @@ fn in_netns<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F + Send
     .join()
     .map_err(|p| std::panic::resume_unwind(p))
     .unwrap();
-}
-
-/// A directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("mesh-inproc-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Fixed workload certificates: the identity layer as the proxies see it, without the

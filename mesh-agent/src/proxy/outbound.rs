@@ -148,16 +148,16 @@ impl Outbound {
         peers: HashMap<String, SocketAddr>,
         cfg: OutboundConfig,
     ) -> Self {
+        let dest = deps.destination(cfg.connect_timeout);
         let ProxyDeps {
             node,
             registry,
             identities,
             trust_domain,
             metrics,
-            policies,
             source,
             admission,
-            path_normalization,
+            ..
         } = deps;
         let identities_by_id = registry
             .workloads
@@ -166,14 +166,6 @@ impl Outbound {
             .collect();
         let view = MeshView { node, peers };
         let pool = Pool::new(Default::default(), source, Arc::clone(&metrics));
-        let dest = Destination {
-            policies,
-            metrics: Arc::clone(&metrics),
-            admission: Arc::clone(&admission),
-            source,
-            connect_timeout: cfg.connect_timeout,
-            path_normalization,
-        };
         Self {
             listeners,
             ctx: Arc::new(Ctx {
