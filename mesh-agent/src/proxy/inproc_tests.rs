@@ -58,7 +58,7 @@ const N2: &str = "10.99.0.2";
 /// Runs `test` on a thread of its own, in a new network namespace where `lo` is up and holds
 /// the nodes' and workloads' addresses, on a current-thread runtime (every socket is made on
 /// that thread, so in that namespace).
-fn in_netns<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F + Send + 'static) {
+fn in_netns<F: std::future::Future<Output = ()>>(test: impl FnOnce(Logs) -> F + Send + 'static) {
     std::thread::spawn(move || {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect(
             "in-process proxy tests need a private network namespace (unshare CLONE_NEWNET: run as root)",
@@ -74,15 +74,70 @@ fn in_netns<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F + Send
         for a in [N1, N2, A1, B1, C1] {
             ip(&["addr", "add", &format!("{a}/32"), "dev", "lo"]);
         }
+        // The agent's log lines, as JSON (every task runs on this thread).
+        let logs = Logs::default();
+        let _logging = tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .json()
+                .flatten_event(true)
+                .with_writer(logs.clone())
+                .finish(),
+        );
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap()
-            .block_on(test());
+            .block_on(test(logs));
     })
     .join()
     .map_err(|p| std::panic::resume_unwind(p))
     .unwrap();
+}
+
+/// The log lines of a test's agent code.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+    type Writer = Logs;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+impl Logs {
+    /// Every line whose `message` is `message`, waiting (bounded) until there are `n`.
+    async fn wait_for(&self, message: &str, n: usize) -> Vec<serde_json::Value> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&self.0.lock().unwrap())
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .filter(|v: &serde_json::Value| v["message"] == message)
+                .collect();
+            if lines.len() >= n {
+                return lines;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} `{message}` lines of {n}: {lines:?}",
+                lines.len()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 /// Fixed workload certificates: the identity layer as the proxies see it, without the
@@ -342,7 +397,7 @@ async fn metric(metrics: &Metrics, needle: &str) {
 
 #[test]
 fn outbound_hbone_destination_roundtrip_and_pool_reuse() {
-    in_netns(|| async {
+    in_netns(|logs| async move {
         let mesh = Mesh::start("roundtrip").await;
         let pod = echo_pod(B1).await;
         for i in 0..3 {
@@ -365,12 +420,25 @@ fn outbound_hbone_destination_roundtrip_and_pool_reuse() {
             text.contains(r#"mesh_tls_handshakes_total{side="client",result="ok"} 1"#),
             "{text}"
         );
+        // One record per connection on each side, with the bytes that crossed.
+        for (message, sent, received) in [
+            ("flow", "bytes_sent", "bytes_received"),
+            ("inbound", "bytes_in", "bytes_out"),
+        ] {
+            let lines = logs.wait_for(message, 3).await;
+            for (i, l) in lines.iter().enumerate() {
+                let len = format!("hello over hbone {i}").len() as u64;
+                assert_eq!(l["outcome"], "ok", "{l}");
+                assert_eq!(l[sent].as_u64(), Some(len), "{l}");
+                assert_eq!(l[received].as_u64(), Some(len), "{l}");
+            }
+        }
     });
 }
 
 #[test]
 fn same_node_connections_take_the_destination_path() {
-    in_netns(|| async {
+    in_netns(|logs| async move {
         let mesh = Mesh::start("local").await;
         let pod = echo_pod(C1).await;
         let mut c = mesh.connect(pod).await;
@@ -392,6 +460,21 @@ fn same_node_connections_take_the_destination_path() {
             r#"mesh_policy_denials_total{layer="l4",side="local"} 1"#,
         )
         .await;
+        // Both went through the destination path, each with one `flow` record: the live one
+        // was closed by the new generation, with the bytes that had crossed.
+        let flows = logs.wait_for("flow", 2).await;
+        let with = |outcome: &str| {
+            flows
+                .iter()
+                .find(|f| f["outcome"] == outcome)
+                .unwrap_or_else(|| panic!("no flow with outcome {outcome}: {flows:?}"))
+        };
+        let closed = with("closed: no longer allowed by policy");
+        assert_eq!(closed["transport"], "local", "{closed}");
+        assert_eq!(closed["bytes_sent"].as_u64(), Some(11), "{closed}");
+        assert_eq!(closed["bytes_received"].as_u64(), Some(11), "{closed}");
+        let denied = with("denied by policy default/deny-all");
+        assert_eq!(denied["bytes_sent"].as_u64(), Some(0), "{denied}");
     });
 }
 
@@ -399,7 +482,7 @@ fn same_node_connections_take_the_destination_path() {
 /// the typed outcome, and the bytes that flowed before are counted.
 #[test]
 fn a_policy_close_reports_its_outcome_and_the_bytes_that_flowed() {
-    in_netns(|| async {
+    in_netns(|_| async {
         let mesh = Mesh::start("revoke").await;
         let pod = echo_pod(C1).await;
         let registry = &mesh.registry;
@@ -454,7 +537,7 @@ fn a_policy_close_reports_its_outcome_and_the_bytes_that_flowed() {
 
 #[test]
 fn connect_failure_upstream_is_reported_and_closes_the_client() {
-    in_netns(|| async {
+    in_netns(|logs| async move {
         let mesh = Mesh::start("connect-fail").await;
         // Nothing listens there: the pod refuses.
         let closed = {
@@ -476,5 +559,10 @@ fn connect_failure_upstream_is_reported_and_closes_the_client() {
             r#"mesh_hbone_streams_total{side="server",result="error"} 1"#,
         )
         .await;
+        let inbound = &logs.wait_for("inbound", 1).await[0];
+        let outcome = inbound["outcome"].as_str().unwrap_or_default();
+        assert!(outcome.starts_with("connect to"), "{inbound}");
+        let flow = &logs.wait_for("flow", 1).await[0];
+        assert_ne!(flow["outcome"], "ok", "{flow}");
     });
 }
