@@ -1608,9 +1608,9 @@ pub(crate) mod tests {
 
     #[test]
     fn headers_conditions_compile_to_grouped_request_terms() {
-        use crate::policy::engine::{PolicyView, RequestFacts};
         use crate::policy::model::Condition;
         use crate::policy::ConnVerdict;
+        use crate::policy::{engine::PolicyView, RequestAttrs};
         let header = |name: &str, v: &[&str], nv: &[&str]| Condition::RequestHeader {
             name: name.into(),
             values: v.iter().map(|p| StringMatch::from_pattern(p)).collect(),
@@ -1648,10 +1648,10 @@ pub(crate) mod tests {
                 set,
                 class,
                 8080,
-                &RequestFacts {
+                &RequestAttrs {
                     method: "GET",
                     path: "/",
-                    host: "b",
+                    host: Some("b"),
                     headers: &headers,
                 },
             )

@@ -26,14 +26,14 @@ use super::strategies::{full_source, operation, pick, rule};
 
 use super::{
     compile::{compile_with, permissive, principal},
-    engine::{Family, PolicyView, RequestFacts},
+    engine::{Family, PolicyView},
     eval::{self, evaluate, HttpRequest, Peer, Request, Target},
     model::{
         Action, AuthorizationPolicy, Condition, IpNet, MtlsMode, Operation, Origin,
         PeerAuthentication, PolicyBundle, Rule, ServiceAccount, Source, StringMatch, TrustDomains,
     },
     parse::parse_cidr,
-    ConnVerdict,
+    ConnVerdict, RequestAttrs,
 };
 use crate::registry::{Registry, Workload};
 
@@ -464,10 +464,10 @@ fn decide(view: &PolicyView, src: &Workload, dst: &Workload, family: Family, c: 
                 set,
                 class,
                 c.port,
-                &RequestFacts {
+                &RequestAttrs {
                     method: c.method,
                     path: c.path,
-                    host: c.host.unwrap_or(""),
+                    host: c.host,
                     headers: &c.headers,
                 },
             );

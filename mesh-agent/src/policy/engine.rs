@@ -112,33 +112,13 @@ impl RequestHeaders for &[(&str, &str)] {
     }
 }
 
-/// One HTTP request as a clause matches it: absent method/host are `""`; `path` without its
-/// query string (see [`PolicyView::decide_request_with`]).
-#[derive(Clone, Copy)]
-pub struct RequestFacts<'a> {
-    pub method: &'a str,
-    pub path: &'a str,
-    pub host: &'a str,
-    pub headers: &'a dyn RequestHeaders,
-}
-
-impl std::fmt::Debug for RequestFacts<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RequestFacts")
-            .field("method", &self.method)
-            .field("path", &self.path)
-            .field("host", &self.host)
-            .finish_non_exhaustive()
-    }
-}
-
 impl Clause {
     /// [`Self::matches_request`] for a request without header fields.
     pub fn matches(&self, method: &str, path: &str, host: &str) -> bool {
-        self.matches_request(&RequestFacts {
+        self.matches_request(&RequestAttrs {
             method,
             path,
-            host,
+            host: Some(host),
             headers: &NoHeaders,
         })
     }
@@ -152,7 +132,7 @@ impl Clause {
     /// ASCII case-insensitively (patterns are stored lowercase), exactly as sent. A clause
     /// with a field or kind this version does not know fails closed: an ALLOW clause never
     /// matches, any other always does (a wider deny or audit).
-    pub fn matches_request(&self, req: &RequestFacts<'_>) -> bool {
+    pub fn matches_request(&self, req: &RequestAttrs<'_>) -> bool {
         let known = |t: &Term| {
             pattern_of(t.kind, "").is_some()
                 && (POL_FIELD_METHOD..=POL_FIELD_NOT_HEADER).contains(&(t.field & POL_FIELD_MASK))
@@ -178,7 +158,7 @@ impl Clause {
             match t.field & POL_FIELD_MASK {
                 POL_FIELD_METHOD | POL_FIELD_NOT_METHOD => t.matches(req.method),
                 POL_FIELD_PATH | POL_FIELD_NOT_PATH => t.matches(req.path),
-                POL_FIELD_HOST | POL_FIELD_NOT_HOST => t.matches(req.host),
+                POL_FIELD_HOST | POL_FIELD_NOT_HOST => t.matches(req.host.unwrap_or("")),
                 POL_FIELD_HEADER | POL_FIELD_NOT_HEADER => {
                     let Some((name, pattern)) = t.pattern.split_once(':') else {
                         return false;
@@ -673,10 +653,10 @@ impl PolicyView {
             set,
             class,
             port,
-            &RequestFacts {
+            &RequestAttrs {
                 method,
                 path,
-                host,
+                host: Some(host),
                 headers: &NoHeaders,
             },
         )
@@ -689,11 +669,8 @@ impl PolicyView {
         set: u32,
         class: u32,
         port: u16,
-        req: &RequestFacts<'_>,
+        req: &RequestAttrs<'_>,
     ) -> RequestDecision {
-        let RequestFacts {
-            method, path, host, ..
-        } = *req;
         if self.deny_all {
             return RequestDecision::default();
         }
@@ -701,11 +678,9 @@ impl PolicyView {
             return RequestDecision::default();
         };
         let v = entry.value;
-        let facts = RequestFacts {
-            method,
-            path: policy_path(path),
-            host,
-            headers: req.headers,
+        let facts = RequestAttrs {
+            path: policy_path(req.path),
+            ..*req
         };
         let matching = |action: u32, with_dry_run: bool| {
             entry.clauses.iter().find(|c| {
@@ -840,17 +815,7 @@ impl PolicyView {
                 ..RequestDecision::default()
             };
         };
-        self.decide_request_with(
-            set,
-            class,
-            c.dst.port(),
-            &RequestFacts {
-                method: req.method,
-                path: req.path,
-                host: req.host.unwrap_or(""),
-                headers: req.headers,
-            },
-        )
+        self.decide_request_with(set, class, c.dst.port(), req)
     }
 }
 
