@@ -215,17 +215,10 @@ pub fn serve(
     let handed_tx = handed_off.clone();
     tokio::spawn(async move {
         let listener = &listener;
-        let accept = move || async move {
-            let mut backoff = crate::proxy::listen::Backoff::default();
-            loop {
-                match listener.accept().await {
-                    Ok((conn, _)) => return conn,
-                    Err(e) => {
-                        warn!(error = %e, "handoff accept");
-                        backoff.wait().await;
-                    }
-                }
-            }
+        let accept = move || {
+            crate::proxy::listen::accept_retrying("handoff", move || async move {
+                listener.accept().await.map(|(conn, _)| conn)
+            })
         };
         crate::proxy::listen::accept_loop(
             accept,

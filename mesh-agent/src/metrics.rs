@@ -494,18 +494,7 @@ pub async fn serve_admin(
 ) {
     let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNS));
     let mut refused: u64 = 0;
-    let accept = || async {
-        let mut backoff = crate::proxy::listen::Backoff::default();
-        loop {
-            match listener.accept().await {
-                Ok(conn) => return conn,
-                Err(e) => {
-                    warn!(error = %e, "admin accept failed");
-                    backoff.wait().await;
-                }
-            }
-        }
-    };
+    let accept = || crate::proxy::listen::accept_retrying("admin", || listener.accept());
     crate::proxy::listen::accept_loop(
         accept,
         stop,

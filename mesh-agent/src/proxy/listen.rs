@@ -44,6 +44,25 @@ impl Backoff {
     }
 }
 
+/// Accepts with `accept` until it succeeds, backing off ([`Backoff`]) after each failure
+/// (logged, with `what`).
+pub async fn accept_retrying<T, F, Fut>(what: &'static str, mut accept: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::io::Result<T>>,
+{
+    let mut backoff = Backoff::default();
+    loop {
+        match accept().await {
+            Ok(conn) => return conn,
+            Err(e) => {
+                warn!(error = %e, what, "accept failed: backing off");
+                backoff.wait().await;
+            }
+        }
+    }
+}
+
 /// Serves a listener: `accept()` yields the next connection (its own errors handled inside,
 /// with a [`Backoff`]); `serve(conn)` turns it into the task that serves it (`None`: nothing
 /// to run, e.g. refused). Runs until `stop` turns true (or its sender is gone), then lets the
