@@ -1,6 +1,6 @@
 //! Builds the kernel programs (`mesh-ebpf`) with Debian's rustc-web and
 //! bpf-linker, so a plain `cargo build` embeds the object in the agent.
-//! See DESIGN.md §3 and `cargo xtask setup` for the toolchain.
+//! `cargo xtask setup` installs the toolchain (xtask/src/setup.rs).
 use anyhow::{anyhow, Context as _};
 use aya_build::{Package, Toolchain};
 

@@ -13,12 +13,13 @@ use std::{
 
 use mesh_common::{
     AgentConfig, CgroupKey, DestValue, IpKey, PeerValue, WorkloadValue, CONFIG_F_IPV6,
-    CONFIG_F_READY, DEST_F_LOCAL, PEER_F_LOCAL, WORKLOAD_F_CAPTURE, WORKLOAD_F_PERMISSIVE,
+    CONFIG_F_READY, DEST_F_LOCAL, WORKLOAD_F_CAPTURE, WORKLOAD_F_PERMISSIVE,
 };
 use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
 use tracing::{info, warn};
 
 use crate::{
+    audit::AuditLog,
     bpf::{events::spawn_event_log, BpfError, Dataplane},
     cgroup::{self, CgroupError},
     handoff::{self, HandoffError, Role, Takeover},
@@ -84,6 +85,8 @@ pub struct AgentOptions {
     pub handoff_socket: PathBuf,
     /// Persisted workload certificates and trust state (start without the authority).
     pub state_dir: PathBuf,
+    /// The audit log (directory default: `<state_dir>/audit`).
+    pub audit: crate::audit::AuditOptions,
     /// After handing over to a successor and draining, exit (`true`) or stay idle until
     /// SIGTERM (`false`: for supervisors that restart an exited process, e.g. a Kubernetes pod
     /// whose replacement must outlive it).
@@ -137,6 +140,8 @@ pub enum AppError {
     PolicyMaps(#[from] MapsError),
     #[error(transparent)]
     Handoff(#[from] HandoffError),
+    #[error("audit log: {0}")]
+    Audit(#[from] crate::audit::AuditError),
     #[error(transparent)]
     Limits(#[from] crate::proxy::limits::LimitsError),
 }
@@ -237,6 +242,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
         "configuration"
     );
     let mut signals = Signals::new()?;
+    let audit = AuditLog::start(opts.audit.config(&opts.node, &opts.state_dir))?;
     // Raise RLIMIT_NOFILE and size the connection budget from it, before binding.
     let conn_limits = crate::proxy::limits::init(&opts.limits)?;
 
@@ -362,26 +368,37 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
     // Kernel events: plaintext connections refused (STRICT) or flagged (PERMISSIVE), L4
     // policy denials.
     let event_metrics = Arc::clone(&metrics);
+    metrics.add_hook(Arc::new(audit.clone()));
+    let event_audit = (
+        audit.clone(),
+        Arc::clone(&registry),
+        policies.clone(),
+        trust_domain.to_string(),
+    );
     let event_log = spawn_event_log(
         events,
         Arc::clone(&registry),
         policies.clone(),
         trust_domain.to_string(),
-        move |event| match event.kind {
-            mesh_common::EVENT_PLAINTEXT_REFUSED => {
-                event_metrics.plaintext(metrics::PlaintextVerdict::Refused)
+        move |event| {
+            let (audit, registry, views, td) = &event_audit;
+            audit.kernel_event(event, registry, &views.borrow(), td);
+            match event.kind {
+                mesh_common::EVENT_PLAINTEXT_REFUSED => {
+                    event_metrics.plaintext(metrics::PlaintextVerdict::Refused)
+                }
+                mesh_common::EVENT_PLAINTEXT_PERMISSIVE => {
+                    event_metrics.plaintext(metrics::PlaintextVerdict::Permissive)
+                }
+                mesh_common::EVENT_PLAINTEXT_DENIED => {
+                    event_metrics.plaintext(metrics::PlaintextVerdict::Denied);
+                    event_metrics
+                        .policy_denial(metrics::PolicyLayer::L4, metrics::DenialSide::Kernel)
+                }
+                mesh_common::EVENT_L4_DENIED => event_metrics
+                    .policy_denial(metrics::PolicyLayer::L4, metrics::DenialSide::Kernel),
+                _ => {}
             }
-            mesh_common::EVENT_PLAINTEXT_PERMISSIVE => {
-                event_metrics.plaintext(metrics::PlaintextVerdict::Permissive)
-            }
-            mesh_common::EVENT_PLAINTEXT_DENIED => {
-                event_metrics.plaintext(metrics::PlaintextVerdict::Denied);
-                event_metrics.policy_denial(metrics::PolicyLayer::L4, metrics::DenialSide::Kernel)
-            }
-            mesh_common::EVENT_L4_DENIED => {
-                event_metrics.policy_denial(metrics::PolicyLayer::L4, metrics::DenialSide::Kernel)
-            }
-            _ => {}
         },
         stop_rx.clone(),
     );
@@ -458,6 +475,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AppError> {
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
     let _ = event_log.await;
+    audit.shutdown(reason).await;
     let _ = generation_watcher.await;
     if let Some(w) = dir_watcher {
         let _ = w.await;
@@ -590,13 +608,12 @@ fn program_maps(
         .iter()
         .filter(|n| n.name == node)
         .flat_map(|n| {
-            let flags = PEER_F_LOCAL;
-            n.addresses().map(move |ip| {
+            n.addresses().map(|ip| {
                 (
                     IpKey {
                         addr_be: ip_words(ip),
                     },
-                    PeerValue { flags },
+                    PeerValue::default(),
                 )
             })
         })

@@ -43,8 +43,9 @@ use self::{
 };
 use tracing::{debug, info, warn};
 
-/// The kernel object built by `mesh-agent/build.rs` from `mesh-ebpf`.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
+/// The kernel object built by `mesh-agent/build.rs` from `mesh-ebpf`: what [`Dataplane::load`]
+/// loads, and what the kernel-program tests (`mesh-tests`, `tests/kernel.rs`) load unpinned.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
 
 /// Errors of the kernel side, each with what was being done.
 #[derive(Debug, thiserror::Error)]

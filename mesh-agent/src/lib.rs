@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 
 pub mod app;
+pub mod audit;
 pub mod bpf;
 pub mod cgroup;
 pub mod handoff;

@@ -42,6 +42,8 @@ enum Command {
     Policy(Box<mesh_agent::operator::policy::PolicyArgs>),
     /// The node side of joining the mesh: `node csr` (the node key stays on the node).
     Node(mesh_agent::operator::node::NodeArgs),
+    /// Verify and query a node's tamper-evident audit log.
+    Audit(mesh_agent::operator::audit::AuditArgs),
     /// Take the mesh off this node: detach the kernel programs and remove every pin. An agent
     /// that exits (crash, SIGTERM, upgrade) leaves them attached; only this removes them.
     Uninstall(mesh_agent::operator::uninstall::UninstallArgs),
@@ -131,6 +133,8 @@ struct RunArgs {
     path_normalization: mesh_agent::proxy::l7::normalize::PathNormalization,
     #[command(flatten)]
     limits: mesh_agent::proxy::limits::LimitOptions,
+    #[command(flatten)]
+    audit: mesh_agent::audit::AuditOptions,
 }
 
 fn init_tracing(format: LogFormat) {
@@ -155,6 +159,7 @@ fn main() -> ExitCode {
         Command::Policy(args) => mesh_agent::operator::policy::main(*args),
         Command::Node(args) => mesh_agent::operator::node::main(args),
         Command::Uninstall(args) => mesh_agent::operator::uninstall::main(args),
+        Command::Audit(args) => mesh_agent::operator::audit::main(args),
         Command::Run(args) => {
             let opts = AgentOptions {
                 node: args.node.clone(),
@@ -184,6 +189,7 @@ fn main() -> ExitCode {
                     .unwrap_or_else(|| args.identity_dir.join("state")),
                 path_normalization: args.path_normalization,
                 limits: args.limits,
+                audit: args.audit,
             };
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

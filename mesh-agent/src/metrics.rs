@@ -196,6 +196,42 @@ struct CounterLabel {
     counter: &'static str,
 }
 
+/// The audit log's metrics (refreshed at scrape time from [`crate::audit::AuditStats`]).
+struct AuditMetrics {
+    records: Family<ResultLabel, Counter>,
+    checkpoints: Counter,
+    write_errors: Counter,
+}
+
+impl AuditMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let records = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "audit_records",
+            "Audit records by result: written, or lost (the queue was full or a write failed; \
+             every loss is itself recorded in a records_lost record)",
+            records.clone(),
+        );
+        let checkpoints = Counter::default();
+        registry.register(
+            "audit_checkpoints",
+            "Signed checkpoints of the audit chain head written",
+            checkpoints.clone(),
+        );
+        let write_errors = Counter::default();
+        registry.register(
+            "audit_write_errors",
+            "Failed writes to the audit log (segments or checkpoints)",
+            write_errors.clone(),
+        );
+        Self {
+            records,
+            checkpoints,
+            write_errors,
+        }
+    }
+}
+
 /// Refreshes scrape-time values (certificate expiries, rotations, kernel counters).
 pub trait ScrapeHook: Send + Sync {
     fn refresh(&self, metrics: &Metrics);
@@ -216,6 +252,7 @@ pub struct Metrics {
     policy_denials: Family<DenialLabels, Counter>,
     connections_refused: Family<RefusalLabels, Counter>,
     connection_limit: Gauge,
+    audit: AuditMetrics,
     /// Last totals seen for counters whose owners keep totals (advanced by the delta).
     seen: std::sync::Mutex<std::collections::HashMap<&'static str, u64>>,
     hooks: std::sync::RwLock<Vec<Arc<dyn ScrapeHook>>>,
@@ -315,8 +352,10 @@ impl Metrics {
              (--max-connections or its default from the open files limit)",
             connection_limit.clone(),
         );
+        let audit = AuditMetrics::register(&mut registry);
         Self {
             registry,
+            audit,
             tls_handshakes,
             hbone_streams,
             cert_expiry,
@@ -441,6 +480,25 @@ impl Metrics {
         self.kernel
             .get_or_create(&CounterLabel { counter })
             .inc_by(delta);
+    }
+
+    /// Brings the audit log's counters up to its totals.
+    pub fn set_audit(&self, stats: &crate::audit::AuditStats) {
+        use std::sync::atomic::Ordering::Relaxed;
+        for (result, key, total) in [
+            ("written", "audit_written", stats.written.load(Relaxed)),
+            ("lost", "audit_lost", stats.lost.load(Relaxed)),
+        ] {
+            let delta = self.advance(key, total);
+            self.audit
+                .records
+                .get_or_create(&ResultLabel { result })
+                .inc_by(delta);
+        }
+        let delta = self.advance("audit_checkpoints", stats.checkpoints.load(Relaxed));
+        self.audit.checkpoints.inc_by(delta);
+        let delta = self.advance("audit_write_errors", stats.write_errors.load(Relaxed));
+        self.audit.write_errors.inc_by(delta);
     }
 
     /// How far `total` is past the last total seen under `key` (0 if it went backwards,

@@ -1,5 +1,6 @@
 //! The operator CLI: commands that manage the mesh rather than run the data path.
 //!
+//! - [`audit`]: `mesh-agent audit verify|query` (the node's audit log);
 //! - [`authority`]: `mesh-agent authority init|join|serve|revoke|roots` (the CA);
 //! - [`node`]: `mesh-agent node csr` (the node side of a CSR-based join);
 //! - [`policy`]: `mesh-agent policy lint|apply|show`;
@@ -9,6 +10,7 @@
 //! `MESH_LOG`, default `warn`) so that stdout carries only the data. Long-running commands
 //! (`authority serve`) log to stdout like the agent.
 
+pub mod audit;
 pub mod authority;
 pub mod node;
 pub mod policy;

@@ -41,6 +41,22 @@ fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap()
 }
 
+/// The next JSON log line of the authority whose `message` is `message` (earlier ones are
+/// skipped); fails after 10 s without one.
+fn wait_message(
+    rx: &std::sync::mpsc::Receiver<serde_json::Value>,
+    message: &str,
+) -> serde_json::Value {
+    loop {
+        let v = rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("no log line {message:?}: {e}"));
+        if v["message"] == message {
+            return v;
+        }
+    }
+}
+
 const REGISTRY: &str = "workloads:
   - name: a1
     namespace: default
@@ -175,14 +191,7 @@ fn init_join_serve_revoke_roots() {
             }
         }
     });
-    let ready = loop {
-        let v = rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("no readiness line");
-        if v["message"] == "authority ready" {
-            break v;
-        }
-    };
+    let ready = wait_message(&rx, "authority ready");
     assert_eq!(ready["trust_domain"], "cluster.local");
     let addr = ready["listen"].as_str().unwrap().to_owned();
 
@@ -268,9 +277,15 @@ fn init_join_serve_revoke_roots() {
     let (code, _, _) = run(&["authority", "roots", "--dir", s(&ca), "activate", &new_root]);
     assert_eq!(code, 0);
 
-    // A broken file is logged and ignored; the service keeps its state.
+    // A broken file is logged and ignored; the service keeps its state. The warning is the
+    // proof that a reload read the broken file (asserting before it would pass vacuously).
     std::fs::write(ca.join("revoked.txt"), "not a serial\n").unwrap();
-    std::thread::sleep(Duration::from_millis(600));
+    let refused = wait_message(
+        &rx,
+        "authority state on disk is invalid, keeping the current state",
+    );
+    let error = refused["error"].as_str().unwrap_or_default();
+    assert!(error.contains("revoked.txt"), "{refused}");
     assert!(rt
         .block_on(client.revocations())
         .unwrap()

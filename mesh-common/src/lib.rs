@@ -38,7 +38,7 @@ pub mod capacity {
     /// 4096 events of 64 bytes (plus 8-byte record headers) before the
     /// kernel drops (and counts) new ones.
     pub const EVENTS_BYTES: u32 = 256 * 1024;
-    /// Mesh agent addresses (IPv4 and IPv6 of every node).
+    /// This node's agent addresses (its registry `address` and `address6`).
     pub const PEERS: u32 = 4_096;
 }
 
@@ -114,17 +114,15 @@ pub struct AgentConfig {
 }
 const _: () = assert!(core::mem::size_of::<AgentConfig>() == 32);
 
-/// Value of `mesh_peers`: an address of a mesh agent.
+/// Value of `mesh_peers`. The map is a set of this node's agent addresses: the kernel only
+/// checks that a key is present; the value carries nothing.
 #[repr(C)]
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct PeerValue {
-    /// `PEER_F_*` bits.
-    pub flags: u32,
+    /// Zero.
+    pub _reserved: u32,
 }
 const _: () = assert!(core::mem::size_of::<PeerValue>() == 4);
-
-/// The address is the local agent's own.
-pub const PEER_F_LOCAL: u32 = 1 << 0;
 
 /// The config slot is filled in; capture is active.
 pub const CONFIG_F_READY: u32 = 1 << 0;

@@ -24,7 +24,7 @@ pub const MAP_CONN_DST: &str = "mesh_conn_dst";
 pub const MAP_COUNTERS: &str = "mesh_counters";
 /// Kernel → agent events (`Event` records), a ring buffer.
 pub const MAP_EVENTS: &str = "mesh_events";
-/// Addresses of mesh agents (`IpKey` → `PeerValue`): sources the inbound
+/// This node's agent addresses (`IpKey` → `PeerValue`, a set): sources the inbound
 /// STRICT check admits besides the local agent's own listener address.
 pub const MAP_PEERS: &str = "mesh_peers";
 

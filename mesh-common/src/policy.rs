@@ -1,4 +1,4 @@
-//! Authorization policy in the kernel/user ABI (docs/CONTRACTS.md, issue 4).
+//! Authorization policy in the kernel/user ABI (docs/CONTRACTS.md).
 //!
 //! Every map is keyed by a *generation* (`gen`). `AgentConfig::policy_gen` names the active
 //! one; `0` means "no policy loaded" (everything is allowed). An update writes generation

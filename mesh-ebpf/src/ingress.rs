@@ -5,8 +5,8 @@
 //! header. Only a TCP SYN without ACK (a connection attempt) is judged;
 //! everything else passes. A SYN to a socket whose cgroup (or an ancestor)
 //! is an enrolled workload passes when it comes from the mesh: the local
-//! agent's listener address, the address of a mesh agent (`mesh_peers`) or
-//! loopback. Otherwise it is plaintext from outside the mesh: dropped for a
+//! agent's listener address, another address of this node's agent
+//! (`mesh_peers`) or loopback. Otherwise it is plaintext from outside the mesh: dropped for a
 //! STRICT workload (the client sees its SYN go unanswered); for a PERMISSIVE
 //! one it is authorized as Istio authorizes plaintext — with no principal and
 //! no namespace, its source address against ipBlocks, the destination port —
@@ -186,8 +186,9 @@ fn authorize_plaintext(gen: u32, dst_id: u32, syn: &Syn) -> Result<(), u32> {
     }
 }
 
-/// Whether the SYN comes from the mesh: the local agent, a mesh agent, or
-/// loopback (a pod talking to itself).
+/// Whether the SYN comes from the mesh: the local agent (its listener address
+/// or another address of its node in `mesh_peers`), or loopback (a pod
+/// talking to itself).
 #[inline(always)]
 fn from_mesh(cfg: &AgentConfig, syn: &Syn) -> bool {
     let src = syn.src;

@@ -46,7 +46,7 @@ pub static COUNTERS: PerCpuArray<u64, { counters::COUNT as usize }> = PerCpuArra
 #[btf_map(name = "mesh_events")]
 pub static EVENTS: RingBuf<Event, { cap::EVENTS_BYTES as usize }> = RingBuf::new();
 
-/// Addresses of mesh agents: sources the inbound STRICT check admits.
+/// This node's agent addresses (a set): sources the inbound STRICT check admits.
 #[btf_map(name = "mesh_peers")]
 pub static PEERS: HashMap<IpKey, PeerValue, { cap::PEERS as usize }> = HashMap::new();
 

@@ -56,7 +56,7 @@ pub struct AgentSpec {
     pub pin_dir: PathBuf,
     /// Where stdout/stderr files go.
     pub log_dir: PathBuf,
-    /// `--identity-dir`: the node's credentials (`authority join`).
+    /// `--identity-dir`: the node's credentials (`node csr` + `authority join --csr`).
     pub identity_dir: PathBuf,
     /// `--authority`.
     pub authority: SocketAddr,
@@ -378,13 +378,6 @@ impl Agent {
         self.proc
             .as_ref()
             .map(|p| sys::tail(p.stdout_path(), n))
-            .unwrap_or_default()
-    }
-
-    pub fn tail_stderr(&self, n: usize) -> String {
-        self.proc
-            .as_ref()
-            .map(|p| sys::tail(p.stderr_path(), n))
             .unwrap_or_default()
     }
 

@@ -81,12 +81,6 @@ pub fn cgroup_links(cgroup_id: u64) -> Vec<Value> {
         .collect()
 }
 
-/// `bpftool -j map show pinned <pin>`: the map pinned at `pin`.
-pub fn map_show_pinned(pin: &Path) -> Value {
-    let p = pin.to_str().expect("pin path is UTF-8");
-    json(&["map", "show", "pinned", p])
-}
-
 /// The per-CPU counters map pinned at `pin` (`mesh_counters`), summed over
 /// CPUs, indexed as `mesh_common::counters`.
 #[track_caller]

@@ -1022,7 +1022,7 @@ impl Cluster {
     }
 
     /// How node `index`'s agent is started (registry: `<tmp>/registry.yaml`,
-    /// written now; node credentials from `authority join`); adjust it before
+    /// written now; node credentials from `node csr` + `authority join --csr`); adjust it before
     /// [`Agent::start`].
     #[track_caller]
     pub fn agent_spec(&self, index: usize) -> AgentSpec {

@@ -1,6 +1,6 @@
 //! Harness for the mesh's privileged integration scenarios: a real cluster in
 //! miniature, built per test out of network namespaces, veth links, a bridge
-//! and cgroups, with one `mesh-agent` per node (DESIGN.md §4).
+//! and cgroups, with one `mesh-agent` per node.
 //!
 //! Every guard tears down what it created when dropped, also while a panic
 //! unwinds: processes (SIGTERM, then SIGKILL, by pid, only those spawned

@@ -2,7 +2,8 @@
 //!
 //! `setup` installs the toolchain and host prerequisites idempotently; every
 //! other task runs the same checks first and installs only what is missing.
-//! See DESIGN.md §3 for why the toolchain looks the way it does.
+//! The kernel programs build with Debian's `rustc-web` and a `bpf-linker` linked to the same
+//! LLVM, so no nightly Rust is needed (see `setup`).
 
 mod build;
 mod proc;

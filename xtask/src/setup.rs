@@ -1,5 +1,5 @@
-//! Prerequisites, checked cheaply and installed only when missing
-//! (DESIGN.md §3): Debian's rustc-web toolchain for the kernel programs,
+//! Prerequisites, checked cheaply and installed only when missing:
+//! Debian's rustc-web toolchain for the kernel programs,
 //! bpf-linker 0.13.0 linked to the same LLVM (22), bpftool/iperf3/iproute2,
 //! the bpffs mount and a cgroup2 mount.
 
@@ -139,7 +139,7 @@ fn missing_packages(pkgs: &[&str]) -> Result<Vec<String>> {
     let Some(out) = proc::output(&mut cmd)? else {
         bail!(
             "dpkg-query not found: `cargo xtask setup` supports Debian (bookworm) hosts; \
-             elsewhere install by hand: {} and bpf-linker {BPF_LINKER_VERSION} (DESIGN.md §3)",
+             elsewhere install by hand: {} and bpf-linker {BPF_LINKER_VERSION}",
             APT_PACKAGES.join(" ")
         );
     };
@@ -250,7 +250,7 @@ fn rustup(p: &Progress) -> Result<()> {
         }
         _ => bail!(
             "rustup not found on PATH: mesh-agent's build script runs Debian's cargo as \
-             `rustup run /usr cargo` (DESIGN.md §3)"
+             `rustup run /usr cargo`"
         ),
     }
 }

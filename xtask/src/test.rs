@@ -1,6 +1,8 @@
-//! `cargo xtask test`: unit tests, privileged integration tests, then a
-//! check that the run left nothing of ours behind in the kernel or on the
-//! host. Ends with one line, `N passed, N failed`.
+//! `cargo xtask test`: unit tests, the privileged `mesh-tests` targets (every
+//! test target of the package: `kernel` — the kernel programs without a cluster
+//! — and `mesh`, the mini-cluster scenarios), then a check that the run left
+//! nothing of ours behind in the kernel or on the host. Ends with one line,
+//! `N passed, N failed`.
 
 use std::{
     collections::BTreeSet,
@@ -149,7 +151,7 @@ pub fn run(ws: &Workspace, integration_args: &[String]) -> Result<ExitCode> {
         ]);
     })?);
     eprintln!(
-        "xtask: integration tests (privileged), {}={}",
+        "xtask: kernel-program tests and integration scenarios (privileged), {}={}",
         build::AGENT_BIN_ENV,
         agent.display()
     );

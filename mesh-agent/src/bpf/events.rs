@@ -241,7 +241,7 @@ impl LogLimit {
 }
 
 /// The policy name of an `EVENT_L4_*`: from the view when it is of the event's generation.
-fn policy_name(event: &Event, view: &PolicyView) -> String {
+pub(crate) fn policy_name(event: &Event, view: &PolicyView) -> String {
     if event.policy_str == 0 {
         return "-".to_owned();
     }

@@ -1,4 +1,4 @@
-//! The smaller HTTP findings of issue 9, through the real mesh, across nodes (b1 on n2) and on
+//! HTTP framing edges (beside the path bypass forms), through the real mesh, across nodes (b1 on n2) and on
 //! the same node (c1 on n1), under the shared L7 policy (POST `/upload` and GET `/api/*`
 //! allowed):
 //! - repeated identical `Content-Length` → `400`, nothing reaches the pod;

@@ -9,7 +9,7 @@
 //! - pipelined allowed/denied/allowed come back in order;
 //! - the deciding agent logs `connection denied` (layer l7) with method, path and policy.
 
-use mesh_tests::{Agent, Host, Pod, Server};
+use mesh_tests::{wait_for, Agent, Host, Pod, Server, DEFAULT_TIMEOUT};
 
 use super::{
     l7_common::{l7_mesh, CASES},
@@ -114,15 +114,21 @@ fn l7_methods_paths_hosts() {
 
     check(a1, b1, b_server, &agents[1], "inbound");
     check(a1, c1, c_server, &agents[0], "local");
-    // The same-node connections were carried locally by n1's agent, never over HBONE.
-    assert!(
-        agents[0]
+    // The same-node connections (the two of `check`) were carried locally by n1's agent, never
+    // over HBONE.
+    let c1_addr = c1.addr4(8080).to_string();
+    let to_c1 = wait_for(DEFAULT_TIMEOUT, "n1's agent to log the flows to c1", || {
+        let flows: Vec<_> = agents[0]
             .flows()
-            .iter()
-            .filter(|f| f.raw["orig_dst"] == c1.addr4(8080).to_string().as_str())
-            .all(|f| f.raw["transport"] == "local"),
-        "{:?}",
-        agents[0].flows()
+            .into_iter()
+            .filter(|f| f.raw["orig_dst"] == c1_addr.as_str())
+            .collect();
+        (flows.len() >= 2).then_some(flows)
+    });
+    assert_eq!(to_c1.len(), 2, "{to_c1:?}");
+    assert!(
+        to_c1.iter().all(|f| f.raw["transport"] == "local"),
+        "{to_c1:?}"
     );
     assert!(!agents[1]
         .log_lines()

@@ -1,4 +1,4 @@
-//! The path forms that used to slip past path policies (issue 9) reach nothing they should
+//! The path forms that used to slip past path policies reach nothing they should
 //! not, with a backend that normalizes paths itself: Python's `http.server` serving a
 //! directory with `admin/secret.txt` and `public/x.txt` (which, without the mesh, serves the
 //! secret for seven of these forms). Across nodes (b1 on n2, decided by n2's agent) and on
@@ -21,7 +21,7 @@ use serde_json::Value;
 use super::policy_common::{apply, docs, policy, wait_line};
 use crate::cluster;
 
-/// The forms of issue 9, then the same aimed at the secret file itself.
+/// The bypass forms, then the same aimed at the secret file itself.
 const FORMS: &[&str] = &[
     "/public/../admin",
     "/public/%2e%2e/admin",
