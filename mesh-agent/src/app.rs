@@ -29,7 +29,8 @@ use crate::{
     },
     metrics::{self, Metrics, ScrapeHook},
     policy::{
-        maps::{MapsError, PolicyMaps, PolicyView},
+        engine::PolicyView,
+        maps::{MapsError, PolicyMaps},
         source::{apply_dir_counted, spawn_dir_watcher, spawn_generation_watcher, CompileContext},
     },
     proxy::{
@@ -43,20 +44,6 @@ use crate::{
     registry::{Registry, RegistryError},
     tls::{SpiffeId, TrustStore},
 };
-
-/// What the proxies need of policy: the active generation's view, replaced on every swap
-/// (from this agent's policy directory or `mesh-agent policy apply`).
-#[derive(Clone)]
-pub struct PolicyHandle {
-    pub views: watch::Receiver<Arc<PolicyView>>,
-}
-
-impl PolicyHandle {
-    /// The view of the active generation now.
-    pub fn current(&self) -> Arc<PolicyView> {
-        Arc::clone(&self.views.borrow())
-    }
-}
 
 /// Why the agent could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -290,25 +277,21 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
 
     // 5. Serve until told to stop.
     // Policy: the active generation for the proxies; the directory, if any, watched.
-    let (policy_views, generation_watcher) = spawn_generation_watcher(
-        policy_maps.watcher,
-        initial_view,
-        opts.tunables.generation_poll(),
-        stop_rx.clone(),
-    );
-    // The proxies see each generation as an `Authorizer` snapshot.
-    let policies = crate::policy::authorize::bridge(policy_views.clone(), stop_rx.clone());
-    let policy = PolicyHandle {
-        views: policy_views,
-    };
-    // PeerAuthentication (and the generation gauge) follow the active generation, whoever
-    // wrote it (this agent's directory watcher or `mesh-agent policy apply`).
-    let peer_authn = spawn_generation_follower(
+    // One task follows the active generation, whoever wrote it (this agent's directory
+    // watcher or `mesh-agent policy apply`): the proxies decide with it (a `PolicyView` is
+    // their `Authorizer`), and PeerAuthentication (and the generation gauge) follow it.
+    let follow = generation_follower(
         Arc::clone(&dataplane),
         Arc::clone(&registry),
         opts.node.clone(),
         Arc::clone(&metrics),
-        policy.views.clone(),
+        &initial_view,
+    );
+    let (policies, generation_watcher) = spawn_generation_watcher(
+        policy_maps.watcher,
+        initial_view,
+        opts.tunables.generation_poll(),
+        follow,
         stop_rx.clone(),
     );
     let dir_watcher = match (&opts.policy_dir, policy_maps.writer) {
@@ -329,13 +312,13 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
     let event_audit = (
         audit.clone(),
         Arc::clone(&registry),
-        policy.views.clone(),
+        policies.clone(),
         trust_domain.to_string(),
     );
     let event_log = spawn_event_log(
         events,
         Arc::clone(&registry),
-        policy.views.clone(),
+        policies.clone(),
         trust_domain.to_string(),
         move |event| {
             let (audit, registry, views, td) = &event_audit;
@@ -372,7 +355,7 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
     };
     let outbound = Outbound::new(
         listeners,
-        Arc::clone(&dataplane),
+        dataplane.clone(),
         deps.clone(),
         peers,
         OutboundConfig {
@@ -444,11 +427,10 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
     let _ = event_log.await;
     audit.shutdown(reason).await;
     let _ = generation_watcher.await;
-    let _ = peer_authn.await;
     if let Some(w) = dir_watcher {
         let _ = w.await;
     }
-    drop(policy);
+    drop(policies);
     // The scrape hook holds the dataplane: release it so the pins can go.
     drop(metrics);
     drop(manager);
@@ -680,58 +662,43 @@ fn start_policy(
     Ok((StartedPolicy { watcher, writer }, Arc::new(view)))
 }
 
-/// Follows every generation published on `views`, until `stop`: re-programs the local
+/// What the generation watcher does with each new generation: re-programs the local
 /// workloads' `WORKLOAD_F_PERMISSIVE` (logs `peer authentication programmed` when a flag
 /// changed) and sets `mesh_policy_generation`.
-fn spawn_generation_follower(
+fn generation_follower(
     dataplane: Arc<Dataplane>,
     registry: Arc<Registry>,
     node: String,
     metrics: Arc<Metrics>,
-    mut views: watch::Receiver<Arc<PolicyView>>,
-    mut stop: watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut programmed = {
-            let view = views.borrow_and_update();
-            metrics.set_policy_generation(view.generation());
-            enrolled(&registry, &node, &view)
-        };
-        loop {
-            tokio::select! {
-                changed = views.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                }
-                _ = stop.changed() => return,
+    initial: &PolicyView,
+) -> impl FnMut(&PolicyView) + Send + 'static {
+    metrics.set_policy_generation(initial.generation());
+    let mut programmed = enrolled(&registry, &node, initial);
+    move |view| {
+        metrics.set_policy_generation(view.generation());
+        let want = enrolled(&registry, &node, view);
+        if want == programmed {
+            return;
+        }
+        match dataplane.sync_workloads(&want) {
+            Ok(()) => {
+                let permissive = want
+                    .iter()
+                    .filter(|(_, v)| v.flags & WORKLOAD_F_PERMISSIVE != 0)
+                    .count();
+                info!(
+                    generation = view.generation(),
+                    permissive,
+                    enrolled = want.len(),
+                    "peer authentication programmed"
+                );
+                programmed = want;
             }
-            let view = Arc::clone(&views.borrow_and_update());
-            metrics.set_policy_generation(view.generation());
-            let want = enrolled(&registry, &node, &view);
-            if want == programmed {
-                continue;
-            }
-            match dataplane.sync_workloads(&want) {
-                Ok(()) => {
-                    let permissive = want
-                        .iter()
-                        .filter(|(_, v)| v.flags & WORKLOAD_F_PERMISSIVE != 0)
-                        .count();
-                    info!(
-                        generation = view.generation(),
-                        permissive,
-                        enrolled = want.len(),
-                        "peer authentication programmed"
-                    );
-                    programmed = want;
-                }
-                Err(e) => {
-                    warn!(error = %e, generation = view.generation(), "re-programming peer authentication")
-                }
+            Err(e) => {
+                warn!(error = %e, generation = view.generation(), "re-programming peer authentication")
             }
         }
-    })
+    }
 }
 
 /// SIGTERM and SIGINT, installed before anything is attached so a signal

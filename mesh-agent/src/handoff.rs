@@ -180,57 +180,93 @@ impl Takeover {
 /// Serves handoff requests on `path` until `stop`, offering `sockets` (duplicates of the
 /// agent's listening sockets). Sends `true` on `handed_off` when a successor took over. A
 /// successor may take `ready_timeout` from receiving the sockets to `READY` (it may be waiting
-/// for certificates): past it the agent keeps the sockets to itself again.
+/// for certificates): past it the agent keeps the sockets to itself again. The
+/// listener runs on the agents' shared accept loop ([`crate::proxy::listen::accept_loop`]);
+/// one successor is served at a time, its exchange (blocking, bounded by
+/// [`EXCHANGE_TIMEOUT`]) on a thread of its own, never joined: it may sit in an exchange when
+/// the agent exits, and the process exit ends it. Must be called within a tokio runtime.
 pub fn serve(
     path: PathBuf,
     sockets: Vec<(Role, SocketAddr, OwnedFd)>,
     ready_timeout: Duration,
     handed_off: watch::Sender<bool>,
-    stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
 ) -> Result<(), HandoffError> {
-    let listener = bind(&path)?;
-    let ino = inode(&path);
-    // A thread of its own, never joined: it may sit in an exchange with a successor when the
-    // agent exits, and the process exit ends it.
-    let spawned = std::thread::Builder::new()
-        .name("handoff".into())
-        .spawn(move || {
-            listener.set_nonblocking(true).ok();
-            loop {
-                if *stop.borrow() || *handed_off.borrow() {
-                    break;
-                }
-                let conn = match listener.accept() {
-                    Ok((c, _)) => c,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(50));
-                        continue;
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "handoff accept");
-                        std::thread::sleep(Duration::from_millis(200));
-                        continue;
-                    }
-                };
-                let _ = conn.set_nonblocking(false);
-                match offer(&conn, &sockets, ready_timeout) {
-                    Ok(true) => {
-                        let _ = handed_off.send(true);
-                        break;
-                    }
-                    Ok(false) => info!("handoff aborted by the successor; serving on"),
-                    Err(e) => warn!(error = %e, "handoff failed; serving on"),
-                }
-            }
-            // The successor owns the path now; a clean stop without handoff removes our own.
-            if !*handed_off.borrow() && inode(&path) == ino {
-                let _ = std::fs::remove_file(&path);
-            }
-        });
-    spawned.map(|_| ()).map_err(|source| HandoffError::Socket {
-        path: PathBuf::new(),
+    let sock_err = |source| HandoffError::Socket {
+        path: path.clone(),
         source,
-    })
+    };
+    let listener = bind(&path)?;
+    listener.set_nonblocking(true).map_err(sock_err)?;
+    let listener = tokio::net::UnixListener::from_std(listener).map_err(sock_err)?;
+    let ino = inode(&path);
+    let sockets = std::sync::Arc::new(sockets);
+    let one_at_a_time = std::sync::Arc::new(tokio::sync::Mutex::new(()));
+    // The loop ends when asked to stop or once a successor took over.
+    let (until_tx, until) = watch::channel(false);
+    let mut handed = handed_off.subscribe();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => {}
+            _ = handed.wait_for(|h| *h) => {}
+        }
+        let _ = until_tx.send(true);
+    });
+    let handed_tx = handed_off.clone();
+    tokio::spawn(async move {
+        let listener = &listener;
+        let accept = move || {
+            crate::proxy::listen::accept_retrying("handoff", move || async move {
+                listener.accept().await.map(|(conn, _)| conn)
+            })
+        };
+        crate::proxy::listen::accept_loop(
+            accept,
+            until,
+            EXCHANGE_TIMEOUT,
+            "handoff exchanges",
+            |conn: tokio::net::UnixStream| {
+                let (sockets, handed, one) = (
+                    std::sync::Arc::clone(&sockets),
+                    handed_tx.clone(),
+                    std::sync::Arc::clone(&one_at_a_time),
+                );
+                Some(async move {
+                    let _one = one.lock().await;
+                    if *handed.borrow() {
+                        return;
+                    }
+                    let Ok(conn) = conn.into_std() else { return };
+                    let _ = conn.set_nonblocking(false);
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let spawned =
+                        std::thread::Builder::new()
+                            .name("handoff".into())
+                            .spawn(move || {
+                                let _ = tx.send(offer(&conn, &sockets, ready_timeout));
+                            });
+                    if let Err(e) = spawned {
+                        warn!(error = %e, "handoff thread; serving on");
+                        return;
+                    }
+                    match rx.await {
+                        Ok(Ok(true)) => {
+                            let _ = handed.send(true);
+                        }
+                        Ok(Ok(false)) => info!("handoff aborted by the successor; serving on"),
+                        Ok(Err(e)) => warn!(error = %e, "handoff failed; serving on"),
+                        Err(_) => warn!("handoff exchange ended without an answer; serving on"),
+                    }
+                })
+            },
+        )
+        .await;
+        // The successor owns the path now; a clean stop without handoff removes our own.
+        if !*handed_off.borrow() && inode(&path) == ino {
+            let _ = std::fs::remove_file(&path);
+        }
+    });
+    Ok(())
 }
 
 /// One successor: offer the sockets, wait for `READY` (true) or its departure (false).

@@ -542,49 +542,46 @@ const MAX_REQUEST: usize = 8 * 1024;
 const MAX_ADMIN_CONNS: usize = 64;
 const ADMIN_IO_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serves `/metrics` and `/healthz` on `listener` until `stop` turns true.
+/// Serves `/metrics` and `/healthz` on `listener` until `stop` turns true (the shared
+/// accept loop, [`crate::proxy::listen::accept_loop`]).
 pub async fn serve_admin(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     allow: AdminAllow,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNS));
     let mut refused: u64 = 0;
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    if !allow.permits(peer.ip()) {
-                        // Pods reach the node address too: only the node itself and the
-                        // configured scrapers may read the admin port.
-                        refused += 1;
-                        if refused.is_power_of_two() {
-                            warn!(%peer, refused, "admin: connection from an address not allowed (--admin-allow); closed");
-                        }
-                        drop(stream);
-                        continue;
-                    }
-                    let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-                        debug!(%peer, "admin: too many connections");
-                        continue;
-                    };
-                    let metrics = Arc::clone(&metrics);
-                    tokio::spawn(async move {
-                        let _permit = permit;
-                        if let Err(e) = timeout(ADMIN_IO_TIMEOUT, admin_conn(stream, &metrics)).await {
-                            debug!(%peer, error = %e, "admin request timed out");
-                        }
-                    });
+    let accept = || crate::proxy::listen::accept_retrying("admin", || listener.accept());
+    crate::proxy::listen::accept_loop(
+        accept,
+        stop,
+        ADMIN_IO_TIMEOUT,
+        "admin connections",
+        |(stream, peer): (TcpStream, SocketAddr)| {
+            if !allow.permits(peer.ip()) {
+                // Pods reach the node address too: only the node itself and the configured
+                // scrapers may read the admin port.
+                refused += 1;
+                if refused.is_power_of_two() {
+                    warn!(%peer, refused, "admin: connection from an address not allowed (--admin-allow); closed");
                 }
-                Err(e) => {
-                    warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                return None;
             }
-        }
-    }
+            let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+                debug!(%peer, "admin: too many connections");
+                return None;
+            };
+            let metrics = Arc::clone(&metrics);
+            Some(async move {
+                let _permit = permit;
+                if let Err(e) = timeout(ADMIN_IO_TIMEOUT, admin_conn(stream, &metrics)).await {
+                    debug!(%peer, error = %e, "admin request timed out");
+                }
+            })
+        },
+    )
+    .await;
 }
 
 /// Who may connect to the admin port: the node's own addresses (processes on the host), and

@@ -5,11 +5,13 @@
 //! - [`parse`]: Istio YAML (a file, or a directory of them) → [`model::PolicyBundle`], strict;
 //! - [`eval`]: the reference evaluator (Istio semantics), used by tests and to cross-check;
 //! - [`compile`]: bundle + registry → the contents of one generation of the policy maps;
-//! - [`maps`]: the pinned policy maps: write a generation and swap, read one back as a
-//!   [`maps::PolicyView`] (the agent's per-request decisions come from the same maps the
-//!   kernel reads);
-//! - [`source`]: where bundles come from (a policy directory), and the agent's policy task;
-//! - [`authorize`]: a generation as the proxies' `Authorizer` snapshot.
+//! - [`maps`]: the pinned policy maps: write a generation and swap, read one back;
+//! - [`engine`]: one generation in memory ([`PolicyView`]), the agent's decision engine: it
+//!   decides as the kernel does, from the same entries, and is the proxies' [`Authorizer`];
+//! - [`authorize`]: what the proxies ask ([`Authorizer`], [`ConnInfo`], [`RequestAttrs`]) and
+//!   the verdicts ([`ConnVerdict`], [`RequestVerdict`]);
+//! - [`source`]: where bundles come from (a policy directory), and the agent's policy tasks
+//!   (the directory watcher, the generation watcher that publishes [`PolicyView`]s);
 //! - [`check`]: `mesh-agent policy check`, one request decided by the agent's own code.
 
 pub mod authorize;
@@ -17,6 +19,7 @@ pub mod check;
 pub mod compile;
 #[cfg(test)]
 mod conformance;
+pub mod engine;
 pub mod eval;
 pub mod maps;
 pub mod model;
@@ -25,4 +28,9 @@ pub mod source;
 #[cfg(test)]
 mod strategies;
 
+pub use authorize::{
+    allow_all, Authorizer, ConnDecision, ConnInfo, ConnVerdict, Policies, RequestAttrs,
+    RequestVerdict,
+};
+pub use engine::{PolicyView, RequestHeaders};
 pub use parse::PolicyError;

@@ -9,14 +9,18 @@
 //! - [`hbone`] is the wire format (transport-agnostic framing);
 //! - [`l7`] enforces authorization per HTTP request on ports declared HTTP.
 
-pub mod authz;
 pub mod copy;
+pub mod destination;
 pub mod hbone;
 pub mod inbound;
+#[cfg(test)]
+mod inproc_tests;
 pub mod l7;
 pub mod limits;
+pub mod listen;
 pub mod outbound;
 pub mod pool;
+pub mod record;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -59,12 +63,26 @@ pub struct ProxyDeps {
     pub identities: Arc<dyn Identities>,
     pub trust_domain: crate::tls::TrustDomain,
     pub metrics: Arc<crate::metrics::Metrics>,
-    pub policies: authz::Policies,
+    pub policies: crate::policy::Policies,
     pub source: SourceAddrs,
     /// How request paths on HTTP ports are normalized before L7 policy and forwarding.
     pub path_normalization: l7::normalize::PathNormalization,
     /// The connection budget, per-source caps and request-head bounds of both proxies.
     pub admission: Arc<limits::Admission>,
+}
+
+impl ProxyDeps {
+    /// The destination side both proxies share, connecting to pods within `connect_timeout`.
+    pub fn destination(&self, connect_timeout: Duration) -> destination::Destination {
+        destination::Destination {
+            policies: self.policies.clone(),
+            metrics: Arc::clone(&self.metrics),
+            admission: Arc::clone(&self.admission),
+            source: self.source,
+            connect_timeout,
+            path_normalization: self.path_normalization,
+        }
+    }
 }
 
 /// Where the agent's own upstream sockets come from: the node addresses that the kernel's
@@ -82,102 +100,6 @@ impl SourceAddrs {
             SocketAddr::V6(a) if a.ip().to_ipv4_mapped().is_some() => self.v4,
             SocketAddr::V6(_) => self.v6,
         }
-    }
-}
-
-/// Whether `port` is one of the workload's declared HTTP ports (L7 policy applies there).
-pub fn is_http_port(workload: &crate::registry::Workload, port: u16) -> bool {
-    workload.http_ports().contains(&port)
-}
-
-/// How an L7-supervised connection went.
-#[derive(Debug, Default)]
-pub struct L7Outcome {
-    pub requests: u64,
-    pub denied: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub outcome: String,
-}
-
-/// Serves `client` request by request, authorizing each against the policy snapshot current
-/// at that request (a policy change applies to the next request), and forwards allowed
-/// requests to `info.dst` (connected lazily, from the node's mesh address). The connection as
-/// a whole stays under [`authz::supervise`]: a snapshot that denies it closes it.
-pub(crate) async fn l7_serve<S>(
-    client: S,
-    source: &SourceAddrs,
-    connect_timeout: Duration,
-    enforcer: authz::Enforcer<'_>,
-    info: &authz::ConnInfo,
-    conn_id: u64,
-    limits: l7::L7Limits,
-) -> L7Outcome
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
-{
-    let decide = |req: &l7::RequestView<'_>| {
-        // The normalized path (no query), the authority the pod routes by.
-        let attrs = authz::RequestAttrs {
-            method: req.method,
-            path: req.path,
-            host: req.host,
-            headers: &req.headers,
-        };
-        match authz::decide_request(enforcer, info, &attrs) {
-            authz::RequestVerdict::Allow => l7::Verdict::Allow,
-            authz::RequestVerdict::Deny { policy } => l7::Verdict::Deny { policy },
-        }
-    };
-    let (source, dst) = (*source, info.dst);
-    let connect = move || async move {
-        connect_from(&source, dst, connect_timeout)
-            .await
-            .map_err(std::io::Error::other)
-    };
-    let mut stats = l7::L7Stats::default();
-    let work = l7::serve_with_stats(client, connect, &decide, &limits, &mut stats);
-    let outcome = match authz::supervise(enforcer.policies.clone(), info, conn_id, work).await {
-        authz::Supervised::Done(Ok(())) => "ok".to_owned(),
-        authz::Supervised::Done(Err(e)) => e.to_string(),
-        authz::Supervised::Revoked { .. } => "closed: no longer allowed by policy".to_owned(),
-    };
-    L7Outcome {
-        requests: stats.requests,
-        denied: stats.denied,
-        bytes_in: stats.bytes_in,
-        bytes_out: stats.bytes_out,
-        outcome,
-    }
-}
-
-/// The L7 settings of a connection from `source` seen by `proxy`: the path normalization, the
-/// request-head timeout, and its incomplete heads counted against the source's cap.
-pub(crate) fn l7_limits(
-    admission: &Arc<limits::Admission>,
-    proxy: crate::metrics::Direction,
-    source: IpAddr,
-    path_normalization: l7::normalize::PathNormalization,
-) -> l7::L7Limits {
-    l7::L7Limits {
-        header_timeout: admission.limits().head_timeout,
-        head_gate: Some(admission.head_gate(proxy, source)),
-        path_normalization,
-        ..l7::L7Limits::default()
-    }
-}
-
-/// Lets the tasks of `set` finish for up to `limit` (shutdown), then aborts what is left,
-/// logging how many `what` were cut.
-pub(crate) async fn drain<T: 'static>(
-    set: &mut tokio::task::JoinSet<T>,
-    limit: Duration,
-    what: &'static str,
-) {
-    let drained = timeout(limit, async { while set.join_next().await.is_some() {} }).await;
-    if drained.is_err() {
-        tracing::warn!(aborted = set.len(), what, "drain timeout: closing the rest");
-        set.abort_all();
     }
 }
 

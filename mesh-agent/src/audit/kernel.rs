@@ -9,7 +9,7 @@ use super::{
 };
 use crate::{
     bpf::events::{event_dst, event_src, policy_name, EventKind},
-    policy::maps::PolicyView,
+    policy::PolicyView,
     registry::Registry,
 };
 

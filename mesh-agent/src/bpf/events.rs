@@ -19,7 +19,14 @@ use tokio::{
 };
 use tracing::{debug, error, info, warn};
 
-use crate::{policy::maps::PolicyView, proxy::ip_from_words, registry::Registry};
+use crate::{
+    policy::PolicyView,
+    proxy::{
+        ip_from_words,
+        record::{Carried, ConnRecord, Outcome, RecordKind, Transport},
+    },
+    registry::Registry,
+};
 
 /// What an [`Event`]'s `kind` says, for the agent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -287,18 +294,23 @@ fn log_event(event: &Event, registry: &Registry, view: &PolicyView, trust_domain
             let policy = policy_name(event, view);
             let port = dst.port();
             if kind == EventKind::L4Denied {
-                warn!(
-                    layer = "l4",
-                    side = "kernel",
-                    src_workload = %src_workload,
-                    src_identity = %src_identity,
-                    dst_workload = %dst_workload,
-                    dst = %dst,
-                    port,
-                    policy = %policy,
-                    generation = event.policy_gen,
-                    "connection denied"
-                );
+                ConnRecord {
+                    conn_id: None,
+                    transport: Transport::Kernel,
+                    src_workload: Some(src_workload),
+                    src_identity: Some(src_identity),
+                    src_addr: None,
+                    peer: None,
+                    dst,
+                    dst_workload: Some(dst_workload),
+                    dst_identity: None,
+                    generation: Some(event.policy_gen),
+                    duration_ms: 0,
+                    carried: Carried::nothing(Outcome::Denied {
+                        policy: (policy != "-").then(|| Arc::from(policy.as_str())),
+                    }),
+                }
+                .log(RecordKind::KernelDenied);
             } else {
                 info!(
                     layer = "l4",

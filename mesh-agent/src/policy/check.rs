@@ -4,8 +4,8 @@
 //! There is no second evaluator here. The policies are compiled by the agent's compiler into
 //! one generation of the policy maps, read as the [`PolicyView`] the agent reads back from
 //! the pinned maps (or the live generation is read from a node's pin directory), and the
-//! request is asked of the agent's [`Snapshot`] — [`Snapshot::explain_connection`] and
-//! [`Snapshot::explain_request`] are what `Authorizer::connection`/`request` run for every
+//! request is asked of that view — [`PolicyView::explain_connection`] and
+//! [`PolicyView::explain_request`] are what `Authorizer::connection`/`request` run for every
 //! HBONE and same-node connection. What the proxies add on top is mirrored in one place
 //! each: the PeerAuthentication of the destination for plaintext ([`plaintext_decision`]),
 //! request-level verdicts on a port that is not HTTP (refused, as `proxy/inbound.rs`
@@ -22,12 +22,12 @@ use serde::Serialize;
 pub mod cases;
 
 use super::{
-    authorize::Snapshot,
-    maps::{MapsError, PolicyMaps, PolicyView},
+    authorize::{ConnInfo, ConnVerdict, RequestAttrs, RequestVerdict},
+    engine::PolicyView,
+    maps::{MapsError, PolicyMaps},
     source::{ApplyError, CompileContext},
 };
 use crate::{
-    proxy::authz::{ConnInfo, ConnVerdict, RequestAttrs, RequestVerdict},
     registry::{Registry, Workload},
     tls::TrustDomain,
 };
@@ -135,7 +135,7 @@ pub struct HttpRequest {
 #[derive(Clone, Debug, Default)]
 pub struct CheckHeaders<'a>(pub &'a [(String, String)]);
 
-impl crate::policy::maps::RequestHeaders for CheckHeaders<'_> {
+impl crate::policy::RequestHeaders for CheckHeaders<'_> {
     fn for_each_value(&self, name: &str, f: &mut dyn FnMut(&[u8])) {
         for (n, v) in self.0 {
             if n.eq_ignore_ascii_case(name) {
@@ -389,7 +389,7 @@ pub fn plaintext_decision(
     }
     let d = view.decide_plaintext(src_ip, dst.id, port);
     let policy = d.policy.as_ref().map(|p| p.to_string());
-    let allowed = d.verdict == crate::policy::maps::L4Verdict::Allow;
+    let allowed = d.verdict == crate::policy::ConnVerdict::Allow;
     let reason =
         match (allowed, &policy, d.key, d.needs_request) {
             (true, _, None, _) => format!(
@@ -632,11 +632,11 @@ pub fn check(
         dst_name: dst.key(),
         http,
     };
-    let snapshot = Snapshot::new(Arc::clone(&view));
-    let conn = snapshot.explain_connection(&info);
+    let conn = view.explain_connection(&info);
     let l4 = conn.l4.as_ref();
-    match &conn.verdict {
-        ConnVerdict::Deny { policy } => {
+    match conn.verdict {
+        ConnVerdict::Deny => {
+            let policy = conn.policy.as_ref().map(|p| p.to_string());
             report.decision = Decision::Deny;
             report.policy = policy.clone();
             report.reason = match policy {
@@ -691,17 +691,11 @@ pub fn check(
         host: host.as_deref(),
         headers: &CheckHeaders(&req.http.headers),
     };
-    let r = snapshot.explain_request(&info, &attrs);
-    let detail = r.decision.as_ref();
-    report.policy = match &r.verdict {
-        RequestVerdict::Deny { policy } => policy.clone(),
-        RequestVerdict::Allow => detail
-            .and_then(|d| d.policy.as_ref())
-            .map(|p| p.to_string()),
-    };
+    let r = view.explain_request(&info, &attrs);
+    report.policy = r.policy.as_ref().map(|p| p.to_string());
     report.decision = match r.verdict {
         RequestVerdict::Allow => Decision::Allow,
-        RequestVerdict::Deny { .. } => Decision::Deny,
+        RequestVerdict::Deny => Decision::Deny,
     };
     let selected = view.dst_set(dst.id).is_some();
     report.reason = match (report.decision, &report.policy) {
@@ -717,15 +711,13 @@ pub fn check(
         ),
         (Decision::Allow, None) => format!("no AuthorizationPolicy selects {}", dst.key()),
     };
-    if let Some(d) = detail {
-        if report.decision == Decision::Allow {
-            report.dry_run = d.dry_run_deny.as_ref().map(|p| DryRun {
-                would: Decision::Deny,
-                policy: p.as_ref().map(|p| p.to_string()),
-            });
-        }
-        report.audit = d.audit.iter().map(|a| a.to_string()).collect();
+    if report.decision == Decision::Allow {
+        report.dry_run = r.dry_run_deny.as_ref().map(|p| DryRun {
+            would: Decision::Deny,
+            policy: p.as_ref().map(|p| p.to_string()),
+        });
     }
+    report.audit = r.audit.iter().map(|a| a.to_string()).collect();
     Ok(report)
 }
 
@@ -767,7 +759,7 @@ mod tests {
         for bad in ["no-colon", ":v", "bad name:v", "x:a\r\nb", "x\u{0}:v"] {
             assert!(parse_header(bad).is_err(), "{bad:?}");
         }
-        use crate::policy::maps::RequestHeaders as _;
+        use crate::policy::RequestHeaders as _;
         let h = vec![
             ("x-foo".to_owned(), "1".to_owned()),
             ("x-foo".to_owned(), "2".to_owned()),

@@ -1219,11 +1219,11 @@ pub(crate) mod tests {
         );
         let r = registry();
         let c = compile(&bundle(vec![allow, deny]), &r, ROOT, TD).unwrap();
-        let view = crate::policy::maps::PolicyView::from_compiled(1, &c).unwrap();
+        let view = crate::policy::PolicyView::from_compiled(1, &c).unwrap();
         let b2 = r.workloads.iter().find(|w| w.name == "b2").unwrap().id;
         let decide = |ip: &str| {
             view.decide_plaintext(ip.parse().unwrap(), b2, 9000).verdict
-                == crate::policy::maps::L4Verdict::Allow
+                == crate::policy::ConnVerdict::Allow
         };
         assert!(decide("10.1.2.3"), "inside the allowed block");
         assert!(!decide("10.9.1.1"), "inside the denied sub-block");
@@ -1243,7 +1243,7 @@ pub(crate) mod tests {
         assert_eq!(
             view.decide_plaintext("192.168.1.1".parse().unwrap(), c1, 9000)
                 .verdict,
-            crate::policy::maps::L4Verdict::Allow
+            crate::policy::ConnVerdict::Allow
         );
     }
 
@@ -1608,8 +1608,9 @@ pub(crate) mod tests {
 
     #[test]
     fn headers_conditions_compile_to_grouped_request_terms() {
-        use crate::policy::maps::{L4Verdict, PolicyView, RequestFacts};
         use crate::policy::model::Condition;
+        use crate::policy::ConnVerdict;
+        use crate::policy::{engine::PolicyView, RequestAttrs};
         let header = |name: &str, v: &[&str], nv: &[&str]| Condition::RequestHeader {
             name: name.into(),
             values: v.iter().map(|p| StringMatch::from_pattern(p)).collect(),
@@ -1633,12 +1634,12 @@ pub(crate) mod tests {
         let c = compile(&bundle(vec![allow]), &registry(), ROOT, TD).unwrap();
         let v = PolicyView::from_compiled(1, &c).unwrap();
         // b1 speaks HTTP on 8080: per request; b2 not: the ALLOW never matches (fail-safe).
-        let d = v.decide_l4(1, 3, crate::policy::maps::Family::V4, 8080);
-        assert_eq!(d.verdict, L4Verdict::PerRequest);
+        let d = v.decide_l4(1, 3, crate::policy::engine::Family::V4, 8080);
+        assert_eq!(d.verdict, ConnVerdict::PerRequest);
         assert_eq!(
-            v.decide_l4(1, 4, crate::policy::maps::Family::V4, 8080)
+            v.decide_l4(1, 4, crate::policy::engine::Family::V4, 8080)
                 .verdict,
-            L4Verdict::Deny
+            ConnVerdict::Deny
         );
         let (set, class) = d.key.unwrap();
         let decide = |headers: &[(&str, &str)]| {
@@ -1647,14 +1648,14 @@ pub(crate) mod tests {
                 set,
                 class,
                 8080,
-                &RequestFacts {
+                &RequestAttrs {
                     method: "GET",
                     path: "/",
-                    host: "b",
+                    host: Some("b"),
                     headers: &headers,
                 },
             )
-            .allowed
+            .allowed()
         };
         assert!(decide(&[("X-A", "yes-ok")]));
         assert!(!decide(&[("x-a", "yes")]), "second condition fails");

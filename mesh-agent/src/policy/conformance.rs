@@ -26,13 +26,14 @@ use super::strategies::{full_source, operation, pick, rule};
 
 use super::{
     compile::{compile_with, permissive, principal},
+    engine::{Family, PolicyView},
     eval::{self, evaluate, HttpRequest, Peer, Request, Target},
-    maps::{Family, L4Verdict, PolicyView, RequestFacts},
     model::{
         Action, AuthorizationPolicy, Condition, IpNet, MtlsMode, Operation, Origin,
         PeerAuthentication, PolicyBundle, Rule, ServiceAccount, Source, StringMatch, TrustDomains,
     },
     parse::parse_cidr,
+    ConnVerdict, RequestAttrs,
 };
 use crate::registry::{Registry, Workload};
 
@@ -446,12 +447,12 @@ fn decide(view: &PolicyView, src: &Workload, dst: &Workload, family: Family, c: 
     let http = dst.http_ports().contains(&c.port);
     let d = view.decide_l4(src.id, dst.id, family, c.port);
     assert!(
-        http || d.verdict != L4Verdict::PerRequest,
+        http || d.verdict != ConnVerdict::PerRequest,
         "per-request verdict on non-HTTP port {}: {d:?}",
         c.port
     );
     match d.verdict {
-        L4Verdict::Deny => Got {
+        ConnVerdict::Deny => Got {
             allowed: false,
             policy: d.policy,
             dry_run_deny: false,
@@ -463,15 +464,15 @@ fn decide(view: &PolicyView, src: &Workload, dst: &Workload, family: Family, c: 
                 set,
                 class,
                 c.port,
-                &RequestFacts {
+                &RequestAttrs {
                     method: c.method,
                     path: c.path,
-                    host: c.host.unwrap_or(""),
+                    host: c.host,
                     headers: &c.headers,
                 },
             );
             Got {
-                allowed: r.allowed,
+                allowed: r.allowed(),
                 policy: r.policy,
                 dry_run_deny: r.dry_run_deny.is_some(),
                 audit: !r.audit.is_empty(),

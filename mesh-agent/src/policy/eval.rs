@@ -316,7 +316,7 @@ fn operation_matches(o: &Operation, req: Request<'_>) -> bool {
 
 /// How a `hosts`/`notHosts` pattern matches a request's Host (or `:authority`): ASCII
 /// case-insensitively, exactly as sent — no `:port` stripping
-/// ([`Pattern::matches_ignore_case`]). Shared with the compiled form (`maps::Clause`), so
+/// ([`Pattern::matches_ignore_case`]). Shared with the compiled form (`engine::Clause`), so
 /// both decide hosts alike.
 pub fn host_pattern_matches(m: Pattern<'_>, host: &str) -> bool {
     m.matches_ignore_case(host)

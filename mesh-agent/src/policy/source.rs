@@ -19,7 +19,8 @@ use tracing::{debug, error, info, warn};
 
 use super::{
     compile::{self, CompileError, CompiledPolicy},
-    maps::{MapsError, PolicyMaps, PolicyView},
+    engine::PolicyView,
+    maps::{MapsError, PolicyMaps},
     model::PolicyBundle,
 };
 use crate::{
@@ -230,13 +231,17 @@ pub fn spawn_dir_watcher(
     })
 }
 
-/// Publishes the active generation as a [`PolicyView`]: the receiver always holds the view
-/// of the generation the kernel uses (within `interval`, `--generation-poll-ms`). A generation that cannot be read
-/// back consistently is published as a deny-all view (fail closed) and logged.
+/// The one task that follows policy generations: publishes the active generation as a
+/// [`PolicyView`] — the receiver always holds the view of the generation the kernel uses
+/// (within `interval`, `--generation-poll-ms`); it is the proxies' `Authorizer` — and calls `on_generation` with
+/// each new view, after publishing it (the agent re-programs workload flags from it). A
+/// generation that cannot be read back consistently is published as a deny-all view (fail
+/// closed) and logged.
 pub fn spawn_generation_watcher(
     maps: PolicyMaps,
     initial: Arc<PolicyView>,
     interval: Duration,
+    mut on_generation: impl FnMut(&PolicyView) + Send + 'static,
     stop: watch::Receiver<bool>,
 ) -> (watch::Receiver<Arc<PolicyView>>, JoinHandle<()>) {
     let (tx, rx) = watch::channel(initial);
@@ -265,7 +270,9 @@ pub fn spawn_generation_watcher(
                         l4_entries = view.l4_entries(),
                         "policy generation active"
                     );
-                    tx.send_replace(Arc::new(view));
+                    let view = Arc::new(view);
+                    tx.send_replace(Arc::clone(&view));
+                    on_generation(&view);
                 }
                 Ok(Ok(None)) => {}
                 Ok(Err(e)) => {
@@ -274,7 +281,9 @@ pub fn spawn_generation_watcher(
                     // fail closed. A read that kept overlapping swaps (`Unstable`) keeps the
                     // previous view and is tried again at the next poll.
                     if let MapsError::Inconsistent { gen, .. } = e {
-                        tx.send_replace(Arc::new(PolicyView::deny_all(gen)));
+                        let view = Arc::new(PolicyView::deny_all(gen));
+                        tx.send_replace(Arc::clone(&view));
+                        on_generation(&view);
                     }
                 }
                 Err(_) => error!("policy view task panicked"),

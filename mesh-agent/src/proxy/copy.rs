@@ -1,4 +1,6 @@
-//! Copying bytes with buffers that cost nothing while a connection is idle.
+//! The one copy routine of the proxies ([`bidirectional`]: TCP to TCP, or TCP to an HBONE
+//! tunnel), with live byte counters, and buffers that cost nothing while a connection is
+//! idle.
 //!
 //! A held connection spends most of its life waiting for bytes. A buffer allocated up front
 //! (64 KiB per direction, as before) made 10,000 idle connections cost hundreds of MiB, and
@@ -7,13 +9,20 @@
 //! that fill it prove bulk traffic, and the reader switches to [`BULK_READ`] buffers, kept for
 //! as long as reads stay large. A short read gives the buffer back before the next wait.
 
-use std::io;
+use std::{
+    future::poll_fn,
+    io,
+    sync::atomic::{AtomicU64, Ordering},
+};
 
 use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{tcp, TcpStream},
 };
+
+use super::hbone::{HboneError, Tunnel};
 
 /// Read size while traffic is light (and the most an idle connection ever waits with: none).
 pub const SMALL_READ: usize = 16 * 1024;
@@ -71,40 +80,75 @@ impl IdleFreeBuf {
     }
 }
 
-/// What [`bidirectional`] moved, and how it ended.
+/// Live byte counts of one connection, readable while it is copied and after it ended
+/// however it ended (an error, or a policy close that dropped the copy mid-way).
 #[derive(Debug, Default)]
-pub struct Copied {
-    /// Bytes from `a` to `b`.
-    pub a_to_b: u64,
-    /// Bytes from `b` to `a`.
-    pub b_to_a: u64,
-    /// The first error, if it did not end by both sides closing.
-    pub error: Option<io::Error>,
+pub struct Counters {
+    /// Bytes from the near TCP connection to the far end.
+    sent: AtomicU64,
+    /// Bytes from the far end to the near TCP connection.
+    received: AtomicU64,
 }
 
-/// Copies between two TCP connections until both directions have ended: EOF on one side
-/// shuts down the other's write side (half-close carried), the other direction goes on.
-/// Counts are kept whatever the outcome.
-pub async fn bidirectional(a: &mut TcpStream, b: &mut TcpStream) -> Copied {
-    let (mut ard, mut awr) = a.split();
-    let (mut brd, mut bwr) = b.split();
-    let mut a_to_b = 0u64;
-    let mut b_to_a = 0u64;
-    let result = tokio::try_join!(
-        one_way(&mut ard, &mut bwr, &mut a_to_b),
-        one_way(&mut brd, &mut awr, &mut b_to_a),
-    );
-    Copied {
-        a_to_b,
-        b_to_a,
-        error: result.err(),
+impl Counters {
+    /// Bytes near → far so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Bytes far → near so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// Adds to the counts (an L7 connection counts what it forwarded).
+    pub fn add(&self, sent: u64, received: u64) {
+        self.sent.fetch_add(sent, Ordering::Relaxed);
+        self.received.fetch_add(received, Ordering::Relaxed);
     }
 }
 
-async fn one_way(
+/// The other end of a copy: another TCP connection, or an HBONE tunnel (an h2 stream).
+pub enum Far<'a> {
+    Tcp(&'a mut TcpStream),
+    Tunnel(Tunnel),
+}
+
+/// Copies between `near` and `far` until both directions have ended: EOF on one side ends
+/// the other's write side (a TCP shutdown, or END_STREAM on the tunnel) and the other
+/// direction goes on (half-close carried both ways). Back-pressure: bytes are only read once
+/// the previous ones were written (for a tunnel: once the peer's flow-control window has
+/// room; tunnel data is acknowledged only once written). An idle direction holds no read
+/// buffer ([`IdleFreeBuf`]). `counts` is updated as bytes move, so it is right whatever the
+/// outcome — also when the future is dropped part-way (a policy close).
+pub async fn bidirectional(
+    near: &mut TcpStream,
+    far: Far<'_>,
+    counts: &Counters,
+) -> io::Result<()> {
+    let (mut rd, mut wr) = near.split();
+    match far {
+        Far::Tcp(far) => {
+            let (mut frd, mut fwr) = far.split();
+            tokio::try_join!(
+                tcp_to_tcp(&mut rd, &mut fwr, &counts.sent),
+                tcp_to_tcp(&mut frd, &mut wr, &counts.received),
+            )?;
+        }
+        Far::Tunnel(Tunnel { mut send, mut recv }) => {
+            tokio::try_join!(
+                tcp_to_tunnel(&mut rd, &mut send, &counts.sent),
+                tunnel_to_tcp(&mut recv, &mut wr, &counts.received),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+async fn tcp_to_tcp(
     rd: &mut tcp::ReadHalf<'_>,
     wr: &mut tcp::WriteHalf<'_>,
-    count: &mut u64,
+    count: &AtomicU64,
 ) -> io::Result<()> {
     let mut buf = IdleFreeBuf::default();
     loop {
@@ -114,8 +158,56 @@ async fn one_way(
         }
         wr.write_all(buf.filled()).await?;
         buf.consumed();
-        *count += n as u64;
+        count.fetch_add(n as u64, Ordering::Relaxed);
     }
+}
+
+fn h2_err(e: h2::Error) -> io::Error {
+    io::Error::other(HboneError::H2(e))
+}
+
+async fn tcp_to_tunnel(
+    rd: &mut tcp::ReadHalf<'_>,
+    send: &mut SendStream<Bytes>,
+    count: &AtomicU64,
+) -> io::Result<()> {
+    let mut buf = IdleFreeBuf::default();
+    loop {
+        let n = buf.read_from(rd).await?;
+        if n == 0 {
+            return send.send_data(Bytes::new(), true).map_err(h2_err);
+        }
+        let mut chunk = buf.take();
+        while !chunk.is_empty() {
+            send.reserve_capacity(chunk.len());
+            let cap = match poll_fn(|cx| send.poll_capacity(cx)).await {
+                Some(Ok(c)) => c,
+                Some(Err(e)) => return Err(h2_err(e)),
+                None => return Err(io::Error::other(HboneError::Closed)),
+            };
+            if cap == 0 {
+                continue;
+            }
+            let part = chunk.split_to(cap.min(chunk.len()));
+            send.send_data(part, false).map_err(h2_err)?;
+        }
+        count.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+async fn tunnel_to_tcp(
+    recv: &mut RecvStream,
+    wr: &mut tcp::WriteHalf<'_>,
+    count: &AtomicU64,
+) -> io::Result<()> {
+    while let Some(data) = recv.data().await {
+        let data = data.map_err(h2_err)?;
+        let n = data.len();
+        wr.write_all(&data).await?;
+        let _ = recv.flow_control().release_capacity(n);
+        count.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    wr.shutdown().await
 }
 
 #[cfg(test)]
@@ -134,7 +226,11 @@ mod tests {
     async fn bulk_data_and_half_close_both_ways() {
         let (mut app_a, mut proxy_a) = tcp_pair().await;
         let (mut proxy_b, mut app_b) = tcp_pair().await;
-        let copying = tokio::spawn(async move { bidirectional(&mut proxy_a, &mut proxy_b).await });
+        let copying = tokio::spawn(async move {
+            let counts = Counters::default();
+            let r = bidirectional(&mut proxy_a, Far::Tcp(&mut proxy_b), &counts).await;
+            (r, counts)
+        });
         let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let sent = payload.clone();
         let writer = tokio::spawn(async move {
@@ -150,10 +246,10 @@ mod tests {
         app_b.write_all(b"reply after eof").await.unwrap();
         app_b.shutdown().await.unwrap();
         assert_eq!(writer.await.unwrap(), b"reply after eof");
-        let c = copying.await.unwrap();
-        assert!(c.error.is_none(), "{:?}", c.error);
-        assert_eq!(c.a_to_b, payload.len() as u64);
-        assert_eq!(c.b_to_a, 15);
+        let (r, c) = copying.await.unwrap();
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(c.sent(), payload.len() as u64);
+        assert_eq!(c.received(), 15);
     }
 
     #[tokio::test]
@@ -186,7 +282,11 @@ mod tests {
     async fn errors_keep_the_counts() {
         let (mut app_a, mut proxy_a) = tcp_pair().await;
         let (mut proxy_b, app_b) = tcp_pair().await;
-        let copying = tokio::spawn(async move { bidirectional(&mut proxy_a, &mut proxy_b).await });
+        let copying = tokio::spawn(async move {
+            let counts = Counters::default();
+            let r = bidirectional(&mut proxy_a, Far::Tcp(&mut proxy_b), &counts).await;
+            (r, counts)
+        });
         app_a.write_all(b"12345").await.unwrap();
         // b resets: the copy ends with an error and still reports what moved.
         let mut app_b = app_b;
@@ -194,11 +294,11 @@ mod tests {
         app_b.read_exact(&mut five).await.unwrap();
         crate::proxy::limits::reset(app_b);
         app_a.write_all(b"more").await.unwrap();
-        let c = tokio::time::timeout(std::time::Duration::from_secs(5), copying)
+        let (r, c) = tokio::time::timeout(std::time::Duration::from_secs(5), copying)
             .await
             .unwrap()
             .unwrap();
-        assert!(c.error.is_some(), "a reset is an error");
-        assert!(c.a_to_b >= 5, "{c:?}");
+        assert!(r.is_err(), "a reset is an error");
+        assert!(c.sent() >= 5, "{c:?}");
     }
 }

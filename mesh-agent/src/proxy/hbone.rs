@@ -4,17 +4,12 @@
 //! This module is transport-agnostic (any `AsyncRead + AsyncWrite`): TLS is
 //! layered below it by the callers, so the framing is tested on its own.
 
-use std::{future::poll_fn, io, net::SocketAddr};
+use std::{io, net::SocketAddr};
 
 use bytes::Bytes;
 use h2::{client::SendRequest, server::SendResponse, RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
-use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
-    net::TcpStream,
-};
-
-use super::copy::IdleFreeBuf;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// The HBONE port on every node agent.
 pub const HBONE_PORT: u16 = 15008;
@@ -317,76 +312,12 @@ impl AsyncWrite for TunnelStream {
     }
 }
 
-/// Byte counts of a finished pump, and how it ended.
-#[derive(Debug, Default)]
-pub struct PumpResult {
-    /// Bytes read from the stream and sent into the tunnel.
-    pub to_tunnel: u64,
-    /// Bytes received from the tunnel and written to the stream.
-    pub from_tunnel: u64,
-    /// The first error, if the pump did not end by both sides closing.
-    pub error: Option<HboneError>,
-}
-
-/// Copies between a TCP connection and a tunnel until both directions have ended. Half-close
-/// is carried both ways: EOF on the connection ends the h2 stream (END_STREAM); END_STREAM
-/// from the peer shuts down the connection's write side. Back-pressure: data is only read
-/// from the connection once the peer's flow-control window has room, and tunnel data is only
-/// acknowledged (window released) once written. An idle tunnel holds no read buffer
-/// ([`IdleFreeBuf`]).
-pub async fn pump(stream: &mut TcpStream, tunnel: Tunnel) -> PumpResult {
-    let (mut rd, mut wr) = stream.split();
-    let Tunnel { mut send, mut recv } = tunnel;
-    let mut up_n = 0u64;
-    let mut down_n = 0u64;
-    let up = async {
-        let mut buf = IdleFreeBuf::default();
-        loop {
-            let n = buf.read_from(&mut rd).await?;
-            if n == 0 {
-                send.send_data(Bytes::new(), true)?;
-                return Ok::<(), HboneError>(());
-            }
-            let mut chunk = buf.take();
-            while !chunk.is_empty() {
-                send.reserve_capacity(chunk.len());
-                let cap = match poll_fn(|cx| send.poll_capacity(cx)).await {
-                    Some(Ok(c)) => c,
-                    Some(Err(e)) => return Err(e.into()),
-                    None => return Err(HboneError::Closed),
-                };
-                if cap == 0 {
-                    continue;
-                }
-                let part = chunk.split_to(cap.min(chunk.len()));
-                send.send_data(part, false)?;
-            }
-            up_n += n as u64;
-        }
-    };
-    let down = async {
-        while let Some(data) = recv.data().await {
-            let data = data?;
-            let n = data.len();
-            wr.write_all(&data).await?;
-            let _ = recv.flow_control().release_capacity(n);
-            down_n += n as u64;
-        }
-        wr.shutdown().await?;
-        Ok::<(), HboneError>(())
-    };
-    let result = tokio::try_join!(up, down);
-    PumpResult {
-        to_tunnel: up_n,
-        from_tunnel: down_n,
-        error: result.err(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::copy::{bidirectional, Counters, Far};
     use tokio::io::{duplex, AsyncReadExt};
+    use tokio::{io::AsyncWriteExt, net::TcpStream};
 
     async fn tcp_pair() -> (TcpStream, TcpStream) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -424,7 +355,7 @@ mod tests {
                         b.write_all(&got).await.unwrap();
                         b.shutdown().await.unwrap();
                     });
-                    pump(&mut a, tunnel).await;
+                    let _ = bidirectional(&mut a, Far::Tunnel(tunnel), &Counters::default()).await;
                 });
             }
         });
@@ -440,7 +371,11 @@ mod tests {
             .await
             .unwrap();
         let (mut app, mut proxy_side) = tcp_pair().await;
-        let pumping = tokio::spawn(async move { pump(&mut proxy_side, tunnel).await });
+        let pumping = tokio::spawn(async move {
+            let counts = Counters::default();
+            let r = bidirectional(&mut proxy_side, Far::Tunnel(tunnel), &counts).await;
+            (r, counts)
+        });
         let payload = vec![7u8; 300_000];
         app.write_all(&payload).await.unwrap();
         app.shutdown().await.unwrap();
@@ -449,10 +384,10 @@ mod tests {
         let prefix = b"10.2.0.2:8080|";
         assert_eq!(&back[..prefix.len()], prefix);
         assert_eq!(&back[prefix.len()..], &payload[..]);
-        let r = pumping.await.unwrap();
-        assert!(r.error.is_none(), "{:?}", r.error);
-        assert_eq!(r.to_tunnel, payload.len() as u64);
-        assert_eq!(r.from_tunnel, (payload.len() + prefix.len()) as u64);
+        let (r, c) = pumping.await.unwrap();
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(c.sent(), payload.len() as u64);
+        assert_eq!(c.received(), (payload.len() + prefix.len()) as u64);
     }
 
     #[tokio::test]
@@ -469,7 +404,10 @@ mod tests {
                     .await
                     .unwrap();
                 let (mut app, mut proxy_side) = tcp_pair().await;
-                tokio::spawn(async move { pump(&mut proxy_side, tunnel).await });
+                tokio::spawn(async move {
+                    let counts = Counters::default();
+                    bidirectional(&mut proxy_side, Far::Tunnel(tunnel), &counts).await
+                });
                 let msg = format!("hello {i}");
                 app.write_all(msg.as_bytes()).await.unwrap();
                 app.shutdown().await.unwrap();

@@ -29,18 +29,19 @@ use tokio::{
     time::timeout,
 };
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::{
-    authz::{self, ConnInfo, ConnVerdict, Policies, Supervised},
-    connect_from,
+    destination::{Destination, Downstream, Turned},
     hbone::{self, BadRequest},
-    l7::normalize::PathNormalization,
     limits::{self, Accepted, Admission, Guard, SourceKey},
-    Identities, ProxyDeps, SourceAddrs,
+    listen,
+    record::{self, ConnRecord, RecordKind, Transport},
+    Identities, ProxyDeps,
 };
 use crate::{
-    metrics::{DenialSide, Direction, Metrics, Outcome, Side},
+    metrics::{Direction, Metrics, Outcome, Side},
+    policy::ConnInfo,
     registry::Registry,
     tls::{
         server_name_for,
@@ -82,10 +83,9 @@ struct Ctx {
     identities: Arc<dyn Identities>,
     /// SNI → (workload id, identity) for this node's workloads.
     served: HashMap<String, (u32, SpiffeId)>,
-    source: SourceAddrs,
-    path_normalization: PathNormalization,
     metrics: Arc<Metrics>,
-    policies: Policies,
+    /// The destination side of each tunnel.
+    dest: Destination,
     cfg: InboundConfig,
     /// Tunnel (stream) ids.
     next_id: AtomicU64,
@@ -125,16 +125,15 @@ impl StreamRefusal {
 impl Inbound {
     /// `listener` is already bound (before anything is attached).
     pub fn new(listener: TcpListener, deps: ProxyDeps, cfg: InboundConfig) -> Self {
+        let dest = deps.destination(cfg.connect_timeout);
         let ProxyDeps {
             node,
             registry,
             identities,
             trust_domain,
             metrics,
-            policies,
-            source,
             admission,
-            path_normalization,
+            ..
         } = deps;
         let served = registry
             .local(&node)
@@ -151,10 +150,8 @@ impl Inbound {
                 registry,
                 identities,
                 served,
-                source,
-                path_normalization,
+                dest,
                 metrics,
-                policies,
                 cfg,
                 next_id: AtomicU64::new(1),
                 next_conn: AtomicU64::new(1),
@@ -164,46 +161,43 @@ impl Inbound {
     }
 
     /// Serves until `shutdown` turns true, then lets tunnels drain for `drain_timeout`.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut conns = JoinSet::new();
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
         let admission = Arc::clone(&self.ctx.admission);
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => break,
-                accepted = limits::accept(&self.listener, &admission, Direction::Inbound) => match accepted {
-                    Accepted::Admitted(stream, peer, slot) => {
-                        // Before TLS: a peer address past its share costs no handshake.
-                        let key = SourceKey::Peer(peer.ip());
-                        let Ok(source_slot) = admission.admit_source(Direction::Inbound, key, peer) else {
-                            limits::reset(stream);
-                            continue;
-                        };
-                        let ctx = Arc::clone(&self.ctx);
-                        let stop = shutdown.clone();
-                        conns.spawn(async move {
-                            let _slots = (slot, source_slot);
-                            ctx.connection(stream, peer, stop).await;
-                        });
-                    }
-                    Accepted::Refused(stream, _) => limits::reset(stream),
-                },
-                Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            }
-        }
-        super::drain(&mut conns, self.ctx.cfg.drain_timeout, "hbone connections").await;
+        let listeners = [self.listener];
+        let stop = shutdown.clone();
+        let ctx = self.ctx;
+        listen::accept_loop(
+            || limits::accept(&listeners, &admission, Direction::Inbound),
+            shutdown,
+            ctx.cfg.drain_timeout,
+            "hbone connections",
+            |accepted| match accepted {
+                Accepted::Admitted(stream, peer, slot) => {
+                    // Before TLS: a peer address past its share costs no handshake.
+                    let key = SourceKey::Peer(peer.ip());
+                    let Ok(source_slot) = admission.admit_source(Direction::Inbound, key, peer)
+                    else {
+                        limits::reset(stream);
+                        return None;
+                    };
+                    let ctx = Arc::clone(&ctx);
+                    let stop = stop.clone();
+                    Some(async move {
+                        let _slots = (slot, source_slot);
+                        ctx.connection(stream, peer, stop).await;
+                    })
+                }
+                Accepted::Refused(stream, _) => {
+                    limits::reset(stream);
+                    None
+                }
+            },
+        )
+        .await;
     }
 }
 
 impl Ctx {
-    /// Policy enforcement as the destination of HBONE tunnels.
-    fn enforcer(&self) -> authz::Enforcer<'_> {
-        authz::Enforcer {
-            policies: &self.policies,
-            metrics: &self.metrics,
-            side: DenialSide::Inbound,
-        }
-    }
-
     async fn connection(
         self: Arc<Self>,
         tcp: TcpStream,
@@ -380,67 +374,44 @@ impl Ctx {
             dst,
             dst_workload: workload.id,
             dst_name: dst_workload.clone(),
-            http: super::is_http_port(workload, dst.port()),
+            http: workload.is_http_port(dst.port()),
         };
-        let policy = match authz::decide(self.enforcer(), &info) {
-            ConnVerdict::Allow => None,
-            ConnVerdict::PerRequest if info.http => {
-                // Boxed: the L7 state is large, and only L7 tunnels should pay for it.
-                return Box::pin(self.serve_l7(connect, info, peer, conn_id, started)).await;
-            }
-            ConnVerdict::Deny { policy } => Some(policy),
-            // Request-level rules on a port that is not HTTP: nothing can satisfy them.
-            ConnVerdict::PerRequest => Some(None),
-        };
-        if let Some(policy) = policy {
-            let why = StreamRefusal::Policy { policy };
-            return self.refuse(connect.respond, peer, peer_id, conn_id, why);
-        }
-        let _active = self.metrics.active(Direction::Inbound);
-        let mut upstream = match connect_from(&self.source, dst, self.cfg.connect_timeout).await {
-            Ok(s) => s,
-            Err(e) => {
-                self.metrics.hbone_stream(Side::Server, Outcome::Error);
-                hbone::reject(connect.respond, StatusCode::SERVICE_UNAVAILABLE);
-                let record = Record::ended(e.to_string());
-                return log_inbound(&info, peer, conn_id, started, &record);
-            }
-        };
-        let tunnel = match hbone::accept(connect) {
-            Ok(t) => t,
-            Err(e) => {
-                self.metrics.hbone_stream(Side::Server, Outcome::Error);
-                debug!(conn_id, error = %e, "answering CONNECT failed");
-                return;
-            }
-        };
-        self.metrics.hbone_stream(Side::Server, Outcome::Ok);
-        let (result, outcome) = match authz::supervise(
-            self.policies.clone(),
-            &info,
-            conn_id,
-            hbone::pump(&mut upstream, tunnel),
-        )
-        .await
+        let l7_source = src_addr.map_or(peer.ip(), |a| a.ip());
+        let done = match self
+            .dest
+            .serve(Downstream::Hbone(connect), &info, l7_source, conn_id)
+            .await
         {
-            Supervised::Done(r) => {
-                let outcome = match &r.error {
-                    None => "ok".to_owned(),
-                    Some(e) => e.to_string(),
+            Ok(s) => s,
+            Err(Turned::OverLimit(_)) => return,
+        };
+        if done.refused {
+            if let record::Outcome::Denied { policy } = &done.carried.outcome {
+                let why = StreamRefusal::Policy {
+                    policy: policy.as_deref().map(str::to_owned),
                 };
-                (r, outcome)
+                warn!(conn_id, %peer, peer_identity = %peer_id, reason = %why, "hbone rejected");
             }
-            Supervised::Revoked { .. } => (
-                hbone::PumpResult::default(),
-                "closed: no longer allowed by policy".to_owned(),
-            ),
-        };
-        let record = Record {
-            bytes_in: result.from_tunnel,
-            bytes_out: result.to_tunnel,
-            ..Record::ended(outcome)
-        };
-        log_inbound(&info, peer, conn_id, started, &record);
+            return;
+        }
+        ConnRecord {
+            conn_id: Some(conn_id),
+            transport: Transport::Hbone,
+            src_workload: info
+                .src_workload
+                .and_then(|id| self.registry.by_id(id))
+                .map(|w| w.key()),
+            src_identity: Some(info.src_identity.to_string()),
+            src_addr: info.src_addr,
+            peer: Some(peer),
+            dst: info.dst,
+            dst_workload: Some(info.dst_name.clone()),
+            dst_identity: Some(served.1.to_string()),
+            generation: None,
+            duration_ms: started.elapsed().as_millis() as u64,
+            carried: done.carried,
+        }
+        .log(RecordKind::Inbound);
     }
 
     /// The source workload and address a `Forwarded` claim names, if the address belongs to a
@@ -470,53 +441,6 @@ impl Ctx {
         }
     }
 
-    /// A tunnel whose requests are authorized one by one (HTTP port, request-level policy).
-    async fn serve_l7(
-        &self,
-        connect: hbone::ConnectRequest,
-        info: ConnInfo,
-        peer: SocketAddr,
-        conn_id: u64,
-        started: Instant,
-    ) {
-        let _active = self.metrics.active(Direction::Inbound);
-        let tunnel = match hbone::accept(connect) {
-            Ok(t) => t,
-            Err(e) => {
-                self.metrics.hbone_stream(Side::Server, Outcome::Error);
-                debug!(conn_id, error = %e, "answering CONNECT failed");
-                return;
-            }
-        };
-        self.metrics.hbone_stream(Side::Server, Outcome::Ok);
-        let stream = hbone::TunnelStream::new(tunnel);
-        let source = info.src_addr.map_or(peer.ip(), |a| a.ip());
-        let limits = super::l7_limits(
-            &self.admission,
-            Direction::Inbound,
-            source,
-            self.path_normalization,
-        );
-        let outcome = super::l7_serve(
-            stream,
-            &self.source,
-            self.cfg.connect_timeout,
-            self.enforcer(),
-            &info,
-            conn_id,
-            limits,
-        )
-        .await;
-        let record = Record {
-            requests: Some(outcome.requests),
-            denied: Some(outcome.denied),
-            bytes_in: outcome.bytes_in,
-            bytes_out: outcome.bytes_out,
-            outcome: outcome.outcome,
-        };
-        log_inbound(&info, peer, conn_id, started, &record);
-    }
-
     fn refuse(
         &self,
         respond: SendResponse<Bytes>,
@@ -529,45 +453,4 @@ impl Ctx {
         warn!(conn_id, %peer, peer_identity = %peer_id, reason = %why, "hbone rejected");
         hbone::reject(respond, why.status());
     }
-}
-
-/// How a tunnel went, for its `inbound` record.
-struct Record {
-    /// HTTP requests seen and denied (tunnels under request-level policy only).
-    requests: Option<u64>,
-    denied: Option<u64>,
-    bytes_in: u64,
-    bytes_out: u64,
-    outcome: String,
-}
-
-impl Record {
-    fn ended(outcome: String) -> Self {
-        Self {
-            requests: None,
-            denied: None,
-            bytes_in: 0,
-            bytes_out: 0,
-            outcome,
-        }
-    }
-}
-
-/// One `inbound` record per tunnel: who (verified), from where, to what, how it went.
-fn log_inbound(info: &ConnInfo, peer: SocketAddr, conn_id: u64, started: Instant, r: &Record) {
-    info!(
-        conn_id,
-        peer_identity = %info.src_identity,
-        src_addr = %peer,
-        orig_src = info.src_addr.map(tracing::field::display),
-        dst = %info.dst,
-        dst_workload = %info.dst_name,
-        requests = r.requests,
-        denied = r.denied,
-        bytes_in = r.bytes_in,
-        bytes_out = r.bytes_out,
-        duration_ms = started.elapsed().as_millis() as u64,
-        outcome = %r.outcome,
-        "inbound"
-    );
 }

@@ -80,7 +80,7 @@ pub enum HeaderFields<'a> {
     H2(&'a http::HeaderMap),
 }
 
-impl crate::policy::maps::RequestHeaders for HeaderFields<'_> {
+impl crate::policy::RequestHeaders for HeaderFields<'_> {
     fn for_each_value(&self, name: &str, f: &mut dyn FnMut(&[u8])) {
         match self {
             Self::Http1(fields) => fields
@@ -92,27 +92,19 @@ impl crate::policy::maps::RequestHeaders for HeaderFields<'_> {
     }
 }
 
-/// The decision on one request.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    Allow,
-    /// `policy` is the deciding policy's `ns/name`, when there is one (for the caller's logs).
-    Deny {
-        policy: Option<String>,
-    },
-}
+pub use crate::policy::RequestVerdict;
 
 /// Decides requests. Called once per request, at request-head time, before anything of the
 /// request reaches the pod; it may consult a policy snapshot that changes between requests.
 pub trait Authorize: Send + Sync {
-    fn authorize(&self, req: &RequestView<'_>) -> Verdict;
+    fn authorize(&self, req: &RequestView<'_>) -> RequestVerdict;
 }
 
 impl<F> Authorize for F
 where
-    F: Fn(&RequestView<'_>) -> Verdict + Send + Sync,
+    F: Fn(&RequestView<'_>) -> RequestVerdict + Send + Sync,
 {
-    fn authorize(&self, req: &RequestView<'_>) -> Verdict {
+    fn authorize(&self, req: &RequestView<'_>) -> RequestVerdict {
         self(req)
     }
 }

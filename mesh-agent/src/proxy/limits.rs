@@ -40,6 +40,7 @@ use std::{
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
+use super::listen::Backoff;
 use crate::metrics::{Direction, Metrics, RefusalReason};
 
 /// Descriptors kept out of the connection budget whatever the limit: listeners, admin
@@ -54,9 +55,6 @@ pub const MIN_DERIVED_CONNECTIONS: usize = 16;
 pub const DEFAULT_PENDING_HEADS_PER_SOURCE: usize = 256;
 /// Default time from a request head's first byte (or a connection's start) to its end.
 pub const DEFAULT_HEAD_TIMEOUT_SECS: u64 = 10;
-/// Pause after an accept error that leaves the connection queued (out of descriptors or
-/// memory): the listener stays readable, so retrying at once would spin.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// At most one log line per proxy and refusal reason in this interval.
 const LOG_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -585,18 +583,28 @@ pub enum Accepted {
     Refused(TcpStream, SocketAddr),
 }
 
-/// Accepts the next connection of `listener` for `proxy` and takes its slot. Accept errors
-/// never end the loop: descriptor exhaustion (`EMFILE`, `ENFILE`) is counted
+/// Accepts the next connection of any of `listeners` for `proxy` and takes its slot. Accept
+/// errors never end the loop: descriptor exhaustion (`EMFILE`, `ENFILE`) is counted
 /// (`reason="fd_limit"`), the pending connection is accepted with the reserve descriptor and
-/// reset, and the loop backs off when that is not possible; other errors are logged
-/// (rate-limited) and backed off.
+/// reset, and the loop backs off ([`Backoff`]) when that is not possible; other errors are
+/// logged (rate-limited) and backed off.
 pub async fn accept(
-    listener: &TcpListener,
+    listeners: &[TcpListener],
     admission: &Arc<Admission>,
     proxy: Direction,
 ) -> Accepted {
+    let mut backoff = Backoff::default();
     loop {
-        match listener.accept().await {
+        let (which, accepted) = std::future::poll_fn(|cx| {
+            for (i, l) in listeners.iter().enumerate() {
+                if let std::task::Poll::Ready(r) = l.poll_accept(cx) {
+                    return std::task::Poll::Ready((i, r));
+                }
+            }
+            std::task::Poll::Pending
+        })
+        .await;
+        match accepted {
             Ok((stream, peer)) => {
                 return match admission.admit(proxy, peer) {
                     Ok(slot) => Accepted::Admitted(stream, peer, slot),
@@ -606,14 +614,14 @@ pub async fn accept(
             Err(e) if is_fd_exhaustion(&e) => {
                 // accept() fails so before it looks at the queue: refuse what is pending
                 // with the reserve descriptor, else wait (without spinning) for a descriptor.
-                if refuse_with_spare(listener, admission).await {
+                if refuse_with_spare(&listeners[which], admission).await {
                     admission.refuse(proxy, RefusalReason::FdLimit, admission.in_use(), None);
                     continue;
                 }
                 if let Some(suppressed) = admission.accept_errors.allow() {
                     warn!(proxy = proxy.as_str(), error = %e, suppressed, "accept failed: backing off");
                 }
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                backoff.wait().await;
             }
             // The peer gave up before we accepted: nothing to do.
             Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {
@@ -623,7 +631,7 @@ pub async fn accept(
                 if let Some(suppressed) = admission.accept_errors.allow() {
                     warn!(proxy = proxy.as_str(), error = %e, suppressed, "accept failed");
                 }
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                backoff.wait().await;
             }
         }
     }

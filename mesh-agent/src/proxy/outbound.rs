@@ -22,30 +22,46 @@ use std::{
 
 use std::collections::HashMap;
 
+use mesh_common::{ConnKey, OrigDst};
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
     sync::watch,
-    task::JoinSet,
 };
-use tracing::{debug, info, warn};
+use tracing::warn;
 
 use super::{
-    authz::{self, ConnInfo, ConnVerdict, Policies, Supervised},
-    conn_key, connect_from, hbone,
-    l7::normalize::PathNormalization,
+    conn_key,
+    copy::{self, Counters, Far},
+    destination::{Destination, Downstream, Turned},
     limits::{self, Accepted, Admission, Guard, SourceKey},
-    orig_dst_addr,
+    listen, orig_dst_addr,
     pool::{Pool, PoolConfig, PoolError},
-    ConnectError, Identities, ProxyDeps, SourceAddrs,
+    record::{Carried, ConnRecord, Outcome, RecordKind, Transport},
+    ConnectError, Identities, ProxyDeps,
 };
 use crate::{
     bpf::Dataplane,
     identity::IdentityError,
-    metrics::{DenialSide, Direction, Metrics},
+    metrics::{Direction, Metrics},
+    policy::ConnInfo,
     registry::Registry,
     tls::SpiffeId,
 };
+
+/// Where the kernel recorded each captured connection's original destination (sock_ops
+/// writes `mesh_conn_dst`; the [`Dataplane`] reads it). A trait so the proxies run in one
+/// process in tests, with a table filled by the test.
+pub trait OrigDsts: Send + Sync + 'static {
+    /// Takes (reads and removes) the record of the connection `key`.
+    fn take_orig_dst(&self, key: &ConnKey) -> Option<OrigDst>;
+}
+
+impl OrigDsts for Dataplane {
+    fn take_orig_dst(&self, key: &ConnKey) -> Option<OrigDst> {
+        Dataplane::take_orig_dst(self, key)
+    }
+}
 
 /// Tunables of the outbound proxy.
 #[derive(Clone, Debug)]
@@ -76,10 +92,6 @@ struct MeshView {
     node: String,
     /// Every node's HBONE address (`address:15008`), by node name.
     peers: HashMap<String, SocketAddr>,
-    /// The agent's own upstream source addresses.
-    source: SourceAddrs,
-    /// For same-node HTTP ports.
-    path_normalization: PathNormalization,
 }
 
 /// The outbound proxy: its listeners and what it needs per connection.
@@ -89,7 +101,7 @@ pub struct Outbound {
 }
 
 struct Ctx {
-    dataplane: Arc<Dataplane>,
+    orig_dsts: Arc<dyn OrigDsts>,
     registry: Arc<Registry>,
     /// Workload identities, indexed by workload id − 1.
     identities_by_id: Vec<Option<SpiffeId>>,
@@ -97,27 +109,11 @@ struct Ctx {
     view: MeshView,
     pool: Pool,
     metrics: Arc<Metrics>,
-    /// Destination policy, enforced here for same-node connections (no inbound hop).
-    policies: Policies,
+    /// The destination side of same-node connections (no inbound hop).
+    dest: Destination,
     cfg: OutboundConfig,
     next_id: AtomicU64,
     admission: Arc<Admission>,
-}
-
-/// How a connection was carried.
-#[derive(Clone, Copy, Debug)]
-enum Transport {
-    Hbone,
-    Local,
-}
-
-impl Transport {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Hbone => "hbone",
-            Self::Local => "local",
-        }
-    }
 }
 
 /// Why a captured connection was not carried through.
@@ -141,14 +137,6 @@ enum FlowError {
     Connect(#[from] ConnectError),
     #[error(transparent)]
     Tunnel(#[from] PoolError),
-    #[error("tunnel: {0}")]
-    Pump(#[source] hbone::HboneError),
-    #[error("denied by policy {}", policy.as_deref().unwrap_or("(no ALLOW policy matched)"))]
-    Denied { policy: Option<String> },
-    #[error("closed: no longer allowed by policy")]
-    Revoked,
-    #[error("{0}")]
-    L7(String),
     #[error("refused: {0}")]
     OverLimit(#[from] limits::Refused),
 }
@@ -159,45 +147,40 @@ impl Outbound {
     /// `peers`: every node's HBONE address (`address:15008`), by node name.
     pub fn new(
         listeners: Vec<TcpListener>,
-        dataplane: Arc<Dataplane>,
+        orig_dsts: Arc<dyn OrigDsts>,
         deps: ProxyDeps,
         peers: HashMap<String, SocketAddr>,
         cfg: OutboundConfig,
     ) -> Self {
+        let dest = deps.destination(cfg.connect_timeout);
         let ProxyDeps {
             node,
             registry,
             identities,
             trust_domain,
             metrics,
-            policies,
             source,
             admission,
-            path_normalization,
+            ..
         } = deps;
         let identities_by_id = registry
             .workloads
             .iter()
             .map(|w| w.identity(&trust_domain).ok())
             .collect();
-        let view = MeshView {
-            node,
-            peers,
-            source,
-            path_normalization,
-        };
-        let pool = Pool::new(cfg.pool.clone(), view.source, Arc::clone(&metrics));
+        let view = MeshView { node, peers };
+        let pool = Pool::new(cfg.pool.clone(), source, Arc::clone(&metrics));
         Self {
             listeners,
             ctx: Arc::new(Ctx {
-                dataplane,
+                orig_dsts,
                 registry,
                 identities_by_id,
                 identities,
                 view,
                 pool,
                 metrics,
-                policies,
+                dest,
                 cfg,
                 next_id: AtomicU64::new(1),
                 admission,
@@ -205,80 +188,68 @@ impl Outbound {
         }
     }
 
-    /// Accepts until `shutdown` turns true, then drains in-flight
-    /// connections for up to `drain_timeout`.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut accepts = JoinSet::new();
-        let (conn_tx, mut conn_rx) =
-            tokio::sync::mpsc::channel::<(TcpStream, SocketAddr, Guard)>(1024);
-        for listener in self.listeners {
-            let tx = conn_tx.clone();
-            let ctx = Arc::clone(&self.ctx);
-            accepts.spawn(async move {
-                loop {
-                    match limits::accept(&listener, &ctx.admission, Direction::Outbound).await {
-                        Accepted::Admitted(stream, peer, slot) => {
-                            if tx.send((stream, peer, slot)).await.is_err() {
-                                return;
-                            }
-                        }
-                        Accepted::Refused(stream, peer) => ctx.refuse(stream, peer),
-                    }
+    /// Accepts until `shutdown` turns true, then drains in-flight connections for up to
+    /// `drain_timeout`. Pooled HBONE connections are swept meanwhile (idle ones, and those
+    /// whose peer certificate was revoked).
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        let ctx = self.ctx;
+        let maintenance = tokio::spawn(Arc::clone(&ctx).maintain_pool(shutdown.clone()));
+        let listeners = self.listeners;
+        listen::accept_loop(
+            || limits::accept(&listeners, &ctx.admission, Direction::Outbound),
+            shutdown,
+            ctx.cfg.drain_timeout,
+            "connections",
+            |accepted| match accepted {
+                Accepted::Admitted(stream, peer, slot) => {
+                    let ctx = Arc::clone(&ctx);
+                    Some(async move { ctx.handle(stream, peer, slot).await })
                 }
-            });
-        }
-        drop(conn_tx);
-
-        let mut flows = JoinSet::new();
-        let mut revocations = self.ctx.identities.revocations();
-        let mut watching_revocations = true;
-        let mut sweep = tokio::time::interval(self.ctx.cfg.sweep_interval);
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => break,
-                changed = revocations.changed(), if watching_revocations => {
-                    match changed {
-                        Ok(()) => {
-                            self.ctx.pool.sweep(&self.ctx.identities.trust());
-                        }
-                        // The identity layer is gone (shutdown): nothing more to watch.
-                        Err(_) => watching_revocations = false,
-                    }
+                Accepted::Refused(stream, peer) => {
+                    ctx.refuse(stream, peer);
+                    None
                 }
-                _ = sweep.tick() => {
-                    self.ctx.pool.sweep(&self.ctx.identities.trust());
-                }
-                next = conn_rx.recv() => match next {
-                    Some((stream, peer, slot)) => {
-                        let ctx = Arc::clone(&self.ctx);
-                        flows.spawn(async move { ctx.handle(stream, peer, slot).await });
-                    }
-                    None => break,
-                },
-                Some(_) = flows.join_next(), if !flows.is_empty() => {}
-            }
-        }
-        accepts.abort_all();
-        let active = flows.len();
-        if active > 0 {
-            info!(
-                active,
-                drain_ms = self.ctx.cfg.drain_timeout.as_millis() as u64,
-                "draining"
-            );
-        }
-        super::drain(&mut flows, self.ctx.cfg.drain_timeout, "connections").await;
-        self.ctx.pool.close_all();
+            },
+        )
+        .await;
+        let _ = maintenance.await;
+        ctx.pool.close_all();
     }
 }
 
 impl Ctx {
+    /// Sweeps the pool every `sweep_interval` and at every revocation, until `shutdown`.
+    async fn maintain_pool(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut revocations = self.identities.revocations();
+        let mut watching_revocations = true;
+        let mut sweep = tokio::time::interval(self.cfg.sweep_interval);
+        loop {
+            tokio::select! {
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        return;
+                    }
+                }
+                changed = revocations.changed(), if watching_revocations => match changed {
+                    Ok(()) => {
+                        self.pool.sweep(&self.identities.trust());
+                    }
+                    // The identity layer is gone (shutdown): nothing more to watch.
+                    Err(_) => watching_revocations = false,
+                },
+                _ = sweep.tick() => {
+                    self.pool.sweep(&self.identities.trust());
+                }
+            }
+        }
+    }
+
     /// A connection refused by the limits (already counted and logged): its kernel record is
     /// dropped and it is reset.
     fn refuse(&self, client: TcpStream, peer: SocketAddr) {
         if let Ok(local) = client.local_addr() {
             let _ = self
-                .dataplane
+                .orig_dsts
                 .take_orig_dst(&conn_key(canonical(peer), canonical(local)));
         }
         limits::reset(client);
@@ -296,7 +267,7 @@ impl Ctx {
         };
         let peer = canonical(peer);
         let local = canonical(local);
-        let Some(orig) = self.dataplane.take_orig_dst(&conn_key(peer, local)) else {
+        let Some(orig) = self.orig_dsts.take_orig_dst(&conn_key(peer, local)) else {
             // Not captured by our programs (or the record was lost): refuse
             // rather than guess where it was going.
             log_refused(conn_id, peer, &FlowError::NoOrigDst);
@@ -323,30 +294,30 @@ impl Ctx {
             limits::reset(client);
             return;
         }
-        let duration_ms = started.elapsed().as_millis() as u64;
-        let (sent, received, outcome) = match result {
-            Ok((sent, received)) => (sent, received, "ok".to_owned()),
-            Err(e) => (0, 0, e.to_string()),
-        };
-        info!(
-            conn_id,
-            src_workload = %src_workload,
-            src_identity = %src_identity,
-            src_addr = %peer,
-            orig_dst = %dst,
-            dst_workload = %dst_workload,
-            dst_identity = %dst_identity,
-            transport = transport.as_str(),
-            bytes_sent = sent,
-            bytes_received = received,
-            duration_ms,
-            outcome,
-            "flow"
-        );
+        let carried = result.unwrap_or_else(|e| {
+            Carried::nothing(match e {
+                FlowError::Connect(_) | FlowError::Tunnel(_) => Outcome::Failed(e.to_string()),
+                e => Outcome::Refused(e.to_string()),
+            })
+        });
+        ConnRecord {
+            conn_id: Some(conn_id),
+            transport,
+            src_workload: Some(src_workload),
+            src_identity: Some(src_identity),
+            src_addr: Some(peer),
+            peer: Some(peer),
+            dst,
+            dst_workload: Some(dst_workload),
+            dst_identity: Some(dst_identity),
+            generation: None,
+            duration_ms: started.elapsed().as_millis() as u64,
+            carried,
+        }
+        .log(RecordKind::Flow);
     }
 
-    /// Carries one connection; the transport chosen and the byte counts
-    /// (client→destination, destination→client).
+    /// Carries one connection: the transport chosen and how it went.
     async fn carry(
         &self,
         client: &mut TcpStream,
@@ -354,7 +325,7 @@ impl Ctx {
         dst: SocketAddr,
         local: SocketAddr,
         conn_id: u64,
-    ) -> (Transport, Result<(u64, u64), FlowError>) {
+    ) -> (Transport, Result<Carried, FlowError>) {
         if canonical(dst) == local {
             return (Transport::Local, Err(FlowError::Loop));
         }
@@ -381,9 +352,9 @@ impl Ctx {
         )
     }
 
-    /// A same-node connection: this agent is also the destination side, so it enforces the
-    /// destination's policy (L4 with the kernel-attested source, L7 on HTTP ports) before the
-    /// bytes reach the pod.
+    /// A same-node connection: this agent is also the destination side, so it serves it as
+    /// the destination ([`Destination::serve`]: the destination's policy, L4 with the
+    /// kernel-attested source, L7 on HTTP ports) before the bytes reach the pod.
     async fn carry_local(
         &self,
         client: &mut TcpStream,
@@ -391,7 +362,7 @@ impl Ctx {
         dst_w: &crate::registry::Workload,
         dst: SocketAddr,
         conn_id: u64,
-    ) -> Result<(u64, u64), FlowError> {
+    ) -> Result<Carried, FlowError> {
         let src_identity = self.identity(orig.src_workload_id)?.clone();
         let src_addr = client.peer_addr().ok().map(canonical);
         let info = ConnInfo {
@@ -401,62 +372,16 @@ impl Ctx {
             dst: canonical(dst),
             dst_workload: dst_w.id,
             dst_name: dst_w.key(),
-            http: super::is_http_port(dst_w, dst.port()),
+            http: dst_w.is_http_port(dst.port()),
         };
-        let enforcer = authz::Enforcer {
-            policies: &self.policies,
-            metrics: &self.metrics,
-            side: DenialSide::Local,
-        };
-        match authz::decide(enforcer, &info) {
-            ConnVerdict::Allow => {}
-            ConnVerdict::PerRequest if info.http => {
-                let _upstream_slot = self.admission.admit(Direction::Outbound, dst)?;
-                let source = src_addr.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |a| a.ip());
-                let limits = super::l7_limits(
-                    &self.admission,
-                    Direction::Outbound,
-                    source,
-                    self.view.path_normalization,
-                );
-                // Boxed: the L7 state is large, and only L7 connections should pay for it.
-                let out = Box::pin(super::l7_serve(
-                    client,
-                    &self.view.source,
-                    self.cfg.connect_timeout,
-                    enforcer,
-                    &info,
-                    conn_id,
-                    limits,
-                ))
-                .await;
-                return if out.outcome == "ok" {
-                    Ok((out.bytes_in, out.bytes_out))
-                } else {
-                    Err(FlowError::L7(out.outcome))
-                };
-            }
-            ConnVerdict::PerRequest => return Err(FlowError::Denied { policy: None }),
-            ConnVerdict::Deny { policy } => return Err(FlowError::Denied { policy }),
-        }
-        // The pod connection this agent opens is a descriptor of the budget too.
-        let _upstream_slot = self.admission.admit(Direction::Outbound, dst)?;
-        let mut upstream = Box::pin(connect_from(
-            &self.view.source,
-            dst,
-            self.cfg.connect_timeout,
-        ))
-        .await?;
-        let copy = super::copy::bidirectional(client, &mut upstream);
-        match authz::supervise(self.policies.clone(), &info, conn_id, copy).await {
-            Supervised::Done(copied) => {
-                if let Some(e) = &copied.error {
-                    // A reset mid-stream is an ordinary end for a TCP flow.
-                    debug!(error = %e, "copy ended with error");
-                }
-                Ok((copied.a_to_b, copied.b_to_a))
-            }
-            Supervised::Revoked { .. } => Err(FlowError::Revoked),
+        let l7_source = src_addr.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |a| a.ip());
+        match self
+            .dest
+            .serve(Downstream::Local(client), &info, l7_source, conn_id)
+            .await
+        {
+            Ok(served) => Ok(served.carried),
+            Err(Turned::OverLimit(e)) => Err(FlowError::OverLimit(e)),
         }
     }
 
@@ -466,7 +391,7 @@ impl Ctx {
         orig: &mesh_common::OrigDst,
         dst_node: &str,
         dst: SocketAddr,
-    ) -> Result<(u64, u64), FlowError> {
+    ) -> Result<Carried, FlowError> {
         let src_id = self.identity(orig.src_workload_id)?;
         let dst_id = self.identity(orig.dst_workload_id)?;
         let peer = *self
@@ -492,11 +417,16 @@ impl Ctx {
             client.peer_addr().ok().map(canonical),
         ))
         .await?;
-        let result = hbone::pump(client, tunnel).await;
-        match result.error {
-            None => Ok((result.to_tunnel, result.from_tunnel)),
-            Some(e) => Err(FlowError::Pump(e)),
-        }
+        let counts = Counters::default();
+        let copied = copy::bidirectional(client, Far::Tunnel(tunnel), &counts).await;
+        Ok(Carried {
+            bytes_sent: counts.sent(),
+            bytes_received: counts.received(),
+            ..Carried::nothing(match copied {
+                Ok(()) => Outcome::Ok,
+                Err(e) => Outcome::Failed(format!("tunnel: {e}")),
+            })
+        })
     }
 
     fn identity(&self, id: u32) -> Result<&SpiffeId, FlowError> {

@@ -25,7 +25,7 @@ use tokio::{
 
 use super::{
     normalize::{split_target, Normalizer, PathNormalization},
-    Authorize, ClientIo, L7Error, L7Limits, L7Stats, RequestView, Side, Verdict, DENY_BODY,
+    Authorize, ClientIo, L7Error, L7Limits, L7Stats, RequestVerdict, RequestView, Side, DENY_BODY,
 };
 
 const STREAM_WINDOW: u32 = 256 * 1024;
@@ -264,7 +264,7 @@ fn decide(
         host: authority.or(host_header),
         headers: super::HeaderFields::H2(req.headers()),
     };
-    if let Verdict::Deny { .. } = authz.authorize(&view) {
+    if let RequestVerdict::Deny = authz.authorize(&view) {
         return Decision::Deny;
     }
     if path == target.path {

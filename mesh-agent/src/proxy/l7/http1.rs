@@ -19,8 +19,8 @@ use tokio::{
 
 use super::{
     normalize::{split_target, Normalizer},
-    Authorize, ClientIo, L7Error, L7Limits, L7Stats, RequestView, Side, Verdict, MAX_HEADERS_CAP,
-    READ_CHUNK,
+    Authorize, ClientIo, L7Error, L7Limits, L7Stats, RequestVerdict, RequestView, Side,
+    MAX_HEADERS_CAP, READ_CHUNK,
 };
 
 const DENIED: &[u8] = b"HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\n\
@@ -452,7 +452,7 @@ fn parse_request(
         host,
         headers: super::HeaderFields::Http1(req.headers),
     };
-    let allowed = matches!(authz.authorize(&view), Verdict::Allow);
+    let allowed = matches!(authz.authorize(&view), RequestVerdict::Allow);
 
     out.clear();
     if allowed {
@@ -987,7 +987,7 @@ mod tests {
     }
 
     fn parse(raw: &[u8]) -> Result<Option<ReqHead>, L7Error> {
-        let allow = |_: &RequestView<'_>| Verdict::Allow;
+        let allow = |_: &RequestView<'_>| RequestVerdict::Allow;
         parse_request(
             raw,
             &allow,

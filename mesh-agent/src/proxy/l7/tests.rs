@@ -38,18 +38,16 @@ impl Policy {
 }
 
 impl Authorize for Policy {
-    fn authorize(&self, req: &RequestView<'_>) -> Verdict {
+    fn authorize(&self, req: &RequestView<'_>) -> RequestVerdict {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.seen
             .lock()
             .unwrap()
             .push((req.path.to_owned(), req.host.map(str::to_owned)));
         if self.flip.load(Ordering::SeqCst) || req.path.starts_with("/deny") {
-            Verdict::Deny {
-                policy: Some("ns/deny".into()),
-            }
+            RequestVerdict::Deny
         } else {
-            Verdict::Allow
+            RequestVerdict::Allow
         }
     }
 }

@@ -268,7 +268,7 @@ async fn past_the_cap_a_connection_is_reset_at_once() {
         tokio::spawn(async move {
             let mut held = Vec::new();
             loop {
-                match accept(&listener, &a, Direction::Outbound).await {
+                match accept(std::slice::from_ref(&listener), &a, Direction::Outbound).await {
                     Accepted::Admitted(s, _, g) => held.push((s, g)),
                     Accepted::Refused(s, _) => reset(s),
                 }
@@ -354,7 +354,7 @@ fn accept_survives_descriptor_exhaustion() {
             tokio::spawn(async move {
                 let mut held = Vec::new();
                 loop {
-                    match accept(&listener, &a, Direction::Inbound).await {
+                    match accept(std::slice::from_ref(&listener), &a, Direction::Inbound).await {
                         Accepted::Admitted(s, _, g) => held.push((s, g)),
                         Accepted::Refused(s, _) => reset(s),
                     }
@@ -392,7 +392,7 @@ fn accept_survives_descriptor_exhaustion() {
 /// (408), and the count returns to zero.
 #[tokio::test]
 async fn l7_half_sent_heads_are_capped_per_source_and_time_out() {
-    use crate::proxy::l7::{self, L7Limits, RequestView, Verdict};
+    use crate::proxy::l7::{self, L7Limits, RequestVerdict, RequestView};
     use tokio::io::{duplex, AsyncWriteExt, DuplexStream};
 
     let (a, metrics) = admission(100, 100, 2);
@@ -406,7 +406,7 @@ async fn l7_half_sent_heads_are_capped_per_source_and_time_out() {
     let open = |limits: L7Limits| {
         let (client, server) = duplex(16 * 1024);
         tokio::spawn(async move {
-            let allow = |_: &RequestView<'_>| Verdict::Allow;
+            let allow = |_: &RequestView<'_>| RequestVerdict::Allow;
             let no_upstream =
                 || async { Err::<DuplexStream, _>(io::Error::other("no upstream in this test")) };
             l7::serve(server, no_upstream, &allow, &limits).await

@@ -1,0 +1,476 @@
+//! The destination side of every connection, whichever way it arrived: an HBONE tunnel from
+//! another node's agent ([`super::inbound`]) or a same-node connection
+//! ([`super::outbound`]). Both call [`Destination::serve`] with the connection's facts; it
+//! decides (L4, with the verified source), then either serves the connection request by
+//! request (HTTP ports, [`super::l7`]) or connects to the pod and copies, under supervision
+//! (a new policy generation that denies it closes it), and returns how it ended with the
+//! bytes moved — counted live, so right on every outcome. Denials are logged and counted
+//! here (`connection denied`, `mesh_policy_denials_total`).
+
+use std::{future::Future, net::IpAddr, sync::Arc, time::Duration};
+
+use http::StatusCode;
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use super::{
+    connect_from,
+    copy::{self, Counters, Far},
+    hbone,
+    l7::{self, normalize::PathNormalization},
+    limits::{self, Admission},
+    record::{Carried, Outcome},
+    SourceAddrs,
+};
+use crate::{
+    metrics::{DenialSide, Direction, Metrics, Outcome as StreamOutcome, PolicyLayer, Side},
+    policy::{
+        Authorizer, ConnDecision, ConnInfo, ConnVerdict, Policies, RequestAttrs, RequestVerdict,
+    },
+};
+
+/// What the destination side needs (shared by both proxies).
+#[derive(Clone)]
+pub struct Destination {
+    pub policies: Policies,
+    pub metrics: Arc<Metrics>,
+    pub admission: Arc<Admission>,
+    /// The node's mesh source addresses (upstream sockets bind them).
+    pub source: SourceAddrs,
+    /// How long the pod may take to accept.
+    pub connect_timeout: Duration,
+    /// How request paths on HTTP ports are normalized before L7 policy and forwarding.
+    pub path_normalization: PathNormalization,
+}
+
+/// The client side of a connection at its destination.
+pub enum Downstream<'a> {
+    /// A same-node connection: the captured socket itself.
+    Local(&'a mut TcpStream),
+    /// An HBONE CONNECT, not answered yet (refused with a status, or accepted as a tunnel).
+    Hbone(hbone::ConnectRequest),
+}
+
+impl Downstream<'_> {
+    fn side(&self) -> DenialSide {
+        match self {
+            Self::Local(_) => DenialSide::Local,
+            Self::Hbone(_) => DenialSide::Inbound,
+        }
+    }
+
+    fn proxy(&self) -> Direction {
+        match self {
+            Self::Local(_) => Direction::Outbound,
+            Self::Hbone(_) => Direction::Inbound,
+        }
+    }
+}
+
+/// How a connection went at its destination.
+#[derive(Debug)]
+pub struct Served {
+    pub carried: Carried,
+    /// Refused before anything was carried (an HBONE stream was answered with an error
+    /// status; a same-node connection is closed by its caller).
+    pub refused: bool,
+}
+
+impl Served {
+    fn refused(outcome: Outcome) -> Self {
+        Self {
+            carried: Carried::nothing(outcome),
+            refused: true,
+        }
+    }
+
+    fn carried(carried: Carried) -> Self {
+        Self {
+            carried,
+            refused: false,
+        }
+    }
+}
+
+/// Why a destination connection was turned away before being served.
+#[derive(Debug)]
+pub enum Turned {
+    /// Over the connection budget (counted and logged by the limits): no record.
+    OverLimit(limits::Refused),
+}
+
+impl Destination {
+    /// Serves one connection at its destination: decide → L7 or connect → copy under
+    /// supervision. `l7_source` is the address whose share of pending request heads the
+    /// connection takes.
+    pub async fn serve(
+        &self,
+        down: Downstream<'_>,
+        info: &ConnInfo,
+        l7_source: IpAddr,
+        conn_id: u64,
+    ) -> Result<Served, Turned> {
+        let enforcer = Enforcer {
+            policies: &self.policies,
+            metrics: &self.metrics,
+            side: down.side(),
+        };
+        let decision = decide(enforcer, info);
+        let policy = match decision.verdict {
+            ConnVerdict::Allow => None,
+            ConnVerdict::PerRequest if info.http => None,
+            ConnVerdict::Deny => Some(decision.policy),
+            // Request-level rules on a port that is not HTTP: nothing can satisfy them.
+            ConnVerdict::PerRequest => Some(None),
+        };
+        if let Some(policy) = policy {
+            if let Downstream::Hbone(connect) = down {
+                self.reject(connect, StatusCode::FORBIDDEN);
+            }
+            return Ok(Served::refused(Outcome::Denied { policy }));
+        }
+        // A same-node pod connection this agent opens is a descriptor of the budget too (an
+        // HBONE tunnel took its slot when it was accepted).
+        let _upstream_slot = match &down {
+            Downstream::Local(_) => Some(
+                self.admission
+                    .admit(Direction::Outbound, info.dst)
+                    .map_err(Turned::OverLimit)?,
+            ),
+            Downstream::Hbone(_) => None,
+        };
+        let _active =
+            matches!(down, Downstream::Hbone(_)).then(|| self.metrics.active(Direction::Inbound));
+        if decision.verdict == ConnVerdict::PerRequest {
+            // Boxed: the L7 state is large, and only L7 connections should pay for it.
+            return Ok(Box::pin(self.serve_l7(down, enforcer, info, l7_source, conn_id)).await);
+        }
+        let mut upstream =
+            match Box::pin(connect_from(&self.source, info.dst, self.connect_timeout)).await {
+                Ok(s) => s,
+                Err(e) => {
+                    if let Downstream::Hbone(connect) = down {
+                        self.reject(connect, StatusCode::SERVICE_UNAVAILABLE);
+                    }
+                    return Ok(Served::carried(Carried::nothing(Outcome::Failed(
+                        e.to_string(),
+                    ))));
+                }
+            };
+        let counts = Counters::default();
+        let (copied, local) = match down {
+            Downstream::Local(client) => {
+                let copy = copy::bidirectional(client, Far::Tcp(&mut upstream), &counts);
+                (self.supervised(info, conn_id, copy).await, true)
+            }
+            Downstream::Hbone(connect) => {
+                let Some(tunnel) = self.answer(connect, conn_id) else {
+                    return Ok(Served::refused(Outcome::Failed(
+                        "answering CONNECT failed".to_owned(),
+                    )));
+                };
+                let copy = copy::bidirectional(&mut upstream, Far::Tunnel(tunnel), &counts);
+                (self.supervised(info, conn_id, copy).await, false)
+            }
+        };
+        // Local: `near` is the client; HBONE: `near` is the pod.
+        let (bytes_sent, bytes_received) = if local {
+            (counts.sent(), counts.received())
+        } else {
+            (counts.received(), counts.sent())
+        };
+        let outcome = match copied {
+            Supervised::Done(Ok(())) => Outcome::Ok,
+            Supervised::Done(Err(e)) if local => {
+                // A reset mid-stream is an ordinary end for a same-node TCP flow.
+                debug!(conn_id, error = %e, "copy ended with error");
+                Outcome::Ok
+            }
+            Supervised::Done(Err(e)) => Outcome::Failed(e.to_string()),
+            Supervised::Revoked { .. } => Outcome::Revoked,
+        };
+        Ok(Served::carried(Carried {
+            bytes_sent,
+            bytes_received,
+            ..Carried::nothing(outcome)
+        }))
+    }
+
+    async fn supervised<T>(
+        &self,
+        info: &ConnInfo,
+        conn_id: u64,
+        work: impl Future<Output = T>,
+    ) -> Supervised<T> {
+        supervise(self.policies.clone(), info, conn_id, work).await
+    }
+
+    fn reject(&self, connect: hbone::ConnectRequest, status: StatusCode) {
+        self.metrics
+            .hbone_stream(Side::Server, StreamOutcome::Error);
+        hbone::reject(connect.respond, status);
+    }
+
+    /// Answers an HBONE CONNECT with 200: the tunnel.
+    fn answer(&self, connect: hbone::ConnectRequest, conn_id: u64) -> Option<hbone::Tunnel> {
+        match hbone::accept(connect) {
+            Ok(t) => {
+                self.metrics.hbone_stream(Side::Server, StreamOutcome::Ok);
+                Some(t)
+            }
+            Err(e) => {
+                self.metrics
+                    .hbone_stream(Side::Server, StreamOutcome::Error);
+                debug!(conn_id, error = %e, "answering CONNECT failed");
+                None
+            }
+        }
+    }
+
+    /// Serves the connection request by request, authorizing each against the generation
+    /// current at that request (a policy change applies to the next request), and forwards
+    /// allowed requests to the pod (connected lazily, from the node's mesh address). The
+    /// connection as a whole stays under supervision: a generation that denies it closes it.
+    async fn serve_l7(
+        &self,
+        down: Downstream<'_>,
+        enforcer: Enforcer<'_>,
+        info: &ConnInfo,
+        l7_source: IpAddr,
+        conn_id: u64,
+    ) -> Served {
+        let proxy = down.proxy();
+        let limits = l7::L7Limits {
+            header_timeout: self.admission.limits().head_timeout,
+            head_gate: Some(self.admission.head_gate(proxy, l7_source)),
+            path_normalization: self.path_normalization,
+            ..l7::L7Limits::default()
+        };
+        let decide = |req: &l7::RequestView<'_>| {
+            // The normalized path (no query), the authority the pod routes by.
+            let attrs = RequestAttrs {
+                method: req.method,
+                path: req.path,
+                host: req.host,
+                headers: &req.headers,
+            };
+            decide_request(enforcer, info, &attrs)
+        };
+        let (source, dst, limit) = (self.source, info.dst, self.connect_timeout);
+        let connect = move || async move {
+            connect_from(&source, dst, limit)
+                .await
+                .map_err(std::io::Error::other)
+        };
+        let mut stats = l7::L7Stats::default();
+        let result = match down {
+            Downstream::Local(client) => {
+                let work = l7::serve_with_stats(client, connect, &decide, &limits, &mut stats);
+                self.supervised(info, conn_id, work).await
+            }
+            Downstream::Hbone(connect_req) => {
+                let Some(tunnel) = self.answer(connect_req, conn_id) else {
+                    return Served::refused(Outcome::Failed("answering CONNECT failed".to_owned()));
+                };
+                let client = hbone::TunnelStream::new(tunnel);
+                let work = l7::serve_with_stats(client, connect, &decide, &limits, &mut stats);
+                self.supervised(info, conn_id, work).await
+            }
+        };
+        let outcome = match result {
+            Supervised::Done(Ok(())) => Outcome::Ok,
+            Supervised::Done(Err(e)) => Outcome::Failed(e.to_string()),
+            Supervised::Revoked { .. } => Outcome::Revoked,
+        };
+        Served::carried(Carried {
+            outcome,
+            requests: Some(stats.requests),
+            denied: Some(stats.denied),
+            bytes_sent: stats.bytes_in,
+            bytes_received: stats.bytes_out,
+        })
+    }
+}
+
+/// What enforcing at the destination needs: the policy snapshots, where denials are counted,
+/// and which side decides (`inbound` over HBONE, `local` for same-node connections).
+#[derive(Clone, Copy)]
+pub struct Enforcer<'a> {
+    pub policies: &'a Policies,
+    pub metrics: &'a Metrics,
+    pub side: DenialSide,
+}
+
+/// The connection decision under the current generation, logged and counted when it denies.
+pub fn decide(e: Enforcer<'_>, c: &ConnInfo) -> ConnDecision {
+    let snapshot = Arc::clone(&e.policies.borrow());
+    let d = snapshot.connection(c);
+    if d.verdict == ConnVerdict::Deny {
+        let policy = &d.policy;
+        e.metrics.policy_denial(PolicyLayer::L4, e.side);
+        warn!(
+            layer = "l4",
+            side = e.side.as_str(),
+            src_identity = %c.src_identity,
+            src_addr = c.src_addr.map(tracing::field::display),
+            dst = %c.dst,
+            dst_workload = %c.dst_name,
+            port = c.dst.port(),
+            policy = policy.as_deref().unwrap_or("-"),
+            generation = snapshot.generation(),
+            "connection denied"
+        );
+    }
+    d
+}
+
+/// The request decision under the current generation, logged and counted when it denies.
+pub fn decide_request(e: Enforcer<'_>, c: &ConnInfo, req: &RequestAttrs<'_>) -> RequestVerdict {
+    let snapshot = Arc::clone(&e.policies.borrow());
+    let d = snapshot.request(c, req);
+    if d.verdict == RequestVerdict::Deny {
+        let policy = &d.policy;
+        e.metrics.policy_denial(PolicyLayer::L7, e.side);
+        warn!(
+            layer = "l7",
+            side = e.side.as_str(),
+            src_identity = %c.src_identity,
+            dst = %c.dst,
+            dst_workload = %c.dst_name,
+            port = c.dst.port(),
+            method = req.method,
+            path = req.path,
+            host = req.host.unwrap_or("-"),
+            policy = policy.as_deref().unwrap_or("-"),
+            generation = snapshot.generation(),
+            "connection denied"
+        );
+    }
+    d.verdict
+}
+
+/// How a supervised connection ended.
+#[derive(Debug)]
+pub enum Supervised<T> {
+    /// The work finished by itself.
+    Done(T),
+    /// A new policy no longer allows the connection: the work was dropped (closing it).
+    Revoked { policy: Option<std::sync::Arc<str>> },
+}
+
+/// Runs `work` (a connection) until it finishes, re-checking the connection against every new
+/// policy snapshot; if one denies it, `work` is dropped — which closes the connection — and
+/// the closure is logged.
+pub async fn supervise<T>(
+    mut policies: Policies,
+    c: &ConnInfo,
+    conn_id: u64,
+    work: impl Future<Output = T>,
+) -> Supervised<T> {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => return Supervised::Done(out),
+            changed = policies.changed() => {
+                if changed.is_err() {
+                    // The publisher is gone (shutdown): finish without further checks.
+                    return Supervised::Done(work.await);
+                }
+                let snapshot = Arc::clone(&policies.borrow_and_update());
+                let d = snapshot.connection(c);
+                if d.verdict == ConnVerdict::Deny {
+                    let policy = d.policy;
+                    info!(
+                        conn_id,
+                        src_identity = %c.src_identity,
+                        dst = %c.dst,
+                        dst_workload = %c.dst_name,
+                        policy = policy.as_deref().unwrap_or("-"),
+                        generation = snapshot.generation(),
+                        "connection closed: no longer allowed"
+                    );
+                    return Supervised::Revoked { policy };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        tls::SpiffeId,
+        metrics::Metrics,
+        policy::{allow_all, PolicyView},
+    };
+    use std::time::Duration;
+    use tokio::sync::watch;
+
+    fn info() -> ConnInfo {
+        ConnInfo {
+            src_workload: Some(1),
+            src_identity: SpiffeId::parse("spiffe://td/ns/default/sa/a").unwrap(),
+            src_addr: Some("10.1.0.2:4000".parse().unwrap()),
+            dst: "10.2.0.2:8080".parse().unwrap(),
+            dst_workload: 2,
+            dst_name: "default/b".into(),
+            http: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_new_denying_snapshot_closes_live_work() {
+        let (tx, rx) = allow_all();
+        let c = info();
+        let work = tokio::time::sleep(Duration::from_secs(30));
+        let flip = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            tx.send(Arc::new(PolicyView::deny_all(2))).unwrap();
+        };
+        let (out, ()) = tokio::join!(supervise(rx, &c, 1, work), flip);
+        assert!(matches!(out, Supervised::Revoked { policy: None }));
+    }
+
+    #[tokio::test]
+    async fn an_allowing_snapshot_leaves_work_alone() {
+        let (tx, rx) = allow_all();
+        let c = info();
+        let work = async {
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            7
+        };
+        let flip = async {
+            tx.send(Arc::new(PolicyView::default())).unwrap();
+        };
+        let (out, ()) = tokio::join!(supervise(rx, &c, 1, work), flip);
+        assert!(matches!(out, Supervised::Done(7)));
+        let metrics = Metrics::new();
+        let enforcer = |policies| Enforcer {
+            policies,
+            metrics: &metrics,
+            side: DenialSide::Inbound,
+        };
+        let (_allow_tx, allow) = allow_all();
+        assert_eq!(decide(enforcer(&allow), &c).verdict, ConnVerdict::Allow);
+        let (_tx, deny) = watch::channel(Arc::new(PolicyView::deny_all(3)));
+        assert_eq!(decide(enforcer(&deny), &c).verdict, ConnVerdict::Deny);
+        let req = RequestAttrs {
+            method: "GET",
+            path: "/",
+            host: None,
+            headers: &crate::policy::engine::NoHeaders,
+        };
+        assert_eq!(
+            decide_request(enforcer(&deny), &c, &req),
+            RequestVerdict::Deny
+        );
+        let text = metrics.render();
+        for needle in [
+            r#"mesh_policy_denials_total{layer="l4",side="inbound"} 1"#,
+            r#"mesh_policy_denials_total{layer="l7",side="inbound"} 1"#,
+        ] {
+            assert!(text.contains(needle), "missing {needle} in:\n{text}");
+        }
+    }
+}
