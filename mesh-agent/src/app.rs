@@ -352,6 +352,7 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
         source,
         path_normalization: opts.path_normalization,
         admission: crate::proxy::limits::Admission::new(conn_limits, Arc::clone(&metrics)),
+        audit: Some(audit.clone()),
     };
     let outbound = Outbound::new(
         listeners,

@@ -388,6 +388,28 @@ impl AuditLog {
             .map_err(|_| AuditUnavailable)
     }
 
+    /// Records `entry` without waiting, for a decision being made. Best effort: as
+    /// [`AuditLog::emit`], always `Ok`. Fail closed: `Err` when the queue is full or the log is
+    /// down, and the caller refuses what it could not record.
+    pub fn try_record(&self, entry: Entry) -> Result<(), AuditUnavailable> {
+        if !self.shared.fail_closed {
+            self.emit(entry);
+            return Ok(());
+        }
+        if self.shared.failed.load(Ordering::Relaxed) {
+            return Err(AuditUnavailable);
+        }
+        self.tx
+            .try_send(Msg::Entry(Box::new(entry)))
+            .map_err(|_| AuditUnavailable)
+    }
+
+    /// Whether records can still be written: fail-closed callers refuse what they cannot
+    /// record once the writer failed.
+    pub fn available(&self) -> bool {
+        !self.shared.failed.load(Ordering::Relaxed)
+    }
+
     /// Records one connection decision (kind `connection`).
     pub async fn connection(&self, fields: &ConnectionFields) -> Result<(), AuditUnavailable> {
         self.record(fields.entry(Kind::Connection)).await
