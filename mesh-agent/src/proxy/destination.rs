@@ -406,56 +406,64 @@ fn connection_entry(c: &ConnInfo, fields: ConnectionFields) -> crate::audit::Ent
     .entry(crate::audit::Kind::Connection)
 }
 
-/// The audit records of one decision: the denial, or the dry-run denial and AUDIT match of
-/// what was allowed (allowed connections are recorded once, when they end, with their counts).
-fn decision_records(
-    verdict_denied: bool,
-    policy: Option<&Arc<str>>,
-    dry_run_deny: Option<&Option<Arc<str>>>,
-    audits: &[Arc<str>],
-) -> Vec<(Verdict, Option<String>)> {
-    let name = |p: Option<&Arc<str>>| p.map(|p| p.to_string());
-    if verdict_denied {
-        return vec![(Verdict::Deny, name(policy))];
+impl Enforcer<'_> {
+    /// Records one decision: the denial, or the dry-run denial and AUDIT matches of what was
+    /// allowed (an allowed connection is recorded once, when it ends, with its counts), each as
+    /// `base` with its verdict and policy. `false`: one could not be recorded under
+    /// `--audit-fail-closed` — the caller denies.
+    fn record_decision(
+        &self,
+        c: &ConnInfo,
+        denied: bool,
+        policy: Option<&Arc<str>>,
+        dry_run_deny: Option<&Option<Arc<str>>>,
+        audits: &[Arc<str>],
+        base: impl Fn() -> ConnectionFields,
+    ) -> bool {
+        if self.audit.is_none() || (!denied && dry_run_deny.is_none() && audits.is_empty()) {
+            return true;
+        }
+        let name = |p: Option<&Arc<str>>| p.map(|p| p.to_string());
+        let mut records = Vec::new();
+        if denied {
+            records.push((Verdict::Deny, name(policy)));
+        } else {
+            if let Some(would) = dry_run_deny {
+                records.push((Verdict::DryRunDeny, name(would.as_ref())));
+            }
+            records.extend(audits.iter().map(|a| (Verdict::Audit, Some(a.to_string()))));
+        }
+        records.into_iter().all(|(verdict, policy)| {
+            self.record(
+                c,
+                ConnectionFields {
+                    verdict: Some(verdict),
+                    policy,
+                    ..base()
+                },
+            )
+        })
     }
-    let mut out = Vec::new();
-    if let Some(would) = dry_run_deny {
-        out.push((Verdict::DryRunDeny, name(would.as_ref())));
-    }
-    out.extend(audits.iter().map(|a| (Verdict::Audit, Some(a.to_string()))));
-    out
 }
 
 /// The connection decision under the current generation, logged and counted when it denies.
 pub fn decide(e: Enforcer<'_>, c: &ConnInfo) -> ConnDecision {
     let snapshot = Arc::clone(&e.policies.borrow());
     let mut d = snapshot.connection(c);
-    if e.audit.is_some() {
-        // Request-level rules on a port that is not HTTP deny too (see `serve`).
-        let denied =
-            d.verdict == ConnVerdict::Deny || (d.verdict == ConnVerdict::PerRequest && !c.http);
-        let l4 = d.l4.as_ref().filter(|_| !d.per_request);
-        let audits: Vec<Arc<str>> = l4.and_then(|l| l.audit.clone()).into_iter().collect();
-        for (verdict, policy) in decision_records(
-            denied,
-            d.policy.as_ref(),
-            l4.and_then(|l| l.dry_run_deny.as_ref()),
-            &audits,
-        ) {
-            let recorded = e.record(
-                c,
-                ConnectionFields {
-                    layer: Some(Layer::L4),
-                    verdict: Some(verdict),
-                    policy,
-                    generation: Some(u64::from(d.generation)),
-                    ..ConnectionFields::default()
-                },
-            );
-            if !recorded {
-                d.verdict = ConnVerdict::Deny;
-            }
-        }
+    // Request-level rules on a port that is not HTTP deny too (see `serve`).
+    let denied =
+        d.verdict == ConnVerdict::Deny || (d.verdict == ConnVerdict::PerRequest && !c.http);
+    let l4 = d.l4.as_ref().filter(|_| !d.per_request);
+    let audits: Vec<Arc<str>> = l4.and_then(|l| l.audit.clone()).into_iter().collect();
+    let generation = d.generation;
+    let base = || ConnectionFields {
+        layer: Some(Layer::L4),
+        generation: Some(u64::from(generation)),
+        ..ConnectionFields::default()
+    };
+    let dry_run = l4.and_then(|l| l.dry_run_deny.as_ref());
+    if !e.record_decision(c, denied, d.policy.as_ref(), dry_run, &audits, base) {
+        d.verdict = ConnVerdict::Deny;
     }
     if d.verdict == ConnVerdict::Deny {
         let policy = &d.policy;
@@ -483,30 +491,24 @@ pub fn decide_request(e: Enforcer<'_>, c: &ConnInfo, req: &RequestAttrs<'_>) -> 
     if e.audit_down() {
         return RequestVerdict::Deny;
     }
-    if e.audit.is_some() {
-        for (verdict, policy) in decision_records(
-            d.verdict == RequestVerdict::Deny,
-            d.policy.as_ref(),
-            d.dry_run_deny.as_ref(),
-            &d.audit,
-        ) {
-            let recorded = e.record(
-                c,
-                ConnectionFields {
-                    layer: Some(Layer::L7),
-                    verdict: Some(verdict),
-                    policy,
-                    generation: Some(u64::from(snapshot.generation())),
-                    method: Some(req.method.to_owned()),
-                    path: Some(req.path.to_owned()),
-                    host: req.host.map(str::to_owned),
-                    ..ConnectionFields::default()
-                },
-            );
-            if !recorded {
-                d.verdict = RequestVerdict::Deny;
-            }
-        }
+    let base = || ConnectionFields {
+        layer: Some(Layer::L7),
+        generation: Some(u64::from(snapshot.generation())),
+        method: Some(req.method.to_owned()),
+        path: Some(req.path.to_owned()),
+        host: req.host.map(str::to_owned),
+        ..ConnectionFields::default()
+    };
+    let denied = d.verdict == RequestVerdict::Deny;
+    if !e.record_decision(
+        c,
+        denied,
+        d.policy.as_ref(),
+        d.dry_run_deny.as_ref(),
+        &d.audit,
+        base,
+    ) {
+        d.verdict = RequestVerdict::Deny;
     }
     if d.verdict == RequestVerdict::Deny {
         let policy = &d.policy;
