@@ -7,6 +7,7 @@ mod agent_restart_updates_programs_in_place;
 mod agent_sigkill_keeps_mesh_closed;
 mod agent_starts_while_authority_down;
 mod audit_log_records_kernel_denials_and_survives_sigkill;
+mod audit_records_l7_decisions_at_the_destination;
 mod authority_restart_does_not_interrupt_traffic;
 mod certificates_rotate_during_live_traffic;
 mod concurrent_200_connections_no_crosstalk;
