@@ -11,7 +11,7 @@ use super::service_common::{service_cluster, service_connections, vip4, PORT, TA
 fn service_endpoint_down_retried() {
     require_privileges();
     let cluster = service_cluster();
-    let _agents = cluster.start_agents();
+    let agents = cluster.start_agents();
     let a1 = cluster.pod("a1");
     let _b1 = cluster.pod("b1").serve(&[TARGET_PORT]);
     let mut a2 = Some(cluster.pod("a2").serve(&[TARGET_PORT]));
@@ -36,5 +36,23 @@ fn service_endpoint_down_retried() {
         }
     }
     assert_eq!(service_connections(&cluster, 0, "ok"), 200.0);
+    // The stopped endpoints were chosen, and replaced: both kinds of failure were retried.
+    let retried: Vec<String> = agents[0]
+        .log_lines()
+        .into_iter()
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("service endpoint failed before any byte"))
+        })
+        .map(|l| l["endpoint"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    for down in ["b2", "a2"] {
+        let addr = cluster.pod(down).addr4(TARGET_PORT).to_string();
+        assert!(
+            retried.contains(&addr),
+            "no retry away from {down} ({addr}) logged: {retried:?}"
+        );
+    }
     assert_eq!(service_connections(&cluster, 0, "failed"), 0.0);
 }
