@@ -50,6 +50,7 @@ mod rolling_upgrade_loses_no_connection;
 mod same_node_pod_to_pod_goes_through_agent;
 mod service_common;
 mod service_endpoint_down_retried;
+mod service_policy_decided_for_endpoint;
 mod service_port_not_declared_refused;
 mod service_vip_balances_across_endpoints;
 mod unenrolled_process_not_redirected;
