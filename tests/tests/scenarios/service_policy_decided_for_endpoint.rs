@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use mesh_tests::{require_privileges, Host, ServiceEntry};
 
 use super::{
-    l7_common::l7_policy,
+    l7_common::{l7_builder, l7_policy},
     policy_common::{apply, docs},
 };
 
@@ -25,13 +25,7 @@ const REQUESTS: &[(&str, bool)] = &[
 #[test]
 fn service_policy_decided_for_endpoint() {
     require_privileges();
-    let cluster = crate::cluster()
-        .nodes(2)
-        .add_pod(0, "a1")
-        .add_pod(0, "c1")
-        .add_pod(1, "b1")
-        .http_ports("b1", &[8080])
-        .http_ports("c1", &[8080])
+    let cluster = l7_builder()
         .label("b1", "svc", "api")
         .label("c1", "svc", "api")
         .service(ServiceEntry {
