@@ -21,6 +21,7 @@ pub mod listen;
 pub mod outbound;
 pub mod pool;
 pub mod record;
+pub mod services;
 
 use std::{
     net::{IpAddr, SocketAddr},
