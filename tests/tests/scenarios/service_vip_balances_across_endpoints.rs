@@ -3,6 +3,13 @@
 //! (a flow record naming the service and the chosen endpoint; HBONE for the remote endpoints,
 //! the same-node destination path for a2), and the payload never crosses the link in
 //! plaintext. The IPv6 VIP reaches the same endpoints.
+//!
+//! Two connections at a time: the balancer is load-aware (power of two choices on each
+//! endpoint's active connections), so under heavy concurrency the same-node endpoint, which
+//! finishes its connections sooner, rightly takes more than its third (measured: 49 % at 20
+//! in flight on a loaded 2-core machine). The share asked here is the spread with the load
+//! signal near equal; the preference for the less loaded endpoint is the balancer's unit
+//! test.
 
 use std::collections::BTreeMap;
 
@@ -37,7 +44,7 @@ fn service_vip_balances_across_endpoints() {
         &ClientRequest::new(vip4(PORT))
             .send(sent)
             .count(CONNECTIONS)
-            .concurrency(20),
+            .concurrency(2),
     );
     let results = run.expect_ok();
     let frames = capture.stop();
