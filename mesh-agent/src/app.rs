@@ -176,7 +176,13 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
         "configuration"
     );
     let mut signals = Signals::new()?;
-    let audit = AuditLog::start(opts.audit.config(&opts.node, &opts.state_dir()))?;
+    // Every checkpoint also goes to the authority (sent once the identity manager is up).
+    let (checkpoint_sink, checkpoint_queue) =
+        crate::audit::forward::channel(crate::audit::forward::QUEUE);
+    let audit = AuditLog::start(crate::audit::AuditConfig {
+        forward: Some(checkpoint_sink),
+        ..opts.audit.config(&opts.node, &opts.state_dir())
+    })?;
     // Raise RLIMIT_NOFILE and size the connection budget from it, before binding.
     let conn_limits = crate::proxy::limits::init(&opts.limits)?;
 
@@ -217,7 +223,7 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
     let manager = IdentityManager::start(
         ManagerConfig {
             authority: opts.authority,
-            creds,
+            creds: creds.clone(),
             workloads: local_ids.into_iter().collect(),
             lifetime: opts.cert_lifetime(),
             refresh: opts.tunables.cert_refresh(),
@@ -229,6 +235,17 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
     .await
     .map_err(|e| AppError::Identity(Box::new(e)))?;
     let identities: Arc<dyn Identities> = Arc::new(ManagerIdentities(Arc::clone(&manager)));
+    let checkpoint_forwarder = tokio::spawn(
+        checkpoint_queue.run(
+            crate::identity::AuthorityClient::new(
+                &opts.authority.to_string(),
+                &creds.chain_pem,
+                &creds.key_pem,
+                manager.trust(),
+            )
+            .map_err(|e| AppError::Identity(Box::new(e)))?,
+        ),
+    );
     let metrics = Arc::new(Metrics::new());
 
     // 4. Attach and fill the maps; undo on any failure.
@@ -426,6 +443,13 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
     while tasks.join_next().await.is_some() {}
     let _ = event_log.await;
     audit.shutdown(reason).await;
+    // The final checkpoint to the authority, if it answers soon.
+    if tokio::time::timeout(std::time::Duration::from_secs(2), checkpoint_forwarder)
+        .await
+        .is_err()
+    {
+        warn!("the final audit checkpoint could not be sent to the authority");
+    }
     let _ = generation_watcher.await;
     if let Some(w) = dir_watcher {
         let _ = w.await;

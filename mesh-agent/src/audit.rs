@@ -15,6 +15,7 @@
 //! caller can refuse what it could not record.
 
 pub mod checkpoint;
+pub mod forward;
 pub mod index;
 pub mod kernel;
 pub mod record;
@@ -68,6 +69,8 @@ pub struct AuditConfig {
     /// Callers of [`AuditLog::record`] wait for room (and fail once the log is down)
     /// instead of dropping records. Default false.
     pub fail_closed: bool,
+    /// Every checkpoint is also offered here, to be sent to the authority. Default none.
+    pub forward: Option<forward::CheckpointSink>,
 }
 
 impl AuditConfig {
@@ -82,6 +85,7 @@ impl AuditConfig {
             checkpoint_interval: Duration::from_secs(60),
             queue: 65_536,
             fail_closed: false,
+            forward: None,
         }
     }
 }
@@ -134,6 +138,7 @@ impl AuditOptions {
             checkpoint_interval: Duration::from_secs(self.audit_checkpoint_secs),
             queue: usize::try_from(self.audit_queue).unwrap_or(usize::MAX),
             fail_closed: self.audit_fail_closed,
+            forward: None,
         }
     }
 }
@@ -273,6 +278,7 @@ impl AuditLog {
             max_age: cfg.segment_max_age,
             checkpoint_interval: cfg.checkpoint_interval,
             checkpoints: cfg.dir.join(segment::CHECKPOINTS_FILE),
+            forward: cfg.forward.clone(),
         };
         let shared = Arc::new(Shared {
             stats: AuditStats::default(),
@@ -417,15 +423,13 @@ impl AuditLog {
     /// Records a certificate event: `action` is `issued`, `rotated`, `revoked` or
     /// `refused`; `subject` the SPIFFE ID (or serial).
     pub fn cert_event(&self, action: &str, subject: &str, detail: Option<String>) {
-        self.emit(Entry {
-            kind: Kind::Cert,
-            body: Body {
-                action: Some(action.to_owned()),
-                subject: Some(subject.to_owned()),
-                detail,
-                ..Body::default()
-            },
-        });
+        self.emit(action_entry(Kind::Cert, action, subject, detail));
+    }
+
+    /// Records an audit-custody event at the authority (kind `custody`): `action` is
+    /// `key_registered`, `checkpoint_accepted` or `checkpoint_refused`; `subject` the node.
+    pub fn custody_event(&self, action: &str, subject: &str, detail: Option<String>) {
+        self.emit(action_entry(Kind::Custody, action, subject, detail));
     }
 
     /// Whether callers wait for the log.
@@ -453,6 +457,19 @@ impl AuditLog {
         if self.tx.send(Msg::Stop(done_tx)).await.is_ok() {
             let _ = done_rx.await;
         }
+    }
+}
+
+/// A record of `kind` about `action` on `subject`.
+fn action_entry(kind: Kind, action: &str, subject: &str, detail: Option<String>) -> Entry {
+    Entry {
+        kind,
+        body: Body {
+            action: Some(action.to_owned()),
+            subject: Some(subject.to_owned()),
+            detail,
+            ..Body::default()
+        },
     }
 }
 

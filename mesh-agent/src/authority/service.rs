@@ -22,7 +22,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{atomic::Ordering, Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -38,8 +38,10 @@ use tracing::{debug, info, warn};
 use super::ca::{
     authorize_request, Authority, RootId, DEFAULT_WORKLOAD_LIFETIME, MAX_WORKLOAD_LIFETIME,
 };
+use super::custody::Custody;
 use super::protocol::{read_line_bounded, write_line, LineRead, Request, Response, ALPN_AUTHORITY};
 use super::AuthorityError;
+use crate::audit::AuditLog;
 use crate::tls::spiffe::{NodeId, PeerId, SpiffeId};
 use crate::tls::verify::{peer_id, tls13_server, SpiffeClientVerifier};
 
@@ -62,6 +64,12 @@ pub struct ServeConfig {
     /// Longest workload certificate lifetime handed out; longer requests are shortened to it.
     /// Default (and upper bound) 30 days.
     pub max_lifetime: Duration,
+    /// Where the nodes' audit checkpoints are kept. Default: a [`Custody`] under the
+    /// authority directory.
+    pub custody: Option<Arc<Custody>>,
+    /// The authority's own audit log (certificates issued, refused requests, checkpoints
+    /// accepted or refused). Default none.
+    pub audit: Option<AuditLog>,
 }
 
 impl Default for ServeConfig {
@@ -73,6 +81,8 @@ impl Default for ServeConfig {
             idle_timeout: Duration::from_secs(60),
             max_connections: 256,
             max_lifetime: MAX_WORKLOAD_LIFETIME,
+            custody: None,
+            audit: None,
         }
     }
 }
@@ -117,6 +127,10 @@ where
     )?;
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let lookup: RegistryLookup = Arc::new(registry_lookup);
+    let mut config = config;
+    if config.custody.is_none() {
+        config.custody = Some(Arc::new(Custody::new(authority.dir())));
+    }
     let config = Arc::new(config);
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let mut tasks = JoinSet::new();
@@ -214,9 +228,7 @@ async fn serve_connection(
                 let _ = stream.get_mut().shutdown().await;
                 return;
             }
-            Ok(Ok(LineRead::Line)) => {
-                handle_request(&line, &node, &authority, &*lookup, config.max_lifetime)
-            }
+            Ok(Ok(LineRead::Line)) => handle_request(&line, &node, &authority, &*lookup, &config),
         };
         // A client that stops reading does not hold the connection forever.
         match timeout(
@@ -245,12 +257,23 @@ fn handle_request(
     node: &NodeId,
     authority: &Authority,
     lookup: &(dyn Fn(&SpiffeId) -> Vec<String> + Send + Sync),
-    max_lifetime: Duration,
+    config: &ServeConfig,
 ) -> Response {
+    let audit = config.audit.as_ref();
+    let refused = |subject: &str, message: &str| {
+        if let Some(a) = audit {
+            a.cert_event(
+                "refused",
+                subject,
+                Some(format!("node {}: {message}", node.node())),
+            );
+        }
+    };
     let request: Request = match serde_json::from_slice(line) {
         Ok(r) => r,
         Err(e) => {
             warn!(node = %node, error = %e, "malformed authority request");
+            refused("malformed request", &e.to_string());
             return Response::error(format!("malformed request: {e}"));
         }
     };
@@ -275,11 +298,16 @@ fn handle_request(
                 Ok(id) => id,
                 Err(e) => {
                     warn!(node = %node, error = %e, "certificate request for an invalid identity");
+                    refused(
+                        &identity.chars().take(260).collect::<String>(),
+                        &e.to_string(),
+                    );
                     return Response::error(e.to_string());
                 }
             };
             if let Err(e) = authorize_request(node.node(), &id, |id| lookup(id)) {
                 warn!(node = %node, identity = %id, error = %e, "certificate request refused");
+                refused(&id.to_string(), &e.to_string());
                 // The details (where the workload runs) stay in the log.
                 return Response::error(format!(
                     "not authorized: node {} hosts no workload with identity {id}",
@@ -289,10 +317,21 @@ fn handle_request(
             let lifetime = lifetime_secs
                 .map(Duration::from_secs)
                 .unwrap_or(DEFAULT_WORKLOAD_LIFETIME)
-                .min(max_lifetime);
+                .min(config.max_lifetime);
             match authority.sign_workload_csr_rooted(&csr_pem, &id, lifetime) {
                 Ok((chain, root)) => {
                     info!(node = %node, identity = %id, lifetime_secs = lifetime.as_secs(), "certificate request granted");
+                    if let Some(a) = audit {
+                        a.cert_event(
+                            "issued",
+                            &id.to_string(),
+                            Some(format!(
+                                "node {}, lifetime {} s, root {root}",
+                                node.node(),
+                                lifetime.as_secs()
+                            )),
+                        );
+                    }
                     Response {
                         ok: true,
                         cert_chain_pem: Some(chain),
@@ -302,7 +341,47 @@ fn handle_request(
                 }
                 Err(e) => {
                     warn!(node = %node, identity = %id, error = %e, "certificate request failed");
+                    refused(&id.to_string(), &e.to_string());
                     Response::error(e.to_string())
+                }
+            }
+        }
+        Request::Checkpoint { checkpoint } => {
+            let Some(custody) = config.custody.as_deref() else {
+                return Response::error("this authority keeps no audit checkpoints");
+            };
+            let keys = custody.stats().keys_registered.load(Ordering::Relaxed);
+            let result = custody.accept(node.node(), &checkpoint);
+            if let Some(a) = audit {
+                if custody.stats().keys_registered.load(Ordering::Relaxed) != keys {
+                    a.custody_event(
+                        "key_registered",
+                        node.node(),
+                        Some(format!("first use: {}", checkpoint.key)),
+                    );
+                }
+            }
+            match result {
+                Ok(held) => {
+                    debug!(node = %node, seq = checkpoint.seq, ?held, "audit checkpoint accepted");
+                    if let Some(a) = audit {
+                        a.custody_event(
+                            "checkpoint_accepted",
+                            node.node(),
+                            Some(format!("seq {} head {}", checkpoint.seq, checkpoint.head)),
+                        );
+                    }
+                    Response {
+                        ok: true,
+                        ..Response::default()
+                    }
+                }
+                Err(e) => {
+                    warn!(node = %node, seq = checkpoint.seq, error = %e, "audit checkpoint refused");
+                    if let Some(a) = audit {
+                        a.custody_event("checkpoint_refused", node.node(), Some(e.to_string()));
+                    }
+                    Response::error(format!("checkpoint refused: {e}"))
                 }
             }
         }
