@@ -39,6 +39,8 @@ pub struct ForwardStats {
     pub refused: AtomicU64,
     /// Dropped because the queue was full.
     pub dropped: AtomicU64,
+    /// Attempts that failed to reach the authority (retried).
+    pub retries: AtomicU64,
 }
 
 /// The writer's end: offers checkpoints without ever waiting.
@@ -108,6 +110,7 @@ impl CheckpointQueue {
                         break;
                     }
                     Err(e) => {
+                        self.stats.retries.fetch_add(1, Ordering::Relaxed);
                         info!(seq = cp.seq, error = %e, retry_in_ms = backoff.as_millis() as u64,
                               "audit checkpoint not sent to the authority yet");
                         tokio::time::sleep(backoff).await;
