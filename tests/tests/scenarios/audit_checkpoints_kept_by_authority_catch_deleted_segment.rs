@@ -1,0 +1,146 @@
+//! The authority keeps every node's signed audit checkpoints: the node's audit key is
+//! registered at the authority on first use, bound to the node's certificate identity; the
+//! agent sends each checkpoint it writes over its mTLS channel; the authority keeps them in
+//! `<authority-dir>/audit-nodes/<node>/checkpoints.jsonl` and records what it accepted in its
+//! own audit log. An attacker on the node who deletes the last segment together with the
+//! node's own checkpoints leaves a log that verifies locally, but `audit verify
+//! --checkpoints <the authority's copy>` reports the missing tail.
+
+use std::{path::Path, process::Command};
+
+use mesh_tests::{require_privileges, wait_for, Agent, DEFAULT_TIMEOUT};
+use serde_json::Value;
+
+use crate::cluster;
+
+fn audit(args: &[&str]) -> (i32, String, String) {
+    let mut cmd = Command::new(mesh_tests::agent_bin());
+    cmd.arg("audit").args(args);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("MESH_") {
+            cmd.env_remove(k);
+        }
+    }
+    let out = cmd.output().expect("running mesh-agent audit");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The highest checkpoint seq in a checkpoints file (none if missing or empty).
+fn last_checkpoint(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path)
+        .ok()?
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok()?["seq"].as_u64())
+        .max()
+}
+
+fn segments(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.unwrap().path();
+            let name = p.file_name()?.to_str()?.to_owned();
+            (name.starts_with("segment-") && name.ends_with(".jsonl")).then_some(p)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn audit_checkpoints_kept_by_authority_catch_deleted_segment() {
+    require_privileges();
+    let cluster = cluster().nodes(1).add_pod(0, "a1").build();
+    let mut spec = cluster.agent_spec(0);
+    // Segments rotate every second, checkpoints every second: a restart leaves several.
+    spec.extra_args = ["--audit-segment-secs", "1", "--audit-checkpoint-secs", "1"]
+        .map(String::from)
+        .to_vec();
+    let mut agent = Agent::start(spec);
+    let audit_dir = agent.spec().identity_dir.join("state/audit");
+    let authority_dir = cluster.authority().dir().to_owned();
+    let node_dir = authority_dir.join("audit-nodes/n1");
+    let copy = node_dir.join("checkpoints.jsonl");
+    let local = audit_dir.join("checkpoints.jsonl");
+
+    // Trust on first use: the key the node exported is the one the authority bound to n1.
+    let registered = wait_for(DEFAULT_TIMEOUT, "n1's audit key at the authority", || {
+        std::fs::read_to_string(node_dir.join("audit-key.pub")).ok()
+    });
+    let exported = std::fs::read_to_string(audit_dir.join("audit-key.pub")).unwrap();
+    assert_eq!(registered.trim(), exported.trim());
+    wait_for(DEFAULT_TIMEOUT, "an audit segment closed by age", || {
+        agent
+            .log_lines()
+            .iter()
+            .any(|l| l["message"] == "audit segment closed")
+            .then_some(())
+    });
+    agent.restart();
+    agent.stop();
+    // The final checkpoint (after `agent_stop`) reached the authority too.
+    let last_local = last_checkpoint(&local).expect("local checkpoints");
+    wait_for(DEFAULT_TIMEOUT, "the authority's copy up to date", || {
+        (last_checkpoint(&copy) == Some(last_local)).then_some(())
+    });
+    let segs = segments(&audit_dir);
+    assert!(segs.len() >= 2, "{segs:?}");
+    let (code, out, err) = audit(&[
+        "verify",
+        audit_dir.to_str().unwrap(),
+        "--checkpoints",
+        copy.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        code, 0,
+        "untouched log against the authority's copy:\n{out}{err}"
+    );
+
+    // The attack: the last segment and the node's own checkpoints go.
+    std::fs::remove_file(segs.last().unwrap()).unwrap();
+    std::fs::write(&local, "").unwrap();
+    let (code, out, err) = audit(&["verify", audit_dir.to_str().unwrap()]);
+    assert_eq!(code, 0, "locally the deletion is invisible:\n{out}{err}");
+    let (code, out, err) = audit(&[
+        "verify",
+        audit_dir.to_str().unwrap(),
+        "--checkpoints",
+        copy.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "the authority's copy must catch it:\n{out}{err}");
+    assert!(
+        out.contains("the tail (or the last segments) was removed"),
+        "{out}{err}"
+    );
+
+    // The authority's own audit log recorded the custody and the certificates it issued.
+    let authority_audit = authority_dir.join("audit");
+    let records = wait_for(DEFAULT_TIMEOUT, "custody records at the authority", || {
+        let (code, out, _) = audit(&[
+            "query",
+            authority_audit.to_str().unwrap(),
+            "--output",
+            "json",
+        ]);
+        let v: Vec<Value> = out
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        (code == 0
+            && v.iter()
+                .any(|r| r["kind"] == "custody" && r["action"] == "checkpoint_accepted")
+            && v.iter()
+                .any(|r| r["kind"] == "cert" && r["action"] == "issued"))
+        .then_some(v)
+    });
+    let registered = records
+        .iter()
+        .find(|r| r["kind"] == "custody" && r["action"] == "key_registered")
+        .expect("key_registered record");
+    assert_eq!(registered["subject"], "n1", "{registered}");
+    assert!(records.iter().all(|r| r["node"] == "authority"));
+}
