@@ -257,7 +257,7 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
         trust_domain: trust_domain.to_string(),
         trust_domain_aliases: opts.trust_domain_aliases.clone(),
     };
-    let started = match start_policy(&opts, &policy_ctx, &metrics) {
+    let started = match start_policy(&opts, &policy_ctx, &metrics, &audit) {
         Ok((maps, view)) => program_maps(
             &dataplane,
             &registry,
@@ -307,6 +307,7 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
     let (policies, generation_watcher) = spawn_generation_watcher(
         policy_maps.watcher,
         initial_view,
+        Some(audit.clone()),
         opts.tunables.generation_poll(),
         follow,
         stop_rx.clone(),
@@ -317,6 +318,7 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
             policy_ctx,
             writer,
             Arc::clone(&metrics),
+            Some(audit.clone()),
             opts.tunables.policy_poll(),
             stop_rx.clone(),
         )),
@@ -664,13 +666,14 @@ fn start_policy(
     opts: &Config,
     ctx: &CompileContext,
     metrics: &Metrics,
+    audit: &AuditLog,
 ) -> Result<(StartedPolicy, Arc<PolicyView>), MapsError> {
     let watcher = PolicyMaps::open(&opts.pin_dir)?;
     let writer = match &opts.policy_dir {
         None => None,
         Some(dir) => {
             let mut writer = PolicyMaps::open(&opts.pin_dir)?;
-            apply_dir_counted(ctx, &mut writer, dir, metrics);
+            apply_dir_counted(ctx, &mut writer, dir, metrics, Some(audit));
             Some(writer)
         }
     };
