@@ -229,6 +229,7 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
             refresh: opts.tunables.cert_refresh(),
             startup_timeout: opts.tunables.cert_startup_timeout(),
             state_dir: Some(opts.state_dir()),
+            audit: Some(audit.clone()),
         },
         stop_rx.clone(),
     )
