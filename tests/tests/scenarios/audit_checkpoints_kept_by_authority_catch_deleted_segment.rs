@@ -2,7 +2,8 @@
 //! registered at the authority on first use, bound to the node's certificate identity; the
 //! agent sends each checkpoint it writes over its mTLS channel; the authority keeps them in
 //! `<authority-dir>/audit-nodes/<node>/checkpoints.jsonl` and records what it accepted in its
-//! own audit log. An attacker on the node who deletes the last segment together with the
+//! own audit log. The node's log also holds the policy directory accepted and refused, the
+//! generation swap it saw, and the workload certificate issued. An attacker on the node who deletes the last segment together with the
 //! node's own checkpoints leaves a log that verifies locally, but `audit verify
 //! --checkpoints <the authority's copy>` reports the missing tail.
 
@@ -11,6 +12,7 @@ use std::{path::Path, process::Command};
 use mesh_tests::{require_privileges, wait_for, Agent, DEFAULT_TIMEOUT};
 use serde_json::Value;
 
+use super::policy_common::authz;
 use crate::cluster;
 
 fn audit(args: &[&str]) -> (i32, String, String) {
@@ -38,6 +40,26 @@ fn last_checkpoint(path: &Path) -> Option<u64> {
         .max()
 }
 
+/// The node's records of `kind`, as (action, subject) pairs.
+fn events(dir: &Path, kind: &str) -> Vec<(String, String)> {
+    let (code, out, err) = audit(&[
+        "query",
+        dir.to_str().unwrap(),
+        "--kind",
+        kind,
+        "--output",
+        "json",
+    ]);
+    assert_eq!(code, 0, "audit query: {err}");
+    out.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|r| {
+            let s = |f: &str| r[f].as_str().unwrap_or_default().to_owned();
+            (s("action"), s("subject"))
+        })
+        .collect()
+}
+
 fn segments(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut v: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
@@ -55,7 +77,13 @@ fn segments(dir: &Path) -> Vec<std::path::PathBuf> {
 fn audit_checkpoints_kept_by_authority_catch_deleted_segment() {
     require_privileges();
     let cluster = cluster().nodes(1).add_pod(0, "a1").build();
+    let rules = "  rules:\n  - to:\n    - operation: {ports: [\"8080\"]}\n";
+    let policy = cluster.write_policy_dir(
+        "policy",
+        &[("deny.yaml", &authz("close-8080", "a1", "DENY", rules))],
+    );
     let mut spec = cluster.agent_spec(0);
+    spec.policy_dir = Some(policy.clone());
     // Segments rotate every second, checkpoints every second: a restart leaves several.
     spec.extra_args = ["--audit-segment-secs", "1", "--audit-checkpoint-secs", "1"]
         .map(String::from)
@@ -78,6 +106,52 @@ fn audit_checkpoints_kept_by_authority_catch_deleted_segment() {
             .log_lines()
             .iter()
             .any(|l| l["message"] == "audit segment closed")
+            .then_some(())
+    });
+    // The node's own events: the policy directory accepted at start, the workload
+    // certificate issued; a change accepted and the new generation seen active; then a
+    // broken file refused (the generation stays).
+    wait_for(
+        DEFAULT_TIMEOUT,
+        "the policy directory accepted at start",
+        || {
+            events(&audit_dir, "config")
+                .iter()
+                .any(|(a, s)| a == "accepted" && Path::new(s) == policy)
+                .then_some(())
+        },
+    );
+    let certs = events(&audit_dir, "cert");
+    assert!(
+        certs.contains(&(
+            "issued".into(),
+            "spiffe://cluster.local/ns/default/sa/sa-a1".into()
+        )),
+        "{certs:?} {}",
+        audit(&["query", audit_dir.to_str().unwrap(), "--output", "json"]).1
+    );
+    let rules = "  rules:\n  - to:\n    - operation: {ports: [\"9090\"]}\n";
+    std::fs::write(
+        policy.join("more.yaml"),
+        authz("close-9090", "a1", "DENY", rules),
+    )
+    .unwrap();
+    wait_for(DEFAULT_TIMEOUT, "the change accepted and activated", || {
+        let e = events(&audit_dir, "config");
+        (e.iter().filter(|(a, _)| a == "accepted").count() == 2
+            && e.iter()
+                .any(|(a, s)| a == "activated" && s == "policy_generation"))
+        .then_some(())
+    });
+    std::fs::write(
+        policy.join("broken.yaml"),
+        "kind: AuthorizationPolicy\nspec: [not a map\n",
+    )
+    .unwrap();
+    wait_for(DEFAULT_TIMEOUT, "the broken policy refused", || {
+        events(&audit_dir, "config")
+            .iter()
+            .any(|(a, _)| a == "refused")
             .then_some(())
     });
     agent.restart();
