@@ -97,7 +97,9 @@ pub struct AuditOptions {
     /// [default: <state-dir>/audit]
     #[arg(long, env = "MESH_AUDIT_DIR")]
     pub audit_dir: Option<PathBuf>,
-    /// The node audit signing key (Ed25519 PKCS#8, generated at first start, mode 0600).
+    /// The node audit signing key (Ed25519 PKCS#8, generated at first start, mode 0600). Its
+    /// public half is written to <audit-dir>/audit-key.pub; the authority binds it to this
+    /// node (`authority audit-key`, or on the first checkpoint).
     /// [default: <state-dir>/audit-key.pk8]
     #[arg(long, env = "MESH_AUDIT_KEY")]
     pub audit_key: Option<PathBuf>,
@@ -110,7 +112,8 @@ pub struct AuditOptions {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub audit_segment_secs: u64,
     /// The chain head is checkpointed (signed) this often, in seconds (at least 1), and at
-    /// every rotation and stop.
+    /// every rotation and stop; every checkpoint is also sent to the authority, which keeps
+    /// a copy.
     #[arg(long, env = "MESH_AUDIT_CHECKPOINT_SECS", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub audit_checkpoint_secs: u64,
