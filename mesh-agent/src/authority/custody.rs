@@ -417,7 +417,8 @@ mod tests {
         long_time.time = "x".repeat(100);
         let mut old_schema = cp(&k1, "n1", 15);
         old_schema.v = 99;
-        let cases: Vec<(&str, Checkpoint, fn(&CustodyError) -> bool)> = vec![
+        type Expect = fn(&CustodyError) -> bool;
+        let cases: Vec<(&str, Checkpoint, Expect)> = vec![
             // Signed by another node's key.
             ("n1", cp(&k2, "n1", 11), |e| {
                 matches!(e, CustodyError::KeyMismatch { .. })
