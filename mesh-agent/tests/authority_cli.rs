@@ -353,32 +353,27 @@ fn audit_key_registration_binds_one_key_per_node() {
     assert_eq!((code, json(&out)["changed"].as_bool()), (0, Some(false)));
 
     // Another key for the same node: refused, exit 2, the registered key kept.
-    let (code, _, err) = register(&k2, &[]);
-    assert_eq!(code, 2, "{err}");
-    assert!(err.contains("re-keying is an operator action"), "{err}");
+    refused(register(&k2, &[]), "re-keying is an operator action");
     assert_eq!(std::fs::read_to_string(&registered).unwrap().trim(), hex1);
 
     // Bad input: exit 2 with a message naming it, nothing registered.
     let junk = t.0.join("junk.pub");
     std::fs::write(&junk, "not a key\n").unwrap();
-    let (code, _, err) = register(&junk, &[]);
-    assert_eq!(code, 2);
-    assert!(err.contains("not an audit public key"), "{err}");
-    let (code, _, err) = register(&t.0.join("missing.pub"), &[]);
-    assert_eq!(code, 2);
-    assert!(err.contains("missing.pub"), "{err}");
-    let (code, _, err) = run(&[
-        "authority",
-        "audit-key",
-        "--dir",
-        s(&ca),
-        "--node",
-        "../n1",
-        "--key",
-        s(&k1),
-    ]);
-    assert_eq!(code, 2);
-    assert!(err.contains("not a node name"), "{err}");
+    refused(register(&junk, &[]), "not an audit public key");
+    refused(register(&t.0.join("missing.pub"), &[]), "missing.pub");
+    refused(
+        run(&[
+            "authority",
+            "audit-key",
+            "--dir",
+            s(&ca),
+            "--node",
+            "../n1",
+            "--key",
+            s(&k1),
+        ]),
+        "not a node name",
+    );
     assert!(!ca.join("n1").exists());
     assert_eq!(std::fs::read_to_string(&registered).unwrap().trim(), hex1);
 
@@ -387,4 +382,11 @@ fn audit_key_registration_binds_one_key_per_node() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(json(&out)["replaced"].as_bool(), Some(true));
     assert_eq!(std::fs::read_to_string(&registered).unwrap().trim(), hex2);
+}
+
+/// A command refused as bad input: exit 2, stderr naming `want`.
+#[track_caller]
+fn refused((code, _, err): (i32, String, String), want: &str) {
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains(want), "{err} lacks {want:?}");
 }

@@ -817,11 +817,12 @@ mod custody_tests {
         stop: oneshot::Sender<()>,
     }
 
-    async fn start(tag: &str, listener: TcpListener) -> Running {
-        let dir = TempDir::new(tag);
-        let ca = Arc::new(Authority::init(&dir.0, td()).unwrap());
+    /// Serves `ca` on `listener` with a custody of its own; returns it and the stop switch.
+    fn serve_custody(
+        listener: TcpListener,
+        ca: &Arc<Authority>,
+    ) -> (Arc<Custody>, oneshot::Sender<()>) {
         let custody = Arc::new(Custody::new(ca.dir()));
-        let addr = listener.local_addr().unwrap().to_string();
         let (stop, rx) = oneshot::channel::<()>();
         let config = ServeConfig {
             custody: Some(custody.clone()),
@@ -836,6 +837,14 @@ mod custody_tests {
                 let _ = rx.await;
             },
         ));
+        (custody, stop)
+    }
+
+    async fn start(tag: &str, listener: TcpListener) -> Running {
+        let dir = TempDir::new(tag);
+        let ca = Arc::new(Authority::init(&dir.0, td()).unwrap());
+        let addr = listener.local_addr().unwrap().to_string();
+        let (custody, stop) = serve_custody(listener, &ca);
         Running {
             _dir: dir,
             ca,
@@ -1026,21 +1035,7 @@ mod custody_tests {
         .await
         .expect("the forwarder never tried to reach the authority");
         let listener = TcpListener::bind(port).await.unwrap();
-        let custody = Arc::new(Custody::new(ca.dir()));
-        let (stop, rx) = oneshot::channel::<()>();
-        let config = ServeConfig {
-            custody: Some(custody.clone()),
-            ..ServeConfig::default()
-        };
-        tokio::spawn(serve_with(
-            listener,
-            ca.clone(),
-            |_: &SpiffeId| vec![],
-            config,
-            async {
-                let _ = rx.await;
-            },
-        ));
+        let (custody, stop) = serve_custody(listener, &ca);
         timeout(Duration::from_secs(30), sender)
             .await
             .expect("queued checkpoints were not sent once the authority was back")

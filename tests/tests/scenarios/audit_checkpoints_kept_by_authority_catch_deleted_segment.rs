@@ -7,29 +7,14 @@
 //! node's own checkpoints leaves a log that verifies locally, but `audit verify
 //! --checkpoints <the authority's copy>` reports the missing tail.
 
-use std::{path::Path, process::Command};
+use std::path::Path;
 
 use mesh_tests::{require_privileges, wait_for, Agent, DEFAULT_TIMEOUT};
 use serde_json::Value;
 
+use super::audit_log_records_kernel_denials_and_survives_sigkill::{audit, mesh_agent_segments};
 use super::policy_common::authz;
 use crate::cluster;
-
-fn audit(args: &[&str]) -> (i32, String, String) {
-    let mut cmd = Command::new(mesh_tests::agent_bin());
-    cmd.arg("audit").args(args);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("MESH_") {
-            cmd.env_remove(k);
-        }
-    }
-    let out = cmd.output().expect("running mesh-agent audit");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// The highest checkpoint seq in a checkpoints file (none if missing or empty).
 fn last_checkpoint(path: &Path) -> Option<u64> {
@@ -58,19 +43,6 @@ fn events(dir: &Path, kind: &str) -> Vec<(String, String)> {
             (s("action"), s("subject"))
         })
         .collect()
-}
-
-fn segments(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut v: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .filter_map(|e| {
-            let p = e.unwrap().path();
-            let name = p.file_name()?.to_str()?.to_owned();
-            (name.starts_with("segment-") && name.ends_with(".jsonl")).then_some(p)
-        })
-        .collect();
-    v.sort();
-    v
 }
 
 #[test]
@@ -161,7 +133,7 @@ fn audit_checkpoints_kept_by_authority_catch_deleted_segment() {
     wait_for(DEFAULT_TIMEOUT, "the authority's copy up to date", || {
         (last_checkpoint(&copy) == Some(last_local)).then_some(())
     });
-    let segs = segments(&audit_dir);
+    let segs = mesh_agent_segments(&audit_dir);
     assert!(segs.len() >= 2, "{segs:?}");
     let (code, out, err) = audit(&[
         "verify",
