@@ -236,6 +236,7 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
     .await
     .map_err(|e| AppError::Identity(Box::new(e)))?;
     let identities: Arc<dyn Identities> = Arc::new(ManagerIdentities(Arc::clone(&manager)));
+    let checkpoint_stats = checkpoint_queue.stats();
     let checkpoint_forwarder = tokio::spawn(
         checkpoint_queue.run(
             crate::identity::AuthorityClient::new(
@@ -329,6 +330,7 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
     // policy denials.
     let event_metrics = Arc::clone(&metrics);
     metrics.add_hook(Arc::new(audit.clone()));
+    metrics.add_hook(checkpoint_stats);
     let event_audit = (
         audit.clone(),
         Arc::clone(&registry),

@@ -43,6 +43,12 @@ pub struct ForwardStats {
     pub retries: AtomicU64,
 }
 
+impl crate::metrics::ScrapeHook for ForwardStats {
+    fn refresh(&self, metrics: &crate::metrics::Metrics) {
+        metrics.set_audit_forward(self);
+    }
+}
+
 /// The writer's end: offers checkpoints without ever waiting.
 #[derive(Clone, Debug)]
 pub struct CheckpointSink {

@@ -126,6 +126,14 @@ fn audit_checkpoints_kept_by_authority_catch_deleted_segment() {
             .any(|(a, _)| a == "refused")
             .then_some(())
     });
+    wait_for(DEFAULT_TIMEOUT, "checkpoints counted as sent", || {
+        let m = cluster.node(0).metrics();
+        (m.get(r#"mesh_audit_checkpoints_forwarded_total{result="sent"}"#)
+            .is_some_and(|v| *v >= 1.0)
+            && m.get(r#"mesh_audit_checkpoints_forwarded_total{result="refused"}"#)
+                .is_none_or(|v| *v == 0.0))
+        .then_some(())
+    });
     agent.restart();
     agent.stop();
     // The final checkpoint (after `agent_stop`) reached the authority too.
