@@ -382,6 +382,33 @@ fn audit_key_registration_binds_one_key_per_node() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(json(&out)["replaced"].as_bool(), Some(true));
     assert_eq!(std::fs::read_to_string(&registered).unwrap().trim(), hex2);
+
+    // At join: the key is registered with the credentials; another key later is refused
+    // before any credentials are written.
+    let join = |node: &str, key: &Path, out: &Path| {
+        run(&[
+            "authority",
+            "join",
+            "--dir",
+            s(&ca),
+            "--node",
+            node,
+            "--out",
+            s(out),
+            "--audit-key",
+            s(key),
+        ])
+    };
+    let (code, _, err) = join("n2", &k1, &t.0.join("n2"));
+    assert_eq!(code, 0, "{err}");
+    let n2_key = ca.join("audit-nodes/n2/audit-key.pub");
+    assert_eq!(std::fs::read_to_string(&n2_key).unwrap().trim(), hex1);
+    refused(
+        join("n2", &k2, &t.0.join("n2-again")),
+        "re-keying is an operator action",
+    );
+    assert!(!t.0.join("n2-again").exists());
+    assert_eq!(std::fs::read_to_string(&n2_key).unwrap().trim(), hex1);
 }
 
 /// A command refused as bad input: exit 2, stderr naming `want`.

@@ -109,6 +109,10 @@ pub struct JoinArgs {
     /// the bundle are written; if --out holds the node key, the certificate must match it.
     #[arg(long)]
     pub csr: Option<PathBuf>,
+    /// Also register the node's audit public key (as `authority audit-key`, without
+    /// --replace): a node already holding another key is refused.
+    #[arg(long)]
+    pub audit_key: Option<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
@@ -239,13 +243,13 @@ pub enum OperatorError {
         #[source]
         source: std::io::Error,
     },
-    #[error("--key {}: {source}", path.display())]
+    #[error("audit public key {}: {source}", path.display())]
     ReadAuditKey {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("--key {}: not an audit public key (64 hex digits)", path.display())]
+    #[error("{}: not an audit public key (64 hex digits)", path.display())]
     BadAuditKey { path: PathBuf },
     #[error("registering the audit key: {0}")]
     Custody(#[source] CustodyError),
@@ -409,6 +413,10 @@ fn join(a: JoinArgs) -> Result<(), OperatorError> {
     }
     use crate::identity::NodeCredentials;
     let authority = load(&a.dir)?;
+    // The audit key first: a refused key leaves no credentials behind.
+    if let Some(key) = &a.audit_key {
+        register_audit_key(&authority, &a.node, key, false)?;
+    }
     let out = match &a.csr {
         Some(csr_path) => {
             let csr =
@@ -465,24 +473,35 @@ struct AuditKeyOutput {
     replaced: bool,
 }
 
-fn audit_key(a: AuditKeyArgs) -> Result<(), OperatorError> {
-    let authority = load(&a.dir)?;
+/// Registers the audit public key in `path` for `node`; returns it and whether it changed.
+fn register_audit_key(
+    authority: &Authority,
+    node: &str,
+    path: &Path,
+    replace: bool,
+) -> Result<([u8; 32], bool), OperatorError> {
     let custody = Custody::new(authority.dir());
     custody
-        .node_dir(&a.node)
+        .node_dir(node)
         .map_err(|_| OperatorError::BadNodeName {
-            input: a.node.chars().take(260).collect(),
+            input: node.chars().take(260).collect(),
         })?;
-    let text = std::fs::read_to_string(&a.key).map_err(|source| OperatorError::ReadAuditKey {
-        path: a.key.clone(),
+    let text = std::fs::read_to_string(path).map_err(|source| OperatorError::ReadAuditKey {
+        path: path.to_owned(),
         source,
     })?;
     let key = custody::parse_key(&text).ok_or_else(|| OperatorError::BadAuditKey {
-        path: a.key.clone(),
+        path: path.to_owned(),
     })?;
     let changed = custody
-        .register(&a.node, key, a.replace)
+        .register(node, key, replace)
         .map_err(OperatorError::Custody)?;
+    Ok((key, changed))
+}
+
+fn audit_key(a: AuditKeyArgs) -> Result<(), OperatorError> {
+    let authority = load(&a.dir)?;
+    let (key, changed) = register_audit_key(&authority, &a.node, &a.key, a.replace)?;
     let out = AuditKeyOutput {
         node: a.node.clone(),
         key: crate::audit::record::hex(&key),
