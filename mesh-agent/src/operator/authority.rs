@@ -689,10 +689,20 @@ pub async fn serve(a: ServeArgs) -> Result<(), OperatorError> {
     let mut term = signal(SignalKind::terminate()).map_err(OperatorError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(OperatorError::Signals)?;
 
+    let audit = crate::audit::AuditLog::start(crate::audit::AuditConfig {
+        dir: a.audit_dir.clone().unwrap_or_else(|| a.dir.join("audit")),
+        key: a
+            .audit_key
+            .clone()
+            .unwrap_or_else(|| a.dir.join("audit-key.pk8")),
+        ..crate::audit::AuditConfig::new("authority", &a.dir)
+    })
+    .map_err(OperatorError::Audit)?;
     let watcher = tokio::spawn(watch_files(
         authority.clone(),
         a.registry.clone(),
         index.clone(),
+        audit.clone(),
     ));
     let lookup = {
         let index = index.clone();
@@ -704,15 +714,6 @@ pub async fn serve(a: ServeArgs) -> Result<(), OperatorError> {
                 .unwrap_or_default()
         }
     };
-    let audit = crate::audit::AuditLog::start(crate::audit::AuditConfig {
-        dir: a.audit_dir.clone().unwrap_or_else(|| a.dir.join("audit")),
-        key: a
-            .audit_key
-            .clone()
-            .unwrap_or_else(|| a.dir.join("audit-key.pk8")),
-        ..crate::audit::AuditConfig::new("authority", &a.dir)
-    })
-    .map_err(OperatorError::Audit)?;
     let config = ServeConfig {
         max_lifetime,
         audit: Some(audit.clone()),
@@ -748,7 +749,12 @@ async fn watch_files(
     authority: Arc<Authority>,
     registry_path: PathBuf,
     index: Arc<RwLock<Arc<HostIndex>>>,
+    audit: crate::audit::AuditLog,
 ) {
+    // Revocations are recorded in the authority's audit log as the running service picks
+    // them up (`authority revoke` is another process).
+    let mut revoked: std::collections::BTreeSet<Serial> =
+        authority.revocations().into_iter().collect();
     let mut tick = tokio::time::interval(RELOAD_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut registry_stamp = stamp(&registry_path);
@@ -760,7 +766,15 @@ async fn watch_files(
         // File reads and key parsing: off the async workers.
         let reloaded = tokio::task::spawn_blocking(move || a.reload()).await;
         match reloaded {
-            Ok(Ok(_)) => {
+            Ok(Ok(outcome)) => {
+                if outcome.revocations_changed {
+                    let now: std::collections::BTreeSet<Serial> =
+                        authority.revocations().into_iter().collect();
+                    for serial in now.difference(&revoked) {
+                        audit.cert_event("revoked", &serial.to_string(), None);
+                    }
+                    revoked = now;
+                }
                 if authority_error.take().is_some() {
                     info!(dir = %authority.dir().display(), "authority state valid again");
                 }

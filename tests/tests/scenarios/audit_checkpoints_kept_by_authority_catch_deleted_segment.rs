@@ -126,6 +126,44 @@ fn audit_checkpoints_kept_by_authority_catch_deleted_segment() {
             .any(|(a, _)| a == "refused")
             .then_some(())
     });
+    // A revocation: the authority records it as its service picks it up; the node records
+    // its certificate revoked and the replacement.
+    let (_, out, _) = audit(&[
+        "query",
+        audit_dir.to_str().unwrap(),
+        "--kind",
+        "cert",
+        "--output",
+        "json",
+    ]);
+    let issued: Value =
+        serde_json::from_str(out.lines().next().expect("an issued record")).unwrap();
+    let serial = issued["detail"]
+        .as_str()
+        .and_then(|d| d.strip_prefix("serial "))
+        .and_then(|d| d.split(',').next())
+        .unwrap_or_else(|| panic!("no serial in {issued}"))
+        .to_owned();
+    cluster.authority().revoke(&serial);
+    let authority_audit = authority_dir.join("audit");
+    wait_for(
+        DEFAULT_TIMEOUT,
+        "the revocation in the authority's log",
+        || {
+            events(&authority_audit, "cert")
+                .contains(&("revoked".into(), serial.clone()))
+                .then_some(())
+        },
+    );
+    wait_for(
+        DEFAULT_TIMEOUT,
+        "the node's certificate revoked and rotated",
+        || {
+            let e = events(&audit_dir, "cert");
+            (e.iter().any(|(a, _)| a == "revoked") && e.iter().any(|(a, _)| a == "rotated"))
+                .then_some(())
+        },
+    );
     wait_for(DEFAULT_TIMEOUT, "checkpoints counted as sent", || {
         let m = cluster.node(0).metrics();
         (m.get(r#"mesh_audit_checkpoints_forwarded_total{result="sent"}"#)
@@ -172,7 +210,6 @@ fn audit_checkpoints_kept_by_authority_catch_deleted_segment() {
     );
 
     // The authority's own audit log recorded the custody and the certificates it issued.
-    let authority_audit = authority_dir.join("audit");
     let records = wait_for(DEFAULT_TIMEOUT, "custody records at the authority", || {
         let (code, out, _) = audit(&[
             "query",
