@@ -400,9 +400,9 @@ pub async fn supervise<T>(
 mod tests {
     use super::*;
     use crate::{
+        tls::SpiffeId,
         metrics::Metrics,
         policy::{allow_all, PolicyView},
-        tls::SpiffeId,
     };
     use std::time::Duration;
     use tokio::sync::watch;

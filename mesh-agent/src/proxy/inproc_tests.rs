@@ -35,17 +35,17 @@ use super::{
     Identities, ProxyDeps, SourceAddrs,
 };
 use crate::{
-    authority::Authority,
     cgroup::tests::TempDir,
+    authority::Authority,
     identity::IdentityError,
-    metrics::Metrics,
-    policy::{allow_all, compile::compile, model::PolicyBundle, ConnInfo, PolicyView},
-    registry::Registry,
     tls::{
         cert::WorkloadCert,
         verify::{client_config, server_config, SniCertResolver, TrustStore},
         SpiffeId, TrustDomain,
     },
+    metrics::Metrics,
+    policy::{allow_all, compile::compile, model::PolicyBundle, ConnInfo, PolicyView},
+    registry::Registry,
 };
 
 const TD: &str = "cluster.local";
