@@ -12,7 +12,7 @@ use std::{
 
 use mesh_common::{
     AgentConfig, CgroupKey, DestValue, IpKey, PeerValue, WorkloadValue, CONFIG_F_IPV6,
-    CONFIG_F_READY, DEST_F_LOCAL, WORKLOAD_F_CAPTURE, WORKLOAD_F_PERMISSIVE,
+    CONFIG_F_READY, DEST_F_SERVICE, WORKLOAD_F_CAPTURE, WORKLOAD_F_PERMISSIVE,
 };
 use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
 use tracing::{info, warn};
@@ -374,6 +374,7 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
         source,
         path_normalization: opts.path_normalization,
         admission: crate::proxy::limits::Admission::new(conn_limits, Arc::clone(&metrics)),
+        audit: Some(audit.clone()),
     };
     let outbound = Outbound::new(
         listeners,
@@ -599,23 +600,25 @@ fn program_maps(
         .collect();
     dp.sync_peers(&peers)?;
 
+    let dest = |ip: &IpAddr, workload_id: u32, flags: u32| {
+        (
+            IpKey {
+                addr_be: ip_words(*ip),
+            },
+            DestValue { workload_id, flags },
+        )
+    };
     let dests: Vec<(IpKey, DestValue)> = registry
         .workloads
         .iter()
-        .flat_map(|w| {
-            let flags = if w.node == node { DEST_F_LOCAL } else { 0 };
-            w.ips.iter().map(move |ip| {
-                (
-                    IpKey {
-                        addr_be: ip_words(*ip),
-                    },
-                    DestValue {
-                        workload_id: w.id,
-                        flags,
-                    },
-                )
-            })
-        })
+        .flat_map(|w| w.ips.iter().map(move |ip| dest(ip, w.id, 0)))
+        .chain(
+            registry
+                .services
+                .services
+                .iter()
+                .flat_map(|s| s.vips.iter().map(move |ip| dest(ip, s.id, DEST_F_SERVICE))),
+        )
         .collect();
     dp.sync_dests(&dests)?;
 

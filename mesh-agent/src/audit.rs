@@ -384,17 +384,39 @@ impl AuditLog {
     /// Records `entry`. Best effort (default): as [`AuditLog::emit`], always `Ok`. Fail
     /// closed: waits for room in the queue, and fails once the log is down.
     pub async fn record(&self, entry: Entry) -> Result<(), AuditUnavailable> {
+        match self.fail_closed_entry(entry)? {
+            None => Ok(()),
+            Some(msg) => self.tx.send(msg).await.map_err(|_| AuditUnavailable),
+        }
+    }
+
+    /// Best effort: emits `entry` (`None`). Fail closed: the message to queue, or `Err` when
+    /// the log is down.
+    fn fail_closed_entry(&self, entry: Entry) -> Result<Option<Msg>, AuditUnavailable> {
         if !self.shared.fail_closed {
             self.emit(entry);
-            return Ok(());
+            return Ok(None);
         }
         if self.shared.failed.load(Ordering::Relaxed) {
             return Err(AuditUnavailable);
         }
-        self.tx
-            .send(Msg::Entry(Box::new(entry)))
-            .await
-            .map_err(|_| AuditUnavailable)
+        Ok(Some(Msg::Entry(Box::new(entry))))
+    }
+
+    /// Records `entry` without waiting, for a decision being made. Best effort: as
+    /// [`AuditLog::emit`], always `Ok`. Fail closed: `Err` when the queue is full or the log is
+    /// down, and the caller refuses what it could not record.
+    pub fn try_record(&self, entry: Entry) -> Result<(), AuditUnavailable> {
+        match self.fail_closed_entry(entry)? {
+            None => Ok(()),
+            Some(msg) => self.tx.try_send(msg).map_err(|_| AuditUnavailable),
+        }
+    }
+
+    /// Whether records can still be written: fail-closed callers refuse what they cannot
+    /// record once the writer failed.
+    pub fn available(&self) -> bool {
+        !self.shared.failed.load(Ordering::Relaxed)
     }
 
     /// Records one connection decision (kind `connection`).

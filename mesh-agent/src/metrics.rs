@@ -180,6 +180,12 @@ struct IdentityLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DenialLabels {
     layer: &'static str,
     side: &'static str,
@@ -252,6 +258,7 @@ pub struct Metrics {
     tls_handshakes: Family<SideOutcome, Counter>,
     hbone_streams: Family<SideOutcome, Counter>,
     cert_expiry: Family<IdentityLabel, Gauge>,
+    service_connections: Family<ServiceLabels, Counter>,
     cert_rotations: Family<ResultLabel, Counter>,
     plaintext: Family<VerdictLabel, Counter>,
     active: Family<DirectionLabel, Gauge>,
@@ -299,6 +306,14 @@ impl Metrics {
             "cert_expiry_seconds",
             "Seconds until the workload certificate of each local identity expires",
             cert_expiry.clone(),
+        );
+        let service_connections = Family::<ServiceLabels, Counter>::default();
+        registry.register(
+            "service_connections",
+            "Connections to service virtual IPs, by service (namespace/name) and result \
+             (ok: an endpoint was reached; failed: none was; refused: not a service port, or \
+             no endpoint)",
+            service_connections.clone(),
         );
         let cert_rotations = Family::<ResultLabel, Counter>::default();
         registry.register(
@@ -368,6 +383,7 @@ impl Metrics {
             tls_handshakes,
             hbone_streams,
             cert_expiry,
+            service_connections,
             cert_rotations,
             plaintext,
             active,
@@ -458,6 +474,17 @@ impl Metrics {
             .clone();
         gauge.inc();
         ActiveGuard(gauge)
+    }
+
+    /// One connection to service `service` (`namespace/name`) ended set-up with `result`
+    /// (`ok`, `failed` or `refused`).
+    pub fn service_connection(&self, service: &str, result: &'static str) {
+        self.service_connections
+            .get_or_create(&ServiceLabels {
+                service: service.to_owned(),
+                result,
+            })
+            .inc();
     }
 
     pub fn set_cert_expiry(&self, identity: &str, remaining: Duration) {

@@ -21,6 +21,7 @@ pub mod listen;
 pub mod outbound;
 pub mod pool;
 pub mod record;
+pub mod services;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -69,6 +70,8 @@ pub struct ProxyDeps {
     pub path_normalization: l7::normalize::PathNormalization,
     /// The connection budget, per-source caps and request-head bounds of both proxies.
     pub admission: Arc<limits::Admission>,
+    /// Where the destination side records its decisions (`None`: not recorded).
+    pub audit: Option<crate::audit::AuditLog>,
 }
 
 impl ProxyDeps {
@@ -81,6 +84,7 @@ impl ProxyDeps {
             source: self.source,
             connect_timeout,
             path_normalization: self.path_normalization,
+            audit: self.audit.clone(),
         }
     }
 }

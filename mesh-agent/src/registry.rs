@@ -22,6 +22,9 @@ use crate::names::{is_dns_label, is_dns_subdomain};
 use crate::tls::{SpiffeId, SpiffeIdError, TrustDomain};
 use crate::yaml::{self, line_of};
 
+mod services;
+pub use services::{Service, ServicePort, ServiceProblem, ServiceTable};
+
 /// All workloads and nodes of the mesh, in file order.
 #[derive(Clone, Debug)]
 pub struct Registry {
@@ -32,6 +35,8 @@ pub struct Registry {
     pub workloads: Vec<Workload>,
     /// IP → position in `workloads`.
     ip_index: HashMap<IpAddr, usize>,
+    /// The services (`services:`), indexed by virtual IP.
+    pub services: ServiceTable,
 }
 
 /// One node of the mesh: where its agent is reached.
@@ -290,6 +295,12 @@ pub enum Problem {
     /// More workloads than ids.
     #[error("too many workloads (at most {max})")]
     TooMany { max: u32 },
+    /// A `services:` entry is invalid.
+    #[error("service {service}: {problem}")]
+    Service {
+        service: String,
+        problem: ServiceProblem,
+    },
 }
 
 /// The file as written: every value spanned so errors can name its line.
@@ -299,6 +310,8 @@ struct RawRegistry {
     /// Required when any workload is listed: every workload's node must be here.
     nodes: Option<Vec<Spanned<RawNode>>>,
     workloads: Vec<Spanned<RawWorkload>>,
+    /// Services over the workloads (optional).
+    services: Option<Vec<Spanned<services::RawService>>>,
 }
 
 /// One node as written.
@@ -474,16 +487,24 @@ impl Validator<'_> {
             .enumerate()
             .flat_map(|(i, w)| w.ips.iter().map(move |ip| (*ip, i)))
             .collect();
+        let services =
+            services::ServiceValidator::new(&self.ip_lines, &self.node_addr_lines, &self.workloads)
+                .run(raw.services.unwrap_or_default())
+                .map_err(|(line, service, problem)| {
+                    self.invalid(line, Problem::Service { service, problem })
+                })?;
         debug!(
             registry = %self.path.display(),
             workloads = self.workloads.len(),
             nodes = self.nodes.len(),
+            services = services.services.len(),
             "workload registry validated"
         );
         Ok(Registry {
             nodes: self.nodes,
             workloads: self.workloads,
             ip_index,
+            services,
         })
     }
 
@@ -1683,5 +1704,195 @@ nodes:
         assert!(is_dns_subdomain("node-1.example.com"));
         assert!(!is_dns_subdomain("node..x"));
         assert!(!is_dns_subdomain(".x"));
+    }
+
+    /// Workloads a1 (app: web, n1), b1 (app: web, n2), c1 (app: db, n2), all in `default`,
+    /// w1 (app: web) in `other`; then `services`, which start on line 22.
+    fn with_services(services: &str) -> String {
+        format!(
+            "workloads:
+  - name: a1
+    namespace: default
+    serviceAccount: sa-a
+    node: n1
+    ips: [10.1.0.2]
+    cgroup: mesh/n1/pods/a1
+    labels: {{app: web, tier: front}}
+  - name: b1
+    namespace: default
+    serviceAccount: sa-b
+    node: n2
+    ips: [10.2.0.2]
+    labels: {{app: web}}
+  - name: w1
+    namespace: other
+    serviceAccount: sa-b
+    node: n2
+    ips: [10.2.0.3]
+    labels: {{app: web}}
+services:
+{services}"
+        )
+    }
+
+    const WEB: &str = "  - name: web
+    namespace: default
+    vips: [10.96.0.10, fd00:96::10]
+    ports:
+      - {port: 80, targetPort: 8080, name: http, protocol: TCP}
+      - {port: 443, targetPort: 8443}
+    selector: {app: web}
+";
+
+    fn service_problem(services: &str, line: usize) -> (String, ServiceProblem) {
+        let root = root();
+        match invalid(&with_services(services), &root, line) {
+            Problem::Service { service, problem } => (service, problem),
+            p => panic!("expected a service problem, got {p}"),
+        }
+    }
+
+    #[test]
+    fn services_parse_and_select_endpoints() {
+        let root = root();
+        let r = parse(&with_services(WEB), &root).unwrap();
+        let web = r.services.by_vip("10.96.0.10".parse().unwrap()).unwrap();
+        assert_eq!(web.key(), "default/web");
+        assert_eq!(web.id, 1);
+        let v6 = r.services.by_vip("fd00:96::10".parse().unwrap()).unwrap();
+        assert_eq!(v6.id, 1);
+        // IPv4-mapped lookups find the IPv4 VIP.
+        assert!(r
+            .services
+            .by_vip("::ffff:10.96.0.10".parse().unwrap())
+            .is_some());
+        assert!(r.services.by_vip("10.1.0.2".parse().unwrap()).is_none());
+        assert_eq!(web.port(80).unwrap().target_port, 8080);
+        assert_eq!(web.port(80).unwrap().name.as_deref(), Some("http"));
+        assert_eq!(web.port(443).unwrap().target_port, 8443);
+        assert!(web.port(8080).is_none());
+        // a1 and b1 (same namespace, labels include app=web); not w1 (other namespace).
+        let names: Vec<String> = web
+            .endpoints
+            .iter()
+            .map(|&id| r.by_id(id).unwrap().key())
+            .collect();
+        assert_eq!(names, ["default/a1", "default/b1"]);
+        // A registry without `services:` has none.
+        assert!(parse(VALID, &root).unwrap().services.is_empty());
+    }
+
+    #[test]
+    fn services_refused_with_their_line() {
+        let svc = |body: &str| format!("  - name: web\n    namespace: default\n{body}");
+        let ok_ports = "    ports: [{port: 80, targetPort: 8080}]\n";
+        let ok_sel = "    selector: {app: web}\n";
+        // A VIP that is a workload's IP.
+        let (name, p) = service_problem(
+            &svc(&format!("    vips: [10.2.0.2]\n{ok_ports}{ok_sel}")),
+            24,
+        );
+        assert_eq!(name, "default/web");
+        assert!(
+            matches!(&p, ServiceProblem::VipIsWorkload { workload, .. } if workload == "default/b1"),
+            "{p}"
+        );
+        // A VIP that is a node's address.
+        let (_, p) = service_problem(
+            &svc(&format!("    vips: [10.0.0.2]\n{ok_ports}{ok_sel}")),
+            24,
+        );
+        assert!(matches!(p, ServiceProblem::VipIsNode { .. }), "{p}");
+        // The same VIP in two services (so the same VIP:port twice).
+        let two = format!(
+            "{WEB}  - name: web2\n    namespace: default\n    vips: [10.96.0.10]\n{ok_ports}{ok_sel}"
+        );
+        let (name, p) = service_problem(&two, 31);
+        assert_eq!(name, "default/web2");
+        assert!(
+            matches!(p, ServiceProblem::DuplicateVip { first_line: 24, .. }),
+            "{p}"
+        );
+        // The same port twice in one service.
+        let dup = svc(&format!(
+            "    vips: [10.96.0.10]\n    ports:\n      - {{port: 80, targetPort: 1}}\n      - {{port: 80, targetPort: 2}}\n{ok_sel}"
+        ));
+        let (_, p) = service_problem(&dup, 27);
+        assert!(
+            matches!(p, ServiceProblem::DuplicatePort { port: 80 }),
+            "{p}"
+        );
+        // targetPort 0, port 65536.
+        let (_, p) = service_problem(
+            &svc(&format!(
+                "    vips: [10.96.0.10]\n    ports: [{{port: 80, targetPort: 0}}]\n{ok_sel}"
+            )),
+            25,
+        );
+        assert!(
+            matches!(
+                p,
+                ServiceProblem::InvalidPort {
+                    field: "targetPort",
+                    value: 0
+                }
+            ),
+            "{p}"
+        );
+        let (_, p) = service_problem(
+            &svc(&format!(
+                "    vips: [10.96.0.10]\n    ports: [{{port: 65536, targetPort: 1}}]\n{ok_sel}"
+            )),
+            25,
+        );
+        assert!(
+            matches!(p, ServiceProblem::InvalidPort { field: "port", .. }),
+            "{p}"
+        );
+        // An empty selector, a missing one.
+        let (_, p) = service_problem(
+            &svc(&format!(
+                "    vips: [10.96.0.10]\n{ok_ports}    selector: {{}}\n"
+            )),
+            26,
+        );
+        assert!(matches!(p, ServiceProblem::EmptySelector), "{p}");
+        let (_, p) = service_problem(&svc(&format!("    vips: [10.96.0.10]\n{ok_ports}")), 22);
+        assert!(matches!(p, ServiceProblem::MissingField("selector")), "{p}");
+        // UDP, no VIPs, a bad VIP, a loopback VIP.
+        let (_, p) = service_problem(
+            &svc(&format!(
+                "    vips: [10.96.0.10]\n    ports: [{{port: 53, targetPort: 53, protocol: UDP}}]\n{ok_sel}"
+            )),
+            25,
+        );
+        assert!(matches!(p, ServiceProblem::UnsupportedProtocol(_)), "{p}");
+        let (_, p) = service_problem(&svc(&format!("    vips: []\n{ok_ports}{ok_sel}")), 24);
+        assert!(matches!(p, ServiceProblem::NoVips), "{p}");
+        let (_, p) = service_problem(&svc(&format!("    vips: [nope]\n{ok_ports}{ok_sel}")), 24);
+        assert!(matches!(p, ServiceProblem::InvalidVip(_)), "{p}");
+        let (_, p) = service_problem(
+            &svc(&format!("    vips: [127.0.0.1]\n{ok_ports}{ok_sel}")),
+            24,
+        );
+        assert!(matches!(p, ServiceProblem::UnusableVip { .. }), "{p}");
+        // Listed twice.
+        let (_, p) = service_problem(&format!("{WEB}{WEB}"), 29);
+        assert!(
+            matches!(p, ServiceProblem::Duplicate { first_line: 22 }),
+            "{p}"
+        );
+        // The message names the file, line and service.
+        let root = root();
+        let e = parse(
+            &with_services(&svc(&format!("    vips: [10.2.0.2]\n{ok_ports}{ok_sel}"))),
+            &root,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with(&format!("{FILE}:24: service default/web: virtual IP 10.2.0.2 is the address of workload default/b1")),
+            "{e}"
+        );
     }
 }

@@ -26,7 +26,7 @@ pub const AF_INET6: u16 = 10;
 pub mod capacity {
     /// Enrolled workload cgroups on one node.
     pub const WORKLOADS: u32 = 16_384;
-    /// Mesh destination addresses (pod IPs of the whole mesh).
+    /// Mesh destination addresses (pod IPs and service virtual IPs of the whole mesh).
     pub const DESTINATIONS: u32 = 65_536;
     /// In-flight redirected connects, keyed by socket cookie (LRU).
     pub const COOKIE_ORIG_DST: u32 = 65_536;
@@ -85,15 +85,20 @@ const _: () = assert!(core::mem::size_of::<IpKey>() == 16);
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct DestValue {
-    /// Interned id of the workload owning the address (never 0).
+    /// Interned id of the workload owning the address (never 0); with `DEST_F_SERVICE`, the
+    /// id of the service whose virtual IP the address is (never 0).
     pub workload_id: u32,
     /// `DEST_F_*` bits.
     pub flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<DestValue>() == 8);
 
-/// The destination lives on the same node as the agent reading the map.
-pub const DEST_F_LOCAL: u32 = 1 << 0;
+/// The address is a service's virtual IP, not a workload's: connects to it are captured, but
+/// kernel L4 policy (keyed on the destination workload) does not apply, since the endpoint
+/// workload is chosen by the agent (whose destination side decides for that endpoint).
+/// Captured with `OrigDst::dst_workload_id` 0. (Bit 0, once a never-read "local" flag, stays
+/// unused so that a map written by an older agent is never read as services.)
+pub const DEST_F_SERVICE: u32 = 1 << 1;
 
 /// Slot 0 of `mesh_config`: where captured connections are sent.
 #[repr(C)]
@@ -141,7 +146,7 @@ pub struct OrigDst {
     pub family: u16,
     /// Workload id of the connecting socket's workload.
     pub src_workload_id: u32,
-    /// Workload id of the destination address.
+    /// Workload id of the destination address; 0 for a service virtual IP (`DEST_F_SERVICE`).
     pub dst_workload_id: u32,
 }
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 28);

@@ -5,9 +5,11 @@
 //! one of its ancestors is in `mesh_workloads`, and (3) the destination
 //! address is in `mesh_dests`. The original destination is saved under the
 //! socket cookie and the destination rewritten to the agent's outbound
-//! listener. Everything else passes untouched.
+//! listener. Everything else passes untouched. A destination flagged `DEST_F_SERVICE` (a
+//! service virtual IP) is captured the same way, with no destination workload: the agent
+//! chooses the endpoint.
 //!
-//! Before the rewrite, L4 policy (`mesh_pol_*`, generation `AgentConfig::policy_gen`) is
+//! Before the rewrite (of a connect to a workload address, not a service VIP), L4 policy (`mesh_pol_*`, generation `AgentConfig::policy_gen`) is
 //! checked when a generation is active: the destination's policy set (absent: no policy
 //! selects it, allowed), the source workload's class for the connect's address family, then
 //! the entry for (set, class, port) or else (set, class, 0). `POL_DENY` fails the connect
@@ -30,7 +32,7 @@ use mesh_common::{
         PolDstKey, PolL4Key, PolL4Value, PolSrcKey, POL_ALLOW, POL_DENY, POL_F_DRY_RUN_DENY, POL_L7,
     },
     AgentConfig, Event, IpKey, OrigDst, WorkloadValue, AF_INET, AF_INET6, CONFIG_F_IPV6,
-    CONFIG_F_READY, EVENT_L4_DENIED, EVENT_L4_WOULD_DENY,
+    CONFIG_F_READY, DEST_F_SERVICE, EVENT_L4_DENIED, EVENT_L4_WOULD_DENY,
 };
 
 use crate::{
@@ -206,14 +208,17 @@ fn capture(
         return Ok(None);
     };
     let cfg = config().ok_or(CaptureError::NotReady)?;
+    let service = dest.flags & DEST_F_SERVICE != 0;
     let orig = OrigDst {
         addr_be: dst,
         port_be,
         family,
         src_workload_id: workload.workload_id,
-        dst_workload_id: dest.workload_id,
+        // A service VIP: the agent chooses the endpoint workload (and its destination side
+        // decides policy for it).
+        dst_workload_id: if service { 0 } else { dest.workload_id },
     };
-    if cfg.policy_gen != 0 {
+    if !service && cfg.policy_gen != 0 {
         check_policy(cfg.policy_gen, &orig)?;
     }
     // SAFETY: the context pointer is the program's own bpf_sock_addr.

@@ -32,7 +32,7 @@ use crate::{
     cgroup::Cgroup,
     netns::{Netns, Veth},
     process::{self, Output, Proc, Target},
-    registry::{self, NodeEntry, RenderedRegistry, WorkloadEntry},
+    registry::{self, NodeEntry, RenderedRegistry, ServiceEntry, WorkloadEntry},
     sys,
     testpod::{self, ClientProc, ClientRequest, ClientRun, HttpRun, Server},
     tmp::TempDir,
@@ -549,6 +549,8 @@ pub struct Pod {
     permissive: bool,
     /// `httpPorts` in the registry (left out when empty).
     http_ports: Vec<u16>,
+    /// Labels besides `app: <name>`.
+    labels: Vec<(String, String)>,
     service_account: String,
     place: Place,
     // Teardown order is field order.
@@ -619,7 +621,9 @@ impl Pod {
             node: self.node_name.clone(),
             ips: vec![IpAddr::V4(self.ip4()), IpAddr::V6(self.ip6())],
             cgroup: Some(self.cgroup_rel().to_string_lossy().into_owned()),
-            labels: vec![("app".into(), self.name.clone())],
+            labels: std::iter::once(("app".into(), self.name.clone()))
+                .chain(self.labels.iter().cloned())
+                .collect(),
             peer_authentication: self.permissive.then(|| "PERMISSIVE".into()),
             extra_lines: if self.http_ports.is_empty() {
                 Vec::new()
@@ -645,6 +649,7 @@ struct PodSpec {
     registered: bool,
     permissive: bool,
     http_ports: Vec<u16>,
+    labels: Vec<(String, String)>,
 }
 
 /// What `mesh-agent policy apply` did.
@@ -677,6 +682,10 @@ pub struct ClusterBuilder {
     http_ports: Vec<(String, Vec<u16>)>,
     /// Pods in a namespace other than [`POD_NAMESPACE`].
     namespaces: Vec<(String, String)>,
+    /// Extra labels: (pod, key, value).
+    labels: Vec<(String, String, String)>,
+    /// The registry's `services:`.
+    services: Vec<ServiceEntry>,
     testpod: Option<PathBuf>,
 }
 
@@ -712,6 +721,19 @@ impl ClusterBuilder {
         self
     }
 
+    /// Labels pod `name` (added by any means) `key: value` in the registry, besides its
+    /// `app: <name>`.
+    pub fn label(mut self, name: &str, key: &str, value: &str) -> Self {
+        self.labels.push((name.into(), key.into(), value.into()));
+        self
+    }
+
+    /// Lists `service` in the registry's `services:`.
+    pub fn service(mut self, service: ServiceEntry) -> Self {
+        self.services.push(service);
+        self
+    }
+
     /// A pod on node `node` (0-based), listed in the registry.
     pub fn add_pod(mut self, node: usize, name: &str) -> Self {
         self.pods.push(PodSpec {
@@ -721,6 +743,7 @@ impl ClusterBuilder {
             registered: true,
             permissive: false,
             http_ports: Vec::new(),
+            labels: Vec::new(),
         });
         self
     }
@@ -736,6 +759,7 @@ impl ClusterBuilder {
             registered: false,
             permissive: false,
             http_ports: Vec::new(),
+            labels: Vec::new(),
         });
         self
     }
@@ -766,6 +790,7 @@ impl ClusterBuilder {
                     registered: true,
                     permissive: false,
                     http_ports: Vec::new(),
+                    labels: Vec::new(),
                 });
             }
         }
@@ -783,6 +808,13 @@ impl ClusterBuilder {
                 .find(|s| &s.name == name)
                 .unwrap_or_else(|| panic!("http_ports({name}): no such pod"));
             spec.http_ports = ports.clone();
+        }
+        for (name, key, value) in &self.labels {
+            let spec = specs
+                .iter_mut()
+                .find(|s| &s.name == name)
+                .unwrap_or_else(|| panic!("label({name}): no such pod"));
+            spec.labels.push((key.clone(), value.clone()));
         }
         for (name, namespace) in &self.namespaces {
             let spec = specs
@@ -838,6 +870,7 @@ impl ClusterBuilder {
             ctx: ctx.clone(),
             pods: Vec::new(),
             nodes: Vec::new(),
+            services: self.services.clone(),
             bridge: None,
             root_cgroup: None,
             tmp,
@@ -915,6 +948,8 @@ pub struct Cluster {
     // Teardown order is field order: pods, nodes, bridge, cgroup root, temp dir.
     pods: Vec<Pod>,
     nodes: Vec<Node>,
+    /// The registry's `services:`.
+    services: Vec<ServiceEntry>,
     bridge: Option<Netns>,
     root_cgroup: Option<Cgroup>,
     tmp: TempDir,
@@ -984,14 +1019,20 @@ impl Cluster {
             .collect()
     }
 
-    /// Writes `entries` (and [`Cluster::registry_nodes`]) as a registry file `file_name` in the temp dir.
+    /// The registry's `services:` (from [`ClusterBuilder::service`]).
+    pub fn services(&self) -> &[ServiceEntry] {
+        &self.services
+    }
+
+    /// Writes `entries` (and [`Cluster::registry_nodes`], and the services) as a registry file `file_name` in the temp dir.
     #[track_caller]
     pub fn write_registry_file(
         &self,
         file_name: &str,
         entries: &[WorkloadEntry],
     ) -> (PathBuf, RenderedRegistry) {
-        let rendered = registry::render(&self.registry_nodes(), entries);
+        let rendered =
+            registry::render_with_services(&self.registry_nodes(), entries, &self.services);
         let path = self.tmp.path().join(file_name);
         std::fs::write(&path, &rendered.text)
             .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
@@ -1244,6 +1285,7 @@ impl Cluster {
             registered: spec.registered,
             permissive: spec.permissive,
             http_ports: spec.http_ports.clone(),
+            labels: spec.labels.clone(),
             service_account: format!("sa-{}", spec.name),
             place,
             _veth: veth,

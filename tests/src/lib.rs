@@ -45,7 +45,7 @@ pub use cluster::{Cluster, ClusterBuilder, Host, Node, Place, Pod, PolicyApply};
 pub use netns::{Netns, Veth};
 pub use poll::{eventually, wait_for, DEFAULT_TIMEOUT, POLL_INTERVAL};
 pub use process::{Output, Proc};
-pub use registry::{NodeEntry, RenderedRegistry, WorkloadEntry};
+pub use registry::{NodeEntry, RenderedRegistry, ServiceEntry, WorkloadEntry};
 pub use sys::{
     bpffs_mount, cgroup2_mount, nofile_limit, raise_nofile, require_privileges, rss_kib, unique_id,
 };

@@ -28,6 +28,25 @@ pub struct NodeEntry {
     pub address6: Option<IpAddr>,
 }
 
+/// One entry of the registry's `services:` list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceEntry {
+    pub name: String,
+    pub namespace: String,
+    pub vips: Vec<IpAddr>,
+    /// `(port, targetPort)` pairs.
+    pub ports: Vec<(u16, u16)>,
+    /// The label selector (`key: value` pairs).
+    pub selector: Vec<(String, String)>,
+}
+
+impl ServiceEntry {
+    /// `namespace/name`, as the agent names services in its flow records and metrics.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
 impl WorkloadEntry {
     /// `namespace/name`, as the agent names workloads in its flow records.
     pub fn workload_id(&self) -> String {
@@ -62,6 +81,24 @@ pub struct RenderedRegistry {
 ///     address6: fd00::1
 /// ```
 pub fn render(nodes: &[NodeEntry], entries: &[WorkloadEntry]) -> RenderedRegistry {
+    render_with_services(nodes, entries, &[])
+}
+
+/// [`render`], then `services:` (after the nodes: the other lines stay put) when there are any:
+///
+/// ```yaml
+/// services:
+///   - name: web
+///     namespace: default
+///     vips: ["10.96.0.10"]
+///     ports: [{port: 80, targetPort: 8080}]
+///     selector: {svc: web}
+/// ```
+pub fn render_with_services(
+    nodes: &[NodeEntry],
+    entries: &[WorkloadEntry],
+    services: &[ServiceEntry],
+) -> RenderedRegistry {
     let mut text = String::from("# written by mesh-tests\nworkloads:\n");
     let mut line = 3; // the next line to be written
     let mut entry_lines = Vec::with_capacity(entries.len());
@@ -104,6 +141,27 @@ pub fn render(nodes: &[NodeEntry], entries: &[WorkloadEntry]) -> RenderedRegistr
         if let Some(a6) = n.address6 {
             let _ = writeln!(text, "    address6: \"{a6}\"");
         }
+    }
+    if !services.is_empty() {
+        text.push_str("services:\n");
+    }
+    for s in services {
+        let vips: Vec<String> = s.vips.iter().map(|ip| format!("\"{ip}\"")).collect();
+        let ports: Vec<String> = s
+            .ports
+            .iter()
+            .map(|(p, t)| format!("{{port: {p}, targetPort: {t}}}"))
+            .collect();
+        let selector: Vec<String> = s
+            .selector
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect();
+        let _ = writeln!(text, "  - name: {}", s.name);
+        let _ = writeln!(text, "    namespace: {}", s.namespace);
+        let _ = writeln!(text, "    vips: [{}]", vips.join(", "));
+        let _ = writeln!(text, "    ports: [{}]", ports.join(", "));
+        let _ = writeln!(text, "    selector: {{{}}}", selector.join(", "));
     }
     RenderedRegistry { text, entry_lines }
 }

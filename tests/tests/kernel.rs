@@ -38,7 +38,7 @@ use mesh_common::{
         PolSrcValue, PLAIN_GEN_BITS, POL_ALLOW, POL_DENY, POL_L7,
     },
     AgentConfig, CgroupKey, ConnKey, DestValue, Event, IpKey, OrigDst, PeerValue, WorkloadValue,
-    AF_INET, AF_INET6, CONFIG_F_IPV6, CONFIG_F_READY, EVENT_PLAINTEXT_DENIED,
+    AF_INET, AF_INET6, CONFIG_F_IPV6, CONFIG_F_READY, DEST_F_SERVICE, EVENT_PLAINTEXT_DENIED,
     EVENT_PLAINTEXT_PERMISSIVE, EVENT_PLAINTEXT_REFUSED, WORKLOAD_F_CAPTURE, WORKLOAD_F_PERMISSIVE,
 };
 use mesh_tests::{cgroup2_mount, unique_id, wait_for, Cgroup};
@@ -121,13 +121,14 @@ impl Kernel {
     }
 
     fn add_dest(&mut self, addr: IpAddr, workload_id: u32) {
+        self.add_dest_flagged(addr, workload_id, 0);
+    }
+
+    fn add_dest_flagged(&mut self, addr: IpAddr, workload_id: u32, flags: u32) {
         self.insert(
             names::MAP_DESTS,
             ip_key(addr),
-            DestValue {
-                workload_id,
-                flags: 0,
-            },
+            DestValue { workload_id, flags },
         );
     }
 
@@ -1043,4 +1044,74 @@ fn connect_l4_policy_deny_fails_with_eperm() {
     );
     assert_eq!(k.counter(ctr::POLICY_LOOKUP_ERRORS), 1);
     assert_eq!(k.counter(ctr::CONNECT_REDIRECTED), 1);
+}
+
+#[test]
+fn connect_to_service_vip_redirected_without_kernel_l4() {
+    let tree = Tree::create();
+    let listeners = Listeners::bind();
+    let mut k = connect_kernel(&tree, &listeners, GEN);
+    // Policy denies every connect to workload DST_ID; the service's id is DST_ID too: a VIP's
+    // id is no workload's, so the kernel must not look policy up for it.
+    k.select(DST_ID);
+    k.insert(
+        names::MAP_POL_SRC,
+        PolSrcKey {
+            gen: GEN,
+            workload_id: SRC_ID,
+        },
+        PolSrcValue {
+            class4: CLASS,
+            class6: CLASS,
+        },
+    );
+    k.l4(0, POL_DENY, 21);
+    let vip4 = IpAddr::V4(v4("127.0.0.4"));
+    let vip6 = IpAddr::V6(v6("fd00:6d65:7368::4"));
+    k.add_dest_flagged(vip4, DST_ID, DEST_F_SERVICE);
+    k.add_dest_flagged(vip6, DST_ID, DEST_F_SERVICE);
+
+    // The control: the workload address is denied.
+    let pod: SocketAddr = "127.0.0.3:80".parse().expect("addr");
+    assert_eq!(
+        connect_from(&tree.ctr, pod),
+        Err(libc::EPERM),
+        "deny to {pod}"
+    );
+    assert_eq!(k.counter(ctr::CONNECT_DENIED_POLICY), 1);
+
+    // The VIPs: redirected to the agent, the original destination recovered with no
+    // destination workload (the agent chooses the endpoint).
+    for (vip, listener, family) in [(vip4, 0, AF_INET), (vip6, 1, AF_INET6)] {
+        let dst = SocketAddr::new(vip, 80);
+        assert_eq!(connect_from(&tree.ctr, dst), Ok(()), "connect to {dst}");
+        let conn = listeners.only(listener);
+        let want = OrigDst {
+            addr_be: addr_be(vip),
+            port_be: 80u16.to_be(),
+            family,
+            src_workload_id: SRC_ID,
+            dst_workload_id: 0,
+        };
+        assert_eq!(
+            k.conn_dst(conn),
+            Some(want),
+            "original destination of {dst}"
+        );
+    }
+    assert_eq!(k.counter(ctr::CONNECT_REDIRECTED), 2);
+    assert_eq!(
+        k.counter(ctr::CONNECT_DENIED_POLICY),
+        1,
+        "no policy for a VIP"
+    );
+    assert_eq!(k.counter(ctr::POLICY_LOOKUP_ERRORS), 0);
+
+    // A process that is not enrolled: a VIP is not captured for it.
+    assert_eq!(
+        connect_from(&tree.other, SocketAddr::new(vip4, 80)),
+        Err(ECONNREFUSED),
+        "not enrolled"
+    );
+    assert_eq!(listeners.counts(), [0, 0, 0]);
 }

@@ -304,6 +304,8 @@ fn log_event(event: &Event, registry: &Registry, view: &PolicyView, trust_domain
                     dst,
                     dst_workload: Some(dst_workload),
                     dst_identity: None,
+                    service: None,
+                    endpoint: None,
                     generation: Some(event.policy_gen),
                     duration_ms: 0,
                     carried: Carried::nothing(Outcome::Denied {

@@ -73,6 +73,8 @@ pub struct ConnDecision {
     /// The connection is served request by request (an HTTP port it is allowed on): dry-run
     /// and AUDIT results come from each request, not from `l4`.
     pub per_request: bool,
+    /// The policy generation that decided (0: no policy).
+    pub generation: u32,
 }
 
 /// One HTTP request, as far as policy looks at it.

@@ -776,6 +776,7 @@ impl PolicyView {
                 verdict,
                 policy: None,
                 l4: None,
+                generation: self.gen,
             };
         };
         let d = self.decide_l4(src, c.dst_workload, family(c), c.dst.port());
@@ -792,6 +793,7 @@ impl PolicyView {
             policy: d.policy.clone(),
             l4: Some(d),
             per_request,
+            generation: self.gen,
         }
     }
 

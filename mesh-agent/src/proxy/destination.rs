@@ -23,6 +23,7 @@ use super::{
     SourceAddrs,
 };
 use crate::{
+    audit::{AuditLog, ConnectionFields, Layer, Verdict},
     metrics::{DenialSide, Direction, Metrics, Outcome as StreamOutcome, PolicyLayer, Side},
     policy::{
         Authorizer, ConnDecision, ConnInfo, ConnVerdict, Policies, RequestAttrs, RequestVerdict,
@@ -41,6 +42,8 @@ pub struct Destination {
     pub connect_timeout: Duration,
     /// How request paths on HTTP ports are normalized before L7 policy and forwarding.
     pub path_normalization: PathNormalization,
+    /// Where decisions are recorded (`None`: not recorded, in tests).
+    pub audit: Option<AuditLog>,
 }
 
 /// The client side of a connection at its destination.
@@ -114,12 +117,21 @@ impl Destination {
             policies: &self.policies,
             metrics: &self.metrics,
             side: down.side(),
+            audit: self.audit.as_ref(),
         };
+        if enforcer.audit_down() {
+            if let Downstream::Hbone(connect) = down {
+                self.reject(connect, StatusCode::SERVICE_UNAVAILABLE);
+            }
+            return Ok(Served::refused(Outcome::Refused(
+                "the audit log is unavailable (--audit-fail-closed)".to_owned(),
+            )));
+        }
         let decision = decide(enforcer, info);
         let policy = match decision.verdict {
             ConnVerdict::Allow => None,
             ConnVerdict::PerRequest if info.http => None,
-            ConnVerdict::Deny => Some(decision.policy),
+            ConnVerdict::Deny => Some(decision.policy.clone()),
             // Request-level rules on a port that is not HTTP: nothing can satisfy them.
             ConnVerdict::PerRequest => Some(None),
         };
@@ -129,6 +141,25 @@ impl Destination {
             }
             return Ok(Served::refused(Outcome::Denied { policy }));
         }
+        let served = self
+            .serve_allowed(down, enforcer, info, decision.verdict, l7_source, conn_id)
+            .await?;
+        enforcer
+            .record_served(info, &decision, &served.carried)
+            .await;
+        Ok(served)
+    }
+
+    /// Serves a connection the policy allows (whole, or request by request).
+    async fn serve_allowed(
+        &self,
+        down: Downstream<'_>,
+        enforcer: Enforcer<'_>,
+        info: &ConnInfo,
+        verdict: ConnVerdict,
+        l7_source: IpAddr,
+        conn_id: u64,
+    ) -> Result<Served, Turned> {
         // A same-node pod connection this agent opens is a descriptor of the budget too (an
         // HBONE tunnel took its slot when it was accepted).
         let _upstream_slot = match &down {
@@ -141,7 +172,7 @@ impl Destination {
         };
         let _active =
             matches!(down, Downstream::Hbone(_)).then(|| self.metrics.active(Direction::Inbound));
-        if decision.verdict == ConnVerdict::PerRequest {
+        if verdict == ConnVerdict::PerRequest {
             // Boxed: the L7 state is large, and only L7 connections should pay for it.
             return Ok(Box::pin(self.serve_l7(down, enforcer, info, l7_source, conn_id)).await);
         }
@@ -292,19 +323,148 @@ impl Destination {
     }
 }
 
-/// What enforcing at the destination needs: the policy snapshots, where denials are counted,
-/// and which side decides (`inbound` over HBONE, `local` for same-node connections).
+/// What enforcing at the destination needs: the policy snapshots, where denials are counted
+/// and recorded, and which side decides (`inbound` over HBONE, `local` for same-node
+/// connections).
 #[derive(Clone, Copy)]
 pub struct Enforcer<'a> {
     pub policies: &'a Policies,
     pub metrics: &'a Metrics,
     pub side: DenialSide,
+    pub audit: Option<&'a AuditLog>,
+}
+
+impl Enforcer<'_> {
+    /// The audit log must record every decision (`--audit-fail-closed`) and cannot: nothing
+    /// is served.
+    fn audit_down(&self) -> bool {
+        self.audit
+            .is_some_and(|a| a.fail_closed() && !a.available())
+    }
+
+    /// Records one decision without waiting. `false`: the log must record every decision
+    /// (`--audit-fail-closed`) and could not take this one — the caller denies.
+    fn record(&self, c: &ConnInfo, fields: ConnectionFields) -> bool {
+        let Some(audit) = self.audit else {
+            return true;
+        };
+        if audit.try_record(connection_entry(c, fields)).is_ok() {
+            return true;
+        }
+        warn!(dst = %c.dst, src_identity = %c.src_identity,
+              "decision refused: the audit log cannot record it (--audit-fail-closed)");
+        false
+    }
+}
+
+impl Enforcer<'_> {
+    /// The one audit record of an allowed connection, when it ends: how it went, the bytes,
+    /// the requests served and denied (each denial was recorded when decided). Fail closed,
+    /// it waits for room in the queue rather than drop the record.
+    async fn record_served(&self, c: &ConnInfo, d: &ConnDecision, carried: &Carried) {
+        let Some(audit) = self.audit else {
+            return;
+        };
+        let verdict = match carried.outcome {
+            Outcome::Revoked => Verdict::Deny,
+            _ => Verdict::Allow,
+        };
+        let fields = ConnectionFields {
+            layer: Some(if carried.requests.is_some() {
+                Layer::L7
+            } else {
+                Layer::L4
+            }),
+            verdict: Some(verdict),
+            policy: d.policy.as_ref().map(|p| p.to_string()),
+            generation: Some(u64::from(d.generation)),
+            outcome: Some(carried.outcome.to_string()),
+            bytes_sent: Some(carried.bytes_sent),
+            bytes_received: Some(carried.bytes_received),
+            requests_allowed: carried
+                .requests
+                .map(|r| r.saturating_sub(carried.denied.unwrap_or(0))),
+            requests_denied: carried.denied,
+            ..ConnectionFields::default()
+        };
+        if audit.record(connection_entry(c, fields)).await.is_err() {
+            warn!(dst = %c.dst, src_identity = %c.src_identity,
+                  "connection record lost: the audit log is unavailable");
+        }
+    }
+}
+
+/// The audit record of a connection decision, with the connection's facts.
+fn connection_entry(c: &ConnInfo, fields: ConnectionFields) -> crate::audit::Entry {
+    ConnectionFields {
+        src_identity: Some(c.src_identity.to_string()),
+        dst_workload: Some(c.dst_name.clone()),
+        src_addr: c.src_addr,
+        dst_addr: Some(c.dst),
+        ..fields
+    }
+    .entry(crate::audit::Kind::Connection)
+}
+
+impl Enforcer<'_> {
+    /// Records one decision: the denial, or the dry-run denial and AUDIT matches of what was
+    /// allowed (an allowed connection is recorded once, when it ends, with its counts), each as
+    /// `base` with its verdict and policy. `false`: one could not be recorded under
+    /// `--audit-fail-closed` — the caller denies.
+    fn record_decision(
+        &self,
+        c: &ConnInfo,
+        denied: bool,
+        policy: Option<&Arc<str>>,
+        dry_run_deny: Option<&Option<Arc<str>>>,
+        audits: &[Arc<str>],
+        base: impl Fn() -> ConnectionFields,
+    ) -> bool {
+        if self.audit.is_none() || (!denied && dry_run_deny.is_none() && audits.is_empty()) {
+            return true;
+        }
+        let name = |p: Option<&Arc<str>>| p.map(|p| p.to_string());
+        let mut records = Vec::new();
+        if denied {
+            records.push((Verdict::Deny, name(policy)));
+        } else {
+            if let Some(would) = dry_run_deny {
+                records.push((Verdict::DryRunDeny, name(would.as_ref())));
+            }
+            records.extend(audits.iter().map(|a| (Verdict::Audit, Some(a.to_string()))));
+        }
+        records.into_iter().all(|(verdict, policy)| {
+            self.record(
+                c,
+                ConnectionFields {
+                    verdict: Some(verdict),
+                    policy,
+                    ..base()
+                },
+            )
+        })
+    }
 }
 
 /// The connection decision under the current generation, logged and counted when it denies.
 pub fn decide(e: Enforcer<'_>, c: &ConnInfo) -> ConnDecision {
     let snapshot = Arc::clone(&e.policies.borrow());
-    let d = snapshot.connection(c);
+    let mut d = snapshot.connection(c);
+    // Request-level rules on a port that is not HTTP deny too (see `serve`).
+    let denied =
+        d.verdict == ConnVerdict::Deny || (d.verdict == ConnVerdict::PerRequest && !c.http);
+    let l4 = d.l4.as_ref().filter(|_| !d.per_request);
+    let audits: Vec<Arc<str>> = l4.and_then(|l| l.audit.clone()).into_iter().collect();
+    let generation = d.generation;
+    let base = || ConnectionFields {
+        layer: Some(Layer::L4),
+        generation: Some(u64::from(generation)),
+        ..ConnectionFields::default()
+    };
+    let dry_run = l4.and_then(|l| l.dry_run_deny.as_ref());
+    if !e.record_decision(c, denied, d.policy.as_ref(), dry_run, &audits, base) {
+        d.verdict = ConnVerdict::Deny;
+    }
     if d.verdict == ConnVerdict::Deny {
         let policy = &d.policy;
         e.metrics.policy_denial(PolicyLayer::L4, e.side);
@@ -327,7 +487,29 @@ pub fn decide(e: Enforcer<'_>, c: &ConnInfo) -> ConnDecision {
 /// The request decision under the current generation, logged and counted when it denies.
 pub fn decide_request(e: Enforcer<'_>, c: &ConnInfo, req: &RequestAttrs<'_>) -> RequestVerdict {
     let snapshot = Arc::clone(&e.policies.borrow());
-    let d = snapshot.request(c, req);
+    let mut d = snapshot.request(c, req);
+    if e.audit_down() {
+        return RequestVerdict::Deny;
+    }
+    let base = || ConnectionFields {
+        layer: Some(Layer::L7),
+        generation: Some(u64::from(snapshot.generation())),
+        method: Some(req.method.to_owned()),
+        path: Some(req.path.to_owned()),
+        host: req.host.map(str::to_owned),
+        ..ConnectionFields::default()
+    };
+    let denied = d.verdict == RequestVerdict::Deny;
+    if !e.record_decision(
+        c,
+        denied,
+        d.policy.as_ref(),
+        d.dry_run_deny.as_ref(),
+        &d.audit,
+        base,
+    ) {
+        d.verdict = RequestVerdict::Deny;
+    }
     if d.verdict == RequestVerdict::Deny {
         let policy = &d.policy;
         e.metrics.policy_denial(PolicyLayer::L7, e.side);
@@ -400,9 +582,9 @@ pub async fn supervise<T>(
 mod tests {
     use super::*;
     use crate::{
-        tls::SpiffeId,
         metrics::Metrics,
         policy::{allow_all, PolicyView},
+        tls::SpiffeId,
     };
     use std::time::Duration;
     use tokio::sync::watch;
@@ -450,6 +632,7 @@ mod tests {
             policies,
             metrics: &metrics,
             side: DenialSide::Inbound,
+            audit: None,
         };
         let (_allow_tx, allow) = allow_all();
         assert_eq!(decide(enforcer(&allow), &c).verdict, ConnVerdict::Allow);

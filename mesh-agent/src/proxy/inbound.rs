@@ -407,6 +407,8 @@ impl Ctx {
             dst: info.dst,
             dst_workload: Some(info.dst_name.clone()),
             dst_identity: Some(served.1.to_string()),
+            service: None,
+            endpoint: None,
             generation: None,
             duration_ms: started.elapsed().as_millis() as u64,
             carried: done.carried,

@@ -35,17 +35,17 @@ use super::{
     Identities, ProxyDeps, SourceAddrs,
 };
 use crate::{
-    cgroup::tests::TempDir,
     authority::Authority,
+    cgroup::tests::TempDir,
     identity::IdentityError,
+    metrics::Metrics,
+    policy::{allow_all, compile::compile, model::PolicyBundle, ConnInfo, PolicyView},
+    registry::Registry,
     tls::{
         cert::WorkloadCert,
         verify::{client_config, server_config, SniCertResolver, TrustStore},
         SpiffeId, TrustDomain,
     },
-    metrics::Metrics,
-    policy::{allow_all, compile::compile, model::PolicyBundle, ConnInfo, PolicyView},
-    registry::Registry,
 };
 
 const TD: &str = "cluster.local";
@@ -284,6 +284,7 @@ impl Mesh {
             source: SourceAddrs { v4: None, v6: None },
             path_normalization: Default::default(),
             admission: Admission::new(limits(), Arc::clone(&metrics)),
+            audit: None,
         };
         let hbone = TcpListener::bind((N2.parse::<IpAddr>().unwrap(), 0))
             .await
@@ -480,11 +481,17 @@ fn same_node_connections_take_the_destination_path() {
 }
 
 /// The destination path on its own: a policy that denies a live connection closes it with
-/// the typed outcome, and the bytes that flowed before are counted.
+/// the typed outcome, and the bytes that flowed before are counted; the audit log holds one
+/// record of the closed connection (its bytes, the generation) and one of the next connection
+/// denied at connect, with the deciding policy.
 #[test]
 fn a_policy_close_reports_its_outcome_and_the_bytes_that_flowed() {
     in_netns(|_| async {
         let mesh = Mesh::start("revoke").await;
+        let audit_dir = TempDir::new("inproc-audit");
+        let audit =
+            crate::audit::AuditLog::start(crate::audit::AuditConfig::new("n1", &audit_dir.0))
+                .expect("audit log");
         let pod = echo_pod(C1).await;
         let registry = &mesh.registry;
         let (src, dst) = (
@@ -498,6 +505,7 @@ fn a_policy_close_reports_its_outcome_and_the_bytes_that_flowed() {
             source: SourceAddrs { v4: None, v6: None },
             connect_timeout: Duration::from_secs(5),
             path_normalization: Default::default(),
+            audit: Some(audit.clone()),
         };
         let info = ConnInfo {
             src_workload: Some(src.id),
@@ -532,6 +540,62 @@ fn a_policy_close_reports_its_outcome_and_the_bytes_that_flowed() {
         assert_eq!(
             (served.carried.bytes_sent, served.carried.bytes_received),
             (5, 5)
+        );
+        // The next connection is denied at connect.
+        let (_c2, s2) = tokio::join!(TcpStream::connect(l.local_addr().unwrap()), l.accept());
+        let mut s2 = s2.unwrap().0;
+        let denied = dest
+            .serve(Downstream::Local(&mut s2), &info, A1.parse().unwrap(), 2)
+            .await
+            .expect("admitted");
+        assert!(matches!(denied.carried.outcome, Outcome::Denied { .. }));
+
+        audit.shutdown("test").await;
+        let records: Vec<serde_json::Value> =
+            crate::audit::segment::list_segments(&audit_dir.0.join("audit"))
+                .expect("segments")
+                .iter()
+                .flat_map(|(_, p)| {
+                    std::fs::read_to_string(p)
+                        .expect("segment")
+                        .lines()
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>()
+                })
+                .map(|l| serde_json::from_str(&l).expect("a JSON record"))
+                .filter(|r: &serde_json::Value| r["kind"] == "connection")
+                .collect();
+        assert_eq!(records.len(), 2, "{records:#?}");
+        let closed = &records[0];
+        assert_eq!(closed["verdict"], "deny", "{closed}");
+        assert_eq!(
+            closed["outcome"], "closed: no longer allowed by policy",
+            "{closed}"
+        );
+        assert_eq!(
+            (
+                closed["bytes_sent"].as_u64(),
+                closed["bytes_received"].as_u64()
+            ),
+            (Some(5), Some(5)),
+            "{closed}"
+        );
+        assert_eq!(closed["dst_workload"], dst.key(), "{closed}");
+        let refused = &records[1];
+        assert_eq!(
+            (refused["verdict"].as_str(), refused["layer"].as_str()),
+            (Some("deny"), Some("l4")),
+            "{refused}"
+        );
+        assert_eq!(refused["policy"], "default/deny-all", "{refused}");
+        assert!(
+            refused["generation"].as_u64().is_some_and(|g| g > 0),
+            "{refused}"
+        );
+        assert_eq!(
+            refused["src_identity"],
+            spiffe("sa-a").to_string(),
+            "{refused}"
         );
     });
 }

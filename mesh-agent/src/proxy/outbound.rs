@@ -38,6 +38,7 @@ use super::{
     listen, orig_dst_addr,
     pool::{Pool, PoolConfig, PoolError},
     record::{Carried, ConnRecord, Outcome, RecordKind, Transport},
+    services::{self as svc, Balancer, ServiceRefusal, MAX_ENDPOINT_TRIES},
     ConnectError, Identities, ProxyDeps,
 };
 use crate::{
@@ -114,6 +115,8 @@ struct Ctx {
     cfg: OutboundConfig,
     next_id: AtomicU64,
     admission: Arc<Admission>,
+    /// Active connections per service endpoint, and the choice among endpoints.
+    balancer: Balancer,
 }
 
 /// Why a captured connection was not carried through.
@@ -139,6 +142,16 @@ enum FlowError {
     Tunnel(#[from] PoolError),
     #[error("refused: {0}")]
     OverLimit(#[from] limits::Refused),
+    #[error("service: {0}")]
+    Service(#[from] ServiceRefusal),
+}
+
+/// What a connection to a service VIP became.
+struct ServiceFlow {
+    /// `namespace/name` of the service (none: the VIP is no service's).
+    service: Option<String>,
+    /// The last endpoint tried.
+    endpoint: Option<SocketAddr>,
 }
 
 impl Outbound {
@@ -169,6 +182,7 @@ impl Outbound {
             .map(|w| w.identity(&trust_domain).ok())
             .collect();
         let view = MeshView { node, peers };
+        let registry_len = registry.workloads.len();
         let pool = Pool::new(cfg.pool.clone(), source, Arc::clone(&metrics));
         Self {
             listeners,
@@ -184,6 +198,7 @@ impl Outbound {
                 cfg,
                 next_id: AtomicU64::new(1),
                 admission,
+                balancer: Balancer::new(registry_len),
             }),
         }
     }
@@ -285,10 +300,21 @@ impl Ctx {
         let dst = orig_dst_addr(&orig);
         let _active = self.metrics.active(Direction::Outbound);
         let src_workload = self.workload_name(orig.src_workload_id);
-        let dst_workload = self.workload_name(orig.dst_workload_id);
         let src_identity = self.identity_name(orig.src_workload_id);
+        let (orig, flow, transport, result) = if orig.dst_workload_id == 0 {
+            // A service VIP (the kernel leaves the destination workload to the agent).
+            self.carry_service(&mut client, orig, dst, local, conn_id)
+                .await
+        } else {
+            let (transport, result) = self.carry(&mut client, &orig, dst, local, conn_id).await;
+            let flow = ServiceFlow {
+                service: None,
+                endpoint: None,
+            };
+            (orig, flow, transport, result)
+        };
+        let dst_workload = self.workload_name(orig.dst_workload_id);
         let dst_identity = self.identity_name(orig.dst_workload_id);
-        let (transport, result) = self.carry(&mut client, &orig, dst, local, conn_id).await;
         if let Err(FlowError::OverLimit(_)) = &result {
             // Counted and logged (rate-limited) by the limits: no flow record either.
             limits::reset(client);
@@ -310,6 +336,8 @@ impl Ctx {
             dst,
             dst_workload: Some(dst_workload),
             dst_identity: Some(dst_identity),
+            service: flow.service,
+            endpoint: flow.endpoint,
             generation: None,
             duration_ms: started.elapsed().as_millis() as u64,
             carried,
@@ -350,6 +378,95 @@ impl Ctx {
             Transport::Hbone,
             self.carry_hbone(client, orig, &dst_w.node, dst).await,
         )
+    }
+
+    /// A connection to service VIP:port `dst`: an endpoint chosen among the service's
+    /// workloads (power of two choices on active connections), the connection carried to
+    /// `endpoint_ip:targetPort` as to that workload. An endpoint that fails before any byte of
+    /// the client's was sent is replaced by another, up to [`MAX_ENDPOINT_TRIES`] distinct
+    /// ones. A VIP:port that is not a declared service port is refused (closed).
+    /// Returns the original destination as carried (its workload the last endpoint tried).
+    async fn carry_service(
+        &self,
+        client: &mut TcpStream,
+        mut orig: OrigDst,
+        dst: SocketAddr,
+        local: SocketAddr,
+        conn_id: u64,
+    ) -> (OrigDst, ServiceFlow, Transport, Result<Carried, FlowError>) {
+        let mut flow = ServiceFlow {
+            service: None,
+            endpoint: None,
+        };
+        let (service, target_port) = match svc::lookup(&self.registry, dst) {
+            Ok(found) => found,
+            Err(e) => {
+                if let Some(s) = self.registry.services.by_vip(dst.ip()) {
+                    let key = s.key();
+                    self.metrics.service_connection(&key, "refused");
+                    flow.service = Some(key);
+                }
+                return (orig, flow, Transport::Local, Err(e.into()));
+            }
+        };
+        let key = service.key();
+        let mut tried = [0u32; MAX_ENDPOINT_TRIES];
+        let mut last = Err(FlowError::Service(ServiceRefusal::NoEndpoint));
+        let mut transport = Transport::Local;
+        for attempt in 0..MAX_ENDPOINT_TRIES {
+            let Some(id) = self.balancer.choose(&service.endpoints, &tried[..attempt]) else {
+                break;
+            };
+            tried[attempt] = id;
+            let Some(endpoint) = svc::endpoint_addr(&self.registry, id, dst.ip(), target_port)
+            else {
+                continue;
+            };
+            let _held = self.balancer.hold(id);
+            orig.dst_workload_id = id;
+            orig.addr_be = super::ip_words(endpoint.ip());
+            orig.port_be = target_port.to_be();
+            orig.family = if endpoint.is_ipv4() {
+                mesh_common::AF_INET
+            } else {
+                mesh_common::AF_INET6
+            };
+            flow.endpoint = Some(endpoint);
+            let (t, result) = self.carry(client, &orig, endpoint, local, conn_id).await;
+            transport = t;
+            let retry = match &result {
+                // Nothing of the client's was sent: the tunnel or the pod was never reached.
+                Err(
+                    FlowError::Connect(_) | FlowError::Tunnel(_) | FlowError::UnknownNode { .. },
+                ) => true,
+                // Same node: the pod refused the connect (a port speaking HTTP may have read
+                // the request head already, so only other ports are retried).
+                Ok(c) => {
+                    transport == Transport::Local
+                        && matches!(c.outcome, Outcome::Failed(_))
+                        && c.bytes_sent == 0
+                        && c.bytes_received == 0
+                        && !self
+                            .registry
+                            .by_id(id)
+                            .is_some_and(|w| w.is_http_port(target_port))
+                }
+                Err(_) => false,
+            };
+            last = result;
+            if !retry {
+                break;
+            }
+            warn!(conn_id, service = %key, %endpoint, attempt, "service endpoint failed before any byte; trying another");
+        }
+        let result_label = match &last {
+            Ok(c) if !matches!(c.outcome, Outcome::Failed(_)) => "ok",
+            Err(FlowError::Service(_)) => "refused",
+            _ => "failed",
+        };
+        self.metrics.service_connection(&key, result_label);
+        flow.service = Some(key);
+        (orig, flow, transport, last)
     }
 
     /// A same-node connection: this agent is also the destination side, so it serves it as

@@ -119,6 +119,11 @@ pub struct ConnRecord {
     pub dst: SocketAddr,
     pub dst_workload: Option<String>,
     pub dst_identity: Option<String>,
+    /// `flow` to a service virtual IP: the service (`namespace/name`); `dst` is the VIP:port
+    /// the client connected to and `dst_workload`/`dst_identity` the chosen endpoint.
+    pub service: Option<String>,
+    /// `flow` to a service: the chosen endpoint's address (`endpoint_ip:targetPort`).
+    pub endpoint: Option<SocketAddr>,
     /// The policy generation that decided, when known.
     pub generation: Option<u32>,
     pub duration_ms: u64,
@@ -139,6 +144,8 @@ impl ConnRecord {
                 orig_dst = %self.dst,
                 dst_workload = %opt(&self.dst_workload),
                 dst_identity = %opt(&self.dst_identity),
+                service = %opt(&self.service),
+                endpoint = self.endpoint.map(tracing::field::display),
                 transport = self.transport.as_str(),
                 requests = self.carried.requests,
                 denied = self.carried.denied,
@@ -201,6 +208,8 @@ mod tests {
             dst: "10.1.0.3:8080".parse().unwrap(),
             dst_workload: None,
             dst_identity: None,
+            service: None,
+            endpoint: None,
             generation: None,
             duration_ms: 1,
             carried: Carried {

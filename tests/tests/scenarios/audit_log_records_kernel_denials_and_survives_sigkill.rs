@@ -30,7 +30,7 @@ pub(super) fn audit(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-fn query(dir: &Path, filters: &[&str]) -> Vec<Value> {
+pub(crate) fn query(dir: &Path, filters: &[&str]) -> Vec<Value> {
     let mut args = vec!["query", dir.to_str().unwrap(), "--output", "json"];
     args.extend_from_slice(filters);
     let (code, out, err) = audit(&args);
@@ -41,7 +41,7 @@ fn query(dir: &Path, filters: &[&str]) -> Vec<Value> {
 }
 
 #[track_caller]
-fn verify_ok(dir: &Path) -> String {
+pub(crate) fn verify_ok(dir: &Path) -> String {
     let (code, out, err) = audit(&["verify", dir.to_str().unwrap()]);
     assert_eq!(code, 0, "audit verify failed:\n{out}{err}");
     out

@@ -1,6 +1,6 @@
 //! The L7 policy the HTTP scenarios share, its mini-cluster, and its expectations.
 
-use mesh_tests::{require_privileges, Agent, Cluster, Host, Server};
+use mesh_tests::{require_privileges, Agent, Cluster, ClusterBuilder, Host, Server};
 
 use super::policy_common::{apply, docs, policy};
 
@@ -25,17 +25,22 @@ pub fn l7_mesh() -> L7Mesh {
     mesh
 }
 
-/// The [`L7Mesh`] cluster, agents and servers, with no policy applied yet.
-pub fn l7_cluster() -> L7Mesh {
-    require_privileges();
-    let cluster = crate::cluster()
+/// The [`L7Mesh`] cluster as built: `a1` and `c1` on n1, `b1` on n2, HTTP on 8080 declared for
+/// `b1` and `c1`.
+pub fn l7_builder() -> ClusterBuilder {
+    crate::cluster()
         .nodes(2)
         .add_pod(0, "a1")
         .add_pod(0, "c1")
         .add_pod(1, "b1")
         .http_ports("b1", &[8080])
         .http_ports("c1", &[8080])
-        .build();
+}
+
+/// The [`L7Mesh`] cluster, agents and servers, with no policy applied yet.
+pub fn l7_cluster() -> L7Mesh {
+    require_privileges();
+    let cluster = l7_builder().build();
     let agents = cluster.start_agents();
     let b_server = cluster.pod("b1").serve_http(&[8080]);
     let c_server = cluster.pod("c1").serve_http(&[8080]);
