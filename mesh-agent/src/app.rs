@@ -176,7 +176,13 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
         "configuration"
     );
     let mut signals = Signals::new()?;
-    let audit = AuditLog::start(opts.audit.config(&opts.node, &opts.state_dir()))?;
+    // Every checkpoint also goes to the authority (sent once the identity manager is up).
+    let (checkpoint_sink, checkpoint_queue) =
+        crate::audit::forward::channel(crate::audit::forward::QUEUE);
+    let audit = AuditLog::start(crate::audit::AuditConfig {
+        forward: Some(checkpoint_sink),
+        ..opts.audit.config(&opts.node, &opts.state_dir())
+    })?;
     // Raise RLIMIT_NOFILE and size the connection budget from it, before binding.
     let conn_limits = crate::proxy::limits::init(&opts.limits)?;
 
@@ -217,18 +223,31 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
     let manager = IdentityManager::start(
         ManagerConfig {
             authority: opts.authority,
-            creds,
+            creds: creds.clone(),
             workloads: local_ids.into_iter().collect(),
             lifetime: opts.cert_lifetime(),
             refresh: opts.tunables.cert_refresh(),
             startup_timeout: opts.tunables.cert_startup_timeout(),
             state_dir: Some(opts.state_dir()),
+            audit: Some(audit.clone()),
         },
         stop_rx.clone(),
     )
     .await
     .map_err(|e| AppError::Identity(Box::new(e)))?;
     let identities: Arc<dyn Identities> = Arc::new(ManagerIdentities(Arc::clone(&manager)));
+    let checkpoint_stats = checkpoint_queue.stats();
+    let checkpoint_forwarder = tokio::spawn(
+        checkpoint_queue.run(
+            crate::identity::AuthorityClient::new(
+                &opts.authority.to_string(),
+                &creds.chain_pem,
+                &creds.key_pem,
+                manager.trust(),
+            )
+            .map_err(|e| AppError::Identity(Box::new(e)))?,
+        ),
+    );
     let metrics = Arc::new(Metrics::new());
 
     // 4. Attach and fill the maps; undo on any failure.
@@ -240,7 +259,7 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
         trust_domain: trust_domain.to_string(),
         trust_domain_aliases: opts.trust_domain_aliases.clone(),
     };
-    let started = match start_policy(&opts, &policy_ctx, &metrics) {
+    let started = match start_policy(&opts, &policy_ctx, &metrics, &audit) {
         Ok((maps, view)) => program_maps(
             &dataplane,
             &registry,
@@ -290,6 +309,7 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
     let (policies, generation_watcher) = spawn_generation_watcher(
         policy_maps.watcher,
         initial_view,
+        Some(audit.clone()),
         opts.tunables.generation_poll(),
         follow,
         stop_rx.clone(),
@@ -300,6 +320,7 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
             policy_ctx,
             writer,
             Arc::clone(&metrics),
+            Some(audit.clone()),
             opts.tunables.policy_poll(),
             stop_rx.clone(),
         )),
@@ -309,6 +330,7 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
     // policy denials.
     let event_metrics = Arc::clone(&metrics);
     metrics.add_hook(Arc::new(audit.clone()));
+    metrics.add_hook(checkpoint_stats);
     let event_audit = (
         audit.clone(),
         Arc::clone(&registry),
@@ -427,6 +449,13 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
     while tasks.join_next().await.is_some() {}
     let _ = event_log.await;
     audit.shutdown(reason).await;
+    // The final checkpoint to the authority, if it answers soon.
+    if tokio::time::timeout(std::time::Duration::from_secs(2), checkpoint_forwarder)
+        .await
+        .is_err()
+    {
+        warn!("the final audit checkpoint could not be sent to the authority");
+    }
     let _ = generation_watcher.await;
     if let Some(w) = dir_watcher {
         let _ = w.await;
@@ -643,13 +672,14 @@ fn start_policy(
     opts: &Config,
     ctx: &CompileContext,
     metrics: &Metrics,
+    audit: &AuditLog,
 ) -> Result<(StartedPolicy, Arc<PolicyView>), MapsError> {
     let watcher = PolicyMaps::open(&opts.pin_dir)?;
     let writer = match &opts.policy_dir {
         None => None,
         Some(dir) => {
             let mut writer = PolicyMaps::open(&opts.pin_dir)?;
-            apply_dir_counted(ctx, &mut writer, dir, metrics);
+            apply_dir_counted(ctx, &mut writer, dir, metrics, Some(audit));
             Some(writer)
         }
     };

@@ -15,6 +15,7 @@
 //! caller can refuse what it could not record.
 
 pub mod checkpoint;
+pub mod forward;
 pub mod index;
 pub mod kernel;
 pub mod record;
@@ -68,6 +69,8 @@ pub struct AuditConfig {
     /// Callers of [`AuditLog::record`] wait for room (and fail once the log is down)
     /// instead of dropping records. Default false.
     pub fail_closed: bool,
+    /// Every checkpoint is also offered here, to be sent to the authority. Default none.
+    pub forward: Option<forward::CheckpointSink>,
 }
 
 impl AuditConfig {
@@ -82,6 +85,7 @@ impl AuditConfig {
             checkpoint_interval: Duration::from_secs(60),
             queue: 65_536,
             fail_closed: false,
+            forward: None,
         }
     }
 }
@@ -93,7 +97,9 @@ pub struct AuditOptions {
     /// [default: <state-dir>/audit]
     #[arg(long, env = "MESH_AUDIT_DIR")]
     pub audit_dir: Option<PathBuf>,
-    /// The node audit signing key (Ed25519 PKCS#8, generated at first start, mode 0600).
+    /// The node audit signing key (Ed25519 PKCS#8, generated at first start, mode 0600). Its
+    /// public half is written to <audit-dir>/audit-key.pub; the authority binds it to this
+    /// node (`authority audit-key`, or on the first checkpoint).
     /// [default: <state-dir>/audit-key.pk8]
     #[arg(long, env = "MESH_AUDIT_KEY")]
     pub audit_key: Option<PathBuf>,
@@ -106,7 +112,8 @@ pub struct AuditOptions {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub audit_segment_secs: u64,
     /// The chain head is checkpointed (signed) this often, in seconds (at least 1), and at
-    /// every rotation and stop.
+    /// every rotation and stop; every checkpoint is also sent to the authority, which keeps
+    /// a copy.
     #[arg(long, env = "MESH_AUDIT_CHECKPOINT_SECS", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub audit_checkpoint_secs: u64,
@@ -134,6 +141,7 @@ impl AuditOptions {
             checkpoint_interval: Duration::from_secs(self.audit_checkpoint_secs),
             queue: usize::try_from(self.audit_queue).unwrap_or(usize::MAX),
             fail_closed: self.audit_fail_closed,
+            forward: None,
         }
     }
 }
@@ -273,6 +281,7 @@ impl AuditLog {
             max_age: cfg.segment_max_age,
             checkpoint_interval: cfg.checkpoint_interval,
             checkpoints: cfg.dir.join(segment::CHECKPOINTS_FILE),
+            forward: cfg.forward.clone(),
         };
         let shared = Arc::new(Shared {
             stats: AuditStats::default(),
@@ -439,15 +448,13 @@ impl AuditLog {
     /// Records a certificate event: `action` is `issued`, `rotated`, `revoked` or
     /// `refused`; `subject` the SPIFFE ID (or serial).
     pub fn cert_event(&self, action: &str, subject: &str, detail: Option<String>) {
-        self.emit(Entry {
-            kind: Kind::Cert,
-            body: Body {
-                action: Some(action.to_owned()),
-                subject: Some(subject.to_owned()),
-                detail,
-                ..Body::default()
-            },
-        });
+        self.emit(action_entry(Kind::Cert, action, subject, detail));
+    }
+
+    /// Records an audit-custody event at the authority (kind `custody`): `action` is
+    /// `key_registered`, `checkpoint_accepted` or `checkpoint_refused`; `subject` the node.
+    pub fn custody_event(&self, action: &str, subject: &str, detail: Option<String>) {
+        self.emit(action_entry(Kind::Custody, action, subject, detail));
     }
 
     /// Whether callers wait for the log.
@@ -475,6 +482,19 @@ impl AuditLog {
         if self.tx.send(Msg::Stop(done_tx)).await.is_ok() {
             let _ = done_rx.await;
         }
+    }
+}
+
+/// A record of `kind` about `action` on `subject`.
+fn action_entry(kind: Kind, action: &str, subject: &str, detail: Option<String>) -> Entry {
+    Entry {
+        kind,
+        body: Body {
+            action: Some(action.to_owned()),
+            subject: Some(subject.to_owned()),
+            detail,
+            ..Body::default()
+        },
     }
 }
 

@@ -4,6 +4,7 @@
 //!   short-lived workload certificates (X.509-SVIDs) from CSRs, and node certificates for
 //!   bootstrapping. Revocation by serial; trust-bundle rotation (several roots at once).
 //! - [`service`]: the authority's network service (mTLS, newline-delimited JSON).
+//! - [`custody`]: the nodes' audit keys and the copies of their signed audit checkpoints.
 //! - [`protocol`]: the request and response lines the service and the node's client exchange.
 
 use std::path::PathBuf;
@@ -12,6 +13,7 @@ use crate::files::FileError;
 use crate::tls::{SpiffeId, SpiffeIdError, TlsError};
 
 pub mod ca;
+pub mod custody;
 pub mod protocol;
 pub mod service;
 

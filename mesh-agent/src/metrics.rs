@@ -207,6 +207,7 @@ struct AuditMetrics {
     records: Family<ResultLabel, Counter>,
     checkpoints: Counter,
     write_errors: Counter,
+    forwarded: Family<ResultLabel, Counter>,
 }
 
 impl AuditMetrics {
@@ -230,10 +231,18 @@ impl AuditMetrics {
             "Failed writes to the audit log (segments or checkpoints)",
             write_errors.clone(),
         );
+        let forwarded = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "audit_checkpoints_forwarded",
+            "Audit checkpoints handed to the authority, by result: sent (kept there), refused \
+             (by the authority), dropped (the queue to it was full), retried (it was unreachable)",
+            forwarded.clone(),
+        );
         Self {
             records,
             checkpoints,
             write_errors,
+            forwarded,
         }
     }
 }
@@ -528,6 +537,23 @@ impl Metrics {
         self.audit.write_errors.inc_by(delta);
     }
 
+    /// Brings the checkpoint forwarding counters up to their totals.
+    pub fn set_audit_forward(&self, stats: &crate::audit::forward::ForwardStats) {
+        use std::sync::atomic::Ordering::Relaxed;
+        for (result, key, total) in [
+            ("sent", "audit_fwd_sent", stats.sent.load(Relaxed)),
+            ("refused", "audit_fwd_refused", stats.refused.load(Relaxed)),
+            ("dropped", "audit_fwd_dropped", stats.dropped.load(Relaxed)),
+            ("retried", "audit_fwd_retried", stats.retries.load(Relaxed)),
+        ] {
+            let delta = self.advance(key, total);
+            self.audit
+                .forwarded
+                .get_or_create(&ResultLabel { result })
+                .inc_by(delta);
+        }
+    }
+
     /// How far `total` is past the last total seen under `key` (0 if it went backwards,
     /// e.g. a map recreated by a restarted agent: counters never decrease).
     fn advance(&self, key: &'static str, total: u64) -> u64 {
@@ -720,6 +746,10 @@ mod tests {
         m.connection_refused(Direction::Outbound, RefusalReason::Cap);
         m.connection_refused(Direction::Inbound, RefusalReason::PendingHeads);
         m.set_connection_limit(832);
+        let fwd = crate::audit::forward::ForwardStats::default();
+        fwd.sent.store(3, std::sync::atomic::Ordering::Relaxed);
+        fwd.dropped.store(1, std::sync::atomic::Ordering::Relaxed);
+        m.set_audit_forward(&fwd);
         let text = m.render();
         for needle in [
             r#"mesh_tls_handshakes_total{side="server",result="ok"} 1"#,
@@ -737,6 +767,8 @@ mod tests {
             r#"mesh_connections_refused_total{proxy="outbound",reason="cap"} 1"#,
             r#"mesh_connections_refused_total{proxy="inbound",reason="pending_heads"} 1"#,
             "mesh_connections_limit 832",
+            r#"mesh_audit_checkpoints_forwarded_total{result="sent"} 3"#,
+            r#"mesh_audit_checkpoints_forwarded_total{result="dropped"} 1"#,
         ] {
             assert!(text.contains(needle), "missing {needle} in:\n{text}");
         }

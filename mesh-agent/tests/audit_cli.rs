@@ -26,6 +26,7 @@ fn writer(root: &Path, dir: &Path) -> SegmentWriter {
             max_age: Duration::from_secs(3600),
             checkpoint_interval: Duration::from_secs(3600),
             checkpoints: dir.join(CHECKPOINTS_FILE),
+            forward: None,
         },
         key,
     )

@@ -300,3 +300,120 @@ fn init_join_serve_revoke_roots() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn audit_key_registration_binds_one_key_per_node() {
+    use mesh_agent::audit::checkpoint::AuditKey;
+    let t = TempDir::new("auditkey");
+    let ca = t.0.join("ca");
+    let (code, _, err) = run(&[
+        "authority",
+        "init",
+        "--dir",
+        s(&ca),
+        "--trust-domain",
+        "cluster.local",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let key = |name: &str| {
+        let public = t.0.join(format!("{name}.pub"));
+        let k = AuditKey::load_or_generate(&t.0.join(format!("{name}.pk8")), &public).unwrap();
+        (public, k.public_hex())
+    };
+    let (k1, hex1) = key("k1");
+    let (k2, hex2) = key("k2");
+    let registered = ca.join("audit-nodes/n1/audit-key.pub");
+    let register = |k: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "authority",
+            "audit-key",
+            "--dir",
+            s(&ca),
+            "--node",
+            "n1",
+            "--key",
+            s(k),
+            "--output",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+
+    let (code, out, err) = register(&k1, &[]);
+    assert_eq!(code, 0, "{err}");
+    let v = json(&out);
+    assert_eq!(
+        (v["changed"].as_bool(), v["key"].as_str()),
+        (Some(true), Some(hex1.as_str()))
+    );
+    assert_eq!(std::fs::read_to_string(&registered).unwrap().trim(), hex1);
+    // The same key again: nothing changes.
+    let (code, out, _) = register(&k1, &[]);
+    assert_eq!((code, json(&out)["changed"].as_bool()), (0, Some(false)));
+
+    // Another key for the same node: refused, exit 2, the registered key kept.
+    refused(register(&k2, &[]), "re-keying is an operator action");
+    assert_eq!(std::fs::read_to_string(&registered).unwrap().trim(), hex1);
+
+    // Bad input: exit 2 with a message naming it, nothing registered.
+    let junk = t.0.join("junk.pub");
+    std::fs::write(&junk, "not a key\n").unwrap();
+    refused(register(&junk, &[]), "not an audit public key");
+    refused(register(&t.0.join("missing.pub"), &[]), "missing.pub");
+    refused(
+        run(&[
+            "authority",
+            "audit-key",
+            "--dir",
+            s(&ca),
+            "--node",
+            "../n1",
+            "--key",
+            s(&k1),
+        ]),
+        "not a node name",
+    );
+    assert!(!ca.join("n1").exists());
+    assert_eq!(std::fs::read_to_string(&registered).unwrap().trim(), hex1);
+
+    // Re-keying is explicit.
+    let (code, out, err) = register(&k2, &["--replace"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json(&out)["replaced"].as_bool(), Some(true));
+    assert_eq!(std::fs::read_to_string(&registered).unwrap().trim(), hex2);
+
+    // At join: the key is registered with the credentials; another key later is refused
+    // before any credentials are written.
+    let join = |node: &str, key: &Path, out: &Path| {
+        run(&[
+            "authority",
+            "join",
+            "--dir",
+            s(&ca),
+            "--node",
+            node,
+            "--out",
+            s(out),
+            "--audit-key",
+            s(key),
+        ])
+    };
+    let (code, _, err) = join("n2", &k1, &t.0.join("n2"));
+    assert_eq!(code, 0, "{err}");
+    let n2_key = ca.join("audit-nodes/n2/audit-key.pub");
+    assert_eq!(std::fs::read_to_string(&n2_key).unwrap().trim(), hex1);
+    refused(
+        join("n2", &k2, &t.0.join("n2-again")),
+        "re-keying is an operator action",
+    );
+    assert!(!t.0.join("n2-again").exists());
+    assert_eq!(std::fs::read_to_string(&n2_key).unwrap().trim(), hex1);
+}
+
+/// A command refused as bad input: exit 2, stderr naming `want`.
+#[track_caller]
+fn refused((code, _, err): (i32, String, String), want: &str) {
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains(want), "{err} lacks {want:?}");
+}

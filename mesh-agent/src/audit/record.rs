@@ -73,6 +73,10 @@ pub enum Kind {
     Config,
     /// A certificate event: issued, rotated, revoked, refused.
     Cert,
+    /// Audit custody, at the authority: a node's audit key registered, a node's checkpoint
+    /// accepted or refused (`action`: `key_registered`, `checkpoint_accepted`,
+    /// `checkpoint_refused`; `subject`: the node).
+    Custody,
     /// The writer's queue overflowed: `lost` records were dropped (never silently).
     RecordsLost,
     /// The log was recovered at start: a torn final line (a crash mid-write) was cut off
@@ -89,6 +93,7 @@ impl Kind {
             Self::Plaintext => "plaintext",
             Self::Config => "config",
             Self::Cert => "cert",
+            Self::Custody => "custody",
             Self::RecordsLost => "records_lost",
             Self::Recovered => "recovered",
         }

@@ -78,6 +78,8 @@ pub struct SegmentConfig {
     pub checkpoint_interval: Duration,
     /// Where checkpoints are appended.
     pub checkpoints: PathBuf,
+    /// Where every checkpoint is also offered, for the authority (never waits).
+    pub forward: Option<super::forward::CheckpointSink>,
 }
 
 /// What recovery found at start.
@@ -312,6 +314,9 @@ impl SegmentWriter {
             path: self.cfg.checkpoints.clone(),
             source,
         })?;
+        if let Some(sink) = &self.cfg.forward {
+            sink.offer(&cp);
+        }
         self.checkpointed = Some(seq);
         self.checkpoints_written += 1;
         Ok(())

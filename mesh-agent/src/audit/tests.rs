@@ -55,6 +55,7 @@ fn seg_cfg(dir: &Path, max_bytes: u64) -> SegmentConfig {
         max_age: Duration::from_secs(3600),
         checkpoint_interval: Duration::from_secs(3600),
         checkpoints: dir.join(CHECKPOINTS_FILE),
+        forward: None,
     }
 }
 

@@ -10,6 +10,8 @@
 //!                                                         (leaf, then issuing; the root it chains to)
 //! {"op":"bundle"}       → {"ok":true,"bundle_pem":"-----BEGIN CERTIFICATE-----...","active_root":"<root-id>"}
 //! {"op":"revocations"}  → {"ok":true,"revoked":["4f3a…", …]}            (hex serials)
+//! {"op":"checkpoint","checkpoint":{"v":1,"node":"n1","seq":41,"head":"…","time":"…","key":"…","sig":"…"}}
+//!                       → {"ok":true}          (a signed audit checkpoint, kept by the authority)
 //! anything refused      → {"ok":false,"error":"…"}
 //! ```
 
@@ -17,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use super::ca::RootId;
+use crate::audit::checkpoint::Checkpoint;
 use crate::tls::Serial;
 
 /// ALPN protocol of the authority service.
@@ -37,6 +40,10 @@ pub(crate) enum Request {
     // Struct variants (not unit variants) so that unknown fields are refused here too.
     Bundle {},
     Revocations {},
+    /// A signed audit checkpoint of the sending node's chain head.
+    Checkpoint {
+        checkpoint: Checkpoint,
+    },
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

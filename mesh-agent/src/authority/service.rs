@@ -22,7 +22,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{atomic::Ordering, Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -38,8 +38,10 @@ use tracing::{debug, info, warn};
 use super::ca::{
     authorize_request, Authority, RootId, DEFAULT_WORKLOAD_LIFETIME, MAX_WORKLOAD_LIFETIME,
 };
+use super::custody::Custody;
 use super::protocol::{read_line_bounded, write_line, LineRead, Request, Response, ALPN_AUTHORITY};
 use super::AuthorityError;
+use crate::audit::AuditLog;
 use crate::tls::spiffe::{NodeId, PeerId, SpiffeId};
 use crate::tls::verify::{peer_id, tls13_server, SpiffeClientVerifier};
 
@@ -62,6 +64,12 @@ pub struct ServeConfig {
     /// Longest workload certificate lifetime handed out; longer requests are shortened to it.
     /// Default (and upper bound) 30 days.
     pub max_lifetime: Duration,
+    /// Where the nodes' audit checkpoints are kept. Default: a [`Custody`] under the
+    /// authority directory.
+    pub custody: Option<Arc<Custody>>,
+    /// The authority's own audit log (certificates issued, refused requests, checkpoints
+    /// accepted or refused). Default none.
+    pub audit: Option<AuditLog>,
 }
 
 impl Default for ServeConfig {
@@ -73,6 +81,8 @@ impl Default for ServeConfig {
             idle_timeout: Duration::from_secs(60),
             max_connections: 256,
             max_lifetime: MAX_WORKLOAD_LIFETIME,
+            custody: None,
+            audit: None,
         }
     }
 }
@@ -117,6 +127,10 @@ where
     )?;
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let lookup: RegistryLookup = Arc::new(registry_lookup);
+    let mut config = config;
+    if config.custody.is_none() {
+        config.custody = Some(Arc::new(Custody::new(authority.dir())));
+    }
     let config = Arc::new(config);
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let mut tasks = JoinSet::new();
@@ -214,9 +228,7 @@ async fn serve_connection(
                 let _ = stream.get_mut().shutdown().await;
                 return;
             }
-            Ok(Ok(LineRead::Line)) => {
-                handle_request(&line, &node, &authority, &*lookup, config.max_lifetime)
-            }
+            Ok(Ok(LineRead::Line)) => handle_request(&line, &node, &authority, &*lookup, &config),
         };
         // A client that stops reading does not hold the connection forever.
         match timeout(
@@ -245,12 +257,23 @@ fn handle_request(
     node: &NodeId,
     authority: &Authority,
     lookup: &(dyn Fn(&SpiffeId) -> Vec<String> + Send + Sync),
-    max_lifetime: Duration,
+    config: &ServeConfig,
 ) -> Response {
+    let audit = config.audit.as_ref();
+    let refused = |subject: &str, message: &str| {
+        if let Some(a) = audit {
+            a.cert_event(
+                "refused",
+                subject,
+                Some(format!("node {}: {message}", node.node())),
+            );
+        }
+    };
     let request: Request = match serde_json::from_slice(line) {
         Ok(r) => r,
         Err(e) => {
             warn!(node = %node, error = %e, "malformed authority request");
+            refused("malformed request", &e.to_string());
             return Response::error(format!("malformed request: {e}"));
         }
     };
@@ -275,11 +298,16 @@ fn handle_request(
                 Ok(id) => id,
                 Err(e) => {
                     warn!(node = %node, error = %e, "certificate request for an invalid identity");
+                    refused(
+                        &identity.chars().take(260).collect::<String>(),
+                        &e.to_string(),
+                    );
                     return Response::error(e.to_string());
                 }
             };
             if let Err(e) = authorize_request(node.node(), &id, |id| lookup(id)) {
                 warn!(node = %node, identity = %id, error = %e, "certificate request refused");
+                refused(&id.to_string(), &e.to_string());
                 // The details (where the workload runs) stay in the log.
                 return Response::error(format!(
                     "not authorized: node {} hosts no workload with identity {id}",
@@ -289,10 +317,21 @@ fn handle_request(
             let lifetime = lifetime_secs
                 .map(Duration::from_secs)
                 .unwrap_or(DEFAULT_WORKLOAD_LIFETIME)
-                .min(max_lifetime);
+                .min(config.max_lifetime);
             match authority.sign_workload_csr_rooted(&csr_pem, &id, lifetime) {
                 Ok((chain, root)) => {
                     info!(node = %node, identity = %id, lifetime_secs = lifetime.as_secs(), "certificate request granted");
+                    if let Some(a) = audit {
+                        a.cert_event(
+                            "issued",
+                            &id.to_string(),
+                            Some(format!(
+                                "node {}, lifetime {} s, root {root}",
+                                node.node(),
+                                lifetime.as_secs()
+                            )),
+                        );
+                    }
                     Response {
                         ok: true,
                         cert_chain_pem: Some(chain),
@@ -302,7 +341,47 @@ fn handle_request(
                 }
                 Err(e) => {
                     warn!(node = %node, identity = %id, error = %e, "certificate request failed");
+                    refused(&id.to_string(), &e.to_string());
                     Response::error(e.to_string())
+                }
+            }
+        }
+        Request::Checkpoint { checkpoint } => {
+            let Some(custody) = config.custody.as_deref() else {
+                return Response::error("this authority keeps no audit checkpoints");
+            };
+            let keys = custody.stats().keys_registered.load(Ordering::Relaxed);
+            let result = custody.accept(node.node(), &checkpoint);
+            if let Some(a) = audit {
+                if custody.stats().keys_registered.load(Ordering::Relaxed) != keys {
+                    a.custody_event(
+                        "key_registered",
+                        node.node(),
+                        Some(format!("first use: {}", checkpoint.key)),
+                    );
+                }
+            }
+            match result {
+                Ok(held) => {
+                    debug!(node = %node, seq = checkpoint.seq, ?held, "audit checkpoint accepted");
+                    if let Some(a) = audit {
+                        a.custody_event(
+                            "checkpoint_accepted",
+                            node.node(),
+                            Some(format!("seq {} head {}", checkpoint.seq, checkpoint.head)),
+                        );
+                    }
+                    Response {
+                        ok: true,
+                        ..Response::default()
+                    }
+                }
+                Err(e) => {
+                    warn!(node = %node, seq = checkpoint.seq, error = %e, "audit checkpoint refused");
+                    if let Some(a) = audit {
+                        a.custody_event("checkpoint_refused", node.node(), Some(e.to_string()));
+                    }
+                    Response::error(format!("checkpoint refused: {e}"))
                 }
             }
         }
@@ -715,5 +794,255 @@ mod tests {
             assert!(c.bundle().await.is_err());
         }
         r.stop().await;
+    }
+}
+
+#[cfg(test)]
+mod custody_tests {
+    use super::*;
+    use crate::audit::checkpoint::{AuditKey, Checkpoint};
+    use crate::audit::verify::{verify, FindingKind, VerifyInput};
+    use crate::audit::{forward, segment, AuditConfig};
+    use crate::authority::ca::tests::{td, TempDir};
+    use crate::authority::custody::{Custody, CHECKPOINTS_FILE, NODES_DIR};
+    use crate::identity::{AuthorityClient, IdentityError};
+    use crate::tls::verify::TrustStore;
+    use tokio::sync::oneshot;
+
+    struct Running {
+        _dir: TempDir,
+        ca: Arc<Authority>,
+        custody: Arc<Custody>,
+        addr: String,
+        stop: oneshot::Sender<()>,
+    }
+
+    /// Serves `ca` on `listener` with a custody of its own; returns it and the stop switch.
+    fn serve_custody(
+        listener: TcpListener,
+        ca: &Arc<Authority>,
+    ) -> (Arc<Custody>, oneshot::Sender<()>) {
+        let custody = Arc::new(Custody::new(ca.dir()));
+        let (stop, rx) = oneshot::channel::<()>();
+        let config = ServeConfig {
+            custody: Some(custody.clone()),
+            ..ServeConfig::default()
+        };
+        tokio::spawn(serve_with(
+            listener,
+            ca.clone(),
+            |_: &SpiffeId| vec![],
+            config,
+            async {
+                let _ = rx.await;
+            },
+        ));
+        (custody, stop)
+    }
+
+    async fn start(tag: &str, listener: TcpListener) -> Running {
+        let dir = TempDir::new(tag);
+        let ca = Arc::new(Authority::init(&dir.0, td()).unwrap());
+        let addr = listener.local_addr().unwrap().to_string();
+        let (custody, stop) = serve_custody(listener, &ca);
+        Running {
+            _dir: dir,
+            ca,
+            custody,
+            addr,
+            stop,
+        }
+    }
+
+    fn client(r: &Running, node: &str) -> AuthorityClient {
+        let creds = r.ca.node_credentials(node).unwrap();
+        let trust = TrustStore::from_bundle_pem(td(), &creds.bundle_pem).unwrap();
+        AuthorityClient::new(&r.addr, &creds.chain_pem, &creds.key_pem, trust).unwrap()
+    }
+
+    fn copy_of(r: &Running, node: &str) -> std::path::PathBuf {
+        r.ca.dir().join(NODES_DIR).join(node).join(CHECKPOINTS_FILE)
+    }
+
+    #[tokio::test]
+    async fn the_agents_checkpoints_reach_the_authority_and_catch_a_deleted_segment() {
+        let r = start("cp-fwd", TcpListener::bind("127.0.0.1:0").await.unwrap()).await;
+        let node_dir = TempDir::new("cp-fwd-node");
+        let (sink, queue) = forward::channel(forward::QUEUE);
+        let stats = queue.stats();
+        let sender = tokio::spawn(queue.run(client(&r, "n1")));
+        let key = AuditKey::ephemeral().unwrap();
+        let public = crate::audit::record::unhex::<32>(&key.public_hex()).unwrap();
+        let log = crate::audit::AuditLog::start_with_key(
+            AuditConfig {
+                forward: Some(sink),
+                segment_max_bytes: 4096,
+                ..AuditConfig::new("n1", &node_dir.0)
+            },
+            key,
+        )
+        .unwrap();
+        for i in 0..60 {
+            log.cert_event(
+                "issued",
+                &format!("spiffe://cluster.local/ns/d/sa/s{i}"),
+                None,
+            );
+        }
+        log.shutdown("test").await;
+        drop(log);
+        timeout(Duration::from_secs(20), sender)
+            .await
+            .expect("the forwarder did not finish")
+            .unwrap();
+        assert!(stats.sent.load(Ordering::Relaxed) >= 2, "{stats:?}");
+        assert_eq!(stats.refused.load(Ordering::Relaxed), 0);
+        let dir = node_dir.0.join("audit");
+        let authority_copy = copy_of(&r, "n1");
+        let input = VerifyInput {
+            dir: dir.clone(),
+            checkpoints: vec![authority_copy.clone()],
+            key: Some(public),
+            from_genesis: true,
+        };
+        assert!(verify(&input).unwrap().ok);
+        // The attacker deletes the last segment and the node's own checkpoints.
+        let segs = segment::list_segments(&dir).unwrap();
+        assert!(segs.len() >= 2, "{segs:?}");
+        std::fs::remove_file(&segs.last().unwrap().1).unwrap();
+        std::fs::write(dir.join(segment::CHECKPOINTS_FILE), "").unwrap();
+        let report = verify(&input).unwrap();
+        assert!(!report.ok);
+        assert_eq!(report.first_bad.unwrap().kind, FindingKind::TailMissing);
+        let _ = r.stop.send(());
+    }
+
+    #[tokio::test]
+    async fn forged_replayed_and_malformed_checkpoints_are_refused_over_the_wire() {
+        let r = start("cp-att", TcpListener::bind("127.0.0.1:0").await.unwrap()).await;
+        let k1 = AuditKey::ephemeral().unwrap();
+        let k2 = AuditKey::ephemeral().unwrap();
+        let mut n1 = client(&r, "n1");
+        let mut n2 = client(&r, "n2");
+        let cp = |k: &AuditKey, node: &str, seq: u64| {
+            k.checkpoint(node, seq, &[7; 32], "2026-01-01T00:00:00Z".into())
+        };
+        n1.checkpoint(&cp(&k1, "n1", 5)).await.unwrap();
+        n2.checkpoint(&cp(&k2, "n2", 5)).await.unwrap();
+        let before = std::fs::read(copy_of(&r, "n1")).unwrap();
+        let refused = |e: IdentityError, want: &str| match e {
+            IdentityError::Refused { message } => {
+                assert!(message.contains(want), "{message} lacks {want:?}")
+            }
+            other => panic!("not refused: {other}"),
+        };
+        // Signed by another node's key.
+        refused(
+            n1.checkpoint(&cp(&k2, "n1", 6)).await.unwrap_err(),
+            "re-keying is an operator action",
+        );
+        // n2 handing in n1's checkpoint.
+        refused(
+            n2.checkpoint(&cp(&k1, "n1", 6)).await.unwrap_err(),
+            "but was sent by node",
+        );
+        // A replayed older one.
+        refused(
+            n1.checkpoint(&cp(&k1, "n1", 4)).await.unwrap_err(),
+            "rollback or replay refused",
+        );
+        // Malformed and oversize messages, on a raw connection.
+        let mut raw = client(&r, "n1");
+        raw.bundle().await.unwrap();
+        let mut conn = raw.into_connection().unwrap();
+        for (line, want) in [
+            (
+                br#"{"op":"checkpoint","checkpoint":{"v":1}}"#.to_vec(),
+                "malformed request",
+            ),
+            (
+                format!(
+                    r#"{{"op":"checkpoint","checkpoint":{}}}"#,
+                    serde_json::to_string(&Checkpoint {
+                        sig: "00".into(),
+                        ..cp(&k1, "n1", 9)
+                    })
+                    .unwrap()
+                )
+                .into_bytes(),
+                "malformed checkpoint",
+            ),
+            (
+                format!(
+                    r#"{{"op":"checkpoint","checkpoint":{{"node":"{}"}}}}"#,
+                    "n".repeat(70_000)
+                )
+                .into_bytes(),
+                "longer than",
+            ),
+        ] {
+            let mut line = line;
+            line.push(b'\n');
+            write_line(&mut conn, &line).await.unwrap();
+            let mut buf = Vec::new();
+            let got = timeout(
+                Duration::from_secs(10),
+                read_line_bounded(&mut conn, &mut buf, 1 << 20),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+            assert!(matches!(got, LineRead::Line));
+            let v: serde_json::Value = serde_json::from_slice(&buf).unwrap();
+            assert_eq!(v["ok"], false, "{v}");
+            assert!(v["error"].as_str().unwrap().contains(want), "{v}");
+        }
+        assert_eq!(std::fs::read(copy_of(&r, "n1")).unwrap(), before);
+        assert_eq!(r.custody.stats().refused.load(Ordering::Relaxed), 4);
+        assert_eq!(r.custody.stats().keys_registered.load(Ordering::Relaxed), 2);
+        let _ = r.stop.send(());
+    }
+
+    #[tokio::test]
+    async fn checkpoints_queue_while_the_authority_is_down_and_go_out_when_it_is_back() {
+        // Reserve a port, release it: the agent's first attempts fail to connect.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let dir = TempDir::new("cp-down");
+        let ca = Arc::new(Authority::init(&dir.0, td()).unwrap());
+        let creds = ca.node_credentials("n1").unwrap();
+        let trust = TrustStore::from_bundle_pem(td(), &creds.bundle_pem).unwrap();
+        let c = AuthorityClient::new(&port.to_string(), &creds.chain_pem, &creds.key_pem, trust)
+            .unwrap();
+        let (sink, queue) = forward::channel(4);
+        let stats = queue.stats();
+        let sender = tokio::spawn(queue.run(c));
+        let k = AuditKey::ephemeral().unwrap();
+        for seq in 0..6 {
+            sink.offer(&k.checkpoint("n1", seq, &[1; 32], "t".into()));
+        }
+        // The queue holds 4 (one may be in flight already): the rest dropped, counted.
+        assert!(stats.dropped.load(Ordering::Relaxed) >= 1);
+        drop(sink);
+        // The first attempt fails: nothing listens yet.
+        timeout(Duration::from_secs(10), async {
+            while stats.retries.load(Ordering::Relaxed) == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the forwarder never tried to reach the authority");
+        let listener = TcpListener::bind(port).await.unwrap();
+        let (custody, stop) = serve_custody(listener, &ca);
+        timeout(Duration::from_secs(30), sender)
+            .await
+            .expect("queued checkpoints were not sent once the authority was back")
+            .unwrap();
+        let sent = stats.sent.load(Ordering::Relaxed);
+        assert_eq!(sent + stats.dropped.load(Ordering::Relaxed), 6);
+        assert_eq!(custody.stats().accepted.load(Ordering::Relaxed), sent);
+        let _ = stop.send(());
     }
 }

@@ -11,6 +11,7 @@ use tokio_rustls::TlsConnector;
 use tracing::debug;
 
 use super::IdentityError;
+use crate::audit::checkpoint::Checkpoint;
 use crate::authority::protocol::{
     read_line_bounded, write_line, LineRead, Request, Response, ALPN_AUTHORITY, MAX_RESPONSE_LINE,
 };
@@ -193,6 +194,16 @@ impl AuthorityClient {
         response.revoked.ok_or_else(|| IdentityError::Protocol {
             detail: "revocations response without revoked".into(),
         })
+    }
+
+    /// Hands a signed audit checkpoint of this node's chain to the authority, which keeps
+    /// it (see [`crate::authority::custody`]). A refusal is [`IdentityError::Refused`].
+    pub async fn checkpoint(&mut self, checkpoint: &Checkpoint) -> Result<(), IdentityError> {
+        self.request(&Request::Checkpoint {
+            checkpoint: checkpoint.clone(),
+        })
+        .await
+        .map(|_| ())
     }
 
     /// The open connection, taken out of the client: for tests that write raw request lines.

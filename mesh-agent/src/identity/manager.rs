@@ -38,6 +38,7 @@ use super::client::AuthorityClient;
 use super::credentials::NodeCredentials;
 use super::persist::{PersistedTrust, StateDir};
 use super::IdentityError;
+use crate::audit::AuditLog;
 use crate::authority::ca::{check_lifetime, RootId, DEFAULT_WORKLOAD_LIFETIME};
 use crate::tls::cert::{Serial, WorkloadCert};
 use crate::tls::spiffe::{NodeId, SpiffeId};
@@ -81,6 +82,9 @@ pub struct ManagerConfig {
     /// with what it has (workloads without a certificate cannot connect until the authority
     /// issues one) instead of failing. Without it (tests), start-up needs the authority.
     pub state_dir: Option<std::path::PathBuf>,
+    /// Where certificate events go (kind `cert`: `issued`, `rotated`, `refused` by the
+    /// authority, `revoked`). Default none.
+    pub audit: Option<AuditLog>,
 }
 
 impl ManagerConfig {
@@ -94,6 +98,7 @@ impl ManagerConfig {
             refresh: Duration::from_secs(1),
             startup_timeout: Duration::from_secs(30),
             state_dir: None,
+            audit: None,
         }
     }
 }
@@ -142,6 +147,7 @@ pub struct IdentityManager {
     authority_up: AtomicBool,
     /// Persisted state, if configured.
     persist: Option<StateDir>,
+    audit: Option<AuditLog>,
 }
 
 impl std::fmt::Debug for IdentityManager {
@@ -234,6 +240,7 @@ impl IdentityManager {
             rotations_err: AtomicU64::new(0),
             revocation_gen,
             authority_up: AtomicBool::new(true),
+            audit: cfg.audit.clone(),
             persist: match &cfg.state_dir {
                 None => None,
                 Some(dir) => Some(StateDir::open(dir).map_err(|e| IdentityError::Protocol {
@@ -525,6 +532,24 @@ impl IdentityManager {
                       rotation = kind.as_str(),
                       replaced = replaced.as_ref().map(|c| c.serial().to_string()),
                       "workload certificate issued");
+                if let Some(a) = &self.audit {
+                    let detail = format!(
+                        "serial {}, expires in {} s ({}){}",
+                        cert.serial(),
+                        cert.remaining().as_secs(),
+                        kind.as_str(),
+                        replaced
+                            .as_ref()
+                            .map(|c| format!(", replaces {}", c.serial()))
+                            .unwrap_or_default()
+                    );
+                    let action = if replaced.is_some() {
+                        "rotated"
+                    } else {
+                        "issued"
+                    };
+                    a.cert_event(action, &id.to_string(), Some(detail));
+                }
                 Ok(())
             }
             Err(e) => {
@@ -545,6 +570,9 @@ impl IdentityManager {
                       retry_in_ms = delay.as_millis() as u64,
                       current_expires_in_secs = remaining,
                       "workload certificate request failed");
+                if let (Some(a), IdentityError::Refused { message }) = (&self.audit, &e) {
+                    a.cert_event("refused", &id.to_string(), Some(message.clone()));
+                }
                 Err(e)
             }
         }
@@ -602,6 +630,17 @@ impl IdentityManager {
                     .filter(|(_, c)| revoked.contains(c.serial()))
                     .map(|(id, _)| id.clone())
                     .collect();
+                if let Some(a) = &self.audit {
+                    for (id, c) in state.certs.iter() {
+                        if revoked.contains(c.serial()) && !state.revoked.contains(c.serial()) {
+                            a.cert_event(
+                                "revoked",
+                                &id.to_string(),
+                                Some(format!("serial {}: re-issuing", c.serial())),
+                            );
+                        }
+                    }
+                }
                 if !ours.is_empty() {
                     warn!(
                         certificates = ours.len(),
@@ -1012,6 +1051,47 @@ mod tests {
                 && l.contains("\"rotation\":\"initial\"")
                 && l.contains("sa-a")));
         let _ = std::io::stderr().flush();
+    }
+
+    #[tokio::test]
+    async fn certificate_events_are_audited() {
+        let ca = Ca::new("mgr-audit").await;
+        let audit_dir = TempDir::new("mgr-audit-log");
+        let audit = AuditLog::start(crate::audit::AuditConfig::new("n1", &audit_dir.0)).unwrap();
+        let (_stop, rx) = stop_channel();
+        let mut cfg = ca.config("n1", &["sa-a"]);
+        cfg.audit = Some(audit.clone());
+        let m = IdentityManager::start(cfg, rx).await.unwrap();
+        m.rotate_now().await.unwrap();
+        // sa-b lives on n2: the authority refuses it to n1.
+        assert!(m
+            .issue(&wid("default", "sa-b"), Issue::Rotation)
+            .await
+            .is_err());
+        audit.shutdown("test").await;
+        let dir = audit_dir.0.join("audit");
+        let mut events = Vec::new();
+        for (_, seg) in crate::audit::segment::list_segments(&dir).unwrap() {
+            for line in std::fs::read_to_string(seg).unwrap().lines() {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                if v["kind"] == "cert" {
+                    events.push((
+                        v["action"].as_str().unwrap().to_owned(),
+                        v["subject"].as_str().unwrap().to_owned(),
+                    ));
+                }
+            }
+        }
+        let a = wid("default", "sa-a").to_string();
+        let b = wid("default", "sa-b").to_string();
+        assert_eq!(
+            events,
+            [
+                ("issued".to_owned(), a.clone()),
+                ("rotated".to_owned(), a),
+                ("refused".to_owned(), b)
+            ],
+        );
     }
 
     #[tokio::test]

@@ -22,6 +22,7 @@ use tracing::{error, info, warn};
 
 use super::{print, with_stderr_logs, OutputFormat};
 use crate::authority::ca::{MAX_WORKLOAD_LIFETIME, MIN_WORKLOAD_LIFETIME};
+use crate::authority::custody::{self, Custody, CustodyError};
 use crate::authority::{serve_with, Authority, AuthorityError, RootId, ServeConfig};
 use crate::error_chain;
 use crate::files::FileError;
@@ -53,6 +54,30 @@ pub enum AuthorityCommand {
     Revoke(RevokeArgs),
     /// List and rotate the roots of the trust bundle.
     Roots(RootsArgs),
+    /// Register a node's audit public key (`<state-dir>/audit/audit-key.pub` on the node):
+    /// the authority then keeps only checkpoints signed by it. Without this, the first
+    /// checkpoint the node sends registers its key (trust on first use). A different key is
+    /// refused unless --replace (re-keying; the node's checkpoint copy starts afresh).
+    AuditKey(AuditKeyArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct AuditKeyArgs {
+    /// The authority directory.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// The node's name (as in the registry's `node:` fields).
+    #[arg(long)]
+    pub node: String,
+    /// The node's audit public key file (64 hex digits, one line).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// Replace a registered key (re-keying after a lost or compromised node key).
+    #[arg(long)]
+    pub replace: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
 }
 
 #[derive(Args, Debug)]
@@ -84,6 +109,10 @@ pub struct JoinArgs {
     /// the bundle are written; if --out holds the node key, the certificate must match it.
     #[arg(long)]
     pub csr: Option<PathBuf>,
+    /// Also register the node's audit public key (as `authority audit-key`, without
+    /// --replace): a node already holding another key is refused.
+    #[arg(long)]
+    pub audit_key: Option<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
@@ -105,6 +134,14 @@ pub struct ServeArgs {
     /// 60 to 2592000 (30 days), the default.
     #[arg(long)]
     pub max_lifetime_secs: Option<u64>,
+    /// The authority's own audit log: certificates issued, refused requests, nodes' audit
+    /// checkpoints accepted or refused. [default: <dir>/audit]
+    #[arg(long)]
+    pub audit_dir: Option<PathBuf>,
+    /// The authority's audit signing key (Ed25519 PKCS#8, generated at first start, 0600).
+    /// [default: <dir>/audit-key.pk8]
+    #[arg(long)]
+    pub audit_key: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -206,6 +243,18 @@ pub enum OperatorError {
         #[source]
         source: std::io::Error,
     },
+    #[error("audit public key {}: {source}", path.display())]
+    ReadAuditKey {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: not an audit public key (64 hex digits)", path.display())]
+    BadAuditKey { path: PathBuf },
+    #[error("registering the audit key: {0}")]
+    Custody(#[source] CustodyError),
+    #[error("the authority's audit log: {0}")]
+    Audit(#[source] crate::audit::AuditError),
     #[error("starting the runtime: {0}")]
     Runtime(#[source] std::io::Error),
     #[error("writing the output: {0}")]
@@ -224,7 +273,11 @@ impl OperatorError {
             | Self::BadRootId { .. }
             | Self::BadMaxLifetime { .. }
             | Self::ReadCsr { .. }
+            | Self::ReadAuditKey { .. }
+            | Self::BadAuditKey { .. }
             | Self::Registry(_) => true,
+            Self::Custody(e) => !matches!(e, CustodyError::Io { .. }),
+            Self::Audit(_) => false,
             Self::Credentials { source, .. } => match &**source {
                 IdentityError::Tls(e) => is_bad_input(e),
                 IdentityError::File(FileError { op, .. }) => *op == "reading",
@@ -295,6 +348,7 @@ fn run_once(command: AuthorityCommand) -> Result<(), OperatorError> {
         AuthorityCommand::Join(a) => join(a),
         AuthorityCommand::Revoke(a) => revoke(a),
         AuthorityCommand::Roots(a) => roots(a),
+        AuthorityCommand::AuditKey(a) => audit_key(a),
         AuthorityCommand::Serve(a) => run_serve(a),
     }
 }
@@ -359,6 +413,10 @@ fn join(a: JoinArgs) -> Result<(), OperatorError> {
     }
     use crate::identity::NodeCredentials;
     let authority = load(&a.dir)?;
+    // The audit key first: a refused key leaves no credentials behind.
+    if let Some(key) = &a.audit_key {
+        register_audit_key(&authority, &a.node, key, false)?;
+    }
     let out = match &a.csr {
         Some(csr_path) => {
             let csr =
@@ -403,6 +461,64 @@ fn join(a: JoinArgs) -> Result<(), OperatorError> {
         a.out.display(),
         out.files.join(", ")
     );
+    print(a.output, &out, &text).map_err(OperatorError::Output)
+}
+
+#[derive(Serialize)]
+struct AuditKeyOutput {
+    node: String,
+    key: String,
+    /// False if this key was already registered.
+    changed: bool,
+    replaced: bool,
+}
+
+/// Registers the audit public key in `path` for `node`; returns it and whether it changed.
+fn register_audit_key(
+    authority: &Authority,
+    node: &str,
+    path: &Path,
+    replace: bool,
+) -> Result<([u8; 32], bool), OperatorError> {
+    let custody = Custody::new(authority.dir());
+    custody
+        .node_dir(node)
+        .map_err(|_| OperatorError::BadNodeName {
+            input: node.chars().take(260).collect(),
+        })?;
+    let text = std::fs::read_to_string(path).map_err(|source| OperatorError::ReadAuditKey {
+        path: path.to_owned(),
+        source,
+    })?;
+    let key = custody::parse_key(&text).ok_or_else(|| OperatorError::BadAuditKey {
+        path: path.to_owned(),
+    })?;
+    let changed = custody
+        .register(node, key, replace)
+        .map_err(OperatorError::Custody)?;
+    Ok((key, changed))
+}
+
+fn audit_key(a: AuditKeyArgs) -> Result<(), OperatorError> {
+    let authority = load(&a.dir)?;
+    let (key, changed) = register_audit_key(&authority, &a.node, &a.key, a.replace)?;
+    let out = AuditKeyOutput {
+        node: a.node.clone(),
+        key: crate::audit::record::hex(&key),
+        changed,
+        replaced: a.replace && changed,
+    };
+    let text = match (changed, a.replace) {
+        (false, _) => format!(
+            "audit key {} of node {} was already registered",
+            out.key, a.node
+        ),
+        (true, true) => format!(
+            "audit key of node {} replaced by {} (its checkpoint copy starts afresh)",
+            a.node, out.key
+        ),
+        (true, false) => format!("audit key {} registered for node {}", out.key, a.node),
+    };
     print(a.output, &out, &text).map_err(OperatorError::Output)
 }
 
@@ -573,10 +689,20 @@ pub async fn serve(a: ServeArgs) -> Result<(), OperatorError> {
     let mut term = signal(SignalKind::terminate()).map_err(OperatorError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(OperatorError::Signals)?;
 
+    let audit = crate::audit::AuditLog::start(crate::audit::AuditConfig {
+        dir: a.audit_dir.clone().unwrap_or_else(|| a.dir.join("audit")),
+        key: a
+            .audit_key
+            .clone()
+            .unwrap_or_else(|| a.dir.join("audit-key.pk8")),
+        ..crate::audit::AuditConfig::new("authority", &a.dir)
+    })
+    .map_err(OperatorError::Audit)?;
     let watcher = tokio::spawn(watch_files(
         authority.clone(),
         a.registry.clone(),
         index.clone(),
+        audit.clone(),
     ));
     let lookup = {
         let index = index.clone();
@@ -590,6 +716,7 @@ pub async fn serve(a: ServeArgs) -> Result<(), OperatorError> {
     };
     let config = ServeConfig {
         max_lifetime,
+        audit: Some(audit.clone()),
         ..ServeConfig::default()
     };
     info!(listen = %listen, trust_domain = %authority.trust_domain(),
@@ -603,6 +730,7 @@ pub async fn serve(a: ServeArgs) -> Result<(), OperatorError> {
     };
     let result = serve_with(listener, authority, lookup, config, shutdown).await;
     watcher.abort();
+    audit.shutdown("stopped").await;
     result.map_err(|e| {
         error!(error = %e, "authority failed");
         authority_err("serving")(e)
@@ -621,7 +749,12 @@ async fn watch_files(
     authority: Arc<Authority>,
     registry_path: PathBuf,
     index: Arc<RwLock<Arc<HostIndex>>>,
+    audit: crate::audit::AuditLog,
 ) {
+    // Revocations are recorded in the authority's audit log as the running service picks
+    // them up (`authority revoke` is another process).
+    let mut revoked: std::collections::BTreeSet<Serial> =
+        authority.revocations().into_iter().collect();
     let mut tick = tokio::time::interval(RELOAD_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut registry_stamp = stamp(&registry_path);
@@ -633,7 +766,15 @@ async fn watch_files(
         // File reads and key parsing: off the async workers.
         let reloaded = tokio::task::spawn_blocking(move || a.reload()).await;
         match reloaded {
-            Ok(Ok(_)) => {
+            Ok(Ok(outcome)) => {
+                if outcome.revocations_changed {
+                    let now: std::collections::BTreeSet<Serial> =
+                        authority.revocations().into_iter().collect();
+                    for serial in now.difference(&revoked) {
+                        audit.cert_event("revoked", &serial.to_string(), None);
+                    }
+                    revoked = now;
+                }
                 if authority_error.take().is_some() {
                     info!(dir = %authority.dir().display(), "authority state valid again");
                 }

@@ -24,6 +24,7 @@ use super::{
     model::PolicyBundle,
 };
 use crate::{
+    audit::AuditLog,
     error_chain,
     metrics::{ApplyResult, Metrics},
     registry::Registry,
@@ -140,22 +141,33 @@ pub fn apply_dir(
     Ok((bundle, generation))
 }
 
-/// [`apply_dir`], counted in `mesh_policy_applies_total`; a refusal is logged
-/// (`policy refused`) and the active generation stays. Returns the new generation.
+/// [`apply_dir`], counted in `mesh_policy_applies_total` and recorded in the audit log
+/// (kind `config`, action `accepted` with the new generation, or `refused` with the
+/// reason); a refusal is logged (`policy refused`) and the active generation stays. Returns
+/// the new generation.
 pub fn apply_dir_counted(
     ctx: &CompileContext,
     maps: &mut PolicyMaps,
     dir: &Path,
     metrics: &Metrics,
+    audit: Option<&AuditLog>,
 ) -> Option<u32> {
+    let subject = dir.display().to_string();
     match apply_dir(ctx, maps, dir) {
         Ok((_, generation)) => {
             metrics.policy_apply(ApplyResult::Ok);
+            if let Some(a) = audit {
+                a.config_event("accepted", &subject, Some(generation.into()), None);
+            }
             Some(generation)
         }
         Err(e) => {
             metrics.policy_apply(ApplyResult::Refused);
-            warn!(error = %error_chain(&e), dir = %dir.display(), "policy refused");
+            let reason = error_chain(&e);
+            warn!(error = %reason, dir = %dir.display(), "policy refused");
+            if let Some(a) = audit {
+                a.config_event("refused", &subject, None, Some(reason));
+            }
             None
         }
     }
@@ -190,6 +202,7 @@ pub fn spawn_dir_watcher(
     ctx: CompileContext,
     maps: PolicyMaps,
     metrics: Arc<Metrics>,
+    audit: Option<AuditLog>,
     interval: Duration,
     stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
@@ -213,15 +226,16 @@ pub fn spawn_dir_watcher(
             }
             seen = now;
             debug!(dir = %dir.display(), "policy directory changed");
-            let (dir2, ctx2, maps2, metrics2) = (
+            let (dir2, ctx2, maps2, metrics2, audit2) = (
                 dir.clone(),
                 ctx.clone(),
                 Arc::clone(&maps),
                 Arc::clone(&metrics),
+                audit.clone(),
             );
             let done = tokio::task::spawn_blocking(move || {
                 let mut maps = maps2.lock().unwrap_or_else(|p| p.into_inner());
-                apply_dir_counted(&ctx2, &mut maps, &dir2, &metrics2);
+                apply_dir_counted(&ctx2, &mut maps, &dir2, &metrics2, audit2.as_ref());
             })
             .await;
             if done.is_err() {
@@ -236,10 +250,12 @@ pub fn spawn_dir_watcher(
 /// (within `interval`, `--generation-poll-ms`); it is the proxies' `Authorizer` — and calls `on_generation` with
 /// each new view, after publishing it (the agent re-programs workload flags from it). A
 /// generation that cannot be read back consistently is published as a deny-all view (fail
-/// closed) and logged.
+/// closed) and logged. Each swap is recorded in the audit log (kind `config`, subject
+/// `policy_generation`: action `activated`, or `fail_closed` for the deny-all view).
 pub fn spawn_generation_watcher(
     maps: PolicyMaps,
     initial: Arc<PolicyView>,
+    audit: Option<AuditLog>,
     interval: Duration,
     mut on_generation: impl FnMut(&PolicyView) + Send + 'static,
     stop: watch::Receiver<bool>,
@@ -270,6 +286,14 @@ pub fn spawn_generation_watcher(
                         l4_entries = view.l4_entries(),
                         "policy generation active"
                     );
+                    if let Some(a) = &audit {
+                        a.config_event(
+                            "activated",
+                            "policy_generation",
+                            Some(view.generation().into()),
+                            Some(format!("{} L4 entries", view.l4_entries())),
+                        );
+                    }
                     let view = Arc::new(view);
                     tx.send_replace(Arc::clone(&view));
                     on_generation(&view);
@@ -281,6 +305,14 @@ pub fn spawn_generation_watcher(
                     // fail closed. A read that kept overlapping swaps (`Unstable`) keeps the
                     // previous view and is tried again at the next poll.
                     if let MapsError::Inconsistent { gen, .. } = e {
+                        if let Some(a) = &audit {
+                            a.config_event(
+                                "fail_closed",
+                                "policy_generation",
+                                Some(gen.into()),
+                                Some(format!("unreadable, denying all: {}", error_chain(&e))),
+                            );
+                        }
                         let view = Arc::new(PolicyView::deny_all(gen));
                         tx.send_replace(Arc::clone(&view));
                         on_generation(&view);

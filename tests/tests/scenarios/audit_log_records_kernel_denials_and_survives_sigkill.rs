@@ -14,7 +14,7 @@ use super::policy_common::{authz, expect_denied};
 use crate::cluster;
 
 /// Runs `mesh-agent audit ARGS…` (file work only: no namespace needed).
-fn audit(args: &[&str]) -> (i32, String, String) {
+pub(super) fn audit(args: &[&str]) -> (i32, String, String) {
     let mut cmd = Command::new(mesh_tests::agent_bin());
     cmd.arg("audit").args(args);
     for (k, _) in std::env::vars_os() {
@@ -186,7 +186,7 @@ fn audit_log_records_kernel_denials_and_survives_sigkill() {
     assert!(out.starts_with("ok: "), "{out}");
 }
 
-fn mesh_agent_segments(dir: &Path) -> Vec<std::path::PathBuf> {
+pub(super) fn mesh_agent_segments(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut v: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .filter_map(|e| {

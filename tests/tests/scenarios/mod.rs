@@ -6,6 +6,7 @@ mod agent_restart_adopts_pins;
 mod agent_restart_updates_programs_in_place;
 mod agent_sigkill_keeps_mesh_closed;
 mod agent_starts_while_authority_down;
+mod audit_checkpoints_kept_by_authority_catch_deleted_segment;
 mod audit_log_records_kernel_denials_and_survives_sigkill;
 mod audit_records_l7_decisions_at_the_destination;
 mod authority_restart_does_not_interrupt_traffic;
