@@ -176,7 +176,14 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
         "configuration"
     );
     let mut signals = Signals::new()?;
-    let audit = AuditLog::start(opts.audit.config(&opts.node, &opts.state_dir()))?;
+    let audit = if opts.audit.audit_off {
+        warn!("audit log disabled (--audit-off): no decision is recorded");
+        None
+    } else {
+        Some(AuditLog::start(
+            opts.audit.config(&opts.node, &opts.state_dir()),
+        )?)
+    };
     // Raise RLIMIT_NOFILE and size the connection budget from it, before binding.
     let conn_limits = crate::proxy::limits::init(&opts.limits)?;
 
@@ -308,7 +315,9 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
     // Kernel events: plaintext connections refused (STRICT) or flagged (PERMISSIVE), L4
     // policy denials.
     let event_metrics = Arc::clone(&metrics);
-    metrics.add_hook(Arc::new(audit.clone()));
+    if let Some(audit) = &audit {
+        metrics.add_hook(Arc::new(audit.clone()));
+    }
     let event_audit = (
         audit.clone(),
         Arc::clone(&registry),
@@ -322,7 +331,9 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
         trust_domain.to_string(),
         move |event| {
             let (audit, registry, views, td) = &event_audit;
-            audit.kernel_event(event, registry, &views.borrow(), td);
+            if let Some(audit) = audit {
+                audit.kernel_event(event, registry, &views.borrow(), td);
+            }
             match event.kind {
                 mesh_common::EVENT_PLAINTEXT_REFUSED => {
                     event_metrics.plaintext(metrics::PlaintextVerdict::Refused)
@@ -352,7 +363,7 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
         source,
         path_normalization: opts.path_normalization,
         admission: crate::proxy::limits::Admission::new(conn_limits, Arc::clone(&metrics)),
-        audit: Some(audit.clone()),
+        audit: audit.clone(),
     };
     let outbound = Outbound::new(
         listeners,
@@ -426,7 +437,9 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
     let _ = event_log.await;
-    audit.shutdown(reason).await;
+    if let Some(audit) = &audit {
+        audit.shutdown(reason).await;
+    }
     let _ = generation_watcher.await;
     if let Some(w) = dir_watcher {
         let _ = w.await;
