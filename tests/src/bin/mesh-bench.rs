@@ -2619,6 +2619,16 @@ fn audit_log_phase(work: &Path, quick: bool, problems: &mut Vec<String>) -> Valu
 fn audit_rate(work: &Path, n: u64, problems: &mut Vec<String>) -> Value {
     println!("== audit log: {n} records through the real writer, one thread pinned to one core (the writer thread inherits it)");
     let mut out = serde_json::Map::new();
+    // About 600 bytes of log per record: a full disk would only measure the failure.
+    let free = free_bytes(work).unwrap_or(0);
+    if free < n * 600 + AUDIT_DISK_MARGIN {
+        problems.push(format!(
+            "audit rate: {n} records need about {:.1} GB on disk (with 1 GiB kept free), {:.1} GB free: not measured",
+            (n * 600 + AUDIT_DISK_MARGIN) as f64 / 1e9,
+            free as f64 / 1e9
+        ));
+        return Value::Object(out);
+    }
     for (key, wait) in [("record_await", true), ("emit", false)] {
         let state = work.join(format!("rate-{key}"));
         match audit_write(&state, n, wait) {
