@@ -2362,37 +2362,6 @@ fn held_bench(out: &Path) -> ExitCode {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn agent_timestamps_parse() {
-        let t = parse_utc_timestamp("2026-11-23T04:31:02.123456Z").expect("parses");
-        let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap();
-        assert_eq!(d.as_secs(), 1_795_408_262);
-        assert_eq!(d.subsec_micros(), 123_456);
-        let epoch = parse_utc_timestamp("1970-01-01T00:00:00Z").unwrap();
-        assert_eq!(epoch, SystemTime::UNIX_EPOCH);
-        let leap = parse_utc_timestamp("2024-02-29T12:00:00.5Z").unwrap();
-        assert_eq!(
-            leap.duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap()
-                .as_millis(),
-            1_709_208_000_500
-        );
-        assert!(parse_utc_timestamp("2026-11-23 04:31:02").is_none());
-    }
-
-    #[test]
-    fn scale_policies_are_counted() {
-        let yaml = scale_policy_yaml(10, "cluster.local/ns/default/sa/sa-client");
-        assert_eq!(yaml.matches("kind: AuthorizationPolicy").count(), 10);
-        assert!(yaml.contains("name: bench-client"));
-        assert!(yaml.contains("name: filler-00009"));
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Audit log figures (issue 13): the writer's sustained rate on one core and the query time
 // over a large log, with no cluster; the added HTTP latency with agents run with and without
@@ -2990,5 +2959,36 @@ fn audit_only_bench(args: &Args) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_timestamps_parse() {
+        let t = parse_utc_timestamp("2026-11-23T04:31:02.123456Z").expect("parses");
+        let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+        assert_eq!(d.as_secs(), 1_795_408_262);
+        assert_eq!(d.subsec_micros(), 123_456);
+        let epoch = parse_utc_timestamp("1970-01-01T00:00:00Z").unwrap();
+        assert_eq!(epoch, SystemTime::UNIX_EPOCH);
+        let leap = parse_utc_timestamp("2024-02-29T12:00:00.5Z").unwrap();
+        assert_eq!(
+            leap.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
+            1_709_208_000_500
+        );
+        assert!(parse_utc_timestamp("2026-11-23 04:31:02").is_none());
+    }
+
+    #[test]
+    fn scale_policies_are_counted() {
+        let yaml = scale_policy_yaml(10, "cluster.local/ns/default/sa/sa-client");
+        assert_eq!(yaml.matches("kind: AuthorizationPolicy").count(), 10);
+        assert!(yaml.contains("name: bench-client"));
+        assert!(yaml.contains("name: filler-00009"));
     }
 }
