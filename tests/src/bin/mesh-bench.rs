@@ -2349,13 +2349,17 @@ fn held_bench(out: &Path) -> ExitCode {
         },
         "problems": problems,
     });
-    let path = out.with_extension("held.json");
-    if let Err(e) = write_json(&path, &doc) {
+    write_side_json(&out.with_extension("held.json"), &doc, problems.is_empty())
+}
+
+/// Writes a `--*-only` run's JSON; success when it was written and `ok`.
+fn write_side_json(path: &Path, doc: &Value, ok: bool) -> ExitCode {
+    if let Err(e) = write_json(path, doc) {
         eprintln!("mesh-bench: writing {}: {e}", path.display());
         return ExitCode::FAILURE;
     }
     println!("== JSON written to {}", path.display());
-    if problems.is_empty() {
+    if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -2943,23 +2947,17 @@ fn audit_only_bench(args: &Args) -> ExitCode {
     for p in &problems {
         println!("PROBLEM: {p}");
     }
-    let path = args.out.with_extension("audit.json");
     let doc = json!({
         "settings": { "quick": args.quick, "agent_bin": mesh_tests::agent_bin().display().to_string() },
         "host": host_info(),
         "audit": audit,
         "problems": problems,
     });
-    if let Err(e) = write_json(&path, &doc) {
-        eprintln!("mesh-bench: writing {}: {e}", path.display());
-        return ExitCode::FAILURE;
-    }
-    println!("== JSON written to {}", path.display());
-    if problems.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    write_side_json(
+        &args.out.with_extension("audit.json"),
+        &doc,
+        problems.is_empty(),
+    )
 }
 
 #[cfg(test)]
