@@ -179,10 +179,15 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
     // Every checkpoint also goes to the authority (sent once the identity manager is up).
     let (checkpoint_sink, checkpoint_queue) =
         crate::audit::forward::channel(crate::audit::forward::QUEUE);
-    let audit = AuditLog::start(crate::audit::AuditConfig {
-        forward: Some(checkpoint_sink),
-        ..opts.audit.config(&opts.node, &opts.state_dir())
-    })?;
+    let audit = if opts.audit.audit_off {
+        warn!("audit log disabled (--audit-off): no decision is recorded");
+        None
+    } else {
+        Some(AuditLog::start(crate::audit::AuditConfig {
+            forward: Some(checkpoint_sink),
+            ..opts.audit.config(&opts.node, &opts.state_dir())
+        })?)
+    };
     // Raise RLIMIT_NOFILE and size the connection budget from it, before binding.
     let conn_limits = crate::proxy::limits::init(&opts.limits)?;
 
@@ -229,7 +234,7 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
             refresh: opts.tunables.cert_refresh(),
             startup_timeout: opts.tunables.cert_startup_timeout(),
             state_dir: Some(opts.state_dir()),
-            audit: Some(audit.clone()),
+            audit: audit.clone(),
         },
         stop_rx.clone(),
     )
@@ -259,7 +264,7 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
         trust_domain: trust_domain.to_string(),
         trust_domain_aliases: opts.trust_domain_aliases.clone(),
     };
-    let started = match start_policy(&opts, &policy_ctx, &metrics, &audit) {
+    let started = match start_policy(&opts, &policy_ctx, &metrics, audit.as_ref()) {
         Ok((maps, view)) => program_maps(
             &dataplane,
             &registry,
@@ -309,7 +314,7 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
     let (policies, generation_watcher) = spawn_generation_watcher(
         policy_maps.watcher,
         initial_view,
-        Some(audit.clone()),
+        audit.clone(),
         opts.tunables.generation_poll(),
         follow,
         stop_rx.clone(),
@@ -320,7 +325,7 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
             policy_ctx,
             writer,
             Arc::clone(&metrics),
-            Some(audit.clone()),
+            audit.clone(),
             opts.tunables.policy_poll(),
             stop_rx.clone(),
         )),
@@ -329,7 +334,9 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
     // Kernel events: plaintext connections refused (STRICT) or flagged (PERMISSIVE), L4
     // policy denials.
     let event_metrics = Arc::clone(&metrics);
-    metrics.add_hook(Arc::new(audit.clone()));
+    if let Some(audit) = &audit {
+        metrics.add_hook(Arc::new(audit.clone()));
+    }
     metrics.add_hook(checkpoint_stats);
     let event_audit = (
         audit.clone(),
@@ -344,7 +351,9 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
         trust_domain.to_string(),
         move |event| {
             let (audit, registry, views, td) = &event_audit;
-            audit.kernel_event(event, registry, &views.borrow(), td);
+            if let Some(audit) = audit {
+                audit.kernel_event(event, registry, &views.borrow(), td);
+            }
             match event.kind {
                 mesh_common::EVENT_PLAINTEXT_REFUSED => {
                     event_metrics.plaintext(metrics::PlaintextVerdict::Refused)
@@ -374,7 +383,7 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
         source,
         path_normalization: opts.path_normalization,
         admission: crate::proxy::limits::Admission::new(conn_limits, Arc::clone(&metrics)),
-        audit: Some(audit.clone()),
+        audit: audit.clone(),
     };
     let outbound = Outbound::new(
         listeners,
@@ -448,7 +457,9 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
     let _ = event_log.await;
-    audit.shutdown(reason).await;
+    if let Some(audit) = &audit {
+        audit.shutdown(reason).await;
+    }
     // The final checkpoint to the authority, if it answers soon.
     if tokio::time::timeout(std::time::Duration::from_secs(2), checkpoint_forwarder)
         .await
@@ -672,14 +683,14 @@ fn start_policy(
     opts: &Config,
     ctx: &CompileContext,
     metrics: &Metrics,
-    audit: &AuditLog,
+    audit: Option<&AuditLog>,
 ) -> Result<(StartedPolicy, Arc<PolicyView>), MapsError> {
     let watcher = PolicyMaps::open(&opts.pin_dir)?;
     let writer = match &opts.policy_dir {
         None => None,
         Some(dir) => {
             let mut writer = PolicyMaps::open(&opts.pin_dir)?;
-            apply_dir_counted(ctx, &mut writer, dir, metrics, Some(audit));
+            apply_dir_counted(ctx, &mut writer, dir, metrics, audit);
             Some(writer)
         }
     };

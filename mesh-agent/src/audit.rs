@@ -126,6 +126,10 @@ pub struct AuditOptions {
     /// refused once the log cannot be written.
     #[arg(long, env = "MESH_AUDIT_FAIL_CLOSED", default_value_t = false, action = clap::ArgAction::Set)]
     pub audit_fail_closed: bool,
+    /// No audit log at all (benchmarks and debugging only): nothing is recorded, and the
+    /// agent warns at start.
+    #[arg(long, env = "MESH_AUDIT_OFF", default_value_t = false, action = clap::ArgAction::Set)]
+    pub audit_off: bool,
 }
 
 impl AuditOptions {

@@ -285,6 +285,11 @@ impl Agent {
         &self.spec
     }
 
+    /// How the next [`Agent::restart`] starts it.
+    pub fn spec_mut(&mut self) -> &mut AgentSpec {
+        &mut self.spec
+    }
+
     pub fn pin_dir(&self) -> &Path {
         &self.spec.pin_dir
     }

@@ -56,6 +56,10 @@ struct Args {
     /// after they close (JSON beside `--out`, `*.held.json`).
     #[arg(long)]
     held_only: bool,
+    /// Only the audit log's writer and query figures, no cluster (JSON beside `--out`,
+    /// `*.audit.json`).
+    #[arg(long)]
+    audit_only: bool,
     #[command(subcommand)]
     pod_cmd: Option<PodCmd>,
 }
@@ -234,6 +238,9 @@ fn main() -> ExitCode {
             if args.held_only {
                 return held_bench(&args.out);
             }
+            if args.audit_only {
+                return audit_only_bench(&args);
+            }
             let code = orchestrate(&args);
             if stopping() {
                 return code;
@@ -317,6 +324,7 @@ const METRICS: [Metric; 6] = [
     },
 ];
 
+#[derive(Clone, Copy)]
 struct Durations {
     throughput: u64,
     rr: f64,
@@ -522,6 +530,16 @@ fn orchestrate(args: &Args) -> ExitCode {
     } else {
         lifecycle_phase(&exe, &cluster, &mut agents, args, &mut problems)
     };
+    let audit_overhead = if stopping() {
+        json!(null)
+    } else {
+        audit_overhead_phase(&exe, &cluster, &mut agents, durations, args, &mut problems)
+    };
+    let audit = if stopping() {
+        json!(null)
+    } else {
+        audit_log_phase(&audit_work_dir(&args.out), args.quick, &mut problems)
+    };
     if stopping() {
         println!("== interrupted: tearing down without a summary");
         return ExitCode::from(130);
@@ -534,6 +552,8 @@ fn orchestrate(args: &Args) -> ExitCode {
     let scale_summary = summarize_scale(&scale_runs);
     print_scale_table(&scale_summary, args, &durations);
     print_lifecycle(&lifecycle);
+    print_audit_overhead(&audit_overhead);
+    print_audit(&audit);
     let per_gb = cost.throughput_cpu_secs / cost.throughput_gb.max(f64::MIN_POSITIVE);
     let per_kconn = cost.cps_cpu_secs / (cost.cps_connections / 1000.0).max(f64::MIN_POSITIVE);
     println!("agent cost through the mesh (both agents, summed over all mesh runs):");
@@ -605,6 +625,12 @@ fn orchestrate(args: &Args) -> ExitCode {
             "runs": scale_runs.iter().map(ScaleRun::to_json).collect::<Vec<_>>(),
         },
         "lifecycle": lifecycle,
+        "audit": {
+            "what": "audit_records_per_sec: the real AuditLog (queue, writer thread, segments, signed checkpoints) fed from one thread pinned to one core, the writer thread on the same core; audit_query_10m: `mesh-agent audit query` (src + dst + verdict) over a log written by the real writer, first run builds the index; audit_overhead: the HTTP 1 KiB POST benchmark under the L7 policy with agents run with the audit log and with --audit-off",
+            "audit_records_per_sec": audit["audit_records_per_sec"],
+            "audit_query_10m": audit["audit_query_10m"],
+            "audit_overhead": audit_overhead,
+        },
         "cost": {
             "agent_cpu_secs_per_gb": finite(per_gb),
             "agent_cpu_secs_per_1000_connections": finite(per_kconn),
@@ -2323,17 +2349,615 @@ fn held_bench(out: &Path) -> ExitCode {
         },
         "problems": problems,
     });
-    let path = out.with_extension("held.json");
-    if let Err(e) = write_json(&path, &doc) {
+    write_side_json(&out.with_extension("held.json"), &doc, problems.is_empty())
+}
+
+/// Writes a `--*-only` run's JSON; success when it was written and `ok`.
+fn write_side_json(path: &Path, doc: &Value, ok: bool) -> ExitCode {
+    if let Err(e) = write_json(path, doc) {
         eprintln!("mesh-bench: writing {}: {e}", path.display());
         return ExitCode::FAILURE;
     }
     println!("== JSON written to {}", path.display());
-    if problems.is_empty() {
+    if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     }
+}
+
+// ---------------------------------------------------------------------------
+// Audit log figures (issue 13): the writer's sustained rate on one core and the query time
+// over a large log, with no cluster; the added HTTP latency with agents run with and without
+// the log is `audit_overhead_phase`.
+
+use mesh_agent::audit::{
+    AuditConfig, AuditLog, Body, ConnectionFields, Entry, Kind, Layer, Verdict,
+};
+
+/// Records written for the sustained rate (with `--quick`: the second).
+const AUDIT_RATE_RECORDS: [u64; 2] = [2_000_000, 300_000];
+/// Records in the queried log (with `--quick`: the second).
+const AUDIT_QUERY_RECORDS: [u64; 2] = [10_000_000, 1_000_000];
+/// The selective filter: 1 source of 40, 1 destination of 20, `deny` (~10%).
+const AUDIT_QUERY_SRC: &str = "team1/app3";
+const AUDIT_QUERY_DST: &str = "bank/ledger";
+/// Bound on one `audit query` run (the first builds the index).
+const AUDIT_QUERY_TIMEOUT: Duration = Duration::from_secs(1800);
+/// Free space kept beyond the log's estimated size.
+const AUDIT_DISK_MARGIN: u64 = 1 << 30;
+
+/// Record `i` of a realistic mix: 90% connection decisions (40 source workloads in 5
+/// namespaces, 20 destinations, 6 ports, L7 on the HTTP ports; 85% allow, 10% deny, 3%
+/// dry-run deny, 2% audit), 4% plaintext, 3% configuration, 3% certificate events.
+fn audit_entry(i: u64) -> Entry {
+    let h = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 16;
+    let pick = |shift: u32, n: u64| (h >> shift) % n;
+    let src = format!("team{}/app{}", pick(0, 5), pick(3, 8));
+    let dst_ns = ["shop", "bank", "web", "data"][pick(6, 4) as usize];
+    let dst = format!(
+        "{dst_ns}/{}",
+        ["ledger", "cart", "api", "db", "cache"][pick(8, 5) as usize]
+    );
+    let port = [80u16, 443, 8080, 5432, 9090, 6379][pick(11, 6) as usize];
+    let spiffe = |w: &str| {
+        let (ns, name) = w.split_once('/').unwrap_or(("default", w));
+        format!("spiffe://cluster.local/ns/{ns}/sa/{name}")
+    };
+    let class = pick(14, 100);
+    let fields = |verdict: Verdict, layer: Layer| ConnectionFields {
+        layer: Some(layer),
+        verdict: Some(verdict),
+        src_identity: Some(spiffe(&src)),
+        dst_identity: Some(spiffe(&dst)),
+        src_workload: Some(src.clone()),
+        dst_workload: Some(dst.clone()),
+        src_addr: Some(SocketAddr::from((
+            [10, 0, 1, pick(20, 200) as u8 + 2],
+            40_000 + pick(24, 20_000) as u16,
+        ))),
+        dst_addr: Some(SocketAddr::from((
+            [10, 0, 2, pick(40, 200) as u8 + 2],
+            port,
+        ))),
+        port: Some(port),
+        policy: Some(format!("{dst_ns}/allow-{}", pick(30, 6))),
+        generation: Some(7),
+        bytes_sent: Some(200 + pick(33, 50_000)),
+        bytes_received: Some(100 + pick(17, 200_000)),
+        ..ConnectionFields::default()
+    };
+    match class {
+        0..=89 => {
+            let verdict = match pick(36, 100) {
+                0..=84 => Verdict::Allow,
+                85..=94 => Verdict::Deny,
+                95..=97 => Verdict::DryRunDeny,
+                _ => Verdict::Audit,
+            };
+            let mut f = if matches!(port, 80 | 8080) {
+                let mut f = fields(verdict, Layer::L7);
+                f.method = Some(["GET", "POST", "DELETE"][pick(2, 3) as usize].into());
+                f.path = Some(format!("/items/{}", pick(5, 10_000)));
+                f.host = Some(dst.replace('/', "."));
+                f.requests_allowed = Some(pick(9, 20));
+                f.requests_denied = Some(u64::from(verdict == Verdict::Deny));
+                f
+            } else {
+                fields(verdict, Layer::L4)
+            };
+            f.outcome = Some("closed".into());
+            f.entry(Kind::Connection)
+        }
+        90..=93 => {
+            let verdict = if pick(2, 2) == 0 {
+                Verdict::Refused
+            } else {
+                Verdict::Flagged
+            };
+            fields(verdict, Layer::L4).entry(Kind::Plaintext)
+        }
+        94..=96 => Entry {
+            kind: Kind::Config,
+            body: Body {
+                action: Some("accepted".into()),
+                subject: Some(format!("/etc/mesh/policy/{dst_ns}.yaml")),
+                generation: Some(i),
+                ..Body::default()
+            },
+        },
+        _ => Entry {
+            kind: Kind::Cert,
+            body: Body {
+                action: Some("rotated".into()),
+                subject: Some(spiffe(&src)),
+                ..Body::default()
+            },
+        },
+    }
+}
+
+/// How one run of the writer went.
+struct AuditWrite {
+    /// Feeding `n` records, from the first to the last call returning.
+    feed: Duration,
+    /// Feeding and draining: until `shutdown` (agent_stop, final checkpoint) returned.
+    total: Duration,
+    written: u64,
+    lost: u64,
+    checkpoints: u64,
+    cpu: Option<usize>,
+}
+
+/// Pins the calling thread to the first CPU it may run on; returns it.
+fn pin_to_one_cpu() -> Option<usize> {
+    // SAFETY: cpu_set_t is plain data; the calls only read/write `set`, sized as passed.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        if libc::sched_getaffinity(0, size, &mut set) != 0 {
+            return None;
+        }
+        let cpu = (0..libc::CPU_SETSIZE as usize).find(|&c| libc::CPU_ISSET(c, &set))?;
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(cpu, &mut set);
+        (libc::sched_setaffinity(0, size, &set) == 0).then_some(cpu)
+    }
+}
+
+/// Writes `n` records of [`audit_entry`] through the real [`AuditLog`] (its queue, writer
+/// thread, segments and signed checkpoints) under `state`, from one thread pinned to one CPU;
+/// the writer thread, started from it, inherits the pinning: the whole log runs on one core.
+/// `wait`: fail closed and `record().await` (nothing may be lost); else best effort `emit`.
+fn audit_write(state: &Path, n: u64, wait: bool) -> Result<AuditWrite, String> {
+    let state = state.to_owned();
+    std::thread::spawn(move || {
+        let cpu = pin_to_one_cpu();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("tokio runtime: {e}"))?;
+        rt.block_on(async move {
+            let cfg = AuditConfig {
+                fail_closed: wait,
+                ..AuditConfig::new("bench", &state)
+            };
+            let log = AuditLog::start(cfg).map_err(|e| format!("starting the audit log: {e}"))?;
+            let t = Instant::now();
+            for i in 0..n {
+                if wait {
+                    log.record(audit_entry(i))
+                        .await
+                        .map_err(|_| format!("audit log unavailable at record {i}"))?;
+                } else {
+                    log.emit(audit_entry(i));
+                }
+            }
+            let feed = t.elapsed();
+            log.shutdown("bench").await;
+            let total = t.elapsed();
+            let s = log.stats();
+            Ok(AuditWrite {
+                feed,
+                total,
+                written: s.written.load(Ordering::Relaxed),
+                lost: s.lost.load(Ordering::Relaxed),
+                checkpoints: s.checkpoints.load(Ordering::Relaxed),
+                cpu,
+            })
+        })
+    })
+    .join()
+    .map_err(|_| "the audit writer thread panicked".to_owned())?
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `path` is NUL-terminated and `st` a plain struct the call fills in.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        (libc::statvfs(path.as_ptr(), &mut st) == 0).then(|| st.f_bavail * st.f_frsize)
+    }
+}
+
+/// `audit_records_per_sec` and `audit_query_10m` in a fresh directory `work` (removed after).
+fn audit_log_phase(work: &Path, quick: bool, problems: &mut Vec<String>) -> Value {
+    let _ = std::fs::remove_dir_all(work);
+    if let Err(e) = std::fs::create_dir_all(work) {
+        problems.push(format!("audit: creating {}: {e}", work.display()));
+        return json!(null);
+    }
+    let q = usize::from(quick);
+    let rate = audit_rate(work, AUDIT_RATE_RECORDS[q], problems);
+    let query = audit_query(work, AUDIT_QUERY_RECORDS[q], &rate, problems);
+    let _ = std::fs::remove_dir_all(work);
+    json!({ "audit_records_per_sec": rate, "audit_query_10m": query })
+}
+
+fn audit_rate(work: &Path, n: u64, problems: &mut Vec<String>) -> Value {
+    println!("== audit log: {n} records through the real writer, one thread pinned to one core (the writer thread inherits it)");
+    let mut out = serde_json::Map::new();
+    // About 600 bytes of log per record: a full disk would only measure the failure.
+    let free = free_bytes(work).unwrap_or(0);
+    if free < n * 600 + AUDIT_DISK_MARGIN {
+        problems.push(format!(
+            "audit rate: {n} records need about {:.1} GB on disk (with 1 GiB kept free), {:.1} GB free: not measured",
+            (n * 600 + AUDIT_DISK_MARGIN) as f64 / 1e9,
+            free as f64 / 1e9
+        ));
+        return Value::Object(out);
+    }
+    for (key, wait) in [("record_await", true), ("emit", false)] {
+        let state = work.join(format!("rate-{key}"));
+        match audit_write(&state, n, wait) {
+            Ok(w) => {
+                // Best effort drops what the queue cannot hold: count what was written.
+                let per_sec = w.written.min(n) as f64 / w.total.as_secs_f64();
+                let feed_per_sec = n as f64 / w.feed.as_secs_f64();
+                println!(
+                    "   {key:<12} {per_sec:>10.0} records/s sustained (written and checkpointed), calls at {feed_per_sec:.0}/s; lost {}, written {}, checkpoints {}, CPU {:?}",
+                    w.lost, w.written, w.checkpoints, w.cpu
+                );
+                if wait && w.lost > 0 {
+                    problems.push(format!(
+                        "audit: {} records lost with record().await",
+                        w.lost
+                    ));
+                }
+                out.insert(
+                    key.into(),
+                    json!({
+                        "records": n,
+                        "records_per_sec": finite(per_sec),
+                        "calls_per_sec": finite(feed_per_sec),
+                        "feed_secs": w.feed.as_secs_f64(),
+                        "total_secs": w.total.as_secs_f64(),
+                        "written": w.written,
+                        "lost": w.lost,
+                        "checkpoints": w.checkpoints,
+                        "log_bytes": dir_bytes(&state.join("audit")),
+                        "cpu": w.cpu,
+                    }),
+                );
+            }
+            Err(e) => problems.push(format!("audit rate ({key}): {e}")),
+        }
+        let _ = std::fs::remove_dir_all(&state);
+    }
+    Value::Object(out)
+}
+
+fn audit_query(work: &Path, wanted: u64, rate: &Value, problems: &mut Vec<String>) -> Value {
+    // Bytes per record from the rate run's log; the index adds about 70% (measured: 550 B
+    // of log and 370 B of index per record).
+    let per_record = rate["record_await"]["log_bytes"].as_u64().unwrap_or(0) as f64
+        / rate["record_await"]["records"].as_f64().unwrap_or(1.0);
+    let needed = (wanted as f64 * per_record * 1.8) as u64 + AUDIT_DISK_MARGIN;
+    let free = free_bytes(work).unwrap_or(0);
+    let mut note = Value::Null;
+    let n = if free >= needed {
+        wanted
+    } else {
+        let fits = ((free.saturating_sub(AUDIT_DISK_MARGIN)) as f64 / (per_record * 1.8)) as u64;
+        let n = fits / 100_000 * 100_000;
+        let msg = format!(
+            "audit query: {wanted} records need about {:.1} GB on disk, {:.1} GB free: measured over {n} records instead",
+            needed as f64 / 1e9,
+            free as f64 / 1e9
+        );
+        println!("   NOTE: {msg}");
+        problems.push(msg.clone());
+        note = json!(msg);
+        n
+    };
+    if n == 0 {
+        return json!({ "records": 0, "note": note });
+    }
+    println!("== audit query: building a log of {n} records (real writer, record().await)");
+    let state = work.join("query");
+    let write = match audit_write(&state, n, true) {
+        Ok(w) => w,
+        Err(e) => {
+            problems.push(format!("audit query: building the log: {e}"));
+            return json!(null);
+        }
+    };
+    let dir = state.join("audit");
+    let log_bytes = dir_bytes(&dir);
+    println!(
+        "   written in {:.1} s ({:.0} records/s, {:.2} GB, lost {})",
+        write.total.as_secs_f64(),
+        n as f64 / write.total.as_secs_f64(),
+        log_bytes as f64 / 1e9,
+        write.lost
+    );
+    let mut runs = Vec::new();
+    for label in ["first (index build)", "second (index warm)"] {
+        let mut cmd = Command::new(mesh_tests::agent_bin());
+        cmd.arg("audit")
+            .arg("query")
+            .arg(&dir)
+            .args([
+                "--src",
+                AUDIT_QUERY_SRC,
+                "--dst",
+                AUDIT_QUERY_DST,
+                "--verdict",
+                "deny",
+            ])
+            .args(["--output", "json"]);
+        let base = work.join(format!("query-{}", runs.len() + 1));
+        let t = Instant::now();
+        let out = mesh_tests::process::spawn(cmd, &Default::default(), "audit-query", &base)
+            .wait_output(AUDIT_QUERY_TIMEOUT);
+        let secs = t.elapsed().as_secs_f64();
+        let hits = out.stdout.lines().filter(|l| l.starts_with('{')).count();
+        println!("   {label:<20} {:>9.1} ms, {hits} hits", secs * 1e3);
+        if !out.status.success() {
+            problems.push(format!(
+                "audit query ({label}) failed: {}: {}",
+                out.status,
+                out.stderr.lines().last().unwrap_or("")
+            ));
+        }
+        runs.push(json!({ "secs": secs, "hits": hits, "exit": out.status.code() }));
+    }
+    if runs.iter().any(|r| r["hits"] == 0) {
+        problems.push("audit query: the selective filter matched nothing".into());
+    }
+    json!({
+        "records": n,
+        "wanted": wanted,
+        "note": note,
+        "filter": { "src": AUDIT_QUERY_SRC, "dst": AUDIT_QUERY_DST, "verdict": "deny" },
+        "build_secs": write.total.as_secs_f64(),
+        "log_bytes": log_bytes,
+        "index_bytes": std::fs::metadata(dir.join("index.sqlite")).map(|m| m.len()).unwrap_or(0),
+        "first": runs[0],
+        "second": runs[1],
+    })
+}
+
+fn print_audit(v: &Value) {
+    println!("audit log:");
+    let r = &v["audit_records_per_sec"];
+    println!(
+        "  records/s sustained, one core, record().await   {:>10.0}   (lost {})",
+        r["record_await"]["records_per_sec"]
+            .as_f64()
+            .unwrap_or(f64::NAN),
+        r["record_await"]["lost"]
+    );
+    println!(
+        "  records/s sustained, one core, emit()           {:>10.0}   (calls/s {:.0}, lost {})",
+        r["emit"]["records_per_sec"].as_f64().unwrap_or(f64::NAN),
+        r["emit"]["calls_per_sec"].as_f64().unwrap_or(f64::NAN),
+        r["emit"]["lost"]
+    );
+    let q = &v["audit_query_10m"];
+    for k in ["first", "second"] {
+        println!(
+            "  query src+dst+verdict over {} records, {k:<6}  {:>8.1} ms   ({} hits; goal < 1 s)",
+            q["records"],
+            q[k]["secs"].as_f64().unwrap_or(f64::NAN) * 1e3,
+            q[k]["hits"]
+        );
+    }
+}
+
+/// n2's audit records written (`agent_start` included); 0 with `--audit-off`.
+const AUDIT_WRITTEN: &str = "mesh_audit_records_total{result=\"written\"}";
+
+/// `audit_overhead`: the HTTP benchmark's `mesh_l7` run (1 KiB POSTs under the L7 policy, every
+/// request authorised by n2's agent) with both agents run with the audit log and with
+/// `--audit-off`, alternated (the order flips every repetition; agents restarted on each
+/// switch, the HTTP policy applied again). Checks that the log records when on and that the
+/// agents said `audit log disabled` when off.
+fn audit_overhead_phase(
+    exe: &Path,
+    cluster: &Cluster,
+    agents: &mut [Agent],
+    durations: Durations,
+    args: &Args,
+    problems: &mut Vec<String>,
+) -> Value {
+    println!("== audit overhead: HTTP 1 KiB POSTs under the L7 policy, agents with the audit log vs --audit-off");
+    let dir = cluster.write_policy_dir(
+        "policy-http-audit",
+        &[(
+            "http.yaml",
+            &http_policy_yaml(
+                &principal_of(cluster.pod("client")),
+                cluster.pod("direct").ip4(),
+            ),
+        )],
+    );
+    let base_args: Vec<Vec<String>> = agents.iter().map(|a| a.spec().extra_args.clone()).collect();
+    let mut current: Option<bool> = None;
+    let mut runs: Vec<Value> = Vec::new();
+    'reps: for rep in 1..=args.reps {
+        let order = if rep % 2 == 1 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for on in order {
+            if stopping() {
+                break 'reps;
+            }
+            if current != Some(on) {
+                for (a, base) in agents.iter_mut().zip(&base_args) {
+                    let extra = &mut a.spec_mut().extra_args;
+                    *extra = base.clone();
+                    if !on {
+                        extra.extend(["--audit-off".to_owned(), "true".to_owned()]);
+                    }
+                    a.restart();
+                    let said_off = a.log_lines().iter().any(|v| {
+                        v["message"]
+                            .as_str()
+                            .is_some_and(|m| m.starts_with("audit log disabled"))
+                    });
+                    if said_off == on {
+                        problems.push(format!(
+                            "audit overhead: agent {} (audit {}) {} `audit log disabled`",
+                            a.spec().node,
+                            if on { "on" } else { "off" },
+                            if on { "said" } else { "did not say" }
+                        ));
+                    }
+                }
+                current = Some(on);
+            }
+            let bench = Bench {
+                exe: exe.to_owned(),
+                cluster,
+                agent_n1: &agents[0],
+                agents,
+                server: cluster.pod("server"),
+                durations,
+                cost: std::cell::RefCell::new(Cost::default()),
+                registry: cluster.write_registry(),
+            };
+            bench.apply_everywhere(&dir);
+            let written_before = cluster.node(1).metric(AUDIT_WRITTEN);
+            let run = bench.http_run(rep, HttpConfig::MeshL7);
+            let written = if on {
+                eventually(Duration::from_secs(5), || {
+                    let w = cluster.node(1).metric(AUDIT_WRITTEN);
+                    (w > written_before).then_some(w)
+                })
+                .unwrap_or(written_before)
+            } else {
+                cluster.node(1).metric(AUDIT_WRITTEN)
+            } - written_before;
+            let config = if on { "audit_on" } else { "audit_off" };
+            println!(
+                "   rep {rep}/{} {config:<9} rps={:.1} p50={:.1}µs p99={:.1}µs  (requests authorised by n2: {}, audit records written by n2: {written})",
+                args.reps,
+                run.values["http_rps"],
+                run.values["http_p50_us"],
+                run.values["http_p99_us"],
+                run.l7_requests,
+            );
+            let count = |k: &str| run.detail[k].as_u64().unwrap_or(0);
+            if count("non_200") > 0 || count("errors") > 0 || run.l7_requests == 0 {
+                problems.push(format!(
+                    "audit overhead rep {rep} {config}: {} non-200, {} errors, {} requests authorised by n2",
+                    count("non_200"),
+                    count("errors"),
+                    run.l7_requests
+                ));
+            }
+            if on == (written == 0.0) {
+                problems.push(format!(
+                    "audit overhead rep {rep} {config}: n2 wrote {written} audit records"
+                ));
+            }
+            runs.push(json!({
+                "rep": rep,
+                "config": config,
+                "values": run.values,
+                "l7_requests": run.l7_requests,
+                "audit_records_written_n2": written,
+                "detail": run.detail,
+            }));
+        }
+    }
+    // Leave the agents as the rest of the run had them.
+    if current == Some(false) {
+        for (a, base) in agents.iter_mut().zip(&base_args) {
+            a.spec_mut().extra_args = base.clone();
+            a.restart();
+        }
+    }
+    let median_of = |config: &str, key: &str| {
+        let mut v: Vec<f64> = runs
+            .iter()
+            .filter(|r| r["config"] == config)
+            .filter_map(|r| r["values"][key].as_f64())
+            .collect();
+        median(&mut v)
+    };
+    let mut summary = serde_json::Map::new();
+    for key in ["http_rps", "http_p50_us", "http_p99_us"] {
+        let (on, off) = (median_of("audit_on", key), median_of("audit_off", key));
+        summary.insert(
+            key.into(),
+            json!({ "audit_on": finite(on), "audit_off": finite(off), "added": finite(on - off) }),
+        );
+    }
+    json!({ "summary": summary, "goal_added_p99_us": 5.0, "runs": runs })
+}
+
+fn print_audit_overhead(v: &Value) {
+    let s = &v["summary"];
+    if s.is_null() {
+        return;
+    }
+    println!("audit overhead, HTTP 1 KiB POSTs under the L7 policy (medians):");
+    println!(
+        "  {:<24} {:>10} {:>10} {:>10}",
+        "", "audit on", "audit off", "added"
+    );
+    for (key, label) in [
+        ("http_rps", "requests/s (achieved)"),
+        ("http_p50_us", "latency p50 (µs)"),
+        ("http_p99_us", "latency p99 (µs)"),
+    ] {
+        let f = |k: &str| s[key][k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "  {label:<24} {:>10.1} {:>10.1} {:>+10.1}",
+            f("audit_on"),
+            f("audit_off"),
+            f("added")
+        );
+    }
+    println!("  (goal: added p99 under 5 µs)");
+}
+
+/// Where the audit phases write their logs: beside the JSON (under the target dir).
+fn audit_work_dir(out: &Path) -> PathBuf {
+    out.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .join("audit-work")
+}
+
+/// `--audit-only`: the writer and query figures, `<out>.audit.json`.
+fn audit_only_bench(args: &Args) -> ExitCode {
+    let mut problems = Vec::new();
+    let audit = audit_log_phase(&audit_work_dir(&args.out), args.quick, &mut problems);
+    print_audit(&audit);
+    for p in &problems {
+        println!("PROBLEM: {p}");
+    }
+    let doc = json!({
+        "settings": { "quick": args.quick, "agent_bin": mesh_tests::agent_bin().display().to_string() },
+        "host": host_info(),
+        "audit": audit,
+        "problems": problems,
+    });
+    write_side_json(
+        &args.out.with_extension("audit.json"),
+        &doc,
+        problems.is_empty(),
+    )
 }
 
 #[cfg(test)]
