@@ -144,9 +144,9 @@ impl Destination {
         let served = self
             .serve_allowed(down, enforcer, info, decision.verdict, l7_source, conn_id)
             .await?;
-        enforcer
-            .record_served(info, &decision, &served.carried)
-            .await;
+        // Boxed: the record (and, fail closed, the wait for room in the queue) is paid at the
+        // end only, not carried in the state of every live connection.
+        Box::pin(enforcer.record_served(info, &decision, &served.carried)).await;
         Ok(served)
     }
 
