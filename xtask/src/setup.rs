@@ -24,6 +24,9 @@ pub const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "iperf3",
     "iproute2",
+    // A C compiler: ring's and the bundled SQLite's (the audit index) build scripts.
+    "gcc",
+    "libc6-dev",
 ];
 /// The packages that make up the rustc-web toolchain (upgraded together).
 const RUSTC_WEB_PACKAGES: &[&str] = &[
