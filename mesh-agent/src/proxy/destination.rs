@@ -335,6 +335,31 @@ pub struct Enforcer<'a> {
 }
 
 impl Enforcer<'_> {
+    /// Counts and logs a denial: the connection (`req` none, layer l4) or one request (l7).
+    fn denied(&self, c: &ConnInfo, req: Option<&RequestAttrs<'_>>, policy: Option<&str>, gen: u32) {
+        let layer = if req.is_some() {
+            PolicyLayer::L7
+        } else {
+            PolicyLayer::L4
+        };
+        self.metrics.policy_denial(layer, self.side);
+        warn!(
+            layer = if req.is_some() { "l7" } else { "l4" },
+            side = self.side.as_str(),
+            src_identity = %c.src_identity,
+            src_addr = c.src_addr.map(tracing::field::display),
+            dst = %c.dst,
+            dst_workload = %c.dst_name,
+            port = c.dst.port(),
+            method = req.map(|r| r.method),
+            path = req.map(|r| r.path),
+            host = req.map(|r| r.host.unwrap_or("-")),
+            policy = policy.unwrap_or("-"),
+            generation = gen,
+            "connection denied"
+        );
+    }
+
     /// The audit log must record every decision (`--audit-fail-closed`) and cannot: nothing
     /// is served.
     fn audit_down(&self) -> bool {
@@ -466,20 +491,7 @@ pub fn decide(e: Enforcer<'_>, c: &ConnInfo) -> ConnDecision {
         d.verdict = ConnVerdict::Deny;
     }
     if d.verdict == ConnVerdict::Deny {
-        let policy = &d.policy;
-        e.metrics.policy_denial(PolicyLayer::L4, e.side);
-        warn!(
-            layer = "l4",
-            side = e.side.as_str(),
-            src_identity = %c.src_identity,
-            src_addr = c.src_addr.map(tracing::field::display),
-            dst = %c.dst,
-            dst_workload = %c.dst_name,
-            port = c.dst.port(),
-            policy = policy.as_deref().unwrap_or("-"),
-            generation = snapshot.generation(),
-            "connection denied"
-        );
+        e.denied(c, None, d.policy.as_deref(), snapshot.generation());
     }
     d
 }
@@ -511,22 +523,7 @@ pub fn decide_request(e: Enforcer<'_>, c: &ConnInfo, req: &RequestAttrs<'_>) -> 
         d.verdict = RequestVerdict::Deny;
     }
     if d.verdict == RequestVerdict::Deny {
-        let policy = &d.policy;
-        e.metrics.policy_denial(PolicyLayer::L7, e.side);
-        warn!(
-            layer = "l7",
-            side = e.side.as_str(),
-            src_identity = %c.src_identity,
-            dst = %c.dst,
-            dst_workload = %c.dst_name,
-            port = c.dst.port(),
-            method = req.method,
-            path = req.path,
-            host = req.host.unwrap_or("-"),
-            policy = policy.as_deref().unwrap_or("-"),
-            generation = snapshot.generation(),
-            "connection denied"
-        );
+        e.denied(c, Some(req), d.policy.as_deref(), snapshot.generation());
     }
     d.verdict
 }

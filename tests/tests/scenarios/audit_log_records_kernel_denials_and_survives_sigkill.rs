@@ -40,6 +40,15 @@ pub(crate) fn query(dir: &Path, filters: &[&str]) -> Vec<Value> {
         .collect()
 }
 
+/// The records `audit query DIR filters…` returns, once there are at least `at_least` of them
+/// (a bounded wait: the writer is asynchronous).
+pub(crate) fn query_until(dir: &Path, what: &str, filters: &[&str], at_least: usize) -> Vec<Value> {
+    wait_for(DEFAULT_TIMEOUT, what, || {
+        let r = query(dir, filters);
+        (r.len() >= at_least).then_some(r)
+    })
+}
+
 #[track_caller]
 pub(crate) fn verify_ok(dir: &Path) -> String {
     let (code, out, err) = audit(&["verify", dir.to_str().unwrap()]);
@@ -64,27 +73,22 @@ fn audit_log_records_kernel_denials_and_survives_sigkill() {
     let _server = b1.serve(&[8080]);
 
     expect_denied(a1, b1.addr4(8080));
-    let denial = wait_for(
-        DEFAULT_TIMEOUT,
+    let denial = query_until(
+        &audit_dir,
         "the kernel denial in `audit query`",
-        || {
-            query(
-                &audit_dir,
-                &[
-                    "--kind",
-                    "connection",
-                    "--verdict",
-                    "deny",
-                    "--dst",
-                    "default/b1",
-                    "--port",
-                    "8080",
-                ],
-            )
-            .into_iter()
-            .next()
-        },
-    );
+        &[
+            "--kind",
+            "connection",
+            "--verdict",
+            "deny",
+            "--dst",
+            "default/b1",
+            "--port",
+            "8080",
+        ],
+        1,
+    )
+    .swap_remove(0);
     for (field, want) in [
         ("layer", "kernel"),
         ("node", "n1"),

@@ -6,11 +6,11 @@
 //! its request counts and bytes. Nothing about the allowed requests is recorded one by one.
 //! `audit verify` passes on the log.
 
-use mesh_tests::{wait_for, Host, DEFAULT_TIMEOUT};
+use mesh_tests::Host;
 use serde_json::Value;
 
 use super::{
-    audit_log_records_kernel_denials_and_survives_sigkill::{query, verify_ok},
+    audit_log_records_kernel_denials_and_survives_sigkill::{query_until, verify_ok},
     l7_common::l7_mesh,
 };
 
@@ -53,20 +53,15 @@ fn audit_records_l7_decisions_at_the_destination() {
             })
             .collect()
     };
-    let denied = wait_for(DEFAULT_TIMEOUT, "two L7 denials in `audit query`", || {
-        let r = query(
-            &audit_dir,
-            &[
-                "--kind",
-                "connection",
-                "--verdict",
-                "deny",
-                "--dst",
-                "default/b1",
-            ],
-        );
-        (r.len() >= 2).then_some(r)
-    });
+    let deny = [
+        "--kind",
+        "connection",
+        "--verdict",
+        "deny",
+        "--dst",
+        "default/b1",
+    ];
+    let denied = query_until(&audit_dir, "two L7 denials in `audit query`", &deny, 2);
     assert_eq!(
         denials(&denied),
         [
@@ -89,20 +84,15 @@ fn audit_records_l7_decisions_at_the_destination() {
     );
 
     // The connection itself: one `allow` record when it ended, with its counts.
-    let allowed = wait_for(DEFAULT_TIMEOUT, "the connection's record", || {
-        let r = query(
-            &audit_dir,
-            &[
-                "--kind",
-                "connection",
-                "--verdict",
-                "allow",
-                "--dst",
-                "default/b1",
-            ],
-        );
-        (!r.is_empty()).then_some(r)
-    });
+    let allow = [
+        "--kind",
+        "connection",
+        "--verdict",
+        "allow",
+        "--dst",
+        "default/b1",
+    ];
+    let allowed = query_until(&audit_dir, "the connection's record", &allow, 1);
     assert_eq!(allowed.len(), 1, "one record per connection: {allowed:#?}");
     let c = &allowed[0];
     assert_eq!(c["layer"], "l7", "{c}");
