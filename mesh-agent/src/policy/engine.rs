@@ -1012,24 +1012,20 @@ pub(crate) mod tests {
         let d = v.decide_l4(1, 4, Family::V4, 9000);
         assert_eq!(d.verdict, ConnVerdict::Allow);
         assert_eq!(d.policy.as_deref(), Some("default/allow-a"));
-        assert_eq!(
-            v.decide_l4(1, 4, Family::V4, 9001).verdict,
-            ConnVerdict::Deny
-        );
-        assert_eq!(
-            v.decide_l4(5, 4, Family::V4, 9000).verdict,
-            ConnVerdict::Deny
-        );
-        // IPv6 of a1 is the same principal: allowed too.
-        assert_eq!(
-            v.decide_l4(1, 4, Family::V6, 9000).verdict,
-            ConnVerdict::Allow
-        );
-        // An unknown source workload: fail closed.
-        assert_eq!(
-            v.decide_l4(99, 4, Family::V4, 9000).verdict,
-            ConnVerdict::Deny
-        );
+        // (source, family, port) → verdict: another port, another source, IPv6 of a1 (the same
+        // principal), an unknown source workload (fail closed).
+        for (src, family, port, want) in [
+            (1, Family::V4, 9001, ConnVerdict::Deny),
+            (5, Family::V4, 9000, ConnVerdict::Deny),
+            (1, Family::V6, 9000, ConnVerdict::Allow),
+            (99, Family::V4, 9000, ConnVerdict::Deny),
+        ] {
+            assert_eq!(
+                v.decide_l4(src, 4, family, port).verdict,
+                want,
+                "{src} {port}"
+            );
+        }
     }
 
     #[test]
