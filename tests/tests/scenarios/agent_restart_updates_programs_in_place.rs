@@ -4,8 +4,9 @@
 //! programs still use the old map, so the new agent must replace them). A client in a1 keeps
 //! connecting to a2 throughout the kill, the restart and the swap: no connection ever reaches
 //! a2 directly (which a detach-then-attach window would allow); every one is refused (or reset
-//! or closed, if the agent was killed holding it) or carried by the agent. Afterwards the link ids are the same, the program ids new, and the old
-//! programs are unloaded.
+//! or closed, if the agent was killed holding it) or carried by the agent — the one probe in
+//! flight at the SIGKILL may be cut after its hello. Afterwards the link ids are the same, the
+//! program ids new, and the old programs are unloaded.
 
 use std::{collections::BTreeSet, time::Duration};
 
@@ -87,6 +88,8 @@ fn agent_restart_updates_programs_in_place() {
         direct.is_empty(),
         "connections reached a2 directly during the swap: {direct:?}"
     );
+    // Each probe is carried, refused, or — at most one, since the client is sequential —
+    // interrupted: carried by the agent up to the hello, then cut by the SIGKILL.
     let ok = run.results.iter().filter(|r| r.echo_ok).count();
     let refused = run
         .results
@@ -103,10 +106,20 @@ fn agent_restart_updates_programs_in_place() {
                 })
         })
         .count();
-    assert_eq!(
-        ok + refused,
-        run.results.len(),
-        "every probe is carried or refused: {:?}",
+    let interrupted = run
+        .results
+        .iter()
+        .filter(|r| {
+            !r.echo_ok
+                && r.hello.is_some()
+                && r.error
+                    .as_deref()
+                    .is_none_or(|e| e.contains("Connection reset"))
+        })
+        .count();
+    assert!(
+        interrupted <= 1 && ok + refused + interrupted == run.results.len(),
+        "every probe is carried or refused ({interrupted} interrupted): {:?}",
         run.results
             .iter()
             .filter(|r| !r.echo_ok)
