@@ -21,15 +21,21 @@
 //!   refresh interval, and the old root can be retired soon after.
 //! - **Revocation.** [`IdentityManager::revocation_generation`] is bumped whenever the revoked
 //!   set changes; proxies re-check live connections with [`TrustStore::is_revoked`].
+//! - **Workloads come and go.** [`IdentityManager::set_workloads`] replaces the node's set
+//!   while the agent runs: the background task is woken to issue the added identities at once
+//!   (then retried with the same backoff); a removed identity's certificate is dropped
+//!   everywhere (state, SNI resolver, cached client configurations, state directory), and one
+//!   being issued when its workload left is discarded on arrival. Each workload joins with a
+//!   generation number, so a request made for an earlier membership never installs anything.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
 use rustls::{ClientConfig, ServerConfig};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -41,7 +47,7 @@ use super::IdentityError;
 use crate::audit::AuditLog;
 use crate::authority::ca::{check_lifetime, RootId, DEFAULT_WORKLOAD_LIFETIME};
 use crate::tls::cert::{Serial, WorkloadCert};
-use crate::tls::spiffe::{NodeId, SpiffeId};
+use crate::tls::spiffe::{NodeId, SpiffeId, TrustDomain};
 use crate::tls::verify::{self, SniCertResolver, TrustStore};
 use crate::tls::TlsError;
 
@@ -58,6 +64,8 @@ const MIN_REFRESH: Duration = Duration::from_millis(50);
 const MAX_CLIENT_CONFIGS: usize = 4096;
 /// Workload identities one node may hold.
 pub const MAX_WORKLOADS: usize = 10_000;
+/// Shortest wait of the background task for a retry (a floor, not a schedule).
+const RETRY_FLOOR: Duration = Duration::from_millis(10);
 
 /// What [`IdentityManager::start`] needs.
 #[derive(Clone, Debug)]
@@ -66,7 +74,9 @@ pub struct ManagerConfig {
     pub authority: SocketAddr,
     /// This node's credentials (`mesh-agent authority join`); the trust domain is theirs.
     pub creds: NodeCredentials,
-    /// The identities of the workloads on this node (duplicates are ignored).
+    /// The identities of the workloads on this node at start (duplicates are ignored; may be
+    /// empty). [`IdentityManager::set_workloads`] changes the set later. With `state_dir`, the
+    /// persisted certificates of identities not in this set are deleted at start.
     pub workloads: Vec<SpiffeId>,
     /// Requested certificate lifetime: at least 60 s, at most 30 days. Default 24 h.
     pub lifetime: Duration,
@@ -106,6 +116,11 @@ impl ManagerConfig {
 /// Mutable state, behind one (never await-held) lock.
 #[derive(Default)]
 struct State {
+    /// The node's workloads, each with the generation it joined with (a removed and re-added
+    /// identity gets a new one: answers to requests made before do not install).
+    workloads: BTreeMap<SpiffeId, u64>,
+    /// The last generation handed out.
+    joins: u64,
     certs: CertCache,
     /// The root each certificate chains to, as the authority named it.
     roots: HashMap<SpiffeId, RootId>,
@@ -127,11 +142,17 @@ struct CachedClient {
     config: Arc<ClientConfig>,
 }
 
+/// What [`IdentityManager::set_workloads`] changed, each list sorted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkloadsChange {
+    pub added: Vec<SpiffeId>,
+    pub removed: Vec<SpiffeId>,
+}
+
 /// The workload identities of one node. Shared as `Arc<IdentityManager>`; a background task
 /// keeps it current until the stop signal.
 pub struct IdentityManager {
     node: NodeId,
-    workloads: Vec<SpiffeId>,
     lifetime: Duration,
     trust: Arc<TrustStore>,
     resolver: Arc<SniCertResolver>,
@@ -147,14 +168,19 @@ pub struct IdentityManager {
     authority_up: AtomicBool,
     /// Persisted state, if configured.
     persist: Option<StateDir>,
+    /// Orders certificate writes and removals on disk (a removed workload's file is never
+    /// written back by an issuance finishing meanwhile).
+    persist_lock: Mutex<()>,
     audit: Option<AuditLog>,
+    /// Wakes the background task (workloads added).
+    wake: Arc<Notify>,
 }
 
 impl std::fmt::Debug for IdentityManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IdentityManager")
             .field("node", &self.node.to_string())
-            .field("workloads", &self.workloads.len())
+            .field("workloads", &self.lock().workloads.len())
             .finish_non_exhaustive()
     }
 }
@@ -194,24 +220,9 @@ impl IdentityManager {
         }
         let node = cfg.creds.node.clone();
         let td = node.trust_domain().clone();
-        let mut workloads: Vec<SpiffeId> = cfg.workloads.clone();
-        workloads.sort();
-        workloads.dedup();
-        if workloads.len() > MAX_WORKLOADS {
-            return Err(IdentityError::Protocol {
-                detail: format!(
-                    "{} workload identities on one node, at most {MAX_WORKLOADS}",
-                    workloads.len()
-                ),
-            });
-        }
-        if let Some(foreign) = workloads.iter().find(|w| w.trust_domain() != &td) {
-            return Err(TlsError::ForeignTrustDomain {
-                identity: foreign.to_string(),
-                expected: td,
-            }
-            .into());
-        }
+        let workloads = checked_workloads(&td, cfg.workloads.clone())?;
+        let joins = workloads.len() as u64;
+        let workloads: BTreeMap<SpiffeId, u64> = workloads.into_iter().zip(1..).collect();
         let trust = TrustStore::from_bundle_pem(td, &cfg.creds.bundle_pem)?;
         let mut client = AuthorityClient::new(
             &cfg.authority.to_string(),
@@ -225,13 +236,14 @@ impl IdentityManager {
         let (revocation_gen, _) = watch::channel(0u64);
         let manager = Arc::new(Self {
             node,
-            workloads,
             lifetime: cfg.lifetime,
             trust,
             resolver,
             server,
             client: tokio::sync::Mutex::new(client),
             state: Mutex::new(State {
+                workloads,
+                joins,
                 bundle_pem: cfg.creds.bundle_pem.clone(),
                 ..State::default()
             }),
@@ -247,6 +259,8 @@ impl IdentityManager {
                     detail: format!("state directory {}: {e}", dir.display()),
                 })?),
             },
+            persist_lock: Mutex::new(()),
+            wake: Arc::new(Notify::new()),
         });
         let restored = manager.restore();
 
@@ -255,7 +269,9 @@ impl IdentityManager {
         let mut backoff = BACKOFF_MIN;
         // The last real failure: a round cut short by the deadline does not hide it.
         let mut last_err: Option<IdentityError> = None;
-        while !(restored > 0 && manager.missing().is_empty()) {
+        // Nothing to wait for when every workload has a certificate (restored), or there is
+        // none yet (the background task follows the authority from its first tick).
+        while !manager.missing().is_empty() {
             let round = async {
                 manager.refresh_logged().await;
                 let mut last = None;
@@ -297,11 +313,11 @@ impl IdentityManager {
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
-        info!(node = %manager.node, workloads = manager.workloads.len(),
+        info!(node = %manager.node, workloads = manager.lock().workloads.len(),
               elapsed_ms = started.elapsed().as_millis() as u64, "workload identities ready");
 
         let weak = Arc::downgrade(&manager);
-        tokio::spawn(background(weak, cfg.refresh, stop));
+        tokio::spawn(background(weak, manager.wake.clone(), cfg.refresh, stop));
         Ok(manager)
     }
 
@@ -367,9 +383,95 @@ impl IdentityManager {
         self.lock().certs.get(id).cloned()
     }
 
-    /// The identities this node holds certificates for (its workloads).
-    pub fn identities(&self) -> &[SpiffeId] {
-        &self.workloads
+    /// Whether this node holds a certificate for `id` (a current workload whose certificate
+    /// has arrived).
+    pub fn has_certificate(&self, id: &SpiffeId) -> bool {
+        self.lock().certs.get(id).is_some()
+    }
+
+    /// The node's current workload identities, sorted (with or without a certificate yet).
+    pub fn workloads(&self) -> Vec<SpiffeId> {
+        self.lock().workloads.keys().cloned().collect()
+    }
+
+    /// Replaces the node's workload set (sorted and deduplicated; the checks of
+    /// [`Self::start`]: the node's trust domain, at most [`MAX_WORKLOADS`]; a refused set
+    /// changes nothing) and returns what changed. Returns at once, without the authority:
+    /// - an added identity is issued a certificate by the background task, woken now; on
+    ///   failure it is retried with the usual backoff. Until it arrives the workload cannot
+    ///   connect ([`Self::client_config`] errors, the server refuses its name);
+    /// - a removed identity's certificate is dropped: the server no longer presents it, no new
+    ///   connection uses it (live ones are not cut), its persisted copy is deleted, an audit
+    ///   event `dropped` is recorded. A certificate still being issued for it is discarded on
+    ///   arrival; re-added, it gets a fresh one.
+    pub fn set_workloads(&self, ids: Vec<SpiffeId>) -> Result<WorkloadsChange, IdentityError> {
+        let ids = checked_workloads(self.node.trust_domain(), ids)?;
+        let mut dropped = Vec::new();
+        let (change, total) = {
+            let mut state = self.lock();
+            let removed: Vec<SpiffeId> = state
+                .workloads
+                .keys()
+                .filter(|id| ids.binary_search(id).is_err())
+                .cloned()
+                .collect();
+            let added: Vec<SpiffeId> = ids
+                .iter()
+                .filter(|id| !state.workloads.contains_key(*id))
+                .cloned()
+                .collect();
+            for id in &removed {
+                state.workloads.remove(id);
+                state.roots.remove(id);
+                state.forced.remove(id);
+                state.retry.remove(id);
+                // Under the state lock, as in `issue`: the resolver never serves a certificate
+                // the state no longer holds.
+                self.resolver.remove(id);
+                if let Some(cert) = state.certs.remove(id) {
+                    dropped.push(cert);
+                }
+            }
+            for id in &added {
+                state.joins += 1;
+                let joined = state.joins;
+                state.workloads.insert(id.clone(), joined);
+            }
+            (WorkloadsChange { added, removed }, state.workloads.len())
+        };
+        if !change.added.is_empty() {
+            self.wake.notify_one();
+        }
+        if !change.removed.is_empty() {
+            // A configuration built from a dropped certificate is never returned again (the
+            // certificate is looked up first); this only frees them.
+            self.clients
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|(src, _), _| change.removed.binary_search(src).is_err());
+            if let Some(p) = &self.persist {
+                let _order = self.persist_lock.lock().unwrap_or_else(|p| p.into_inner());
+                for id in &change.removed {
+                    if let Err(e) = p.remove_cert(id) {
+                        warn!(identity = %id, error = %e, "removing a persisted certificate");
+                    }
+                }
+            }
+        }
+        for cert in &dropped {
+            info!(identity = %cert.identity(), serial = %cert.serial(),
+                  "workload left the node, certificate dropped");
+            self.audit_dropped(cert, "the workload left the node");
+        }
+        if !change.added.is_empty() || !change.removed.is_empty() {
+            info!(
+                added = change.added.len(),
+                removed = change.removed.len(),
+                workloads = total,
+                "workload set changed"
+            );
+        }
+        Ok(change)
     }
 
     /// Remaining lifetime per identity, sorted by identity (`mesh_cert_expiry_seconds`).
@@ -397,13 +499,19 @@ impl IdentityManager {
     pub async fn rotate_now(&self) -> Result<(), IdentityError> {
         self.refresh_trust().await?;
         let mut first_err = None;
-        for id in self.workloads.clone() {
+        let members: Vec<(SpiffeId, u64)> = self
+            .lock()
+            .workloads
+            .iter()
+            .map(|(id, joined)| (id.clone(), *joined))
+            .collect();
+        for (id, joined) in members {
             let kind = if self.lock().certs.get(&id).is_some() {
                 Issue::Rotation
             } else {
                 Issue::Initial
             };
-            if let Err(e) = self.issue(&id, kind).await {
+            if let Err(e) = self.issue_as(&id, kind, Some(joined)).await {
                 first_err.get_or_insert(e);
             }
         }
@@ -433,7 +541,7 @@ impl IdentityManager {
                 warn!(error = %e, dir = %persist.path().display(), "persisted trust unreadable; using the join bundle")
             }
         }
-        let (certs, bad) = match persist.load_certs(&self.workloads) {
+        let (certs, bad) = match persist.load_certs(&self.workloads()) {
             Ok(v) => v,
             Err(e) => {
                 warn!(error = %e, dir = %persist.path().display(), "persisted certificates unreadable");
@@ -454,6 +562,9 @@ impl IdentityManager {
                 continue;
             }
             let mut state = self.lock();
+            if !state.workloads.contains_key(cert.identity()) {
+                continue;
+            }
             self.resolver.insert(&cert);
             info!(identity = %cert.identity(), serial = %cert.serial(),
                   expires_in_secs = cert.remaining().as_secs(), "workload certificate restored");
@@ -463,8 +574,19 @@ impl IdentityManager {
         restored
     }
 
+    /// Writes `cert` to the state directory unless it is no longer the one held (replaced, or
+    /// dropped with its workload, since it was installed).
     fn persist_cert(&self, cert: &WorkloadCert) {
         if let Some(p) = &self.persist {
+            let _order = self.persist_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let current = self
+                .lock()
+                .certs
+                .get(cert.identity())
+                .is_some_and(|c| c.serial() == cert.serial());
+            if !current {
+                return;
+            }
             if let Err(e) = p.save_cert(cert) {
                 warn!(identity = %cert.identity(), error = %e, "persisting a certificate");
             }
@@ -493,26 +615,51 @@ impl IdentityManager {
     /// Workloads without a certificate, sorted.
     fn missing(&self) -> Vec<SpiffeId> {
         let state = self.lock();
-        self.workloads
-            .iter()
+        state
+            .workloads
+            .keys()
             .filter(|id| state.certs.get(id).is_none())
             .cloned()
             .collect()
     }
 
-    /// Requests a certificate for `id` and installs it; on failure counts, logs and schedules
-    /// the retry.
+    /// The generation `id` joined the node with, `None` if it is not a workload here.
+    fn joined(&self, id: &SpiffeId) -> Option<u64> {
+        self.lock().workloads.get(id).copied()
+    }
+
+    /// [`Self::issue_as`] for the current membership of `id`.
     async fn issue(&self, id: &SpiffeId, kind: Issue) -> Result<(), IdentityError> {
-        let result = self
-            .client
-            .lock()
-            .await
-            .sign_rooted(id, self.lifetime)
-            .await;
+        let joined = self.joined(id);
+        self.issue_as(id, kind, joined).await
+    }
+
+    /// Requests a certificate for `id` and installs it if `id` is still the workload that
+    /// joined as `joined` (otherwise the answer is discarded: the workload left meanwhile, or
+    /// was never here); on failure counts, logs and schedules the retry.
+    async fn issue_as(
+        &self,
+        id: &SpiffeId,
+        kind: Issue,
+        joined: Option<u64>,
+    ) -> Result<(), IdentityError> {
+        let result = {
+            let mut client = self.client.lock().await;
+            if joined.is_some() && self.joined(id) != joined {
+                debug!(identity = %id, "workload left the node before its certificate was requested");
+                return Ok(());
+            }
+            client.sign_rooted(id, self.lifetime).await
+        };
         match result {
             Ok((cert, root)) => {
                 let replaced = {
                     let mut state = self.lock();
+                    if joined.is_none() || state.workloads.get(id) != joined.as_ref() {
+                        drop(state);
+                        self.discard(&cert, kind);
+                        return Ok(());
+                    }
                     // Requests are sequential: the newest answer always wins.
                     let replaced = state.certs.remove(id);
                     state.certs.insert(cert.clone());
@@ -560,9 +707,12 @@ impl IdentityManager {
                         Some((_, d)) => (*d * 2).min(BACKOFF_MAX),
                         None => BACKOFF_MIN,
                     };
-                    state
-                        .retry
-                        .insert(id.clone(), (Instant::now() + delay, delay));
+                    // Only a current workload is retried.
+                    if joined.is_some() && state.workloads.get(id) == joined.as_ref() {
+                        state
+                            .retry
+                            .insert(id.clone(), (Instant::now() + delay, delay));
+                    }
                     delay
                 };
                 let remaining = self.lock().certs.get(id).map(|c| c.remaining().as_secs());
@@ -575,6 +725,23 @@ impl IdentityManager {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// A certificate that arrived for a workload no longer here: counted (the request
+    /// succeeded), logged and audited as `dropped`, never installed or persisted.
+    fn discard(&self, cert: &WorkloadCert, kind: Issue) {
+        self.rotations_ok.fetch_add(1, Ordering::Relaxed);
+        info!(identity = %cert.identity(), serial = %cert.serial(), rotation = kind.as_str(),
+              "workload left the node while its certificate was issued, certificate discarded");
+        self.audit_dropped(cert, "issued after the workload left the node, discarded");
+    }
+
+    /// Records the audit event `dropped` for `cert`, if there is an audit log.
+    fn audit_dropped(&self, cert: &WorkloadCert, why: &str) {
+        if let Some(a) = &self.audit {
+            let detail = format!("serial {}: {why}", cert.serial());
+            a.cert_event("dropped", &cert.identity().to_string(), Some(detail));
         }
     }
 
@@ -681,50 +848,120 @@ impl IdentityManager {
     }
 
     /// Requests every certificate that is missing, past half-life or forced, unless its retry
-    /// time has not come.
-    async fn rotate_due(&self) {
-        let due: Vec<(SpiffeId, Issue)> = {
+    /// time has not come: missing and forced ones first (their workloads cannot connect, or
+    /// are refused), then those at half-life (they have the other half to go). Stops once
+    /// `until` has passed with requests left (at least one is made), returning `true`: the
+    /// caller refreshes the trust if that is due and calls again.
+    async fn rotate_due(&self, until: Instant) -> bool {
+        let mut due: Vec<(SpiffeId, u64, Issue, bool)> = {
             let state = self.lock();
             let now_wall = SystemTime::now();
             let now = Instant::now();
-            self.workloads
+            state
+                .workloads
                 .iter()
-                .filter(|id| state.forced.contains(*id) || state.certs.needs_rotation(id, now_wall))
-                .filter(|id| state.retry.get(*id).is_none_or(|(at, _)| *at <= now))
-                .map(|id| {
-                    let kind = if state.certs.get(id).is_some() {
-                        Issue::Rotation
-                    } else {
-                        Issue::Initial
+                .filter(|(id, _)| {
+                    state.forced.contains(*id) || state.certs.needs_rotation(id, now_wall)
+                })
+                .filter(|(id, _)| state.retry.get(*id).is_none_or(|(at, _)| *at <= now))
+                .map(|(id, joined)| {
+                    let (kind, urgent) = match state.certs.get(id) {
+                        Some(_) => (Issue::Rotation, state.forced.contains(id)),
+                        None => (Issue::Initial, true),
                     };
-                    (id.clone(), kind)
+                    (id.clone(), *joined, kind, urgent)
                 })
                 .collect()
         };
-        for (id, kind) in due {
-            let _ = self.issue(&id, kind).await;
+        due.sort_by_key(|d| !d.3);
+        let mut left = due.len();
+        for (id, joined, kind, _) in due {
+            let _ = self.issue_as(&id, kind, Some(joined)).await;
+            left -= 1;
+            if left > 0 && Instant::now() >= until {
+                return true;
+            }
         }
+        false
+    }
+
+    /// When the earliest pending retry of a workload that still needs a certificate is due.
+    fn next_retry(&self) -> Option<Instant> {
+        let state = self.lock();
+        let now_wall = SystemTime::now();
+        state
+            .retry
+            .iter()
+            .filter(|(id, _)| {
+                state.workloads.contains_key(*id)
+                    && (state.forced.contains(*id) || state.certs.needs_rotation(id, now_wall))
+            })
+            .map(|(_, (at, _))| *at)
+            .min()
     }
 }
 
-/// The background task: every `refresh`, follow the authority and rotate what is due.
+/// `ids` sorted and deduplicated, if they may be a node's workload set: at most
+/// [`MAX_WORKLOADS`], all of trust domain `td`.
+fn checked_workloads(
+    td: &TrustDomain,
+    mut ids: Vec<SpiffeId>,
+) -> Result<Vec<SpiffeId>, IdentityError> {
+    ids.sort();
+    ids.dedup();
+    if ids.len() > MAX_WORKLOADS {
+        return Err(IdentityError::Protocol {
+            detail: format!(
+                "{} workload identities on one node, at most {MAX_WORKLOADS}",
+                ids.len()
+            ),
+        });
+    }
+    if let Some(foreign) = ids.iter().find(|w| w.trust_domain() != td) {
+        return Err(TlsError::ForeignTrustDomain {
+            identity: foreign.to_string(),
+            expected: td.clone(),
+        }
+        .into());
+    }
+    Ok(ids)
+}
+
+/// The background task: every `refresh`, follow the authority and rotate what is due; in
+/// between, issue what is due as soon as `wake` is notified (workloads added) or a retry
+/// time comes.
 async fn background(
     weak: Weak<IdentityManager>,
+    wake: Arc<Notify>,
     refresh: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(refresh);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
+    // Requests left over from a pass cut short (see `rotate_due`).
+    let mut more = false;
     loop {
+        let retry = match weak.upgrade() {
+            Some(manager) => manager.next_retry(),
+            None => break,
+        };
+        let far = Instant::now() + refresh;
+        let retry_at = retry.map_or(far, |at| at.max(Instant::now() + RETRY_FLOOR));
         // No strong reference is held while waiting: a dropped manager ends the task.
-        tokio::select! {
+        let refresh_due = tokio::select! {
+            biased;
             _ = stop.wait_for(|s| *s) => break,
-            _ = tick.tick() => {}
-        }
+            _ = tick.tick() => true,
+            () = std::future::ready(()), if more => false,
+            () = wake.notified() => false,
+            () = tokio::time::sleep_until(retry_at), if retry.is_some() => false,
+        };
         let Some(manager) = weak.upgrade() else { break };
-        manager.refresh_logged().await;
-        manager.rotate_due().await;
+        if refresh_due {
+            manager.refresh_logged().await;
+        }
+        more = manager.rotate_due(Instant::now() + refresh).await;
     }
     debug!("identity manager stopped");
 }
@@ -737,6 +974,8 @@ mod tests {
     use crate::tls::spiffe::{PeerId, TrustDomain};
     use crate::tls::verify::{peer_identity, peer_serial, server_name_for};
     use std::io::Write as _;
+    use std::path::Path;
+    use std::sync::atomic::AtomicUsize;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
     use tokio::sync::oneshot;
@@ -1068,29 +1307,297 @@ mod tests {
             .issue(&wid("default", "sa-b"), Issue::Rotation)
             .await
             .is_err());
-        audit.shutdown("test").await;
-        let dir = audit_dir.0.join("audit");
-        let mut events = Vec::new();
-        for (_, seg) in crate::audit::segment::list_segments(&dir).unwrap() {
-            for line in std::fs::read_to_string(seg).unwrap().lines() {
-                let v: serde_json::Value = serde_json::from_str(line).unwrap();
-                if v["kind"] == "cert" {
-                    events.push((
-                        v["action"].as_str().unwrap().to_owned(),
-                        v["subject"].as_str().unwrap().to_owned(),
-                    ));
-                }
-            }
-        }
+        let events = cert_events(&audit, &audit_dir.0).await;
         let a = wid("default", "sa-a").to_string();
         let b = wid("default", "sa-b").to_string();
         assert_eq!(
-            events,
+            events
+                .into_iter()
+                .map(|(action, subject, _)| (action, subject))
+                .collect::<Vec<_>>(),
             [
                 ("issued".to_owned(), a.clone()),
                 ("rotated".to_owned(), a),
                 ("refused".to_owned(), b)
             ],
+        );
+    }
+
+    /// Stops `audit` (started in `dir`) and returns its `cert` records: action, subject,
+    /// detail.
+    async fn cert_events(audit: &AuditLog, dir: &Path) -> Vec<(String, String, String)> {
+        audit.shutdown("test").await;
+        let mut events = Vec::new();
+        for (_, seg) in crate::audit::segment::list_segments(&dir.join("audit")).unwrap() {
+            for line in std::fs::read_to_string(seg).unwrap().lines() {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                if v["kind"] == "cert" {
+                    let field = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+                    events.push((field("action"), field("subject"), field("detail")));
+                }
+            }
+        }
+        events
+    }
+
+    /// A manager for node n1 with a state directory and an audit log, whose refresh interval
+    /// is long enough that only a wake (or a retry) explains an issuance during a test.
+    struct Live {
+        m: Arc<IdentityManager>,
+        state: TempDir,
+        audit: AuditLog,
+        audit_dir: TempDir,
+        _stop: watch::Sender<bool>,
+    }
+
+    impl Live {
+        async fn start(ca: &Ca, tag: &str, authority: SocketAddr, sas: &[&str]) -> Self {
+            let state = TempDir::new(&format!("{tag}-state"));
+            let audit_dir = TempDir::new(&format!("{tag}-audit"));
+            let audit =
+                AuditLog::start(crate::audit::AuditConfig::new("n1", &audit_dir.0)).unwrap();
+            let mut cfg = ca.config("n1", sas);
+            cfg.authority = authority;
+            cfg.refresh = Duration::from_secs(600);
+            cfg.state_dir = Some(state.0.clone());
+            cfg.audit = Some(audit.clone());
+            let (stop, rx) = stop_channel();
+            let m = IdentityManager::start(cfg, rx).await.unwrap();
+            Self {
+                m,
+                state,
+                audit,
+                audit_dir,
+                _stop: stop,
+            }
+        }
+
+        fn persisted(&self, id: &SpiffeId) -> bool {
+            StateDir::open(&self.state.0)
+                .unwrap()
+                .cert_path(id)
+                .exists()
+        }
+
+        /// The serial the server presents to a client asking for `dst` (as `src`).
+        async fn presented(&self, src: &SpiffeId, dst: &SpiffeId) -> Result<Serial, String> {
+            let cfg = self.m.client_config(src, dst).map_err(|e| e.to_string())?;
+            let (_, client) = handshake(self.m.server_config(), cfg, dst).await;
+            client.map(|(_, serial)| serial.expect("a server certificate"))
+        }
+
+        async fn events(&self) -> Vec<(String, String, String)> {
+            cert_events(&self.audit, &self.audit_dir.0).await
+        }
+    }
+
+    #[tokio::test]
+    async fn workloads_come_and_go_while_the_manager_runs() {
+        let ca = Ca::new("mgr-live").await;
+        // No workload yet (scheduled later): the start does not wait for anything.
+        let live = Live::start(&ca, "mgr-live", ca.addr, &[]).await;
+        let m = &live.m;
+        assert!(m.workloads().is_empty());
+        let (a, c) = (wid("default", "sa-a"), wid("default", "sa-c"));
+
+        // Added (unsorted, duplicated): issued at once, not at the next refresh (10 min away).
+        let asked = Instant::now();
+        let change = m
+            .set_workloads(vec![c.clone(), a.clone(), c.clone()])
+            .unwrap();
+        assert_eq!(
+            change,
+            WorkloadsChange {
+                added: vec![a.clone(), c.clone()],
+                removed: vec![]
+            }
+        );
+        assert_eq!(m.workloads(), [a.clone(), c.clone()]);
+        eventually("the added workloads' certificates", || {
+            m.has_certificate(&a) && m.has_certificate(&c)
+        })
+        .await;
+        let took = asked.elapsed();
+        assert!(took < Duration::from_secs(1), "issued after {took:?}");
+        let first_c = m.certificate(&c).unwrap();
+        assert_eq!(live.presented(&a, &c).await.unwrap(), *first_c.serial());
+        assert!(live.persisted(&a) && live.persisted(&c));
+        // Unchanged set: nothing to do.
+        assert_eq!(
+            m.set_workloads(vec![a.clone(), c.clone()]).unwrap(),
+            WorkloadsChange::default()
+        );
+
+        // Removed: no longer presented, no client configuration, no file; a stays.
+        let cached = m.client_config(&a, &c).unwrap();
+        assert_eq!(
+            m.set_workloads(vec![a.clone()]).unwrap(),
+            WorkloadsChange {
+                added: vec![],
+                removed: vec![c.clone()]
+            }
+        );
+        assert!(!m.has_certificate(&c) && m.certificate(&c).is_none());
+        assert!(matches!(
+            m.client_config(&c, &a),
+            Err(IdentityError::NoCertificate { .. })
+        ));
+        let (server, client) = handshake(m.server_config(), cached, &c).await;
+        assert!(
+            server.is_err() && client.is_err(),
+            "removed identity still presented: {server:?} {client:?}"
+        );
+        assert!(!live.persisted(&c), "persisted copy left behind");
+        assert!(live.persisted(&a));
+        let cert_a = m.certificate(&a).unwrap();
+        assert_eq!(live.presented(&a, &a).await.unwrap(), *cert_a.serial());
+        assert!(!m.lock().retry.contains_key(&c) && !m.lock().roots.contains_key(&c));
+
+        // Refused sets change nothing.
+        let foreign = SpiffeId::parse("spiffe://other.domain/ns/default/sa/sa-c").unwrap();
+        assert!(matches!(
+            m.set_workloads(vec![c.clone(), foreign]),
+            Err(IdentityError::Tls(TlsError::ForeignTrustDomain { .. }))
+        ));
+        let too_many: Vec<SpiffeId> = (0..=MAX_WORKLOADS)
+            .map(|i| wid("default", &format!("sa-{i}")))
+            .collect();
+        assert!(matches!(
+            m.set_workloads(too_many),
+            Err(IdentityError::Protocol { .. })
+        ));
+        assert_eq!(m.workloads(), std::slice::from_ref(&a));
+        assert_eq!(m.certificate(&a).unwrap().serial(), cert_a.serial());
+        assert!(live.persisted(&a) && !m.has_certificate(&c));
+
+        // Re-added: a fresh certificate, presented and persisted.
+        m.set_workloads(vec![a.clone(), c.clone()]).unwrap();
+        eventually("the re-added workload's certificate", || {
+            m.has_certificate(&c)
+        })
+        .await;
+        let second_c = m.certificate(&c).unwrap();
+        assert_ne!(second_c.serial(), first_c.serial());
+        assert_eq!(live.presented(&a, &c).await.unwrap(), *second_c.serial());
+        assert!(live.persisted(&c));
+        assert_eq!(m.rotations(), (3, 0));
+
+        let (a, c) = (a.to_string(), c.to_string());
+        let events = live.events().await;
+        let actions: Vec<(&str, &str)> = events
+            .iter()
+            .map(|(action, subject, _)| (action.as_str(), subject.as_str()))
+            .collect();
+        assert_eq!(
+            actions,
+            [
+                ("issued", a.as_str()),
+                ("issued", c.as_str()),
+                ("dropped", c.as_str()),
+                ("issued", c.as_str())
+            ]
+        );
+        assert!(events[2].2.contains(&first_c.serial().to_string()));
+    }
+
+    /// A TCP relay to `upstream` that holds back what the upstream sends while `hold` is
+    /// true; returns its address, `hold`, and how many chunks were held.
+    async fn gated_relay(
+        upstream: SocketAddr,
+    ) -> (SocketAddr, watch::Sender<bool>, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (hold, gate) = watch::channel(false);
+        let held = Arc::new(AtomicUsize::new(0));
+        let counter = held.clone();
+        tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                let Ok(up) = TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (mut down_r, mut down_w) = down.into_split();
+                let (mut up_r, mut up_w) = up.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut down_r, &mut up_w).await;
+                    let _ = up_w.shutdown().await;
+                });
+                let (mut gate, counter) = (gate.clone(), counter.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    while let Ok(n @ 1..) = up_r.read(&mut buf).await {
+                        let holding = *gate.borrow();
+                        if holding {
+                            counter.fetch_add(1, Ordering::SeqCst);
+                            if gate.wait_for(|h| !*h).await.is_err() {
+                                break;
+                            }
+                        }
+                        if down_w.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, hold, held)
+    }
+
+    #[tokio::test]
+    async fn a_certificate_arriving_after_its_workload_left_is_discarded() {
+        let ca = Ca::new("mgr-race").await;
+        let (relay, hold, held) = gated_relay(ca.addr).await;
+        let live = Live::start(&ca, "mgr-race", relay, &["sa-a"]).await;
+        let m = &live.m;
+        let (a, c) = (wid("default", "sa-a"), wid("default", "sa-c"));
+
+        // c's request reaches the authority; its answer is held back…
+        hold.send(true).unwrap();
+        m.set_workloads(vec![a.clone(), c.clone()]).unwrap();
+        eventually("the authority's answer for c held", || {
+            held.load(Ordering::SeqCst) > 0
+        })
+        .await;
+        let (ok, _) = m.rotations();
+        // …while c leaves the node; then it arrives.
+        assert_eq!(
+            m.set_workloads(vec![a.clone()]).unwrap().removed,
+            std::slice::from_ref(&c)
+        );
+        hold.send(false).unwrap();
+        eventually("the answer for c arrived", || m.rotations().0 > ok).await;
+
+        assert!(!m.has_certificate(&c));
+        assert!(matches!(
+            m.client_config(&c, &a),
+            Err(IdentityError::NoCertificate { .. })
+        ));
+        assert!(
+            live.presented(&a, &c).await.is_err(),
+            "discarded certificate presented"
+        );
+        assert!(!live.persisted(&c), "discarded certificate persisted");
+        assert_eq!(m.workloads(), std::slice::from_ref(&a));
+
+        // Re-added: a fresh certificate (not the discarded one).
+        m.set_workloads(vec![a.clone(), c.clone()]).unwrap();
+        eventually("c's certificate", || m.has_certificate(&c)).await;
+        let cert_c = m.certificate(&c).unwrap();
+        assert_eq!(live.presented(&a, &c).await.unwrap(), *cert_c.serial());
+        assert!(live.persisted(&c));
+
+        let events = live.events().await;
+        let c = c.to_string();
+        let for_c: Vec<&(String, String, String)> = events
+            .iter()
+            .filter(|(_, subject, _)| *subject == c)
+            .collect();
+        assert_eq!(for_c.len(), 2, "{events:?}");
+        assert_eq!(for_c[0].0, "dropped");
+        assert!(for_c[0].2.contains("discarded"), "{}", for_c[0].2);
+        assert_eq!(for_c[1].0, "issued");
+        assert!(
+            !for_c[0].2.contains(&cert_c.serial().to_string()),
+            "the discarded certificate was installed"
         );
     }
 
@@ -1127,7 +1634,7 @@ mod tests {
         let before = m.certificate(&c).unwrap();
         ca.ca.activate_root(&new_root).unwrap();
         eventually("re-issued under the new root", || {
-            m.workloads
+            m.workloads()
                 .iter()
                 .all(|id| m.lock().roots.get(id) == Some(&new_root))
         })

@@ -106,16 +106,27 @@ impl StateDir {
         }
     }
 
+    /// Where the certificate of `id` is persisted.
+    pub fn cert_path(&self, id: &SpiffeId) -> PathBuf {
+        self.dir.join("certs").join(file_name(id))
+    }
+
     pub fn save_cert(&self, cert: &WorkloadCert) -> io::Result<()> {
         let body = serde_json::to_vec(&PersistedCert {
             chain_pem: cert.chain_pem().to_owned(),
             key_pem: cert.key_pem().to_owned(),
         })
         .map_err(io::Error::other)?;
-        write_private(
-            &self.dir.join("certs").join(file_name(cert.identity())),
-            &body,
-        )
+        write_private(&self.cert_path(cert.identity()), &body)
+    }
+
+    /// Removes the persisted certificate of `id` (a workload that left the node); none is not
+    /// an error.
+    pub fn remove_cert(&self, id: &SpiffeId) -> io::Result<()> {
+        match fs::remove_file(self.cert_path(id)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// Every persisted certificate of an identity in `wanted`; files of other identities are
