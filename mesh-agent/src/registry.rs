@@ -1,21 +1,32 @@
 //! The workload registry: every workload of the mesh, on every node (format
 //! in docs/CONTRACTS.md, "Workload registry").
 //!
-//! The file is parsed and validated as a whole: any problem refuses the whole
-//! registry, and every refusal names `file:line: problem` so an operator can
-//! go straight to it. The IPs of all workloads are mesh destinations; only the
-//! workloads on the local node have their cgroups resolved (and enrolled).
+//! Two ways to read it. [`Registry::load`] / [`Registry::parse`] (and the authority's
+//! [`Registry::load_all`]) validate the file as a whole: any problem refuses the whole
+//! registry. [`Registry::load_entries`] / [`Registry::parse_entries`] refuse entry by entry
+//! (a bad node, workload or service is dropped and named, the rest is kept), as a registry
+//! that is applied live must: one typo cannot take the whole mesh down. Either way every
+//! refusal names `file:line: problem` so an operator can go straight to it. The IPs of all
+//! workloads are mesh destinations; only the workloads on the local node have their cgroups
+//! resolved (and enrolled).
+//!
+//! Ids: a workload's (a service's) id is what the kernel maps carry. Without `id:` fields it
+//! is the entry's 1-based position among the kept workloads (services); with them (the
+//! authority assigns them, stable per `namespace/name`) it is the `id:` of every entry.
+//! [`Registry::to_yaml`] writes a registry back as registry YAML, ids included.
 
 use std::{
     collections::{BTreeMap, HashMap},
+    fmt::Write as _,
     fs, io,
     net::IpAddr,
+    ops::Range,
     path::{Path, PathBuf},
 };
 
-use serde::Deserialize;
+use serde::{de::DeserializeOwned, de::IgnoredAny, Deserialize};
 use serde_saphyr::Spanned;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::cgroup::{self, CgroupError};
 use crate::names::{is_dns_label, is_dns_subdomain};
@@ -30,13 +41,37 @@ pub use services::{Service, ServicePort, ServiceProblem, ServiceTable};
 pub struct Registry {
     /// The nodes in file order (names and addresses unique).
     pub nodes: Vec<NodeEntry>,
-    /// The workloads in file order; `workloads[i].id == i + 1`. Read-only once
-    /// loaded: [`Registry::by_ip`] uses an index built by the loader.
+    /// The workloads in file order (ids and IPs unique). Read-only once loaded:
+    /// [`Registry::by_ip`] and [`Registry::by_id`] use indexes built by the loader.
     pub workloads: Vec<Workload>,
     /// IP → position in `workloads`.
     ip_index: HashMap<IpAddr, usize>,
+    /// Id → position in `workloads`.
+    id_index: HashMap<u32, usize>,
     /// The services (`services:`), indexed by virtual IP.
     pub services: ServiceTable,
+}
+
+/// Two registries are equal when their nodes, workloads and services are (the indexes follow
+/// from those).
+impl PartialEq for Registry {
+    fn eq(&self, other: &Self) -> bool {
+        self.nodes == other.nodes
+            && self.workloads == other.workloads
+            && self.services == other.services
+    }
+}
+
+impl Eq for Registry {}
+
+/// What [`Registry::parse_entries`] kept, and every entry it refused.
+#[derive(Debug)]
+pub struct Parsed {
+    /// The valid entries.
+    pub registry: Registry,
+    /// One error per refused entry (`file:line: problem`), in file order within each of
+    /// `nodes:`, `workloads:` and `services:` (read in that order).
+    pub refused: Vec<RegistryError>,
 }
 
 /// One node of the mesh: where its agent is reached.
@@ -60,7 +95,8 @@ impl NodeEntry {
 /// One workload (a pod) of the mesh.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
-    /// 1-based position in the file (never 0): the id the kernel maps carry.
+    /// The id the kernel maps carry (never 0, unique): the `id:` of the entry, or without
+    /// `id:` fields its 1-based position among the kept workloads.
     pub id: u32,
     /// The workload's name (a DNS-1123 label).
     pub name: String,
@@ -75,7 +111,9 @@ pub struct Workload {
     /// Its cgroup as written, relative to the cgroup2 mount (a leading `/`
     /// also means relative to the mount). Required for local workloads.
     pub cgroup: Option<PathBuf>,
-    /// The cgroup v2 id of `cgroup`, resolved only for workloads on the local node.
+    /// The cgroup v2 id of `cgroup`, resolved only for workloads on the local node. `None`
+    /// for a local workload read by [`Registry::parse_entries`] whose cgroup did not exist
+    /// yet ("pending", see [`Registry::resolve_pending`]).
     pub cgroup_id: Option<u64>,
     /// Free-form labels.
     pub labels: BTreeMap<String, String>,
@@ -114,8 +152,8 @@ impl Workload {
     }
 }
 
-/// Why a registry was refused. Displays as `<file>:<line>: <problem>` (the
-/// line 1-based), except when the file cannot be read at all.
+/// Why a registry (or one of its entries) was refused. Displays as `<file>:<line>: <problem>`
+/// (the line 1-based), except when the file cannot be read at all.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     /// The file could not be read.
@@ -222,6 +260,23 @@ pub enum Problem {
     /// The same `namespace/name` is listed twice.
     #[error("workload {workload} is listed twice (first on line {first_line})")]
     DuplicateWorkload { workload: String, first_line: usize },
+    /// Some workloads carry `id:`, this one does not: ids are all assigned or none is (a
+    /// position-based id could collide with an assigned one).
+    #[error("workload {workload} has no `id` while other workloads have one (all or none)")]
+    MissingId { workload: String },
+    /// `id` outside 1..=4294967295 (0 is no workload in the kernel maps).
+    #[error("workload {workload}: id {value} is not a workload id (1..=4294967295)")]
+    InvalidId { workload: String, value: u64 },
+    /// Two workloads carry the same `id`.
+    #[error(
+        "id {id} of workload {second} is already the id of workload {first} (line {first_line})"
+    )]
+    DuplicateId {
+        id: u32,
+        first: String,
+        first_line: usize,
+        second: String,
+    },
     /// A workload of the local node has no `cgroup` to enrol.
     #[error("workload {workload} runs on this node ({node}) but has no `cgroup` field")]
     MissingCgroup { workload: String, node: String },
@@ -257,6 +312,13 @@ pub enum Problem {
     /// A workload runs on a node that `nodes:` does not list.
     #[error("workload {workload}: node {node} is not listed in `nodes:`")]
     UnknownNode { workload: String, node: String },
+    /// A workload runs on a node whose entry was refused ([`Registry::parse_entries`]).
+    #[error("workload {workload}: node {node} was refused (its entry is on line {node_line})")]
+    RefusedNode {
+        workload: String,
+        node: String,
+        node_line: usize,
+    },
     /// A required field of a `nodes:` entry is absent or null.
     #[error("node {node}: missing required field `{field}`")]
     NodeMissingField { node: String, field: &'static str },
@@ -314,6 +376,17 @@ struct RawRegistry {
     services: Option<Vec<Spanned<services::RawService>>>,
 }
 
+/// The top level alone, entries unread: what must hold for [`Registry::parse_entries`] to
+/// read the entries one by one.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // Only the shape is checked.
+struct RawShape {
+    nodes: Option<Vec<IgnoredAny>>,
+    workloads: Vec<IgnoredAny>,
+    services: Option<Vec<IgnoredAny>>,
+}
+
 /// One node as written.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -328,6 +401,9 @@ struct RawNode {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawWorkload {
+    /// Optional; all workloads have one or none does. `u64` so that an out-of-range id is
+    /// named with its line rather than as a type error.
+    id: Option<Spanned<u64>>,
     name: Option<Spanned<String>>,
     namespace: Option<Spanned<String>>,
     service_account: Option<Spanned<String>>,
@@ -341,16 +417,215 @@ struct RawWorkload {
     http_ports: Option<Vec<Spanned<u64>>>,
 }
 
+/// One entry of `nodes:`, `workloads:` or `services:` as read.
+struct Entry<T> {
+    /// The entry, or why its text is not an entry of that kind (an unknown field, a value of
+    /// the wrong type) when the entries were read one by one.
+    raw: Result<Spanned<T>, RegistryError>,
+    /// Lines of the file before the text the entry was read from: 0 when the file was read
+    /// as a whole, else the lines before the entry (its spans count from its own first line).
+    base: usize,
+}
+
+/// Every entry of a registry file, as read.
+struct Entries {
+    nodes: Vec<Entry<RawNode>>,
+    workloads: Vec<Entry<RawWorkload>>,
+    services: Vec<Entry<services::RawService>>,
+}
+
+impl Entries {
+    /// The entries of a file read as a whole.
+    fn whole(raw: RawRegistry) -> Self {
+        fn all<T>(v: Vec<Spanned<T>>) -> Vec<Entry<T>> {
+            v.into_iter()
+                .map(|raw| Entry {
+                    raw: Ok(raw),
+                    base: 0,
+                })
+                .collect()
+        }
+        Self {
+            nodes: all(raw.nodes.unwrap_or_default()),
+            workloads: all(raw.workloads),
+            services: all(raw.services.unwrap_or_default()),
+        }
+    }
+
+    /// Reads registry `text` as a whole: any problem of shape refuses it.
+    fn read_whole(text: &str, path: &Path) -> Result<Self, RegistryError> {
+        let raw: RawRegistry = yaml::from_str(text).map_err(|e| syntax_error(path, &e, 0))?;
+        Ok(Self::whole(raw))
+    }
+
+    /// Reads registry `text` entry by entry: a YAML syntax error, an unknown top-level field,
+    /// a top level of the wrong shape or a document over the parser budgets refuses the whole
+    /// text; an entry of the wrong shape is refused alone (its `Entry::raw` is the error).
+    ///
+    /// The file is first read as a whole (the common case: nothing is wrong with its shape).
+    /// Otherwise each entry is read again from its own text, cut out of the file at the
+    /// positions the parser gives and padded to its column, so that it parses as it did in the
+    /// file and its errors name the file's lines. A file that uses YAML aliases cannot be cut
+    /// so (an entry may refer to an anchor outside it): it is refused as a whole then.
+    fn read_each(text: &str, path: &Path) -> Result<Self, RegistryError> {
+        let whole = match yaml::from_str::<RawRegistry>(text) {
+            Ok(raw) => return Ok(Self::whole(raw)),
+            Err(e) => syntax_error(path, &e, 0),
+        };
+        yaml::from_str::<RawShape>(text).map_err(|e| syntax_error(path, &e, 0))?;
+        let Some(spans) = EntrySpans::of(text) else {
+            return Err(whole);
+        };
+        fn each<T: DeserializeOwned>(
+            spans: &[EntrySpan],
+            text: &str,
+            path: &Path,
+        ) -> Vec<Entry<T>> {
+            spans.iter().map(|span| span.read(text, path)).collect()
+        }
+        Ok(Self {
+            nodes: each(&spans.nodes, text, path),
+            workloads: each(&spans.workloads, text, path),
+            services: each(&spans.services, text, path),
+        })
+    }
+}
+
+/// Where one entry is in the file.
+struct EntrySpan {
+    /// Its bytes (from its first token to its last, or to the next token for a block mapping).
+    bytes: Range<usize>,
+    /// The 1-based line it starts on.
+    line: usize,
+    /// The 0-based column (in characters) it starts at.
+    column: usize,
+}
+
+impl EntrySpan {
+    /// Reads the entry from its own text: the column's worth of spaces then the entry, so
+    /// that a block mapping keeps its indentation.
+    fn read<T: DeserializeOwned>(&self, text: &str, path: &Path) -> Entry<T> {
+        let base = self.line.saturating_sub(1);
+        let mut own = " ".repeat(self.column);
+        own.push_str(&text[self.bytes.clone()]);
+        Entry {
+            raw: yaml::from_str::<Spanned<T>>(&own).map_err(|e| syntax_error(path, &e, base)),
+            base,
+        }
+    }
+}
+
+/// The entries of `nodes:`, `workloads:` and `services:`, in file order.
+#[derive(Default)]
+struct EntrySpans {
+    nodes: Vec<EntrySpan>,
+    workloads: Vec<EntrySpan>,
+    services: Vec<EntrySpan>,
+}
+
+impl EntrySpans {
+    /// Walks the parser's events of `text` (already known to be valid YAML of the registry's
+    /// top-level shape). `None` if the text uses an alias, or is not what was expected.
+    fn of(text: &str) -> Option<Self> {
+        use serde_saphyr::granit_parser::{Event, Parser};
+
+        let mut parser = Parser::new_from_str(text);
+        // The next event that is part of the structure (comments and anchor metadata are
+        // not); `None` at an error or an alias.
+        let mut next = move || loop {
+            let (event, span) = parser.next_event()?.ok()?;
+            match event {
+                Event::Alias(_) | Event::UnresolvedAlias(_) => return None,
+                e if e.is_node()
+                    || matches!(
+                        e,
+                        Event::StreamStart
+                            | Event::StreamEnd
+                            | Event::DocumentStart(..)
+                            | Event::DocumentEnd
+                            | Event::SequenceEnd
+                            | Event::MappingEnd
+                    ) =>
+                {
+                    return Some((e, span))
+                }
+                _ => {}
+            }
+        };
+        // Skips the rest of the node that `first` starts; returns the byte its text ends at.
+        fn skip<'i>(
+            first: &Event<'i>,
+            end: usize,
+            next: &mut impl FnMut() -> Option<(Event<'i>, serde_saphyr::granit_parser::Span)>,
+        ) -> Option<usize> {
+            if !matches!(first, Event::MappingStart(..) | Event::SequenceStart(..)) {
+                return Some(end);
+            }
+            let mut depth = 1usize;
+            loop {
+                let (event, span) = next()?;
+                match event {
+                    Event::MappingStart(..) | Event::SequenceStart(..) => depth += 1,
+                    Event::MappingEnd | Event::SequenceEnd => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(span.byte_range()?.end);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+
+        let mut spans = Self::default();
+        loop {
+            match next()?.0 {
+                Event::StreamStart | Event::DocumentStart(..) => {}
+                Event::MappingStart(..) => break,
+                _ => return None,
+            }
+        }
+        loop {
+            let (key, _) = next()?;
+            let list = match &key {
+                Event::MappingEnd => return Some(spans),
+                Event::Scalar(k, ..) => match &**k {
+                    "nodes" => Some(&mut spans.nodes),
+                    "workloads" => Some(&mut spans.workloads),
+                    "services" => Some(&mut spans.services),
+                    _ => None,
+                },
+                _ => None,
+            }?;
+            let (value, span) = next()?;
+            if !matches!(value, Event::SequenceStart(..)) {
+                // `nodes:` / `services:` left null.
+                skip(&value, span.byte_range()?.end, &mut next)?;
+                continue;
+            }
+            loop {
+                let (item, span) = next()?;
+                if matches!(item, Event::SequenceEnd) {
+                    break;
+                }
+                let range = span.byte_range()?;
+                let end = skip(&item, range.end, &mut next)?;
+                list.push(EntrySpan {
+                    bytes: range.start..end.max(range.start),
+                    line: span.start.line(),
+                    column: span.start.col(),
+                });
+            }
+        }
+    }
+}
+
 impl Registry {
     /// Reads, parses and validates the registry at `path`. The cgroups of
     /// the workloads on `local_node` are resolved under the cgroup2 mount
     /// `cgroup_root`.
     pub fn load(path: &Path, local_node: &str, cgroup_root: &Path) -> Result<Self, RegistryError> {
-        let text = fs::read_to_string(path).map_err(|source| RegistryError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text, path, local_node, cgroup_root)
+        Self::parse(&read(path)?, path, local_node, cgroup_root)
     }
 
     /// Parses and validates registry `text`; `path` only names the file in
@@ -368,11 +643,7 @@ impl Registry {
     /// (the authority's view): every check of [`Registry::load`] except those that need the
     /// local cgroup tree, so no cgroup is resolved and no `cgroup_id` is set.
     pub fn load_all(path: &Path) -> Result<Self, RegistryError> {
-        let text = fs::read_to_string(path).map_err(|source| RegistryError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse_all(&text, path)
+        Self::parse_all(&read(path)?, path)
     }
 
     /// [`Registry::load_all`] on registry `text`; `path` only names the file in errors.
@@ -388,20 +659,48 @@ impl Registry {
         local_node: Option<&str>,
         cgroup_root: &Path,
     ) -> Result<Self, RegistryError> {
-        let raw: RawRegistry = yaml::from_str(text).map_err(|e| syntax_error(path, &e))?;
-        Validator {
-            path,
-            local_node,
-            cgroup_root,
-            ip_lines: HashMap::new(),
-            key_lines: HashMap::new(),
-            cgroup_lines: HashMap::new(),
-            node_lines: HashMap::new(),
-            node_addr_lines: HashMap::new(),
-            nodes: Vec::new(),
-            workloads: Vec::with_capacity(raw.workloads.len()),
+        let entries = Entries::read_whole(text, path)?;
+        let (registry, refused) = Validator::new(path, local_node, cgroup_root, false).run(entries);
+        match refused.into_iter().next() {
+            Some(first) => Err(first),
+            None => Ok(registry),
         }
-        .run(raw)
+    }
+
+    /// Reads the registry at `path` entry by entry: see [`Registry::parse_entries`].
+    pub fn load_entries(
+        path: &Path,
+        local_node: Option<&str>,
+        cgroup_root: &Path,
+    ) -> Result<Parsed, RegistryError> {
+        Self::parse_entries(&read(path)?, path, local_node, cgroup_root)
+    }
+
+    /// Parses and validates registry `text` entry by entry (`path` only names the file in
+    /// errors): every node, workload and service that passes the checks of
+    /// [`Registry::parse`] is kept, every other one is refused on its own (one error each
+    /// in [`Parsed::refused`]). Only a YAML syntax error, an unknown top-level field, a top
+    /// level of the wrong shape or a document over the parser budgets refuse the whole text.
+    ///
+    /// A refused entry claims nothing (its IPs, `namespace/name`, id, cgroup, node name and
+    /// addresses stay free for a later entry); of two entries that claim the same, the
+    /// second is refused. A workload on a refused or unlisted node is refused; a service
+    /// whose selector selects no kept workload is kept (without endpoints).
+    ///
+    /// `local_node`: the node whose workloads' cgroups are resolved under the cgroup2 mount
+    /// `cgroup_root` (`None`: the authority's view, as [`Registry::parse_all`]). Unlike
+    /// [`Registry::parse`], a local workload whose cgroup does not exist yet is kept,
+    /// pending (`cgroup_id: None`): the pod may not have started. See
+    /// [`Registry::resolve_pending`].
+    pub fn parse_entries(
+        text: &str,
+        path: &Path,
+        local_node: Option<&str>,
+        cgroup_root: &Path,
+    ) -> Result<Parsed, RegistryError> {
+        let entries = Entries::read_each(text, path)?;
+        let (registry, refused) = Validator::new(path, local_node, cgroup_root, true).run(entries);
+        Ok(Parsed { registry, refused })
     }
 
     /// The node named `name`.
@@ -414,13 +713,62 @@ impl Registry {
         self.workloads.iter().filter(move |w| w.node == node)
     }
 
-    /// The workload with id `id` (its 1-based position in the file).
+    /// The workloads on `node` whose cgroup is not resolved yet: for a registry read by
+    /// [`Registry::parse_entries`] for `node`, its workloads whose cgroup did not exist.
+    /// (In a registry read for another node, or for none, no cgroup is resolved: every
+    /// workload of `node` with a `cgroup` is listed.)
+    pub fn pending<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
+        self.local(node)
+            .filter(|w| w.cgroup.is_some() && w.cgroup_id.is_none())
+    }
+
+    /// Tries again to resolve the cgroups of the pending workloads of `local_node` (see
+    /// [`Registry::pending`]) under the cgroup2 mount `cgroup_root`; returns the ids of
+    /// the workloads resolved now. A cgroup that still does not exist stays pending quietly;
+    /// one that now resolves to another local workload's cgroup, escapes the mount or is not
+    /// a directory stays pending too, with a warning (each time it is tried).
+    pub fn resolve_pending(&mut self, local_node: &str, cgroup_root: &Path) -> Vec<u32> {
+        let mut taken: HashMap<u64, usize> = self
+            .workloads
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.node == local_node)
+            .filter_map(|(i, w)| w.cgroup_id.map(|id| (id, i)))
+            .collect();
+        let mut resolved = Vec::new();
+        for i in 0..self.workloads.len() {
+            let w = &self.workloads[i];
+            let rel = match &w.cgroup {
+                Some(rel) if w.node == local_node && w.cgroup_id.is_none() => rel,
+                _ => continue,
+            };
+            let id = match cgroup::resolve(cgroup_root, rel).and_then(|d| cgroup::cgroup_id(&d)) {
+                Ok(id) => id,
+                Err(CgroupError::NotFound { .. }) => continue,
+                Err(e) => {
+                    warn!(workload = %w.key(), cgroup = %rel.display(), error = %e,
+                        "pending workload's cgroup is unusable; still pending");
+                    continue;
+                }
+            };
+            if let Some(&other) = taken.get(&id) {
+                warn!(workload = %w.key(), cgroup = %rel.display(),
+                    other = %self.workloads[other].key(),
+                    "pending workload's cgroup is already another workload's; still pending");
+                continue;
+            }
+            debug!(workload = %w.key(), cgroup = %rel.display(), cgroup_id = id,
+                "resolved pending workload cgroup");
+            taken.insert(id, i);
+            resolved.push(w.id);
+            self.workloads[i].cgroup_id = Some(id);
+        }
+        resolved
+    }
+
+    /// The workload with id `id`.
     pub fn by_id(&self, id: u32) -> Option<&Workload> {
-        let index = usize::try_from(id).ok()?.checked_sub(1)?;
-        self.workloads
-            .get(index)
-            .filter(|w| w.id == id)
-            .or_else(|| self.workloads.iter().find(|w| w.id == id))
+        self.id_index.get(&id).and_then(|&i| self.workloads.get(i))
     }
 
     /// The workload that has address `ip` (IPv4-mapped IPv6 addresses are
@@ -432,10 +780,164 @@ impl Registry {
             .and_then(|&i| self.workloads.get(i))
             .filter(|w| w.ips.contains(&ip))
     }
+
+    /// The registry with every workload's id replaced by `workload(key)` and every
+    /// service's by `service(key)` (keys are `namespace/name`), every index and every
+    /// service's `endpoints` following: how the authority gives entries ids that stay the
+    /// same across versions of the file. The new ids must be unique within each kind and
+    /// never 0 (checked in debug builds only: the callers assign them).
+    pub fn with_ids(
+        mut self,
+        mut workload: impl FnMut(&str) -> u32,
+        service: impl FnMut(&str) -> u32,
+    ) -> Registry {
+        let mut renamed = HashMap::with_capacity(self.workloads.len());
+        for w in &mut self.workloads {
+            let id = workload(&w.key());
+            debug_assert_ne!(id, 0, "with_ids: workload {} given id 0", w.key());
+            renamed.insert(w.id, id);
+            w.id = id;
+        }
+        self.id_index = id_index(&self.workloads);
+        debug_assert_eq!(
+            self.id_index.len(),
+            self.workloads.len(),
+            "with_ids: workload ids must be unique"
+        );
+        self.ip_index = ip_index(&self.workloads);
+        self.services.renumber(service, &renamed);
+        self
+    }
+
+    /// The registry as registry YAML (`nodes:`, `workloads:`, `services:`), every entry with
+    /// its `id:`: what the authority sends. Deterministic (the same registry gives the same
+    /// bytes: entries in their order, labels and selectors sorted) and read back by
+    /// [`Registry::parse_entries`] as an equal registry. Every string is double-quoted, so no
+    /// value reads back as another type (`no`, `1e3`, `~`) or as YAML syntax (`*a`, `#`).
+    pub fn to_yaml(&self) -> String {
+        let mut out = String::new();
+        if self.nodes.is_empty() {
+            out.push_str("nodes: []\n");
+        } else {
+            out.push_str("nodes:\n");
+        }
+        for n in &self.nodes {
+            let _ = writeln!(out, "  - name: {}", quote(&n.name));
+            let _ = writeln!(out, "    address: {}", quote(&n.address.to_string()));
+            if let Some(a6) = n.address6 {
+                let _ = writeln!(out, "    address6: {}", quote(&a6.to_string()));
+            }
+        }
+        if self.workloads.is_empty() {
+            out.push_str("workloads: []\n");
+        } else {
+            out.push_str("workloads:\n");
+        }
+        for w in &self.workloads {
+            let _ = writeln!(out, "  - id: {}", w.id);
+            let _ = writeln!(out, "    name: {}", quote(&w.name));
+            let _ = writeln!(out, "    namespace: {}", quote(&w.namespace));
+            let _ = writeln!(out, "    serviceAccount: {}", quote(&w.service_account));
+            let _ = writeln!(out, "    node: {}", quote(&w.node));
+            let _ = writeln!(
+                out,
+                "    ips: {}",
+                flow_list(w.ips.iter().map(|ip| quote(&ip.to_string())))
+            );
+            if let Some(cg) = &w.cgroup {
+                let _ = writeln!(out, "    cgroup: {}", quote(&cg.to_string_lossy()));
+            }
+            if !w.labels.is_empty() {
+                let _ = writeln!(out, "    labels: {}", flow_map(&w.labels));
+            }
+            if w.permissive {
+                out.push_str("    peerAuthentication: \"PERMISSIVE\"\n");
+            }
+            if !w.http_ports.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "    httpPorts: {}",
+                    flow_list(w.http_ports.iter().map(u16::to_string))
+                );
+            }
+        }
+        self.services.write_yaml(&mut out);
+        out
+    }
 }
 
-/// A serde-saphyr error as [`RegistryError::Syntax`].
-fn syntax_error(path: &Path, e: &serde_saphyr::Error) -> RegistryError {
+/// Reads the registry file at `path`.
+fn read(path: &Path) -> Result<String, RegistryError> {
+    fs::read_to_string(path).map_err(|source| RegistryError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// IP → position in `workloads`.
+fn ip_index(workloads: &[Workload]) -> HashMap<IpAddr, usize> {
+    workloads
+        .iter()
+        .enumerate()
+        .flat_map(|(i, w)| w.ips.iter().map(move |ip| (*ip, i)))
+        .collect()
+}
+
+/// Id → position in `workloads`.
+fn id_index(workloads: &[Workload]) -> HashMap<u32, usize> {
+    workloads
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.id, i))
+        .collect()
+}
+
+/// `s` as a YAML double-quoted scalar: `"` and `\` escaped, and every character YAML does not
+/// take as is in a quoted scalar (controls, line and paragraph separators, the byte-order mark,
+/// non-characters) as an escape, so the value reads back byte for byte.
+fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control()
+                || matches!(
+                    c,
+                    '\u{2028}' | '\u{2029}' | '\u{FEFF}' | '\u{FFFE}' | '\u{FFFF}'
+                ) =>
+            {
+                let _ = write!(out, "\\u{:04X}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// `[a, b, …]` of already rendered items.
+fn flow_list(items: impl Iterator<Item = String>) -> String {
+    let items: Vec<String> = items.collect();
+    format!("[{}]", items.join(", "))
+}
+
+/// `{"k": "v", …}`, keys in order.
+fn flow_map(map: &BTreeMap<String, String>) -> String {
+    let pairs: Vec<String> = map
+        .iter()
+        .map(|(k, v)| format!("{}: {}", quote(k), quote(v)))
+        .collect();
+    format!("{{{}}}", pairs.join(", "))
+}
+
+/// A serde-saphyr error as [`RegistryError::Syntax`], its line counted from the file's start
+/// (`base` lines before the text that was parsed).
+fn syntax_error(path: &Path, e: &serde_saphyr::Error, base: usize) -> RegistryError {
     let yaml::SyntaxError {
         line,
         column,
@@ -443,87 +945,190 @@ fn syntax_error(path: &Path, e: &serde_saphyr::Error) -> RegistryError {
     } = yaml::SyntaxError::of(e);
     RegistryError::Syntax {
         path: path.to_owned(),
-        line,
+        line: line + base,
         column,
         message,
     }
 }
 
-/// Validation state: what has been seen so far, and where.
+/// The file line of `v`, read from a text that starts after `base` lines of the file, or
+/// `fallback` (a file line) if the parser recorded none.
+fn file_line<T>(base: usize, v: &Spanned<T>, fallback: usize) -> usize {
+    match line_of(v, 0) {
+        0 => fallback,
+        l => l + base,
+    }
+}
+
+/// A [`RegistryError::Invalid`].
+fn invalid(path: &Path, line: usize, problem: Problem) -> RegistryError {
+    RegistryError::Invalid {
+        path: path.to_owned(),
+        line,
+        problem: Box::new(problem),
+    }
+}
+
+/// Validation state: what the entries kept so far claim, and where.
+///
+/// Each entry is checked against the claims of the entries kept before it, and claims
+/// (its name, IPs, id, cgroup) only once it is kept: a refused entry leaves no trace.
 struct Validator<'a> {
     path: &'a Path,
     /// `None`: the authority's view, no workload is local.
     local_node: Option<&'a str>,
     cgroup_root: &'a Path,
+    /// Entry by entry ([`Registry::parse_entries`]): go on past a refused entry, and keep a
+    /// local workload whose cgroup does not exist yet. Otherwise the first refusal ends it.
+    each: bool,
+    /// Lines of the file before the text the current entry was read from.
+    base: usize,
     /// IP → (workload key, line of the IP).
     ip_lines: HashMap<IpAddr, (String, usize)>,
     /// `namespace/name` → line of the workload.
     key_lines: HashMap<String, usize>,
+    /// Explicit id → (workload key, line of its `id`).
+    id_lines: HashMap<u32, (String, usize)>,
     /// Resolved cgroup id → (workload key, line of its `cgroup`).
     cgroup_lines: HashMap<u64, (String, usize)>,
     /// Node name → line of its entry.
     node_lines: HashMap<String, usize>,
+    /// Name → line of a node entry that was refused, while no entry of that name is kept.
+    refused_nodes: HashMap<String, usize>,
     /// Node address → (node name, line of the address).
     node_addr_lines: HashMap<IpAddr, (String, usize)>,
     nodes: Vec<NodeEntry>,
     workloads: Vec<Workload>,
+    refused: Vec<RegistryError>,
 }
 
-impl Validator<'_> {
-    fn run(mut self, raw: RawRegistry) -> Result<Registry, RegistryError> {
-        for entry in raw.nodes.unwrap_or_default() {
-            let line = line_of(&entry, 1);
-            let node = self.node(entry.value, line)?;
-            self.nodes.push(node);
+impl<'a> Validator<'a> {
+    fn new(path: &'a Path, local_node: Option<&'a str>, cgroup_root: &'a Path, each: bool) -> Self {
+        Self {
+            path,
+            local_node,
+            cgroup_root,
+            each,
+            base: 0,
+            ip_lines: HashMap::new(),
+            key_lines: HashMap::new(),
+            id_lines: HashMap::new(),
+            cgroup_lines: HashMap::new(),
+            node_lines: HashMap::new(),
+            refused_nodes: HashMap::new(),
+            node_addr_lines: HashMap::new(),
+            nodes: Vec::new(),
+            workloads: Vec::new(),
+            refused: Vec::new(),
         }
-        for entry in raw.workloads {
-            let line = line_of(&entry, 1);
-            let workload = self.workload(entry.value, line)?;
-            self.workloads.push(workload);
+    }
+
+    /// Whether to stop: read as a whole, the first refusal refuses the registry.
+    fn done(&self) -> bool {
+        !self.each && !self.refused.is_empty()
+    }
+
+    /// The file line of `v` (read in the current entry), or `fallback` (a file line).
+    fn at<T>(&self, v: &Spanned<T>, fallback: usize) -> usize {
+        file_line(self.base, v, fallback)
+    }
+
+    fn invalid(&self, line: usize, problem: Problem) -> RegistryError {
+        invalid(self.path, line, problem)
+    }
+
+    /// Validates every entry: the kept ones make the registry, the others are refused.
+    fn run(mut self, entries: Entries) -> (Registry, Vec<RegistryError>) {
+        for (i, entry) in entries.nodes.into_iter().enumerate() {
+            if self.done() {
+                break;
+            }
+            self.base = entry.base;
+            let result = entry.raw.and_then(|raw| {
+                let line = self.at(&raw, 1);
+                self.node(raw.value, line, i + 1)
+            });
+            match result {
+                Ok(node) => self.nodes.push(node),
+                Err(e) => self.refused.push(e),
+            }
         }
-        let ip_index = self
+        // All or none: with one `id:`, an entry without one is refused (not given its position).
+        let explicit_ids = entries
             .workloads
             .iter()
-            .enumerate()
-            .flat_map(|(i, w)| w.ips.iter().map(move |ip| (*ip, i)))
-            .collect();
-        let services =
-            services::ServiceValidator::new(&self.ip_lines, &self.node_addr_lines, &self.workloads)
-                .run(raw.services.unwrap_or_default())
-                .map_err(|(line, service, problem)| {
-                    self.invalid(line, Problem::Service { service, problem })
-                })?;
+            .any(|e| matches!(&e.raw, Ok(w) if w.value.id.is_some()));
+        self.workloads.reserve(entries.workloads.len());
+        for (i, entry) in entries.workloads.into_iter().enumerate() {
+            if self.done() {
+                break;
+            }
+            self.base = entry.base;
+            let result = entry.raw.and_then(|raw| {
+                let line = self.at(&raw, 1);
+                self.workload(raw.value, line, i + 1, explicit_ids)
+            });
+            match result {
+                Ok(workload) => self.workloads.push(workload),
+                Err(e) => self.refused.push(e),
+            }
+        }
+
+        let explicit_ids = entries
+            .services
+            .iter()
+            .any(|e| matches!(&e.raw, Ok(s) if s.value.has_id()));
+        let mut services = services::ServiceValidator::new(
+            &self.ip_lines,
+            &self.node_addr_lines,
+            &self.workloads,
+            explicit_ids,
+        );
+        for (i, entry) in entries.services.into_iter().enumerate() {
+            if !self.each && !self.refused.is_empty() {
+                break;
+            }
+            match entry.raw {
+                Ok(raw) => {
+                    if let Err((line, service, problem)) = services.entry(raw, entry.base, i + 1) {
+                        let e = invalid(self.path, line, Problem::Service { service, problem });
+                        self.refused.push(e);
+                    }
+                }
+                Err(e) => self.refused.push(e),
+            }
+        }
+        let services = services.finish();
         debug!(
             registry = %self.path.display(),
             workloads = self.workloads.len(),
             nodes = self.nodes.len(),
             services = services.services.len(),
+            refused = self.refused.len(),
             "workload registry validated"
         );
-        Ok(Registry {
+        let registry = Registry {
+            ip_index: ip_index(&self.workloads),
+            id_index: id_index(&self.workloads),
             nodes: self.nodes,
             workloads: self.workloads,
-            ip_index,
             services,
-        })
+        };
+        (registry, self.refused)
     }
 
-    fn invalid(&self, line: usize, problem: Problem) -> RegistryError {
-        RegistryError::Invalid {
-            path: self.path.to_owned(),
-            line,
-            problem: Box::new(problem),
-        }
-    }
-
-    /// Validates one `nodes:` entry that starts on `line`.
-    fn node(&mut self, raw: RawNode, line: usize) -> Result<NodeEntry, RegistryError> {
-        let provisional = format!("#{}", self.nodes.len() + 1);
+    /// Validates one `nodes:` entry that starts on `line`, the `position`th (1-based).
+    fn node(
+        &mut self,
+        raw: RawNode,
+        line: usize,
+        position: usize,
+    ) -> Result<NodeEntry, RegistryError> {
         let missing = |field: &'static str| {
             self.invalid(
                 line,
                 Problem::NodeMissingField {
-                    node: provisional.clone(),
+                    node: format!("#{position}"),
                     field,
                 },
             )
@@ -532,7 +1137,7 @@ impl Validator<'_> {
         let address = raw.address.ok_or_else(|| missing("address"))?;
         if !is_dns_subdomain(&name.value) {
             return Err(self.invalid(
-                line_of(&name, line),
+                self.at(&name, line),
                 Problem::InvalidNodeName { value: name.value },
             ));
         }
@@ -540,29 +1145,58 @@ impl Validator<'_> {
         if let Some(&first_line) = self.node_lines.get(&node) {
             return Err(self.invalid(line, Problem::DuplicateNode { node, first_line }));
         }
-        self.node_lines.insert(node.clone(), line);
-        let addr = self.node_address(&node, "address", &address, line, false)?;
-        let addr6 = match &raw.address6 {
-            Some(a6) => Some(self.node_address(&node, "address6", a6, line, true)?),
-            None => None,
+        let (addr, addr6) = match self.node_addresses(&node, &address, raw.address6.as_ref(), line)
+        {
+            Ok(addresses) => addresses,
+            Err(e) => {
+                // Workloads on this node are refused as on a refused node, not an unknown one.
+                self.refused_nodes.entry(node).or_insert(line);
+                return Err(e);
+            }
         };
-        Ok(NodeEntry {
-            name: node,
-            address: addr,
-            address6: addr6,
-        })
+        let entry = NodeEntry {
+            name: node.clone(),
+            address: addr.0,
+            address6: addr6.map(|(ip, _)| ip),
+        };
+        for (ip, l) in std::iter::once(addr).chain(addr6) {
+            self.node_addr_lines.insert(ip, (node.clone(), l));
+        }
+        self.refused_nodes.remove(&node);
+        self.node_lines.insert(node, line);
+        Ok(entry)
     }
 
-    /// Parses and checks one address of node `node` (unique across nodes).
+    /// Parses and checks `address` and `address6` of node `node` (entry on `line`); returns
+    /// each with its line.
+    #[allow(clippy::type_complexity)]
+    fn node_addresses(
+        &self,
+        node: &str,
+        address: &Spanned<String>,
+        address6: Option<&Spanned<String>>,
+        line: usize,
+    ) -> Result<((IpAddr, usize), Option<(IpAddr, usize)>), RegistryError> {
+        let addr = self.node_address(node, "address", address, line, false, &[])?;
+        let addr6 = match address6 {
+            Some(a6) => Some(self.node_address(node, "address6", a6, line, true, &[addr])?),
+            None => None,
+        };
+        Ok((addr, addr6))
+    }
+
+    /// Parses and checks one address of node `node` (unique across nodes, and not one of
+    /// `claimed`, the node's addresses checked before); returns it with its line.
     fn node_address(
-        &mut self,
+        &self,
         node: &str,
         field: &'static str,
         raw: &Spanned<String>,
         line: usize,
         v6_only: bool,
-    ) -> Result<IpAddr, RegistryError> {
-        let line = line_of(raw, line);
+        claimed: &[(IpAddr, usize)],
+    ) -> Result<(IpAddr, usize), RegistryError> {
+        let line = self.at(raw, line);
         let expected = if v6_only {
             "an IPv6 address"
         } else {
@@ -582,8 +1216,8 @@ impl Validator<'_> {
                 ))
             }
         };
-        match claim_ip(&mut self.node_addr_lines, ip, node, line) {
-            Ok(()) => Ok(ip),
+        match check_ip(&self.node_addr_lines, ip, node, claimed) {
+            Ok(()) => Ok((ip, line)),
             Err(IpClaim::Unusable(reason)) => Err(self.invalid(
                 line,
                 Problem::UnusableNodeAddress {
@@ -604,10 +1238,16 @@ impl Validator<'_> {
         }
     }
 
-    /// Validates one workload that starts on `line`.
-    fn workload(&mut self, raw: RawWorkload, line: usize) -> Result<Workload, RegistryError> {
-        let position = self.workloads.len() + 1;
-        let id = u32::try_from(position)
+    /// Validates one workload that starts on `line`, the `position`th (1-based) of
+    /// `workloads:`. `explicit_ids`: whether workloads carry `id:` (then every one must).
+    fn workload(
+        &mut self,
+        raw: RawWorkload,
+        line: usize,
+        position: usize,
+        explicit_ids: bool,
+    ) -> Result<Workload, RegistryError> {
+        let next_id = u32::try_from(self.workloads.len() + 1)
             .map_err(|_| self.invalid(line, Problem::TooMany { max: u32::MAX }))?;
         let provisional = format!("#{position}");
 
@@ -639,7 +1279,7 @@ impl Validator<'_> {
         for (field, v) in [("namespace", &namespace), ("name", &name)] {
             if !is_dns_label(&v.value) {
                 return Err(self.invalid(
-                    line_of(v, line),
+                    self.at(v, line),
                     Problem::InvalidName {
                         workload: provisional,
                         field,
@@ -658,10 +1298,42 @@ impl Validator<'_> {
                 },
             ));
         }
-        self.key_lines.insert(key.clone(), line);
+        let (id, id_line) = match (explicit_ids, raw.id) {
+            (false, _) => (next_id, None),
+            (true, None) => {
+                return Err(self.invalid(line, Problem::MissingId { workload: key }));
+            }
+            (true, Some(v)) => {
+                let id_line = self.at(&v, line);
+                let id = match u32::try_from(v.value) {
+                    Ok(id) if id != 0 => id,
+                    _ => {
+                        return Err(self.invalid(
+                            id_line,
+                            Problem::InvalidId {
+                                workload: key,
+                                value: v.value,
+                            },
+                        ))
+                    }
+                };
+                if let Some((first, first_line)) = self.id_lines.get(&id) {
+                    return Err(self.invalid(
+                        id_line,
+                        Problem::DuplicateId {
+                            id,
+                            first: first.clone(),
+                            first_line: *first_line,
+                            second: key,
+                        },
+                    ));
+                }
+                (id, Some(id_line))
+            }
+        };
         if !is_dns_label(&service_account.value) {
             return Err(self.invalid(
-                line_of(&service_account, line),
+                self.at(&service_account, line),
                 Problem::InvalidName {
                     workload: key,
                     field: "serviceAccount",
@@ -671,7 +1343,7 @@ impl Validator<'_> {
         }
         if !is_dns_subdomain(&node.value) {
             return Err(self.invalid(
-                line_of(&node, line),
+                self.at(&node, line),
                 Problem::InvalidNode {
                     workload: key,
                     value: node.value,
@@ -679,13 +1351,18 @@ impl Validator<'_> {
             ));
         }
         if !self.node_lines.contains_key(&node.value) {
-            return Err(self.invalid(
-                line,
-                Problem::UnknownNode {
+            let problem = match self.refused_nodes.get(&node.value) {
+                Some(&node_line) => Problem::RefusedNode {
+                    workload: key,
+                    node: node.value,
+                    node_line,
+                },
+                None => Problem::UnknownNode {
                     workload: key,
                     node: node.value,
                 },
-            ));
+            };
+            return Err(self.invalid(line, problem));
         }
         let permissive = match raw.peer_authentication {
             None => false,
@@ -694,7 +1371,7 @@ impl Validator<'_> {
                 "PERMISSIVE" => true,
                 _ => {
                     return Err(self.invalid(
-                        line_of(&pa, line),
+                        self.at(&pa, line),
                         Problem::InvalidPeerAuthentication {
                             workload: key,
                             value: pa.value,
@@ -706,7 +1383,7 @@ impl Validator<'_> {
 
         let mut http_ports: Vec<u16> = Vec::new();
         for p in raw.http_ports.unwrap_or_default() {
-            let p_line = line_of(&p, line);
+            let p_line = self.at(&p, line);
             let port = match u16::try_from(p.value) {
                 Ok(port) if port != 0 => port,
                 _ => {
@@ -732,7 +1409,7 @@ impl Validator<'_> {
         }
         http_ports.sort_unstable();
 
-        let ips_line = line_of(&ips, line);
+        let ips_line = self.at(&ips, line);
         let ips = self.ips(&key, ips.value, ips_line)?;
 
         let is_local = self.local_node == Some(node.value.as_str());
@@ -748,22 +1425,33 @@ impl Validator<'_> {
             }
             None => (None, None),
             Some(cg) => {
-                let cg_line = line_of(&cg, line);
+                let cg_line = self.at(&cg, line);
                 let rel = PathBuf::from(cg.value);
                 let id = self.cgroup(&key, &rel, cg_line, is_local)?;
-                (Some(rel), id)
+                (Some(rel), id.map(|id| (id, cg_line)))
             }
         };
 
+        // Kept: claim.
+        for &(ip, l) in &ips {
+            self.ip_lines.insert(ip, (key.clone(), l));
+        }
+        if let Some((cgroup_id, cg_line)) = cgroup_id {
+            self.cgroup_lines.insert(cgroup_id, (key.clone(), cg_line));
+        }
+        if let Some(id_line) = id_line {
+            self.id_lines.insert(id, (key.clone(), id_line));
+        }
+        self.key_lines.insert(key, line);
         Ok(Workload {
             id,
             name: name.value,
             namespace: namespace.value,
             service_account: service_account.value,
             node: node.value,
-            ips,
+            ips: ips.into_iter().map(|(ip, _)| ip).collect(),
             cgroup,
-            cgroup_id,
+            cgroup_id: cgroup_id.map(|(id, _)| id),
             labels: raw.labels.unwrap_or_default(),
             permissive,
             http_ports,
@@ -771,13 +1459,13 @@ impl Validator<'_> {
     }
 
     /// Parses and checks the IPs of workload `key`; `ips_line` is the line of
-    /// the list itself.
+    /// the list itself. Returns each with its line.
     fn ips(
-        &mut self,
+        &self,
         key: &str,
         raw: Vec<Spanned<String>>,
         ips_line: usize,
-    ) -> Result<Vec<IpAddr>, RegistryError> {
+    ) -> Result<Vec<(IpAddr, usize)>, RegistryError> {
         if raw.is_empty() {
             return Err(self.invalid(
                 ips_line,
@@ -788,7 +1476,7 @@ impl Validator<'_> {
         }
         let mut ips = Vec::with_capacity(raw.len());
         for v in raw {
-            let line = line_of(&v, ips_line);
+            let line = self.at(&v, ips_line);
             let ip: IpAddr = v.value.trim().parse().map_err(|_| {
                 self.invalid(
                     line,
@@ -798,8 +1486,8 @@ impl Validator<'_> {
                     },
                 )
             })?;
-            match claim_ip(&mut self.ip_lines, ip, key, line) {
-                Ok(()) => ips.push(ip),
+            match check_ip(&self.ip_lines, ip, key, &ips) {
+                Ok(()) => ips.push((ip, line)),
                 Err(IpClaim::Unusable(reason)) => {
                     return Err(self.invalid(
                         line,
@@ -827,28 +1515,39 @@ impl Validator<'_> {
     }
 
     /// Checks the cgroup `rel` of workload `key` (on `line`); for a local
-    /// workload resolves it and returns its cgroup id.
+    /// workload resolves it and returns its cgroup id (`None` if it does not exist yet
+    /// and the registry is read entry by entry: pending).
     fn cgroup(
-        &mut self,
+        &self,
         key: &str,
         rel: &Path,
         line: usize,
         is_local: bool,
     ) -> Result<Option<u64>, RegistryError> {
-        let cgroup_problem = |source: CgroupError| Problem::Cgroup {
-            workload: key.to_owned(),
-            cgroup: rel.to_owned(),
-            source,
+        let cgroup_problem = |source: CgroupError| {
+            self.invalid(
+                line,
+                Problem::Cgroup {
+                    workload: key.to_owned(),
+                    cgroup: rel.to_owned(),
+                    source,
+                },
+            )
         };
         // Lexically for every workload, so every node refuses the same file.
-        cgroup::normalize(self.cgroup_root, rel)
-            .map_err(|e| self.invalid(line, cgroup_problem(e)))?;
+        cgroup::normalize(self.cgroup_root, rel).map_err(cgroup_problem)?;
         if !is_local {
             return Ok(None);
         }
-        let dir = cgroup::resolve(self.cgroup_root, rel)
-            .map_err(|e| self.invalid(line, cgroup_problem(e)))?;
-        let id = cgroup::cgroup_id(&dir).map_err(|e| self.invalid(line, cgroup_problem(e)))?;
+        let id = match cgroup::resolve(self.cgroup_root, rel).and_then(|d| cgroup::cgroup_id(&d)) {
+            Ok(id) => id,
+            Err(CgroupError::NotFound { path }) if self.each => {
+                debug!(workload = key, cgroup = %path.display(),
+                    "workload cgroup does not exist yet: pending");
+                return Ok(None);
+            }
+            Err(e) => return Err(cgroup_problem(e)),
+        };
         if let Some((first, first_line)) = self.cgroup_lines.get(&id) {
             return Err(self.invalid(
                 line,
@@ -860,26 +1559,25 @@ impl Validator<'_> {
                 },
             ));
         }
-        self.cgroup_lines.insert(id, (key.to_owned(), line));
-        debug!(workload = key, cgroup = %dir.display(), cgroup_id = id, "resolved workload cgroup");
+        debug!(workload = key, cgroup = %rel.display(), cgroup_id = id, "resolved workload cgroup");
         Ok(Some(id))
     }
 }
 
-/// Why `ip` cannot be a workload's address, if it cannot.
 /// Why an address could not be claimed.
 enum IpClaim {
     Unusable(&'static str),
     Taken { first: String, first_line: usize },
 }
 
-/// Claims `ip` for `owner` (declared on `line`) in `claims`: it must be usable and not claimed
-/// yet. Workload IPs and node addresses are each unique among their kind this way.
-fn claim_ip(
-    claims: &mut HashMap<IpAddr, (String, usize)>,
+/// Checks that `owner` may claim `ip`: usable, not claimed in `claims` (by the entries kept
+/// so far), not in `own` (the owner's addresses checked before, with their lines). Workload
+/// IPs and node addresses are each unique among their kind this way.
+fn check_ip(
+    claims: &HashMap<IpAddr, (String, usize)>,
     ip: IpAddr,
     owner: &str,
-    line: usize,
+    own: &[(IpAddr, usize)],
 ) -> Result<(), IpClaim> {
     if let Some(reason) = unusable(ip) {
         return Err(IpClaim::Unusable(reason));
@@ -890,10 +1588,16 @@ fn claim_ip(
             first_line: *first_line,
         });
     }
-    claims.insert(ip, (owner.to_owned(), line));
+    if let Some(&(_, first_line)) = own.iter().find(|(o, _)| *o == ip) {
+        return Err(IpClaim::Taken {
+            first: owner.to_owned(),
+            first_line,
+        });
+    }
     Ok(())
 }
 
+/// Why `ip` cannot be a workload's (node's, service's) address, if it cannot.
 fn unusable(ip: IpAddr) -> Option<&'static str> {
     if ip.is_unspecified() {
         return Some("unspecified address");

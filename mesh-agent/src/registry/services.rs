@@ -5,23 +5,27 @@
 //!
 //! The proxies read services through one [`ServiceTable`], part of the registry snapshot: a
 //! later pushed update replaces the snapshot (and so the table) as a whole.
+//!
+//! Like workloads, each entry is validated against the services kept before it and claims its
+//! `namespace/name`, VIPs and id only once kept, so that a refused entry blocks no later one.
 
 use std::{
     collections::{BTreeMap, HashMap},
+    fmt::Write as _,
     net::IpAddr,
 };
 
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use super::{unusable, Workload};
+use super::{file_line, flow_list, flow_map, quote, unusable, Workload};
 use crate::names::is_dns_label;
-use crate::yaml::line_of;
 
 /// One service of the mesh.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
-    /// 1-based position in `services:` (never 0): the id the kernel's `mesh_dests` carries.
+    /// The id the kernel's `mesh_dests` carries (never 0, unique): the `id:` of the entry, or
+    /// without `id:` fields its 1-based position among the kept services.
     pub id: u32,
     /// The service's name (a DNS-1123 label).
     pub name: String,
@@ -34,7 +38,7 @@ pub struct Service {
     /// The label selector (never empty): a workload of the same namespace whose labels include
     /// every pair is an endpoint.
     pub selector: BTreeMap<String, String>,
-    /// Ids of the selected workloads, in registry order.
+    /// Ids of the selected workloads (whatever they are), in registry order.
     pub endpoints: Vec<u32>,
 }
 
@@ -61,16 +65,104 @@ impl Service {
     }
 }
 
-/// Every service of the mesh, indexed by VIP: what the outbound proxy reads.
+/// Every service of the mesh, indexed by VIP and id: what the outbound proxy reads.
 #[derive(Clone, Debug, Default)]
 pub struct ServiceTable {
-    /// In file order; `services[i].id == i + 1`.
+    /// In file order (ids unique).
     pub services: Vec<Service>,
     /// VIP → position in `services`.
     vip_index: HashMap<IpAddr, usize>,
+    /// Id → position in `services`.
+    id_index: HashMap<u32, usize>,
 }
 
+/// Equal when the services are (the indexes follow from them).
+impl PartialEq for ServiceTable {
+    fn eq(&self, other: &Self) -> bool {
+        self.services == other.services
+    }
+}
+
+impl Eq for ServiceTable {}
+
 impl ServiceTable {
+    /// The table of `services`, indexed.
+    fn new(services: Vec<Service>) -> Self {
+        let mut table = Self {
+            services,
+            vip_index: HashMap::new(),
+            id_index: HashMap::new(),
+        };
+        table.reindex();
+        table
+    }
+
+    fn reindex(&mut self) {
+        self.vip_index = self
+            .services
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| s.vips.iter().map(move |ip| (*ip, i)))
+            .collect();
+        self.id_index = self
+            .services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.id, i))
+            .collect();
+    }
+
+    /// Every service's id replaced by `service(key)`, and every endpoint (a workload id) by
+    /// its entry in `workloads` (old id → new id): see [`super::Registry::with_ids`].
+    pub(super) fn renumber(
+        &mut self,
+        mut service: impl FnMut(&str) -> u32,
+        workloads: &HashMap<u32, u32>,
+    ) {
+        for s in &mut self.services {
+            s.id = service(&s.key());
+            debug_assert_ne!(s.id, 0, "with_ids: service {} given id 0", s.key());
+            for e in &mut s.endpoints {
+                debug_assert!(workloads.contains_key(e), "endpoint {e} is no workload");
+                *e = workloads.get(e).copied().unwrap_or(*e);
+            }
+        }
+        self.reindex();
+        debug_assert_eq!(
+            self.id_index.len(),
+            self.services.len(),
+            "with_ids: service ids must be unique"
+        );
+    }
+
+    /// Writes `services:` (nothing without services) as [`super::Registry::to_yaml`] does.
+    pub(super) fn write_yaml(&self, out: &mut String) {
+        if self.services.is_empty() {
+            return;
+        }
+        out.push_str("services:\n");
+        for s in &self.services {
+            let _ = writeln!(out, "  - id: {}", s.id);
+            let _ = writeln!(out, "    name: {}", quote(&s.name));
+            let _ = writeln!(out, "    namespace: {}", quote(&s.namespace));
+            let vips = flow_list(s.vips.iter().map(|ip| quote(&ip.to_string())));
+            let _ = writeln!(out, "    vips: {vips}");
+            out.push_str("    ports:\n");
+            for p in &s.ports {
+                let _ = write!(
+                    out,
+                    "      - {{port: {}, targetPort: {}",
+                    p.port, p.target_port
+                );
+                if let Some(name) = &p.name {
+                    let _ = write!(out, ", name: {}", quote(name));
+                }
+                out.push_str("}\n");
+            }
+            let _ = writeln!(out, "    selector: {}", flow_map(&s.selector));
+        }
+    }
+
     /// The service that has virtual IP `ip` (IPv4-mapped IPv6 looked up as IPv4).
     pub fn by_vip(&self, ip: IpAddr) -> Option<&Service> {
         self.vip_index
@@ -80,8 +172,7 @@ impl ServiceTable {
 
     /// The service with id `id`.
     pub fn by_id(&self, id: u32) -> Option<&Service> {
-        let index = usize::try_from(id).ok()?.checked_sub(1)?;
-        self.services.get(index)
+        self.id_index.get(&id).and_then(|&i| self.services.get(i))
     }
 
     /// Whether the mesh has no service.
@@ -94,11 +185,20 @@ impl ServiceTable {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawService {
+    /// Optional; all services have one or none does.
+    id: Option<Spanned<u64>>,
     name: Option<Spanned<String>>,
     namespace: Option<Spanned<String>>,
     vips: Option<Spanned<Vec<Spanned<String>>>>,
     ports: Option<Spanned<Vec<Spanned<RawPort>>>>,
     selector: Option<Spanned<BTreeMap<String, String>>>,
+}
+
+impl RawService {
+    /// Whether the entry carries `id:`.
+    pub(super) fn has_id(&self) -> bool {
+        self.id.is_some()
+    }
 }
 
 /// One service port as written.
@@ -151,16 +251,32 @@ pub enum ServiceProblem {
     TooMany,
     #[error("has an empty selector (it would select every workload of its namespace)")]
     EmptySelector,
+    #[error("has no `id` while other services have one (all or none)")]
+    MissingId,
+    #[error("id {0} is not a service id (1..=4294967295)")]
+    InvalidId(u64),
+    #[error("id {id} is already the id of service {first} (line {first_line})")]
+    DuplicateId {
+        id: u32,
+        first: String,
+        first_line: usize,
+    },
 }
 
-/// Validates `services:` against the validated workloads and node addresses. Each error is a
-/// (line, service name, problem) for the caller to wrap.
+/// Validates `services:`, entry by entry, against the kept workloads and node addresses. Each
+/// refusal is a (line, service name, problem) for the caller to wrap.
 pub(super) struct ServiceValidator<'a> {
-    pub workload_ips: &'a HashMap<IpAddr, (String, usize)>,
-    pub node_addrs: &'a HashMap<IpAddr, (String, usize)>,
-    pub workloads: &'a [Workload],
+    workload_ips: &'a HashMap<IpAddr, (String, usize)>,
+    node_addrs: &'a HashMap<IpAddr, (String, usize)>,
+    workloads: &'a [Workload],
+    /// Whether services carry `id:` (then every one must).
+    explicit_ids: bool,
+    /// Lines of the file before the text the current entry was read from.
+    base: usize,
     key_lines: HashMap<String, usize>,
     vip_lines: HashMap<IpAddr, (String, usize)>,
+    /// Explicit id → (service key, line of its `id`).
+    id_lines: HashMap<u32, (String, usize)>,
     services: Vec<Service>,
 }
 
@@ -172,40 +288,55 @@ impl<'a> ServiceValidator<'a> {
         workload_ips: &'a HashMap<IpAddr, (String, usize)>,
         node_addrs: &'a HashMap<IpAddr, (String, usize)>,
         workloads: &'a [Workload],
+        explicit_ids: bool,
     ) -> Self {
         Self {
             workload_ips,
             node_addrs,
             workloads,
+            explicit_ids,
+            base: 0,
             key_lines: HashMap::new(),
             vip_lines: HashMap::new(),
+            id_lines: HashMap::new(),
             services: Vec::new(),
         }
     }
 
-    /// Validates every entry, in order; the first problem refuses the whole registry.
-    pub fn run(mut self, raw: Vec<Spanned<RawService>>) -> Result<ServiceTable, Refusal> {
-        for entry in raw {
-            let line = line_of(&entry, 1);
-            let service = self.service(entry.value, line)?;
-            self.services.push(service);
-        }
-        let vip_index = self
-            .services
-            .iter()
-            .enumerate()
-            .flat_map(|(i, s)| s.vips.iter().map(move |ip| (*ip, i)))
-            .collect();
-        Ok(ServiceTable {
-            services: self.services,
-            vip_index,
-        })
+    /// Validates the `position`th (1-based) entry of `services:`, read from a text that
+    /// starts after `base` lines of the file, and keeps it; or says why not (then it
+    /// claims nothing).
+    pub fn entry(
+        &mut self,
+        raw: Spanned<RawService>,
+        base: usize,
+        position: usize,
+    ) -> Result<(), Refusal> {
+        self.base = base;
+        let line = self.at(&raw, 1);
+        let service = self.service(raw.value, line, position)?;
+        self.services.push(service);
+        Ok(())
     }
 
-    fn service(&mut self, raw: RawService, line: usize) -> Result<Service, Refusal> {
-        let position = self.services.len() + 1;
+    /// The kept services, indexed.
+    pub fn finish(self) -> ServiceTable {
+        ServiceTable::new(self.services)
+    }
+
+    /// The file line of `v` (read in the current entry), or `fallback` (a file line).
+    fn at<T>(&self, v: &Spanned<T>, fallback: usize) -> usize {
+        file_line(self.base, v, fallback)
+    }
+
+    fn service(
+        &mut self,
+        raw: RawService,
+        line: usize,
+        position: usize,
+    ) -> Result<Service, Refusal> {
         let provisional = format!("#{position}");
-        let id = u32::try_from(position)
+        let next_id = u32::try_from(self.services.len() + 1)
             .map_err(|_| (line, provisional.clone(), ServiceProblem::TooMany))?;
         let fail = |l: usize, who: &str, p: ServiceProblem| (l, who.to_owned(), p);
         let name = raw
@@ -221,7 +352,7 @@ impl<'a> ServiceValidator<'a> {
         for (field, v) in [("namespace", &namespace), ("name", &name)] {
             if !is_dns_label(&v.value) {
                 return Err(fail(
-                    line_of(v, line),
+                    self.at(v, line),
                     &provisional,
                     ServiceProblem::InvalidName {
                         field,
@@ -234,7 +365,29 @@ impl<'a> ServiceValidator<'a> {
         if let Some(&first_line) = self.key_lines.get(&key) {
             return Err(fail(line, &key, ServiceProblem::Duplicate { first_line }));
         }
-        self.key_lines.insert(key.clone(), line);
+        let (id, id_line) = match (self.explicit_ids, raw.id) {
+            (false, _) => (next_id, None),
+            (true, None) => return Err(fail(line, &key, ServiceProblem::MissingId)),
+            (true, Some(v)) => {
+                let id_line = self.at(&v, line);
+                let id = match u32::try_from(v.value) {
+                    Ok(id) if id != 0 => id,
+                    _ => return Err(fail(id_line, &key, ServiceProblem::InvalidId(v.value))),
+                };
+                if let Some((first, first_line)) = self.id_lines.get(&id) {
+                    return Err(fail(
+                        id_line,
+                        &key,
+                        ServiceProblem::DuplicateId {
+                            id,
+                            first: first.clone(),
+                            first_line: *first_line,
+                        },
+                    ));
+                }
+                (id, Some(id_line))
+            }
+        };
 
         let vips = raw
             .vips
@@ -243,13 +396,13 @@ impl<'a> ServiceValidator<'a> {
         let ports = raw
             .ports
             .ok_or_else(|| fail(line, &key, ServiceProblem::MissingField("ports")))?;
-        let ports = ports_of(&key, ports, line)?;
+        let ports = ports_of(&key, ports, line, self.base)?;
         let selector = raw
             .selector
             .ok_or_else(|| fail(line, &key, ServiceProblem::MissingField("selector")))?;
         if selector.value.is_empty() {
             return Err(fail(
-                line_of(&selector, line),
+                self.at(&selector, line),
                 &key,
                 ServiceProblem::EmptySelector,
             ));
@@ -261,30 +414,40 @@ impl<'a> ServiceValidator<'a> {
             .filter(|w| w.namespace == namespace.value && selects(&selector, &w.labels))
             .map(|w| w.id)
             .collect();
+
+        // Kept: claim.
+        for &(ip, l) in &vips {
+            self.vip_lines.insert(ip, (key.clone(), l));
+        }
+        if let Some(id_line) = id_line {
+            self.id_lines.insert(id, (key.clone(), id_line));
+        }
+        self.key_lines.insert(key, line);
         Ok(Service {
             id,
             name: name.value,
             namespace: namespace.value,
-            vips,
+            vips: vips.into_iter().map(|(ip, _)| ip).collect(),
             ports,
             selector,
             endpoints,
         })
     }
 
+    /// The VIPs of service `key`, each with its line.
     fn vips(
-        &mut self,
+        &self,
         key: &str,
         raw: Spanned<Vec<Spanned<String>>>,
         line: usize,
-    ) -> Result<Vec<IpAddr>, Refusal> {
-        let list_line = line_of(&raw, line);
+    ) -> Result<Vec<(IpAddr, usize)>, Refusal> {
+        let list_line = self.at(&raw, line);
         if raw.value.is_empty() {
             return Err((list_line, key.to_owned(), ServiceProblem::NoVips));
         }
-        let mut vips = Vec::with_capacity(raw.value.len());
+        let mut vips: Vec<(IpAddr, usize)> = Vec::with_capacity(raw.value.len());
         for v in raw.value {
-            let l = line_of(&v, list_line);
+            let l = self.at(&v, list_line);
             let fail = |p| (l, key.to_owned(), p);
             let ip: IpAddr = v
                 .value
@@ -306,15 +469,21 @@ impl<'a> ServiceValidator<'a> {
                     node: node.clone(),
                 }));
             }
-            if let Some((first, first_line)) = self.vip_lines.get(&ip) {
+            let first = match self.vip_lines.get(&ip) {
+                Some((first, first_line)) => Some((first.clone(), *first_line)),
+                None => vips
+                    .iter()
+                    .find(|(o, _)| *o == ip)
+                    .map(|&(_, first_line)| (key.to_owned(), first_line)),
+            };
+            if let Some((first, first_line)) = first {
                 return Err(fail(ServiceProblem::DuplicateVip {
                     ip,
-                    first: first.clone(),
-                    first_line: *first_line,
+                    first,
+                    first_line,
                 }));
             }
-            self.vip_lines.insert(ip, (key.to_owned(), l));
-            vips.push(ip);
+            vips.push((ip, l));
         }
         Ok(vips)
     }
@@ -325,14 +494,15 @@ fn ports_of(
     key: &str,
     raw: Spanned<Vec<Spanned<RawPort>>>,
     line: usize,
+    base: usize,
 ) -> Result<Vec<ServicePort>, Refusal> {
-    let list_line = line_of(&raw, line);
+    let list_line = file_line(base, &raw, line);
     if raw.value.is_empty() {
         return Err((list_line, key.to_owned(), ServiceProblem::NoPorts));
     }
     let mut ports: Vec<ServicePort> = Vec::with_capacity(raw.value.len());
     for entry in raw.value {
-        let l = line_of(&entry, list_line);
+        let l = file_line(base, &entry, list_line);
         let fail = |p| (l, key.to_owned(), p);
         let p = entry.value;
         let number = |field: &'static str, v: Option<Spanned<u64>>| {
@@ -340,7 +510,7 @@ fn ports_of(
             match u16::try_from(v.value) {
                 Ok(n) if n != 0 => Ok(n),
                 _ => Err((
-                    line_of(&v, l),
+                    file_line(base, &v, l),
                     key.to_owned(),
                     ServiceProblem::InvalidPort {
                         field,
@@ -354,7 +524,7 @@ fn ports_of(
         if let Some(proto) = p.protocol {
             if proto.value != "TCP" {
                 return Err((
-                    line_of(&proto, l),
+                    file_line(base, &proto, l),
                     key.to_owned(),
                     ServiceProblem::UnsupportedProtocol(proto.value),
                 ));
@@ -365,7 +535,7 @@ fn ports_of(
             Some(n) if is_dns_label(&n.value) => Some(n.value),
             Some(n) => {
                 return Err((
-                    line_of(&n, l),
+                    file_line(base, &n, l),
                     key.to_owned(),
                     ServiceProblem::InvalidName {
                         field: "ports[].name",
