@@ -4,16 +4,13 @@
 //! half-configured, and nothing is captured before it can be carried over mTLS.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::BTreeSet,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::Arc,
 };
 
-use mesh_common::{
-    AgentConfig, CgroupKey, DestValue, IpKey, PeerValue, WorkloadValue, CONFIG_F_IPV6,
-    CONFIG_F_READY, DEST_F_SERVICE, WORKLOAD_F_CAPTURE, WORKLOAD_F_PERMISSIVE,
-};
+use mesh_common::{AgentConfig, CONFIG_F_IPV6, CONFIG_F_READY};
 use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
 use tracing::{info, warn};
 
@@ -31,7 +28,10 @@ use crate::{
     policy::{
         engine::PolicyView,
         maps::{MapsError, PolicyMaps},
-        source::{apply_dir_counted, spawn_dir_watcher, spawn_generation_watcher, CompileContext},
+        source::{
+            apply_dir_counted, spawn_dir_watcher, spawn_generation_watcher, CompileContext,
+            DirWatch,
+        },
     },
     proxy::{
         hbone::HBONE_PORT,
@@ -42,6 +42,11 @@ use crate::{
         Identities, ProxyDeps, SourceAddrs,
     },
     registry::{Registry, RegistryError},
+    state::{
+        follow::{spawn_applier, spawn_fetcher, spawn_file_source},
+        live::{enrolled, Applier, MeshState, NodeContext, Programmer, WorkloadIdentities},
+        Snapshot,
+    },
     tls::{SpiffeId, TrustStore},
 };
 
@@ -76,8 +81,6 @@ pub enum AppError {
         found: String,
         node: String,
     },
-    #[error("node {node:?} is not in the registry's nodes")]
-    UnknownNode { node: String },
     #[error("obtaining workload certificates: {0}")]
     Identity(#[source] Box<IdentityError>),
     #[error("policy maps: {0}")]
@@ -88,6 +91,8 @@ pub enum AppError {
     Audit(#[from] crate::audit::AuditError),
     #[error(transparent)]
     Limits(#[from] crate::proxy::limits::LimitsError),
+    #[error("mesh state source: {0}")]
+    StateSource(#[source] Box<crate::state::publish::RefreshError>),
 }
 
 impl AppError {
@@ -96,11 +101,11 @@ impl AppError {
         matches!(
             self,
             Self::Registry(_)
+                | Self::StateSource(_)
                 | Self::Cgroup(_)
                 | Self::Config(_)
                 | Self::Credentials { .. }
                 | Self::CredentialsNode { .. }
-                | Self::UnknownNode { .. }
                 | Self::Limits(_)
         )
     }
@@ -116,12 +121,6 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
     // 1. Validate every input before touching the kernel.
     let cgroup_root = cgroup::cgroup2_mount()?;
     let pod_cgroup = cgroup::resolve(&cgroup_root, &opts.pod_cgroup)?;
-    let registry = Arc::new(Registry::load(&opts.registry, &opts.node, &cgroup_root)?);
-    if registry.node(&opts.node).is_none() {
-        return Err(AppError::UnknownNode {
-            node: opts.node.clone(),
-        });
-    }
     let creds =
         NodeCredentials::load(&opts.identity_dir).map_err(|source| AppError::Credentials {
             dir: opts.identity_dir.clone(),
@@ -135,11 +134,31 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
         });
     }
     let trust_domain = creds.node.trust_domain().clone();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // The mesh state: the authority's stream (or `--registry`), else what was persisted.
+    let initial = initial_state(&opts, &creds, stop_rx.clone()).await?;
+    let (registry, state_version, state_digest) = match &initial.snapshot {
+        Some(snapshot) => match Applier::parse(snapshot, &opts.node, &cgroup_root) {
+            Ok((registry, refused)) => {
+                for e in &refused {
+                    warn!(version = snapshot.version, error = %e, "state entry refused; the rest is applied");
+                }
+                (registry, snapshot.version, snapshot.digest.clone())
+            }
+            Err(e) => {
+                warn!(error = %crate::error_chain(&e), "starting state unusable: starting empty until the authority sends one");
+                (Registry::empty(), 0, String::new())
+            }
+        },
+        None => (Registry::empty(), 0, String::new()),
+    };
+    if registry.node(&opts.node).is_none() {
+        warn!(node = %opts.node, "this node is not (yet) in the mesh state's nodes: nothing is enrolled until it is");
+    }
     let local_ids: BTreeSet<SpiffeId> = registry
         .local(&opts.node)
         .filter_map(|w| w.identity(&trust_domain).ok())
         .collect();
-    let peers = hbone_peers(&registry);
     let hbone_addr = opts
         .hbone
         .unwrap_or_else(|| SocketAddr::new(IpAddr::V4(*outbound4.ip()), HBONE_PORT));
@@ -149,7 +168,9 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
     };
     info!(
         node = %opts.node,
-        registry = %opts.registry.display(),
+        registry = ?opts.registry,
+        state_version,
+        state_source = initial.source,
         workloads = registry.workloads.len(),
         local = registry.local(&opts.node).count(),
         identities = local_ids.len(),
@@ -224,7 +245,6 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
     let admin_listener = listen(Role::Admin, opts.admin)?;
 
     // 3. Certificates for every local workload before anything is captured.
-    let (stop_tx, stop_rx) = watch::channel(false);
     let manager = IdentityManager::start(
         ManagerConfig {
             authority: opts.authority,
@@ -258,33 +278,60 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
     // 4. Attach and fill the maps; undo on any failure.
     // Policy is applied before any workload is enrolled: nothing is captured unchecked.
     let dataplane = Arc::new(Dataplane::load(&opts.pin_dir, &pod_cgroup)?);
+    let registry = Arc::new(registry);
     let policy_ctx = CompileContext {
         registry: Arc::clone(&registry),
         root_ns: opts.root_namespace.clone(),
         trust_domain: trust_domain.to_string(),
         trust_domain_aliases: opts.trust_domain_aliases.clone(),
     };
+    let programmer = Arc::new(Programmer::new(Arc::clone(&dataplane), opts.node.clone()));
     let started = match start_policy(&opts, &policy_ctx, &metrics, audit.as_ref()) {
-        Ok((maps, view)) => program_maps(
-            &dataplane,
-            &registry,
-            &opts.node,
-            outbound4,
-            outbound6,
-            &enrolled(&registry, &opts.node, &view),
-        )
-        .and_then(|()| dataplane.take_event_reader())
-        .map(|events| (events, maps, view))
-        .map_err(AppError::from),
+        Ok((maps, view)) => {
+            let (policies_tx, policies_rx) = watch::channel(Arc::clone(&view));
+            programmer.follow_policies(policies_rx);
+            set_redirect(&dataplane, outbound4, outbound6)
+                .and_then(|()| programmer.program(&registry))
+                .and_then(|()| dataplane.take_event_reader())
+                .map(|events| (events, maps, view, policies_tx))
+                .map_err(AppError::from)
+        }
         Err(e) => Err(AppError::from(e)),
     };
-    let (events, policy_maps, initial_view) = match started {
+    let (events, policy_maps, initial_view, initial_policies) = match started {
         Ok(v) => v,
         Err(e) => {
             release_dataplane(dataplane);
             return Err(e);
         }
     };
+    // The applier owns the state from here; the proxies read it through `mesh`.
+    let (applier, mesh) = Applier::new(
+        NodeContext {
+            node: opts.node.clone(),
+            cgroup_root: cgroup_root.clone(),
+            trust_domain: trust_domain.clone(),
+            state_dir: Some(opts.state_dir()),
+        },
+        MeshState::new(
+            state_version,
+            state_digest,
+            (*registry).clone(),
+            &trust_domain,
+        ),
+        Arc::clone(&programmer),
+        Arc::new(ManagerWorkloads(Arc::clone(&manager))),
+        Arc::clone(&metrics),
+        audit.clone(),
+    );
+    if let Some(snapshot) = &initial.snapshot {
+        if initial.source == "authority" {
+            if let Err(e) = snapshot.persist(&opts.state_dir()) {
+                warn!(error = %e, "persisting the starting state");
+            }
+        }
+    }
+    metrics.state_applied(state_version, None, registry.pending(&opts.node).count());
     metrics.add_hook(Arc::new(ScrapeSources {
         manager: Arc::clone(&manager),
         dataplane: Arc::clone(&dataplane),
@@ -305,10 +352,10 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
     // watcher or `mesh-agent policy apply`): the proxies decide with it (a `PolicyView` is
     // their `Authorizer`), and PeerAuthentication (and the generation gauge) follow it.
     let follow = generation_follower(
-        Arc::clone(&dataplane),
-        Arc::clone(&registry),
-        opts.node.clone(),
+        Arc::clone(&programmer),
         Arc::clone(&metrics),
+        &registry,
+        &opts.node,
         &initial_view,
     );
     let (policies, generation_watcher) = spawn_generation_watcher(
@@ -319,14 +366,19 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
         follow,
         stop_rx.clone(),
     );
+    programmer.follow_policies(policies.clone());
+    drop(initial_policies);
     let dir_watcher = match (&opts.policy_dir, policy_maps.writer) {
         (Some(dir), Some(writer)) => Some(spawn_dir_watcher(
-            dir.clone(),
-            policy_ctx,
-            writer,
-            Arc::clone(&metrics),
-            audit.clone(),
-            opts.tunables.policy_poll(),
+            DirWatch {
+                dir: dir.clone(),
+                ctx: policy_ctx,
+                mesh: mesh.clone(),
+                maps: writer,
+                metrics: Arc::clone(&metrics),
+                audit: audit.clone(),
+                interval: opts.tunables.policy_poll(),
+            },
             stop_rx.clone(),
         )),
         _ => None,
@@ -340,19 +392,19 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
     metrics.add_hook(checkpoint_stats);
     let event_audit = (
         audit.clone(),
-        Arc::clone(&registry),
+        mesh.clone(),
         policies.clone(),
         trust_domain.to_string(),
     );
     let event_log = spawn_event_log(
         events,
-        Arc::clone(&registry),
+        mesh.clone(),
         policies.clone(),
         trust_domain.to_string(),
         move |event| {
-            let (audit, registry, views, td) = &event_audit;
+            let (audit, mesh, views, td) = &event_audit;
             if let Some(audit) = audit {
-                audit.kernel_event(event, registry, &views.borrow(), td);
+                audit.kernel_event(event, &mesh.registry(), &views.borrow(), td);
             }
             match event.kind {
                 mesh_common::EVENT_PLAINTEXT_REFUSED => {
@@ -375,7 +427,7 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
     );
     let deps = ProxyDeps {
         node: opts.node.clone(),
-        registry: Arc::clone(&registry),
+        mesh: mesh.clone(),
         identities,
         trust_domain: trust_domain.clone(),
         metrics: Arc::clone(&metrics),
@@ -389,7 +441,6 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
         listeners,
         dataplane.clone(),
         deps.clone(),
-        peers,
         OutboundConfig {
             connect_timeout: opts.tunables.pod_connect_timeout(),
             drain_timeout: opts.drain_timeout(),
@@ -420,13 +471,31 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
         Arc::clone(&metrics),
         metrics::AdminAllow {
             nets: opts.admin_allow.clone(),
-            node_addrs: registry
-                .node(&opts.node)
-                .map(|n| n.addresses().collect())
-                .unwrap_or_default(),
+            // The node's own addresses: its outbound listeners' (known without any state) and,
+            // as the state at start lists them, its node addresses.
+            node_addrs: std::iter::once(IpAddr::V4(*outbound4.ip()))
+                .chain(outbound6.map(|a| IpAddr::V6(*a.ip())))
+                .chain(registry.node(&opts.node).into_iter().flat_map(|n| n.addresses()))
+                .collect(),
         },
         stop_rx.clone(),
     ));
+    // The mesh state follows the authority (or `--registry`) from here.
+    let (slot, fetcher) = match initial.file {
+        Some((slot, watcher)) => (slot, watcher),
+        None => {
+            let client = crate::identity::AuthorityClient::new(
+                &opts.authority.to_string(),
+                &creds.chain_pem,
+                &creds.key_pem,
+                manager.trust(),
+            )
+            .map_err(|e| AppError::Identity(Box::new(e)))?;
+            let after = (state_version != 0).then_some(state_version);
+            spawn_fetcher(client, after, stop_rx.clone())
+        }
+    };
+    let state_applier = spawn_applier(applier, slot, opts.tunables.state_poll(), stop_rx.clone());
     // Serving: the previous agent, if any, may stop accepting now; then this one answers the
     // next successor.
     if let Some(t) = takeover {
@@ -468,6 +537,8 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
         warn!("the final audit checkpoint could not be sent to the authority");
     }
     let _ = generation_watcher.await;
+    let _ = state_applier.await;
+    let _ = fetcher.await;
     if let Some(w) = dir_watcher {
         let _ = w.await;
     }
@@ -484,18 +555,6 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
     }
     release_dataplane(dataplane);
     Ok(())
-}
-
-/// Every node's HBONE address, `address:15008`, by node name.
-fn hbone_peers(registry: &Registry) -> HashMap<String, SocketAddr> {
-    registry
-        .workloads
-        .iter()
-        .filter_map(|w| {
-            let n = registry.node(&w.node)?;
-            Some((w.node.clone(), SocketAddr::new(n.address, HBONE_PORT)))
-        })
-        .collect()
 }
 
 /// The identity manager as the proxies see it.
@@ -531,9 +590,13 @@ struct ScrapeSources {
 
 impl ScrapeHook for ScrapeSources {
     fn refresh(&self, metrics: &Metrics) {
-        for (id, remaining) in self.manager.expiries() {
-            metrics.set_cert_expiry(&id.to_string(), remaining);
-        }
+        let expiries: Vec<(String, std::time::Duration)> = self
+            .manager
+            .expiries()
+            .into_iter()
+            .map(|(id, remaining)| (id.to_string(), remaining))
+            .collect();
+        metrics.set_cert_expiries(&expiries);
         let (ok, error) = self.manager.rotations();
         metrics.set_cert_rotations(ok, error);
         for (name, value) in mesh_common::counters::NAMES
@@ -568,15 +631,11 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
         .map_err(|source| AppError::Bind { addr, source })
 }
 
-/// Publishes the listener, then every destination, then enrols the local
-/// workloads (enrolment last: nothing is captured before it can be carried).
-fn program_maps(
+/// Points the kernel's redirect at this agent's outbound listeners (and marks it ready).
+fn set_redirect(
     dp: &Dataplane,
-    registry: &Registry,
-    node: &str,
     outbound4: std::net::SocketAddrV4,
     outbound6: Option<std::net::SocketAddrV6>,
-    workloads: &[(CgroupKey, WorkloadValue)],
 ) -> Result<(), BpfError> {
     let mut cfg = AgentConfig {
         redirect_ip4_be: u32::from_ne_bytes(outbound4.ip().octets()),
@@ -589,85 +648,101 @@ fn program_maps(
         cfg.redirect_ip6_be = ip_words((*a6.ip()).into());
         cfg.flags |= CONFIG_F_IPV6;
     }
-    dp.set_config(cfg)?;
-
-    // Sources the inbound STRICT check admits besides loopback: this node's own agent
-    // addresses only. Traffic from other nodes arrives over HBONE and reaches the pod from
-    // this agent, so no other node's address is ever trusted for plaintext.
-    let peers: Vec<(IpKey, PeerValue)> = registry
-        .nodes
-        .iter()
-        .filter(|n| n.name == node)
-        .flat_map(|n| {
-            n.addresses().map(|ip| {
-                (
-                    IpKey {
-                        addr_be: ip_words(ip),
-                    },
-                    PeerValue::default(),
-                )
-            })
-        })
-        .collect();
-    dp.sync_peers(&peers)?;
-
-    let dest = |ip: &IpAddr, workload_id: u32, flags: u32| {
-        (
-            IpKey {
-                addr_be: ip_words(*ip),
-            },
-            DestValue { workload_id, flags },
-        )
-    };
-    let dests: Vec<(IpKey, DestValue)> = registry
-        .workloads
-        .iter()
-        .flat_map(|w| w.ips.iter().map(move |ip| dest(ip, w.id, 0)))
-        .chain(
-            registry
-                .services
-                .services
-                .iter()
-                .flat_map(|s| s.vips.iter().map(move |ip| dest(ip, s.id, DEST_F_SERVICE))),
-        )
-        .collect();
-    dp.sync_dests(&dests)?;
-
-    dp.sync_workloads(workloads)?;
-    info!(
-        destinations = dests.len(),
-        enrolled = workloads.len(),
-        peers = peers.len(),
-        "maps programmed"
-    );
-    Ok(())
+    dp.set_config(cfg)
 }
 
-/// The enrolled workloads of `node` with their flags. PERMISSIVE comes from the policy
-/// generation `view` (`POL_DST_F_PERMISSIVE`: the compiler resolved PeerAuthentication with
-/// the registry's `peerAuthentication` as fallback), or from the registry when no policy is
-/// loaded (generation 0).
-fn enrolled(registry: &Registry, node: &str, view: &PolicyView) -> Vec<(CgroupKey, WorkloadValue)> {
-    registry
-        .local(node)
-        .filter_map(|w| {
-            w.cgroup_id.map(|id| {
-                let permissive = if view.generation() == 0 {
-                    w.permissive
-                } else {
-                    view.permissive(w.id)
-                };
-                (
-                    CgroupKey { cgroup_id: id },
-                    WorkloadValue {
-                        workload_id: w.id,
-                        flags: WORKLOAD_F_CAPTURE
-                            | if permissive { WORKLOAD_F_PERMISSIVE } else { 0 },
-                    },
-                )
+/// Where the agent's first state came from, and (standalone) the file it follows.
+struct InitialState {
+    snapshot: Option<Snapshot>,
+    /// `authority`, `persisted`, `file` or `none`.
+    source: &'static str,
+    file: Option<(crate::state::follow::Slot, tokio::task::JoinHandle<()>)>,
+}
+
+/// The state to start from: `--registry` (standalone), else the authority's current state
+/// (waiting up to `--state-startup-timeout-ms`), else the last state this node verified and
+/// persisted, else none (the agent starts empty and fills in when the authority answers).
+async fn initial_state(
+    opts: &Config,
+    creds: &NodeCredentials,
+    stop: watch::Receiver<bool>,
+) -> Result<InitialState, AppError> {
+    if let Some(path) = &opts.registry {
+        let (slot, watcher) = spawn_file_source(
+            path.clone(),
+            &opts.state_dir(),
+            opts.tunables.state_poll(),
+            stop,
+        )
+        .map_err(|e| AppError::StateSource(Box::new(e)))?;
+        let snapshot = slot.borrow().as_deref().cloned();
+        return Ok(InitialState {
+            snapshot,
+            source: "file",
+            file: Some((slot, watcher)),
+        });
+    }
+    let fetched = async {
+        let trust =
+            TrustStore::from_bundle_pem(creds.node.trust_domain().clone(), &creds.bundle_pem)?;
+        let mut client = crate::identity::AuthorityClient::new(
+            &opts.authority.to_string(),
+            &creds.chain_pem,
+            &creds.key_pem,
+            trust,
+        )?;
+        client.set_timeout(opts.tunables.state_startup_timeout());
+        client.state(None, std::time::Duration::ZERO).await
+    };
+    let timeout = opts.tunables.state_startup_timeout();
+    match tokio::time::timeout(timeout, fetched).await {
+        Ok(Ok(Some(snapshot))) => match snapshot.verify() {
+            Ok(()) => {
+                return Ok(InitialState {
+                    snapshot: Some(snapshot),
+                    source: "authority",
+                    file: None,
+                })
+            }
+            Err(e) => {
+                warn!(error = %e, "the authority's state is refused; trying the persisted one")
+            }
+        },
+        Ok(Ok(None)) => warn!("the authority has no state yet; trying the persisted one"),
+        Ok(Err(e)) => {
+            warn!(error = %crate::error_chain(&e), "the authority is unreachable; starting from the persisted state")
+        }
+        Err(_) => warn!(
+            after_ms = timeout.as_millis() as u64,
+            "the authority did not answer; starting from the persisted state"
+        ),
+    }
+    match Snapshot::load(&opts.state_dir()) {
+        Ok(Some(snapshot)) => {
+            info!(version = snapshot.version, digest = %snapshot.short_digest(), "starting from the persisted state");
+            Ok(InitialState {
+                snapshot: Some(snapshot),
+                source: "persisted",
+                file: None,
             })
-        })
-        .collect()
+        }
+        Ok(None) => {
+            warn!("no persisted state: starting empty until the authority answers");
+            Ok(InitialState {
+                snapshot: None,
+                source: "none",
+                file: None,
+            })
+        }
+        Err(e) => {
+            warn!(error = %e, "the persisted state is refused: starting empty until the authority answers");
+            Ok(InitialState {
+                snapshot: None,
+                source: "none",
+                file: None,
+            })
+        }
+    }
 }
 
 /// Handles on the pinned policy maps: one for the generation watcher, one (with a policy
@@ -710,37 +785,36 @@ fn start_policy(
 /// workloads' `WORKLOAD_F_PERMISSIVE` (logs `peer authentication programmed` when a flag
 /// changed) and sets `mesh_policy_generation`.
 fn generation_follower(
-    dataplane: Arc<Dataplane>,
-    registry: Arc<Registry>,
-    node: String,
+    programmer: Arc<Programmer>,
     metrics: Arc<Metrics>,
+    registry: &Registry,
+    node: &str,
     initial: &PolicyView,
 ) -> impl FnMut(&PolicyView) + Send + 'static {
     metrics.set_policy_generation(initial.generation());
-    let mut programmed = enrolled(&registry, &node, initial);
+    let mut programmed = enrolled(registry, node, Some(initial));
     move |view| {
         metrics.set_policy_generation(view.generation());
-        let want = enrolled(&registry, &node, view);
-        if want == programmed {
-            return;
-        }
-        match dataplane.sync_workloads(&want) {
-            Ok(()) => {
-                let permissive = want
-                    .iter()
-                    .filter(|(_, v)| v.flags & WORKLOAD_F_PERMISSIVE != 0)
-                    .count();
-                info!(
-                    generation = view.generation(),
-                    permissive,
-                    enrolled = want.len(),
-                    "peer authentication programmed"
-                );
-                programmed = want;
-            }
+        match programmer.reprogram_enrolment(&mut programmed) {
+            Ok(Some((enrolled, permissive))) => info!(
+                generation = view.generation(),
+                permissive, enrolled, "peer authentication programmed"
+            ),
+            Ok(None) => {}
             Err(e) => {
                 warn!(error = %e, generation = view.generation(), "re-programming peer authentication")
             }
+        }
+    }
+}
+
+/// The identity manager as the state applier sees it.
+struct ManagerWorkloads(Arc<IdentityManager>);
+
+impl WorkloadIdentities for ManagerWorkloads {
+    fn set_workloads(&self, ids: Vec<SpiffeId>) {
+        if let Err(e) = self.0.set_workloads(ids) {
+            warn!(error = %crate::error_chain(&e), "workload identities refused; the previous set stays");
         }
     }
 }

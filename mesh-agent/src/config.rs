@@ -16,9 +16,10 @@ pub struct Config {
     /// This node's name (matches `node:` in the registry).
     #[arg(long, env = "MESH_NODE")]
     pub node: String,
-    /// Workload registry (YAML).
+    /// Standalone: read the mesh state (nodes, workloads, services) from this registry file
+    /// and follow its changes, instead of from the authority's state stream (the default).
     #[arg(long, env = "MESH_REGISTRY")]
-    pub registry: PathBuf,
+    pub registry: Option<PathBuf>,
     /// The node's pod cgroup parent, relative to the cgroup2 mount (found in
     /// /proc/self/mountinfo). The programs attach here.
     #[arg(long, env = "MESH_POD_CGROUP")]
@@ -144,6 +145,15 @@ pub struct Tunables {
     /// generation applied by `mesh-agent policy apply` or another agent).
     #[arg(long, env = "MESH_GENERATION_POLL_MS", default_value_t = 200, value_parser = positive)]
     pub generation_poll_ms: u64,
+    /// Milliseconds between checks for the cgroups of this node's workloads that do not exist
+    /// yet, and between checks of `--registry` for changes.
+    #[arg(long, env = "MESH_STATE_POLL_MS", default_value_t = 100, value_parser = positive)]
+    pub state_poll_ms: u64,
+    /// Milliseconds a starting agent waits for the authority's state before it starts from the
+    /// state it persisted (or, with none, from an empty state that it fills when the authority
+    /// answers).
+    #[arg(long, env = "MESH_STATE_STARTUP_TIMEOUT_MS", default_value_t = 5_000, value_parser = positive)]
+    pub state_startup_timeout_ms: u64,
     /// Seconds a successor agent (an upgrade) may take from receiving the listening sockets to
     /// being ready (it may be waiting for certificates); past it this agent keeps serving.
     #[arg(long, env = "MESH_HANDOFF_READY_TIMEOUT_SECS", default_value_t = 300, value_parser = positive)]
@@ -260,6 +270,12 @@ impl Tunables {
     }
     pub fn generation_poll(&self) -> Duration {
         Duration::from_millis(self.generation_poll_ms)
+    }
+    pub fn state_poll(&self) -> Duration {
+        Duration::from_millis(self.state_poll_ms)
+    }
+    pub fn state_startup_timeout(&self) -> Duration {
+        Duration::from_millis(self.state_startup_timeout_ms)
     }
     pub fn handoff_ready_timeout(&self) -> Duration {
         Duration::from_secs(self.handoff_ready_timeout_secs)

@@ -21,6 +21,7 @@ pub mod operator;
 pub mod policy;
 pub mod proxy;
 pub mod registry;
+pub mod state;
 pub mod tls;
 pub mod yaml;
 

@@ -48,6 +48,8 @@ enum Command {
     /// Take the mesh off this node: detach the kernel programs and remove every pin. An agent
     /// that exits (crash, SIGTERM, upgrade) leaves them attached; only this removes them.
     Uninstall(mesh_agent::operator::uninstall::UninstallArgs),
+    /// The mesh state: what a node runs (`show`), what every agent runs (`agents`).
+    State(mesh_agent::operator::state::StateArgs),
 }
 
 fn init_tracing(format: LogFormat) {
@@ -72,6 +74,7 @@ fn main() -> ExitCode {
         Command::Policy(args) => mesh_agent::operator::policy::main(*args),
         Command::Node(args) => mesh_agent::operator::node::main(args),
         Command::Uninstall(args) => mesh_agent::operator::uninstall::main(args),
+        Command::State(args) => mesh_agent::operator::state::main(args),
         Command::Audit(args) => mesh_agent::operator::audit::main(args),
         Command::Run(config) => {
             let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -203,6 +203,61 @@ struct CounterLabel {
 }
 
 /// The audit log's metrics (refreshed at scrape time from [`crate::audit::AuditStats`]).
+/// The mesh state this agent follows (see [`crate::state`]).
+struct StateMetrics {
+    version: Gauge,
+    updates: Family<ResultLabel, Counter>,
+    entries_refused: Counter,
+    propagation: prometheus_client::metrics::histogram::Histogram,
+    pending: Gauge,
+}
+
+impl StateMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let version = Gauge::default();
+        registry.register(
+            "state_version",
+            "The version of the mesh state this agent has applied (0: none)",
+            version.clone(),
+        );
+        let updates = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "state_updates",
+            "Mesh state versions received, by result: applied, or refused (bad digest or schema, \
+             unreadable as a whole; the applied state stays)",
+            updates.clone(),
+        );
+        let entries_refused = Counter::default();
+        registry.register(
+            "state_entries_refused",
+            "Entries of received mesh states refused on their own (the rest was applied)",
+            entries_refused.clone(),
+        );
+        let propagation = prometheus_client::metrics::histogram::Histogram::new([
+            0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
+        registry.register(
+            "state_propagation_seconds",
+            "Time from a change at the authority's source to this agent having applied it",
+            propagation.clone(),
+        );
+        let pending = Gauge::default();
+        registry.register(
+            "state_pending_workloads",
+            "Workloads of this node in the state whose cgroup does not exist yet (enrolled when \
+             it appears)",
+            pending.clone(),
+        );
+        Self {
+            version,
+            updates,
+            entries_refused,
+            propagation,
+            pending,
+        }
+    }
+}
+
 struct AuditMetrics {
     records: Family<ResultLabel, Counter>,
     checkpoints: Counter,
@@ -269,6 +324,7 @@ pub struct Metrics {
     connections_refused: Family<RefusalLabels, Counter>,
     connection_limit: Gauge,
     audit: AuditMetrics,
+    state: StateMetrics,
     /// Last totals seen for counters whose owners keep totals (advanced by the delta).
     seen: std::sync::Mutex<std::collections::HashMap<&'static str, u64>>,
     hooks: std::sync::RwLock<Vec<Arc<dyn ScrapeHook>>>,
@@ -377,9 +433,11 @@ impl Metrics {
             connection_limit.clone(),
         );
         let audit = AuditMetrics::register(&mut registry);
+        let state = StateMetrics::register(&mut registry);
         Self {
             registry,
             audit,
+            state,
             tls_handshakes,
             hbone_streams,
             cert_expiry,
@@ -423,6 +481,39 @@ impl Metrics {
                 verdict: verdict.as_str(),
             })
             .inc();
+    }
+
+    /// A mesh state version applied; `propagation`: since the change at the source.
+    pub fn state_applied(&self, version: u64, propagation: Option<Duration>, pending: usize) {
+        self.state
+            .version
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
+        self.state
+            .updates
+            .get_or_create(&ResultLabel { result: "applied" })
+            .inc();
+        if let Some(d) = propagation {
+            self.state.propagation.observe(d.as_secs_f64());
+        }
+        self.state.pending.set(pending as i64);
+    }
+
+    /// A mesh state version refused as a whole.
+    pub fn state_refused(&self) {
+        self.state
+            .updates
+            .get_or_create(&ResultLabel { result: "refused" })
+            .inc();
+    }
+
+    /// Entries of a mesh state refused on their own.
+    pub fn state_entries_refused(&self, n: usize) {
+        self.state.entries_refused.inc_by(n as u64);
+    }
+
+    /// Local workloads waiting for their cgroup.
+    pub fn set_state_pending(&self, pending: usize) {
+        self.state.pending.set(pending as i64);
     }
 
     /// The active policy generation.
@@ -485,6 +576,15 @@ impl Metrics {
                 result,
             })
             .inc();
+    }
+
+    /// Sets every workload certificate's remaining lifetime; identities not listed (workloads
+    /// that left the node) are removed from the family.
+    pub fn set_cert_expiries(&self, expiries: &[(String, Duration)]) {
+        self.cert_expiry.clear();
+        for (id, remaining) in expiries {
+            self.set_cert_expiry(id, *remaining);
+        }
     }
 
     pub fn set_cert_expiry(&self, identity: &str, remaining: Duration) {

@@ -4,6 +4,8 @@
 //! - [`authority`]: `mesh-agent authority init|join|serve|revoke|roots` (the CA);
 //! - [`node`]: `mesh-agent node csr` (the node side of a CSR-based join);
 //! - [`policy`]: `mesh-agent policy lint|apply|show`;
+//! - [`state`]: `mesh-agent state show|agents` (the mesh state a node runs; what each agent
+//!   runs, at the authority);
 //! - [`uninstall`]: `mesh-agent uninstall` (detach and unpin: take the mesh off the node).
 //!
 //! Commands that print data take `--output text|json`; their logs go to stderr (level from
@@ -14,6 +16,7 @@ pub mod audit;
 pub mod authority;
 pub mod node;
 pub mod policy;
+pub mod state;
 pub mod uninstall;
 
 use std::io::Write;

@@ -60,7 +60,8 @@ pub trait Identities: Send + Sync + 'static {
 pub struct ProxyDeps {
     /// This node's name.
     pub node: String,
-    pub registry: Arc<crate::registry::Registry>,
+    /// The mesh state (workloads, nodes, services), current version.
+    pub mesh: crate::state::live::MeshHandle,
     pub identities: Arc<dyn Identities>,
     pub trust_domain: crate::tls::TrustDomain,
     pub metrics: Arc<crate::metrics::Metrics>,

@@ -703,6 +703,17 @@ impl Registry {
         Ok(Parsed { registry, refused })
     }
 
+    /// No nodes, workloads or services (an agent that has no state yet).
+    pub fn empty() -> Self {
+        Self {
+            nodes: Vec::new(),
+            workloads: Vec::new(),
+            ip_index: HashMap::new(),
+            id_index: HashMap::new(),
+            services: ServiceTable::default(),
+        }
+    }
+
     /// The node named `name`.
     pub fn node(&self, name: &str) -> Option<&NodeEntry> {
         self.nodes.iter().find(|n| n.name == name)

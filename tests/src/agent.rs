@@ -46,7 +46,9 @@ pub struct AgentSpec {
     /// The node's network namespace file; the agent runs there, outside the
     /// pod cgroups.
     pub netns: PathBuf,
-    pub registry: PathBuf,
+    /// `--registry` (standalone: the agent follows this file); `None`: the agent follows the
+    /// authority's state stream, as in production.
+    pub registry: Option<PathBuf>,
     /// `--pod-cgroup`: relative to the cgroup2 mount.
     pub pod_cgroup: PathBuf,
     /// The same cgroup, absolute (for inspection).
@@ -84,14 +86,15 @@ impl AgentSpec {
         cmd.arg("run")
             .arg("--node")
             .arg(&self.node)
-            .arg("--registry")
-            .arg(&self.registry)
             .arg("--pod-cgroup")
             .arg(&self.pod_cgroup)
             .arg("--outbound")
             .arg(self.outbound.to_string());
         if let Some(o6) = self.outbound6 {
             cmd.arg("--outbound6").arg(o6.to_string());
+        }
+        if let Some(r) = &self.registry {
+            cmd.arg("--registry").arg(r);
         }
         cmd.arg("--identity-dir")
             .arg(&self.identity_dir)
@@ -213,7 +216,8 @@ impl Agent {
     pub fn run_to_exit(spec: AgentSpec, timeout: Duration) -> AgentExit {
         let stem = spec
             .registry
-            .file_stem()
+            .as_deref()
+            .and_then(|r| r.file_stem())
             .map(|s| s.to_string_lossy().into_owned());
         let mut proc = spec.spawn(&format!("refused-{}", stem.unwrap_or_default()));
         let status = poll::eventually(timeout, || {

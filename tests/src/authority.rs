@@ -174,6 +174,16 @@ impl Authority {
     pub fn log_lines(&self) -> Vec<Value> {
         self.proc.as_ref().map(lines).unwrap_or_default()
     }
+
+    /// The last `n` lines the current authority process logged (for failure messages).
+    pub fn log_tail(&self, n: usize) -> String {
+        let lines = self
+            .proc
+            .as_ref()
+            .map(|p| p.stdout_lines())
+            .unwrap_or_default();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
 }
 
 impl Drop for Authority {

@@ -1034,9 +1034,81 @@ impl Cluster {
         let rendered =
             registry::render_with_services(&self.registry_nodes(), entries, &self.services);
         let path = self.tmp.path().join(file_name);
-        std::fs::write(&path, &rendered.text)
+        // Through a rename: the authority follows this file and must never read half of it.
+        let tmp = self.tmp.path().join(format!(".{file_name}.tmp"));
+        std::fs::write(&tmp, &rendered.text)
+            .and_then(|()| std::fs::rename(&tmp, &path))
             .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
         (path, rendered)
+    }
+
+    /// Replaces the mesh state at its source: writes `workloads` and `services` (with
+    /// [`Cluster::registry_nodes`]) as `<tmp>/registry.yaml`, which the authority follows, and
+    /// waits (bounded) until the authority published the change. Returns the new version.
+    #[track_caller]
+    pub fn publish_state(&self, workloads: &[WorkloadEntry], services: &[ServiceEntry]) -> u64 {
+        self.publish_state_with(&self.registry_nodes(), workloads, services)
+    }
+
+    /// [`Cluster::publish_state`] with the nodes given.
+    #[track_caller]
+    pub fn publish_state_with(
+        &self,
+        nodes: &[NodeEntry],
+        workloads: &[WorkloadEntry],
+        services: &[ServiceEntry],
+    ) -> u64 {
+        self.publish_state_text(&registry::render_with_services(nodes, workloads, services).text)
+    }
+
+    /// [`Cluster::publish_state`] with the registry text as given (bad entries included).
+    #[track_caller]
+    pub fn publish_state_text(&self, text: &str) -> u64 {
+        let before = self.published_version();
+        let path = self.tmp.path().join("registry.yaml");
+        let tmp = self.tmp.path().join(".registry.yaml.tmp");
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        crate::poll::eventually(crate::DEFAULT_TIMEOUT, || {
+            let now = self.published_version();
+            (now > before).then_some(now)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "the authority did not publish a new state version (still {before}); its log:\n{}",
+                self.authority().log_tail(30)
+            )
+        })
+    }
+
+    /// The state version the authority last published (`<ca>/state/ids.json`; 0: none).
+    pub fn published_version(&self) -> u64 {
+        let path = self.authority().dir().join("state/ids.json");
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("version")?.as_u64())
+            .unwrap_or(0)
+    }
+
+    /// Waits (bounded) until the agents of `nodes` have applied state `version` or later
+    /// (their `mesh_state_version`).
+    #[track_caller]
+    pub fn wait_state_applied(&self, nodes: &[usize], version: u64) {
+        for &i in nodes {
+            let node = self.node(i);
+            let applied = crate::poll::eventually(crate::DEFAULT_TIMEOUT, || {
+                let v = node.metric("mesh_state_version") as u64;
+                (v >= version).then_some(v)
+            });
+            assert!(
+                applied.is_some(),
+                "node {} did not apply state version {version} (mesh_state_version {})",
+                node.name(),
+                node.metric("mesh_state_version")
+            );
+        }
     }
 
     /// Writes the cluster's registry (every registered pod) to
@@ -1061,9 +1133,9 @@ impl Cluster {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// How node `index`'s agent is started (registry: `<tmp>/registry.yaml`,
-    /// written now; node credentials from `node csr` + `authority join --csr`); adjust it before
-    /// [`Agent::start`].
+    /// How node `index`'s agent is started (the mesh state from the authority's stream, which
+    /// follows `<tmp>/registry.yaml`; node credentials from `node csr` + `authority join
+    /// --csr`); adjust it before [`Agent::start`].
     #[track_caller]
     pub fn agent_spec(&self, index: usize) -> AgentSpec {
         let node = self.node(index);
@@ -1078,7 +1150,7 @@ impl Cluster {
             cert_lifetime_secs: None,
             node: node.name.clone(),
             netns: node.netns.path(),
-            registry: self.write_registry(),
+            registry: None,
             pod_cgroup: node.pod_cgroup_rel(),
             pod_cgroup_abs: node.pod_cgroup().to_owned(),
             outbound: node.outbound(),

@@ -12,6 +12,10 @@
 //! {"op":"revocations"}  → {"ok":true,"revoked":["4f3a…", …]}            (hex serials)
 //! {"op":"checkpoint","checkpoint":{"v":1,"node":"n1","seq":41,"head":"…","time":"…","key":"…","sig":"…"}}
 //!                       → {"ok":true}          (a signed audit checkpoint, kept by the authority)
+//! {"op":"state","after":12,"wait_ms":25000}
+//!                       → {"ok":true,"state":{"schema":1,"version":13,"digest":"sha256:…",…}}
+//!                         as soon as the published version differs from `after` (none: at
+//!                         once), else after `wait_ms` (at most 30 s): {"ok":true,"unchanged":true}
 //! anything refused      → {"ok":false,"error":"…"}
 //! ```
 
@@ -28,6 +32,12 @@ pub const ALPN_AUTHORITY: &[u8] = b"mesh-authority/1";
 /// Longest response line the client accepts (bundles with several roots fit easily).
 pub(crate) const MAX_RESPONSE_LINE: usize = 1024 * 1024;
 
+/// Longest `state` response line the client accepts (the snapshot, JSON-escaped).
+pub(crate) const MAX_STATE_LINE: usize = 2 * crate::state::MAX_SNAPSHOT_BYTES;
+
+/// Longest wait for a new state version the authority grants (below its idle timeout).
+pub(crate) const MAX_STATE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
 pub(crate) enum Request {
@@ -43,6 +53,13 @@ pub(crate) enum Request {
     /// A signed audit checkpoint of the sending node's chain head.
     Checkpoint {
         checkpoint: Checkpoint,
+    },
+    /// The mesh state ([`crate::state::Snapshot`]) once its version differs from `after`.
+    State {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wait_ms: Option<u64>,
     },
 }
 
@@ -63,6 +80,12 @@ pub(crate) struct Response {
     /// With `bundle_pem`: the root new certificates are issued under.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) active_root: Option<RootId>,
+    /// The answer to `state`: a newer version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) state: Option<Box<crate::state::Snapshot>>,
+    /// The answer to `state`: nothing newer within the wait.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) unchanged: Option<bool>,
 }
 
 impl Response {

@@ -39,7 +39,9 @@ use super::ca::{
     authorize_request, Authority, RootId, DEFAULT_WORKLOAD_LIFETIME, MAX_WORKLOAD_LIFETIME,
 };
 use super::custody::Custody;
-use super::protocol::{read_line_bounded, write_line, LineRead, Request, Response, ALPN_AUTHORITY};
+use super::protocol::{
+    read_line_bounded, write_line, LineRead, Request, Response, ALPN_AUTHORITY, MAX_STATE_WAIT,
+};
 use super::AuthorityError;
 use crate::audit::AuditLog;
 use crate::tls::spiffe::{NodeId, PeerId, SpiffeId};
@@ -70,6 +72,8 @@ pub struct ServeConfig {
     /// The authority's own audit log (certificates issued, refused requests, checkpoints
     /// accepted or refused). Default none.
     pub audit: Option<AuditLog>,
+    /// The published mesh state agents follow (`op: state`). Default none: refused.
+    pub state: Option<crate::state::publish::StateFeed>,
 }
 
 impl Default for ServeConfig {
@@ -83,6 +87,7 @@ impl Default for ServeConfig {
             max_lifetime: MAX_WORKLOAD_LIFETIME,
             custody: None,
             audit: None,
+            state: None,
         }
     }
 }
@@ -228,7 +233,45 @@ async fn serve_connection(
                 let _ = stream.get_mut().shutdown().await;
                 return;
             }
-            Ok(Ok(LineRead::Line)) => handle_request(&line, &node, &authority, &*lookup, &config),
+            Ok(Ok(LineRead::Line)) => match serde_json::from_slice::<Request>(&line) {
+                Ok(Request::State { after, wait_ms }) => {
+                    let published = match &config.state {
+                        None => None,
+                        Some(feed) => {
+                            let wait = wait_ms
+                                .map_or(MAX_STATE_WAIT, Duration::from_millis)
+                                .min(MAX_STATE_WAIT);
+                            feed.next(node.node(), after, wait).await
+                        }
+                    };
+                    let written = match (&config.state, published) {
+                        (Some(_), Some(p)) => {
+                            debug!(node = %node, version = p.snapshot.version, after = ?after, "state sent");
+                            timeout(config.idle_timeout, write_line(&mut stream, &p.line)).await
+                        }
+                        (Some(_), None) => {
+                            let r = Response {
+                                ok: true,
+                                unchanged: Some(true),
+                                ..Response::default()
+                            };
+                            timeout(config.idle_timeout, write_line(&mut stream, &r.to_line()))
+                                .await
+                        }
+                        (None, _) => {
+                            let r = Response::error("this authority publishes no state");
+                            timeout(config.idle_timeout, write_line(&mut stream, &r.to_line()))
+                                .await
+                        }
+                    };
+                    if !matches!(written, Ok(Ok(()))) {
+                        debug!(node = %node, "authority state write failed, closing");
+                        return;
+                    }
+                    continue;
+                }
+                parsed => handle_request(parsed, &node, &authority, &*lookup, &config),
+            },
         };
         // A client that stops reading does not hold the connection forever.
         match timeout(
@@ -253,7 +296,7 @@ async fn serve_connection(
 }
 
 fn handle_request(
-    line: &[u8],
+    request: Result<Request, serde_json::Error>,
     node: &NodeId,
     authority: &Authority,
     lookup: &(dyn Fn(&SpiffeId) -> Vec<String> + Send + Sync),
@@ -269,7 +312,7 @@ fn handle_request(
             );
         }
     };
-    let request: Request = match serde_json::from_slice(line) {
+    let request: Request = match request {
         Ok(r) => r,
         Err(e) => {
             warn!(node = %node, error = %e, "malformed authority request");
@@ -346,6 +389,8 @@ fn handle_request(
                 }
             }
         }
+        // Answered by the connection loop (it waits); never reaches here.
+        Request::State { .. } => Response::error("internal error: state request misrouted"),
         Request::Checkpoint { checkpoint } => {
             let Some(custody) = config.custody.as_deref() else {
                 return Response::error("this authority keeps no audit checkpoints");

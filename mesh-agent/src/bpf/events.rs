@@ -157,7 +157,7 @@ impl EventReader {
 /// generation, `-` for a default deny) and `generation`.
 pub fn spawn_event_log(
     mut reader: EventReader,
-    registry: Arc<Registry>,
+    mesh: crate::state::live::MeshHandle,
     views: watch::Receiver<Arc<PolicyView>>,
     trust_domain: String,
     on_event: impl Fn(&Event) + Send + 'static,
@@ -182,14 +182,14 @@ pub fn spawn_event_log(
                 },
             };
             if limit.admit(std::time::Instant::now()) {
-                log_event(&event, &registry, &views.borrow(), &trust_domain);
+                log_event(&event, &mesh.registry(), &views.borrow(), &trust_domain);
             }
             on_event(&event);
         }
         // Whatever is already in the buffer at shutdown is still logged.
         while let Some(event) = reader.try_next() {
             if limit.admit(std::time::Instant::now()) {
-                log_event(&event, &registry, &views.borrow(), &trust_domain);
+                log_event(&event, &mesh.registry(), &views.borrow(), &trust_domain);
             }
             on_event(&event);
         }

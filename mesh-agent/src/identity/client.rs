@@ -14,6 +14,7 @@ use super::IdentityError;
 use crate::audit::checkpoint::Checkpoint;
 use crate::authority::protocol::{
     read_line_bounded, write_line, LineRead, Request, Response, ALPN_AUTHORITY, MAX_RESPONSE_LINE,
+    MAX_STATE_LINE,
 };
 use crate::authority::RootId;
 use crate::tls::cert::{
@@ -206,6 +207,32 @@ impl AuthorityClient {
         .map(|_| ())
     }
 
+    /// The mesh state once its version differs from `after` (`None`: whatever is current),
+    /// waiting up to `wait` at the authority; `Ok(None)` when nothing changed by then. The
+    /// snapshot is returned as sent: verify it ([`crate::state::Snapshot::verify`]) before use.
+    pub async fn state(
+        &mut self,
+        after: Option<u64>,
+        wait: Duration,
+    ) -> Result<Option<crate::state::Snapshot>, IdentityError> {
+        let request = Request::State {
+            after,
+            wait_ms: Some(wait.as_millis() as u64),
+        };
+        let saved = self.timeout;
+        self.timeout = saved + wait;
+        let response = self.request_bounded(&request, MAX_STATE_LINE).await;
+        self.timeout = saved;
+        let response = response?;
+        match (response.state, response.unchanged) {
+            (Some(s), _) => Ok(Some(*s)),
+            (None, Some(true)) => Ok(None),
+            _ => Err(IdentityError::Protocol {
+                detail: "state response without state".into(),
+            }),
+        }
+    }
+
     /// The open connection, taken out of the client: for tests that write raw request lines.
     #[cfg(test)]
     pub(crate) fn into_connection(
@@ -239,6 +266,14 @@ impl AuthorityClient {
     }
 
     async fn request(&mut self, request: &Request) -> Result<Response, IdentityError> {
+        self.request_bounded(request, MAX_RESPONSE_LINE).await
+    }
+
+    async fn request_bounded(
+        &mut self,
+        request: &Request,
+        max: usize,
+    ) -> Result<Response, IdentityError> {
         let mut line = serde_json::to_vec(request).map_err(|e| IdentityError::Protocol {
             detail: format!("encoding the request: {e}"),
         })?;
@@ -247,13 +282,12 @@ impl AuthorityClient {
         loop {
             attempt += 1;
             let after = self.timeout;
-            let result =
-                timeout(after, self.exchange(&line))
-                    .await
-                    .unwrap_or(Err(IdentityError::Timeout {
-                        op: "authority request",
-                        after,
-                    }));
+            let result = timeout(after, self.exchange(&line, max))
+                .await
+                .unwrap_or(Err(IdentityError::Timeout {
+                    op: "authority request",
+                    after,
+                }));
             match result {
                 Ok(response) if response.ok => return Ok(response),
                 Ok(response) => {
@@ -274,7 +308,7 @@ impl AuthorityClient {
         }
     }
 
-    async fn exchange(&mut self, line: &[u8]) -> Result<Response, IdentityError> {
+    async fn exchange(&mut self, line: &[u8], max: usize) -> Result<Response, IdentityError> {
         if self.conn.is_none() {
             self.conn = Some(self.open().await?);
         }
@@ -282,7 +316,7 @@ impl AuthorityClient {
         let transport = |source| IdentityError::Transport { source };
         write_line(conn, line).await.map_err(transport)?;
         let mut buf = Vec::with_capacity(4096);
-        match read_line_bounded(conn, &mut buf, MAX_RESPONSE_LINE)
+        match read_line_bounded(conn, &mut buf, max)
             .await
             .map_err(transport)?
         {
@@ -294,7 +328,7 @@ impl AuthorityClient {
             }
             LineRead::TooLong => {
                 return Err(IdentityError::Protocol {
-                    detail: format!("response line longer than {MAX_RESPONSE_LINE} bytes"),
+                    detail: format!("response line longer than {max} bytes"),
                 })
             }
         }

@@ -28,10 +28,17 @@ use crate::error_chain;
 use crate::files::FileError;
 use crate::identity::IdentityError;
 use crate::registry::{Registry, RegistryError};
+use crate::state::{
+    ids::IdAllocator,
+    publish::{Publisher, RefreshError, SourceWatch},
+};
 use crate::tls::{Serial, SpiffeId, SpiffeIdError, TlsError, TrustDomain};
 
 /// How often `serve` looks for changes to the authority directory and the registry.
 pub const RELOAD_INTERVAL: Duration = Duration::from_millis(250);
+
+/// How often `serve` looks at the registry (a stat per tick; read only when it changed).
+pub const STATE_POLL: Duration = Duration::from_millis(50);
 
 /// Create, run and manage the mesh authority (the CA that signs workload certificates).
 #[derive(Args, Debug)]
@@ -229,6 +236,8 @@ pub enum OperatorError {
     },
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    #[error("the mesh state: {0}")]
+    State(#[source] Box<RefreshError>),
     #[error("--listen {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -276,6 +285,7 @@ impl OperatorError {
             | Self::ReadAuditKey { .. }
             | Self::BadAuditKey { .. }
             | Self::Registry(_) => true,
+            Self::State(e) => matches!(**e, RefreshError::Registry(_)),
             Self::Custody(e) => !matches!(e, CustodyError::Io { .. }),
             Self::Audit(_) => false,
             Self::Credentials { source, .. } => match &**source {
@@ -676,9 +686,30 @@ pub async fn serve(a: ServeArgs) -> Result<(), OperatorError> {
         Some(got) => return Err(OperatorError::BadMaxLifetime { got, min, max }),
     };
     let authority = Arc::new(load(&a.dir)?);
-    let registry = Registry::load_all(&a.registry)?;
-    let workloads = registry.workloads.len();
-    let index = Arc::new(RwLock::new(Arc::new(host_index(&registry))));
+    // The mesh state: the registry, validated entry by entry, with stable ids; a source that
+    // cannot be read at all refuses the start (exit 2).
+    let index = Arc::new(RwLock::new(Arc::new(HostIndex::new())));
+    let (publisher, feed) = Publisher::new(Some(&a.dir));
+    let mut source = SourceWatch {
+        registry_path: a.registry.clone(),
+        ids: IdAllocator::open(&a.dir).map_err(|e| OperatorError::State(Box::new(e.into())))?,
+        sink: Arc::new(publisher),
+        on_registry: {
+            let index = index.clone();
+            Box::new(move |registry: &Registry| {
+                *index.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(host_index(registry));
+            })
+        },
+    };
+    source
+        .refresh(crate::state::now_unix_ms())
+        .map_err(|e| OperatorError::State(Box::new(e)))?;
+    let workloads = index
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .map(Vec::len)
+        .sum::<usize>();
     let listener = TcpListener::bind(a.listen)
         .await
         .map_err(|source| OperatorError::Bind {
@@ -698,12 +729,9 @@ pub async fn serve(a: ServeArgs) -> Result<(), OperatorError> {
         ..crate::audit::AuditConfig::new("authority", &a.dir)
     })
     .map_err(OperatorError::Audit)?;
-    let watcher = tokio::spawn(watch_files(
-        authority.clone(),
-        a.registry.clone(),
-        index.clone(),
-        audit.clone(),
-    ));
+    let watcher = tokio::spawn(watch_files(authority.clone(), audit.clone()));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let state_watcher = tokio::spawn(source.run(STATE_POLL, stop_rx));
     let lookup = {
         let index = index.clone();
         move |id: &SpiffeId| -> Vec<String> {
@@ -717,6 +745,7 @@ pub async fn serve(a: ServeArgs) -> Result<(), OperatorError> {
     let config = ServeConfig {
         max_lifetime,
         audit: Some(audit.clone()),
+        state: Some(feed),
         ..ServeConfig::default()
     };
     info!(listen = %listen, trust_domain = %authority.trust_domain(),
@@ -730,6 +759,8 @@ pub async fn serve(a: ServeArgs) -> Result<(), OperatorError> {
     };
     let result = serve_with(listener, authority, lookup, config, shutdown).await;
     watcher.abort();
+    let _ = stop_tx.send(true);
+    let _ = state_watcher.await;
     audit.shutdown("stopped").await;
     result.map_err(|e| {
         error!(error = %e, "authority failed");
@@ -737,29 +768,15 @@ pub async fn serve(a: ServeArgs) -> Result<(), OperatorError> {
     })
 }
 
-/// Identifies a version of a file without reading it.
-fn stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len(), m.ino()))
-}
-
-/// Applies changes to the authority directory and the registry, all or nothing per file.
-async fn watch_files(
-    authority: Arc<Authority>,
-    registry_path: PathBuf,
-    index: Arc<RwLock<Arc<HostIndex>>>,
-    audit: crate::audit::AuditLog,
-) {
+/// Applies changes to the authority directory (roots, revocations), all or nothing.
+async fn watch_files(authority: Arc<Authority>, audit: crate::audit::AuditLog) {
     // Revocations are recorded in the authority's audit log as the running service picks
     // them up (`authority revoke` is another process).
     let mut revoked: std::collections::BTreeSet<Serial> =
         authority.revocations().into_iter().collect();
     let mut tick = tokio::time::interval(RELOAD_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut registry_stamp = stamp(&registry_path);
     let mut authority_error: Option<String> = None;
-    let mut registry_error: Option<String> = None;
     loop {
         tick.tick().await;
         let a = authority.clone();
@@ -788,30 +805,6 @@ async fn watch_files(
                 }
             }
             Err(e) => warn!(error = %e, "authority reload task failed"),
-        }
-
-        let now = stamp(&registry_path);
-        if now == registry_stamp {
-            continue;
-        }
-        registry_stamp = now;
-        let path = registry_path.clone();
-        match tokio::task::spawn_blocking(move || Registry::load_all(&path)).await {
-            Ok(Ok(registry)) => {
-                let next = Arc::new(host_index(&registry));
-                *index.write().unwrap_or_else(|p| p.into_inner()) = next;
-                registry_error = None;
-                info!(registry = %registry_path.display(), workloads = registry.workloads.len(),
-                      "registry reloaded");
-            }
-            Ok(Err(e)) => {
-                let text = e.to_string();
-                if registry_error.as_deref() != Some(&text) {
-                    warn!(error = %text, "registry refused, keeping the previous one");
-                    registry_error = Some(text);
-                }
-            }
-            Err(e) => warn!(error = %e, "registry reload task failed"),
         }
     }
 }

@@ -194,26 +194,53 @@ pub fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     out
 }
 
-/// Polls `dir` every `interval` (`--policy-poll-ms`); on a change loads, compiles and applies it (the generation
-/// carries the PeerAuthentication flags too: the agent re-programs them from every generation
-/// it sees). A failure logs `policy refused` and keeps the active generation.
-pub fn spawn_dir_watcher(
-    dir: PathBuf,
-    ctx: CompileContext,
-    maps: PolicyMaps,
-    metrics: Arc<Metrics>,
-    audit: Option<AuditLog>,
-    interval: Duration,
-    stop: watch::Receiver<bool>,
-) -> JoinHandle<()> {
+/// What the directory watcher follows and where it applies.
+pub struct DirWatch {
+    /// The policy directory (`--policy-dir`).
+    pub dir: PathBuf,
+    /// Compile settings; the registry is taken from `mesh` at each apply.
+    pub ctx: CompileContext,
+    /// The mesh state: a new version recompiles the directory against it.
+    pub mesh: crate::state::live::MeshHandle,
+    pub maps: PolicyMaps,
+    pub metrics: Arc<Metrics>,
+    pub audit: Option<AuditLog>,
+    /// `--policy-poll-ms`.
+    pub interval: Duration,
+}
+
+/// Polls `dir` every `interval` (`--policy-poll-ms`) and follows the mesh state; on a change of
+/// either loads, compiles and applies the directory (the generation carries the
+/// PeerAuthentication flags too: the agent re-programs them from every generation it sees). A
+/// failure logs `policy refused` and keeps the active generation.
+pub fn spawn_dir_watcher(w: DirWatch, stop: watch::Receiver<bool>) -> JoinHandle<()> {
+    let DirWatch {
+        dir,
+        ctx,
+        mesh,
+        maps,
+        metrics,
+        audit,
+        interval,
+    } = w;
     let maps = Arc::new(std::sync::Mutex::new(maps));
     tokio::spawn(async move {
         let mut seen = fingerprint(&dir);
+        let mut state = mesh.subscribe();
+        let mut watching_state = true;
+        let mut applied_registry = Arc::clone(&ctx.registry);
         let mut poll = Poller::new(interval, stop);
         loop {
-            if !poll.next().await {
-                break;
-            }
+            // The next tick, or at once when a new mesh state was applied (the policy is
+            // recompiled against it: selectors, workload ids).
+            let state_changed = tokio::select! {
+                more = poll.next() => if more { false } else { break },
+                changed = state.changed(), if watching_state => {
+                    // The applier is gone (shutdown): the directory alone from here.
+                    watching_state = changed.is_ok();
+                    watching_state
+                }
+            };
             let now = {
                 let dir = dir.clone();
                 match tokio::task::spawn_blocking(move || fingerprint(&dir)).await {
@@ -221,14 +248,20 @@ pub fn spawn_dir_watcher(
                     Err(_) => continue,
                 }
             };
-            if now == seen {
+            let registry = mesh.registry();
+            let new_state = state_changed && !Arc::ptr_eq(&registry, &applied_registry);
+            if now == seen && !new_state {
                 continue;
             }
             seen = now;
-            debug!(dir = %dir.display(), "policy directory changed");
+            applied_registry = Arc::clone(&registry);
+            debug!(dir = %dir.display(), new_state, "policy directory or mesh state changed");
             let (dir2, ctx2, maps2, metrics2, audit2) = (
                 dir.clone(),
-                ctx.clone(),
+                CompileContext {
+                    registry,
+                    ..ctx.clone()
+                },
                 Arc::clone(&maps),
                 Arc::clone(&metrics),
                 audit.clone(),

@@ -28,6 +28,7 @@ use crate::{
     policy::{
         Authorizer, ConnDecision, ConnInfo, ConnVerdict, Policies, RequestAttrs, RequestVerdict,
     },
+    state::live::Closed,
 };
 
 /// What the destination side needs (shared by both proxies).
@@ -112,6 +113,7 @@ impl Destination {
         info: &ConnInfo,
         l7_source: IpAddr,
         conn_id: u64,
+        closed: Closed,
     ) -> Result<Served, Turned> {
         let enforcer = Enforcer {
             policies: &self.policies,
@@ -142,7 +144,14 @@ impl Destination {
             return Ok(Served::refused(Outcome::Denied { policy }));
         }
         let served = self
-            .serve_allowed(down, enforcer, info, decision.verdict, l7_source, conn_id)
+            .serve_allowed(
+                down,
+                enforcer,
+                info,
+                decision.verdict,
+                (l7_source, conn_id),
+                closed,
+            )
             .await?;
         // Boxed: the record (and, fail closed, the wait for room in the queue) is paid at the
         // end only, not carried in the state of every live connection.
@@ -157,8 +166,8 @@ impl Destination {
         enforcer: Enforcer<'_>,
         info: &ConnInfo,
         verdict: ConnVerdict,
-        l7_source: IpAddr,
-        conn_id: u64,
+        (l7_source, conn_id): (IpAddr, u64),
+        closed: Closed,
     ) -> Result<Served, Turned> {
         // A same-node pod connection this agent opens is a descriptor of the budget too (an
         // HBONE tunnel took its slot when it was accepted).
@@ -174,7 +183,9 @@ impl Destination {
             matches!(down, Downstream::Hbone(_)).then(|| self.metrics.active(Direction::Inbound));
         if verdict == ConnVerdict::PerRequest {
             // Boxed: the L7 state is large, and only L7 connections should pay for it.
-            return Ok(Box::pin(self.serve_l7(down, enforcer, info, l7_source, conn_id)).await);
+            return Ok(
+                Box::pin(self.serve_l7(down, enforcer, info, (l7_source, conn_id), closed)).await,
+            );
         }
         let mut upstream =
             match Box::pin(connect_from(&self.source, info.dst, self.connect_timeout)).await {
@@ -192,7 +203,7 @@ impl Destination {
         let (copied, local) = match down {
             Downstream::Local(client) => {
                 let copy = copy::bidirectional(client, Far::Tcp(&mut upstream), &counts);
-                (self.supervised(info, conn_id, copy).await, true)
+                (self.supervised(info, conn_id, closed, copy).await, true)
             }
             Downstream::Hbone(connect) => {
                 let Some(tunnel) = self.answer(connect, conn_id) else {
@@ -201,7 +212,7 @@ impl Destination {
                     )));
                 };
                 let copy = copy::bidirectional(&mut upstream, Far::Tunnel(tunnel), &counts);
-                (self.supervised(info, conn_id, copy).await, false)
+                (self.supervised(info, conn_id, closed, copy).await, false)
             }
         };
         // Local: `near` is the client; HBONE: `near` is the pod.
@@ -219,6 +230,7 @@ impl Destination {
             }
             Supervised::Done(Err(e)) => Outcome::Failed(e.to_string()),
             Supervised::Revoked { .. } => Outcome::Revoked,
+            Supervised::Removed => Outcome::Removed,
         };
         Ok(Served::carried(Carried {
             bytes_sent,
@@ -231,9 +243,10 @@ impl Destination {
         &self,
         info: &ConnInfo,
         conn_id: u64,
+        closed: Closed,
         work: impl Future<Output = T>,
     ) -> Supervised<T> {
-        supervise(self.policies.clone(), info, conn_id, work).await
+        supervise(self.policies.clone(), info, conn_id, closed, work).await
     }
 
     fn reject(&self, connect: hbone::ConnectRequest, status: StatusCode) {
@@ -267,8 +280,8 @@ impl Destination {
         down: Downstream<'_>,
         enforcer: Enforcer<'_>,
         info: &ConnInfo,
-        l7_source: IpAddr,
-        conn_id: u64,
+        (l7_source, conn_id): (IpAddr, u64),
+        closed: Closed,
     ) -> Served {
         let proxy = down.proxy();
         let limits = l7::L7Limits {
@@ -297,7 +310,7 @@ impl Destination {
         let result = match down {
             Downstream::Local(client) => {
                 let work = l7::serve_with_stats(client, connect, &decide, &limits, &mut stats);
-                self.supervised(info, conn_id, work).await
+                self.supervised(info, conn_id, closed, work).await
             }
             Downstream::Hbone(connect_req) => {
                 let Some(tunnel) = self.answer(connect_req, conn_id) else {
@@ -305,13 +318,14 @@ impl Destination {
                 };
                 let client = hbone::TunnelStream::new(tunnel);
                 let work = l7::serve_with_stats(client, connect, &decide, &limits, &mut stats);
-                self.supervised(info, conn_id, work).await
+                self.supervised(info, conn_id, closed, work).await
             }
         };
         let outcome = match result {
             Supervised::Done(Ok(())) => Outcome::Ok,
             Supervised::Done(Err(e)) => Outcome::Failed(e.to_string()),
             Supervised::Revoked { .. } => Outcome::Revoked,
+            Supervised::Removed => Outcome::Removed,
         };
         Served::carried(Carried {
             outcome,
@@ -535,6 +549,9 @@ pub enum Supervised<T> {
     Done(T),
     /// A new policy no longer allows the connection: the work was dropped (closing it).
     Revoked { policy: Option<std::sync::Arc<str>> },
+    /// The workload left the mesh state (or its identity or addresses changed): the work was
+    /// dropped.
+    Removed,
 }
 
 /// Runs `work` (a connection) until it finishes, re-checking the connection against every new
@@ -544,12 +561,25 @@ pub async fn supervise<T>(
     mut policies: Policies,
     c: &ConnInfo,
     conn_id: u64,
+    closed: Closed,
     work: impl Future<Output = T>,
 ) -> Supervised<T> {
     tokio::pin!(work);
+    let closed = closed.wait();
+    tokio::pin!(closed);
     loop {
         tokio::select! {
             out = &mut work => return Supervised::Done(out),
+            () = &mut closed => {
+                info!(
+                    conn_id,
+                    src_identity = %c.src_identity,
+                    dst = %c.dst,
+                    dst_workload = %c.dst_name,
+                    "connection closed: workload removed from the mesh state"
+                );
+                return Supervised::Removed;
+            }
             changed = policies.changed() => {
                 if changed.is_err() {
                     // The publisher is gone (shutdown): finish without further checks.
@@ -607,7 +637,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
             tx.send(Arc::new(PolicyView::deny_all(2))).unwrap();
         };
-        let (out, ()) = tokio::join!(supervise(rx, &c, 1, work), flip);
+        let (out, ()) = tokio::join!(supervise(rx, &c, 1, Closed::never(), work), flip);
         assert!(matches!(out, Supervised::Revoked { policy: None }));
     }
 
@@ -622,7 +652,7 @@ mod tests {
         let flip = async {
             tx.send(Arc::new(PolicyView::default())).unwrap();
         };
-        let (out, ()) = tokio::join!(supervise(rx, &c, 1, work), flip);
+        let (out, ()) = tokio::join!(supervise(rx, &c, 1, Closed::never(), work), flip);
         assert!(matches!(out, Supervised::Done(7)));
         let metrics = Metrics::new();
         let enforcer = |policies| Enforcer {

@@ -10,7 +10,6 @@
 //! whose client certificate is now revoked are closed with all their tunnels.
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -43,6 +42,7 @@ use crate::{
     metrics::{Direction, Metrics, Outcome, Side},
     policy::ConnInfo,
     registry::Registry,
+    state::live::MeshHandle,
     tls::{
         server_name_for,
         verify::{peer_identity, peer_serial},
@@ -79,10 +79,8 @@ pub struct Inbound {
 
 struct Ctx {
     node: String,
-    registry: Arc<Registry>,
+    mesh: MeshHandle,
     identities: Arc<dyn Identities>,
-    /// SNI → (workload id, identity) for this node's workloads.
-    served: HashMap<String, (u32, SpiffeId)>,
     metrics: Arc<Metrics>,
     /// The destination side of each tunnel.
     dest: Destination,
@@ -102,7 +100,9 @@ enum StreamRefusal {
     Malformed(#[from] BadRequest),
     #[error("{dst} is not a workload on this node")]
     NotLocal { dst: SocketAddr },
-    #[error("{dst} belongs to {workload}, not to {served} whose certificate was presented")]
+    #[error(
+        "{dst} belongs to {workload}, whose identity is not {served} (the certificate presented)"
+    )]
     WrongWorkload {
         dst: SocketAddr,
         workload: String,
@@ -128,28 +128,18 @@ impl Inbound {
         let dest = deps.destination(cfg.connect_timeout);
         let ProxyDeps {
             node,
-            registry,
+            mesh,
             identities,
-            trust_domain,
             metrics,
             admission,
             ..
         } = deps;
-        let served = registry
-            .local(&node)
-            .filter_map(|w| {
-                let id = w.identity(&trust_domain).ok()?;
-                let sni = server_name_for(&id).to_str().into_owned();
-                Some((sni, (w.id, id)))
-            })
-            .collect();
         Self {
             listener,
             ctx: Arc::new(Ctx {
                 node,
-                registry,
+                mesh,
                 identities,
-                served,
                 dest,
                 metrics,
                 cfg,
@@ -222,10 +212,7 @@ impl Ctx {
         self.metrics.tls_handshake(Side::Server, Outcome::Ok);
         let (peer_id, serial, served) = {
             let conn = tls.get_ref().1;
-            let served = conn
-                .server_name()
-                .and_then(|sni| self.served.get(sni))
-                .cloned();
+            let served = conn.server_name().and_then(|sni| self.served(sni));
             (peer_identity(conn), peer_serial(conn), served)
         };
         // The verifier admits only workload identities with a serial, and the resolver only
@@ -251,7 +238,7 @@ impl Ctx {
             }
         };
         let hbone_conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        debug!(hbone_conn, %peer, peer_identity = %peer_id, served = %served.1, "hbone connection accepted");
+        debug!(hbone_conn, %peer, peer_identity = %peer_id, %served, "hbone connection accepted");
         let peer_id = Arc::new(peer_id);
         let mut revocations = self.identities.revocations();
         // A revocation that landed between the handshake and the subscription counts too.
@@ -318,7 +305,7 @@ impl Ctx {
         respond: SendResponse<Bytes>,
         peer: SocketAddr,
         peer_id: &SpiffeId,
-        served: &(u32, SpiffeId),
+        served: &SpiffeId,
         _slot: Guard,
     ) {
         let conn_id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -336,7 +323,8 @@ impl Ctx {
             }
         };
         let dst = connect.authority;
-        let workload = match self.registry.by_ip(dst.ip()) {
+        let mesh = self.mesh.load();
+        let workload = match mesh.registry.by_ip(dst.ip()) {
             Some(w) if w.node == self.node => w,
             _ => {
                 return self.refuse(
@@ -348,16 +336,17 @@ impl Ctx {
                 )
             }
         };
-        if workload.id != served.0 {
+        if mesh.identity(workload.id) != Some(served) {
             let refusal = StreamRefusal::WrongWorkload {
                 dst,
                 workload: workload.key(),
-                served: served.1.clone(),
+                served: served.clone(),
             };
             return self.refuse(connect.respond, peer, peer_id, conn_id, refusal);
         }
         let dst_workload = workload.key();
-        let (src_workload, src_addr) = self.verified_source(connect.forwarded_for, peer_id);
+        let (src_workload, src_addr) =
+            verified_source(&mesh.registry, connect.forwarded_for, peer_id);
         // The source's share: its verified address, else the peer agent's.
         let source = src_addr.map_or(peer.ip(), |a| a.ip());
         let Ok(_source_slot) =
@@ -377,9 +366,16 @@ impl Ctx {
             http: workload.is_http_port(dst.port()),
         };
         let l7_source = src_addr.map_or(peer.ip(), |a| a.ip());
+        let closed = self.mesh.closers().watch(&[workload.id]);
         let done = match self
             .dest
-            .serve(Downstream::Hbone(connect), &info, l7_source, conn_id)
+            .serve(
+                Downstream::Hbone(connect),
+                &info,
+                l7_source,
+                conn_id,
+                closed,
+            )
             .await
         {
             Ok(s) => s,
@@ -399,14 +395,14 @@ impl Ctx {
             transport: Transport::Hbone,
             src_workload: info
                 .src_workload
-                .and_then(|id| self.registry.by_id(id))
+                .and_then(|id| mesh.registry.by_id(id))
                 .map(|w| w.key()),
             src_identity: Some(info.src_identity.to_string()),
             src_addr: info.src_addr,
             peer: Some(peer),
             dst: info.dst,
             dst_workload: Some(info.dst_name.clone()),
-            dst_identity: Some(served.1.to_string()),
+            dst_identity: Some(served.to_string()),
             service: None,
             endpoint: None,
             generation: None,
@@ -416,31 +412,17 @@ impl Ctx {
         .log(RecordKind::Inbound);
     }
 
-    /// The source workload and address a `Forwarded` claim names, if the address belongs to a
-    /// workload that has the peer's verified identity; otherwise nothing (the claim is
-    /// ignored and logged: the peer can only speak for its own identity).
-    fn verified_source(
-        &self,
-        claim: Option<SocketAddr>,
-        peer_id: &SpiffeId,
-    ) -> (Option<u32>, Option<SocketAddr>) {
-        let Some(addr) = claim else {
-            return (None, None);
-        };
-        match self.registry.by_ip(addr.ip()) {
-            Some(w)
-                if w.namespace == peer_id.namespace()
-                    && w.service_account == peer_id.service_account() =>
-            {
-                (Some(w.id), Some(addr))
-            }
-            other => {
-                warn!(claimed = %addr, peer_identity = %peer_id,
-                      owner = other.map(|w| w.key()).unwrap_or_else(|| "none".into()),
-                      "forwarded source not owned by the peer identity: ignored");
-                (None, None)
-            }
-        }
+    /// The identity of this node's workloads whose server name is `sni` (what the resolver
+    /// presented), in the current state.
+    fn served(&self, sni: &str) -> Option<SpiffeId> {
+        let mesh = self.mesh.load();
+        let found = mesh
+            .registry
+            .local(&self.node)
+            .filter_map(|w| mesh.identity(w.id))
+            .find(|id| server_name_for(id).to_str() == sni)
+            .cloned();
+        found
     }
 
     fn refuse(
@@ -454,5 +436,32 @@ impl Ctx {
         self.metrics.hbone_stream(Side::Server, Outcome::Error);
         warn!(conn_id, %peer, peer_identity = %peer_id, reason = %why, "hbone rejected");
         hbone::reject(respond, why.status());
+    }
+}
+
+/// The source workload and address a `Forwarded` claim names, if the address belongs to a
+/// workload that has the peer's verified identity; otherwise nothing (the claim is
+/// ignored and logged: the peer can only speak for its own identity).
+fn verified_source(
+    registry: &Registry,
+    claim: Option<SocketAddr>,
+    peer_id: &SpiffeId,
+) -> (Option<u32>, Option<SocketAddr>) {
+    let Some(addr) = claim else {
+        return (None, None);
+    };
+    match registry.by_ip(addr.ip()) {
+        Some(w)
+            if w.namespace == peer_id.namespace()
+                && w.service_account == peer_id.service_account() =>
+        {
+            (Some(w.id), Some(addr))
+        }
+        other => {
+            warn!(claimed = %addr, peer_identity = %peer_id,
+                  owner = other.map(|w| w.key()).unwrap_or_else(|| "none".into()),
+                  "forwarded source not owned by the peer identity: ignored");
+            (None, None)
+        }
     }
 }

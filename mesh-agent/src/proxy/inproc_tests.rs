@@ -27,6 +27,7 @@ use tokio::{
 use super::{
     conn_key,
     destination::{Destination, Downstream},
+    hbone::HBONE_PORT,
     inbound::{Inbound, InboundConfig},
     ip_words,
     limits::{Admission, ConnectionLimits},
@@ -41,6 +42,7 @@ use crate::{
     metrics::Metrics,
     policy::{allow_all, compile::compile, model::PolicyBundle, ConnInfo, PolicyView},
     registry::Registry,
+    state::live::{Closed, MeshHandle},
     tls::{
         cert::WorkloadCert,
         verify::{client_config, server_config, SniCertResolver, TrustStore},
@@ -274,9 +276,10 @@ impl Mesh {
         let metrics = Arc::new(Metrics::new());
         let (policies, policy_rx) = allow_all();
         let (stop, stop_rx) = watch::channel(false);
+        let mesh = MeshHandle::fixed((*registry).clone(), &TrustDomain::new(TD).unwrap());
         let deps = |node: &str| ProxyDeps {
             node: node.to_owned(),
-            registry: Arc::clone(&registry),
+            mesh: mesh.clone(),
             identities: identities.clone() as Arc<dyn Identities>,
             trust_domain: TrustDomain::new(TD).unwrap(),
             metrics: Arc::clone(&metrics),
@@ -286,10 +289,10 @@ impl Mesh {
             admission: Admission::new(limits(), Arc::clone(&metrics)),
             audit: None,
         };
-        let hbone = TcpListener::bind((N2.parse::<IpAddr>().unwrap(), 0))
+        // n2's agent, where the registry's node address says (the test's own namespace).
+        let hbone = TcpListener::bind((N2.parse::<IpAddr>().unwrap(), HBONE_PORT))
             .await
             .unwrap();
-        let hbone_addr = hbone.local_addr().unwrap();
         let inbound = Inbound::new(hbone, deps("n2"), InboundConfig::default());
         tokio::spawn(inbound.run(stop_rx.clone()));
         let out = TcpListener::bind((N1.parse::<IpAddr>().unwrap(), 0))
@@ -301,7 +304,6 @@ impl Mesh {
             vec![out],
             Arc::clone(&table) as Arc<dyn OrigDsts>,
             deps("n1"),
-            HashMap::from([("n2".to_owned(), hbone_addr)]),
             OutboundConfig::default(),
         );
         tokio::spawn(outbound.run(stop_rx));
@@ -527,6 +529,7 @@ fn a_policy_close_reports_its_outcome_and_the_bytes_that_flowed() {
                 &info,
                 A1.parse().unwrap(),
                 1,
+                Closed::never(),
             )
             .await
             .expect("admitted")
@@ -545,7 +548,13 @@ fn a_policy_close_reports_its_outcome_and_the_bytes_that_flowed() {
         let (_c2, s2) = tokio::join!(TcpStream::connect(l.local_addr().unwrap()), l.accept());
         let mut s2 = s2.unwrap().0;
         let denied = dest
-            .serve(Downstream::Local(&mut s2), &info, A1.parse().unwrap(), 2)
+            .serve(
+                Downstream::Local(&mut s2),
+                &info,
+                A1.parse().unwrap(),
+                2,
+                Closed::never(),
+            )
             .await
             .expect("admitted");
         assert!(matches!(denied.carried.outcome, Outcome::Denied { .. }));

@@ -20,8 +20,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use std::collections::HashMap;
-
 use mesh_common::{ConnKey, OrigDst};
 use tokio::{
     io::AsyncWriteExt,
@@ -34,6 +32,7 @@ use super::{
     conn_key,
     copy::{self, Counters, Far},
     destination::{Destination, Downstream, Turned},
+    hbone::HBONE_PORT,
     limits::{self, Accepted, Admission, Guard, SourceKey},
     listen, orig_dst_addr,
     pool::{Pool, PoolConfig, PoolError},
@@ -46,7 +45,7 @@ use crate::{
     identity::IdentityError,
     metrics::{Direction, Metrics},
     policy::ConnInfo,
-    registry::Registry,
+    state::live::{MeshHandle, MeshState},
     tls::SpiffeId,
 };
 
@@ -88,13 +87,6 @@ impl Default for OutboundConfig {
     }
 }
 
-/// What the outbound proxy knows of the mesh beyond the registry.
-struct MeshView {
-    node: String,
-    /// Every node's HBONE address (`address:15008`), by node name.
-    peers: HashMap<String, SocketAddr>,
-}
-
 /// The outbound proxy: its listeners and what it needs per connection.
 pub struct Outbound {
     listeners: Vec<TcpListener>,
@@ -103,11 +95,11 @@ pub struct Outbound {
 
 struct Ctx {
     orig_dsts: Arc<dyn OrigDsts>,
-    registry: Arc<Registry>,
-    /// Workload identities, indexed by workload id − 1.
-    identities_by_id: Vec<Option<SpiffeId>>,
+    /// The mesh state: each connection reads the version current when it arrives.
+    mesh: MeshHandle,
     identities: Arc<dyn Identities>,
-    view: MeshView,
+    /// This node's name.
+    node: String,
     pool: Pool,
     metrics: Arc<Metrics>,
     /// The destination side of same-node connections (no inbound hop).
@@ -157,48 +149,37 @@ struct ServiceFlow {
 impl Outbound {
     /// Wraps already-bound listeners (bound before the kernel side is
     /// attached, so a port conflict leaves nothing attached).
-    /// `peers`: every node's HBONE address (`address:15008`), by node name.
     pub fn new(
         listeners: Vec<TcpListener>,
         orig_dsts: Arc<dyn OrigDsts>,
         deps: ProxyDeps,
-        peers: HashMap<String, SocketAddr>,
         cfg: OutboundConfig,
     ) -> Self {
         let dest = deps.destination(cfg.connect_timeout);
         let ProxyDeps {
             node,
-            registry,
+            mesh,
             identities,
-            trust_domain,
             metrics,
             source,
             admission,
             ..
         } = deps;
-        let identities_by_id = registry
-            .workloads
-            .iter()
-            .map(|w| w.identity(&trust_domain).ok())
-            .collect();
-        let view = MeshView { node, peers };
-        let registry_len = registry.workloads.len();
         let pool = Pool::new(cfg.pool.clone(), source, Arc::clone(&metrics));
         Self {
             listeners,
             ctx: Arc::new(Ctx {
                 orig_dsts,
-                registry,
-                identities_by_id,
+                mesh,
                 identities,
-                view,
+                node,
                 pool,
                 metrics,
                 dest,
                 cfg,
                 next_id: AtomicU64::new(1),
                 admission,
-                balancer: Balancer::new(registry_len),
+                balancer: Balancer::new(),
             }),
         }
     }
@@ -254,6 +235,8 @@ impl Ctx {
                 },
                 _ = sweep.tick() => {
                     self.pool.sweep(&self.identities.trust());
+                    let mesh = self.mesh.load();
+                    self.balancer.retain(|id| mesh.registry.by_id(id).is_some());
                 }
             }
         }
@@ -299,22 +282,26 @@ impl Ctx {
         };
         let dst = orig_dst_addr(&orig);
         let _active = self.metrics.active(Direction::Outbound);
-        let src_workload = self.workload_name(orig.src_workload_id);
-        let src_identity = self.identity_name(orig.src_workload_id);
+        let mesh = self.mesh.load();
+        let src_workload = workload_name(&mesh, orig.src_workload_id);
+        let src_identity = identity_name(&mesh, orig.src_workload_id);
         let (orig, flow, transport, result) = if orig.dst_workload_id == 0 {
             // A service VIP (the kernel leaves the destination workload to the agent).
-            self.carry_service(&mut client, orig, dst, local, conn_id)
+            self.carry_service(&mesh, &mut client, orig, dst, (local, conn_id))
                 .await
         } else {
-            let (transport, result) = self.carry(&mut client, &orig, dst, local, conn_id).await;
+            let (transport, result) = self
+                .carry(&mesh, &mut client, &orig, dst, (local, conn_id))
+                .await;
             let flow = ServiceFlow {
                 service: None,
                 endpoint: None,
             };
             (orig, flow, transport, result)
         };
-        let dst_workload = self.workload_name(orig.dst_workload_id);
-        let dst_identity = self.identity_name(orig.dst_workload_id);
+        let dst_workload = workload_name(&mesh, orig.dst_workload_id);
+        let dst_identity = identity_name(&mesh, orig.dst_workload_id);
+        drop(mesh);
         if let Err(FlowError::OverLimit(_)) = &result {
             // Counted and logged (rate-limited) by the limits: no flow record either.
             limits::reset(client);
@@ -348,16 +335,16 @@ impl Ctx {
     /// Carries one connection: the transport chosen and how it went.
     async fn carry(
         &self,
+        mesh: &MeshState,
         client: &mut TcpStream,
         orig: &mesh_common::OrigDst,
         dst: SocketAddr,
-        local: SocketAddr,
-        conn_id: u64,
+        (local, conn_id): (SocketAddr, u64),
     ) -> (Transport, Result<Carried, FlowError>) {
         if canonical(dst) == local {
             return (Transport::Local, Err(FlowError::Loop));
         }
-        let Some(dst_w) = self.registry.by_id(orig.dst_workload_id) else {
+        let Some(dst_w) = mesh.registry.by_id(orig.dst_workload_id) else {
             return (
                 Transport::Local,
                 Err(FlowError::UnknownWorkload {
@@ -366,17 +353,17 @@ impl Ctx {
             );
         };
         let _ = client.set_nodelay(true);
-        if dst_w.node == self.view.node {
+        if dst_w.node == self.node {
             // Boxed, like every set-up phase below: a held connection's task keeps only the
             // state of its copy (10,000 idle connections, 10,000 tasks).
             return (
                 Transport::Local,
-                Box::pin(self.carry_local(client, orig, dst_w, dst, conn_id)).await,
+                Box::pin(self.carry_local(mesh, client, orig, dst_w, dst, conn_id)).await,
             );
         }
         (
             Transport::Hbone,
-            self.carry_hbone(client, orig, &dst_w.node, dst).await,
+            self.carry_hbone(mesh, client, orig, &dst_w.node, dst).await,
         )
     }
 
@@ -388,20 +375,20 @@ impl Ctx {
     /// Returns the original destination as carried (its workload the last endpoint tried).
     async fn carry_service(
         &self,
+        mesh: &MeshState,
         client: &mut TcpStream,
         mut orig: OrigDst,
         dst: SocketAddr,
-        local: SocketAddr,
-        conn_id: u64,
+        (local, conn_id): (SocketAddr, u64),
     ) -> (OrigDst, ServiceFlow, Transport, Result<Carried, FlowError>) {
         let mut flow = ServiceFlow {
             service: None,
             endpoint: None,
         };
-        let (service, target_port) = match svc::lookup(&self.registry, dst) {
+        let (service, target_port) = match svc::lookup(&mesh.registry, dst) {
             Ok(found) => found,
             Err(e) => {
-                if let Some(s) = self.registry.services.by_vip(dst.ip()) {
+                if let Some(s) = mesh.registry.services.by_vip(dst.ip()) {
                     let key = s.key();
                     self.metrics.service_connection(&key, "refused");
                     flow.service = Some(key);
@@ -418,7 +405,7 @@ impl Ctx {
                 break;
             };
             tried[attempt] = id;
-            let Some(endpoint) = svc::endpoint_addr(&self.registry, id, dst.ip(), target_port)
+            let Some(endpoint) = svc::endpoint_addr(&mesh.registry, id, dst.ip(), target_port)
             else {
                 continue;
             };
@@ -432,7 +419,9 @@ impl Ctx {
                 mesh_common::AF_INET6
             };
             flow.endpoint = Some(endpoint);
-            let (t, result) = self.carry(client, &orig, endpoint, local, conn_id).await;
+            let (t, result) = self
+                .carry(mesh, client, &orig, endpoint, (local, conn_id))
+                .await;
             transport = t;
             let retry = match &result {
                 // Nothing of the client's was sent: the tunnel or the pod was never reached.
@@ -446,7 +435,7 @@ impl Ctx {
                         && matches!(c.outcome, Outcome::Failed(_))
                         && c.bytes_sent == 0
                         && c.bytes_received == 0
-                        && !self
+                        && !mesh
                             .registry
                             .by_id(id)
                             .is_some_and(|w| w.is_http_port(target_port))
@@ -474,13 +463,14 @@ impl Ctx {
     /// kernel-attested source, L7 on HTTP ports) before the bytes reach the pod.
     async fn carry_local(
         &self,
+        mesh: &MeshState,
         client: &mut TcpStream,
         orig: &mesh_common::OrigDst,
         dst_w: &crate::registry::Workload,
         dst: SocketAddr,
         conn_id: u64,
     ) -> Result<Carried, FlowError> {
-        let src_identity = self.identity(orig.src_workload_id)?.clone();
+        let src_identity = identity(mesh, orig.src_workload_id)?.clone();
         let src_addr = client.peer_addr().ok().map(canonical);
         let info = ConnInfo {
             src_workload: Some(orig.src_workload_id),
@@ -494,7 +484,13 @@ impl Ctx {
         let l7_source = src_addr.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |a| a.ip());
         match self
             .dest
-            .serve(Downstream::Local(client), &info, l7_source, conn_id)
+            .serve(
+                Downstream::Local(client),
+                &info,
+                l7_source,
+                conn_id,
+                self.mesh.closers().watch(&[orig.src_workload_id, dst_w.id]),
+            )
             .await
         {
             Ok(served) => Ok(served.carried),
@@ -504,20 +500,25 @@ impl Ctx {
 
     async fn carry_hbone(
         &self,
+        mesh: &MeshState,
         client: &mut TcpStream,
         orig: &mesh_common::OrigDst,
         dst_node: &str,
         dst: SocketAddr,
     ) -> Result<Carried, FlowError> {
-        let src_id = self.identity(orig.src_workload_id)?;
-        let dst_id = self.identity(orig.dst_workload_id)?;
-        let peer = *self
-            .view
-            .peers
-            .get(dst_node)
+        let src_id = identity(mesh, orig.src_workload_id)?;
+        let dst_id = identity(mesh, orig.dst_workload_id)?;
+        let peer = mesh
+            .registry
+            .node(dst_node)
+            .map(|n| SocketAddr::new(n.address, HBONE_PORT))
             .ok_or_else(|| FlowError::UnknownNode {
                 node: dst_node.to_owned(),
             })?;
+        let closed = self
+            .mesh
+            .closers()
+            .watch(&[orig.src_workload_id, orig.dst_workload_id]);
         let config = self
             .identities
             .client_config(src_id, dst_id)
@@ -535,38 +536,36 @@ impl Ctx {
         ))
         .await?;
         let counts = Counters::default();
-        let copied = copy::bidirectional(client, Far::Tunnel(tunnel), &counts).await;
+        let copied = tokio::select! {
+            copied = copy::bidirectional(client, Far::Tunnel(tunnel), &counts) => match copied {
+                Ok(()) => Outcome::Ok,
+                Err(e) => Outcome::Failed(format!("tunnel: {e}")),
+            },
+            () = closed.wait() => Outcome::Removed,
+        };
         Ok(Carried {
             bytes_sent: counts.sent(),
             bytes_received: counts.received(),
-            ..Carried::nothing(match copied {
-                Ok(()) => Outcome::Ok,
-                Err(e) => Outcome::Failed(format!("tunnel: {e}")),
-            })
+            ..Carried::nothing(copied)
         })
     }
+}
 
-    fn identity(&self, id: u32) -> Result<&SpiffeId, FlowError> {
-        usize::try_from(id)
-            .ok()
-            .and_then(|i| i.checked_sub(1))
-            .and_then(|i| self.identities_by_id.get(i))
-            .and_then(Option::as_ref)
-            .ok_or(FlowError::UnknownWorkload { id })
-    }
+fn identity(mesh: &MeshState, id: u32) -> Result<&SpiffeId, FlowError> {
+    mesh.identity(id).ok_or(FlowError::UnknownWorkload { id })
+}
 
-    fn identity_name(&self, id: u32) -> String {
-        self.identity(id)
-            .map(ToString::to_string)
-            .unwrap_or_else(|_| format!("unknown#{id}"))
-    }
+fn identity_name(mesh: &MeshState, id: u32) -> String {
+    identity(mesh, id)
+        .map(ToString::to_string)
+        .unwrap_or_else(|_| format!("unknown#{id}"))
+}
 
-    fn workload_name(&self, id: u32) -> String {
-        self.registry
-            .by_id(id)
-            .map(|w| w.key())
-            .unwrap_or_else(|| format!("unknown#{id}"))
-    }
+fn workload_name(mesh: &MeshState, id: u32) -> String {
+    mesh.registry
+        .by_id(id)
+        .map(|w| w.key())
+        .unwrap_or_else(|| format!("unknown#{id}"))
 }
 
 fn log_refused(conn_id: u64, peer: SocketAddr, e: &FlowError) {

@@ -44,6 +44,10 @@ pub enum Outcome {
     /// Closed by a new policy generation that no longer allows it.
     #[error("closed: no longer allowed by policy")]
     Revoked,
+    /// Closed because a workload of the connection left the mesh state (or its identity,
+    /// node or addresses changed).
+    #[error("closed: workload removed from the mesh state")]
+    Removed,
     /// Not carried: the reason (no original destination, unknown workload, no certificate…).
     #[error("{0}")]
     Refused(String),

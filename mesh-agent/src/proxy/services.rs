@@ -1,12 +1,17 @@
 //! Endpoint choice for connections to a service virtual IP: power of two choices on this
 //! agent's count of active connections per endpoint workload.
 //!
-//! The counts live in one fixed array indexed by workload id, allocated with the balancer: a
-//! connection costs two atomic operations and no allocation.
+//! The counts live in a map by workload id (ids are the authority's, stable but sparse): a
+//! connection costs a read lock and two atomic operations; an endpoint's counter is created on
+//! its first connection and dropped with its last once the workload left the state.
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::atomic::{AtomicU32, AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicU32, AtomicU64, Ordering},
+        Arc, RwLock,
+    },
 };
 
 use crate::registry::{Registry, Service};
@@ -17,31 +22,36 @@ pub const MAX_ENDPOINT_TRIES: usize = 3;
 
 /// Active connections per endpoint workload, and the choice among a service's endpoints.
 pub struct Balancer {
-    /// Indexed by workload id − 1.
-    active: Vec<AtomicU32>,
+    /// By workload id.
+    active: RwLock<HashMap<u32, Arc<AtomicU32>>>,
     /// State of the choice's pseudo-random sequence (splitmix64).
     seed: AtomicU64,
 }
 
 /// One active connection to an endpoint: its count drops when this does.
-pub struct EndpointGuard<'a> {
-    count: &'a AtomicU32,
+pub struct EndpointGuard {
+    count: Arc<AtomicU32>,
 }
 
-impl Drop for EndpointGuard<'_> {
+impl Drop for EndpointGuard {
     fn drop(&mut self) {
         self.count.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
+impl Default for Balancer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Balancer {
-    /// A balancer for the `workloads` workloads of a registry.
-    pub fn new(workloads: usize) -> Self {
+    pub fn new() -> Self {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0x9e37_79b9, |d| d.as_nanos() as u64);
         Self {
-            active: (0..workloads).map(|_| AtomicU32::new(0)).collect(),
+            active: RwLock::new(HashMap::new()),
             seed: AtomicU64::new(seed),
         }
     }
@@ -57,13 +67,13 @@ impl Balancer {
         z ^ (z >> 31)
     }
 
-    fn count(&self, id: u32) -> Option<&AtomicU32> {
-        self.active.get(usize::try_from(id).ok()?.checked_sub(1)?)
-    }
-
     /// The active connections this agent has to endpoint workload `id`.
     pub fn active(&self, id: u32) -> u32 {
-        self.count(id).map_or(0, |c| c.load(Ordering::Relaxed))
+        self.active
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
     /// Chooses an endpoint of `candidates` (workload ids), skipping those in `tried`: two at
@@ -97,10 +107,27 @@ impl Balancer {
     }
 
     /// Counts one active connection to endpoint `id` until the guard is dropped.
-    pub fn hold(&self, id: u32) -> Option<EndpointGuard<'_>> {
-        let count = self.count(id)?;
+    pub fn hold(&self, id: u32) -> EndpointGuard {
+        let found = self
+            .active
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned();
+        let count = found.unwrap_or_else(|| {
+            let mut map = self.active.write().unwrap_or_else(|p| p.into_inner());
+            Arc::clone(map.entry(id).or_default())
+        });
         count.fetch_add(1, Ordering::Relaxed);
-        Some(EndpointGuard { count })
+        EndpointGuard { count }
+    }
+
+    /// Drops the counters of endpoints without connections that are not in `live`.
+    pub fn retain(&self, live: impl Fn(u32) -> bool) {
+        self.active
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, c| live(*id) || c.load(Ordering::Relaxed) > 0);
     }
 }
 
@@ -151,13 +178,11 @@ mod tests {
 
     #[test]
     fn choose_prefers_the_less_loaded_and_skips_tried() {
-        let b = Balancer::new(4);
+        let b = Balancer::new();
         let eps = [1, 2, 3];
         // Load 1 and 2 heavily: 3 is chosen whenever it is one of the two picks (2/3 of the
         // time for three endpoints), never less loaded ones skipped for it.
-        let _held: Vec<_> = (0..10)
-            .flat_map(|_| [b.hold(1).unwrap(), b.hold(2).unwrap()])
-            .collect();
+        let _held: Vec<_> = (0..10).flat_map(|_| [b.hold(1), b.hold(2)]).collect();
         let threes = (0..3000).filter(|_| b.choose(&eps, &[]) == Some(3)).count();
         assert!((1800..=2200).contains(&threes), "{threes}");
         // Tried endpoints are never chosen again; none left: None.
@@ -170,7 +195,7 @@ mod tests {
 
     #[test]
     fn equal_loads_spread_evenly_and_guards_count() {
-        let b = Balancer::new(3);
+        let b = Balancer::new();
         let mut hits = [0usize; 3];
         for _ in 0..3000 {
             let id = b.choose(&[1, 2, 3], &[]).unwrap();
@@ -179,11 +204,15 @@ mod tests {
         for h in hits {
             assert!((800..=1200).contains(&h), "{hits:?}");
         }
-        let g = b.hold(2).unwrap();
+        let g = b.hold(2);
         assert_eq!(b.active(2), 1);
-        drop(g);
+        // Sparse ids are fine; a counter in use survives a retain that drops its workload.
+        let far = b.hold(1_000_000);
+        b.retain(|_| false);
+        assert_eq!((b.active(2), b.active(1_000_000)), (1, 1));
+        drop((g, far));
         assert_eq!(b.active(2), 0);
-        assert!(b.hold(0).is_none());
-        assert!(b.hold(4).is_none());
+        b.retain(|_| false);
+        assert!(b.active.read().unwrap().is_empty());
     }
 }

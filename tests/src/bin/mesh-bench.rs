@@ -36,7 +36,10 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use mesh_tests::{eventually, httpload, require_privileges, Agent, Cluster, Host, Pod, Proc};
+use mesh_tests::{
+    eventually, httpload, require_privileges, Agent, Cluster, Host, NodeEntry, Pod, Proc,
+    ServiceEntry, WorkloadEntry,
+};
 use serde_json::{json, Value};
 
 /// Direct vs through-the-mesh pod→pod benchmark; prints a table, writes JSON.
@@ -64,6 +67,10 @@ struct Args {
     /// before the audit log, which knows no `--audit-off`, beside the current one).
     #[arg(long)]
     skip_audit: bool,
+    /// Leave out the mesh state figures (propagation, 10,000 workloads; e.g. against an agent
+    /// built before the state stream).
+    #[arg(long)]
+    skip_state: bool,
     #[command(subcommand)]
     pod_cmd: Option<PodCmd>,
 }
@@ -525,6 +532,11 @@ fn orchestrate(args: &Args) -> ExitCode {
         .filter_map(Agent::pid)
         .map(peak_rss_mib)
         .collect();
+    let state = if stopping() || args.skip_state {
+        json!(null)
+    } else {
+        state_phase(&bench, args, &mut problems)
+    };
     let exe = bench.exe.clone();
     let cost = bench.cost.take();
     let Bench { durations, .. } = bench;
@@ -555,6 +567,7 @@ fn orchestrate(args: &Args) -> ExitCode {
     print_http_table(&http_summary, args, &durations);
     let scale_summary = summarize_scale(&scale_runs);
     print_scale_table(&scale_summary, args, &durations);
+    print_state(&state);
     print_lifecycle(&lifecycle);
     print_audit_overhead(&audit_overhead);
     print_audit(&audit);
@@ -628,6 +641,7 @@ fn orchestrate(args: &Args) -> ExitCode {
             "summary": scale_summary,
             "runs": scale_runs.iter().map(ScaleRun::to_json).collect::<Vec<_>>(),
         },
+        "state": state,
         "lifecycle": lifecycle,
         "audit": {
             "what": "audit_records_per_sec: the real AuditLog (queue, writer thread, segments, signed checkpoints) fed from one thread pinned to one core, the writer thread on the same core; audit_query_10m: `mesh-agent audit query` (src + dst + verdict) over a log written by the real writer, first run builds the index; audit_overhead: the HTTP 1 KiB POST benchmark under the L7 policy with agents run with the audit log and with --audit-off",
@@ -2965,6 +2979,291 @@ fn audit_only_bench(args: &Args) -> ExitCode {
         &doc,
         problems.is_empty(),
     )
+}
+
+// ---------------------------------------------------------------------------------------------
+// The mesh state: propagation of a change, and a state of 10,000 workloads and 1,000 services
+
+/// Changes timed for the propagation figure.
+const PROPAGATION_CHANGES: usize = 30;
+const STATE_SCALE_WORKLOADS: usize = 10_000;
+const STATE_SCALE_SERVICES: usize = 1_000;
+/// The bench's own service: the server's one-shot port behind a VIP (connect() to a VIP).
+const BENCH_VIP: &str = "10.96.255.1";
+
+/// A workload that never runs: on node `n9` (listed, never started), its cgroup never created.
+fn phantom(i: usize) -> WorkloadEntry {
+    WorkloadEntry {
+        name: format!("w-{i}"),
+        namespace: "scale".into(),
+        service_account: format!("sa-{}", i % 500),
+        node: "n9".into(),
+        ips: vec![
+            format!("10.{}.{}.{}", 50 + i / 62_500, (i / 250) % 250, 1 + i % 250)
+                .parse()
+                .expect("ip"),
+        ],
+        cgroup: None,
+        labels: vec![("group".into(), format!("g{}", i % STATE_SCALE_SERVICES))],
+        peer_authentication: None,
+        extra_lines: Vec::new(),
+    }
+}
+
+/// What the bench publishes: the cluster's workloads and nodes, node n9, `extra` workloads,
+/// and services (the bench's VIP service, and one per group when `groups`).
+fn state_text(cluster: &Cluster, extra: &[WorkloadEntry], groups: bool) -> String {
+    let mut nodes = cluster.registry_nodes();
+    nodes.push(NodeEntry {
+        name: "n9".into(),
+        address: "10.0.0.9".parse().expect("ip"),
+        address6: None,
+    });
+    let mut workloads = cluster.registry_entries();
+    workloads.extend_from_slice(extra);
+    let mut services = vec![ServiceEntry {
+        name: "bench".into(),
+        namespace: "default".into(),
+        vips: vec![BENCH_VIP.parse().expect("vip")],
+        ports: vec![(ONESHOT_PORT, ONESHOT_PORT)],
+        selector: vec![("app".into(), "server".into())],
+    }];
+    if groups {
+        services.extend((0..STATE_SCALE_SERVICES).map(|g| ServiceEntry {
+            name: format!("s-{g}"),
+            namespace: "scale".into(),
+            vips: vec![format!("10.97.{}.{}", g / 250, 1 + g % 250).parse().expect("vip")],
+            ports: vec![(80, 8080)],
+            selector: vec![("group".into(), format!("g{g}"))],
+        }));
+    }
+    mesh_tests::registry::render_with_services(&nodes, &workloads, &services).text
+}
+
+impl Bench<'_> {
+    /// Writes `text` as the registry the authority follows; returns when it was written and
+    /// the version the authority published for it.
+    fn publish(&self, text: &str) -> Option<(SystemTime, u64)> {
+        let dir = self.cluster.tmp_dir();
+        let before = self.cluster.published_version();
+        let tmp = dir.join(".registry.yaml.tmp");
+        std::fs::write(&tmp, text).ok()?;
+        let at = SystemTime::now();
+        std::fs::rename(&tmp, dir.join("registry.yaml")).ok()?;
+        let version = eventually(Duration::from_secs(60), || {
+            let v = self.cluster.published_version();
+            (v > before).then_some(v)
+        })?;
+        Some((at, version))
+    }
+
+    /// For each agent, the time from `since` to its `state applied` line for `version` (the
+    /// line's own timestamp).
+    fn applied(&self, offsets: &[u64], version: u64, since: SystemTime) -> Vec<Option<Duration>> {
+        use std::io::{Seek, SeekFrom};
+        self.agents
+            .iter()
+            .zip(offsets)
+            .map(|(agent, &offset)| {
+                let log = agent.stdout_path()?.to_owned();
+                eventually(Duration::from_secs(60), || {
+                    let mut text = String::new();
+                    let mut f = std::fs::File::open(&log).ok()?;
+                    f.seek(SeekFrom::Start(offset)).ok()?;
+                    let _ = f.read_to_string(&mut text);
+                    let v = text
+                        .lines()
+                        .filter(|l| l.contains("state applied"))
+                        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                        .find(|v| v["version"].as_u64().is_some_and(|g| g >= version))?;
+                    let at = v["timestamp"].as_str().and_then(parse_utc_timestamp)?;
+                    Some(at.duration_since(since).unwrap_or(Duration::ZERO))
+                })
+            })
+            .collect()
+    }
+
+    fn log_offsets(&self) -> Vec<u64> {
+        self.agents
+            .iter()
+            .map(|a| a.stdout_path().map_or(0, file_len))
+            .collect()
+    }
+
+    /// Publishes `text` and returns (write → applied on every agent, version).
+    fn propagate(&self, text: &str) -> Option<(Duration, u64)> {
+        let offsets = self.log_offsets();
+        let (at, version) = self.publish(text)?;
+        let each = self.applied(&offsets, version, at);
+        let all: Option<Vec<Duration>> = each.into_iter().collect();
+        Some((all?.into_iter().max()?, version))
+    }
+
+    fn connect_to(&self, pod: &Pod, to: SocketAddr) -> Value {
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("connect")
+            .arg("--to")
+            .arg(to.to_string())
+            .arg("--count")
+            .arg(self.durations.connects.to_string());
+        self.run_json(pod, cmd, "connect", Duration::from_secs(60))
+    }
+}
+
+/// Kernel memory of the node's pinned maps (`bytes_memlock` summed, `bpftool map show`).
+fn map_memory_kib(pin_dir: &Path) -> f64 {
+    let ids: Vec<u64> = std::fs::read_dir(pin_dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let v =
+                mesh_tests::bpftool::json(&["map", "show", "pinned", &e.path().to_string_lossy()]);
+            v.get("id")?.as_u64()
+        })
+        .collect();
+    let maps = mesh_tests::bpftool::json(&["map", "show"]);
+    maps.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["id"].as_u64().is_some_and(|id| ids.contains(&id)))
+        .filter_map(|m| m["bytes_memlock"].as_u64())
+        .sum::<u64>() as f64
+        / 1024.0
+}
+
+fn state_phase(bench: &Bench<'_>, args: &Args, problems: &mut Vec<String>) -> Value {
+    let cluster = bench.cluster;
+    let changes = if args.quick { 10 } else { PROPAGATION_CHANGES };
+    println!("== mesh state: propagation of {changes} changes (registry file → applied on both agents), then {STATE_SCALE_WORKLOADS} workloads and {STATE_SCALE_SERVICES} services");
+    // Small state: one workload added and removed, alternately.
+    let mut small_ms = Vec::new();
+    for i in 0..changes {
+        if stopping() {
+            return json!(null);
+        }
+        let extra: Vec<WorkloadEntry> = if i % 2 == 0 { vec![phantom(0)] } else { vec![] };
+        match bench.propagate(&state_text(cluster, &extra, false)) {
+            Some((d, _)) => small_ms.push(ms(d)),
+            None => problems.push(format!(
+                "state change {i}: not applied on every agent within 60 s"
+            )),
+        }
+    }
+    let rss_before: Vec<f64> = bench.agents.iter().map(|a| rss_mib(a.pid())).collect();
+    let maps_before = map_memory_kib(cluster.node(0).pin_dir());
+    let client = cluster.pod("client");
+    let pod_connect = bench.connect_to(client, bench.server.addr4(ONESHOT_PORT));
+    let vip: SocketAddr = SocketAddr::new(BENCH_VIP.parse().expect("vip"), ONESHOT_PORT);
+    let vip_connect_small = bench.connect_to(client, vip);
+
+    // Large state: 10,000 workloads, 1,000 services.
+    let many: Vec<WorkloadEntry> = (0..STATE_SCALE_WORKLOADS).map(phantom).collect();
+    let large_text = state_text(cluster, &many, true);
+    let large = bench.propagate(&large_text);
+    if large.is_none() {
+        problems.push("the 10,000-workload state was not applied within 60 s".into());
+    }
+    let mut one_change_ms = Vec::new();
+    for i in 0..5 {
+        let mut more = many.clone();
+        if i % 2 == 0 {
+            more.push(phantom(STATE_SCALE_WORKLOADS));
+        }
+        match bench.propagate(&state_text(cluster, &more, true)) {
+            Some((d, _)) => one_change_ms.push(ms(d)),
+            None => problems.push(format!("large state change {i}: not applied within 60 s")),
+        }
+    }
+    let rss_large: Vec<f64> = bench.agents.iter().map(|a| rss_mib(a.pid())).collect();
+    let maps_large = map_memory_kib(cluster.node(0).pin_dir());
+    let pod_connect_large = bench.connect_to(client, bench.server.addr4(ONESHOT_PORT));
+    let vip_connect_large = bench.connect_to(client, vip);
+    // Back to the cluster's own state.
+    if bench.propagate(&state_text(cluster, &[], false)).is_none() {
+        problems.push("restoring the small state: not applied within 60 s".into());
+    }
+    let pct = |v: &[f64], p: f64| {
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        if s.is_empty() {
+            f64::NAN
+        } else {
+            s[((s.len() - 1) as f64 * p).round() as usize]
+        }
+    };
+    let v = json!({
+        "propagation_ms": {"p50": finite(pct(&small_ms, 0.5)), "p99": finite(pct(&small_ms, 0.99)), "max": finite(pct(&small_ms, 1.0)), "runs": small_ms},
+        "large": {
+            "workloads": STATE_SCALE_WORKLOADS, "services": STATE_SCALE_SERVICES,
+            "first_apply_ms": large.map(|(d, _)| ms(d)),
+            "one_change_ms": {"p50": finite(pct(&one_change_ms, 0.5)), "max": finite(pct(&one_change_ms, 1.0)), "runs": one_change_ms},
+            "agent_rss_mib": rss_large, "map_memory_kib_n1": maps_large,
+        },
+        "small": {"agent_rss_mib": rss_before, "map_memory_kib_n1": maps_before},
+        "connect_us": {
+            "pod_ip": {"p50": pod_connect["p50_us"], "p99": pod_connect["p99_us"]},
+            "service_vip": {"p50": vip_connect_small["p50_us"], "p99": vip_connect_small["p99_us"]},
+            "pod_ip_large_state": {"p50": pod_connect_large["p50_us"], "p99": pod_connect_large["p99_us"]},
+            "service_vip_large_state": {"p50": vip_connect_large["p50_us"], "p99": vip_connect_large["p99_us"]},
+        },
+    });
+    for c in [
+        &pod_connect,
+        &vip_connect_small,
+        &pod_connect_large,
+        &vip_connect_large,
+    ] {
+        if c["errors"].as_u64().unwrap_or(0) > 0 {
+            problems.push(format!(
+                "state phase connect: {} errors (first: {})",
+                c["errors"], c["first_error"]
+            ));
+        }
+    }
+    v
+}
+
+fn print_state(v: &Value) {
+    if v.is_null() {
+        return;
+    }
+    let f = |x: &Value| x.as_f64().map_or("-".into(), |x| format!("{x:.1}"));
+    println!("mesh state (registry file at the authority → `state applied` on both agents):");
+    println!(
+        "  propagation of one change, small state   p50 {} ms  p99 {} ms  (goal p99 ≤ 250 ms)",
+        f(&v["propagation_ms"]["p50"]),
+        f(&v["propagation_ms"]["p99"])
+    );
+    println!(
+        "  {} workloads + {} services: first apply {} ms; one change p50 {} ms (max {} ms)",
+        v["large"]["workloads"],
+        v["large"]["services"],
+        f(&v["large"]["first_apply_ms"]),
+        f(&v["large"]["one_change_ms"]["p50"]),
+        f(&v["large"]["one_change_ms"]["max"])
+    );
+    println!(
+        "  agent RSS (n1, n2): small {:?} MiB, large {:?} MiB; n1 map memory: small {} KiB, large {} KiB",
+        v["small"]["agent_rss_mib"], v["large"]["agent_rss_mib"],
+        f(&v["small"]["map_memory_kib_n1"]), f(&v["large"]["map_memory_kib_n1"])
+    );
+    for (k, label) in [
+        ("pod_ip", "connect() to a pod IP"),
+        ("service_vip", "connect() to a service VIP"),
+        ("pod_ip_large_state", "connect() to a pod IP, large state"),
+        (
+            "service_vip_large_state",
+            "connect() to a service VIP, large state",
+        ),
+    ] {
+        println!(
+            "  {label:<42} p50 {} µs  p99 {} µs",
+            f(&v["connect_us"][k]["p50"]),
+            f(&v["connect_us"][k]["p99"])
+        );
+    }
+    println!();
 }
 
 #[cfg(test)]

@@ -1,0 +1,254 @@
+//! `mesh-agent state show`: the mesh state a node runs (the last version its agent verified,
+//! applied and persisted), and `mesh-agent state agents`: at the authority, the version it
+//! publishes and the version each agent last reported.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use serde::Serialize;
+
+use super::{print, with_stderr_logs, OutputFormat};
+use crate::{
+    error_chain,
+    registry::Registry,
+    state::{publish::AgentReport, Snapshot},
+};
+
+#[derive(clap::Args, Debug)]
+pub struct StateArgs {
+    #[command(subcommand)]
+    pub command: StateCommand,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum StateCommand {
+    /// The state this node's agent applied: version, digest, source, and the node's workloads
+    /// (enrolled or waiting for their cgroup).
+    Show(ShowArgs),
+    /// At the authority: the published version and what each agent runs.
+    Agents(AgentsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ShowArgs {
+    /// The agent's state directory (its `--state-dir`; default `<identity-dir>/state`).
+    #[arg(long, env = "MESH_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// The agent's identity directory (its state directory is `state/` inside).
+    #[arg(long, env = "MESH_IDENTITY_DIR")]
+    pub identity_dir: Option<PathBuf>,
+    /// Lists this node's workloads.
+    #[arg(long, env = "MESH_NODE")]
+    pub node: Option<String>,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct AgentsArgs {
+    /// The authority directory.
+    #[arg(long, env = "MESH_AUTHORITY_DIR")]
+    pub dir: PathBuf,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Shown {
+    version: u64,
+    digest: String,
+    source: String,
+    changed_unix_ms: u64,
+    nodes: usize,
+    workloads: usize,
+    services: usize,
+    refused: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    local: Option<Vec<LocalWorkload>>,
+}
+
+#[derive(Serialize)]
+struct LocalWorkload {
+    id: u32,
+    workload: String,
+    identity: String,
+    ips: Vec<std::net::IpAddr>,
+    cgroup: Option<PathBuf>,
+    /// Whether its cgroup exists now (the agent enrols it once it does).
+    cgroup_exists: bool,
+}
+
+/// Exit codes: 0 shown, 1 no state (or unreadable), 2 bad arguments.
+pub fn main(args: StateArgs) -> ExitCode {
+    match args.command {
+        StateCommand::Show(a) => with_stderr_logs(|| show(a)),
+        StateCommand::Agents(a) => with_stderr_logs(|| agents(a)),
+    }
+}
+
+fn show(a: ShowArgs) -> ExitCode {
+    let Some(dir) = a
+        .state_dir
+        .clone()
+        .or_else(|| a.identity_dir.as_ref().map(|d| d.join("state")))
+    else {
+        eprintln!("error: give --state-dir or --identity-dir");
+        return ExitCode::from(2);
+    };
+    let snapshot = match Snapshot::load(&dir) {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            eprintln!(
+                "error: no mesh state in {} (the agent has not received one yet)",
+                dir.display()
+            );
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let parsed = match Registry::parse_entries(
+        &snapshot.registry,
+        &dir.join(crate::state::PERSISTED),
+        None,
+        std::path::Path::new("/"),
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let cgroup_root = crate::cgroup::cgroup2_mount().ok();
+    let registry = parsed.registry;
+    let local = a.node.as_deref().map(|node| {
+        registry
+            .local(node)
+            .map(|w| LocalWorkload {
+                id: w.id,
+                workload: w.key(),
+                identity: format!("ns/{}/sa/{}", w.namespace, w.service_account),
+                ips: w.ips.clone(),
+                cgroup: w.cgroup.clone(),
+                cgroup_exists: match (&cgroup_root, &w.cgroup) {
+                    (Some(root), Some(cg)) => crate::cgroup::resolve(root, cg).is_ok(),
+                    _ => false,
+                },
+            })
+            .collect::<Vec<_>>()
+    });
+    let shown = Shown {
+        version: snapshot.version,
+        digest: snapshot.digest.clone(),
+        source: snapshot.source.clone(),
+        changed_unix_ms: snapshot.changed_unix_ms,
+        nodes: registry.nodes.len(),
+        workloads: registry.workloads.len(),
+        services: registry.services.services.len(),
+        refused: snapshot.refused.clone(),
+        local,
+    };
+    let mut text = format!(
+        "version {}  digest {}\nsource {}\n{} nodes, {} workloads, {} services",
+        shown.version, shown.digest, shown.source, shown.nodes, shown.workloads, shown.services
+    );
+    if !shown.refused.is_empty() {
+        text.push_str(&format!(
+            "\n{} entries refused at the source:",
+            shown.refused.len()
+        ));
+        for r in &shown.refused {
+            text.push_str(&format!("\n  {r}"));
+        }
+    }
+    if let (Some(node), Some(local)) = (&a.node, &shown.local) {
+        text.push_str(&format!("\nworkloads on {node}:"));
+        for w in local {
+            text.push_str(&format!(
+                "\n  #{} {} {} {} {}",
+                w.id,
+                w.workload,
+                w.identity,
+                w.ips
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+                if w.cgroup_exists {
+                    "enrolled"
+                } else {
+                    "pending (no cgroup yet)"
+                }
+            ));
+        }
+    }
+    text.push('\n');
+    finish(print(a.output, &shown, &text))
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AgentsShown {
+    published_version: u64,
+    agents: std::collections::BTreeMap<String, AgentReport>,
+}
+
+fn agents(a: AgentsArgs) -> ExitCode {
+    #[derive(serde::Deserialize)]
+    struct Ids {
+        version: u64,
+    }
+    let read = |name: &str| std::fs::read_to_string(a.dir.join(name));
+    let published_version = match read("state/ids.json") {
+        Ok(text) => match serde_json::from_str::<Ids>(&text) {
+            Ok(ids) => ids.version,
+            Err(e) => {
+                eprintln!("error: {}: {e}", a.dir.join("state/ids.json").display());
+                return ExitCode::FAILURE;
+            }
+        },
+        Err(e) => {
+            eprintln!(
+                "error: {}: {e} (has this authority served?)",
+                a.dir.join("state/ids.json").display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let agents = match read(crate::state::publish::AGENTS_FILE) {
+        Ok(text) => match serde_json::from_str(&text) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("error: {}: {e}", crate::state::publish::AGENTS_FILE);
+                return ExitCode::FAILURE;
+            }
+        },
+        Err(_) => Default::default(),
+    };
+    let shown = AgentsShown {
+        published_version,
+        agents,
+    };
+    let mut text = format!("published version {published_version}\n");
+    for (node, r) in &shown.agents {
+        let lag = if r.version == published_version {
+            "current".to_owned()
+        } else {
+            format!("behind ({})", published_version.saturating_sub(r.version))
+        };
+        text.push_str(&format!("  {node}: version {} {lag}\n", r.version));
+    }
+    finish(print(a.output, &shown, &text))
+}
+
+fn finish(r: std::io::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: writing the result: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

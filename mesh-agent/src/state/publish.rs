@@ -1,0 +1,352 @@
+//! The authority side of the state stream: watch the source, publish versions, answer agents.
+//!
+//! [`watch_source`] stats the registry file every `interval` (a stat per tick; the file is read
+//! only when its mtime, size or inode changed — an editor's or `git checkout`'s rename counts),
+//! validates it entry by entry (a bad entry is refused and logged with `file:line`, the rest is
+//! published), assigns stable ids ([`super::ids`]) and publishes a new version when the
+//! accepted content changed. The response line of every version is rendered once and shared
+//! by all the agents waiting for it.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use serde::Serialize;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::{
+    ids::{IdAllocator, Kind},
+    now_unix_ms, Snapshot, StateError,
+};
+use crate::registry::{Registry, RegistryError};
+
+/// One published version, with its response line rendered.
+#[derive(Debug)]
+pub struct Published {
+    pub snapshot: Snapshot,
+    /// `{"ok":true,"state":{…}}\n`.
+    pub line: Vec<u8>,
+}
+
+/// What an agent last reported (the `after` of its last state request).
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentReport {
+    /// The version the agent runs (0: none yet).
+    pub version: u64,
+    /// When it asked (Unix milliseconds).
+    pub seen_unix_ms: u64,
+}
+
+/// The published versions, as the authority's service reads them.
+#[derive(Clone, Debug)]
+pub struct StateFeed {
+    rx: watch::Receiver<Option<Arc<Published>>>,
+    agents: Arc<Mutex<BTreeMap<String, AgentReport>>>,
+    /// Where the reports are written when an agent's version changes (`state/agents.json`).
+    reports: Option<PathBuf>,
+}
+
+/// Name of the agents' reports in the authority directory.
+pub const AGENTS_FILE: &str = "state/agents.json";
+
+/// Publishes versions into a [`StateFeed`].
+#[derive(Debug)]
+pub struct Publisher {
+    tx: watch::Sender<Option<Arc<Published>>>,
+    agents: Arc<Mutex<BTreeMap<String, AgentReport>>>,
+}
+
+impl Publisher {
+    /// A publisher; with `dir`, what each agent runs is also written to `dir`/[`AGENTS_FILE`]
+    /// whenever it changes.
+    pub fn new(dir: Option<&Path>) -> (Self, StateFeed) {
+        let (tx, rx) = watch::channel(None);
+        let agents = Arc::new(Mutex::new(BTreeMap::new()));
+        (
+            Self {
+                tx,
+                agents: Arc::clone(&agents),
+            },
+            StateFeed {
+                rx,
+                agents,
+                reports: dir.map(|d| d.join(AGENTS_FILE)),
+            },
+        )
+    }
+
+    /// Makes `snapshot` the current version.
+    pub fn publish(&self, snapshot: Snapshot) {
+        #[derive(Serialize)]
+        struct Line<'a> {
+            ok: bool,
+            state: &'a Snapshot,
+        }
+        let mut line = serde_json::to_vec(&Line {
+            ok: true,
+            state: &snapshot,
+        })
+        .unwrap_or_else(|_| {
+            br#"{"ok":false,"error":"internal error: unserialisable state"}"#.to_vec()
+        });
+        line.push(b'\n');
+        self.tx
+            .send_replace(Some(Arc::new(Published { snapshot, line })));
+    }
+
+    /// The current version, if any.
+    pub fn current(&self) -> Option<Arc<Published>> {
+        self.tx.borrow().clone()
+    }
+
+    /// What each agent last reported.
+    pub fn agents(&self) -> BTreeMap<String, AgentReport> {
+        self.agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl StateFeed {
+    /// Waits up to `wait` for a version other than `after` (an agent with nothing, `None`,
+    /// gets the current version at once); `None` when there is none by then. Records `after`
+    /// as what `node` runs.
+    pub async fn next(
+        &self,
+        node: &str,
+        after: Option<u64>,
+        wait: Duration,
+    ) -> Option<Arc<Published>> {
+        let changed = {
+            let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+            let version = after.unwrap_or(0);
+            let before = agents.insert(
+                node.to_owned(),
+                AgentReport {
+                    version,
+                    seen_unix_ms: now_unix_ms(),
+                },
+            );
+            (before.map(|r| r.version) != Some(version)).then(|| agents.clone())
+        };
+        if let (Some(agents), Some(path)) = (changed, &self.reports) {
+            info!(
+                node,
+                version = after.unwrap_or(0),
+                "agent runs state version"
+            );
+            let write = serde_json::to_vec_pretty(&agents)
+                .map_err(std::io::Error::other)
+                .and_then(|text| {
+                    crate::files::write_atomic(path, &text, 0o600).map_err(|e| e.source)
+                });
+            if let Err(e) = write {
+                warn!(path = %path.display(), error = %e, "writing the agents' state versions");
+            }
+        }
+        let mut rx = self.rx.clone();
+        let differs = |p: &Option<Arc<Published>>| {
+            p.as_ref()
+                .is_some_and(|p| Some(p.snapshot.version) != after)
+        };
+        let next = match tokio::time::timeout(wait, rx.wait_for(differs)).await {
+            Ok(Ok(p)) => p.clone(),
+            _ => None,
+        };
+        next
+    }
+
+    /// The current version, if any.
+    pub fn current(&self) -> Option<Arc<Published>> {
+        self.rx.borrow().clone()
+    }
+
+    /// What each agent last reported.
+    pub fn agents(&self) -> BTreeMap<String, AgentReport> {
+        self.agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// The content of one read of the source: the registry to publish and the refused entries.
+pub struct Built {
+    pub registry: Registry,
+    pub refused: Vec<RegistryError>,
+}
+
+/// Reads and validates the registry at `path` entry by entry, with the ids of `ids`.
+pub fn build(path: &Path, ids: &mut IdAllocator) -> Result<Built, RegistryError> {
+    let parsed = Registry::load_entries(path, None, Path::new("/"))?;
+    let keep_w: std::collections::HashSet<String> =
+        parsed.registry.workloads.iter().map(|w| w.key()).collect();
+    let keep_s: std::collections::HashSet<String> = parsed
+        .registry
+        .services
+        .services
+        .iter()
+        .map(|s| s.key())
+        .collect();
+    ids.retain(Kind::Workload, &|k| keep_w.contains(k));
+    ids.retain(Kind::Service, &|k| keep_s.contains(k));
+    // Exhaustion (4 billion entries seen) refuses nothing here: the id stays 0, which the
+    // agents refuse entry by entry.
+    // New entries get ids in file order: a registry seen for the first time gets its
+    // positions (what `policy apply --registry` compiles with).
+    let wids: std::collections::HashMap<String, u32> = parsed
+        .registry
+        .workloads
+        .iter()
+        .map(|w| {
+            let k = w.key();
+            let id = ids.id(Kind::Workload, &k).unwrap_or(0);
+            (k, id)
+        })
+        .collect();
+    let sids: std::collections::HashMap<String, u32> = parsed
+        .registry
+        .services
+        .services
+        .iter()
+        .map(|s| {
+            let k = s.key();
+            let id = ids.id(Kind::Service, &k).unwrap_or(0);
+            (k, id)
+        })
+        .collect();
+    let registry = parsed.registry.with_ids(
+        |k| wids.get(k).copied().unwrap_or(0),
+        |k| sids.get(k).copied().unwrap_or(0),
+    );
+    Ok(Built {
+        registry,
+        refused: parsed.refused,
+    })
+}
+
+/// Identifies a version of a file without reading it.
+fn stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+/// Where a [`SourceWatch`] publishes: the authority's [`Publisher`], or an agent that reads
+/// its own file (`--registry`).
+pub trait Sink: Send + Sync {
+    /// The digest of the current version, if any.
+    fn current_digest(&self) -> Option<String>;
+    fn publish(&self, snapshot: Snapshot);
+}
+
+impl Sink for Publisher {
+    fn current_digest(&self) -> Option<String> {
+        self.current().map(|p| p.snapshot.digest.clone())
+    }
+
+    fn publish(&self, snapshot: Snapshot) {
+        Publisher::publish(self, snapshot);
+    }
+}
+
+impl Sink for watch::Sender<Option<Arc<Snapshot>>> {
+    fn current_digest(&self) -> Option<String> {
+        self.borrow().as_ref().map(|s| s.digest.clone())
+    }
+
+    fn publish(&self, snapshot: Snapshot) {
+        self.send_replace(Some(Arc::new(snapshot)));
+    }
+}
+
+/// Follows a registry file: publishes it once ([`SourceWatch::refresh`]), then on every
+/// change ([`SourceWatch::run`]).
+pub struct SourceWatch {
+    pub registry_path: PathBuf,
+    pub ids: IdAllocator,
+    pub sink: Arc<dyn Sink>,
+    /// Called with every accepted registry (the authority's own certificate checks follow it).
+    pub on_registry: Box<dyn FnMut(&Registry) + Send>,
+}
+
+impl SourceWatch {
+    /// Reads the source and publishes a new version if the accepted content changed.
+    /// `Err` only when the source cannot be read or parsed at all (then nothing changes).
+    pub fn refresh(&mut self, changed_unix_ms: u64) -> Result<Option<u64>, RefreshError> {
+        let built = build(&self.registry_path, &mut self.ids)?;
+        for e in &built.refused {
+            warn!(error = %e, "state entry refused at the source; the rest is published");
+        }
+        let text = built.registry.to_yaml();
+        let digest = Snapshot::content_digest(&text);
+        if self.sink.current_digest().as_deref() == Some(digest.as_str()) {
+            return Ok(None);
+        }
+        (self.on_registry)(&built.registry);
+        let version = self.ids.version_for(&digest);
+        let mut snapshot = Snapshot::new(
+            version,
+            format!("file:{}", self.registry_path.display()),
+            text,
+            changed_unix_ms,
+        );
+        snapshot.refused = built.refused.iter().map(ToString::to_string).collect();
+        // The version (and the ids in it) are persisted before anyone can see them.
+        self.ids.save()?;
+        info!(version, digest = %snapshot.short_digest(),
+              workloads = built.registry.workloads.len(),
+              services = built.registry.services.services.len(),
+              nodes = built.registry.nodes.len(),
+              refused = snapshot.refused.len(), "state published");
+        self.sink.publish(snapshot);
+        Ok(Some(version))
+    }
+
+    /// Follows the source every `interval` until `stop` turns true.
+    pub async fn run(mut self, interval: Duration, mut stop: watch::Receiver<bool>) {
+        let mut seen = stamp(&self.registry_path);
+        let mut last_error: Option<String> = None;
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                changed = stop.changed() => if changed.is_err() || *stop.borrow() { return },
+            }
+            let now = stamp(&self.registry_path);
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            let changed_ms = now_unix_ms();
+            // Reading and validating 10,000 entries takes milliseconds: blocking here keeps
+            // the order of versions simple, and this task does nothing else.
+            match tokio::task::block_in_place(|| self.refresh(changed_ms)) {
+                Ok(_) => last_error = None,
+                Err(e) => {
+                    let text = e.to_string();
+                    if last_error.as_deref() != Some(&text) {
+                        warn!(error = %text, "state source refused as a whole; the published version stays");
+                        last_error = Some(text);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Why the source could not be published.
+#[derive(Debug, thiserror::Error)]
+pub enum RefreshError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
