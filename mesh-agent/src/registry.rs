@@ -1132,6 +1132,35 @@ impl<'a> Validator<'a> {
         line: usize,
         position: usize,
     ) -> Result<NodeEntry, RegistryError> {
+        let name = raw.name.as_ref().map(|n| n.value.clone());
+        let (entry, claims) = match self.check_node(raw, line, position) {
+            Ok(checked) => checked,
+            Err(e) => {
+                // Workloads on it are refused as on a refused node, not an unknown one (unless
+                // a node of that name is kept).
+                if let Some(name) = name.filter(|n| is_dns_subdomain(n)) {
+                    if !self.node_lines.contains_key(&name) {
+                        self.refused_nodes.entry(name).or_insert(line);
+                    }
+                }
+                return Err(e);
+            }
+        };
+        for (ip, l) in claims {
+            self.node_addr_lines.insert(ip, (entry.name.clone(), l));
+        }
+        self.refused_nodes.remove(&entry.name);
+        self.node_lines.insert(entry.name.clone(), line);
+        Ok(entry)
+    }
+
+    /// The checks of [`Validator::node`]: the node, and its addresses with their lines.
+    fn check_node(
+        &self,
+        raw: RawNode,
+        line: usize,
+        position: usize,
+    ) -> Result<(NodeEntry, Vec<(IpAddr, usize)>), RegistryError> {
         let missing = |field: &'static str| {
             self.invalid(
                 line,
@@ -1153,44 +1182,17 @@ impl<'a> Validator<'a> {
         if let Some(&first_line) = self.node_lines.get(&node) {
             return Err(self.invalid(line, Problem::DuplicateNode { node, first_line }));
         }
-        let (addr, addr6) = match self.node_addresses(&node, &address, raw.address6.as_ref(), line)
-        {
-            Ok(addresses) => addresses,
-            Err(e) => {
-                // Workloads on this node are refused as on a refused node, not an unknown one.
-                self.refused_nodes.entry(node).or_insert(line);
-                return Err(e);
-            }
+        let addr = self.node_address(&node, "address", &address, line, false, &[])?;
+        let addr6 = match &raw.address6 {
+            Some(a6) => Some(self.node_address(&node, "address6", a6, line, true, &[addr])?),
+            None => None,
         };
         let entry = NodeEntry {
-            name: node.clone(),
+            name: node,
             address: addr.0,
             address6: addr6.map(|(ip, _)| ip),
         };
-        for (ip, l) in std::iter::once(addr).chain(addr6) {
-            self.node_addr_lines.insert(ip, (node.clone(), l));
-        }
-        self.refused_nodes.remove(&node);
-        self.node_lines.insert(node, line);
-        Ok(entry)
-    }
-
-    /// Parses and checks `address` and `address6` of node `node` (entry on `line`); returns
-    /// each with its line.
-    #[allow(clippy::type_complexity)]
-    fn node_addresses(
-        &self,
-        node: &str,
-        address: &Spanned<String>,
-        address6: Option<&Spanned<String>>,
-        line: usize,
-    ) -> Result<((IpAddr, usize), Option<(IpAddr, usize)>), RegistryError> {
-        let addr = self.node_address(node, "address", address, line, false, &[])?;
-        let addr6 = match address6 {
-            Some(a6) => Some(self.node_address(node, "address6", a6, line, true, &[addr])?),
-            None => None,
-        };
-        Ok((addr, addr6))
+        Ok((entry, std::iter::once(addr).chain(addr6).collect()))
     }
 
     /// Parses and checks one address of node `node` (unique across nodes, and not one of
@@ -3110,6 +3112,14 @@ services:
             )
         );
         good_survive(&p.registry);
+        // Refused for a missing address: the same.
+        let (text, starts) = among_good("  - name: n3\n", &x1_with("node", "    node: n3", ""), "");
+        let p = entries(&text, &root);
+        assert!(
+            matches!(problem(&p.refused[1]), Problem::RefusedNode { node_line, .. } if *node_line == starts[0]),
+            "{:?}",
+            refusals(&p)
+        );
         // A later valid entry of the same name takes its place: the workload is kept.
         let (text, _) = among_good(
             "  - name: n3\n    address: 10.0.0.300\n  - name: n3\n    address: 10.0.0.3\n",
