@@ -458,9 +458,10 @@ impl Entries {
         Ok(Self::whole(raw))
     }
 
-    /// Reads registry `text` entry by entry: a YAML syntax error, an unknown top-level field,
-    /// a top level of the wrong shape or a document over the parser budgets refuses the whole
-    /// text; an entry of the wrong shape is refused alone (its `Entry::raw` is the error).
+    /// Reads registry `text` entry by entry: a YAML error (bad syntax, a duplicate key), an
+    /// unknown top-level field, a top level of the wrong shape or a document over the parser
+    /// budgets refuses the whole text; an entry of the wrong shape (an unknown field, a value
+    /// of the wrong type) is refused alone (its `Entry::raw` is the error).
     ///
     /// The file is first read as a whole (the common case: nothing is wrong with its shape).
     /// Otherwise each entry is read again from its own text, cut out of the file at the
@@ -470,6 +471,10 @@ impl Entries {
     fn read_each(text: &str, path: &Path) -> Result<Self, RegistryError> {
         let whole = match yaml::from_str::<RawRegistry>(text) {
             Ok(raw) => return Ok(Self::whole(raw)),
+            // Over a parser budget: so is the top level (no need to parse it again).
+            Err(e) if matches!(e.without_snippet(), serde_saphyr::Error::Budget { .. }) => {
+                return Err(syntax_error(path, &e, 0))
+            }
             Err(e) => syntax_error(path, &e, 0),
         };
         yaml::from_str::<RawShape>(text).map_err(|e| syntax_error(path, &e, 0))?;
@@ -679,8 +684,11 @@ impl Registry {
     /// Parses and validates registry `text` entry by entry (`path` only names the file in
     /// errors): every node, workload and service that passes the checks of
     /// [`Registry::parse`] is kept, every other one is refused on its own (one error each
-    /// in [`Parsed::refused`]). Only a YAML syntax error, an unknown top-level field, a top
-    /// level of the wrong shape or a document over the parser budgets refuse the whole text.
+    /// in [`Parsed::refused`]). Only a YAML error (bad syntax, a duplicate key in any
+    /// mapping), an unknown top-level field, a top level of the wrong shape or a document over
+    /// the parser budgets refuse the whole text, and so does an entry of the wrong shape (an
+    /// unknown field, a value of the wrong type) in a file that uses YAML aliases (see
+    /// `Entries::read_each`).
     ///
     /// A refused entry claims nothing (its IPs, `namespace/name`, id, cgroup, node name and
     /// addresses stay free for a later entry); of two entries that claim the same, the
@@ -1135,6 +1143,35 @@ impl<'a> Validator<'a> {
         line: usize,
         position: usize,
     ) -> Result<NodeEntry, RegistryError> {
+        let name = raw.name.as_ref().map(|n| n.value.clone());
+        let (entry, claims) = match self.check_node(raw, line, position) {
+            Ok(checked) => checked,
+            Err(e) => {
+                // Workloads on it are refused as on a refused node, not an unknown one (unless
+                // a node of that name is kept).
+                if let Some(name) = name.filter(|n| is_dns_subdomain(n)) {
+                    if !self.node_lines.contains_key(&name) {
+                        self.refused_nodes.entry(name).or_insert(line);
+                    }
+                }
+                return Err(e);
+            }
+        };
+        for (ip, l) in claims {
+            self.node_addr_lines.insert(ip, (entry.name.clone(), l));
+        }
+        self.refused_nodes.remove(&entry.name);
+        self.node_lines.insert(entry.name.clone(), line);
+        Ok(entry)
+    }
+
+    /// The checks of [`Validator::node`]: the node, and its addresses with their lines.
+    fn check_node(
+        &self,
+        raw: RawNode,
+        line: usize,
+        position: usize,
+    ) -> Result<(NodeEntry, Vec<(IpAddr, usize)>), RegistryError> {
         let missing = |field: &'static str| {
             self.invalid(
                 line,
@@ -1156,44 +1193,17 @@ impl<'a> Validator<'a> {
         if let Some(&first_line) = self.node_lines.get(&node) {
             return Err(self.invalid(line, Problem::DuplicateNode { node, first_line }));
         }
-        let (addr, addr6) = match self.node_addresses(&node, &address, raw.address6.as_ref(), line)
-        {
-            Ok(addresses) => addresses,
-            Err(e) => {
-                // Workloads on this node are refused as on a refused node, not an unknown one.
-                self.refused_nodes.entry(node).or_insert(line);
-                return Err(e);
-            }
+        let addr = self.node_address(&node, "address", &address, line, false, &[])?;
+        let addr6 = match &raw.address6 {
+            Some(a6) => Some(self.node_address(&node, "address6", a6, line, true, &[addr])?),
+            None => None,
         };
         let entry = NodeEntry {
-            name: node.clone(),
+            name: node,
             address: addr.0,
             address6: addr6.map(|(ip, _)| ip),
         };
-        for (ip, l) in std::iter::once(addr).chain(addr6) {
-            self.node_addr_lines.insert(ip, (node.clone(), l));
-        }
-        self.refused_nodes.remove(&node);
-        self.node_lines.insert(node, line);
-        Ok(entry)
-    }
-
-    /// Parses and checks `address` and `address6` of node `node` (entry on `line`); returns
-    /// each with its line.
-    #[allow(clippy::type_complexity)]
-    fn node_addresses(
-        &self,
-        node: &str,
-        address: &Spanned<String>,
-        address6: Option<&Spanned<String>>,
-        line: usize,
-    ) -> Result<((IpAddr, usize), Option<(IpAddr, usize)>), RegistryError> {
-        let addr = self.node_address(node, "address", address, line, false, &[])?;
-        let addr6 = match address6 {
-            Some(a6) => Some(self.node_address(node, "address6", a6, line, true, &[addr])?),
-            None => None,
-        };
-        Ok((addr, addr6))
+        Ok((entry, std::iter::once(addr).chain(addr6).collect()))
     }
 
     /// Parses and checks one address of node `node` (unique across nodes, and not one of
@@ -2609,5 +2619,1288 @@ services:
             e.starts_with(&format!("{FILE}:24: service default/web: virtual IP 10.2.0.2 is the address of workload default/b1")),
             "{e}"
         );
+    }
+
+    // ---- Entry by entry (`parse_entries`) ----
+
+    /// Parses `text` entry by entry for node n1 under `root`.
+    fn entries(text: &str, root: &TempDir) -> Parsed {
+        Registry::parse_entries(text, Path::new(FILE), Some("n1"), &root.0)
+            .unwrap_or_else(|e| panic!("whole text refused: {e}"))
+    }
+
+    fn keys(r: &Registry) -> Vec<String> {
+        r.workloads.iter().map(Workload::key).collect()
+    }
+
+    fn node_names(r: &Registry) -> Vec<&str> {
+        r.nodes.iter().map(|n| n.name.as_str()).collect()
+    }
+
+    fn service_keys(r: &Registry) -> Vec<String> {
+        r.services.services.iter().map(Service::key).collect()
+    }
+
+    /// Every refusal as (line, message).
+    fn refusals(p: &Parsed) -> Vec<(usize, String)> {
+        p.refused
+            .iter()
+            .map(|e| (e.line().unwrap_or(0), e.to_string()))
+            .collect()
+    }
+
+    /// Good nodes n1 (local), n2; workloads a1 (n1, app: web), b1 (n2, app: web); services
+    /// web (app: web) and db (app: db, selects nothing). `bad_node`, `bad_workload` and
+    /// `bad_service` go between the good entries of their kind; returns the text and the
+    /// line each starts on.
+    fn among_good(bad_node: &str, bad_workload: &str, bad_service: &str) -> (String, [usize; 3]) {
+        let mut text = String::new();
+        let mut starts = [0; 3];
+        let mut push = |s: &str| text.push_str(s);
+        push("nodes:\n  - name: n1\n    address: 10.0.0.1\n    address6: fd00::1\n");
+        let line = |t: &str| t.lines().count() + 1;
+        starts[0] = line(&text);
+        text.push_str(bad_node);
+        text.push_str("  - name: n2\n    address: 10.0.0.2\nworkloads:\n");
+        text.push_str(
+            "  - name: a1\n    namespace: default\n    serviceAccount: sa-a\n    node: n1\n    \
+             ips: [10.1.0.2, \"fd00:1::2\"]\n    cgroup: mesh/n1/pods/a1\n    labels: {app: web}\n",
+        );
+        starts[1] = line(&text);
+        text.push_str(bad_workload);
+        text.push_str(
+            "  - name: b1\n    namespace: default\n    serviceAccount: sa-b\n    node: n2\n    \
+             ips: [10.2.0.2]\n    labels: {app: web}\nservices:\n",
+        );
+        text.push_str(
+            "  - name: web\n    namespace: default\n    vips: [10.96.0.10]\n    \
+             ports: [{port: 80, targetPort: 8080}]\n    selector: {app: web}\n",
+        );
+        starts[2] = line(&text);
+        text.push_str(bad_service);
+        text.push_str(
+            "  - name: db\n    namespace: default\n    vips: [10.96.0.11]\n    \
+             ports: [{port: 5432, targetPort: 5432}]\n    selector: {app: db}\n",
+        );
+        (text, starts)
+    }
+
+    /// The good entries of [`among_good`] are all there, with their ids and endpoints.
+    fn good_survive(r: &Registry) {
+        assert_eq!(node_names(r), ["n1", "n2"]);
+        assert_eq!(keys(r), ["default/a1", "default/b1"]);
+        assert_eq!(service_keys(r), ["default/web", "default/db"]);
+        let ids: Vec<u32> = r.workloads.iter().map(|w| w.id).collect();
+        assert_eq!(ids, [1, 2], "positions among the kept workloads");
+        assert!(r.workloads[0].cgroup_id.is_some());
+        let web = r.services.by_vip("10.96.0.10".parse().unwrap()).unwrap();
+        assert_eq!(web.endpoints, [1, 2]);
+        let db = r.services.by_id(2).unwrap();
+        assert_eq!(db.key(), "default/db");
+        assert!(
+            db.endpoints.is_empty(),
+            "a selector that selects nothing is kept"
+        );
+    }
+
+    /// A workload entry x1 on n2 (lines 1-5 of the entry) with `field` replaced by
+    /// `replacement` (dropped if empty), then `extra` lines.
+    fn x1_with(field: &str, replacement: &str, extra: &str) -> String {
+        let mut text = String::new();
+        for line in [
+            "  - name: x1",
+            "    namespace: default",
+            "    serviceAccount: sa-x",
+            "    node: n2",
+            "    ips: [10.5.0.1]",
+        ] {
+            let key = line
+                .trim_start_matches([' ', '-'])
+                .split(':')
+                .next()
+                .unwrap();
+            let l = if key == field { replacement } else { line };
+            if !l.is_empty() {
+                text.push_str(l);
+                text.push('\n');
+            }
+        }
+        text.push_str(extra);
+        text
+    }
+
+    /// Checks one bad entry among good ones: exactly one refusal, on `start + rel - 1`,
+    /// that `check` accepts; the good entries all kept. Then again with a service of the
+    /// wrong shape added, so that every entry is read from its own text: same refusal.
+    fn one_bad(kind: usize, bad: &str, rel: usize, check: impl Fn(&RegistryError) -> bool) {
+        let root = root();
+        fs::write(root.0.join("mesh/n1/pods/file"), b"").unwrap();
+        let mut parts = ["", "", ""];
+        parts[kind] = bad;
+        let (text, starts) = among_good(parts[0], parts[1], parts[2]);
+        let want = starts[kind] + rel - 1;
+        let p = entries(&text, &root);
+        assert_eq!(p.refused.len(), 1, "{bad}: {:?}", refusals(&p));
+        let e = &p.refused[0];
+        assert_eq!(e.line(), Some(want), "{bad}: {e}");
+        assert!(
+            e.to_string().starts_with(&format!("{FILE}:{want}: ")),
+            "{e}"
+        );
+        assert!(check(e), "{bad}: unexpected {e}");
+        good_survive(&p.registry);
+
+        // Each entry read from its own text: the same lines.
+        let shape = "  - name: s\n    colour: blue\n";
+        let mut parts2 = parts;
+        let shape_at = if kind == 2 {
+            // After the bad service: lines of the bad one unchanged.
+            let (t, s) = among_good(parts[0], parts[1], &format!("{bad}{shape}"));
+            (t, s[2] + bad.lines().count() + 1)
+        } else {
+            parts2[2] = shape;
+            let (t, s) = among_good(parts2[0], parts2[1], parts2[2]);
+            (t, s[2] + 1)
+        };
+        let (text, shape_line) = shape_at;
+        let p = entries(&text, &root);
+        let lines: Vec<usize> = p.refused.iter().filter_map(RegistryError::line).collect();
+        assert_eq!(lines, [want, shape_line], "{bad}: {:?}", refusals(&p));
+        assert!(check(&p.refused[0]), "{bad}: {}", p.refused[0]);
+        assert!(matches!(p.refused[1], RegistryError::Syntax { .. }));
+        good_survive(&p.registry);
+    }
+
+    fn problem(e: &RegistryError) -> &Problem {
+        e.problem().unwrap_or_else(|| panic!("not a Problem: {e}"))
+    }
+
+    #[test]
+    fn entries_every_workload_problem_alone() {
+        type Check = fn(&Problem) -> bool;
+        let cases: Vec<(String, usize, Check)> = vec![
+            (
+                x1_with("ips", "", ""),
+                1,
+                |p| matches!(p, Problem::MissingField { field: "ips", workload } if workload == "#2"),
+            ),
+            (
+                x1_with("name", "", "").replacen("    namespace", "  - namespace", 1),
+                1,
+                |p| matches!(p, Problem::MissingField { field: "name", .. }),
+            ),
+            (x1_with("name", "  - name: X1", ""), 1, |p| {
+                matches!(p, Problem::InvalidName { field: "name", .. })
+            }),
+            (x1_with("namespace", "    namespace: -x", ""), 2, |p| {
+                matches!(
+                    p,
+                    Problem::InvalidName {
+                        field: "namespace",
+                        ..
+                    }
+                )
+            }),
+            (
+                x1_with("serviceAccount", "    serviceAccount: sa_x", ""),
+                3,
+                |p| matches!(p, Problem::InvalidName { field: "serviceAccount", workload, .. } if workload == "default/x1"),
+            ),
+            (x1_with("node", "    node: N2", ""), 4, |p| {
+                matches!(p, Problem::InvalidNode { .. })
+            }),
+            (
+                x1_with("node", "    node: n9", ""),
+                1,
+                |p| matches!(p, Problem::UnknownNode { node, .. } if node == "n9"),
+            ),
+            (x1_with("ips", "    ips: [10.5.0.300]", ""), 5, |p| {
+                matches!(p, Problem::InvalidIp { .. })
+            }),
+            (
+                x1_with("ips", "    ips:\n      - 10.5.0.1\n      - \"::1\"", ""),
+                7,
+                |p| matches!(p, Problem::UnusableIp { .. }),
+            ),
+            (x1_with("ips", "    ips: []", ""), 5, |p| {
+                matches!(p, Problem::NoIps { .. })
+            }),
+            (
+                x1_with("ips", "    ips: [10.5.0.1, \"fd00:1::2\"]", ""),
+                5,
+                |p| {
+                    matches!(p, Problem::DuplicateIp { first, second, .. }
+                    if first == "default/a1" && second == "default/x1")
+                },
+            ),
+            (
+                x1_with("name", "  - name: a1", ""),
+                1,
+                |p| matches!(p, Problem::DuplicateWorkload { workload, .. } if workload == "default/a1"),
+            ),
+            (x1_with("node", "    node: n1", ""), 1, |p| {
+                matches!(p, Problem::MissingCgroup { .. })
+            }),
+            (
+                x1_with("node", "    node: n1", "    cgroup: mesh/../../etc\n"),
+                6,
+                |p| {
+                    matches!(
+                        p,
+                        Problem::Cgroup {
+                            source: CgroupError::Escapes { .. },
+                            ..
+                        }
+                    )
+                },
+            ),
+            // Lexically refused on a remote workload too.
+            (x1_with("", "", "    cgroup: /\n"), 6, |p| {
+                matches!(
+                    p,
+                    Problem::Cgroup {
+                        source: CgroupError::RootCgroup { .. },
+                        ..
+                    }
+                )
+            }),
+            (
+                x1_with("node", "    node: n1", "    cgroup: mesh/n1/pods/file\n"),
+                6,
+                |p| {
+                    matches!(
+                        p,
+                        Problem::Cgroup {
+                            source: CgroupError::NotADirectory { .. },
+                            ..
+                        }
+                    )
+                },
+            ),
+            (
+                x1_with("node", "    node: n1", "    cgroup: /mesh/n1/pods/a1\n"),
+                6,
+                |p| matches!(p, Problem::DuplicateCgroup { first, .. } if first == "default/a1"),
+            ),
+            (
+                x1_with("", "", "    peerAuthentication: MUTUAL\n"),
+                6,
+                |p| matches!(p, Problem::InvalidPeerAuthentication { .. }),
+            ),
+            (x1_with("", "", "    httpPorts: [80, 0]\n"), 6, |p| {
+                matches!(p, Problem::InvalidHttpPort { value: 0, .. })
+            }),
+            (
+                x1_with("", "", "    httpPorts:\n      - 80\n      - 80\n"),
+                8,
+                |p| matches!(p, Problem::DuplicateHttpPort { port: 80, .. }),
+            ),
+        ];
+        for (bad, rel, check) in cases {
+            one_bad(1, &bad, rel, |e| check(problem(e)));
+        }
+    }
+
+    #[test]
+    fn entries_wrong_shape_refuses_the_entry_alone() {
+        let syntax = |needle: &'static str| {
+            move |e: &RegistryError| {
+                matches!(e, RegistryError::Syntax { .. }) && e.to_string().contains(needle)
+            }
+        };
+        // Unknown field, wrong types, a duplicate key, entries that are no mapping.
+        one_bad(
+            1,
+            &x1_with("", "", "    colour: blue\n"),
+            6,
+            syntax("colour"),
+        );
+        one_bad(1, &x1_with("ips", "    ips: 10.5.0.1", ""), 5, |e| {
+            matches!(e, RegistryError::Syntax { .. })
+        });
+        one_bad(1, &x1_with("", "", "    labels: {a: [1]}\n"), 6, |e| {
+            matches!(e, RegistryError::Syntax { .. })
+        });
+        one_bad(1, &x1_with("", "", "    httpPorts: [http]\n"), 6, |e| {
+            matches!(e, RegistryError::Syntax { .. })
+        });
+        one_bad(1, &x1_with("", "", "    id: -1\n"), 6, |e| {
+            matches!(e, RegistryError::Syntax { .. })
+        });
+        one_bad(1, "  - 42\n", 1, |e| {
+            matches!(e, RegistryError::Syntax { .. })
+        });
+        // A null entry is an entry without fields.
+        one_bad(1, "  -\n", 1, |e| {
+            matches!(
+                e.problem(),
+                Some(Problem::MissingField { field: "name", .. })
+            )
+        });
+        one_bad(1, "  - [a, b]\n", 1, |e| {
+            matches!(e, RegistryError::Syntax { .. })
+        });
+        // Flow style, over two lines: the unknown field on the second.
+        one_bad(
+            1,
+            "  - {name: x1, namespace: default,\n     colour: blue}\n",
+            2,
+            syntax("colour"),
+        );
+        one_bad(
+            0,
+            "  - name: n3\n    address: 10.0.0.3\n    port: 1\n",
+            3,
+            syntax("port"),
+        );
+        one_bad(
+            2,
+            "  - name: x\n    namespace: default\n    vips: [10.96.0.20]\n    ports: [{port: 80, targetPort: 8080, colour: 1}]\n    selector: {app: web}\n",
+            4,
+            syntax("colour"),
+        );
+    }
+
+    #[test]
+    fn entries_every_node_problem_alone() {
+        type Check = fn(&Problem) -> bool;
+        let n3 = |a: &str| format!("  - name: n3\n{a}");
+        let cases: Vec<(String, usize, Check)> = vec![
+            (
+                n3(""),
+                1,
+                |p| matches!(p, Problem::NodeMissingField { field: "address", node } if node == "#2"),
+            ),
+            ("  - address: 10.0.0.3\n".into(), 1, |p| {
+                matches!(p, Problem::NodeMissingField { field: "name", .. })
+            }),
+            ("  - name: N3\n    address: 10.0.0.3\n".into(), 1, |p| {
+                matches!(p, Problem::InvalidNodeName { .. })
+            }),
+            (n3("    address: 10.0.0.300\n"), 2, |p| {
+                matches!(
+                    p,
+                    Problem::InvalidNodeAddress {
+                        field: "address",
+                        ..
+                    }
+                )
+            }),
+            (
+                n3("    address: 10.0.0.3\n    address6: 10.0.0.4\n"),
+                3,
+                |p| {
+                    matches!(
+                        p,
+                        Problem::InvalidNodeAddress {
+                            field: "address6",
+                            ..
+                        }
+                    )
+                },
+            ),
+            (n3("    address: 127.0.0.1\n"), 2, |p| {
+                matches!(p, Problem::UnusableNodeAddress { .. })
+            }),
+            ("  - name: n1\n    address: 10.0.0.3\n".into(), 1, |p| {
+                matches!(p, Problem::DuplicateNode { first_line: 2, .. })
+            }),
+            (
+                n3("    address: 10.0.0.3\n    address6: fd00::1\n"),
+                3,
+                |p| matches!(p, Problem::DuplicateNodeAddress { first, first_line: 4, .. } if first == "n1"),
+            ),
+            (
+                n3("    address: fd00::3\n    address6: fd00::3\n"),
+                3,
+                |p| matches!(p, Problem::DuplicateNodeAddress { first, first_line: 6, .. } if first == "n3"),
+            ),
+        ];
+        for (bad, rel, check) in cases {
+            one_bad(0, &bad, rel, |e| check(problem(e)));
+        }
+    }
+
+    #[test]
+    fn entries_every_service_problem_alone() {
+        type Check = fn(&ServiceProblem) -> bool;
+        // The service x (lines 1-5) with `field`'s line replaced (dropped if empty).
+        let x = |field: &str, replacement: &str| {
+            let mut text = String::new();
+            for (f, line) in [
+                ("name", "  - name: x"),
+                ("namespace", "    namespace: default"),
+                ("vips", "    vips: [10.96.0.20]"),
+                ("ports", "    ports: [{port: 80, targetPort: 8080}]"),
+                ("selector", "    selector: {app: web}"),
+            ] {
+                let l = if f == field { replacement } else { line };
+                if !l.is_empty() {
+                    text.push_str(l);
+                    text.push('\n');
+                }
+            }
+            text
+        };
+        let cases: Vec<(String, usize, Check)> = vec![
+            (x("selector", ""), 1, |p| matches!(p, ServiceProblem::MissingField("selector"))),
+            (x("vips", ""), 1, |p| matches!(p, ServiceProblem::MissingField("vips"))),
+            (x("name", "  - name: X"), 1, |p| matches!(p, ServiceProblem::InvalidName { .. })),
+            (x("name", "  - name: web"), 1, |p| {
+                matches!(p, ServiceProblem::Duplicate { .. })
+            }),
+            (x("vips", "    vips: []"), 3, |p| matches!(p, ServiceProblem::NoVips)),
+            (x("vips", "    vips: [nope]"), 3, |p| matches!(p, ServiceProblem::InvalidVip(_))),
+            (x("vips", "    vips: [127.0.0.1]"), 3, |p| {
+                matches!(p, ServiceProblem::UnusableVip { .. })
+            }),
+            (x("vips", "    vips: [10.2.0.2]"), 3, |p| {
+                matches!(p, ServiceProblem::VipIsWorkload { workload, .. } if workload == "default/b1")
+            }),
+            (x("vips", "    vips: [\"fd00::1\"]"), 3, |p| {
+                matches!(p, ServiceProblem::VipIsNode { node, .. } if node == "n1")
+            }),
+            (x("vips", "    vips:\n      - 10.96.0.20\n      - 10.96.0.10"), 5, |p| {
+                matches!(p, ServiceProblem::DuplicateVip { first, .. } if first == "default/web")
+            }),
+            (x("vips", "    vips:\n      - 10.96.0.20\n      - 10.96.0.20"), 5, |p| {
+                matches!(p, ServiceProblem::DuplicateVip { first, .. } if first == "default/x")
+            }),
+            (x("ports", "    ports: []"), 4, |p| matches!(p, ServiceProblem::NoPorts)),
+            (x("ports", "    ports: [{port: 0, targetPort: 1}]"), 4, |p| {
+                matches!(p, ServiceProblem::InvalidPort { field: "port", .. })
+            }),
+            (
+                x("ports", "    ports:\n      - {port: 80, targetPort: 1}\n      - {port: 80, targetPort: 2}"),
+                6,
+                |p| matches!(p, ServiceProblem::DuplicatePort { port: 80 }),
+            ),
+            (x("ports", "    ports: [{port: 53, targetPort: 53, protocol: UDP}]"), 4, |p| {
+                matches!(p, ServiceProblem::UnsupportedProtocol(_))
+            }),
+            (x("ports", "    ports: [{port: 80, targetPort: 1, name: Http}]"), 4, |p| {
+                matches!(p, ServiceProblem::InvalidName { field: "ports[].name", .. })
+            }),
+            (x("selector", "    selector: {}"), 5, |p| matches!(p, ServiceProblem::EmptySelector)),
+        ];
+        for (bad, rel, check) in cases {
+            one_bad(2, &bad, rel, |e| match e.problem() {
+                Some(Problem::Service { problem, .. }) => check(problem),
+                _ => false,
+            });
+        }
+    }
+
+    #[test]
+    fn entries_workload_on_a_refused_node_is_refused() {
+        let root = root();
+        let (text, starts) = among_good(
+            "  - name: n3\n    address: 10.0.0.300\n",
+            &x1_with("node", "    node: n3", ""),
+            "",
+        );
+        let p = entries(&text, &root);
+        let r = refusals(&p);
+        assert_eq!(r.len(), 2, "{r:?}");
+        assert_eq!(r[0].0, starts[0] + 1);
+        assert_eq!(r[1].0, starts[1]);
+        match problem(&p.refused[1]) {
+            Problem::RefusedNode {
+                workload,
+                node,
+                node_line,
+            } => assert_eq!(
+                (workload.as_str(), node.as_str(), *node_line),
+                ("default/x1", "n3", starts[0])
+            ),
+            p => panic!("{p}"),
+        }
+        assert_eq!(
+            r[1].1,
+            format!(
+                "{FILE}:{}: workload default/x1: node n3 was refused (its entry is on line {})",
+                starts[1], starts[0]
+            )
+        );
+        good_survive(&p.registry);
+        // Refused for a missing address: the same.
+        let (text, starts) = among_good("  - name: n3\n", &x1_with("node", "    node: n3", ""), "");
+        let p = entries(&text, &root);
+        assert!(
+            matches!(problem(&p.refused[1]), Problem::RefusedNode { node_line, .. } if *node_line == starts[0]),
+            "{:?}",
+            refusals(&p)
+        );
+        // A later valid entry of the same name takes its place: the workload is kept.
+        let (text, _) = among_good(
+            "  - name: n3\n    address: 10.0.0.300\n  - name: n3\n    address: 10.0.0.3\n",
+            &x1_with("node", "    node: n3", ""),
+            "",
+        );
+        let p = entries(&text, &root);
+        assert_eq!(p.refused.len(), 1, "{:?}", refusals(&p));
+        assert_eq!(
+            keys(&p.registry),
+            ["default/a1", "default/x1", "default/b1"]
+        );
+        // The strict parse refuses the file at the node.
+        let e = parse_raw(&text, &root).unwrap_err();
+        assert!(
+            matches!(e.problem(), Some(Problem::InvalidNodeAddress { .. })),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn entries_refused_entry_releases_its_claims() {
+        let root = root();
+        // x1 claims its key, IP, id and (local) cgroup before failing on its cgroup, which
+        // is checked last; x1 again, valid, takes them all.
+        let bad = "  - id: 7\n    name: x1\n    namespace: default\n    serviceAccount: sa\n    \
+                   node: n1\n    ips: [10.5.0.1, \"fd00:5::1\"]\n    httpPorts: [80]\n    \
+                   cgroup: mesh/../x\n";
+        let good = "  - id: 7\n    name: x1\n    namespace: default\n    serviceAccount: sa\n    \
+                    node: n1\n    ips: [\"fd00:5::1\", 10.5.0.1]\n    cgroup: mesh/n1/pods/a2\n";
+        let text = format!(
+            "nodes:\n  - name: n1\n    address: 10.0.0.1\n    address6: 10.0.0.9\n  \
+             - name: n1\n    address: 10.0.0.9\nworkloads:\n{bad}{good}services:\n  \
+             - name: s\n    namespace: default\n    vips: [10.96.0.1]\n    \
+             ports: [{{port: 1, targetPort: 0}}]\n    selector: {{a: b}}\n  \
+             - name: s\n    namespace: default\n    vips: [10.96.0.1]\n    \
+             ports: [{{port: 1, targetPort: 1}}]\n    selector: {{a: b}}\n"
+        );
+        let p = entries(&text, &root);
+        let lines: Vec<usize> = p.refused.iter().filter_map(RegistryError::line).collect();
+        // The first n1 (address6 not IPv6), x1 (cgroup), the first s (targetPort 0).
+        assert_eq!(lines, [4, 15, 27], "{:?}", refusals(&p));
+        assert_eq!(node_names(&p.registry), ["n1"]);
+        assert_eq!(
+            p.registry.node("n1").unwrap().address,
+            "10.0.0.9".parse::<IpAddr>().unwrap()
+        );
+        let x1 = &p.registry.workloads[0];
+        assert_eq!((x1.key().as_str(), x1.id), ("default/x1", 7));
+        assert!(x1.cgroup_id.is_some());
+        assert_eq!(p.registry.by_ip("10.5.0.1".parse().unwrap()).unwrap().id, 7);
+        assert_eq!(p.registry.by_id(7).unwrap().key(), "default/x1");
+        assert_eq!(service_keys(&p.registry), ["default/s"]);
+        assert_eq!(p.registry.services.services[0].id, 1);
+
+        // A refused service releases its VIP, key and id.
+        let text = with_services(
+            "  - id: 3\n    name: web\n    namespace: default\n    vips: [10.96.0.10]\n    \
+             ports: [{port: 80, targetPort: 8080}]\n    selector: {}\n  \
+             - id: 3\n    name: web\n    namespace: default\n    vips: [10.96.0.10]\n    \
+             ports: [{port: 80, targetPort: 8080}]\n    selector: {app: web}\n",
+        );
+        let p = entries(&format!("{text}{NODES}"), &root);
+        assert_eq!(p.refused.len(), 1, "{:?}", refusals(&p));
+        let web = p.registry.services.by_id(3).unwrap();
+        assert_eq!(web.key(), "default/web");
+        assert_eq!(
+            p.registry
+                .services
+                .by_vip("10.96.0.10".parse().unwrap())
+                .map(|s| s.id),
+            Some(3)
+        );
+    }
+
+    #[test]
+    fn entries_duplicates_refuse_the_second() {
+        let root = root();
+        let w = |name: &str, ip: &str, node: &str, cgroup: &str| {
+            format!(
+                "  - name: {name}\n    namespace: default\n    serviceAccount: sa\n    \
+                 node: {node}\n    ips: [{ip}]\n{cgroup}"
+            )
+        };
+        let text = format!(
+            "nodes:\n  - name: n1\n    address: 10.0.0.1\n  - name: n2\n    address: 10.0.0.1\n  \
+             - name: n1\n    address: 10.0.0.3\nworkloads:\n{}{}{}{}",
+            w("a1", "10.1.0.1", "n1", "    cgroup: mesh/n1/pods/a1\n"),
+            w("a1", "10.1.0.2", "n1", "    cgroup: mesh/n1/pods/a2\n"),
+            w("a2", "10.1.0.1", "n1", "    cgroup: mesh/n1/pods/a2\n"),
+            w("a3", "10.1.0.3", "n1", "    cgroup: mesh/./n1/pods/a1\n"),
+        );
+        let p = entries(&text, &root);
+        let r = refusals(&p);
+        assert_eq!(r.len(), 5, "{r:?}");
+        let problems: Vec<&Problem> = p.refused.iter().map(problem).collect();
+        assert!(matches!(
+            problems[0],
+            Problem::DuplicateNodeAddress { first_line: 3, .. }
+        ));
+        assert!(matches!(
+            problems[1],
+            Problem::DuplicateNode { first_line: 2, .. }
+        ));
+        assert!(matches!(
+            problems[2],
+            Problem::DuplicateWorkload { first_line: 9, .. }
+        ));
+        assert!(matches!(
+            problems[3],
+            Problem::DuplicateIp { first_line: 13, .. }
+        ));
+        assert!(matches!(
+            problems[4],
+            Problem::DuplicateCgroup { first_line: 14, .. }
+        ));
+        assert_eq!(node_names(&p.registry), ["n1"]);
+        assert_eq!(keys(&p.registry), ["default/a1"]);
+    }
+
+    #[test]
+    fn entries_a_thousand_bad_entries() {
+        let root = root();
+        let mut text = String::from("nodes:\n  - name: n2\n    address: 10.0.0.2\nworkloads:\n");
+        let mut bad_lines = Vec::new();
+        let mut good = Vec::new();
+        for i in 0..1_000u32 {
+            let line = text.lines().count() + 1;
+            // Every problem kind, round robin; a shape error among them, so each entry is
+            // read from its own text.
+            let (entry, rel) = match i % 5 {
+                0 => (format!("  - name: bad{i}\n    namespace: default\n    serviceAccount: sa\n    node: n2\n    ips: [\"10.9.{}.{}\"]\n    colour: red\n", i / 250, i % 250), 6),
+                1 => (format!("  - name: bad{i}\n    namespace: default\n    serviceAccount: sa\n    node: n2\n    ips: [\"::1\"]\n"), 5),
+                2 => (format!("  - name: bad{i}\n    namespace: default\n    serviceAccount: sa\n    node: n9\n    ips: [\"10.9.{}.{}\"]\n", i / 250, i % 250), 1),
+                3 => (format!("  - {{name: Bad{i}, namespace: default, serviceAccount: sa, node: n2, ips: [\"10.9.{}.{}\"]}}\n", i / 250, i % 250), 1),
+                _ => (format!("  - name: good\n    namespace: default\n    serviceAccount: sa\n    node: n2\n    ips: [\"10.9.{}.{}\"]\n", i / 250, i % 250), 1),
+            };
+            text.push_str(&entry);
+            bad_lines.push(line + rel - 1);
+            if i % 100 == 0 {
+                let name = format!("ok{i}");
+                text.push_str(&format!(
+                    "  - name: {name}\n    namespace: default\n    serviceAccount: sa\n    node: n2\n    ips: [\"10.8.{}.{}\"]\n",
+                    i / 250,
+                    i % 250
+                ));
+                good.push(format!("default/{name}"));
+            }
+        }
+        let started = std::time::Instant::now();
+        let p = entries(&text, &root);
+        let elapsed = started.elapsed();
+        // The fifth kind is a duplicate of the first "good" (kept, it is the first one).
+        good.insert(1, "default/good".into());
+        bad_lines.remove(4);
+        let lines: Vec<usize> = p.refused.iter().filter_map(RegistryError::line).collect();
+        assert_eq!(lines.len(), 999);
+        assert_eq!(lines, bad_lines);
+        assert_eq!(keys(&p.registry), good);
+        assert!(
+            elapsed < std::time::Duration::from_secs(20),
+            "1,000 bad entries took {elapsed:?}"
+        );
+    }
+
+    #[test]
+    fn entries_whole_text_refusals() {
+        let root = root();
+        let whole = |text: &str| {
+            Registry::parse_entries(text, Path::new(FILE), Some("n1"), &root.0)
+                .map(|p| refusals(&p))
+                .unwrap_err()
+        };
+        // YAML syntax errors.
+        for (text, line) in [
+            ("workloads:\n  - name: a1\n    ips: [\"10.1.0.2\"\n", 3),
+            ("workloads:\n  - name: a1\n    namespace: a: b\n", 3),
+            ("workloads:\n  - {name: a1\n", 2),
+            ("", 1),
+            ("workloads: []\n---\nworkloads: []\n", 3),
+        ] {
+            let e = whole(text);
+            assert!(matches!(e, RegistryError::Syntax { .. }), "{text:?}: {e}");
+            assert_eq!(e.line(), Some(line), "{text:?}: {e}");
+        }
+        // A duplicate key is a YAML error, wherever it is.
+        let e = whole(&a1_with("", "").replace("  - name: a1\n", "  - name: a1\n    name: a2\n"));
+        assert_eq!(e.line(), Some(3), "{e}");
+        // An unknown or missing top-level field, a top level of the wrong shape.
+        for (text, needle) in [
+            ("workloads: []\ncolour: blue\n", "colour"),
+            ("nodes: []\n", "workloads"),
+            ("workloads: {a: b}\n", ""),
+            ("workloads: []\nnodes: n1\n", ""),
+            ("- workloads: []\n", ""),
+        ] {
+            let e = whole(text);
+            assert!(matches!(e, RegistryError::Syntax { .. }), "{text:?}: {e}");
+            assert!(e.to_string().contains(needle), "{text:?}: {e}");
+        }
+        // A file with aliases is read as a whole: a shape error refuses it all.
+        let aliased = "workloads:\n  - name: a1\n    namespace: default\n    serviceAccount: sa\n    \
+                       node: n2\n    ips: [10.2.0.1]\n    labels: &web {app: web}\n  - name: a2\n    \
+                       namespace: default\n    serviceAccount: sa\n    node: n2\n    \
+                       ips: [10.2.0.2]\n    labels: *web\nnodes:\n  - name: n2\n    address: 10.0.0.2\n";
+        let p = entries(aliased, &root);
+        assert!(p.refused.is_empty());
+        assert_eq!(p.registry.workloads[1].labels["app"], "web");
+        let e = whole(&aliased.replace("  - name: a2\n", "  - name: a2\n    colour: x\n"));
+        assert_eq!(e.line(), Some(9), "{e}");
+    }
+
+    #[test]
+    fn entries_over_the_parser_budgets_are_refused_whole() {
+        let root = root();
+        let whole = |text: &str| {
+            Registry::parse_entries(text, Path::new(FILE), Some("n1"), &root.0)
+                .map(|p| refusals(&p))
+                .unwrap_err()
+        };
+        let entry = "workloads:\n  - name: a1\n    namespace: default\n    serviceAccount: sa\n";
+        // Nesting deeper than the budget, inside one entry (of the wrong shape anyway).
+        let deep = format!("{entry}    labels: {}{}\n", "[".repeat(80), "]".repeat(80));
+        let e = whole(&deep);
+        assert!(matches!(e, RegistryError::Syntax { line: 5, .. }), "{e}");
+        assert!(e.to_string().contains("limits breached"), "{e}");
+        // More aliases than the budget.
+        let mut aliases = format!("{entry}    node: &n n1\n    ips: [");
+        for _ in 0..60_000 {
+            aliases.push_str("*n,");
+        }
+        aliases.push_str("]\n");
+        let e = whole(&aliases);
+        assert!(e.to_string().contains("limits breached"), "{e}");
+        // An alias bomb: each list ten of the one before (stopped at a million events
+        // recorded, about 3 s in a debug build).
+        let mut bomb =
+            format!("{entry}    labels: {{}}\n    ips: &l0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..9 {
+            let prev = format!("*l{}", i - 1);
+            bomb.push_str(&format!(
+                "  - name: b{i}\n    ips: &l{i} [{}]\n",
+                [prev.as_str(); 10].join(", ")
+            ));
+        }
+        let e = whole(&bomb);
+        assert!(e.to_string().contains("limits breached"), "{e}");
+    }
+
+    #[test]
+    #[ignore = "parses 4,000,000 parser nodes: about 25 s in a debug build"]
+    fn entries_oversize_document_is_refused_whole() {
+        let root = root();
+        // More parser nodes than the budget, inside one entry.
+        let mut text = String::from("workloads:\n  - name: a1\n    ips: [");
+        for _ in 0..=yaml::MAX_NODES {
+            text.push_str("0,");
+        }
+        text.push_str("]\n");
+        let e = Registry::parse_entries(&text, Path::new(FILE), Some("n1"), &root.0)
+            .map(|p| p.refused.len())
+            .unwrap_err();
+        assert!(matches!(e, RegistryError::Syntax { .. }), "{e}");
+        assert!(e.to_string().contains("limits breached"), "{e}");
+    }
+
+    #[test]
+    fn entries_of_a_valid_file_equal_the_strict_parse() {
+        let root = root();
+        let strict = parse(VALID, &root).unwrap();
+        let p = entries(VALID, &root);
+        assert!(p.refused.is_empty());
+        assert_eq!(p.registry, strict);
+        let text = with_services(WEB);
+        let strict = parse(&text, &root).unwrap();
+        let p = entries(&format!("{text}{NODES}"), &root);
+        assert_eq!(p.registry, strict);
+        // The authority's view.
+        let all = Registry::parse_all(VALID, Path::new(FILE)).unwrap();
+        let p = Registry::parse_entries(VALID, Path::new(FILE), None, Path::new("/")).unwrap();
+        assert_eq!(p.registry, all);
+        // load_entries reads the file.
+        let file = root.0.join("registry.yaml");
+        fs::write(&file, VALID).unwrap();
+        let p = Registry::load_entries(&file, Some("n1"), &root.0).unwrap();
+        assert_eq!(p.registry, strict_valid(&root));
+        let e = Registry::load_entries(&root.0.join("absent"), None, &root.0).unwrap_err();
+        assert!(matches!(e, RegistryError::Io { .. }));
+    }
+
+    fn strict_valid(root: &TempDir) -> Registry {
+        parse(VALID, root).unwrap()
+    }
+
+    // ---- Pending local workloads ----
+
+    #[test]
+    fn local_workload_pending_until_its_cgroup_exists() {
+        let root = TempDir::new("registry-pending");
+        root.mkdir("mesh/n1/pods/a1");
+        // a2's cgroup does not exist yet: the strict parse refuses it, parse_entries keeps it.
+        assert!(parse(VALID, &root).is_err());
+        let mut r = entries(VALID, &root).registry;
+        assert_eq!(r.workloads.len(), 4);
+        let pending: Vec<String> = r.pending("n1").map(Workload::key).collect();
+        assert_eq!(pending, ["default/a2"]);
+        assert!(r.resolve_pending("n1", &root.0).is_empty());
+        root.mkdir("mesh/n1/pods/a2");
+        assert_eq!(r.resolve_pending("n1", &root.0), [2]);
+        let ino = fs::metadata(root.0.join("mesh/n1/pods/a2")).unwrap().ino();
+        assert_eq!(r.by_id(2).unwrap().cgroup_id, Some(ino));
+        assert_eq!(r.pending("n1").count(), 0);
+        assert!(r.resolve_pending("n1", &root.0).is_empty());
+        // Now equal to the strict parse.
+        assert_eq!(r, parse(VALID, &root).unwrap());
+        // Another node's pending list (nothing resolved for it here).
+        assert_eq!(r.pending("n2").count(), 1);
+    }
+
+    #[test]
+    fn pending_cgroup_that_turns_out_a_duplicate_stays_pending() {
+        let root = TempDir::new("registry-pending-dup");
+        root.mkdir("mesh/n1/pods/a1");
+        let text = VALID.replace("cgroup: /mesh/n1/pods/a2", "cgroup: mesh/n1/pods/later");
+        let mut r = entries(&text, &root).registry;
+        assert_eq!(r.pending("n1").count(), 1);
+        // `later` appears as a link to a1's cgroup: the same cgroup id.
+        std::os::unix::fs::symlink(
+            root.0.join("mesh/n1/pods/a1"),
+            root.0.join("mesh/n1/pods/later"),
+        )
+        .unwrap();
+        assert!(r.resolve_pending("n1", &root.0).is_empty());
+        assert_eq!(r.pending("n1").count(), 1);
+        // Two pending workloads with one cgroup: the first to resolve gets it.
+        let text = VALID
+            .replace("cgroup: mesh/n1/pods/a1", "cgroup: mesh/n1/pods/new")
+            .replace("cgroup: /mesh/n1/pods/a2", "cgroup: /mesh/n1/pods/new");
+        let mut r = entries(&text, &root).registry;
+        assert_eq!(r.pending("n1").count(), 2);
+        root.mkdir("mesh/n1/pods/new");
+        assert_eq!(r.resolve_pending("n1", &root.0), [1]);
+        let still: Vec<String> = r.pending("n1").map(Workload::key).collect();
+        assert_eq!(still, ["default/a2"]);
+    }
+
+    #[test]
+    fn pending_does_not_excuse_a_bad_cgroup() {
+        let root = root();
+        fs::write(root.0.join("mesh/n1/pods/file"), b"").unwrap();
+        for (cgroup, want) in [
+            ("mesh/../../etc", "escapes"),
+            ("mesh/n1/pods/file", "not a directory"),
+            ("mesh/n1/pods/a1", "already the cgroup"),
+        ] {
+            let text = VALID.replace("cgroup: /mesh/n1/pods/a2", &format!("cgroup: {cgroup}"));
+            let p = entries(&text, &root);
+            let r = refusals(&p);
+            assert_eq!(r.len(), 1, "{cgroup}: {r:?}");
+            assert_eq!(r[0].0, 16);
+            assert!(r[0].1.contains(want), "{cgroup}: {r:?}");
+            assert_eq!(p.registry.workloads.len(), 3);
+        }
+        // A link out of the mount that appears later is refused by resolve_pending.
+        let text = VALID.replace("cgroup: /mesh/n1/pods/a2", "cgroup: mesh/n1/pods/link");
+        let mut r = entries(&text, &root).registry;
+        let outside = TempDir::new("registry-outside");
+        std::os::unix::fs::symlink(&outside.0, root.0.join("mesh/n1/pods/link")).unwrap();
+        assert!(r.resolve_pending("n1", &root.0).is_empty());
+        assert_eq!(r.pending("n1").count(), 1);
+    }
+
+    // ---- Ids ----
+
+    /// Three workloads with ids 30, 10, 20 (a1, b1, c1) and two services with ids 7, 5.
+    const WITH_IDS: &str = "nodes:
+  - name: n1
+    address: 10.0.0.1
+  - name: n2
+    address: 10.0.0.2
+workloads:
+  - id: 30
+    name: a1
+    namespace: default
+    serviceAccount: sa
+    node: n1
+    ips: [10.1.0.1]
+    cgroup: mesh/n1/pods/a1
+    labels: {app: web}
+  - id: 10
+    name: b1
+    namespace: default
+    serviceAccount: sa
+    node: n2
+    ips: [10.2.0.1]
+    labels: {app: web}
+  - id: 20
+    name: c1
+    namespace: default
+    serviceAccount: sa
+    node: n2
+    ips: [10.2.0.2]
+    labels: {app: db}
+services:
+  - id: 7
+    name: web
+    namespace: default
+    vips: [10.96.0.1]
+    ports: [{port: 80, targetPort: 8080}]
+    selector: {app: web}
+  - id: 5
+    name: db
+    namespace: default
+    vips: [10.96.0.2]
+    ports: [{port: 5432, targetPort: 5432}]
+    selector: {app: db}
+";
+
+    #[test]
+    fn explicit_ids() {
+        let root = root();
+        let r = parse_raw(WITH_IDS, &root).unwrap();
+        let ids: Vec<u32> = r.workloads.iter().map(|w| w.id).collect();
+        assert_eq!(ids, [30, 10, 20]);
+        assert_eq!(r.by_id(10).unwrap().key(), "default/b1");
+        assert_eq!(r.by_id(30).unwrap().key(), "default/a1");
+        assert!(r.by_id(1).is_none() && r.by_id(0).is_none() && r.by_id(3).is_none());
+        assert_eq!(r.services.by_id(5).unwrap().key(), "default/db");
+        assert!(r.services.by_id(1).is_none());
+        assert_eq!(r.services.by_id(7).unwrap().endpoints, [30, 10]);
+        assert_eq!(r.services.by_id(5).unwrap().endpoints, [20]);
+        assert_eq!(entries(WITH_IDS, &root).registry, r);
+        // Large ids.
+        let text = WITH_IDS.replace("id: 30", "id: 4294967295");
+        let r = parse_raw(&text, &root).unwrap();
+        assert_eq!(r.by_id(u32::MAX).unwrap().key(), "default/a1");
+    }
+
+    #[test]
+    fn id_problems() {
+        let root = root();
+        // (from, to, line, check) on WITH_IDS: b1's entry (and id) on line 15, web's on 30,
+        // db's on 36.
+        type Check = fn(&Problem) -> bool;
+        let cases: [(&str, &str, usize, Check); 6] = [
+            (
+                "  - id: 10\n    name: b1\n",
+                "  - name: b1\n",
+                15,
+                |p| matches!(p, Problem::MissingId { workload } if workload == "default/b1"),
+            ),
+            ("id: 10\n", "id: 0\n", 15, |p| {
+                matches!(p, Problem::InvalidId { value: 0, .. })
+            }),
+            ("id: 10\n", "id: 4294967296\n", 15, |p| {
+                matches!(
+                    p,
+                    Problem::InvalidId {
+                        value: 4_294_967_296,
+                        ..
+                    }
+                )
+            }),
+            ("id: 10\n", "id: 30\n", 15, |p| {
+                matches!(p, Problem::DuplicateId { id: 30, first, first_line: 7, second }
+                    if first == "default/a1" && second == "default/b1")
+            }),
+            ("  - id: 7\n    name: web\n", "  - name: web\n", 30, |p| {
+                matches!(
+                    p,
+                    Problem::Service {
+                        problem: ServiceProblem::MissingId,
+                        ..
+                    }
+                )
+            }),
+            ("id: 5\n", "id: 7\n", 36, |p| {
+                matches!(p, Problem::Service { problem: ServiceProblem::DuplicateId { id: 7, first_line: 30, .. }, service }
+                    if service == "default/db")
+            }),
+        ];
+        for (from, to, line, check) in cases {
+            let text = WITH_IDS.replacen(from, to, 1);
+            // Strict: the file is refused with it.
+            let e = parse_raw(&text, &root).unwrap_err();
+            assert_eq!(e.line(), Some(line), "{to}: {e}");
+            assert!(check(problem(&e)), "{to}: {e}");
+            // Entry by entry: that entry alone.
+            let p = entries(&text, &root);
+            assert_eq!(p.refused.len(), 1, "{to}: {:?}", refusals(&p));
+            assert_eq!(p.refused[0].line(), Some(line));
+            assert!(check(problem(&p.refused[0])), "{to}");
+            assert_eq!(
+                p.registry.workloads.len() + p.registry.services.services.len(),
+                4
+            );
+        }
+        let e = parse_raw(&WITH_IDS.replace("id: 5\n", "id: 0\n"), &root).unwrap_err();
+        assert!(
+            matches!(
+                e.problem(),
+                Some(Problem::Service {
+                    problem: ServiceProblem::InvalidId(0),
+                    ..
+                })
+            ),
+            "{e}"
+        );
+        // Ids are all or none per kind: workloads without any keep their positions while
+        // the services carry theirs (endpoints are the positions then).
+        let text = WITH_IDS
+            .replace("  - id: 30\n    name", "  - name")
+            .replace("  - id: 10\n    name", "  - name")
+            .replace("  - id: 20\n    name", "  - name");
+        let r = parse_raw(&text, &root).unwrap();
+        let ids: Vec<u32> = r.workloads.iter().map(|w| w.id).collect();
+        assert_eq!(ids, [1, 2, 3]);
+        assert_eq!(r.services.by_id(7).unwrap().endpoints, [1, 2]);
+    }
+
+    #[test]
+    fn with_ids_renumbers_everything() {
+        let root = root();
+        let r = parse(&with_services(WEB), &root).unwrap();
+        let r = r.with_ids(
+            |key| match key {
+                "default/a1" => 100,
+                "default/b1" => 7,
+                "other/w1" => 1,
+                k => panic!("{k}"),
+            },
+            |key| {
+                assert_eq!(key, "default/web");
+                42
+            },
+        );
+        let ids: Vec<u32> = r.workloads.iter().map(|w| w.id).collect();
+        assert_eq!(ids, [100, 7, 1]);
+        assert_eq!(r.by_id(100).unwrap().key(), "default/a1");
+        assert_eq!(r.by_id(1).unwrap().key(), "other/w1");
+        assert!(r.by_id(2).is_none());
+        assert_eq!(r.by_ip("10.2.0.2".parse().unwrap()).unwrap().id, 7);
+        let web = r.services.by_id(42).unwrap();
+        assert_eq!(web.endpoints, [100, 7]);
+        assert!(r.services.by_id(1).is_none());
+        assert_eq!(
+            r.services.by_vip("10.96.0.10".parse().unwrap()).unwrap().id,
+            42
+        );
+        // What it renders reads back with those ids.
+        let back = entries(&r.to_yaml(), &root);
+        assert!(back.refused.is_empty(), "{:?}", refusals(&back));
+        assert_eq!(back.registry, r);
+    }
+
+    #[test]
+    #[should_panic(expected = "workload ids must be unique")]
+    #[cfg(debug_assertions)]
+    fn with_ids_asserts_uniqueness() {
+        let root = root();
+        let _ = parse(VALID, &root).unwrap().with_ids(|_| 1, |_| 1);
+    }
+
+    // ---- Rendering ----
+
+    /// Values YAML 1.1 (or YAML syntax) would read as something else unquoted.
+    const TRICKY: &[&str] = &[
+        "no",
+        "No",
+        "off",
+        "on",
+        "yes",
+        "y",
+        "n",
+        "true",
+        "False",
+        "null",
+        "Null",
+        "~",
+        "",
+        " ",
+        "1e3",
+        "1_000",
+        "0x1F",
+        "0o17",
+        "010",
+        ".inf",
+        "-.inf",
+        ".nan",
+        "1.10",
+        "12:30:00",
+        "2001-12-14",
+        "*alias",
+        "&anchor",
+        "!tag",
+        "!!str",
+        "a: b",
+        "a:b",
+        "#comment",
+        "a #b",
+        "- x",
+        "? x",
+        "[a]",
+        "{a}",
+        "|",
+        ">",
+        "%x",
+        "@x",
+        "`x",
+        "'",
+        "''",
+        "\"",
+        "\\",
+        "\\n",
+        "\n",
+        "\t",
+        " lead",
+        "trail ",
+        "a\nb",
+        "é",
+        "日本",
+        "😀",
+        "\u{1}",
+        "\u{7f}",
+        "\u{85}",
+        "\u{a0}",
+        "\u{2028}",
+        "\u{2029}",
+        "\u{feff}",
+        "\u{fffe}",
+        "---",
+        "...",
+        "<<",
+        "=",
+    ];
+
+    /// A registry with a bit of everything, labels from [`TRICKY`].
+    fn everything(root: &TempDir) -> Registry {
+        let mut labels = String::new();
+        for (i, v) in TRICKY.iter().enumerate() {
+            labels.push_str(&format!("      k{i}: {}\n", quote(v)));
+            labels.push_str(&format!("      {}: v{i}\n", quote(&format!("{v}/key"))));
+        }
+        let text = format!(
+            "nodes:
+  - name: n1
+    address: 10.0.0.1
+    address6: \"fd00::1\"
+  - name: node-2.example
+    address: \"fd00::2\"
+workloads:
+  - name: a1
+    namespace: default
+    serviceAccount: sa-a
+    node: n1
+    ips: [10.1.0.2, \"fd00:1::2\"]
+    cgroup: /mesh/n1/pods/a1
+    labels:
+{labels}    peerAuthentication: PERMISSIVE
+    httpPorts: [9090, 80]
+  - name: a2
+    namespace: default
+    serviceAccount: sa-a
+    node: n1
+    ips: [\"fd00:1::3\"]
+    cgroup: mesh/n1/pods/pending
+    labels: {{app: web}}
+  - name: b1
+    namespace: other
+    serviceAccount: sa-b
+    node: node-2.example
+    ips: [10.2.0.2]
+services:
+  - name: web
+    namespace: default
+    vips: [10.96.0.10, \"fd00:96::10\"]
+    ports:
+      - {{port: 80, targetPort: 8080, name: http, protocol: TCP}}
+      - {{port: 443, targetPort: 8443}}
+    selector: {{app: web, \"no\": \"1e3\"}}
+  - name: quiet
+    namespace: other
+    vips: [10.96.0.11]
+    ports: [{{port: 1, targetPort: 65535}}]
+    selector: {{\"~\": \"*a\"}}
+"
+        );
+        let p = entries(&text, root);
+        assert!(p.refused.is_empty(), "{:?}", refusals(&p));
+        p.registry
+    }
+
+    #[test]
+    fn to_yaml_round_trips() {
+        let root = root();
+        let r = everything(&root);
+        let a1 = &r.workloads[0];
+        for (i, v) in TRICKY.iter().enumerate() {
+            assert_eq!(a1.labels[&format!("k{i}")], *v, "label k{i}");
+            assert_eq!(a1.labels[&format!("{v}/key")], format!("v{i}"));
+        }
+        assert!(r.workloads[1].cgroup_id.is_none(), "a2 is pending");
+        let yaml = r.to_yaml();
+        let back = entries(&yaml, &root);
+        assert!(back.refused.is_empty(), "{:?}\n{yaml}", refusals(&back));
+        assert_eq!(back.registry, r, "{yaml}");
+        // Deterministic: the same registry, the same bytes, and a fixed point.
+        assert_eq!(r.clone().to_yaml(), yaml);
+        assert_eq!(back.registry.to_yaml(), yaml);
+        // The strict parsers read it too.
+        root.mkdir("mesh/n1/pods/pending");
+        let strict = parse_raw(&yaml, &root).unwrap();
+        assert!(strict.workloads[1].cgroup_id.is_some());
+        assert_eq!(
+            Registry::parse_all(&yaml, Path::new(FILE))
+                .unwrap()
+                .workloads
+                .len(),
+            3
+        );
+        // Every entry has its id.
+        assert_eq!(yaml.matches("  - id: ").count(), 5);
+    }
+
+    #[test]
+    fn to_yaml_shape() {
+        let root = root();
+        let text = "nodes:\n  - name: n1\n    address: 10.0.0.1\nworkloads:\n  - name: a1\n    \
+                    namespace: default\n    serviceAccount: sa\n    node: n1\n    \
+                    ips: [10.1.0.2]\n    cgroup: mesh/n1/pods/a1\n    labels: {b: \"no\", a: \"1\"}\n";
+        let r = entries(text, &root).registry;
+        assert_eq!(
+            r.to_yaml(),
+            "nodes:\n  - name: \"n1\"\n    address: \"10.0.0.1\"\nworkloads:\n  - id: 1\n    \
+             name: \"a1\"\n    namespace: \"default\"\n    serviceAccount: \"sa\"\n    \
+             node: \"n1\"\n    ips: [\"10.1.0.2\"]\n    cgroup: \"mesh/n1/pods/a1\"\n    \
+             labels: {\"a\": \"1\", \"b\": \"no\"}\n"
+        );
+        let empty = entries("workloads: []\n", &root).registry;
+        assert_eq!(empty.to_yaml(), "nodes: []\nworkloads: []\n");
+        assert_eq!(entries(&empty.to_yaml(), &root).registry, empty);
+    }
+
+    #[test]
+    fn quote_escapes_what_yaml_would_not_read_back() {
+        assert_eq!(quote("a\"b\\c"), r#""a\"b\\c""#);
+        assert_eq!(quote("a\nb\tc\r"), r#""a\nb\tc\r""#);
+        assert_eq!(
+            quote("\u{1}\u{85}\u{2028}\u{feff}"),
+            r#""\u0001\u0085\u2028\uFEFF""#
+        );
+        assert_eq!(quote("é日😀"), "\"é日😀\"");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Any label keys and values (any Unicode) read back as they were.
+        #[test]
+        fn labels_round_trip(labels in proptest::collection::btree_map(".*", ".*", 0..8)) {
+            let root = root();
+            let text = "nodes:\n  - name: n1\n    address: 10.0.0.1\nworkloads:\n  - name: a1\n    \
+                        namespace: default\n    serviceAccount: sa\n    node: n1\n    \
+                        ips: [10.1.0.2]\n    cgroup: mesh/n1/pods/a1\n";
+            let mut r = entries(text, &root).registry;
+            r.workloads[0].labels = labels;
+            let yaml = r.to_yaml();
+            let back = entries(&yaml, &root);
+            proptest::prop_assert!(back.refused.is_empty(), "{:?}\n{}", refusals(&back), yaml);
+            proptest::prop_assert_eq!(back.registry, r);
+        }
     }
 }
