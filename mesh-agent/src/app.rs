@@ -475,7 +475,12 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
             // as the state at start lists them, its node addresses.
             node_addrs: std::iter::once(IpAddr::V4(*outbound4.ip()))
                 .chain(outbound6.map(|a| IpAddr::V6(*a.ip())))
-                .chain(registry.node(&opts.node).into_iter().flat_map(|n| n.addresses()))
+                .chain(
+                    registry
+                        .node(&opts.node)
+                        .into_iter()
+                        .flat_map(|n| n.addresses()),
+                )
                 .collect(),
         },
         stop_rx.clone(),

@@ -35,8 +35,8 @@ const CASES: &[Case] = &[
     },
     Case {
         name: "duplicate-ip",
-        mutate: |e| e[2].ips[0] = e[0].ips[0],
-        culprit: 2,
+        mutate: |e| e[1].ips[0] = e[0].ips[0],
+        culprit: 1,
         problem: &["10.1.0.2"],
         at_agent: false,
     },
@@ -49,8 +49,8 @@ const CASES: &[Case] = &[
     },
     Case {
         name: "unlisted-node",
-        mutate: |e| e[2].node = "n9".into(),
-        culprit: 2,
+        mutate: |e| e[1].node = "n9".into(),
+        culprit: 1,
         problem: &["n9", "nodes"],
         at_agent: false,
     },

@@ -67,7 +67,10 @@ fn workload_added_is_meshed_without_restart() {
             .io_timeout(Duration::from_secs(2)),
     );
     assert!(
-        outsider.results.iter().all(|r| r.hello.is_none() && !r.echo_ok),
+        outsider
+            .results
+            .iter()
+            .all(|r| r.hello.is_none() && !r.echo_ok),
         "plaintext from outside the mesh reached the new STRICT workload: {:?}",
         outsider.results
     );
