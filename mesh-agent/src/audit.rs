@@ -449,8 +449,8 @@ impl AuditLog {
         });
     }
 
-    /// Records a certificate event: `action` is `issued`, `rotated`, `revoked` or
-    /// `refused`; `subject` the SPIFFE ID (or serial).
+    /// Records a certificate event: `action` is `issued`, `rotated`, `revoked`, `refused` or
+    /// `dropped` (the workload left the node); `subject` the SPIFFE ID (or serial).
     pub fn cert_event(&self, action: &str, subject: &str, detail: Option<String>) {
         self.emit(action_entry(Kind::Cert, action, subject, detail));
     }

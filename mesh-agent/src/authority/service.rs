@@ -587,6 +587,76 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn state_long_poll_answers_changes_and_refuses_bad_requests() {
+        use crate::state::{publish::Publisher, Snapshot};
+        let (publisher, feed) = Publisher::new(None);
+        let r = start(
+            "state",
+            ServeConfig {
+                state: Some(feed.clone()),
+                ..ServeConfig::default()
+            },
+        )
+        .await;
+        let mut c1 = client(&r, &r.n1).await;
+        // Nothing published yet: the wait ends with "unchanged".
+        assert_eq!(
+            c1.state(None, Duration::from_millis(50)).await.unwrap(),
+            None
+        );
+        publisher.publish(Snapshot::new(1, "test".into(), "workloads: []\n".into(), 1));
+        let got = c1.state(None, Duration::ZERO).await.unwrap().unwrap();
+        assert_eq!(got.version, 1);
+        got.verify().unwrap();
+        // Up to date: unchanged after the wait; a change while waiting is answered at once.
+        assert_eq!(
+            c1.state(Some(1), Duration::from_millis(50)).await.unwrap(),
+            None
+        );
+        let waiting = tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let s = c1.state(Some(1), Duration::from_secs(20)).await;
+            (s, started.elapsed())
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await; // pacing: the poll is waiting
+        publisher.publish(Snapshot::new(
+            2,
+            "test".into(),
+            "nodes: []\nworkloads: []\n".into(),
+            2,
+        ));
+        let (s, took) = waiting.await.unwrap();
+        assert_eq!(s.unwrap().unwrap().version, 2);
+        assert!(took < Duration::from_secs(5), "answered after {took:?}");
+        // A node's reported version is what it asked after.
+        assert_eq!(feed.agents()["n1"].version, 1);
+        // Malformed state requests are refused, the connection keeps serving.
+        let mut raw = raw(&r, &r.n2).await;
+        for bad in [
+            &b"{\"op\":\"state\",\"after\":\"x\"}\n"[..],
+            b"{\"op\":\"state\",\"after\":-1}\n",
+            b"{\"op\":\"state\",\"wait_ms\":1,\"evil\":true}\n",
+        ] {
+            let v = send_raw(&mut raw, bad).await.expect("an answer");
+            assert_eq!(v["ok"], false, "{v}");
+        }
+        let v = send_raw(&mut raw, b"{\"op\":\"state\",\"after\":2,\"wait_ms\":10}\n")
+            .await
+            .expect("an answer");
+        assert_eq!(v["unchanged"], true, "{v}");
+    }
+
+    #[tokio::test]
+    async fn state_refused_by_an_authority_that_publishes_none() {
+        let r = start("nostate", ServeConfig::default()).await;
+        let mut c1 = client(&r, &r.n1).await;
+        assert!(matches!(
+            c1.state(None, Duration::ZERO).await,
+            Err(IdentityError::Refused { .. })
+        ));
+    }
+
+    #[tokio::test]
     async fn sign_bundle_and_revocations_over_loopback() {
         let r = start("svc", ServeConfig::default()).await;
         let mut c1 = client(&r, &r.n1).await;

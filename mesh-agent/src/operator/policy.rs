@@ -108,9 +108,18 @@ pub struct LintArgs {
 pub struct ApplyArgs {
     /// The policy directory.
     pub dir: PathBuf,
-    /// The workload registry.
+    /// The workload registry (its ids are positions: use it only on nodes whose agent reads
+    /// the same file with `--registry`).
+    #[arg(
+        long,
+        required_unless_present = "state_dir",
+        conflicts_with = "state_dir"
+    )]
+    pub registry: Option<PathBuf>,
+    /// The node agent's state directory: compile against the mesh state the agent applied
+    /// (the ids its maps carry). What to use on a node that follows the authority.
     #[arg(long)]
-    pub registry: PathBuf,
+    pub state_dir: Option<PathBuf>,
     /// The node agent's pin directory.
     #[arg(long, default_value = mesh_common::names::DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
@@ -208,13 +217,19 @@ pub enum OperatorError {
     Output(#[source] std::io::Error),
     #[error(transparent)]
     Check(#[from] CheckError),
+    #[error("the node's mesh state in {}: {detail}", dir.display())]
+    State { dir: PathBuf, detail: String },
 }
 
 impl OperatorError {
     fn is_config(&self) -> bool {
         matches!(
             self,
-            Self::Registry(_) | Self::Load { .. } | Self::Compile(_) | Self::Credentials { .. }
+            Self::Registry(_)
+                | Self::Load { .. }
+                | Self::Compile(_)
+                | Self::Credentials { .. }
+                | Self::State { .. }
         ) || matches!(self, Self::Check(e) if e.is_bad_input())
     }
 }
@@ -328,6 +343,24 @@ fn lint(a: LintArgs) -> Result<(), OperatorError> {
     print(a.output, &out, &text).map_err(OperatorError::Output)
 }
 
+/// The registry of the mesh state a node's agent applied (persisted in its state directory).
+fn applied_registry(dir: &std::path::Path) -> Result<Registry, OperatorError> {
+    let state = |detail: String| OperatorError::State {
+        dir: dir.to_owned(),
+        detail,
+    };
+    let snapshot = crate::state::Snapshot::load(dir)
+        .map_err(|e| state(crate::error_chain(&e)))?
+        .ok_or_else(|| state("none yet (has the agent received one?)".to_owned()))?;
+    let parsed = Registry::parse_entries(
+        &snapshot.registry,
+        &dir.join(crate::state::PERSISTED),
+        None,
+        std::path::Path::new("/"),
+    )?;
+    Ok(parsed.registry)
+}
+
 #[derive(Serialize)]
 struct ApplyOutput {
     generation: u32,
@@ -336,7 +369,16 @@ struct ApplyOutput {
 }
 
 fn apply(a: ApplyArgs) -> Result<(), OperatorError> {
-    let registry = Arc::new(Registry::load_all(&a.registry)?);
+    let registry = Arc::new(match (&a.registry, &a.state_dir) {
+        (Some(path), _) => Registry::load_all(path)?,
+        (None, Some(dir)) => applied_registry(dir)?,
+        (None, None) => {
+            return Err(OperatorError::State {
+                dir: PathBuf::new(),
+                detail: "give --registry or --state-dir".to_owned(),
+            })
+        }
+    });
     let trust_domain = a.compile.trust_domain()?;
     let ctx = CompileContext {
         registry,

@@ -31,7 +31,7 @@ use clap::{Parser, Subcommand};
 use mesh_common::names;
 use mesh_tests::{
     bpftool, eventually, httpload, require_privileges, Agent, ClientRequest, Cluster, FlowRecord,
-    Host, Node, Pod, Proc, Server,
+    Host, Node, Pod, Proc, Server, ServiceEntry,
 };
 use serde_json::Value;
 
@@ -137,6 +137,11 @@ const ROUTES: [Route; 5] = [
 const HTTP_PORT: u16 = 8081;
 /// The round before which the sample policy is first applied.
 const POLICY_ROUND: u32 = 3;
+/// The round at which pod b3 is added to the mesh state (live), and the round it is removed.
+const ADD_ROUND: u32 = 2;
+const REMOVE_ROUND: u32 = 6;
+/// Service `default/web` (endpoints a2, b1, b2), port 80 → 8080.
+const SERVICE_VIP: &str = "10.96.0.10";
 /// The policy changes every this many rounds after that.
 const POLICY_EVERY: u32 = 5;
 /// Lines of `bpftool map dump pinned …/mesh_pol_l4` shown.
@@ -185,11 +190,23 @@ fn main() -> ExitCode {
 /// panics. Returns whether every connection went as expected.
 fn run(args: &Args) -> bool {
     println!("== building a two-node mesh (network namespaces, veths, a bridge, cgroups)");
-    let cluster = Cluster::builder()
+    let mut builder = Cluster::builder()
         .nodes(2)
         .pods_per_node(2)
         .http_ports("b1", &[HTTP_PORT])
-        .build();
+        // b3 runs from the start but joins the mesh only when the demo adds it (live).
+        .add_unregistered_pod(1, "b3")
+        .service(ServiceEntry {
+            name: "web".into(),
+            namespace: "default".into(),
+            vips: vec![SERVICE_VIP.parse().expect("vip")],
+            ports: vec![(80, PORT)],
+            selector: vec![("svc".into(), "web".into())],
+        });
+    for endpoint in ["a2", "b1", "b2"] {
+        builder = builder.label(endpoint, "svc", "web");
+    }
+    let cluster = builder.build();
     print_topology(&cluster);
     if stopping() {
         return true;
@@ -237,6 +254,7 @@ fn run(args: &Args) -> bool {
     let mut round = 0u32;
     let mut counters = counters_snapshot(&cluster);
     let mut policy = Phase::None;
+    let mut b3_meshed = false;
     while !stopping() && end.is_none_or(|e| Instant::now() < e) {
         round += 1;
         if round >= POLICY_ROUND && (round - POLICY_ROUND).is_multiple_of(POLICY_EVERY) {
@@ -255,6 +273,9 @@ fn run(args: &Args) -> bool {
             }
         }
         let next = Instant::now() + Duration::from_secs(1);
+        let live = mercurial_round(&cluster, &agents, started, round, &mut b3_meshed);
+        good += live.0;
+        bad += live.1;
         let outcome = traffic_round(&cluster, &agents, started);
         if stopping() {
             break;
@@ -1039,4 +1060,82 @@ fn http_get(pod: &Pod, to: SocketAddr, path: &str) -> Value {
         .rev()
         .find_map(|l| serde_json::from_str::<Value>(l).ok())
         .unwrap_or_else(|| serde_json::json!({"error": out.stderr.trim()}))
+}
+
+/// The live part of a round: at [`ADD_ROUND`] pod b3 joins the mesh state at the authority, at
+/// [`REMOVE_ROUND`] it leaves (no agent restarts); every round a1 calls b3 (carried over HBONE
+/// while b3 is in the mesh, not captured once it left) and the service `default/web` four times
+/// (the source agent picks an endpoint each time). Returns (as expected, not).
+fn mercurial_round(
+    cluster: &Cluster,
+    agents: &[Agent],
+    started: Instant,
+    round: u32,
+    b3_meshed: &mut bool,
+) -> (u64, u64) {
+    let t = started.elapsed().as_secs();
+    let b3 = cluster.pod("b3");
+    if round == ADD_ROUND || round == REMOVE_ROUND {
+        let mut entries = cluster.registry_entries();
+        let adding = round == ADD_ROUND;
+        if adding {
+            entries.push(b3.registry_entry());
+        }
+        let version = cluster.publish_state(&entries, cluster.services());
+        cluster.wait_state_applied(&[0, 1], version);
+        *b3_meshed = adding;
+        println!(
+            "[t={t:>3}s] == mesh state v{version}: pod b3 {} the registry at the authority; both agents applied it live (pids {:?})",
+            if adding { "added to" } else { "removed from" },
+            agents.iter().map(|a| a.pid().unwrap_or_default()).collect::<Vec<_>>()
+        );
+    }
+    let (mut good, mut bad) = (0, 0);
+    if round >= ADD_ROUND {
+        let a1 = cluster.pod("a1");
+        let mut req = ClientRequest::new(b3.addr4(PORT)).send("hello b3");
+        req.io_timeout = Duration::from_secs(3);
+        let run = a1.client(&req);
+        let flow = run
+            .results
+            .first()
+            .and_then(|r| r.local_addr())
+            .and_then(|local| eventually(FLOW_WAIT, || agents[0].flow_from(local)));
+        let answered = run.results.first().is_some_and(|r| r.echo_ok);
+        let carried = flow.as_ref().is_some_and(|f| f.raw["transport"] == "hbone");
+        let ok = answered && (carried == *b3_meshed);
+        println!(
+            "[t={t:>3}s] a1 → b3 {:<22} {}",
+            b3.addr4(PORT).to_string(),
+            match (answered, carried) {
+                (true, true) => "answered, carried over HBONE mTLS (b3 is in the mesh)".to_owned(),
+                (true, false) =>
+                    "answered directly, not captured (b3 is not in the mesh)".to_owned(),
+                (false, _) => "FAILED".to_owned(),
+            }
+        );
+        if ok {
+            good += 1;
+        } else {
+            bad += 1;
+        }
+    }
+    let a1 = cluster.pod("a1");
+    let vip = SocketAddr::new(SERVICE_VIP.parse().expect("vip"), 80);
+    let mut req = ClientRequest::new(vip).send("hello web").count(4);
+    req.io_timeout = Duration::from_secs(3);
+    let run = a1.client(&req);
+    let answered: Vec<&str> = run.results.iter().filter_map(|r| r.hello_name()).collect();
+    let ok = run.results.iter().all(|r| r.echo_ok) && answered.len() == 4;
+    println!(
+        "[t={t:>3}s] a1 → service default/web {vip}: 4 connections answered by {:?}{}",
+        answered,
+        if ok { "" } else { "  FAILED" }
+    );
+    if ok {
+        good += 1;
+    } else {
+        bad += 1;
+    }
+    (good, bad)
 }
