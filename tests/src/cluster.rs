@@ -1189,19 +1189,25 @@ impl Cluster {
         Agent::start(spec)
     }
 
-    /// Runs `mesh-agent policy apply DIR --registry <tmp>/registry.yaml --pin-dir <node's>
+    /// Runs `mesh-agent policy apply DIR --state-dir <the node's> --pin-dir <node's>
     /// --trust-domain <the cluster's> --output json` and returns its output (exit status,
     /// stdout, stderr); bounded by [`crate::DEFAULT_TIMEOUT`].
     #[track_caller]
     pub fn policy_apply(&self, index: usize, dir: &Path) -> PolicyApply {
-        let registry = self.write_registry();
+        // Compiled against the mesh state the node's agent applied (the ids its maps carry);
+        // before its agent ever ran, against the build-time registry (written beside, never
+        // over, the file the authority follows).
+        let state_dir = self.agent_spec(index).identity_dir.join("state");
         let mut cmd = Command::new(crate::agent::agent_bin());
-        cmd.arg("policy")
-            .arg("apply")
-            .arg(dir)
-            .arg("--registry")
-            .arg(&registry)
-            .arg("--pin-dir")
+        cmd.arg("policy").arg("apply").arg(dir);
+        if state_dir.join("mesh-state.json").is_file() {
+            cmd.arg("--state-dir").arg(&state_dir);
+        } else {
+            let (registry, _) =
+                self.write_registry_file("policy-registry.yaml", &self.registry_entries());
+            cmd.arg("--registry").arg(registry);
+        }
+        cmd.arg("--pin-dir")
             .arg(self.node(index).pin_dir())
             .arg("--trust-domain")
             .arg(crate::authority::TRUST_DOMAIN)

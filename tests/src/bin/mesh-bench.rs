@@ -457,7 +457,9 @@ fn orchestrate(args: &Args) -> ExitCode {
         server,
         durations,
         cost: std::cell::RefCell::new(Cost::default()),
-        registry: cluster.write_registry(),
+        registry: cluster
+            .write_registry_file("policy-registry.yaml", &cluster.registry_entries())
+            .0,
     };
 
     let mut runs: Vec<Run> = Vec::new();
@@ -2853,7 +2855,9 @@ fn audit_overhead_phase(
                 server: cluster.pod("server"),
                 durations,
                 cost: std::cell::RefCell::new(Cost::default()),
-                registry: cluster.write_registry(),
+                registry: cluster
+                    .write_registry_file("policy-registry.yaml", &cluster.registry_entries())
+                    .0,
             };
             bench.apply_everywhere(&dir);
             let written_before = cluster.node(1).metric(AUDIT_WRITTEN);
