@@ -442,6 +442,18 @@ pub fn load_dir(dir: &Path) -> Result<PolicyBundle, PolicyError> {
     Ok(loader.bundle)
 }
 
+/// Loads policy files given as `(name, text)` (a configuration bundle's): the same checks as
+/// [`load_dir`] across all of them (duplicates, the object budget), in name order.
+pub fn load_texts(files: &[(&str, &str)]) -> Result<PolicyBundle, PolicyError> {
+    let mut sorted: Vec<&(&str, &str)> = files.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    let mut loader = Loader::default();
+    for (name, text) in sorted {
+        loader.text(text, Path::new(name))?;
+    }
+    Ok(loader.bundle)
+}
+
 /// Parses policy `text`; `path` only names the file in errors and origins.
 pub fn parse_str(text: &str, path: &Path) -> Result<PolicyBundle, PolicyError> {
     let mut loader = Loader::default();

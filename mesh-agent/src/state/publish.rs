@@ -58,7 +58,8 @@ pub const AGENTS_FILE: &str = "state/agents.json";
 #[derive(Debug)]
 pub struct Publisher {
     tx: watch::Sender<Option<Arc<Published>>>,
-    agents: Arc<Mutex<BTreeMap<String, AgentReport>>>,
+    /// What the service reads: the same versions and reports.
+    feed: StateFeed,
 }
 
 impl Publisher {
@@ -66,17 +67,17 @@ impl Publisher {
     /// whenever it changes.
     pub fn new(dir: Option<&Path>) -> (Self, StateFeed) {
         let (tx, rx) = watch::channel(None);
-        let agents = Arc::new(Mutex::new(BTreeMap::new()));
+        let feed = StateFeed {
+            rx,
+            agents: Arc::new(Mutex::new(BTreeMap::new())),
+            reports: dir.map(|d| d.join(AGENTS_FILE)),
+        };
         (
             Self {
                 tx,
-                agents: Arc::clone(&agents),
+                feed: feed.clone(),
             },
-            StateFeed {
-                rx,
-                agents,
-                reports: dir.map(|d| d.join(AGENTS_FILE)),
-            },
+            feed,
         )
     }
 
@@ -99,17 +100,9 @@ impl Publisher {
             .send_replace(Some(Arc::new(Published { snapshot, line })));
     }
 
-    /// The current version, if any.
-    pub fn current(&self) -> Option<Arc<Published>> {
-        self.tx.borrow().clone()
-    }
-
-    /// What each agent last reported.
-    pub fn agents(&self) -> BTreeMap<String, AgentReport> {
-        self.agents
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    /// The current version and the agents' reports, as the service sees them.
+    pub fn feed(&self) -> &StateFeed {
+        &self.feed
     }
 }
 
@@ -248,7 +241,7 @@ pub trait Sink: Send + Sync {
 
 impl Sink for Publisher {
     fn current_digest(&self) -> Option<String> {
-        self.current().map(|p| p.snapshot.digest.clone())
+        self.feed.current().map(|p| p.snapshot.digest.clone())
     }
 
     fn publish(&self, snapshot: Snapshot) {

@@ -1255,8 +1255,23 @@ fn wait_generation(
     since: SystemTime,
     timeout: Duration,
 ) -> Option<Duration> {
+    wait_logged(log, offset, since, timeout, |v| {
+        v["message"] == "policy generation active"
+            && v["generation"].as_u64().is_some_and(|g| g >= generation)
+    })
+}
+
+/// The time from `since` to the first line of `log` past `offset` that `matches`, by the
+/// line's own timestamp (so the poll interval does not blur the figure); `None` after
+/// `timeout` or on Ctrl-C.
+fn wait_logged(
+    log: &Path,
+    offset: u64,
+    since: SystemTime,
+    timeout: Duration,
+    matches: impl Fn(&Value) -> bool,
+) -> Option<Duration> {
     use std::io::{Seek, SeekFrom};
-    // The figure is the log line's own timestamp, so the poll interval does not blur it.
     eventually(timeout, || {
         if stopping() {
             return Some(None);
@@ -1269,9 +1284,8 @@ fn wait_generation(
         }
         let v = text
             .lines()
-            .filter(|l| l.contains("policy generation active"))
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|v| v["generation"].as_u64().is_some_and(|g| g >= generation))?;
+            .find(|v| matches(v))?;
         let logged = v["timestamp"].as_str().and_then(parse_utc_timestamp);
         let at = logged.unwrap_or_else(SystemTime::now);
         Some(Some(at.duration_since(since).unwrap_or(Duration::ZERO)))
@@ -3064,25 +3078,20 @@ impl Bench<'_> {
     /// For each agent, the time from `since` to its `state applied` line for `version` (the
     /// line's own timestamp).
     fn applied(&self, offsets: &[u64], version: u64, since: SystemTime) -> Vec<Option<Duration>> {
-        use std::io::{Seek, SeekFrom};
         self.agents
             .iter()
             .zip(offsets)
             .map(|(agent, &offset)| {
-                let log = agent.stdout_path()?.to_owned();
-                eventually(Duration::from_secs(60), || {
-                    let mut text = String::new();
-                    let mut f = std::fs::File::open(&log).ok()?;
-                    f.seek(SeekFrom::Start(offset)).ok()?;
-                    let _ = f.read_to_string(&mut text);
-                    let v = text
-                        .lines()
-                        .filter(|l| l.contains("state applied"))
-                        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                        .find(|v| v["version"].as_u64().is_some_and(|g| g >= version))?;
-                    let at = v["timestamp"].as_str().and_then(parse_utc_timestamp)?;
-                    Some(at.duration_since(since).unwrap_or(Duration::ZERO))
-                })
+                wait_logged(
+                    agent.stdout_path()?,
+                    offset,
+                    since,
+                    Duration::from_secs(60),
+                    |v| {
+                        v["message"] == "state applied"
+                            && v["version"].as_u64().is_some_and(|g| g >= version)
+                    },
+                )
             })
             .collect()
     }
@@ -3120,6 +3129,8 @@ fn map_memory_kib(pin_dir: &Path) -> f64 {
         .into_iter()
         .flatten()
         .filter_map(Result::ok)
+        // The pinned links (`link_*`) are not maps.
+        .filter(|e| !e.file_name().to_string_lossy().starts_with("link_"))
         .filter_map(|e| {
             let v =
                 mesh_tests::bpftool::json(&["map", "show", "pinned", &e.path().to_string_lossy()]);
