@@ -281,8 +281,11 @@ pub(super) struct ServiceValidator<'a> {
     /// (namespace, label key, label value) → positions of the workloads that have it, in
     /// order: built on the first service, so 1,000 selectors over 10,000 workloads do not
     /// compare every pair.
-    label_index: std::cell::OnceCell<HashMap<(&'a str, &'a str, &'a str), Vec<usize>>>,
+    label_index: std::cell::OnceCell<LabelIndex<'a>>,
 }
+
+/// (namespace, label key, label value) → positions of the workloads that have it.
+type LabelIndex<'a> = HashMap<(&'a str, &'a str, &'a str), Vec<usize>>;
 
 /// A refused service: where, which, what.
 pub(super) type Refusal = (usize, String, ServiceProblem);
@@ -312,7 +315,7 @@ impl<'a> ServiceValidator<'a> {
     fn endpoints(&self, namespace: &str, selector: &BTreeMap<String, String>) -> Vec<u32> {
         let workloads = self.workloads;
         let index = self.label_index.get_or_init(|| {
-            let mut index: HashMap<(&str, &str, &str), Vec<usize>> = HashMap::new();
+            let mut index = LabelIndex::new();
             for (i, w) in workloads.iter().enumerate() {
                 for (k, v) in &w.labels {
                     index
