@@ -328,7 +328,9 @@ impl Applier {
 
     /// Applies `snapshot`. A refusal changes nothing.
     pub fn apply(&mut self, snapshot: &Snapshot) -> Result<Applied, ApplyError> {
+        let started = std::time::Instant::now();
         let parsed = Self::parse(snapshot, &self.ctx.node, &self.ctx.cgroup_root);
+        let parse_ms = started.elapsed().as_millis() as u64;
         let (registry, refused) = match parsed {
             Ok(p) => p,
             Err(e) => {
@@ -372,7 +374,9 @@ impl Applier {
         self.tx.send_replace(Arc::clone(&state));
 
         // 4. The kernel maps.
+        let maps_started = std::time::Instant::now();
         let programmed = self.programmer.program(&state.registry);
+        let maps_ms = maps_started.elapsed().as_millis() as u64;
 
         // 5. Connections of workloads gone or re-keyed.
         let closed = self
@@ -413,6 +417,9 @@ impl Applier {
             pending,
             connections_closed = closed,
             propagation_ms = propagation,
+            apply_ms = started.elapsed().as_millis() as u64,
+            parse_ms,
+            maps_ms,
             "state applied"
         );
         if let Some(a) = &self.audit {
