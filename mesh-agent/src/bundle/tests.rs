@@ -13,35 +13,11 @@ use super::*;
 
 const CREATED: &str = "2026-01-02T03:04:05Z";
 
-const REGISTRY: &str = "nodes:
-  - name: n1
-    address: 10.0.0.1
-workloads:
-  - name: api
-    namespace: shop
-    serviceAccount: api
-    node: n1
-    ips: [\"10.1.0.2\"]
-    cgroup: pods/api
-    labels: {app: api}
-  - name: web
-    namespace: shop
-    serviceAccount: web
-    node: n1
-    ips: [\"10.1.0.3\"]
-    cgroup: pods/web
-    labels: {app: web}
-";
+/// Two workloads on one node (shared with the CLI tests).
+const REGISTRY: &str = include_str!("../../tests/bundle/registry.yaml");
 
-const ALLOW: &str = "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: api-readers, namespace: shop}
-spec:
-  selector: {matchLabels: {app: api}}
-  rules:
-  - from:
-    - source: {principals: [\"cluster.local/ns/shop/sa/web\"]}
-";
+/// Lets `shop/web` call `shop/api`.
+const ALLOW: &str = include_str!("../../tests/bundle/allow.yaml");
 
 const STRICT: &str = "apiVersion: security.istio.io/v1
 kind: PeerAuthentication
@@ -439,17 +415,16 @@ fn every_byte_flipped_is_refused_with_a_precise_reason() {
             tried += 1;
             seen.insert(r);
             // Inside a value, the refusal names that value (or the JSON that broke).
-            let allowed: &[&str] = if registry.contains(&i) || text.contains(&i) {
-                &["digest_mismatch", "malformed"]
-            } else if digest.contains(&i) {
-                &["digest_mismatch", "malformed"]
-            } else if key_id.contains(&i) {
-                &["unknown_signer", "malformed"]
-            } else if sig.contains(&i) {
-                &["bad_signature", "malformed"]
-            } else {
-                &REASONS
-            };
+            let allowed: &[&str] =
+                if registry.contains(&i) || text.contains(&i) || digest.contains(&i) {
+                    &["digest_mismatch", "malformed"]
+                } else if key_id.contains(&i) {
+                    &["unknown_signer", "malformed"]
+                } else if sig.contains(&i) {
+                    &["bad_signature", "malformed"]
+                } else {
+                    &REASONS
+                };
             assert!(
                 allowed.contains(&r),
                 "byte {i} ({:?} → {:?}): {r}",
@@ -668,34 +643,6 @@ fn a_thousand_broken_inputs_are_each_refused_with_a_reason() {
             "signatures null",
             format!("{{\"bundle\":{b},\"signatures\":null}}"),
         ),
-        (
-            "unknown field",
-            text.replacen("{\"bundle\"", "{\"x\":1,\"bundle\"", 1),
-        ),
-        (
-            "unknown bundle field",
-            text.replacen("\"schema\":1", "\"schema\":1,\"extra\":true", 1),
-        ),
-        (
-            "duplicate field",
-            text.replacen("\"schema\":1", "\"schema\":1,\"schema\":1", 1),
-        ),
-        (
-            "schema as string",
-            text.replacen("\"schema\":1", "\"schema\":\"1\"", 1),
-        ),
-        (
-            "negative version",
-            text.replacen("\"version\":2", "\"version\":-2", 1),
-        ),
-        (
-            "huge version",
-            text.replacen("\"version\":2", "\"version\":18446744073709551616", 1),
-        ),
-        (
-            "float version",
-            text.replacen("\"version\":2", "\"version\":2.0", 1),
-        ),
         ("trailing garbage", format!("{text}x")),
         ("two documents", format!("{text}{text}")),
         ("upper-case hex", {
@@ -712,19 +659,39 @@ fn a_thousand_broken_inputs_are_each_refused_with_a_reason() {
             "nested bundle",
             format!("{{\"bundle\":{text},\"signatures\":[]}}"),
         ),
-        (
-            "policy name with a slash",
-            text.replacen("allow.yaml", "x/allow.yaml", 1),
-        ),
-        (
-            "policy name ..",
-            text.replacen("allow.yaml", "..allow.yaml", 1),
-        ),
-        ("bad time", text.replacen(CREATED, "yesterday", 1)),
-        ("bad kind", text.replacen(KIND, "mesh-config-bundlf", 1)),
     ];
     for (what, s) in shapes {
         inputs.push((what.into(), s.into_bytes()));
+    }
+    // One edit of the valid text each.
+    let edits = [
+        ("unknown field", "{\"bundle\"", "{\"x\":1,\"bundle\""),
+        (
+            "unknown bundle field",
+            "\"schema\":1",
+            "\"schema\":1,\"extra\":true",
+        ),
+        (
+            "duplicate field",
+            "\"schema\":1",
+            "\"schema\":1,\"schema\":1",
+        ),
+        ("schema as string", "\"schema\":1", "\"schema\":\"1\""),
+        ("negative version", "\"version\":2", "\"version\":-2"),
+        (
+            "huge version",
+            "\"version\":2",
+            "\"version\":18446744073709551616",
+        ),
+        ("float version", "\"version\":2", "\"version\":2.0"),
+        ("policy name with a slash", "allow.yaml", "x/allow.yaml"),
+        ("policy name ..", "allow.yaml", "..allow.yaml"),
+        ("bad time", CREATED, "yesterday"),
+        ("bad kind", KIND, "mesh-config-bundlf"),
+    ];
+    for (what, from, to) in edits {
+        assert!(text.contains(from), "{what}");
+        inputs.push((what.into(), text.replacen(from, to, 1).into_bytes()));
     }
     // Over the limits.
     let many_policies: Vec<String> = (0..=MAX_POLICY_FILES)
@@ -747,7 +714,7 @@ fn a_thousand_broken_inputs_are_each_refused_with_a_reason() {
     ));
     inputs.push((
         "two signatures by one key".into(),
-        text.replacen(sig_entry, &vec![sig_entry; 2].join(","), 1)
+        text.replacen(sig_entry, &[sig_entry; 2].join(","), 1)
             .into_bytes(),
     ));
     let mut huge = json.clone();

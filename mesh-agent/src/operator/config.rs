@@ -523,21 +523,15 @@ fn diff_text(d: &Diff) -> String {
                 w.join(", ")
             }
         };
-        for e in &p.added {
-            s.push_str(&format!(
-                "  + {} {} (selects {})\n",
-                e.kind,
-                e.policy,
-                list(&e.workloads)
-            ));
-        }
-        for e in &p.removed {
-            s.push_str(&format!(
-                "  - {} {} (selected {})\n",
-                e.kind,
-                e.policy,
-                list(&e.workloads)
-            ));
+        for (sign, verb, list_of) in [("+", "selects", &p.added), ("-", "selected", &p.removed)] {
+            for e in list_of {
+                s.push_str(&format!(
+                    "  {sign} {} {} ({verb} {})\n",
+                    e.kind,
+                    e.policy,
+                    list(&e.workloads)
+                ));
+            }
         }
         for c in &p.changed {
             let fields = if c.fields.is_empty() {
@@ -582,22 +576,9 @@ fn signers_main(a: SignersArgs) -> Outcome {
     let Some(file) = a.file else {
         return Err(Failure::usage("--file is needed (the signer set)".into()));
     };
-    let parse_id = |id: &str| {
-        id.parse::<KeyId>()
-            .map_err(|e| Failure::usage(e.to_string()))
-    };
-    let load = |missing_ok: bool| {
-        if missing_ok {
-            SignerSet::load_or_empty(&file)
-        } else {
-            SignerSet::load(&file)
-        }
-        .map_err(|e| Failure::input("signers", &e))
-    };
-    let save = |set: &SignerSet| set.save(&file).map_err(|e| Failure::write(&e));
     let (action, key_id, set) = match a.action {
         SignersAction::List => {
-            let set = load(false)?;
+            let set = SignerSet::load(&file).map_err(|e| Failure::input("signers", &e))?;
             let list = signer_outputs(&set);
             let mut text = signers_table(&list);
             if set.active().next().is_none() {
@@ -608,29 +589,18 @@ fn signers_main(a: SignersArgs) -> Outcome {
         SignersAction::Add { public_key } => {
             let key = signers::read_public_key(&public_key)
                 .map_err(|e| Failure::input("public key", &e))?;
-            let mut set = load(true)?;
+            let mut set =
+                SignerSet::load_or_empty(&file).map_err(|e| Failure::input("signers", &e))?;
             let id = set
                 .add(key)
                 .map_err(|e| Failure::input("adding the signer", &e))?;
-            save(&set)?;
+            set.save(&file).map_err(|e| Failure::write(&e))?;
             ("add", id, set)
         }
         SignersAction::Activate { key_id } => {
-            let id = parse_id(&key_id)?;
-            let mut set = load(false)?;
-            set.activate(&id)
-                .map_err(|e| Failure::input("activating the signer", &e))?;
-            save(&set)?;
-            ("activate", id, set)
+            rotate(&file, "activate", &key_id, SignerSet::activate)?
         }
-        SignersAction::Retire { key_id } => {
-            let id = parse_id(&key_id)?;
-            let mut set = load(false)?;
-            set.retire(&id)
-                .map_err(|e| Failure::input("retiring the signer", &e))?;
-            save(&set)?;
-            ("retire", id, set)
-        }
+        SignersAction::Retire { key_id } => rotate(&file, "retire", &key_id, SignerSet::retire)?,
     };
     let signers = signer_outputs(&set);
     let warning = set.active().next().is_none().then_some(NO_ACTIVE_SIGNER);
@@ -645,6 +615,22 @@ fn signers_main(a: SignersArgs) -> Outcome {
         warning,
     };
     output(a.output, &out, &text)
+}
+
+/// `activate` or `retire` `key_id` in the set at `file`, saved.
+fn rotate(
+    file: &Path,
+    action: &'static str,
+    key_id: &str,
+    op: fn(&mut SignerSet, &KeyId) -> Result<(), bundle::SignerError>,
+) -> Result<(&'static str, KeyId, SignerSet), Failure> {
+    let id = key_id
+        .parse::<KeyId>()
+        .map_err(|e| Failure::usage(e.to_string()))?;
+    let mut set = SignerSet::load(file).map_err(|e| Failure::input("signers", &e))?;
+    op(&mut set, &id).map_err(|e| Failure::input(format!("{action} {id}"), &e))?;
+    set.save(file).map_err(|e| Failure::write(&e))?;
+    Ok((action, id, set))
 }
 
 fn signer_outputs(set: &SignerSet) -> Vec<SignerOutput> {
