@@ -15,8 +15,10 @@
 //! [`Bundle::check_content`] then parses the registry and compiles the policies from the
 //! bundle's own texts (never from files read again).
 //!
-//! The file format (JSON, written compact and without a trailing newline, so that no byte of
-//! a file can change without changing what it says):
+//! The file format (JSON, written compact and without a trailing newline, so that a byte
+//! changed anywhere in a file changes what it says or breaks it — the one exception is the
+//! case of a hex digit in a `\u00XX` escape, which serde_json writes for control characters
+//! only, and which spells the same character):
 //!
 //! ```json
 //! {"bundle":{"schema":1,"kind":"mesh-config-bundle","version":7,"created":"2026-01-02T03:04:05Z",
@@ -513,7 +515,11 @@ fn check_size(bytes: &[u8]) -> Result<(), Rejection> {
 fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Rejection> {
     check_size(bytes)?;
     serde_json::from_slice(bytes).map_err(|e| {
-        let text = e.to_string();
+        // The parser quotes what it read (an unknown field's name): keep logs short.
+        let mut text = e.to_string();
+        if text.len() > 300 {
+            text = format!("{}…", text.chars().take(300).collect::<String>());
+        }
         match text.strip_prefix(OVERSIZED_MARK) {
             Some(rest) => Rejection::oversized(rest),
             None => Rejection::malformed(text),

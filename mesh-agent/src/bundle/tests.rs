@@ -739,9 +739,13 @@ fn a_thousand_broken_inputs_are_each_refused_with_a_reason() {
     assert_eq!(limit("bad time").reason(), "schema");
     assert_eq!(limit("policy name with a slash").reason(), "schema");
     assert_eq!(limit("upper-case hex").reason(), "malformed");
-    // The refusal says what is wrong.
+    // The refusal says what is wrong, briefly.
     let e = limit("unknown bundle field").to_string();
     assert!(e.contains("unknown field `extra`"), "{e}");
+    let long_name = text.replacen("\"schema\":1", &format!("\"{}\":1", "x".repeat(100_000)), 1);
+    let e = parse_signed(long_name.as_bytes()).unwrap_err();
+    assert_eq!(e.reason(), "malformed");
+    assert!(e.to_string().len() < 400, "{e}");
     assert!(reasons["malformed"] > 500, "{reasons:?}");
 }
 
