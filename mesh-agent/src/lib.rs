@@ -10,6 +10,7 @@ pub mod app;
 pub mod audit;
 pub mod authority;
 pub mod bpf;
+pub mod bundle;
 pub mod cgroup;
 pub mod config;
 pub mod files;

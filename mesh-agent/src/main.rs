@@ -50,6 +50,8 @@ enum Command {
     Uninstall(mesh_agent::operator::uninstall::UninstallArgs),
     /// The mesh state: what a node runs (`show`), what every agent runs (`agents`).
     State(mesh_agent::operator::state::StateArgs),
+    /// Signed configuration bundles: keygen, bundle, sign, verify, diff, signers.
+    Config(mesh_agent::operator::config::ConfigArgs),
 }
 
 fn init_tracing(format: LogFormat) {
@@ -76,6 +78,7 @@ fn main() -> ExitCode {
         Command::Uninstall(args) => mesh_agent::operator::uninstall::main(args),
         Command::State(args) => mesh_agent::operator::state::main(args),
         Command::Audit(args) => mesh_agent::operator::audit::main(args),
+        Command::Config(args) => mesh_agent::operator::config::main(args),
         Command::Run(config) => {
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

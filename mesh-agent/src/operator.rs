@@ -2,6 +2,8 @@
 //!
 //! - [`audit`]: `mesh-agent audit verify|query` (the node's audit log);
 //! - [`authority`]: `mesh-agent authority init|join|serve|revoke|roots` (the CA);
+//! - [`config`]: `mesh-agent config keygen|bundle|sign|verify|diff|signers` (signed
+//!   configuration bundles, offline);
 //! - [`node`]: `mesh-agent node csr` (the node side of a CSR-based join);
 //! - [`policy`]: `mesh-agent policy lint|apply|show`;
 //! - [`state`]: `mesh-agent state show|agents` (the mesh state a node runs; what each agent
@@ -14,6 +16,7 @@
 
 pub mod audit;
 pub mod authority;
+pub mod config;
 pub mod node;
 pub mod policy;
 pub mod state;
