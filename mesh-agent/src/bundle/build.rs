@@ -7,7 +7,6 @@
 //! sub-directories; other files are ignored). `policies/` may be absent (no policy).
 
 use std::{
-    collections::HashMap,
     fs, io,
     path::{Path, PathBuf},
     sync::Arc,
@@ -17,8 +16,8 @@ use super::{signers::read_bounded, Bundle, PolicyFile, Rejection, MAX_BUNDLE_BYT
 use crate::{
     policy::{
         compile::{self, CompileError, CompiledPolicy},
-        model::{Origin, PolicyBundle},
-        parse::{self, PolicyError, Problem, MAX_FILE_BYTES, MAX_OBJECTS},
+        model::PolicyBundle,
+        parse::{self, PolicyError, MAX_FILE_BYTES},
         source::CompileContext,
     },
     registry::{Registry, RegistryError},
@@ -167,51 +166,19 @@ impl Bundle {
     }
 
     fn parse_policies_at(&self, base: &Path) -> Result<PolicyBundle, PolicyError> {
-        let mut all = PolicyBundle::default();
-        let mut seen: HashMap<(&'static str, String, String), Origin> = HashMap::new();
-        let mut objects = 0usize;
-        for p in &self.policies {
-            let path = base.join(POLICIES_DIR).join(&p.name);
-            let file = parse::parse_str(&p.text, &path)?;
-            objects += file.authz.len() + file.peer_authn.len();
-            if objects > MAX_OBJECTS {
-                return Err(PolicyError::TooManyObjects {
-                    path,
-                    line: 1,
-                    max: MAX_OBJECTS,
-                });
-            }
-            let authz = file
-                .authz
-                .iter()
-                .map(|a| ("AuthorizationPolicy", &a.namespace, &a.name, &a.origin));
-            let peer = file
-                .peer_authn
-                .iter()
-                .map(|a| ("PeerAuthentication", &a.namespace, &a.name, &a.origin));
-            for (kind, namespace, name, origin) in authz.chain(peer) {
-                let key = (kind, namespace.clone(), name.clone());
-                if let Some(first) = seen.get(&key) {
-                    let policy = format!("{namespace}/{name}");
-                    return Err(PolicyError::Invalid {
-                        path: origin.file.clone(),
-                        line: origin.line,
-                        policy: Some(policy.clone()),
-                        field: "metadata.name".into(),
-                        problem: Box::new(Problem::Duplicate {
-                            kind,
-                            policy,
-                            first_file: first.file.clone(),
-                            first_line: first.line,
-                        }),
-                    });
-                }
-                seen.insert(key, origin.clone());
-            }
-            all.authz.extend(file.authz);
-            all.peer_authn.extend(file.peer_authn);
-        }
-        Ok(all)
+        // The loader `load_dir` uses, over the bundle's texts: the same checks across files
+        // (duplicates, the object budget) and the same errors.
+        let names: Vec<String> = self
+            .policies
+            .iter()
+            .map(|p| base.join(POLICIES_DIR).join(&p.name).display().to_string())
+            .collect();
+        let files: Vec<(&str, &str)> = names
+            .iter()
+            .zip(&self.policies)
+            .map(|(n, p)| (n.as_str(), p.text.as_str()))
+            .collect();
+        parse::load_texts(&files)
     }
 
     /// The registry of this bundle, parsed strictly (the authority's view).
