@@ -17,6 +17,7 @@ use tracing::{info, warn};
 use crate::{
     audit::AuditLog,
     bpf::{events::spawn_event_log, BpfError, Dataplane},
+    bundle::SignerSet,
     cgroup::{self, CgroupError},
     config::{Config, ConfigError, OutboundAddrs},
     handoff::{self, HandoffError, Role, Takeover},
@@ -29,8 +30,8 @@ use crate::{
         engine::PolicyView,
         maps::{MapsError, PolicyMaps},
         source::{
-            apply_dir_counted, spawn_dir_watcher, spawn_generation_watcher, CompileContext,
-            DirWatch,
+            apply_source_counted, spawn_dir_watcher, spawn_generation_watcher, CompileContext,
+            DirWatch, PolicySource,
         },
     },
     proxy::{
@@ -45,6 +46,7 @@ use crate::{
     state::{
         follow::{spawn_applier, spawn_fetcher, spawn_file_source},
         live::{enrolled, Applier, MeshState, NodeContext, Programmer, WorkloadIdentities},
+        signed::Guard,
         Snapshot,
     },
     tls::{SpiffeId, TrustStore},
@@ -93,6 +95,8 @@ pub enum AppError {
     Limits(#[from] crate::proxy::limits::LimitsError),
     #[error("mesh state source: {0}")]
     StateSource(#[source] Box<crate::state::publish::RefreshError>),
+    #[error("configuration signers {}: {detail}", path.display())]
+    Signers { path: PathBuf, detail: String },
 }
 
 impl AppError {
@@ -102,6 +106,7 @@ impl AppError {
             self,
             Self::Registry(_)
                 | Self::StateSource(_)
+                | Self::Signers { .. }
                 | Self::Cgroup(_)
                 | Self::Config(_)
                 | Self::Credentials { .. }
@@ -135,8 +140,43 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
     }
     let trust_domain = creds.node.trust_domain().clone();
     let (stop_tx, stop_rx) = watch::channel(false);
+    let metrics = Arc::new(Metrics::new());
+    // Signed configuration: with signers pinned, only verified bundles are applied.
+    let guard = open_guard(&opts)?;
     // The mesh state: the authority's stream (or `--registry`), else what was persisted.
-    let initial = initial_state(&opts, &creds, stop_rx.clone()).await?;
+    let mut initial = initial_state(&opts, &creds, stop_rx.clone()).await?;
+    let mut verified = None;
+    if let Some(g) = &guard {
+        // The authority's state, else the persisted one: the first that verifies.
+        let persisted = || Snapshot::load(&opts.state_dir()).ok().flatten();
+        let candidates = [initial.snapshot.take(), None];
+        for (i, candidate) in candidates.into_iter().enumerate() {
+            let (snapshot, from) = match (i, candidate) {
+                (0, Some(s)) => (s, initial.source),
+                (1, _) if initial.source != "persisted" => match persisted() {
+                    Some(s) => (s, "persisted"),
+                    None => continue,
+                },
+                _ => continue,
+            };
+            match g.check(&snapshot, &opts.node, &cgroup_root) {
+                Ok(v) => {
+                    verified = Some(v);
+                    initial.snapshot = Some(snapshot);
+                    initial.source = from;
+                    break;
+                }
+                Err(e) => {
+                    metrics.config_rejected(e.reason());
+                    warn!(reason = e.reason(), error = %e, source = from,
+                          "starting configuration refused");
+                }
+            }
+        }
+        if verified.is_none() {
+            warn!("no verified configuration: the kernel keeps enforcing what it was last programmed with until one arrives");
+        }
+    }
     let (registry, state_version, state_digest) = match &initial.snapshot {
         Some(snapshot) => match Applier::parse(snapshot, &opts.node, &cgroup_root) {
             Ok((registry, refused)) => {
@@ -273,7 +313,6 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
             .map_err(|e| AppError::Identity(Box::new(e)))?,
         ),
     );
-    let metrics = Arc::new(Metrics::new());
 
     // 4. Attach and fill the maps; undo on any failure.
     // Policy is applied before any workload is enrolled: nothing is captured unchecked.
@@ -286,12 +325,35 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
         trust_domain_aliases: opts.trust_domain_aliases.clone(),
     };
     let programmer = Arc::new(Programmer::new(Arc::clone(&dataplane), opts.node.clone()));
-    let started = match start_policy(&opts, &policy_ctx, &metrics, audit.as_ref()) {
+    let signed_policies = guard
+        .as_ref()
+        .map(|_| verified.as_ref().map(|v| Arc::clone(&v.policies)));
+    if guard.is_some() && opts.policy_dir.is_some() {
+        warn!(
+            "--policy-dir is ignored: with pinned signers, policy comes only from verified bundles"
+        );
+    }
+    let started = match start_policy(
+        &opts,
+        &policy_ctx,
+        signed_policies,
+        &metrics,
+        audit.as_ref(),
+    ) {
         Ok((maps, view)) => {
             let (policies_tx, policies_rx) = watch::channel(Arc::clone(&view));
             programmer.follow_policies(policies_rx);
+            // Signed configuration and nothing verified: the maps stay as pinned (what the
+            // last verified configuration programmed), never emptied.
+            let program = guard.is_none() || verified.is_some();
             set_redirect(&dataplane, outbound4, outbound6)
-                .and_then(|()| programmer.program(&registry))
+                .and_then(|()| {
+                    if program {
+                        programmer.program(&registry)
+                    } else {
+                        Ok(())
+                    }
+                })
                 .and_then(|()| dataplane.take_event_reader())
                 .map(|events| (events, maps, view, policies_tx))
                 .map_err(AppError::from)
@@ -306,19 +368,33 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
         }
     };
     // The applier owns the state from here; the proxies read it through `mesh`.
+    if let (Some(g), Some(v)) = (guard.as_ref(), verified.as_ref()) {
+        metrics.config_verified(v.version);
+        info!(version = v.version, digest = %v.digest, highest = g.highest().version,
+              "starting configuration verified");
+    }
+    let signed_mode = guard.is_some();
+    let mut guard = guard;
+    if let (Some(g), Some(v)) = (guard.as_mut(), verified.as_ref()) {
+        if let Err(e) = g.applied(v) {
+            warn!(error = %e, "persisting the highest configuration version");
+        }
+    }
     let (applier, mesh) = Applier::new(
         NodeContext {
             node: opts.node.clone(),
             cgroup_root: cgroup_root.clone(),
             trust_domain: trust_domain.clone(),
             state_dir: Some(opts.state_dir()),
+            guard,
         },
         MeshState::new(
             state_version,
             state_digest,
             (*registry).clone(),
             &trust_domain,
-        ),
+        )
+        .with_policies(verified.as_ref().map(|v| Arc::clone(&v.policies))),
         Arc::clone(&programmer),
         Arc::new(ManagerWorkloads(Arc::clone(&manager))),
         Arc::clone(&metrics),
@@ -368,10 +444,14 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
     );
     programmer.follow_policies(policies.clone());
     drop(initial_policies);
-    let dir_watcher = match (&opts.policy_dir, policy_maps.writer) {
-        (Some(dir), Some(writer)) => Some(spawn_dir_watcher(
+    let dir_watcher = match policy_maps.writer {
+        Some(writer) => Some(spawn_dir_watcher(
             DirWatch {
-                dir: dir.clone(),
+                dir: if signed_mode {
+                    None
+                } else {
+                    opts.policy_dir.clone()
+                },
                 ctx: policy_ctx,
                 mesh: mesh.clone(),
                 maps: writer,
@@ -381,7 +461,7 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
             },
             stop_rx.clone(),
         )),
-        _ => None,
+        None => None,
     };
     // Kernel events: plaintext connections refused (STRICT) or flagged (PERMISSIVE), L4
     // policy denials.
@@ -656,6 +736,26 @@ fn set_redirect(
     dp.set_config(cfg)
 }
 
+/// The node's signed-configuration guard, when signers are pinned (`--signers`, default
+/// `<identity-dir>/signers.json`): a file that exists but cannot be read refuses the start.
+fn open_guard(opts: &Config) -> Result<Option<Guard>, AppError> {
+    let path = opts.signers_file();
+    if !path.exists() {
+        return Ok(None);
+    }
+    let signers = SignerSet::load(&path).map_err(|e| AppError::Signers {
+        path: path.clone(),
+        detail: crate::error_chain(&e),
+    })?;
+    let guard = Guard::open(signers, &opts.state_dir()).map_err(|detail| AppError::Signers {
+        path: path.clone(),
+        detail,
+    })?;
+    info!(signers = %path.display(), highest = guard.highest().version,
+          "signed configuration required: signers pinned");
+    Ok(Some(guard))
+}
+
 /// Where the agent's first state came from, and (standalone) the file it follows.
 struct InitialState {
     snapshot: Option<Snapshot>,
@@ -759,20 +859,29 @@ struct StartedPolicy {
 
 /// Opens the policy maps, applies `--policy-dir` once (a refusal is logged and the pinned
 /// generation, if any, stays), and reads the active generation back.
+/// `signed`: with pinned signers, `Some(the verified bundle's policies, if any)`.
 fn start_policy(
     opts: &Config,
     ctx: &CompileContext,
+    signed: Option<Option<Arc<[crate::bundle::PolicyFile]>>>,
     metrics: &Metrics,
     audit: Option<&AuditLog>,
 ) -> Result<(StartedPolicy, Arc<PolicyView>), MapsError> {
     let watcher = PolicyMaps::open(&opts.pin_dir)?;
-    let writer = match &opts.policy_dir {
-        None => None,
-        Some(dir) => {
-            let mut writer = PolicyMaps::open(&opts.pin_dir)?;
-            apply_dir_counted(ctx, &mut writer, dir, metrics, audit);
-            Some(writer)
+    let signed_mode = signed.is_some();
+    let source = match (signed, &opts.policy_dir) {
+        // Signed configuration: a verified bundle's policies, nothing else.
+        (Some(policies), _) => policies.map(PolicySource::Bundle),
+        (None, dir) => dir.clone().map(PolicySource::Dir),
+    };
+    let writer = if signed_mode || opts.policy_dir.is_some() {
+        let mut writer = PolicyMaps::open(&opts.pin_dir)?;
+        if let Some(source) = &source {
+            apply_source_counted(ctx, &mut writer, source, metrics, audit);
         }
+        Some(writer)
+    } else {
+        None
     };
     let gen = watcher.active_generation()?;
     let view = match watcher.read_active_view() {

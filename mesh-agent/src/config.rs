@@ -63,6 +63,12 @@ pub struct Config {
     /// and on every change (polled every --policy-poll-ms); a bad change is refused and logged.
     #[arg(long, env = "MESH_POLICY_DIR")]
     pub policy_dir: Option<PathBuf>,
+    /// The configuration signers pinned on this node (`mesh-agent config signers … --file`):
+    /// when the file exists, only configuration bundles signed by one of its active signers
+    /// are applied (and never one below the highest version applied). Default
+    /// `<identity-dir>/signers.json`.
+    #[arg(long, env = "MESH_SIGNERS")]
+    pub signers: Option<PathBuf>,
     /// The mesh-wide policy namespace: its policies apply to every workload.
     #[arg(long, env = "MESH_ROOT_NAMESPACE", default_value = crate::operator::policy::DEFAULT_ROOT_NAMESPACE)]
     pub root_namespace: String,
@@ -234,6 +240,13 @@ impl Config {
         self.state_dir
             .clone()
             .unwrap_or_else(|| self.identity_dir.join("state"))
+    }
+
+    /// `--signers`, or `<identity-dir>/signers.json`.
+    pub fn signers_file(&self) -> PathBuf {
+        self.signers
+            .clone()
+            .unwrap_or_else(|| self.identity_dir.join("signers.json"))
     }
 }
 

@@ -165,6 +165,11 @@ struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VerdictLabel {
     verdict: &'static str,
 }
@@ -205,6 +210,9 @@ struct CounterLabel {
 /// The audit log's metrics (refreshed at scrape time from [`crate::audit::AuditStats`]).
 /// The mesh state this agent follows (see [`crate::state`]).
 struct StateMetrics {
+    config_rejected: Family<ReasonLabel, Counter>,
+    config_active_version: Gauge,
+    config_last_verified: Gauge,
     version: Gauge,
     updates: Family<ResultLabel, Counter>,
     entries_refused: Counter,
@@ -241,6 +249,32 @@ impl StateMetrics {
             "Time from a change at the authority's source to this agent having applied it",
             propagation.clone(),
         );
+        let config_rejected = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "config_rejected",
+            "Configuration refused by this agent (nodes with pinned signers), by reason: \
+             malformed, oversized, schema, digest_mismatch, missing_signature, bad_signature, \
+             unknown_signer, retired_signer, rollback, content_mismatch (the active one stays)",
+            config_rejected.clone(),
+        );
+        for reason in crate::bundle::REASONS
+            .iter()
+            .chain(&[crate::state::signed::CONTENT_MISMATCH])
+        {
+            let _ = config_rejected.get_or_create(&ReasonLabel { reason });
+        }
+        let config_active_version = Gauge::default();
+        registry.register(
+            "config_active_version",
+            "The version of the signed configuration bundle this agent applied (0: none)",
+            config_active_version.clone(),
+        );
+        let config_last_verified = Gauge::default();
+        registry.register(
+            "config_last_verified_timestamp_seconds",
+            "When this agent last verified and applied a signed configuration bundle (Unix time)",
+            config_last_verified.clone(),
+        );
         let pending = Gauge::default();
         registry.register(
             "state_pending_workloads",
@@ -249,6 +283,9 @@ impl StateMetrics {
             pending.clone(),
         );
         Self {
+            config_rejected,
+            config_active_version,
+            config_last_verified,
             version,
             updates,
             entries_refused,
@@ -496,6 +533,24 @@ impl Metrics {
             self.state.propagation.observe(d.as_secs_f64());
         }
         self.state.pending.set(pending as i64);
+    }
+
+    /// A configuration refused (`reason`: a `mesh_config_rejected_total` label).
+    pub fn config_rejected(&self, reason: &'static str) {
+        self.state
+            .config_rejected
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// A signed configuration bundle `version` verified and applied now.
+    pub fn config_verified(&self, version: u64) {
+        self.state
+            .config_active_version
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
+        self.state
+            .config_last_verified
+            .set(crate::state::now_unix_ms() as i64 / 1000);
     }
 
     /// A mesh state version refused as a whole.

@@ -19,6 +19,7 @@ pub mod follow;
 pub mod ids;
 pub mod live;
 pub mod publish;
+pub mod signed;
 
 use std::path::{Path, PathBuf};
 
@@ -56,6 +57,11 @@ pub struct Snapshot {
     /// `registry`. Informational; not covered by the digest.
     #[serde(default)]
     pub refused: Vec<String>,
+    /// The signed configuration bundle this state was published from (JSON), when the
+    /// authority follows a bundle: nodes with pinned signers apply nothing else (see
+    /// [`signed`]). Covered by its own signature, not by `digest`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<String>,
 }
 
 /// Why a snapshot was not accepted.
@@ -90,6 +96,7 @@ impl Snapshot {
             source,
             registry,
             refused: Vec::new(),
+            bundle: None,
         }
     }
 

@@ -34,6 +34,8 @@ pub struct Authority {
     proc: Option<Proc>,
     dir: PathBuf,
     registry: PathBuf,
+    /// Set: the authority follows this signed configuration bundle instead of `registry`.
+    bundle: Option<PathBuf>,
     log_dir: PathBuf,
     runs: usize,
     _link: Veth,
@@ -61,6 +63,7 @@ impl Authority {
             proc: None,
             dir,
             registry: registry.to_owned(),
+            bundle: None,
             log_dir: tmp.to_owned(),
             runs: 0,
             _link: link,
@@ -118,9 +121,11 @@ impl Authority {
         cmd.args(["--log-format", "json", "authority", "serve", "--dir"])
             .arg(&self.dir)
             .arg("--listen")
-            .arg(self.addr().to_string())
-            .arg("--registry")
-            .arg(&self.registry);
+            .arg(self.addr().to_string());
+        match &self.bundle {
+            Some(b) => cmd.arg("--bundle").arg(b),
+            None => cmd.arg("--registry").arg(&self.registry),
+        };
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("MESH_") {
                 cmd.env_remove(k);
@@ -148,6 +153,12 @@ impl Authority {
             panic!("authority did not become ready\nstdout:\n{stdout}\nstderr:\n{stderr}");
         }
         self.proc = Some(proc);
+    }
+
+    /// From the next start, the authority follows the signed configuration bundle `path`
+    /// (`--bundle`) instead of the registry.
+    pub fn follow_bundle(&mut self, path: &Path) {
+        self.bundle = Some(path.to_owned());
     }
 
     /// Stops the authority process (SIGTERM, then SIGKILL), by its pid.

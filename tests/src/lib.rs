@@ -33,6 +33,7 @@ pub mod netns;
 pub mod poll;
 pub mod process;
 pub mod registry;
+pub mod signing;
 pub mod stop;
 pub mod sys;
 pub mod testpod;

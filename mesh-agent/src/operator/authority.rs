@@ -133,10 +133,16 @@ pub struct ServeArgs {
     /// Address to serve on, `ip:port`.
     #[arg(long)]
     pub listen: SocketAddr,
-    /// The workload registry: a node may obtain certificates only for the identities of the
-    /// workloads it places on that node. Re-read when it changes.
+    /// The workload registry (nodes, workloads, services), followed and published to the
+    /// agents as the mesh state; a node may obtain certificates only for the identities of
+    /// the workloads it places on that node.
+    #[arg(long, required_unless_present = "bundle", conflicts_with = "bundle")]
+    pub registry: Option<PathBuf>,
+    /// Instead of `--registry`: a signed configuration bundle (`mesh-agent config sign`),
+    /// followed like the registry. Only a bundle signed by an active signer of
+    /// `<dir>/signers.json`, and not below the version published before, is published.
     #[arg(long)]
-    pub registry: PathBuf,
+    pub bundle: Option<PathBuf>,
     /// Longest workload certificate lifetime handed out (longer requests are shortened);
     /// 60 to 2592000 (30 days), the default.
     #[arg(long)]
@@ -238,6 +244,8 @@ pub enum OperatorError {
     Registry(#[from] RegistryError),
     #[error("the mesh state: {0}")]
     State(#[source] Box<RefreshError>),
+    #[error("give --registry or --bundle")]
+    MissingSource,
     #[error("--listen {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -285,7 +293,8 @@ impl OperatorError {
             | Self::ReadAuditKey { .. }
             | Self::BadAuditKey { .. }
             | Self::Registry(_) => true,
-            Self::State(e) => matches!(**e, RefreshError::Registry(_)),
+            Self::State(e) => matches!(**e, RefreshError::Registry(_) | RefreshError::Bundle(_)),
+            Self::MissingSource => true,
             Self::Custody(e) => !matches!(e, CustodyError::Io { .. }),
             Self::Audit(_) => false,
             Self::Credentials { source, .. } => match &**source {
@@ -690,8 +699,14 @@ pub async fn serve(a: ServeArgs) -> Result<(), OperatorError> {
     // cannot be read at all refuses the start (exit 2).
     let index = Arc::new(RwLock::new(Arc::new(HostIndex::new())));
     let (publisher, feed) = Publisher::new(Some(&a.dir));
+    let (registry_path, signed) = match (&a.registry, &a.bundle) {
+        (Some(r), _) => (r.clone(), false),
+        (None, Some(b)) => (b.clone(), true),
+        (None, None) => return Err(OperatorError::MissingSource),
+    };
     let mut source = SourceWatch {
-        registry_path: a.registry.clone(),
+        registry_path,
+        signers: signed.then(|| a.dir.join("signers.json")),
         ids: IdAllocator::open(&a.dir).map_err(|e| OperatorError::State(Box::new(e.into())))?,
         sink: Arc::new(publisher),
         on_registry: {
@@ -749,7 +764,7 @@ pub async fn serve(a: ServeArgs) -> Result<(), OperatorError> {
         ..ServeConfig::default()
     };
     info!(listen = %listen, trust_domain = %authority.trust_domain(),
-          registry = %a.registry.display(), workloads, max_lifetime_secs = max_lifetime.as_secs(),
+          registry = ?a.registry, bundle = ?a.bundle, workloads, max_lifetime_secs = max_lifetime.as_secs(),
           dir = %a.dir.display(), "authority ready");
     let shutdown = async move {
         tokio::select! {

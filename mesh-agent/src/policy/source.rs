@@ -101,6 +101,28 @@ impl CompileContext {
         super::model::TrustDomains::new(&*self.trust_domain, self.trust_domain_aliases.clone())
     }
 
+    /// Loads the policy files of a configuration bundle and compiles them.
+    pub fn compile_files(
+        &self,
+        files: &[crate::bundle::PolicyFile],
+    ) -> Result<(PolicyBundle, CompiledPolicy), ApplyError> {
+        let texts: Vec<(&str, &str)> = files
+            .iter()
+            .map(|f| (f.name.as_str(), f.text.as_str()))
+            .collect();
+        let bundle = super::parse::load_texts(&texts).map_err(|source| ApplyError::Load {
+            dir: PathBuf::from("bundle"),
+            source: Box::new(source),
+        })?;
+        let compiled = compile::compile_with(
+            &bundle,
+            &self.registry,
+            &self.root_ns,
+            &self.trust_domains(),
+        )?;
+        Ok((bundle, compiled))
+    }
+
     /// Loads `dir` and compiles it.
     pub fn load_and_compile(
         &self,
@@ -120,6 +142,24 @@ impl CompileContext {
     }
 }
 
+/// Where an agent's policy comes from: its `--policy-dir`, or the verified configuration
+/// bundle of the mesh state (nodes with pinned signers).
+#[derive(Clone, Debug)]
+pub enum PolicySource {
+    Dir(PathBuf),
+    Bundle(Arc<[crate::bundle::PolicyFile]>),
+}
+
+impl PolicySource {
+    /// What the audit record and the logs name.
+    pub fn subject(&self) -> String {
+        match self {
+            Self::Dir(d) => d.display().to_string(),
+            Self::Bundle(_) => "configuration bundle".to_owned(),
+        }
+    }
+}
+
 /// Loads, compiles and applies `dir` to `maps`; logs `policy applied`. Returns the bundle
 /// (for the PeerAuthentication flags) and the generation.
 pub fn apply_dir(
@@ -127,7 +167,19 @@ pub fn apply_dir(
     maps: &mut PolicyMaps,
     dir: &Path,
 ) -> Result<(PolicyBundle, u32), ApplyError> {
-    let (bundle, compiled) = ctx.load_and_compile(dir)?;
+    apply_source(ctx, maps, &PolicySource::Dir(dir.to_owned()))
+}
+
+/// [`apply_dir`] for any [`PolicySource`].
+pub fn apply_source(
+    ctx: &CompileContext,
+    maps: &mut PolicyMaps,
+    source: &PolicySource,
+) -> Result<(PolicyBundle, u32), ApplyError> {
+    let (bundle, compiled) = match source {
+        PolicySource::Dir(dir) => ctx.load_and_compile(dir)?,
+        PolicySource::Bundle(files) => ctx.compile_files(files)?,
+    };
     let generation = maps.apply(&compiled)?;
     info!(
         generation,
@@ -145,15 +197,15 @@ pub fn apply_dir(
 /// (kind `config`, action `accepted` with the new generation, or `refused` with the
 /// reason); a refusal is logged (`policy refused`) and the active generation stays. Returns
 /// the new generation.
-pub fn apply_dir_counted(
+pub fn apply_source_counted(
     ctx: &CompileContext,
     maps: &mut PolicyMaps,
-    dir: &Path,
+    source: &PolicySource,
     metrics: &Metrics,
     audit: Option<&AuditLog>,
 ) -> Option<u32> {
-    let subject = dir.display().to_string();
-    match apply_dir(ctx, maps, dir) {
+    let subject = source.subject();
+    match apply_source(ctx, maps, source) {
         Ok((_, generation)) => {
             metrics.policy_apply(ApplyResult::Ok);
             if let Some(a) = audit {
@@ -164,7 +216,7 @@ pub fn apply_dir_counted(
         Err(e) => {
             metrics.policy_apply(ApplyResult::Refused);
             let reason = error_chain(&e);
-            warn!(error = %reason, dir = %dir.display(), "policy refused");
+            warn!(error = %reason, source = %subject, "policy refused");
             if let Some(a) = audit {
                 a.config_event("refused", &subject, None, Some(reason));
             }
@@ -196,8 +248,9 @@ pub fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
 
 /// What the directory watcher follows and where it applies.
 pub struct DirWatch {
-    /// The policy directory (`--policy-dir`).
-    pub dir: PathBuf,
+    /// The policy directory (`--policy-dir`), if any; the policies of a verified bundle in
+    /// the mesh state take its place.
+    pub dir: Option<PathBuf>,
     /// Compile settings; the registry is taken from `mesh` at each apply.
     pub ctx: CompileContext,
     /// The mesh state: a new version recompiles the directory against it.
@@ -225,14 +278,23 @@ pub fn spawn_dir_watcher(w: DirWatch, stop: watch::Receiver<bool>) -> JoinHandle
     } = w;
     let maps = Arc::new(std::sync::Mutex::new(maps));
     tokio::spawn(async move {
-        let mut seen = fingerprint(&dir);
+        let fingerprint_of = |dir: Option<PathBuf>| async move {
+            match dir {
+                None => Some(Vec::new()),
+                Some(d) => tokio::task::spawn_blocking(move || fingerprint(&d))
+                    .await
+                    .ok(),
+            }
+        };
+        let mut seen = fingerprint_of(dir.clone()).await.unwrap_or_default();
         let mut state = mesh.subscribe();
         let mut watching_state = true;
         let mut applied_registry = Arc::clone(&ctx.registry);
         let mut poll = Poller::new(interval, stop);
         loop {
             // The next tick, or at once when a new mesh state was applied (the policy is
-            // recompiled against it: selectors, workload ids).
+            // recompiled against it: selectors, workload ids; and a verified bundle's
+            // policies are the policy).
             let state_changed = tokio::select! {
                 more = poll.next() => if more { false } else { break },
                 changed = state.changed(), if watching_state => {
@@ -241,23 +303,24 @@ pub fn spawn_dir_watcher(w: DirWatch, stop: watch::Receiver<bool>) -> JoinHandle
                     watching_state
                 }
             };
-            let now = {
-                let dir = dir.clone();
-                match tokio::task::spawn_blocking(move || fingerprint(&dir)).await {
-                    Ok(f) => f,
-                    Err(_) => continue,
-                }
+            let Some(now) = fingerprint_of(dir.clone()).await else {
+                continue;
             };
-            let registry = mesh.registry();
+            let current = mesh.load();
+            let registry = Arc::clone(&current.registry);
             let new_state = state_changed && !Arc::ptr_eq(&registry, &applied_registry);
             if now == seen && !new_state {
                 continue;
             }
+            let source = match (&current.policies, &dir) {
+                (Some(files), _) => PolicySource::Bundle(Arc::clone(files)),
+                (None, Some(d)) => PolicySource::Dir(d.clone()),
+                (None, None) => continue,
+            };
             seen = now;
             applied_registry = Arc::clone(&registry);
-            debug!(dir = %dir.display(), new_state, "policy directory or mesh state changed");
-            let (dir2, ctx2, maps2, metrics2, audit2) = (
-                dir.clone(),
+            debug!(source = %source.subject(), new_state, "policy source or mesh state changed");
+            let (ctx2, maps2, metrics2, audit2) = (
                 CompileContext {
                     registry,
                     ..ctx.clone()
@@ -268,7 +331,7 @@ pub fn spawn_dir_watcher(w: DirWatch, stop: watch::Receiver<bool>) -> JoinHandle
             );
             let done = tokio::task::spawn_blocking(move || {
                 let mut maps = maps2.lock().unwrap_or_else(|p| p.into_inner());
-                apply_dir_counted(&ctx2, &mut maps, &dir2, &metrics2, audit2.as_ref());
+                apply_source_counted(&ctx2, &mut maps, &source, &metrics2, audit2.as_ref());
             })
             .await;
             if done.is_err() {

@@ -86,6 +86,7 @@ pub fn spawn_file_source(
     let (tx, rx) = watch::channel(None::<Arc<Snapshot>>);
     let mut source = SourceWatch {
         registry_path: registry,
+        signers: None,
         ids: IdAllocator::open(state_dir)?,
         sink: Arc::new(tx) as Arc<dyn Sink>,
         on_registry: Box::new(|_| {}),

@@ -121,6 +121,18 @@ impl IdAllocator {
         self.assigned.version
     }
 
+    /// Whether `digest` is the content of the last version handed out.
+    pub fn is_published_digest(&self, digest: &str) -> bool {
+        self.assigned.digest == digest
+    }
+
+    /// Records `version` (a signed bundle's, chosen by its signer) with its `digest` as the
+    /// last published.
+    pub fn set_published(&mut self, version: u64, digest: &str) {
+        self.assigned.version = version;
+        self.assigned.digest = digest.to_owned();
+    }
+
     /// Persists the assignment (atomically, 0600).
     pub fn save(&self) -> Result<(), StateError> {
         let Some(path) = &self.path else {

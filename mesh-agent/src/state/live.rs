@@ -53,6 +53,9 @@ pub struct MeshState {
     /// The snapshot's digest (empty before any version).
     pub digest: String,
     pub registry: Arc<Registry>,
+    /// The policies of the verified configuration bundle this version came with (nodes with
+    /// pinned signers); `None`: policy comes from `--policy-dir` or `policy apply`.
+    pub policies: Option<Arc<[crate::bundle::PolicyFile]>>,
     /// Workload id → its SPIFFE identity (workloads whose identity is valid).
     identities: HashMap<u32, SpiffeId>,
 }
@@ -74,8 +77,15 @@ impl MeshState {
             version,
             digest,
             registry: Arc::new(registry),
+            policies: None,
             identities,
         }
+    }
+
+    /// This state with the policies of its verified bundle.
+    pub fn with_policies(mut self, policies: Option<Arc<[crate::bundle::PolicyFile]>>) -> Self {
+        self.policies = policies;
+        self
     }
 
     /// The identity of workload `id`.
@@ -225,6 +235,8 @@ pub enum ApplyError {
     },
     #[error("programming the kernel maps: {0}")]
     Maps(#[from] BpfError),
+    #[error(transparent)]
+    Signed(#[from] super::signed::SignedError),
 }
 
 /// What the identity layer does with the node's workloads (the identity manager; tests can
@@ -240,6 +252,9 @@ pub struct NodeContext {
     pub trust_domain: TrustDomain,
     /// Where the last applied snapshot is persisted (`None`: not persisted).
     pub state_dir: Option<PathBuf>,
+    /// Pinned signers and the highest version applied: with them, only signed configuration
+    /// is applied ([`super::signed`]).
+    pub guard: Option<super::signed::Guard>,
 }
 
 /// Makes the node match each version it is given.
@@ -329,6 +344,26 @@ impl Applier {
     /// Applies `snapshot`. A refusal changes nothing.
     pub fn apply(&mut self, snapshot: &Snapshot) -> Result<Applied, ApplyError> {
         let started = std::time::Instant::now();
+        let verified = match &self.ctx.guard {
+            None => None,
+            Some(guard) => match guard.check(snapshot, &self.ctx.node, &self.ctx.cgroup_root) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    self.metrics.config_rejected(e.reason());
+                    warn!(version = snapshot.version, reason = e.reason(), error = %e,
+                          source = %snapshot.source, "configuration refused; the active one stays");
+                    if let Some(a) = &self.audit {
+                        a.config_event(
+                            "refused",
+                            "bundle",
+                            Some(snapshot.version),
+                            Some(format!("{}: {e}", e.reason())),
+                        );
+                    }
+                    return Err(e.into());
+                }
+            },
+        };
         let parsed = Self::parse(snapshot, &self.ctx.node, &self.ctx.cgroup_root);
         let parse_ms = started.elapsed().as_millis() as u64;
         let (registry, refused) = match parsed {
@@ -365,12 +400,15 @@ impl Applier {
         self.identities.set_workloads(local);
 
         // 3. The proxies see the new version.
-        let state = Arc::new(MeshState::new(
-            snapshot.version,
-            snapshot.digest.clone(),
-            registry,
-            &self.ctx.trust_domain,
-        ));
+        let state = Arc::new(
+            MeshState::new(
+                snapshot.version,
+                snapshot.digest.clone(),
+                registry,
+                &self.ctx.trust_domain,
+            )
+            .with_policies(verified.as_ref().map(|v| Arc::clone(&v.policies))),
+        );
         self.tx.send_replace(Arc::clone(&state));
 
         // 4. The kernel maps.
@@ -383,7 +421,13 @@ impl Applier {
             .closers
             .sync(state.registry.workloads.iter().map(|w| w.id), &diff.changed);
 
-        // 6. Persisted.
+        // 6. Persisted (and, signed, never anything below this version again).
+        if let (Some(guard), Some(v)) = (self.ctx.guard.as_mut(), &verified) {
+            match guard.applied(v) {
+                Ok(()) => self.metrics.config_verified(v.version),
+                Err(e) => warn!(error = %e, "persisting the highest configuration version"),
+            }
+        }
         if let Some(dir) = &self.ctx.state_dir {
             if let Err(e) = snapshot.persist(dir) {
                 warn!(error = %e, "persisting the applied state; a restart without the authority uses the previous one");
@@ -449,12 +493,15 @@ impl Applier {
             return false;
         }
         let prev = self.tx.borrow().clone();
-        let state = Arc::new(MeshState::new(
-            prev.version,
-            prev.digest.clone(),
-            self.current.clone(),
-            &self.ctx.trust_domain,
-        ));
+        let state = Arc::new(
+            MeshState::new(
+                prev.version,
+                prev.digest.clone(),
+                self.current.clone(),
+                &self.ctx.trust_domain,
+            )
+            .with_policies(prev.policies.clone()),
+        );
         self.tx.send_replace(Arc::clone(&state));
         let pending = state.registry.pending(&self.ctx.node).count();
         self.metrics.set_state_pending(pending);

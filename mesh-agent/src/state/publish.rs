@@ -178,23 +178,25 @@ pub struct Built {
 /// Reads and validates the registry at `path` entry by entry, with the ids of `ids`.
 pub fn build(path: &Path, ids: &mut IdAllocator) -> Result<Built, RegistryError> {
     let parsed = Registry::load_entries(path, None, Path::new("/"))?;
+    Ok(Built {
+        registry: assign_ids(parsed.registry, ids),
+        refused: parsed.refused,
+    })
+}
+
+/// `registry` with the stable ids of `ids`: the keys it no longer has are forgotten, new ones
+/// get ids in file order (a registry seen for the first time gets its positions: what
+/// `policy apply --registry` compiles with).
+fn assign_ids(registry: Registry, ids: &mut IdAllocator) -> Registry {
     let keep_w: std::collections::HashSet<String> =
-        parsed.registry.workloads.iter().map(|w| w.key()).collect();
-    let keep_s: std::collections::HashSet<String> = parsed
-        .registry
-        .services
-        .services
-        .iter()
-        .map(|s| s.key())
-        .collect();
+        registry.workloads.iter().map(|w| w.key()).collect();
+    let keep_s: std::collections::HashSet<String> =
+        registry.services.services.iter().map(|s| s.key()).collect();
     ids.retain(Kind::Workload, &|k| keep_w.contains(k));
     ids.retain(Kind::Service, &|k| keep_s.contains(k));
     // Exhaustion (4 billion entries seen) refuses nothing here: the id stays 0, which the
     // agents refuse entry by entry.
-    // New entries get ids in file order: a registry seen for the first time gets its
-    // positions (what `policy apply --registry` compiles with).
-    let wids: std::collections::HashMap<String, u32> = parsed
-        .registry
+    let wids: std::collections::HashMap<String, u32> = registry
         .workloads
         .iter()
         .map(|w| {
@@ -203,8 +205,7 @@ pub fn build(path: &Path, ids: &mut IdAllocator) -> Result<Built, RegistryError>
             (k, id)
         })
         .collect();
-    let sids: std::collections::HashMap<String, u32> = parsed
-        .registry
+    let sids: std::collections::HashMap<String, u32> = registry
         .services
         .services
         .iter()
@@ -214,14 +215,10 @@ pub fn build(path: &Path, ids: &mut IdAllocator) -> Result<Built, RegistryError>
             (k, id)
         })
         .collect();
-    let registry = parsed.registry.with_ids(
+    registry.with_ids(
         |k| wids.get(k).copied().unwrap_or(0),
         |k| sids.get(k).copied().unwrap_or(0),
-    );
-    Ok(Built {
-        registry,
-        refused: parsed.refused,
-    })
+    )
 }
 
 /// Identifies a version of a file without reading it.
@@ -262,7 +259,11 @@ impl Sink for watch::Sender<Option<Arc<Snapshot>>> {
 /// Follows a registry file: publishes it once ([`SourceWatch::refresh`]), then on every
 /// change ([`SourceWatch::run`]).
 pub struct SourceWatch {
+    /// The registry file — or, with `signers`, the signed configuration bundle — followed.
     pub registry_path: PathBuf,
+    /// The signer set (`<authority dir>/signers.json`, re-read at each change): the followed
+    /// file is a signed bundle, published only when it verifies.
+    pub signers: Option<PathBuf>,
     pub ids: IdAllocator,
     pub sink: Arc<dyn Sink>,
     /// Called with every accepted registry (the authority's own certificate checks follow it).
@@ -273,6 +274,9 @@ impl SourceWatch {
     /// Reads the source and publishes a new version if the accepted content changed.
     /// `Err` only when the source cannot be read or parsed at all (then nothing changes).
     pub fn refresh(&mut self, changed_unix_ms: u64) -> Result<Option<u64>, RefreshError> {
+        if let Some(signers) = self.signers.clone() {
+            return self.refresh_signed(&signers, changed_unix_ms);
+        }
         let built = build(&self.registry_path, &mut self.ids)?;
         for e in &built.refused {
             warn!(error = %e, "state entry refused at the source; the rest is published");
@@ -300,6 +304,72 @@ impl SourceWatch {
               refused = snapshot.refused.len(), "state published");
         self.sink.publish(snapshot);
         Ok(Some(version))
+    }
+
+    /// The followed file is a signed bundle: verified against `signers` and the version
+    /// published before (persisted with the ids: an authority restarted on an older bundle
+    /// does not publish it), then published with the bundle attached (agents verify it again).
+    fn refresh_signed(
+        &mut self,
+        signers: &Path,
+        changed_unix_ms: u64,
+    ) -> Result<Option<u64>, RefreshError> {
+        use crate::bundle::{self, Rejection};
+        let bytes = std::fs::read(&self.registry_path).map_err(|e| {
+            RefreshError::Bundle(Rejection::Malformed {
+                detail: format!("{}: {e}", self.registry_path.display()),
+            })
+        })?;
+        let set = bundle::SignerSet::load_or_empty(signers).map_err(|e| {
+            RefreshError::Bundle(Rejection::Malformed {
+                detail: format!("signers {}: {e}", signers.display()),
+            })
+        })?;
+        let signed = bundle::parse_signed(&bytes)?;
+        let b = bundle::verify(&signed, &set, None)?;
+        let published = self.ids.version();
+        if b.version() < published
+            || (b.version() == published && !self.ids.is_published_digest(b.digest()))
+        {
+            return Err(Rejection::Rollback {
+                version: b.version(),
+                active: published,
+            }
+            .into());
+        }
+        let parsed =
+            Registry::parse_entries(b.registry_text(), &self.registry_path, None, Path::new("/"))?;
+        let registry = assign_ids(parsed.registry, &mut self.ids);
+        for e in &parsed.refused {
+            warn!(error = %e, "state entry refused at the source; the rest is published");
+        }
+        let text = registry.to_yaml();
+        if self.sink.current_digest().as_deref() == Some(Snapshot::content_digest(&text).as_str())
+            && b.version() == published
+        {
+            return Ok(None);
+        }
+        (self.on_registry)(&registry);
+        self.ids.set_published(b.version(), b.digest());
+        let mut snapshot = Snapshot::new(
+            b.version(),
+            format!(
+                "bundle:{} v{} rev {}",
+                self.registry_path.display(),
+                b.version(),
+                b.source_revision().unwrap_or("-")
+            ),
+            text,
+            changed_unix_ms,
+        );
+        snapshot.refused = parsed.refused.iter().map(ToString::to_string).collect();
+        snapshot.bundle = Some(String::from_utf8_lossy(&bytes).into_owned());
+        self.ids.save()?;
+        info!(version = b.version(), digest = %b.short_digest(),
+              workloads = registry.workloads.len(), policies = b.policies().len(),
+              "signed configuration published");
+        self.sink.publish(snapshot);
+        Ok(Some(b.version()))
     }
 
     /// Follows the source every `interval` until `stop` turns true.
@@ -340,6 +410,8 @@ impl SourceWatch {
 pub enum RefreshError {
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    #[error("configuration bundle refused: {0}")]
+    Bundle(#[from] crate::bundle::Rejection),
     #[error(transparent)]
     State(#[from] StateError),
 }

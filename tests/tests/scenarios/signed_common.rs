@@ -1,0 +1,81 @@
+//! Shared set-up of the signed-configuration scenarios: nodes n1 (a1) and n2 (b1); signer key
+//! k1 trusted by the authority and pinned on both nodes; the authority follows
+//! `<tmp>/bundle.json`; version 1 (no policy) published and applied before the test goes on.
+
+use mesh_tests::{signing::SignerKey, Agent, Cluster};
+
+use super::policy_common::{authz, principal};
+use crate::cluster;
+
+/// A DENY of a1 → b1 (any port): the kernel of n1 refuses the connect once it is applied.
+pub fn deny_a1() -> String {
+    authz(
+        "deny-a1",
+        "b1",
+        "DENY",
+        &format!(
+            "  rules:\n  - from:\n    - source: {{principals: [\"{}\"]}}\n",
+            principal("a1")
+        ),
+    )
+}
+
+/// The cluster, its agents (running version 1) and k1.
+pub fn signed_cluster() -> (Cluster, Vec<Agent>, SignerKey) {
+    let cluster = cluster().nodes(2).add_pod(0, "a1").add_pod(1, "b1").build();
+    let k1 = cluster.signer_key("k1");
+    cluster.trust_signer(&cluster.authority_signers(), &k1);
+    for i in 0..2 {
+        cluster.trust_signer(&cluster.node_signers(i), &k1);
+    }
+    publish(&cluster, &k1, 1, &[]);
+    {
+        let mut a = cluster.authority();
+        a.stop();
+        // The versions the registry mode published are not the signer's: start afresh.
+        let _ = std::fs::remove_file(a.dir().join("state/ids.json"));
+        a.follow_bundle(&cluster.tmp_dir().join(mesh_tests::signing::BUNDLE_FILE));
+        a.start();
+    }
+    let agents = cluster.start_agents();
+    wait_active(&cluster, 1);
+    (cluster, agents, k1)
+}
+
+/// Publishes version `version` of the cluster's registry with `policies`, signed by `key`.
+pub fn publish(
+    cluster: &Cluster,
+    key: &SignerKey,
+    version: u64,
+    policies: &[(&str, &str)],
+) -> std::path::PathBuf {
+    cluster.publish_bundle_file(
+        key,
+        version,
+        &cluster.registry_entries(),
+        cluster.services(),
+        policies,
+    )
+}
+
+/// Waits (bounded) until both agents run configuration `version`.
+#[track_caller]
+pub fn wait_active(cluster: &Cluster, version: u64) {
+    for i in 0..2 {
+        mesh_tests::wait_for(
+            mesh_tests::DEFAULT_TIMEOUT,
+            &format!("n{} runs configuration v{version}", i + 1),
+            || {
+                (cluster.node(i).metric("mesh_config_active_version") as u64 == version)
+                    .then_some(())
+            },
+        );
+    }
+}
+
+/// `mesh_config_rejected_total{reason}` of node `i`.
+pub fn rejected(cluster: &Cluster, i: usize, reason: &str) -> f64 {
+    cluster.node(i).metric(&format!(
+        r#"mesh_config_rejected_total{{reason="{reason}"}}"#
+    ))
+}
