@@ -213,3 +213,124 @@ fn same_content(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bundle::{sign, Bundle, SignedBundle};
+    use crate::state::ids::IdAllocator;
+    use ring::signature::{Ed25519KeyPair, KeyPair};
+
+    const REGISTRY: &str = "nodes:\n  - {name: n1, address: 10.0.0.1}\nworkloads:\n  - {name: a, namespace: default, serviceAccount: sa-a, node: n1, ips: [\"10.1.0.2\"], cgroup: x/a}\n  - {name: b, namespace: default, serviceAccount: sa-b, node: n1, ips: [\"10.1.0.3\"], cgroup: x/b}\n";
+
+    fn key() -> Ed25519KeyPair {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap()
+    }
+
+    fn pinned(keys: &[&Ed25519KeyPair]) -> SignerSet {
+        let mut set = SignerSet::new();
+        for k in keys {
+            let public: [u8; 32] = k.public_key().as_ref().try_into().unwrap();
+            let id = set.add(public).unwrap();
+            set.activate(&id).unwrap();
+        }
+        set
+    }
+
+    /// A state as the authority publishes it: `registry` rendered with ids, the bundle attached.
+    fn state(version: u64, registry: &str, by: &Ed25519KeyPair) -> Snapshot {
+        let bundle = Bundle::new(
+            version,
+            "2026-11-26T00:00:00Z".into(),
+            None,
+            registry.into(),
+            Vec::new(),
+        )
+        .unwrap();
+        let signed = SignedBundle::new(bundle.clone(), vec![sign(&bundle, by)]);
+        let parsed =
+            Registry::parse_entries(registry, Path::new("r"), None, Path::new("/")).unwrap();
+        let mut ids = IdAllocator::in_memory();
+        let rendered = parsed
+            .registry
+            .with_ids(
+                |k| ids.id(crate::state::ids::Kind::Workload, k).unwrap(),
+                |_| 1,
+            )
+            .to_yaml();
+        let mut s = Snapshot::new(version, "test".into(), rendered, 0);
+        s.bundle = Some(String::from_utf8(signed.to_json()).unwrap());
+        s
+    }
+
+    fn guard(set: SignerSet, dir: &Path) -> Guard {
+        Guard::open(set, dir).unwrap()
+    }
+
+    fn check(g: &Guard, s: &Snapshot) -> Result<Verified, SignedError> {
+        g.check(s, "n9", Path::new("/"))
+    }
+
+    #[test]
+    fn only_pinned_signers_newer_versions_and_the_signed_content_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k1, k2) = (key(), key());
+        let mut g = guard(pinned(&[&k1]), dir.path());
+
+        let v2 = state(2, REGISTRY, &k1);
+        let ok = check(&g, &v2).unwrap();
+        g.applied(&ok).unwrap();
+
+        // Unsigned, another signer, a tampered bundle, extra content beside the bundle.
+        let mut unsigned = v2.clone();
+        unsigned.bundle = None;
+        assert_eq!(
+            check(&g, &unsigned).unwrap_err().reason(),
+            "missing_signature"
+        );
+        assert_eq!(
+            check(&g, &state(3, REGISTRY, &k2)).unwrap_err().reason(),
+            "unknown_signer"
+        );
+        let mut tampered = state(3, REGISTRY, &k1);
+        tampered.bundle = tampered.bundle.map(|b| b.replacen("sa-b", "sa-c", 1));
+        assert_eq!(
+            check(&g, &tampered).unwrap_err().reason(),
+            "digest_mismatch"
+        );
+        let mut widened = state(3, REGISTRY, &k1);
+        let extra = "  - {name: z, namespace: default, serviceAccount: sa-z, node: n1, ips: [\"10.1.0.9\"], cgroup: x/z, id: 99}\n";
+        widened.registry = widened.registry.replace("services:", "") + extra;
+        widened.digest = Snapshot::content_digest(&widened.registry);
+        assert_eq!(check(&g, &widened).unwrap_err().reason(), CONTENT_MISMATCH);
+
+        // Rollback: lower, or the same version with other content; the same bundle again is
+        // fine (a restart re-reads it).
+        assert_eq!(
+            check(&g, &state(1, REGISTRY, &k1)).unwrap_err().reason(),
+            "rollback"
+        );
+        let other = REGISTRY.replace("10.1.0.3", "10.1.0.4");
+        assert_eq!(
+            check(&g, &state(2, &other, &k1)).unwrap_err().reason(),
+            "rollback"
+        );
+        check(&g, &v2).unwrap();
+
+        // The highest version survives a restart (a new guard on the same directory).
+        let g2 = guard(pinned(&[&k1]), dir.path());
+        assert_eq!(g2.highest().version, 2);
+        assert_eq!(
+            check(&g2, &state(1, REGISTRY, &k1)).unwrap_err().reason(),
+            "rollback"
+        );
+        check(&g2, &state(3, &other, &k1)).unwrap();
+
+        // A corrupt record of the highest version refuses to open (it could not stop a
+        // rollback).
+        std::fs::write(dir.path().join(HIGHEST), "{").unwrap();
+        assert!(Guard::open(pinned(&[&k1]), dir.path()).is_err());
+    }
+}
