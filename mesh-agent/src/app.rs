@@ -577,7 +577,7 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
             )
             .map_err(|e| AppError::Identity(Box::new(e)))?;
             let after = (state_version != 0).then_some(state_version);
-            spawn_fetcher(client, after, stop_rx.clone())
+            spawn_fetcher(client, after, mesh.clone(), stop_rx.clone())
         }
     };
     let state_applier = spawn_applier(applier, slot, opts.tunables.state_poll(), stop_rx.clone());

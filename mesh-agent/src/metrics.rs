@@ -211,6 +211,7 @@ struct CounterLabel {
 /// The mesh state this agent follows (see [`crate::state`]).
 struct StateMetrics {
     config_rejected: Family<ReasonLabel, Counter>,
+    config_drift: Gauge,
     config_active_version: Gauge,
     config_last_verified: Gauge,
     version: Gauge,
@@ -263,6 +264,13 @@ impl StateMetrics {
         {
             let _ = config_rejected.get_or_create(&ReasonLabel { reason });
         }
+        let config_drift = Gauge::default();
+        registry.register(
+            "config_drift",
+            "1 while the newest configuration received from the authority (the intended one) \
+             is not the one applied (it was refused), else 0",
+            config_drift.clone(),
+        );
         let config_active_version = Gauge::default();
         registry.register(
             "config_active_version",
@@ -284,6 +292,7 @@ impl StateMetrics {
         );
         Self {
             config_rejected,
+            config_drift,
             config_active_version,
             config_last_verified,
             version,
@@ -541,6 +550,11 @@ impl Metrics {
             .config_rejected
             .get_or_create(&ReasonLabel { reason })
             .inc();
+    }
+
+    /// Whether the intended configuration is not the active one.
+    pub fn set_config_drift(&self, drift: bool) {
+        self.state.config_drift.set(i64::from(drift));
     }
 
     /// A signed configuration bundle `version` verified and applied now.

@@ -210,6 +210,19 @@ fn lines(proc: &Proc) -> Vec<Value> {
         .collect()
 }
 
+/// Runs an operator command of `mesh-agent` to completion: its exit code and stdout (whatever
+/// the code; for commands whose code is an answer, like `config status`).
+pub fn run_cli_status(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(agent_bin())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running mesh-agent {args:?}: {e}"));
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
 /// Runs an operator command of `mesh-agent` to completion; panics with its output on failure.
 #[track_caller]
 pub fn run_cli(args: &[&str]) -> String {

@@ -12,7 +12,7 @@
 //! {"op":"revocations"}  → {"ok":true,"revoked":["4f3a…", …]}            (hex serials)
 //! {"op":"checkpoint","checkpoint":{"v":1,"node":"n1","seq":41,"head":"…","time":"…","key":"…","sig":"…"}}
 //!                       → {"ok":true}          (a signed audit checkpoint, kept by the authority)
-//! {"op":"state","after":12,"wait_ms":25000}
+//! {"op":"state","after":12,"wait_ms":25000,"active":{"version":11,"digest":"sha256:…"}}
 //!                       → {"ok":true,"state":{"schema":1,"version":13,"digest":"sha256:…",…}}
 //!                         as soon as the published version differs from `after` (none: at
 //!                         once), else after `wait_ms` (at most 30 s): {"ok":true,"unchanged":true}
@@ -60,7 +60,18 @@ pub(crate) enum Request {
         after: Option<u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         wait_ms: Option<u64>,
+        /// What the agent runs: the version it applied and its digest (intended vs active).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        active: Option<Active>,
     },
+}
+
+/// The state version an agent has applied, as it reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Active {
+    pub version: u64,
+    pub digest: String,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

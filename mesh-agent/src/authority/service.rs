@@ -234,14 +234,18 @@ async fn serve_connection(
                 return;
             }
             Ok(Ok(LineRead::Line)) => match serde_json::from_slice::<Request>(&line) {
-                Ok(Request::State { after, wait_ms }) => {
+                Ok(Request::State {
+                    after,
+                    wait_ms,
+                    active,
+                }) => {
                     let published = match &config.state {
                         None => None,
                         Some(feed) => {
                             let wait = wait_ms
                                 .map_or(MAX_STATE_WAIT, Duration::from_millis)
                                 .min(MAX_STATE_WAIT);
-                            feed.next(node.node(), after, wait).await
+                            feed.next(node.node(), after, active, wait).await
                         }
                     };
                     let written = match (&config.state, published) {

@@ -113,6 +113,12 @@ impl AuthorityClient {
         })
     }
 
+    /// Drops the connection (a request abandoned mid-way must not leave its answer to be read
+    /// as the next one's); the next request connects again.
+    pub fn disconnect(&mut self) {
+        self.conn = None;
+    }
+
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;
     }
@@ -215,15 +221,25 @@ impl AuthorityClient {
         after: Option<u64>,
         wait: Duration,
     ) -> Result<Option<crate::state::Snapshot>, IdentityError> {
+        self.state_reporting(after, wait, None).await
+    }
+
+    /// [`AuthorityClient::state`], reporting what this agent runs (`active`).
+    pub async fn state_reporting(
+        &mut self,
+        after: Option<u64>,
+        wait: Duration,
+        active: Option<crate::authority::protocol::Active>,
+    ) -> Result<Option<crate::state::Snapshot>, IdentityError> {
         let request = Request::State {
             after,
             wait_ms: Some(wait.as_millis() as u64),
+            active,
         };
-        let saved = self.timeout;
-        self.timeout = saved + wait;
-        let response = self.request_bounded(&request, MAX_STATE_LINE).await;
-        self.timeout = saved;
-        let response = response?;
+        // The request's own deadline (never stored: a poll abandoned mid-way changes nothing).
+        let response = self
+            .request_bounded(&request, MAX_STATE_LINE, self.timeout + wait)
+            .await?;
         match (response.state, response.unchanged) {
             (Some(s), _) => Ok(Some(*s)),
             (None, Some(true)) => Ok(None),
@@ -266,13 +282,15 @@ impl AuthorityClient {
     }
 
     async fn request(&mut self, request: &Request) -> Result<Response, IdentityError> {
-        self.request_bounded(request, MAX_RESPONSE_LINE).await
+        self.request_bounded(request, MAX_RESPONSE_LINE, self.timeout)
+            .await
     }
 
     async fn request_bounded(
         &mut self,
         request: &Request,
         max: usize,
+        after: Duration,
     ) -> Result<Response, IdentityError> {
         let mut line = serde_json::to_vec(request).map_err(|e| IdentityError::Protocol {
             detail: format!("encoding the request: {e}"),
@@ -281,7 +299,6 @@ impl AuthorityClient {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let after = self.timeout;
             let result = timeout(after, self.exchange(&line, max))
                 .await
                 .unwrap_or(Err(IdentityError::Timeout {

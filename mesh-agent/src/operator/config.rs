@@ -62,6 +62,9 @@ pub enum ConfigCommand {
     Diff(DiffArgs),
     /// The signer keys a node trusts: list, add (pending), activate, retire.
     Signers(SignersArgs),
+    /// At the authority (`--dir`): the intended version and every node's active version,
+    /// when it last asked, and drift. Exit 0 no drift, 1 drift, 2 no record.
+    Status(crate::operator::state::AgentsArgs),
 }
 
 #[derive(Args, Debug)]
@@ -186,6 +189,7 @@ pub fn main(args: ConfigArgs) -> ExitCode {
             ConfigCommand::Verify(a) => verify(&a),
             ConfigCommand::Diff(a) => diff(&a),
             ConfigCommand::Signers(a) => signers_main(a),
+            ConfigCommand::Status(a) => return crate::operator::state::agents(a),
         };
         match result {
             Ok(code) => ExitCode::from(code),

@@ -10,7 +10,10 @@ use super::{print, with_stderr_logs, OutputFormat};
 use crate::{
     error_chain,
     registry::Registry,
-    state::{publish::AgentReport, Snapshot},
+    state::{
+        publish::{AgentReport, PublishedRecord, AGENTS_FILE, PUBLISHED_FILE},
+        Snapshot,
+    },
 };
 
 #[derive(clap::Args, Debug)]
@@ -24,7 +27,8 @@ pub enum StateCommand {
     /// The state this node's agent applied: version, digest, source, and the node's workloads
     /// (enrolled or waiting for their cgroup).
     Show(ShowArgs),
-    /// At the authority: the published version and what each agent runs.
+    /// At the authority: the intended (published) version and what each agent runs; exit 0
+    /// no drift, 1 drift, 2 no record. Same as `config status`.
     Agents(AgentsArgs),
 }
 
@@ -191,56 +195,97 @@ fn show(a: ShowArgs) -> ExitCode {
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct AgentsShown {
-    published_version: u64,
-    agents: std::collections::BTreeMap<String, AgentReport>,
+    /// The version the authority publishes (intended), its digest and source.
+    intended: PublishedRecord,
+    agents: Vec<AgentShown>,
+    /// Nodes whose active version is not the intended one.
+    drift: Vec<String>,
 }
 
-fn agents(a: AgentsArgs) -> ExitCode {
-    #[derive(serde::Deserialize)]
-    struct Ids {
-        version: u64,
-    }
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AgentShown {
+    node: String,
+    /// The version the agent last received.
+    received: u64,
+    /// The version it applied and enforces, and its digest.
+    active_version: u64,
+    active_digest: String,
+    /// When it last asked (Unix milliseconds).
+    seen_unix_ms: u64,
+    drift: bool,
+}
+
+/// `state agents` / `config status`: exit 0 every agent runs the intended version, 1 some do
+/// not (drift), 2 the authority directory has no record.
+pub fn agents(a: AgentsArgs) -> ExitCode {
     let read = |name: &str| std::fs::read_to_string(a.dir.join(name));
-    let published_version = match read("state/ids.json") {
-        Ok(text) => match serde_json::from_str::<Ids>(&text) {
-            Ok(ids) => ids.version,
-            Err(e) => {
-                eprintln!("error: {}: {e}", a.dir.join("state/ids.json").display());
-                return ExitCode::FAILURE;
-            }
-        },
+    let intended: PublishedRecord = match read(PUBLISHED_FILE).map(|t| serde_json::from_str(&t)) {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            eprintln!("error: {}: {e}", a.dir.join(PUBLISHED_FILE).display());
+            return ExitCode::from(2);
+        }
         Err(e) => {
             eprintln!(
-                "error: {}: {e} (has this authority served?)",
-                a.dir.join("state/ids.json").display()
+                "error: {}: {e} (has this authority published a state?)",
+                a.dir.join(PUBLISHED_FILE).display()
             );
-            return ExitCode::FAILURE;
+            return ExitCode::from(2);
         }
     };
-    let agents = match read(crate::state::publish::AGENTS_FILE) {
+    let reports: std::collections::BTreeMap<String, AgentReport> = match read(AGENTS_FILE) {
         Ok(text) => match serde_json::from_str(&text) {
-            Ok(a) => a,
+            Ok(r) => r,
             Err(e) => {
-                eprintln!("error: {}: {e}", crate::state::publish::AGENTS_FILE);
-                return ExitCode::FAILURE;
+                eprintln!("error: {}: {e}", a.dir.join(AGENTS_FILE).display());
+                return ExitCode::from(2);
             }
         },
         Err(_) => Default::default(),
     };
-    let shown = AgentsShown {
-        published_version,
-        agents,
-    };
-    let mut text = format!("published version {published_version}\n");
-    for (node, r) in &shown.agents {
-        let lag = if r.version == published_version {
-            "current".to_owned()
-        } else {
-            format!("behind ({})", published_version.saturating_sub(r.version))
-        };
-        text.push_str(&format!("  {node}: version {} {lag}\n", r.version));
+    let agents: Vec<AgentShown> = reports
+        .into_iter()
+        .map(|(node, r)| AgentShown {
+            drift: r.active_version != intended.version || r.active_digest != intended.digest,
+            node,
+            received: r.version,
+            active_version: r.active_version,
+            active_digest: r.active_digest,
+            seen_unix_ms: r.seen_unix_ms,
+        })
+        .collect();
+    let drift: Vec<String> = agents
+        .iter()
+        .filter(|a| a.drift)
+        .map(|a| a.node.clone())
+        .collect();
+    let mut text = format!(
+        "intended version {} {} ({})\n",
+        intended.version, intended.digest, intended.source
+    );
+    for g in &agents {
+        text.push_str(&format!(
+            "  {}: active {} received {}{}\n",
+            g.node,
+            g.active_version,
+            g.received,
+            if g.drift { "  DRIFT" } else { "" }
+        ));
     }
-    finish(print(a.output, &shown, &text))
+    let code = if drift.is_empty() { 0 } else { 1 };
+    let shown = AgentsShown {
+        intended,
+        agents,
+        drift,
+    };
+    match print(a.output, &shown, &text) {
+        Ok(()) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: writing the result: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn finish(r: std::io::Result<()>) -> ExitCode {

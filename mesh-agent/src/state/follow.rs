@@ -29,9 +29,11 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub type Slot = watch::Receiver<Option<Arc<Snapshot>>>;
 
 /// Fetches snapshots from the authority into a slot, starting after version `after`.
+/// Each request reports what `mesh` has applied (the authority's intended vs active).
 pub fn spawn_fetcher(
     mut client: AuthorityClient,
     after: Option<u64>,
+    mesh: super::live::MeshHandle,
     mut stop: watch::Receiver<bool>,
 ) -> (Slot, JoinHandle<()>) {
     let (tx, rx) = watch::channel(None::<Arc<Snapshot>>);
@@ -40,8 +42,34 @@ pub fn spawn_fetcher(
         let mut backoff = BACKOFF_MIN;
         let mut down_since: Option<String> = None;
         loop {
+            let active = {
+                let m = mesh.load();
+                crate::authority::protocol::Active {
+                    version: m.version,
+                    digest: m.digest.clone(),
+                }
+            };
+            // A version applied while the poll waits is reported at once (a new poll on a new
+            // connection: the old one may still deliver the old answer).
+            let reported = active.clone();
+            let mut applied = mesh.subscribe();
+            let newly_applied = async move {
+                loop {
+                    if applied.changed().await.is_err() {
+                        return std::future::pending::<()>().await;
+                    }
+                    let m = Arc::clone(&applied.borrow_and_update());
+                    if m.version != reported.version || m.digest != reported.digest {
+                        return;
+                    }
+                }
+            };
             let fetched = tokio::select! {
-                r = client.state(after, LONG_POLL) => r,
+                r = client.state_reporting(after, LONG_POLL, Some(active)) => r,
+                () = newly_applied => {
+                    client.disconnect();
+                    continue;
+                }
                 _ = stop.wait_for(|s| *s) => return,
             };
             match fetched {
@@ -124,6 +152,7 @@ pub fn spawn_applier(
                         warn!(version = snapshot.version, error = %error_chain(&e),
                               "state refused; the applied state stays");
                     }
+                    applier.report_drift(&snapshot);
                 }
                 _ = tick.tick() => {
                     tokio::task::block_in_place(|| applier.resolve_pending());

@@ -133,6 +133,11 @@ impl IdAllocator {
         self.assigned.digest = digest.to_owned();
     }
 
+    /// The directory the assignment is persisted in (`None`: in memory).
+    pub fn dir(&self) -> Option<&Path> {
+        self.path.as_deref().and_then(Path::parent)
+    }
+
     /// Persists the assignment (atomically, 0600).
     pub fn save(&self) -> Result<(), StateError> {
         let Some(path) = &self.path else {

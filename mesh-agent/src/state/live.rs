@@ -341,6 +341,15 @@ impl Applier {
         self.tx.borrow().digest.clone()
     }
 
+    /// `mesh_config_drift`: 1 while the newest state received (`intended`) is not the one
+    /// applied (it was refused), else 0.
+    pub fn report_drift(&self, intended: &Snapshot) {
+        let applied = self.tx.borrow();
+        self.metrics.set_config_drift(
+            applied.version != intended.version || applied.digest != intended.digest,
+        );
+    }
+
     /// Applies `snapshot`. A refusal changes nothing.
     pub fn apply(&mut self, snapshot: &Snapshot) -> Result<Applied, ApplyError> {
         let started = std::time::Instant::now();

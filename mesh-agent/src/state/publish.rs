@@ -36,8 +36,13 @@ pub struct Published {
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentReport {
-    /// The version the agent runs (0: none yet).
+    /// The version the agent last received (0: none yet).
     pub version: u64,
+    /// The version it reports it applied, and that version's digest (what it enforces).
+    #[serde(default)]
+    pub active_version: u64,
+    #[serde(default)]
+    pub active_digest: String,
     /// When it asked (Unix milliseconds).
     pub seen_unix_ms: u64,
 }
@@ -53,6 +58,19 @@ pub struct StateFeed {
 
 /// Name of the agents' reports in the authority directory.
 pub const AGENTS_FILE: &str = "state/agents.json";
+
+/// Name of the record of the published version (the intended one) in the authority directory.
+pub const PUBLISHED_FILE: &str = "state/published.json";
+
+/// The published version, as `config status` reads it.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PublishedRecord {
+    pub version: u64,
+    pub digest: String,
+    pub source: String,
+    pub published_unix_ms: u64,
+}
 
 /// Publishes versions into a [`StateFeed`].
 #[derive(Debug)]
@@ -114,19 +132,25 @@ impl StateFeed {
         &self,
         node: &str,
         after: Option<u64>,
+        active: Option<crate::authority::protocol::Active>,
         wait: Duration,
     ) -> Option<Arc<Published>> {
         let changed = {
             let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
-            let version = after.unwrap_or(0);
-            let before = agents.insert(
-                node.to_owned(),
-                AgentReport {
-                    version,
-                    seen_unix_ms: now_unix_ms(),
-                },
-            );
-            (before.map(|r| r.version) != Some(version)).then(|| agents.clone())
+            let active = active.unwrap_or_default();
+            let report = AgentReport {
+                version: after.unwrap_or(0),
+                active_version: active.version,
+                active_digest: active.digest,
+                seen_unix_ms: now_unix_ms(),
+            };
+            let before = agents.insert(node.to_owned(), report.clone());
+            let same = before.is_some_and(|b| {
+                b.version == report.version
+                    && b.active_version == report.active_version
+                    && b.active_digest == report.active_digest
+            });
+            (!same).then(|| agents.clone())
         };
         if let (Some(agents), Some(path)) = (changed, &self.reports) {
             info!(
@@ -302,7 +326,7 @@ impl SourceWatch {
               services = built.registry.services.services.len(),
               nodes = built.registry.nodes.len(),
               refused = snapshot.refused.len(), "state published");
-        self.sink.publish(snapshot);
+        self.publish(snapshot);
         Ok(Some(version))
     }
 
@@ -368,8 +392,29 @@ impl SourceWatch {
         info!(version = b.version(), digest = %b.short_digest(),
               workloads = registry.workloads.len(), policies = b.policies().len(),
               "signed configuration published");
-        self.sink.publish(snapshot);
+        self.publish(snapshot);
         Ok(Some(b.version()))
+    }
+
+    /// Publishes `snapshot` and records it as the intended version
+    /// (`<dir>/`[`PUBLISHED_FILE`]).
+    fn publish(&self, snapshot: Snapshot) {
+        if let Some(dir) = self.ids.dir() {
+            let record = PublishedRecord {
+                version: snapshot.version,
+                digest: snapshot.digest.clone(),
+                source: snapshot.source.clone(),
+                published_unix_ms: now_unix_ms(),
+            };
+            let path = dir.join("published.json");
+            let write = serde_json::to_vec_pretty(&record)
+                .map_err(std::io::Error::other)
+                .and_then(|t| crate::files::write_atomic(&path, &t, 0o600).map_err(|e| e.source));
+            if let Err(e) = write {
+                warn!(path = %path.display(), error = %e, "recording the published version");
+            }
+        }
+        self.sink.publish(snapshot);
     }
 
     /// Follows the source every `interval` until `stop` turns true.

@@ -3258,10 +3258,20 @@ fn print_state(v: &Value) {
         f(&v["large"]["one_change_ms"]["p50"]),
         f(&v["large"]["one_change_ms"]["max"])
     );
+    let mib = |x: &Value| {
+        x.as_array()
+            .into_iter()
+            .flatten()
+            .map(f)
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
     println!(
-        "  agent RSS (n1, n2): small {:?} MiB, large {:?} MiB; n1 map memory: small {} KiB, large {} KiB",
-        v["small"]["agent_rss_mib"], v["large"]["agent_rss_mib"],
-        f(&v["small"]["map_memory_kib_n1"]), f(&v["large"]["map_memory_kib_n1"])
+        "  agent RSS (n1 / n2): small {} MiB, large {} MiB; n1 map memory: small {} KiB, large {} KiB",
+        mib(&v["small"]["agent_rss_mib"]),
+        mib(&v["large"]["agent_rss_mib"]),
+        f(&v["small"]["map_memory_kib_n1"]),
+        f(&v["large"]["map_memory_kib_n1"])
     );
     for (k, label) in [
         ("pod_ip", "connect() to a pod IP"),
