@@ -458,6 +458,7 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
                 metrics: Arc::clone(&metrics),
                 audit: audit.clone(),
                 interval: opts.tunables.policy_poll(),
+                exclusive: signed_mode,
             },
             stop_rx.clone(),
         )),

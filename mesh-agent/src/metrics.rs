@@ -211,6 +211,7 @@ struct CounterLabel {
 /// The mesh state this agent follows (see [`crate::state`]).
 struct StateMetrics {
     config_rejected: Family<ReasonLabel, Counter>,
+    config_unauthorized: Counter,
     config_drift: Gauge,
     config_active_version: Gauge,
     config_last_verified: Gauge,
@@ -264,6 +265,14 @@ impl StateMetrics {
         {
             let _ = config_rejected.get_or_create(&ReasonLabel { reason });
         }
+        let config_unauthorized = Counter::default();
+        registry.register(
+            "config_unauthorized_loads",
+            "Policy generations found active that this agent did not write from verified \
+             configuration (policy apply by hand, a direct map write); each was replaced by the \
+             verified policy",
+            config_unauthorized.clone(),
+        );
         let config_drift = Gauge::default();
         registry.register(
             "config_drift",
@@ -292,6 +301,7 @@ impl StateMetrics {
         );
         Self {
             config_rejected,
+            config_unauthorized,
             config_drift,
             config_active_version,
             config_last_verified,
@@ -550,6 +560,11 @@ impl Metrics {
             .config_rejected
             .get_or_create(&ReasonLabel { reason })
             .inc();
+    }
+
+    /// An unauthorized policy load found (and reverted).
+    pub fn config_unauthorized_load(&self) {
+        self.state.config_unauthorized.inc();
     }
 
     /// Whether the intended configuration is not the active one.

@@ -260,6 +260,10 @@ pub struct DirWatch {
     pub audit: Option<AuditLog>,
     /// `--policy-poll-ms`.
     pub interval: Duration,
+    /// Signed configuration: this watcher is the only legitimate writer of the maps, so an
+    /// active generation it did not write (`policy apply` by hand, a direct map write) is an
+    /// unauthorized load — reported and replaced by the verified policy at the next tick.
+    pub exclusive: bool,
 }
 
 /// Polls `dir` every `interval` (`--policy-poll-ms`) and follows the mesh state; on a change of
@@ -275,6 +279,7 @@ pub fn spawn_dir_watcher(w: DirWatch, stop: watch::Receiver<bool>) -> JoinHandle
         metrics,
         audit,
         interval,
+        exclusive,
     } = w;
     let maps = Arc::new(std::sync::Mutex::new(maps));
     tokio::spawn(async move {
@@ -287,6 +292,9 @@ pub fn spawn_dir_watcher(w: DirWatch, stop: watch::Receiver<bool>) -> JoinHandle
             }
         };
         let mut seen = fingerprint_of(dir.clone()).await.unwrap_or_default();
+        // The generation this watcher last wrote (0: none yet; the start-up apply is not
+        // known here, so the first tick adopts what is active).
+        let ours = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let mut state = mesh.subscribe();
         let mut watching_state = true;
         let mut applied_registry = Arc::clone(&ctx.registry);
@@ -309,7 +317,39 @@ pub fn spawn_dir_watcher(w: DirWatch, stop: watch::Receiver<bool>) -> JoinHandle
             let current = mesh.load();
             let registry = Arc::clone(&current.registry);
             let new_state = state_changed && !Arc::ptr_eq(&registry, &applied_registry);
-            if now == seen && !new_state {
+            let mut unauthorized = false;
+            if exclusive {
+                let maps2 = Arc::clone(&maps);
+                let active = tokio::task::spawn_blocking(move || {
+                    maps2
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .active_generation()
+                })
+                .await;
+                let written = ours.load(std::sync::atomic::Ordering::Relaxed);
+                if let Ok(Ok(active)) = active {
+                    if written == 0 {
+                        ours.store(active, std::sync::atomic::Ordering::Relaxed);
+                    } else if active != written {
+                        unauthorized = true;
+                        metrics.config_unauthorized_load();
+                        warn!(active, expected = written,
+                              "unauthorized policy load: the active generation is not the verified configuration's; restoring it");
+                        if let Some(a) = &audit {
+                            a.config_event(
+                                "unauthorized",
+                                "policy_generation",
+                                Some(active.into()),
+                                Some(format!(
+                                    "expected generation {written}; restoring the verified policy"
+                                )),
+                            );
+                        }
+                    }
+                }
+            }
+            if now == seen && !new_state && !unauthorized {
                 continue;
             }
             let source = match (&current.policies, &dir) {
@@ -329,9 +369,14 @@ pub fn spawn_dir_watcher(w: DirWatch, stop: watch::Receiver<bool>) -> JoinHandle
                 Arc::clone(&metrics),
                 audit.clone(),
             );
+            let ours2 = Arc::clone(&ours);
             let done = tokio::task::spawn_blocking(move || {
                 let mut maps = maps2.lock().unwrap_or_else(|p| p.into_inner());
-                apply_source_counted(&ctx2, &mut maps, &source, &metrics2, audit2.as_ref());
+                if let Some(generation) =
+                    apply_source_counted(&ctx2, &mut maps, &source, &metrics2, audit2.as_ref())
+                {
+                    ours2.store(generation, std::sync::atomic::Ordering::Relaxed);
+                }
             })
             .await;
             if done.is_err() {

@@ -62,6 +62,7 @@ mod service_port_not_declared_refused;
 mod service_vip_balances_across_endpoints;
 mod signed_common;
 mod tampered_bundle_refused_previous_stays;
+mod unauthorized_policy_load_detected_and_restored;
 mod unenrolled_process_not_redirected;
 mod uninstall_leaves_nothing;
 mod unknown_signer_refused;
