@@ -36,6 +36,8 @@ pub struct Authority {
     registry: PathBuf,
     /// Set: the authority follows this signed configuration bundle instead of `registry`.
     bundle: Option<PathBuf>,
+    /// More `authority serve` arguments.
+    extra_args: Vec<String>,
     log_dir: PathBuf,
     runs: usize,
     _link: Veth,
@@ -64,6 +66,7 @@ impl Authority {
             dir,
             registry: registry.to_owned(),
             bundle: None,
+            extra_args: Vec::new(),
             log_dir: tmp.to_owned(),
             runs: 0,
             _link: link,
@@ -126,6 +129,7 @@ impl Authority {
             Some(b) => cmd.arg("--bundle").arg(b),
             None => cmd.arg("--registry").arg(&self.registry),
         };
+        cmd.args(&self.extra_args);
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("MESH_") {
                 cmd.env_remove(k);
@@ -153,6 +157,11 @@ impl Authority {
             panic!("authority did not become ready\nstdout:\n{stdout}\nstderr:\n{stderr}");
         }
         self.proc = Some(proc);
+    }
+
+    /// From the next start, `authority serve` also gets `args`.
+    pub fn set_extra_args(&mut self, args: &[&str]) {
+        self.extra_args = args.iter().map(|a| (*a).to_owned()).collect();
     }
 
     /// From the next start, the authority follows the signed configuration bundle `path`

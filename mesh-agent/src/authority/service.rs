@@ -74,6 +74,9 @@ pub struct ServeConfig {
     pub audit: Option<AuditLog>,
     /// The published mesh state agents follow (`op: state`). Default none: refused.
     pub state: Option<crate::state::publish::StateFeed>,
+    /// A node that reports it does not run the published version for longer than this gets
+    /// no new workload certificate until it does. Default none (not enforced).
+    pub stale_config_grace: Option<Duration>,
 }
 
 impl Default for ServeConfig {
@@ -88,6 +91,7 @@ impl Default for ServeConfig {
             custody: None,
             audit: None,
             state: None,
+            stale_config_grace: None,
         }
     }
 }
@@ -352,6 +356,19 @@ fn handle_request(
                     return Response::error(e.to_string());
                 }
             };
+            if let (Some(feed), Some(grace)) = (&config.state, config.stale_config_grace) {
+                if let Some(stale) = feed.stale_for(node.node()).filter(|s| *s > grace) {
+                    let message = format!(
+                        "node {} does not run the published configuration (for {} s, grace {} s): no new certificates until it does",
+                        node.node(),
+                        stale.as_secs(),
+                        grace.as_secs()
+                    );
+                    warn!(node = %node, identity = %id, "certificate request refused: stale configuration");
+                    refused(&id.to_string(), &message);
+                    return Response::error(message);
+                }
+            }
             if let Err(e) = authorize_request(node.node(), &id, |id| lookup(id)) {
                 warn!(node = %node, identity = %id, error = %e, "certificate request refused");
                 refused(&id.to_string(), &e.to_string());

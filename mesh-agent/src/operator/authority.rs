@@ -143,6 +143,11 @@ pub struct ServeArgs {
     /// `<dir>/signers.json`, and not below the version published before, is published.
     #[arg(long)]
     pub bundle: Option<PathBuf>,
+    /// A node that reports it runs another configuration than the published one for longer
+    /// than this gets no new workload certificates until it catches up. Default 120 with
+    /// `--bundle`; not enforced with `--registry` unless given.
+    #[arg(long)]
+    pub stale_config_grace_secs: Option<u64>,
     /// Longest workload certificate lifetime handed out (longer requests are shortened);
     /// 60 to 2592000 (30 days), the default.
     #[arg(long)]
@@ -757,10 +762,16 @@ pub async fn serve(a: ServeArgs) -> Result<(), OperatorError> {
                 .unwrap_or_default()
         }
     };
+    let stale_config_grace = match (a.stale_config_grace_secs, signed) {
+        (Some(secs), _) => Some(Duration::from_secs(secs)),
+        (None, true) => Some(Duration::from_secs(120)),
+        (None, false) => None,
+    };
     let config = ServeConfig {
         max_lifetime,
         audit: Some(audit.clone()),
         state: Some(feed),
+        stale_config_grace,
         ..ServeConfig::default()
     };
     info!(listen = %listen, trust_domain = %authority.trust_domain(),

@@ -30,6 +30,8 @@ pub struct Published {
     pub snapshot: Snapshot,
     /// `{"ok":true,"state":{…}}\n`.
     pub line: Vec<u8>,
+    /// When it was published.
+    pub at: std::time::Instant,
 }
 
 /// What an agent last reported (the `after` of its last state request).
@@ -114,8 +116,11 @@ impl Publisher {
             br#"{"ok":false,"error":"internal error: unserialisable state"}"#.to_vec()
         });
         line.push(b'\n');
-        self.tx
-            .send_replace(Some(Arc::new(Published { snapshot, line })));
+        self.tx.send_replace(Some(Arc::new(Published {
+            snapshot,
+            line,
+            at: std::time::Instant::now(),
+        })));
     }
 
     /// The current version and the agents' reports, as the service sees them.
@@ -190,6 +195,17 @@ impl StateFeed {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// How long `node` has not run the current version, if it reported that it does not (a
+    /// node that never reported — a fresh join — is not stale).
+    pub fn stale_for(&self, node: &str) -> Option<std::time::Duration> {
+        let current = self.current()?;
+        let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        let report = agents.get(node)?;
+        let runs_it = report.active_version == current.snapshot.version
+            && report.active_digest == current.snapshot.digest;
+        (!runs_it).then(|| current.at.elapsed())
     }
 }
 

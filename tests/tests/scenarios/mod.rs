@@ -2,6 +2,7 @@
 
 mod admin_port_refuses_pods;
 mod agent_holds_10000_connections_under_low_nofile;
+mod agent_on_stale_config_gets_no_certificates;
 mod agent_restart_adopts_pins;
 mod agent_restart_updates_programs_in_place;
 mod agent_sigkill_keeps_mesh_closed;

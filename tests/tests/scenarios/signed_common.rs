@@ -22,6 +22,11 @@ pub fn deny_a1() -> String {
 
 /// The cluster, its agents (running version 1) and k1.
 pub fn signed_cluster() -> (Cluster, Vec<Agent>, SignerKey) {
+    signed_cluster_with(&[])
+}
+
+/// [`signed_cluster`] with more `authority serve` arguments.
+pub fn signed_cluster_with(authority_args: &[&str]) -> (Cluster, Vec<Agent>, SignerKey) {
     let cluster = cluster().nodes(2).add_pod(0, "a1").add_pod(1, "b1").build();
     let k1 = cluster.signer_key("k1");
     cluster.trust_signer(&cluster.authority_signers(), &k1);
@@ -35,6 +40,7 @@ pub fn signed_cluster() -> (Cluster, Vec<Agent>, SignerKey) {
         // The versions the registry mode published are not the signer's: start afresh.
         let _ = std::fs::remove_file(a.dir().join("state/ids.json"));
         a.follow_bundle(&cluster.tmp_dir().join(mesh_tests::signing::BUNDLE_FILE));
+        a.set_extra_args(authority_args);
         a.start();
     }
     let agents = cluster.start_agents();
