@@ -5,6 +5,22 @@ use std::{collections::BTreeSet, path::Path, process::Command};
 use serde::Deserialize;
 use serde_json::Value;
 
+/// Runs `bpftool args` (a command that prints nothing useful, e.g. `map update`); panics with
+/// its output if it fails.
+#[track_caller]
+pub fn run(args: &[&str]) {
+    let out = Command::new("bpftool")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running bpftool {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "bpftool {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Runs `bpftool -j <args>` and parses its output; panics on failure.
 #[track_caller]
 pub fn json(args: &[&str]) -> Value {

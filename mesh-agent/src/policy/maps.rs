@@ -355,7 +355,12 @@ impl PolicyMaps {
         if gen == 0 {
             return Ok(PolicyView::default());
         }
-        let raw = RawGeneration {
+        PolicyView::build(gen, self.read_raw(gen)?)
+    }
+
+    /// Every entry of generation `gen`, as stored.
+    fn read_raw(&self, gen: u32) -> Result<RawGeneration, MapsError> {
+        Ok(RawGeneration {
             src: self.src.read(gen)?,
             dst: self.dst.read(gen)?,
             l4: self.l4.read(gen)?,
@@ -363,8 +368,30 @@ impl PolicyMaps {
             ops: self.ops.read(gen)?,
             strs: self.strs.read(gen)?,
             plain: self.plain.read(gen)?,
-        };
-        PolicyView::build(gen, raw)
+        })
+    }
+
+    /// A SHA-256 of every entry of generation `gen` (order-independent): equal digests, equal
+    /// content. What a writer compares against to notice entries changed behind its back.
+    pub fn content_digest(&self, gen: u32) -> Result<[u8; 32], MapsError> {
+        let raw = self.read_raw(gen)?;
+        let mut lines: Vec<String> = Vec::new();
+        lines.extend(raw.src.iter().map(|e| format!("src {e:?}")));
+        lines.extend(raw.dst.iter().map(|e| format!("dst {e:?}")));
+        lines.extend(raw.l4.iter().map(|e| format!("l4 {e:?}")));
+        lines.extend(raw.l7.iter().map(|e| format!("l7 {e:?}")));
+        lines.extend(raw.ops.iter().map(|e| format!("op {e:?}")));
+        lines.extend(raw.strs.iter().map(|e| format!("str {e:?}")));
+        lines.extend(raw.plain.iter().map(|e| format!("plain {e:?}")));
+        lines.sort_unstable();
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        for l in &lines {
+            ctx.update(l.as_bytes());
+            ctx.update(b"\n");
+        }
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.finish().as_ref());
+        Ok(out)
     }
 }
 

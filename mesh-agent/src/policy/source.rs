@@ -295,6 +295,8 @@ pub fn spawn_dir_watcher(w: DirWatch, stop: watch::Receiver<bool>) -> JoinHandle
         // The generation this watcher last wrote (0: none yet; the start-up apply is not
         // known here, so the first tick adopts what is active).
         let ours = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        // ... and the content digest of that generation as written.
+        let ours_digest: Arc<std::sync::Mutex<Option<[u8; 32]>>> = Arc::default();
         let mut state = mesh.subscribe();
         let mut watching_state = true;
         let mut applied_registry = Arc::clone(&ctx.registry);
@@ -321,16 +323,37 @@ pub fn spawn_dir_watcher(w: DirWatch, stop: watch::Receiver<bool>) -> JoinHandle
             if exclusive {
                 let maps2 = Arc::clone(&maps);
                 let active = tokio::task::spawn_blocking(move || {
-                    maps2
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .active_generation()
+                    let maps = maps2.lock().unwrap_or_else(|p| p.into_inner());
+                    let gen = maps.active_generation()?;
+                    Ok::<_, MapsError>((gen, maps.content_digest(gen).ok()))
                 })
                 .await;
                 let written = ours.load(std::sync::atomic::Ordering::Relaxed);
-                if let Ok(Ok(active)) = active {
+                if let Ok(Ok((active, digest))) = active {
+                    let expected = *ours_digest.lock().unwrap_or_else(|p| p.into_inner());
                     if written == 0 {
                         ours.store(active, std::sync::atomic::Ordering::Relaxed);
+                        *ours_digest.lock().unwrap_or_else(|p| p.into_inner()) = digest;
+                    } else if active == written
+                        && digest.is_some()
+                        && expected.is_some()
+                        && digest != expected
+                    {
+                        unauthorized = true;
+                        metrics.config_unauthorized_load();
+                        warn!(active,
+                              "unauthorized policy load: the entries of the active generation were changed; restoring the verified policy");
+                        if let Some(a) = &audit {
+                            a.config_event(
+                                "unauthorized",
+                                "policy_generation",
+                                Some(active.into()),
+                                Some(
+                                    "its entries were changed; restoring the verified policy"
+                                        .to_owned(),
+                                ),
+                            );
+                        }
                     } else if active != written {
                         unauthorized = true;
                         metrics.config_unauthorized_load();
@@ -369,13 +392,15 @@ pub fn spawn_dir_watcher(w: DirWatch, stop: watch::Receiver<bool>) -> JoinHandle
                 Arc::clone(&metrics),
                 audit.clone(),
             );
-            let ours2 = Arc::clone(&ours);
+            let (ours2, ours_digest2) = (Arc::clone(&ours), Arc::clone(&ours_digest));
             let done = tokio::task::spawn_blocking(move || {
                 let mut maps = maps2.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(generation) =
                     apply_source_counted(&ctx2, &mut maps, &source, &metrics2, audit2.as_ref())
                 {
                     ours2.store(generation, std::sync::atomic::Ordering::Relaxed);
+                    *ours_digest2.lock().unwrap_or_else(|p| p.into_inner()) =
+                        maps.content_digest(generation).ok();
                 }
             })
             .await;

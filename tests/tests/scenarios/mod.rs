@@ -16,6 +16,7 @@ mod certificates_rotate_during_live_traffic;
 mod concurrent_200_connections_no_crosstalk;
 mod cross_node_mtls_roundtrip;
 mod cross_node_pod_to_pod_goes_through_agent;
+mod direct_map_write_detected_and_restored;
 mod drift_reported_then_resolved;
 mod endpoint_removed_traffic_moves_without_errors;
 mod harness_cluster_routes_and_tears_down;
