@@ -10,7 +10,7 @@ use mesh_tests::{bpftool, require_privileges, wait_for, Host, DEFAULT_TIMEOUT};
 
 use super::{
     policy_common::{dump, expect_denied},
-    signed_common::{deny_a1, publish, signed_cluster, wait_active},
+    signed_common::{deny_a1, publish, signed_cluster, wait_active, wait_denied},
 };
 
 /// `words` as bpftool's `hex` bytes (little-endian u32s).
@@ -31,17 +31,24 @@ fn direct_map_write_detected_and_restored() {
     let deny = deny_a1();
     publish(&cluster, &k1, 2, &[("deny.yaml", &deny)]);
     wait_active(&cluster, 2);
-    expect_denied(a1, b1.addr4(8080));
-    let generation = cluster.node(0).metric("mesh_policy_generation") as u64;
-
-    let entry = dump(&cluster, 0, names::MAP_POL_L4)
-        .into_iter()
-        .find(|e| {
-            e["key"]["gen"].as_u64() == Some(generation)
-                && e["value"]["verdict"].as_u64() == Some(u64::from(POL_DENY))
-                && e["value"]["policy_str"].as_u64().is_some_and(|s| s != 0)
-        })
-        .expect("the DENY entry of the active generation");
+    wait_denied(a1, b1.addr4(8080));
+    // The DENY entry of the generation the agent reports active (the metric follows the maps
+    // within a poll: bounded wait until both agree).
+    let (generation, entry) = wait_for(
+        DEFAULT_TIMEOUT,
+        "the DENY entry of the active generation",
+        || {
+            let generation = cluster.node(0).metric("mesh_policy_generation") as u64;
+            dump(&cluster, 0, names::MAP_POL_L4)
+                .into_iter()
+                .find(|e| {
+                    e["key"]["gen"].as_u64() == Some(generation)
+                        && e["value"]["verdict"].as_u64() == Some(u64::from(POL_DENY))
+                        && e["value"]["policy_str"].as_u64().is_some_and(|s| s != 0)
+                })
+                .map(|e| (generation, e))
+        },
+    );
     let (k, v) = (&entry["key"], &entry["value"]);
     let field = |o: &serde_json::Value, f: &str| o[f].as_u64().unwrap_or(0);
     let key = hex(&["gen", "set_id", "class_id", "port"].map(|f| field(k, f)));

@@ -9,7 +9,7 @@ use mesh_tests::{require_privileges, wait_for, Host, DEFAULT_TIMEOUT};
 
 use super::{
     policy_common::expect_denied,
-    signed_common::{deny_a1, publish, rejected, signed_cluster, wait_active},
+    signed_common::{deny_a1, publish, rejected, signed_cluster, wait_active, wait_denied},
 };
 
 #[test]
@@ -22,7 +22,7 @@ fn rollback_refused_even_after_agent_restart() {
     let deny = deny_a1();
     publish(&cluster, &k1, 2, &[("deny.yaml", &deny)]);
     wait_active(&cluster, 2);
-    expect_denied(a1, b1.addr4(8080));
+    wait_denied(a1, b1.addr4(8080));
     agents[0].stop();
     agents[0].restart();
     wait_active(&cluster, 2);

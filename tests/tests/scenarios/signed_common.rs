@@ -2,7 +2,7 @@
 //! k1 trusted by the authority and pinned on both nodes; the authority follows
 //! `<tmp>/bundle.json`; version 1 (no policy) published and applied before the test goes on.
 
-use mesh_tests::{signing::SignerKey, Agent, Cluster};
+use mesh_tests::{signing::SignerKey, Agent, Cluster, Host};
 
 use super::policy_common::{authz, principal};
 use crate::cluster;
@@ -84,4 +84,29 @@ pub fn rejected(cluster: &Cluster, i: usize, reason: &str) -> f64 {
     cluster.node(i).metric(&format!(
         r#"mesh_config_rejected_total{{reason="{reason}"}}"#
     ))
+}
+
+/// Waits (bounded) until `src` → `dst` is refused at connect() — the policy of a version is
+/// compiled a moment after the version is applied — then checks it as [`expect_denied`] does.
+///
+/// [`expect_denied`]: super::policy_common::expect_denied
+#[track_caller]
+pub fn wait_denied(src: &mesh_tests::Pod, dst: std::net::SocketAddr) {
+    mesh_tests::wait_for(
+        mesh_tests::DEFAULT_TIMEOUT,
+        &format!("{} → {dst} denied", src.name()),
+        || {
+            let run = src.client(
+                &mesh_tests::ClientRequest::new(dst)
+                    .send("x")
+                    .io_timeout(std::time::Duration::from_secs(2)),
+            );
+            run.results
+                .first()
+                .and_then(|r| r.error.as_deref())
+                .is_some_and(|e| e.contains("Operation not permitted"))
+                .then_some(())
+        },
+    );
+    super::policy_common::expect_denied(src, dst);
 }

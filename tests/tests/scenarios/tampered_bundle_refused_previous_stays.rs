@@ -10,7 +10,7 @@ use mesh_tests::{require_privileges, wait_for, Host, DEFAULT_TIMEOUT};
 
 use super::{
     policy_common::expect_denied,
-    signed_common::{deny_a1, publish, signed_cluster, wait_active},
+    signed_common::{deny_a1, publish, signed_cluster, wait_active, wait_denied},
 };
 
 /// `path` with one byte of the policy text flipped (inside a JSON string: still JSON).
@@ -33,7 +33,7 @@ fn tampered_bundle_refused_previous_stays() {
     let deny = deny_a1();
     publish(&cluster, &k1, 2, &[("deny.yaml", &deny)]);
     wait_active(&cluster, 2);
-    expect_denied(a1, b1.addr4(8080));
+    wait_denied(a1, b1.addr4(8080));
 
     // Version 3 removes the DENY; one byte of its registry is flipped after signing.
     let v3 = cluster.build_bundle_file(&k1, 3, &cluster.registry_entries(), &[], &[]);

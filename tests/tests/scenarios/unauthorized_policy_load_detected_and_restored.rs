@@ -8,7 +8,7 @@ use mesh_tests::{require_privileges, wait_for, Host, DEFAULT_TIMEOUT};
 
 use super::{
     policy_common::expect_denied,
-    signed_common::{deny_a1, publish, signed_cluster, wait_active},
+    signed_common::{deny_a1, publish, signed_cluster, wait_active, wait_denied},
 };
 
 #[test]
@@ -20,7 +20,7 @@ fn unauthorized_policy_load_detected_and_restored() {
     let deny = deny_a1();
     publish(&cluster, &k1, 2, &[("deny.yaml", &deny)]);
     wait_active(&cluster, 2);
-    expect_denied(a1, b1.addr4(8080));
+    wait_denied(a1, b1.addr4(8080));
     let generation = |i: usize| cluster.node(i).metric("mesh_policy_generation") as u64;
     let verified = generation(0);
 
