@@ -114,6 +114,11 @@ impl CompileContext {
             dir: PathBuf::from("bundle"),
             source: Box::new(source),
         })?;
+        self.compile(bundle)
+    }
+
+    /// Compiles a loaded bundle against the registry.
+    fn compile(&self, bundle: PolicyBundle) -> Result<(PolicyBundle, CompiledPolicy), ApplyError> {
         let compiled = compile::compile_with(
             &bundle,
             &self.registry,
@@ -132,13 +137,7 @@ impl CompileContext {
             dir: dir.to_owned(),
             source: Box::new(source),
         })?;
-        let compiled = compile::compile_with(
-            &bundle,
-            &self.registry,
-            &self.root_ns,
-            &self.trust_domains(),
-        )?;
-        Ok((bundle, compiled))
+        self.compile(bundle)
     }
 }
 

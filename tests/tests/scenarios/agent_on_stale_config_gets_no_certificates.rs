@@ -25,7 +25,18 @@ fn agent_on_stale_config_gets_no_certificates() {
     wait_for(DEFAULT_TIMEOUT, "n2 refuses v2 (drift)", || {
         (cluster.node(1).metric("mesh_config_drift") == 1.0).then_some(())
     });
-    std::thread::sleep(Duration::from_millis(1500)); // pacing: past the authority's grace
+    // Past the authority's grace: v2 was published more than 1 s ago (its own record).
+    let published = cluster.authority().dir().join("state/published.json");
+    wait_for(DEFAULT_TIMEOUT, "the grace passed", || {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&published).ok()?).ok()?;
+        let at = v["publishedUnixMs"].as_u64()?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_millis() as u64;
+        (v["version"] == 2 && now > at + 1_200).then_some(())
+    });
 
     let serial = issued_serials(&agents[1], &b1.spiffe_id())
         .last()

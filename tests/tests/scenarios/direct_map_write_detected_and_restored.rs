@@ -10,7 +10,7 @@ use mesh_tests::{bpftool, require_privileges, wait_for, Host, DEFAULT_TIMEOUT};
 
 use super::{
     policy_common::{dump, expect_denied},
-    signed_common::{deny_a1, publish, signed_cluster, wait_active, wait_denied},
+    signed_common::signed_cluster_denying,
 };
 
 /// `words` as bpftool's `hex` bytes (little-endian u32s).
@@ -25,13 +25,8 @@ fn hex(words: &[u64]) -> Vec<String> {
 #[test]
 fn direct_map_write_detected_and_restored() {
     require_privileges();
-    let (cluster, agents, k1) = signed_cluster();
+    let (cluster, agents, _k1, _server) = signed_cluster_denying();
     let (a1, b1) = (cluster.pod("a1"), cluster.pod("b1"));
-    let _server = b1.serve(&[8080]);
-    let deny = deny_a1();
-    publish(&cluster, &k1, 2, &[("deny.yaml", &deny)]);
-    wait_active(&cluster, 2);
-    wait_denied(a1, b1.addr4(8080));
     // The DENY entry of the generation the agent reports active (the metric follows the maps
     // within a poll: bounded wait until both agree).
     let (generation, entry) = wait_for(

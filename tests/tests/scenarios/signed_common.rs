@@ -110,3 +110,14 @@ pub fn wait_denied(src: &mesh_tests::Pod, dst: std::net::SocketAddr) {
     );
     super::policy_common::expect_denied(src, dst);
 }
+
+/// [`signed_cluster`] with b1 serving on 8080 and version 2 (a DENY of a1 → b1) applied and
+/// enforced. Returns the server too (keep it alive).
+pub fn signed_cluster_denying() -> (Cluster, Vec<Agent>, SignerKey, mesh_tests::Server) {
+    let (cluster, agents, k1) = signed_cluster();
+    let server = cluster.pod("b1").serve(&[8080]);
+    publish(&cluster, &k1, 2, &[("deny.yaml", &deny_a1())]);
+    wait_active(&cluster, 2);
+    wait_denied(cluster.pod("a1"), cluster.pod("b1").addr4(8080));
+    (cluster, agents, k1, server)
+}

@@ -6,21 +6,13 @@
 
 use mesh_tests::{require_privileges, wait_for, Host, DEFAULT_TIMEOUT};
 
-use super::{
-    policy_common::expect_denied,
-    signed_common::{deny_a1, publish, signed_cluster, wait_active, wait_denied},
-};
+use super::{policy_common::expect_denied, signed_common::signed_cluster_denying};
 
 #[test]
 fn unauthorized_policy_load_detected_and_restored() {
     require_privileges();
-    let (cluster, agents, k1) = signed_cluster();
+    let (cluster, agents, _k1, _server) = signed_cluster_denying();
     let (a1, b1) = (cluster.pod("a1"), cluster.pod("b1"));
-    let _server = b1.serve(&[8080]);
-    let deny = deny_a1();
-    publish(&cluster, &k1, 2, &[("deny.yaml", &deny)]);
-    wait_active(&cluster, 2);
-    wait_denied(a1, b1.addr4(8080));
     let generation = |i: usize| cluster.node(i).metric("mesh_policy_generation") as u64;
     let verified = generation(0);
 
