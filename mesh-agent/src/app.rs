@@ -159,7 +159,13 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
                 },
                 _ => continue,
             };
-            match g.check(&snapshot, &opts.node, &cgroup_root) {
+            let parsed = Applier::parse(&snapshot, &opts.node, &cgroup_root).ok();
+            match g.check(
+                &snapshot,
+                parsed.as_ref().map(|p| &p.0),
+                &opts.node,
+                &cgroup_root,
+            ) {
                 Ok(v) => {
                     verified = Some(v);
                     initial.snapshot = Some(snapshot);
@@ -174,7 +180,7 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
             }
         }
         if verified.is_none() {
-            warn!("no verified configuration: the kernel keeps enforcing what it was last programmed with until one arrives");
+            initial.snapshot = None;
         }
     }
     let (registry, state_version, state_digest) = match &initial.snapshot {
@@ -183,15 +189,21 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
                 for e in &refused {
                     warn!(version = snapshot.version, error = %e, "state entry refused; the rest is applied");
                 }
-                (registry, snapshot.version, snapshot.digest.clone())
+                (Some(registry), snapshot.version, snapshot.digest.clone())
             }
             Err(e) => {
-                warn!(error = %crate::error_chain(&e), "starting state unusable: starting empty until the authority sends one");
-                (Registry::empty(), 0, String::new())
+                warn!(error = %crate::error_chain(&e), "starting state unusable");
+                (None, 0, String::new())
             }
         },
-        None => (Registry::empty(), 0, String::new()),
+        None => (None, 0, String::new()),
     };
+    // Nothing (verified) to apply: the safe baseline until a configuration arrives.
+    let configured = registry.is_some();
+    if !configured {
+        warn!("no verified configuration: safe baseline (the pod tree neither sends nor receives) until one is applied");
+    }
+    let registry = registry.unwrap_or_else(Registry::empty);
     if registry.node(&opts.node).is_none() {
         warn!(node = %opts.node, "this node is not (yet) in the mesh state's nodes: nothing is enrolled until it is");
     }
@@ -343,15 +355,14 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
         Ok((maps, view)) => {
             let (policies_tx, policies_rx) = watch::channel(Arc::clone(&view));
             programmer.follow_policies(policies_rx);
-            // Signed configuration and nothing verified: the maps stay as pinned (what the
-            // last verified configuration programmed), never emptied.
-            let program = guard.is_none() || verified.is_some();
+            // Nothing verified: the maps stay as pinned (never emptied), and the kernel seals
+            // the pod tree (the safe baseline) until the applier programs a configuration.
             set_redirect(&dataplane, outbound4, outbound6)
-                .and_then(|()| {
-                    if program {
+                .and_then(|_| {
+                    if configured {
                         programmer.program(&registry)
                     } else {
-                        Ok(())
+                        dataplane.set_baseline(true).map(drop)
                     }
                 })
                 .and_then(|()| dataplane.take_event_reader())
@@ -691,6 +702,8 @@ impl ScrapeHook for ScrapeSources {
         {
             metrics.set_kernel_counter(name, value);
         }
+        // What the kernel enforces, read back from the pinned slot.
+        metrics.set_config_state(self.dataplane.baseline());
     }
 }
 
@@ -718,11 +731,12 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
 }
 
 /// Points the kernel's redirect at this agent's outbound listeners (and marks it ready).
+/// Returns whether the safe baseline is on (kept from before, or fresh pins).
 fn set_redirect(
     dp: &Dataplane,
     outbound4: std::net::SocketAddrV4,
     outbound6: Option<std::net::SocketAddrV6>,
-) -> Result<(), BpfError> {
+) -> Result<bool, BpfError> {
     let mut cfg = AgentConfig {
         redirect_ip4_be: u32::from_ne_bytes(outbound4.ip().octets()),
         redirect_port_be: u32::from(outbound4.port().to_be()),
@@ -748,10 +762,12 @@ fn open_guard(opts: &Config) -> Result<Option<Guard>, AppError> {
         path: path.clone(),
         detail: crate::error_chain(&e),
     })?;
-    let guard = Guard::open(signers, &opts.state_dir()).map_err(|detail| AppError::Signers {
-        path: path.clone(),
-        detail,
-    })?;
+    let guard = Guard::open(signers, &opts.state_dir())
+        .map_err(|detail| AppError::Signers {
+            path: path.clone(),
+            detail,
+        })?
+        .following(path.clone());
     info!(signers = %path.display(), highest = guard.highest().version,
           "signed configuration required: signers pinned");
     Ok(Some(guard))

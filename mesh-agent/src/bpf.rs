@@ -34,7 +34,7 @@ use aya::{
 };
 use mesh_common::{
     capacity, counters, names, policy as pol, AgentConfig, CgroupKey, ConnKey, DestValue, IpKey,
-    OrigDst, PeerValue, WorkloadValue,
+    OrigDst, PeerValue, WorkloadValue, CONFIG_F_BASELINE, CONFIG_F_READY,
 };
 
 use self::{
@@ -404,10 +404,53 @@ impl Dataplane {
     /// is enrolled so the kernel never captures towards an unset listener.
     /// `cfg.policy_gen` is ignored: the generation already published (by an agent before a
     /// restart, or by `mesh-agent policy apply`) is kept, since its maps are still pinned.
-    pub fn set_config(&self, mut cfg: AgentConfig) -> Result<(), BpfError> {
+    /// The safe baseline bit is kept too; on fresh pins (the slot never marked ready: a first
+    /// boot) it is set: nothing in the pod tree talks until a configuration is programmed.
+    /// Returns whether the baseline is on.
+    pub fn set_config(&self, mut cfg: AgentConfig) -> Result<bool, BpfError> {
         let mut config = lock(&self.config);
-        cfg.policy_gen = config.get(&0, 0).map(|c| c.policy_gen).unwrap_or(0);
-        config.set(0, cfg, 0).map_err(map_err(names::MAP_CONFIG))
+        let _pins = self.lock_pins()?;
+        let (old_gen, old_flags) = config
+            .get(&0, 0)
+            .map(|c| (c.policy_gen, c.flags))
+            .unwrap_or((0, 0));
+        cfg.policy_gen = old_gen;
+        let fresh = old_flags & CONFIG_F_READY == 0;
+        cfg.flags &= !CONFIG_F_BASELINE;
+        if fresh || old_flags & CONFIG_F_BASELINE != 0 {
+            cfg.flags |= CONFIG_F_BASELINE;
+        }
+        config.set(0, cfg, 0).map_err(map_err(names::MAP_CONFIG))?;
+        Ok(cfg.flags & CONFIG_F_BASELINE != 0)
+    }
+
+    /// Turns the safe baseline (`CONFIG_F_BASELINE`) on or off; returns whether it changed.
+    /// Read-modify-write of the config slot under the pin directory's lock, which `policy
+    /// apply` (another process) also takes to swap the policy generation in the same slot.
+    pub fn set_baseline(&self, on: bool) -> Result<bool, BpfError> {
+        let mut config = lock(&self.config);
+        let _pins = self.lock_pins()?;
+        let mut cfg = config.get(&0, 0).map_err(map_err(names::MAP_CONFIG))?;
+        if (cfg.flags & CONFIG_F_BASELINE != 0) == on {
+            return Ok(false);
+        }
+        cfg.flags ^= CONFIG_F_BASELINE;
+        config.set(0, cfg, 0).map_err(map_err(names::MAP_CONFIG))?;
+        Ok(true)
+    }
+
+    /// Whether the safe baseline is on.
+    pub fn baseline(&self) -> bool {
+        lock(&self.config)
+            .get(&0, 0)
+            .is_ok_and(|c| c.flags & CONFIG_F_BASELINE != 0)
+    }
+
+    fn lock_pins(&self) -> Result<nix::fcntl::Flock<fs::File>, BpfError> {
+        lock_pin_dir(&self.pin_dir).map_err(|source| BpfError::PinDir {
+            path: self.pin_dir.clone(),
+            source,
+        })
     }
 
     /// Makes `mesh_workloads` equal to `want`: inserts and updates first, then
@@ -734,4 +777,12 @@ where
         map.remove(&k).map_err(map_err(name))?;
     }
     Ok(())
+}
+
+/// An exclusive lock on the pin directory: held by whoever rewrites the config slot or swaps a
+/// policy generation (the agent and `mesh-agent policy apply` are different processes).
+pub fn lock_pin_dir(dir: &Path) -> io::Result<nix::fcntl::Flock<fs::File>> {
+    let file = fs::File::open(dir)?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, errno)| io::Error::from(errno))
 }

@@ -65,3 +65,25 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), FileE
         .map_err(io_err("writing", &tmp))?;
     fs::rename(&tmp, path).map_err(io_err("renaming into place", path))
 }
+
+/// What identifies one version of a file without reading it: modification time, size and
+/// inode (an editor's or `git checkout`'s rename changes the inode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    modified: std::time::SystemTime,
+    len: u64,
+    ino: u64,
+}
+
+impl Stamp {
+    /// The stamp of `path`; `None` when it cannot be read.
+    pub fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(path).ok()?;
+        Some(Self {
+            modified: m.modified().ok()?,
+            len: m.len(),
+            ino: m.ino(),
+        })
+    }
+}

@@ -202,6 +202,14 @@ struct RefusalLabels {
     reason: &'static str,
 }
 
+/// The values of `mesh_config_state{state}`.
+const CONFIG_STATES: [&str; 2] = ["baseline", "active"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConfigStateLabel {
+    state: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CounterLabel {
     counter: &'static str,
@@ -210,6 +218,7 @@ struct CounterLabel {
 /// The audit log's metrics (refreshed at scrape time from [`crate::audit::AuditStats`]).
 /// The mesh state this agent follows (see [`crate::state`]).
 struct StateMetrics {
+    config_state: Family<ConfigStateLabel, Gauge>,
     config_rejected: Family<ReasonLabel, Counter>,
     config_unauthorized: Counter,
     config_drift: Gauge,
@@ -286,6 +295,17 @@ impl StateMetrics {
             "The version of the signed configuration bundle this agent applied (0: none)",
             config_active_version.clone(),
         );
+        let config_state = Family::<ConfigStateLabel, Gauge>::default();
+        registry.register(
+            "config_state",
+            "1 for the state the kernel enforces, read from the pinned config slot: baseline \
+             (no verified configuration: the pod tree neither sends nor receives) or active (a \
+             configuration is programmed); 0 for the other",
+            config_state.clone(),
+        );
+        for state in CONFIG_STATES {
+            let _ = config_state.get_or_create(&ConfigStateLabel { state });
+        }
         let config_last_verified = Gauge::default();
         registry.register(
             "config_last_verified_timestamp_seconds",
@@ -300,6 +320,7 @@ impl StateMetrics {
             pending.clone(),
         );
         Self {
+            config_state,
             config_rejected,
             config_unauthorized,
             config_drift,
@@ -565,6 +586,17 @@ impl Metrics {
     /// An unauthorized policy load found (and reverted).
     pub fn config_unauthorized_load(&self) {
         self.state.config_unauthorized.inc();
+    }
+
+    /// Whether the kernel enforces the safe baseline (else a programmed configuration).
+    pub fn set_config_state(&self, baseline: bool) {
+        for state in CONFIG_STATES {
+            let on = (state == "baseline") == baseline;
+            self.state
+                .config_state
+                .get_or_create(&ConfigStateLabel { state })
+                .set(i64::from(on));
+        }
     }
 
     /// Whether the intended configuration is not the active one.

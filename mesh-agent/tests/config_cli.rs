@@ -428,3 +428,82 @@ fn signers_rotate_from_the_command_line() {
     ]);
     assert_eq!(code, 2);
 }
+
+#[test]
+fn join_pins_the_authoritys_signers_and_refuses_a_bad_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let ca = t.join("ca");
+    let (code, _, err) = run(&[
+        "authority",
+        "init",
+        "--dir",
+        s(&ca),
+        "--trust-domain",
+        "cluster.local",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let join = |node: &str| {
+        let out = t.join(node);
+        let r = run_json(&[
+            "authority",
+            "join",
+            "--dir",
+            s(&ca),
+            "--node",
+            node,
+            "--out",
+            s(&out),
+        ]);
+        (r, out)
+    };
+    // No signers at the authority: nothing pinned (the node runs unsigned configuration).
+    let ((code, v, err), n1) = join("n1");
+    assert_eq!(code, 0, "{err}");
+    assert!(!n1.join("signers.json").exists());
+    assert!(!v["files"].to_string().contains("signers.json"), "{v}");
+
+    // With signers: the set is pinned beside the trust bundle, as the authority has it.
+    let signers = ca.join("signers.json");
+    let kid = keygen(&t.join("ci.key"));
+    for args in [
+        vec!["add", s(&t.join("ci.key.pub"))],
+        vec!["activate", &kid],
+    ] {
+        let mut all = vec!["config", "signers"];
+        all.extend(&args);
+        all.extend(["--file", s(&signers)]);
+        let (code, out, err) = run(&all);
+        assert_eq!(code, 0, "{args:?}: {out}{err}");
+    }
+    let ((code, v, err), n2) = join("n2");
+    assert_eq!(code, 0, "{err}");
+    assert!(v["files"].to_string().contains("signers.json"), "{v}");
+    let (code, pinned, _) = run_json(&[
+        "config",
+        "signers",
+        "list",
+        "--file",
+        s(&n2.join("signers.json")),
+    ]);
+    assert_eq!(code, 0);
+    assert_eq!(pinned[0]["keyId"], kid.as_str());
+    assert_eq!(pinned[0]["state"], "active");
+
+    // A signer set the authority cannot load refuses the join (exit 2), and pins nothing.
+    fs::write(&signers, "{not json").unwrap();
+    let n3 = t.join("n3");
+    let (code, _, err) = run(&[
+        "authority",
+        "join",
+        "--dir",
+        s(&ca),
+        "--node",
+        "n3",
+        "--out",
+        s(&n3),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("signers"), "{err}");
+    assert!(!n3.exists(), "credentials written for a refused join");
+}

@@ -38,8 +38,13 @@ pub const POLICY_LOOKUP_ERRORS: u32 = 14;
 /// Inbound plaintext SYN to a PERMISSIVE workload refused by authorization policy (dropped).
 pub const INGRESS_PLAINTEXT_DENIED_POLICY: u32 = 15;
 
+/// connect() from the pod cgroup tree refused by the safe baseline (`CONFIG_F_BASELINE`).
+pub const CONNECT_DENIED_BASELINE: u32 = 16;
+/// Inbound SYN to a socket of the pod cgroup tree dropped by the safe baseline.
+pub const INGRESS_DROPPED_BASELINE: u32 = 17;
+
 /// Number of counter slots.
-pub const COUNT: u32 = 16;
+pub const COUNT: u32 = 18;
 
 /// Human names, indexed by counter index (for metrics and the CLI).
 pub const NAMES: [&str; COUNT as usize] = [
@@ -59,4 +64,6 @@ pub const NAMES: [&str; COUNT as usize] = [
     "connect_would_deny",
     "policy_lookup_errors",
     "ingress_plaintext_denied_policy",
+    "connect_denied_baseline",
+    "ingress_dropped_baseline",
 ];

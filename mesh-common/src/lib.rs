@@ -133,6 +133,14 @@ const _: () = assert!(core::mem::size_of::<PeerValue>() == 4);
 pub const CONFIG_F_READY: u32 = 1 << 0;
 /// `redirect_ip6_be` is valid; IPv6 connects are captured.
 pub const CONFIG_F_IPV6: u32 = 1 << 1;
+/// The safe baseline: the node has no verified configuration (first boot before any, or the
+/// persisted one failed verification). Every TCP connect from the pod cgroup tree to a
+/// non-loopback address fails with EPERM, and every inbound SYN to a socket of the tree from a
+/// non-loopback address is dropped: nothing in the tree sends or receives mesh traffic. Set by
+/// the agent when it starts with nothing verified (and on fresh pins before anything is
+/// programmed), cleared only once a configuration is programmed; pinned, so it holds while
+/// no agent runs.
+pub const CONFIG_F_BASELINE: u32 = 1 << 2;
 
 /// The original destination of a captured connection.
 #[repr(C)]
@@ -220,6 +228,15 @@ pub const fn mapped_v4(ip4_be: u32) -> [u32; 4] {
     [0, 0, u32::from_be(0x0000_ffff), ip4_be]
 }
 
+/// Whether an address (network order; IPv4 mapped or IPv6) is loopback: `127.0.0.0/8` or `::1`.
+#[inline(always)]
+pub const fn is_loopback(addr_be: &[u32; 4]) -> bool {
+    if is_mapped_v4(addr_be) {
+        return u32::from_be(addr_be[3]) >> 24 == 127;
+    }
+    addr_be[0] == 0 && addr_be[1] == 0 && addr_be[2] == 0 && addr_be[3] == u32::from_be(1)
+}
+
 /// Whether an address (network order) is IPv4 mapped.
 #[inline(always)]
 pub const fn is_mapped_v4(addr_be: &[u32; 4]) -> bool {
@@ -293,5 +310,26 @@ mod tests {
         let bytes: [u8; 4] = m[2].to_ne_bytes();
         assert_eq!(bytes, [0, 0, 0xff, 0xff]);
         assert!(!is_mapped_v4(&[0, 0, 0, 1]));
+    }
+
+    #[test]
+    fn loopback_forms() {
+        let v4 = |a: [u8; 4]| mapped_v4(u32::from_ne_bytes(a));
+        assert!(is_loopback(&v4([127, 0, 0, 1])));
+        assert!(is_loopback(&v4([127, 255, 1, 9])));
+        assert!(!is_loopback(&v4([128, 0, 0, 1])));
+        assert!(!is_loopback(&v4([10, 0, 0, 127])));
+        let v6 = |a: std::net::Ipv6Addr| {
+            let o = a.octets();
+            core::array::from_fn(|i| {
+                u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+            })
+        };
+        assert!(is_loopback(&v6(std::net::Ipv6Addr::LOCALHOST)));
+        assert!(!is_loopback(&v6(std::net::Ipv6Addr::UNSPECIFIED)));
+        assert!(!is_loopback(&v6("::2".parse().unwrap())));
+        assert!(!is_loopback(&v6("fd00::1".parse().unwrap())));
+        // ::127.0.0.1 (IPv4-compatible, deprecated) is not loopback.
+        assert!(!is_loopback(&v6("::7f00:1".parse().unwrap())));
     }
 }

@@ -9,6 +9,10 @@
 //! service virtual IP) is captured the same way, with no destination workload: the agent
 //! chooses the endpoint.
 //!
+//! The safe baseline comes first (`CONFIG_F_BASELINE`: the node has no verified
+//! configuration): every TCP connect from the tree to a non-loopback address fails with EPERM,
+//! enrolled or not, mesh destination or not (counted `connect_denied_baseline`).
+//!
 //! Before the rewrite (of a connect to a workload address, not a service VIP), L4 policy (`mesh_pol_*`, generation `AgentConfig::policy_gen`) is
 //! checked when a generation is active: the destination's policy set (absent: no policy
 //! selects it, allowed), the source workload's class for the connect's address family, then
@@ -27,12 +31,12 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use mesh_common::{
-    counters as ctr, is_mapped_v4, mapped_v4,
+    counters as ctr, is_loopback, is_mapped_v4, mapped_v4,
     policy::{
         PolDstKey, PolL4Key, PolL4Value, PolSrcKey, POL_ALLOW, POL_DENY, POL_F_DRY_RUN_DENY, POL_L7,
     },
-    AgentConfig, Event, IpKey, OrigDst, WorkloadValue, AF_INET, AF_INET6, CONFIG_F_IPV6,
-    CONFIG_F_READY, DEST_F_SERVICE, EVENT_L4_DENIED, EVENT_L4_WOULD_DENY,
+    AgentConfig, Event, IpKey, OrigDst, WorkloadValue, AF_INET, AF_INET6, CONFIG_F_BASELINE,
+    CONFIG_F_IPV6, CONFIG_F_READY, DEST_F_SERVICE, EVENT_L4_DENIED, EVENT_L4_WOULD_DENY,
 };
 
 use crate::{
@@ -57,7 +61,7 @@ pub enum CaptureError {
     NotReady,
     /// The cookie map refused the entry.
     MapFull,
-    /// L4 policy denies the connect (counted and reported already).
+    /// L4 policy, or the safe baseline, denies the connect (counted and reported already).
     PolicyDenied,
 }
 
@@ -175,6 +179,14 @@ fn enrolled_workload() -> Option<WorkloadValue> {
     })
 }
 
+/// Whether the safe baseline is on (read whether or not the slot is marked ready).
+#[inline(always)]
+pub fn baseline() -> bool {
+    CONFIG
+        .get(0)
+        .is_some_and(|c| c.flags & CONFIG_F_BASELINE != 0)
+}
+
 /// The agent's published configuration, if it is ready.
 #[inline(always)]
 pub fn config() -> Option<AgentConfig> {
@@ -197,6 +209,10 @@ fn capture(
     if sock_type != SOCK_STREAM {
         count(ctr::CONNECT_PASSED_OTHER);
         return Ok(None);
+    }
+    if baseline() && !is_loopback(&dst) {
+        count(ctr::CONNECT_DENIED_BASELINE);
+        return Err(CaptureError::PolicyDenied);
     }
     let Some(workload) = enrolled_workload() else {
         count(ctr::CONNECT_PASSED_NOT_ENROLLED);

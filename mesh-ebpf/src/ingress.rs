@@ -13,6 +13,10 @@
 //! and passed (flagged) or dropped. Every case is counted and emitted as an
 //! event.
 //!
+//! The safe baseline (`CONFIG_F_BASELINE`, no verified configuration on the node) comes
+//! first: a SYN to any socket of the tree from a non-loopback address is dropped, whatever its
+//! source (counted `ingress_dropped_baseline`).
+//!
 //! Plaintext authorization (active policy generation `g`): no `mesh_pol_dst`
 //! entry with a set for the destination → no policy selects it, passed. Else
 //! the class of the source address is the longest match in `mesh_pol_plain`
@@ -29,7 +33,7 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use mesh_common::{
-    counters as ctr, mapped_v4,
+    counters as ctr, is_loopback, mapped_v4,
     policy::{PolDstKey, PolPlainData, PLAIN_GEN_BITS, POL_ALLOW},
     AgentConfig, Event, IpKey, AF_INET, AF_INET6, CONFIG_F_IPV6, EVENT_PLAINTEXT_DENIED,
     EVENT_PLAINTEXT_PERMISSIVE, EVENT_PLAINTEXT_REFUSED, WORKLOAD_F_PERMISSIVE,
@@ -90,6 +94,10 @@ pub fn try_ingress(ctx: &SkBuffContext) -> Result<i32, ParseError> {
     let Some(syn) = syn else {
         return Ok(VERDICT_PASS);
     };
+    if connect::baseline() && !is_loopback(&syn.src) {
+        count(ctr::INGRESS_DROPPED_BASELINE);
+        return Ok(VERDICT_DROP);
+    }
     // Agent not up: nothing is enforced (capture is off as well).
     let Some(cfg) = connect::config() else {
         return Ok(VERDICT_PASS);
@@ -198,13 +206,7 @@ fn from_mesh(cfg: &AgentConfig, syn: &Syn) -> bool {
     if cfg.flags & CONFIG_F_IPV6 != 0 && src == cfg.redirect_ip6_be {
         return true;
     }
-    // 127.0.0.0/8 (mapped) and ::1.
-    let loop4 = src[0] == 0
-        && src[1] == 0
-        && src[2] == u32::from_be(0x0000_ffff)
-        && u32::from_be(src[3]) >> 24 == 127;
-    let loop6 = src[0] == 0 && src[1] == 0 && src[2] == 0 && src[3] == u32::from_be(1);
-    if loop4 || loop6 {
+    if is_loopback(&src) {
         return true;
     }
     // SAFETY: read-only lookup; only presence is used.

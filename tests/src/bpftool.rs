@@ -129,3 +129,19 @@ pub fn counters(pin: &Path) -> Vec<u64> {
     }
     out
 }
+
+/// `flags` of slot 0 of the pinned `mesh_config` map at `pin`, as `bpftool map dump` shows it
+/// (the BTF-typed view).
+pub fn config_flags(pin: &Path) -> u32 {
+    let p = pin.to_str().expect("pin path is UTF-8");
+    let dump = json(&["map", "dump", "pinned", p]);
+    let entry = dump
+        .as_array()
+        .and_then(|a| a.first())
+        .unwrap_or_else(|| panic!("bpftool map dump pinned {p}: no entry in {dump}"));
+    let entry = entry.get("formatted").unwrap_or(entry);
+    entry["value"]["flags"]
+        .as_u64()
+        .and_then(|f| u32::try_from(f).ok())
+        .unwrap_or_else(|| panic!("bpftool map dump pinned {p}: no numeric value.flags in {entry}"))
+}

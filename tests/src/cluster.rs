@@ -930,6 +930,12 @@ impl ClusterBuilder {
         let bridge = cluster.bridge.as_ref().expect("bridge exists");
         let mut authority = Authority::create(&id, bridge, cluster.tmp.path(), &registry);
         authority.start();
+        // Every node joins now, before a scenario adds configuration signers at the authority
+        // (`authority join` pins the authority's signers on the node): each scenario says
+        // what each node pins.
+        for node in &cluster.nodes {
+            authority.join(&node.name);
+        }
         cluster.authority = Some(std::sync::Mutex::new(authority));
         cluster
     }

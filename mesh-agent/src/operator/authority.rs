@@ -249,6 +249,8 @@ pub enum OperatorError {
     Registry(#[from] RegistryError),
     #[error("the mesh state: {0}")]
     State(#[source] Box<RefreshError>),
+    #[error("configuration signers {}: {detail}", path.display())]
+    Signers { path: PathBuf, detail: String },
     #[error("give --registry or --bundle")]
     MissingSource,
     #[error("--listen {addr}: {source}")]
@@ -297,6 +299,7 @@ impl OperatorError {
             | Self::ReadCsr { .. }
             | Self::ReadAuditKey { .. }
             | Self::BadAuditKey { .. }
+            | Self::Signers { .. }
             | Self::Registry(_) => true,
             Self::State(e) => matches!(**e, RefreshError::Registry(_) | RefreshError::Bundle(_)),
             Self::MissingSource => true,
@@ -437,7 +440,8 @@ fn join(a: JoinArgs) -> Result<(), OperatorError> {
     }
     use crate::identity::NodeCredentials;
     let authority = load(&a.dir)?;
-    // The audit key first: a refused key leaves no credentials behind.
+    // The signers and the audit key first: a refused one leaves no credentials behind.
+    let signers = load_signers(&a.dir)?;
     if let Some(key) = &a.audit_key {
         register_audit_key(&authority, &a.node, key, false)?;
     }
@@ -479,6 +483,11 @@ fn join(a: JoinArgs) -> Result<(), OperatorError> {
             }
         }
     };
+    let mut out = out;
+    if let Some(set) = signers {
+        pin_signers(&set, &a.out)?;
+        out.files.push(SIGNERS_FILE);
+    }
     let text = format!(
         "credentials of {} written to {} ({})",
         out.node,
@@ -486,6 +495,34 @@ fn join(a: JoinArgs) -> Result<(), OperatorError> {
         out.files.join(", ")
     );
     print(a.output, &out, &text).map_err(OperatorError::Output)
+}
+
+/// The signer set's file name, at the authority and beside a node's trust bundle.
+const SIGNERS_FILE: &str = "signers.json";
+
+/// The authority's configuration signers (`<dir>/signers.json`), checked; `None` when it has
+/// none (its nodes run unsigned configuration).
+fn load_signers(dir: &Path) -> Result<Option<crate::bundle::SignerSet>, OperatorError> {
+    let from = dir.join(SIGNERS_FILE);
+    if !from.exists() {
+        return Ok(None);
+    }
+    crate::bundle::SignerSet::load(&from)
+        .map(Some)
+        .map_err(|e| OperatorError::Signers {
+            path: from,
+            detail: crate::error_chain(&e),
+        })
+}
+
+/// Pins `set` on a joining node as `<out>/signers.json`, beside its trust bundle, where the
+/// agent reads it (`--signers`) and follows its changes: re-joining a node pins a rotated set.
+fn pin_signers(set: &crate::bundle::SignerSet, out: &Path) -> Result<(), OperatorError> {
+    let to = out.join(SIGNERS_FILE);
+    set.save(&to).map_err(|e| OperatorError::Signers {
+        path: to,
+        detail: crate::error_chain(&e),
+    })
 }
 
 #[derive(Serialize)]

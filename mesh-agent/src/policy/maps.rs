@@ -45,7 +45,7 @@ use mesh_common::{
     },
     AgentConfig,
 };
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use tracing::{debug, warn};
 
 use super::compile::CompiledPolicy;
@@ -426,13 +426,9 @@ pub fn read_consistent<T>(
 
 /// Exclusive lock on the pin directory, released on drop.
 fn lock_dir(dir: &Path) -> Result<Flock<File>, MapsError> {
-    let file = File::open(dir).map_err(|source| MapsError::Lock {
+    crate::bpf::lock_pin_dir(dir).map_err(|source| MapsError::Lock {
         path: dir.to_owned(),
         source,
-    })?;
-    Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| MapsError::Lock {
-        path: dir.to_owned(),
-        source: io::Error::from(errno),
     })
 }
 

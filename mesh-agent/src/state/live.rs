@@ -353,28 +353,35 @@ impl Applier {
     /// Applies `snapshot`. A refusal changes nothing.
     pub fn apply(&mut self, snapshot: &Snapshot) -> Result<Applied, ApplyError> {
         let started = std::time::Instant::now();
-        let verified = match &self.ctx.guard {
-            None => None,
-            Some(guard) => match guard.check(snapshot, &self.ctx.node, &self.ctx.cgroup_root) {
-                Ok(v) => Some(v),
-                Err(e) => {
-                    self.metrics.config_rejected(e.reason());
-                    warn!(version = snapshot.version, reason = e.reason(), error = %e,
-                          source = %snapshot.source, "configuration refused; the active one stays");
-                    if let Some(a) = &self.audit {
-                        a.config_event(
-                            "refused",
-                            "bundle",
-                            Some(snapshot.version),
-                            Some(format!("{}: {e}", e.reason())),
-                        );
-                    }
-                    return Err(e.into());
-                }
-            },
-        };
+        // Parsed first: the signed check compares this parse with the bundle's registry.
         let parsed = Self::parse(snapshot, &self.ctx.node, &self.ctx.cgroup_root);
         let parse_ms = started.elapsed().as_millis() as u64;
+        let verify_started = std::time::Instant::now();
+        let verified = match self.ctx.guard.as_mut() {
+            None => None,
+            Some(guard) => {
+                guard.reload_signers();
+                let published = parsed.as_ref().ok().map(|(r, _)| r);
+                match guard.check(snapshot, published, &self.ctx.node, &self.ctx.cgroup_root) {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        self.metrics.config_rejected(e.reason());
+                        warn!(version = snapshot.version, reason = e.reason(), error = %e,
+                              source = %snapshot.source, "configuration refused; the active one stays");
+                        if let Some(a) = &self.audit {
+                            a.config_event(
+                                "refused",
+                                "bundle",
+                                Some(snapshot.version),
+                                Some(format!("{}: {e}", e.reason())),
+                            );
+                        }
+                        return Err(e.into());
+                    }
+                }
+            }
+        };
+        let verify_ms = verify_started.elapsed().as_millis() as u64;
         let (registry, refused) = match parsed {
             Ok(p) => p,
             Err(e) => {
@@ -472,6 +479,7 @@ impl Applier {
             propagation_ms = propagation,
             apply_ms = started.elapsed().as_millis() as u64,
             parse_ms,
+            verify_ms,
             maps_ms,
             "state applied"
         );
@@ -614,6 +622,10 @@ impl Programmer {
         let view = self.view();
         let workloads = enrolled(registry, &self.node, view.as_deref());
         self.dataplane.sync_workloads(&workloads)?;
+        // A configuration is programmed: the safe baseline (if on) is left, last.
+        if self.dataplane.set_baseline(false)? {
+            info!("safe baseline left: a configuration is programmed");
+        }
         tracing::debug!(
             destinations = dests.len(),
             enrolled = workloads.len(),

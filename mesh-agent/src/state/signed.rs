@@ -74,6 +74,9 @@ pub struct Highest {
 #[derive(Debug)]
 pub struct Guard {
     signers: SignerSet,
+    /// Where the signers are pinned (re-read when it changes: a rotation at the authority is
+    /// pinned again by `authority join`), and the stamp of the copy in `signers`.
+    signers_file: Option<(PathBuf, Option<files::Stamp>)>,
     highest: Highest,
     path: PathBuf,
 }
@@ -101,9 +104,40 @@ impl Guard {
         };
         Ok(Self {
             signers,
+            signers_file: None,
             highest,
             path,
         })
+    }
+
+    /// Re-reads the pinned signers from `file` whenever it changes ([`Guard::reload_signers`]).
+    pub fn following(mut self, file: PathBuf) -> Self {
+        let stamp = files::Stamp::of(&file);
+        self.signers_file = Some((file, stamp));
+        self
+    }
+
+    /// Picks up a changed signers file (keys added, activated, retired). A file that is gone
+    /// or does not load changes nothing: the pinned set stays (logged), so neither deleting
+    /// nor corrupting it lowers what the node requires.
+    pub fn reload_signers(&mut self) {
+        let Some((file, seen)) = &mut self.signers_file else {
+            return;
+        };
+        let now = files::Stamp::of(file);
+        if now == *seen {
+            return;
+        }
+        *seen = now;
+        match SignerSet::load(file) {
+            Ok(set) => {
+                tracing::info!(signers = %file.display(), active = set.active().count(),
+                               "pinned signers changed: reloaded");
+                self.signers = set;
+            }
+            Err(e) => tracing::warn!(signers = %file.display(), error = %crate::error_chain(&e),
+                                     "pinned signers unreadable: the previous set stays"),
+        }
     }
 
     /// The highest version applied (0: none).
@@ -112,10 +146,12 @@ impl Guard {
     }
 
     /// Checks `snapshot` against the pinned signers and the highest version, and that its
-    /// registry, parsed for `node`, is the bundle's. Changes nothing.
+    /// registry, parsed for `node` (`published`: that parse, when the caller has it), is the
+    /// bundle's. Changes nothing.
     pub fn check(
         &self,
         snapshot: &Snapshot,
+        published: Option<&Registry>,
         node: &str,
         cgroup_root: &Path,
     ) -> Result<Verified, SignedError> {
@@ -137,12 +173,12 @@ impl Guard {
                 version: b.version(),
             });
         }
-        same_content(snapshot, b.registry_text(), node, cgroup_root).map_err(|detail| {
-            SignedError::ContentMismatch {
+        same_content(snapshot, published, b.registry_text(), node, cgroup_root).map_err(
+            |detail| SignedError::ContentMismatch {
                 version: snapshot.version,
                 detail,
-            }
-        })?;
+            },
+        )?;
         Ok(Verified {
             version: b.version(),
             digest: b.digest().to_owned(),
@@ -173,6 +209,7 @@ impl Guard {
 /// fields). `Err` says the first difference.
 fn same_content(
     snapshot: &Snapshot,
+    published: Option<&Registry>,
     signed_registry: &str,
     node: &str,
     cgroup_root: &Path,
@@ -183,7 +220,14 @@ fn same_content(
             .map(|p| p.registry)
             .map_err(|e| e.to_string())
     };
-    let published = parse(&snapshot.registry)?;
+    let parsed_here;
+    let published = match published {
+        Some(p) => p,
+        None => {
+            parsed_here = parse(&snapshot.registry)?;
+            &parsed_here
+        }
+    };
     let signed = parse(signed_registry)?;
     let wids: HashMap<String, u32> = published
         .workloads
@@ -208,7 +252,7 @@ fn same_content(
         return Err("its workloads or services are not the bundle's".to_owned());
     }
     let signed = signed.with_ids(|k| wids[k], |k| sids[k]);
-    if signed != published {
+    if &signed != published {
         return Err("an entry differs from the bundle's".to_owned());
     }
     Ok(())
@@ -270,7 +314,7 @@ mod tests {
     }
 
     fn check(g: &Guard, s: &Snapshot) -> Result<Verified, SignedError> {
-        g.check(s, "n9", Path::new("/"))
+        g.check(s, None, "n9", Path::new("/"))
     }
 
     #[test]
@@ -332,5 +376,43 @@ mod tests {
         // rollback).
         std::fs::write(dir.path().join(HIGHEST), "{").unwrap();
         assert!(Guard::open(pinned(&[&k1]), dir.path()).is_err());
+    }
+
+    #[test]
+    fn pinned_signers_follow_their_file_and_a_bad_file_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("signers.json");
+        let (k1, k2) = (key(), key());
+        pinned(&[&k1]).save(&file).unwrap();
+        let mut g = guard(SignerSet::load(&file).unwrap(), dir.path()).following(file.clone());
+        g.reload_signers();
+        check(&g, &state(1, REGISTRY, &k1)).unwrap();
+        assert_eq!(
+            check(&g, &state(1, REGISTRY, &k2)).unwrap_err().reason(),
+            "unknown_signer"
+        );
+
+        // Rotated (re-pinned by `authority join`): k2 active, k1 gone.
+        pinned(&[&k2]).save(&file).unwrap();
+        g.reload_signers();
+        check(&g, &state(1, REGISTRY, &k2)).unwrap();
+        assert_eq!(
+            check(&g, &state(1, REGISTRY, &k1)).unwrap_err().reason(),
+            "unknown_signer"
+        );
+
+        // Corrupted, emptied of active keys by garbage, or deleted: the k2 set stays.
+        for bad in [&b"{"[..], b"", b"{\"signers\": 7}", &[0xff; 64]] {
+            std::fs::write(&file, bad).unwrap();
+            g.reload_signers();
+            check(&g, &state(1, REGISTRY, &k2)).unwrap();
+        }
+        std::fs::remove_file(&file).unwrap();
+        g.reload_signers();
+        check(&g, &state(1, REGISTRY, &k2)).unwrap();
+        assert_eq!(
+            check(&g, &state(1, REGISTRY, &k1)).unwrap_err().reason(),
+            "unknown_signer"
+        );
     }
 }

@@ -19,6 +19,7 @@ mod cross_node_pod_to_pod_goes_through_agent;
 mod direct_map_write_detected_and_restored;
 mod drift_reported_then_resolved;
 mod endpoint_removed_traffic_moves_without_errors;
+mod first_boot_without_bundle_is_fail_closed;
 mod harness_cluster_routes_and_tears_down;
 mod hbone_bad_input_rejected_without_leaks;
 mod hbone_refuses_untrusted_peers;

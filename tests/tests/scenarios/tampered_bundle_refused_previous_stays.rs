@@ -4,7 +4,8 @@
 //! denied. On the node: n1's persisted state gets one byte of its bundle flipped while its
 //! agent and the authority are down; the restarted agent refuses it
 //! (`mesh_config_rejected_total` grows), programs nothing from it, and the kernel keeps
-//! enforcing the DENY.
+//! enforcing the DENY — under the safe baseline, which lifts once the authority serves version
+//! 2 again (untampered).
 
 use mesh_tests::{require_privileges, wait_for, Host, DEFAULT_TIMEOUT};
 
@@ -31,7 +32,7 @@ fn tampered_bundle_refused_previous_stays() {
     let (a1, b1) = (cluster.pod("a1"), cluster.pod("b1"));
     let _server = b1.serve(&[8080]);
     let deny = deny_a1();
-    publish(&cluster, &k1, 2, &[("deny.yaml", &deny)]);
+    let v2 = publish(&cluster, &k1, 2, &[("deny.yaml", &deny)]);
     wait_active(&cluster, 2);
     wait_denied(a1, b1.addr4(8080));
 
@@ -77,5 +78,27 @@ fn tampered_bundle_refused_previous_stays() {
         agents[0].tail_stdout(20)
     );
     assert_eq!(cluster.node(0).metric("mesh_config_active_version"), 0.0);
+    // Nothing verified: the safe baseline seals n1's pods (a1 → b1 is refused by it too).
+    assert_eq!(
+        cluster
+            .node(0)
+            .metric(r#"mesh_config_state{state="baseline"}"#),
+        1.0
+    );
     expect_denied(a1, b1.addr4(8080));
+
+    // The authority back, on version 2 again (an authority refuses to start on a bundle it
+    // cannot verify): it verifies on n1; the baseline is lifted and the DENY of version 2 is
+    // what the kernel enforces.
+    cluster.install_bundle(&v2);
+    cluster.authority().start();
+    wait_active(&cluster, 2);
+    wait_for(DEFAULT_TIMEOUT, "n1 leaves the baseline", || {
+        (cluster
+            .node(0)
+            .metric(r#"mesh_config_state{state="active"}"#)
+            == 1.0)
+            .then_some(())
+    });
+    wait_denied(a1, b1.addr4(8080));
 }

@@ -1,0 +1,196 @@
+//! The safe baseline. Node n2 boots for the first time (fresh pins) with no configuration it
+//! can verify: the authority publishes version 1 signed by a key that n1 pins and n2 does not.
+//! n1 applies it; n2 refuses it and seals its pod tree in the kernel (`CONFIG_F_BASELINE` in
+//! the pinned `mesh_config`, as `bpftool map dump` shows), reporting
+//! `mesh_config_state{state="baseline"} 1`:
+//! - b1 (on n2) cannot connect anywhere but loopback: to a1 (a mesh destination) and to x1 (a
+//!   pod outside the mesh) the connect fails with EPERM at once; to its own 127.0.0.1 it works;
+//! - nothing reaches b1: plaintext from x1 (not enrolled, passed by n1) has its SYN dropped on
+//!   n2, and a1's mesh connection (n1 is configured) gets no answer from b1;
+//! - both are counted in the pinned counters (`connect_denied_baseline`,
+//!   `ingress_dropped_baseline`).
+//!
+//! The baseline holds while n2's agent is SIGKILLed and after it restarts (still nothing
+//! verified). Version 2, signed by the key both nodes pin, lifts it: `mesh_config_state` turns
+//! `active`, the bit is gone, a1 → b1 goes through the mesh, and x1's plaintext is refused by
+//! STRICT (not by the baseline).
+
+use std::time::Duration;
+
+use mesh_common::{counters as ctr, names, CONFIG_F_BASELINE};
+use mesh_tests::{
+    bpftool, require_privileges, wait_for, ClientRequest, Cluster, Host, DEFAULT_TIMEOUT,
+};
+
+use super::signed_common::{follow_bundle_afresh, publish};
+use crate::{assert_via_agent, cluster};
+
+/// Refused connects either fail at once (EPERM) or time out (a dropped SYN).
+const REFUSED_TIMEOUT: Duration = Duration::from_millis(1500);
+
+const BASELINE: &str = r#"mesh_config_state{state="baseline"}"#;
+const ACTIVE: &str = r#"mesh_config_state{state="active"}"#;
+
+fn flags(cluster: &Cluster, node: usize) -> u32 {
+    bpftool::config_flags(&cluster.node(node).pin_dir().join(names::MAP_CONFIG))
+}
+
+fn counter(cluster: &Cluster, node: usize, index: u32) -> u64 {
+    bpftool::counters(&cluster.node(node).pin_dir().join(names::MAP_COUNTERS))
+        .get(index as usize)
+        .copied()
+        .unwrap_or(0)
+}
+
+/// `src` → `dst` fails at connect() with EPERM (the kernel refused it).
+#[track_caller]
+fn expect_eperm(src: &mesh_tests::Pod, dst: std::net::SocketAddr) {
+    let run = src.client(
+        &ClientRequest::new(dst)
+            .send("x")
+            .io_timeout(REFUSED_TIMEOUT),
+    );
+    assert!(
+        run.results.first().is_some_and(|r| r
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("Operation not permitted"))),
+        "{} → {dst} was not refused with EPERM: {:?}",
+        src.name(),
+        run.results
+    );
+}
+
+/// `src` → `dst` gets no answer from the destination.
+#[track_caller]
+fn expect_unanswered(src: &mesh_tests::Pod, dst: std::net::SocketAddr) {
+    let run = src.client(
+        &ClientRequest::new(dst)
+            .send("x")
+            .io_timeout(REFUSED_TIMEOUT),
+    );
+    assert!(
+        !run.success() && run.results.iter().all(|r| r.hello.is_none()),
+        "{} → {dst} was answered: {:?}",
+        src.name(),
+        run.results
+    );
+}
+
+#[test]
+fn first_boot_without_bundle_is_fail_closed() {
+    require_privileges();
+    let cluster = cluster()
+        .nodes(2)
+        .add_pod(0, "a1")
+        .add_unregistered_pod(0, "x1")
+        .add_pod(1, "b1")
+        .build();
+    let (a1, x1, b1) = (cluster.pod("a1"), cluster.pod("x1"), cluster.pod("b1"));
+    let k1 = cluster.signer_key("k1");
+    let n1_only = cluster.signer_key("n1-only");
+    for key in [&k1, &n1_only] {
+        cluster.trust_signer(&cluster.authority_signers(), key);
+    }
+    cluster.trust_signer(&cluster.node_signers(0), &k1);
+    cluster.trust_signer(&cluster.node_signers(0), &n1_only);
+    cluster.trust_signer(&cluster.node_signers(1), &k1);
+    publish(&cluster, &n1_only, 1, &[]);
+    follow_bundle_afresh(&cluster, &[]);
+    let _a1_server = a1.serve(&[8080]);
+    let _x1_server = x1.serve(&[8080]);
+    let _b1_server = b1.serve(&[8080]);
+    let _b1_loopback = b1.place().serve_on(&["127.0.0.1:8081".parse().unwrap()]);
+    let mut agents = cluster.start_agents();
+
+    // n1 runs version 1; n2 refused it and, with nothing verified, is in the baseline.
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    wait_for(DEFAULT_TIMEOUT, "n1 applies version 1", || {
+        (n1.metric("mesh_config_active_version") == 1.0).then_some(())
+    });
+    wait_for(DEFAULT_TIMEOUT, "n2 refuses version 1", || {
+        (n2.metric(r#"mesh_config_rejected_total{reason="unknown_signer"}"#) >= 1.0).then_some(())
+    });
+    assert_eq!(n2.metric(BASELINE), 1.0, "{}", agents[1].tail_stdout(20));
+    assert_eq!(n2.metric(ACTIVE), 0.0);
+    assert_eq!(n1.metric(BASELINE), 0.0);
+    assert_eq!(n1.metric(ACTIVE), 1.0);
+    assert_ne!(
+        flags(&cluster, 1) & CONFIG_F_BASELINE,
+        0,
+        "bpftool: n2 not sealed"
+    );
+    assert_eq!(
+        flags(&cluster, 0) & CONFIG_F_BASELINE,
+        0,
+        "bpftool: n1 sealed"
+    );
+
+    let sealed = |cluster: &Cluster, when: &str| {
+        let denied = counter(cluster, 1, ctr::CONNECT_DENIED_BASELINE);
+        let dropped = counter(cluster, 1, ctr::INGRESS_DROPPED_BASELINE);
+        // Nothing leaves b1 but loopback, IPv4 and IPv6, mesh destination or not.
+        expect_eperm(b1, a1.addr4(8080));
+        expect_eperm(b1, a1.addr6(8080));
+        expect_eperm(b1, x1.addr4(8080));
+        let own = b1.client(&ClientRequest::new("127.0.0.1:8081".parse().unwrap()).send("self"));
+        assert!(
+            own.success(),
+            "{when}: b1 → its own loopback: {:?}",
+            own.results
+        );
+        // Nothing reaches b1: plaintext from outside the mesh, and the mesh itself.
+        expect_unanswered(x1, b1.addr4(8080));
+        expect_unanswered(a1, b1.addr4(8080));
+        assert!(
+            counter(cluster, 1, ctr::CONNECT_DENIED_BASELINE) >= denied + 3,
+            "{when}: connect_denied_baseline did not count the refused connects"
+        );
+        assert!(
+            counter(cluster, 1, ctr::INGRESS_DROPPED_BASELINE) > dropped,
+            "{when}: ingress_dropped_baseline did not count the dropped SYNs"
+        );
+    };
+    sealed(&cluster, "first boot");
+
+    // The seal is the kernel's: it holds with n2's agent SIGKILLed, and after its restart.
+    agents[1].kill_sigkill();
+    sealed(&cluster, "agent killed");
+    agents[1].restart();
+    wait_for(
+        DEFAULT_TIMEOUT,
+        "n2's restarted agent reports the baseline",
+        || (n2.metric(BASELINE) == 1.0).then_some(()),
+    );
+    sealed(&cluster, "agent restarted");
+
+    // A bundle n2 verifies lifts the baseline.
+    publish(&cluster, &k1, 2, &[]);
+    wait_for(DEFAULT_TIMEOUT, "n2 applies version 2", || {
+        (n2.metric("mesh_config_active_version") == 2.0).then_some(())
+    });
+    wait_for(DEFAULT_TIMEOUT, "n2 leaves the baseline", || {
+        (n2.metric(BASELINE) == 0.0 && n2.metric(ACTIVE) == 1.0).then_some(())
+    });
+    assert_eq!(
+        flags(&cluster, 1) & CONFIG_F_BASELINE,
+        0,
+        "bpftool: n2 still sealed"
+    );
+    let dropped = counter(&cluster, 1, ctr::INGRESS_DROPPED_BASELINE);
+    let sent = "through the mesh";
+    wait_for(DEFAULT_TIMEOUT, "a1 → b1 over the mesh", || {
+        let run = a1.client(&ClientRequest::new(b1.addr4(8080)).send(sent));
+        run.success().then_some(())
+    });
+    let run = a1.client(&ClientRequest::new(b1.addr4(8080)).send(sent));
+    assert_via_agent(&agents[0], a1, b1, run.single(), sent);
+    let refused = counter(&cluster, 1, ctr::INGRESS_PLAINTEXT_REFUSED);
+    expect_unanswered(x1, b1.addr4(8080));
+    assert!(counter(&cluster, 1, ctr::INGRESS_PLAINTEXT_REFUSED) > refused);
+    assert_eq!(
+        counter(&cluster, 1, ctr::INGRESS_DROPPED_BASELINE),
+        dropped,
+        "the baseline still dropped SYNs after it was lifted"
+    );
+}
