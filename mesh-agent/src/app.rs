@@ -593,6 +593,13 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
         }
     };
     let state_applier = spawn_applier(applier, slot, opts.tunables.state_poll(), stop_rx.clone());
+    let map_watch = crate::state::live::spawn_map_watch(
+        Arc::clone(&programmer),
+        Arc::clone(&metrics),
+        audit.clone(),
+        opts.tunables.maps_check(),
+        stop_rx.clone(),
+    );
     // Serving: the previous agent, if any, may stop accepting now; then this one answers the
     // next successor.
     if let Some(t) = takeover {
@@ -635,6 +642,7 @@ pub async fn run(opts: Config) -> Result<(), AppError> {
     }
     let _ = generation_watcher.await;
     let _ = state_applier.await;
+    let _ = map_watch.await;
     let _ = fetcher.await;
     if let Some(w) = dir_watcher {
         let _ = w.await;

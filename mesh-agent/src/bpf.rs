@@ -470,6 +470,28 @@ impl Dataplane {
         sync_hash(&mut lock(&self.peers), want, names::MAP_PEERS)
     }
 
+    /// Which of `mesh_peers`, `mesh_dests` and `mesh_workloads` do not hold exactly what
+    /// was last written to them (`peers`, `dests`, `workloads`): entries changed, added or
+    /// removed by someone else. A map that cannot be read counts as changed.
+    pub fn changed_maps(
+        &self,
+        peers: &[(IpKey, PeerValue)],
+        dests: &[(IpKey, DestValue)],
+        workloads: &[(CgroupKey, WorkloadValue)],
+    ) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if !holds_exactly(&lock(&self.peers), peers) {
+            out.push(names::MAP_PEERS);
+        }
+        if !holds_exactly(&lock(&self.dests), dests) {
+            out.push(names::MAP_DESTS);
+        }
+        if !holds_exactly(&lock(&self.workloads), workloads) {
+            out.push(names::MAP_WORKLOADS);
+        }
+        out
+    }
+
     /// The reader of the kernel's `mesh_events` ring buffer. There is one:
     /// the second call fails. Needs a tokio runtime (the ring buffer's fd is
     /// registered with it).
@@ -777,6 +799,23 @@ where
         map.remove(&k).map_err(map_err(name))?;
     }
     Ok(())
+}
+
+/// Whether `map` holds exactly the entries of `want` (one pass over the map).
+fn holds_exactly<K, V>(map: &HashMap<MapData, K, V>, want: &[(K, V)]) -> bool
+where
+    K: aya::Pod + Eq + std::hash::Hash,
+    V: aya::Pod + PartialEq,
+{
+    let want: std::collections::HashMap<K, V> = want.iter().copied().collect();
+    let mut seen = 0usize;
+    for entry in map.iter() {
+        match entry {
+            Ok((k, v)) if want.get(&k) == Some(&v) => seen += 1,
+            _ => return false,
+        }
+    }
+    seen == want.len()
 }
 
 /// An exclusive lock on the pin directory: held by whoever rewrites the config slot or swaps a

@@ -151,6 +151,11 @@ pub struct Tunables {
     /// generation applied by `mesh-agent policy apply` or another agent).
     #[arg(long, env = "MESH_GENERATION_POLL_MS", default_value_t = 200, value_parser = positive)]
     pub generation_poll_ms: u64,
+    /// Milliseconds between read-backs of the maps the state programs (`mesh_workloads`,
+    /// `mesh_dests`, `mesh_peers`): an entry changed, added or removed by anyone but the agent
+    /// is an unauthorized load, counted and reverted.
+    #[arg(long, env = "MESH_MAPS_CHECK_MS", default_value_t = 1_000, value_parser = positive)]
+    pub maps_check_ms: u64,
     /// Milliseconds between checks for the cgroups of this node's workloads that do not exist
     /// yet, and between checks of `--registry` for changes.
     #[arg(long, env = "MESH_STATE_POLL_MS", default_value_t = 100, value_parser = positive)]
@@ -283,6 +288,9 @@ impl Tunables {
     }
     pub fn generation_poll(&self) -> Duration {
         Duration::from_millis(self.generation_poll_ms)
+    }
+    pub fn maps_check(&self) -> Duration {
+        Duration::from_millis(self.maps_check_ms)
     }
     pub fn state_poll(&self) -> Duration {
         Duration::from_millis(self.state_poll_ms)

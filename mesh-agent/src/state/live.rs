@@ -582,8 +582,18 @@ pub struct Programmer {
     policies: Mutex<Option<Policies>>,
     /// The registry last programmed (the generation follower re-programs from it).
     last: Mutex<Option<Arc<Registry>>>,
+    /// What was last written to the maps (read back by [`Programmer::restore_changed`]).
+    written: Mutex<Option<Written>>,
     /// Serializes writers.
     lock: Mutex<()>,
+}
+
+/// The entries last written to the maps the state programs.
+#[derive(Default)]
+struct Written {
+    peers: Vec<(IpKey, PeerValue)>,
+    dests: Vec<(IpKey, DestValue)>,
+    workloads: Vec<(CgroupKey, WorkloadValue)>,
 }
 
 impl Programmer {
@@ -593,6 +603,7 @@ impl Programmer {
             node,
             policies: Mutex::new(None),
             last: Mutex::new(None),
+            written: Mutex::new(None),
             lock: Mutex::new(()),
         }
     }
@@ -622,17 +633,43 @@ impl Programmer {
         let view = self.view();
         let workloads = enrolled(registry, &self.node, view.as_deref());
         self.dataplane.sync_workloads(&workloads)?;
-        // A configuration is programmed: the safe baseline (if on) is left, last.
-        if self.dataplane.set_baseline(false)? {
-            info!("safe baseline left: a configuration is programmed");
-        }
         tracing::debug!(
             destinations = dests.len(),
             enrolled = workloads.len(),
             peers = peers.len(),
             "maps programmed"
         );
+        *self.written.lock().unwrap_or_else(|p| p.into_inner()) = Some(Written {
+            peers,
+            dests,
+            workloads,
+        });
+        // A configuration is programmed: the safe baseline (if on) is left, last.
+        if self.dataplane.set_baseline(false)? {
+            info!("safe baseline left: a configuration is programmed");
+        }
         Ok(())
+    }
+
+    /// Reads the programmed maps back and rewrites any that someone else changed (a direct
+    /// map write: an entry added, removed or altered). Returns the names of those maps.
+    pub fn restore_changed(&self) -> Result<Vec<&'static str>, BpfError> {
+        let _serial = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(w) = written.as_ref() else {
+            return Ok(Vec::new());
+        };
+        let changed = self
+            .dataplane
+            .changed_maps(&w.peers, &w.dests, &w.workloads);
+        for map in &changed {
+            match *map {
+                mesh_common::names::MAP_PEERS => self.dataplane.sync_peers(&w.peers)?,
+                mesh_common::names::MAP_DESTS => self.dataplane.sync_dests(&w.dests)?,
+                _ => self.dataplane.sync_workloads(&w.workloads)?,
+            }
+        }
+        Ok(changed)
     }
 
     /// Re-programs enrolment from the last registry and the current policy generation (its
@@ -651,6 +688,14 @@ impl Programmer {
             return Ok(None);
         }
         self.dataplane.sync_workloads(&want)?;
+        if let Some(w) = self
+            .written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            w.workloads = want.clone();
+        }
         let permissive = want
             .iter()
             .filter(|(_, v)| v.flags & WORKLOAD_F_PERMISSIVE != 0)
@@ -659,6 +704,53 @@ impl Programmer {
         *before = want;
         Ok(Some((n, permissive)))
     }
+}
+
+/// Every `interval` until `stop`, reads back the maps the state programs and restores any
+/// that someone else changed (an unauthorized load: counted in
+/// `mesh_config_unauthorized_loads_total`, logged and audited). A read-back costs one pass
+/// over the three maps.
+pub fn spawn_map_watch(
+    programmer: Arc<Programmer>,
+    metrics: Arc<Metrics>,
+    audit: Option<AuditLog>,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let p = Arc::clone(&programmer);
+            let Ok(result) = tokio::task::spawn_blocking(move || p.restore_changed()).await else {
+                return;
+            };
+            match result {
+                Ok(changed) if changed.is_empty() => {}
+                Ok(changed) => {
+                    metrics.config_unauthorized_load();
+                    warn!(maps = ?changed,
+                          "unauthorized map change: entries the agent did not write; restored");
+                    if let Some(a) = &audit {
+                        a.config_event(
+                            "unauthorized",
+                            "maps",
+                            None,
+                            Some(format!(
+                                "{} changed by someone else; restored",
+                                changed.join(", ")
+                            )),
+                        );
+                    }
+                }
+                Err(e) => warn!(error = %e, "reading back the programmed maps"),
+            }
+        }
+    })
 }
 
 /// Sources the inbound STRICT check admits besides loopback: this node's own agent

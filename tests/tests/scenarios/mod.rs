@@ -17,6 +17,7 @@ mod concurrent_200_connections_no_crosstalk;
 mod cross_node_mtls_roundtrip;
 mod cross_node_pod_to_pod_goes_through_agent;
 mod direct_map_write_detected_and_restored;
+mod direct_state_map_writes_detected_and_restored;
 mod drift_reported_then_resolved;
 mod endpoint_removed_traffic_moves_without_errors;
 mod first_boot_without_bundle_is_fail_closed;
