@@ -62,6 +62,82 @@ pub struct Snapshot {
     /// [`signed`]). Covered by its own signature, not by `digest`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bundle: Option<String>,
+    /// The ids of the entries, when `registry` is the source text as it is (the signed
+    /// bundle's registry, byte for byte) rather than rendered with `id:`s: `namespace/name` →
+    /// id, per kind. Covered by `digest`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ids: Option<Ids>,
+}
+
+/// The ids of a registry's entries: `namespace/name` → id, per kind.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ids {
+    pub workloads: std::collections::BTreeMap<String, u32>,
+    pub services: std::collections::BTreeMap<String, u32>,
+}
+
+impl Ids {
+    /// The ids `registry` carries.
+    pub fn of(registry: &crate::registry::Registry) -> Self {
+        Self {
+            workloads: registry.workloads.iter().map(|w| (w.key(), w.id)).collect(),
+            services: registry
+                .services
+                .services
+                .iter()
+                .map(|s| (s.key(), s.id))
+                .collect(),
+        }
+    }
+
+    /// `registry` with these ids. Every entry must have one, non-zero and unique within its
+    /// kind (entries are not dropped silently: the whole state is refused).
+    pub fn apply(
+        &self,
+        registry: crate::registry::Registry,
+    ) -> Result<crate::registry::Registry, String> {
+        fn check<'a>(
+            kind: &str,
+            keys: impl Iterator<Item = String>,
+            ids: &'a std::collections::BTreeMap<String, u32>,
+        ) -> Result<(), String> {
+            let mut seen = std::collections::HashSet::new();
+            for k in keys {
+                match ids.get(&k) {
+                    None | Some(0) => return Err(format!("{kind} {k} has no id")),
+                    Some(id) if !seen.insert(*id) => {
+                        return Err(format!("{kind} {k}: id {id} is given twice"))
+                    }
+                    Some(_) => {}
+                }
+            }
+            Ok(())
+        }
+        check(
+            "workload",
+            registry.workloads.iter().map(|w| w.key()),
+            &self.workloads,
+        )?;
+        check(
+            "service",
+            registry.services.services.iter().map(|s| s.key()),
+            &self.services,
+        )?;
+        Ok(registry.with_ids(
+            |k| self.workloads.get(k).copied().unwrap_or(0),
+            |k| self.services.get(k).copied().unwrap_or(0),
+        ))
+    }
+}
+
+/// Why a snapshot's registry could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ContentError {
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    #[error("entry ids: {0}")]
+    Ids(String),
 }
 
 /// Why a snapshot was not accepted.
@@ -97,19 +173,37 @@ impl Snapshot {
             registry,
             refused: Vec::new(),
             bundle: None,
+            ids: None,
         }
+    }
+
+    /// This snapshot with `registry` given as source text and its entries' ids beside it.
+    pub fn with_ids(mut self, ids: Ids) -> Self {
+        self.digest = Self::digest_of(&self.registry, Some(&ids));
+        self.ids = Some(ids);
+        self
+    }
+
+    /// The digest of `registry` and, when given, the ids beside it.
+    pub fn digest_of(registry: &str, ids: Option<&Ids>) -> String {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(format!("mesh-state/{SCHEMA}\n").as_bytes());
+        ctx.update(registry.as_bytes());
+        if let Some(ids) = ids {
+            // Maps in key order: one encoding per content.
+            ctx.update(b"\0ids\n");
+            ctx.update(&serde_json::to_vec(ids).unwrap_or_default());
+        }
+        format!(
+            "sha256:{}",
+            crate::audit::record::hex(ctx.finish().as_ref())
+        )
     }
 
     /// `sha256:<hex>` of the schema tag and the registry text: equal content, equal digest,
     /// whichever version carries it.
     pub fn content_digest(registry: &str) -> String {
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        ctx.update(format!("mesh-state/{SCHEMA}\n").as_bytes());
-        ctx.update(registry.as_bytes());
-        format!(
-            "sha256:{}",
-            crate::audit::record::hex(ctx.finish().as_ref())
-        )
+        Self::digest_of(registry, None)
     }
 
     /// Checks the schema, size, version and digest: what an agent does before applying.
@@ -125,7 +219,7 @@ impl Snapshot {
                 size: self.registry.len(),
             });
         }
-        let want = Self::content_digest(&self.registry);
+        let want = Self::digest_of(&self.registry, self.ids.as_ref());
         if want != self.digest {
             return Err(StateError::Digest {
                 version: self.version,
@@ -134,6 +228,23 @@ impl Snapshot {
             });
         }
         Ok(())
+    }
+
+    /// The registry of this snapshot, validated entry by entry (for `node` when given: its
+    /// local workloads' cgroups are checked under `cgroup_root`), with its ids applied when
+    /// they travel beside the text. `label` names the text in errors.
+    pub fn parse_registry(
+        &self,
+        label: &Path,
+        node: Option<&str>,
+        cgroup_root: &Path,
+    ) -> Result<crate::registry::Parsed, ContentError> {
+        let mut parsed =
+            crate::registry::Registry::parse_entries(&self.registry, label, node, cgroup_root)?;
+        if let Some(ids) = &self.ids {
+            parsed.registry = ids.apply(parsed.registry).map_err(ContentError::Ids)?;
+        }
+        Ok(parsed)
     }
 
     /// The short form of the digest (first 12 hex digits) for logs.
@@ -194,6 +305,56 @@ pub fn now_unix_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const TEXT: &str = "nodes:\n  - {name: n1, address: 10.0.0.1}\nworkloads:\n  - {name: a, namespace: default, serviceAccount: sa, node: n1, ips: [\"10.1.0.2\"]}\n  - {name: b, namespace: default, serviceAccount: sa, node: n1, ips: [\"10.1.0.3\"]}\n";
+
+    fn ids(a: u32, b: u32) -> Ids {
+        Ids {
+            workloads: [("default/a".to_owned(), a), ("default/b".to_owned(), b)].into(),
+            services: Default::default(),
+        }
+    }
+
+    #[test]
+    fn ids_beside_the_text_are_digested_and_applied_or_the_state_is_refused() {
+        let s = Snapshot::new(2, "b".into(), TEXT.into(), 1).with_ids(ids(40, 7));
+        s.verify().unwrap();
+        assert_ne!(s.digest, Snapshot::content_digest(TEXT), "ids not digested");
+        let root = Path::new("/");
+        let r = s
+            .parse_registry(Path::new("s"), None, root)
+            .unwrap()
+            .registry;
+        let got: Vec<(String, u32)> = r.workloads.iter().map(|w| (w.key(), w.id)).collect();
+        assert_eq!(got, [("default/a".into(), 40), ("default/b".into(), 7)]);
+        // Ids changed after digesting: refused.
+        let mut t = s.clone();
+        t.ids = Some(ids(40, 8));
+        assert!(matches!(t.verify(), Err(StateError::Digest { .. })));
+        // Missing, zero or duplicate ids refuse the whole state (nothing dropped silently).
+        for bad in [
+            Ids {
+                workloads: [("default/a".to_owned(), 1)].into(),
+                services: Default::default(),
+            },
+            ids(0, 3),
+            ids(5, 5),
+        ] {
+            let t = Snapshot::new(2, "b".into(), TEXT.into(), 1).with_ids(bad.clone());
+            t.verify().unwrap();
+            assert!(
+                matches!(
+                    t.parse_registry(Path::new("s"), None, root),
+                    Err(ContentError::Ids(_))
+                ),
+                "{bad:?} accepted"
+            );
+        }
+        // Round trip through the persisted form.
+        let dir = tempfile::tempdir().unwrap();
+        s.persist(dir.path()).unwrap();
+        assert_eq!(Snapshot::load(dir.path()).unwrap(), Some(s));
+    }
 
     #[test]
     fn digest_covers_the_content_and_verify_catches_a_change() {

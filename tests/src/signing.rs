@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::{
     authority::run_cli,
     cluster::Cluster,
-    registry::{render_with_services, ServiceEntry, WorkloadEntry},
+    registry::{render_with_services, NodeEntry, ServiceEntry, WorkloadEntry},
 };
 
 /// A signer key made by `config keygen`.
@@ -98,10 +98,26 @@ impl Cluster {
         services: &[ServiceEntry],
         policies: &[(&str, &str)],
     ) -> PathBuf {
+        self.build_bundle_file_with(key, version, &[], workloads, services, policies)
+    }
+
+    /// [`Cluster::build_bundle_file`] with `extra_nodes` beside the cluster's.
+    #[track_caller]
+    pub fn build_bundle_file_with(
+        &self,
+        key: &SignerKey,
+        version: u64,
+        extra_nodes: &[NodeEntry],
+        workloads: &[WorkloadEntry],
+        services: &[ServiceEntry],
+        policies: &[(&str, &str)],
+    ) -> PathBuf {
         let src = self.tmp_dir().join(format!("config-src-v{version}"));
         let _ = std::fs::remove_dir_all(&src);
         std::fs::create_dir_all(src.join("policies")).expect("source dir");
-        let registry = render_with_services(&self.registry_nodes(), workloads, services);
+        let mut nodes = self.registry_nodes();
+        nodes.extend_from_slice(extra_nodes);
+        let registry = render_with_services(&nodes, workloads, services);
         std::fs::write(src.join("registry.yaml"), &registry.text).expect("registry");
         for (name, text) in policies {
             std::fs::write(src.join("policies").join(name), text).expect("policy");
@@ -130,6 +146,18 @@ impl Cluster {
             &signed.to_string_lossy(),
         ]);
         signed
+    }
+
+    /// Restarts the authority on the bundle file (`<tmp>/`[`BUNDLE_FILE`]) with `args`,
+    /// forgetting the versions its registry mode published: they are not the signer's.
+    #[track_caller]
+    pub fn follow_bundle_afresh(&self, args: &[&str]) {
+        let mut a = self.authority();
+        a.stop();
+        let _ = std::fs::remove_file(a.dir().join("state/ids.json"));
+        a.follow_bundle(&self.tmp_dir().join(BUNDLE_FILE));
+        a.set_extra_args(args);
+        a.start();
     }
 
     /// Renames a copy of `bundle` into the file the authority follows.

@@ -352,12 +352,13 @@ fn applied_registry(dir: &std::path::Path) -> Result<Registry, OperatorError> {
     let snapshot = crate::state::Snapshot::load(dir)
         .map_err(|e| state(crate::error_chain(&e)))?
         .ok_or_else(|| state("none yet (has the agent received one?)".to_owned()))?;
-    let parsed = Registry::parse_entries(
-        &snapshot.registry,
-        &dir.join(crate::state::PERSISTED),
-        None,
-        std::path::Path::new("/"),
-    )?;
+    let parsed = snapshot
+        .parse_registry(
+            &dir.join(crate::state::PERSISTED),
+            None,
+            std::path::Path::new("/"),
+        )
+        .map_err(|e| state(crate::error_chain(&e)))?;
     Ok(parsed.registry)
 }
 

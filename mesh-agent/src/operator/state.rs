@@ -9,7 +9,6 @@ use serde::Serialize;
 use super::{print, with_stderr_logs, OutputFormat};
 use crate::{
     error_chain,
-    registry::Registry,
     state::{
         publish::{AgentReport, PublishedRecord, AGENTS_FILE, PUBLISHED_FILE},
         Snapshot,
@@ -113,8 +112,7 @@ fn show(a: ShowArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let parsed = match Registry::parse_entries(
-        &snapshot.registry,
+    let parsed = match snapshot.parse_registry(
         &dir.join(crate::state::PERSISTED),
         None,
         std::path::Path::new("/"),

@@ -175,13 +175,17 @@ pub fn apply_source(
     maps: &mut PolicyMaps,
     source: &PolicySource,
 ) -> Result<(PolicyBundle, u32), ApplyError> {
+    let started = std::time::Instant::now();
     let (bundle, compiled) = match source {
         PolicySource::Dir(dir) => ctx.load_and_compile(dir)?,
         PolicySource::Bundle(files) => ctx.compile_files(files)?,
     };
+    let compile_ms = started.elapsed().as_millis() as u64;
     let generation = maps.apply(&compiled)?;
     info!(
         generation,
+        compile_ms,
+        apply_ms = started.elapsed().as_millis() as u64,
         policies = compiled.policies,
         l4_entries = compiled.l4.len(),
         l7_clauses = compiled.l7.len(),

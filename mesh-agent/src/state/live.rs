@@ -231,7 +231,7 @@ pub enum ApplyError {
     Registry {
         version: u64,
         #[source]
-        source: RegistryError,
+        source: super::ContentError,
     },
     #[error("programming the kernel maps: {0}")]
     Maps(#[from] BpfError),
@@ -323,12 +323,14 @@ impl Applier {
     ) -> Result<(Registry, Vec<RegistryError>), ApplyError> {
         snapshot.verify()?;
         let label = PathBuf::from(format!("state v{}", snapshot.version));
-        let parsed = Registry::parse_entries(&snapshot.registry, &label, Some(node), cgroup_root)
+        let parsed = snapshot
+            .parse_registry(&label, Some(node), cgroup_root)
             .map_err(|source| ApplyError::Registry {
-            version: snapshot.version,
-            source,
-        })?;
-        Ok((parsed.registry, parsed.refused))
+                version: snapshot.version,
+                source,
+            })?;
+        let registry = parsed.registry;
+        Ok((registry, parsed.refused))
     }
 
     /// The applied version.

@@ -383,8 +383,12 @@ impl SourceWatch {
         for e in &parsed.refused {
             warn!(error = %e, "state entry refused at the source; the rest is published");
         }
-        let text = registry.to_yaml();
-        if self.sink.current_digest().as_deref() == Some(Snapshot::content_digest(&text).as_str())
+        // The bundle's registry as it is, the ids beside it: agents check it byte for byte
+        // against the signed bundle and parse it once.
+        let text = b.registry_text().to_owned();
+        let ids = super::Ids::of(&registry);
+        if self.sink.current_digest().as_deref()
+            == Some(Snapshot::digest_of(&text, Some(&ids)).as_str())
             && b.version() == published
         {
             return Ok(None);
@@ -401,7 +405,8 @@ impl SourceWatch {
             ),
             text,
             changed_unix_ms,
-        );
+        )
+        .with_ids(ids);
         snapshot.refused = parsed.refused.iter().map(ToString::to_string).collect();
         snapshot.bundle = Some(String::from_utf8_lossy(&bytes).into_owned());
         self.ids.save()?;

@@ -205,8 +205,10 @@ impl Guard {
     }
 }
 
-/// Whether the snapshot's registry is the bundle's with ids added (the same entries, the same
-/// fields). `Err` says the first difference.
+/// Whether the snapshot's registry is the bundle's: its text byte for byte, with the ids beside
+/// it (what the authority publishes), or — a snapshot rendered with `id:`s, as published and
+/// persisted before — the same entries with the same fields once ids are added. `Err` says
+/// the first difference.
 fn same_content(
     snapshot: &Snapshot,
     published: Option<&Registry>,
@@ -214,6 +216,13 @@ fn same_content(
     node: &str,
     cgroup_root: &Path,
 ) -> Result<(), String> {
+    if snapshot.ids.is_some() {
+        return if snapshot.registry == signed_registry {
+            Ok(())
+        } else {
+            Err("its registry text is not the bundle's".to_owned())
+        };
+    }
     let label = Path::new("state");
     let parse = |text: &str| {
         Registry::parse_entries(text, label, Some(node), cgroup_root)
@@ -307,6 +316,41 @@ mod tests {
         let mut s = Snapshot::new(version, "test".into(), rendered, 0);
         s.bundle = Some(String::from_utf8(signed.to_json()).unwrap());
         s
+    }
+
+    /// A state as the authority publishes it now: the bundle's registry text as it is, the
+    /// ids beside it.
+    fn state_verbatim(version: u64, registry: &str, by: &Ed25519KeyPair) -> Snapshot {
+        let rendered = state(version, registry, by);
+        let ids = crate::state::Ids::of(
+            &rendered
+                .parse_registry(Path::new("r"), None, Path::new("/"))
+                .unwrap()
+                .registry,
+        );
+        let mut s = Snapshot::new(version, "test".into(), registry.into(), 0).with_ids(ids);
+        s.bundle = rendered.bundle;
+        s
+    }
+
+    #[test]
+    fn verbatim_registry_must_be_the_bundles_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let k1 = key();
+        let g = guard(pinned(&[&k1]), dir.path());
+        let ok = state_verbatim(2, REGISTRY, &k1);
+        check(&g, &ok).unwrap();
+        // One more workload (or any byte) beside the signed bundle, digest recomputed.
+        for edit in [
+            REGISTRY.to_owned() + "  - {name: z, namespace: default, serviceAccount: sa-z, node: n1, ips: [\"10.1.0.9\"], cgroup: x/z}\n",
+            REGISTRY.replace("sa-b", "sa-c"),
+            REGISTRY.replacen(' ', "  ", 1),
+        ] {
+            let mut t = ok.clone();
+            t.registry = edit;
+            t = t.clone().with_ids(t.ids.clone().unwrap());
+            assert_eq!(check(&g, &t).unwrap_err().reason(), CONTENT_MISMATCH);
+        }
     }
 
     fn guard(set: SignerSet, dir: &Path) -> Guard {

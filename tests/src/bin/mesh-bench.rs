@@ -71,6 +71,13 @@ struct Args {
     /// built before the state stream).
     #[arg(long)]
     skip_state: bool,
+    /// Only the signed-configuration figures: verify + apply of a bundle of 10,000 policies and
+    /// 10,000 workloads on its own two-node cluster (JSON beside `--out`, `*.signed.json`).
+    #[arg(long)]
+    signed_only: bool,
+    /// Leave out the signed-configuration figures.
+    #[arg(long)]
+    skip_signed: bool,
     #[command(subcommand)]
     pod_cmd: Option<PodCmd>,
 }
@@ -252,12 +259,23 @@ fn main() -> ExitCode {
             if args.audit_only {
                 return audit_only_bench(&args);
             }
+            if args.signed_only {
+                return signed_bench(&args.out);
+            }
             let code = orchestrate(&args);
             if stopping() {
                 return code;
             }
             // Its own cluster: the agents start fresh under a soft open-files limit of 1024.
-            match held_bench(&args.out) {
+            let code = match held_bench(&args.out) {
+                c if c == ExitCode::SUCCESS => code,
+                c => c,
+            };
+            if stopping() || args.skip_signed {
+                return code;
+            }
+            // Its own cluster too: the nodes require signed configuration.
+            match signed_bench(&args.out) {
                 c if c == ExitCode::SUCCESS => code,
                 c => c,
             }
@@ -2994,6 +3012,215 @@ fn audit_only_bench(args: &Args) -> ExitCode {
     });
     write_side_json(
         &args.out.with_extension("audit.json"),
+        &doc,
+        problems.is_empty(),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signed configuration (issue 12): verify + apply of a large bundle on nodes that require it
+
+/// Policies and workloads of the large signed bundle.
+const SIGNED_SCALE: usize = 10_000;
+/// Groups the policies select (10 policies each) and service accounts they allow: the kernel's
+/// L4 table is (policy set × source class), so the shape is what fits one generation.
+const SIGNED_GROUPS: usize = 1_000;
+const SIGNED_ACCOUNTS: usize = 25;
+/// Bundles applied (the first one is the cluster's own state with no policy).
+const SIGNED_ROUNDS: u64 = 3;
+
+/// A workload of the large bundle: on node n9 (listed, never started).
+fn signed_phantom(i: usize) -> WorkloadEntry {
+    let mut w = phantom(i);
+    w.service_account = format!("sa-{}", i % SIGNED_ACCOUNTS);
+    w.labels = vec![("group".into(), format!("g{}", i % SIGNED_GROUPS))];
+    w
+}
+
+fn signed_policy(i: usize) -> (String, String) {
+    (
+        format!("p{i:05}.yaml"),
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: allow-{i}\n  namespace: scale\nspec:\n  selector:\n    matchLabels:\n      group: g{}\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/scale/sa/sa-{}\"]\n    to:\n    - operation:\n        ports: [\"8080\"]\n",
+            i % SIGNED_GROUPS,
+            i % SIGNED_ACCOUNTS
+        ),
+    )
+}
+
+/// The first log line of `log` past `offset` that `matches`, waited for (bounded).
+fn logged_line(
+    log: &Path,
+    offset: u64,
+    timeout: Duration,
+    matches: impl Fn(&Value) -> bool,
+) -> Option<Value> {
+    use std::io::{Seek, SeekFrom};
+    eventually(timeout, || {
+        if stopping() {
+            return Some(None);
+        }
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(log) {
+            if f.seek(SeekFrom::Start(offset)).is_ok() {
+                let _ = f.read_to_string(&mut text);
+            }
+        }
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| matches(v))
+            .map(Some)
+    })
+    .flatten()
+}
+
+fn signed_bench(out: &Path) -> ExitCode {
+    println!("== signed configuration: {SIGNED_SCALE} policies and {SIGNED_SCALE} workloads in one bundle, verified and applied on two nodes that require signed configuration");
+    let mut problems = Vec::new();
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .add_pod(0, "a1")
+        .add_pod(1, "b1")
+        .build();
+    let k1 = cluster.signer_key("k1");
+    cluster.trust_signer(&cluster.authority_signers(), &k1);
+    for i in 0..2 {
+        cluster.trust_signer(&cluster.node_signers(i), &k1);
+    }
+    cluster.publish_bundle_file(&k1, 1, &cluster.registry_entries(), cluster.services(), &[]);
+    cluster.follow_bundle_afresh(&[]);
+    let agents = cluster.start_agents();
+    let active =
+        |v: u64| (0..2).all(|i| cluster.node(i).metric("mesh_config_active_version") as u64 == v);
+    if eventually(Duration::from_secs(60), || active(1).then_some(())).is_none() {
+        problems.push("signed: version 1 not applied".into());
+    }
+    let n9 = NodeEntry {
+        name: "n9".into(),
+        address: "10.0.0.9".parse().expect("ip"),
+        address6: None,
+    };
+    let mut workloads = cluster.registry_entries();
+    workloads.extend((0..SIGNED_SCALE).map(signed_phantom));
+    let policies: Vec<(String, String)> = (0..SIGNED_SCALE).map(signed_policy).collect();
+    let refs: Vec<(&str, &str)> = policies
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.as_str()))
+        .collect();
+    let mut rounds = Vec::new();
+    for version in 2..2 + SIGNED_ROUNDS {
+        if stopping() {
+            break;
+        }
+        // One workload more each round: every round is a new version with all of it.
+        workloads.push(signed_phantom(SIGNED_SCALE + version as usize));
+        let built = Instant::now();
+        let bundle = cluster.build_bundle_file_with(
+            &k1,
+            version,
+            std::slice::from_ref(&n9),
+            &workloads,
+            cluster.services(),
+            &refs,
+        );
+        let build_secs = built.elapsed().as_secs_f64();
+        let bytes = std::fs::metadata(&bundle).map(|m| m.len()).unwrap_or(0);
+        let offsets: Vec<u64> = agents
+            .iter()
+            .map(|a| a.stdout_path().map_or(0, file_len))
+            .collect();
+        let installed = Instant::now();
+        cluster.install_bundle(&bundle);
+        let mut per_node = Vec::new();
+        for (agent, &offset) in agents.iter().zip(&offsets) {
+            let Some(log) = agent.stdout_path() else {
+                continue;
+            };
+            let applied = logged_line(log, offset, Duration::from_secs(120), |v| {
+                v["message"] == "state applied" && v["version"].as_u64() == Some(version)
+            });
+            let policy = logged_line(log, offset, Duration::from_secs(120), |v| {
+                v["message"] == "policy applied"
+                    && v["policies"].as_u64() == Some(SIGNED_SCALE as u64)
+            });
+            match (applied, policy) {
+                (Some(a), Some(p)) => {
+                    let n = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+                    let verify = n(&a, "verify_ms");
+                    let state = n(&a, "apply_ms");
+                    let policy_ms = n(&p, "apply_ms");
+                    let apply = state - verify + policy_ms;
+                    per_node.push(json!({
+                        "verify_ms": verify,
+                        "parse_ms": n(&a, "parse_ms"),
+                        "maps_ms": n(&a, "maps_ms"),
+                        "state_apply_ms": state,
+                        "policy_compile_ms": n(&p, "compile_ms"),
+                        "policy_apply_ms": policy_ms,
+                        "apply_without_verify_ms": apply,
+                        "verify_share_pct": finite(100.0 * verify / apply),
+                        "l4_entries": p["l4_entries"],
+                    }));
+                }
+                _ => problems.push(format!("signed v{version}: not applied within 120 s")),
+            }
+        }
+        let end_to_end = installed.elapsed().as_secs_f64();
+        rounds.push(json!({
+            "version": version,
+            "bundle_bytes": bytes,
+            "build_and_sign_secs": build_secs,
+            "install_to_policy_active_secs": end_to_end,
+            "nodes": per_node,
+        }));
+        // Each round starts from the previous one fully applied.
+        if eventually(Duration::from_secs(60), || active(version).then_some(())).is_none() {
+            problems.push(format!("signed v{version}: not active on both nodes"));
+        }
+    }
+    drop(agents);
+    println!("signed configuration ({SIGNED_SCALE} policies, {SIGNED_SCALE} workloads; per node: verify / apply without it):");
+    for r in &rounds {
+        let nodes: Vec<String> = r["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|n| {
+                format!(
+                    "verify {:.0} ms / apply {:.0} ms ({:.1} %; policy compile {:.0} ms)",
+                    n["verify_ms"].as_f64().unwrap_or(f64::NAN),
+                    n["apply_without_verify_ms"].as_f64().unwrap_or(f64::NAN),
+                    n["verify_share_pct"].as_f64().unwrap_or(f64::NAN),
+                    n["policy_compile_ms"].as_f64().unwrap_or(f64::NAN)
+                )
+            })
+            .collect();
+        println!(
+            "  v{} ({:.1} MB): {}; bundle installed → policy active on both: {:.2} s",
+            r["version"],
+            r["bundle_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+            nodes.join(" | "),
+            r["install_to_policy_active_secs"]
+                .as_f64()
+                .unwrap_or(f64::NAN)
+        );
+    }
+    println!("  (goal: verification adds under 10 % to the apply)");
+    for p in &problems {
+        println!("PROBLEM: {p}");
+    }
+    let doc = json!({
+        "settings": {
+            "policies": SIGNED_SCALE, "workloads": SIGNED_SCALE, "groups": SIGNED_GROUPS,
+            "service_accounts": SIGNED_ACCOUNTS,
+            "agent_bin": mesh_tests::agent_bin().display().to_string(),
+        },
+        "host": host_info(),
+        "rounds": rounds,
+        "problems": problems,
+    });
+    write_side_json(
+        &out.with_extension("signed.json"),
         &doc,
         problems.is_empty(),
     )

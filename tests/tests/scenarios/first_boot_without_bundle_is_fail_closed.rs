@@ -22,7 +22,7 @@ use mesh_tests::{
     bpftool, require_privileges, wait_for, ClientRequest, Cluster, Host, DEFAULT_TIMEOUT,
 };
 
-use super::signed_common::{follow_bundle_afresh, publish};
+use super::signed_common::publish;
 use crate::{assert_via_agent, cluster};
 
 /// Refused connects either fail at once (EPERM) or time out (a dropped SYN).
@@ -96,7 +96,7 @@ fn first_boot_without_bundle_is_fail_closed() {
     cluster.trust_signer(&cluster.node_signers(0), &n1_only);
     cluster.trust_signer(&cluster.node_signers(1), &k1);
     publish(&cluster, &n1_only, 1, &[]);
-    follow_bundle_afresh(&cluster, &[]);
+    cluster.follow_bundle_afresh(&[]);
     let _a1_server = a1.serve(&[8080]);
     let _x1_server = x1.serve(&[8080]);
     let _b1_server = b1.serve(&[8080]);

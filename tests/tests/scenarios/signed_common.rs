@@ -34,21 +34,10 @@ pub fn signed_cluster_with(authority_args: &[&str]) -> (Cluster, Vec<Agent>, Sig
         cluster.trust_signer(&cluster.node_signers(i), &k1);
     }
     publish(&cluster, &k1, 1, &[]);
-    follow_bundle_afresh(&cluster, authority_args);
+    cluster.follow_bundle_afresh(authority_args);
     let agents = cluster.start_agents();
     wait_active(&cluster, 1);
     (cluster, agents, k1)
-}
-
-/// Restarts the authority on the published bundle file (with `authority_args`), forgetting
-/// the versions its registry mode published: they are not the signer's.
-pub fn follow_bundle_afresh(cluster: &Cluster, authority_args: &[&str]) {
-    let mut a = cluster.authority();
-    a.stop();
-    let _ = std::fs::remove_file(a.dir().join("state/ids.json"));
-    a.follow_bundle(&cluster.tmp_dir().join(mesh_tests::signing::BUNDLE_FILE));
-    a.set_extra_args(authority_args);
-    a.start();
 }
 
 /// Publishes version `version` of the cluster's registry with `policies`, signed by `key`.
