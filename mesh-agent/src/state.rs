@@ -97,10 +97,10 @@ impl Ids {
         &self,
         registry: crate::registry::Registry,
     ) -> Result<crate::registry::Registry, String> {
-        fn check<'a>(
+        fn check(
             kind: &str,
             keys: impl Iterator<Item = String>,
-            ids: &'a std::collections::BTreeMap<String, u32>,
+            ids: &std::collections::BTreeMap<String, u32>,
         ) -> Result<(), String> {
             let mut seen = std::collections::HashSet::new();
             for k in keys {

@@ -319,14 +319,14 @@ mod tests {
         assert!(is_loopback(&v4([127, 255, 1, 9])));
         assert!(!is_loopback(&v4([128, 0, 0, 1])));
         assert!(!is_loopback(&v4([10, 0, 0, 127])));
-        let v6 = |a: std::net::Ipv6Addr| {
+        let v6 = |a: core::net::Ipv6Addr| {
             let o = a.octets();
             core::array::from_fn(|i| {
                 u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
             })
         };
-        assert!(is_loopback(&v6(std::net::Ipv6Addr::LOCALHOST)));
-        assert!(!is_loopback(&v6(std::net::Ipv6Addr::UNSPECIFIED)));
+        assert!(is_loopback(&v6(core::net::Ipv6Addr::LOCALHOST)));
+        assert!(!is_loopback(&v6(core::net::Ipv6Addr::UNSPECIFIED)));
         assert!(!is_loopback(&v6("::2".parse().unwrap())));
         assert!(!is_loopback(&v6("fd00::1".parse().unwrap())));
         // ::127.0.0.1 (IPv4-compatible, deprecated) is not loopback.
