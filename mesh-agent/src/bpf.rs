@@ -276,6 +276,8 @@ pub struct Dataplane {
     workloads: Mutex<HashMap<MapData, CgroupKey, WorkloadValue>>,
     dests: Mutex<HashMap<MapData, IpKey, DestValue>>,
     config: Mutex<Array<MapData, AgentConfig>>,
+    /// The slot as this agent last wrote it (its `policy_gen` aside: the policy writer's).
+    written_config: Mutex<Option<AgentConfig>>,
     conns: Mutex<HashMap<MapData, ConnKey, OrigDst>>,
     peers: Mutex<HashMap<MapData, IpKey, PeerValue>>,
     counters: PerCpuArray<MapData, u64>,
@@ -393,6 +395,7 @@ impl Dataplane {
             workloads: Mutex::new(workloads),
             dests: Mutex::new(dests),
             config: Mutex::new(config),
+            written_config: Mutex::new(None),
             conns: Mutex::new(conns),
             peers: Mutex::new(peers),
             counters,
@@ -421,6 +424,7 @@ impl Dataplane {
             cfg.flags |= CONFIG_F_BASELINE;
         }
         config.set(0, cfg, 0).map_err(map_err(names::MAP_CONFIG))?;
+        *lock(&self.written_config) = Some(cfg);
         Ok(cfg.flags & CONFIG_F_BASELINE != 0)
     }
 
@@ -436,6 +440,42 @@ impl Dataplane {
         }
         cfg.flags ^= CONFIG_F_BASELINE;
         config.set(0, cfg, 0).map_err(map_err(names::MAP_CONFIG))?;
+        *lock(&self.written_config) = Some(cfg);
+        Ok(true)
+    }
+
+    /// Rewrites the config slot when its redirect target or flags (the safe baseline bit
+    /// among them) are not what this agent wrote — someone else changed them; the policy
+    /// generation in it stays as it is (the policy writer checks that one). True when it did.
+    pub fn restore_config(&self) -> Result<bool, BpfError> {
+        let mut config = lock(&self.config);
+        let Some(want) = *lock(&self.written_config) else {
+            return Ok(false);
+        };
+        let same = |c: &AgentConfig| {
+            AgentConfig {
+                policy_gen: 0,
+                ..*c
+            } == AgentConfig {
+                policy_gen: 0,
+                ..want
+            }
+        };
+        if config.get(&0, 0).is_ok_and(|c| same(&c)) {
+            return Ok(false);
+        }
+        let _pins = self.lock_pins()?;
+        let gen = config.get(&0, 0).map(|c| c.policy_gen).unwrap_or(0);
+        config
+            .set(
+                0,
+                AgentConfig {
+                    policy_gen: gen,
+                    ..want
+                },
+                0,
+            )
+            .map_err(map_err(names::MAP_CONFIG))?;
         Ok(true)
     }
 

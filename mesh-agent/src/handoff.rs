@@ -243,7 +243,14 @@ pub fn serve(
                         std::thread::Builder::new()
                             .name("handoff".into())
                             .spawn(move || {
-                                let _ = tx.send(offer(&conn, &sockets, ready_timeout));
+                                use std::sync::atomic::Ordering::SeqCst;
+                                OFFERS.fetch_add(1, SeqCst);
+                                let offered = offer(&conn, &sockets, ready_timeout);
+                                // Handed over: this agent is stopping; the flag stays up.
+                                if !matches!(offered, Ok(true)) {
+                                    OFFERS.fetch_sub(1, SeqCst);
+                                }
+                                let _ = tx.send(offered);
                             });
                     if let Err(e) = spawned {
                         warn!(error = %e, "handoff thread; serving on");
@@ -267,6 +274,17 @@ pub fn serve(
         }
     });
     Ok(())
+}
+
+/// Successors being offered the sockets now (they program the same pinned maps while they
+/// start: this agent does not treat their writes as someone else's — see
+/// [`successor_starting`]).
+static OFFERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Whether a successor agent is taking over: it writes the maps and the config slot as it
+/// starts, so this agent's read-back of what it wrote pauses until the handoff ends.
+pub fn successor_starting() -> bool {
+    OFFERS.load(std::sync::atomic::Ordering::SeqCst) > 0
 }
 
 /// One successor: offer the sockets, wait for `READY` (true) or its departure (false).

@@ -653,24 +653,30 @@ impl Programmer {
         Ok(())
     }
 
-    /// Reads the programmed maps back and rewrites any that someone else changed (a direct
-    /// map write: an entry added, removed or altered). Returns the names of those maps.
+    /// Reads the programmed maps and the config slot back and rewrites any that someone else
+    /// changed (a direct map write: an entry added, removed or altered; the redirect target
+    /// or the safe baseline bit). Returns the names of those maps.
     pub fn restore_changed(&self) -> Result<Vec<&'static str>, BpfError> {
         let _serial = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut changed = Vec::new();
+        if self.dataplane.restore_config()? {
+            changed.push(mesh_common::names::MAP_CONFIG);
+        }
         let written = self.written.lock().unwrap_or_else(|p| p.into_inner());
         let Some(w) = written.as_ref() else {
-            return Ok(Vec::new());
+            return Ok(changed);
         };
-        let changed = self
+        let maps = self
             .dataplane
             .changed_maps(&w.peers, &w.dests, &w.workloads);
-        for map in &changed {
+        for map in &maps {
             match *map {
                 mesh_common::names::MAP_PEERS => self.dataplane.sync_peers(&w.peers)?,
                 mesh_common::names::MAP_DESTS => self.dataplane.sync_dests(&w.dests)?,
                 _ => self.dataplane.sync_workloads(&w.workloads)?,
             }
         }
+        changed.extend(maps);
         Ok(changed)
     }
 
@@ -726,6 +732,10 @@ pub fn spawn_map_watch(
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = stop.wait_for(|s| *s) => return,
+            }
+            // A successor agent taking over writes the same maps as it starts.
+            if crate::handoff::successor_starting() {
+                continue;
             }
             let p = Arc::clone(&programmer);
             let Ok(result) = tokio::task::spawn_blocking(move || p.restore_changed()).await else {

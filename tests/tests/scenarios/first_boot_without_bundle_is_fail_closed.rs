@@ -10,7 +10,8 @@
 //! - both are counted in the pinned counters (`connect_denied_baseline`,
 //!   `ingress_dropped_baseline`).
 //!
-//! The baseline holds while n2's agent is SIGKILLed and after it restarts (still nothing
+//! Clearing the bit by hand with bpftool is undone by n2's agent within a read-back
+//! (`mesh_config_unauthorized_loads_total`). The baseline holds while n2's agent is SIGKILLed and after it restarts (still nothing
 //! verified). Version 2, signed by the key both nodes pin, lifts it: `mesh_config_state` turns
 //! `active`, the bit is gone, a1 → b1 goes through the mesh, and x1's plaintext is refused by
 //! STRICT (not by the baseline).
@@ -152,6 +153,42 @@ fn first_boot_without_bundle_is_fail_closed() {
         );
     };
     sealed(&cluster, "first boot");
+
+    // Unsealing by hand (clearing the bit with bpftool) does not last: the agent reads the
+    // slot back and seals it again.
+    let config_pin = cluster.node(1).pin_dir().join(names::MAP_CONFIG);
+    let p = config_pin.to_str().expect("UTF-8 pin");
+    let dump = bpftool::json(&["map", "dump", "pinned", p]);
+    let mut value: Vec<u8> = dump[0]["value"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no raw value in {dump}"))
+        .iter()
+        .map(|b| {
+            u8::from_str_radix(b.as_str().expect("hex byte").trim_start_matches("0x"), 16)
+                .expect("hex byte")
+        })
+        .collect();
+    // `AgentConfig.flags` is the u32 at offset 24 (little-endian).
+    value[24] &= !(CONFIG_F_BASELINE as u8);
+    let hex: Vec<String> = value.iter().map(|b| format!("{b:02x}")).collect();
+    let mut args = vec![
+        "map", "update", "pinned", p, "key", "hex", "00", "00", "00", "00",
+    ];
+    args.push("value");
+    args.push("hex");
+    args.extend(hex.iter().map(String::as_str));
+    let before = n2.metric("mesh_config_unauthorized_loads_total");
+    bpftool::run(&args);
+    wait_for(
+        DEFAULT_TIMEOUT,
+        "n2's agent seals its pod tree again",
+        || {
+            (flags(&cluster, 1) & CONFIG_F_BASELINE != 0
+                && n2.metric("mesh_config_unauthorized_loads_total") > before)
+                .then_some(())
+        },
+    );
+    sealed(&cluster, "unsealed by hand, sealed again");
 
     // The seal is the kernel's: it holds with n2's agent SIGKILLed, and after its restart.
     agents[1].kill_sigkill();
