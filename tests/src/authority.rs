@@ -190,6 +190,11 @@ impl Authority {
         ]);
     }
 
+    /// The running authority's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
     /// Every JSON line the current authority process logged.
     pub fn log_lines(&self) -> Vec<Value> {
         self.proc.as_ref().map(lines).unwrap_or_default()

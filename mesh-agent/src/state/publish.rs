@@ -355,9 +355,23 @@ impl SourceWatch {
         changed_unix_ms: u64,
     ) -> Result<Option<u64>, RefreshError> {
         use crate::bundle::{self, Rejection};
-        let bytes = std::fs::read(&self.registry_path).map_err(|e| {
+        // Never more than a bundle may be: a huge file is refused without being read.
+        let bytes = crate::bundle::signers::read_bounded(
+            &self.registry_path,
+            crate::bundle::MAX_BUNDLE_BYTES as u64,
+        )
+        .map_err(|e| {
             RefreshError::Bundle(Rejection::Malformed {
                 detail: format!("{}: {e}", self.registry_path.display()),
+            })
+        })?
+        .map_err(|size| {
+            RefreshError::Bundle(Rejection::Oversized {
+                detail: format!(
+                    "{}: {size} bytes (at most {})",
+                    self.registry_path.display(),
+                    crate::bundle::MAX_BUNDLE_BYTES
+                ),
             })
         })?;
         let set = bundle::SignerSet::load_or_empty(signers).map_err(|e| {
@@ -441,7 +455,6 @@ impl SourceWatch {
     /// Follows the source every `interval` until `stop` turns true.
     pub async fn run(mut self, interval: Duration, mut stop: watch::Receiver<bool>) {
         let mut seen = stamp(&self.registry_path);
-        let mut last_error: Option<String> = None;
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -457,15 +470,9 @@ impl SourceWatch {
             let changed_ms = now_unix_ms();
             // Reading and validating 10,000 entries takes milliseconds: blocking here keeps
             // the order of versions simple, and this task does nothing else.
-            match tokio::task::block_in_place(|| self.refresh(changed_ms)) {
-                Ok(_) => last_error = None,
-                Err(e) => {
-                    let text = e.to_string();
-                    if last_error.as_deref() != Some(&text) {
-                        warn!(error = %text, "state source refused as a whole; the published version stays");
-                        last_error = Some(text);
-                    }
-                }
+            // One line per refused change (a change is read once: no repeats while it stays).
+            if let Err(e) = tokio::task::block_in_place(|| self.refresh(changed_ms)) {
+                warn!(error = %e, "state source refused as a whole; the published version stays");
             }
         }
     }
