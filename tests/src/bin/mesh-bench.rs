@@ -1289,26 +1289,10 @@ fn wait_logged(
     timeout: Duration,
     matches: impl Fn(&Value) -> bool,
 ) -> Option<Duration> {
-    use std::io::{Seek, SeekFrom};
-    eventually(timeout, || {
-        if stopping() {
-            return Some(None);
-        }
-        let mut text = String::new();
-        if let Ok(mut f) = std::fs::File::open(log) {
-            if f.seek(SeekFrom::Start(offset)).is_ok() {
-                let _ = f.read_to_string(&mut text);
-            }
-        }
-        let v = text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|v| matches(v))?;
-        let logged = v["timestamp"].as_str().and_then(parse_utc_timestamp);
-        let at = logged.unwrap_or_else(SystemTime::now);
-        Some(Some(at.duration_since(since).unwrap_or(Duration::ZERO)))
-    })
-    .flatten()
+    let v = logged_line(log, offset, timeout, matches)?;
+    let logged = v["timestamp"].as_str().and_then(parse_utc_timestamp);
+    let at = logged.unwrap_or_else(SystemTime::now);
+    Some(at.duration_since(since).unwrap_or(Duration::ZERO))
 }
 
 /// `YYYY-MM-DDTHH:MM:SS[.fraction]Z` (the agent's JSON log timestamps) as a wall-clock time.
