@@ -220,6 +220,12 @@ pub const EVENT_L4_WOULD_DENY: u32 = 4;
 /// policy (its SYN dropped): `policy_str`/`policy_gen` name the deciding policy (0: a default
 /// deny, or a decision that needs the HTTP request, which plaintext cannot reach the agent for).
 pub const EVENT_PLAINTEXT_DENIED: u32 = 5;
+/// A connect from the pod tree was refused by the safe baseline (`CONFIG_F_BASELINE`); it
+/// failed with EPERM. `src_*` are zero; `dst_*` the destination; `workload_id` 0.
+pub const EVENT_BASELINE_DENIED: u32 = 6;
+/// A SYN to a socket of the pod tree was dropped by the safe baseline; `src_*`/`dst_*` are the
+/// packet's; `workload_id` 0.
+pub const EVENT_BASELINE_DROPPED: u32 = 7;
 
 /// `::ffff:a.b.c.d` in network order, from an IPv4 address in network order.
 #[inline(always)]

@@ -36,7 +36,8 @@ use mesh_common::{
         PolDstKey, PolL4Key, PolL4Value, PolSrcKey, POL_ALLOW, POL_DENY, POL_F_DRY_RUN_DENY, POL_L7,
     },
     AgentConfig, Event, IpKey, OrigDst, WorkloadValue, AF_INET, AF_INET6, CONFIG_F_BASELINE,
-    CONFIG_F_IPV6, CONFIG_F_READY, DEST_F_SERVICE, EVENT_L4_DENIED, EVENT_L4_WOULD_DENY,
+    CONFIG_F_IPV6, CONFIG_F_READY, DEST_F_SERVICE, EVENT_BASELINE_DENIED, EVENT_L4_DENIED,
+    EVENT_L4_WOULD_DENY,
 };
 
 use crate::{
@@ -212,6 +213,19 @@ fn capture(
     }
     if baseline() && !is_loopback(&dst) {
         count(ctr::CONNECT_DENIED_BASELINE);
+        emit(&Event {
+            kind: EVENT_BASELINE_DENIED,
+            workload_id: 0,
+            src_addr_be: [0; 4],
+            dst_addr_be: dst,
+            src_port_be: 0,
+            dst_port_be: port_be,
+            family: u32::from(family),
+            peer_workload_id: 0,
+            policy_str: 0,
+            policy_gen: 0,
+            _reserved: 0,
+        });
         return Err(CaptureError::PolicyDenied);
     }
     let Some(workload) = enrolled_workload() else {

@@ -35,8 +35,9 @@ use aya_ebpf::{
 use mesh_common::{
     counters as ctr, is_loopback, mapped_v4,
     policy::{PolDstKey, PolPlainData, PLAIN_GEN_BITS, POL_ALLOW},
-    AgentConfig, Event, IpKey, AF_INET, AF_INET6, CONFIG_F_IPV6, EVENT_PLAINTEXT_DENIED,
-    EVENT_PLAINTEXT_PERMISSIVE, EVENT_PLAINTEXT_REFUSED, WORKLOAD_F_PERMISSIVE,
+    AgentConfig, Event, IpKey, AF_INET, AF_INET6, CONFIG_F_IPV6, EVENT_BASELINE_DROPPED,
+    EVENT_PLAINTEXT_DENIED, EVENT_PLAINTEXT_PERMISSIVE, EVENT_PLAINTEXT_REFUSED,
+    WORKLOAD_F_PERMISSIVE,
 };
 
 use crate::{
@@ -96,6 +97,19 @@ pub fn try_ingress(ctx: &SkBuffContext) -> Result<i32, ParseError> {
     };
     if connect::baseline() && !is_loopback(&syn.src) {
         count(ctr::INGRESS_DROPPED_BASELINE);
+        emit(&Event {
+            kind: EVENT_BASELINE_DROPPED,
+            workload_id: 0,
+            src_addr_be: syn.src,
+            dst_addr_be: syn.dst,
+            src_port_be: syn.src_port_be,
+            dst_port_be: syn.dst_port_be,
+            family: u32::from(syn.family),
+            peer_workload_id: 0,
+            policy_str: 0,
+            policy_gen: 0,
+            _reserved: 0,
+        });
         return Ok(VERDICT_DROP);
     }
     // Agent not up: nothing is enforced (capture is off as well).

@@ -13,6 +13,9 @@ use crate::{
     registry::Registry,
 };
 
+/// The `policy` of a decision made by the safe baseline (no verified configuration).
+pub const BASELINE_POLICY: &str = "safe-baseline";
+
 /// The record of a kernel event, with workloads and the deciding policy resolved from the
 /// registry and the policy view (of the event's generation); `None` for an unknown kind.
 pub fn entry(
@@ -21,7 +24,7 @@ pub fn entry(
     view: &PolicyView,
     trust_domain: &str,
 ) -> Option<Entry> {
-    let kind = EventKind::try_from(event.kind).ok()?;
+    let event_kind = EventKind::try_from(event.kind).ok()?;
     let src = event_src(event);
     let dst = event_dst(event);
     let workload = |id: u32| registry.by_id(id);
@@ -32,12 +35,25 @@ pub fn entry(
         port: Some(dst.port()),
         ..Body::default()
     };
-    let (kind, verdict) = match kind {
+    let (kind, verdict) = match event_kind {
         EventKind::PlaintextRefused => (Kind::Plaintext, Verdict::Refused),
         EventKind::PlaintextPermissive => (Kind::Plaintext, Verdict::Flagged),
         EventKind::PlaintextDenied => (Kind::Plaintext, Verdict::Deny),
         EventKind::L4Denied => (Kind::Connection, Verdict::Deny),
         EventKind::L4WouldDeny => (Kind::Connection, Verdict::DryRunDeny),
+        EventKind::BaselineDenied | EventKind::BaselineDropped => {
+            // No workload is known (nothing is verified): the decision is the baseline's.
+            body.verdict = Some(Verdict::Deny);
+            body.policy = Some(BASELINE_POLICY.to_owned());
+            if event_kind == EventKind::BaselineDenied {
+                // The connecting socket is not bound yet.
+                body.src_addr = None;
+            }
+            return Some(Entry {
+                kind: Kind::Connection,
+                body,
+            });
+        }
     };
     body.verdict = Some(verdict);
     if kind == Kind::Plaintext {

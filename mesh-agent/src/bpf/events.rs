@@ -9,8 +9,8 @@ use std::{io, net::SocketAddr, sync::Arc};
 
 use aya::maps::{MapData, RingBuf};
 use mesh_common::{
-    Event, EVENT_L4_DENIED, EVENT_L4_WOULD_DENY, EVENT_PLAINTEXT_DENIED,
-    EVENT_PLAINTEXT_PERMISSIVE, EVENT_PLAINTEXT_REFUSED,
+    Event, EVENT_BASELINE_DENIED, EVENT_BASELINE_DROPPED, EVENT_L4_DENIED, EVENT_L4_WOULD_DENY,
+    EVENT_PLAINTEXT_DENIED, EVENT_PLAINTEXT_PERMISSIVE, EVENT_PLAINTEXT_REFUSED,
 };
 use tokio::{
     io::{unix::AsyncFd, Interest},
@@ -41,6 +41,10 @@ pub enum EventKind {
     L4WouldDeny,
     /// `EVENT_PLAINTEXT_DENIED`: plaintext to a PERMISSIVE workload refused by policy.
     PlaintextDenied,
+    /// `EVENT_BASELINE_DENIED`: a connect from the pod tree refused by the safe baseline.
+    BaselineDenied,
+    /// `EVENT_BASELINE_DROPPED`: a SYN to the pod tree dropped by the safe baseline.
+    BaselineDropped,
 }
 
 /// An event kind this build does not know.
@@ -58,6 +62,8 @@ impl TryFrom<u32> for EventKind {
             EVENT_L4_DENIED => Ok(Self::L4Denied),
             EVENT_L4_WOULD_DENY => Ok(Self::L4WouldDeny),
             EVENT_PLAINTEXT_DENIED => Ok(Self::PlaintextDenied),
+            EVENT_BASELINE_DENIED => Ok(Self::BaselineDenied),
+            EVENT_BASELINE_DROPPED => Ok(Self::BaselineDropped),
             other => Err(UnknownKind(other)),
         }
     }
@@ -275,6 +281,17 @@ fn log_event(event: &Event, registry: &Registry, view: &PolicyView, trust_domain
             generation = event.policy_gen,
             "plaintext denied by policy"
         ),
+        Ok(EventKind::BaselineDenied) => warn!(
+            side = "kernel",
+            dst = %dst,
+            "connect refused by the safe baseline (no verified configuration)"
+        ),
+        Ok(EventKind::BaselineDropped) => warn!(
+            side = "kernel",
+            src = %src,
+            dst = %dst,
+            "inbound connection dropped by the safe baseline (no verified configuration)"
+        ),
         Ok(EventKind::PlaintextPermissive) => warn!(
             src = %src,
             dst = %dst,
@@ -412,6 +429,10 @@ mod tests {
         );
         assert_eq!(EventKind::try_from(3).unwrap(), EventKind::L4Denied);
         assert_eq!(EventKind::try_from(4).unwrap(), EventKind::L4WouldDeny);
+        assert_eq!(EventKind::try_from(5).unwrap(), EventKind::PlaintextDenied);
+        assert_eq!(EventKind::try_from(6).unwrap(), EventKind::BaselineDenied);
+        assert_eq!(EventKind::try_from(7).unwrap(), EventKind::BaselineDropped);
         assert!(EventKind::try_from(0).is_err());
+        assert!(EventKind::try_from(8).is_err());
     }
 }

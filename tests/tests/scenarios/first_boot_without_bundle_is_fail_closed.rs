@@ -190,6 +190,41 @@ fn first_boot_without_bundle_is_fail_closed() {
     );
     sealed(&cluster, "unsealed by hand, sealed again");
 
+    // Each refusal is the kernel's decision, reported as an event: logged and audited.
+    wait_for(DEFAULT_TIMEOUT, "n2 logs a baseline refusal", || {
+        agents[1].log_lines().into_iter().find(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("connect refused by the safe baseline"))
+                && l["dst"] == a1.addr4(8080).to_string()
+        })
+    });
+    let audit_dir = cluster.agent_spec(1).identity_dir.join("state/audit");
+    let audit = |args: &[&str]| {
+        let mut all = vec!["audit", "query", audit_dir.to_str().expect("UTF-8 dir")];
+        all.extend(args);
+        all.extend(["--output", "json"]);
+        mesh_tests::authority::run_cli(&all)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .collect::<Vec<_>>()
+    };
+    wait_for(
+        DEFAULT_TIMEOUT,
+        "n2's audit log has the baseline's decisions",
+        || {
+            let records = audit(&["--policy", "safe-baseline"]);
+            let out = records.iter().any(|r| {
+                r["verdict"] == "deny"
+                    && r["dst_addr"].as_str() == Some(&a1.addr4(8080).to_string())
+            });
+            let inbound = records
+                .iter()
+                .any(|r| r["dst_addr"].as_str() == Some(&b1.addr4(8080).to_string()));
+            (out && inbound).then_some(())
+        },
+    );
+
     // The seal is the kernel's: it holds with n2's agent SIGKILLed, and after its restart.
     agents[1].kill_sigkill();
     sealed(&cluster, "agent killed");
