@@ -180,21 +180,22 @@ fn enrolled_workload() -> Option<WorkloadValue> {
     })
 }
 
-/// Whether the safe baseline is on (read whether or not the slot is marked ready).
+/// The config slot as the agent wrote it (one lookup per hook run).
 #[inline(always)]
-pub fn baseline() -> bool {
-    CONFIG
-        .get(0)
-        .is_some_and(|c| c.flags & CONFIG_F_BASELINE != 0)
+pub fn slot() -> Option<AgentConfig> {
+    CONFIG.get(0).copied()
 }
 
-/// The agent's published configuration, if it is ready.
+/// Whether the safe baseline is on in `slot` (whether or not it is marked ready).
 #[inline(always)]
-pub fn config() -> Option<AgentConfig> {
-    match CONFIG.get(0) {
-        Some(c) if c.flags & CONFIG_F_READY != 0 => Some(*c),
-        _ => None,
-    }
+pub fn baseline(slot: Option<AgentConfig>) -> bool {
+    slot.is_some_and(|c| c.flags & CONFIG_F_BASELINE != 0)
+}
+
+/// The agent's published configuration in `slot`, if it is ready.
+#[inline(always)]
+pub fn ready(slot: Option<AgentConfig>) -> Option<AgentConfig> {
+    slot.filter(|c| c.flags & CONFIG_F_READY != 0)
 }
 
 /// Common part of both hooks once the destination is known: decide and
@@ -211,7 +212,8 @@ fn capture(
         count(ctr::CONNECT_PASSED_OTHER);
         return Ok(None);
     }
-    if baseline() && !is_loopback(&dst) {
+    let slot = slot();
+    if baseline(slot) && !is_loopback(&dst) {
         count(ctr::CONNECT_DENIED_BASELINE);
         emit(&Event {
             kind: EVENT_BASELINE_DENIED,
@@ -237,7 +239,7 @@ fn capture(
         count(ctr::CONNECT_PASSED_NOT_MESH);
         return Ok(None);
     };
-    let cfg = config().ok_or(CaptureError::NotReady)?;
+    let cfg = ready(slot).ok_or(CaptureError::NotReady)?;
     let service = dest.flags & DEST_F_SERVICE != 0;
     let orig = OrigDst {
         addr_be: dst,

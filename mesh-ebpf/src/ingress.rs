@@ -95,7 +95,8 @@ pub fn try_ingress(ctx: &SkBuffContext) -> Result<i32, ParseError> {
     let Some(syn) = syn else {
         return Ok(VERDICT_PASS);
     };
-    if connect::baseline() && !is_loopback(&syn.src) {
+    let slot = connect::slot();
+    if connect::baseline(slot) && !is_loopback(&syn.src) {
         count(ctr::INGRESS_DROPPED_BASELINE);
         emit(&Event {
             kind: EVENT_BASELINE_DROPPED,
@@ -113,7 +114,7 @@ pub fn try_ingress(ctx: &SkBuffContext) -> Result<i32, ParseError> {
         return Ok(VERDICT_DROP);
     }
     // Agent not up: nothing is enforced (capture is off as well).
-    let Some(cfg) = connect::config() else {
+    let Some(cfg) = connect::ready(slot) else {
         return Ok(VERDICT_PASS);
     };
     let skb = ctx.skb.skb;
