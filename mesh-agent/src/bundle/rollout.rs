@@ -137,6 +137,10 @@ fn is_node_pattern(s: &str) -> bool {
 /// Unix milliseconds of an RFC 3339 time written in UTC (`Z` or `+00:00`).
 pub fn parse_utc(t: &str) -> Result<u64, String> {
     let quoted = super::truncated(t);
+    // RFC 3339 lets a space stand for `T`; one spelling only here.
+    if t.as_bytes().get(10) != Some(&b'T') {
+        return Err(format!("activateAt {quoted:?} is not an RFC 3339 time (…T…Z)"));
+    }
     let parsed = time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
         .map_err(|_| format!("activateAt {quoted:?} is not an RFC 3339 time"))?;
     if !parsed.offset().is_utc() {

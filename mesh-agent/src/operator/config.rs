@@ -63,7 +63,8 @@ pub enum ConfigCommand {
     /// The signer keys a node trusts: list, add (pending), activate, retire.
     Signers(SignersArgs),
     /// At the authority (`--dir`): the intended version and every node's active version,
-    /// when it last asked, and drift. Exit 0 no drift, 1 drift, 2 no record.
+    /// when it last asked, and drift; the rollout and why it halted. Exit 0 no drift,
+    /// 1 drift, 2 no record, 3 rollout halted.
     Status(crate::operator::state::AgentsArgs),
 }
 
