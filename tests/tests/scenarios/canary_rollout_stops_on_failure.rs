@@ -15,8 +15,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mesh_tests::{
-    authority::run_cli_status, require_privileges, wait_for, Agent, Cluster, Host,
-    DEFAULT_TIMEOUT,
+    authority::run_cli_status, require_privileges, wait_for, Agent, ClientRequest, Cluster,
+    Host, DEFAULT_TIMEOUT,
 };
 
 use super::{
@@ -248,8 +248,16 @@ fn canary_rollout_stops_on_failure() {
     }
     wait_active(&cluster, 4);
     assert!(now_ms() >= activate_ms, "v4 applied before its activation time");
-    expect_allowed(a1, dst);
-    expect_allowed(b2, dst);
+    // The policy of a version is compiled a moment after the version is applied.
+    for src in [a1, b2] {
+        wait_for(DEFAULT_TIMEOUT, &format!("{} → b1 allowed by v4", src.name()), || {
+            let run = src.client(&ClientRequest::new(dst).send("allowed?"));
+            run.results
+                .first()
+                .is_some_and(|r| r.echo_ok && r.hello.is_some())
+                .then_some(())
+        });
+    }
     wait_for(DEFAULT_TIMEOUT, "config status clean", || {
         let (code, st) = status(&cluster);
         (code == Some(0) && st["rollout"]["phase"] == "released").then_some(())
