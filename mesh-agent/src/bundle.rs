@@ -646,7 +646,11 @@ fn bounded_signatures<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Signature>,
     bounded_vec(d, MAX_SIGNATURES, "signatures")
 }
 
-pub(crate) fn bounded_vec<'de, D, T>(d: D, max: usize, what: &'static str) -> Result<Vec<T>, D::Error>
+pub(crate) fn bounded_vec<'de, D, T>(
+    d: D,
+    max: usize,
+    what: &'static str,
+) -> Result<Vec<T>, D::Error>
 where
     D: Deserializer<'de>,
     T: Deserialize<'de>,

@@ -139,7 +139,9 @@ pub fn parse_utc(t: &str) -> Result<u64, String> {
     let quoted = super::truncated(t);
     // RFC 3339 lets a space stand for `T`; one spelling only here.
     if t.as_bytes().get(10) != Some(&b'T') {
-        return Err(format!("activateAt {quoted:?} is not an RFC 3339 time (…T…Z)"));
+        return Err(format!(
+            "activateAt {quoted:?} is not an RFC 3339 time (…T…Z)"
+        ));
     }
     let parsed = time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
         .map_err(|_| format!("activateAt {quoted:?} is not an RFC 3339 time"))?;

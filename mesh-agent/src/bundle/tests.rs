@@ -1273,7 +1273,9 @@ fn rollout_is_covered_by_the_documented_encoding() {
         assert_eq!(back.digest(), b.digest());
     }
     // Without a rollout the file has no `rollout` key (older readers read it).
-    assert!(!String::from_utf8(base.to_json()).unwrap().contains("rollout"));
+    assert!(!String::from_utf8(base.to_json())
+        .unwrap()
+        .contains("rollout"));
 }
 
 /// A signed bundle whose rollout is changed, added or removed after signing is refused.
@@ -1343,23 +1345,46 @@ fn malformed_rollout_fields_are_refused() {
             "\"rollout\":{\"canaryNodes\":[\"n1\"],\"canaryWindowSecs\":30,\"evil\":1}",
             "malformed",
         ),
-        ("\"rollout\":{\"canaryNodes\":\"n1\",\"canaryWindowSecs\":30}", "malformed"),
-        ("\"rollout\":{\"canaryNodes\":[\"n1\"],\"canaryWindowSecs\":-1}", "malformed"),
-        ("\"rollout\":{\"canaryNodes\":[\"n1\"],\"canaryWindowSecs\":\"30\"}", "malformed"),
-        ("\"rollout\":{\"canaryNodes\":[1],\"canaryWindowSecs\":30}", "malformed"),
+        (
+            "\"rollout\":{\"canaryNodes\":\"n1\",\"canaryWindowSecs\":30}",
+            "malformed",
+        ),
+        (
+            "\"rollout\":{\"canaryNodes\":[\"n1\"],\"canaryWindowSecs\":-1}",
+            "malformed",
+        ),
+        (
+            "\"rollout\":{\"canaryNodes\":[\"n1\"],\"canaryWindowSecs\":\"30\"}",
+            "malformed",
+        ),
+        (
+            "\"rollout\":{\"canaryNodes\":[1],\"canaryWindowSecs\":30}",
+            "malformed",
+        ),
         // serde reads a struct from a list too: an empty one is an empty rollout.
         ("\"rollout\":[]", "schema"),
         ("\"rollout\":{}", "schema"),
         ("\"rollout\":{\"canaryNodes\":[\"n1\"]}", "schema"),
-        ("\"rollout\":{\"canaryNodes\":[\"n1\"],\"canaryWindowSecs\":0}", "schema"),
-        ("\"rollout\":{\"canaryNodes\":[\"N1\"],\"canaryWindowSecs\":30}", "schema"),
+        (
+            "\"rollout\":{\"canaryNodes\":[\"n1\"],\"canaryWindowSecs\":0}",
+            "schema",
+        ),
+        (
+            "\"rollout\":{\"canaryNodes\":[\"N1\"],\"canaryWindowSecs\":30}",
+            "schema",
+        ),
         ("\"rollout\":{\"activateAt\":\"soon\"}", "schema"),
-        ("\"rollout\":{\"activateAt\":\"2026-01-01T00:00:00+02:00\"}", "schema"),
+        (
+            "\"rollout\":{\"activateAt\":\"2026-01-01T00:00:00+02:00\"}",
+            "schema",
+        ),
         (many.as_str(), "oversized"),
     ] {
         let bad = json.replace(good, replacement);
         assert_eq!(
-            parse_unsigned(bad.as_bytes()).map(|_| ()).map_err(|e| e.reason()),
+            parse_unsigned(bad.as_bytes())
+                .map(|_| ())
+                .map_err(|e| e.reason()),
             Err(want),
             "{replacement}"
         );
@@ -1367,7 +1392,9 @@ fn malformed_rollout_fields_are_refused() {
     // `"rollout":null` is no rollout: the digest (computed without one) then mismatches.
     let null = json.replace(good, "\"rollout\":null");
     assert_eq!(
-        parse_unsigned(null.as_bytes()).map(|_| ()).map_err(|e| e.reason()),
+        parse_unsigned(null.as_bytes())
+            .map(|_| ())
+            .map_err(|e| e.reason()),
         Err("digest_mismatch")
     );
 }

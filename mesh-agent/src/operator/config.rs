@@ -347,14 +347,13 @@ fn build(a: &BundleArgs) -> Outcome {
         root_namespace: a.root_namespace.clone(),
         trust_domain_aliases: a.trust_domain_aliases.clone(),
     };
-    let rollout = (a.activate_at.is_some()
-        || !a.canary_nodes.is_empty()
-        || a.canary_window_secs.is_some())
-    .then(|| bundle::Rollout {
-        activate_at: a.activate_at.clone(),
-        canary_nodes: a.canary_nodes.clone(),
-        canary_window_secs: a.canary_window_secs,
-    });
+    let rollout =
+        (a.activate_at.is_some() || !a.canary_nodes.is_empty() || a.canary_window_secs.is_some())
+            .then(|| bundle::Rollout {
+                activate_at: a.activate_at.clone(),
+                canary_nodes: a.canary_nodes.clone(),
+                canary_window_secs: a.canary_window_secs,
+            });
     if let Some(r) = &rollout {
         r.check()
             .map_err(|e| Failure::input("the rollout flags", &e))?;

@@ -277,9 +277,9 @@ pub fn agents(a: AgentsArgs) -> ExitCode {
                 }),
             };
             AgentShown {
-                drift: meant.as_ref().is_some_and(|m| {
-                    r.active_version != m.version || r.active_digest != m.digest
-                }),
+                drift: meant
+                    .as_ref()
+                    .is_some_and(|m| r.active_version != m.version || r.active_digest != m.digest),
                 intended_version: meant.map_or(0, |m| m.version),
                 node,
                 received: r.version,
@@ -332,7 +332,10 @@ pub fn agents(a: AgentsArgs) -> ExitCode {
             if g.drift { "  DRIFT" } else { "" }
         ));
         if let Some(f) = &g.refused {
-            text.push_str(&format!("    refused version {}: {}\n", f.version, f.reason));
+            text.push_str(&format!(
+                "    refused version {}: {}\n",
+                f.version, f.reason
+            ));
         }
     }
     let code = if halted {

@@ -169,7 +169,11 @@ impl Publisher {
             }
             let record = match previous {
                 Some(p) if p.target == target => {
-                    info!(version = target.version, phase = p.phase.as_str(), "rollout resumed");
+                    info!(
+                        version = target.version,
+                        phase = p.phase.as_str(),
+                        "rollout resumed"
+                    );
                     p
                 }
                 previous => {
@@ -178,11 +182,17 @@ impl Publisher {
             };
             r.versions.insert(target.version, Arc::clone(&published));
             let keep = record.versions();
-            r.versions
-                .retain(|v, p| keep.iter().any(|k| k.version == *v && k.digest == p.snapshot.digest));
-            info!(version = target.version, phase = record.phase.as_str(),
-                  canaries = record.canaries.len(), base = record.base.as_ref().map_or(0, |b| b.version),
-                  "rollout started");
+            r.versions.retain(|v, p| {
+                keep.iter()
+                    .any(|k| k.version == *v && k.digest == p.snapshot.digest)
+            });
+            info!(
+                version = target.version,
+                phase = record.phase.as_str(),
+                canaries = record.canaries.len(),
+                base = record.base.as_ref().map_or(0, |b| b.version),
+                "rollout started"
+            );
             if let Some(h) = &record.halt {
                 r.halted(&record, h);
             }
@@ -240,7 +250,9 @@ fn load_rollout(dir: &Path) -> (Option<RolloutRecord>, BTreeMap<u64, Arc<Publish
     };
     let mut versions = BTreeMap::new();
     for v in record.versions() {
-        let file = dir.join(ROLLOUT_VERSIONS_DIR).join(format!("v{}.json", v.version));
+        let file = dir
+            .join(ROLLOUT_VERSIONS_DIR)
+            .join(format!("v{}.json", v.version));
         let loaded = std::fs::read(&file)
             .map_err(|e| e.to_string())
             .and_then(|b| serde_json::from_slice::<Snapshot>(&b).map_err(|e| e.to_string()))
@@ -318,11 +330,17 @@ impl Release {
         for t in &transitions {
             match t {
                 Transition::Canary => {
-                    info!(version = record.target.version, canaries = record.canaries.len(),
-                          "rollout: released to the canaries");
+                    info!(
+                        version = record.target.version,
+                        canaries = record.canaries.len(),
+                        "rollout: released to the canaries"
+                    );
                 }
                 Transition::Released => {
-                    info!(version = record.target.version, "rollout: released to every node");
+                    info!(
+                        version = record.target.version,
+                        "rollout: released to every node"
+                    );
                     if let Some(a) = &self.audit {
                         a.config_event(
                             "rollout_released",
@@ -373,9 +391,12 @@ impl Release {
             }
             for entry in std::fs::read_dir(&vdir).into_iter().flatten().flatten() {
                 let name = entry.file_name();
-                let version = name
-                    .to_str()
-                    .and_then(|n| n.strip_prefix('v')?.strip_suffix(".json")?.parse::<u64>().ok());
+                let version = name.to_str().and_then(|n| {
+                    n.strip_prefix('v')?
+                        .strip_suffix(".json")?
+                        .parse::<u64>()
+                        .ok()
+                });
                 if version.is_some_and(|v| !self.versions.contains_key(&v)) {
                     let _ = std::fs::remove_file(entry.path());
                 }
@@ -496,7 +517,9 @@ impl StateFeed {
                 let ms = d.saturating_sub(now_unix_ms()).saturating_add(1);
                 (tokio::time::Instant::now() + Duration::from_millis(ms)).min(until)
             });
-            if tokio::time::timeout_at(wake, generation.changed()).await.is_err()
+            if tokio::time::timeout_at(wake, generation.changed())
+                .await
+                .is_err()
                 && tokio::time::Instant::now() >= until
             {
                 return None;
@@ -881,22 +904,51 @@ mod tests {
         {
             let (publisher, feed) = Publisher::new(Some(dir.path()));
             publisher.publish(v1.clone());
-            publisher.publish_rollout(v2.clone(), Some(&canary(&["n1"], 3600)), &nodes, now_unix_ms());
+            publisher.publish_rollout(
+                v2.clone(),
+                Some(&canary(&["n1"], 3600)),
+                &nodes,
+                now_unix_ms(),
+            );
             // n2 keeps v1 during the window: nothing new for it, and it is not stale.
-            assert_eq!(feed.next("n2", None, active(&v1, None), SHORT).await.unwrap().snapshot.version, 1);
-            assert!(feed.next("n2", Some(1), active(&v1, None), SHORT).await.is_none());
+            assert_eq!(
+                feed.next("n2", None, active(&v1, None), SHORT)
+                    .await
+                    .unwrap()
+                    .snapshot
+                    .version,
+                1
+            );
+            assert!(feed
+                .next("n2", Some(1), active(&v1, None), SHORT)
+                .await
+                .is_none());
             assert_eq!(feed.stale_for("n2"), None);
             // n1, the canary, gets v2; reporting v1 active it is behind its intended version.
-            let got = feed.next("n1", Some(1), active(&v1, None), SHORT).await.unwrap();
+            let got = feed
+                .next("n1", Some(1), active(&v1, None), SHORT)
+                .await
+                .unwrap();
             assert_eq!(got.snapshot.version, 2);
             assert!(feed.stale_for("n1").is_some());
             // n1 refuses v2: halted at once, persisted, n1 is meant to keep v1.
-            let got = feed.next("n1", Some(2), active(&v1, Some(&v2)), SHORT).await;
-            assert_eq!(got.map(|p| p.snapshot.version), Some(1), "the version meant for n1");
+            let got = feed
+                .next("n1", Some(2), active(&v1, Some(&v2)), SHORT)
+                .await;
+            assert_eq!(
+                got.map(|p| p.snapshot.version),
+                Some(1),
+                "the version meant for n1"
+            );
             let record = feed.rollout().unwrap();
             assert!(record.halted());
             assert_eq!(record.halt.as_ref().unwrap().node.as_deref(), Some("n1"));
-            assert!(record.halt.as_ref().unwrap().reason.contains("unknown_signer"));
+            assert!(record
+                .halt
+                .as_ref()
+                .unwrap()
+                .reason
+                .contains("unknown_signer"));
             assert_eq!(feed.stale_for("n1"), None);
             let on_disk: RolloutRecord =
                 serde_json::from_slice(&std::fs::read(dir.path().join(ROLLOUT_FILE)).unwrap())
@@ -910,15 +962,33 @@ mod tests {
         // Restart: the same bundle published again resumes the halted rollout, and v1 (no
         // longer the followed file) is still served from the persisted copy.
         let (publisher, feed) = Publisher::new(Some(dir.path()));
-        publisher.publish_rollout(v2.clone(), Some(&canary(&["n1"], 3600)), &nodes, now_unix_ms());
+        publisher.publish_rollout(
+            v2.clone(),
+            Some(&canary(&["n1"], 3600)),
+            &nodes,
+            now_unix_ms(),
+        );
         assert!(feed.rollout().unwrap().halted());
         let got = feed.next("n2", None, None, SHORT).await.unwrap();
-        assert_eq!((got.snapshot.version, &got.snapshot.digest), (1, &v1.digest));
-        assert!(feed.next("n2", Some(1), active(&v1, None), SHORT).await.is_none());
+        assert_eq!(
+            (got.snapshot.version, &got.snapshot.digest),
+            (1, &v1.digest)
+        );
+        assert!(feed
+            .next("n2", Some(1), active(&v1, None), SHORT)
+            .await
+            .is_none());
         // v3 without a rollout supersedes the halted one: everyone, and v1's copy goes.
         let v3 = snap(3);
         publisher.publish_rollout(v3.clone(), None, &nodes, now_unix_ms());
-        assert_eq!(feed.next("n2", Some(1), active(&v1, None), SHORT).await.unwrap().snapshot.version, 3);
+        assert_eq!(
+            feed.next("n2", Some(1), active(&v1, None), SHORT)
+                .await
+                .unwrap()
+                .snapshot
+                .version,
+            3
+        );
         assert!(!dir.path().join("state/rollout/v1.json").exists());
         assert!(dir.path().join("state/rollout/v3.json").exists());
     }
@@ -931,11 +1001,26 @@ mod tests {
         publisher.publish(v1.clone());
         // Published 10 s ago with a 1 s window... but n1 reports it active first: the
         // report is taken before the window's end is judged.
-        publisher.publish_rollout(v2.clone(), Some(&canary(&["n1"], 1)), &nodes, now_unix_ms() - 10_000);
+        publisher.publish_rollout(
+            v2.clone(),
+            Some(&canary(&["n1"], 1)),
+            &nodes,
+            now_unix_ms() - 10_000,
+        );
         let got = feed.next("n1", Some(2), active(&v2, None), SHORT).await;
         assert!(got.is_none());
-        assert_eq!(feed.rollout().unwrap().phase, super::super::rollout::Phase::Released);
-        assert_eq!(feed.next("n2", Some(1), active(&v1, None), SHORT).await.unwrap().snapshot.version, 2);
+        assert_eq!(
+            feed.rollout().unwrap().phase,
+            super::super::rollout::Phase::Released
+        );
+        assert_eq!(
+            feed.next("n2", Some(1), active(&v1, None), SHORT)
+                .await
+                .unwrap()
+                .snapshot
+                .version,
+            2
+        );
     }
 
     #[tokio::test]
@@ -948,9 +1033,14 @@ mod tests {
         feed.next("n1", Some(2), active(&v2, None), SHORT).await;
         // n2 waits (up to 10 s): answered with v2 once the 1 s window ends, not before.
         let started = std::time::Instant::now();
-        let got = feed.next("n2", Some(1), active(&v1, None), Duration::from_secs(10)).await;
+        let got = feed
+            .next("n2", Some(1), active(&v1, None), Duration::from_secs(10))
+            .await;
         assert_eq!(got.unwrap().snapshot.version, 2);
         let took = started.elapsed();
-        assert!(took >= Duration::from_millis(500) && took < Duration::from_secs(5), "{took:?}");
+        assert!(
+            took >= Duration::from_millis(500) && took < Duration::from_secs(5),
+            "{took:?}"
+        );
     }
 }

@@ -247,9 +247,9 @@ impl RolloutRecord {
             self.canaries_active.insert(node.to_owned());
         }
         match refused {
-            Some((v, reason)) if v == &self.target && self.phase == Phase::Canary => Some(
-                self.stop(now, Some(node.to_owned()), format!("refused: {reason}")),
-            ),
+            Some((v, reason)) if v == &self.target && self.phase == Phase::Canary => {
+                Some(self.stop(now, Some(node.to_owned()), format!("refused: {reason}")))
+            }
             _ => None,
         }
     }
@@ -359,7 +359,10 @@ mod tests {
         assert_eq!(r.tick(t + 30 * S), None);
         assert_eq!(r.observe("n1", Some(&v(2)), None, t + 5 * S), None);
         // A non-canary reporting anything changes nothing.
-        assert_eq!(r.observe("n2", Some(&v(2)), Some((&v(2), "x")), t + 5 * S), None);
+        assert_eq!(
+            r.observe("n2", Some(&v(2)), Some((&v(2), "x")), t + 5 * S),
+            None
+        );
         assert_eq!(r.phase, Phase::Canary);
         assert_eq!(r.intended("n2"), Some(&v(1)));
         assert_eq!(r.tick(t + 31 * S), Some(Transition::Released));
@@ -383,7 +386,12 @@ mod tests {
         );
         // A refusal of another version (e.g. an older one) does not count.
         assert_eq!(r.observe("n1", Some(&v(1)), Some((&v(9), "x")), t), None);
-        let got = r.observe("n1", Some(&v(1)), Some((&v(2), "unknown_signer: key x")), t + S);
+        let got = r.observe(
+            "n1",
+            Some(&v(1)),
+            Some((&v(2), "unknown_signer: key x")),
+            t + S,
+        );
         let Some(Transition::Halted(h)) = got else {
             panic!("{got:?}")
         };
@@ -409,7 +417,10 @@ mod tests {
             Some(&base),
             t,
         );
-        let want: BTreeSet<String> = ["n1", "edge-a", "edge-b"].iter().map(|s| (*s).into()).collect();
+        let want: BTreeSet<String> = ["n1", "edge-a", "edge-b"]
+            .iter()
+            .map(|s| (*s).into())
+            .collect();
         assert_eq!(r.canaries, want);
         r.observe("n1", Some(&v(2)), None, t + S);
         r.observe("edge-a", Some(&v(2)), None, t + S);
@@ -439,8 +450,13 @@ mod tests {
         let t = 20_000 * S;
         let base = released(t);
         let at = t + 60 * S;
-        let mut r =
-            RolloutRecord::start(v(2), Some(&canary(Some(at), &[], 0)), &nodes(), Some(&base), t);
+        let mut r = RolloutRecord::start(
+            v(2),
+            Some(&canary(Some(at), &[], 0)),
+            &nodes(),
+            Some(&base),
+            t,
+        );
         assert_eq!(r.phase, Phase::Pending);
         assert_eq!(r.intended("n1"), Some(&v(1)));
         assert_eq!(r.deadline(), Some(at));
@@ -451,7 +467,13 @@ mod tests {
         let r = RolloutRecord::start(v(1), Some(&canary(Some(at), &[], 0)), &nodes(), None, t);
         assert_eq!(r.intended("n1"), None);
         // An activation time in the past: at once.
-        let r = RolloutRecord::start(v(2), Some(&canary(Some(t - S), &[], 0)), &nodes(), Some(&base), t);
+        let r = RolloutRecord::start(
+            v(2),
+            Some(&canary(Some(t - S), &[], 0)),
+            &nodes(),
+            Some(&base),
+            t,
+        );
         assert_eq!(r.phase, Phase::Released);
         // Activation then canaries: the window starts at the activation time.
         let mut r = RolloutRecord::start(
@@ -491,7 +513,10 @@ mod tests {
         assert_eq!(r3.intended("n2"), Some(&v(3)));
         assert_eq!(r3.intended("edge-a"), Some(&v(1)));
         assert_eq!(
-            r3.versions().into_iter().map(|v| v.version).collect::<Vec<_>>(),
+            r3.versions()
+                .into_iter()
+                .map(|v| v.version)
+                .collect::<Vec<_>>(),
             [1, 2, 3]
         );
         r3.observe("n2", Some(&v(3)), None, t + 3 * S);
@@ -506,7 +531,13 @@ mod tests {
             Some(&r3),
             t + 70 * S,
         );
-        let r5 = RolloutRecord::start(v(5), Some(&canary(None, &["n1"], 5)), &nodes(), Some(&r4), t + 71 * S);
+        let r5 = RolloutRecord::start(
+            v(5),
+            Some(&canary(None, &["n1"], 5)),
+            &nodes(),
+            Some(&r4),
+            t + 71 * S,
+        );
         assert_eq!(r5.intended("n2"), Some(&v(3)));
         assert_eq!(r5.intended("n1"), Some(&v(5)));
     }

@@ -15,8 +15,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mesh_tests::{
-    authority::run_cli_status, require_privileges, wait_for, Agent, ClientRequest, Cluster,
-    Host, DEFAULT_TIMEOUT,
+    authority::run_cli_status, require_privileges, wait_for, Agent, ClientRequest, Cluster, Host,
+    DEFAULT_TIMEOUT,
 };
 
 use super::{
@@ -150,7 +150,11 @@ fn canary_rollout_stops_on_failure() {
     wait_denied(a1, dst);
     // n2 decides b2 → b1 by itself: still version 1, still allowed.
     expect_allowed(b2, dst);
-    assert_eq!(active_version(&cluster, 1), 1, "n2 received v2 during the window");
+    assert_eq!(
+        active_version(&cluster, 1),
+        1,
+        "n2 received v2 during the window"
+    );
     let (code, st) = wait_for(DEFAULT_TIMEOUT, "config status: n1 reported v2", || {
         let (code, st) = status(&cluster);
         (agent(&st, "n1")["activeVersion"] == 2).then_some((code, st))
@@ -161,8 +165,14 @@ fn canary_rollout_stops_on_failure() {
     assert_eq!(agent(&st, "n2")["intendedVersion"], 1, "{st}");
     assert_eq!(agent(&st, "n2")["drift"], false, "{st}");
     assert_eq!(code, Some(0), "{st}");
-    assert_eq!(active_version(&cluster, 1), 1, "n2 received v2 during the window");
-    let window_end = st["rollout"]["windowEndUnixMs"].as_u64().expect("window end");
+    assert_eq!(
+        active_version(&cluster, 1),
+        1,
+        "n2 received v2 during the window"
+    );
+    let window_end = st["rollout"]["windowEndUnixMs"]
+        .as_u64()
+        .expect("window end");
 
     wait_for(
         Duration::from_secs(WINDOW_V2) + DEFAULT_TIMEOUT,
@@ -194,16 +204,22 @@ fn canary_rollout_stops_on_failure() {
     wait_for(DEFAULT_TIMEOUT, "n1 refuses v3 (unknown signer)", || {
         (rejected(&cluster, 0, "unknown_signer") >= 1.0).then_some(())
     });
-    let st = wait_for(DEFAULT_TIMEOUT, "config status shows the halt (exit 3)", || {
-        let (code, st) = status(&cluster);
-        (code == Some(3) && st["halted"] == true).then_some(st)
-    });
+    let st = wait_for(
+        DEFAULT_TIMEOUT,
+        "config status shows the halt (exit 3)",
+        || {
+            let (code, st) = status(&cluster);
+            (code == Some(3) && st["halted"] == true).then_some(st)
+        },
+    );
     assert_eq!(st["rollout"]["target"]["version"], 3, "{st}");
     assert_eq!(st["rollout"]["halt"]["node"], "n1", "{st}");
     let reason = st["rollout"]["halt"]["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("unknown_signer"), "{st}");
     assert_eq!(agent(&st, "n1")["refused"]["version"], 3, "{st}");
-    let window_end = st["rollout"]["windowEndUnixMs"].as_u64().expect("window end");
+    let window_end = st["rollout"]["windowEndUnixMs"]
+        .as_u64()
+        .expect("window end");
     // The one wait that is a time and not a condition: n2 must still not have v3 once the
     // window is over (the point is that nothing happens).
     wait_for(
@@ -226,17 +242,15 @@ fn canary_rollout_stops_on_failure() {
     // (c) An activation time ahead: nobody before it, both after; it supersedes the halt.
     let activate_ms = (now_ms() / 1000 + 6) * 1000;
     let activate_at = time_rfc3339(activate_ms / 1000);
-    publish_with(
-        &cluster,
-        &k1,
-        4,
-        &[],
-        &["--activate-at", &activate_at],
+    publish_with(&cluster, &k1, 4, &[], &["--activate-at", &activate_at]);
+    wait_for(
+        DEFAULT_TIMEOUT,
+        "the authority publishes v4 (pending)",
+        || {
+            let (_, st) = status(&cluster);
+            (st["rollout"]["target"]["version"] == 4).then_some(())
+        },
     );
-    wait_for(DEFAULT_TIMEOUT, "the authority publishes v4 (pending)", || {
-        let (_, st) = status(&cluster);
-        (st["rollout"]["target"]["version"] == 4).then_some(())
-    });
     // Polled until the activation time itself: nobody may run v4 before it.
     while now_ms() + 300 < activate_ms {
         for i in 0..2 {
@@ -247,16 +261,23 @@ fn canary_rollout_stops_on_failure() {
         std::thread::sleep(mesh_tests::poll::POLL_INTERVAL);
     }
     wait_active(&cluster, 4);
-    assert!(now_ms() >= activate_ms, "v4 applied before its activation time");
+    assert!(
+        now_ms() >= activate_ms,
+        "v4 applied before its activation time"
+    );
     // The policy of a version is compiled a moment after the version is applied.
     for src in [a1, b2] {
-        wait_for(DEFAULT_TIMEOUT, &format!("{} → b1 allowed by v4", src.name()), || {
-            let run = src.client(&ClientRequest::new(dst).send("allowed?"));
-            run.results
-                .first()
-                .is_some_and(|r| r.echo_ok && r.hello.is_some())
-                .then_some(())
-        });
+        wait_for(
+            DEFAULT_TIMEOUT,
+            &format!("{} → b1 allowed by v4", src.name()),
+            || {
+                let run = src.client(&ClientRequest::new(dst).send("allowed?"));
+                run.results
+                    .first()
+                    .is_some_and(|r| r.echo_ok && r.hello.is_some())
+                    .then_some(())
+            },
+        );
     }
     wait_for(DEFAULT_TIMEOUT, "config status clean", || {
         let (code, st) = status(&cluster);
