@@ -9,6 +9,7 @@
 //!     the rollout halts at once; `config status` shows the halt with n1's reason (exit 3);
 //!     past the window n2, which would accept k2, has still not received it (it runs version
 //!     2, b2 → b1 still refused, no drift).
+//!     The authority, restarted, resumes the halted rollout from its record.
 //! (c) Version 4 — signed by k1, activation time a few seconds ahead, no canaries — supersedes
 //!     the halted rollout: nobody receives it before the activation time, both after.
 
@@ -238,6 +239,23 @@ fn canary_rollout_stops_on_failure() {
     assert_eq!(agent(&st, "n2")["intendedVersion"], 2, "{st}");
     assert_eq!(agent(&st, "n2")["received"], 2, "{st}");
     assert_eq!(agent(&st, "n2")["drift"], false, "{st}");
+
+    // An authority restarted mid-rollout resumes it from its record: still halted, n2 still
+    // meant for (and served) v2 from the persisted copy, although the followed file is v3.
+    {
+        let mut a = cluster.authority();
+        a.stop();
+        a.start();
+    }
+    let st = wait_for(DEFAULT_TIMEOUT, "n2 reports to the restarted authority", || {
+        let (code, st) = status(&cluster);
+        (code == Some(3) && agent(&st, "n2")["seenUnixMs"].as_u64() > Some(window_end))
+            .then_some(st)
+    });
+    assert_eq!(st["rollout"]["phase"], "halted", "{st}");
+    assert_eq!(agent(&st, "n2")["intendedVersion"], 2, "{st}");
+    assert_eq!(active_version(&cluster, 1), 2, "n2 after the authority's restart");
+    expect_denied(b2, dst);
 
     // (c) An activation time ahead: nobody before it, both after; it supersedes the halt.
     let activate_ms = (now_ms() / 1000 + 6) * 1000;
