@@ -159,6 +159,8 @@ pub fn spawn_applier(
                     if snapshot.version == applier.version()
                         && snapshot.digest == applier.digest()
                     {
+                        // What it runs is meant for it again (a halted rollout): no drift.
+                        applier.report_drift(&snapshot);
                         continue;
                     }
                     // Parsing and map writes: milliseconds, on this task only.

@@ -177,7 +177,24 @@ impl Publisher {
                     p
                 }
                 previous => {
-                    RolloutRecord::start(target.clone(), rollout, nodes, previous.as_ref(), now)
+                    let record = RolloutRecord::start(
+                        target.clone(),
+                        rollout,
+                        nodes,
+                        previous.as_ref(),
+                        now,
+                    );
+                    info!(
+                        version = target.version,
+                        phase = record.phase.as_str(),
+                        canaries = record.canaries.len(),
+                        base = record.base.as_ref().map_or(0, |b| b.version),
+                        "rollout started"
+                    );
+                    if let Some(h) = &record.halt {
+                        r.halted(&record, h);
+                    }
+                    record
                 }
             };
             r.versions.insert(target.version, Arc::clone(&published));
@@ -186,16 +203,6 @@ impl Publisher {
                 keep.iter()
                     .any(|k| k.version == *v && k.digest == p.snapshot.digest)
             });
-            info!(
-                version = target.version,
-                phase = record.phase.as_str(),
-                canaries = record.canaries.len(),
-                base = record.base.as_ref().map_or(0, |b| b.version),
-                "rollout started"
-            );
-            if let Some(h) = &record.halt {
-                r.halted(&record, h);
-            }
             r.record = Some(record);
             r.persist(true);
         }
@@ -281,7 +288,7 @@ impl Release {
     /// Logs and audits a halt.
     fn halted(&self, record: &RolloutRecord, h: &Halt) {
         warn!(version = record.target.version, node = h.node.as_deref().unwrap_or("-"),
-              reason = %h.reason, "rollout halted: other nodes keep the previous version");
+              reason = %h.reason, "rollout halted");
         if let Some(a) = &self.audit {
             a.config_event(
                 "rollout_halted",

@@ -218,6 +218,14 @@ fn canary_rollout_stops_on_failure() {
     let reason = st["rollout"]["halt"]["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("unknown_signer"), "{st}");
     assert_eq!(agent(&st, "n1")["refused"]["version"], 3, "{st}");
+    let logged = |message: &str| {
+        cluster
+            .authority()
+            .log_lines()
+            .iter()
+            .any(|l| l["message"] == message)
+    };
+    assert!(logged("rollout halted"), "the halt is not logged");
     let window_end = st["rollout"]["windowEndUnixMs"]
         .as_u64()
         .expect("window end");
@@ -231,6 +239,10 @@ fn canary_rollout_stops_on_failure() {
     assert_eq!(active_version(&cluster, 1), 2, "n2 received the halted v3");
     assert_eq!(active_version(&cluster, 0), 2, "n1 left v2");
     assert_eq!(cluster.node(1).metric("mesh_config_drift"), 0.0);
+    // n1 is meant for v2 again (it refused v3): it does not drift either.
+    wait_for(DEFAULT_TIMEOUT, "n1 no longer drifts", || {
+        (cluster.node(0).metric("mesh_config_drift") == 0.0).then_some(())
+    });
     assert_eq!(rejected(&cluster, 1, "unknown_signer"), 0.0, "n2 saw v3");
     expect_denied(b2, dst);
     let (code, st) = status(&cluster);
@@ -247,14 +259,26 @@ fn canary_rollout_stops_on_failure() {
         a.stop();
         a.start();
     }
-    let st = wait_for(DEFAULT_TIMEOUT, "n2 reports to the restarted authority", || {
-        let (code, st) = status(&cluster);
-        (code == Some(3) && agent(&st, "n2")["seenUnixMs"].as_u64() > Some(window_end))
-            .then_some(st)
-    });
+    let st = wait_for(
+        DEFAULT_TIMEOUT,
+        "n2 reports to the restarted authority",
+        || {
+            let (code, st) = status(&cluster);
+            (code == Some(3) && agent(&st, "n2")["seenUnixMs"].as_u64() > Some(window_end))
+                .then_some(st)
+        },
+    );
     assert_eq!(st["rollout"]["phase"], "halted", "{st}");
+    assert!(
+        logged("rollout resumed"),
+        "the restarted authority did not resume"
+    );
     assert_eq!(agent(&st, "n2")["intendedVersion"], 2, "{st}");
-    assert_eq!(active_version(&cluster, 1), 2, "n2 after the authority's restart");
+    assert_eq!(
+        active_version(&cluster, 1),
+        2,
+        "n2 after the authority's restart"
+    );
     expect_denied(b2, dst);
 
     // (c) An activation time ahead: nobody before it, both after; it supersedes the halt.
