@@ -23,17 +23,19 @@
 //! ```json
 //! {"bundle":{"schema":1,"kind":"mesh-config-bundle","version":7,"created":"2026-01-02T03:04:05Z",
 //!   "sourceRevision":"3f2a…","registry":"nodes: …","policies":[{"name":"a.yaml","text":"…"}],
+//!   "rollout":{"activateAt":"…","canaryNodes":["n1"],"canaryWindowSecs":60},
 //!   "digest":"sha256:…"},
 //!  "signatures":[{"keyId":"<32 hex>","sig":"<128 hex>"}]}
 //! ```
 //!
-//! An unsigned bundle file is the inner object alone. Readers accept any key order and
+//! `rollout` is optional ([`rollout`]). An unsigned bundle file is the inner object alone. Readers accept any key order and
 //! whitespace: the digest covers the decoded values, not their JSON spelling.
 
 pub mod build;
 pub mod canonical;
 pub mod diff;
 pub mod hex;
+pub mod rollout;
 pub mod signers;
 
 #[cfg(test)]
@@ -45,6 +47,7 @@ use ring::signature::{Ed25519KeyPair, KeyPair as _, UnparsedPublicKey, ED25519};
 use serde::{Deserialize, Deserializer, Serialize};
 
 pub use build::{BuildError, CheckOptions, Content, ContentError};
+pub use rollout::Rollout;
 pub use signers::{KeyError, KeyId, Signer, SignerError, SignerSet, SignerState};
 
 /// The bundle format this build reads and writes.
@@ -85,6 +88,10 @@ pub struct Bundle {
     /// Sorted by name, names unique.
     #[serde(deserialize_with = "bounded_policies")]
     policies: Vec<PolicyFile>,
+    /// When and to whom the authority releases it first ([`rollout`]); absent: to every
+    /// node at once. Covered by the digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rollout: Option<Rollout>,
     /// `sha256:<hex>` of [`canonical::encode`].
     digest: String,
 }
@@ -240,6 +247,7 @@ impl Bundle {
             source_revision,
             registry,
             policies,
+            rollout: None,
             digest: String::new(),
         };
         bundle.check()?;
@@ -247,8 +255,21 @@ impl Bundle {
         Ok(bundle)
     }
 
+    /// This bundle with `rollout` (checked; the digest recomputed).
+    pub fn with_rollout(mut self, rollout: Option<Rollout>) -> Result<Self, Rejection> {
+        self.rollout = rollout;
+        self.check()?;
+        self.digest = self.compute_digest();
+        Ok(self)
+    }
+
     pub fn schema(&self) -> u32 {
         self.schema
+    }
+
+    /// The rollout (activation time, canaries), if any.
+    pub fn rollout(&self) -> Option<&Rollout> {
+        self.rollout.as_ref()
     }
 
     pub fn version(&self) -> u64 {
@@ -335,6 +356,9 @@ impl Bundle {
                 )));
             }
         }
+        if let Some(r) = &self.rollout {
+            r.check()?;
+        }
         if self.policies.len() > MAX_POLICY_FILES {
             return Err(Rejection::oversized(format!(
                 "{} policy files (at most {MAX_POLICY_FILES})",
@@ -400,7 +424,7 @@ pub fn check_policy_name(name: &str) -> Result<(), &'static str> {
 }
 
 /// At most 80 characters of `s` (errors quote untrusted values).
-fn truncated(s: &str) -> String {
+pub(crate) fn truncated(s: &str) -> String {
     s.chars().take(80).collect()
 }
 
@@ -622,7 +646,11 @@ fn bounded_signatures<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Signature>,
     bounded_vec(d, MAX_SIGNATURES, "signatures")
 }
 
-fn bounded_vec<'de, D, T>(d: D, max: usize, what: &'static str) -> Result<Vec<T>, D::Error>
+pub(crate) fn bounded_vec<'de, D, T>(
+    d: D,
+    max: usize,
+    what: &'static str,
+) -> Result<Vec<T>, D::Error>
 where
     D: Deserializer<'de>,
     T: Deserialize<'de>,

@@ -19,6 +19,7 @@ pub mod follow;
 pub mod ids;
 pub mod live;
 pub mod publish;
+pub mod rollout;
 pub mod signed;
 
 use std::path::{Path, PathBuf};

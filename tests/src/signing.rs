@@ -98,10 +98,12 @@ impl Cluster {
         services: &[ServiceEntry],
         policies: &[(&str, &str)],
     ) -> PathBuf {
-        self.build_bundle_file_with(key, version, &[], workloads, services, policies)
+        self.build_bundle_file_with(key, version, &[], workloads, services, policies, &[])
     }
 
-    /// [`Cluster::build_bundle_file`] with `extra_nodes` beside the cluster's.
+    /// [`Cluster::build_bundle_file`] with `extra_nodes` beside the cluster's and more
+    /// `config bundle` arguments (e.g. a rollout: `--canary-nodes n1 --canary-window-secs 10`,
+    /// `--activate-at T`).
     #[track_caller]
     pub fn build_bundle_file_with(
         &self,
@@ -111,6 +113,7 @@ impl Cluster {
         workloads: &[WorkloadEntry],
         services: &[ServiceEntry],
         policies: &[(&str, &str)],
+        bundle_args: &[&str],
     ) -> PathBuf {
         let src = self.tmp_dir().join(format!("config-src-v{version}"));
         let _ = std::fs::remove_dir_all(&src);
@@ -126,15 +129,22 @@ impl Cluster {
             .tmp_dir()
             .join(format!("bundle-v{version}.unsigned.json"));
         let signed = self.tmp_dir().join(format!("bundle-v{version}.json"));
-        run_cli(&[
+        let (src, version, unsigned_s) = (
+            src.to_string_lossy().into_owned(),
+            version.to_string(),
+            unsigned.to_string_lossy().into_owned(),
+        );
+        let mut args = vec![
             "config",
             "bundle",
-            &src.to_string_lossy(),
+            &src,
             "--version",
-            &version.to_string(),
+            &version,
             "--out",
-            &unsigned.to_string_lossy(),
-        ]);
+            &unsigned_s,
+        ];
+        args.extend_from_slice(bundle_args);
+        run_cli(&args);
         let _ = std::fs::remove_file(&signed);
         run_cli(&[
             "config",

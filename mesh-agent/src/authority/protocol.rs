@@ -12,7 +12,8 @@
 //! {"op":"revocations"}  → {"ok":true,"revoked":["4f3a…", …]}            (hex serials)
 //! {"op":"checkpoint","checkpoint":{"v":1,"node":"n1","seq":41,"head":"…","time":"…","key":"…","sig":"…"}}
 //!                       → {"ok":true}          (a signed audit checkpoint, kept by the authority)
-//! {"op":"state","after":12,"wait_ms":25000,"active":{"version":11,"digest":"sha256:…"}}
+//! {"op":"state","after":12,"wait_ms":25000,"active":{"version":11,"digest":"sha256:…",
+//!      "refused":{"version":12,"digest":"sha256:…","reason":"unknown_signer: …"}}}   (refused: optional)
 //!                       → {"ok":true,"state":{"schema":1,"version":13,"digest":"sha256:…",…}}
 //!                         as soon as the published version differs from `after` (none: at
 //!                         once), else after `wait_ms` (at most 30 s): {"ok":true,"unchanged":true}
@@ -72,7 +73,25 @@ pub(crate) enum Request {
 pub struct Active {
     pub version: u64,
     pub digest: String,
+    /// The last version the agent refused to apply, if any (a canary's refusal halts a
+    /// rollout). Absent from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<Refused>,
 }
+
+/// A version an agent refused to apply, and why.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Refused {
+    pub version: u64,
+    pub digest: String,
+    /// The refusal label (`unknown_signer`, `rollback`, …, or `state` / `maps`) and detail,
+    /// at most [`MAX_REFUSED_REASON`] bytes.
+    pub reason: String,
+}
+
+/// Longest refusal reason an agent sends (longer ones are cut).
+pub const MAX_REFUSED_REASON: usize = 512;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub(crate) struct Response {

@@ -49,6 +49,9 @@ pub struct Side {
     pub digest: String,
     pub created: String,
     pub source_revision: Option<String>,
+    /// Its rollout (activation time, canaries), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<super::Rollout>,
 }
 
 /// Entries of one kind added, removed and changed (sorted by name).
@@ -162,6 +165,7 @@ fn side(b: &Bundle) -> Side {
         digest: b.digest().to_owned(),
         created: b.created().to_owned(),
         source_revision: b.source_revision().map(str::to_owned),
+        rollout: b.rollout().cloned(),
     }
 }
 

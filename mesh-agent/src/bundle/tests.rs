@@ -1227,3 +1227,174 @@ spec:
         Err(diff::DiffError::Registry { side: "new", .. })
     ));
 }
+
+fn rollout(at: Option<&str>, nodes: &[&str], window: Option<u64>) -> Rollout {
+    Rollout {
+        activate_at: at.map(Into::into),
+        canary_nodes: nodes.iter().map(|n| (*n).to_owned()).collect(),
+        canary_window_secs: window,
+    }
+}
+
+/// A rollout is appended to the documented encoding (vectors from Python's hashlib); the
+/// same bundle without one keeps its old digest.
+#[test]
+fn rollout_is_covered_by_the_documented_encoding() {
+    let base = Bundle::new(
+        7,
+        CREATED.into(),
+        Some("abc".into()),
+        "r".into(),
+        vec![policy("b.yml", "y"), policy("a.yaml", "x")],
+    )
+    .unwrap();
+    let old = "sha256:acbbdac341c984cba1e22a93942430803f408c14b8a813214314b2e62b746fbe";
+    assert_eq!(base.digest(), old);
+    assert_eq!(base.clone().with_rollout(None).unwrap().digest(), old);
+    for (r, want) in [
+        (
+            rollout(Some("2026-02-01T00:00:00Z"), &["n1", "edge-*"], Some(60)),
+            "e9b397c63b6d66bd317003a4bbc158087f1eaf06c790aacdfff2cc95ec6643cd",
+        ),
+        (
+            rollout(None, &["n1"], Some(5)),
+            "32a1bdd73ab0bdd59851e220cf989107f14f3ad5b1dd0f48cc9c6da7a2b4358b",
+        ),
+        (
+            rollout(Some("2026-02-01T00:00:00Z"), &[], None),
+            "1d66ae65fd46272e08695131c7e77d2dd1c7dd08fc564417f6909036e66a1c6d",
+        ),
+    ] {
+        let b = base.clone().with_rollout(Some(r.clone())).unwrap();
+        assert_eq!(b.digest(), format!("sha256:{want}"), "{r:?}");
+        // Round trip through the file format keeps the rollout and the digest.
+        let back = parse_unsigned(&b.to_json()).unwrap();
+        assert_eq!(back.rollout(), Some(&r));
+        assert_eq!(back.digest(), b.digest());
+    }
+    // Without a rollout the file has no `rollout` key (older readers read it).
+    assert!(!String::from_utf8(base.to_json())
+        .unwrap()
+        .contains("rollout"));
+}
+
+/// A signed bundle whose rollout is changed, added or removed after signing is refused.
+#[test]
+fn rollout_changed_after_signing_is_refused() {
+    let k = key();
+    let signers = set(&[(&k, SignerState::Active)]);
+    let b = small(3)
+        .with_rollout(Some(rollout(None, &["n1"], Some(30))))
+        .unwrap();
+    let s = signed(&b, &[&k]);
+    assert_eq!(reason(&s, &signers, None), None);
+    let json = String::from_utf8(s.to_json()).unwrap();
+    let edits = [
+        json.replace("\"canaryWindowSecs\":30", "\"canaryWindowSecs\":31"),
+        json.replace("[\"n1\"]", "[\"n2\"]"),
+        json.replace("[\"n1\"]", "[\"n1\",\"n2\"]"),
+        json.replace(
+            "\"rollout\":{\"canaryNodes\":[\"n1\"],\"canaryWindowSecs\":30},",
+            "",
+        ),
+        json.replace(
+            "\"canaryNodes\"",
+            "\"activateAt\":\"2020-01-01T00:00:00Z\",\"canaryNodes\"",
+        ),
+    ];
+    for e in &edits {
+        assert_ne!(e, &json, "the edit applies");
+        assert_eq!(
+            outcome(e.as_bytes(), &signers, None),
+            Some("digest_mismatch"),
+            "{e}"
+        );
+    }
+    // A rollout added to a signed bundle without one.
+    let plain = signed(&small(3), &[&k]);
+    let json = String::from_utf8(plain.to_json()).unwrap();
+    let added = json.replace(
+        ",\"digest\"",
+        ",\"rollout\":{\"canaryNodes\":[\"n1\"],\"canaryWindowSecs\":30},\"digest\"",
+    );
+    assert_ne!(added, json);
+    assert_eq!(
+        outcome(added.as_bytes(), &signers, None),
+        Some("digest_mismatch")
+    );
+}
+
+/// Malformed rollout fields in a file are refused strictly, before any digest work.
+#[test]
+fn malformed_rollout_fields_are_refused() {
+    let b = small(3)
+        .with_rollout(Some(rollout(None, &["n1"], Some(30))))
+        .unwrap();
+    let json = String::from_utf8(b.to_json()).unwrap();
+    let good = "\"rollout\":{\"canaryNodes\":[\"n1\"],\"canaryWindowSecs\":30}";
+    assert!(json.contains(good));
+    let many: Vec<String> = (0..=rollout::MAX_CANARY_NODES)
+        .map(|i| format!("\"n{i}\""))
+        .collect();
+    let many = format!(
+        "\"rollout\":{{\"canaryNodes\":[{}],\"canaryWindowSecs\":30}}",
+        many.join(",")
+    );
+    for (replacement, want) in [
+        (
+            "\"rollout\":{\"canaryNodes\":[\"n1\"],\"canaryWindowSecs\":30,\"evil\":1}",
+            "malformed",
+        ),
+        (
+            "\"rollout\":{\"canaryNodes\":\"n1\",\"canaryWindowSecs\":30}",
+            "malformed",
+        ),
+        (
+            "\"rollout\":{\"canaryNodes\":[\"n1\"],\"canaryWindowSecs\":-1}",
+            "malformed",
+        ),
+        (
+            "\"rollout\":{\"canaryNodes\":[\"n1\"],\"canaryWindowSecs\":\"30\"}",
+            "malformed",
+        ),
+        (
+            "\"rollout\":{\"canaryNodes\":[1],\"canaryWindowSecs\":30}",
+            "malformed",
+        ),
+        // serde reads a struct from a list too: an empty one is an empty rollout.
+        ("\"rollout\":[]", "schema"),
+        ("\"rollout\":{}", "schema"),
+        ("\"rollout\":{\"canaryNodes\":[\"n1\"]}", "schema"),
+        (
+            "\"rollout\":{\"canaryNodes\":[\"n1\"],\"canaryWindowSecs\":0}",
+            "schema",
+        ),
+        (
+            "\"rollout\":{\"canaryNodes\":[\"N1\"],\"canaryWindowSecs\":30}",
+            "schema",
+        ),
+        ("\"rollout\":{\"activateAt\":\"soon\"}", "schema"),
+        (
+            "\"rollout\":{\"activateAt\":\"2026-01-01T00:00:00+02:00\"}",
+            "schema",
+        ),
+        (many.as_str(), "oversized"),
+    ] {
+        let bad = json.replace(good, replacement);
+        assert_eq!(
+            parse_unsigned(bad.as_bytes())
+                .map(|_| ())
+                .map_err(|e| e.reason()),
+            Err(want),
+            "{replacement}"
+        );
+    }
+    // `"rollout":null` is no rollout: the digest (computed without one) then mismatches.
+    let null = json.replace(good, "\"rollout\":null");
+    assert_eq!(
+        parse_unsigned(null.as_bytes())
+            .map(|_| ())
+            .map_err(|e| e.reason()),
+        Err("digest_mismatch")
+    );
+}

@@ -786,6 +786,7 @@ pub async fn serve(a: ServeArgs) -> Result<(), OperatorError> {
         ..crate::audit::AuditConfig::new("authority", &a.dir)
     })
     .map_err(OperatorError::Audit)?;
+    feed.set_audit(audit.clone());
     let watcher = tokio::spawn(watch_files(authority.clone(), audit.clone()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let state_watcher = tokio::spawn(source.run(STATE_POLL, stop_rx));

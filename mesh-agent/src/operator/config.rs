@@ -63,7 +63,8 @@ pub enum ConfigCommand {
     /// The signer keys a node trusts: list, add (pending), activate, retire.
     Signers(SignersArgs),
     /// At the authority (`--dir`): the intended version and every node's active version,
-    /// when it last asked, and drift. Exit 0 no drift, 1 drift, 2 no record.
+    /// when it last asked, and drift; the rollout and why it halted. Exit 0 no drift,
+    /// 1 drift, 2 no record, 3 rollout halted.
     Status(crate::operator::state::AgentsArgs),
 }
 
@@ -93,6 +94,18 @@ pub struct BundleArgs {
     /// Where to write the (unsigned) bundle.
     #[arg(long)]
     pub out: PathBuf,
+    /// Rollout: the authority releases the bundle to nobody before this time (RFC 3339, UTC:
+    /// `2026-01-02T03:04:05Z`).
+    #[arg(long)]
+    pub activate_at: Option<String>,
+    /// Rollout: the nodes that receive the bundle first (comma-separated names, or prefix
+    /// patterns ending in `*`); needs --canary-window-secs.
+    #[arg(long, value_delimiter = ',')]
+    pub canary_nodes: Vec<String>,
+    /// Rollout: how long only the canaries run it; the rest receive it after the window if
+    /// every canary reported it active, else the rollout stops.
+    #[arg(long)]
+    pub canary_window_secs: Option<u64>,
     /// The mesh's trust domain, for compiling principals.
     #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
@@ -310,6 +323,8 @@ struct BundleOutput {
     workloads: usize,
     services: usize,
     bytes: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rollout: Option<bundle::Rollout>,
 }
 
 fn build(a: &BundleArgs) -> Outcome {
@@ -332,8 +347,22 @@ fn build(a: &BundleArgs) -> Outcome {
         root_namespace: a.root_namespace.clone(),
         trust_domain_aliases: a.trust_domain_aliases.clone(),
     };
+    let rollout =
+        (a.activate_at.is_some() || !a.canary_nodes.is_empty() || a.canary_window_secs.is_some())
+            .then(|| bundle::Rollout {
+                activate_at: a.activate_at.clone(),
+                canary_nodes: a.canary_nodes.clone(),
+                canary_window_secs: a.canary_window_secs,
+            });
+    if let Some(r) = &rollout {
+        r.check()
+            .map_err(|e| Failure::input("the rollout flags", &e))?;
+    }
     let (b, content) = Bundle::build_with(&a.dir, version, a.source_revision.clone(), &options)
         .map_err(|e| Failure::input(format!("bundle {}", a.dir.display()), &e))?;
+    let b = b
+        .with_rollout(rollout)
+        .map_err(|e| Failure::input("the rollout flags", &e))?;
     let json = b.to_json();
     write_file(&a.out, &json, 0o644)?;
     let out = BundleOutput {
@@ -349,8 +378,9 @@ fn build(a: &BundleArgs) -> Outcome {
         workloads: content.registry.workloads.len(),
         services: content.registry.services.services.len(),
         bytes: json.len(),
+        rollout: b.rollout().cloned(),
     };
-    let text = format!(
+    let mut text = format!(
         "bundle version {} ({}) written to {}: {} nodes, {} workloads, {} services, {} policy files ({} AuthorizationPolicy, {} PeerAuthentication)\n",
         out.version,
         out.digest,
@@ -362,6 +392,9 @@ fn build(a: &BundleArgs) -> Outcome {
         out.authorization_policies,
         out.peer_authentications
     );
+    if let Some(r) = &out.rollout {
+        text.push_str(&format!("rollout: {}\n", r.describe()));
+    }
     output(a.output, &out, &text)
 }
 
@@ -431,6 +464,8 @@ struct VerifyOutput {
     source_revision: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     signed_by: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rollout: Option<bundle::Rollout>,
 }
 
 fn verify(a: &VerifyArgs) -> Outcome {
@@ -452,14 +487,18 @@ fn verify(a: &VerifyArgs) -> Outcome {
                 created: Some(b.created().to_owned()),
                 source_revision: b.source_revision().map(str::to_owned),
                 signed_by,
+                rollout: b.rollout().cloned(),
             };
-            let text = format!(
+            let mut text = format!(
                 "valid: bundle version {} ({}), created {}, signed by {}\n",
                 b.version(),
                 b.digest(),
                 b.created(),
                 out.signed_by.join(", ")
             );
+            if let Some(r) = b.rollout() {
+                text.push_str(&format!("rollout: {}\n", r.describe()));
+            }
             (out, text)
         }
         Err(r) => {
@@ -472,6 +511,7 @@ fn verify(a: &VerifyArgs) -> Outcome {
                 created: None,
                 source_revision: None,
                 signed_by: Vec::new(),
+                rollout: None,
             };
             let text = format!("REFUSED ({}): {r}\n", r.reason());
             (out, text)
@@ -495,6 +535,19 @@ fn diff_text(d: &Diff) -> String {
         "version {} → {} ({} → {})\n",
         d.old.version, d.new.version, d.old.digest, d.new.digest
     );
+    if d.old.rollout != d.new.rollout {
+        let show = |r: &Option<bundle::Rollout>| {
+            r.as_ref()
+                .map_or_else(|| "none (all nodes at once)".to_owned(), |r| r.describe())
+        };
+        s.push_str(&format!(
+            "rollout: {} → {}\n",
+            show(&d.old.rollout),
+            show(&d.new.rollout)
+        ));
+    } else if let Some(r) = &d.new.rollout {
+        s.push_str(&format!("rollout: {}\n", r.describe()));
+    }
     if d.identical {
         s.push_str("identical: no node, workload, service or policy differs\n");
         return s;

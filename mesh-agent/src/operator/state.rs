@@ -11,6 +11,7 @@ use crate::{
     error_chain,
     state::{
         publish::{AgentReport, PublishedRecord, AGENTS_FILE, PUBLISHED_FILE},
+        rollout::{RolloutRecord, VersionRef, ROLLOUT_FILE},
         Snapshot,
     },
 };
@@ -196,8 +197,13 @@ struct AgentsShown {
     /// The version the authority publishes (intended), its digest and source.
     intended: PublishedRecord,
     agents: Vec<AgentShown>,
-    /// Nodes whose active version is not the intended one.
+    /// Nodes whose active version is not the one meant for them.
     drift: Vec<String>,
+    /// The rollout of the newest version (`state/rollout.json`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rollout: Option<crate::state::rollout::RolloutRecord>,
+    /// The rollout is halted: the newest version reaches no other node.
+    halted: bool,
 }
 
 #[derive(Serialize)]
@@ -211,11 +217,16 @@ struct AgentShown {
     active_digest: String,
     /// When it last asked (Unix milliseconds).
     seen_unix_ms: u64,
+    /// The version meant for this node (during a rollout, not always the newest).
+    intended_version: u64,
     drift: bool,
+    /// The last version it refused to apply, and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refused: Option<crate::authority::protocol::Refused>,
 }
 
-/// `state agents` / `config status`: exit 0 every agent runs the intended version, 1 some do
-/// not (drift), 2 the authority directory has no record.
+/// `state agents` / `config status`: exit 0 every agent runs the version meant for it, 1 some
+/// do not (drift), 2 the authority directory has no record, 3 the rollout is halted.
 pub fn agents(a: AgentsArgs) -> ExitCode {
     let read = |name: &str| std::fs::read_to_string(a.dir.join(name));
     let intended: PublishedRecord = match read(PUBLISHED_FILE).map(|t| serde_json::from_str(&t)) {
@@ -242,15 +253,39 @@ pub fn agents(a: AgentsArgs) -> ExitCode {
         },
         Err(_) => Default::default(),
     };
+    let rollout: Option<RolloutRecord> = match read(ROLLOUT_FILE) {
+        Ok(text) => match serde_json::from_str(&text) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                eprintln!("error: {}: {e}", a.dir.join(ROLLOUT_FILE).display());
+                return ExitCode::from(2);
+            }
+        },
+        Err(_) => None,
+    };
     let agents: Vec<AgentShown> = reports
         .into_iter()
-        .map(|(node, r)| AgentShown {
-            drift: r.active_version != intended.version || r.active_digest != intended.digest,
-            node,
-            received: r.version,
-            active_version: r.active_version,
-            active_digest: r.active_digest,
-            seen_unix_ms: r.seen_unix_ms,
+        .map(|(node, r)| {
+            // During a rollout each node has its own intended version.
+            let meant = match &rollout {
+                Some(record) => record.intended(&node).cloned(),
+                None => Some(VersionRef {
+                    version: intended.version,
+                    digest: intended.digest.clone(),
+                }),
+            };
+            AgentShown {
+                drift: meant
+                    .as_ref()
+                    .is_some_and(|m| r.active_version != m.version || r.active_digest != m.digest),
+                intended_version: meant.map_or(0, |m| m.version),
+                node,
+                received: r.version,
+                active_version: r.active_version,
+                active_digest: r.active_digest,
+                seen_unix_ms: r.seen_unix_ms,
+                refused: r.refused,
+            }
         })
         .collect();
     let drift: Vec<String> = agents
@@ -262,20 +297,58 @@ pub fn agents(a: AgentsArgs) -> ExitCode {
         "intended version {} {} ({})\n",
         intended.version, intended.digest, intended.source
     );
+    let halted = rollout.as_ref().is_some_and(RolloutRecord::halted);
+    if let Some(r) = &rollout {
+        text.push_str(&format!(
+            "rollout of version {}: {}",
+            r.target.version,
+            r.phase.as_str()
+        ));
+        if !r.canaries.is_empty() {
+            text.push_str(&format!(
+                " (canaries {}; active on {})",
+                r.canaries.iter().cloned().collect::<Vec<_>>().join(", "),
+                r.canaries_active.len()
+            ));
+        }
+        text.push('\n');
+        if let Some(h) = &r.halt {
+            text.push_str(&format!(
+                "  HALTED: canary {}: {}\n",
+                h.node.as_deref().unwrap_or("-"),
+                h.reason
+            ));
+        }
+    }
     for g in &agents {
         text.push_str(&format!(
-            "  {}: active {} received {}{}\n",
+            "  {}: intended {} active {} received {}{}\n",
             g.node,
+            g.intended_version,
             g.active_version,
             g.received,
             if g.drift { "  DRIFT" } else { "" }
         ));
+        if let Some(f) = &g.refused {
+            text.push_str(&format!(
+                "    refused version {}: {}\n",
+                f.version, f.reason
+            ));
+        }
     }
-    let code = if drift.is_empty() { 0 } else { 1 };
+    let code = if halted {
+        3
+    } else if drift.is_empty() {
+        0
+    } else {
+        1
+    };
     let shown = AgentsShown {
         intended,
         agents,
         drift,
+        rollout,
+        halted,
     };
     match print(a.output, &shown, &text) {
         Ok(()) => ExitCode::from(code),

@@ -42,25 +42,39 @@ pub fn spawn_fetcher(
         let mut backoff = BACKOFF_MIN;
         let mut down_since: Option<String> = None;
         loop {
+            let mut refusals = mesh.refused();
             let active = {
                 let m = mesh.load();
                 crate::authority::protocol::Active {
                     version: m.version,
                     digest: m.digest.clone(),
+                    refused: refusals.borrow_and_update().clone(),
                 }
             };
-            // A version applied while the poll waits is reported at once (a new poll on a new
-            // connection: the old one may still deliver the old answer).
+            // A version applied — or refused — while the poll waits is reported at once (a
+            // new poll on a new connection: the old one may still deliver the old answer).
             let reported = active.clone();
             let mut applied = mesh.subscribe();
             let newly_applied = async move {
                 loop {
-                    if applied.changed().await.is_err() {
-                        return std::future::pending::<()>().await;
-                    }
-                    let m = Arc::clone(&applied.borrow_and_update());
-                    if m.version != reported.version || m.digest != reported.digest {
-                        return;
+                    tokio::select! {
+                        changed = applied.changed() => {
+                            if changed.is_err() {
+                                return std::future::pending::<()>().await;
+                            }
+                            let m = Arc::clone(&applied.borrow_and_update());
+                            if m.version != reported.version || m.digest != reported.digest {
+                                return;
+                            }
+                        }
+                        changed = refusals.changed() => {
+                            if changed.is_err() {
+                                return std::future::pending::<()>().await;
+                            }
+                            if *refusals.borrow_and_update() != reported.refused {
+                                return;
+                            }
+                        }
                     }
                 }
             };
@@ -145,12 +159,15 @@ pub fn spawn_applier(
                     if snapshot.version == applier.version()
                         && snapshot.digest == applier.digest()
                     {
+                        // What it runs is meant for it again (a halted rollout): no drift.
+                        applier.report_drift(&snapshot);
                         continue;
                     }
                     // Parsing and map writes: milliseconds, on this task only.
                     if let Err(e) = tokio::task::block_in_place(|| applier.apply(&snapshot)) {
                         warn!(version = snapshot.version, error = %error_chain(&e),
                               "state refused; the applied state stays");
+                        applier.note_refused(&snapshot, &refusal_reason(&e));
                     }
                     applier.report_drift(&snapshot);
                 }
@@ -161,4 +178,16 @@ pub fn spawn_applier(
             }
         }
     })
+}
+
+/// The reason reported to the authority for a refused version: the label (as
+/// `mesh_config_rejected_total`'s, or `state` / `maps`) and the error.
+fn refusal_reason(e: &super::live::ApplyError) -> String {
+    use super::live::ApplyError;
+    let label = match e {
+        ApplyError::Signed(s) => s.reason(),
+        ApplyError::Snapshot(_) | ApplyError::Registry { .. } => "state",
+        ApplyError::Maps(_) => "maps",
+    };
+    format!("{label}: {}", error_chain(e))
 }

@@ -101,6 +101,8 @@ impl MeshState {
 pub struct MeshHandle {
     rx: watch::Receiver<Arc<MeshState>>,
     closers: Arc<Closers>,
+    /// The last version refused ([`Applier::note_refused`]), reported to the authority.
+    refused: watch::Receiver<Option<crate::authority::protocol::Refused>>,
 }
 
 impl MeshHandle {
@@ -114,7 +116,17 @@ impl MeshHandle {
             registry,
             trust_domain,
         )));
-        Self { rx, closers }
+        let (_refused_tx, refused) = watch::channel(None);
+        Self {
+            rx,
+            closers,
+            refused,
+        }
+    }
+
+    /// The last version this node refused to apply (rollouts halt on a canary's refusal).
+    pub fn refused(&self) -> watch::Receiver<Option<crate::authority::protocol::Refused>> {
+        self.refused.clone()
     }
 
     /// The current version.
@@ -268,6 +280,7 @@ pub struct Applier {
     audit: Option<AuditLog>,
     /// The registry as applied, with local cgroups resolved since (pending ones).
     current: Registry,
+    refused: watch::Sender<Option<crate::authority::protocol::Refused>>,
 }
 
 /// What one apply did.
@@ -299,8 +312,10 @@ impl Applier {
         );
         let current = (*initial.registry).clone();
         let (tx, rx) = watch::channel(Arc::new(initial));
+        let (refused, refused_rx) = watch::channel(None);
         (
             Self {
+                refused,
                 ctx,
                 tx,
                 closers: Arc::clone(&closers),
@@ -310,7 +325,11 @@ impl Applier {
                 audit,
                 current,
             },
-            MeshHandle { rx, closers },
+            MeshHandle {
+                rx,
+                closers,
+                refused: refused_rx,
+            },
         )
     }
 
@@ -350,6 +369,22 @@ impl Applier {
         self.metrics.set_config_drift(
             applied.version != intended.version || applied.digest != intended.digest,
         );
+    }
+
+    /// Records that `snapshot` was refused (`reason`: its label and detail), for the
+    /// authority's rollout ([`MeshHandle::refused`]).
+    pub fn note_refused(&self, snapshot: &Snapshot, reason: &str) {
+        let max = crate::authority::protocol::MAX_REFUSED_REASON;
+        let mut end = reason.len().min(max);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.refused
+            .send_replace(Some(crate::authority::protocol::Refused {
+                version: snapshot.version,
+                digest: snapshot.digest.clone(),
+                reason: reason[..end].to_owned(),
+            }));
     }
 
     /// Applies `snapshot`. A refusal changes nothing.

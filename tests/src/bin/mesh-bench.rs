@@ -3106,6 +3106,7 @@ fn signed_bench(out: &Path) -> ExitCode {
             &workloads,
             cluster.services(),
             &refs,
+            &[],
         );
         let build_secs = built.elapsed().as_secs_f64();
         let bytes = std::fs::metadata(&bundle).map(|m| m.len()).unwrap_or(0);

@@ -13,6 +13,7 @@ mod audit_records_l7_decisions_at_the_destination;
 mod authority_restart_does_not_interrupt_traffic;
 mod bad_bundles_refused_without_leaks;
 mod bad_state_entry_refused_rest_applied;
+mod canary_rollout_stops_on_failure;
 mod certificates_rotate_during_live_traffic;
 mod concurrent_200_connections_no_crosstalk;
 mod cross_node_mtls_roundtrip;
