@@ -11,6 +11,20 @@ use crate::{
     registry::{render_with_services, NodeEntry, ServiceEntry, WorkloadEntry},
 };
 
+/// What [`Cluster::build_bundle_file_with`] builds a bundle from, beside the cluster's nodes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BundleSpec<'a> {
+    /// Nodes listed beside the cluster's (e.g. one that never runs, for phantom workloads).
+    pub extra_nodes: &'a [NodeEntry],
+    pub workloads: &'a [WorkloadEntry],
+    pub services: &'a [ServiceEntry],
+    /// Policy files: (name, text).
+    pub policies: &'a [(&'a str, &'a str)],
+    /// More `config bundle` arguments (e.g. a rollout: `--canary-nodes n1
+    /// --canary-window-secs 10`, `--activate-at T`).
+    pub args: &'a [&'a str],
+}
+
 /// A signer key made by `config keygen`.
 #[derive(Clone, Debug)]
 pub struct SignerKey {
@@ -98,23 +112,34 @@ impl Cluster {
         services: &[ServiceEntry],
         policies: &[(&str, &str)],
     ) -> PathBuf {
-        self.build_bundle_file_with(key, version, &[], workloads, services, policies, &[])
+        self.build_bundle_file_with(
+            key,
+            version,
+            &BundleSpec {
+                workloads,
+                services,
+                policies,
+                ..BundleSpec::default()
+            },
+        )
     }
 
-    /// [`Cluster::build_bundle_file`] with `extra_nodes` beside the cluster's and more
-    /// `config bundle` arguments (e.g. a rollout: `--canary-nodes n1 --canary-window-secs 10`,
-    /// `--activate-at T`).
+    /// [`Cluster::build_bundle_file`] from a [`BundleSpec`]: nodes beside the cluster's, and
+    /// more `config bundle` arguments.
     #[track_caller]
     pub fn build_bundle_file_with(
         &self,
         key: &SignerKey,
         version: u64,
-        extra_nodes: &[NodeEntry],
-        workloads: &[WorkloadEntry],
-        services: &[ServiceEntry],
-        policies: &[(&str, &str)],
-        bundle_args: &[&str],
+        spec: &BundleSpec<'_>,
     ) -> PathBuf {
+        let BundleSpec {
+            extra_nodes,
+            workloads,
+            services,
+            policies,
+            args: bundle_args,
+        } = *spec;
         let src = self.tmp_dir().join(format!("config-src-v{version}"));
         let _ = std::fs::remove_dir_all(&src);
         std::fs::create_dir_all(src.join("policies")).expect("source dir");

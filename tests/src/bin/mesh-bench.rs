@@ -3102,11 +3102,13 @@ fn signed_bench(out: &Path) -> ExitCode {
         let bundle = cluster.build_bundle_file_with(
             &k1,
             version,
-            std::slice::from_ref(&n9),
-            &workloads,
-            cluster.services(),
-            &refs,
-            &[],
+            &mesh_tests::signing::BundleSpec {
+                extra_nodes: std::slice::from_ref(&n9),
+                workloads: &workloads,
+                services: cluster.services(),
+                policies: &refs,
+                args: &[],
+            },
         );
         let build_secs = built.elapsed().as_secs_f64();
         let bytes = std::fs::metadata(&bundle).map(|m| m.len()).unwrap_or(0);

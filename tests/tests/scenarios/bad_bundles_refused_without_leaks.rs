@@ -133,7 +133,7 @@ fn bad_bundles_refused_without_leaks() {
     for (what, bytes) in &inputs {
         std::fs::write(&file, bytes).expect("write");
         cluster.install_bundle(&file);
-        wait_for(
+        seen = wait_for(
             DEFAULT_TIMEOUT,
             &format!("the authority refuses: {what}"),
             || {
@@ -141,7 +141,6 @@ fn bad_bundles_refused_without_leaks() {
                 (now > seen).then_some(now)
             },
         );
-        seen += 1;
         assert_eq!(
             cluster.published_version(),
             1,

@@ -63,11 +63,13 @@ fn publish_with(
     let signed = cluster.build_bundle_file_with(
         key,
         version,
-        &[],
-        &cluster.registry_entries(),
-        cluster.services(),
-        policies,
-        args,
+        &mesh_tests::signing::BundleSpec {
+            workloads: &cluster.registry_entries(),
+            services: cluster.services(),
+            policies,
+            args,
+            ..Default::default()
+        },
     );
     cluster.install_bundle(&signed);
 }
