@@ -695,3 +695,6 @@ fn failed(shared: &Shared, e: &SegmentError) {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod index_tests;

@@ -613,14 +613,8 @@ impl Index {
                 stats.more = true;
                 break;
             }
-            let (data, complete) = read_tail(&seg.path, from, seg.size, budget)?;
-            if complete == 0 {
-                continue;
-            }
+            let (data, complete, cut) = read_tail(&seg.path, from, seg.size, budget)?;
             budget = budget.saturating_sub(complete as u64);
-            if from + (complete as u64) < seg.size && budget == 0 {
-                stats.more = true;
-            }
             let mut insert = tx
                 .prepare_cached(
                     "INSERT OR IGNORE INTO records (seq, time_ns, kind, verdict, src_id, dst_id,
@@ -654,7 +648,7 @@ impl Index {
                 let src_ns = id(row.src_ns(), ROLE_NAMESPACE)?;
                 let dst_ns = id(row.dst_ns(), ROLE_NAMESPACE)?;
                 let policy = id(row.policy.as_deref(), ROLE_POLICY)?;
-                insert
+                let inserted = insert
                     .execute(params![
                         row.seq as i64,
                         clamp_ns(time_ns),
@@ -673,7 +667,8 @@ impl Index {
                         line.len() as i64,
                     ])
                     .map_err(sql)?;
-                stats.indexed += 1;
+                // 0: already there (another updater indexed it).
+                stats.indexed += inserted as u64;
                 stats.last_seq = Some(stats.last_seq.map_or(row.seq, |s| s.max(row.seq)));
             }
             tx.execute(
@@ -686,6 +681,12 @@ impl Index {
                 ],
             )
             .map_err(sql)?;
+            // The index stays a prefix of the log: the next segment only once this one is
+            // indexed to its end.
+            if cut {
+                stats.more = true;
+                break;
+            }
         }
         tx.commit().map_err(sql)?;
         Ok(stats)
@@ -937,7 +938,7 @@ fn scan_into(
             }
         };
         while pos < size {
-            let (data, complete) = read_tail(&seg.path, pos, size, STEP_BYTES)?;
+            let (data, complete, _) = read_tail(&seg.path, pos, size, STEP_BYTES)?;
             if complete == 0 {
                 break;
             }
@@ -964,8 +965,14 @@ fn scan_into(
 }
 
 /// Reads `path` from `from` (up to `size`): at most `budget` bytes, or more to reach the end
-/// of a line longer than that. Returns the data and the length of its complete lines.
-fn read_tail(path: &Path, from: u64, size: u64, budget: u64) -> Result<(Vec<u8>, usize), IndexError> {
+/// of a line longer than that. Returns the data, the length of its complete lines, and whether
+/// the budget cut it before `size`.
+fn read_tail(
+    path: &Path,
+    from: u64,
+    size: u64,
+    budget: u64,
+) -> Result<(Vec<u8>, usize, bool), IndexError> {
     let io = |source| IndexError::Io {
         path: path.to_owned(),
         source,
@@ -986,7 +993,8 @@ fn read_tail(path: &Path, from: u64, size: u64, budget: u64) -> Result<(Vec<u8>,
         data.extend_from_slice(&rest);
         complete = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
     }
-    Ok((data, complete))
+    let cut = from + (data.len() as u64) < size;
+    Ok((data, complete, cut))
 }
 
 fn read_known(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<HashMap<u64, Known>> {

@@ -47,7 +47,7 @@ pub(crate) fn entry(i: u64) -> Entry {
     .entry(Kind::Connection)
 }
 
-fn seg_cfg(dir: &Path, max_bytes: u64) -> SegmentConfig {
+pub(crate) fn seg_cfg(dir: &Path, max_bytes: u64) -> SegmentConfig {
     SegmentConfig {
         dir: dir.to_owned(),
         node: "n1".into(),
