@@ -231,9 +231,7 @@ impl Filter {
                 .as_deref()
                 .is_none_or(|n| row.src_ns() == Some(n) || row.dst_ns() == Some(n))
             && self.port.is_none_or(|p| row.port == Some(p))
-            && self
-                .verdict
-                .is_none_or(|v| row.verdict == Some(v.as_str()))
+            && self.verdict.is_none_or(|v| row.verdict == Some(v.as_str()))
             && self.kind.is_none_or(|k| row.kind == k.as_str())
             && self.policy.as_deref().is_none_or(|p| eq(&row.policy, p))
             && self.after_seq.is_none_or(|s| row.seq > s)
@@ -337,6 +335,7 @@ impl Index {
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = NORMAL;
              PRAGMA cache_size = -65536;
+             PRAGMA wal_autocheckpoint = 16384;
              CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
         )
         .map_err(sql)?;
@@ -381,9 +380,11 @@ impl Index {
         .map_err(sql)?;
         // Not inside a bulk load (indexes dropped until it ends): the indexes exist.
         let bulk: bool = db
-            .query_row("SELECT EXISTS (SELECT 1 FROM meta WHERE key = 'bulk')", [], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM meta WHERE key = 'bulk')",
+                [],
+                |r| r.get(0),
+            )
             .map_err(sql)?;
         if !bulk {
             db.execute_batch(&create_indexes()).map_err(sql)?;
@@ -504,9 +505,11 @@ impl Index {
     /// Whether the index is in a bulk load (its secondary indexes dropped).
     fn in_bulk(&self) -> Result<bool, IndexError> {
         self.db
-            .query_row("SELECT EXISTS (SELECT 1 FROM meta WHERE key = 'bulk')", [], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM meta WHERE key = 'bulk')",
+                [],
+                |r| r.get(0),
+            )
             .map_err(self.sql())
     }
 
@@ -524,7 +527,9 @@ impl Index {
     fn bulk_worth_it(&self) -> Result<bool, IndexError> {
         let empty: bool = self
             .db
-            .query_row("SELECT NOT EXISTS (SELECT 1 FROM records)", [], |r| r.get(0))
+            .query_row("SELECT NOT EXISTS (SELECT 1 FROM records)", [], |r| {
+                r.get(0)
+            })
             .map_err(self.sql())?;
         if !empty {
             return Ok(false);
@@ -698,11 +703,9 @@ impl Index {
     pub fn query(&self, filter: &Filter) -> Result<Vec<(Record, Vec<u8>)>, IndexError> {
         let sql = self.sql();
         // One read transaction: the positions and the rows are the same snapshot.
-        let tx = rusqlite::Transaction::new_unchecked(
-            &self.db,
-            rusqlite::TransactionBehavior::Deferred,
-        )
-        .map_err(&sql)?;
+        let tx =
+            rusqlite::Transaction::new_unchecked(&self.db, rusqlite::TransactionBehavior::Deferred)
+                .map_err(&sql)?;
         let known = read_known(&tx).map_err(&sql)?;
         let segments = on_disk(&self.dir)?;
         // A segment changed under the index: the index cannot be trusted.
@@ -827,7 +830,12 @@ impl Index {
             clauses.push(format!("({})", cols.join(" OR ")));
         }
         for (v, role, clause, n) in [
-            (&filter.namespace, ROLE_NAMESPACE, "(src_ns = ? OR dst_ns = ?)", 2),
+            (
+                &filter.namespace,
+                ROLE_NAMESPACE,
+                "(src_ns = ? OR dst_ns = ?)",
+                2,
+            ),
             (&filter.policy, ROLE_POLICY, "policy = ?", 1),
         ] {
             let Some(v) = v else { continue };
@@ -876,11 +884,9 @@ impl Index {
     /// The query plan SQLite chooses for `filter` (`EXPLAIN QUERY PLAN`, one detail a line).
     pub fn plan(&self, filter: &Filter) -> Result<Vec<String>, IndexError> {
         let sql = self.sql();
-        let tx = rusqlite::Transaction::new_unchecked(
-            &self.db,
-            rusqlite::TransactionBehavior::Deferred,
-        )
-        .map_err(&sql)?;
+        let tx =
+            rusqlite::Transaction::new_unchecked(&self.db, rusqlite::TransactionBehavior::Deferred)
+                .map_err(&sql)?;
         let Some((text, args)) = self.hits_sql(&tx, filter)? else {
             return Ok(vec!["no rows: a filter value the index never saw".into()]);
         };
@@ -998,7 +1004,8 @@ fn read_tail(
 }
 
 fn read_known(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<HashMap<u64, Known>> {
-    let mut stmt = tx.prepare_cached("SELECT first_seq, indexed_bytes, first_line FROM segments")?;
+    let mut stmt =
+        tx.prepare_cached("SELECT first_seq, indexed_bytes, first_line FROM segments")?;
     let rows = stmt.query_map([], |r| {
         Ok((
             r.get::<_, i64>(0)? as u64,
@@ -1033,11 +1040,10 @@ fn intern(
          ON CONFLICT (s) DO UPDATE SET roles = roles | excluded.roles",
         params![s, role],
     )?;
-    let (id, roles): (i64, i64) = tx.query_row(
-        "SELECT id, roles FROM strings WHERE s = ?1",
-        [s],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
+    let (id, roles): (i64, i64) =
+        tx.query_row("SELECT id, roles FROM strings WHERE s = ?1", [s], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
     cache.insert(s.to_owned(), (id, roles));
     Ok(id)
 }

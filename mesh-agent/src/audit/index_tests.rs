@@ -54,8 +54,7 @@ fn log_cfg(state: &Path, segment_bytes: u64) -> AuditConfig {
 
 /// What the index alone covers (no tail): the seq after the highest indexed one.
 fn indexed_next(dir: &Path) -> u64 {
-    Index::open_existing(dir, &dir.join(INDEX_FILE))
-        .map_or(0, |i| i.next_seq().unwrap())
+    Index::open_existing(dir, &dir.join(INDEX_FILE)).map_or(0, |i| i.next_seq().unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,7 +78,10 @@ async fn the_indexer_indexes_new_records_within_its_interval_across_rotations() 
     // agent_start is seq 0; entry(i) is seq i + 1.
     let t = Instant::now();
     assert!(
-        wait_until(Duration::from_secs(10), || stats.written_next.load(Ordering::Relaxed) == 501
+        wait_until(Duration::from_secs(10), || stats
+            .written_next
+            .load(Ordering::Relaxed)
+            == 501
             && stats.lag() == 0),
         "lag {} after 10 s",
         stats.lag()
@@ -111,9 +113,11 @@ fn a_query_returns_the_unindexed_tail_without_writing_the_index() {
     let mut index = Index::open(dir.path(), &path).unwrap();
     assert_eq!(index.update().unwrap().indexed, 40);
     // The writer appends 20 more (into a new segment too) that nobody indexes.
-    let (mut w, _) =
-        SegmentWriter::open(seg_cfg(dir.path(), 8 * 1024), AuditKey::ephemeral().unwrap())
-            .unwrap();
+    let (mut w, _) = SegmentWriter::open(
+        seg_cfg(dir.path(), 8 * 1024),
+        AuditKey::ephemeral().unwrap(),
+    )
+    .unwrap();
     for i in 40..60 {
         w.append(&[entry(i)]).unwrap();
     }
@@ -123,7 +127,10 @@ fn a_query_returns_the_unindexed_tail_without_writing_the_index() {
     let before = fs::read(&path).unwrap();
     let reader = Index::open_existing(dir.path(), &path).unwrap();
     assert_eq!(reader.next_seq().unwrap(), 40);
-    assert_eq!(seqs(&reader.query(&ledger()).unwrap()), [0, 10, 20, 30, 40, 50, 60]);
+    assert_eq!(
+        seqs(&reader.query(&ledger()).unwrap()),
+        [0, 10, 20, 30, 40, 50, 60]
+    );
     assert_eq!(
         seqs(&reader.query(&Filter::default()).unwrap()),
         (0..61).collect::<Vec<_>>()
@@ -168,7 +175,11 @@ fn a_query_returns_the_unindexed_tail_without_writing_the_index() {
         [60]
     );
     assert_eq!(reader.next_seq().unwrap(), 40, "the reader wrote nothing");
-    assert_eq!(fs::read(&path).unwrap(), before, "the index file was not written");
+    assert_eq!(
+        fs::read(&path).unwrap(),
+        before,
+        "the index file was not written"
+    );
 }
 
 #[test]
@@ -186,7 +197,8 @@ fn a_crash_mid_batch_leaves_an_index_the_next_update_completes() {
         // A "crash" mid-batch: rows written to the WAL (a tiny cache spills them), positions
         // moved, no commit; the image of the files at that moment is copied.
         let db = rusqlite::Connection::open(&path).unwrap();
-        db.execute_batch("PRAGMA cache_size = 1; BEGIN IMMEDIATE;").unwrap();
+        db.execute_batch("PRAGMA cache_size = 1; BEGIN IMMEDIATE;")
+            .unwrap();
         for seq in committed..committed + 5000 {
             db.execute(
                 "INSERT INTO records (seq, time_ns, kind, segment, offset, len) VALUES (?1, 0, 'connection', 0, 0, 1)",
@@ -194,8 +206,11 @@ fn a_crash_mid_batch_leaves_an_index_the_next_update_completes() {
             )
             .unwrap();
         }
-        db.execute("UPDATE segments SET indexed_bytes = indexed_bytes + 100000", [])
-            .unwrap();
+        db.execute(
+            "UPDATE segments SET indexed_bytes = indexed_bytes + 100000",
+            [],
+        )
+        .unwrap();
         let crash = tempfile::tempdir().unwrap();
         for f in fs::read_dir(dir.path()).unwrap() {
             let f = f.unwrap();
@@ -241,7 +256,11 @@ async fn a_corrupt_index_file_is_rebuilt_from_the_segments() {
     assert_eq!(seqs(&index.query(&ledger()).unwrap()).len(), 10);
     drop(index);
     // So does the indexer of the next agent.
-    fs::write(&path, b"SQLite format 3\0 but not really, this is garbage".repeat(200)).unwrap();
+    fs::write(
+        &path,
+        b"SQLite format 3\0 but not really, this is garbage".repeat(200),
+    )
+    .unwrap();
     let log = AuditLog::start(log_cfg(state.path(), 16 * 1024)).unwrap();
     let stats = std::sync::Arc::clone(&log.stats().index);
     for i in 100..110 {
@@ -364,20 +383,29 @@ fn the_selective_filters_use_an_index() {
         verdict: Some(Verdict::Deny),
         ..Filter::default()
     });
-    assert!(p.contains("USING INDEX records_src_wl (src_wl=? AND dst_wl=? AND verdict=?)"), "{p}");
+    assert!(
+        p.contains("USING INDEX records_src_wl (src_wl=? AND dst_wl=? AND verdict=?)"),
+        "{p}"
+    );
     assert!(!p.contains("TEMP B-TREE"), "no sort: {p}");
     let p = plan(Filter {
         src: Some("spiffe://td/ns/client/sa/c3".into()),
         dst: Some("spiffe://td/ns/shop/sa/ledger".into()),
         ..Filter::default()
     });
-    assert!(p.contains("USING INDEX records_src_id (src_id=? AND dst_id=?)"), "{p}");
+    assert!(
+        p.contains("USING INDEX records_src_id (src_id=? AND dst_id=?)"),
+        "{p}"
+    );
     let p = plan(Filter {
         dst: Some("shop/ledger".into()),
         verdict: Some(Verdict::Allow),
         ..Filter::default()
     });
-    assert!(p.contains("USING INDEX records_dst_wl (dst_wl=? AND verdict=?)"), "{p}");
+    assert!(
+        p.contains("USING INDEX records_dst_wl (dst_wl=? AND verdict=?)"),
+        "{p}"
+    );
     let p = plan(Filter {
         kind: Some(Kind::Connection),
         src: Some("no/such-workload".into()),

@@ -15,8 +15,8 @@ use crate::audit::{
     index::{scan, Filter, Index, IndexError, INDEX_FILE},
     record::{parse_time_ns, Kind, Record, Verdict},
     segment::{CHECKPOINTS_FILE, PUBLIC_KEY_FILE},
-    LOCK_FILE,
     verify::{verify, Report, VerifyInput},
+    LOCK_FILE,
 };
 
 use nix::fcntl::{Flock, FlockArg};
