@@ -474,11 +474,16 @@ impl Index {
     /// that were removed. An empty index facing a large log builds its secondary indexes
     /// once, at the end.
     pub fn update(&mut self) -> Result<UpdateStats, IndexError> {
-        self.update_until(&|| false)
+        self.update_until(&|| false, &mut |_| {})
     }
 
-    /// [`Index::update`], stopping between transactions once `stop()` says so.
-    pub fn update_until(&mut self, stop: &dyn Fn() -> bool) -> Result<UpdateStats, IndexError> {
+    /// [`Index::update`], stopping between transactions once `stop()` says so; `committed` is
+    /// called after each transaction.
+    pub fn update_until(
+        &mut self,
+        stop: &dyn Fn() -> bool,
+        committed: &mut dyn FnMut(&UpdateStats),
+    ) -> Result<UpdateStats, IndexError> {
         let mut total = UpdateStats::default();
         let bulk = self.bulk_worth_it()?;
         if bulk {
@@ -491,6 +496,7 @@ impl Index {
         }
         loop {
             let s = self.update_step(STEP_BYTES)?;
+            committed(&s);
             total.add(&s);
             if !s.more || stop() {
                 break;

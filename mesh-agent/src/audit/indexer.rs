@@ -196,8 +196,14 @@ fn pass(dir: &Path, path: &Path, index: &mut Option<Index>, shared: &Shared) -> 
     let Some(ix) = index.as_mut() else {
         return true;
     };
+    // The index is a prefix of the log: each commit moves the published position.
+    let mut publish = |s: &index::UpdateStats| {
+        if let Some(last) = s.last_seq {
+            shared.stats.indexed_next.store(last + 1, Ordering::Relaxed);
+        }
+    };
     let result = ix
-        .update_until(&|| shared.out_of_time())
+        .update_until(&|| shared.out_of_time(), &mut publish)
         .and_then(|s| ix.next_seq().map(|next| (s, next)));
     match result {
         Ok((s, next)) => {
