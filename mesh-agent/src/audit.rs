@@ -5,7 +5,8 @@
 //! - [`segment`]: segment files, the synchronous writer, recovery at start;
 //! - [`checkpoint`]: the node audit key (Ed25519) and signed checkpoints;
 //! - [`verify`]: `audit verify`, the chain checked against the checkpoints;
-//! - [`index`]: `audit query`, a SQLite index beside the chain (rebuildable from it).
+//! - [`index`]: `audit query`, a SQLite index beside the chain (rebuildable from it);
+//! - [`indexer`]: the writer's process keeps that index up to date on its own thread.
 //!
 //! [`AuditLog`] is the handle the agent holds: callers hand it an [`Entry`] and return; a
 //! writer thread fed by a bounded queue writes batches. A full queue never blocks a
@@ -17,6 +18,7 @@
 pub mod checkpoint;
 pub mod forward;
 pub mod index;
+pub mod indexer;
 pub mod kernel;
 pub mod record;
 pub mod segment;
@@ -71,6 +73,9 @@ pub struct AuditConfig {
     pub fail_closed: bool,
     /// Every checkpoint is also offered here, to be sent to the authority. Default none.
     pub forward: Option<forward::CheckpointSink>,
+    /// Keep `DIR/index.sqlite` up to date on an indexer thread (what `audit query` reads).
+    /// Default true.
+    pub index: bool,
 }
 
 impl AuditConfig {
@@ -86,6 +91,7 @@ impl AuditConfig {
             queue: 65_536,
             fail_closed: false,
             forward: None,
+            index: true,
         }
     }
 }
@@ -130,6 +136,10 @@ pub struct AuditOptions {
     /// agent warns at start.
     #[arg(long, env = "MESH_AUDIT_OFF", default_value_t = false, action = clap::ArgAction::Set)]
     pub audit_off: bool,
+    /// Keep the query index (<audit-dir>/index.sqlite) up to date on a thread of the agent,
+    /// within about 250 ms of the log; `false`: `audit query` indexes what it needs itself.
+    #[arg(long, env = "MESH_AUDIT_INDEX", default_value_t = true, action = clap::ArgAction::Set)]
+    pub audit_index: bool,
 }
 
 impl AuditOptions {
@@ -146,6 +156,7 @@ impl AuditOptions {
             queue: usize::try_from(self.audit_queue).unwrap_or(usize::MAX),
             fail_closed: self.audit_fail_closed,
             forward: None,
+            index: self.audit_index,
         }
     }
 }
@@ -174,6 +185,8 @@ pub struct AuditStats {
     pub lost: AtomicU64,
     pub checkpoints: AtomicU64,
     pub write_errors: AtomicU64,
+    /// The query index's progress (the indexer's, when it runs).
+    pub index: Arc<indexer::IndexStats>,
 }
 
 enum Msg {
@@ -327,6 +340,7 @@ impl AuditLog {
         };
         let (tx, rx) = mpsc::channel(cfg.queue.max(1));
         let thread_shared = Arc::clone(&shared);
+        let index_dir = cfg.index.then(|| cfg.dir.clone());
         std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || {
@@ -353,7 +367,17 @@ impl AuditLog {
                         }
                     }
                 };
-                write_loop(writer, rx, &thread_shared);
+                let indexer = index_dir.and_then(|dir| {
+                    let path = dir.join(index::INDEX_FILE);
+                    match indexer::Indexer::start(dir, path, Arc::clone(&thread_shared.stats.index)) {
+                        Ok(i) => Some(i),
+                        Err(e) => {
+                            warn!(error = %e, "audit indexer not started: `audit query` indexes what it needs itself");
+                            None
+                        }
+                    }
+                });
+                write_loop(writer, rx, &thread_shared, indexer);
             })
             .map_err(AuditError::Thread)?;
         let ticker = tx.clone();
@@ -544,9 +568,25 @@ fn open_writer(
     Ok(writer)
 }
 
-fn write_loop(mut writer: SegmentWriter, mut rx: mpsc::Receiver<Msg>, shared: &Shared) {
+/// Tells the indexer how far the log goes (and whether a segment was closed since).
+fn tell_indexer(indexer: Option<&indexer::Indexer>, writer: &SegmentWriter, rotations: &mut u64) {
+    if let Some(ix) = indexer {
+        let rotated = writer.rotations() != *rotations;
+        *rotations = writer.rotations();
+        ix.written(writer.next_seq(), rotated);
+    }
+}
+
+fn write_loop(
+    mut writer: SegmentWriter,
+    mut rx: mpsc::Receiver<Msg>,
+    shared: &Shared,
+    indexer: Option<indexer::Indexer>,
+) {
     let mut batch = Vec::with_capacity(BATCH + 1);
     let mut stop = None;
+    let mut rotations = writer.rotations();
+    tell_indexer(indexer.as_ref(), &writer, &mut rotations);
     while stop.is_none() {
         let Some(msg) = rx.blocking_recv() else {
             break;
@@ -591,6 +631,7 @@ fn write_loop(mut writer: SegmentWriter, mut rx: mpsc::Receiver<Msg>, shared: &S
             .stats
             .checkpoints
             .store(writer.checkpoints_written(), Ordering::Relaxed);
+        tell_indexer(indexer.as_ref(), &writer, &mut rotations);
     }
     // Stop: whatever is still queued, then a final checkpoint.
     rx.close();
@@ -607,6 +648,11 @@ fn write_loop(mut writer: SegmentWriter, mut rx: mpsc::Receiver<Msg>, shared: &S
         .stats
         .checkpoints
         .store(writer.checkpoints_written(), Ordering::Relaxed);
+    tell_indexer(indexer.as_ref(), &writer, &mut rotations);
+    // The index catches up with the end of the log (bounded: indexer::STOP_BUDGET).
+    if let Some(ix) = indexer {
+        ix.stop();
+    }
     info!(next_seq = writer.next_seq(), "audit log closed");
     if let Some(done) = stop {
         let _ = done.send(());
@@ -649,3 +695,6 @@ fn failed(shared: &Shared, e: &SegmentError) {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod index_tests;

@@ -106,6 +106,7 @@ pub struct SegmentWriter {
     checkpointed: Option<u64>,
     last_checkpoint: Instant,
     checkpoints_written: u64,
+    rotations: u64,
     line: Vec<u8>,
     batch: Vec<u8>,
 }
@@ -198,6 +199,7 @@ impl SegmentWriter {
                 checkpointed: None,
                 last_checkpoint: Instant::now(),
                 checkpoints_written: 0,
+                rotations: 0,
                 line: Vec::with_capacity(1024),
                 batch: Vec::with_capacity(64 * 1024),
             },
@@ -213,6 +215,11 @@ impl SegmentWriter {
     /// Checkpoints this writer appended.
     pub fn checkpoints_written(&self) -> u64 {
         self.checkpoints_written
+    }
+
+    /// Segments this writer closed.
+    pub fn rotations(&self) -> u64 {
+        self.rotations
     }
 
     /// Hash of the last record's line ([`GENESIS`] for an empty log).
@@ -326,6 +333,7 @@ impl SegmentWriter {
     pub fn rotate(&mut self) -> Result<(), SegmentError> {
         self.checkpoint()?;
         if let Some(open) = self.current.take() {
+            self.rotations += 1;
             info!(segment = %open.path.display(), bytes = open.bytes, "audit segment closed");
         }
         Ok(())

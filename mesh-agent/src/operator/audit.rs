@@ -12,11 +12,14 @@ use std::{
 
 use crate::audit::{
     checkpoint::read_public_key,
-    index::{Filter, Index, INDEX_FILE},
+    index::{scan, Filter, Index, IndexError, INDEX_FILE},
     record::{parse_time_ns, Kind, Record, Verdict},
     segment::{CHECKPOINTS_FILE, PUBLIC_KEY_FILE},
     verify::{verify, Report, VerifyInput},
+    LOCK_FILE,
 };
+
+use nix::fcntl::{Flock, FlockArg};
 
 use super::{print, with_stderr_logs, OutputFormat};
 use crate::error_chain;
@@ -38,7 +41,8 @@ pub struct AuditArgs {
 pub enum AuditCommand {
     /// Verify the hash chain and the signed checkpoints. Exit 0 ok, 1 tampered, 2 error.
     Verify(VerifyArgs),
-    /// Search the log (a SQLite index is kept beside it, rebuilt from the chain as needed).
+    /// Search the log (a SQLite index beside it, kept by the writer's indexer, or brought up to
+    /// date by the query when no writer runs; the unindexed tail is read from the segments).
     Query(QueryArgs),
 }
 
@@ -225,12 +229,9 @@ fn query_main(a: &QueryArgs) -> ExitCode {
         after_seq: None,
         limit: a.limit,
     };
-    let mut index = match Index::open(&a.dir, &index_path) {
-        Ok(i) => i,
-        Err(e) => return fail("opening the index", &e),
-    };
+    let mut source = Source::None;
     loop {
-        let hits = match run_query(&mut index, &filter) {
+        let hits = match run_query(&a.dir, &index_path, &mut source, &filter) {
             Ok(h) => h,
             Err(e) => return fail("querying", &e),
         };
@@ -248,25 +249,88 @@ fn query_main(a: &QueryArgs) -> ExitCode {
     }
 }
 
-/// Updates the index and queries it; a stale index (a segment changed under it) is rebuilt
-/// once.
+/// Whether a process holds the log's writer lock (an agent or authority writing it, whose
+/// indexer keeps the index).
+pub fn writer_running(dir: &Path) -> bool {
+    let Ok(file) = std::fs::File::open(dir.join(LOCK_FILE)) else {
+        return false;
+    };
+    matches!(
+        Flock::lock(file, FlockArg::LockSharedNonblock),
+        Err((_, nix::errno::Errno::EWOULDBLOCK))
+    )
+}
+
+/// How the query reads the log.
+enum Source {
+    None,
+    /// The writer's indexer keeps the index: read it, never write it (absent: no usable index
+    /// yet, read the segments).
+    Reader(Option<Index>),
+    /// Nobody writes the log: the query indexes what is missing itself.
+    Updater(Index),
+}
+
+/// The records matching `filter`. With a writer running: the index as its indexer last
+/// committed it plus the tail read from the segments, nothing written. Without: the index
+/// brought up to date first (a stale index rebuilt once). With no usable index: the segments
+/// read directly.
 fn run_query(
-    index: &mut Index,
+    dir: &Path,
+    index_path: &Path,
+    source: &mut Source,
     filter: &Filter,
-) -> Result<Vec<(Record, Vec<u8>)>, crate::audit::index::IndexError> {
-    let stats = index.update()?;
-    if stats.skipped > 0 {
-        tracing::warn!(
-            skipped = stats.skipped,
-            "lines that are not records were skipped (run `audit verify`)"
-        );
+) -> Result<Vec<(Record, Vec<u8>)>, IndexError> {
+    let running = writer_running(dir);
+    let reopen = match source {
+        Source::None => true,
+        Source::Reader(_) => !running,
+        Source::Updater(_) => running,
+    };
+    if reopen {
+        *source = if running {
+            Source::Reader(Index::open_existing(dir, index_path))
+        } else {
+            match Index::open_or_recreate(dir, index_path) {
+                Ok((index, recreated)) => {
+                    if recreated {
+                        tracing::warn!(index = %index_path.display(), "the index was corrupt: rebuilt from the segments");
+                    }
+                    Source::Updater(index)
+                }
+                Err(e) => {
+                    tracing::warn!(index = %index_path.display(), error = %error_chain(&e), "index unusable: reading the segments");
+                    Source::Reader(None)
+                }
+            }
+        };
     }
-    match index.query(filter) {
-        Err(crate::audit::index::IndexError::Stale { .. }) => {
-            index.update()?;
-            index.query(filter)
+    match source {
+        Source::None | Source::Reader(None) => scan(dir, filter),
+        Source::Reader(Some(index)) => match index.query(filter) {
+            Ok(hits) => Ok(hits),
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "index unusable: reading the segments");
+                scan(dir, filter)
+            }
+        },
+        Source::Updater(index) => {
+            let stats = index.update()?;
+            if stats.skipped > 0 {
+                tracing::warn!(
+                    skipped = stats.skipped,
+                    "lines that are not records were skipped (run `audit verify`)"
+                );
+            }
+            match index.query(filter) {
+                Err(IndexError::Stale { .. }) => {
+                    index.mark_for_rebuild()?;
+                    index.update()?;
+                    index.query(filter)
+                }
+                other => other,
+            }
         }
-        other => other,
     }
 }
 

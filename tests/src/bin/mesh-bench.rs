@@ -664,7 +664,7 @@ fn orchestrate(args: &Args) -> ExitCode {
         "state": state,
         "lifecycle": lifecycle,
         "audit": {
-            "what": "audit_records_per_sec: the real AuditLog (queue, writer thread, segments, signed checkpoints) fed from one thread pinned to one core, the writer thread on the same core; audit_query_10m: `mesh-agent audit query` (src + dst + verdict) over a log written by the real writer, first run builds the index; audit_overhead: the HTTP 1 KiB POST benchmark under the L7 policy with agents run with the audit log and with --audit-off",
+            "what": "audit_records_per_sec: the real AuditLog (queue, writer thread, segments, signed checkpoints, indexer thread) fed from one thread pinned to one core, the writer thread on the same core, the indexer thread on the same core (record_await, emit), on the other cores (record_await_indexer_other_cores) or off (record_await_no_indexer); audit_query_10m: `mesh-agent audit query` (src + dst + verdict) over a log written by the real writer with its indexer on the other cores, `first` = the first query ever run on it (it indexes only what the indexer had not); audit_overhead: the HTTP 1 KiB POST benchmark under the L7 policy with agents run with the audit log and with --audit-off",
             "audit_records_per_sec": audit["audit_records_per_sec"],
             "audit_query_10m": audit["audit_query_10m"],
             "audit_overhead": audit_overhead,
@@ -2513,6 +2513,27 @@ fn audit_entry(i: u64) -> Entry {
     }
 }
 
+/// Where the audit log's indexer thread runs while the bench feeds the log.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum IndexerAt {
+    /// No indexer (`AuditConfig::index = false`): the writer alone.
+    Off,
+    /// On the one core the feeder and the writer are pinned to.
+    SameCore,
+    /// On the other cores (none shared with the feeder and the writer).
+    OtherCores,
+}
+
+impl IndexerAt {
+    fn label(self) -> &'static str {
+        match self {
+            IndexerAt::Off => "no indexer",
+            IndexerAt::SameCore => "indexer on the same core",
+            IndexerAt::OtherCores => "indexer on the other cores",
+        }
+    }
+}
+
 /// How one run of the writer went.
 struct AuditWrite {
     /// Feeding `n` records, from the first to the last call returning.
@@ -2523,6 +2544,14 @@ struct AuditWrite {
     lost: u64,
     checkpoints: u64,
     cpu: Option<usize>,
+    /// Records written but not yet indexed when the last call returned, and after `shutdown`
+    /// (which gives the indexer up to 2 s to catch up).
+    lag_at_feed_end: u64,
+    lag_after_stop: u64,
+    /// With `catch_up`: from the last call returning until the index covered the log.
+    catch_up: Option<Duration>,
+    /// Where the indexer thread ran (CPUs it was allowed), if it ran.
+    indexer_cpus: Option<Vec<usize>>,
 }
 
 /// Pins the calling thread to the first CPU it may run on; returns it.
@@ -2541,12 +2570,66 @@ fn pin_to_one_cpu() -> Option<usize> {
     }
 }
 
+/// The CPUs the calling process may run on.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; the call only writes `set`, sized as passed.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        if libc::sched_getaffinity(0, size, &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
+/// Moves this process's thread named `name` onto `cpus` (waits up to 2 s for it to exist).
+fn pin_thread_named(name: &str, cpus: &[usize]) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let tid = std::fs::read_dir("/proc/self/task").ok().and_then(|rd| {
+            rd.filter_map(Result::ok).find_map(|t| {
+                let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+                (comm.trim_end() == name)
+                    .then(|| t.file_name().to_str()?.parse::<libc::pid_t>().ok())
+                    .flatten()
+            })
+        });
+        if let Some(tid) = tid {
+            // SAFETY: cpu_set_t is plain data; the call reads `set`, sized as passed.
+            return unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_ZERO(&mut set);
+                for &c in cpus {
+                    libc::CPU_SET(c, &mut set);
+                }
+                libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+            };
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Writes `n` records of [`audit_entry`] through the real [`AuditLog`] (its queue, writer
 /// thread, segments and signed checkpoints) under `state`, from one thread pinned to one CPU;
-/// the writer thread, started from it, inherits the pinning: the whole log runs on one core.
+/// the writer thread, started from it, inherits the pinning: the log's writer runs on one
+/// core. The indexer thread (started by the writer) shares that core, or is moved to the
+/// other cores, or is off: `indexer`.
 /// `wait`: fail closed and `record().await` (nothing may be lost); else best effort `emit`.
-fn audit_write(state: &Path, n: u64, wait: bool) -> Result<AuditWrite, String> {
+fn audit_write(
+    state: &Path,
+    n: u64,
+    wait: bool,
+    indexer: IndexerAt,
+    catch_up: bool,
+) -> Result<AuditWrite, String> {
     let state = state.to_owned();
+    let all_cpus = allowed_cpus();
     std::thread::spawn(move || {
         let cpu = pin_to_one_cpu();
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -2556,9 +2639,27 @@ fn audit_write(state: &Path, n: u64, wait: bool) -> Result<AuditWrite, String> {
         rt.block_on(async move {
             let cfg = AuditConfig {
                 fail_closed: wait,
+                index: indexer != IndexerAt::Off,
                 ..AuditConfig::new("bench", &state)
             };
             let log = AuditLog::start(cfg).map_err(|e| format!("starting the audit log: {e}"))?;
+            let indexer_cpus = match indexer {
+                IndexerAt::Off => None,
+                IndexerAt::SameCore => Some(cpu.into_iter().collect::<Vec<_>>()),
+                IndexerAt::OtherCores => {
+                    let others: Vec<usize> = all_cpus
+                        .iter()
+                        .copied()
+                        .filter(|c| Some(*c) != cpu)
+                        .collect();
+                    if others.is_empty() || !pin_thread_named("audit-indexer", &others) {
+                        return Err(
+                            "could not move the audit-indexer thread to the other cores".into()
+                        );
+                    }
+                    Some(others)
+                }
+            };
             let t = Instant::now();
             for i in 0..n {
                 if wait {
@@ -2570,6 +2671,18 @@ fn audit_write(state: &Path, n: u64, wait: bool) -> Result<AuditWrite, String> {
                 }
             }
             let feed = t.elapsed();
+            let lag_at_feed_end = log.stats().index.lag();
+            // Bounded: the indexer ingests at least ~50,000 records/s.
+            let catch_up = if catch_up && indexer != IndexerAt::Off {
+                let limit = Duration::from_secs(60 + n / 50_000);
+                let t = Instant::now();
+                while log.stats().index.lag() > 0 && t.elapsed() < limit {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Some(t.elapsed())
+            } else {
+                None
+            };
             log.shutdown("bench").await;
             let total = t.elapsed();
             let s = log.stats();
@@ -2580,6 +2693,18 @@ fn audit_write(state: &Path, n: u64, wait: bool) -> Result<AuditWrite, String> {
                 lost: s.lost.load(Ordering::Relaxed),
                 checkpoints: s.checkpoints.load(Ordering::Relaxed),
                 cpu,
+                lag_at_feed_end: if indexer == IndexerAt::Off {
+                    0
+                } else {
+                    lag_at_feed_end
+                },
+                lag_after_stop: if indexer == IndexerAt::Off {
+                    0
+                } else {
+                    s.index.lag()
+                },
+                catch_up,
+                indexer_cpus,
             })
         })
     })
@@ -2626,7 +2751,7 @@ fn audit_log_phase(work: &Path, quick: bool, problems: &mut Vec<String>) -> Valu
 }
 
 fn audit_rate(work: &Path, n: u64, problems: &mut Vec<String>) -> Value {
-    println!("== audit log: {n} records through the real writer, one thread pinned to one core (the writer thread inherits it)");
+    println!("== audit log: {n} records through the real writer, one thread pinned to one core (the writer thread inherits it; the indexer thread on that core, on the other cores, or off)");
     let mut out = serde_json::Map::new();
     // About 600 bytes of log per record: a full disk would only measure the failure.
     let free = free_bytes(work).unwrap_or(0);
@@ -2638,16 +2763,25 @@ fn audit_rate(work: &Path, n: u64, problems: &mut Vec<String>) -> Value {
         ));
         return Value::Object(out);
     }
-    for (key, wait) in [("record_await", true), ("emit", false)] {
+    for (key, wait, indexer) in [
+        ("record_await", true, IndexerAt::SameCore),
+        (
+            "record_await_indexer_other_cores",
+            true,
+            IndexerAt::OtherCores,
+        ),
+        ("record_await_no_indexer", true, IndexerAt::Off),
+        ("emit", false, IndexerAt::SameCore),
+    ] {
         let state = work.join(format!("rate-{key}"));
-        match audit_write(&state, n, wait) {
+        match audit_write(&state, n, wait, indexer, false) {
             Ok(w) => {
                 // Best effort drops what the queue cannot hold: count what was written.
                 let per_sec = w.written.min(n) as f64 / w.total.as_secs_f64();
                 let feed_per_sec = n as f64 / w.feed.as_secs_f64();
                 println!(
-                    "   {key:<12} {per_sec:>10.0} records/s sustained (written and checkpointed), calls at {feed_per_sec:.0}/s; lost {}, written {}, checkpoints {}, CPU {:?}",
-                    w.lost, w.written, w.checkpoints, w.cpu
+                    "   {key:<33} {per_sec:>10.0} records/s sustained (written and checkpointed), calls at {feed_per_sec:.0}/s; lost {}, written {}, checkpoints {}, feeder+writer on CPU {:?}, {} (CPUs {:?}); index lag at the end of the feed {} records, after stop {}",
+                    w.lost, w.written, w.checkpoints, w.cpu, indexer.label(), w.indexer_cpus, w.lag_at_feed_end, w.lag_after_stop
                 );
                 if wait && w.lost > 0 {
                     problems.push(format!(
@@ -2668,6 +2802,10 @@ fn audit_rate(work: &Path, n: u64, problems: &mut Vec<String>) -> Value {
                         "checkpoints": w.checkpoints,
                         "log_bytes": dir_bytes(&state.join("audit")),
                         "cpu": w.cpu,
+                        "indexer": indexer.label(),
+                        "indexer_cpus": w.indexer_cpus,
+                        "index_lag_at_feed_end": w.lag_at_feed_end,
+                        "index_lag_after_stop": w.lag_after_stop,
                     }),
                 );
             }
@@ -2679,17 +2817,16 @@ fn audit_rate(work: &Path, n: u64, problems: &mut Vec<String>) -> Value {
 }
 
 fn audit_query(work: &Path, wanted: u64, rate: &Value, problems: &mut Vec<String>) -> Value {
-    // Bytes per record from the rate run's log; the index adds about 70% (measured: 550 B
-    // of log and 370 B of index per record).
+    // Bytes per record (log and index) from the rate run's log, with a margin for the WAL.
     let per_record = rate["record_await"]["log_bytes"].as_u64().unwrap_or(0) as f64
         / rate["record_await"]["records"].as_f64().unwrap_or(1.0);
-    let needed = (wanted as f64 * per_record * 1.8) as u64 + AUDIT_DISK_MARGIN;
+    let needed = (wanted as f64 * per_record * 1.3) as u64 + AUDIT_DISK_MARGIN;
     let free = free_bytes(work).unwrap_or(0);
     let mut note = Value::Null;
     let n = if free >= needed {
         wanted
     } else {
-        let fits = ((free.saturating_sub(AUDIT_DISK_MARGIN)) as f64 / (per_record * 1.8)) as u64;
+        let fits = ((free.saturating_sub(AUDIT_DISK_MARGIN)) as f64 / (per_record * 1.3)) as u64;
         let n = fits / 100_000 * 100_000;
         let msg = format!(
             "audit query: {wanted} records need about {:.1} GB on disk, {:.1} GB free: measured over {n} records instead",
@@ -2704,9 +2841,10 @@ fn audit_query(work: &Path, wanted: u64, rate: &Value, problems: &mut Vec<String
     if n == 0 {
         return json!({ "records": 0, "note": note });
     }
-    println!("== audit query: building a log of {n} records (real writer, record().await)");
+    let indexer = IndexerAt::OtherCores;
+    println!("== audit query: building a log of {n} records (real writer, record().await, {}; the bench waits for the indexer to cover the log before stopping it; no query before the first below)", indexer.label());
     let state = work.join("query");
-    let write = match audit_write(&state, n, true) {
+    let write = match audit_write(&state, n, true, indexer, true) {
         Ok(w) => w,
         Err(e) => {
             problems.push(format!("audit query: building the log: {e}"));
@@ -2715,15 +2853,23 @@ fn audit_query(work: &Path, wanted: u64, rate: &Value, problems: &mut Vec<String
     };
     let dir = state.join("audit");
     let log_bytes = dir_bytes(&dir);
+    let index_bytes = ["index.sqlite", "index.sqlite-wal"]
+        .iter()
+        .map(|f| std::fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0))
+        .sum::<u64>();
     println!(
-        "   written in {:.1} s ({:.0} records/s, {:.2} GB, lost {})",
-        write.total.as_secs_f64(),
-        n as f64 / write.total.as_secs_f64(),
+        "   written in {:.1} s ({:.0} records/s, {:.2} GB with the index's {:.2} GB, lost {}); index lag at the end of the feed {} records, caught up {:.1} s later, after stop {}",
+        write.feed.as_secs_f64(),
+        n as f64 / write.feed.as_secs_f64(),
         log_bytes as f64 / 1e9,
-        write.lost
+        index_bytes as f64 / 1e9,
+        write.lost,
+        write.lag_at_feed_end,
+        write.catch_up.unwrap_or_default().as_secs_f64(),
+        write.lag_after_stop
     );
     let mut runs = Vec::new();
-    for label in ["first (index build)", "second (index warm)"] {
+    for label in ["first", "second"] {
         let mut cmd = Command::new(mesh_tests::agent_bin());
         cmd.arg("audit")
             .arg("query")
@@ -2762,8 +2908,15 @@ fn audit_query(work: &Path, wanted: u64, rate: &Value, problems: &mut Vec<String
         "note": note,
         "filter": { "src": AUDIT_QUERY_SRC, "dst": AUDIT_QUERY_DST, "verdict": "deny" },
         "build_secs": write.total.as_secs_f64(),
+        "feed_secs": write.feed.as_secs_f64(),
+        "records_per_sec": finite(n as f64 / write.feed.as_secs_f64()),
+        "index_catch_up_secs": write.catch_up.map(|d| d.as_secs_f64()),
+        "indexer": indexer.label(),
+        "indexer_cpus": write.indexer_cpus,
+        "index_lag_at_feed_end": write.lag_at_feed_end,
+        "index_lag_after_stop": write.lag_after_stop,
         "log_bytes": log_bytes,
-        "index_bytes": std::fs::metadata(dir.join("index.sqlite")).map(|m| m.len()).unwrap_or(0),
+        "index_bytes": index_bytes,
         "first": runs[0],
         "second": runs[1],
     })
@@ -2775,20 +2928,36 @@ fn print_audit(v: &Value) {
     }
     println!("audit log:");
     let r = &v["audit_records_per_sec"];
+    for (k, what) in [
+        ("record_await", "indexer sharing the core"),
+        (
+            "record_await_indexer_other_cores",
+            "indexer on the other core",
+        ),
+        ("record_await_no_indexer", "no indexer"),
+    ] {
+        println!(
+            "  records/s sustained, one core, record().await, {what:<26} {:>10.0}   (lost {}, index lag at feed end {})",
+            r[k]["records_per_sec"].as_f64().unwrap_or(f64::NAN),
+            r[k]["lost"],
+            r[k]["index_lag_at_feed_end"]
+        );
+    }
     println!(
-        "  records/s sustained, one core, record().await   {:>10.0}   (lost {})",
-        r["record_await"]["records_per_sec"]
-            .as_f64()
-            .unwrap_or(f64::NAN),
-        r["record_await"]["lost"]
-    );
-    println!(
-        "  records/s sustained, one core, emit()           {:>10.0}   (calls/s {:.0}, lost {})",
+        "  records/s sustained, one core, emit(), indexer sharing the core        {:>10.0}   (calls/s {:.0}, lost {})",
         r["emit"]["records_per_sec"].as_f64().unwrap_or(f64::NAN),
         r["emit"]["calls_per_sec"].as_f64().unwrap_or(f64::NAN),
         r["emit"]["lost"]
     );
     let q = &v["audit_query_10m"];
+    println!(
+        "  query log: {} records/s written, {}; index lag at the end of the feed {} records, caught up {:.1} s later, after stop {}",
+        q["records_per_sec"].as_f64().map_or("?".into(), |r| format!("{r:.0}")),
+        q["indexer"].as_str().unwrap_or("?"),
+        q["index_lag_at_feed_end"],
+        q["index_catch_up_secs"].as_f64().unwrap_or(f64::NAN),
+        q["index_lag_after_stop"]
+    );
     for k in ["first", "second"] {
         println!(
             "  query src+dst+verdict over {} records, {k:<6}  {:>8.1} ms   ({} hits; goal < 1 s)",
