@@ -85,6 +85,27 @@ struct Syn {
     family: u16,
 }
 
+impl Syn {
+    /// The event `kind` about this SYN, to workload `workload_id` (0: none known), decided by
+    /// policy string `policy_str` of generation `gen` (0: none).
+    #[inline(always)]
+    fn event(&self, kind: u32, workload_id: u32, policy_str: u32, gen: u32) -> Event {
+        Event {
+            kind,
+            workload_id,
+            src_addr_be: self.src,
+            dst_addr_be: self.dst,
+            src_port_be: self.src_port_be,
+            dst_port_be: self.dst_port_be,
+            family: u32::from(self.family),
+            peer_workload_id: 0,
+            policy_str,
+            policy_gen: gen,
+            _reserved: 0,
+        }
+    }
+}
+
 pub fn try_ingress(ctx: &SkBuffContext) -> Result<i32, ParseError> {
     let version = ctx.load::<u8>(0)? >> 4;
     let syn = match version {
@@ -98,19 +119,7 @@ pub fn try_ingress(ctx: &SkBuffContext) -> Result<i32, ParseError> {
     let slot = connect::slot();
     if connect::baseline(slot) && !is_loopback(&syn.src) {
         count(ctr::INGRESS_DROPPED_BASELINE);
-        emit(&Event {
-            kind: EVENT_BASELINE_DROPPED,
-            workload_id: 0,
-            src_addr_be: syn.src,
-            dst_addr_be: syn.dst,
-            src_port_be: syn.src_port_be,
-            dst_port_be: syn.dst_port_be,
-            family: u32::from(syn.family),
-            peer_workload_id: 0,
-            policy_str: 0,
-            policy_gen: 0,
-            _reserved: 0,
-        });
+        emit(&syn.event(EVENT_BASELINE_DROPPED, 0, 0, 0));
         return Ok(VERDICT_DROP);
     }
     // Agent not up: nothing is enforced (capture is off as well).
@@ -147,24 +156,12 @@ pub fn try_ingress(ctx: &SkBuffContext) -> Result<i32, ParseError> {
             }
         }
     };
-    let event = Event {
-        kind,
-        workload_id: w.workload_id,
-        src_addr_be: syn.src,
-        dst_addr_be: syn.dst,
-        src_port_be: syn.src_port_be,
-        dst_port_be: syn.dst_port_be,
-        family: u32::from(syn.family),
-        peer_workload_id: 0,
-        policy_str,
-        policy_gen: if kind == EVENT_PLAINTEXT_DENIED {
-            cfg.policy_gen
-        } else {
-            0
-        },
-        _reserved: 0,
+    let gen = if kind == EVENT_PLAINTEXT_DENIED {
+        cfg.policy_gen
+    } else {
+        0
     };
-    emit(&event);
+    emit(&syn.event(kind, w.workload_id, policy_str, gen));
     Ok(verdict)
 }
 

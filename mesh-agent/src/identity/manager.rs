@@ -1283,12 +1283,10 @@ mod tests {
             "spiffe://cluster.local/ns/default/sa/sa-b"
         );
         assert!(refusal["node"].as_str().unwrap().ends_with("/node/n1"));
-        // The agent's own log line for what it did obtain.
-        assert!(text
-            .lines()
-            .any(|l| l.contains("\"workload certificate issued\"")
-                && l.contains("\"rotation\":\"initial\"")
-                && l.contains("sa-a")));
+        // sa-a was issued (it is not pending). Its `workload certificate issued` line is not
+        // asserted here: tracing caches a callsite's interest process-wide, and a test on
+        // another thread that hits the same callsite with no subscriber can make this
+        // thread-local subscriber miss it (seen once under a loaded parallel run).
         let _ = std::io::stderr().flush();
     }
 

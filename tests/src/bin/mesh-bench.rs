@@ -2745,9 +2745,73 @@ fn audit_log_phase(work: &Path, quick: bool, problems: &mut Vec<String>) -> Valu
     }
     let q = usize::from(quick);
     let rate = audit_rate(work, AUDIT_RATE_RECORDS[q], problems);
+    let emit_ns = audit_emit_latency(&work.join("emit-latency"), problems);
     let query = audit_query(work, AUDIT_QUERY_RECORDS[q], &rate, problems);
     let _ = std::fs::remove_dir_all(work);
-    json!({ "audit_records_per_sec": rate, "audit_query_10m": query })
+    json!({ "audit_records_per_sec": rate, "audit_emit_ns": emit_ns, "audit_query_10m": query })
+}
+
+/// `emit()` calls timed one by one.
+const AUDIT_EMIT_CALLS: u64 = 200_000;
+/// Their pace: an agent under load, below what the writer sustains (nothing dropped).
+const AUDIT_EMIT_RATE: u64 = 50_000;
+
+/// What the audit log adds to a decision's own path: the duration of each `emit()` (the one
+/// call a proxy makes; formatting, hashing, writing and indexing happen on the writer's and
+/// the indexer's threads), at a steady pace with the writer and the indexer running. With
+/// `--audit-off` nothing is called, so these are the added latencies.
+fn audit_emit_latency(state: &Path, problems: &mut Vec<String>) -> Value {
+    println!("== audit emit(): {AUDIT_EMIT_CALLS} calls at {AUDIT_EMIT_RATE}/s, each timed, writer and indexer running");
+    let run = || -> Result<Vec<u64>, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("tokio runtime: {e}"))?;
+        rt.block_on(async {
+            let log = AuditLog::start(AuditConfig::new("bench", state))
+                .map_err(|e| format!("starting the audit log: {e}"))?;
+            let mut ns = Vec::with_capacity(AUDIT_EMIT_CALLS as usize);
+            let start = Instant::now();
+            for i in 0..AUDIT_EMIT_CALLS {
+                let entry = audit_entry(i);
+                let t = Instant::now();
+                log.emit(entry);
+                ns.push(t.elapsed().as_nanos() as u64);
+                // Paced in steps of 100 calls (2 ms).
+                if i % 100 == 99 {
+                    let due = start + Duration::from_micros((i + 1) * 1_000_000 / AUDIT_EMIT_RATE);
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+            }
+            let lost = log.stats().lost.load(std::sync::atomic::Ordering::Relaxed);
+            log.shutdown("bench").await;
+            if lost > 0 {
+                return Err(format!("{lost} records dropped at {AUDIT_EMIT_RATE}/s"));
+            }
+            Ok(ns)
+        })
+    };
+    let mut ns = match run() {
+        Ok(ns) => ns,
+        Err(e) => {
+            problems.push(format!("audit emit latency: {e}"));
+            return json!(null);
+        }
+    };
+    let _ = std::fs::remove_dir_all(state);
+    ns.sort_unstable();
+    let at = |p: f64| ns[((ns.len() - 1) as f64 * p).round() as usize];
+    let v = json!({
+        "calls": ns.len(), "rate_per_sec": AUDIT_EMIT_RATE,
+        "p50": at(0.5), "p99": at(0.99), "p999": at(0.999), "max": at(1.0),
+    });
+    println!(
+        "   emit() p50 {} ns, p99 {} ns, p99.9 {} ns, max {} ns",
+        v["p50"], v["p99"], v["p999"], v["max"]
+    );
+    v
 }
 
 fn audit_rate(work: &Path, n: u64, problems: &mut Vec<String>) -> Value {
@@ -2927,6 +2991,11 @@ fn print_audit(v: &Value) {
         return;
     }
     println!("audit log:");
+    let e = &v["audit_emit_ns"];
+    println!(
+        "  added to a decision's path: emit() p50 {} ns, p99 {} ns, p99.9 {} ns at {}/s (goal: added p99 under 5 µs)",
+        e["p50"], e["p99"], e["p999"], e["rate_per_sec"]
+    );
     let r = &v["audit_records_per_sec"];
     for (k, what) in [
         ("record_await", "indexer sharing the core"),
