@@ -404,6 +404,18 @@ impl Index {
 
     /// [`Index::open`]; a file that is not a database or is damaged is deleted (with its WAL)
     /// and the index recreated empty (to be rebuilt from the segments).
+    /// Bounds SQLite's page cache of this connection to `kib` KiB (the agent's indexer keeps
+    /// a small one: it lives in the node agent, whose memory is budgeted; `audit query` keeps
+    /// the default of [`Index::open`]).
+    pub fn set_cache_kib(&self, kib: u32) -> Result<(), IndexError> {
+        self.db
+            .execute_batch(&format!("PRAGMA cache_size = -{kib};"))
+            .map_err(|source| IndexError::Sqlite {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
     pub fn open_or_recreate(dir: &Path, path: &Path) -> Result<(Self, bool), IndexError> {
         match Self::open(dir, path) {
             Ok(i) => Ok((i, false)),

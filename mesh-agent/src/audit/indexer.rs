@@ -138,10 +138,16 @@ fn lock(m: &Mutex<Wake>) -> std::sync::MutexGuard<'_, Wake> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// SQLite page cache of the agent's indexer connection (KiB): the agent's memory is budgeted.
+const INDEXER_CACHE_KIB: u32 = 8 * 1024;
+
 /// Opens the index, recreating a corrupt file.
 fn open(dir: &Path, path: &Path, shared: &Shared) -> Option<Index> {
     match Index::open_or_recreate(dir, path) {
         Ok((index, recreated)) => {
+            if let Err(e) = index.set_cache_kib(INDEXER_CACHE_KIB) {
+                warn!(index = %path.display(), error = %crate::error_chain(&e), "bounding the audit index cache");
+            }
             if recreated {
                 shared.stats.rebuilds.fetch_add(1, Ordering::Relaxed);
                 warn!(index = %path.display(), "audit index was corrupt: deleted, rebuilt from the segments");
