@@ -9,7 +9,8 @@ use mesh_agent::audit::{
     ConnectionFields,
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_mesh-agent");
+mod common;
+use common::{run, BIN};
 
 /// The log's writer (the key under `root/state/`, generated on first use).
 fn writer(root: &Path, dir: &Path) -> SegmentWriter {
@@ -64,15 +65,6 @@ fn log(root: &Path) -> std::path::PathBuf {
     }
     w.checkpoint().unwrap();
     dir
-}
-
-fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN).args(args).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use mesh_agent::identity::{AuthorityClient, NodeCredentials};
 use mesh_agent::tls::Serial;
 
-const BIN: &str = env!("CARGO_BIN_EXE_mesh-agent");
+mod common;
+use common::{run, s, BIN};
 
 struct TempDir(PathBuf);
 impl TempDir {
@@ -23,19 +24,6 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN).args(args).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 fn json(text: &str) -> serde_json::Value {

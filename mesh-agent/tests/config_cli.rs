@@ -1,24 +1,16 @@
 //! `mesh-agent config …` as a pipeline runs it: the real binary, files in a temporary
 //! directory, exit codes and `--output json`.
 
-use std::{fs, os::unix::fs::PermissionsExt as _, path::Path, process::Command};
+use std::{fs, os::unix::fs::PermissionsExt as _, path::Path};
 
-const BIN: &str = env!("CARGO_BIN_EXE_mesh-agent");
+mod common;
+use common::{run, s};
 
 /// Two workloads on one node (shared with the unit tests of `bundle`).
 const REGISTRY: &str = include_str!("bundle/registry.yaml");
 
 /// Lets `shop/web` call `shop/api`.
 const ALLOW: &str = include_str!("bundle/allow.yaml");
-
-fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN).args(args).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// Runs with `--output json`; exit code and the document.
 fn run_json(args: &[&str]) -> (i32, serde_json::Value, String) {
@@ -28,10 +20,6 @@ fn run_json(args: &[&str]) -> (i32, serde_json::Value, String) {
     let v = serde_json::from_str(&out)
         .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}{err}"));
     (code, v, err)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 fn source(dir: &Path, registry: &str, policies: &[(&str, &str)]) {

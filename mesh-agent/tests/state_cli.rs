@@ -1,26 +1,14 @@
 //! `mesh-agent state show` on a node's state directory and `mesh-agent config status` (=
 //! `state agents`) on an authority directory: the real binary, exit codes, `--output json`.
 
-use std::{fs, path::Path, process::Command};
+use std::fs;
 
 use mesh_agent::state::Snapshot;
 
-const BIN: &str = env!("CARGO_BIN_EXE_mesh-agent");
+mod common;
+use common::{run, s};
 
 const REGISTRY: &str = include_str!("bundle/registry.yaml");
-
-fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN).args(args).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 #[test]
 fn state_show_prints_the_applied_state_and_refuses_a_tampered_one() {

@@ -21,6 +21,20 @@ pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Opt
     }
 }
 
+/// Checks `check` at every poll until `until` (bounded by it): a condition that must keep
+/// holding for a while, e.g. "nobody runs the version before its activation time". `check`
+/// panics when it does not hold.
+pub fn holds_until(until: Instant, mut check: impl FnMut()) {
+    loop {
+        check();
+        let now = Instant::now();
+        if now >= until {
+            return;
+        }
+        std::thread::sleep(POLL_INTERVAL.min(until - now));
+    }
+}
+
 /// Polls `f` until it returns `Some`; panics naming `what` after `timeout`.
 #[track_caller]
 pub fn wait_for<T>(timeout: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {

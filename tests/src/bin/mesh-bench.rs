@@ -2587,31 +2587,27 @@ fn allowed_cpus() -> Vec<usize> {
 
 /// Moves this process's thread named `name` onto `cpus` (waits up to 2 s for it to exist).
 fn pin_thread_named(name: &str, cpus: &[usize]) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        let tid = std::fs::read_dir("/proc/self/task").ok().and_then(|rd| {
+    let tid = eventually(Duration::from_secs(2), || {
+        std::fs::read_dir("/proc/self/task").ok().and_then(|rd| {
             rd.filter_map(Result::ok).find_map(|t| {
                 let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
                 (comm.trim_end() == name)
                     .then(|| t.file_name().to_str()?.parse::<libc::pid_t>().ok())
                     .flatten()
             })
-        });
-        if let Some(tid) = tid {
-            // SAFETY: cpu_set_t is plain data; the call reads `set`, sized as passed.
-            return unsafe {
-                let mut set: libc::cpu_set_t = std::mem::zeroed();
-                libc::CPU_ZERO(&mut set);
-                for &c in cpus {
-                    libc::CPU_SET(c, &mut set);
-                }
-                libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
-            };
+        })
+    });
+    let Some(tid) = tid else {
+        return false;
+    };
+    // SAFETY: cpu_set_t is plain data; the call reads `set`, sized as passed.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        for &c in cpus {
+            libc::CPU_SET(c, &mut set);
         }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
+        libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
     }
 }
 

@@ -296,15 +296,16 @@ fn canary_rollout_stops_on_failure() {
             (st["rollout"]["target"]["version"] == 4).then_some(())
         },
     );
-    // Polled until the activation time itself: nobody may run v4 before it.
-    while now_ms() + 300 < activate_ms {
+    // Checked at every poll until just before the activation time: nobody runs v4 before it.
+    let until = std::time::Instant::now()
+        + std::time::Duration::from_millis(activate_ms.saturating_sub(now_ms() + 300));
+    mesh_tests::poll::holds_until(until, || {
         for i in 0..2 {
             assert_eq!(active_version(&cluster, i), 2, "n{} ran v4 early", i + 1);
         }
         let (_, st) = status(&cluster);
         assert_eq!(st["rollout"]["phase"], "pending", "{st}");
-        std::thread::sleep(mesh_tests::poll::POLL_INTERVAL);
-    }
+    });
     wait_active(&cluster, 4);
     assert!(
         now_ms() >= activate_ms,
